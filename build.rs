@@ -1,0 +1,7 @@
+//! torch-sys puts no rpath into what links it; add the libtorch lib folder so binaries and tests run without
+//! LD_LIBRARY_PATH.
+fn main() {
+    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    }
+}
