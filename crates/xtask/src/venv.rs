@@ -1,0 +1,86 @@
+//! A Python environment with PyPI's torch, for peers measured beside hytrain (gloo allreduce) and for parity checks
+//! against PyTorch. Benchmarks and tests only: hytrain itself never runs Python.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use crate::run;
+use crate::setup::{self, CACHE_DIR};
+use crate::wheel::{self, COMPONENTS};
+
+/// Relative to the repository root.
+pub const BENCH_VENV: &str = ".cache/bench-venv";
+const STAMP: &str = ".hytrain-venv.json";
+/// Installed beside torch: numpy so torch's tensor/numpy bridge works in peer scripts.
+const EXTRA_PACKAGES: &[&str] = &["numpy"];
+
+/// Makes sure `.cache/bench-venv` holds torch 2.11.0 (from the hash-checked wheel setup downloads) and returns the
+/// path of its python. The first call downloads torch's dependencies from PyPI, about 4 GB: the PyPI wheel's Python
+/// extension links the CUDA libraries, so even a CPU-only `import torch` needs them. Later calls take milliseconds.
+pub fn bench_venv(root: &Path) -> Result<PathBuf> {
+    let pins = setup::pins(root)?;
+    let torch = pins
+        .iter()
+        .find(|p| p.name == "torch")
+        .context("torch is not pinned")?;
+    let venv = root.join(BENCH_VENV);
+    let python = venv.join("bin/python");
+    let stamp = json!({ "torch": torch.sha256, "extra": EXTRA_PACKAGES });
+    let current = || {
+        python.exists()
+            && fs::read_to_string(venv.join(STAMP))
+                .ok()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+                .is_some_and(|found| found == stamp)
+    };
+    if current() {
+        return Ok(python);
+    }
+    let cache = root.join(CACHE_DIR);
+    let _lock = setup::lock(&cache)?;
+    if current() {
+        return Ok(python);
+    }
+    let wheels = setup::fetch_wheels(root, &pins)?;
+    let torch_index = COMPONENTS
+        .iter()
+        .position(|c| c.requirement == "torch")
+        .expect("torch is a component");
+    let torch_wheel = &wheels[torch_index];
+
+    println!(
+        "setup: creating {BENCH_VENV} with torch {} from the cached wheel and its dependencies from PyPI \
+         (about 4 GB the first time)...",
+        wheel::TORCH_VERSION
+    );
+    if venv.exists() {
+        fs::remove_dir_all(&venv).with_context(|| format!("cannot remove {}", venv.display()))?;
+    }
+    run(Command::new(setup::python(std::env::var_os("PYTHON"))?)
+        .args(["-m", "venv"])
+        .arg(&venv))
+    .context("python3 -m venv failed; install python3-venv")?;
+    // The torch wheel is named by path so pip installs the hash-checked file rather than fetching it again; the
+    // nvidia wheels setup already downloaded are found through --find-links.
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "--progress-bar", "off", "--find-links"])
+        .arg(cache.join("wheels"))
+        .arg(torch_wheel)
+        .args(EXTRA_PACKAGES)
+        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"))
+    .context("pip could not install torch and its dependencies into the bench venv; check the network and run again")?;
+    run(Command::new(&python).args([
+        "-c",
+        "import torch, torch.distributed as d; assert d.is_gloo_available(), 'no gloo'; print('setup: bench venv has torch', torch.__version__, 'with gloo')",
+    ]))
+    .context("the bench venv's torch does not import or lacks gloo")?;
+    fs::write(
+        venv.join(STAMP),
+        serde_json::to_string_pretty(&stamp)? + "\n",
+    )?;
+    Ok(python)
+}
