@@ -1,0 +1,358 @@
+//! The [`Plan`]: what detection found, in the launchers' own words.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::topology::Topology;
+
+/// Everything a worker needs to know about where it runs, as `hytrain explain --json` prints it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Plan {
+    /// The outer system that started the job.
+    pub platform: Platform,
+    /// Who started this very process.
+    pub launcher: Launcher,
+    /// Ranks, sizes and the master's address.
+    pub topology: Topology,
+    /// Where data comes from and results go.
+    pub paths: Paths,
+    /// Hyperparameters the platform passed (SageMaker), decoded to plain strings; empty elsewhere.
+    pub hyperparameters: BTreeMap<String, String>,
+    /// SageMaker-only facts; `None` on every other platform.
+    pub sagemaker: Option<SageMaker>,
+    /// Processes per node the platform asks for, if it says (see [`Plan::nproc_per_node_hint`]).
+    pub nproc_per_node: Option<usize>,
+    /// Human-readable remarks on choices detection made (defaults taken, ambiguities resolved).
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    /// The `nproc_per_node` the platform asks for: Kubeflow's numeric `PET_NPROC_PER_NODE`, SageMaker's
+    /// `sagemaker_mpi_num_of_processes_per_host`, or SageMaker's GPU count (at least 1) when
+    /// `sagemaker_torch_distributed_enabled` is on. `None` when the platform does not say or says "auto".
+    pub fn nproc_per_node_hint(&self) -> Option<usize> {
+        self.nproc_per_node
+    }
+}
+
+/// The outer system that runs the job. torchrun and mpi are the platform only when neither Kubeflow nor SageMaker
+/// is detected around them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum Platform {
+    /// Kubeflow Training Operator v1 `PyTorchJob`.
+    KubeflowPytorchjob,
+    /// Kubeflow Trainer v2 `TrainJob` with the torch runtime.
+    KubeflowTrainjob,
+    /// An Amazon SageMaker training job, with or without the training toolkit.
+    Sagemaker,
+    /// torchrun (torch.distributed.run) outside any cluster platform.
+    Torchrun,
+    /// mpirun outside any cluster platform.
+    Mpi,
+    /// Nothing detected: a laptop or a plain container.
+    Local,
+}
+
+impl Platform {
+    /// Every platform, in the order of [`Platform::as_str`]'s documentation.
+    pub const ALL: [Platform; 6] = [
+        Platform::KubeflowPytorchjob,
+        Platform::KubeflowTrainjob,
+        Platform::Sagemaker,
+        Platform::Torchrun,
+        Platform::Mpi,
+        Platform::Local,
+    ];
+
+    /// The kebab-case name used in JSON and in `HYTRAIN_PLATFORM`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::KubeflowPytorchjob => "kubeflow-pytorchjob",
+            Platform::KubeflowTrainjob => "kubeflow-trainjob",
+            Platform::Sagemaker => "sagemaker",
+            Platform::Torchrun => "torchrun",
+            Platform::Mpi => "mpi",
+            Platform::Local => "local",
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Platform {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Platform::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("'{s}' is not a platform"))
+    }
+}
+
+/// Who started this process.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum Launcher {
+    /// Nobody in particular: the platform ran it directly (a pod's command, SageMaker's `train`, a shell).
+    None,
+    /// torchrun; `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE` are global (torchrun semantics).
+    Torchrun,
+    /// mpirun (Open MPI); ranks come from `OMPI_COMM_WORLD_*`.
+    Mpirun,
+    /// `hytrain launch`; same variables and meaning as torchrun.
+    HytrainLaunch,
+}
+
+impl Launcher {
+    /// The kebab-case name used in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Launcher::None => "none",
+            Launcher::Torchrun => "torchrun",
+            Launcher::Mpirun => "mpirun",
+            Launcher::HytrainLaunch => "hytrain-launch",
+        }
+    }
+}
+
+impl fmt::Display for Launcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where input data is and where results go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Paths {
+    /// Input channels by name (SageMaker); empty elsewhere.
+    pub channels: BTreeMap<String, Channel>,
+    /// Where the final model goes (SageMaker uploads it as model.tar.gz).
+    pub model_dir: PathBuf,
+    /// Where checkpoints go (SageMaker mirrors it to S3 and restores it on restart).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Where output files go.
+    pub output_dir: PathBuf,
+    /// Where extra output data goes (SageMaker uploads it as output.tar.gz).
+    pub output_data_dir: PathBuf,
+    /// Where a failure reason goes (SageMaker's `FailureReason` is its first 1024 characters).
+    pub failure_file: Option<PathBuf>,
+}
+
+/// One SageMaker input channel.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Channel {
+    /// The channel directory; in Pipe mode the base path whose `_<epoch>` siblings are the FIFOs.
+    pub path: PathBuf,
+    /// How SageMaker delivers the data.
+    pub input_mode: InputMode,
+    /// Whether every host sees all objects or a shard of them.
+    pub s3_distribution: S3Distribution,
+    /// The channel's `ContentType`, if given.
+    pub content_type: Option<String>,
+    /// The channel's `RecordWrapperType` (`None` or `RecordIO`), if given.
+    pub record_wrapper_type: Option<String>,
+}
+
+/// SageMaker's `TrainingInputMode`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub enum InputMode {
+    /// Objects are copied to the channel directory before training starts.
+    File,
+    /// Objects are streamed on demand through a read-only mount at the channel directory.
+    FastFile,
+    /// Objects are streamed through FIFOs `<channel>_<epoch>`, each read once, in order.
+    Pipe,
+}
+
+/// SageMaker's `S3DistributionType`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub enum S3Distribution {
+    /// Every host gets every object.
+    FullyReplicated,
+    /// Each host gets a disjoint subset of the objects.
+    ShardedByS3Key,
+}
+
+/// Facts only a SageMaker job has.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SageMaker {
+    /// `TRAINING_JOB_NAME` (or the toolkit's job name).
+    pub job_name: Option<String>,
+    /// `TRAINING_JOB_ARN`.
+    pub job_arn: Option<String>,
+    /// `SAGEMAKER_REGION` (or `AWS_REGION`).
+    pub region: Option<String>,
+    /// The network interface peers are reached through (`NCCL_SOCKET_IFNAME` wants it).
+    pub network_interface_name: Option<String>,
+    /// The instance type of this host, e.g. `ml.p4d.24xlarge`.
+    pub current_instance_type: Option<String>,
+    /// The instance group this host belongs to.
+    pub instance_group: Option<String>,
+    /// Every instance group of a heterogeneous cluster by name.
+    pub instance_groups: BTreeMap<String, InstanceGroup>,
+    /// The instance groups distributed training runs on; empty means all hosts.
+    pub distribution_instance_groups: Vec<String>,
+    /// Every host of the job, sorted as SageMaker sorts them (as strings: algo-10 before algo-2).
+    pub hosts: Vec<String>,
+    /// Whether the SageMaker training toolkit set up the environment (`SM_*` variables present).
+    pub toolkit: bool,
+    /// `SM_NUM_GPUS`, when the toolkit says.
+    pub num_gpus: Option<usize>,
+    /// `SM_NUM_CPUS`, when the toolkit says.
+    pub num_cpus: Option<usize>,
+    /// Which distribution the hyperparameters ask for.
+    pub distribution: Distribution,
+    /// Where SageMaker mirrors the checkpoint directory (`checkpointconfig.json` `S3Uri`).
+    pub checkpoint_s3_uri: Option<String>,
+}
+
+/// One instance group of a SageMaker heterogeneous cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceGroup {
+    /// Its instance type.
+    pub instance_type: Option<String>,
+    /// Its hosts, sorted.
+    pub hosts: Vec<String>,
+}
+
+/// The runner SageMaker's hyperparameters select.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Distribution {
+    /// One plain process per host.
+    None,
+    /// `sagemaker_mpi_enabled`: mpirun.
+    Mpi,
+    /// `sagemaker_torch_distributed_enabled`: torchrun.
+    TorchDistributed,
+    /// `sagemaker_distributed_dataparallel_enabled` / `sagemaker_pytorch_ddp_enabled`: SMDDP or PyTorch DDP runner.
+    Smddp,
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = &self.topology;
+        writeln!(
+            f,
+            "platform:        {} (launcher: {})",
+            self.platform, self.launcher
+        )?;
+        writeln!(
+            f,
+            "rank:            {} of {} (local rank {} of {}, node {} of {})",
+            t.rank, t.world_size, t.local_rank, t.local_world_size, t.node_rank, t.nnodes
+        )?;
+        writeln!(f, "master:          {}", t.master_endpoint())?;
+        writeln!(f, "current host:    {}", t.current_host)?;
+        if !t.hosts.is_empty() {
+            writeln!(f, "hosts:           {}", t.hosts.join(", "))?;
+        }
+        match self.nproc_per_node {
+            Some(n) => writeln!(f, "nproc_per_node:  {n} (asked by the platform)")?,
+            None => writeln!(f, "nproc_per_node:  not given (auto)")?,
+        }
+        let p = &self.paths;
+        writeln!(f, "model dir:       {}", p.model_dir.display())?;
+        if let Some(c) = &p.checkpoint_dir {
+            writeln!(f, "checkpoint dir:  {}", c.display())?;
+        }
+        writeln!(f, "output dir:      {}", p.output_dir.display())?;
+        writeln!(f, "output data dir: {}", p.output_data_dir.display())?;
+        if let Some(ff) = &p.failure_file {
+            writeln!(f, "failure file:    {}", ff.display())?;
+        }
+        if !p.channels.is_empty() {
+            writeln!(f, "channels:")?;
+            for (name, c) in &p.channels {
+                write!(
+                    f,
+                    "  {name}: {} ({:?}, {:?}",
+                    c.path.display(),
+                    c.input_mode,
+                    c.s3_distribution
+                )?;
+                if let Some(ct) = &c.content_type {
+                    write!(f, ", {ct}")?;
+                }
+                writeln!(f, ")")?;
+            }
+        }
+        if let Some(sm) = &self.sagemaker {
+            writeln!(f, "sagemaker:")?;
+            let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".to_owned());
+            writeln!(f, "  job name:      {}", opt(&sm.job_name))?;
+            writeln!(
+                f,
+                "  toolkit:       {}",
+                if sm.toolkit {
+                    "yes (SM_* variables)"
+                } else {
+                    "no (read input/config/*.json)"
+                }
+            )?;
+            writeln!(f, "  instance type: {}", opt(&sm.current_instance_type))?;
+            if let Some(g) = &sm.instance_group {
+                writeln!(f, "  instance group: {g}")?;
+            }
+            if !sm.distribution_instance_groups.is_empty() {
+                writeln!(
+                    f,
+                    "  distribution groups: {}",
+                    sm.distribution_instance_groups.join(", ")
+                )?;
+            }
+            writeln!(f, "  all hosts:     {}", sm.hosts.join(", "))?;
+            writeln!(f, "  distribution:  {:?}", sm.distribution)?;
+            if let Some(n) = sm.num_gpus {
+                writeln!(f, "  gpus:          {n}")?;
+            }
+            if let Some(i) = &sm.network_interface_name {
+                writeln!(f, "  interface:     {i}")?;
+            }
+        }
+        if !self.hyperparameters.is_empty() {
+            writeln!(f, "hyperparameters:")?;
+            for (k, v) in &self.hyperparameters {
+                writeln!(f, "  {k} = {v}")?;
+            }
+        }
+        if !self.notes.is_empty() {
+            writeln!(f, "notes:")?;
+            for n in &self.notes {
+                writeln!(f, "  - {n}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_names_round_trip_through_from_str_and_json() {
+        for p in Platform::ALL {
+            assert_eq!(p.as_str().parse::<Platform>().unwrap(), p);
+            assert_eq!(
+                serde_json::to_value(p).unwrap(),
+                serde_json::json!(p.as_str())
+            );
+        }
+        assert!("kubeflow".parse::<Platform>().is_err());
+        assert_eq!(
+            serde_json::to_value(Launcher::HytrainLaunch).unwrap(),
+            serde_json::json!("hytrain-launch")
+        );
+    }
+}
