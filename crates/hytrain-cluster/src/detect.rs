@@ -586,5 +586,6 @@ pub(crate) fn plan(env: &Env, platform: Platform, launcher: Launcher) -> Result<
         sagemaker: None,
         nproc_per_node,
         notes,
+        host_aliases: BTreeMap::new(),
     })
 }

@@ -115,8 +115,10 @@ pub fn detect() -> Result<Plan, DetectError> {
 pub fn detect_from(env: &Env) -> Result<Plan, DetectError> {
     let root = detect::sm_root(env);
     let launcher = detect::launcher(env);
-    match detect::platform(env, &root, launcher)? {
-        Platform::Sagemaker => sagemaker::plan(env, &root, launcher),
-        platform => detect::plan(env, platform, launcher),
-    }
+    let mut plan = match detect::platform(env, &root, launcher)? {
+        Platform::Sagemaker => sagemaker::plan(env, &root, launcher)?,
+        platform => detect::plan(env, platform, launcher)?,
+    };
+    plan.host_aliases = parse::host_aliases(env)?;
+    Ok(plan)
 }

@@ -103,6 +103,30 @@ pub(crate) fn host(var: &str, value: &str) -> Result<String, DetectError> {
     })
 }
 
+/// `HYTRAIN_HOST_ALIASES`: comma-separated `host=address` pairs, e.g. `algo-1=127.0.0.1,algo-2=127.0.0.1`.
+pub(crate) fn host_aliases(env: &Env) -> Result<std::collections::BTreeMap<String, String>, DetectError> {
+    const VAR: &str = "HYTRAIN_HOST_ALIASES";
+    let mut aliases = std::collections::BTreeMap::new();
+    let Some(value) = env.value(VAR) else {
+        return Ok(aliases);
+    };
+    for pair in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((name, address)) = pair.split_once('=') else {
+            return Err(DetectError::Malformed {
+                origin: VAR.to_owned(),
+                problem: format!("'{}' has no '='", shown(pair)),
+                expected: "host=address pairs separated by commas, e.g. algo-1=127.0.0.1,algo-2=127.0.0.1".to_owned(),
+            });
+        };
+        let name = name.trim();
+        if !is_host_name(name) {
+            return Err(DetectError::BadAddress { var: VAR.to_owned(), value: shown(name), hint: String::new() });
+        }
+        aliases.insert(name.to_owned(), host(VAR, address)?);
+    }
+    Ok(aliases)
+}
+
 /// `var` as a master address when it is set.
 pub(crate) fn opt_host(env: &Env, var: &str) -> Result<Option<String>, DetectError> {
     env.value(var).map(|v| host(var, v)).transpose()

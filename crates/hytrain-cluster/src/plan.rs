@@ -28,6 +28,10 @@ pub struct Plan {
     pub nproc_per_node: Option<usize>,
     /// Human-readable remarks on choices detection made (defaults taken, ambiguities resolved).
     pub notes: Vec<String>,
+    /// Host names mapped to addresses by `HYTRAIN_HOST_ALIASES`, like lines of /etc/hosts (see
+    /// [`Plan::address_of`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_aliases: BTreeMap<String, String>,
 }
 
 impl Plan {
@@ -36,6 +40,13 @@ impl Plan {
     /// `sagemaker_torch_distributed_enabled` is on. `None` when the platform does not say or says "auto".
     pub fn nproc_per_node_hint(&self) -> Option<usize> {
         self.nproc_per_node
+    }
+
+    /// The address to connect to for `host`: its `HYTRAIN_HOST_ALIASES` entry, else the name itself (resolved by
+    /// DNS when connecting). The aliases let a job shaped like a multi-host SageMaker or Kubeflow job run on one
+    /// machine, `algo-1=127.0.0.1,algo-2=127.0.0.1`, without editing /etc/hosts.
+    pub fn address_of(&self, host: &str) -> String {
+        self.host_aliases.get(host).cloned().unwrap_or_else(|| host.to_owned())
     }
 }
 

@@ -685,6 +685,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
         sagemaker: Some(sagemaker),
         nproc_per_node,
         notes,
+        host_aliases: BTreeMap::new(),
     })
 }
 

@@ -654,3 +654,16 @@ fn instance_group_host_outside_the_job_is_refused() {
         "{msg}"
     );
 }
+
+#[test]
+fn host_alias_without_equals_sign_is_refused() {
+    let msg = error(&env(&[("HYTRAIN_HOST_ALIASES", "algo-1:127.0.0.1")]));
+    assert!(msg.starts_with("HYTRAIN_HOST_ALIASES"), "{msg}");
+    assert!(msg.contains("algo-1=127.0.0.1"), "{msg}");
+}
+
+#[test]
+fn host_alias_to_a_non_address_is_refused() {
+    let msg = error(&env(&[("HYTRAIN_HOST_ALIASES", "algo-1=not an address")]));
+    assert!(msg.contains("HYTRAIN_HOST_ALIASES") && msg.contains("not a host name"), "{msg}");
+}

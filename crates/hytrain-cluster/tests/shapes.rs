@@ -811,3 +811,11 @@ fn display_shows_platform_ranks_master_and_notes() {
     assert!(text.contains("hytrain launch"), "{text}");
     assert!(text.lines().count() > 5);
 }
+
+#[test]
+fn host_aliases_map_names_to_addresses_and_leave_others_alone() {
+    let p = plan(&env(&[("HYTRAIN_HOST_ALIASES", "algo-1=127.0.0.1, algo-2=[::1]")]));
+    assert_eq!(p.address_of("algo-1"), "127.0.0.1");
+    assert_eq!(p.address_of("algo-2"), "::1");
+    assert_eq!(p.address_of("algo-3"), "algo-3");
+}
