@@ -1,1 +1,337 @@
-//! Rendezvous and collectives.
+//! How hytrain workers find each other and exchange data.
+//!
+//! Every rank calls [`Store::rendezvous`]: global rank 0 hosts a small key-value store at `master_addr:master_port`
+//! in a background thread, every rank connects to it (retrying DNS and connection until `rendezvous_timeout`) and
+//! waits until all `world_size` ranks have joined. On top of the store, [`Ring`] links the ranks in a TCP ring and
+//! implements the [`Collective`] operations (allreduce, broadcast, allgather, barrier) on plain slices, chunked and
+//! pipelined so that a large allreduce runs near link bandwidth. With the `mpi` feature and a job started by
+//! `mpirun`, [`init`] picks the MPI backend instead.
+//!
+//! This crate never reads launcher environment variables: the caller (hytrain-cluster) says who this rank is with a
+//! [`Membership`].
+//!
+//! ```no_run
+//! use hytrain_comm::{init, Buffer, CommOptions, Membership, ReduceOp};
+//!
+//! # fn main() -> Result<(), hytrain_comm::CommError> {
+//! let me = Membership {
+//!     rank: 0, world_size: 2, local_rank: 0, local_world_size: 2,
+//!     master_addr: "127.0.0.1".into(), master_port: 29500,
+//! };
+//! let mut comm = init(&me, false, &CommOptions::default())?;
+//! let mut grads = vec![1.0f32; 1 << 20];
+//! comm.allreduce(Buffer::F32(&mut grads), ReduceOp::Avg)?;
+//! # Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+
+#[cfg(target_endian = "big")]
+compile_error!(
+    "hytrain-comm sends values in the host's byte order and supports little-endian hosts only"
+);
+
+use std::time::Duration;
+
+mod error;
+#[cfg(feature = "mpi")]
+mod mpi_backend;
+mod ring;
+mod schedule;
+mod store;
+mod wire;
+
+pub use error::{CommError, RankList};
+#[cfg(feature = "mpi")]
+pub use mpi_backend::Mpi;
+pub use ring::{Ring, DEFAULT_SEGMENT_BYTES};
+pub use store::Store;
+
+/// Who this rank is and where the master is; built by the caller from the launcher's view of the job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// Global rank, `0..world_size`.
+    pub rank: usize,
+    /// Number of processes in the job.
+    pub world_size: usize,
+    /// Rank among the processes on this node.
+    pub local_rank: usize,
+    /// Number of processes on this node.
+    pub local_world_size: usize,
+    /// Host name or address of the node running global rank 0.
+    pub master_addr: String,
+    /// Port of the rendezvous store on the master.
+    pub master_port: u16,
+}
+
+impl Membership {
+    /// Checks the fields against each other; every later error assumes they are consistent.
+    pub fn validate(&self) -> Result<(), CommError> {
+        let bad = |m: String| Err(CommError::InvalidMembership(m));
+        if self.world_size == 0 {
+            return bad("world_size is 0; it must count at least this process".into());
+        }
+        if self.rank >= self.world_size {
+            return bad(format!(
+                "rank {} is not below world_size {}",
+                self.rank, self.world_size
+            ));
+        }
+        if self.local_world_size == 0 || self.local_world_size > self.world_size {
+            return bad(format!(
+                "local_world_size {} must be between 1 and world_size {}",
+                self.local_world_size, self.world_size
+            ));
+        }
+        if self.local_rank >= self.local_world_size {
+            return bad(format!(
+                "local_rank {} is not below local_world_size {}",
+                self.local_rank, self.local_world_size
+            ));
+        }
+        if self.master_addr.trim().is_empty() {
+            return bad(
+                "master_addr is empty; set it to the host name or address of rank 0".into(),
+            );
+        }
+        if self.master_port == 0 {
+            return bad(
+                "master_port is 0; pick a fixed port that every rank can reach on the master"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Deadlines and naming shared by the store and the backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommOptions {
+    /// How long ranks wait for each other to join, and how long a store `get`/`wait`/`barrier` may block.
+    /// Default 900 s: cluster nodes and their DNS names can take minutes to appear.
+    pub rendezvous_timeout: Duration,
+    /// A peer silent this long during a collective counts as failed. Default 300 s.
+    pub collective_timeout: Duration,
+    /// Prefix of every store key, and checked when ranks connect, so two jobs that share a master address and
+    /// port cannot mix. Default "hytrain".
+    pub job_id: String,
+}
+
+impl Default for CommOptions {
+    fn default() -> Self {
+        CommOptions {
+            rendezvous_timeout: Duration::from_secs(900),
+            collective_timeout: Duration::from_secs(300),
+            job_id: "hytrain".into(),
+        }
+    }
+}
+
+/// How values from all ranks are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Element-wise sum.
+    Sum,
+    /// Element-wise sum divided by `world_size` (after summing, so integer-valued inputs stay exact until then).
+    Avg,
+}
+
+/// A buffer reduced in place.
+#[derive(Debug)]
+pub enum Buffer<'a> {
+    /// 32-bit floats.
+    F32(&'a mut [f32]),
+    /// 64-bit floats.
+    F64(&'a mut [f64]),
+    /// bfloat16 values; summed in f32 and rounded once at the end.
+    Bf16(&'a mut [half::bf16]),
+}
+
+impl Buffer<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Buffer::F32(b) => b.len(),
+            Buffer::F64(b) => b.len(),
+            Buffer::Bf16(b) => b.len(),
+        }
+    }
+
+    /// Whether the buffer has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The element type's name as used in messages ("f32", "f64", "bf16").
+    pub fn dtype(&self) -> &'static str {
+        match self {
+            Buffer::F32(_) => "f32",
+            Buffer::F64(_) => "f64",
+            Buffer::Bf16(_) => "bf16",
+        }
+    }
+}
+
+/// Collective operations over all ranks of the job. Every rank must call the same operations in the same order
+/// with matching sizes; the ring backend checks this and fails with a message naming both calls.
+///
+/// After an operation fails the backend is unusable: every later call returns an error.
+pub trait Collective: Send {
+    /// This rank.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+    /// "ring" or "mpi".
+    fn backend(&self) -> &'static str;
+    /// Combines `buf` element-wise across all ranks; every rank ends with the result.
+    fn allreduce(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError>;
+    /// Copies `bytes` from rank `root` to every rank; all ranks pass buffers of the same length.
+    fn broadcast(&mut self, bytes: &mut [u8], root: usize) -> Result<(), CommError>;
+    /// Concatenates every rank's `input` in rank order into `output` (`output.len() == input.len() * world_size`).
+    fn allgather(&mut self, input: &[u8], output: &mut [u8]) -> Result<(), CommError>;
+    /// Returns once every rank has entered the barrier.
+    fn barrier(&mut self) -> Result<(), CommError>;
+}
+
+/// Starts this rank's collective backend: MPI when the process was launched by `mpirun` (the caller decides, e.g.
+/// from `OMPI_COMM_WORLD_SIZE`) and the `mpi` feature is built, otherwise a rendezvous through the [`Store`] and a
+/// TCP [`Ring`].
+pub fn init(
+    m: &Membership,
+    launched_by_mpirun: bool,
+    opts: &CommOptions,
+) -> Result<Box<dyn Collective>, CommError> {
+    m.validate()?;
+    if launched_by_mpirun {
+        #[cfg(feature = "mpi")]
+        {
+            let mpi = Mpi::init()?;
+            if mpi.rank() != m.rank || mpi.world_size() != m.world_size {
+                return Err(CommError::Mpi(format!(
+                    "MPI says rank {} of {} but the launcher environment says rank {} of {}",
+                    mpi.rank(),
+                    mpi.world_size(),
+                    m.rank,
+                    m.world_size
+                )));
+            }
+            return Ok(Box::new(mpi));
+        }
+        #[cfg(not(feature = "mpi"))]
+        tracing::info!(
+            rank = m.rank,
+            "launched by mpirun but built without the `mpi` feature; using the TCP ring"
+        );
+    }
+    let store = Store::rendezvous(m, opts)?;
+    Ok(Box::new(Ring::connect(&store, m, opts)?))
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A port nothing listens on right now.
+    pub fn free_port() -> u16 {
+        TcpListener::bind(("127.0.0.1", 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    pub fn member(rank: usize, world_size: usize, port: u16) -> Membership {
+        Membership {
+            rank,
+            world_size,
+            local_rank: rank,
+            local_world_size: world_size,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        }
+    }
+
+    pub fn opts(rendezvous_s: u64, collective_s: u64) -> CommOptions {
+        CommOptions {
+            rendezvous_timeout: Duration::from_secs(rendezvous_s),
+            collective_timeout: Duration::from_secs(collective_s),
+            job_id: "test".into(),
+        }
+    }
+
+    /// Runs `f(rank)` on `world` threads and returns their results in rank order.
+    pub fn on_ranks<T: Send>(world: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..world)
+                .map(|r| {
+                    s.spawn({
+                        let f = &f;
+                        move || f(r)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("rank thread panicked"))
+                .collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn membership_rejects_rank_not_below_world_size() {
+        let m = testutil::member(4, 4, 29500);
+        let e = m.validate().unwrap_err().to_string();
+        assert!(e.contains("rank 4 is not below world_size 4"), "{e}");
+    }
+
+    #[test]
+    fn membership_rejects_empty_master_and_zero_port() {
+        let mut m = testutil::member(0, 2, 29500);
+        m.master_addr = " ".into();
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("master_addr is empty"));
+        let mut m = testutil::member(0, 2, 0);
+        m.master_port = 0;
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("master_port is 0"));
+        let mut m = testutil::member(0, 2, 1);
+        m.local_rank = 2;
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("local_rank 2"));
+        let m = testutil::member(0, 0, 1);
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("world_size is 0"));
+    }
+
+    #[test]
+    fn single_rank_init_needs_no_peers_and_reduces_to_itself() {
+        let m = testutil::member(0, 1, testutil::free_port());
+        let mut c = init(&m, false, &testutil::opts(10, 10)).unwrap();
+        assert_eq!(c.backend(), "ring");
+        let mut v = vec![1.0f32, 2.0, 3.0];
+        c.allreduce(Buffer::F32(&mut v), ReduceOp::Avg).unwrap();
+        assert_eq!(v, [1.0, 2.0, 3.0]);
+        let mut out = vec![0u8; 3];
+        c.allgather(b"abc", &mut out).unwrap();
+        assert_eq!(&out, b"abc");
+        c.barrier().unwrap();
+    }
+}
