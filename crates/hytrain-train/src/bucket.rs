@@ -1,0 +1,211 @@
+//! Gradient buckets: which parameters share one allreduce, and the flat buffer that carries them.
+//!
+//! The assignment is a pure function of parameter sizes and kinds, so every rank computes the same one. A bucket's
+//! three phases (pack, allreduce, unpack) are separate calls, so a later hook-driven launch can start a bucket as
+//! soon as its last gradient is ready instead of after the whole backward pass.
+
+use tch::{Device, Kind, TchError, Tensor};
+
+use crate::{Buffer, Collective, CommError, ReduceOp};
+
+/// Bytes in a mebibyte, the unit of `--bucket-mb`.
+pub const MB: usize = 1 << 20;
+
+/// Groups parameters into buckets the way PyTorch DDP does: walk them in reverse definition order (gradients of
+/// the last layers are ready first in backward), one open bucket per dtype, close a bucket once it holds at least
+/// its cap; the first bucket of each dtype has the small `first_cap_bytes` cap so communication starts early.
+///
+/// `tensors` gives `(numel, kind)` per parameter in definition order; the result lists parameter indices per
+/// bucket, buckets in the order they are filled.
+pub fn assign_buckets(tensors: &[(usize, Kind)], first_cap_bytes: usize, cap_bytes: usize) -> Vec<Vec<usize>> {
+    struct Open {
+        kind: Kind,
+        members: Vec<usize>,
+        bytes: usize,
+        closed_before: usize,
+    }
+    let mut open: Vec<Open> = Vec::new();
+    let mut done = Vec::new();
+    for index in (0..tensors.len()).rev() {
+        let (numel, kind) = tensors[index];
+        let slot = match open.iter().position(|o| o.kind == kind) {
+            Some(s) => s,
+            None => {
+                open.push(Open { kind, members: Vec::new(), bytes: 0, closed_before: 0 });
+                open.len() - 1
+            }
+        };
+        let o = &mut open[slot];
+        o.members.push(index);
+        o.bytes += numel * kind.elt_size_in_bytes();
+        let cap = if o.closed_before == 0 { first_cap_bytes } else { cap_bytes };
+        if o.bytes >= cap {
+            done.push(std::mem::take(&mut o.members));
+            o.bytes = 0;
+            o.closed_before += 1;
+        }
+    }
+    done.extend(open.into_iter().map(|o| o.members).filter(|m| !m.is_empty()));
+    done
+}
+
+/// Kinds whose gradients can be averaged by a [`Collective`].
+pub(crate) fn reducible(kind: Kind) -> bool {
+    matches!(kind, Kind::Float | Kind::Double | Kind::BFloat16)
+}
+
+/// One bucket: its parameters and a flat host buffer holding their gradients back to back.
+#[derive(Debug)]
+pub struct Bucket {
+    members: Vec<usize>,
+    offsets: Vec<i64>,
+    numel: usize,
+    kind: Kind,
+    // Host memory: the collectives work on byte slices (a device bucket would be staged through here).
+    flat: Tensor,
+}
+
+impl Bucket {
+    /// A bucket for `members` (indices into `params`), all of one reducible kind.
+    pub fn new(members: Vec<usize>, params: &[(String, Tensor)]) -> Result<Self, TchError> {
+        let kind = params[members[0]].1.kind();
+        let mut offsets = Vec::with_capacity(members.len());
+        let mut numel = 0usize;
+        for &m in &members {
+            offsets.push(numel as i64);
+            numel += params[m].1.numel();
+        }
+        let flat = Tensor::f_zeros([numel as i64], (kind, Device::Cpu))?;
+        Ok(Bucket { members, offsets, numel, kind, flat })
+    }
+
+    /// Indices of the parameters in this bucket, in the order their gradients sit in the buffer.
+    pub fn members(&self) -> &[usize] {
+        &self.members
+    }
+
+    /// Size of the flat buffer in bytes.
+    pub fn bytes(&self) -> usize {
+        self.numel * self.kind.elt_size_in_bytes()
+    }
+
+    /// Copies the members' gradients into the flat buffer. Returns the name of a member without a gradient.
+    pub fn pack(&mut self, params: &[(String, Tensor)]) -> Result<Result<(), String>, TchError> {
+        for (&m, &off) in self.members.iter().zip(&self.offsets) {
+            let (name, p) = &params[m];
+            let grad = p.grad();
+            if !grad.defined() {
+                return Ok(Err(name.clone()));
+            }
+            let n = p.numel() as i64;
+            let mut dst = self.flat.f_narrow(0, off, n)?;
+            tch::no_grad(|| dst.f_copy_(&grad.f_reshape([n])?))?;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Averages the flat buffer over all ranks with one allreduce.
+    pub fn allreduce(&mut self, comm: &mut dyn Collective) -> Result<(), CommError> {
+        if self.numel == 0 {
+            return Ok(());
+        }
+        let ptr = self.flat.data_ptr();
+        // SAFETY: `flat` is a contiguous CPU tensor of exactly `numel` elements of `kind`, created and owned by this
+        // bucket and never handed out, so nothing else reads or writes it while the slice (borrowing `self`) lives.
+        // half::bf16 is a transparent u16, libtorch's BFloat16 layout.
+        let buf = unsafe {
+            match self.kind {
+                Kind::Float => Buffer::F32(std::slice::from_raw_parts_mut(ptr.cast::<f32>(), self.numel)),
+                Kind::Double => Buffer::F64(std::slice::from_raw_parts_mut(ptr.cast::<f64>(), self.numel)),
+                Kind::BFloat16 => Buffer::Bf16(std::slice::from_raw_parts_mut(ptr.cast::<half::bf16>(), self.numel)),
+                other => {
+                    unreachable!("bucket of non-reducible kind {other:?} (Ddp::new checks kinds)")
+                }
+            }
+        };
+        comm.allreduce(buf, ReduceOp::Avg)
+    }
+
+    /// Copies the averaged values back into the members' gradients.
+    pub fn unpack(&self, params: &[(String, Tensor)]) -> Result<(), TchError> {
+        for (&m, &off) in self.members.iter().zip(&self.offsets) {
+            let p = &params[m].1;
+            let mut grad = p.grad();
+            let src = self.flat.f_narrow(0, off, p.numel() as i64)?.f_view(grad.size().as_slice())?;
+            tch::no_grad(|| grad.f_copy_(&src))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_walk_parameters_in_reverse_with_a_small_first_bucket() {
+        // Four f32 parameters of 1 MiB each and a bias of 4 bytes; caps 1 MiB then 3 MiB.
+        let p = [
+            (MB / 4, Kind::Float),
+            (1, Kind::Float),
+            (MB / 4, Kind::Float),
+            (MB / 4, Kind::Float),
+            (MB / 4, Kind::Float),
+        ];
+        let b = assign_buckets(&p, MB, 3 * MB);
+        assert_eq!(b, vec![vec![4], vec![3, 2, 1, 0]]);
+    }
+
+    #[test]
+    fn every_parameter_lands_in_exactly_one_bucket_and_caps_are_respected() {
+        let sizes: Vec<(usize, Kind)> = (1..200).map(|i| ((i * 7919) % 5000 + 1, Kind::Float)).collect();
+        let cap = 64 * 1024;
+        let first = 4 * 1024;
+        let buckets = assign_buckets(&sizes, first, cap);
+        let mut seen: Vec<usize> = buckets.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..sizes.len()).collect::<Vec<_>>());
+        for (i, b) in buckets.iter().enumerate() {
+            let bytes: usize = b.iter().map(|&m| sizes[m].0 * 4).sum();
+            let without_last: usize = b[..b.len() - 1].iter().map(|&m| sizes[m].0 * 4).sum();
+            let c = if i == 0 { first } else { cap };
+            // A bucket closes as soon as it reaches its cap, so it is under the cap before its last member.
+            assert!(without_last < c, "bucket {i} overfilled: {bytes} bytes");
+            // Indices descend inside a bucket: reverse definition order.
+            assert!(b.windows(2).all(|w| w[0] > w[1]));
+        }
+    }
+
+    #[test]
+    fn kinds_never_share_a_bucket() {
+        let p = [(10, Kind::Float), (10, Kind::Double), (10, Kind::Float), (10, Kind::Double)];
+        let b = assign_buckets(&p, MB, MB);
+        assert_eq!(b, vec![vec![3, 1], vec![2, 0]]);
+    }
+
+    #[test]
+    fn pack_and_unpack_round_trip_gradients() {
+        let a = Tensor::ones([2, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let b = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let loss = (&a * 2.0).sum(Kind::Float) + (&b * &b).sum(Kind::Float);
+        loss.backward();
+        let params = vec![("a".to_string(), a.shallow_clone()), ("b".to_string(), b.shallow_clone())];
+        let mut bucket = Bucket::new(vec![1, 0], &params).unwrap();
+        assert_eq!(bucket.bytes(), 40);
+        bucket.pack(&params).unwrap().unwrap();
+        let flat: Vec<f32> = Vec::try_from(&bucket.flat).unwrap();
+        assert_eq!(flat, vec![2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]);
+        let _ = tch::no_grad(|| bucket.flat.f_mul_scalar_(0.5)).unwrap();
+        bucket.unpack(&params).unwrap();
+        assert_eq!(Vec::<f32>::try_from(a.grad().flatten(0, -1)).unwrap(), vec![1.0; 6]);
+        assert_eq!(Vec::<f32>::try_from(b.grad()).unwrap(), vec![1.0; 4]);
+    }
+
+    #[test]
+    fn pack_names_a_parameter_without_gradient() {
+        let a = Tensor::ones([2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let params = vec![("unused.weight".to_string(), a)];
+        let mut bucket = Bucket::new(vec![0], &params).unwrap();
+        assert_eq!(bucket.pack(&params).unwrap(), Err("unused.weight".to_string()));
+    }
+}

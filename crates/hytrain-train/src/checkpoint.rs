@@ -1,0 +1,289 @@
+//! Checkpoints: `ckpt-<step>/` directories holding `model.safetensors`, `optimizer.safetensors` and `meta.json`
+//! (with the SHA-256 of both tensor files), written atomically and found again after a crash.
+//!
+//! Writing: everything goes into `.tmp-ckpt-<step>-<pid>/`, each file is fsynced, the directory is renamed to
+//! `ckpt-<step>` and the parent is fsynced; only then are checkpoints beyond the newest `keep` deleted. Reading
+//! scans newest first and takes the first checkpoint whose files are all present, match their checksums and parse,
+//! so a torn or corrupted newest one costs only the steps since the one before.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tch::{Device, Tensor};
+
+use crate::schedule::Schedule;
+use crate::{Result, TrainError};
+
+/// The `format` field of `meta.json`; a checkpoint of another format is skipped.
+pub const FORMAT: &str = "hytrain-checkpoint/1";
+const MODEL_FILE: &str = "model.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const META_FILE: &str = "meta.json";
+
+/// Seed and generator state needed to continue a run's randomness.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct RngState {
+    /// The run's `--seed`.
+    pub seed: u64,
+    /// Any further generator state the caller keeps (opaque here).
+    #[serde(default)]
+    pub state: serde_json::Value,
+}
+
+/// Everything about a checkpoint except its tensors.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointMeta {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The epoch in progress (or just finished) at `step`.
+    pub epoch: u64,
+    /// Where the data loader stands, as the loader reports it (opaque here).
+    pub data_position: serde_json::Value,
+    /// Seed and generator state.
+    pub rng: RngState,
+    /// The run's configuration (opaque here).
+    pub config: serde_json::Value,
+    /// The learning-rate schedule.
+    pub schedule: Schedule,
+    /// Model name.
+    pub model: String,
+    /// Optimizer name.
+    pub optimizer: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MetaFile {
+    format: String,
+    hytrain_version: String,
+    #[serde(flatten)]
+    meta: CheckpointMeta,
+    /// SHA-256 (hex) of each tensor file.
+    files: BTreeMap<String, String>,
+}
+
+/// A checkpoint's contents.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// Model parameters and buffers by name.
+    pub model: Vec<(String, Tensor)>,
+    /// Optimizer state by name ([`crate::optim::Optimizer::state`]).
+    pub optimizer: Vec<(String, Tensor)>,
+    /// Step, epoch, data position, RNG, configuration, schedule.
+    pub meta: CheckpointMeta,
+}
+
+/// A checkpoint passed over while looking for the newest valid one, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// Its directory.
+    pub path: PathBuf,
+    /// What was wrong with it.
+    pub reason: String,
+}
+
+/// The newest valid checkpoint of a directory.
+#[derive(Debug)]
+pub struct Resume {
+    /// Its contents.
+    pub checkpoint: Checkpoint,
+    /// Its directory.
+    pub path: PathBuf,
+    /// Newer checkpoints that were torn or corrupt, newest first.
+    pub skipped: Vec<Skipped>,
+}
+
+/// Writes checkpoints into one directory and keeps the newest `keep` of them.
+#[derive(Debug, Clone)]
+pub struct CheckpointStore {
+    dir: PathBuf,
+    keep: usize,
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TrainError + 'a {
+    move |e| TrainError::io(action, path, e)
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = fs::read(path).map_err(io("read", path))?;
+    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn fsync(path: &Path) -> Result<()> {
+    File::open(path).and_then(|f| f.sync_all()).map_err(io("fsync", path))
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let host = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?)))
+        .collect::<Result<Vec<_>, tch::TchError>>()
+        .map_err(|e| TrainError::torch(format!("preparing tensors for {}", path.display()), e))?;
+    Tensor::write_safetensors(&host, path).map_err(|e| TrainError::torch(format!("writing {}", path.display()), e))?;
+    fsync(path)
+}
+
+/// The step of a `ckpt-<step>` directory name.
+fn step_of(name: &str) -> Option<u64> {
+    name.strip_prefix("ckpt-")?.parse().ok()
+}
+
+/// The complete checkpoints (`ckpt-<step>` directories) in `dir`, oldest first. A missing `dir` has none.
+pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(TrainError::io("list", dir, e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io("list", dir))?;
+        if let Some(step) = entry.file_name().to_str().and_then(step_of) {
+            if entry.path().is_dir() {
+                found.push((step, entry.path()));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+impl CheckpointStore {
+    /// A store in `dir` (created on first save) keeping the newest `keep` checkpoints (`--keep`, at least 1).
+    pub fn new(dir: impl Into<PathBuf>, keep: usize) -> Result<Self> {
+        if keep == 0 {
+            return Err(TrainError::option("--keep", "must keep at least 1 checkpoint"));
+        }
+        Ok(CheckpointStore { dir: dir.into(), keep })
+    }
+
+    /// The directory checkpoints go to.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `ckpt` as `ckpt-<step>` atomically, then deletes all but the newest `keep` checkpoints. Only one
+    /// process (global rank 0) may call this for a directory. Returns the new checkpoint's path.
+    pub fn save(&self, ckpt: &Checkpoint) -> Result<PathBuf> {
+        let step = ckpt.meta.step;
+        fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
+        let tmp = self.dir.join(format!(".tmp-ckpt-{step}-{}", std::process::id()));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(io("remove", &tmp))?;
+        }
+        fs::create_dir(&tmp).map_err(io("create", &tmp))?;
+        let mut files = BTreeMap::new();
+        for (file, tensors) in [(MODEL_FILE, &ckpt.model), (OPTIMIZER_FILE, &ckpt.optimizer)] {
+            let path = tmp.join(file);
+            write_tensors(&path, tensors)?;
+            files.insert(file.to_string(), sha256_file(&path)?);
+        }
+        let meta = MetaFile {
+            format: FORMAT.into(),
+            hytrain_version: env!("CARGO_PKG_VERSION").into(),
+            meta: ckpt.meta.clone(),
+            files,
+        };
+        let meta_path = tmp.join(META_FILE);
+        let json = serde_json::to_vec_pretty(&meta).expect("checkpoint metadata serialises");
+        let mut f = File::create(&meta_path).map_err(io("create", &meta_path))?;
+        f.write_all(&json).and_then(|_| f.sync_all()).map_err(io("write", &meta_path))?;
+        fsync(&tmp)?;
+
+        let dest = self.dir.join(format!("ckpt-{step}"));
+        // A resumed run can reach a step it saved before; the new one replaces it.
+        let displaced = if dest.exists() {
+            let old = self.dir.join(format!(".old-ckpt-{step}-{}", std::process::id()));
+            fs::rename(&dest, &old).map_err(io("rename", &dest))?;
+            Some(old)
+        } else {
+            None
+        };
+        fs::rename(&tmp, &dest).map_err(io("rename", &tmp))?;
+        fsync(&self.dir)?;
+        if let Some(old) = displaced {
+            fs::remove_dir_all(&old).map_err(io("remove", &old))?;
+        }
+        tracing::info!(path = %dest.display(), step, "checkpoint written");
+        self.prune()?;
+        Ok(dest)
+    }
+
+    /// Deletes checkpoints beyond the newest `keep` and leftovers of interrupted writes.
+    fn prune(&self) -> Result<()> {
+        let all = list_checkpoints(&self.dir)?;
+        for (_, path) in all.iter().take(all.len().saturating_sub(self.keep)) {
+            fs::remove_dir_all(path).map_err(io("remove", path))?;
+            tracing::debug!(path = %path.display(), "old checkpoint removed");
+        }
+        for entry in fs::read_dir(&self.dir).map_err(io("list", &self.dir))?.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".tmp-ckpt-") || name.starts_with(".old-ckpt-") {
+                let path = entry.path();
+                fs::remove_dir_all(&path).map_err(io("remove", &path))?;
+                tracing::debug!(path = %path.display(), "leftover of an interrupted checkpoint write removed");
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest valid checkpoint in this store's directory; see [`latest_valid`].
+    pub fn latest_valid(&self) -> Result<Option<Resume>> {
+        latest_valid(&self.dir)
+    }
+}
+
+/// Reads and verifies one checkpoint directory: known format, files present with matching SHA-256, tensors parse,
+/// and the step in `meta.json` matches the directory name.
+pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
+    let bad = |detail: String| TrainError::Checkpoint { path: path.to_path_buf(), detail };
+    let meta_path = path.join(META_FILE);
+    let text = fs::read(&meta_path).map_err(|e| bad(format!("cannot read {META_FILE}: {e}")))?;
+    let meta: MetaFile = serde_json::from_slice(&text).map_err(|e| bad(format!("{META_FILE} does not parse: {e}")))?;
+    if meta.format != FORMAT {
+        return Err(bad(format!("format '{}' is not {FORMAT}", meta.format)));
+    }
+    let dir_step = path.file_name().and_then(|n| n.to_str()).and_then(step_of);
+    if dir_step.is_some_and(|s| s != meta.meta.step) {
+        return Err(bad(format!("{META_FILE} says step {} but the directory is named for another", meta.meta.step)));
+    }
+    let mut tensors = Vec::new();
+    for file in [MODEL_FILE, OPTIMIZER_FILE] {
+        let want = meta.files.get(file).ok_or_else(|| bad(format!("{META_FILE} lists no checksum for {file}")))?;
+        let file_path = path.join(file);
+        if !file_path.is_file() {
+            return Err(bad(format!("{file} is missing")));
+        }
+        let got = sha256_file(&file_path)?;
+        if &got != want {
+            return Err(bad(format!("{file} has SHA-256 {got}, {META_FILE} recorded {want} (corrupt or torn)")));
+        }
+        tensors.push(Tensor::read_safetensors(&file_path).map_err(|e| bad(format!("{file} does not parse: {e}")))?);
+    }
+    let optimizer = tensors.pop().expect("two files");
+    let model = tensors.pop().expect("two files");
+    Ok(Checkpoint { model, optimizer, meta: meta.meta })
+}
+
+/// The newest checkpoint in `dir` that verifies ([`read_checkpoint`]); newer ones that do not are skipped with a
+/// warning naming them and why. `None` when the directory has no valid checkpoint (or does not exist).
+pub fn latest_valid(dir: &Path) -> Result<Option<Resume>> {
+    let mut skipped = Vec::new();
+    for (_, path) in list_checkpoints(dir)?.into_iter().rev() {
+        match read_checkpoint(&path) {
+            Ok(checkpoint) => return Ok(Some(Resume { checkpoint, path, skipped })),
+            Err(e) => {
+                let reason = match e {
+                    TrainError::Checkpoint { detail, .. } => detail,
+                    other => other.to_string(),
+                };
+                tracing::warn!(path = %path.display(), %reason, "skipping invalid checkpoint");
+                skipped.push(Skipped { path, reason });
+            }
+        }
+    }
+    Ok(None)
+}

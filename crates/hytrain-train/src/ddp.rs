@@ -1,0 +1,523 @@
+//! Data parallelism over a [`Collective`]: identical start on every rank, averaged gradients in buckets,
+//! gradient accumulation, clipping, BatchNorm buffers from rank 0.
+
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+use tch::{Kind, Reduction, TchError, Tensor};
+
+use crate::bucket::{assign_buckets, reducible, Bucket, MB};
+use crate::model::Model;
+use crate::optim::Optimizer;
+use crate::{Buffer, Collective, ReduceOp, Result, TrainError};
+
+/// How [`Ddp`] splits and synchronises gradients.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DdpOptions {
+    /// Bucket cap in MiB (`--bucket-mb`); a bucket closes once it holds at least this much.
+    pub bucket_mb: f64,
+    /// Cap of the first bucket in MiB: small, like PyTorch's 1 MiB, so the first allreduce starts early.
+    pub first_bucket_mb: f64,
+    /// Micro-batches per optimizer step (`--grad-accum`); gradients are averaged only after the last one.
+    pub grad_accum: usize,
+    /// Clip gradients to this global L2 norm after averaging (`--clip-grad-norm`).
+    pub max_grad_norm: Option<f64>,
+    /// Copy rank 0's buffers (BatchNorm running statistics) to every rank before each training forward, as
+    /// PyTorch DDP's `broadcast_buffers=True` does.
+    pub broadcast_buffers: bool,
+}
+
+impl Default for DdpOptions {
+    fn default() -> Self {
+        DdpOptions {
+            bucket_mb: 25.0,
+            first_bucket_mb: 1.0,
+            grad_accum: 1,
+            max_grad_norm: None,
+            broadcast_buffers: true,
+        }
+    }
+}
+
+impl DdpOptions {
+    /// Refuses values the engine cannot use, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        for (flag, v) in [("--bucket-mb", self.bucket_mb), ("first bucket size", self.first_bucket_mb)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(TrainError::option(flag, format!("must be a positive number of MiB, got {v}")));
+            }
+        }
+        if self.grad_accum == 0 {
+            return Err(TrainError::option("--grad-accum", "must be at least 1"));
+        }
+        if let Some(n) = self.max_grad_norm {
+            if !(n.is_finite() && n > 0.0) {
+                return Err(TrainError::option("--clip-grad-norm", format!("must be a positive number, got {n}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Time and volume spent communicating since the engine started.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DdpStats {
+    /// Seconds inside gradient allreduces (pack and unpack included).
+    pub allreduce_secs: f64,
+    /// Seconds broadcasting parameters and buffers.
+    pub broadcast_secs: f64,
+    /// Gradient bytes this rank sent into allreduces.
+    pub allreduce_bytes: u64,
+    /// Gradient synchronisations (optimizer steps).
+    pub syncs: u64,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutput {
+    /// Mean training loss of this rank's micro-batches (not averaged over ranks).
+    pub loss: f64,
+    /// Global gradient norm before clipping, when clipping is on.
+    pub grad_norm: Option<f64>,
+    /// Samples this rank processed.
+    pub samples: usize,
+}
+
+/// The layout of one gradient bucket, for logs and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketLayout {
+    /// Parameter names in buffer order.
+    pub params: Vec<String>,
+    /// Buffer size in bytes.
+    pub bytes: usize,
+}
+
+/// A model trained data-parallel: every rank holds a replica and gradients are averaged before each update.
+///
+/// Construction checks that all ranks built the same model and copies rank 0's parameters and buffers to all.
+pub struct Ddp {
+    model: Box<dyn Model>,
+    comm: Box<dyn Collective>,
+    params: Vec<(String, Tensor)>,
+    buffers: Vec<(String, Tensor)>,
+    buckets: Vec<Bucket>,
+    options: DdpOptions,
+    micro_step: usize,
+    stats: DdpStats,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Ddp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ddp")
+            .field("model", &self.model.name())
+            .field("rank", &self.comm.rank())
+            .field("world_size", &self.comm.world_size())
+            .field("buckets", &self.buckets.len())
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+fn describe(role: &str, name: &str, t: &Tensor) -> String {
+    format!("{role} {name} {:?} {:?}", t.size(), t.kind())
+}
+
+fn comm_err(during: impl Into<String>) -> impl FnOnce(crate::CommError) -> TrainError {
+    let during = during.into();
+    move |source| TrainError::Comm { during, source }
+}
+
+impl Ddp {
+    /// Wraps `model` for data-parallel training over `comm`.
+    ///
+    /// Every rank must call this at the same point. All ranks first exchange a hash of every parameter's and
+    /// buffer's name, shape and dtype; any difference fails on every rank with an error naming the first rank and
+    /// tensor that differ. Then rank 0's parameters and buffers are broadcast, so replicas start identical.
+    pub fn new(model: Box<dyn Model>, comm: Box<dyn Collective>, options: DdpOptions) -> Result<Self> {
+        options.validate()?;
+        let params = model.named_parameters();
+        let buffers = model.named_buffers();
+        let mut ddp = Ddp {
+            model,
+            comm,
+            params,
+            buffers,
+            buckets: Vec::new(),
+            options,
+            micro_step: 0,
+            stats: DdpStats::default(),
+            scratch: Vec::new(),
+        };
+        ddp.verify_same_model()?;
+        for (name, p) in &ddp.params {
+            if !reducible(p.kind()) {
+                return Err(TrainError::ModelConfig {
+                    model: ddp.model.name().to_string(),
+                    detail: format!(
+                        "parameter {name} has dtype {:?}; gradient buckets hold float32, float64 or bfloat16",
+                        p.kind()
+                    ),
+                });
+            }
+        }
+        let mut all: Vec<(String, Tensor)> = ddp.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        all.extend(ddp.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())));
+        ddp.broadcast_tensors(&all, "parameter and buffer broadcast from rank 0")?;
+        let sizes: Vec<(usize, Kind)> = ddp.params.iter().map(|(_, p)| (p.numel(), p.kind())).collect();
+        let to_bytes = |mb: f64| ((mb * MB as f64) as usize).max(1);
+        ddp.buckets = assign_buckets(&sizes, to_bytes(ddp.options.first_bucket_mb), to_bytes(ddp.options.bucket_mb))
+            .into_iter()
+            .map(|members| Bucket::new(members, &ddp.params))
+            .collect::<Result<_, _>>()
+            .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
+        tracing::debug!(
+            rank = ddp.rank(),
+            buckets = ddp.buckets.len(),
+            bytes = ddp.buckets.iter().map(Bucket::bytes).sum::<usize>(),
+            "gradient buckets ready"
+        );
+        Ok(ddp)
+    }
+
+    /// Wraps `model` for training in this process alone (world size 1, no communication), with the same API.
+    pub fn single(model: Box<dyn Model>, options: DdpOptions) -> Result<Self> {
+        Ddp::new(model, Box::new(SingleProcess), options)
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// The wrapped model.
+    pub fn model(&self) -> &dyn Model {
+        self.model.as_ref()
+    }
+
+    /// The collective, for reductions the training loop needs (metrics, evaluation counts).
+    pub fn collective(&mut self) -> &mut dyn Collective {
+        self.comm.as_mut()
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &DdpOptions {
+        &self.options
+    }
+
+    /// The model's trainable parameters, in definition order.
+    pub fn parameters(&self) -> &[(String, Tensor)] {
+        &self.params
+    }
+
+    /// Communication time and volume so far.
+    pub fn stats(&self) -> &DdpStats {
+        &self.stats
+    }
+
+    /// The gradient buckets in launch order.
+    pub fn bucket_layout(&self) -> Vec<BucketLayout> {
+        self.buckets
+            .iter()
+            .map(|b| BucketLayout {
+                params: b.members().iter().map(|&m| self.params[m].0.clone()).collect(),
+                bytes: b.bytes(),
+            })
+            .collect()
+    }
+
+    /// Gives back the model and the collective.
+    pub fn into_parts(self) -> (Box<dyn Model>, Box<dyn Collective>) {
+        (self.model, self.comm)
+    }
+
+    fn verify_same_model(&mut self) -> Result<()> {
+        let world = self.world_size();
+        if world == 1 {
+            return Ok(());
+        }
+        let lines: Vec<String> = self
+            .params
+            .iter()
+            .map(|(n, t)| describe("parameter", n, t))
+            .chain(self.buffers.iter().map(|(n, t)| describe("buffer", n, t)))
+            .collect();
+        let text = lines.join("\n").into_bytes();
+        let digest = Sha256::digest(&text);
+        let mut digests = vec![0u8; digest.len() * world];
+        self.comm.allgather(&digest, &mut digests).map_err(comm_err("model check (allgather of shape hashes)"))?;
+        let digests: Vec<&[u8]> = digests.chunks(digest.len()).collect();
+        if digests.iter().all(|d| *d == digests[0]) {
+            return Ok(());
+        }
+        // Hashes differ: every rank takes the same second round to learn what differs, so all fail alike.
+        let mut lens = vec![0u8; 8 * world];
+        self.comm
+            .allgather(&(text.len() as u64).to_le_bytes(), &mut lens)
+            .map_err(comm_err("model check (allgather of description lengths)"))?;
+        let lens: Vec<usize> =
+            lens.chunks(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize).collect();
+        let max = *lens.iter().max().expect("world >= 2");
+        let mut padded = text.clone();
+        padded.resize(max, 0);
+        let mut all = vec![0u8; max * world];
+        self.comm.allgather(&padded, &mut all).map_err(comm_err("model check (allgather of descriptions)"))?;
+        let described = |r: usize| -> Vec<String> {
+            String::from_utf8_lossy(&all[r * max..r * max + lens[r]]).lines().map(str::to_string).collect()
+        };
+        let reference = described(0);
+        let rank = (1..world).find(|&r| digests[r] != digests[0]).expect("some rank differs");
+        let other = described(rank);
+        let detail = match reference.iter().zip(&other).position(|(a, b)| a != b) {
+            Some(i) => format!("tensor #{i} is '{}' on rank 0 but '{}' on rank {rank}", reference[i], other[i]),
+            None if reference.len() > other.len() => format!(
+                "rank 0 has {} tensors, rank {rank} has {}; rank {rank} lacks '{}'",
+                reference.len(),
+                other.len(),
+                reference[other.len()]
+            ),
+            None => format!(
+                "rank 0 has {} tensors, rank {rank} has {}; rank {rank} has an extra '{}'",
+                reference.len(),
+                other.len(),
+                other[reference.len()]
+            ),
+        };
+        Err(TrainError::ModelMismatch(format!(
+            "rank {rank} built a different model than rank 0: {detail}; every rank must build the same model \
+             (same model, number of classes and input shape)"
+        )))
+    }
+
+    /// Copies rank 0's values of `tensors` into every rank's, in chunks of at most one bucket.
+    fn broadcast_tensors(&mut self, tensors: &[(String, Tensor)], during: &str) -> Result<()> {
+        if self.world_size() == 1 || tensors.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let cap = ((self.options.bucket_mb * MB as f64) as usize).max(1);
+        let nbytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let mut start = 0;
+        while start < tensors.len() {
+            let mut end = start;
+            let mut total = 0;
+            while end < tensors.len() && (end == start || total + nbytes(&tensors[end].1) <= cap) {
+                total += nbytes(&tensors[end].1);
+                end += 1;
+            }
+            self.broadcast_chunk(&tensors[start..end], total, during)?;
+            start = end;
+        }
+        self.stats.broadcast_secs += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn broadcast_chunk(&mut self, tensors: &[(String, Tensor)], total: usize, during: &str) -> Result<()> {
+        let root = self.rank() == 0;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize(total, 0);
+        let torch = |name: &str, e: TchError| TrainError::torch(format!("{during}: tensor {name}"), e);
+        if root {
+            let mut off = 0;
+            for (name, t) in tensors {
+                let n = t.numel() * t.kind().elt_size_in_bytes();
+                t.f_copy_data_u8(&mut scratch[off..off + n], t.numel()).map_err(|e| torch(name, e))?;
+                off += n;
+            }
+        }
+        let result = self.comm.broadcast(&mut scratch, 0).map_err(comm_err(during));
+        if result.is_ok() && !root {
+            let mut off = 0;
+            for (name, t) in tensors {
+                let n = t.numel() * t.kind().elt_size_in_bytes();
+                let src = Tensor::f_from_data_size(&scratch[off..off + n], &t.size(), t.kind())
+                    .and_then(|s| s.f_to_device(t.device()))
+                    .map_err(|e| torch(name, e))?;
+                let mut dst = t.shallow_clone();
+                tch::no_grad(|| dst.f_copy_(&src)).map_err(|e| torch(name, e))?;
+                off += n;
+            }
+        }
+        self.scratch = scratch;
+        result
+    }
+
+    /// Copies rank 0's buffers to every rank (done before each training forward when `broadcast_buffers`; call it
+    /// before evaluation too so every rank evaluates the same model).
+    pub fn sync_buffers(&mut self) -> Result<()> {
+        let buffers: Vec<(String, Tensor)> = self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        self.broadcast_tensors(&buffers, "buffer broadcast from rank 0")
+    }
+
+    /// The model's forward pass; in training, rank 0's buffers are broadcast first (see [`DdpOptions`]).
+    pub fn forward_t(&mut self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if train && self.options.broadcast_buffers {
+            self.sync_buffers()?;
+        }
+        self.model.forward_t(xs, train).map_err(|e| {
+            TrainError::torch(format!("{} forward on a batch of shape {:?}", self.model.name(), xs.size()), e)
+        })
+    }
+
+    /// Backpropagates `loss` of one micro-batch, scaled by `1/grad_accum`. Gradients accumulate locally; after the
+    /// `grad_accum`-th call they are averaged over ranks and `true` is returned: time for the optimizer step.
+    pub fn backward(&mut self, loss: &Tensor) -> Result<bool> {
+        let k = self.options.grad_accum;
+        let scaled = if k > 1 { loss.f_div_scalar(k as f64) } else { Ok(loss.shallow_clone()) };
+        scaled.and_then(|l| l.f_backward()).map_err(|e| TrainError::torch("backward", e))?;
+        self.micro_step += 1;
+        if self.micro_step < k {
+            return Ok(false);
+        }
+        self.micro_step = 0;
+        self.sync_gradients()?;
+        Ok(true)
+    }
+
+    /// Averages every parameter's gradient over all ranks, one allreduce per bucket, in bucket order.
+    pub fn sync_gradients(&mut self) -> Result<()> {
+        self.stats.syncs += 1;
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        for (i, bucket) in self.buckets.iter_mut().enumerate() {
+            let torch = |e| TrainError::torch(format!("gradient bucket {i}"), e);
+            if let Err(name) = bucket.pack(&self.params).map_err(torch)? {
+                return Err(TrainError::MissingGradient(name));
+            }
+            bucket
+                .allreduce(self.comm.as_mut())
+                .map_err(comm_err(format!("gradient allreduce of bucket {i} ({} bytes)", bucket.bytes())))?;
+            bucket.unpack(&self.params).map_err(torch)?;
+            self.stats.allreduce_bytes += bucket.bytes() as u64;
+        }
+        self.stats.allreduce_secs += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Scales gradients so their global L2 norm is at most `max_norm` (as `torch.nn.utils.clip_grad_norm_`);
+    /// returns the norm before clipping. Call after [`Ddp::sync_gradients`], so every rank clips alike.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let torch = |e| TrainError::torch("gradient clipping", e);
+        let mut sum_sq = 0.0;
+        for (_, p) in &self.params {
+            let g = p.grad();
+            if g.defined() {
+                let n = g.f_norm().and_then(|n| n.f_double_value(&[])).map_err(torch)?;
+                sum_sq += n * n;
+            }
+        }
+        let total = sum_sq.sqrt();
+        let coef = max_norm / (total + 1e-6);
+        if coef < 1.0 {
+            for (_, p) in &self.params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = tch::no_grad(|| g.f_mul_scalar_(coef)).map_err(torch)?;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Zeroes every parameter's gradient.
+    pub fn zero_grad(&mut self) {
+        for (_, p) in &mut self.params {
+            p.zero_grad();
+        }
+    }
+
+    /// One optimizer step over `micro_batches` (`grad_accum` pairs of inputs and integer class targets) with
+    /// cross-entropy loss: forward and backward each micro-batch, average gradients once after the last, clip if
+    /// configured, update with learning rate `lr`, and clear the gradients.
+    pub fn train_step(
+        &mut self,
+        micro_batches: &[(Tensor, Tensor)],
+        optimizer: &mut dyn Optimizer,
+        lr: f64,
+    ) -> Result<StepOutput> {
+        if micro_batches.len() != self.options.grad_accum {
+            return Err(TrainError::option(
+                "--grad-accum",
+                format!("is {}, but the step got {} micro-batches", self.options.grad_accum, micro_batches.len()),
+            ));
+        }
+        if self.micro_step != 0 {
+            return Err(TrainError::option(
+                "train_step",
+                format!("called after {} unsynchronised backward() calls; finish that step first", self.micro_step),
+            ));
+        }
+        self.zero_grad();
+        let mut loss_sum = 0.0;
+        let mut samples = 0;
+        let mut synced = false;
+        for (xs, ys) in micro_batches {
+            let logits = self.forward_t(xs, true)?;
+            let loss = cross_entropy(&logits, ys)?;
+            loss_sum += loss.f_double_value(&[]).map_err(|e| TrainError::torch("reading the loss", e))?;
+            samples += xs.size().first().copied().unwrap_or(0) as usize;
+            synced = self.backward(&loss)?;
+        }
+        debug_assert!(synced, "the last micro-batch synchronises");
+        let grad_norm = match self.options.max_grad_norm {
+            Some(max) => Some(self.clip_grad_norm(max)?),
+            None => None,
+        };
+        optimizer.step(lr)?;
+        self.zero_grad();
+        Ok(StepOutput { loss: loss_sum / micro_batches.len() as f64, grad_norm, samples })
+    }
+
+    /// Sums (or averages) `values` over all ranks in place, as f64; for metrics and evaluation counts.
+    pub fn allreduce_f64(&mut self, values: &mut [f64], op: ReduceOp) -> Result<()> {
+        if self.world_size() == 1 || values.is_empty() {
+            return Ok(());
+        }
+        self.comm.allreduce(Buffer::F64(values), op).map_err(comm_err("metric allreduce"))
+    }
+}
+
+/// Mean cross-entropy of `logits` `[N, classes]` against integer class `targets` `[N]`.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let context = || format!("cross-entropy of logits {:?} against targets {:?}", logits.size(), targets.size());
+    targets
+        .f_to_kind(Kind::Int64)
+        .and_then(|t| t.f_to_device(logits.device()))
+        .and_then(|t| logits.f_cross_entropy_loss::<Tensor>(&t, None, Reduction::Mean, -100, 0.0))
+        .map_err(|e| TrainError::torch(context(), e))
+}
+
+/// The group of one process: every collective is the identity.
+struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn backend(&self) -> &'static str {
+        "single"
+    }
+    fn allreduce(&mut self, _buf: Buffer<'_>, _op: ReduceOp) -> Result<(), crate::CommError> {
+        Ok(())
+    }
+    fn broadcast(&mut self, _bytes: &mut [u8], _root: usize) -> Result<(), crate::CommError> {
+        Ok(())
+    }
+    fn allgather(&mut self, input: &[u8], output: &mut [u8]) -> Result<(), crate::CommError> {
+        output.copy_from_slice(input);
+        Ok(())
+    }
+    fn barrier(&mut self) -> Result<(), crate::CommError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,106 @@
+//! The one error type of this crate.
+
+use std::path::PathBuf;
+
+use crate::CommError;
+
+/// Everything the training engine can fail with; each message says what was wrong and, where it can, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// `--model` named nothing the registry knows and is not a TorchScript file.
+    #[error(
+        "unknown model '{0}': choose lenet, resnet18, mlp, mlp:<hidden,sizes> or a TorchScript file ending in .pt"
+    )]
+    UnknownModel(String),
+
+    /// A model cannot be built for the requested classes or input shape.
+    #[error("model {model}: {detail}")]
+    ModelConfig {
+        /// The model asked for.
+        model: String,
+        /// What does not fit.
+        detail: String,
+    },
+
+    /// A libtorch call failed (a shape that does not fit the model, a TorchScript file that does not load...).
+    #[error("{context}: {source}")]
+    Torch {
+        /// What hytrain was doing.
+        context: String,
+        /// libtorch's own message.
+        #[source]
+        source: tch::TchError,
+    },
+
+    /// Ranks built different models; the message names the first rank and tensor that differ.
+    #[error("{0}")]
+    ModelMismatch(String),
+
+    /// A collective failed during the named phase.
+    #[error("{during} failed: {source}")]
+    Comm {
+        /// The engine phase ("gradient allreduce of bucket 3", "parameter broadcast").
+        during: String,
+        /// The collective's error.
+        #[source]
+        source: CommError,
+    },
+
+    /// A parameter received no gradient, so ranks would disagree on what to average.
+    #[error(
+        "parameter {0} received no gradient in backward; every trainable parameter must take part in forward \
+         (freeze it with requires_grad(false) or remove it)"
+    )]
+    MissingGradient(String),
+
+    /// An option has a value the engine cannot use.
+    #[error("invalid {option}: {detail}")]
+    InvalidOption {
+        /// The option's name as a user writes it (`--bucket-mb`, `schedule`...).
+        option: String,
+        /// What was wrong and what is accepted.
+        detail: String,
+    },
+
+    /// Optimizer state does not fit the model's parameters.
+    #[error("optimizer state: {0}")]
+    OptimizerState(String),
+
+    /// A checkpoint could not be written or read.
+    #[error("checkpoint {path}: {detail}")]
+    Checkpoint {
+        /// The checkpoint directory.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+
+    /// A file system operation failed.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// What hytrain tried ("create", "write", "fsync", "rename"...).
+        action: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl TrainError {
+    pub(crate) fn torch(context: impl Into<String>, source: tch::TchError) -> Self {
+        TrainError::Torch { context: context.into(), source }
+    }
+
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TrainError::Io { action, path: path.into(), source }
+    }
+
+    pub(crate) fn option(option: impl Into<String>, detail: impl Into<String>) -> Self {
+        TrainError::InvalidOption { option: option.into(), detail: detail.into() }
+    }
+}
+
+/// Shorthand for this crate's results.
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;

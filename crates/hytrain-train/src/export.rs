@@ -1,0 +1,127 @@
+//! Export of a trained model to the model directory (SM_MODEL_DIR or `--model-dir`): `model.safetensors`,
+//! `model.pt` (TorchScript) where the model allows it, and `metadata.json`.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+
+use tch::Device;
+
+use crate::model::{self, Model, TorchScriptSource};
+use crate::{Result, TrainError};
+
+/// The libtorch version this crate was built against, read from libtorch's `build-version` at build time.
+pub const TORCH_VERSION: &str = match option_env!("HYTRAIN_LIBTORCH_VERSION") {
+    Some(v) => v,
+    None => "unknown",
+};
+
+/// One exported tensor.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TensorInfo {
+    /// PyTorch-style name.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<i64>,
+    /// libtorch dtype name.
+    pub dtype: String,
+}
+
+/// What `metadata.json` records.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExportMetadata {
+    /// Model name.
+    pub model: String,
+    /// Number of output classes.
+    pub num_classes: i64,
+    /// One sample's shape, without the batch dimension.
+    pub input_shape: Vec<i64>,
+    /// hytrain's version.
+    pub hytrain_version: String,
+    /// libtorch's version.
+    pub torch_version: String,
+    /// How `model.pt` was made; `None` when it was not written.
+    pub torchscript: Option<TorchScriptSource>,
+    /// Why `model.pt` is missing, when it is.
+    pub torchscript_error: Option<String>,
+    /// The tensors in `model.safetensors`.
+    pub tensors: Vec<TensorInfo>,
+    /// Whatever else the caller records (classes' names, final accuracy, configuration).
+    pub extra: serde_json::Value,
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TrainError + 'a {
+    move |e| TrainError::io(action, path, e)
+}
+
+/// Writes `model_dir/model.safetensors`, `model_dir/model.pt` (a TorchScript module's own code, or a trace of a
+/// built-in model in eval mode; a model that cannot be traced gets none, and metadata says why) and
+/// `model_dir/metadata.json`. Each file appears whole (written beside, fsynced, renamed). Only global rank 0 should
+/// call it.
+pub fn export(
+    model: &dyn Model,
+    model_dir: &Path,
+    num_classes: i64,
+    input_shape: &[i64],
+    extra: serde_json::Value,
+) -> Result<ExportMetadata> {
+    fs::create_dir_all(model_dir).map_err(io("create", model_dir))?;
+    let tensors = model::state_tensors(model);
+    let host = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?)))
+        .collect::<Result<Vec<_>, tch::TchError>>()
+        .map_err(|e| TrainError::torch("preparing the model for export", e))?;
+    let weights = model_dir.join("model.safetensors");
+    let tmp = model_dir.join(".model.safetensors.tmp");
+    tch::Tensor::write_safetensors(&host, &tmp)
+        .map_err(|e| TrainError::torch(format!("writing {}", tmp.display()), e))?;
+    commit(&tmp, &weights)?;
+
+    let script = model_dir.join("model.pt");
+    let script_tmp = model_dir.join(".model.pt.tmp");
+    let example = model::example_input(input_shape, model::device_of(model))?;
+    let (torchscript, torchscript_error) = match model.save_torchscript(&script_tmp, &example) {
+        Ok(source) => {
+            commit(&script_tmp, &script)?;
+            (Some(source), None)
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&script_tmp);
+            tracing::warn!(model = model.name(), error = %e, "no TorchScript export; model.safetensors is written");
+            (None, Some(e.to_string()))
+        }
+    };
+
+    let meta = ExportMetadata {
+        model: model.name().to_string(),
+        num_classes,
+        input_shape: input_shape.to_vec(),
+        hytrain_version: env!("CARGO_PKG_VERSION").to_string(),
+        torch_version: TORCH_VERSION.to_string(),
+        torchscript,
+        torchscript_error,
+        tensors: host
+            .iter()
+            .map(|(n, t)| TensorInfo { name: n.clone(), shape: t.size(), dtype: format!("{:?}", t.kind()) })
+            .collect(),
+        extra,
+    };
+    let meta_path = model_dir.join("metadata.json");
+    let meta_tmp = model_dir.join(".metadata.json.tmp");
+    let mut f = File::create(&meta_tmp).map_err(io("create", &meta_tmp))?;
+    f.write_all(&serde_json::to_vec_pretty(&meta).expect("metadata serialises")).map_err(io("write", &meta_tmp))?;
+    drop(f);
+    commit(&meta_tmp, &meta_path)?;
+    tracing::info!(dir = %model_dir.display(), torchscript = meta.torchscript.is_some(), "model exported");
+    Ok(meta)
+}
+
+fn commit(tmp: &Path, dest: &Path) -> Result<()> {
+    File::open(tmp).and_then(|f| f.sync_all()).map_err(io("fsync", tmp))?;
+    fs::rename(tmp, dest).map_err(io("rename", tmp))?;
+    if let Some(parent) = dest.parent() {
+        File::open(parent).and_then(|f| f.sync_all()).map_err(io("fsync", parent))?;
+    }
+    Ok(())
+}

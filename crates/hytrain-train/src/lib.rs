@@ -1,0 +1,42 @@
+//! hytrain's training engine on libtorch: models, data-parallel gradient averaging, optimizers, learning-rate
+//! schedules, checkpoints and model export. The `hytrain train` command drives it; programs can too.
+//!
+//! ```no_run
+//! use hytrain_train::{model, Ddp, DdpOptions, OptimizerConfig, SgdConfig, Schedule};
+//! # fn run(comm: Box<dyn hytrain_train::Collective>) -> hytrain_train::Result<()> {
+//! tch::manual_seed(1);
+//! let net = model::build("lenet", 10, &[3, 32, 32], tch::Device::Cpu)?;
+//! let mut ddp = Ddp::new(net, comm, DdpOptions::default())?; // same model checked, rank 0's weights broadcast
+//! let sgd = OptimizerConfig::Sgd(SgdConfig { momentum: 0.5, ..Default::default() });
+//! let mut optimizer = sgd.build(ddp.parameters())?;
+//! let schedule = Schedule::parse("cosine:1000:50")?;
+//! for step in 0..1000u64 {
+//!     let xs = tch::Tensor::randn([64, 3, 32, 32], tch::kind::FLOAT_CPU);
+//!     let ys = tch::Tensor::randint(10, [64], tch::kind::INT64_CPU);
+//!     let out = ddp.train_step(&[(xs, ys)], optimizer.as_mut(), 0.01 * schedule.factor(step))?;
+//!     println!("step={step} train_loss={:.4}", out.loss);
+//! }
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod bucket;
+pub mod checkpoint;
+mod collective_shim;
+mod ddp;
+mod error;
+pub mod export;
+pub mod model;
+pub mod optim;
+pub mod schedule;
+
+pub use bucket::{assign_buckets, Bucket, MB};
+pub use checkpoint::{latest_valid, Checkpoint, CheckpointMeta, CheckpointStore, Resume, RngState, Skipped};
+pub use collective_shim::{Buffer, Collective, CommError, ReduceOp};
+pub use ddp::{cross_entropy, BucketLayout, Ddp, DdpOptions, DdpStats, StepOutput};
+pub use error::{Result, TrainError};
+pub use export::{export, ExportMetadata};
+pub use model::{Model, ScriptModel};
+pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
+pub use schedule::Schedule;

@@ -1,0 +1,510 @@
+//! Optimizers written on tensors so their state can be checkpointed: SGD and AdamW with exactly the update rules of
+//! `torch.optim.SGD` and `torch.optim.AdamW` (single-tensor implementations, the ones PyTorch uses on CPU).
+
+use std::collections::HashMap;
+
+use tch::{Kind, TchError, Tensor};
+
+use crate::{Result, TrainError};
+
+/// Updates parameters from their gradients; the learning rate is passed per step so schedules stay outside.
+pub trait Optimizer: Send {
+    /// "sgd" or "adamw".
+    fn name(&self) -> &'static str;
+
+    /// One update of every parameter that has a gradient, with learning rate `lr`.
+    fn step(&mut self, lr: f64) -> Result<()>;
+
+    /// The state as named tensors (`<param>.momentum_buffer`, `<param>.exp_avg`, `<param>.exp_avg_sq`,
+    /// `<param>.step`), for checkpoints.
+    fn state(&self) -> Vec<(String, Tensor)>;
+
+    /// Restores [`Optimizer::state`] output. Names must belong to this optimizer's parameters with matching shapes.
+    fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()>;
+}
+
+/// `torch.optim.SGD`'s options (the learning rate is given per step).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SgdConfig {
+    /// Momentum factor (0 disables the buffer).
+    pub momentum: f64,
+    /// Dampening of the gradient added to the momentum buffer.
+    pub dampening: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// L2 penalty added to the gradient.
+    pub weight_decay: f64,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        SgdConfig { momentum: 0.0, dampening: 0.0, nesterov: false, weight_decay: 0.0 }
+    }
+}
+
+/// `torch.optim.AdamW`'s options (the learning rate is given per step).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    /// β1, β2.
+    pub betas: (f64, f64),
+    /// Added to the denominator outside the square root.
+    pub eps: f64,
+    /// Decoupled weight decay: each step multiplies parameters by `1 - lr * weight_decay`.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
+/// Which optimizer to build, as stored in checkpoints and configuration.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OptimizerConfig {
+    /// Stochastic gradient descent.
+    Sgd(SgdConfig),
+    /// Adam with decoupled weight decay.
+    #[serde(rename = "adamw")]
+    AdamW(AdamWConfig),
+}
+
+impl OptimizerConfig {
+    /// Builds the optimizer over `params` (the model's named parameters).
+    pub fn build(&self, params: &[(String, Tensor)]) -> Result<Box<dyn Optimizer>> {
+        Ok(match self {
+            OptimizerConfig::Sgd(c) => Box::new(Sgd::new(params, *c)?),
+            OptimizerConfig::AdamW(c) => Box::new(AdamW::new(params, *c)?),
+        })
+    }
+}
+
+fn shallow(params: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+}
+
+fn check_finite(option: &str, v: f64, min: f64) -> Result<()> {
+    if !v.is_finite() || v < min {
+        return Err(TrainError::option(option, format!("must be a finite number >= {min}, got {v}")));
+    }
+    Ok(())
+}
+
+fn torch(name: &str) -> impl Fn(TchError) -> TrainError + '_ {
+    move |e| TrainError::torch(format!("optimizer update of {name}"), e)
+}
+
+/// Looks up `<param>.<suffix>` entries of a saved state, refusing names of no parameter and wrong shapes.
+fn index_state<'a>(
+    params: &[(String, Tensor)],
+    state: &'a [(String, Tensor)],
+    suffixes: &[&str],
+) -> Result<HashMap<(usize, usize), &'a Tensor>> {
+    let by_name: HashMap<&str, usize> = params.iter().enumerate().map(|(i, (n, _))| (n.as_str(), i)).collect();
+    let mut out = HashMap::new();
+    for (key, t) in state {
+        let found = suffixes.iter().enumerate().find_map(|(si, suffix)| {
+            let param = key.strip_suffix(suffix)?.strip_suffix('.')?;
+            by_name.get(param).map(|pi| (*pi, si))
+        });
+        let Some((pi, si)) = found else {
+            return Err(TrainError::OptimizerState(format!(
+                "entry {key} belongs to no parameter of this model; was the checkpoint written for another model?"
+            )));
+        };
+        if suffixes[si] != "step" && t.size() != params[pi].1.size() {
+            return Err(TrainError::OptimizerState(format!(
+                "entry {key} has shape {:?}, parameter {} has {:?}",
+                t.size(),
+                params[pi].0,
+                params[pi].1.size()
+            )));
+        }
+        out.insert((pi, si), t);
+    }
+    Ok(out)
+}
+
+fn restore(t: &Tensor, like: &Tensor) -> Result<Tensor, TchError> {
+    t.f_to_device(like.device())?.f_to_kind(like.kind())?.f_contiguous()?.f_detach_copy()
+}
+
+/// `torch.optim.SGD`: momentum buffer starts as the first gradient, then `buf = momentum*buf + (1-dampening)*g`.
+#[derive(Debug)]
+pub struct Sgd {
+    params: Vec<(String, Tensor)>,
+    config: SgdConfig,
+    momentum_buffers: Vec<Option<Tensor>>,
+}
+
+impl Sgd {
+    /// SGD over `params`.
+    pub fn new(params: &[(String, Tensor)], config: SgdConfig) -> Result<Self> {
+        check_finite("momentum", config.momentum, 0.0)?;
+        check_finite("dampening", config.dampening, 0.0)?;
+        check_finite("weight_decay", config.weight_decay, 0.0)?;
+        if config.nesterov && (config.momentum <= 0.0 || config.dampening != 0.0) {
+            return Err(TrainError::option("nesterov", "needs momentum > 0 and dampening 0 (as in PyTorch)"));
+        }
+        Ok(Sgd { params: shallow(params), config, momentum_buffers: (0..params.len()).map(|_| None).collect() })
+    }
+}
+
+impl Optimizer for Sgd {
+    fn name(&self) -> &'static str {
+        "sgd"
+    }
+
+    fn step(&mut self, lr: f64) -> Result<()> {
+        let c = self.config;
+        tch::no_grad(|| {
+            for ((name, param), buf) in self.params.iter().zip(self.momentum_buffers.iter_mut()) {
+                let grad = param.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                let e = torch(name);
+                let mut d_p = if c.weight_decay != 0.0 {
+                    grad.f_add(&param.f_mul_scalar(c.weight_decay).map_err(&e)?).map_err(&e)?
+                } else {
+                    grad
+                };
+                if c.momentum != 0.0 {
+                    let b = match buf {
+                        None => buf.insert(d_p.f_detach_copy().map_err(&e)?),
+                        Some(b) => {
+                            let _ = b.f_mul_scalar_(c.momentum).map_err(&e)?;
+                            let _ = b.f_add_(&d_p.f_mul_scalar(1.0 - c.dampening).map_err(&e)?).map_err(&e)?;
+                            b
+                        }
+                    };
+                    d_p = if c.nesterov {
+                        d_p.f_add(&b.f_mul_scalar(c.momentum).map_err(&e)?).map_err(&e)?
+                    } else {
+                        b.shallow_clone()
+                    };
+                }
+                let mut p = param.shallow_clone();
+                let _ = p.f_sub_(&d_p.f_mul_scalar(lr).map_err(&e)?).map_err(&e)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .zip(&self.momentum_buffers)
+            .filter_map(|((n, _), b)| b.as_ref().map(|b| (format!("{n}.momentum_buffer"), b.shallow_clone())))
+            .collect()
+    }
+
+    fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let index = index_state(&self.params, state, &["momentum_buffer"])?;
+        let mut buffers: Vec<Option<Tensor>> = (0..self.params.len()).map(|_| None).collect();
+        for ((pi, _), t) in index {
+            buffers[pi] = Some(restore(t, &self.params[pi].1).map_err(torch(&self.params[pi].0))?);
+        }
+        self.momentum_buffers = buffers;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct AdamState {
+    step: f64,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
+/// `torch.optim.AdamW`: decoupled weight decay, bias-corrected moments, `eps` added after the square root.
+#[derive(Debug)]
+pub struct AdamW {
+    params: Vec<(String, Tensor)>,
+    config: AdamWConfig,
+    state: Vec<Option<AdamState>>,
+}
+
+impl AdamW {
+    /// AdamW over `params`.
+    pub fn new(params: &[(String, Tensor)], config: AdamWConfig) -> Result<Self> {
+        let (b1, b2) = config.betas;
+        if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
+            return Err(TrainError::option("betas", format!("each beta must be in [0, 1), got ({b1}, {b2})")));
+        }
+        check_finite("eps", config.eps, 0.0)?;
+        check_finite("weight_decay", config.weight_decay, 0.0)?;
+        Ok(AdamW { params: shallow(params), config, state: (0..params.len()).map(|_| None).collect() })
+    }
+}
+
+impl Optimizer for AdamW {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn step(&mut self, lr: f64) -> Result<()> {
+        let c = self.config;
+        let (beta1, beta2) = c.betas;
+        tch::no_grad(|| {
+            for ((name, param), slot) in self.params.iter().zip(self.state.iter_mut()) {
+                let grad = param.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                let e = torch(name);
+                let st = match slot {
+                    Some(s) => s,
+                    None => slot.insert(AdamState {
+                        step: 0.0,
+                        exp_avg: param.f_zeros_like().map_err(&e)?,
+                        exp_avg_sq: param.f_zeros_like().map_err(&e)?,
+                    }),
+                };
+                st.step += 1.0;
+                let mut p = param.shallow_clone();
+                if c.weight_decay != 0.0 {
+                    let _ = p.f_mul_scalar_(1.0 - lr * c.weight_decay).map_err(&e)?;
+                }
+                let _ = st.exp_avg.f_lerp_(&grad, 1.0 - beta1).map_err(&e)?;
+                let _ = st.exp_avg_sq.f_mul_scalar_(beta2).map_err(&e)?;
+                let _ = st
+                    .exp_avg_sq
+                    .f_add_(&grad.f_mul(&grad).map_err(&e)?.f_mul_scalar(1.0 - beta2).map_err(&e)?)
+                    .map_err(&e)?;
+                let bias_correction1 = 1.0 - beta1.powf(st.step);
+                let bias_correction2 = 1.0 - beta2.powf(st.step);
+                let step_size = lr / bias_correction1;
+                let denom = st
+                    .exp_avg_sq
+                    .f_sqrt()
+                    .map_err(&e)?
+                    .f_div_scalar(bias_correction2.sqrt())
+                    .map_err(&e)?
+                    .f_add_scalar(c.eps)
+                    .map_err(&e)?;
+                let _ = p.f_addcdiv_(&st.exp_avg.f_mul_scalar(-step_size).map_err(&e)?, &denom).map_err(&e)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for ((n, _), s) in self.params.iter().zip(&self.state) {
+            if let Some(s) = s {
+                out.push((format!("{n}.step"), Tensor::from(s.step)));
+                out.push((format!("{n}.exp_avg"), s.exp_avg.shallow_clone()));
+                out.push((format!("{n}.exp_avg_sq"), s.exp_avg_sq.shallow_clone()));
+            }
+        }
+        out
+    }
+
+    fn load_state(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let index = index_state(&self.params, state, &["step", "exp_avg", "exp_avg_sq"])?;
+        let mut restored = Vec::with_capacity(self.params.len());
+        for (pi, (name, param)) in self.params.iter().enumerate() {
+            let parts = (index.get(&(pi, 0)), index.get(&(pi, 1)), index.get(&(pi, 2)));
+            restored.push(match parts {
+                (None, None, None) => None,
+                (Some(step), Some(m), Some(v)) => {
+                    let step = step.f_to_kind(Kind::Double).and_then(|s| s.f_double_value(&[])).map_err(torch(name))?;
+                    Some(AdamState {
+                        step,
+                        exp_avg: restore(m, param).map_err(torch(name))?,
+                        exp_avg_sq: restore(v, param).map_err(torch(name))?,
+                    })
+                }
+                _ => {
+                    return Err(TrainError::OptimizerState(format!(
+                        "parameter {name} has only part of its AdamW state (needs step, exp_avg and exp_avg_sq)"
+                    )))
+                }
+            });
+        }
+        self.state = restored;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// A parameter with value `p` whose gradient is set to `g` by backpropagating `sum(p * g)`.
+    fn param(p: &[f32]) -> Vec<(String, Tensor)> {
+        vec![("w".to_string(), Tensor::from_slice(p).set_requires_grad(true))]
+    }
+
+    fn set_grad(params: &[(String, Tensor)], g: &[f32]) {
+        let mut p = params[0].1.shallow_clone();
+        p.zero_grad();
+        (&params[0].1 * Tensor::from_slice(g)).sum(Kind::Float).backward();
+    }
+
+    fn values(params: &[(String, Tensor)]) -> Vec<f64> {
+        Vec::<f64>::try_from(params[0].1.to_kind(Kind::Double)).unwrap()
+    }
+
+    fn assert_close(got: &[f64], want: &[f64]) {
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "got {got:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn plain_sgd_subtracts_lr_times_gradient() {
+        let p = param(&[1.0, -2.0]);
+        let mut sgd = Sgd::new(&p, SgdConfig::default()).unwrap();
+        set_grad(&p, &[0.5, 0.25]);
+        sgd.step(0.1).unwrap();
+        assert_close(&values(&p), &[0.95, -2.025]);
+        assert!(sgd.state().is_empty(), "no momentum, no state");
+    }
+
+    #[test]
+    fn sgd_momentum_buffer_starts_as_the_first_gradient() {
+        let p = param(&[1.0]);
+        let mut sgd = Sgd::new(&p, SgdConfig { momentum: 0.9, ..Default::default() }).unwrap();
+        set_grad(&p, &[0.5]);
+        sgd.step(0.1).unwrap();
+        // buf = 0.5, p = 1 - 0.1 * 0.5
+        assert_close(&values(&p), &[0.95]);
+        set_grad(&p, &[0.2]);
+        sgd.step(0.1).unwrap();
+        // buf = 0.9 * 0.5 + 0.2 = 0.65, p = 0.95 - 0.065
+        assert_close(&values(&p), &[0.885]);
+        let state = sgd.state();
+        assert_eq!(state[0].0, "w.momentum_buffer");
+        assert_close(&Vec::<f64>::try_from(state[0].1.to_kind(Kind::Double)).unwrap(), &[0.65]);
+    }
+
+    #[test]
+    fn sgd_dampening_applies_from_the_second_step() {
+        let p = param(&[0.0]);
+        let mut sgd = Sgd::new(&p, SgdConfig { momentum: 0.5, dampening: 0.5, ..Default::default() }).unwrap();
+        set_grad(&p, &[1.0]);
+        sgd.step(1.0).unwrap();
+        // buf = 1 (no dampening on the first step), p = -1
+        assert_close(&values(&p), &[-1.0]);
+        set_grad(&p, &[1.0]);
+        sgd.step(1.0).unwrap();
+        // buf = 0.5 * 1 + 0.5 * 1 = 1, p = -2
+        assert_close(&values(&p), &[-2.0]);
+    }
+
+    #[test]
+    fn sgd_nesterov_and_weight_decay_follow_pytorch() {
+        let p = param(&[2.0]);
+        let cfg = SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 0.1, ..Default::default() };
+        let mut sgd = Sgd::new(&p, cfg).unwrap();
+        set_grad(&p, &[1.0]);
+        sgd.step(0.1).unwrap();
+        // d = 1 + 0.1 * 2 = 1.2; buf = 1.2; d = 1.2 + 0.9 * 1.2 = 2.28; p = 2 - 0.228
+        assert_close(&values(&p), &[1.772]);
+        set_grad(&p, &[1.0]);
+        sgd.step(0.1).unwrap();
+        // d = 1 + 0.1772 = 1.1772; buf = 0.9 * 1.2 + 1.1772 = 2.2572; d = 1.1772 + 0.9 * 2.2572 = 3.20868
+        assert_close(&values(&p), &[1.772 - 0.320868]);
+    }
+
+    #[test]
+    fn adamw_matches_hand_computed_steps() {
+        let p = param(&[1.0]);
+        let cfg = AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.1 };
+        let mut adam = AdamW::new(&p, cfg).unwrap();
+        let (lr, b1, b2, eps) = (0.01f64, 0.9f64, 0.999f64, 1e-8f64);
+        let (mut w, mut m, mut v) = (1.0f64, 0.0f64, 0.0f64);
+        for (t, g) in [0.5f64, -0.3, 0.8].into_iter().enumerate() {
+            set_grad(&p, &[g as f32]);
+            adam.step(lr).unwrap();
+            let t = (t + 1) as i32;
+            w *= 1.0 - lr * 0.1;
+            m = b1 * m + (1.0 - b1) * g;
+            v = b2 * v + (1.0 - b2) * g * g;
+            let denom = (v.sqrt() / (1.0 - b2.powi(t)).sqrt()) + eps;
+            w -= lr / (1.0 - b1.powi(t)) * m / denom;
+            assert_close(&values(&p), &[w]);
+        }
+        // First step moves by about lr whatever the gradient's scale: Adam's signature.
+        let q = param(&[0.0]);
+        let mut fresh = AdamW::new(&q, AdamWConfig { weight_decay: 0.0, ..Default::default() }).unwrap();
+        set_grad(&q, &[1e-3]);
+        fresh.step(0.01).unwrap();
+        assert_close(&values(&q), &[-0.01 * 1e-3 / (1e-3 + 1e-8)]);
+    }
+
+    #[test]
+    fn parameters_without_gradient_are_left_alone() {
+        let p = param(&[3.0]);
+        let mut adam = AdamW::new(&p, AdamWConfig::default()).unwrap();
+        adam.step(0.1).unwrap();
+        assert_close(&values(&p), &[3.0]);
+        assert!(adam.state().is_empty());
+    }
+
+    fn continue_after_restore(cfg: OptimizerConfig) {
+        let a = param(&[1.0, 2.0]);
+        let b = param(&[1.0, 2.0]);
+        let mut first = cfg.build(&a).unwrap();
+        let mut second = cfg.build(&b).unwrap();
+        for g in [[0.5, -1.0], [0.25, 0.75]] {
+            set_grad(&a, &g);
+            first.step(0.1).unwrap();
+            set_grad(&b, &g);
+            second.step(0.1).unwrap();
+        }
+        // A third optimizer takes over `b` from saved state: it must continue exactly as `first`.
+        let saved: Vec<(String, Tensor)> = second.state().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        let mut restored = cfg.build(&b).unwrap();
+        restored.load_state(&saved).unwrap();
+        set_grad(&a, &[1.0, 1.0]);
+        first.step(0.1).unwrap();
+        set_grad(&b, &[1.0, 1.0]);
+        restored.step(0.1).unwrap();
+        assert_eq!(values(&a), values(&b), "{cfg:?}");
+    }
+
+    #[test]
+    fn state_round_trip_continues_the_same_trajectory() {
+        continue_after_restore(OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, ..Default::default() }));
+        continue_after_restore(OptimizerConfig::AdamW(AdamWConfig::default()));
+    }
+
+    #[test]
+    fn state_for_another_model_is_refused() {
+        let p = param(&[1.0, 2.0]);
+        let mut sgd = Sgd::new(&p, SgdConfig { momentum: 0.9, ..Default::default() }).unwrap();
+        let foreign = vec![("fc9.weight.momentum_buffer".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu)))];
+        let e = sgd.load_state(&foreign).unwrap_err().to_string();
+        assert!(e.contains("fc9.weight.momentum_buffer belongs to no parameter"), "{e}");
+        let wrong = vec![("w.momentum_buffer".to_string(), Tensor::zeros([3], (Kind::Float, Device::Cpu)))];
+        let e = sgd.load_state(&wrong).unwrap_err().to_string();
+        assert!(e.contains("shape [3]") && e.contains("[2]"), "{e}");
+        let mut adam = AdamW::new(&p, AdamWConfig::default()).unwrap();
+        let partial = vec![("w.exp_avg".to_string(), Tensor::zeros([2], (Kind::Float, Device::Cpu)))];
+        let e = adam.load_state(&partial).unwrap_err().to_string();
+        assert!(e.contains("only part of its AdamW state"), "{e}");
+    }
+
+    #[test]
+    fn bad_hyperparameters_are_refused() {
+        let p = param(&[1.0]);
+        assert!(Sgd::new(&p, SgdConfig { momentum: -0.1, ..Default::default() }).is_err());
+        let e = Sgd::new(&p, SgdConfig { nesterov: true, ..Default::default() }).unwrap_err().to_string();
+        assert!(e.starts_with("invalid nesterov"), "{e}");
+        let e = AdamW::new(&p, AdamWConfig { betas: (1.0, 0.999), ..Default::default() }).unwrap_err().to_string();
+        assert!(e.starts_with("invalid betas"), "{e}");
+    }
+
+    #[test]
+    fn optimizer_config_round_trips_through_json() {
+        let c = OptimizerConfig::AdamW(AdamWConfig::default());
+        let j = serde_json::to_string(&c).unwrap();
+        assert!(j.contains("\"kind\":\"adamw\""), "{j}");
+        assert_eq!(serde_json::from_str::<OptimizerConfig>(&j).unwrap(), c);
+    }
+}

@@ -1,0 +1,50 @@
+//! Parity with PyTorch itself: the reference LeNet from the same initial weights and batches, trained by
+//! torch.optim.SGD in Python and by hytrain, ends with the same weights.
+
+mod common;
+
+use common::{max_relative_difference, max_relative_l2_difference, run_python};
+use hytrain_train::{model, Ddp, DdpOptions, OptimizerConfig, SgdConfig};
+use tch::{Device, Tensor};
+
+fn strip(tensors: &[(String, Tensor)], prefix: &str) -> Vec<(String, Tensor)> {
+    tensors.iter().filter_map(|(n, t)| n.strip_prefix(prefix).map(|n| (n.to_string(), t.shallow_clone()))).collect()
+}
+
+fn get<'a>(tensors: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
+    &tensors.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("PyTorch wrote no {name}")).1
+}
+
+#[test]
+fn lenet_after_10_sgd_steps_matches_pytorch() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("parity.safetensors");
+    run_python("parity_lenet.py", &[file.as_os_str()]);
+    let saved = Tensor::read_safetensors(&file).unwrap();
+
+    let net = model::build("lenet", 10, &[3, 32, 32], Device::Cpu).unwrap();
+    // Strict loading: names and shapes are PyTorch's own.
+    model::load_state_tensors(net.as_ref(), &strip(&saved, "init.")).unwrap();
+    let mut ddp = Ddp::single(net, DdpOptions::default()).unwrap();
+    let mut sgd =
+        OptimizerConfig::Sgd(SgdConfig { momentum: 0.5, ..Default::default() }).build(ddp.parameters()).unwrap();
+    for i in 0..10 {
+        let batch =
+            (get(&saved, &format!("batch{i}.x")).shallow_clone(), get(&saved, &format!("batch{i}.y")).shallow_clone());
+        let out = ddp.train_step(&[batch], sgd.as_mut(), 0.01).unwrap();
+        let torch_loss = get(&saved, &format!("loss{i}")).double_value(&[0]);
+        assert!(
+            (out.loss - torch_loss).abs() <= 1e-5 * torch_loss.abs(),
+            "step {i}: loss {} vs PyTorch {torch_loss}",
+            out.loss
+        );
+    }
+    let ours = model::state_tensors(ddp.model());
+    let theirs = strip(&saved, "final.");
+    let init = strip(&saved, "init.");
+    assert!(max_relative_difference(&theirs, &init) > 1e-3, "PyTorch's training barely moved the weights");
+    let diff = max_relative_difference(&ours, &theirs);
+    let l2 = max_relative_l2_difference(&ours, &theirs);
+    assert!(diff <= 1e-5 && l2 <= 1e-5, "weights differ from PyTorch's: element-wise {diff:e}, L2 {l2:e} (relative)");
+}
