@@ -16,4 +16,73 @@ pub enum Error {
     /// The source holds no objects at all.
     #[error("{0}: the source is empty; point --data at a folder, S3 prefix or channel that holds the dataset")]
     Empty(String),
+    // --- sources (src/source) ---
+    /// A local path (dataset folder, Pipe FIFO, spool folder) cannot be used.
+    #[error("{}: {reason}", path.display())]
+    Path {
+        /// The file, folder or FIFO.
+        path: std::path::PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// A `--data` value that names no source this crate can open.
+    #[error("--data {spec}: {reason}")]
+    Spec {
+        /// The value as given.
+        spec: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The S3 bucket does not exist (or is not visible in this region).
+    #[error(
+        "s3://{bucket}: the bucket does not exist (NoSuchBucket, region {region}); check the bucket name in --data, \
+         and --s3-region / AWS_REGION"
+    )]
+    NoSuchBucket {
+        /// The bucket's name.
+        bucket: String,
+        /// The region the request went to.
+        region: String,
+    },
+    /// S3 refused the credentials or the request.
+    #[error(
+        "{location}: access denied ({code}: {message}); check that the IAM role (the IRSA service account on EKS, \
+         the execution role on SageMaker, or your AWS profile) allows s3:ListBucket and s3:GetObject on it and that \
+         the credentials are valid"
+    )]
+    AccessDenied {
+        /// `s3://bucket/prefix` or the object's URL.
+        location: String,
+        /// S3's error code (AccessDenied, SignatureDoesNotMatch, InvalidAccessKeyId, ExpiredToken, ...).
+        code: String,
+        /// S3's message.
+        message: String,
+    },
+    /// An S3 request failed in a way retrying cannot fix.
+    #[error("{location}: {op} failed: {detail}")]
+    S3 {
+        /// `s3://bucket/prefix` or the object's URL.
+        location: String,
+        /// The request (ListObjectsV2, GetObject, HeadObject).
+        op: String,
+        /// What S3 or the connection said, and what to do.
+        detail: String,
+    },
+    /// An S3 request kept failing with errors worth retrying until the retry budget ran out.
+    #[error(
+        "{location}: {op} still failing after {attempts} attempts in {seconds:.1} s (last error: {last}); \
+         check the network path to S3 / --s3-endpoint, or raise the retry budget"
+    )]
+    RetriesExhausted {
+        /// `s3://bucket/prefix` or the object's URL.
+        location: String,
+        /// The request (ListObjectsV2, GetObject, HeadObject).
+        op: String,
+        /// How many attempts were made.
+        attempts: u32,
+        /// Seconds from the first attempt to giving up.
+        seconds: f64,
+        /// The last attempt's error.
+        last: String,
+    },
 }

@@ -4,6 +4,7 @@
 //! ```no_run
 //! use hytrain_train::{model, Ddp, DdpOptions, OptimizerConfig, SgdConfig, Schedule};
 //! # fn run(comm: Box<dyn hytrain_train::Collective>) -> hytrain_train::Result<()> {
+// `comm` comes from hytrain_comm::init(&membership, false, &CommOptions::default()).
 //! tch::manual_seed(1);
 //! let net = model::build("lenet", 10, &[3, 32, 32], tch::Device::Cpu)?;
 //! let mut ddp = Ddp::new(net, comm, DdpOptions::default())?; // same model checked, rank 0's weights broadcast
@@ -23,7 +24,6 @@
 
 mod bucket;
 pub mod checkpoint;
-mod collective_shim;
 mod ddp;
 mod error;
 pub mod export;
@@ -33,10 +33,11 @@ pub mod schedule;
 
 pub use bucket::{assign_buckets, Bucket, MB};
 pub use checkpoint::{latest_valid, Checkpoint, CheckpointMeta, CheckpointStore, Resume, RngState, Skipped};
-pub use collective_shim::{Buffer, Collective, CommError, ReduceOp};
 pub use ddp::{cross_entropy, BucketLayout, Ddp, DdpOptions, DdpStats, StepOutput};
 pub use error::{Result, TrainError};
 pub use export::{export, ExportMetadata};
+/// The collective operations the engine averages gradients and broadcasts weights with.
+pub use hytrain_comm::{Buffer, Collective, CommError, ReduceOp};
 pub use model::{Model, ScriptModel};
 pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use schedule::Schedule;

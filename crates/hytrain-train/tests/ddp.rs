@@ -138,6 +138,7 @@ fn check_equivalence(accum: usize) {
             );
             // Per tensor, ||a - b|| / ||b||: the criterion for both optimizers.
             let l2 = max_relative_l2_difference(&ranks[0], &reference);
+            eprintln!("{what}: relative L2 {l2:e}, element-wise {:e}", max_relative_difference(&ranks[0], &reference));
             assert!(l2 <= 1e-5, "{what}: 2 ranks differ from 1 rank with the double batch by {l2:e} (relative L2)");
             // Element-wise against each tensor's largest value too, for SGD. Not for Adam: it divides by sqrt(v),
             // so where a gradient is near zero (units behind a mostly inactive ReLU) rounding differences of the

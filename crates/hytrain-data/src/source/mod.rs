@@ -1,7 +1,45 @@
 //! Where the bytes of a dataset come from. Every source lists named objects and reads them whole; formats and the
 //! sampler above never know which source they read.
+//!
+//! | `--data`                     | source                                                                 |
+//! |------------------------------|------------------------------------------------------------------------|
+//! | `/mnt/efs/cifar10`           | [`Dir`]: EFS, FSx, a SageMaker File or FastFile channel, a local folder |
+//! | `s3://bucket/prefix`         | [`S3`]: straight from S3 or an S3-compatible store (`--s3-endpoint`)    |
+//! | `pipe:/opt/ml/input/data/training` | [`Pipe`]: SageMaker Pipe mode FIFOs `training_0`, `training_1`, ... |
+//! | `channel:training`           | the platform's channel of that name, resolved through [`OpenOptions::channels`] |
+//!
+//! ```no_run
+//! use hytrain_data::source::{self, OpenOptions};
+//! let data = source::open("s3://my-bucket/cifar10/", &OpenOptions::default())?;
+//! for object in data.list()? {
+//!     let bytes = data.read(&object.name)?;
+//!     assert_eq!(bytes.len() as u64, object.size);
+//! }
+//! # Ok::<(), hytrain_data::Error>(())
+//! ```
+//!
+//! # The identity promise and Pipe mode
+//! [`Dir`] and [`S3`] name objects by their path below the root, so the same dataset gets the same names and order
+//! from both. A Pipe channel delivers the channel's S3 objects concatenated in key order and carries no names, so
+//! [`Pipe`] names its tar shards `pipe-000000.tar`, `pipe-000001.tar`, ... in arrival order. The shards' bytes are
+//! identical to the files; their names are not. Code that must give the same result from every source therefore
+//! depends on the *position* of a shard in [`Source::list`], never on its name, and the dataset's shard names must
+//! sort (bytewise) in the order S3 lists keys, which is what SageMaker delivers (zero-padded numbers do).
 
+mod dir;
+mod pipe;
+mod s3;
+mod tar_split;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+pub use dir::Dir;
+pub use pipe::{Pipe, PipeOptions};
+pub use s3::{S3Credentials, S3Options, S3RetryPolicy, S3};
+
+use crate::Error;
 
 /// One object (file, S3 key) of a source, named relative to the source's root with `/` separators.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -11,6 +49,9 @@ pub struct Object {
     /// Size in bytes.
     pub size: u64,
 }
+
+/// Objects read ahead by [`Source::read_many`], in the order their names were given.
+pub type Objects<'a> = Box<dyn Iterator<Item = Result<(String, Vec<u8>), Error>> + Send + 'a>;
 
 /// A dataset's storage: a directory, an S3 prefix, or a SageMaker Pipe channel.
 ///
@@ -23,7 +64,280 @@ pub trait Source: Send + Sync + std::fmt::Debug {
     fn list(&self) -> Result<Vec<Object>, crate::Error>;
     /// The whole content of one object.
     fn read(&self, name: &str) -> Result<Vec<u8>, crate::Error>;
+
+    /// `len` bytes of one object from `offset` on (fewer at the object's end).
+    fn read_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
+        let whole = self.read(name)?;
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(whole.len());
+        let end = start
+            .saturating_add(usize::try_from(len).unwrap_or(usize::MAX))
+            .min(whole.len());
+        Ok(whole[start..end].to_vec())
+    }
+
+    /// Reads several objects, yielding them in the order of `names`. Sources where a read waits on the network
+    /// ([`S3`]) keep several objects in flight ahead of the consumer; the default reads one after another.
+    fn read_many(&self, names: Vec<String>) -> Objects<'_> {
+        Box::new(
+            names
+                .into_iter()
+                .map(move |name| self.read(&name).map(|bytes| (name, bytes))),
+        )
+    }
+
+    /// Called by the data loader before each epoch. A [`Pipe`] opens the next FIFO of its channel here (SageMaker
+    /// delivers the channel once per epoch); other sources have nothing to do.
+    fn begin_epoch(&self, epoch: u64) -> Result<(), Error> {
+        let _ = epoch;
+        Ok(())
+    }
+
+    /// True when the platform already split the dataset between hosts (a SageMaker channel with
+    /// `S3DistributionType: ShardedByS3Key`): each host sees different objects, so the sampler must split what this
+    /// source lists among this node's local ranks only (`local_rank` of `local_world_size`), not among all ranks,
+    /// or most of the data would never be read.
+    fn already_sharded_by_host(&self) -> bool {
+        false
+    }
 }
 
 /// A shared handle to any source.
 pub type SharedSource = Arc<dyn Source>;
+
+/// How SageMaker delivers a channel (`TrainingInputMode` in inputdataconfig.json).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputMode {
+    /// Copied to the channel folder before the job starts.
+    File,
+    /// Mounted read-only at the channel folder, fetched from S3 on demand.
+    FastFile,
+    /// Streamed through FIFOs `<channel folder>_<epoch>`.
+    Pipe,
+}
+
+impl std::str::FromStr for InputMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.to_ascii_lowercase().as_str() {
+            "file" => Ok(Self::File),
+            "fastfile" => Ok(Self::FastFile),
+            "pipe" => Ok(Self::Pipe),
+            _ => Err(Error::Spec {
+                spec: s.to_owned(),
+                reason: "unknown TrainingInputMode; expected File, FastFile or Pipe".to_owned(),
+            }),
+        }
+    }
+}
+
+/// One input channel of the job, as the platform describes it (on SageMaker: `SM_CHANNEL_<NAME>` or
+/// `/opt/ml/input/data/<name>`, with inputdataconfig.json's `TrainingInputMode` and `S3DistributionType`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Channel {
+    /// The channel folder, e.g. `/opt/ml/input/data/training`; in Pipe mode the FIFOs' common stem.
+    pub path: PathBuf,
+    /// How the platform delivers it.
+    pub input_mode: InputMode,
+    /// `S3DistributionType: ShardedByS3Key`: this host holds only its own part of the dataset.
+    pub sharded_by_s3_key: bool,
+}
+
+/// Settings for [`open`]: one value for every kind of source, so a command line can fill it once.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// For `s3://` sources.
+    pub s3: S3Options,
+    /// For Pipe channels.
+    pub pipe: PipeOptions,
+    /// The job's channels by name, for `channel:<name>` (filled by the caller from the platform's plan).
+    pub channels: BTreeMap<String, Channel>,
+}
+
+/// Opens the source that `spec` names: `s3://bucket/prefix`, `pipe:/path/base` (FIFOs `/path/base_<epoch>`),
+/// `channel:<name>` (one of [`OpenOptions::channels`]), `file:///path` or a plain path (a folder, or one file).
+pub fn open(spec: &str, opts: &OpenOptions) -> Result<SharedSource, Error> {
+    if spec.starts_with("s3://") {
+        return Ok(Arc::new(S3::new(spec, &opts.s3)?));
+    }
+    if let Some(base) = spec.strip_prefix("pipe:") {
+        if base.is_empty() {
+            return Err(Error::Spec {
+                spec: spec.to_owned(),
+                reason: "give the FIFOs' stem, e.g. pipe:/opt/ml/input/data/training".to_owned(),
+            });
+        }
+        return Ok(Arc::new(Pipe::new(base, &opts.pipe)));
+    }
+    if let Some(name) = spec.strip_prefix("channel:") {
+        let Some(channel) = opts.channels.get(name) else {
+            let known: Vec<&str> = opts.channels.keys().map(String::as_str).collect();
+            let reason = if known.is_empty() {
+                "this job has no input channels (channel:NAME works on SageMaker, where inputdataconfig.json lists \
+                 them); pass a folder or s3:// URL instead"
+                    .to_owned()
+            } else {
+                format!(
+                    "no such channel; this job's channels are: {}",
+                    known.join(", ")
+                )
+            };
+            return Err(Error::Spec {
+                spec: spec.to_owned(),
+                reason,
+            });
+        };
+        return open_channel(channel, opts);
+    }
+    let path = spec.strip_prefix("file://").unwrap_or(spec);
+    if path.is_empty() {
+        return Err(Error::Spec {
+            spec: spec.to_owned(),
+            reason: "empty; give a folder, s3://bucket/prefix, pipe:/path or channel:NAME"
+                .to_owned(),
+        });
+    }
+    if let Some((scheme, _)) = path.split_once("://") {
+        return Err(Error::Spec {
+            spec: spec.to_owned(),
+            reason: format!(
+                "unsupported scheme {scheme}://; hytrain reads folders, s3://, pipe: and channel:"
+            ),
+        });
+    }
+    Ok(Arc::new(Dir::new(path)?))
+}
+
+/// Opens a platform channel: a File or FastFile channel is a folder ([`Dir`]), a Pipe channel is a series of FIFOs
+/// ([`Pipe`]). A `ShardedByS3Key` channel reports [`Source::already_sharded_by_host`].
+pub fn open_channel(channel: &Channel, opts: &OpenOptions) -> Result<SharedSource, Error> {
+    Ok(match channel.input_mode {
+        InputMode::File | InputMode::FastFile => {
+            Arc::new(Dir::new(&channel.path)?.with_sharded_by_host(channel.sharded_by_s3_key))
+        }
+        InputMode::Pipe => Arc::new(
+            Pipe::new(&channel.path, &opts.pipe).with_sharded_by_host(channel.sharded_by_s3_key),
+        ),
+    })
+}
+
+/// Checks an object name from a caller before it is joined to a local root: relative, `/`-separated, no `..`.
+fn check_name(source_desc: &str, name: &str) -> Result<(), Error> {
+    let bad = name.is_empty()
+        || name.starts_with('/')
+        || name.contains('\\')
+        || name.contains('\0')
+        || name
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..");
+    if bad {
+        return Err(Error::Read {
+            source_desc: source_desc.to_owned(),
+            name: name.to_owned(),
+            io: std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not an object name of this source (names are relative, `/`-separated, without `.` or `..`)",
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// `path` as text for messages and descriptions.
+fn show(path: &Path) -> String {
+    path.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_channel_error_lists_the_jobs_channels() {
+        let mut opts = OpenOptions::default();
+        opts.channels.insert(
+            "training".into(),
+            Channel {
+                path: "/nonexistent".into(),
+                input_mode: InputMode::File,
+                sharded_by_s3_key: false,
+            },
+        );
+        let err = open("channel:validation", &opts).unwrap_err().to_string();
+        assert!(
+            err.contains("channel:validation") && err.contains("training"),
+            "{err}"
+        );
+        let err = open("channel:training", &OpenOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no input channels"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_scheme_and_empty_spec_are_rejected_with_the_value() {
+        let err = open("gs://bucket/x", &OpenOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gs://bucket/x") && err.contains("unsupported scheme"),
+            "{err}"
+        );
+        assert!(open("", &OpenOptions::default())
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        assert!(open("pipe:", &OpenOptions::default())
+            .unwrap_err()
+            .to_string()
+            .contains("FIFOs' stem"));
+    }
+
+    #[test]
+    fn input_mode_parses_sagemaker_spellings() {
+        assert_eq!("File".parse::<InputMode>().unwrap(), InputMode::File);
+        assert_eq!(
+            "FastFile".parse::<InputMode>().unwrap(),
+            InputMode::FastFile
+        );
+        assert_eq!("Pipe".parse::<InputMode>().unwrap(), InputMode::Pipe);
+        assert!("Stream"
+            .parse::<InputMode>()
+            .unwrap_err()
+            .to_string()
+            .contains("File, FastFile or Pipe"));
+    }
+
+    #[test]
+    fn sharded_by_s3_key_channel_reports_host_sharding() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.tar"), b"x").unwrap();
+        let mut channel = Channel {
+            path: dir.path().into(),
+            input_mode: InputMode::FastFile,
+            sharded_by_s3_key: true,
+        };
+        assert!(open_channel(&channel, &OpenOptions::default())
+            .unwrap()
+            .already_sharded_by_host());
+        channel.sharded_by_s3_key = false;
+        assert!(!open_channel(&channel, &OpenOptions::default())
+            .unwrap()
+            .already_sharded_by_host());
+        channel.input_mode = InputMode::Pipe;
+        channel.sharded_by_s3_key = true;
+        assert!(open_channel(&channel, &OpenOptions::default())
+            .unwrap()
+            .already_sharded_by_host());
+    }
+
+    #[test]
+    fn names_that_escape_the_root_are_refused() {
+        for bad in ["../x", "/etc/passwd", "a/../../b", "", "a//b", "./a"] {
+            assert!(check_name("d", bad).is_err(), "{bad}");
+        }
+        assert!(check_name("d", "train/shard-000.tar").is_ok());
+    }
+}

@@ -1,153 +1,40 @@
-//! Shared helpers for the engine's integration tests: ranks as threads over a real collective, deterministic
+//! Shared helpers for the engine's integration tests: ranks as threads over hytrain-comm's TCP ring, deterministic
 //! data, tensor comparisons, the Python used for PyTorch parity.
 
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Mutex;
+use std::time::Duration;
 
-use hytrain_train::{Buffer, Collective, CommError, ReduceOp};
+use hytrain_comm::{CommOptions, Membership};
+use hytrain_train::Collective;
 use tch::{Kind, Tensor};
 
-/// An in-process group whose ranks really exchange their data through shared memory: every operation is an
-/// all-to-all exchange of byte vectors, and each rank reduces what it received in rank order.
-pub struct LocalRank {
-    rank: usize,
-    world: usize,
-    shared: Arc<(Mutex<Exchange>, Condvar)>,
-}
-
-#[derive(Default)]
-struct Exchange {
-    generation: u64,
-    slots: Vec<Option<Vec<u8>>>,
-    arrived: usize,
-    result: Option<Arc<Vec<Vec<u8>>>>,
-    readers_left: usize,
-}
-
-/// `world` connected ranks.
-pub fn local_group(world: usize) -> Vec<Box<dyn Collective>> {
-    let shared = Arc::new((Mutex::new(Exchange { slots: vec![None; world], ..Default::default() }), Condvar::new()));
-    (0..world).map(|rank| Box::new(LocalRank { rank, world, shared: shared.clone() }) as Box<dyn Collective>).collect()
-}
-
-impl LocalRank {
-    fn exchange(&self, data: Vec<u8>) -> Arc<Vec<Vec<u8>>> {
-        let (lock, cv) = &*self.shared;
-        let mut st = lock.lock().unwrap();
-        while st.result.is_some() {
-            st = cv.wait(st).unwrap();
-        }
-        let generation = st.generation;
-        st.slots[self.rank] = Some(data);
-        st.arrived += 1;
-        if st.arrived == self.world {
-            let all: Vec<Vec<u8>> = st.slots.iter_mut().map(|s| s.take().unwrap()).collect();
-            st.result = Some(Arc::new(all));
-            st.readers_left = self.world;
-            st.arrived = 0;
-            st.generation += 1;
-            cv.notify_all();
-        } else {
-            while st.generation == generation {
-                st = cv.wait(st).unwrap();
-            }
-        }
-        let result = st.result.clone().unwrap();
-        st.readers_left -= 1;
-        if st.readers_left == 0 {
-            st.result = None;
-            cv.notify_all();
-        }
-        result
-    }
-}
-
-fn to_bytes<T: Copy>(v: &[T]) -> Vec<u8> {
-    // SAFETY: plain-old-data floats viewed as bytes.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }.to_vec()
-}
-
-fn reduce<T: Copy + std::ops::Add<Output = T>>(buf: &mut [T], all: &[Vec<u8>], div: impl Fn(T) -> T) {
-    for (i, x) in buf.iter_mut().enumerate() {
-        let mut acc: Option<T> = None;
-        for bytes in all {
-            // SAFETY: every rank sent a buffer of the same type and length.
-            let v = unsafe { *bytes.as_ptr().cast::<T>().add(i) };
-            acc = Some(match acc {
-                None => v,
-                Some(a) => a + v,
-            });
-        }
-        *x = div(acc.unwrap());
-    }
-}
-
-impl Collective for LocalRank {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.world
-    }
-    fn backend(&self) -> &'static str {
-        "local-test"
-    }
-    fn allreduce(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
-        let n = self.world as f64;
-        let avg = op == ReduceOp::Avg;
-        match buf {
-            Buffer::F32(b) => {
-                let all = self.exchange(to_bytes(b));
-                reduce(b, &all, |v| if avg { (v as f64 / n) as f32 } else { v });
-            }
-            Buffer::F64(b) => {
-                let all = self.exchange(to_bytes(b));
-                reduce(b, &all, |v| if avg { v / n } else { v });
-            }
-            Buffer::Bf16(b) => {
-                let all = self.exchange(to_bytes(b));
-                let mut wide = vec![0f32; b.len()];
-                for (i, w) in wide.iter_mut().enumerate() {
-                    *w = all.iter().map(|bytes| unsafe { *bytes.as_ptr().cast::<half::bf16>().add(i) }.to_f32()).sum();
-                }
-                for (x, w) in b.iter_mut().zip(wide) {
-                    *x = half::bf16::from_f32(if avg { w / n as f32 } else { w });
-                }
-            }
-        }
-        Ok(())
-    }
-    fn broadcast(&mut self, bytes: &mut [u8], root: usize) -> Result<(), CommError> {
-        let all = self.exchange(bytes.to_vec());
-        bytes.copy_from_slice(&all[root]);
-        Ok(())
-    }
-    fn allgather(&mut self, input: &[u8], output: &mut [u8]) -> Result<(), CommError> {
-        let all = self.exchange(input.to_vec());
-        for (chunk, src) in output.chunks_mut(input.len().max(1)).zip(all.iter()) {
-            chunk.copy_from_slice(src);
-        }
-        Ok(())
-    }
-    fn barrier(&mut self) -> Result<(), CommError> {
-        self.exchange(Vec::new());
-        Ok(())
-    }
-}
-
-/// Runs `f(rank, collective)` on one thread per rank of a connected group; results in rank order.
+/// Runs `f(rank, collective)` on one thread per rank, each rank joined to the others through hytrain-comm's real
+/// rendezvous store and TCP ring on loopback; results in rank order.
 pub fn on_ranks<T: Send>(world: usize, f: impl Fn(usize, Box<dyn Collective>) -> T + Sync) -> Vec<T> {
-    let group = local_group(world);
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port();
+    let opts = CommOptions {
+        rendezvous_timeout: Duration::from_secs(60),
+        collective_timeout: Duration::from_secs(60),
+        job_id: format!("hytrain-train-test-{port}"),
+    };
     std::thread::scope(|s| {
-        let handles: Vec<_> = group
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| {
-                let f = &f;
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let (f, opts) = (&f, &opts);
                 s.spawn(move || {
                     tch::set_num_threads(1);
+                    let me = Membership {
+                        rank,
+                        world_size: world,
+                        local_rank: rank,
+                        local_world_size: world,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let comm = hytrain_comm::init(&me, false, opts).expect("ranks connect over loopback");
                     f(rank, comm)
                 })
             })
@@ -211,13 +98,15 @@ pub fn python() -> PathBuf {
         assert!(p.exists(), "HYTRAIN_TEST_PYTHON={} does not exist; run `cargo xtask setup`", p.display());
         return p;
     }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/bench-venv/bin/python");
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/bench-venv");
+    // xtask writes the stamp last, so a venv without it is half-built.
     assert!(
-        venv.exists(),
-        "PyTorch parity tests need a Python with torch 2.11: run `cargo xtask setup` (it creates {}) or set \
-         HYTRAIN_TEST_PYTHON to one",
+        venv.join(".hytrain-venv.json").exists(),
+        "PyTorch parity tests need a Python with torch 2.11 and numpy: run `cargo xtask setup` (it creates {}) or \
+         set HYTRAIN_TEST_PYTHON to one",
         venv.display()
     );
+    let venv = venv.join("bin/python");
     venv
 }
 

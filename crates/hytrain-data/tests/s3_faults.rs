@@ -1,0 +1,137 @@
+//! Retries of the S3 source: faults injected in front of a real S3 server (s3s-fs) for the first requests, then
+//! the real answers. Reads must come out byte-exact; a fault that never stops must end in a clear error.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use hytrain_data::source::{S3Options, Source, S3};
+use hytrain_data::Error;
+use support::{pseudo_random, Fault, LocalS3};
+
+const PART: u64 = 32 * 1024;
+
+fn setup() -> (tempfile::TempDir, LocalS3, Vec<u8>, S3) {
+    let root = tempfile::tempdir().unwrap();
+    let server = LocalS3::start(root.path());
+    let data = pseudo_random(4 * PART as usize + 777, 9);
+    server.put("bkt", "ds/shard-000.tar", &data);
+    server.put("bkt", "ds/shard-001.tar", b"small");
+    let opts = S3Options {
+        part_size: PART,
+        max_in_flight: 2,
+        ..server.options()
+    };
+    let source = S3::new("s3://bkt/ds", &opts).unwrap();
+    (root, server, data, source)
+}
+
+#[test]
+fn transient_faults_on_ranged_gets_are_retried_and_bytes_stay_exact() {
+    let (_root, server, data, source) = setup();
+    source.list().unwrap();
+    for fault in [
+        Fault::SlowDown,
+        Fault::Internal,
+        Fault::Reset,
+        Fault::Truncate,
+        Fault::Short,
+    ] {
+        server.faults.reset();
+        server.faults.inject("GetObject", fault, 3);
+        assert_eq!(source.read("shard-000.tar").unwrap(), data, "{fault:?}");
+        // Five parts plus one repeat for each of the three faulted requests.
+        assert_eq!(server.faults.count("GetObject"), 5 + 3, "{fault:?}");
+    }
+}
+
+#[test]
+fn transient_faults_on_a_single_get_are_retried() {
+    let (_root, server, _data, source) = setup();
+    source.list().unwrap();
+    for fault in [Fault::SlowDown, Fault::Reset, Fault::Truncate, Fault::Short] {
+        server.faults.reset();
+        server.faults.inject("GetObject", fault, 2);
+        assert_eq!(source.read("shard-001.tar").unwrap(), b"small", "{fault:?}");
+        assert_eq!(server.faults.count("GetObject"), 3, "{fault:?}");
+    }
+}
+
+#[test]
+fn throttled_and_failing_listings_are_retried() {
+    let (_root, server, _data, source) = setup();
+    server.faults.inject("ListObjectsV2", Fault::SlowDown, 2);
+    server.faults.inject("ListObjectsV2", Fault::Reset, 1);
+    server.faults.inject("ListObjectsV2", Fault::Internal, 1);
+    let names: Vec<String> = source.list().unwrap().into_iter().map(|o| o.name).collect();
+    assert_eq!(names, ["shard-000.tar", "shard-001.tar"]);
+    assert_eq!(server.faults.count("ListObjectsV2"), 5);
+}
+
+#[test]
+fn permanent_throttling_ends_in_a_clear_error_within_the_budget() {
+    let (_root, server, _data, source) = setup();
+    source.list().unwrap();
+    server
+        .faults
+        .inject("GetObject", Fault::SlowDown, usize::MAX);
+    let started = Instant::now();
+    let err = source.read("shard-000.tar").unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let Error::RetriesExhausted {
+        attempts,
+        ref last,
+        ref op,
+        ..
+    } = err
+    else {
+        panic!("{err:?}")
+    };
+    assert_eq!((attempts, op.as_str()), (6, "GetObject"));
+    assert!(last.contains("503") && last.contains("SlowDown"), "{last}");
+    let text = err.to_string();
+    assert!(
+        text.contains("s3://bkt/ds/shard-000.tar") && text.contains("6 attempts"),
+        "{text}"
+    );
+}
+
+#[test]
+fn permanent_truncation_ends_in_a_clear_error() {
+    let (_root, server, _data, source) = setup();
+    source.list().unwrap();
+    server.faults.inject("GetObject", Fault::Short, usize::MAX);
+    let err = source.read("shard-000.tar").unwrap_err();
+    let Error::RetriesExhausted { ref last, .. } = err else {
+        panic!("{err:?}")
+    };
+    assert!(last.contains("short body"), "{last}");
+}
+
+#[test]
+fn the_elapsed_budget_stops_retries_before_the_attempt_limit() {
+    let root = tempfile::tempdir().unwrap();
+    let server = LocalS3::start(root.path());
+    server.put("bkt", "ds/a.tar", b"a");
+    let mut opts = server.options();
+    opts.retry.max_attempts = 1000;
+    opts.retry.initial_backoff = Duration::from_millis(50);
+    opts.retry.max_backoff = Duration::from_millis(100);
+    opts.retry.max_elapsed = Duration::from_millis(600);
+    server
+        .faults
+        .inject("ListObjectsV2", Fault::Internal, usize::MAX);
+    let started = Instant::now();
+    let err = S3::new("s3://bkt/ds", &opts).unwrap().list().unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let Error::RetriesExhausted {
+        attempts, seconds, ..
+    } = err
+    else {
+        panic!("{err:?}")
+    };
+    assert!(
+        attempts < 1000 && seconds <= 0.6 + 5.0,
+        "{attempts} attempts, {seconds} s"
+    );
+}

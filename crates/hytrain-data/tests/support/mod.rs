@@ -1,0 +1,309 @@
+//! A real S3 protocol server (s3s-fs over a folder) on a loopback port, for the S3 source tests and the benchmark.
+//!
+//! The server checks SigV4 signatures against fixed test credentials, so requests take the same signing path as
+//! against AWS. In front of s3s's service sits [`Faults`], which can answer the next requests of one kind with a
+//! fault a healthy server cannot produce on demand (503 SlowDown, 500, a dropped connection, a body cut short),
+//! then lets requests through to the real service again.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hytrain_data::source::{S3Credentials, S3Options, S3RetryPolicy};
+
+/// The access key the test server accepts.
+pub const ACCESS_KEY: &str = "hytrain-test-access-key";
+/// The secret key the test server accepts.
+pub const SECRET_KEY: &str = "hytrain-test-secret-key";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// A fault to answer a request with instead of the real answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `503 SlowDown`, S3's throttling answer.
+    SlowDown,
+    /// `500 InternalError`.
+    Internal,
+    /// The connection is dropped without an answer.
+    Reset,
+    /// The real answer's headers (full `Content-Length`), half its body, then the connection drops.
+    Truncate,
+    /// The real answer with half its body and a `Content-Length` to match: complete on the wire, but short.
+    Short,
+}
+
+/// Request counts by operation, and the faults still to inject.
+#[derive(Default)]
+pub struct Faults {
+    plan: Mutex<Vec<(&'static str, Fault, usize)>>,
+    counts: Mutex<HashMap<&'static str, usize>>,
+}
+
+impl Faults {
+    /// Answers the next `times` requests of `op` (`ListObjectsV2`, `GetObject`, `HeadObject`) with `fault`;
+    /// `usize::MAX` for every one.
+    pub fn inject(&self, op: &'static str, fault: Fault, times: usize) {
+        self.plan.lock().unwrap().push((op, fault, times));
+    }
+
+    /// Injects nothing more and forgets the counts.
+    pub fn reset(&self) {
+        self.plan.lock().unwrap().clear();
+        self.counts.lock().unwrap().clear();
+    }
+
+    /// Requests of `op` seen so far (faulted ones included).
+    pub fn count(&self, op: &str) -> usize {
+        self.counts.lock().unwrap().get(op).copied().unwrap_or(0)
+    }
+
+    fn on_request(&self, op: &'static str) -> Option<Fault> {
+        *self.counts.lock().unwrap().entry(op).or_default() += 1;
+        let mut plan = self.plan.lock().unwrap();
+        let slot = plan.iter_mut().find(|(o, _, left)| *o == op && *left > 0)?;
+        if slot.2 != usize::MAX {
+            slot.2 -= 1;
+        }
+        Some(slot.1)
+    }
+}
+
+fn operation(req: &http::Request<hyper::body::Incoming>) -> &'static str {
+    let has_key = req
+        .uri()
+        .path()
+        .trim_start_matches('/')
+        .split_once('/')
+        .is_some_and(|(_, key)| !key.is_empty());
+    let query = req.uri().query().unwrap_or("");
+    match *req.method() {
+        http::Method::GET if query.contains("list-type=2") => "ListObjectsV2",
+        http::Method::GET if has_key => "GetObject",
+        http::Method::HEAD if has_key => "HeadObject",
+        http::Method::PUT => "PutObject",
+        _ => "other",
+    }
+}
+
+fn xml_error(status: u16, code: &str, message: &str) -> http::Response<BoxBody> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>"
+    );
+    http::Response::builder()
+        .status(status)
+        .header("content-type", "application/xml")
+        .body(
+            http_body_util::Full::new(Bytes::from(body))
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        )
+        .unwrap()
+}
+
+/// A body that yields its bytes, then fails, which makes hyper drop the connection mid-body.
+struct CutBody(Option<Bytes>);
+
+impl http_body::Body for CutBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        Poll::Ready(Some(match self.0.take() {
+            Some(bytes) => Ok(http_body::Frame::data(bytes)),
+            None => Err("injected connection drop".into()),
+        }))
+    }
+}
+
+#[derive(Clone)]
+struct FaultService {
+    s3: s3s::service::S3Service,
+    faults: Arc<Faults>,
+}
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for FaultService {
+    type Response = http::Response<BoxBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
+        let fault = self.faults.on_request(operation(&req));
+        let s3 = self.s3.clone();
+        Box::pin(async move {
+            let real = async move {
+                let response = hyper::service::Service::call(&s3, req)
+                    .await
+                    .map_err(BoxError::from)?;
+                Ok::<_, BoxError>(
+                    response.map(|body| body.map_err(|e| -> BoxError { e }).boxed_unsync()),
+                )
+            };
+            match fault {
+                None => real.await,
+                Some(Fault::SlowDown) => Ok(xml_error(
+                    503,
+                    "SlowDown",
+                    "Please reduce your request rate.",
+                )),
+                Some(Fault::Internal) => Ok(xml_error(
+                    500,
+                    "InternalError",
+                    "We encountered an internal error.",
+                )),
+                Some(Fault::Reset) => Err("injected connection reset".into()),
+                Some(Fault::Truncate) => {
+                    let (parts, body) = real.await?.into_parts();
+                    let bytes = body.collect().await?.to_bytes();
+                    let half = bytes.slice(..bytes.len() / 2);
+                    Ok(http::Response::from_parts(
+                        parts,
+                        CutBody(Some(half)).boxed_unsync(),
+                    ))
+                }
+                Some(Fault::Short) => {
+                    let (mut parts, body) = real.await?.into_parts();
+                    let bytes = body.collect().await?.to_bytes();
+                    let half = bytes.slice(..bytes.len() / 2);
+                    parts
+                        .headers
+                        .insert(http::header::CONTENT_LENGTH, half.len().into());
+                    Ok(http::Response::from_parts(
+                        parts,
+                        http_body_util::Full::new(half)
+                            .map_err(|e| match e {})
+                            .boxed_unsync(),
+                    ))
+                }
+            }
+        })
+    }
+}
+
+/// s3s-fs serving `root` (each subfolder a bucket) on a loopback port until dropped.
+pub struct LocalS3 {
+    /// The folder served; `root/<bucket>/<key>` is an object.
+    pub root: PathBuf,
+    /// Where the server listens.
+    pub addr: SocketAddr,
+    /// Fault injection and request counts.
+    pub faults: Arc<Faults>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl LocalS3 {
+    /// Starts serving `root` on an ephemeral loopback port.
+    pub fn start(root: &Path) -> Self {
+        Self::start_on(root, "127.0.0.1:0", 2)
+    }
+
+    /// Starts serving `root` on `bind` with `threads` server threads.
+    pub fn start_on(root: &Path, bind: &str, threads: usize) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("s3s-fs")
+            .enable_all()
+            .build()
+            .unwrap();
+        let fs = s3s_fs::FileSystem::new(root).expect("s3s-fs root");
+        let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+        builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let faults = Arc::new(Faults::default());
+        let service = FaultService {
+            s3: builder.build(),
+            faults: faults.clone(),
+        };
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(bind))
+            .expect("bind the S3 test server");
+        let addr = listener.local_addr().unwrap();
+        runtime.spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    continue;
+                };
+                let service = service.clone();
+                tokio::spawn(async move {
+                    let builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    let _ = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            root: root.to_path_buf(),
+            addr,
+            faults,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Options for an S3 source reading from this server: its endpoint and credentials, and a retry policy with
+    /// short waits so fault tests stay quick.
+    pub fn options(&self) -> S3Options {
+        S3Options {
+            endpoint: Some(self.endpoint()),
+            region: Some("us-east-1".into()),
+            credentials: Some(S3Credentials {
+                access_key_id: ACCESS_KEY.into(),
+                secret_access_key: SECRET_KEY.into(),
+                session_token: None,
+            }),
+            retry: S3RetryPolicy {
+                max_attempts: 6,
+                initial_backoff: Duration::from_millis(5),
+                max_backoff: Duration::from_millis(50),
+                max_elapsed: Duration::from_secs(20),
+            },
+            ..S3Options::default()
+        }
+    }
+
+    /// Creates `root/<bucket>/<key>` with `bytes`, as if uploaded.
+    pub fn put(&self, bucket: &str, key: &str, bytes: &[u8]) {
+        let path = self.root.join(bucket).join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+}
+
+impl Drop for LocalS3 {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a test's data need not be stored.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
