@@ -85,4 +85,62 @@ pub enum Error {
         /// The last attempt's error.
         last: String,
     },
+    // --- formats, sampler, pipeline, pack (src/format, sampler.rs, pipeline.rs, pack.rs) ---
+    /// A whole shard (tar file, CIFAR batch, MNIST file) cannot be used.
+    #[error("{source_desc}: shard {shard}: {reason}")]
+    BadShard {
+        /// The source, as [`crate::source::Source::describe`] gives it.
+        source_desc: String,
+        /// The shard's object name.
+        shard: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// One member of a tar shard (or one sample of a batch file) cannot be used.
+    #[error("{source_desc}: shard {shard}, member {member}: {reason}")]
+    BadMember {
+        /// The source, as [`crate::source::Source::describe`] gives it.
+        source_desc: String,
+        /// The shard's object name.
+        shard: String,
+        /// The member's path inside the shard (for CIFAR and MNIST the sample's key).
+        member: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The source's objects match no format this crate reads.
+    #[error(
+        "{source_desc}: no dataset found ({found}); expected WebDataset *.tar shards, cifar-10-batches-py/, \
+         cifar-10-batches-bin/ or MNIST train-images-idx3-ubyte[.gz] files"
+    )]
+    UnknownFormat {
+        /// The source, as [`crate::source::Source::describe`] gives it.
+        source_desc: String,
+        /// A short list of what the source holds.
+        found: String,
+    },
+    /// The requested split (train or test) has no shards.
+    #[error("{source_desc}: no {split} split: {hint}")]
+    NoSplit {
+        /// The source, as [`crate::source::Source::describe`] gives it.
+        source_desc: String,
+        /// `train` or `test`.
+        split: String,
+        /// Where the split's files were looked for.
+        hint: String,
+    },
+    /// Arguments that cannot work together (rank outside the world, zero batch size, ...).
+    #[error("invalid data settings: {0}")]
+    Config(String),
+    /// Writing packed shards failed.
+    #[error("cannot write {path}: {io}")]
+    Write {
+        /// The file or folder being written.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        io: std::io::Error,
+    },
+    /// A pipeline worker thread died; a bug, reported instead of hanging.
+    #[error("data pipeline failed: {0}; this is a bug in hytrain-data, please report it")]
+    Pipeline(String),
 }

@@ -1,0 +1,559 @@
+//! Dataset formats: WebDataset tar shards, CIFAR-10 (torchvision pickles and binary batches) and MNIST IDX, all read
+//! into one [`Sample`] shape and cut into [`Shard`]s that the sampler shuffles.
+//!
+//! Reading is split in two so the pipeline can spread the work: [`Dataset::read_shard`] turns an object's bytes into
+//! [`RawSample`]s (cheap: tar members, pickle arrays), and [`RawSample::decode`] does the costly part (png/jpeg
+//! decoding) on a worker thread.
+
+pub mod cifar;
+pub mod decode;
+pub mod mnist;
+pub mod npy;
+mod pickle;
+pub mod tar;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use crate::source::{Object, SharedSource};
+use crate::Error;
+
+/// An image, row-major, channels last (HWC), 8 bits per channel; 1 channel (gray) or 3 (RGB).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+    /// 1 (gray) or 3 (RGB).
+    pub channels: usize,
+    /// `height * width * channels` bytes, HWC.
+    pub pixels: Vec<u8>,
+}
+
+impl Image {
+    /// Builds an image from planar CHW bytes (CIFAR's layout).
+    pub fn from_chw(channels: usize, height: usize, width: usize, chw: &[u8]) -> Image {
+        let plane = height * width;
+        let mut pixels = vec![0u8; plane * channels];
+        for c in 0..channels {
+            for i in 0..plane {
+                pixels[i * channels + c] = chw[c * plane + i];
+            }
+        }
+        Image {
+            height,
+            width,
+            channels,
+            pixels,
+        }
+    }
+}
+
+/// Element type of an `.npy` tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    /// `|u1`
+    U8,
+    /// `|i1`
+    I8,
+    /// `<u2`
+    U16,
+    /// `<i2`
+    I16,
+    /// `<i4`
+    I32,
+    /// `<i8`
+    I64,
+    /// `<f4`
+    F32,
+    /// `<f8`
+    F64,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::U8 | DType::I8 => 1,
+            DType::U16 | DType::I16 => 2,
+            DType::I32 | DType::F32 => 4,
+            DType::I64 | DType::F64 => 8,
+        }
+    }
+}
+
+/// A tensor from an `.npy` member: little-endian elements in C order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions, outermost first.
+    pub shape: Vec<usize>,
+    /// `shape.product() * dtype.size()` bytes, little-endian.
+    pub data: Vec<u8>,
+}
+
+impl Tensor {
+    /// The elements converted to `f32` (values as stored, no scaling).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let n = self.dtype.size();
+        self.data
+            .chunks_exact(n)
+            .map(|b| match self.dtype {
+                DType::U8 => f32::from(b[0]),
+                DType::I8 => f32::from(b[0] as i8),
+                DType::U16 => f32::from(u16::from_le_bytes([b[0], b[1]])),
+                DType::I16 => f32::from(i16::from_le_bytes([b[0], b[1]])),
+                DType::I32 => i32::from_le_bytes(b.try_into().unwrap()) as f32,
+                DType::I64 => i64::from_le_bytes(b.try_into().unwrap()) as f32,
+                DType::F32 => f32::from_le_bytes(b.try_into().unwrap()),
+                DType::F64 => f64::from_le_bytes(b.try_into().unwrap()) as f32,
+            })
+            .collect()
+    }
+}
+
+/// A sample's input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A decoded image.
+    Image(Image),
+    /// A tensor from `.npy`.
+    Tensor(Tensor),
+}
+
+/// One decoded training example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The sample's key (WebDataset key; `data_batch_1-00042` for CIFAR, `train-00042` for MNIST).
+    pub key: String,
+    /// Its input.
+    pub input: Input,
+    /// Its class index.
+    pub label: i64,
+}
+
+/// How an image member is encoded (by file extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageKind {
+    /// `.png`
+    Png,
+    /// `.jpg` / `.jpeg`
+    Jpeg,
+}
+
+/// A sample's input before decoding.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// Encoded image bytes, exactly as stored.
+    Encoded(ImageKind, Vec<u8>),
+    /// Raw pixels (CIFAR, MNIST): nothing left to decode.
+    Pixels(Image),
+    /// The bytes of an `.npy` file.
+    Npy(Vec<u8>),
+}
+
+/// A sample as read from its shard: label known, input not decoded yet.
+#[derive(Debug, Clone)]
+pub struct RawSample {
+    /// The sample's key.
+    pub key: String,
+    /// The member (path inside the tar) its input came from; for CIFAR/MNIST the key.
+    pub member: String,
+    /// The undecoded input.
+    pub payload: Payload,
+    /// Its class index.
+    pub label: i64,
+}
+
+impl RawSample {
+    /// Bytes held in memory, for the pipeline's memory cap.
+    pub fn size(&self) -> usize {
+        self.key.len()
+            + match &self.payload {
+                Payload::Encoded(_, b) | Payload::Npy(b) => b.len(),
+                Payload::Pixels(i) => i.pixels.len(),
+            }
+    }
+
+    /// Decodes the input. `shard` and `source_desc` only name the place in errors.
+    pub fn decode(&self, source_desc: &str, shard: &str) -> Result<Sample, Error> {
+        let bad = |reason: String| Error::BadMember {
+            source_desc: source_desc.to_string(),
+            shard: shard.to_string(),
+            member: self.member.clone(),
+            reason,
+        };
+        let input = match &self.payload {
+            Payload::Encoded(kind, bytes) => Input::Image(decode::image(bytes, *kind).map_err(|e| {
+                bad(format!("image does not decode ({e}); re-encode it as png/jpeg or pass --skip-bad-samples"))
+            })?),
+            Payload::Pixels(img) => Input::Image(img.clone()),
+            Payload::Npy(bytes) => Input::Tensor(
+                npy::parse(bytes).map_err(|e| bad(format!("{e}; or pass --skip-bad-samples")))?,
+            ),
+        };
+        Ok(Sample {
+            key: self.key.clone(),
+            input,
+            label: self.label,
+        })
+    }
+}
+
+/// The dataset layouts this crate reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// WebDataset tar shards (`*.tar`).
+    Tar,
+    /// CIFAR-10/100 "python version" (`cifar-10-batches-py/data_batch_1`, ...): pickles.
+    CifarPy,
+    /// CIFAR-10 "binary version" (`cifar-10-batches-bin/data_batch_1.bin`, ...).
+    CifarBin,
+    /// MNIST IDX files (`train-images-idx3-ubyte[.gz]`, ...).
+    Mnist,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Tar => "webdataset tar shards",
+            Format::CifarPy => "cifar-10 python (pickle) batches",
+            Format::CifarBin => "cifar-10 binary batches",
+            Format::Mnist => "mnist idx",
+        })
+    }
+}
+
+/// Which half of a dataset to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// CIFAR `data_batch_*`, MNIST `train-*`, tar shards under `train/` (or all shards if there are no split folders).
+    #[default]
+    Train,
+    /// CIFAR `test_batch`, MNIST `t10k-*`, tar shards under `val/`, `valid/`, `validation/` or `test/`.
+    Test,
+}
+
+impl fmt::Display for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Split::Train => "train",
+            Split::Test => "test",
+        })
+    }
+}
+
+/// Where a shard's samples live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ShardKind {
+    /// The whole object.
+    Object,
+    /// Samples `start..start + samples` of an MNIST image file and its label file.
+    MnistSlice { labels: String, start: usize },
+}
+
+/// The unit the sampler shuffles: a tar file, a CIFAR batch file, or a slice of an MNIST file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shard {
+    /// The object's name in the source (for MNIST slices, the image file's name).
+    pub name: String,
+    /// The object's size in bytes (for MNIST slices, the image file's size).
+    pub bytes: u64,
+    /// Number of (good) samples.
+    pub samples: usize,
+    pub(crate) kind: ShardKind,
+}
+
+impl Shard {
+    /// A name for logs and errors (MNIST slices show their range).
+    pub fn label(&self) -> String {
+        match &self.kind {
+            ShardKind::Object => self.name.clone(),
+            ShardKind::MnistSlice { start, .. } => {
+                format!("{}[{}..{}]", self.name, start, start + self.samples)
+            }
+        }
+    }
+}
+
+/// How to open a dataset.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Train or test half.
+    pub split: Split,
+    /// Skip (and count) bad samples instead of failing on the first one.
+    pub skip_bad_samples: bool,
+}
+
+/// A dataset on a source: its format, its shards for one split, and its class names when known.
+#[derive(Debug)]
+pub struct Dataset {
+    source: SharedSource,
+    source_desc: String,
+    format: Format,
+    split: Split,
+    shards: Vec<Shard>,
+    classes: Option<Vec<String>>,
+    skip_bad_samples: bool,
+    skipped_at_open: u64,
+    first_skip: Option<String>,
+    /// Decompressed MNIST files, so reading six slices reads and unzips each file once.
+    cache: Mutex<HashMap<String, Arc<Vec<u8>>>>,
+}
+
+/// Shards read in order by [`Dataset::read_shards`]: (shard index, its samples).
+pub type ShardReads<'a> =
+    Box<dyn Iterator<Item = (usize, Result<Vec<RawSample>, Error>)> + Send + 'a>;
+
+/// Name of the class list `pack` writes beside tar shards: a JSON array of class names, index = label.
+pub const CLASSES_FILE: &str = "classes.json";
+
+fn basename(name: &str) -> &str {
+    name.rsplit('/').next().unwrap_or(name)
+}
+
+impl Dataset {
+    /// Lists the source, recognises the format and indexes the split's shards (counting samples; for tar and
+    /// CIFAR-python that reads every shard once).
+    pub fn open(source: SharedSource, options: &OpenOptions) -> Result<Dataset, Error> {
+        let source_desc = source.describe();
+        let objects = source.list()?;
+        if objects.is_empty() {
+            return Err(Error::Empty(source_desc));
+        }
+        let format = detect(&objects).ok_or_else(|| Error::UnknownFormat {
+            source_desc: source_desc.clone(),
+            found: summarize(&objects),
+        })?;
+        let mut ds = Dataset {
+            source,
+            source_desc,
+            format,
+            split: options.split,
+            shards: Vec::new(),
+            classes: None,
+            skip_bad_samples: options.skip_bad_samples,
+            skipped_at_open: 0,
+            first_skip: None,
+            cache: Mutex::new(HashMap::new()),
+        };
+        match format {
+            Format::Tar => tar::index(&mut ds, &objects)?,
+            Format::CifarPy => cifar::index_py(&mut ds, &objects)?,
+            Format::CifarBin => cifar::index_bin(&mut ds, &objects)?,
+            Format::Mnist => mnist::index(&mut ds, &objects)?,
+        }
+        if ds.shards.iter().all(|s| s.samples == 0) {
+            return Err(Error::BadShard {
+                source_desc: ds.source_desc.clone(),
+                shard: ds.shards.first().map(|s| s.name.clone()).unwrap_or_default(),
+                reason: format!(
+                    "the {} split has {} shard(s) but no samples; check the dataset was written completely",
+                    ds.split,
+                    ds.shards.len()
+                ),
+            });
+        }
+        if ds.skipped_at_open > 0 {
+            tracing::warn!(
+                skipped = ds.skipped_at_open,
+                first = ds.first_skip.as_deref().unwrap_or(""),
+                "skipped bad samples while indexing {}",
+                ds.source_desc
+            );
+        }
+        Ok(ds)
+    }
+
+    /// The recognised format.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+    /// The split this dataset reads.
+    pub fn split(&self) -> Split {
+        self.split
+    }
+    /// The shards of the split, in the source's (sorted) order.
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+    /// Samples per shard, the sampler's input.
+    pub fn shard_sizes(&self) -> Vec<usize> {
+        self.shards.iter().map(|s| s.samples).collect()
+    }
+    /// Total samples in the split.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.samples).sum()
+    }
+    /// True when the split has no samples (never, after a successful `open`).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Class names, index = label, when the dataset names them (CIFAR `batches.meta`, `classes.json`, MNIST digits).
+    pub fn classes(&self) -> Option<&[String]> {
+        self.classes.as_deref()
+    }
+    /// The source.
+    pub fn source(&self) -> &SharedSource {
+        &self.source
+    }
+    /// The source's description, for errors.
+    pub fn source_desc(&self) -> &str {
+        &self.source_desc
+    }
+    /// Whether bad samples are skipped rather than fatal.
+    pub fn skip_bad_samples(&self) -> bool {
+        self.skip_bad_samples
+    }
+    /// Bad samples skipped while indexing (only with `skip_bad_samples`).
+    pub fn skipped_at_open(&self) -> u64 {
+        self.skipped_at_open
+    }
+
+    /// Reads shard `index` into raw samples, in the shard's order. With `skip_bad_samples` bad ones are left out,
+    /// exactly as at `open`, so the count matches [`Shard::samples`].
+    pub fn read_shard(&self, index: usize) -> Result<Vec<RawSample>, Error> {
+        let shard = self.shards.get(index).ok_or_else(|| {
+            Error::Config(format!(
+                "shard {index} out of range ({} shards)",
+                self.shards.len()
+            ))
+        })?;
+        if self.format == Format::Mnist {
+            return self.checked(shard, mnist::read_slice(self, shard)?);
+        }
+        let bytes = self.source.read(&shard.name)?;
+        self.parse_shard(index, &bytes)
+    }
+
+    /// Reads several shards in the given order, letting the source keep reads in flight ahead of the consumer
+    /// ([`Source::read_many`](crate::source::Source::read_many)).
+    pub fn read_shards(&self, indices: Vec<usize>) -> ShardReads<'_> {
+        if self.format == Format::Mnist || indices.iter().any(|&i| i >= self.shards.len()) {
+            return Box::new(indices.into_iter().map(move |i| (i, self.read_shard(i))));
+        }
+        let names = indices
+            .iter()
+            .map(|&i| self.shards[i].name.clone())
+            .collect();
+        let objects = self.source.read_many(names);
+        Box::new(
+            indices
+                .into_iter()
+                .zip(objects)
+                .map(move |(i, read)| (i, read.and_then(|(_, bytes)| self.parse_shard(i, &bytes)))),
+        )
+    }
+
+    /// Parses the bytes of shard `index` (not an MNIST slice).
+    fn parse_shard(&self, index: usize, bytes: &[u8]) -> Result<Vec<RawSample>, Error> {
+        let shard = &self.shards[index];
+        let samples = match self.format {
+            Format::Tar => {
+                tar::parse(bytes, &self.source_desc, &shard.name, self.skip_bad_samples)?.0
+            }
+            Format::CifarPy => cifar::parse_py(bytes, &self.source_desc, &shard.name)?,
+            Format::CifarBin => cifar::parse_bin(bytes, &self.source_desc, &shard.name)?,
+            Format::Mnist => {
+                return Err(Error::Pipeline(
+                    "an MNIST slice parsed as a whole object".into(),
+                ))
+            }
+        };
+        self.checked(shard, samples)
+    }
+
+    fn checked(&self, shard: &Shard, samples: Vec<RawSample>) -> Result<Vec<RawSample>, Error> {
+        if samples.len() != shard.samples {
+            return Err(Error::BadShard {
+                source_desc: self.source_desc.clone(),
+                shard: shard.label(),
+                reason: format!(
+                    "holds {} samples now but {} when the dataset was opened; was it rewritten during the job?",
+                    samples.len(),
+                    shard.samples
+                ),
+            });
+        }
+        Ok(samples)
+    }
+
+    fn note_skip(&mut self, e: &Error) {
+        self.skipped_at_open += 1;
+        if self.first_skip.is_none() {
+            self.first_skip = Some(e.to_string());
+        }
+    }
+
+    /// Reads an object, cached for the dataset's lifetime (MNIST files are read per slice).
+    fn read_cached(
+        &self,
+        name: &str,
+        transform: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, Error>,
+    ) -> Result<Arc<Vec<u8>>, Error> {
+        if let Some(b) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            return Ok(b.clone());
+        }
+        let bytes = Arc::new(transform(self.source.read(name)?)?);
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), bytes.clone());
+        Ok(bytes)
+    }
+
+    fn no_split(&self, hint: &str) -> Error {
+        Error::NoSplit {
+            source_desc: self.source_desc.clone(),
+            split: self.split.to_string(),
+            hint: hint.to_string(),
+        }
+    }
+}
+
+/// Recognises the layout from object names; the first layout that matches wins, in the order CIFAR-python,
+/// CIFAR-binary, MNIST, tar (a folder with torchvision's CIFAR files and a `.tar` lying beside them is CIFAR).
+pub fn detect(objects: &[Object]) -> Option<Format> {
+    let names: Vec<&str> = objects.iter().map(|o| basename(&o.name)).collect();
+    if names.iter().any(|n| cifar::py_batch(n).is_some()) {
+        Some(Format::CifarPy)
+    } else if names.iter().any(|n| cifar::bin_batch(n).is_some()) {
+        Some(Format::CifarBin)
+    } else if names.iter().any(|n| mnist::role(n).is_some()) {
+        Some(Format::Mnist)
+    } else if objects.iter().any(|o| o.name.ends_with(".tar")) {
+        Some(Format::Tar)
+    } else {
+        None
+    }
+}
+
+fn summarize(objects: &[Object]) -> String {
+    let shown: Vec<&str> = objects.iter().take(5).map(|o| o.name.as_str()).collect();
+    let more = objects.len().saturating_sub(shown.len());
+    let mut found = if more > 0 {
+        format!(
+            "{} objects: {}, ... and {more} more",
+            objects.len(),
+            shown.join(", ")
+        )
+    } else {
+        format!("{} object(s): {}", objects.len(), shown.join(", "))
+    };
+    if objects
+        .iter()
+        .any(|o| o.name.ends_with(".tar.gz") || o.name.ends_with(".tgz"))
+    {
+        found.push_str("; compressed archives (.tar.gz, .tgz) must be extracted first");
+    }
+    found
+}

@@ -1,0 +1,566 @@
+//! The loader: a rank's samples, read ahead within a memory cap, decoded and augmented on a worker pool, delivered
+//! as batches in the sampler's order.
+//!
+//! ```text
+//! fetch thread ──shards──► dispatch thread ──samples──► decode workers ──results──► Epoch::next (reorders)
+//! (reads ahead ≤ prefetch_bytes)   (keeps the samples the shuffle still needs)
+//! ```
+//! Every sample carries its position, and the consumer puts results back in order, so batches never depend on
+//! which worker was fastest. Time the consumer spends blocked is metered ([`Loader::data_wait`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver};
+use serde::{Deserialize, Serialize};
+
+use crate::augment::Transform;
+use crate::format::{Dataset, Input, OpenOptions, RawSample, Sample};
+use crate::sampler::{Position, SampleRef, Sampler, SamplerConfig};
+use crate::source::SharedSource;
+use crate::Error;
+
+/// Loader settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoaderConfig {
+    /// Samples per batch (the last batch of an epoch may be smaller; it is the same size on every rank).
+    pub batch_size: usize,
+    /// Decode/augment threads.
+    pub workers: usize,
+    /// Most bytes of shards read ahead of need (at least one shard is always allowed).
+    pub prefetch_bytes: u64,
+    /// Decoding to tensors: augmentation and normalization.
+    pub transform: Transform,
+    /// Which samples, in which order.
+    pub sampler: SamplerConfig,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            batch_size: 64,
+            workers: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(8),
+            prefetch_bytes: 256 << 20,
+            transform: Transform::default(),
+            sampler: SamplerConfig::default(),
+        }
+    }
+}
+
+/// One batch: inputs as NCHW (or N x tensor shape) `f32`, labels as `i64`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// `shape.product()` values, row-major.
+    pub inputs: Vec<f32>,
+    /// One label per sample.
+    pub labels: Vec<i64>,
+    /// `[N, C, H, W]` for images, `[N, ...]` for tensors.
+    pub shape: Vec<usize>,
+    /// The rank's position after this batch: save it in a checkpoint to resume right after it.
+    pub position: Position,
+}
+
+impl Batch {
+    /// Samples in the batch.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+    /// True for a batch without samples (never yielded by a loader).
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The batch as tch tensors `(inputs f32 [shape], labels i64 [N])` on the CPU.
+    #[cfg(feature = "tch")]
+    pub fn to_tensors(&self) -> (tch::Tensor, tch::Tensor) {
+        let shape: Vec<i64> = self.shape.iter().map(|&d| d as i64).collect();
+        (
+            tch::Tensor::from_slice(&self.inputs).view(shape.as_slice()),
+            tch::Tensor::from_slice(&self.labels),
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    wait_nanos: AtomicU64,
+    skipped: AtomicU64,
+}
+
+/// A rank's data loader over one dataset.
+#[derive(Debug)]
+pub struct Loader {
+    dataset: Arc<Dataset>,
+    sampler: Sampler,
+    config: LoaderConfig,
+    stats: Arc<Stats>,
+}
+
+impl Loader {
+    /// A loader over an opened dataset.
+    pub fn new(dataset: Arc<Dataset>, config: LoaderConfig) -> Result<Loader, Error> {
+        if config.batch_size == 0 {
+            return Err(Error::Config("batch size must be at least 1".into()));
+        }
+        let sampler = Sampler::new(dataset.shard_sizes(), config.sampler.clone())?;
+        Ok(Loader {
+            dataset,
+            sampler,
+            config,
+            stats: Arc::new(Stats::default()),
+        })
+    }
+
+    /// Opens the dataset on `source` and makes a loader over it.
+    pub fn open(
+        source: SharedSource,
+        options: &OpenOptions,
+        config: LoaderConfig,
+    ) -> Result<Loader, Error> {
+        Loader::new(Arc::new(Dataset::open(source, options)?), config)
+    }
+
+    /// The dataset.
+    pub fn dataset(&self) -> &Arc<Dataset> {
+        &self.dataset
+    }
+    /// The sampler.
+    pub fn sampler(&self) -> &Sampler {
+        &self.sampler
+    }
+    /// Samples this rank reads per epoch (the same on every rank).
+    pub fn samples_per_rank(&self) -> usize {
+        self.sampler.samples_per_rank()
+    }
+    /// Batches per epoch (the same on every rank).
+    pub fn batches_per_epoch(&self) -> usize {
+        self.samples_per_rank().div_ceil(self.config.batch_size)
+    }
+    /// Total time callers spent waiting in [`Epoch::next`] for data, over all epochs so far.
+    pub fn data_wait(&self) -> Duration {
+        Duration::from_nanos(self.stats.wait_nanos.load(Ordering::Relaxed))
+    }
+    /// Bad samples skipped so far (with `skip_bad_samples`): those left out when the dataset was opened (once),
+    /// plus each image that failed to decode, every time an epoch met it (each was replaced by the rank's previous
+    /// good sample, so every rank still takes the same number of steps).
+    pub fn skipped(&self) -> u64 {
+        self.stats.skipped.load(Ordering::Relaxed) + self.dataset.skipped_at_open()
+    }
+
+    /// Starts an epoch from its beginning.
+    pub fn epoch(&self, epoch: u64) -> Result<Epoch, Error> {
+        self.resume(Position { epoch, samples: 0 })
+    }
+
+    /// Starts an epoch at a saved position (a multiple of the batch size gives the same batches as the
+    /// uninterrupted run). Tells the source first ([`Source::begin_epoch`](crate::source::Source::begin_epoch):
+    /// a Pipe channel opens its next FIFO).
+    pub fn resume(&self, position: Position) -> Result<Epoch, Error> {
+        self.dataset.source().begin_epoch(position.epoch)?;
+        let refs = self.sampler.resume(position);
+        let skip = position.samples.min(self.sampler.samples_per_rank() as u64);
+        Ok(Epoch::start(self, position.epoch, skip, refs))
+    }
+}
+
+/// Counting gate that a stop can open, so no thread waits forever after the epoch is dropped.
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<(u64, bool)>,
+    cv: Condvar,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, bool)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Waits until `ok(level)`; false when stopped.
+    fn wait_until(&self, ok: impl Fn(u64) -> bool) -> bool {
+        let mut s = self.lock();
+        while !s.1 && !ok(s.0) {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        !s.1
+    }
+    fn add(&self, n: i64) {
+        let mut s = self.lock();
+        s.0 = s.0.saturating_add_signed(n);
+        self.cv.notify_all();
+    }
+    fn stop(&self) {
+        self.lock().1 = true;
+        self.cv.notify_all();
+    }
+}
+
+struct Job {
+    slot: usize,
+    sample: SampleRef,
+    raw: RawSample,
+}
+
+#[derive(Clone)]
+struct Item {
+    inputs: Vec<f32>,
+    shape: Vec<usize>,
+    label: i64,
+    member: String,
+    shard: String,
+}
+
+enum Outcome {
+    Item(Item),
+    /// This sample is bad; skippable.
+    Bad(Error),
+    /// The epoch cannot go on (a shard unreadable, a bug).
+    Fatal(Error),
+}
+
+/// One epoch of batches for this rank: an iterator of `Result<Batch, Error>`. After an error it ends.
+pub struct Epoch {
+    epoch: u64,
+    batch_size: usize,
+    start: u64,
+    total: usize,
+    next_slot: usize,
+    results: Receiver<(usize, Outcome)>,
+    reorder: BTreeMap<usize, Outcome>,
+    window: Arc<Gate>,
+    budget: Arc<Gate>,
+    stats: Arc<Stats>,
+    skip_bad: bool,
+    last_good: Option<Item>,
+    done: bool,
+    source_desc: String,
+}
+
+impl std::fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Epoch")
+            .field("epoch", &self.epoch)
+            .field("position", &self.position())
+            .finish()
+    }
+}
+
+impl Epoch {
+    fn start(loader: &Loader, epoch: u64, start: u64, refs: Vec<SampleRef>) -> Epoch {
+        let config = &loader.config;
+        let dataset = loader.dataset.clone();
+        let total = refs.len();
+        // Decoded results waiting to be consumed: enough for the current and the next batch.
+        let window_size = (2 * config.batch_size + 4 * config.workers.max(1)) as u64;
+        let window = Arc::new(Gate::default());
+        window.add(window_size as i64);
+        let budget = Arc::new(Gate::default());
+        let (results_tx, results) = unbounded::<(usize, Outcome)>();
+
+        // Which samples of each shard this rank needs, and the order in which shards are first needed.
+        let mut uses: HashMap<(usize, usize), usize> = HashMap::new();
+        let mut order = Vec::new();
+        let mut seen_shard = vec![false; dataset.shards().len()];
+        for r in &refs {
+            *uses.entry((r.shard, r.index)).or_default() += 1;
+            if !std::mem::replace(&mut seen_shard[r.shard], true) {
+                order.push(r.shard);
+            }
+        }
+        let mut wanted: HashMap<usize, Vec<bool>> = HashMap::new();
+        for &(s, i) in uses.keys() {
+            wanted
+                .entry(s)
+                .or_insert_with(|| vec![false; dataset.shards()[s].samples])[i] = true;
+        }
+
+        let (shard_tx, shard_rx) =
+            unbounded::<(usize, u64, Result<Vec<(usize, RawSample)>, Error>)>();
+        {
+            let dataset = dataset.clone();
+            let budget = budget.clone();
+            let cap = config.prefetch_bytes;
+            spawn("hytrain-data-fetch", move || {
+                for (s, read) in dataset.read_shards(order) {
+                    let size = dataset.shards()[s].bytes;
+                    // Read ahead only within the cap, but always when nothing is ahead (the dispatcher waits).
+                    if !budget.wait_until(|ahead| ahead == 0 || ahead + size <= cap) {
+                        return;
+                    }
+                    budget.add(size as i64);
+                    let keep = &wanted[&s];
+                    let read = read.map(|samples| {
+                        samples
+                            .into_iter()
+                            .enumerate()
+                            .filter(|(i, _)| keep.get(*i) == Some(&true))
+                            .collect()
+                    });
+                    let failed = read.is_err();
+                    if shard_tx.send((s, size, read)).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+        }
+
+        let (jobs_tx, jobs_rx) = bounded::<Job>(config.workers.max(1) * 2);
+        {
+            let window = window.clone();
+            let budget = budget.clone();
+            let results_tx = results_tx.clone();
+            spawn("hytrain-data-dispatch", move || {
+                let mut pending: HashMap<(usize, usize), (RawSample, usize)> = HashMap::new();
+                for (slot, r) in refs.into_iter().enumerate() {
+                    while !pending.contains_key(&(r.shard, r.index)) {
+                        match shard_rx.recv() {
+                            Ok((s, size, Ok(samples))) => {
+                                budget.add(-(size as i64));
+                                for (i, raw) in samples {
+                                    let n = uses[&(s, i)];
+                                    pending.insert((s, i), (raw, n));
+                                }
+                            }
+                            Ok((_, _, Err(e))) => {
+                                let _ = results_tx.send((slot, Outcome::Fatal(e)));
+                                return;
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                    if !window.wait_until(|free| free > 0) {
+                        return;
+                    }
+                    window.add(-1);
+                    let key = (r.shard, r.index);
+                    let entry = pending.get_mut(&key).expect("checked above");
+                    entry.1 -= 1;
+                    let raw = if entry.1 == 0 {
+                        pending.remove(&key).expect("present").0
+                    } else {
+                        entry.0.clone()
+                    };
+                    if jobs_tx
+                        .send(Job {
+                            slot,
+                            sample: r,
+                            raw,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+
+        for w in 0..config.workers.max(1) {
+            let jobs_rx = jobs_rx.clone();
+            let results_tx = results_tx.clone();
+            let dataset = dataset.clone();
+            let transform = config.transform.clone();
+            let seed = config.sampler.seed;
+            spawn(&format!("hytrain-data-decode-{w}"), move || {
+                while let Ok(job) = jobs_rx.recv() {
+                    let shard = dataset.shards()[job.sample.shard].label();
+                    let member = job.raw.member.clone();
+                    let outcome = catch_unwind(AssertUnwindSafe(|| {
+                        decode(&dataset, &shard, &job, &transform, seed, epoch)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Outcome::Fatal(Error::Pipeline(format!(
+                            "a decoder panicked on shard {shard}, member {member}"
+                        )))
+                    });
+                    if results_tx.send((job.slot, outcome)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+
+        Epoch {
+            epoch,
+            batch_size: config.batch_size,
+            start,
+            total,
+            next_slot: 0,
+            results,
+            reorder: BTreeMap::new(),
+            window,
+            budget,
+            stats: loader.stats.clone(),
+            skip_bad: dataset.skip_bad_samples(),
+            last_good: None,
+            done: false,
+            source_desc: dataset.source_desc().to_string(),
+        }
+    }
+
+    /// This rank's position: the epoch and the samples of it consumed so far.
+    pub fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch,
+            samples: self.start + self.next_slot as u64,
+        }
+    }
+
+    fn next_outcome(&mut self) -> Outcome {
+        loop {
+            if let Some(o) = self.reorder.remove(&self.next_slot) {
+                self.next_slot += 1;
+                self.window.add(1);
+                return o;
+            }
+            let waited = Instant::now();
+            let got = self.results.recv();
+            self.stats
+                .wait_nanos
+                .fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            match got {
+                Ok((slot, o)) => {
+                    self.reorder.insert(slot, o);
+                }
+                Err(_) => {
+                    return Outcome::Fatal(Error::Pipeline(format!(
+                        "the loader's threads stopped before sample {} of epoch {}",
+                        self.next_slot, self.epoch
+                    )))
+                }
+            }
+        }
+    }
+
+    fn next_batch(&mut self) -> Result<Batch, Error> {
+        let n = self.batch_size.min(self.total - self.next_slot);
+        let mut items: Vec<Option<Item>> = Vec::with_capacity(n);
+        for _ in 0..n {
+            match self.next_outcome() {
+                Outcome::Item(item) => {
+                    self.last_good = Some(item.clone());
+                    items.push(Some(item));
+                }
+                Outcome::Bad(e) if self.skip_bad => {
+                    let seen = self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                    if seen == 0 {
+                        tracing::warn!("skipping bad sample: {e}");
+                    }
+                    // Keep the count every rank agreed on: repeat the previous good sample (or the next one).
+                    items.push(self.last_good.clone());
+                }
+                Outcome::Bad(e) | Outcome::Fatal(e) => return Err(e),
+            }
+        }
+        // Leading bad samples of an epoch take the first good sample that follows them in the batch.
+        if let Some(first) = items.iter().flatten().next().cloned() {
+            for slot in items.iter_mut().filter(|s| s.is_none()) {
+                *slot = Some(first.clone());
+            }
+        }
+        let items: Vec<Item> = items.into_iter().flatten().collect();
+        if items.len() < n {
+            return Err(Error::Pipeline(format!(
+                "every sample of the batch at {} of epoch {} was bad; the dataset is unusable",
+                self.next_slot - n,
+                self.epoch
+            )));
+        }
+        let shape = items[0].shape.clone();
+        let mut inputs = Vec::with_capacity(n * shape.iter().product::<usize>());
+        let mut labels = Vec::with_capacity(n);
+        for item in &items {
+            if item.shape != shape {
+                return Err(Error::BadMember {
+                    source_desc: self.source_desc.clone(),
+                    shard: item.shard.clone(),
+                    member: item.member.clone(),
+                    reason: format!(
+                        "has shape {:?} but the batch's first sample {} has {:?}; make all inputs one size when packing",
+                        item.shape, items[0].member, shape
+                    ),
+                });
+            }
+            inputs.extend_from_slice(&item.inputs);
+            labels.push(item.label);
+        }
+        let mut full_shape = vec![n];
+        full_shape.extend_from_slice(&shape);
+        Ok(Batch {
+            inputs,
+            labels,
+            shape: full_shape,
+            position: Epoch::position(self),
+        })
+    }
+}
+
+impl Iterator for Epoch {
+    type Item = Result<Batch, Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done || self.next_slot >= self.total {
+            return None;
+        }
+        let batch = self.next_batch();
+        if batch.is_err() {
+            self.done = true;
+            self.window.stop();
+            self.budget.stop();
+        }
+        Some(batch)
+    }
+}
+
+impl Drop for Epoch {
+    fn drop(&mut self) {
+        // Threads see the closed gates or channels and return; none is joined, so a slow read cannot block here.
+        self.window.stop();
+        self.budget.stop();
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .expect("cannot start a data loader thread");
+}
+
+fn decode(
+    dataset: &Dataset,
+    shard: &str,
+    job: &Job,
+    transform: &Transform,
+    seed: u64,
+    epoch: u64,
+) -> Outcome {
+    let bad = |reason: String| {
+        Outcome::Bad(Error::BadMember {
+            source_desc: dataset.source_desc().to_string(),
+            shard: shard.to_string(),
+            member: job.raw.member.clone(),
+            reason,
+        })
+    };
+    let sample: Sample = match job.raw.decode(dataset.source_desc(), shard) {
+        Ok(s) => s,
+        Err(e) => return Outcome::Bad(e),
+    };
+    let (inputs, shape) = match &sample.input {
+        Input::Image(img) => match transform.apply(img, seed, epoch, job.sample.position) {
+            Ok(v) => (v, vec![img.channels, img.height, img.width]),
+            Err(reason) => return bad(reason),
+        },
+        Input::Tensor(t) => (t.to_f32(), t.shape.clone()),
+    };
+    Outcome::Item(Item {
+        inputs,
+        shape,
+        label: sample.label,
+        member: job.raw.member.clone(),
+        shard: shard.to_string(),
+    })
+}

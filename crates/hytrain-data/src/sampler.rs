@@ -1,0 +1,410 @@
+//! Which samples each rank reads in each epoch, deterministic in (seed, epoch).
+//!
+//! An epoch's global order is built in three steps, identical on every rank: the shard order is shuffled; the
+//! shards' samples, read in that order, pass through a shuffle buffer (as WebDataset does, so a rank reads shards
+//! sequentially instead of seeking everywhere); the stream is cut at `max_samples`. Rank `r` of `w` then takes the
+//! contiguous block `r*n .. (r+1)*n` of that stream, where `n` is the same for every rank: the remainder is dropped
+//! ([`Remainder::Drop`]) or filled by wrapping around to the stream's start ([`Remainder::Pad`], what PyTorch's
+//! `DistributedSampler` does). Contiguous blocks keep each rank on roughly `1/w` of the shards.
+//!
+//! Randomness comes from [`Rng`], a SplitMix64 written here, so an order never changes with a dependency's version.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, good enough for shuffles, and fixed forever.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for a tuple of values (seed, epoch, purpose, ...): each part is mixed in, so different tuples
+    /// give unrelated streams.
+    pub fn derive(parts: &[u64]) -> Rng {
+        let mut r = Rng(0x6a09_e667_f3bc_c908);
+        for &p in parts {
+            r.0 ^= p;
+            r.0 = r.next_u64();
+        }
+        r
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`), without modulo bias (Lemire's multiply-and-reject).
+    pub fn below(&mut self, n: u64) -> u64 {
+        debug_assert!(n > 0);
+        let threshold = n.wrapping_neg() % n;
+        loop {
+            let m = u128::from(self.next_u64()) * u128::from(n);
+            if (m as u64) >= threshold {
+                return (m >> 64) as u64;
+            }
+        }
+    }
+
+    /// Fisher-Yates shuffle.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            items.swap(i, j);
+        }
+    }
+}
+
+/// Purposes mixed into [`Rng::derive`], so the shard shuffle, the buffer and augmentation never share a stream.
+pub(crate) const PURPOSE_SHARDS: u64 = 1;
+pub(crate) const PURPOSE_BUFFER: u64 = 2;
+pub(crate) const PURPOSE_AUGMENT: u64 = 3;
+
+/// What to do with the samples left over when the dataset does not divide evenly among ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Remainder {
+    /// Leave them out this epoch (a different few each epoch, since the order changes).
+    Drop,
+    /// Repeat samples from the start of the epoch's order, like PyTorch's `DistributedSampler`.
+    #[default]
+    Pad,
+}
+
+/// Sampler settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SamplerConfig {
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// Number of ranks reading the dataset.
+    pub world_size: usize,
+    /// This rank, `0..world_size`.
+    pub rank: usize,
+    /// Shuffle shards and samples (off for evaluation: the source's order).
+    pub shuffle: bool,
+    /// Samples held by the shuffle buffer; larger mixes more across shards (0 or 1: no mixing within shards).
+    pub shuffle_buffer: usize,
+    /// Drop or pad the remainder so every rank gets the same number of samples.
+    pub remainder: Remainder,
+    /// Use at most this many samples of the dataset per epoch (all ranks together).
+    pub max_samples: Option<usize>,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig {
+            seed: 0,
+            world_size: 1,
+            rank: 0,
+            shuffle: true,
+            shuffle_buffer: 8192,
+            remainder: Remainder::Pad,
+            max_samples: None,
+        }
+    }
+}
+
+impl SamplerConfig {
+    /// The (rank, world size) the sampler splits by. Normally the job's global ones; but when the platform already
+    /// gave each host its own part of the dataset
+    /// ([`Source::already_sharded_by_host`](crate::source::Source::already_sharded_by_host), a `ShardedByS3Key`
+    /// channel), only this node's local ranks split what the host sees, or the dataset would be split twice.
+    /// Hosts may then hold different sample counts: set `max_samples` to the smallest count over hosts (an
+    /// allreduce-min) so every rank takes the same number of steps.
+    pub fn ranks_for(
+        already_sharded_by_host: bool,
+        rank: usize,
+        world_size: usize,
+        local_rank: usize,
+        local_world_size: usize,
+    ) -> (usize, usize) {
+        if already_sharded_by_host {
+            (local_rank, local_world_size)
+        } else {
+            (rank, world_size)
+        }
+    }
+}
+
+/// One sample a rank reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SampleRef {
+    /// Index of the shard in [`crate::format::Dataset::shards`].
+    pub shard: usize,
+    /// Index of the sample within its shard.
+    pub index: usize,
+    /// Position in the epoch's global stream (unique per epoch, also for padded repeats): the augmentation seed.
+    pub position: u64,
+}
+
+/// Where a rank is in its data: the epoch and the samples of it already consumed. Saved in checkpoints, so a
+/// resumed job continues its epoch instead of restarting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Position {
+    /// The epoch, from 0.
+    pub epoch: u64,
+    /// Samples of this epoch this rank has consumed.
+    pub samples: u64,
+}
+
+/// A rank's sample order, per epoch.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    shard_sizes: Vec<usize>,
+    config: SamplerConfig,
+    total: usize,
+    per_rank: usize,
+}
+
+impl Sampler {
+    /// A sampler over shards of the given sizes. Fails when the rank is outside the world, or when there are too
+    /// few samples for every rank to get one.
+    pub fn new(shard_sizes: Vec<usize>, config: SamplerConfig) -> Result<Sampler, Error> {
+        if config.world_size == 0 || config.rank >= config.world_size {
+            return Err(Error::Config(format!(
+                "rank {} is outside a world of {} ranks",
+                config.rank, config.world_size
+            )));
+        }
+        let all: usize = shard_sizes.iter().sum();
+        let total = config.max_samples.map_or(all, |m| m.min(all));
+        let per_rank = match config.remainder {
+            Remainder::Drop => total / config.world_size,
+            Remainder::Pad => total.div_ceil(config.world_size),
+        };
+        if per_rank == 0 {
+            return Err(Error::Config(format!(
+                "{total} samples cannot give each of {} ranks at least one{}",
+                config.world_size,
+                if total > 0 {
+                    "; use fewer ranks or --remainder pad"
+                } else {
+                    ""
+                }
+            )));
+        }
+        Ok(Sampler {
+            shard_sizes,
+            config,
+            total,
+            per_rank,
+        })
+    }
+
+    /// Samples every rank reads per epoch.
+    pub fn samples_per_rank(&self) -> usize {
+        self.per_rank
+    }
+
+    /// Samples of the dataset used per epoch, all ranks together (before padding).
+    pub fn epoch_samples(&self) -> usize {
+        self.total
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SamplerConfig {
+        &self.config
+    }
+
+    /// The global order of an epoch (all ranks), cut at `max_samples`: pairs (shard, index).
+    fn global(&self, epoch: u64) -> Vec<(usize, usize)> {
+        let seed = self.config.seed;
+        let mut shards: Vec<usize> = (0..self.shard_sizes.len()).collect();
+        if self.config.shuffle {
+            Rng::derive(&[seed, epoch, PURPOSE_SHARDS]).shuffle(&mut shards);
+        }
+        let stream = shards
+            .iter()
+            .flat_map(|&s| (0..self.shard_sizes[s]).map(move |i| (s, i)));
+        let mut out = Vec::with_capacity(self.total);
+        let cap = self.config.shuffle_buffer;
+        if !self.config.shuffle || cap <= 1 {
+            out.extend(stream.take(self.total));
+            return out;
+        }
+        let mut rng = Rng::derive(&[seed, epoch, PURPOSE_BUFFER]);
+        let mut buffer = Vec::with_capacity(cap.min(self.total));
+        for item in stream {
+            if out.len() >= self.total {
+                break;
+            }
+            if buffer.len() < cap {
+                buffer.push(item);
+                continue;
+            }
+            let j = rng.below(cap as u64) as usize;
+            out.push(std::mem::replace(&mut buffer[j], item));
+        }
+        while out.len() < self.total && !buffer.is_empty() {
+            let j = rng.below(buffer.len() as u64) as usize;
+            out.push(buffer.swap_remove(j));
+        }
+        out
+    }
+
+    /// This rank's samples of `epoch`, in reading order.
+    pub fn epoch(&self, epoch: u64) -> Vec<SampleRef> {
+        let global = self.global(epoch);
+        let start = self.config.rank * self.per_rank;
+        (start..start + self.per_rank)
+            .map(|p| {
+                let (shard, index) = global[p % global.len()];
+                SampleRef {
+                    shard,
+                    index,
+                    position: p as u64,
+                }
+            })
+            .collect()
+    }
+
+    /// This rank's remaining samples after `position` (a resumed epoch continues where it stopped).
+    pub fn resume(&self, position: Position) -> Vec<SampleRef> {
+        let mut refs = self.epoch(position.epoch);
+        let done = usize::try_from(position.samples)
+            .unwrap_or(usize::MAX)
+            .min(refs.len());
+        refs.drain(..done);
+        refs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn config(
+        seed: u64,
+        world_size: usize,
+        rank: usize,
+        buffer: usize,
+        remainder: Remainder,
+    ) -> SamplerConfig {
+        SamplerConfig {
+            seed,
+            world_size,
+            rank,
+            shuffle: true,
+            shuffle_buffer: buffer,
+            remainder,
+            max_samples: None,
+        }
+    }
+
+    #[test]
+    fn rng_is_fixed_forever() {
+        // SplitMix64's published first output for state 0 (after one increment).
+        let mut r = Rng(0);
+        assert_eq!(r.next_u64(), 0xe220_a839_7b1d_cdaf);
+    }
+
+    #[test]
+    fn rank_outside_world_is_an_error() {
+        let e = Sampler::new(vec![10], config(0, 2, 2, 4, Remainder::Pad)).unwrap_err();
+        assert!(
+            e.to_string().contains("rank 2 is outside a world of 2"),
+            "{e}"
+        );
+        let e = Sampler::new(vec![1], config(0, 2, 0, 4, Remainder::Drop)).unwrap_err();
+        assert!(e.to_string().contains("cannot give each of 2 ranks"), "{e}");
+    }
+
+    #[test]
+    fn epochs_differ_and_seeds_differ() {
+        let s = Sampler::new(vec![50, 50], config(1, 1, 0, 16, Remainder::Pad)).unwrap();
+        assert_ne!(s.epoch(0), s.epoch(1));
+        let t = Sampler::new(vec![50, 50], config(2, 1, 0, 16, Remainder::Pad)).unwrap();
+        assert_ne!(s.epoch(0), t.epoch(0));
+    }
+
+    #[test]
+    fn host_sharded_sources_split_among_local_ranks_only() {
+        assert_eq!(SamplerConfig::ranks_for(false, 5, 8, 1, 4), (5, 8));
+        assert_eq!(SamplerConfig::ranks_for(true, 5, 8, 1, 4), (1, 4));
+    }
+
+    #[test]
+    fn no_shuffle_keeps_source_order() {
+        let mut c = config(1, 1, 0, 16, Remainder::Pad);
+        c.shuffle = false;
+        let s = Sampler::new(vec![2, 3], c).unwrap();
+        let pairs: Vec<_> = s.epoch(5).iter().map(|r| (r.shard, r.index)).collect();
+        assert_eq!(pairs, vec![(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]);
+    }
+
+    proptest! {
+        #[test]
+        fn ranks_get_equal_counts_and_disjoint_samples(
+            sizes in proptest::collection::vec(0usize..40, 1..8),
+            world in 1usize..6,
+            seed in any::<u64>(),
+            epoch in 0u64..4,
+            buffer in 0usize..64,
+            drop in any::<bool>(),
+            max in proptest::option::of(1usize..200),
+        ) {
+            let total: usize = sizes.iter().sum::<usize>().min(max.unwrap_or(usize::MAX));
+            let remainder = if drop { Remainder::Drop } else { Remainder::Pad };
+            prop_assume!(if drop { total >= world } else { total >= 1 });
+            let mut seen = HashSet::new();
+            let mut counts = Vec::new();
+            let mut positions = HashSet::new();
+            for rank in 0..world {
+                let mut c = config(seed, world, rank, buffer, remainder);
+                c.max_samples = max;
+                let s = Sampler::new(sizes.clone(), c).unwrap();
+                let refs = s.epoch(epoch);
+                counts.push(refs.len());
+                for r in refs {
+                    prop_assert!(r.index < sizes[r.shard]);
+                    prop_assert!(positions.insert(r.position), "position {} twice", r.position);
+                    // Padding repeats at most the samples that wrap around; all others are unique.
+                    if (r.position as usize) < total {
+                        prop_assert!(seen.insert((r.shard, r.index)), "sample {:?} on two ranks", (r.shard, r.index));
+                    }
+                }
+            }
+            prop_assert!(counts.iter().all(|&c| c == counts[0]));
+            match remainder {
+                Remainder::Drop => prop_assert_eq!(counts[0], total / world),
+                Remainder::Pad => prop_assert_eq!(counts[0], total.div_ceil(world)),
+            }
+            if remainder == Remainder::Pad {
+                prop_assert_eq!(seen.len(), total, "every sample is read once per epoch");
+            }
+        }
+
+        #[test]
+        fn the_same_seed_and_epoch_give_the_same_order(
+            sizes in proptest::collection::vec(1usize..30, 1..6),
+            seed in any::<u64>(),
+            epoch in 0u64..10,
+        ) {
+            let a = Sampler::new(sizes.clone(), config(seed, 2, 1, 7, Remainder::Pad)).unwrap();
+            let b = Sampler::new(sizes, config(seed, 2, 1, 7, Remainder::Pad)).unwrap();
+            prop_assert_eq!(a.epoch(epoch), b.epoch(epoch));
+        }
+
+        #[test]
+        fn resumed_epoch_equals_the_rest_of_the_uninterrupted_one(
+            sizes in proptest::collection::vec(1usize..30, 1..6),
+            seed in any::<u64>(),
+            epoch in 0u64..10,
+            consumed in 0u64..200,
+        ) {
+            let s = Sampler::new(sizes, config(seed, 3, 0, 11, Remainder::Pad)).unwrap();
+            let full = s.epoch(epoch);
+            let rest = s.resume(Position { epoch, samples: consumed });
+            let skip = (consumed as usize).min(full.len());
+            prop_assert_eq!(&full[skip..], &rest[..]);
+        }
+    }
+}
