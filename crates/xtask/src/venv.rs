@@ -19,7 +19,7 @@ const STAMP: &str = ".hytrain-venv.json";
 const EXTRA_PACKAGES: &[&str] = &["numpy"];
 
 /// Makes sure `.cache/bench-venv` holds torch 2.11.0 (from the hash-checked wheel setup downloads) and returns the
-/// path of its python. The first call downloads torch's dependencies from PyPI, about 4 GB: the PyPI wheel's Python
+/// path of its python. Later work adds what its checks need to `EXTRA_PACKAGES`; the next call installs it. The first call downloads torch's dependencies from PyPI, about 4 GB: the PyPI wheel's Python
 /// extension links the CUDA libraries, so even a CPU-only `import torch` needs them. Later calls take milliseconds.
 pub fn bench_venv(root: &Path) -> Result<PathBuf> {
     let pins = setup::pins(root)?;
@@ -52,18 +52,28 @@ pub fn bench_venv(root: &Path) -> Result<PathBuf> {
         .expect("torch is a component");
     let torch_wheel = &wheels[torch_index];
 
-    println!(
-        "setup: creating {BENCH_VENV} with torch {} from the cached wheel and its dependencies from PyPI \
-         (about 4 GB the first time)...",
-        wheel::TORCH_VERSION
-    );
-    if venv.exists() {
-        fs::remove_dir_all(&venv).with_context(|| format!("cannot remove {}", venv.display()))?;
+    if python.exists() {
+        // Installed into, not rebuilt: packages others added for their own checks (say boto3) stay, and pip only
+        // changes what torch 2.11.0 and EXTRA_PACKAGES need.
+        println!(
+            "setup: installing torch {} into {BENCH_VENV}...",
+            wheel::TORCH_VERSION
+        );
+    } else {
+        println!(
+            "setup: creating {BENCH_VENV} with torch {} from the cached wheel and its dependencies from PyPI \
+             (about 4 GB the first time)...",
+            wheel::TORCH_VERSION
+        );
+        if venv.exists() {
+            fs::remove_dir_all(&venv)
+                .with_context(|| format!("cannot remove {}", venv.display()))?;
+        }
+        run(Command::new(setup::python(std::env::var_os("PYTHON"))?)
+            .args(["-m", "venv"])
+            .arg(&venv))
+        .context("python3 -m venv failed; install python3-venv")?;
     }
-    run(Command::new(setup::python(std::env::var_os("PYTHON"))?)
-        .args(["-m", "venv"])
-        .arg(&venv))
-    .context("python3 -m venv failed; install python3-venv")?;
     // The torch wheel is named by path so pip installs the hash-checked file rather than fetching it again; the
     // nvidia wheels setup already downloaded are found through --find-links.
     run(Command::new(&python)
@@ -72,7 +82,12 @@ pub fn bench_venv(root: &Path) -> Result<PathBuf> {
         .arg(torch_wheel)
         .args(EXTRA_PACKAGES)
         .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"))
-    .context("pip could not install torch and its dependencies into the bench venv; check the network and run again")?;
+    .with_context(|| {
+        format!(
+            "pip could not install torch and its dependencies into {BENCH_VENV}; check the network and run again \
+             (delete {BENCH_VENV} if its Python no longer runs)"
+        )
+    })?;
     run(Command::new(&python).args([
         "-c",
         "import torch, torch.distributed as d; assert d.is_gloo_available(), 'no gloo'; print('setup: bench venv has torch', torch.__version__, 'with gloo')",
