@@ -97,10 +97,13 @@ fn test(args: &[OsString]) -> Result<u8> {
     let root = root();
     setup::libtorch(&root)?;
     setup::test_tools()?;
+    // Parity tests compare hytrain with PyTorch itself, run from this environment.
+    let python = venv::bench_venv(&root)?;
     let mut command = cargo(&root);
     command
         .args(["test", "--workspace", "--features", "mpi"])
-        .args(args);
+        .args(args)
+        .env("HYTRAIN_TEST_PYTHON", &python);
     if setup::is_root() {
         // Open MPI refuses to start as root without both of these; containers and CI machines often run as root.
         command
@@ -202,7 +205,7 @@ fn build_binary(root: &Path, name: &str) -> Result<PathBuf> {
 fn bench(args: &[OsString]) -> Result<u8> {
     let started = Instant::now();
     let root = root();
-    let peer = gloo_peer(&root)?;
+    gloo_peer(&root)?;
     setup::libtorch(&root)?;
     let python = venv::bench_venv(&root)?;
     let mut command = cargo(&root);
@@ -211,13 +214,7 @@ fn bench(args: &[OsString]) -> Result<u8> {
         .args(args)
         .env("HYTRAIN_BENCH_PYTHON", &python);
     println!("bench: {}", show(&command));
-    let code = status_code(&mut command)?;
-    if code != 0 {
-        return Ok(code);
-    }
-    let mut command = Command::new(&python);
-    command.arg(&peer).current_dir(&root);
-    println!("bench: PyTorch gloo peer: {}", show(&command));
+    // The bench itself runs the gloo peer with HYTRAIN_BENCH_PYTHON, in the same run, and prints both side by side.
     let code = status_code(&mut command)?;
     println!("bench: finished in {} (exit code {code})", elapsed(started));
     Ok(code)
