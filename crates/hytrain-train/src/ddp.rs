@@ -295,7 +295,7 @@ impl Ddp {
     }
 
     /// Copies rank 0's values of `tensors` into every rank's, in chunks of at most one bucket.
-    fn broadcast_tensors(&mut self, tensors: &[(String, Tensor)], during: &str) -> Result<()> {
+    pub(crate) fn broadcast_tensors(&mut self, tensors: &[(String, Tensor)], during: &str) -> Result<()> {
         if self.world_size() == 1 || tensors.is_empty() {
             return Ok(());
         }

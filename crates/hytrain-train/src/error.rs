@@ -62,6 +62,25 @@ pub enum TrainError {
         detail: String,
     },
 
+    /// A configuration key no knob has.
+    #[error("unknown option '{key}': known options are {known}")]
+    UnknownOption {
+        /// The key as given.
+        key: String,
+        /// The known keys, comma-separated.
+        known: String,
+    },
+
+    /// The training or validation data failed, or ran out before the epoch's announced batch count.
+    #[error("{during}: {source}")]
+    Data {
+        /// What the loop was doing ("training batch 12 of epoch 1", "another rank's data").
+        during: String,
+        /// The data source's error.
+        #[source]
+        source: crate::batches::BatchError,
+    },
+
     /// Optimizer state does not fit the model's parameters.
     #[error("optimizer state: {0}")]
     OptimizerState(String),

@@ -22,17 +22,22 @@
 
 #![warn(missing_docs)]
 
+pub mod batches;
 mod bucket;
 pub mod checkpoint;
+pub mod config;
 mod ddp;
 mod error;
 pub mod export;
 pub mod model;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;
 
+pub use batches::{Batch, BatchError, BatchSource, Batches, TensorBatches};
 pub use bucket::{assign_buckets, Bucket, MB};
 pub use checkpoint::{latest_valid, Checkpoint, CheckpointMeta, CheckpointStore, Resume, RngState, Skipped};
+pub use config::{layer, ConfigSources, Layered, OptimizerKind, Origin, TrainConfig};
 pub use ddp::{cross_entropy, BucketLayout, Ddp, DdpOptions, DdpStats, StepOutput};
 pub use error::{Result, TrainError};
 pub use export::{export, ExportMetadata};
@@ -41,3 +46,4 @@ pub use hytrain_comm::{Buffer, Collective, CommError, ReduceOp};
 pub use model::{Model, ScriptModel};
 pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use schedule::Schedule;
+pub use trainer::{RunPaths, Summary, Trainer};

@@ -106,8 +106,7 @@ pub fn python() -> PathBuf {
          set HYTRAIN_TEST_PYTHON to one",
         venv.display()
     );
-    let venv = venv.join("bin/python");
-    venv
+    venv.join("bin/python")
 }
 
 /// Runs a Python script from this crate's tests/ with arguments; panics with its output when it fails.
