@@ -1,6 +1,10 @@
 //! hytrain's training engine on libtorch: models, data-parallel gradient averaging, optimizers, learning-rate
 //! schedules, checkpoints and model export. The `hytrain train` command drives it; programs can too.
 //!
+//! The whole loop (resume, epochs, evaluation, metrics lines, checkpoints, graceful stop, export) is
+//! [`Trainer::run`], configured by [`TrainConfig`] and fed by any [`BatchSource`]; the example below drives
+//! [`Ddp`] by hand instead.
+//!
 //! ```no_run
 //! use hytrain_train::{model, Ddp, DdpOptions, OptimizerConfig, SgdConfig, Schedule};
 //! # fn run(comm: Box<dyn hytrain_train::Collective>) -> hytrain_train::Result<()> {

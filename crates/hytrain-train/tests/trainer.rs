@@ -467,3 +467,39 @@ fn mismatched_in_memory_data_is_refused() {
     .to_string();
     assert!(err.contains("do not pair up"), "{err}");
 }
+
+#[test]
+fn a_checkpoint_of_another_model_fails_every_rank_with_rank_0s_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Job {
+        config: TrainConfig { max_steps: Some(2), ..config() },
+        train: blobs(128, 12),
+        val: blobs(20, 13),
+        paths: paths(dir.path()),
+        stop_rank0_after: None,
+        out: None,
+        model_seed: 1,
+    };
+    run(&job, 1); // leaves ckpt-2 of mlp:32
+    let data = blobs(128, 12);
+    let config = TrainConfig { max_steps: Some(4), ..config() };
+    let errors = on_ranks(2, |rank, comm| {
+        let net = model::build("mlp:8", CLASSES, &[FEATURES], Device::Cpu).unwrap();
+        let mut ddp = Ddp::new(net, comm, config.ddp_options()).unwrap();
+        let mut opt = config.optimizer_config().build(ddp.parameters()).unwrap();
+        let (xs, ys) = copy(&data);
+        let mut train = TensorBatches::training(xs, ys, 16, rank, 2, 1).unwrap();
+        let stop = AtomicBool::new(false);
+        let schedule = hytrain_train::Schedule::Constant;
+        let mut trainer = Trainer::new().with_progress_bar(false);
+        let paths = paths(dir.path());
+        trainer
+            .run(&mut ddp, opt.as_mut(), &schedule, &config, &mut train, None, &paths, &stop)
+            .unwrap_err()
+            .to_string()
+    });
+    for e in &errors {
+        assert!(e.contains("checkpoints") && e.contains("shape"), "{e}");
+    }
+    assert_eq!(errors[0], errors[1], "every rank reports rank 0's reason");
+}
