@@ -7,6 +7,7 @@
 //! OUT/train/shard-000000.tar, shard-000001.tar, ...   members 00000000.png + 00000000.cls, ... (source order)
 //! OUT/test/shard-000000.tar, ...                      when the input has a test split
 //! OUT/classes.json                                    ["airplane", "automobile", ...] (index = label), when known
+//! OUT/index.json                                      every shard's size and sample count (format::INDEX_FILE)
 //! ```
 //! Pixels (CIFAR, MNIST) are written as png; png/jpeg inputs keep their original bytes. Keys are the sample's index
 //! in its split, zero-padded, so shards sort and read back in the order they were written. Tar headers carry no
@@ -19,7 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::format::{
-    decode, Dataset, Format, ImageKind, OpenOptions, Payload, RawSample, Split, CLASSES_FILE,
+    decode, Dataset, Format, ImageKind, IndexEntry, OpenOptions, Payload, RawSample, ShardIndex,
+    Split, CLASSES_FILE, INDEX_FILE,
 };
 use crate::source::SharedSource;
 use crate::Error;
@@ -221,6 +223,26 @@ pub fn pack(source: SharedSource, options: &PackOptions) -> Result<PackReport, E
         PackInput::Detect => pack_dataset(source, options, &mut report)?,
         PackInput::ImageFolder => pack_image_folder(source, options, &mut report)?,
     }
+    let index = ShardIndex {
+        shards: report
+            .splits
+            .iter()
+            .flat_map(|(_, shards)| shards)
+            .map(|s| IndexEntry {
+                name: s
+                    .path
+                    .strip_prefix(&options.out_dir)
+                    .unwrap_or(&s.path)
+                    .to_string_lossy()
+                    .replace('\\', "/"),
+                bytes: s.bytes,
+                samples: s.samples,
+            })
+            .collect(),
+    };
+    let path = options.out_dir.join(INDEX_FILE);
+    let json = serde_json::to_vec_pretty(&index).expect("an index serializes");
+    fs::write(&path, json).map_err(write_err(&path))?;
     if let Some(classes) = &report.classes {
         let path = options.out_dir.join(CLASSES_FILE);
         let json = serde_json::to_vec(classes).expect("strings serialize");

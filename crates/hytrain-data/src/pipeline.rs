@@ -564,3 +564,24 @@ fn decode(
         shard: shard.to_string(),
     })
 }
+
+#[cfg(all(test, feature = "tch"))]
+mod tch_tests {
+    use super::*;
+
+    #[test]
+    fn batch_becomes_tensors_of_its_shape_and_values() {
+        let batch = Batch {
+            inputs: (0..2 * 3 * 2 * 2).map(|i| i as f32).collect(),
+            labels: vec![4, 7],
+            shape: vec![2, 3, 2, 2],
+            position: Position::default(),
+        };
+        let (x, y) = batch.to_tensors();
+        assert_eq!(x.size(), vec![2, 3, 2, 2]);
+        assert_eq!(x.kind(), tch::Kind::Float);
+        assert_eq!(x.double_value(&[1, 2, 1, 0]), f64::from(12 + 8 + 2));
+        assert_eq!(y.kind(), tch::Kind::Int64);
+        assert_eq!(Vec::<i64>::try_from(&y).unwrap(), vec![4, 7]);
+    }
+}

@@ -237,3 +237,61 @@ fn inspect_reports_samples_classes_and_shards_of_each_split() {
         .to_string();
     assert!(e.contains("empty"), "{e}");
 }
+
+/// A source that counts the objects read through it.
+#[derive(Debug)]
+struct Counting(MemorySource, std::sync::atomic::AtomicUsize);
+
+impl hytrain_data::source::Source for Counting {
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+    fn list(&self) -> Result<Vec<hytrain_data::source::Object>, hytrain_data::Error> {
+        self.0.list()
+    }
+    fn read(&self, name: &str) -> Result<Vec<u8>, hytrain_data::Error> {
+        if name.ends_with(".tar") {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.0.read(name)
+    }
+}
+
+#[test]
+fn opening_packed_shards_takes_counts_from_the_index_without_reading_shards() {
+    let out = tempfile::tempdir().unwrap();
+    pack(fixture("cifar-bin"), &options(out.path(), 10_000)).unwrap();
+    let counting = Arc::new(Counting(load_dir(out.path()), Default::default()));
+    let ds = Dataset::open(counting.clone(), &OpenOptions::default()).unwrap();
+    assert_eq!(counting.1.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(ds.len(), 7);
+    same_content(
+        &samples(counting, Split::Train),
+        &samples(fixture("cifar-bin"), Split::Train),
+    );
+}
+
+#[test]
+fn a_stale_index_is_ignored_and_the_shards_are_counted() {
+    let out = tempfile::tempdir().unwrap();
+    pack(fixture("cifar-bin"), &options(out.path(), 10_000)).unwrap();
+    let mut m = load_dir(out.path());
+    // Replace the first shard by a one-sample shard: its size no longer matches the index.
+    let one = common::tar(&[("x.png", &common::png(1, 32)), ("x.cls", b"3")]);
+    m.insert("train/shard-000000.tar", one);
+    let ds = Dataset::open(Arc::new(m), &OpenOptions::default()).unwrap();
+    let all: usize = ds.shard_sizes().iter().sum();
+    assert_eq!(ds.shard_sizes()[0], 1);
+    assert_eq!(all, 7 - report_first_shard_samples(out.path()) + 1);
+}
+
+fn report_first_shard_samples(out: &std::path::Path) -> usize {
+    let index: hytrain_data::format::ShardIndex =
+        serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+    index
+        .shards
+        .iter()
+        .find(|e| e.name == "train/shard-000000.tar")
+        .unwrap()
+        .samples
+}

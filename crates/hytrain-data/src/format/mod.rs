@@ -309,6 +309,30 @@ pub struct Dataset {
 pub type ShardReads<'a> =
     Box<dyn Iterator<Item = (usize, Result<Vec<RawSample>, Error>)> + Send + 'a>;
 
+/// Name of the shard index `pack` writes at the output's root: `{"shards": [{"name": "train/shard-000000.tar",
+/// "bytes": 123, "samples": 45}, ...]}`. When every shard of the split is listed with its current size, `open`
+/// takes the sample counts from it instead of reading every shard once. Keep it out of a Pipe channel's prefix
+/// (point the channel at `train/`): a Pipe stream may only hold tar shards.
+pub const INDEX_FILE: &str = "index.json";
+
+/// One entry of [`INDEX_FILE`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IndexEntry {
+    /// Shard name relative to the index's folder.
+    pub name: String,
+    /// Shard size in bytes (an entry whose size differs from the object's is ignored).
+    pub bytes: u64,
+    /// Samples in the shard.
+    pub samples: usize,
+}
+
+/// The content of [`INDEX_FILE`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardIndex {
+    /// Every shard written.
+    pub shards: Vec<IndexEntry>,
+}
+
 /// Name of the class list `pack` writes beside tar shards: a JSON array of class names, index = label.
 pub const CLASSES_FILE: &str = "classes.json";
 

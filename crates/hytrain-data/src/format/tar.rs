@@ -53,6 +53,17 @@ pub(crate) fn index(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
             Split::Train => "put the training shards under train/ (test shards go under val/ or test/)",
         }));
     }
+    if let Some(counts) = indexed_counts(ds, objects, &chosen) {
+        for (o, samples) in chosen.iter().zip(counts) {
+            ds.shards.push(Shard {
+                name: o.name.clone(),
+                bytes: o.size,
+                samples,
+                kind: ShardKind::Object,
+            });
+        }
+        return read_classes(ds, objects);
+    }
     let names = chosen.iter().map(|o| o.name.clone()).collect();
     let source = ds.source.clone();
     for (o, read) in chosen.iter().zip(source.read_many(names)) {
@@ -68,6 +79,10 @@ pub(crate) fn index(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
             kind: ShardKind::Object,
         });
     }
+    read_classes(ds, objects)
+}
+
+fn read_classes(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
     let classes = objects
         .iter()
         .find(|o| o.name == super::CLASSES_FILE)
@@ -82,6 +97,39 @@ pub(crate) fn index(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
         ds.classes = Some(names);
     }
     Ok(())
+}
+
+/// Sample counts of the chosen shards from the index `pack` wrote, when it lists every one of them at its
+/// current size; `None` (scan the shards) otherwise.
+fn indexed_counts(ds: &Dataset, objects: &[Object], chosen: &[&Object]) -> Option<Vec<usize>> {
+    if ds.skip_bad_samples {
+        // Counts must leave out bad samples, which only a scan finds.
+        return None;
+    }
+    objects.iter().find(|o| o.name == super::INDEX_FILE)?;
+    let bytes = ds.source.read(super::INDEX_FILE).ok()?;
+    let index: super::ShardIndex = match serde_json::from_slice(&bytes) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(
+                "{}: ignoring {} ({e}); counting samples by reading the shards",
+                ds.source_desc,
+                super::INDEX_FILE
+            );
+            return None;
+        }
+    };
+    let by_name: std::collections::HashMap<&str, &super::IndexEntry> =
+        index.shards.iter().map(|e| (e.name.as_str(), e)).collect();
+    chosen
+        .iter()
+        .map(|o| {
+            by_name
+                .get(o.name.as_str())
+                .filter(|e| e.bytes == o.size)
+                .map(|e| e.samples)
+        })
+        .collect()
 }
 
 /// Members of one key, gathered until the key changes.
