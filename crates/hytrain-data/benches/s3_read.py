@@ -151,17 +151,16 @@ def main():
                 return sum(pool.map(lambda k: len(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read()), keys()))
 
         def s3torch():
+            # Listed through boto3: s3torchconnector's own listing sends `delimiter=` (empty), which s3s-fs takes
+            # for a real delimiter, so from_prefix finds nothing here (AWS ignores it). The reads are its own.
+            uris = [f"s3://{BUCKET}/{k}" for k in keys()]
             if S3IterableDataset is not None:
-                dataset = S3IterableDataset.from_prefix(
-                    f"s3://{BUCKET}/{PREFIX}", region="us-east-1", endpoint=endpoint,
+                dataset = S3IterableDataset.from_objects(
+                    uris, region="us-east-1", endpoint=endpoint,
                     s3client_config=S3ClientConfig(force_path_style=True))
                 return sum(len(reader.read()) for reader in dataset)
             client = MountpointS3Client("us-east-1", endpoint=endpoint, force_path_style=True)
-            n = 0
-            for page in client.list_objects(BUCKET, PREFIX):
-                for info in page.object_info:
-                    n += sum(len(chunk) for chunk in client.get_object(BUCKET, info.key))
-            return n
+            return sum(len(chunk) for uri in uris for chunk in client.get_object(BUCKET, uri.split("/", 3)[3]))
 
         readers = [
             ("plain read of the files (ceiling)", disk),

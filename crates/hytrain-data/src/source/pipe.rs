@@ -141,8 +141,8 @@ impl Pipe {
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
         loop {
-            let got = read_with_stall_timeout(&file, &mut buf, self.opts.stall_timeout)
-                .map_err(|e| fail(e))?;
+            let got =
+                read_with_stall_timeout(&file, &mut buf, self.opts.stall_timeout).map_err(fail)?;
             if got == 0 {
                 break;
             }

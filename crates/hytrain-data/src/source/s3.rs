@@ -749,15 +749,18 @@ impl Inner {
     }
 }
 
+/// One object being read ahead: its name, where its bytes will arrive, and the task to cancel.
+type InFlight = (
+    String,
+    mpsc::Receiver<Result<Vec<u8>, Error>>,
+    tokio::task::AbortHandle,
+);
+
 /// [`Source::read_many`] for S3: keeps up to [`S3Options::prefetch`] objects in flight.
 struct Prefetch<'a> {
     s3: &'a S3,
     pending: VecDeque<String>,
-    in_flight: VecDeque<(
-        String,
-        mpsc::Receiver<Result<Vec<u8>, Error>>,
-        tokio::task::AbortHandle,
-    )>,
+    in_flight: VecDeque<InFlight>,
 }
 
 impl Iterator for Prefetch<'_> {

@@ -210,9 +210,9 @@ fn header_data_blocks(block: &[u8; BLOCK]) -> Option<u64> {
     }
     let size = if block[124] & 0x80 != 0 {
         // GNU base-256 for sizes of 8 GiB and more.
-        block[125..136].iter().fold(0u64, |acc, &b| {
-            acc.checked_mul(256).unwrap_or(u64::MAX) | u64::from(b)
-        })
+        block[125..136]
+            .iter()
+            .fold(0u64, |acc, &b| acc.saturating_mul(256) | u64::from(b))
     } else {
         parse_octal(&block[124..136])?
     };
