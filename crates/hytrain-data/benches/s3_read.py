@@ -48,12 +48,16 @@ def make_shard(rng, max_bytes, index):
 
 
 def timed(runs, fn):
-    """Median and best seconds of `runs` calls of fn, which returns the bytes it read."""
+    """Median and best seconds of `runs` calls of fn, which returns the bytes it read, or (bytes, seconds) when it
+    timed itself."""
     seconds, total = [], None
     for _ in range(runs):
         started = time.perf_counter()
         got = fn()
-        seconds.append(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        if isinstance(got, tuple):
+            got, elapsed = got
+        seconds.append(elapsed)
         if total is not None and got != total:
             raise SystemExit(f"a reader returned {got} bytes, then {total}")
         total = got
@@ -73,6 +77,8 @@ def main():
     ap.add_argument("--threads", type=int, default=8, help="threads of the threaded boto3 reader")
     ap.add_argument("--server-threads", type=int, default=4)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--hytrain-s3", action="append", default=[], metavar="ARGS",
+                    help="extra read_source options for another hytrain S3 row, e.g. '--prefetch 16' (repeatable)")
     args = ap.parse_args()
 
     server_bin, reader_bin = args.examples / "s3_server", args.examples / "read_source"
@@ -132,9 +138,12 @@ def main():
             return n
 
         def hytrain(spec, *extra):
+            # The example times list + reads itself, so process start and client set-up are left out, as they
+            # are for the Python readers, whose clients exist before the clock starts.
             def run():
                 out = subprocess.run([str(reader_bin), spec, *extra], check=True, capture_output=True, text=True)
-                return json.loads(out.stdout.splitlines()[-1])["bytes"]
+                line = json.loads(out.stdout.splitlines()[-1])
+                return line["bytes"], line["seconds"]
             return run
 
         s3_args = ("--endpoint", endpoint, "--access-key", access_key, "--secret-key", secret_key)
@@ -166,6 +175,8 @@ def main():
             ("plain read of the files (ceiling)", disk),
             ("hytrain Dir (folder)", hytrain(str(folder))),
             ("hytrain S3", hytrain(f"s3://{BUCKET}/{PREFIX}", *s3_args)),
+            *[(f"hytrain S3 {extra}", hytrain(f"s3://{BUCKET}/{PREFIX}", *s3_args, *extra.split()))
+              for extra in args.hytrain_s3],
             ("boto3, 1 thread", boto3_sequential),
             (f"boto3, {args.threads} threads", boto3_threads),
             (connector, s3torch),
