@@ -135,3 +135,27 @@ fn the_elapsed_budget_stops_retries_before_the_attempt_limit() {
         "{attempts} attempts, {seconds} s"
     );
 }
+
+#[test]
+fn a_stalled_body_times_out_and_the_retry_reads_exact_bytes() {
+    let root = tempfile::tempdir().unwrap();
+    let server = LocalS3::start(root.path());
+    let data = pseudo_random(3 * PART as usize, 4);
+    server.put("bkt", "ds/a.tar", &data);
+    let opts = S3Options {
+        part_size: PART,
+        request_timeout: Duration::from_millis(500),
+        ..server.options()
+    };
+    let source = S3::new("s3://bkt/ds", &opts).unwrap();
+    source.list().unwrap();
+    server.faults.inject("GetObject", Fault::Stall, 2);
+    let started = Instant::now();
+    assert_eq!(source.read("a.tar").unwrap(), data);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(server.faults.count("GetObject"), 3 + 2);
+    server.faults.inject("GetObject", Fault::Stall, usize::MAX);
+    let err = source.read("a.tar").unwrap_err();
+    let Error::RetriesExhausted { ref last, .. } = err else { panic!("{err:?}") };
+    assert!(last.contains("no complete answer within 0.5 s"), "{last}");
+}

@@ -40,6 +40,8 @@ pub enum Fault {
     Truncate,
     /// The real answer with half its body and a `Content-Length` to match: complete on the wire, but short.
     Short,
+    /// The real answer's headers and half its body, then nothing more: the connection stays open, silent.
+    Stall,
 }
 
 /// Request counts by operation, and the faults still to inject.
@@ -110,8 +112,9 @@ fn xml_error(status: u16, code: &str, message: &str) -> http::Response<BoxBody> 
         .unwrap()
 }
 
-/// A body that yields its bytes, then fails, which makes hyper drop the connection mid-body.
-struct CutBody(Option<Bytes>);
+/// A body that yields its bytes, then fails (which makes hyper drop the connection mid-body), or with `stall`
+/// never finishes.
+struct CutBody(Option<Bytes>, bool);
 
 impl http_body::Body for CutBody {
     type Data = Bytes;
@@ -121,10 +124,11 @@ impl http_body::Body for CutBody {
         mut self: Pin<&mut Self>,
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
-        Poll::Ready(Some(match self.0.take() {
-            Some(bytes) => Ok(http_body::Frame::data(bytes)),
-            None => Err("injected connection drop".into()),
-        }))
+        match self.0.take() {
+            Some(bytes) => Poll::Ready(Some(Ok(http_body::Frame::data(bytes)))),
+            None if self.1 => Poll::Pending,
+            None => Poll::Ready(Some(Err("injected connection drop".into()))),
+        }
     }
 }
 
@@ -164,13 +168,13 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for FaultServ
                     "We encountered an internal error.",
                 )),
                 Some(Fault::Reset) => Err("injected connection reset".into()),
-                Some(Fault::Truncate) => {
+                Some(fault @ (Fault::Truncate | Fault::Stall)) => {
                     let (parts, body) = real.await?.into_parts();
                     let bytes = body.collect().await?.to_bytes();
                     let half = bytes.slice(..bytes.len() / 2);
                     Ok(http::Response::from_parts(
                         parts,
-                        CutBody(Some(half)).boxed_unsync(),
+                        CutBody(Some(half), fault == Fault::Stall).boxed_unsync(),
                     ))
                 }
                 Some(Fault::Short) => {
