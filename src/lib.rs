@@ -3,7 +3,7 @@
 //!
 //! The `hytrain` binary is a thin command line over this facade. The crates behind it each have one job:
 //! [`cluster`] works out where the process runs (the [`cluster::Plan`]), [`comm`] rendezvouses the ranks and runs
-//! collectives.
+//! collectives, [`data`] reads datasets from folders, S3 and SageMaker channels identically.
 //!
 //! ```no_run
 //! let plan = hytrain::cluster::detect()?;
@@ -17,6 +17,7 @@
 
 pub use hytrain_cluster as cluster;
 pub use hytrain_comm as comm;
+pub use hytrain_data as data;
 
 pub mod commands;
 pub mod logging;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use hytrain::cluster::{self, Env};
-use hytrain::commands::{doctor, explain, launch, parse_seconds, parse_size};
+use hytrain::commands::{data, doctor, explain, launch, parse_seconds, parse_size};
 use hytrain::comm::CommOptions;
 
 #[derive(Parser)]
@@ -58,6 +58,84 @@ enum Command {
         #[command(flatten)]
         comm: CommArgs,
     },
+    /// Datasets: pack into shards, inspect, digest the exact batches a rank would see.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// One SHA-256 per rank of the exact batch stream (inputs and labels) that rank would train on.
+    Digest {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Ranks in the job.
+        #[arg(long, default_value_t = 1)]
+        world_size: usize,
+        /// The rank to digest (default: every rank).
+        #[arg(long)]
+        rank: Option<usize>,
+        /// Epochs, from epoch 0.
+        #[arg(long, default_value_t = 1)]
+        epochs: u64,
+        /// Samples per batch per rank.
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Seed of shuffling and augmentation.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Apply the training augmentation (random crop with padding 4, horizontal flip).
+        #[arg(long)]
+        augment: bool,
+        /// train or test.
+        #[arg(long, default_value = "train", value_parser = data::parse_split)]
+        split: hytrain::data::Split,
+        /// Drop the samples that do not divide evenly among ranks instead of padding with repeats.
+        #[arg(long)]
+        drop_last: bool,
+        /// At most this many samples per epoch.
+        #[arg(long)]
+        max_samples: Option<usize>,
+        /// Skip samples that do not decode (counted) instead of failing.
+        #[arg(long)]
+        skip_bad_samples: bool,
+    },
+    /// Convert CIFAR-10, MNIST or an image-folder tree into WebDataset tar shards.
+    Pack {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Output folder for the shards.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// The input is a tree of images, one folder per class.
+        #[arg(long)]
+        image_folder: bool,
+        /// Target shard size.
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        shard_size: usize,
+        /// Leave out samples that do not decode (counted) instead of failing.
+        #[arg(long)]
+        skip_bad_samples: bool,
+    },
+    /// Samples, classes and shard sizes of any source.
+    Inspect {
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+}
+
+#[derive(Args)]
+struct SourceArgs {
+    /// The dataset: a folder (EFS, FSx, a SageMaker File channel), s3://bucket/prefix, pipe:/path/stem or
+    /// channel:NAME.
+    #[arg(long)]
+    data: String,
+    /// An S3-compatible endpoint, e.g. http://127.0.0.1:9000 (path-style requests).
+    #[arg(long, env = "HYTRAIN_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// The S3 region (default: the SDK's chain, else us-east-1).
+    #[arg(long, env = "HYTRAIN_S3_REGION")]
+    s3_region: Option<String>,
 }
 
 #[derive(Args)]
@@ -121,5 +199,57 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Command::Data(command) => run_data(&plan, command),
     }
+}
+
+fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCode> {
+    let open = |s: &SourceArgs| {
+        let options = data::open_options(plan, s.s3_endpoint.clone(), s.s3_region.clone());
+        let source = hytrain::data::source::open(&s.data, &options);
+        (options, source.map_err(|e| anyhow::anyhow!(e)).map_err(|e| e.context(format!("cannot open {}", s.data))))
+    };
+    match command {
+        DataCommand::Digest {
+            source,
+            world_size,
+            rank,
+            epochs,
+            batch_size,
+            seed,
+            augment,
+            split,
+            drop_last,
+            max_samples,
+            skip_bad_samples,
+        } => {
+            let options = data::open_options(plan, source.s3_endpoint.clone(), source.s3_region.clone());
+            let args = hytrain::data::DigestArgs {
+                world_size,
+                epochs,
+                batch_size,
+                seed,
+                augment,
+                split,
+                remainder: data::remainder(drop_last),
+                max_samples,
+                skip_bad_samples,
+                ..hytrain::data::DigestArgs::default()
+            };
+            let request = data::DigestRequest { data: source.data.clone(), rank, args };
+            for (rank, hex) in data::digest(&options, &request)? {
+                println!("rank {rank}: {hex}");
+            }
+        }
+        DataCommand::Pack { source, out, image_folder, shard_size, skip_bad_samples } => {
+            let (_, src) = open(&source);
+            let report = hytrain::data::pack(src?, &data::pack_options(out, image_folder, shard_size, skip_bad_samples))?;
+            println!("{report}");
+        }
+        DataCommand::Inspect { source } => {
+            let (_, src) = open(&source);
+            println!("{}", hytrain::data::inspect(src?)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,6 @@
 //! The subcommands of the `hytrain` binary, as library functions so examples and tests can call them too.
 
+pub mod data;
 pub mod doctor;
 pub mod explain;
 pub mod launch;
