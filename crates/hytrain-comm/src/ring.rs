@@ -1359,20 +1359,22 @@ mod tests {
     fn a_silent_rank_makes_its_successor_time_out_naming_it() {
         let started = Instant::now();
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let rx = Mutex::new(rx);
+        let (tx, rx) = (Mutex::new(tx), Mutex::new(rx));
         let results = with_rings(3, opts(60, 2), |rank, ring| {
             if rank == 1 {
-                // Alive, connected, but never joins the collective until the others have given up.
-                let _ = rx.lock().unwrap().recv_timeout(Duration::from_secs(30));
+                // Alive, connected, but never joins the collective until both others have given up: hanging up
+                // earlier would let rank 2 see a closed connection instead of the silence under test.
+                let rx = rx.lock().unwrap();
+                for _ in 0..2 {
+                    let _ = rx.recv_timeout(Duration::from_secs(30));
+                }
                 return None;
             }
             let mut v = vec![1.0f64; 1000];
             let e = ring
                 .allreduce(Buffer::F64(&mut v), ReduceOp::Sum)
                 .unwrap_err();
-            if rank == 0 {
-                let _ = tx.send(());
-            }
+            let _ = tx.lock().unwrap().send(());
             Some(e)
         });
         assert!(

@@ -101,7 +101,7 @@ fn test(args: &[OsString]) -> Result<u8> {
     let python = venv::bench_venv(&root)?;
     let mut command = cargo(&root);
     command
-        .args(["test", "--workspace", "--features", "mpi"])
+        .args(["test", "--workspace", "--features", "mpi", "--no-fail-fast"])
         .args(args)
         .env("HYTRAIN_TEST_PYTHON", &python);
     if setup::is_root() {
