@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hytrain::cluster::{self, Env};
 use hytrain::commands::{data, doctor, explain, launch, parse_seconds, parse_size};
@@ -206,8 +207,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
 fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCode> {
     let open = |s: &SourceArgs| {
         let options = data::open_options(plan, s.s3_endpoint.clone(), s.s3_region.clone());
-        let source = hytrain::data::source::open(&s.data, &options);
-        (options, source.map_err(|e| anyhow::anyhow!(e)).map_err(|e| e.context(format!("cannot open {}", s.data))))
+        hytrain::data::source::open(&s.data, &options).with_context(|| format!("cannot open {}", s.data))
     };
     match command {
         DataCommand::Digest {
@@ -242,13 +242,11 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
             }
         }
         DataCommand::Pack { source, out, image_folder, shard_size, skip_bad_samples } => {
-            let (_, src) = open(&source);
-            let report = hytrain::data::pack(src?, &data::pack_options(out, image_folder, shard_size, skip_bad_samples))?;
+            let report = hytrain::data::pack(open(&source)?, &data::pack_options(out, image_folder, shard_size, skip_bad_samples))?;
             println!("{report}");
         }
         DataCommand::Inspect { source } => {
-            let (_, src) = open(&source);
-            println!("{}", hytrain::data::inspect(src?)?);
+            println!("{}", hytrain::data::inspect(open(&source)?)?);
         }
     }
     Ok(ExitCode::SUCCESS)

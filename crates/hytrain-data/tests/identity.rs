@@ -5,7 +5,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::ffi::CString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,7 +12,7 @@ use std::time::Duration;
 
 use hytrain_data::source::{Dir, OpenOptions, Pipe, PipeOptions, SharedSource, Source, S3};
 use hytrain_data::{digest, pack, DigestArgs, PackInput, PackOptions, Remainder, Sampler, SamplerConfig};
-use support::LocalS3;
+use support::{mkfifo, LocalS3};
 
 const EPOCHS: u64 = 2;
 
@@ -37,12 +36,6 @@ fn shards() -> tempfile::TempDir {
 
 fn args(world_size: usize, rank: usize, augment: bool) -> DigestArgs {
     DigestArgs { world_size, rank, epochs: EPOCHS, batch_size: 2, seed: 11, augment, workers: 2, ..DigestArgs::default() }
-}
-
-fn mkfifo(path: &Path) {
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
 }
 
 /// Digest through a Pipe channel: a writer thread plays SageMaker, streaming the folder's shards concatenated in

@@ -1,25 +1,16 @@
 //! The SageMaker Pipe source against real FIFOs: writer threads play SageMaker, delivering the channel's tar shards
 //! concatenated in key order, once per epoch through `training_0`, `training_1`, ...
 
-use std::ffi::CString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod support;
+
 use hytrain_data::source::{Dir, Pipe, PipeOptions, Source};
 use hytrain_data::Error;
-
-fn mkfifo(path: &Path) {
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    assert_eq!(
-        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
-        0,
-        "mkfifo {}",
-        path.display()
-    );
-}
+use support::mkfifo;
 
 /// A tar shard of `samples` samples (`{key}.bin` + `{key}.cls`), as Python's tarfile writes it (padded to 10 KiB)
 /// when `pad_to_record`, else as the tar crate writes it (end marker only).
