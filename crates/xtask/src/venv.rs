@@ -19,7 +19,7 @@ const STAMP: &str = ".hytrain-venv.json";
 const EXTRA_PACKAGES: &[&str] = &["numpy"];
 
 /// Makes sure `.cache/bench-venv` holds torch 2.11.0 (from the hash-checked wheel setup downloads) and returns the
-/// path of its python. Later work adds what its checks need to `EXTRA_PACKAGES`; the next call installs it. The first call downloads torch's dependencies from PyPI, about 4 GB: the PyPI wheel's Python
+/// path of its python. Later work adds what its checks need to `EXTRA_PACKAGES`; the next call installs it. The first call downloads torch's dependencies from PyPI, about 3 GB: the PyPI wheel's Python
 /// extension links the CUDA libraries, so even a CPU-only `import torch` needs them. Later calls take milliseconds.
 pub fn bench_venv(root: &Path) -> Result<PathBuf> {
     let pins = setup::pins(root)?;
@@ -62,7 +62,7 @@ pub fn bench_venv(root: &Path) -> Result<PathBuf> {
     } else {
         println!(
             "setup: creating {BENCH_VENV} with torch {} from the cached wheel and its dependencies from PyPI \
-             (about 4 GB the first time)...",
+             (about 3 GB the first time)...",
             wheel::TORCH_VERSION
         );
         if venv.exists() {
@@ -75,19 +75,21 @@ pub fn bench_venv(root: &Path) -> Result<PathBuf> {
         .context("python3 -m venv failed; install python3-venv")?;
     }
     // The torch wheel is named by path so pip installs the hash-checked file rather than fetching it again; the
-    // nvidia wheels setup already downloaded are found through --find-links.
+    // nvidia wheels setup already downloaded are found through --find-links. Triton (1 GB, torch.compile only)
+    // is left out and pip keeps no cache: CI machines have little disk, and the CUDA libraries alone take 3 GB.
+    pip_install(
+        &python,
+        &cache,
+        &[torch_wheel.as_os_str(), "--no-deps".as_ref()],
+    )?;
+    let requirements = venv.join("torch-requirements.txt");
     run(Command::new(&python)
-        .args(["-m", "pip", "install", "--progress-bar", "off", "--find-links"])
-        .arg(cache.join("wheels"))
-        .arg(torch_wheel)
-        .args(EXTRA_PACKAGES)
-        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"))
-    .with_context(|| {
-        format!(
-            "pip could not install torch and its dependencies into {BENCH_VENV}; check the network and run again \
-             (delete {BENCH_VENV} if its Python no longer runs)"
-        )
-    })?;
+        .args(["-c", TORCH_REQUIREMENTS])
+        .arg(&requirements))
+    .context("cannot list torch's requirements")?;
+    pip_install(&python, &cache, &["-r".as_ref(), requirements.as_os_str()])?;
+    let extra: Vec<&std::ffi::OsStr> = EXTRA_PACKAGES.iter().map(|p| p.as_ref()).collect();
+    pip_install(&python, &cache, &extra)?;
     run(Command::new(&python).args([
         "-c",
         "import torch, torch.distributed as d; assert d.is_gloo_available(), 'no gloo'; print('setup: bench venv has torch', torch.__version__, 'with gloo')",
@@ -98,4 +100,40 @@ pub fn bench_venv(root: &Path) -> Result<PathBuf> {
         serde_json::to_string_pretty(&stamp)? + "\n",
     )?;
     Ok(python)
+}
+
+/// Writes torch's requirements that apply on this machine (markers evaluated, no extras), less triton, to argv[1].
+const TORCH_REQUIREMENTS: &str = r#"
+import sys, importlib.metadata as metadata
+from pip._vendor.packaging.requirements import Requirement
+wanted = []
+for line in metadata.requires("torch") or []:
+    requirement = Requirement(line)
+    if requirement.name == "triton":
+        continue
+    if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+        wanted.append(line.split(";")[0].strip())
+open(sys.argv[1], "w").write("\n".join(wanted) + "\n")
+"#;
+
+fn pip_install(python: &Path, cache: &Path, args: &[&std::ffi::OsStr]) -> Result<()> {
+    run(Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--progress-bar",
+            "off",
+            "--no-cache-dir",
+            "--find-links",
+        ])
+        .arg(cache.join("wheels"))
+        .args(args)
+        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1"))
+    .with_context(|| {
+        format!(
+            "pip could not install torch and its dependencies into {BENCH_VENV}; check the network and free disk \
+             (about 5 GB) and run again (delete {BENCH_VENV} if its Python no longer runs)"
+        )
+    })
 }
