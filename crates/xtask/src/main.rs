@@ -8,6 +8,7 @@
 //! cargo xtask bench     # setup, the allreduce bench, and PyTorch's gloo on the same machine for comparison
 //! ```
 
+mod demo_data;
 mod requirements;
 mod setup;
 mod venv;
@@ -42,11 +43,16 @@ fn main() -> ExitCode {
         Some("demo") if rest.is_empty() => demo(),
         Some("test") => test(&rest),
         Some("bench") => bench(&rest),
+        // Not in USAGE: for whoever wants the path of the demo's dataset (the last line printed).
+        Some("demo-data") if rest.is_empty() => demo_data::digits(&root()).map(|path| {
+            println!("{}", path.display());
+            0
+        }),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(0)
         }
-        Some("setup" | "demo") => {
+        Some("setup" | "demo" | "demo-data") => {
             eprintln!(
                 "xtask: {} takes no arguments\n\n{USAGE}",
                 task.unwrap().to_string_lossy()
@@ -99,11 +105,14 @@ fn test(args: &[OsString]) -> Result<u8> {
     setup::test_tools()?;
     // Parity tests compare hytrain with PyTorch itself, run from this environment.
     let python = venv::bench_venv(&root)?;
+    // Tests that train on real data read the demo's digits from here.
+    let digits = demo_data::digits(&root)?;
     let mut command = cargo(&root);
     command
         .args(["test", "--workspace", "--features", "mpi", "--no-fail-fast"])
         .args(args)
-        .env("HYTRAIN_TEST_PYTHON", &python);
+        .env("HYTRAIN_TEST_PYTHON", &python)
+        .env("HYTRAIN_DEMO_DATA", &digits);
     if setup::is_root() {
         // Open MPI refuses to start as root without both of these; containers and CI machines often run as root.
         command

