@@ -3,7 +3,8 @@
 //!
 //! The `hytrain` binary is a thin command line over this facade. The crates behind it each have one job:
 //! [`cluster`] works out where the process runs (the [`cluster::Plan`]), [`comm`] rendezvouses the ranks and runs
-//! collectives, [`data`] reads datasets from folders, S3 and SageMaker channels identically.
+//! collectives, [`data`] reads datasets from folders, S3 and SageMaker channels identically, [`train`] is the
+//! data-parallel training engine on libtorch.
 //!
 //! ```no_run
 //! let plan = hytrain::cluster::detect()?;
@@ -18,6 +19,7 @@
 pub use hytrain_cluster as cluster;
 pub use hytrain_comm as comm;
 pub use hytrain_data as data;
+pub use hytrain_train as train;
 
 pub mod commands;
 pub mod logging;

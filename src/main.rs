@@ -6,11 +6,15 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hytrain::cluster::{self, Env};
-use hytrain::commands::{data, doctor, explain, launch, parse_seconds, parse_size};
 use hytrain::comm::CommOptions;
+use hytrain::commands::{data, doctor, explain, launch, parse_seconds, parse_size, train};
 
 #[derive(Parser)]
-#[command(name = "hytrain", version, about = "Data-parallel training on libtorch for Kubeflow, SageMaker and laptops")]
+#[command(
+    name = "hytrain",
+    version,
+    about = "Data-parallel training on libtorch for Kubeflow, SageMaker and laptops"
+)]
 struct Cli {
     /// Log level when RUST_LOG is not set (error, warn, info, debug, trace).
     #[arg(long, global = true, env = "HYTRAIN_LOG_LEVEL", default_value = "info")]
@@ -56,6 +60,18 @@ enum Command {
         /// One JSON object on stdout (rank 0) instead of a table.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        comm: CommArgs,
+    },
+    /// Train a model data-parallel: every rank runs this (under `hytrain launch`, torchrun, Kubeflow or SageMaker).
+    ///
+    /// Every training flag can also come from `HYTRAIN_<FLAG>` (HYTRAIN_BATCH_SIZE), SageMaker hyperparameters or
+    /// SM_HP_<FLAG>; precedence: flag > HYTRAIN_* > hyperparameters.json > SM_HP_* > default.
+    Train {
+        #[command(flatten)]
+        job: TrainJobArgs,
+        #[command(flatten)]
+        config: train::ConfigFlags,
         #[command(flatten)]
         comm: CommArgs,
     },
@@ -140,6 +156,75 @@ struct SourceArgs {
 }
 
 #[derive(Args)]
+struct TrainJobArgs {
+    /// lenet, resnet18, mlp, mlp:H1,H2 or a TorchScript file (path.pt) [default: lenet].
+    #[arg(long, visible_alias = "model-type", env = "HYTRAIN_MODEL")]
+    model: Option<String>,
+    /// Training data: a folder (EFS, FSx, a SageMaker channel), s3://bucket/prefix, pipe:/path/stem or
+    /// channel:NAME [default: the platform's train or training channel].
+    #[arg(long, visible_alias = "data-dir", env = "HYTRAIN_DATA")]
+    data: Option<String>,
+    /// Validation data, or `none` [default: a validation/val/test channel, else the training data's test split].
+    #[arg(long, env = "HYTRAIN_VALIDATION")]
+    validation: Option<String>,
+    /// Classes, when the dataset names none (no classes.json).
+    #[arg(long, env = "HYTRAIN_NUM_CLASSES")]
+    num_classes: Option<String>,
+    /// Random crop (padding 4) and horizontal flip of training images.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", env = "HYTRAIN_AUGMENT")]
+    augment: Option<String>,
+    /// Drop the training samples that do not divide evenly among ranks instead of repeating some.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", env = "HYTRAIN_DROP_LAST")]
+    drop_last: Option<String>,
+    /// At most this many training samples per epoch, all ranks together.
+    #[arg(long, env = "HYTRAIN_MAX_SAMPLES")]
+    max_samples: Option<String>,
+    /// Skip (and count) samples that do not decode instead of failing.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", env = "HYTRAIN_SKIP_BAD_SAMPLES")]
+    skip_bad_samples: Option<String>,
+    /// Decode threads per rank [default: the cores, at most 8].
+    #[arg(long, env = "HYTRAIN_WORKERS")]
+    workers: Option<String>,
+    /// Where rank 0 exports the trained model [default: SM_MODEL_DIR, else ./hytrain-out/model].
+    #[arg(long, env = "HYTRAIN_MODEL_DIR")]
+    model_dir: Option<std::path::PathBuf>,
+    /// Checkpoints, written by rank 0 and resumed from; `none` for no checkpoints [default: SageMaker's
+    /// checkpoint dir, else ./hytrain-out/checkpoints].
+    #[arg(long, env = "HYTRAIN_CHECKPOINT_DIR")]
+    checkpoint_dir: Option<std::path::PathBuf>,
+    /// Where metrics.jsonl goes [default: SageMaker's output/data, else ./hytrain-out/output].
+    #[arg(long, env = "HYTRAIN_OUTPUT_DIR")]
+    output_dir: Option<std::path::PathBuf>,
+    /// An S3-compatible endpoint, e.g. http://127.0.0.1:9000 (path-style requests).
+    #[arg(long, env = "HYTRAIN_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// The S3 region (default: the SDK's chain, else us-east-1).
+    #[arg(long, env = "HYTRAIN_S3_REGION")]
+    s3_region: Option<String>,
+}
+
+impl TrainJobArgs {
+    fn flags(self) -> train::JobFlags {
+        train::JobFlags {
+            model: self.model,
+            data: self.data,
+            validation: self.validation,
+            num_classes: self.num_classes,
+            augment: self.augment,
+            drop_last: self.drop_last,
+            max_samples: self.max_samples,
+            skip_bad_samples: self.skip_bad_samples,
+            workers: self.workers,
+            model_dir: self.model_dir,
+            checkpoint_dir: self.checkpoint_dir,
+            output_dir: self.output_dir,
+            s3_endpoint: self.s3_endpoint,
+            s3_region: self.s3_region,
+        }
+    }
+}
+
+#[derive(Args)]
 struct CommArgs {
     /// Seconds to wait for all ranks to rendezvous (DNS of peers may take minutes to appear).
     #[arg(long, env = "HYTRAIN_RENDEZVOUS_TIMEOUT", default_value = "900", value_parser = parse_seconds)]
@@ -151,7 +236,11 @@ struct CommArgs {
 
 impl CommArgs {
     fn options(&self) -> CommOptions {
-        CommOptions { rendezvous_timeout: self.rendezvous_timeout, collective_timeout: self.collective_timeout, ..CommOptions::default() }
+        CommOptions {
+            rendezvous_timeout: self.rendezvous_timeout,
+            collective_timeout: self.collective_timeout,
+            ..CommOptions::default()
+        }
     }
 }
 
@@ -176,7 +265,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     let plan = cluster::detect_from(&env)?;
     let t = &plan.topology;
     match command {
-        Command::Launch { .. } => hytrain::logging::set_node(t.node_rank, t.nnodes, &t.current_host),
+        Command::Launch { .. } => {
+            hytrain::logging::set_node(t.node_rank, t.nnodes, &t.current_host)
+        }
         _ => hytrain::logging::set_rank(t.rank, t.world_size, &t.current_host),
     }
     match command {
@@ -184,13 +275,37 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", explain::render(&plan, json));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Launch { nproc_per_node, master_port, signal_grace, failure_grace, command } => {
-            let args = launch::LaunchArgs { nproc_per_node, master_port, signal_grace, failure_grace, command };
+        Command::Launch {
+            nproc_per_node,
+            master_port,
+            signal_grace,
+            failure_grace,
+            command,
+        } => {
+            let args = launch::LaunchArgs {
+                nproc_per_node,
+                master_port,
+                signal_grace,
+                failure_grace,
+                command,
+            };
             let code = launch::run(&plan, &env, &args)?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }
-        Command::Doctor { sizes, iters, json, comm } => {
-            let report = doctor::run(&plan, &doctor::DoctorArgs { sizes, iters, comm: comm.options() })?;
+        Command::Doctor {
+            sizes,
+            iters,
+            json,
+            comm,
+        } => {
+            let report = doctor::run(
+                &plan,
+                &doctor::DoctorArgs {
+                    sizes,
+                    iters,
+                    comm: comm.options(),
+                },
+            )?;
             if plan.topology.rank == 0 {
                 if json {
                     println!("{}", serde_json::to_string(&report)?);
@@ -198,16 +313,65 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     println!("{report}");
                 }
             }
-            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Train { job, config, comm } => {
+            let args = train::TrainArgs {
+                config,
+                job: job.flags(),
+                comm: comm.options(),
+            };
+            run_train(&plan, &env, &args)
         }
         Command::Data(command) => run_data(&plan, command),
     }
 }
 
+/// Runs `hytrain train`; SIGTERM or SIGINT asks the ranks to checkpoint and stop together, a second SIGINT ends
+/// the process at once. A stopped run exits 143 (SIGTERM's code), so Kubernetes' OnFailure restarts it and it
+/// resumes.
+fn run_train(plan: &cluster::Plan, env: &Env, args: &train::TrainArgs) -> anyhow::Result<ExitCode> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
+            .context("cannot install the signal handler")?;
+        signal_hook::flag::register(signal, stop.clone())
+            .context("cannot install the signal handler")?;
+    }
+    let result = train::run(plan, env, args, &stop);
+    let summary = match result {
+        Ok(summary) => summary,
+        Err(e) => {
+            if let Some(path) = &plan.paths.failure_file {
+                // SageMaker shows the first 1024 characters of this file as the job's FailureReason.
+                let _ = std::fs::create_dir_all(path.parent().unwrap_or(std::path::Path::new(".")));
+                let _ = std::fs::write(path, format!("{e:#}\n"));
+            }
+            return Err(e);
+        }
+    };
+    if plan.topology.rank == 0 {
+        println!("{summary}");
+        if let Some(dir) = &summary.exported_to {
+            println!("model written to {}", dir.display());
+        }
+    }
+    Ok(if summary.stopped {
+        ExitCode::from(143)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCode> {
     let open = |s: &SourceArgs| {
         let options = data::open_options(plan, s.s3_endpoint.clone(), s.s3_region.clone());
-        hytrain::data::source::open(&s.data, &options).with_context(|| format!("cannot open {}", s.data))
+        hytrain::data::source::open(&s.data, &options)
+            .with_context(|| format!("cannot open {}", s.data))
     };
     match command {
         DataCommand::Digest {
@@ -223,7 +387,8 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
             max_samples,
             skip_bad_samples,
         } => {
-            let options = data::open_options(plan, source.s3_endpoint.clone(), source.s3_region.clone());
+            let options =
+                data::open_options(plan, source.s3_endpoint.clone(), source.s3_region.clone());
             let args = hytrain::data::DigestArgs {
                 world_size,
                 epochs,
@@ -236,13 +401,26 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
                 skip_bad_samples,
                 ..hytrain::data::DigestArgs::default()
             };
-            let request = data::DigestRequest { data: source.data.clone(), rank, args };
+            let request = data::DigestRequest {
+                data: source.data.clone(),
+                rank,
+                args,
+            };
             for (rank, hex) in data::digest(&options, &request)? {
                 println!("rank {rank}: {hex}");
             }
         }
-        DataCommand::Pack { source, out, image_folder, shard_size, skip_bad_samples } => {
-            let report = hytrain::data::pack(open(&source)?, &data::pack_options(out, image_folder, shard_size, skip_bad_samples))?;
+        DataCommand::Pack {
+            source,
+            out,
+            image_folder,
+            shard_size,
+            skip_bad_samples,
+        } => {
+            let report = hytrain::data::pack(
+                open(&source)?,
+                &data::pack_options(out, image_folder, shard_size, skip_bad_samples),
+            )?;
             println!("{report}");
         }
         DataCommand::Inspect { source } => {

@@ -4,6 +4,7 @@ pub mod data;
 pub mod doctor;
 pub mod explain;
 pub mod launch;
+pub mod train;
 
 use std::time::Duration;
 
@@ -33,7 +34,11 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("'{text}' has an unknown unit '{unit}'; use B, KiB, MiB or GiB")),
+        _ => {
+            return Err(format!(
+                "'{text}' has an unknown unit '{unit}'; use B, KiB, MiB or GiB"
+            ))
+        }
     };
     number
         .checked_mul(scale)

@@ -127,6 +127,39 @@ pub const KEYS: &[&str] = &[
     "backend",
 ];
 
+/// One line of help for a configuration key (for `--help`).
+pub fn help(key: &str) -> &'static str {
+    match canonical_key(key).as_str() {
+        "epochs" => "Passes over the training data [default: 10]",
+        "max_steps" => "Stop after this many optimizer steps instead of after --epochs",
+        "batch_size" => "Samples per micro-batch on each rank [default: 64]",
+        "test_batch_size" => "Samples per validation batch on each rank [default: 1000]",
+        "lr" => "Base learning rate; the schedule scales it [default: 0.01]",
+        "momentum" => "SGD momentum [default: 0.5]",
+        "weight_decay" => "Weight decay: L2 for SGD, decoupled for AdamW [default: 0]",
+        "nesterov" => "Nesterov momentum for SGD",
+        "optimizer" => "sgd or adamw [default: sgd]",
+        "schedule" => "constant, cosine, cosine:TOTAL[:WARMUP[:MIN]], step:EVERY:GAMMA[:WARMUP], warmup:STEPS",
+        "warmup" => "Warmup steps added to a schedule that states none [default: 0]",
+        "grad_accum" => "Micro-batches per optimizer step; gradients sync on the last only [default: 1]",
+        "max_grad_norm" => "Clip gradients to this global norm",
+        "bucket_mb" => "Gradient bucket size in MiB, one allreduce each [default: 25]",
+        "seed" => "Seed of the initial weights and of the data order [default: 1]",
+        "log_interval" => "Optimizer steps between metrics lines [default: 10]",
+        "checkpoint_every" => "Optimizer steps between checkpoints (one is also written at each epoch end)",
+        "keep" => "Checkpoints kept [default: 3]",
+        "no_resume" => "Start fresh even when the checkpoint folder holds a valid checkpoint",
+        "eval_every_epoch" => "Evaluate after every epoch, not only at the end [default: true]",
+        "backend" => "Collective backend as the reference names it (gloo, tcp, mpi): hytrain picks its own",
+        _ => "",
+    }
+}
+
+/// Whether a key is a switch that a bare flag turns on (`--no-resume`).
+pub fn is_switch(key: &str) -> bool {
+    matches!(canonical_key(key).as_str(), "nesterov" | "no_resume" | "eval_every_epoch")
+}
+
 /// A key in snake case without leading dashes (`--batch-size` → `batch_size`), aliases resolved
 /// (`clip_grad_norm` → `max_grad_norm`).
 pub fn canonical_key(key: &str) -> String {

@@ -33,6 +33,7 @@ pub mod config;
 mod ddp;
 mod error;
 pub mod export;
+pub mod loader;
 pub mod model;
 pub mod optim;
 pub mod schedule;
@@ -47,6 +48,7 @@ pub use error::{Result, TrainError};
 pub use export::{export, ExportMetadata};
 /// The collective operations the engine averages gradients and broadcasts weights with.
 pub use hytrain_comm::{Buffer, Collective, CommError, ReduceOp};
+pub use loader::LoaderBatches;
 pub use model::{Model, ScriptModel};
 pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use schedule::Schedule;

@@ -658,7 +658,7 @@ impl Run<'_> {
             return Ok(());
         }
         let line = fields.iter().map(|(k, v)| format!("{k}={}", v.text())).collect::<Vec<_>>().join(" ");
-        tracing::info!(rank = 0, "{line}");
+        tracing::debug!(rank = 0, "{line}");
         let stdout_err = |e| TrainError::io("write metrics to", "the metrics writer", e);
         writeln!(self.out, "{line}").and_then(|_| self.out.flush()).map_err(stdout_err)?;
         if let Some((path, file)) = &mut self.jsonl {

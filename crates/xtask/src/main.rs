@@ -5,7 +5,7 @@
 //! cargo xtask setup     # CPU libtorch in .libtorch (from PyPI's torch wheel), Open MPI + libclang for the tests
 //! cargo xtask demo      # setup, build hytrain, run the demo job with 2 local workers
 //! cargo xtask test      # setup, then the whole test suite (extra arguments go to `cargo test`)
-//! cargo xtask bench     # setup, the allreduce bench, and PyTorch's gloo on the same machine for comparison
+//! cargo xtask bench     # setup, the allreduce and step-time benches, each beside PyTorch on the same machine
 //! ```
 
 mod demo_data;
@@ -16,6 +16,7 @@ mod wheel;
 
 use std::env;
 use std::ffi::{OsStr, OsString};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -29,7 +30,8 @@ tasks:
                   libclang for the tests if missing; a second run does nothing
   demo            setup, build hytrain, run the demo job with 2 local workers
   test [ARGS]     setup, then `cargo test --workspace --features mpi [ARGS]`
-  bench [ARGS]    setup, `cargo bench --bench allreduce [ARGS]`, then PyTorch's gloo peer (benches/gloo_allreduce.py)
+  bench [ARGS]    setup, `cargo bench --bench allreduce [ARGS]` beside PyTorch's gloo (benches/gloo_allreduce.py),
+                  then `cargo bench --bench step_time` beside PyTorch DDP (benches/ddp_step.py)
 
 LIBTORCH=/path (another libtorch 2.11.0) or LIBTORCH_USE_PYTORCH=1 (the Python environment's torch) skip the
 libtorch build.";
@@ -133,36 +135,82 @@ struct Step {
     args: Vec<OsString>,
 }
 
-fn demo_steps(hytrain: &Path) -> Vec<Step> {
+/// The accuracy on the digits' test split the demo promises; it fails when training falls short.
+const DEMO_ACCURACY: f64 = 0.93;
+
+/// Where the demo's run writes its model, checkpoints and metrics, relative to the repository root.
+const DEMO_RUN: &str = "hytrain-out/demo";
+
+fn demo_steps(hytrain: &Path, digits: &Path, run: &Path) -> Vec<Step> {
     let args = |list: &[&OsStr]| list.iter().map(|a| a.to_os_string()).collect();
+    let under = |name: &str| run.join(name).into_os_string();
+    let (model, checkpoints, output) = (under("model"), under("checkpoints"), under("output"));
     vec![
-        Step { title: "how hytrain understands this job", args: args(&["explain".as_ref()]) },
         Step {
-            title: "2 local workers: rendezvous, data exchange with every peer, allreduce check and bandwidth",
+            title: "how hytrain understands this job",
+            args: args(&["explain".as_ref()]),
+        },
+        Step {
+            title: "2 local workers train an MLP on the handwritten digits (1438 train, 359 test)",
             args: args(&[
                 "launch".as_ref(),
                 "--nproc-per-node".as_ref(),
                 "2".as_ref(),
                 "--".as_ref(),
                 hytrain.as_os_str(),
-                "doctor".as_ref(),
-                "--sizes".as_ref(),
-                "1MiB,16MiB".as_ref(),
+                "train".as_ref(),
+                "--model".as_ref(),
+                "mlp".as_ref(),
+                "--data".as_ref(),
+                digits.as_os_str(),
+                "--epochs".as_ref(),
+                "15".as_ref(),
+                "--batch-size".as_ref(),
+                "32".as_ref(),
+                "--lr".as_ref(),
+                "0.1".as_ref(),
+                "--momentum".as_ref(),
+                "0.9".as_ref(),
+                "--log-interval".as_ref(),
+                "50".as_ref(),
+                "--no-resume".as_ref(),
+                "--model-dir".as_ref(),
+                &model,
+                "--checkpoint-dir".as_ref(),
+                &checkpoints,
+                "--output-dir".as_ref(),
+                &output,
             ]),
         },
     ]
+}
+
+/// The validation accuracy of the last evaluation in a run's `metrics.jsonl`.
+fn last_accuracy(metrics: &Path) -> Result<f64> {
+    let text = fs::read_to_string(metrics)
+        .with_context(|| format!("cannot read {}", metrics.display()))?;
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|record| record["val_accuracy"].as_f64())
+        .last()
+        .with_context(|| format!("{} holds no val_accuracy record", metrics.display()))
 }
 
 fn demo() -> Result<u8> {
     let started = Instant::now();
     let root = root();
     setup::libtorch(&root)?;
+    let digits = demo_data::digits(&root)?;
     println!("demo: building hytrain");
     let hytrain = build_binary(&root, "hytrain")?;
-    let steps = demo_steps(&hytrain);
+    let run = root.join(DEMO_RUN);
+    let steps = demo_steps(&hytrain, &digits, &run);
     for (i, step) in steps.iter().enumerate() {
         let mut command = Command::new(&hytrain);
-        command.args(&step.args).current_dir(&root);
+        command
+            .args(&step.args)
+            .current_dir(&root)
+            .env("OMP_NUM_THREADS", "1");
         println!(
             "\ndemo: [{}/{}] {}\ndemo: $ {}",
             i + 1,
@@ -180,16 +228,20 @@ fn demo() -> Result<u8> {
             return Ok(code);
         }
     }
+    let accuracy = last_accuracy(&run.join("output/metrics.jsonl"))?;
+    if accuracy < DEMO_ACCURACY {
+        eprintln!("demo: test accuracy {accuracy:.4} is below the promised {DEMO_ACCURACY}");
+        return Ok(1);
+    }
     println!(
-        "\ndemo: all {} steps passed in {}",
+        "\ndemo: test accuracy {accuracy:.4} (promised >= {DEMO_ACCURACY}); model in {}\ndemo: all {} steps passed in {}",
+        run.join("model").display(),
         steps.len(),
         elapsed(started)
     );
     Ok(0)
 }
 
-/// Builds one binary of the root package and returns where cargo put it (wherever CARGO_TARGET_DIR or the
-/// config says), read from cargo's JSON messages rather than guessed.
 fn build_binary(root: &Path, name: &str) -> Result<PathBuf> {
     let mut command = cargo(root);
     command.args([
@@ -225,6 +277,15 @@ fn bench(args: &[OsString]) -> Result<u8> {
     println!("bench: {}", show(&command));
     // The bench itself runs the gloo peer with HYTRAIN_BENCH_PYTHON, in the same run, and prints both side by side.
     let code = status_code(&mut command)?;
+    // Training step time of LeNet and ResNet-18 beside PyTorch DDP on gloo (benches/ddp_step.py), also in one run.
+    // ARGS are criterion's for the allreduce bench; step_time takes none.
+    let mut step_time = cargo(&root);
+    step_time
+        .args(["bench", "--bench", "step_time"])
+        .env("HYTRAIN_BENCH_PYTHON", &python);
+    println!("bench: {}", show(&step_time));
+    let step_code = status_code(&mut step_time)?;
+    let code = if code != 0 { code } else { step_code };
     println!("bench: finished in {} (exit code {code})", elapsed(started));
     Ok(code)
 }
@@ -293,8 +354,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn demo_runs_explain_then_doctor_under_two_local_workers() {
-        let steps = demo_steps(Path::new("/t/hytrain"));
+    fn demo_runs_explain_then_trains_two_local_workers_on_the_digits() {
+        let steps = demo_steps(
+            Path::new("/t/hytrain"),
+            Path::new("/d/digits"),
+            Path::new("/r"),
+        );
         let lines: Vec<String> = steps
             .iter()
             .map(|s| {
@@ -309,9 +374,29 @@ mod tests {
             lines,
             [
                 "explain",
-                "launch --nproc-per-node 2 -- /t/hytrain doctor --sizes 1MiB,16MiB"
+                "launch --nproc-per-node 2 -- /t/hytrain train --model mlp --data /d/digits --epochs 15 \
+                 --batch-size 32 --lr 0.1 --momentum 0.9 --log-interval 50 --no-resume --model-dir /r/model \
+                 --checkpoint-dir /r/checkpoints --output-dir /r/output"
             ]
         );
+    }
+
+    #[test]
+    fn the_demo_reads_the_last_validation_accuracy_and_refuses_a_file_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = dir.path().join("metrics.jsonl");
+        fs::write(
+            &metrics,
+            "{\"epoch\":1,\"val_accuracy\":0.5}\n{\"step\":3,\"train_loss\":0.1}\n{\"epoch\":2,\"val_accuracy\":0.97}\n",
+        )
+        .unwrap();
+        assert_eq!(last_accuracy(&metrics).unwrap(), 0.97);
+        fs::write(&metrics, "{\"step\":3,\"train_loss\":0.1}\n").unwrap();
+        assert!(last_accuracy(&metrics)
+            .unwrap_err()
+            .to_string()
+            .contains("no val_accuracy"));
+        assert!(last_accuracy(&dir.path().join("missing")).is_err());
     }
 
     #[test]

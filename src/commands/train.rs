@@ -1,0 +1,524 @@
+//! `hytrain train`: the main job. Layers the configuration (flags, `HYTRAIN_*`, SageMaker hyperparameters), joins
+//! the other ranks, opens the training and validation data through the data plane, builds the model and runs
+//! [`Trainer`](crate::train::Trainer) until done or stopped by SIGTERM/SIGINT.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::parser::ValueSource;
+use clap::{Arg, ArgMatches};
+
+use crate::cluster::{InputMode, Plan};
+use crate::comm::{Collective, CommOptions, ReduceOp};
+use crate::data::source::{self, OpenOptions};
+use crate::data::{Dataset, DatasetOptions, Loader, LoaderConfig, Remainder, SamplerConfig, Split};
+use crate::train::config::{self, ConfigSources, Layered, Origin};
+use crate::train::{model, Ddp, LoaderBatches, RunPaths, Summary, Trainer};
+
+/// The training knobs of [`TrainConfig`](crate::train::TrainConfig) as flags (`--batch-size 128`), one per
+/// configuration key; only those given on the command line are kept, so the environment and hyperparameters
+/// still apply to the rest.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigFlags(pub BTreeMap<String, String>);
+
+impl clap::FromArgMatches for ConfigFlags {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let given = config::KEYS
+            .iter()
+            .filter(|key| matches.value_source(key) == Some(ValueSource::CommandLine))
+            .filter_map(|key| {
+                matches
+                    .get_one::<String>(key)
+                    .map(|v| (key.replace('_', "-"), v.clone()))
+            })
+            .collect();
+        Ok(ConfigFlags(given))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for ConfigFlags {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        config::KEYS.iter().fold(cmd, |cmd, key| {
+            let arg = Arg::new(*key)
+                .long(key.replace('_', "-"))
+                .help(config::help(key));
+            cmd.arg(if config::is_switch(key) {
+                arg.num_args(0..=1)
+                    .default_missing_value("true")
+                    .value_name("BOOL")
+            } else {
+                arg.value_name("VALUE")
+            })
+        })
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// `hytrain train`'s own settings (what is not a training knob): model, data, paths. Flags and `HYTRAIN_*` come in
+/// here; SageMaker hyperparameters of the same names fill what is still unset.
+#[derive(Debug, Clone, Default)]
+pub struct JobFlags {
+    /// Model name or TorchScript file.
+    pub model: Option<String>,
+    /// Training data source.
+    pub data: Option<String>,
+    /// Validation data source, or `none`.
+    pub validation: Option<String>,
+    /// Class count when the dataset names none.
+    pub num_classes: Option<String>,
+    /// Random crop and flip on training images.
+    pub augment: Option<String>,
+    /// Drop the remainder instead of padding.
+    pub drop_last: Option<String>,
+    /// At most this many training samples per epoch.
+    pub max_samples: Option<String>,
+    /// Skip samples that do not decode.
+    pub skip_bad_samples: Option<String>,
+    /// Decode threads per rank.
+    pub workers: Option<String>,
+    /// Export folder.
+    pub model_dir: Option<PathBuf>,
+    /// Checkpoint folder, or `none`.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Folder of `metrics.jsonl`.
+    pub output_dir: Option<PathBuf>,
+    /// S3-compatible endpoint.
+    pub s3_endpoint: Option<String>,
+    /// S3 region.
+    pub s3_region: Option<String>,
+}
+
+/// Keys [`JobFlags`] takes from hyperparameters, with the spellings accepted for each (the reference script's
+/// `model-type` and `data-dir` among them).
+const JOB_KEYS: &[(&str, &[&str])] = &[
+    ("model", &["model", "model_type", "arch"]),
+    ("data", &["data", "data_dir", "efs_dir_path", "train_data"]),
+    ("validation", &["validation", "val_data", "test_data"]),
+    ("num_classes", &["num_classes"]),
+    ("augment", &["augment"]),
+    ("drop_last", &["drop_last"]),
+    ("max_samples", &["max_samples"]),
+    ("skip_bad_samples", &["skip_bad_samples"]),
+    ("workers", &["workers", "num_workers"]),
+    ("model_dir", &["model_dir"]),
+    ("checkpoint_dir", &["checkpoint_dir"]),
+    ("output_dir", &["output_dir"]),
+    ("s3_endpoint", &["s3_endpoint"]),
+    ("s3_region", &["s3_region"]),
+];
+
+/// Everything `hytrain train` was given.
+#[derive(Debug, Clone)]
+pub struct TrainArgs {
+    /// Training knobs from the command line.
+    pub config: ConfigFlags,
+    /// Model, data and paths.
+    pub job: JobFlags,
+    /// Rendezvous and collective deadlines.
+    pub comm: CommOptions,
+}
+
+/// The settled job: every value with its final meaning.
+#[derive(Debug, Clone)]
+struct Job {
+    model: String,
+    data: Option<String>,
+    validation: Option<String>,
+    num_classes: Option<i64>,
+    augment: bool,
+    drop_last: bool,
+    max_samples: Option<usize>,
+    skip_bad_samples: bool,
+    workers: Option<usize>,
+    model_dir: Option<PathBuf>,
+    checkpoint_dir: Option<PathBuf>,
+    output_dir: Option<PathBuf>,
+    s3_endpoint: Option<String>,
+    s3_region: Option<String>,
+}
+
+fn unquote(value: &str) -> String {
+    let v = value.trim();
+    serde_json::from_str::<String>(v).map_or_else(|_| v.to_string(), |s| s.trim().to_string())
+}
+
+fn parse_bool(key: &str, value: &str) -> anyhow::Result<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => bail!("{key} must be true or false, got '{value}'"),
+    }
+}
+
+fn parse_count<T: std::str::FromStr>(key: &str, value: &str) -> anyhow::Result<T> {
+    value
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{key} must be a whole number, got '{value}'"))
+}
+
+impl Job {
+    /// Flags and env over hyperparameters (`unknown` of the layered configuration); a hyperparameter that is
+    /// neither a training knob nor a job key is refused, so a typo does not silently train with a default.
+    fn settle(flags: &JobFlags, unknown: &[(Origin, String, String)]) -> anyhow::Result<Job> {
+        let mut from_hp: BTreeMap<&str, (String, &Origin)> = BTreeMap::new();
+        for (origin, key, value) in unknown {
+            let canonical = config::canonical_key(key);
+            let Some((name, _)) = JOB_KEYS
+                .iter()
+                .find(|(_, spellings)| spellings.contains(&canonical.as_str()))
+            else {
+                let known: Vec<&str> = config::KEYS
+                    .iter()
+                    .chain(JOB_KEYS.iter().map(|(k, _)| k))
+                    .copied()
+                    .collect();
+                bail!(
+                    "unknown setting '{key}' (from {origin}); known settings: {}",
+                    known.join(", ")
+                );
+            };
+            // Sources come lowest precedence first, so a later one overwrites.
+            from_hp.insert(name, (unquote(value), origin));
+        }
+        let pick = |name: &str, flag: &Option<String>| -> Option<(String, String)> {
+            match flag {
+                Some(v) => Some((v.clone(), format!("--{}", name.replace('_', "-")))),
+                None => from_hp
+                    .get(name)
+                    .map(|(v, origin)| (v.clone(), format!("{name} (from {origin})"))),
+            }
+        };
+        let text = |name: &str, flag: &Option<String>| pick(name, flag).map(|(v, _)| v);
+        let path = |name: &str, flag: &Option<PathBuf>| -> Option<PathBuf> {
+            flag.clone()
+                .or_else(|| from_hp.get(name).map(|(v, _)| PathBuf::from(v)))
+        };
+        let switch = |name: &str, flag: &Option<String>| -> anyhow::Result<bool> {
+            pick(name, flag).map_or(Ok(false), |(v, key)| parse_bool(&key, &v))
+        };
+        let count = |name: &str, flag: &Option<String>| -> anyhow::Result<Option<usize>> {
+            pick(name, flag)
+                .map(|(v, key)| parse_count::<usize>(&key, &v))
+                .transpose()
+        };
+        let num_classes = match pick("num_classes", &flags.num_classes) {
+            None => None,
+            Some((v, key)) => match parse_count::<i64>(&key, &v)? {
+                n if n >= 1 => Some(n),
+                _ => bail!("{key} must be at least 1, got '{v}'"),
+            },
+        };
+        let none_is_off = |p: Option<PathBuf>| p.filter(|p| p.as_os_str() != "none");
+        Ok(Job {
+            model: text("model", &flags.model).unwrap_or_else(|| "lenet".into()),
+            data: text("data", &flags.data),
+            validation: text("validation", &flags.validation),
+            num_classes,
+            augment: switch("augment", &flags.augment)?,
+            drop_last: switch("drop_last", &flags.drop_last)?,
+            max_samples: count("max_samples", &flags.max_samples)?,
+            skip_bad_samples: switch("skip_bad_samples", &flags.skip_bad_samples)?,
+            workers: count("workers", &flags.workers)?,
+            model_dir: none_is_off(path("model_dir", &flags.model_dir)),
+            checkpoint_dir: path("checkpoint_dir", &flags.checkpoint_dir),
+            output_dir: none_is_off(path("output_dir", &flags.output_dir)),
+            s3_endpoint: text("s3_endpoint", &flags.s3_endpoint),
+            s3_region: text("s3_region", &flags.s3_region),
+        })
+    }
+}
+
+/// The layered configuration of this job: `HYTRAIN_*` and `SM_HP_*` from `env`, hyperparameters from the plan,
+/// flags from `cli`.
+pub fn layered(
+    plan: &Plan,
+    env: &crate::cluster::Env,
+    cli: &ConfigFlags,
+) -> anyhow::Result<Layered> {
+    let sources = ConfigSources {
+        cli: cli.0.clone(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        hyperparameters: plan.hyperparameters.clone(),
+    };
+    Ok(config::layer(&sources)?)
+}
+
+/// The training data: `--data`, else the platform's `train` or `training` channel.
+fn training_spec(plan: &Plan, job: &Job) -> anyhow::Result<String> {
+    if let Some(spec) = &job.data {
+        return Ok(spec.clone());
+    }
+    for name in ["train", "training"] {
+        if plan.paths.channels.contains_key(name) {
+            return Ok(format!("channel:{name}"));
+        }
+    }
+    let channels: Vec<&String> = plan.paths.channels.keys().collect();
+    if channels.is_empty() {
+        bail!("no training data: give --data with a folder, s3://bucket/prefix or channel:NAME (or HYTRAIN_DATA)");
+    }
+    bail!(
+        "no training data: this job's channels are {channels:?} but none is called train or training; give \
+         --data channel:NAME"
+    )
+}
+
+/// Whether `spec` reads a SageMaker Pipe channel (read once per epoch, so it cannot also serve a test split).
+fn is_pipe(plan: &Plan, spec: &str) -> bool {
+    spec.starts_with("pipe:")
+        || spec
+            .strip_prefix("channel:")
+            .and_then(|name| plan.paths.channels.get(name))
+            .is_some_and(|c| c.input_mode == InputMode::Pipe)
+}
+
+fn open_dataset(
+    spec: &str,
+    options: &OpenOptions,
+    split: Split,
+    skip_bad: bool,
+) -> anyhow::Result<Dataset> {
+    let source = source::open(spec, options).with_context(|| format!("cannot open {spec}"))?;
+    Ok(Dataset::open(
+        source,
+        &DatasetOptions {
+            split,
+            skip_bad_samples: skip_bad,
+        },
+    )?)
+}
+
+/// The validation data: `--validation` (its test split when it has one, else all of it), else a `validation`,
+/// `val` or `test` channel, else the training data's own test split when it has one; `--validation none` turns
+/// evaluation off.
+fn validation_dataset(
+    plan: &Plan,
+    job: &Job,
+    train_spec: &str,
+    options: &OpenOptions,
+) -> anyhow::Result<Option<Dataset>> {
+    let whole_or_test = |spec: &str| -> anyhow::Result<Dataset> {
+        match open_dataset(spec, options, Split::Test, job.skip_bad_samples) {
+            Err(e) if matches!(e.downcast_ref(), Some(crate::data::Error::NoSplit { .. })) => {
+                open_dataset(spec, options, Split::Train, job.skip_bad_samples)
+            }
+            other => other,
+        }
+    };
+    if let Some(spec) = &job.validation {
+        if spec == "none" {
+            return Ok(None);
+        }
+        return whole_or_test(spec)
+            .map(Some)
+            .with_context(|| format!("cannot open the validation data {spec}"));
+    }
+    for name in ["validation", "val", "test"] {
+        if plan.paths.channels.contains_key(name) {
+            return whole_or_test(&format!("channel:{name}")).map(Some);
+        }
+    }
+    if is_pipe(plan, train_spec) {
+        return Ok(None);
+    }
+    match open_dataset(train_spec, options, Split::Test, job.skip_bad_samples) {
+        Ok(ds) => Ok(Some(ds)),
+        Err(e) if matches!(e.downcast_ref(), Some(crate::data::Error::NoSplit { .. })) => Ok(None),
+        Err(e) => Err(e.context(format!("cannot open the test split of {train_spec}"))),
+    }
+}
+
+/// The smallest of `value` over all ranks.
+fn min_over_ranks(comm: &mut dyn Collective, value: usize) -> anyhow::Result<usize> {
+    // The collectives sum; a min is each rank's value in its own slot, summed, then the smallest slot.
+    let mut slots = vec![0.0f64; comm.world_size()];
+    slots[comm.rank()] = value as f64;
+    comm.allreduce(crate::comm::Buffer::F64(&mut slots), ReduceOp::Sum)
+        .context("agreeing on the per-host sample count")?;
+    Ok(slots.iter().fold(f64::INFINITY, |a, &b| a.min(b)) as usize)
+}
+
+/// Runs the job on this rank; `stop` is set by SIGTERM/SIGINT.
+pub fn run(
+    plan: &Plan,
+    env: &crate::cluster::Env,
+    args: &TrainArgs,
+    stop: &AtomicBool,
+) -> anyhow::Result<Summary> {
+    let layered = layered(plan, env, &args.config)?;
+    let job = Job::settle(&args.job, &layered.unknown)?;
+    let cfg = &layered.config;
+    let t = &plan.topology;
+    for (key, origin) in layered
+        .origins
+        .iter()
+        .filter(|(_, o)| **o != Origin::Default)
+    {
+        tracing::debug!(key, %origin, "setting taken");
+    }
+
+    // Rendezvous first: a rank whose data fails to open then ends the job at once instead of leaving the others
+    // waiting for it at the rendezvous.
+    let mut comm = crate::comm::init(
+        &crate::membership(plan),
+        crate::launched_by_mpirun(plan),
+        &args.comm,
+    )
+    .context("cannot join the other ranks")?;
+    let options = super::data::open_options(plan, job.s3_endpoint.clone(), job.s3_region.clone());
+    let train_spec = training_spec(plan, &job)?;
+    let train_source =
+        source::open(&train_spec, &options).with_context(|| format!("cannot open {train_spec}"))?;
+    let sharded_by_host = train_source.already_sharded_by_host();
+    let train_set = Arc::new(
+        Dataset::open(
+            train_source,
+            &DatasetOptions {
+                split: Split::Train,
+                skip_bad_samples: job.skip_bad_samples,
+            },
+        )
+        .with_context(|| format!("cannot read the training data {train_spec}"))?,
+    );
+    let eval_set = validation_dataset(plan, &job, &train_spec, &options)?.map(Arc::new);
+
+    let (rank, world_size) = SamplerConfig::ranks_for(
+        sharded_by_host,
+        t.rank,
+        t.world_size,
+        t.local_rank,
+        t.local_world_size,
+    );
+    let mut max_samples = job.max_samples;
+    if sharded_by_host && t.world_size > 1 {
+        // Each host holds its own part; every rank must still take the same number of steps.
+        let per_rank = train_set.len() / world_size;
+        let fewest = min_over_ranks(comm.as_mut(), per_rank)? * world_size;
+        max_samples = Some(max_samples.map_or(fewest, |m| m.min(fewest)));
+    }
+    let mut loader = LoaderConfig {
+        batch_size: cfg.batch_size,
+        ..LoaderConfig::default()
+    };
+    if let Some(workers) = job.workers {
+        loader.workers = workers.max(1);
+    }
+    loader.transform.augment = job.augment;
+    loader.sampler = SamplerConfig {
+        seed: cfg.seed,
+        world_size,
+        rank,
+        remainder: if job.drop_last {
+            Remainder::Drop
+        } else {
+            Remainder::Pad
+        },
+        max_samples,
+        ..SamplerConfig::default()
+    };
+    let mut train = LoaderBatches::training(
+        Loader::new(train_set.clone(), loader.clone())?,
+        cfg.batch_size,
+    );
+    let mut eval = match &eval_set {
+        Some(set) => {
+            let config = LoaderConfig {
+                batch_size: cfg.test_batch_size,
+                sampler: SamplerConfig {
+                    rank: t.rank,
+                    world_size: t.world_size,
+                    ..loader.sampler.clone()
+                },
+                ..loader.clone()
+            };
+            Some(LoaderBatches::evaluation(set.clone(), config)?)
+        }
+        None => {
+            tracing::info!(
+                "no validation data (give --validation SOURCE): the run reports training loss only"
+            );
+            None
+        }
+    };
+
+    let num_classes = match (job.num_classes, train_set.classes()) {
+        (Some(n), _) => n,
+        (None, Some(classes)) => classes.len() as i64,
+        (None, None) => bail!(
+            "{} names no classes (no classes.json beside its shards); give --num-classes N",
+            train_set.source_desc()
+        ),
+    };
+    let input_shape = first_input_shape(&mut train)?;
+    tch::manual_seed(cfg.seed as i64);
+    let net = model::build(&job.model, num_classes, &input_shape, tch::Device::Cpu)?;
+    let mut ddp = Ddp::new(net, comm, cfg.ddp_options())?;
+    let mut optimizer = cfg.optimizer_config().build(ddp.parameters())?;
+    let steps_per_epoch =
+        crate::train::BatchSource::batches_per_epoch(&train) / cfg.grad_accum as u64;
+    let schedule = cfg.schedule_for(cfg.total_steps(steps_per_epoch))?;
+    if t.rank == 0 {
+        tracing::info!(
+            model = %job.model,
+            data = %train_spec,
+            samples = train_set.len(),
+            validation = eval_set.as_ref().map_or(0, |s| s.len()),
+            batch_size = cfg.batch_size,
+            world_size = t.world_size,
+            steps_per_epoch,
+            "training"
+        );
+    }
+    let paths = RunPaths {
+        checkpoint_dir: match &job.checkpoint_dir {
+            Some(dir) if dir.as_os_str() == "none" => None,
+            Some(dir) => Some(dir.clone()),
+            None => plan.paths.checkpoint_dir.clone(),
+        },
+        model_dir: job
+            .model_dir
+            .clone()
+            .or_else(|| Some(plan.paths.model_dir.clone())),
+        output_dir: job
+            .output_dir
+            .clone()
+            .or_else(|| Some(plan.paths.output_data_dir.clone())),
+    };
+    let summary = Trainer::new().run(
+        &mut ddp,
+        optimizer.as_mut(),
+        &schedule,
+        cfg,
+        &mut train,
+        eval.as_mut()
+            .map(|e| e as &mut dyn crate::train::BatchSource),
+        &paths,
+        stop,
+    )?;
+    Ok(summary)
+}
+
+/// The shape of one input sample, read from the first training batch.
+fn first_input_shape(train: &mut LoaderBatches) -> anyhow::Result<Vec<i64>> {
+    let mut batches = crate::train::BatchSource::epoch(train, 0, 0)
+        .map_err(|e| anyhow::anyhow!("cannot read the first training batch: {e}"))?;
+    match batches.next() {
+        Some(Ok((xs, _))) => Ok(xs.size()[1..].to_vec()),
+        Some(Err(e)) => bail!("cannot read the first training batch: {e}"),
+        None => bail!("the training data yields no batch"),
+    }
+}

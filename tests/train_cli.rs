@@ -1,0 +1,405 @@
+//! `hytrain train` as users run it: real worker processes under `hytrain launch`, real data through the data plane
+//! (the handwritten digits `cargo xtask test` packs into shards), real checkpoints on disk.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{command, wait};
+use tch::Tensor;
+
+/// The digits shards `cargo xtask test` writes (and names in HYTRAIN_DEMO_DATA).
+fn digits() -> PathBuf {
+    let path = std::env::var_os("HYTRAIN_DEMO_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/demo/digits"));
+    assert!(
+        path.join("train").is_dir() && path.join("test").is_dir(),
+        "{} holds no digits shards: run the tests through `cargo xtask test`, which packs them",
+        path.display()
+    );
+    path
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "hytrain failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+}
+
+/// `hytrain launch --nproc-per-node N -- hytrain train ARGS` in `dir`, with the environment of a laptop.
+fn launch_train(dir: &Path, nproc: usize, args: &[&str]) -> Command {
+    let mut all: Vec<String> = [
+        "launch",
+        "--nproc-per-node",
+        &nproc.to_string(),
+        "--",
+        common::hytrain(),
+        "train",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    all.extend(args.iter().map(|s| s.to_string()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    // One intra-op thread per worker: two workers on a 2-core machine, and identical arithmetic run to run.
+    let mut c = command(&all, &[("OMP_NUM_THREADS", "1".into())]);
+    c.current_dir(dir);
+    c
+}
+
+fn summary_value(out: &str, key: &str) -> f64 {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("steps="))
+        .unwrap_or_else(|| panic!("no summary in:\n{out}"));
+    let field = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
+    field
+        .parse()
+        .unwrap_or_else(|_| panic!("{key}={field} is not a number"))
+}
+
+fn weights(model_dir: &Path) -> Vec<(String, Tensor)> {
+    let mut w = Tensor::read_safetensors(model_dir.join("model.safetensors")).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+const DIGITS_JOB: &[&str] = &[
+    "--model",
+    "mlp",
+    "--batch-size",
+    "32",
+    "--lr",
+    "0.1",
+    "--momentum",
+    "0.9",
+    "--seed",
+    "3",
+];
+
+#[test]
+fn two_workers_learn_the_digits_and_export_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = digits();
+    let mut args = DIGITS_JOB.to_vec();
+    args.extend([
+        "--data",
+        data.to_str().unwrap(),
+        "--epochs",
+        "15",
+        "--log-interval",
+        "20",
+    ]);
+    let out = wait(
+        launch_train(dir.path(), 2, &args).spawn().unwrap(),
+        Duration::from_secs(300),
+        "training",
+    );
+    assert_ok(&out);
+    let text = stdout(&out);
+    let accuracy = summary_value(&text, "val_accuracy");
+    assert!(
+        accuracy >= 0.93,
+        "validation accuracy {accuracy} below 0.93:\n{text}"
+    );
+    assert!(
+        text.contains("on 359 samples") || text.contains("on 360 samples"),
+        "every test sample counted once:\n{text}"
+    );
+    let model = dir.path().join("hytrain-out/model");
+    assert!(model.join("model.safetensors").is_file() && model.join("metadata.json").is_file());
+    assert!(
+        text.contains(&format!("model written to {}", "hytrain-out/model")),
+        "{text}"
+    );
+    let metrics =
+        std::fs::read_to_string(dir.path().join("hytrain-out/output/data/metrics.jsonl")).unwrap();
+    assert!(
+        metrics.lines().any(|l| l.contains("\"val_accuracy\"")),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn validation_counts_each_test_sample_once_with_three_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = digits();
+    let mut args = DIGITS_JOB.to_vec();
+    args.extend([
+        "--data",
+        data.to_str().unwrap(),
+        "--max-steps",
+        "3",
+        "--test-batch-size",
+        "50",
+    ]);
+    let out = wait(
+        launch_train(dir.path(), 3, &args).spawn().unwrap(),
+        Duration::from_secs(300),
+        "training",
+    );
+    assert_ok(&out);
+    let test_samples = std::fs::read_dir(data.join("test"))
+        .unwrap()
+        .map(|e| {
+            let f = std::fs::File::open(e.unwrap().path()).unwrap();
+            tar::Archive::new(f)
+                .entries()
+                .unwrap()
+                .filter(|m| {
+                    m.as_ref()
+                        .unwrap()
+                        .path()
+                        .unwrap()
+                        .extension()
+                        .is_some_and(|x| x == "cls")
+                })
+                .count()
+        })
+        .sum::<usize>();
+    assert!(
+        stdout(&out).contains(&format!("on {test_samples} samples")),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// Kills the whole job (launcher and workers) with SIGKILL once it has written a checkpoint, restarts the same
+/// command, and compares the final weights with those of a run that was never interrupted.
+#[test]
+fn a_job_killed_mid_epoch_and_restarted_ends_with_the_weights_of_an_uninterrupted_run() {
+    let data = digits();
+    let mut args = DIGITS_JOB.to_vec();
+    args.extend([
+        "--data",
+        data.to_str().unwrap(),
+        "--epochs",
+        "12",
+        "--checkpoint-every",
+        "7",
+        "--validation",
+        "none",
+    ]);
+
+    let clean = tempfile::tempdir().unwrap();
+    let out = wait(
+        launch_train(clean.path(), 2, &args).spawn().unwrap(),
+        Duration::from_secs(300),
+        "clean run",
+    );
+    assert_ok(&out);
+
+    let killed = tempfile::tempdir().unwrap();
+    let checkpoints = killed.path().join("hytrain-out/checkpoints");
+    let mut first = launch_train(killed.path(), 2, &args);
+    first.process_group(0);
+    let mut child = first.spawn().unwrap();
+    let started = Instant::now();
+    let resume_from = loop {
+        if let Ok(Some(found)) = hytrain::train::latest_valid(&checkpoints) {
+            if found.checkpoint.meta.step >= 14 {
+                break found;
+            }
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "no checkpoint after 240 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SIGKILL to the launcher's group; its workers die with it (PDEATHSIG) as on a lost node.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(
+        !killed
+            .path()
+            .join("hytrain-out/model/model.safetensors")
+            .exists(),
+        "the killed run finished before the kill; make it longer"
+    );
+    assert!(resume_from.checkpoint.meta.step > 0);
+
+    let out = wait(
+        launch_train(killed.path(), 2, &args).spawn().unwrap(),
+        Duration::from_secs(300),
+        "restart",
+    );
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("resum"),
+        "the restart did not say it resumed:\n{}",
+        stderr(&out)
+    );
+    let (a, b) = (
+        weights(&clean.path().join("hytrain-out/model")),
+        weights(&killed.path().join("hytrain-out/model")),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let diff = (x - y).abs().max().double_value(&[]);
+        assert!(
+            diff <= 1e-6,
+            "{name} differs by {diff} after kill and resume"
+        );
+    }
+}
+
+#[test]
+fn sigterm_checkpoints_and_exits_143_and_the_next_run_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = digits();
+    let mut args = DIGITS_JOB.to_vec();
+    args.extend([
+        "--data",
+        data.to_str().unwrap(),
+        "--epochs",
+        "200",
+        "--validation",
+        "none",
+    ]);
+    let mut job = launch_train(dir.path(), 2, &args);
+    let child = job.spawn().unwrap();
+    let checkpoints = dir.path().join("hytrain-out/checkpoints");
+    std::thread::sleep(Duration::from_secs(3));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = wait(child, Duration::from_secs(120), "stopping run");
+    assert_eq!(out.status.code(), Some(143), "stderr:\n{}", stderr(&out));
+    let saved = hytrain::train::latest_valid(&checkpoints)
+        .unwrap()
+        .expect("a checkpoint written on SIGTERM");
+    assert!(saved.checkpoint.meta.step > 0);
+}
+
+#[test]
+fn an_unknown_hyperparameter_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = digits();
+    let out = command(
+        &["train", "--model", "mlp", "--data", data.to_str().unwrap()],
+        &[("SM_HP_EPOCH", "3".into())],
+    )
+    .current_dir(dir.path())
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown setting 'EPOCH' (from SM_HP_EPOCH)"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bad_values_and_missing_data_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = digits();
+    let run = |args: &[&str], env: &[(&str, String)]| {
+        let out = command(args, env)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        stderr(&out)
+    };
+    let e = run(
+        &["train", "--data", data.to_str().unwrap(), "--lr", "fast"],
+        &[],
+    );
+    assert!(e.contains("lr") && e.contains("'fast'"), "{e}");
+    let e = run(
+        &["train", "--data", data.to_str().unwrap()],
+        &[("HYTRAIN_BATCH_SIZE", "0".into())],
+    );
+    assert!(e.contains("HYTRAIN_BATCH_SIZE"), "{e}");
+    let e = run(&["train"], &[]);
+    assert!(
+        e.contains("no training data") && e.contains("--data"),
+        "{e}"
+    );
+    let e = run(
+        &[
+            "train",
+            "--data",
+            dir.path().join("missing").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(e.contains("missing"), "{e}");
+    let e = run(
+        &[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--model",
+            "vgg99",
+        ],
+        &[],
+    );
+    assert!(e.contains("vgg99"), "{e}");
+}
+
+#[test]
+fn a_dataset_without_class_names_needs_num_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for entry in std::fs::read_dir(digits().join("train")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|x| x == "tar") {
+            std::fs::copy(&path, data.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let out = command(
+        &["train", "--model", "mlp", "--data", data.to_str().unwrap()],
+        &[],
+    )
+    .current_dir(dir.path())
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--num-classes"), "{}", stderr(&out));
+    let out = command(
+        &[
+            "train",
+            "--model",
+            "mlp",
+            "--data",
+            data.to_str().unwrap(),
+            "--num-classes",
+            "10",
+            "--max-steps",
+            "2",
+        ],
+        &[],
+    )
+    .current_dir(dir.path())
+    .output()
+    .unwrap();
+    assert_ok(&out);
+}
