@@ -572,13 +572,13 @@ mod tests {
     fn a_pin_without_a_component_is_refused() {
         let mut pins = pins();
         pins.push(Pin {
-            name: "nvidia-nccl-cu13".into(),
-            version: "2.28.9".into(),
+            name: "nvidia-cublas".into(),
+            version: "13.0.0".into(),
             sha256: "0".repeat(64),
         });
         let error = format!("{:#}", check_components(&pins).unwrap_err());
         assert!(
-            error.contains("pins nvidia-nccl-cu13, but COMPONENTS"),
+            error.contains("pins nvidia-cublas, but COMPONENTS"),
             "{error}"
         );
     }

@@ -40,9 +40,10 @@ const fn take(from: &'static str, to: &'static str) -> Take {
 /// libtorch_python, and without its libtorch.so, which needs libtorch_cuda.so (setup builds a small one instead).
 /// libtorch_cpu.so itself needs libcudart.so.13 and libcupti.so.13, hence the two nvidia wheels.
 ///
-/// GPU wheels go here when the GPU work needs them, pinned and hashed in libtorch-requirements.txt like the rest:
-/// NCCL (`nvidia-nccl-cu13`: `nvidia/nccl/lib/` -> `nvidia/nccl/lib/`) and NVRTC (`nvidia-cuda-nvrtc`:
-/// `nvidia/cu13/lib/libnvrtc*` -> `nvidia/cu13/lib/`), unpacked under `<libtorch>/nvidia/` where hytrain-cuda looks.
+/// The GPU libraries hytrain-cuda opens at run time come along, unpacked under `<libtorch>/nvidia/` where it looks
+/// (the same relative folders as pip's, so one search serves both): NCCL (`nvidia-nccl-cu13`) and NVRTC with its
+/// builtins (`nvidia-cuda-nvrtc`), at the versions torch 2.11.0 itself pins. Neither needs a GPU to load: the tests
+/// read NCCL's version and create its unique id, and compile every kernel of `kernels/` to PTX.
 /// Bump [`LAYOUT`] with any change here so existing folders are rebuilt.
 pub const COMPONENTS: &[Component] = &[
     Component {
@@ -74,10 +75,33 @@ pub const COMPONENTS: &[Component] = &[
         download_mb: 11,
         takes: &[take("nvidia/cu13/lib/libcupti.so.13", "lib/libcupti.so.13")],
     },
+    Component {
+        requirement: "nvidia-nccl-cu13",
+        download_mb: 197,
+        takes: &[take(
+            "nvidia/nccl/lib/libnccl.so.2",
+            "nvidia/nccl/lib/libnccl.so.2",
+        )],
+    },
+    Component {
+        requirement: "nvidia-cuda-nvrtc",
+        download_mb: 91,
+        // Not the wheel's `.alt` variants (another 110 MB), which hytrain never opens.
+        takes: &[
+            take(
+                "nvidia/cu13/lib/libnvrtc.so.13",
+                "nvidia/cu13/lib/libnvrtc.so.13",
+            ),
+            take(
+                "nvidia/cu13/lib/libnvrtc-builtins.so.13.0",
+                "nvidia/cu13/lib/libnvrtc-builtins.so.13.0",
+            ),
+        ],
+    },
 ];
 
 /// Version of the folder's make-up; part of the set-up stamp, so changing [`COMPONENTS`] or the shim rebuilds it.
-pub const LAYOUT: u32 = 1;
+pub const LAYOUT: u32 = 2;
 
 /// Where a wheel member lands inside the libtorch folder, or `None` when it is not taken. Members that would
 /// escape their folder (`..`, absolute paths) are never taken.
@@ -234,6 +258,38 @@ mod tests {
                 "{member} must not be taken"
             );
         }
+    }
+
+    #[test]
+    fn gpu_libraries_land_where_hytrain_cuda_looks_beside_libtorch() {
+        let takes = |requirement: &str| {
+            COMPONENTS
+                .iter()
+                .find(|c| c.requirement == requirement)
+                .unwrap()
+                .takes
+        };
+        let taken = |requirement: &str, member: &str| {
+            destination(takes(requirement), member).map(|p| p.to_string_lossy().into_owned())
+        };
+        assert_eq!(
+            taken("nvidia-nccl-cu13", "nvidia/nccl/lib/libnccl.so.2").as_deref(),
+            Some("nvidia/nccl/lib/libnccl.so.2")
+        );
+        for lib in ["libnvrtc.so.13", "libnvrtc-builtins.so.13.0"] {
+            assert_eq!(
+                taken("nvidia-cuda-nvrtc", &format!("nvidia/cu13/lib/{lib}")),
+                Some(format!("nvidia/cu13/lib/{lib}"))
+            );
+        }
+        assert_eq!(
+            taken("nvidia-cuda-nvrtc", "nvidia/cu13/lib/libnvrtc.alt.so.13"),
+            None
+        );
+        assert_eq!(
+            taken("nvidia-nccl-cu13", "nvidia/nccl/include/nccl.h"),
+            None
+        );
     }
 
     #[test]

@@ -1,0 +1,155 @@
+//! The one error type of this crate. Every message is one line that says what was looked for or what failed and
+//! what to do, since the binary prints it as the reason a job stopped.
+
+use std::path::PathBuf;
+
+/// What went wrong loading or using an NVIDIA library, or checking the inputs of a CPU reference.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CudaError {
+    /// No file of the library was found (or none that loads) in any place searched.
+    #[error("{library} not found; searched {searched}{failures}; {hint}")]
+    LibraryNotFound {
+        /// The file name looked for (`libnccl.so.2`).
+        library: &'static str,
+        /// The places searched, in order, joined for the message.
+        searched: String,
+        /// `"; found X but it did not load: why"` for candidates that exist but failed, or empty.
+        failures: String,
+        /// What to install or set.
+        hint: &'static str,
+    },
+
+    /// CUDA was asked for, but the driver library is not on this machine.
+    #[error(
+        "CUDA was requested but no NVIDIA driver / libcuda.so.1 found (searched {searched}); run on a machine with \
+         an NVIDIA GPU and its driver (in a container the NVIDIA container toolkit mounts libcuda.so.1), or use \
+         --device cpu"
+    )]
+    NoDriver {
+        /// The places searched, joined for the message.
+        searched: String,
+    },
+
+    /// The driver loaded but reports no usable GPU.
+    #[error(
+        "NVIDIA driver {path} loaded but {call} failed: {code_name} ({message}); check that a GPU is visible \
+         (nvidia-smi, CUDA_VISIBLE_DEVICES) or use --device cpu"
+    )]
+    NoDevice {
+        /// The libcuda file that loaded.
+        path: PathBuf,
+        /// The driver call that failed.
+        call: &'static str,
+        /// The CUresult's name (`CUDA_ERROR_NO_DEVICE`).
+        code_name: String,
+        /// The driver's own description.
+        message: String,
+    },
+
+    /// A library loaded but lacks a function hytrain calls: too old, or not the library its name claims.
+    #[error("{path} has no symbol {symbol}; {hint}")]
+    MissingSymbol {
+        /// The file that loaded.
+        path: PathBuf,
+        /// The function not found.
+        symbol: &'static str,
+        /// Which version is needed.
+        hint: &'static str,
+    },
+
+    /// The NCCL found is older than hytrain supports.
+    #[error("NCCL {found} at {path} is older than {needed}, the oldest hytrain supports; install nvidia-nccl-cu13 (pip) or a newer NCCL")]
+    NcclTooOld {
+        /// The version the library reports.
+        found: String,
+        /// The file that loaded.
+        path: PathBuf,
+        /// The minimum.
+        needed: String,
+    },
+
+    /// An NCCL call returned an error.
+    #[error("{call} failed: {message} (ncclResult {code})")]
+    Nccl {
+        /// The NCCL function.
+        call: &'static str,
+        /// The ncclResult_t value.
+        code: i32,
+        /// NCCL's own text for it.
+        message: String,
+    },
+
+    /// An NVRTC call other than compilation returned an error.
+    #[error("{call} failed: {message} (nvrtcResult {code})")]
+    Nvrtc {
+        /// The NVRTC function.
+        call: &'static str,
+        /// The nvrtcResult value.
+        code: i32,
+        /// NVRTC's own text for it.
+        message: String,
+    },
+
+    /// NVRTC ships its built-in headers in a second library that it opens by name; it is not beside libnvrtc.
+    #[error(
+        "NVRTC {version} at {nvrtc} needs {builtins} in the same folder, and it is not there; install the whole \
+         nvidia-cuda-nvrtc wheel (cargo xtask setup unpacks both files)"
+    )]
+    NvrtcBuiltinsMissing {
+        /// The libnvrtc file that loaded.
+        nvrtc: PathBuf,
+        /// Its version, `major.minor`.
+        version: String,
+        /// The builtins file expected beside it (`libnvrtc-builtins.so.13.0`).
+        builtins: String,
+    },
+
+    /// A kernel source did not compile; the message carries NVRTC's log.
+    #[error("NVRTC could not compile {program} for {arch}: {log}")]
+    Compile {
+        /// The source file's name (`bucket.cu`).
+        program: String,
+        /// The target (`compute_90`).
+        arch: String,
+        /// NVRTC's log, on one line.
+        log: String,
+    },
+
+    /// A CUDA driver call failed.
+    #[error("{call} failed: {code_name} ({message})")]
+    Driver {
+        /// The driver function.
+        call: &'static str,
+        /// The CUresult's name.
+        code_name: String,
+        /// The driver's own description.
+        message: String,
+    },
+
+    /// The rendezvous store could not hand over the NCCL unique id.
+    #[error("rank {rank} could not {action} the NCCL unique id under key '{key}' in the rendezvous store: {source}")]
+    IdExchange {
+        /// This process's rank.
+        rank: usize,
+        /// `publish` or `fetch`.
+        action: &'static str,
+        /// The store key.
+        key: String,
+        /// The store's own error.
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+
+    /// Bytes offered as an NCCL unique id are not one.
+    #[error("the NCCL unique id under key '{key}' is {len} bytes, not 128; every rank must run the same hytrain and use its own job's store")]
+    BadUniqueId {
+        /// The store key it came from.
+        key: String,
+        /// The length found.
+        len: usize,
+    },
+
+    /// Buffers handed to a bucket or optimizer routine do not fit together.
+    #[error("{0}")]
+    Shape(String),
+}

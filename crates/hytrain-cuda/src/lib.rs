@@ -1,0 +1,44 @@
+//! The GPU side of hytrain, loaded at run time: NCCL, NVRTC and the CUDA driver are opened with dlopen, so this
+//! crate (and everything that depends on it) builds and runs on machines without a GPU or a CUDA toolkit; only
+//! using a GPU needs one.
+//!
+//! - [`Nccl`]: finds `libnccl.so.2` (pip's `nvidia/nccl/lib` or `nvidia/cu13/lib` beside libtorch,
+//!   `LD_LIBRARY_PATH`, system folders), reports the file and its version, and creates the [`UniqueId`] that
+//!   [`exchange_unique_id`] hands to every rank through the rendezvous store ([`IdStore`]).
+//! - [`Nvrtc`] and [`kernels`]: the CUDA C sources of `kernels/` (bucket pack/unpack with scaling, fused SGD with
+//!   momentum and AdamW) compiled to PTX at run time.
+//! - [`reference`]: the same kernels on the CPU, operation for operation.
+//! - [`CudaDriver`]: whether CUDA is usable at all, with a clear error when there is no driver.
+//!
+//! Only this crate knows CUDA; hytrain-comm and hytrain-train depend on it.
+//!
+//! ```no_run
+//! use hytrain_cuda::{kernels, ComputeCapability, Nccl, Nvrtc};
+//!
+//! # fn main() -> Result<(), hytrain_cuda::CudaError> {
+//! let nccl = Nccl::load()?;
+//! println!("NCCL {} from {}", nccl.version(), nccl.path().display());
+//! let nvrtc = Nvrtc::load()?;
+//! for ptx in kernels::compile_all(&nvrtc, ComputeCapability { major: 9, minor: 0 })? {
+//!     println!("{}: {:?}", ptx.program, ptx.entry_points());
+//! }
+//! # Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+
+mod driver;
+mod error;
+mod exchange;
+pub mod kernels;
+pub mod library;
+mod nccl;
+mod nvrtc;
+pub mod reference;
+
+pub use driver::{CudaDriver, Device};
+pub use error::CudaError;
+pub use exchange::{exchange_unique_id, IdStore};
+pub use library::{NvidiaLibrary, Origin, Search};
+pub use nccl::{Nccl, NcclVersion, UniqueId, MIN_NCCL, NCCL_FUNCTIONS, UNIQUE_ID_BYTES};
+pub use nvrtc::{ComputeCapability, Nvrtc, Ptx};
