@@ -97,22 +97,25 @@ const DIGITS_JOB: &[&str] = &[
     "3",
 ];
 
+/// The digits job with `extra` flags as `hytrain launch --nproc-per-node N -- hytrain train ...` in `dir`.
+fn digits_job(dir: &Path, nproc: usize, extra: &[&str]) -> Command {
+    let data = digits();
+    let mut args = DIGITS_JOB.to_vec();
+    args.extend(["--data", data.to_str().unwrap()]);
+    args.extend(extra);
+    launch_train(dir, nproc, &args)
+}
+
+/// Runs a job to its end (or fails the test after 300 s).
+fn finish(mut job: Command, what: &str) -> Output {
+    wait(job.spawn().unwrap(), Duration::from_secs(300), what)
+}
+
 #[test]
 fn two_workers_learn_the_digits_and_export_the_model() {
     let dir = tempfile::tempdir().unwrap();
-    let data = digits();
-    let mut args = DIGITS_JOB.to_vec();
-    args.extend([
-        "--data",
-        data.to_str().unwrap(),
-        "--epochs",
-        "15",
-        "--log-interval",
-        "20",
-    ]);
-    let out = wait(
-        launch_train(dir.path(), 2, &args).spawn().unwrap(),
-        Duration::from_secs(300),
+    let out = finish(
+        digits_job(dir.path(), 2, &["--epochs", "15", "--log-interval", "20"]),
         "training",
     );
     assert_ok(&out);
@@ -144,18 +147,12 @@ fn two_workers_learn_the_digits_and_export_the_model() {
 fn validation_counts_each_test_sample_once_with_three_ranks() {
     let dir = tempfile::tempdir().unwrap();
     let data = digits();
-    let mut args = DIGITS_JOB.to_vec();
-    args.extend([
-        "--data",
-        data.to_str().unwrap(),
-        "--max-steps",
-        "3",
-        "--test-batch-size",
-        "50",
-    ]);
-    let out = wait(
-        launch_train(dir.path(), 3, &args).spawn().unwrap(),
-        Duration::from_secs(300),
+    let out = finish(
+        digits_job(
+            dir.path(),
+            3,
+            &["--max-steps", "3", "--test-batch-size", "50"],
+        ),
         "training",
     );
     assert_ok(&out);
@@ -188,30 +185,20 @@ fn validation_counts_each_test_sample_once_with_three_ranks() {
 /// command, and compares the final weights with those of a run that was never interrupted.
 #[test]
 fn a_job_killed_mid_epoch_and_restarted_ends_with_the_weights_of_an_uninterrupted_run() {
-    let data = digits();
-    let mut args = DIGITS_JOB.to_vec();
-    args.extend([
-        "--data",
-        data.to_str().unwrap(),
+    let job = [
         "--epochs",
         "12",
         "--checkpoint-every",
         "7",
         "--validation",
         "none",
-    ]);
-
+    ];
     let clean = tempfile::tempdir().unwrap();
-    let out = wait(
-        launch_train(clean.path(), 2, &args).spawn().unwrap(),
-        Duration::from_secs(300),
-        "clean run",
-    );
-    assert_ok(&out);
+    assert_ok(&finish(digits_job(clean.path(), 2, &job), "clean run"));
 
     let killed = tempfile::tempdir().unwrap();
     let checkpoints = killed.path().join("hytrain-out/checkpoints");
-    let mut first = launch_train(killed.path(), 2, &args);
+    let mut first = digits_job(killed.path(), 2, &job);
     first.process_group(0);
     let mut child = first.spawn().unwrap();
     let started = Instant::now();
@@ -233,8 +220,7 @@ fn a_job_killed_mid_epoch_and_restarted_ends_with_the_weights_of_an_uninterrupte
     };
     // SIGKILL to the launcher's group; its workers die with it (PDEATHSIG) as on a lost node.
     unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-    let status = child.wait().unwrap();
-    assert!(!status.success());
+    assert!(!child.wait().unwrap().success());
     assert!(
         !killed
             .path()
@@ -244,15 +230,11 @@ fn a_job_killed_mid_epoch_and_restarted_ends_with_the_weights_of_an_uninterrupte
     );
     assert!(resume_from.checkpoint.meta.step > 0);
 
-    let out = wait(
-        launch_train(killed.path(), 2, &args).spawn().unwrap(),
-        Duration::from_secs(300),
-        "restart",
-    );
+    let out = finish(digits_job(killed.path(), 2, &job), "restart");
     assert_ok(&out);
     assert!(
-        stderr(&out).contains("resum"),
-        "the restart did not say it resumed:\n{}",
+        stderr(&out).contains("resuming from checkpoint"),
+        "the restart did not resume:\n{}",
         stderr(&out)
     );
     let (a, b) = (
@@ -272,18 +254,9 @@ fn a_job_killed_mid_epoch_and_restarted_ends_with_the_weights_of_an_uninterrupte
 #[test]
 fn sigterm_checkpoints_and_exits_143_and_the_next_run_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let data = digits();
-    let mut args = DIGITS_JOB.to_vec();
-    args.extend([
-        "--data",
-        data.to_str().unwrap(),
-        "--epochs",
-        "200",
-        "--validation",
-        "none",
-    ]);
-    let mut job = launch_train(dir.path(), 2, &args);
-    let child = job.spawn().unwrap();
+    let child = digits_job(dir.path(), 2, &["--epochs", "200", "--validation", "none"])
+        .spawn()
+        .unwrap();
     let checkpoints = dir.path().join("hytrain-out/checkpoints");
     std::thread::sleep(Duration::from_secs(3));
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -292,7 +265,21 @@ fn sigterm_checkpoints_and_exits_143_and_the_next_run_resumes() {
     let saved = hytrain::train::latest_valid(&checkpoints)
         .unwrap()
         .expect("a checkpoint written on SIGTERM");
-    assert!(saved.checkpoint.meta.step > 0);
+    let step = saved.checkpoint.meta.step;
+    assert!(step > 0);
+
+    let more = (step + 5).to_string();
+    let out = finish(
+        digits_job(
+            dir.path(),
+            2,
+            &["--max-steps", &more, "--validation", "none"],
+        ),
+        "resumed run",
+    );
+    assert_ok(&out);
+    assert!(stdout(&out).contains("(5 this run)"), "{}", stdout(&out));
+    assert_eq!(summary_value(&stdout(&out), "steps"), (step + 5) as f64);
 }
 
 #[test]

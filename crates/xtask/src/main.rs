@@ -90,7 +90,9 @@ fn root() -> PathBuf {
 fn setup_all() -> Result<()> {
     let root = root();
     setup::libtorch(&root)?;
-    setup::test_tools()
+    setup::test_tools()?;
+    venv::bench_venv(&root)?;
+    demo_data::digits(&root).map(|_| ())
 }
 
 /// `cargo` as it ran us (so a toolchain chosen by rustup stays chosen), run in the repository root.
