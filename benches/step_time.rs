@@ -1,0 +1,444 @@
+//! Training step time of hytrain's engine against PyTorch DistributedDataParallel on gloo, in the same run: LeNet
+//! and ResNet-18 (CIFAR variant), batch 64 per rank of 3x32x32 inputs, 2 local CPU processes, one intra-op thread
+//! per process on both sides, SGD (lr 0.01, momentum 0.5) with cross-entropy.
+//!
+//! A step is forward, backward, gradient allreduce and optimizer update (hytrain's `Ddp::train_step`; on the
+//! PyTorch side `zero_grad`, forward, `backward` with DDP's bucketed allreduce, `step`). Both sides train on 4
+//! random batches made once before the clock starts, skip warm-up steps, and report rank 0's median step time;
+//! each side runs HYTRAIN_STEP_BENCH_ROUNDS times (default 2, alternating which goes first) and keeps its best
+//! median, since the machines these run on are shared and their load drifts. Beside wall time, each side reports
+//! the CPU time its rank-0 process (all threads) spent per step, which other load moves much less.
+//!
+//! This process only drives: it starts each side's 2 ranks as processes with torchrun's variables (RANK,
+//! WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT): for hytrain itself again with
+//! HYTRAIN_STEP_BENCH_MODEL set, for PyTorch `benches/ddp_step.py` under HYTRAIN_BENCH_PYTHON (default python3).
+//!
+//! Run with `cargo xtask bench` (which prepares the Python peer) or `cargo bench --bench step_time [MODEL]`. Step
+//! counts can be changed with HYTRAIN_STEP_BENCH_STEPS, e.g. `lenet=20:200,resnet18=2:6` (warm-up:timed per model).
+
+use std::io::Read;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hytrain_train::{model, Ddp, DdpOptions, OptimizerConfig, ReduceOp, SgdConfig};
+
+const WORLD: usize = 2;
+const BATCH: i64 = 64;
+/// (model, warm-up steps, timed steps). ResNet-18 takes seconds per step on one thread: few steps keep the bench
+/// within minutes on a 2-core machine.
+const DEFAULT_STEPS: [(&str, usize, usize); 2] = [("lenet", 20, 200), ("resnet18", 2, 6)];
+/// A side that has not finished by then is killed and reported as failed, never waited on forever.
+const DEADLINE: Duration = Duration::from_secs(900);
+
+/// Rank 0's measurement of one side in one round.
+#[derive(Debug, Clone)]
+struct Measured {
+    median_ms: f64,
+    /// Median CPU time of rank 0's process (all its threads) per timed step.
+    cpu_median_ms: f64,
+    /// hytrain only: mean time per timed step inside gradient allreduces (pack and unpack included).
+    allreduce_ms: Option<f64>,
+    /// hytrain only: mean time per timed step broadcasting BatchNorm buffers from rank 0.
+    broadcast_ms: Option<f64>,
+    /// hytrain only: mean time of one allreduce of two f64 flags, what the training loop adds per step.
+    flag_allreduce_us: Option<f64>,
+}
+
+/// One hytrain rank: rendezvous from the torchrun-style environment, then time `warmup + steps` train steps.
+fn hytrain_rank(model_name: &str, warmup: usize, steps: usize) -> Result<()> {
+    tch::set_num_threads(1);
+    let plan =
+        hytrain::cluster::detect().context("reading the rank's torchrun-style environment")?;
+    let membership = hytrain::membership(&plan);
+    let options = hytrain::comm::CommOptions {
+        rendezvous_timeout: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let comm = hytrain::comm::init(&membership, false, &options)
+        .context("rendezvous of the hytrain ranks")?;
+    let rank = membership.rank;
+    tch::manual_seed(rank as i64);
+    let net = model::build(model_name, 10, &[3, 32, 32], tch::Device::Cpu)?;
+    let mut ddp = Ddp::new(net, comm, DdpOptions::default())?;
+    let sgd = OptimizerConfig::Sgd(SgdConfig {
+        momentum: 0.5,
+        ..Default::default()
+    });
+    let mut optimizer = sgd.build(ddp.parameters())?;
+    let batches: Vec<Vec<(tch::Tensor, tch::Tensor)>> = (0..4)
+        .map(|_| {
+            vec![(
+                tch::Tensor::randn([BATCH, 3, 32, 32], tch::kind::FLOAT_CPU),
+                tch::Tensor::randint(10, [BATCH], tch::kind::INT64_CPU),
+            )]
+        })
+        .collect();
+    let mut times = Vec::with_capacity(steps);
+    let mut cpu_times = Vec::with_capacity(steps);
+    let mut before = ddp.stats().clone();
+    for i in 0..warmup + steps {
+        if i == warmup {
+            before = ddp.stats().clone();
+        }
+        let started = Instant::now();
+        let cpu_started = process_cpu_secs();
+        ddp.train_step(&batches[i % batches.len()], optimizer.as_mut(), 0.01)?;
+        if i >= warmup {
+            times.push(started.elapsed().as_secs_f64());
+            cpu_times.push(process_cpu_secs() - cpu_started);
+        }
+    }
+    let after = ddp.stats().clone();
+    // What `Trainer::run` adds to every step besides `train_step`: one allreduce of two f64 flags.
+    let flag_rounds = 50;
+    let started = Instant::now();
+    for _ in 0..flag_rounds {
+        ddp.allreduce_f64(&mut [0.0, 0.0], ReduceOp::Sum)?;
+    }
+    let flag_us = started.elapsed().as_secs_f64() / flag_rounds as f64 * 1e6;
+    if rank == 0 {
+        let per_step = |secs: f64| secs / steps as f64 * 1e3;
+        let row = serde_json::json!({
+            "side": "hytrain",
+            "model": model_name,
+            "median_ms": median(&mut times) * 1e3,
+            "cpu_median_ms": median(&mut cpu_times) * 1e3,
+            "allreduce_ms": per_step(after.allreduce_secs - before.allreduce_secs),
+            "broadcast_ms": per_step(after.broadcast_secs - before.broadcast_secs),
+            "flag_allreduce_us": flag_us,
+            "steps": steps,
+        });
+        println!("{row}");
+    }
+    Ok(())
+}
+
+/// CPU time of this process (all its threads) so far, in seconds.
+fn process_cpu_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, a valid and exclusively borrowed local.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// Starts one side's `WORLD` ranks, waits for all of them (killing them all past the deadline or when one fails),
+/// and parses rank 0's JSON line.
+fn run_side(side: &str, command: impl Fn() -> Command) -> Result<Measured> {
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port();
+    let mut ranks: Vec<Child> = Vec::new();
+    for rank in 0..WORLD {
+        let mut c = command();
+        c.env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", WORLD.to_string())
+            .env("LOCAL_WORLD_SIZE", WORLD.to_string())
+            .env("GROUP_RANK", "0")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        match c.spawn() {
+            Ok(child) => ranks.push(child),
+            Err(e) => {
+                for mut started in ranks {
+                    let _ = started.kill();
+                    let _ = started.wait();
+                }
+                bail!("{side}: cannot start rank {rank} ({c:?}): {e}");
+            }
+        }
+    }
+    // Outputs are small (one line, a few warnings); reading them after exit cannot fill a pipe and block.
+    let started = Instant::now();
+    let mut codes = [None; WORLD];
+    while codes.iter().any(Option::is_none) {
+        for (rank, child) in ranks.iter_mut().enumerate() {
+            if codes[rank].is_none() {
+                codes[rank] = child.try_wait()?;
+            }
+        }
+        let failed = codes.iter().any(|c| c.is_some_and(|s| !s.success()));
+        if failed || started.elapsed() > DEADLINE {
+            for child in ranks.iter_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let mut why = String::new();
+            for (rank, child) in ranks.iter_mut().enumerate() {
+                let mut err = String::new();
+                let _ = child.stderr.take().map(|mut s| s.read_to_string(&mut err));
+                if let Some(line) = err.lines().rev().find(|l| !l.trim().is_empty()) {
+                    why.push_str(&format!(" rank {rank}: {line};"));
+                }
+            }
+            let what = if failed {
+                "a rank failed"
+            } else {
+                "ranks did not finish within the deadline"
+            };
+            bail!("{side}: {what}:{why}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut out = String::new();
+    ranks[0]
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut out)?;
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or_else(|| {
+            anyhow!(
+                "{side}: rank 0 printed no result line; its output was: {}",
+                out.trim()
+            )
+        })?;
+    let v: serde_json::Value =
+        serde_json::from_str(line).with_context(|| format!("{side}: bad result line '{line}'"))?;
+    let field = |name: &str| {
+        v[name]
+            .as_f64()
+            .ok_or_else(|| anyhow!("{side}: no {name} in '{line}'"))
+    };
+    Ok(Measured {
+        median_ms: field("median_ms")?,
+        cpu_median_ms: field("cpu_median_ms")?,
+        allreduce_ms: v["allreduce_ms"].as_f64(),
+        broadcast_ms: v["broadcast_ms"].as_f64(),
+        flag_allreduce_us: v["flag_allreduce_us"].as_f64(),
+    })
+}
+
+/// Warm-up and timed steps per model: the defaults, or HYTRAIN_STEP_BENCH_STEPS (`model=warmup:steps,...`).
+fn step_counts() -> Result<Vec<(String, usize, usize)>> {
+    let mut counts: Vec<(String, usize, usize)> = DEFAULT_STEPS
+        .iter()
+        .map(|(m, w, s)| (m.to_string(), *w, *s))
+        .collect();
+    let Ok(spec) = std::env::var("HYTRAIN_STEP_BENCH_STEPS") else {
+        return Ok(counts);
+    };
+    for item in spec.split(',').filter(|s| !s.is_empty()) {
+        let parsed = item.split_once('=').and_then(|(m, ws)| {
+            let (w, s) = ws.split_once(':')?;
+            Some((m, w.parse::<usize>().ok()?, s.parse::<usize>().ok()?))
+        });
+        match parsed {
+            Some((m, w, s)) if s > 0 => match counts.iter_mut().find(|c| c.0 == m) {
+                Some(c) => (c.1, c.2) = (w, s),
+                None => bail!("HYTRAIN_STEP_BENCH_STEPS: unknown model '{m}'; the bench runs lenet and resnet18"),
+            },
+            _ => bail!(
+                "HYTRAIN_STEP_BENCH_STEPS: '{item}' is not model=warmup:steps with at least one timed step \
+                 (e.g. lenet=20:200,resnet18=2:6)"
+            ),
+        }
+    }
+    Ok(counts)
+}
+
+/// Rounds per side: HYTRAIN_STEP_BENCH_ROUNDS, default 2.
+fn rounds() -> Result<usize> {
+    match std::env::var("HYTRAIN_STEP_BENCH_ROUNDS") {
+        Err(_) => Ok(2),
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("HYTRAIN_STEP_BENCH_ROUNDS: '{v}' is not a positive number of rounds"),
+        },
+    }
+}
+
+/// The best of a side's rounds: lowest median wall time and, separately, lowest median CPU time; the first error
+/// when no round succeeded.
+fn best(rounds: Vec<Result<Measured>>) -> Result<Measured> {
+    let mut first_error = None;
+    let mut best: Option<Measured> = None;
+    let mut cpu = f64::INFINITY;
+    for r in rounds {
+        match r {
+            Ok(m) => {
+                cpu = cpu.min(m.cpu_median_ms);
+                if best.as_ref().is_none_or(|b| m.median_ms < b.median_ms) {
+                    best = Some(m);
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let mut best = best.ok_or_else(|| first_error.expect("at least one round"))?;
+    best.cpu_median_ms = cpu;
+    Ok(best)
+}
+
+/// A row of a comparison table: both values and their ratio, or n/a where a side was not measured.
+fn row(
+    model_name: &str,
+    ours: &Result<Measured>,
+    theirs: &Result<Measured>,
+    value: fn(&Measured) -> f64,
+) -> String {
+    let fmt = |m: &Result<Measured>| {
+        m.as_ref()
+            .map_or("n/a".to_string(), |m| format!("{:.1}", value(m)))
+    };
+    let ratio = match (ours, theirs) {
+        (Ok(a), Ok(b)) => format!("{:.2}", value(a) / value(b)),
+        _ => "n/a".into(),
+    };
+    format!(
+        "| {model_name} | {} | {} | {ratio} |",
+        fmt(ours),
+        fmt(theirs)
+    )
+}
+
+fn main() -> ExitCode {
+    // One line per failure, never a backtrace: the driver reports a rank's last line of stderr.
+    let result = match std::env::var("HYTRAIN_STEP_BENCH_MODEL") {
+        Ok(model_name) => rank_main(&model_name),
+        Err(_) => drive(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("step_time: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A rank started by [`drive`]: its step counts come in the environment.
+fn rank_main(model_name: &str) -> Result<()> {
+    let count = |name: &str| -> Result<usize> {
+        let v = std::env::var(name).with_context(|| format!("{name} is not set"))?;
+        v.parse()
+            .with_context(|| format!("{name}: '{v}' is not a number of steps"))
+    };
+    hytrain_rank(
+        model_name,
+        count("HYTRAIN_STEP_BENCH_WARMUP")?,
+        count("HYTRAIN_STEP_BENCH_TIMED")?,
+    )
+}
+
+/// Runs both sides for every model and prints the tables.
+fn drive() -> Result<()> {
+    // `cargo bench` passes `--bench`; other arguments select models by name.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let python = std::env::var("HYTRAIN_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/ddp_step.py");
+    let exe = std::env::current_exe()?;
+    let rounds = rounds()?;
+    let mut rows = Vec::new();
+    for (model_name, warmup, steps) in step_counts()? {
+        if !filter.is_empty() && !filter.iter().any(|f| model_name.contains(f.as_str())) {
+            continue;
+        }
+        eprintln!("step_time: {model_name}: {rounds} round(s) of {warmup} warm-up + {steps} timed steps per side");
+        let hytrain = || {
+            run_side("hytrain", || {
+                let mut c = Command::new(&exe);
+                c.env("HYTRAIN_STEP_BENCH_MODEL", &model_name)
+                    .env("HYTRAIN_STEP_BENCH_WARMUP", warmup.to_string())
+                    .env("HYTRAIN_STEP_BENCH_TIMED", steps.to_string());
+                c
+            })
+        };
+        let pytorch = || {
+            run_side("pytorch", || {
+                let mut c = Command::new(&python);
+                c.arg(script)
+                    .arg(&model_name)
+                    .arg(warmup.to_string())
+                    .arg(steps.to_string())
+                    .arg(BATCH.to_string());
+                c
+            })
+        };
+        // Rounds alternate which side goes first, so a load that rises or falls during the run favours neither.
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            if round % 2 == 0 {
+                ours.push(hytrain());
+                theirs.push(pytorch());
+            } else {
+                theirs.push(pytorch());
+                ours.push(hytrain());
+            }
+        }
+        rows.push((model_name, best(ours), best(theirs)));
+    }
+    println!(
+        "\nstep time, {WORLD} CPU processes, batch {BATCH} per rank, 1 intra-op thread each \
+         (rank 0's median ms per step, best of {rounds} round(s); lower is better)"
+    );
+    println!("| model | hytrain step ms | PyTorch DDP step ms | ratio (hytrain/PyTorch) |");
+    println!("|---|---:|---:|---:|");
+    for (model_name, ours, theirs) in &rows {
+        println!("{}", row(model_name, ours, theirs, |m| m.median_ms));
+    }
+    println!("\nCPU time of rank 0's process per step (all threads; less moved by other load than wall time)");
+    println!("| model | hytrain CPU ms | PyTorch DDP CPU ms | ratio (hytrain/PyTorch) |");
+    println!("|---|---:|---:|---:|");
+    for (model_name, ours, theirs) in &rows {
+        println!("{}", row(model_name, ours, theirs, |m| m.cpu_median_ms));
+    }
+    println!();
+    for (model_name, ours, _) in &rows {
+        if let Ok(Measured {
+            allreduce_ms: Some(a),
+            broadcast_ms: Some(b),
+            flag_allreduce_us: Some(f),
+            ..
+        }) = ours
+        {
+            println!(
+                "hytrain {model_name}: of each step {a:.1} ms in gradient allreduces (pack, unpack and waiting for \
+                 the other rank included), {b:.1} ms broadcasting buffers; the training loop's per-step flag \
+                 allreduce would add {f:.0} us"
+            );
+        }
+    }
+    let mut failures = Vec::new();
+    for (model_name, ours, theirs) in &rows {
+        for e in [ours, theirs].into_iter().filter_map(|m| m.as_ref().err()) {
+            failures.push(format!("{model_name}: {e:#}"));
+        }
+    }
+    for f in &failures {
+        println!("not measured: {f}");
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        bail!("{} of {} sides failed", failures.len(), rows.len() * 2)
+    }
+}
