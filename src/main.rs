@@ -360,6 +360,11 @@ fn run_train(plan: &cluster::Plan, env: &Env, args: &train::TrainArgs) -> anyhow
             println!("model written to {}", dir.display());
         }
     }
+    if let (Some(failure), false) = (&plan.paths.failure_file, summary.stopped) {
+        // Beside the failure file, as SageMaker's training toolkit does on every host that finished.
+        let success = failure.with_file_name("success");
+        std::fs::write(&success, "").with_context(|| format!("cannot write {}", success.display()))?;
+    }
     Ok(if summary.stopped {
         ExitCode::from(143)
     } else {

@@ -472,6 +472,10 @@ fn sagemaker_two_host_job_trains_exports_from_algo1_and_its_metric_definitions_c
             !root.join("output/failure").exists(),
             "a successful job left a failure file"
         );
+        assert!(
+            root.join("output/success").is_file(),
+            "a host that finished wrote no success file"
+        );
     }
     let stdout1 = text(&outputs[0].stdout);
     assert!(
@@ -516,6 +520,7 @@ fn sagemaker_bad_hyperparameter_fails_every_host_with_the_reason_in_its_failure_
                 show(&outputs)
             )
         });
+        assert!(!root.join("output/success").exists(), "a failed host wrote a success file");
         assert!(
             failure.contains("lr") && failure.contains("'fast'"),
             "the failure file does not say what was wrong: {failure}"
