@@ -138,18 +138,28 @@ impl CudaDriver {
         self.device_count
     }
 
+    pub(crate) fn loaded(&self) -> &Loaded {
+        &self.loaded
+    }
+
+    /// The driver's handle of GPU `ordinal`.
+    pub(crate) fn device_handle(&self, ordinal: u32) -> Result<c_int, CudaError> {
+        let mut device = 0;
+        // SAFETY: writes one device handle.
+        self.check("cuDeviceGet", unsafe {
+            (self.device_get)(&mut device, ordinal as c_int)
+        })?;
+        Ok(device)
+    }
+
     /// Name and compute capability of GPU `ordinal`.
     pub fn device(&self, ordinal: u32) -> Result<Device, CudaError> {
-        let mut device = 0;
+        let device = self.device_handle(ordinal)?;
         let mut major = 0;
         let mut minor = 0;
         let mut name = [0 as c_char; 256];
         // SAFETY: each call writes into the buffer given, `name` with its length.
         unsafe {
-            self.check(
-                "cuDeviceGet",
-                (self.device_get)(&mut device, ordinal as c_int),
-            )?;
             self.check(
                 "cuDeviceGetAttribute",
                 (self.attribute)(&mut major, ATTRIBUTE_CC_MAJOR, device),
@@ -198,7 +208,7 @@ impl CudaDriver {
         })
     }
 
-    fn check(&self, call: &'static str, code: c_int) -> Result<(), CudaError> {
+    pub(crate) fn check(&self, call: &'static str, code: c_int) -> Result<(), CudaError> {
         if code == 0 {
             return Ok(());
         }

@@ -8,7 +8,10 @@
 //! - [`Nvrtc`] and [`kernels`]: the CUDA C sources of `kernels/` (bucket pack/unpack with scaling, fused SGD with
 //!   momentum and AdamW) compiled to PTX at run time.
 //! - [`reference`]: the same kernels on the CPU, operation for operation.
-//! - [`CudaDriver`]: whether CUDA is usable at all, with a clear error when there is no driver.
+//! - [`CudaDriver`]: whether CUDA is usable at all, with a clear error when there is no driver; [`device`]: GPU
+//!   memory, PTX modules and kernel launches through the driver API, and [`Communicator`] for NCCL collectives.
+//!   These need a GPU and have not yet run on one; the `hytrain-gpu-check` binary (packed by
+//!   `cargo xtask gpu-check`) is their test.
 //!
 //! Only this crate knows CUDA; hytrain-comm and hytrain-train depend on it.
 //!
@@ -27,6 +30,7 @@
 
 #![deny(missing_docs)]
 
+pub mod device;
 mod driver;
 mod error;
 mod exchange;
@@ -40,5 +44,7 @@ pub use driver::{CudaDriver, Device};
 pub use error::CudaError;
 pub use exchange::{exchange_unique_id, IdStore};
 pub use library::{NvidiaLibrary, Origin, Search};
-pub use nccl::{Nccl, NcclVersion, UniqueId, MIN_NCCL, NCCL_FUNCTIONS, UNIQUE_ID_BYTES};
+pub use nccl::{
+    Communicator, Nccl, NcclVersion, UniqueId, MIN_NCCL, NCCL_FUNCTIONS, UNIQUE_ID_BYTES,
+};
 pub use nvrtc::{ComputeCapability, Nvrtc, Ptx};

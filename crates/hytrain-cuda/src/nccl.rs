@@ -1,6 +1,6 @@
 //! NCCL opened at run time: which file, which version, and the unique id that lets ranks form a communicator.
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
 use std::path::Path;
 
@@ -107,6 +107,113 @@ impl fmt::Debug for UniqueId {
 type GetVersion = unsafe extern "C" fn(*mut c_int) -> c_int;
 type GetUniqueId = unsafe extern "C" fn(*mut [u8; UNIQUE_ID_BYTES]) -> c_int;
 type GetErrorString = unsafe extern "C" fn(c_int) -> *const c_char;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawUniqueId([u8; UNIQUE_ID_BYTES]);
+
+type CommInitRank = unsafe extern "C" fn(*mut *mut c_void, c_int, RawUniqueId, c_int) -> c_int;
+type CommDestroy = unsafe extern "C" fn(*mut c_void) -> c_int;
+type AllReduce = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    c_int,
+    *mut c_void,
+    *mut c_void,
+) -> c_int;
+
+/// `ncclFloat32` and `ncclSum` from nccl.h.
+const NCCL_FLOAT32: c_int = 7;
+const NCCL_SUM: c_int = 0;
+
+/// An NCCL communicator of this rank, destroyed on drop. Needs a GPU, and the CUDA context of the device it
+/// serves current on the thread that creates it. Not yet run on a GPU (only `cargo xtask gpu-check` does); the
+/// NCCL backend of hytrain-comm builds on it.
+pub struct Communicator<'n> {
+    nccl: &'n Nccl,
+    comm: *mut c_void,
+    all_reduce: AllReduce,
+    destroy: CommDestroy,
+}
+
+impl Nccl {
+    /// Joins the communicator of `world_size` ranks named by `id` as `rank` (`ncclCommInitRank`); blocks until
+    /// every rank has joined.
+    pub fn communicator(
+        &self,
+        id: &UniqueId,
+        world_size: usize,
+        rank: usize,
+    ) -> Result<Communicator<'_>, CudaError> {
+        // SAFETY: the signatures are NCCL's, from nccl.h; their presence was checked at load.
+        let (init, all_reduce, destroy) = unsafe {
+            (
+                self.loaded
+                    .function::<CommInitRank>("ncclCommInitRank", NEED)?,
+                self.loaded.function::<AllReduce>("ncclAllReduce", NEED)?,
+                self.loaded
+                    .function::<CommDestroy>("ncclCommDestroy", NEED)?,
+            )
+        };
+        let mut comm: *mut c_void = std::ptr::null_mut();
+        // SAFETY: writes one communicator handle; the id is passed by value as nccl.h declares.
+        let result = unsafe {
+            init(
+                &mut comm,
+                world_size as c_int,
+                RawUniqueId(id.0),
+                rank as c_int,
+            )
+        };
+        self.check("ncclCommInitRank", result)?;
+        Ok(Communicator {
+            nccl: self,
+            comm,
+            all_reduce,
+            destroy,
+        })
+    }
+
+    fn check(&self, call: &'static str, code: c_int) -> Result<(), CudaError> {
+        if code == 0 {
+            return Ok(());
+        }
+        Err(CudaError::Nccl {
+            call,
+            code,
+            message: self.error_string(code),
+        })
+    }
+}
+
+impl Communicator<'_> {
+    /// Sums `count` floats at device address `send` over all ranks into `recv` (which may equal `send`), on the
+    /// default stream. Returns when the work is queued.
+    pub fn allreduce_sum_f32(&self, send: u64, recv: u64, count: usize) -> Result<(), CudaError> {
+        // SAFETY: the addresses are device allocations of at least `count` floats, as the caller promises.
+        let result = unsafe {
+            (self.all_reduce)(
+                send as *const c_void,
+                recv as *mut c_void,
+                count,
+                NCCL_FLOAT32,
+                NCCL_SUM,
+                self.comm,
+                std::ptr::null_mut(),
+            )
+        };
+        self.nccl.check("ncclAllReduce", result)
+    }
+}
+
+impl Drop for Communicator<'_> {
+    fn drop(&mut self) {
+        // SAFETY: created by ncclCommInitRank and destroyed once.
+        unsafe { (self.destroy)(self.comm) };
+    }
+}
 
 /// An opened NCCL. Cheap to share by reference across threads; the library stays loaded while this lives.
 pub struct Nccl {

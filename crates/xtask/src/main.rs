@@ -6,9 +6,11 @@
 //! cargo xtask demo      # setup, build hytrain, run the demo job with 2 local workers
 //! cargo xtask test      # setup, then the whole test suite (extra arguments go to `cargo test`)
 //! cargo xtask bench     # setup, the allreduce and step-time benches, each beside PyTorch on the same machine
+//! cargo xtask gpu-check # pack the GPU check (kernels, NCCL, timings beside PyTorch) for a machine with a GPU
 //! ```
 
 mod demo_data;
+mod gpu_check;
 mod requirements;
 mod setup;
 mod venv;
@@ -32,6 +34,8 @@ tasks:
   test [ARGS]     setup, then `cargo test --workspace --features mpi [ARGS]`
   bench [ARGS]    setup, `cargo bench --bench allreduce [ARGS]` beside PyTorch's gloo (benches/gloo_allreduce.py),
                   then `cargo bench --bench step_time` beside PyTorch DDP (benches/ddp_step.py)
+  gpu-check       build hytrain-gpu-check and pack it with its scripts in target/gpu-check, to run on a GPU
+                  machine with PyTorch (kernels against their CPU references, NCCL, timings beside PyTorch)
 
 LIBTORCH=/path (another libtorch 2.11.0) or LIBTORCH_USE_PYTORCH=1 (the Python environment's torch) skip the
 libtorch build.";
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Some("demo") if rest.is_empty() => demo(),
         Some("test") => test(&rest),
         Some("bench") => bench(&rest),
+        Some("gpu-check") if rest.is_empty() => gpu_check::gpu_check(&root()),
         // Not in USAGE: for whoever wants the path of the demo's dataset (the last line printed).
         Some("demo-data") if rest.is_empty() => demo_data::digits(&root()).map(|path| {
             println!("{}", path.display());
@@ -54,7 +59,7 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             Ok(0)
         }
-        Some("setup" | "demo" | "demo-data") => {
+        Some("setup" | "demo" | "demo-data" | "gpu-check") => {
             eprintln!(
                 "xtask: {} takes no arguments\n\n{USAGE}",
                 task.unwrap().to_string_lossy()
