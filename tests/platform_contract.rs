@@ -1234,3 +1234,28 @@ fn every_manifest_command_line_is_one_hytrain_accepts() {
         "a reference-only flag passed the check"
     );
 }
+
+/// The Dockerfile passes hadolint, installed by `cargo xtask test` into the test venv beside its Python.
+#[test]
+fn the_dockerfile_passes_hadolint() {
+    let python = std::env::var_os("HYTRAIN_TEST_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/bench-venv/bin/python"));
+    let hadolint = python.with_file_name("hadolint");
+    assert!(hadolint.is_file(), "{} is missing: run the tests through `cargo xtask test`", hadolint.display());
+    let dockerfile = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("containers/Dockerfile");
+    let out = std::process::Command::new(&hadolint).arg(&dockerfile).output().unwrap();
+    assert!(
+        out.status.success(),
+        "hadolint found problems in {}:\n{}{}",
+        dockerfile.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A Dockerfile with a known problem is reported, so a pass above means something.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("Dockerfile");
+    std::fs::write(&bad, "FROM ubuntu\nRUN cd /tmp && apt-get install curl\n").unwrap();
+    let out = std::process::Command::new(&hadolint).arg(&bad).output().unwrap();
+    assert!(!out.status.success(), "hadolint passed a Dockerfile with known problems");
+}
