@@ -235,10 +235,11 @@ struct CommArgs {
 }
 
 impl CommArgs {
-    fn options(&self) -> CommOptions {
+    fn options(&self, plan: &cluster::Plan) -> CommOptions {
         CommOptions {
             rendezvous_timeout: self.rendezvous_timeout,
             collective_timeout: self.collective_timeout,
+            job_token: Some(hytrain::job_token(plan)),
             ..CommOptions::default()
         }
     }
@@ -303,7 +304,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 &doctor::DoctorArgs {
                     sizes,
                     iters,
-                    comm: comm.options(),
+                    comm: comm.options(&plan),
                 },
             )?;
             if plan.topology.rank == 0 {
@@ -323,7 +324,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let args = train::TrainArgs {
                 config,
                 job: job.flags(),
-                comm: comm.options(),
+                comm: comm.options(&plan),
             };
             run_train(&plan, &env, &args)
         }

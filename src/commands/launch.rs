@@ -98,6 +98,12 @@ pub fn run(plan: &Plan, parent_env: &Env, args: &LaunchArgs) -> anyhow::Result<i
         args.command.join(" ")
     );
 
+    // Every worker of a single node is a child of this launcher, so they can share a secret nobody else knows.
+    let token_env = cluster::launch_token_env(plan).context("cannot generate a job token")?;
+    if !token_env.is_empty() {
+        tracing::info!("no job token configured; generated one for this node's workers");
+    }
+
     let signal = Arc::new(AtomicI32::new(0));
     let _signals = forward_signals_to(&signal)?;
 
@@ -107,7 +113,8 @@ pub fn run(plan: &Plan, parent_env: &Env, args: &LaunchArgs) -> anyhow::Result<i
         let mut command = Command::new(program);
         command
             .args(program_args)
-            .envs(cluster::worker_env(&topology, parent_env));
+            .envs(cluster::worker_env(&topology, parent_env))
+            .envs(token_env.iter().map(|(k, v)| (k, v)));
         // Own process group: a terminal's Ctrl-C reaches only the launcher, which forwards it once.
         command.process_group(0);
         // SAFETY: prctl is async-signal-safe and touches only the child's own state after fork.

@@ -587,5 +587,6 @@ pub(crate) fn plan(env: &Env, platform: Platform, launcher: Launcher) -> Result<
         nproc_per_node,
         notes,
         host_aliases: BTreeMap::new(),
+        job_token: Default::default(),
     })
 }

@@ -80,6 +80,12 @@
 //! - Local: rank 0 of 1, unless RANK/WORLD_SIZE are set by hand (env:// style); master MASTER_ADDR/MASTER_PORT
 //!   or 127.0.0.1:29500.
 //!
+//! **Job token** (the secret ranks authenticate each other with, see hytrain-comm): `HYTRAIN_JOB_TOKEN`, else the
+//! file `HYTRAIN_JOB_TOKEN_FILE` names (setting both is an error; at least [`MIN_TOKEN_BYTES`] bytes, surrounding
+//! whitespace dropped), else on SageMaker a value derived from `TRAINING_JOB_ARN`, else a default derived from the
+//! launcher's run id that guards against accidents only. [`launch_token_env`] gives the workers of a one-node
+//! `hytrain launch` a random one instead. The plan shows only the token's [`TokenSource`].
+//!
 //! Paths off SageMaker default to `./hytrain-out/{model,checkpoints,output}`; the CLI overrides them. An empty
 //! variable counts as unset. Bad or inconsistent input is a [`DetectError`] whose message is one line naming the
 //! variable or file and the expected form; detection never panics.
@@ -92,6 +98,7 @@ mod error;
 mod parse;
 mod plan;
 mod sagemaker;
+mod token;
 mod topology;
 
 pub use detect::{DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, DEFAULT_SM_ROOT, LOCAL_OUT_DIR};
@@ -102,6 +109,10 @@ pub use plan::{
     S3Distribution, SageMaker,
 };
 pub use sagemaker::SAGEMAKER_DEFAULT_MASTER_PORT;
+pub use token::{
+    launch_token_env, JobToken, TokenSource, LAUNCH_ORIGIN, MIN_TOKEN_BYTES, TOKEN_FILE_VAR,
+    TOKEN_ORIGIN_VAR, TOKEN_VAR,
+};
 pub use topology::{worker_env, Topology, HYTRAIN_LAUNCH_MARK};
 
 /// Detects the plan of this process from its real environment; the SageMaker root is `$HYTRAIN_SM_ROOT` or
@@ -120,5 +131,6 @@ pub fn detect_from(env: &Env) -> Result<Plan, DetectError> {
         platform => detect::plan(env, platform, launcher)?,
     };
     plan.host_aliases = parse::host_aliases(env)?;
+    plan.job_token = token::detect(env, &plan)?;
     Ok(plan)
 }

@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::token::JobToken;
 use crate::topology::Topology;
 
 /// Everything a worker needs to know about where it runs, as `hytrain explain --json` prints it.
@@ -32,6 +33,9 @@ pub struct Plan {
     /// [`Plan::address_of`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub host_aliases: BTreeMap<String, String>,
+    /// The secret ranks authenticate each other with; serialized and displayed as its source only.
+    #[serde(default)]
+    pub job_token: JobToken,
 }
 
 impl Plan {
@@ -264,6 +268,7 @@ impl fmt::Display for Plan {
             t.rank, t.world_size, t.local_rank, t.local_world_size, t.node_rank, t.nnodes
         )?;
         writeln!(f, "master:          {}", t.master_endpoint())?;
+        writeln!(f, "job token:       {}", self.job_token.source)?;
         writeln!(f, "current host:    {}", t.current_host)?;
         if !t.hosts.is_empty() {
             writeln!(f, "hosts:           {}", t.hosts.join(", "))?;

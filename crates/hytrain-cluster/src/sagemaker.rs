@@ -686,6 +686,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
         nproc_per_node,
         notes,
         host_aliases: BTreeMap::new(),
+        job_token: Default::default(),
     })
 }
 

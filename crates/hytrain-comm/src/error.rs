@@ -49,7 +49,7 @@ pub enum CommError {
     },
 
     /// Rank 0 hosted the rendezvous but not every rank joined before the deadline.
-    #[error("rank 0 timed out after {secs} s hosting the rendezvous at {host}:{port} (ranks still missing: {missing})")]
+    #[error("rank 0 timed out after {secs} s hosting the rendezvous at {host}:{port} (ranks still missing: {missing}{note})")]
     RanksMissing {
         /// The master address as configured.
         host: String,
@@ -59,6 +59,25 @@ pub enum CommError {
         secs: u64,
         /// The ranks that never joined, ranges compressed ("4-7, 9").
         missing: RankList,
+        /// Empty, or "; refused 2 connections that failed the job token check, the last from 10.0.0.7:40112".
+        note: String,
+    },
+
+    /// The job token given to this process cannot be used.
+    #[error("invalid job token: {0}")]
+    InvalidToken(String),
+
+    /// The other end of a connection does not hold the same job token as this rank.
+    #[error("rank {rank}: job token mismatch with {peer} at {addr}: {detail}")]
+    TokenMismatch {
+        /// This rank.
+        rank: usize,
+        /// "the rendezvous store" or "rank 3".
+        peer: String,
+        /// The `host:port` this rank connected to.
+        addr: String,
+        /// Which side failed the check and what to do.
+        detail: String,
     },
 
     /// The master refused this rank (a different job, world size or a rank that already joined).

@@ -10,6 +10,11 @@
 //! This crate never reads launcher environment variables: the caller (hytrain-cluster) says who this rank is with a
 //! [`Membership`].
 //!
+//! Every connection, to the store and between ring peers, starts with a challenge-response over the job's secret
+//! ([`CommOptions::job_token`], see [`JobToken`]), in both directions, so a process that does not hold the secret
+//! can neither join the job nor feed data into a collective. Only the start of each connection is authenticated;
+//! the data that follows is not encrypted, so run jobs on a private network.
+//!
 //! ```no_run
 //! use hytrain_comm::{init, Buffer, CommOptions, Membership, ReduceOp};
 //!
@@ -33,6 +38,7 @@ compile_error!(
 
 use std::time::Duration;
 
+mod auth;
 mod error;
 #[cfg(feature = "mpi")]
 mod mpi_backend;
@@ -41,6 +47,7 @@ mod schedule;
 mod store;
 mod wire;
 
+pub use auth::JobToken;
 pub use error::{CommError, RankList};
 #[cfg(feature = "mpi")]
 pub use mpi_backend::Mpi;
@@ -115,6 +122,19 @@ pub struct CommOptions {
     /// Prefix of every store key, and checked when ranks connect, so two jobs that share a master address and
     /// port cannot mix. Default "hytrain".
     pub job_id: String,
+    /// The secret every rank proves it holds when it connects to the store or to a ring peer; every rank must get
+    /// the same. `None` (the default): [`JobToken::unconfigured`] of `job_id`, which keeps other jobs and stray
+    /// clients out by accident but not by design, and makes rank 0 warn once.
+    pub job_token: Option<JobToken>,
+}
+
+impl CommOptions {
+    /// The token connections are authenticated with: `job_token`, else the default derived from `job_id`.
+    pub fn token(&self) -> JobToken {
+        self.job_token
+            .clone()
+            .unwrap_or_else(|| JobToken::unconfigured(&self.job_id))
+    }
 }
 
 impl Default for CommOptions {
@@ -123,6 +143,7 @@ impl Default for CommOptions {
             rendezvous_timeout: Duration::from_secs(900),
             collective_timeout: Duration::from_secs(300),
             job_id: "hytrain".into(),
+            job_token: None,
         }
     }
 }
@@ -257,6 +278,7 @@ pub(crate) mod testutil {
             rendezvous_timeout: Duration::from_secs(rendezvous_s),
             collective_timeout: Duration::from_secs(collective_s),
             job_id: "test".into(),
+            job_token: None,
         }
     }
 

@@ -15,7 +15,8 @@
 //! different sizes, fail with a message naming both calls instead of silently mixing data.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -24,16 +25,25 @@ use std::time::{Duration, Instant};
 use bytemuck::Pod;
 use half::bf16;
 
+use crate::auth::{self, Handshake, JobToken, NONCE_LEN};
 use crate::schedule::{self, segment, segment_count, Action, Step};
 use crate::store::bind_any;
-use crate::wire::{get_u64, put_bytes, put_u64};
+use crate::wire::{get_bytes_max, get_u64, put_bytes, put_u64};
 use crate::{Buffer, Collective, CommError, CommOptions, Membership, ReduceOp, Store};
 
 /// Default segment: large enough that per-segment overhead (a syscall, a lock) is noise, small enough that the next
 /// rank starts forwarding long before a chunk is complete.
 pub const DEFAULT_SEGMENT_BYTES: usize = 512 << 10;
 
-const HELLO: &[u8; 8] = b"HYTRING1";
+/// Version 2 of the ring link: the hello is followed by the job-token handshake (see `auth`).
+const HELLO: &[u8; 8] = b"HYTRING2";
+/// Longest job id a connecting process may send before it has authenticated.
+const MAX_JOB_ID: usize = 4096;
+/// How long a process connecting to a ring port may take to prove it holds the job token.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Ring connections allowed in the handshake at once; more are dropped, so a flood of silent clients neither
+/// exhausts threads nor delays the real peer (which is admitted in parallel with them).
+const MAX_HANDSHAKES: usize = 64;
 const HEADER_MAGIC: u32 = u32::from_le_bytes(*b"HYTC");
 
 const OP_ALLREDUCE: u8 = 1;
@@ -239,8 +249,10 @@ impl std::fmt::Debug for Ring {
 
 impl Ring {
     /// Links this rank into the ring: listens on an ephemeral port, publishes its address in the store, connects to
-    /// `rank + 1` and accepts `rank - 1`. Both ends check job id, ring generation and rank, so a stray or stale
-    /// connection is refused. Every rank must call this the same number of times, in the same order.
+    /// `rank + 1` and accepts `rank - 1`. Both ends check job id, ring generation and rank, and prove to each
+    /// other that they hold the job token (`opts`' [`CommOptions::token`]), so a stray, stale or hostile
+    /// connection is refused and cannot inject data. Every rank must call this the same number of times, in the
+    /// same order.
     pub fn connect(store: &Store, m: &Membership, opts: &CommOptions) -> Result<Ring, CommError> {
         m.validate()?;
         if store.rank() != m.rank || store.world_size() != m.world_size {
@@ -819,9 +831,9 @@ fn link(
         detail,
     };
 
-    // All interfaces: rank 0 reached its own store over loopback, and peers reach it at the master's address.
-    let listener =
-        bind_any(0).map_err(|e| setup(prev_rank, &"*:0", format!("cannot listen: {e}")))?;
+    let token = opts.token();
+    let listener = ring_listener(store, m)
+        .map_err(|e| setup(prev_rank, &"*:0", format!("cannot listen: {e}")))?;
     let port = listener
         .local_addr()
         .map_err(|e| setup(prev_rank, &"*:0", e.to_string()))?
@@ -832,68 +844,88 @@ fn link(
         me.to_string().as_bytes(),
     )?;
 
-    let published = store.get(&format!("ring/{generation}/addr/{next_rank}"))?;
-    let published = String::from_utf8_lossy(&published).into_owned();
-    let parsed: SocketAddr = published.parse().map_err(|_| {
-        setup(
-            next_rank,
-            &published,
-            "published address does not parse".into(),
-        )
-    })?;
-    // Rank 0 publishes the loopback address it used for its own store; everyone else reaches rank 0's host at the
-    // address they reached the master at.
-    let next_addr = if next_rank == 0 {
-        SocketAddr::new(store.master_ip(), parsed.port())
-    } else {
-        parsed
+    // Accepting runs beside connecting: rank - 1 finishes its handshake only once this rank answers it, while
+    // this rank may be waiting for rank + 1 to answer its own.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let expect = Expected {
+            job_id: opts.job_id.clone(),
+            generation,
+            prev_rank,
+            rank,
+            world,
+        };
+        let (token, stop) = (token.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name(format!("hytrain-ring-accept-{rank}"))
+            .spawn(move || accept_prev(listener, expect, &token, deadline, &stop))
+            .map_err(|e| {
+                setup(
+                    prev_rank,
+                    &format!("port {port}"),
+                    format!("cannot start the accepting thread: {e}"),
+                )
+            })?
     };
-
-    let mut next =
-        connect_with_retry(next_addr, deadline).map_err(|e| setup(next_rank, &next_addr, e))?;
-    let mut hello = Vec::with_capacity(64);
-    hello.extend_from_slice(HELLO);
-    put_bytes(&mut hello, opts.job_id.as_bytes());
-    put_u64(&mut hello, generation);
-    put_u64(&mut hello, rank as u64);
-    put_u64(&mut hello, world as u64);
-    next.write_all(&hello)
-        .map_err(|e| setup(next_rank, &next_addr, format!("handshake: {e}")))?;
-
-    let prev = accept_prev(
-        &listener,
-        &opts.job_id,
-        generation,
-        prev_rank,
-        world,
-        deadline,
-    )
-    .map_err(|e| setup(prev_rank, &format!("port {port}"), e))?;
-
-    let remaining = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    next.set_read_timeout(Some(remaining))
-        .map_err(|e| setup(next_rank, &next_addr, e.to_string()))?;
-    let mut ack = [0u8; 1];
-    match next.read_exact(&mut ack) {
-        Ok(()) if ack[0] == 1 => {}
-        Ok(()) => {
-            return Err(setup(
+    let connected = (|| {
+        let published = store.get(&format!("ring/{generation}/addr/{next_rank}"))?;
+        let published = String::from_utf8_lossy(&published).into_owned();
+        let parsed: SocketAddr = published.parse().map_err(|_| {
+            setup(
+                next_rank,
+                &published,
+                "published address does not parse".into(),
+            )
+        })?;
+        // Rank 0 publishes the loopback address it used for its own store; everyone else reaches rank 0's host at
+        // the address they reached the master at.
+        let next_addr = if next_rank == 0 {
+            SocketAddr::new(store.master_ip(), parsed.port())
+        } else {
+            parsed
+        };
+        let mut next =
+            connect_with_retry(next_addr, deadline).map_err(|e| setup(next_rank, &next_addr, e))?;
+        let hello = Hello {
+            job_id: &opts.job_id,
+            generation,
+            from_rank: rank,
+            world,
+        };
+        introduce(&mut next, &hello, &token, deadline).map_err(|f| match f {
+            Handshake::Refused(reason) => setup(
                 next_rank,
                 &next_addr,
-                "it refused our handshake (a different job or ring generation listens there)"
-                    .into(),
-            ))
-        }
+                format!("it refused our handshake: {reason}"),
+            ),
+            Handshake::ProofRefused => CommError::TokenMismatch {
+                rank,
+                peer: format!("rank {next_rank}"),
+                addr: next_addr.to_string(),
+                detail: "it refused this rank's proof; every rank must be given the same job token".into(),
+            },
+            Handshake::BadProof => CommError::TokenMismatch {
+                rank,
+                peer: format!("rank {next_rank}"),
+                addr: next_addr.to_string(),
+                detail: "what listens at its published address could not prove it holds this job's token".into(),
+            },
+            Handshake::Io(e) => setup(next_rank, &next_addr, format!("no handshake answer: {e}")),
+        })?;
+        Ok((next, next_addr))
+    })();
+    let (next, next_addr) = match connected {
+        Ok(c) => c,
         Err(e) => {
-            return Err(setup(
-                next_rank,
-                &next_addr,
-                format!("no handshake answer: {e}"),
-            ))
+            stop.store(true, Ordering::SeqCst);
+            let _ = acceptor.join();
+            return Err(e);
         }
-    }
+    };
+    let prev = acceptor
+        .join()
+        .unwrap_or_else(|_| Err("the accepting thread panicked".into()))
+        .map_err(|e| setup(prev_rank, &format!("port {port}"), e))?;
 
     for (s, peer) in [(&next, next_rank), (&prev, prev_rank)] {
         let configure = || -> io::Result<()> {
@@ -988,65 +1020,200 @@ fn connect_with_retry(addr: SocketAddr, deadline: Instant) -> Result<TcpStream, 
     }
 }
 
-/// Accepts connections until one comes from `prev_rank` of this job and ring generation; refuses others.
-fn accept_prev(
-    listener: &TcpListener,
-    job_id: &str,
+/// Where this rank's ring port listens. Peers other than rank 0 are reached at the address they published, the
+/// local address of their store connection, so they listen there only. Rank 0 is reached at whatever address the
+/// others reached the master at, which it cannot know, so it listens on every interface, unless the master
+/// address is a loopback address.
+fn ring_listener(store: &Store, m: &Membership) -> io::Result<TcpListener> {
+    let only: Option<IpAddr> = if m.rank == 0 {
+        let addr = m.master_addr.trim();
+        let addr = addr
+            .strip_prefix('[')
+            .and_then(|a| a.strip_suffix(']'))
+            .unwrap_or(addr);
+        addr.parse::<IpAddr>().ok().filter(IpAddr::is_loopback)
+    } else {
+        Some(store.local_ip()).filter(|ip| !ip.is_unspecified())
+    };
+    match only {
+        Some(ip) => TcpListener::bind((ip, 0)).or_else(|e| {
+            tracing::debug!(rank = m.rank, %ip, error = %e, "cannot listen on the store's interface only; listening on all");
+            bind_any(0)
+        }),
+        None => bind_any(0),
+    }
+}
+
+/// What the connecting rank says about itself.
+struct Hello<'a> {
+    job_id: &'a str,
+    generation: u64,
+    from_rank: usize,
+    world: usize,
+}
+
+impl Hello<'_> {
+    /// What both ends' proofs cover: a proof made for one link cannot open another.
+    fn context(&self) -> Vec<u8> {
+        auth::context(&[
+            b"ring",
+            self.job_id.as_bytes(),
+            &self.generation.to_le_bytes(),
+            &(self.from_rank as u64).to_le_bytes(),
+            &(self.world as u64).to_le_bytes(),
+        ])
+    }
+}
+
+/// The connecting side's handshake with `rank + 1`.
+fn introduce(
+    next: &mut TcpStream,
+    hello: &Hello<'_>,
+    token: &JobToken,
+    deadline: Instant,
+) -> Result<(), Handshake> {
+    let remaining = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
+    next.set_read_timeout(Some(remaining))?;
+    next.set_write_timeout(Some(remaining))?;
+    let nonce = auth::nonce()?;
+    let mut frame = Vec::with_capacity(96);
+    frame.extend_from_slice(HELLO);
+    put_bytes(&mut frame, hello.job_id.as_bytes());
+    put_u64(&mut frame, hello.generation);
+    put_u64(&mut frame, hello.from_rank as u64);
+    put_u64(&mut frame, hello.world as u64);
+    frame.extend_from_slice(&nonce);
+    next.write_all(&frame)?;
+    auth::initiate(next, token, &hello.context(), &nonce)
+}
+
+/// Whom the accepting side waits for.
+struct Expected {
+    job_id: String,
     generation: u64,
     prev_rank: usize,
+    rank: usize,
     world: usize,
+}
+
+/// The accepting side's handshake with one connection: its hello must name `prev_rank` of this job and ring
+/// generation, and it must prove it holds the job token.
+fn admit(
+    s: &mut TcpStream,
+    expect: &Expected,
+    token: &JobToken,
+    within: Duration,
+) -> Result<(), String> {
+    let io = |e: io::Error| format!("no valid handshake: {e}");
+    s.set_nonblocking(false).map_err(io)?;
+    s.set_read_timeout(Some(within)).map_err(io)?;
+    s.set_write_timeout(Some(within)).map_err(io)?;
+    let mut magic = [0u8; 8];
+    s.read_exact(&mut magic).map_err(io)?;
+    if &magic != HELLO {
+        return Err("it did not greet as a hytrain ring peer".into());
+    }
+    let job = get_bytes_max(s, MAX_JOB_ID).map_err(io)?;
+    let (generation, from_rank, world) = (
+        get_u64(s).map_err(io)?,
+        get_u64(s).map_err(io)?,
+        get_u64(s).map_err(io)?,
+    );
+    let mut nonce = [0u8; NONCE_LEN];
+    s.read_exact(&mut nonce).map_err(io)?;
+    if job != expect.job_id.as_bytes()
+        || generation != expect.generation
+        || from_rank != expect.prev_rank as u64
+        || world != expect.world as u64
+    {
+        let _ = auth::refuse(
+            s,
+            &format!(
+                "this port is rank {}'s ring link {} of a job of {} ranks, waiting for rank {}",
+                expect.rank, expect.generation, expect.world, expect.prev_rank
+            ),
+        );
+        return Err(format!(
+            "it is not rank {} of this job and ring generation",
+            expect.prev_rank
+        ));
+    }
+    let hello = Hello {
+        job_id: &expect.job_id,
+        generation,
+        from_rank: expect.prev_rank,
+        world: expect.world,
+    };
+    match auth::respond(s, token, &hello.context(), &nonce) {
+        Ok(()) => Ok(()),
+        Err(Handshake::BadProof) => {
+            Err("job token mismatch (it did not prove it holds this job's token)".into())
+        }
+        Err(Handshake::Io(e)) => Err(io(e)),
+        Err(other) => Err(format!("no valid handshake: {other:?}")),
+    }
+}
+
+/// Accepts connections until one from `prev_rank` of this job and ring generation has proved it holds the token.
+/// Each connection is checked on its own thread, so connections that stall or lie cannot hold up the real peer.
+fn accept_prev(
+    listener: TcpListener,
+    expect: Expected,
+    token: &JobToken,
     deadline: Instant,
+    stop: &AtomicBool,
 ) -> Result<TcpStream, String> {
     listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let expect = Arc::new(expect);
+    let (tx, rx) = mpsc::channel::<(SocketAddr, Result<TcpStream, String>)>();
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let mut refused = 0usize;
     loop {
+        while let Ok((from, outcome)) = rx.try_recv() {
+            match outcome {
+                Ok(s) => return Ok(s),
+                Err(why) => {
+                    refused += 1;
+                    if refused <= 10 || refused.is_power_of_two() {
+                        tracing::warn!(%from, refused, "refused a ring connection: {why}");
+                    }
+                }
+            }
+        }
+        if stop.load(Ordering::SeqCst) {
+            return Err("stopped".into());
+        }
         match listener.accept() {
             Ok((mut s, from)) => {
-                let mut check = || -> io::Result<bool> {
-                    s.set_nonblocking(false)?;
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    s.set_read_timeout(Some(
-                        remaining.clamp(Duration::from_millis(10), Duration::from_secs(10)),
-                    ))?;
-                    let mut magic = [0u8; 8];
-                    s.read_exact(&mut magic)?;
-                    if &magic != HELLO {
-                        return Ok(false);
-                    }
-                    let job_len = get_u64(&mut s)?;
-                    if job_len > 4096 {
-                        return Ok(false);
-                    }
-                    let mut job = vec![0u8; job_len as usize];
-                    s.read_exact(&mut job)?;
-                    let (gen, from_rank, w) =
-                        (get_u64(&mut s)?, get_u64(&mut s)?, get_u64(&mut s)?);
-                    Ok(job == job_id.as_bytes()
-                        && gen == generation
-                        && from_rank == prev_rank as u64
-                        && w == world as u64)
-                };
-                match check() {
-                    Ok(true) => {
-                        s.write_all(&[1])
-                            .map_err(|e| format!("handshake answer to {from}: {e}"))?;
-                        return Ok(s);
-                    }
-                    Ok(false) => {
-                        refused += 1;
-                        tracing::warn!(%from, "refused a ring connection that is not from rank {prev_rank} of this job");
-                        let _ = s.write_all(&[0]);
-                    }
-                    Err(e) => {
-                        refused += 1;
-                        tracing::debug!(%from, error = %e, "dropped a ring connection without a valid handshake");
-                    }
+                if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    refused += 1;
+                    continue;
+                }
+                let within = deadline
+                    .saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_millis(10), HANDSHAKE_TIMEOUT);
+                let (expect, token, tx, counted) =
+                    (expect.clone(), token.clone(), tx.clone(), in_flight.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("hytrain-ring-admit".into())
+                    .spawn(move || {
+                        let outcome = admit(&mut s, &expect, &token, within).map(|()| s);
+                        counted.fetch_sub(1, Ordering::SeqCst);
+                        let _ = tx.send((from, outcome));
+                    });
+                if spawned.is_err() {
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    refused += 1;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
                     return Err(format!(
-                        "rank {prev_rank} never connected to this rank (refused {refused} other connections)"
+                        "rank {} never connected to this rank (refused {refused} other connections)",
+                        expect.prev_rank
                     ));
                 }
                 std::thread::sleep(Duration::from_millis(2));
@@ -1422,39 +1589,108 @@ mod tests {
         );
     }
 
+    fn expected() -> Expected {
+        Expected {
+            job_id: "test".into(),
+            generation: 0,
+            prev_rank: 1,
+            rank: 2,
+            world: 3,
+        }
+    }
+
+    fn hello(job_id: &str) -> Hello<'_> {
+        Hello {
+            job_id,
+            generation: 0,
+            from_rank: 1,
+            world: 3,
+        }
+    }
+
     #[test]
-    fn a_stray_connection_is_refused_and_the_real_peer_accepted() {
+    fn strays_silent_clients_and_wrong_tokens_are_refused_and_the_real_peer_accepted() {
         let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
         let addr = listener.local_addr().unwrap();
-        let hello = |job: &str, from: u64| {
-            let mut h = HELLO.to_vec();
-            put_bytes(&mut h, job.as_bytes());
-            put_u64(&mut h, 0);
-            put_u64(&mut h, from);
-            put_u64(&mut h, 3);
-            h
-        };
-        let stray = std::thread::spawn(move || {
-            let mut s = TcpStream::connect(addr).unwrap();
-            s.write_all(&hello("other-job", 1)).unwrap();
-            let mut ack = [9u8; 1];
-            s.read_exact(&mut ack).unwrap();
+        let token = JobToken::new("ring-secret").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let peer_token = token.clone();
+        let peers = std::thread::spawn(move || {
+            // Connects and says nothing: must not hold up the others.
+            let silent = TcpStream::connect(addr).unwrap();
+            let mut other_job = TcpStream::connect(addr).unwrap();
+            let refused =
+                introduce(&mut other_job, &hello("other-job"), &peer_token, deadline).unwrap_err();
+            let mut forger = TcpStream::connect(addr).unwrap();
+            let wrong = JobToken::new("not-the-ring-secret").unwrap();
+            let forged = introduce(&mut forger, &hello("test"), &wrong, deadline).unwrap_err();
             let mut real = TcpStream::connect(addr).unwrap();
-            real.write_all(&hello("test", 1)).unwrap();
-            let mut ack2 = [9u8; 1];
-            real.read_exact(&mut ack2).unwrap();
-            (ack[0], ack2[0])
+            introduce(&mut real, &hello("test"), &peer_token, deadline).unwrap();
+            real.write_all(b"data").unwrap();
+            (silent, refused, forged, real)
         });
         let accepted = accept_prev(
-            &listener,
-            "test",
-            0,
-            1,
-            3,
-            Instant::now() + Duration::from_secs(20),
+            listener,
+            expected(),
+            &token,
+            deadline,
+            &AtomicBool::new(false),
         );
-        assert!(accepted.is_ok());
-        assert_eq!(stray.join().unwrap(), (0, 1));
+        let (mut silent, refused, forged, _real) = peers.join().unwrap();
+        let mut got = [0u8; 4];
+        accepted.unwrap().read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"data");
+        assert!(
+            matches!(&refused, Handshake::Refused(why) if why.contains("waiting for rank 1")),
+            "{refused:?}"
+        );
+        assert!(matches!(forged, Handshake::ProofRefused), "{forged:?}");
+        // The real peer got in while the silent one was still being waited on.
+        silent
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let still_open = matches!(
+            silent.read(&mut [0u8; 1]),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+        );
+        assert!(
+            still_open,
+            "the silent client was dropped before the real peer was accepted"
+        );
+    }
+
+    #[test]
+    fn a_ring_peer_that_cannot_prove_the_token_is_not_trusted() {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut hello = vec![0u8; 8 + 8 + 4 + 24 + NONCE_LEN];
+            s.read_exact(&mut hello).unwrap();
+            let _ = auth::respond_without_token(&mut s);
+        });
+        let mut s = TcpStream::connect(addr).unwrap();
+        let token = JobToken::new("ring-secret").unwrap();
+        let e = introduce(
+            &mut s,
+            &hello("test"),
+            &token,
+            Instant::now() + Duration::from_secs(20),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Handshake::BadProof), "{e:?}");
+    }
+
+    #[test]
+    fn ranks_with_a_configured_token_link_the_ring_and_reduce() {
+        let mut o = opts(60, 60);
+        o.job_token = Some(JobToken::new("configured-ring-secret").unwrap());
+        let results = with_rings(3, o, |rank, ring| {
+            let mut v = vec![rank as f32 + 1.0; 1000];
+            ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap();
+            v[999]
+        });
+        assert_eq!(results, [6.0, 6.0, 6.0]);
     }
 
     #[test]

@@ -5,18 +5,27 @@
 //! the client's deadline passes, so no rank polls.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::auth::{self, Handshake, JobToken, NONCE_LEN};
 use crate::error::RankList;
 use crate::wire::*;
 use crate::{CommError, CommOptions, Membership};
 
-const HELLO: &[u8; 8] = b"HYTSTOR1";
+/// Version 2 of the store protocol: every connection starts with the job-token handshake (see `auth`).
+const HELLO: &[u8; 8] = b"HYTSTOR2";
+/// Longest job id a client may send before it has authenticated.
+const MAX_JOB_ID: usize = 4096;
+/// How long a client that has not yet proved it holds the job token may take to do so.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections allowed to be in the handshake at once; more are dropped at once (a real rank retries), so a flood
+/// of clients that connect and say nothing cannot exhaust the master's threads.
+const MAX_HANDSHAKES: usize = 256;
 
 const OP_SET: u8 = 1;
 const OP_GET: u8 = 2;
@@ -46,11 +55,17 @@ struct ServerState {
     job_id: String,
     world_size: usize,
     joined: BTreeSet<usize>,
+    /// Connections that failed the token check, and where the last one came from, for the rendezvous error.
+    refused: usize,
+    last_refused: Option<SocketAddr>,
 }
 
 struct Shared {
     state: Mutex<ServerState>,
     changed: Condvar,
+    token: JobToken,
+    /// Connections now in the handshake.
+    handshakes: AtomicUsize,
 }
 
 impl Shared {
@@ -89,11 +104,17 @@ struct Server {
 
 impl Server {
     fn start(
+        only: Option<IpAddr>,
         port: u16,
         job_id: &str,
         world_size: usize,
+        token: JobToken,
     ) -> Result<(Server, SocketAddr), CommError> {
-        let listener = bind_any(port).map_err(|source| CommError::Bind { port, source })?;
+        let listener = match only {
+            Some(ip) => TcpListener::bind((ip, port)),
+            None => bind_any(port),
+        }
+        .map_err(|source| CommError::Bind { port, source })?;
         let local = listener
             .local_addr()
             .map_err(|source| CommError::Bind { port, source })?;
@@ -106,8 +127,12 @@ impl Server {
                 job_id: job_id.to_string(),
                 world_size,
                 joined: BTreeSet::new(),
+                refused: 0,
+                last_refused: None,
             }),
             changed: Condvar::new(),
+            token,
+            handshakes: AtomicUsize::new(0),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -160,11 +185,16 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, peer)) => {
+                if shared.handshakes.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+                    shared.handshakes.fetch_sub(1, Ordering::SeqCst);
+                    tracing::debug!(%peer, "store dropped a connection: too many handshakes in progress");
+                    continue;
+                }
                 let shared = shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name("hytrain-store-conn".into())
                     .spawn(move || {
-                        if let Err(e) = serve(stream, &shared) {
+                        if let Err(e) = serve(stream, peer, &shared) {
                             tracing::debug!(%peer, error = %e, "store connection ended");
                         }
                     });
@@ -181,20 +211,89 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
     }
 }
 
-fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_nodelay(true)?;
-    let mut r = BufReader::new(stream.try_clone()?);
-    let mut w = BufWriter::new(stream);
+/// Decrements the handshake count when a connection leaves the handshake, however it leaves.
+struct InHandshake<'a>(&'a AtomicUsize);
+
+impl Drop for InHandshake<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The server's half of the handshake: the client's hello, the job check, the token challenge. Nothing the
+/// client sends is acted on before it has proved it holds the job token.
+fn admit(mut s: &TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<bool> {
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut hello = [0u8; 8];
-    std::io::Read::read_exact(&mut r, &mut hello)?;
+    s.read_exact(&mut hello)?;
     if &hello != HELLO {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "client did not greet as a hytrain store client",
         ));
     }
-    send(&mut w, HELLO)?;
+    let job = get_bytes_max(&mut s, MAX_JOB_ID)?;
+    let mut nonce = [0u8; NONCE_LEN];
+    s.read_exact(&mut nonce)?;
+    s.write_all(HELLO)?;
+    let job_id = shared.lock().job_id.clone();
+    if job != job_id.as_bytes() {
+        let theirs: String = String::from_utf8_lossy(&job).escape_debug().collect();
+        auth::refuse(
+            &mut s,
+            &format!(
+                "it hosts job '{job_id}' but this rank belongs to job '{theirs}'; two jobs share this address and port"
+            ),
+        )?;
+        return Ok(false);
+    }
+    let context = auth::context(&[b"store", job_id.as_bytes()]);
+    match auth::respond(&mut s, &shared.token, &context, &nonce) {
+        Ok(()) => {}
+        Err(Handshake::BadProof) => {
+            let refused = {
+                let mut st = shared.lock();
+                st.refused += 1;
+                st.last_refused = Some(peer);
+                st.refused
+            };
+            // Logged, but sparsely: whoever keeps knocking must not be able to flood the log.
+            if refused <= 10 || refused.is_power_of_two() {
+                tracing::warn!(
+                    %peer,
+                    refused,
+                    "refused a rendezvous connection: job token mismatch (it did not prove it holds this job's token)"
+                );
+            }
+            shared.changed.notify_all();
+            return Ok(false);
+        }
+        Err(Handshake::Io(e)) => return Err(e),
+        Err(other) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("handshake ended with {other:?}"),
+            ))
+        }
+    }
+    // Authenticated clients may block on a request for as long as their deadline says.
+    s.set_read_timeout(None)?;
+    s.set_write_timeout(None)?;
+    Ok(true)
+}
+
+fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()> {
+    {
+        let _counted = InHandshake(&shared.handshakes);
+        if !admit(&stream, peer, shared)? {
+            return Ok(());
+        }
+    }
+    let mut r = BufReader::new(stream.try_clone()?);
+    let mut w = BufWriter::new(stream);
     let mut out = Vec::new();
     loop {
         let op = match get_u8(&mut r) {
@@ -260,10 +359,7 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                 }
             }
             OP_WAIT => {
-                let n = get_u64(&mut r)? as usize;
-                if n > MAX_FIELD / 8 {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "too many keys"));
-                }
+                let n = get_count(&mut r, MAX_FIELD / 8, "keys")?;
                 let keys = (0..n)
                     .map(|_| get_string(&mut r))
                     .collect::<io::Result<Vec<_>>>()?;
@@ -321,9 +417,18 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                     .filter(|r| !st.joined.contains(r))
                     .map(|r| r as u64)
                     .collect();
+                // A rank given the wrong token fails on its own side at once; this tells rank 0 why it waited.
+                let note = match (st.refused, st.last_refused) {
+                    (0, _) | (_, None) => String::new(),
+                    (n, Some(from)) => format!(
+                        "; refused {n} connection{} that failed the job token check, the last from {from}",
+                        if n == 1 { "" } else { "s" }
+                    ),
+                };
                 drop(st);
                 put_u8(&mut out, if complete { ST_OK } else { ST_TIMEOUT });
                 put_u64_list(&mut out, &missing);
+                put_bytes(&mut out, note.as_bytes());
             }
             other => {
                 return Err(io::Error::new(
@@ -392,12 +497,27 @@ impl Store {
     /// Joins the job's rendezvous: rank 0 starts the store server on `master_port` (all interfaces), every rank
     /// connects to `master_addr:master_port` (retrying DNS and connection with exponential backoff and jitter),
     /// registers its rank, and waits until all `world_size` ranks have registered or `rendezvous_timeout` passes.
+    ///
+    /// Every connection to the store starts with the job-token handshake (see [`JobToken`]): a rank given a
+    /// different token fails at once with "job token mismatch", naming the master's host and port, and a client
+    /// that cannot prove it holds the token is dropped before it can send a request. A job of one rank, or one
+    /// whose `master_addr` is a loopback address, listens on loopback only.
     pub fn rendezvous(m: &Membership, opts: &CommOptions) -> Result<Store, CommError> {
         m.validate()?;
         let started = Instant::now();
         let deadline = started + opts.rendezvous_timeout;
+        let token = opts.token();
         let (server, stream) = if m.rank == 0 {
-            let (server, _) = Server::start(m.master_port, &opts.job_id, m.world_size)?;
+            if m.world_size > 1 && !token.is_configured() {
+                warn_unconfigured_once();
+            }
+            let (server, _) = Server::start(
+                listen_only_on(m),
+                m.master_port,
+                &opts.job_id,
+                m.world_size,
+                token.clone(),
+            )?;
             // Rank 0 talks to its own server over loopback: its own host name may not resolve yet (Kubeflow creates
             // the service DNS record late), and peers never use the address of this connection.
             let stream = connect_with_retry(m, opts, &["127.0.0.1", "::1"], started, deadline)?;
@@ -473,10 +593,15 @@ impl Store {
         let mut frame = Vec::new();
         put_u8(&mut frame, OP_AWAIT_JOINED);
         put_u64(&mut frame, remaining.as_millis() as u64);
-        let (complete, missing) =
+        let (complete, missing, note) =
             self.call("rendezvous", &frame, remaining + ANSWER_SLACK, |st, r| {
                 let missing = get_u64_list(r)?;
-                Ok((st == ST_OK, missing))
+                let note = get_bytes_max(r, auth::MAX_REASON)?;
+                Ok((
+                    st == ST_OK,
+                    missing,
+                    String::from_utf8_lossy(&note).into_owned(),
+                ))
             })?;
         if complete {
             return Ok(());
@@ -489,6 +614,7 @@ impl Store {
                 port: i.port,
                 secs,
                 missing,
+                note,
             }
         } else {
             CommError::Unreachable {
@@ -496,7 +622,7 @@ impl Store {
                 host: i.host.clone(),
                 port: i.port,
                 secs,
-                detail: format!("ranks still missing: {missing}"),
+                detail: format!("ranks still missing: {missing}{note}"),
             }
         })
     }
@@ -762,10 +888,40 @@ fn describe_io(e: &io::Error, waited: Duration) -> String {
     }
 }
 
+/// The address the store listens on when it need not be reachable from other hosts: loopback for a job of one
+/// rank, or the master address itself when that is a loopback address. `None`: every interface.
+fn listen_only_on(m: &Membership) -> Option<IpAddr> {
+    if m.world_size == 1 {
+        return Some(Ipv4Addr::LOCALHOST.into());
+    }
+    let addr = m.master_addr.trim();
+    let addr = addr
+        .strip_prefix('[')
+        .and_then(|a| a.strip_suffix(']'))
+        .unwrap_or(addr);
+    addr.parse::<IpAddr>().ok().filter(IpAddr::is_loopback)
+}
+
+fn warn_unconfigured_once() {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(
+            "no job token configured: the rendezvous and the ring accept any process that knows this job's identity, \
+             which keeps other jobs out by accident but not an attacker; set HYTRAIN_JOB_TOKEN (or \
+             HYTRAIN_JOB_TOKEN_FILE) to the same random secret on every rank"
+        )
+    });
+}
+
 /// What went wrong with one connection attempt: worth retrying, or a definite answer that retrying won't change.
 enum Attempt {
     Retry(String),
+    /// Not a hytrain store, or one that does not answer.
     Fatal(String),
+    /// A hytrain store of another job: its reason.
+    Rejected(String),
+    /// The token check failed: what the rank should know.
+    Mismatch(String),
 }
 
 fn connect_with_retry(
@@ -780,7 +936,7 @@ fn connect_with_retry(
     let mut last_log = started;
     loop {
         attempts += 1;
-        let last = match try_connect(hosts, m.master_port, deadline) {
+        let last = match try_connect(hosts, m.master_port, deadline, &opts.job_id, &opts.token()) {
             Ok(s) => {
                 if attempts > 1 {
                     tracing::info!(
@@ -799,6 +955,22 @@ fn connect_with_retry(
                     host: m.master_addr.clone(),
                     port: m.master_port,
                     op: "connect",
+                    detail,
+                });
+            }
+            Err(Attempt::Rejected(detail)) => {
+                return Err(CommError::Rejected {
+                    rank: m.rank,
+                    host: m.master_addr.clone(),
+                    port: m.master_port,
+                    detail,
+                });
+            }
+            Err(Attempt::Mismatch(detail)) => {
+                return Err(CommError::TokenMismatch {
+                    rank: m.rank,
+                    peer: "the rendezvous store".into(),
+                    addr: endpoint(&m.master_addr, m.master_port),
                     detail,
                 });
             }
@@ -831,7 +1003,22 @@ fn connect_with_retry(
     }
 }
 
-fn try_connect(hosts: &[&str], port: u16, deadline: Instant) -> Result<TcpStream, Attempt> {
+/// `host:port`, with brackets around an IPv6 address.
+pub(crate) fn endpoint(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+fn try_connect(
+    hosts: &[&str],
+    port: u16,
+    deadline: Instant,
+    job_id: &str,
+    token: &JobToken,
+) -> Result<TcpStream, Attempt> {
     let mut last = String::new();
     let mut addrs = Vec::new();
     for host in hosts {
@@ -848,31 +1035,65 @@ fn try_connect(hosts: &[&str], port: u16, deadline: Instant) -> Result<TcpStream
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(10));
         match TcpStream::connect_timeout(&addr, remaining.min(Duration::from_secs(10))) {
-            Ok(s) => return greet(s, remaining.min(Duration::from_secs(30))),
+            Ok(s) => return greet(s, remaining.min(Duration::from_secs(30)), job_id, token),
             Err(e) => last = format!("{addr}: {e}"),
         }
     }
     Err(Attempt::Retry(last))
 }
 
-fn greet(mut s: TcpStream, within: Duration) -> Result<TcpStream, Attempt> {
+fn greet(
+    mut s: TcpStream,
+    within: Duration,
+    job_id: &str,
+    token: &JobToken,
+) -> Result<TcpStream, Attempt> {
     let io = |e: io::Error| Attempt::Retry(format!("connected but the greeting failed: {e}"));
     s.set_nodelay(true).map_err(io)?;
     s.set_read_timeout(Some(within)).map_err(io)?;
-    s.write_all(HELLO).map_err(io)?;
+    s.set_write_timeout(Some(within)).map_err(io)?;
+    let nonce = auth::nonce().map_err(|e| Attempt::Fatal(e.to_string()))?;
+    let mut hello = Vec::with_capacity(64 + job_id.len());
+    hello.extend_from_slice(HELLO);
+    put_bytes(&mut hello, job_id.as_bytes());
+    hello.extend_from_slice(&nonce);
+    s.write_all(&hello).map_err(io)?;
     let mut reply = [0u8; 8];
-    match std::io::Read::read_exact(&mut s, &mut reply) {
-        Ok(()) if &reply == HELLO => Ok(s),
-        Ok(()) => Err(Attempt::Fatal(
-            "the service on this port is not a hytrain rendezvous store (wrong MASTER_PORT?)".into(),
+    match s.read_exact(&mut reply) {
+        Ok(()) if &reply == HELLO => {}
+        Ok(()) => return Err(Attempt::Fatal(
+            "the service on this port is not a hytrain rendezvous store of this version (wrong MASTER_PORT, or ranks running different hytrain versions?)".into(),
         )),
         // The server may be closing a listener from an earlier job; a fresh attempt decides.
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(io(e)),
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Err(Attempt::Fatal(
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(io(e)),
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(Attempt::Fatal(
             format!("the service on this port did not answer the greeting within {} s; it is not a hytrain rendezvous store (wrong MASTER_PORT?)", within.as_secs()),
         )),
-        Err(e) => Err(io(e)),
+        Err(e) => return Err(io(e)),
     }
+    let context = auth::context(&[b"store", job_id.as_bytes()]);
+    match auth::initiate(&mut s, token, &context, &nonce) {
+        Ok(()) => {}
+        Err(Handshake::Refused(reason)) => return Err(Attempt::Rejected(reason)),
+        Err(Handshake::ProofRefused) => {
+            return Err(Attempt::Mismatch(
+                "the master refused this rank's proof; every rank must be given the same job token \
+                 (HYTRAIN_JOB_TOKEN or the contents of HYTRAIN_JOB_TOKEN_FILE)"
+                    .into(),
+            ))
+        }
+        Err(Handshake::BadProof) => {
+            return Err(Attempt::Mismatch(
+                "the master could not prove it holds this job's token; what listens there is not this job's rank 0 \
+                 (or it was given a different HYTRAIN_JOB_TOKEN)"
+                    .into(),
+            ))
+        }
+        // Dropped in the handshake: the master may be busy with many ranks at once; a fresh attempt decides.
+        Err(Handshake::Io(e)) => return Err(io(e)),
+    }
+    s.set_write_timeout(None).map_err(io)?;
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -1173,20 +1394,34 @@ mod tests {
         assert_eq!(store.set_if_absent("first", b"b").unwrap(), b"a");
     }
 
+    /// Reads a store client's hello as a server would; returns its nonce.
+    fn read_client_hello(s: &mut TcpStream) -> [u8; NONCE_LEN] {
+        let mut hello = [0u8; 8];
+        s.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello, HELLO);
+        get_bytes_max(s, MAX_JOB_ID).unwrap();
+        let mut nonce = [0u8; NONCE_LEN];
+        s.read_exact(&mut nonce).unwrap();
+        nonce
+    }
+
     #[test]
     fn a_master_that_hangs_up_mid_request_is_reported_as_a_closed_connection() {
         // Greets like a store, then drops the connection on the first request, as a dying rank 0 would.
         let fake = TcpListener::bind(("127.0.0.1", 0)).unwrap();
         let port = fake.local_addr().unwrap().port();
+        let o = opts(10, 10);
+        let token = o.token();
         std::thread::spawn(move || {
             if let Ok((mut s, _)) = fake.accept() {
-                let mut hello = [0u8; 8];
-                let _ = std::io::Read::read_exact(&mut s, &mut hello);
-                let _ = s.write_all(HELLO);
+                let nonce = read_client_hello(&mut s);
+                s.write_all(HELLO).unwrap();
+                let context = auth::context(&[b"store", b"test"]);
+                auth::respond(&mut s, &token, &context, &nonce).unwrap();
                 let _ = get_u8(&mut s);
             }
         });
-        let err = Store::rendezvous(&member(2, 3, port), &opts(10, 10))
+        let err = Store::rendezvous(&member(2, 3, port), &o)
             .unwrap_err()
             .to_string();
         assert!(
@@ -1195,5 +1430,293 @@ mod tests {
             )) && err.contains("connection closed by the master"),
             "{err}"
         );
+    }
+
+    fn with_token(mut o: CommOptions, secret: &str) -> CommOptions {
+        o.job_token = Some(JobToken::new(secret).unwrap());
+        o
+    }
+
+    #[test]
+    fn ranks_given_the_same_configured_token_rendezvous() {
+        let port = free_port();
+        let results = on_ranks(3, |rank| {
+            let o = with_token(opts(30, 30), "shared-secret-of-this-job");
+            let store = Store::rendezvous(&member(rank, 3, port), &o)?;
+            store.set(&format!("k/{rank}"), b"v")?;
+            store.barrier("joined")
+        });
+        for r in results {
+            r.unwrap();
+        }
+    }
+
+    #[test]
+    fn a_rank_with_the_wrong_token_fails_at_once_naming_the_master() {
+        let port = free_port();
+        let started = Instant::now();
+        let results = on_ranks(2, |rank| {
+            // Rank 0 waits only briefly; rank 1 would retry for a minute if a mismatch were worth retrying.
+            let (o, secret) = if rank == 0 {
+                (opts(4, 4), "the-right-secret-0123")
+            } else {
+                (opts(60, 60), "a-wrong-secret-456789")
+            };
+            let r = Store::rendezvous(&member(rank, 2, port), &with_token(o, secret)).map(|_| ());
+            (r, started.elapsed())
+        });
+        let (worker, worker_took) = &results[1];
+        let worker = worker.as_ref().unwrap_err();
+        assert!(
+            matches!(worker, CommError::TokenMismatch { rank: 1, .. }),
+            "{worker}"
+        );
+        let msg = worker.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "rank 1: job token mismatch with the rendezvous store at 127.0.0.1:{port}: the master refused"
+            )),
+            "{msg}"
+        );
+        assert!(
+            *worker_took < Duration::from_secs(30),
+            "the mismatched rank took {worker_took:?}"
+        );
+        let master = results[0].0.as_ref().unwrap_err().to_string();
+        assert!(
+            master.contains("ranks still missing: 1; refused 1 connection that failed the job token check, the last from 127.0.0.1:"),
+            "{master}"
+        );
+        for m in [&msg, &master] {
+            assert!(!m.contains("secret"), "a token leaked into: {m}");
+        }
+    }
+
+    #[test]
+    fn a_master_that_cannot_prove_the_token_is_not_trusted() {
+        let fake = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = fake.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = fake.accept() {
+                read_client_hello(&mut s);
+                s.write_all(HELLO).unwrap();
+                let _ = auth::respond_without_token(&mut s);
+                // An impostor would now read requests; the rank must have hung up instead.
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest);
+                assert!(rest.is_empty(), "the rank sent a request to an impostor");
+            }
+        });
+        let err =
+            Store::rendezvous(&member(1, 2, port), &with_token(opts(20, 20), "s")).unwrap_err();
+        assert!(matches!(err, CommError::TokenMismatch { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&format!(
+                "job token mismatch with the rendezvous store at 127.0.0.1:{port}: the master could not prove"
+            )),
+            "{err}"
+        );
+    }
+
+    /// Reads from `s` until the server closes it or `within` passes; returns what arrived and whether it closed.
+    fn drain(s: &mut TcpStream, within: Duration) -> (Vec<u8>, bool) {
+        s.set_read_timeout(Some(within)).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return (got, true),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return (got, true),
+                Err(_) => return (got, false),
+            }
+        }
+    }
+
+    fn connect_when_listening(port: u16) -> TcpStream {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => return s,
+                Err(e) if Instant::now() > until => panic!("store never listened: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_huge_lengths_and_bad_proofs_are_dropped_without_disturbing_the_job() {
+        let port = free_port();
+        let o = with_token(opts(60, 60), "secret-for-the-garbage-test");
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let wait = Mutex::new(wait);
+        std::thread::scope(|scope| {
+            let ranks: Vec<_> = (0..3)
+                .map(|rank| {
+                    let (o, wait) = (&o, &wait);
+                    scope.spawn(move || -> Result<i64, CommError> {
+                        if rank > 0 {
+                            // The other ranks join only after the attacks, so rank 0's store is alone with them.
+                            let _ = wait.lock().unwrap().recv();
+                        }
+                        let store = Store::rendezvous(&member(rank, 3, port), o)?;
+                        let injected = store.get_timeout("injected", Duration::from_millis(200));
+                        assert!(injected.is_err(), "an unauthenticated request was served");
+                        store.add("sum", rank as i64 + 1)?;
+                        store.barrier("added")?;
+                        store.add("sum", 0)
+                    })
+                })
+                .collect();
+
+            // Stays connected and silent throughout: must not hold up anyone.
+            let mut silent = connect_when_listening(port);
+
+            let mut garbage = connect_when_listening(port);
+            garbage
+                .write_all(
+                    &(0..1024u32)
+                        .map(|i| (i * 7919 % 251) as u8)
+                        .collect::<Vec<_>>(),
+                )
+                .unwrap();
+            let (_, closed) = drain(&mut garbage, Duration::from_secs(15));
+            assert!(closed, "garbage was not dropped");
+
+            let mut huge = connect_when_listening(port);
+            let mut frame = HELLO.to_vec();
+            put_u64(&mut frame, u64::MAX);
+            huge.write_all(&frame).unwrap();
+            let (reply, closed) = drain(&mut huge, Duration::from_secs(15));
+            assert!(closed && reply.is_empty(), "huge length prefix: {reply:?}");
+
+            let mut forger = connect_when_listening(port);
+            let mut frame = HELLO.to_vec();
+            put_bytes(&mut frame, b"test");
+            frame.extend_from_slice(&[7u8; NONCE_LEN]);
+            forger.write_all(&frame).unwrap();
+            let mut head = [0u8; 8 + 1 + NONCE_LEN];
+            forger.read_exact(&mut head).unwrap();
+            assert_eq!(head[8], auth::ACCEPTED);
+            // A made-up proof, then a request as if it had been accepted.
+            forger.write_all(&[0u8; 32]).unwrap();
+            let mut status = [9u8; 1];
+            forger.read_exact(&mut status).unwrap();
+            assert_eq!(status[0], auth::REFUSED);
+            let mut frame = Vec::new();
+            put_u8(&mut frame, OP_SET);
+            put_bytes(&mut frame, b"test/injected");
+            put_bytes(&mut frame, b"evil");
+            let _ = forger.write_all(&frame);
+            let (reply, closed) = drain(&mut forger, Duration::from_secs(15));
+            assert!(closed, "the forger was not dropped");
+            assert!(reply.is_empty(), "the forger got: {reply:?}");
+
+            drop(go);
+            let sums: Vec<i64> = ranks
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect();
+            assert_eq!(sums, [6, 6, 6]);
+            // The silent client is dropped once its handshake time is up.
+            let (_, closed) = drain(&mut silent, HANDSHAKE_TIMEOUT + Duration::from_secs(10));
+            assert!(closed, "a silent client kept its connection");
+        });
+    }
+
+    #[test]
+    fn a_replayed_handshake_is_refused_and_the_job_goes_on() {
+        let port = free_port();
+        // Rank 1 reaches the store through a proxy that records everything it sends.
+        let proxy = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let proxy_port = proxy.local_addr().unwrap().port();
+        let recorded = Arc::new(Mutex::new(Vec::<u8>::new()));
+        {
+            let recorded = recorded.clone();
+            std::thread::spawn(move || {
+                let (client, _) = proxy.accept().unwrap();
+                let server = connect_when_listening(port);
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = c_in.read(&mut buf) {
+                        if n == 0 || s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        recorded.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    let _ = s_out.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut s_in, mut c_out) = (server, client);
+                let _ = io::copy(&mut s_in, &mut c_out);
+            });
+        }
+        let o = with_token(opts(30, 30), "secret-for-the-replay-test");
+        let (replayed, replay_done) = std::sync::mpsc::channel::<()>();
+        let replay_done = Mutex::new(replay_done);
+        let results = on_ranks(2, |rank| -> Result<(), CommError> {
+            let m = member(rank, 2, if rank == 0 { port } else { proxy_port });
+            let store = Store::rendezvous(&m, &o)?;
+            store.barrier("joined")?;
+            if rank == 0 {
+                // Replays what rank 1 sent, step by step as the store answers: its hello and nonce, its proof,
+                // then its requests (the join included).
+                let captured = recorded.lock().unwrap().clone();
+                let hello_len = 8 + 8 + b"test".len() + NONCE_LEN;
+                assert!(captured.len() > hello_len + 32, "nothing recorded");
+                let mut replay = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                replay.write_all(&captured[..hello_len]).unwrap();
+                let mut head = [0u8; 8 + 1 + NONCE_LEN];
+                replay.read_exact(&mut head).unwrap();
+                assert_eq!(&head[..8], HELLO);
+                assert_eq!(head[8], auth::ACCEPTED);
+                replay
+                    .write_all(&captured[hello_len..hello_len + 32])
+                    .unwrap();
+                let mut status = [9u8; 1];
+                replay.read_exact(&mut status).unwrap();
+                assert_eq!(
+                    status[0],
+                    auth::REFUSED,
+                    "the replay got past the token check"
+                );
+                let _ = replay.write_all(&captured[hello_len + 32..]);
+                let (reply, closed) = drain(&mut replay, Duration::from_secs(15));
+                assert!(
+                    closed && reply.is_empty(),
+                    "the replay was answered: {reply:?}"
+                );
+                let _ = replayed.send(());
+            } else {
+                let _ = replay_done
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_secs(60));
+            }
+            store.barrier("after-replay")
+        });
+        for r in results {
+            r.unwrap();
+        }
+    }
+
+    #[test]
+    fn a_single_rank_job_listens_on_loopback_only() {
+        assert_eq!(
+            listen_only_on(&member(0, 1, 1)),
+            Some(Ipv4Addr::LOCALHOST.into())
+        );
+        assert_eq!(
+            listen_only_on(&member(0, 2, 1)),
+            Some(Ipv4Addr::LOCALHOST.into())
+        );
+        let mut m = member(0, 2, 1);
+        m.master_addr = "[::1]".into();
+        assert_eq!(listen_only_on(&m), Some(Ipv6Addr::LOCALHOST.into()));
+        m.master_addr = "algo-1".into();
+        assert_eq!(listen_only_on(&m), None);
+        m.master_addr = "10.0.0.1".into();
+        assert_eq!(listen_only_on(&m), None);
     }
 }

@@ -30,33 +30,60 @@ pub(crate) fn get_u64(r: &mut impl Read) -> io::Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
+/// Longest store key; keys are short paths such as `job/ring/0/addr/3`.
+pub(crate) const MAX_KEY: usize = 64 << 10;
+
 pub(crate) fn get_bytes(r: &mut impl Read) -> io::Result<Vec<u8>> {
-    let n = get_u64(r)? as usize;
-    if n > MAX_FIELD {
+    get_bytes_max(r, MAX_FIELD)
+}
+
+/// A length-prefixed field of at most `max` bytes. Memory grows with the bytes that actually arrive, not with
+/// the length the peer claims, so a lying prefix costs nothing.
+pub(crate) fn get_bytes_max(r: &mut impl Read, max: usize) -> io::Result<Vec<u8>> {
+    let n = get_u64(r)?;
+    if n > max as u64 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("field of {n} bytes exceeds the protocol limit"),
+            format!("a field of {n} bytes exceeds the protocol limit of {max} bytes"),
         ));
     }
-    let mut v = vec![0u8; n];
-    r.read_exact(&mut v)?;
+    let n = n as usize;
+    let mut v = Vec::with_capacity(n.min(64 << 10));
+    r.take(n as u64).read_to_end(&mut v)?;
+    if v.len() < n {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed in the middle of a field",
+        ));
+    }
     Ok(v)
 }
 
+/// A store key: UTF-8, at most [`MAX_KEY`] bytes.
 pub(crate) fn get_string(r: &mut impl Read) -> io::Result<String> {
-    String::from_utf8(get_bytes(r)?)
+    String::from_utf8(get_bytes_max(r, MAX_KEY)?)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "key is not UTF-8"))
 }
 
-pub(crate) fn get_u64_list(r: &mut impl Read) -> io::Result<Vec<u64>> {
-    let n = get_u64(r)? as usize;
-    if n > MAX_FIELD / 8 {
+/// A count prefix of at most `max` items.
+pub(crate) fn get_count(r: &mut impl Read, max: usize, what: &str) -> io::Result<usize> {
+    let n = get_u64(r)?;
+    if n > max as u64 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "list exceeds the protocol limit",
+            format!("{n} {what} exceed the protocol limit of {max}"),
         ));
     }
-    (0..n).map(|_| get_u64(r)).collect()
+    Ok(n as usize)
+}
+
+pub(crate) fn get_u64_list(r: &mut impl Read) -> io::Result<Vec<u64>> {
+    let n = get_count(r, MAX_FIELD / 8, "list items")?;
+    let mut v = Vec::with_capacity(n.min(8192));
+    for _ in 0..n {
+        v.push(get_u64(r)?);
+    }
+    Ok(v)
 }
 
 pub(crate) fn put_u64_list(out: &mut Vec<u8>, v: &[u64]) {
