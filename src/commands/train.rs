@@ -148,17 +148,8 @@ struct Job {
     s3_region: Option<String>,
 }
 
-fn unquote(value: &str) -> String {
-    let v = value.trim();
-    serde_json::from_str::<String>(v).map_or_else(|_| v.to_string(), |s| s.trim().to_string())
-}
-
 fn parse_bool(key: &str, value: &str) -> anyhow::Result<bool> {
-    match value.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => bail!("{key} must be true or false, got '{value}'"),
-    }
+    Ok(config::parse_bool(key, value)?)
 }
 
 fn parse_count<T: std::str::FromStr>(key: &str, value: &str) -> anyhow::Result<T> {
@@ -189,7 +180,7 @@ impl Job {
                 );
             };
             // Sources come lowest precedence first, so a later one overwrites.
-            from_hp.insert(name, (unquote(value), origin));
+            from_hp.insert(name, (config::unquote(value), origin));
         }
         let pick = |name: &str, flag: &Option<String>| -> Option<(String, String)> {
             match flag {

@@ -176,7 +176,7 @@ pub fn is_known_key(key: &str) -> bool {
 }
 
 /// The value itself when `value` is a JSON string literal (SageMaker's SDK encodes hyperparameters so).
-fn unquote(value: &str) -> String {
+pub fn unquote(value: &str) -> String {
     let v = value.trim();
     if v.starts_with('"') {
         if let Ok(s) = serde_json::from_str::<String>(v) {
@@ -208,7 +208,8 @@ fn parse_f64(key: &str, v: &str) -> Result<f64> {
     }
 }
 
-fn parse_bool(key: &str, v: &str) -> Result<bool> {
+/// `true`/`false` (also 1/0, yes/no, on/off) as a hyperparameter gives it; anything else is refused naming `key`.
+pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
     match v.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),
