@@ -263,7 +263,15 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     let env = Env::from_process();
-    let plan = cluster::detect_from(&env)?;
+    let plan = match cluster::detect_from(&env) {
+        Ok(plan) => plan,
+        Err(e) => {
+            if let Some(path) = cluster::failure_file(&env) {
+                write_failure_reason(&path, &e);
+            }
+            return Err(e.into());
+        }
+    };
     let t = &plan.topology;
     match command {
         Command::Launch { .. } => {
@@ -348,9 +356,7 @@ fn run_train(plan: &cluster::Plan, env: &Env, args: &train::TrainArgs) -> anyhow
         Ok(summary) => summary,
         Err(e) => {
             if let Some(path) = &plan.paths.failure_file {
-                // SageMaker shows the first 1024 characters of this file as the job's FailureReason.
-                let _ = std::fs::create_dir_all(path.parent().unwrap_or(std::path::Path::new(".")));
-                let _ = std::fs::write(path, format!("{e:#}\n"));
+                write_failure_reason(path, &e);
             }
             return Err(e);
         }
@@ -371,6 +377,13 @@ fn run_train(plan: &cluster::Plan, env: &Env, args: &train::TrainArgs) -> anyhow
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Writes why the job failed where SageMaker shows it (the first 1024 characters become the job's
+/// FailureReason). Best effort: the error itself is still printed and sets the exit code.
+fn write_failure_reason(path: &std::path::Path, error: &dyn std::fmt::Display) {
+    let _ = std::fs::create_dir_all(path.parent().unwrap_or(std::path::Path::new(".")));
+    let _ = std::fs::write(path, format!("{error:#}\n"));
 }
 
 fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCode> {

@@ -544,6 +544,35 @@ fn sagemaker_bad_hyperparameter_fails_every_host_with_the_reason_in_its_failure_
     }
 }
 
+#[test]
+fn sagemaker_configuration_that_cannot_be_read_is_reported_in_the_failure_file() {
+    // Detection itself fails here, before any plan exists; SageMaker must still show why, not a bare
+    // "AlgorithmError".
+    let dir = tempfile::tempdir().unwrap();
+    let roots = sagemaker_roots(dir.path(), &json!({"model": "mlp", "epochs": 1}));
+    for root in &roots {
+        std::fs::write(root.join("input/config/hyperparameters.json"), "{\"epochs\": \"1\"").unwrap();
+    }
+    let outputs = sagemaker_job(&roots);
+    for (root, out) in roots.iter().zip(&outputs) {
+        assert!(!out.status.success(), "{}", show(&outputs));
+        let failure = std::fs::read_to_string(root.join("output/failure")).unwrap_or_else(|e| {
+            panic!("no failure file under {}: {e}\n{}", root.display(), show(&outputs))
+        });
+        assert!(
+            failure.contains("hyperparameters.json"),
+            "the failure file does not name the file that was wrong: {failure}"
+        );
+        assert_eq!(
+            failure.trim(),
+            text(&out.stderr).lines().find(|l| l.starts_with("hytrain: error:")).unwrap()
+                ["hytrain: error: ".len()..]
+                .trim(),
+            "the failure file and the printed error differ"
+        );
+    }
+}
+
 // ------------------------------------------------------------------------------------------------ Kubeflow
 
 /// The training operator's (release 1.9) port for a PyTorchJob whose container names no pytorchjob-port.

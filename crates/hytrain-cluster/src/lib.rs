@@ -92,6 +92,8 @@
 
 #![warn(missing_docs)]
 
+use std::path::PathBuf;
+
 mod detect;
 mod env;
 mod error;
@@ -119,6 +121,17 @@ pub use topology::{worker_env, Topology, HYTRAIN_LAUNCH_MARK};
 /// /opt/ml.
 pub fn detect() -> Result<Plan, DetectError> {
     detect_from(&Env::from_process())
+}
+
+/// Where to write the reason a job failed, known even when [`detect_from`] itself fails: SageMaker's failure file
+/// (`$SM_OUTPUT_DIR/failure`, else `<root>/output/failure`) when the markers say SageMaker, else `None`. A failed
+/// detection then still shows up as the training job's `FailureReason` instead of a bare "AlgorithmError".
+pub fn failure_file(env: &Env) -> Option<PathBuf> {
+    let root = detect::sm_root(env);
+    match detect::platform(env, &root, detect::launcher(env)) {
+        Ok(Platform::Sagemaker) => Some(sagemaker::failure_file(env, &root)),
+        _ => None,
+    }
 }
 
 /// Detects the plan from `env` (and the SageMaker files under `env["HYTRAIN_SM_ROOT"]`, else /opt/ml), following

@@ -23,6 +23,23 @@ use crate::plan::{
 /// host that runs no toolkit.
 pub const SAGEMAKER_DEFAULT_MASTER_PORT: u16 = 29500;
 
+/// The file SageMaker reads a failed job's reason from (its first 1024 characters become `FailureReason`),
+/// inside the output directory.
+const FAILURE_FILE: &str = "failure";
+
+/// The job's output directory: `SM_OUTPUT_DIR`, else `<root>/output`.
+fn output_dir(env: &Env, root: &Path) -> PathBuf {
+    env.value("SM_OUTPUT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("output"))
+}
+
+/// Where the failure reason goes when this process runs on SageMaker, decided from the markers alone, so that a
+/// job whose configuration cannot be read still reports why.
+pub(crate) fn failure_file(env: &Env, root: &Path) -> PathBuf {
+    output_dir(env, root).join(FAILURE_FILE)
+}
+
 const RC_EXPECTED: &str =
     "resourceconfig.json's form, e.g. {\"current_host\":\"algo-1\",\"hosts\":[\"algo-1\",\"algo-2\"]}";
 const IDC_EXPECTED: &str =
@@ -602,10 +619,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
         "checkpointconfig.json's form, e.g. {\"LocalPath\":\"/opt/ml/checkpoints\",\"S3Uri\":\"s3://bucket/ckpt\"}",
     )?
     .unwrap_or_default();
-    let output_dir = env
-        .value("SM_OUTPUT_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("output"));
+    let output_dir = output_dir(env, root);
     let paths = Paths {
         channels: channels(env, root, &config_dir)?,
         model_dir: env
@@ -623,7 +637,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
             .value("SM_OUTPUT_DATA_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("output/data")),
-        failure_file: Some(output_dir.join("failure")),
+        failure_file: Some(output_dir.join(FAILURE_FILE)),
         output_dir,
     };
 
