@@ -15,6 +15,8 @@
 //!
 //! Run with `cargo xtask bench` (which prepares the Python peer) or `cargo bench --bench step_time [MODEL]`. Step
 //! counts can be changed with HYTRAIN_STEP_BENCH_STEPS, e.g. `lenet=20:200,resnet18=2:6` (warm-up:timed per model).
+//! HYTRAIN_STEP_BENCH_OVERLAP=false runs hytrain with its gradient allreduces after backward instead of overlapped
+//! with it (`--overlap false`).
 
 use std::io::Read;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -37,8 +39,11 @@ struct Measured {
     median_ms: f64,
     /// Median CPU time of rank 0's process (all its threads) per timed step.
     cpu_median_ms: f64,
-    /// hytrain only: mean time per timed step inside gradient allreduces (pack and unpack included).
+    /// hytrain only: mean time per timed step the training thread spent on gradient allreduces (pack and unpack
+    /// included); with overlap only what backward did not hide.
     allreduce_ms: Option<f64>,
+    /// hytrain only: mean allreduce work per timed step wherever it ran (the communication thread with overlap).
+    allreduce_busy_ms: Option<f64>,
     /// hytrain only: mean time per timed step broadcasting BatchNorm buffers from rank 0.
     broadcast_ms: Option<f64>,
     /// hytrain only: mean time of one allreduce of two f64 flags, what the training loop adds per step.
@@ -60,7 +65,11 @@ fn hytrain_rank(model_name: &str, warmup: usize, steps: usize) -> Result<()> {
     let rank = membership.rank;
     tch::manual_seed(rank as i64);
     let net = model::build(model_name, 10, &[3, 32, 32], tch::Device::Cpu)?;
-    let mut ddp = Ddp::new(net, comm, DdpOptions::default())?;
+    let options = DdpOptions {
+        overlap: overlap()?,
+        ..Default::default()
+    };
+    let mut ddp = Ddp::new(net, comm, options)?;
     let sgd = OptimizerConfig::Sgd(SgdConfig {
         momentum: 0.5,
         ..Default::default()
@@ -105,6 +114,7 @@ fn hytrain_rank(model_name: &str, warmup: usize, steps: usize) -> Result<()> {
             "median_ms": median(&mut times) * 1e3,
             "cpu_median_ms": median(&mut cpu_times) * 1e3,
             "allreduce_ms": per_step(after.allreduce_secs - before.allreduce_secs),
+            "allreduce_busy_ms": per_step(after.allreduce_busy_secs - before.allreduce_busy_secs),
             "broadcast_ms": per_step(after.broadcast_secs - before.broadcast_secs),
             "flag_allreduce_us": flag_us,
             "steps": steps,
@@ -227,6 +237,7 @@ fn run_side(side: &str, command: impl Fn() -> Command) -> Result<Measured> {
         median_ms: field("median_ms")?,
         cpu_median_ms: field("cpu_median_ms")?,
         allreduce_ms: v["allreduce_ms"].as_f64(),
+        allreduce_busy_ms: v["allreduce_busy_ms"].as_f64(),
         broadcast_ms: v["broadcast_ms"].as_f64(),
         flag_allreduce_us: v["flag_allreduce_us"].as_f64(),
     })
@@ -258,6 +269,14 @@ fn step_counts() -> Result<Vec<(String, usize, usize)>> {
         }
     }
     Ok(counts)
+}
+
+/// Whether hytrain overlaps allreduces with backward: HYTRAIN_STEP_BENCH_OVERLAP, default true.
+fn overlap() -> Result<bool> {
+    match std::env::var("HYTRAIN_STEP_BENCH_OVERLAP") {
+        Err(_) => Ok(true),
+        Ok(v) => Ok(hytrain_train::config::parse_bool("HYTRAIN_STEP_BENCH_OVERLAP", &v)?),
+    }
 }
 
 /// Rounds per side: HYTRAIN_STEP_BENCH_ROUNDS, default 2.
@@ -357,6 +376,7 @@ fn drive() -> Result<()> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/ddp_step.py");
     let exe = std::env::current_exe()?;
     let rounds = rounds()?;
+    let overlap = if overlap()? { "on" } else { "off" };
     let mut rows = Vec::new();
     for (model_name, warmup, steps) in step_counts()? {
         if !filter.is_empty() && !filter.iter().any(|f| model_name.contains(f.as_str())) {
@@ -398,7 +418,8 @@ fn drive() -> Result<()> {
     }
     println!(
         "\nstep time, {WORLD} CPU processes, batch {BATCH} per rank, 1 intra-op thread each \
-         (rank 0's median ms per step, best of {rounds} round(s); lower is better)"
+         (rank 0's median ms per step, best of {rounds} round(s); lower is better); hytrain's allreduce/backward \
+         overlap {overlap}"
     );
     println!("| model | hytrain step ms | PyTorch DDP step ms | ratio (hytrain/PyTorch) |");
     println!("|---|---:|---:|---:|");
@@ -415,15 +436,16 @@ fn drive() -> Result<()> {
     for (model_name, ours, _) in &rows {
         if let Ok(Measured {
             allreduce_ms: Some(a),
+            allreduce_busy_ms: Some(busy),
             broadcast_ms: Some(b),
             flag_allreduce_us: Some(f),
             ..
         }) = ours
         {
             println!(
-                "hytrain {model_name}: of each step {a:.1} ms in gradient allreduces (pack, unpack and waiting for \
-                 the other rank included), {b:.1} ms broadcasting buffers; the training loop's per-step flag \
-                 allreduce would add {f:.0} us"
+                "hytrain {model_name}: of each step {a:.1} ms waiting for gradient allreduces after backward \
+                 ({busy:.1} ms of allreduce work in all: pack, unpack and waiting for the other rank included), \
+                 {b:.1} ms broadcasting buffers; the training loop's per-step flag allreduce would add {f:.0} us"
             );
         }
     }

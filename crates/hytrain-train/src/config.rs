@@ -58,6 +58,8 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     /// Gradient bucket cap in MiB.
     pub bucket_mb: f64,
+    /// Overlap each bucket's allreduce with the rest of backward.
+    pub overlap: bool,
     /// Seed of weights and data order.
     pub seed: u64,
     /// Optimizer steps between metrics lines.
@@ -91,6 +93,7 @@ impl Default for TrainConfig {
             grad_accum: 1,
             max_grad_norm: None,
             bucket_mb: 25.0,
+            overlap: true,
             seed: 1,
             log_interval: 10,
             checkpoint_every: None,
@@ -118,6 +121,7 @@ pub const KEYS: &[&str] = &[
     "grad_accum",
     "max_grad_norm",
     "bucket_mb",
+    "overlap",
     "seed",
     "log_interval",
     "checkpoint_every",
@@ -144,6 +148,7 @@ pub fn help(key: &str) -> &'static str {
         "grad_accum" => "Micro-batches per optimizer step; gradients sync on the last only [default: 1]",
         "max_grad_norm" => "Clip gradients to this global norm",
         "bucket_mb" => "Gradient bucket size in MiB, one allreduce each [default: 25]",
+        "overlap" => "Allreduce each bucket during backward as soon as its gradients are ready [default: true]",
         "seed" => "Seed of the initial weights and of the data order [default: 1]",
         "log_interval" => "Optimizer steps between metrics lines [default: 10]",
         "checkpoint_every" => "Optimizer steps between checkpoints (one is also written at each epoch end)",
@@ -267,6 +272,7 @@ impl TrainConfig {
                 x if x > 0.0 => self.bucket_mb = x,
                 _ => return Err(bad(key, format!("must be a positive number of MiB, got '{v}'"))),
             },
+            "overlap" => self.overlap = parse_bool(key, &v)?,
             "seed" => self.seed = parse_u64(key, &v)?,
             "log_interval" => self.log_interval = parse_positive(key, &v)?,
             "checkpoint_every" => self.checkpoint_every = optional(&v, |v| parse_positive(key, v))?,
@@ -319,6 +325,7 @@ impl TrainConfig {
             bucket_mb: self.bucket_mb,
             grad_accum: self.grad_accum,
             max_grad_norm: self.max_grad_norm,
+            overlap: self.overlap,
             ..Default::default()
         }
     }

@@ -4,11 +4,12 @@
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
-use tch::{Kind, Reduction, TchError, Tensor};
+use tch::{Device, Kind, Reduction, TchError, Tensor};
 
 use crate::bucket::{assign_buckets, reducible, Bucket, MB};
 use crate::model::Model;
 use crate::optim::Optimizer;
+use crate::overlap::{Overlap, RoundError};
 use crate::{Buffer, Collective, ReduceOp, Result, TrainError};
 
 /// How [`Ddp`] splits and synchronises gradients.
@@ -25,6 +26,15 @@ pub struct DdpOptions {
     /// Copy rank 0's buffers (BatchNorm running statistics) to every rank before each training forward, as
     /// PyTorch DDP's `broadcast_buffers=True` does.
     pub broadcast_buffers: bool,
+    /// Start each bucket's allreduce on a communication thread as soon as backward has produced its gradients,
+    /// instead of after backward (`--overlap`). Results are bit-identical either way; parameters off the CPU
+    /// always take the path without overlap.
+    #[serde(default = "overlap_by_default")]
+    pub overlap: bool,
+}
+
+fn overlap_by_default() -> bool {
+    true
 }
 
 impl Default for DdpOptions {
@@ -35,6 +45,7 @@ impl Default for DdpOptions {
             grad_accum: 1,
             max_grad_norm: None,
             broadcast_buffers: true,
+            overlap: true,
         }
     }
 }
@@ -62,14 +73,20 @@ impl DdpOptions {
 /// Time and volume spent communicating since the engine started.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DdpStats {
-    /// Seconds inside gradient allreduces (pack and unpack included).
+    /// Seconds the training thread spent on gradient allreduces (pack and unpack included): with overlap, only the
+    /// part not hidden behind backward, from backward's end until the last bucket is reduced.
     pub allreduce_secs: f64,
+    /// Seconds of gradient allreduce work (pack and unpack included) wherever it ran; without overlap the same as
+    /// `allreduce_secs`.
+    pub allreduce_busy_secs: f64,
     /// Seconds broadcasting parameters and buffers.
     pub broadcast_secs: f64,
     /// Gradient bytes this rank sent into allreduces.
     pub allreduce_bytes: u64,
     /// Gradient synchronisations (optimizer steps).
     pub syncs: u64,
+    /// Buckets whose allreduce started while backward was still running (overlap on); the others started after it.
+    pub buckets_launched_in_backward: u64,
 }
 
 /// What one optimizer step did.
@@ -105,6 +122,8 @@ pub struct Ddp {
     micro_step: usize,
     stats: DdpStats,
     scratch: Vec<u8>,
+    /// Gradient hooks when allreduces overlap backward (`options.overlap`, more than one rank, all on the CPU).
+    overlap: Option<Overlap>,
 }
 
 impl std::fmt::Debug for Ddp {
@@ -148,6 +167,7 @@ impl Ddp {
             micro_step: 0,
             stats: DdpStats::default(),
             scratch: Vec::new(),
+            overlap: None,
         };
         ddp.verify_same_model()?;
         for (name, p) in &ddp.params {
@@ -171,8 +191,17 @@ impl Ddp {
             .map(|members| Bucket::new(members, &ddp.params))
             .collect::<Result<_, _>>()
             .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
+        let on_cpu = ddp.params.iter().all(|(_, p)| p.device() == Device::Cpu);
+        if ddp.options.overlap && ddp.world_size() > 1 && on_cpu {
+            let overlap = Overlap::new(&ddp.params, &ddp.buckets).map_err(|detail| TrainError::ModelConfig {
+                model: ddp.model.name().to_string(),
+                detail: format!("{detail}; run with --overlap false to average gradients after backward instead"),
+            })?;
+            ddp.overlap = Some(overlap);
+        }
         tracing::debug!(
             rank = ddp.rank(),
+            overlap = ddp.overlap.is_some(),
             buckets = ddp.buckets.len(),
             bytes = ddp.buckets.iter().map(Bucket::bytes).sum::<usize>(),
             "gradient buckets ready"
@@ -365,18 +394,52 @@ impl Ddp {
     }
 
     /// Backpropagates `loss` of one micro-batch, scaled by `1/grad_accum`. Gradients accumulate locally; after the
-    /// `grad_accum`-th call they are averaged over ranks and `true` is returned: time for the optimizer step.
+    /// `grad_accum`-th call they are averaged over ranks and `true` is returned: time for the optimizer step. With
+    /// [`DdpOptions::overlap`] that last backward pass allreduces each bucket as soon as its gradients are ready.
     pub fn backward(&mut self, loss: &Tensor) -> Result<bool> {
         let k = self.options.grad_accum;
         let scaled = if k > 1 { loss.f_div_scalar(k as f64) } else { Ok(loss.shallow_clone()) };
-        scaled.and_then(|l| l.f_backward()).map_err(|e| TrainError::torch("backward", e))?;
+        let scaled = scaled.map_err(|e| TrainError::torch("backward", e))?;
         self.micro_step += 1;
-        if self.micro_step < k {
-            return Ok(false);
+        if self.micro_step < k || self.overlap.is_none() {
+            scaled.f_backward().map_err(|e| TrainError::torch("backward", e))?;
+            if self.micro_step < k {
+                return Ok(false);
+            }
+            self.micro_step = 0;
+            self.sync_gradients()?;
+            return Ok(true);
         }
         self.micro_step = 0;
-        self.sync_gradients()?;
+        self.backward_overlapped(&scaled)?;
         Ok(true)
+    }
+
+    /// The last micro-batch's backward with each bucket allreduced as soon as its gradients are final; see
+    /// [`crate::overlap`]. Same buckets in the same order as [`Ddp::sync_gradients`], so the same result.
+    fn backward_overlapped(&mut self, loss: &Tensor) -> Result<()> {
+        self.stats.syncs += 1;
+        let overlap = self.overlap.as_ref().expect("called with overlap on");
+        let mut backward_done = None;
+        let round = overlap.run(self.comm.as_mut(), &mut self.buckets, &mut self.params, || {
+            let result = loss.f_backward();
+            backward_done = Some(Instant::now());
+            result
+        });
+        let exposed = backward_done.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let reduced = round.map_err(|e| TrainError::torch("backward", e))?.map_err(|e| match e {
+            RoundError::MissingGradient(name) => TrainError::MissingGradient(name),
+            RoundError::Torch(b, e) => TrainError::torch(format!("gradient bucket {b}"), e),
+            RoundError::Comm(b, e) => {
+                let during = format!("gradient allreduce of bucket {b} ({} bytes)", self.buckets[b].bytes());
+                comm_err(during)(e)
+            }
+        })?;
+        self.stats.allreduce_secs += exposed;
+        self.stats.allreduce_busy_secs += reduced.busy_secs;
+        self.stats.allreduce_bytes += reduced.bytes;
+        self.stats.buckets_launched_in_backward += reduced.launched_in_backward;
+        Ok(())
     }
 
     /// Averages every parameter's gradient over all ranks, one allreduce per bucket, in bucket order.
@@ -397,7 +460,9 @@ impl Ddp {
             bucket.unpack(&self.params).map_err(torch)?;
             self.stats.allreduce_bytes += bucket.bytes() as u64;
         }
-        self.stats.allreduce_secs += started.elapsed().as_secs_f64();
+        let secs = started.elapsed().as_secs_f64();
+        self.stats.allreduce_secs += secs;
+        self.stats.allreduce_busy_secs += secs;
         Ok(())
     }
 

@@ -36,6 +36,7 @@ pub mod export;
 pub mod loader;
 pub mod model;
 pub mod optim;
+mod overlap;
 pub mod schedule;
 pub mod trainer;
 

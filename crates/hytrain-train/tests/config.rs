@@ -45,6 +45,16 @@ fn unknown_key_is_refused_naming_it_and_the_known_ones() {
 }
 
 #[test]
+fn overlap_is_on_by_default_and_reaches_the_ddp_options() {
+    let mut c = TrainConfig::default();
+    assert!(c.overlap && c.ddp_options().overlap);
+    c.apply_hyperparameter("--overlap", "false").unwrap();
+    assert!(!c.overlap && !c.ddp_options().overlap);
+    c.apply_hyperparameter("overlap", "\"true\"").unwrap();
+    assert!(c.ddp_options().overlap);
+}
+
+#[test]
 fn bad_values_are_refused_with_a_one_line_error_naming_key_and_value() {
     for (key, value, says) in [
         ("lr", "fast", "number"),
@@ -56,6 +66,7 @@ fn bad_values_are_refused_with_a_one_line_error_naming_key_and_value() {
         ("schedule", "cosine:x", "schedule"),
         ("momentum", "NaN", "finite"),
         ("bucket-mb", "0", "positive"),
+        ("overlap", "sometimes", "true or false"),
     ] {
         let msg = TrainConfig::default().apply_hyperparameter(key, value).unwrap_err().to_string();
         assert!(msg.contains(key) && msg.contains(says) && !msg.contains('\n'), "{key}={value}: {msg}");

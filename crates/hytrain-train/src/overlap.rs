@@ -1,0 +1,258 @@
+//! Gradient allreduces overlapped with backward, as PyTorch DDP's reducer does it: libtorch calls a hook (installed
+//! by the C++ shim in `csrc/grad_hook.cpp`) as soon as a parameter's gradient is final; once every gradient of a
+//! bucket is in, and every earlier bucket has been launched, the bucket goes to a communication thread that packs,
+//! allreduces and unpacks it while backward computes the rest.
+//!
+//! Buckets are launched strictly in bucket order and the communication thread takes them first in, first out, so
+//! every rank runs the same allreduces in the same order whatever order its gradients arrive in: the results are
+//! bit-identical to [`crate::Ddp::sync_gradients`]. A bucket with a parameter whose hook never fired (a parameter
+//! unused in this forward) is launched after backward returns, in its place in the order.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tch::Tensor;
+
+use crate::bucket::Bucket;
+use crate::{Collective, CommError};
+
+type GradReadyFn = extern "C" fn(ctx: *const c_void, index: usize);
+type ReleaseFn = extern "C" fn(ctx: *const c_void);
+
+extern "C" {
+    fn hyt_set_grad_ready_hook(
+        tensor: *mut c_void,
+        callback: GradReadyFn,
+        ctx: *const c_void,
+        index: usize,
+        release: ReleaseFn,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn hyt_clear_grad_ready_hook(tensor: *mut c_void) -> c_int;
+}
+
+/// What the hooks share with the training thread: which bucket each parameter belongs to, and this step's progress.
+struct Readiness {
+    /// Bucket of each parameter (by index into the engine's parameter list).
+    bucket_of: Vec<usize>,
+    /// Number of parameters in each bucket.
+    members: Vec<usize>,
+    round: Mutex<Round>,
+}
+
+/// One synchronising backward pass. Only an armed round reacts to hooks, so backward passes of non-final
+/// micro-batches, evaluation, or a caller's own `backward` launch nothing.
+struct Round {
+    armed: Option<Sender<usize>>,
+    seen: Vec<bool>,
+    pending: Vec<usize>,
+    /// The next bucket to launch; all before it are queued.
+    next: usize,
+}
+
+impl Readiness {
+    fn lock(&self) -> MutexGuard<'_, Round> {
+        // The critical sections cannot panic halfway through an update, so a poisoned lock holds consistent state.
+        self.round.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn grad_ready(&self, index: usize) {
+        let mut round = self.lock();
+        let Some(tx) = round.armed.clone() else { return };
+        if index >= self.bucket_of.len() || std::mem::replace(&mut round.seen[index], true) {
+            return;
+        }
+        round.pending[self.bucket_of[index]] -= 1;
+        while round.next < self.members.len() && round.pending[round.next] == 0 {
+            // The receiver lives until the round is finished, which disarms first; a send cannot fail before.
+            let _ = tx.send(round.next);
+            round.next += 1;
+        }
+    }
+}
+
+extern "C" fn grad_ready(ctx: *const c_void, index: usize) {
+    // SAFETY: `ctx` is an `Arc<Readiness>` pointer of which the calling hook holds one strong count (given in
+    // `Overlap::new`, released in `release`), so it is alive.
+    let readiness = unsafe { &*ctx.cast::<Readiness>() };
+    // A panic must not unwind into libtorch's C++ frames.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| readiness.grad_ready(index)));
+}
+
+extern "C" fn release(ctx: *const c_void) {
+    // SAFETY: each hook owns exactly one strong count of the Arc, given by `Arc::into_raw` in `Overlap::new`, and
+    // libtorch drops each hook once.
+    drop(unsafe { Arc::from_raw(ctx.cast::<Readiness>()) });
+}
+
+/// Hooks on every parameter and the bookkeeping that turns them into bucket launches.
+pub(crate) struct Overlap {
+    readiness: Arc<Readiness>,
+    /// Shallow copies of the hooked parameters, to remove the hooks again.
+    hooked: Vec<Tensor>,
+}
+
+impl std::fmt::Debug for Overlap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlap").field("buckets", &self.readiness.members.len()).finish_non_exhaustive()
+    }
+}
+
+/// What the communication thread did in one round.
+#[derive(Debug, Default)]
+pub(crate) struct Reduced {
+    /// Bytes allreduced.
+    pub bytes: u64,
+    /// Seconds spent packing, allreducing and unpacking.
+    pub busy_secs: f64,
+    /// Buckets launched by hooks before backward returned.
+    pub launched_in_backward: u64,
+}
+
+/// Why a round failed.
+#[derive(Debug)]
+pub(crate) enum RoundError {
+    /// A parameter of this bucket had no gradient after backward.
+    MissingGradient(String),
+    /// libtorch failed packing or unpacking this bucket.
+    Torch(usize, tch::TchError),
+    /// The allreduce of this bucket failed.
+    Comm(usize, CommError),
+}
+
+impl Overlap {
+    /// Installs a grad-ready hook on every parameter that requires a gradient. `buckets` lists parameter indices
+    /// per bucket in launch order. Parameters that require no gradient are left unhooked: their buckets are
+    /// launched after backward.
+    pub(crate) fn new(params: &[(String, Tensor)], buckets: &[Bucket]) -> Result<Self, String> {
+        let mut bucket_of = vec![usize::MAX; params.len()];
+        for (b, bucket) in buckets.iter().enumerate() {
+            for &m in bucket.members() {
+                bucket_of[m] = b;
+            }
+        }
+        let readiness = Arc::new(Readiness {
+            bucket_of,
+            members: buckets.iter().map(|b| b.members().len()).collect(),
+            round: Mutex::new(Round { armed: None, seen: vec![false; params.len()], pending: Vec::new(), next: 0 }),
+        });
+        let mut overlap = Overlap { readiness, hooked: Vec::new() };
+        for (index, (name, p)) in params.iter().enumerate() {
+            if !p.requires_grad() {
+                continue;
+            }
+            let ctx = Arc::into_raw(Arc::clone(&overlap.readiness)).cast::<c_void>();
+            let mut err = [0 as c_char; 256];
+            // SAFETY: `p.as_ptr()` is tch's `torch::Tensor*`, valid while `p` lives (the call does not keep it);
+            // `ctx` carries one strong count that the shim hands to the hook (or releases on failure); `err` is a
+            // writable buffer of the length given.
+            let rc = unsafe {
+                hyt_set_grad_ready_hook(
+                    p.as_ptr() as *mut c_void,
+                    grad_ready,
+                    ctx,
+                    index,
+                    release,
+                    err.as_mut_ptr(),
+                    err.len(),
+                )
+            };
+            if rc != 0 {
+                // SAFETY: the shim wrote a NUL-terminated message into `err`.
+                let why = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
+                return Err(format!("installing the gradient hook of parameter {name}: {why}"));
+            }
+            overlap.hooked.push(p.shallow_clone());
+        }
+        Ok(overlap)
+    }
+
+    /// Runs `backward` with the hooks armed and a communication thread reducing buckets as they complete; after
+    /// backward, launches the buckets still waiting (in order) and waits for all. `comm`, `buckets` and `params`
+    /// belong to the communication thread meanwhile. Returns backward's own error, if any, after the launched
+    /// buckets finished, so the collective is never left mid-operation.
+    pub(crate) fn run<E>(
+        &self,
+        comm: &mut dyn Collective,
+        buckets: &mut [Bucket],
+        params: &mut [(String, Tensor)],
+        backward: impl FnOnce() -> Result<(), E>,
+    ) -> Result<Result<Reduced, RoundError>, E> {
+        let (tx, rx) = std::sync::mpsc::channel::<usize>();
+        {
+            let mut round = self.readiness.lock();
+            round.seen.iter_mut().for_each(|s| *s = false);
+            round.pending = self.readiness.members.clone();
+            round.next = 0;
+            round.armed = Some(tx);
+        }
+        let mut launched_in_backward = 0;
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(move || communicate(comm, buckets, params, rx));
+            let backward_result = backward();
+            let tx = {
+                let mut round = self.readiness.lock();
+                let tx = round.armed.take().expect("armed above");
+                launched_in_backward = round.next as u64;
+                if backward_result.is_ok() {
+                    for b in round.next..self.readiness.members.len() {
+                        let _ = tx.send(b);
+                    }
+                    round.next = self.readiness.members.len();
+                }
+                tx
+            };
+            // Closing the channel lets the thread finish once the queue is empty.
+            drop(tx);
+            let reduced = worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            backward_result.map(|()| reduced.map(|r| Reduced { launched_in_backward, ..r }))
+        })
+    }
+}
+
+/// The communication thread: each bucket index received is packed, allreduced and unpacked, in arrival order.
+/// After the first failure the rest are skipped (the step fails anyway).
+fn communicate(
+    comm: &mut dyn Collective,
+    buckets: &mut [Bucket],
+    params: &mut [(String, Tensor)],
+    rx: Receiver<usize>,
+) -> Result<Reduced, RoundError> {
+    let mut reduced = Reduced::default();
+    let mut failed = None;
+    for b in rx {
+        if failed.is_some() {
+            continue;
+        }
+        let started = Instant::now();
+        let bucket = &mut buckets[b];
+        let result = match bucket.pack(params) {
+            Err(e) => Err(RoundError::Torch(b, e)),
+            Ok(Err(name)) => Err(RoundError::MissingGradient(name)),
+            Ok(Ok(())) => bucket
+                .allreduce(comm)
+                .map_err(|e| RoundError::Comm(b, e))
+                .and_then(|()| bucket.unpack(params).map_err(|e| RoundError::Torch(b, e))),
+        };
+        reduced.busy_secs += started.elapsed().as_secs_f64();
+        match result {
+            Ok(()) => reduced.bytes += bucket.bytes() as u64,
+            Err(e) => failed = Some(e),
+        }
+    }
+    failed.map_or(Ok(reduced), Err)
+}
+
+impl Drop for Overlap {
+    fn drop(&mut self) {
+        // The model may outlive the engine (`Ddp::into_parts`): take the hooks off so its later backward passes
+        // call nothing. Each hook's release drops its count of `readiness`.
+        for p in &self.hooked {
+            // SAFETY: `p` is a live tensor handle owned here.
+            unsafe { hyt_clear_grad_ready_hook(p.as_ptr() as *mut c_void) };
+        }
+    }
+}
