@@ -201,6 +201,10 @@ struct TrainJobArgs {
     /// The S3 region (default: the SDK's chain, else us-east-1).
     #[arg(long, env = "HYTRAIN_S3_REGION")]
     s3_region: Option<String>,
+    /// auto (a GPU when libtorch_cuda.so and a GPU are there, else the CPU), cpu or cuda; each process takes
+    /// cuda:LOCAL_RANK and averages gradients with NCCL [default: auto].
+    #[arg(long, env = "HYTRAIN_DEVICE")]
+    device: Option<String>,
 }
 
 impl TrainJobArgs {
@@ -220,6 +224,7 @@ impl TrainJobArgs {
             output_dir: self.output_dir,
             s3_endpoint: self.s3_endpoint,
             s3_region: self.s3_region,
+            device: self.device,
         }
     }
 }
