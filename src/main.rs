@@ -33,7 +33,8 @@ enum Command {
     },
     /// Start one worker per slot on this node, like torchrun: hytrain launch --nproc-per-node N -- CMD [ARGS...]
     Launch {
-        /// Workers on this node: a number, or `auto` (the platform's setting, else one per CPU).
+        /// Workers on this node: a number, or `auto` (the platform's setting, else one per visible GPU, else one
+        /// per CPU).
         #[arg(long, default_value = "auto", env = "HYTRAIN_NPROC_PER_NODE")]
         nproc_per_node: launch::NprocPerNode,
         /// Master port for the workers' rendezvous (default: the platform's; a free port on a single local node).
