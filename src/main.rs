@@ -33,7 +33,8 @@ enum Command {
     },
     /// Start one worker per slot on this node, like torchrun: hytrain launch --nproc-per-node N -- CMD [ARGS...]
     Launch {
-        /// Workers on this node: a number, or `auto` (the platform's setting, else one per CPU).
+        /// Workers on this node: a number, or `auto` (the platform's setting, else one per visible GPU, else one
+        /// per CPU).
         #[arg(long, default_value = "auto", env = "HYTRAIN_NPROC_PER_NODE")]
         nproc_per_node: launch::NprocPerNode,
         /// Master port for the workers' rendezvous (default: the platform's; a free port on a single local node).
@@ -201,6 +202,10 @@ struct TrainJobArgs {
     /// The S3 region (default: the SDK's chain, else us-east-1).
     #[arg(long, env = "HYTRAIN_S3_REGION")]
     s3_region: Option<String>,
+    /// auto (a GPU when libtorch_cuda.so and a GPU are there, else the CPU), cpu or cuda; each process takes
+    /// cuda:LOCAL_RANK and averages gradients with NCCL [default: auto].
+    #[arg(long, env = "HYTRAIN_DEVICE")]
+    device: Option<String>,
 }
 
 impl TrainJobArgs {
@@ -220,6 +225,7 @@ impl TrainJobArgs {
             output_dir: self.output_dir,
             s3_endpoint: self.s3_endpoint,
             s3_region: self.s3_region,
+            device: self.device,
         }
     }
 }

@@ -18,7 +18,8 @@ use crate::cluster::{self, Env, Plan, Platform};
 /// How many workers to start on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NprocPerNode {
-    /// What the platform asks for (Kubeflow's nprocPerNode, SageMaker's processes per host), else one per CPU.
+    /// What the platform asks for (Kubeflow's nprocPerNode, SageMaker's processes per host), else one per visible
+    /// GPU, else one per CPU (torchrun's `auto`).
     Auto,
     /// Exactly this many.
     Count(usize),
@@ -55,13 +56,35 @@ pub struct LaunchArgs {
     pub command: Vec<String>,
 }
 
-/// Decides the per-node process count.
+/// Decides the per-node process count: `auto` is what the platform asks for, else, as torchrun's `auto`, one per
+/// GPU the CUDA driver sees (after CUDA_VISIBLE_DEVICES) when it sees any, else one per CPU.
 pub fn resolve_nproc(plan: &Plan, requested: NprocPerNode) -> usize {
+    resolve_nproc_with(plan, requested, || {
+        hytrain_cuda::CudaDriver::load().ok().map(|driver| driver.device_count() as usize)
+    })
+}
+
+/// [`resolve_nproc`] with the GPU count from `visible_gpus` (asked only when it matters).
+pub fn resolve_nproc_with(
+    plan: &Plan,
+    requested: NprocPerNode,
+    visible_gpus: impl FnOnce() -> Option<usize>,
+) -> usize {
     match requested {
         NprocPerNode::Count(n) => n,
-        NprocPerNode::Auto => plan.nproc_per_node_hint().unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-        }),
+        NprocPerNode::Auto => {
+            if let Some(n) = plan.nproc_per_node_hint() {
+                tracing::info!("--nproc-per-node auto: {n} process(es), as the platform asks");
+                return n;
+            }
+            if let Some(n) = visible_gpus().filter(|&n| n > 0) {
+                tracing::info!("--nproc-per-node auto: {n} process(es), one per visible GPU");
+                return n;
+            }
+            let n = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+            tracing::info!("--nproc-per-node auto: {n} process(es), one per CPU (no GPU visible)");
+            n
+        }
     }
 }
 
@@ -258,4 +281,31 @@ fn free_port() -> anyhow::Result<u16> {
     let listener =
         std::net::TcpListener::bind(("127.0.0.1", 0)).context("cannot find a free local port")?;
     Ok(listener.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local_plan() -> Plan {
+        cluster::detect_from(&Env::from_pairs([("HOSTNAME", "laptop")])).unwrap()
+    }
+
+    #[test]
+    fn auto_is_the_platforms_count_first_then_one_per_gpu_then_one_per_cpu() {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let mut plan = local_plan();
+        assert_eq!(plan.nproc_per_node_hint(), None);
+        assert_eq!(resolve_nproc_with(&plan, NprocPerNode::Auto, || Some(8)), 8);
+        assert_eq!(resolve_nproc_with(&plan, NprocPerNode::Auto, || Some(0)), cpus);
+        assert_eq!(resolve_nproc_with(&plan, NprocPerNode::Auto, || None), cpus);
+        plan.nproc_per_node = Some(4);
+        let asked = std::cell::Cell::new(false);
+        let n = resolve_nproc_with(&plan, NprocPerNode::Auto, || {
+            asked.set(true);
+            Some(8)
+        });
+        assert_eq!((n, asked.get()), (4, false), "the platform's count wins without looking for GPUs");
+        assert_eq!(resolve_nproc_with(&plan, NprocPerNode::Count(2), || Some(8)), 2);
+    }
 }

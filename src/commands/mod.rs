@@ -1,6 +1,7 @@
 //! The subcommands of the `hytrain` binary, as library functions so examples and tests can call them too.
 
 pub mod data;
+pub mod device;
 pub mod doctor;
 pub mod explain;
 pub mod launch;

@@ -12,7 +12,8 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches};
 
 use crate::cluster::{InputMode, Plan};
-use crate::comm::{Collective, CommOptions, ReduceOp};
+use super::device::{self, DeviceRequest};
+use crate::comm::{Collective, CommOptions, ReduceOp, Ring, Store};
 use crate::data::source::{self, OpenOptions};
 use crate::data::{Dataset, DatasetOptions, Loader, LoaderConfig, Remainder, SamplerConfig, Split};
 use crate::train::config::{self, ConfigSources, Layered, Origin};
@@ -97,6 +98,8 @@ pub struct JobFlags {
     pub s3_endpoint: Option<String>,
     /// S3 region.
     pub s3_region: Option<String>,
+    /// `auto`, `cpu` or `cuda`.
+    pub device: Option<String>,
 }
 
 /// Keys [`JobFlags`] takes from hyperparameters, with the spellings accepted for each (the reference script's
@@ -116,6 +119,7 @@ const JOB_KEYS: &[(&str, &[&str])] = &[
     ("output_dir", &["output_dir"]),
     ("s3_endpoint", &["s3_endpoint"]),
     ("s3_region", &["s3_region"]),
+    ("device", &["device"]),
 ];
 
 /// Everything `hytrain train` was given.
@@ -146,6 +150,7 @@ struct Job {
     output_dir: Option<PathBuf>,
     s3_endpoint: Option<String>,
     s3_region: Option<String>,
+    device: DeviceRequest,
 }
 
 fn parse_bool(key: &str, value: &str) -> anyhow::Result<bool> {
@@ -226,6 +231,10 @@ impl Job {
             output_dir: none_is_off(path("output_dir", &flags.output_dir)),
             s3_endpoint: text("s3_endpoint", &flags.s3_endpoint),
             s3_region: text("s3_region", &flags.s3_region),
+            device: match pick("device", &flags.device) {
+                None => DeviceRequest::default(),
+                Some((v, key)) => v.parse().map_err(|e| anyhow::anyhow!("{key}: {e}"))?,
+            },
         })
     }
 }
@@ -362,14 +371,23 @@ pub fn run(
         tracing::debug!(key, %origin, "setting taken");
     }
 
+    // Before NCCL, and before any thread that might read the environment starts.
+    device::set_nccl_socket_ifname(plan.nccl_socket_ifname(), env.get("NCCL_SOCKET_IFNAME"));
     // Rendezvous first: a rank whose data fails to open then ends the job at once instead of leaving the others
     // waiting for it at the rendezvous.
-    let mut comm = crate::comm::init(
-        &crate::membership(plan),
-        crate::launched_by_mpirun(plan),
-        &args.comm,
-    )
-    .context("cannot join the other ranks")?;
+    let membership = crate::membership(plan);
+    // The ring's store stays at hand: a GPU job hands NCCL's unique id through it. Under mpirun (built with MPI)
+    // there is no store.
+    let (mut comm, store): (Box<dyn Collective>, Option<Store>) =
+        if crate::launched_by_mpirun(plan) && cfg!(feature = "mpi") {
+            let comm = crate::comm::init(&membership, true, &args.comm).context("cannot join the other ranks")?;
+            (comm, None)
+        } else {
+            let store = Store::rendezvous(&membership, &args.comm).context("cannot join the other ranks")?;
+            let ring = Ring::connect(&store, &membership, &args.comm).context("cannot join the other ranks")?;
+            (Box::new(ring), Some(store))
+        };
+    let device = device::select(job.device, t.local_rank, env.get("CUDA_VISIBLE_DEVICES"))?;
     let options = super::data::open_options(plan, job.s3_endpoint.clone(), job.s3_region.clone());
     let train_spec = training_spec(plan, &job)?;
     let train_source =
@@ -456,8 +474,13 @@ pub fn run(
     };
     let input_shape = first_input_shape(&mut train)?;
     tch::manual_seed(cfg.seed as i64);
-    let net = model::build(&job.model, num_classes, &input_shape, tch::Device::Cpu)?;
+    let net = model::build(&job.model, num_classes, &input_shape, device)?;
     let mut ddp = Ddp::new(net, comm, cfg.ddp_options())?;
+    if let tch::Device::Cuda(ordinal) = device {
+        let nccl = device::nccl_collective(store.as_ref(), ddp.collective(), ordinal, args.comm.collective_timeout)
+            .context("cannot start the NCCL backend")?;
+        ddp = ddp.with_device_collective(Box::new(nccl))?;
+    }
     let mut optimizer = cfg.optimizer_config().build(ddp.parameters())?;
     let steps_per_epoch =
         crate::train::BatchSource::batches_per_epoch(&train) / cfg.grad_accum as u64;

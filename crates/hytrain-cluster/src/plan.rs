@@ -46,6 +46,13 @@ impl Plan {
         self.nproc_per_node
     }
 
+    /// The interface NCCL should use between hosts, as SageMaker's training toolkit sets `NCCL_SOCKET_IFNAME`:
+    /// SageMaker's network interface (`SM_NETWORK_INTERFACE_NAME`, else resourceconfig.json's
+    /// `network_interface_name`). `None` off SageMaker.
+    pub fn nccl_socket_ifname(&self) -> Option<&str> {
+        self.sagemaker.as_ref()?.network_interface_name.as_deref()
+    }
+
     /// The address to connect to for `host`: its `HYTRAIN_HOST_ALIASES` entry, else the name itself (resolved by
     /// DNS when connecting). The aliases let a job shaped like a multi-host SageMaker or Kubeflow job run on one
     /// machine, `algo-1=127.0.0.1,algo-2=127.0.0.1`, without editing /etc/hosts.

@@ -819,3 +819,15 @@ fn host_aliases_map_names_to_addresses_and_leave_others_alone() {
     assert_eq!(p.address_of("algo-2"), "::1");
     assert_eq!(p.address_of("algo-3"), "algo-3");
 }
+
+#[test]
+fn nccl_socket_ifname_is_sagemakers_network_interface_as_the_toolkit_sets_it() {
+    let tree = SmTree::new();
+    let rc = resource_config("algo-1", &["algo-1", "algo-2"]).replace("\"eth0\"", "\"ens5\"");
+    tree.write_config("resourceconfig.json", &rc);
+    assert_eq!(plan(&tree.env(&[])).nccl_socket_ifname(), Some("ens5"), "from resourceconfig.json");
+    let with_toolkit = plan(&tree.env(&[("SM_NETWORK_INTERFACE_NAME", "eth1")]));
+    assert_eq!(with_toolkit.nccl_socket_ifname(), Some("eth1"), "the toolkit's own setting first");
+    let off_sagemaker = plan(&env(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")]));
+    assert_eq!(off_sagemaker.nccl_socket_ifname(), None);
+}

@@ -149,6 +149,86 @@ pub enum CudaError {
         len: usize,
     },
 
+    /// A collective did not complete within the collective timeout; the communicator was aborted.
+    #[error(
+        "NCCL {op} on rank {rank} did not finish within {} s (--collective-timeout); the communicator was aborted. \
+         A rank may have died, hung or called a different collective: check the other ranks' logs (NCCL_DEBUG=INFO \
+         shows NCCL's view)",
+        timeout.as_secs_f64()
+    )]
+    CollectiveTimeout {
+        /// This process's rank.
+        rank: usize,
+        /// The operation, with its size and dtype.
+        op: String,
+        /// The timeout that passed.
+        timeout: std::time::Duration,
+    },
+
+    /// NCCL reported an error for a collective (on the call, or later through `ncclCommGetAsyncError`); the
+    /// communicator was aborted.
+    #[error(
+        "NCCL {op} on rank {rank} failed: {message} (ncclResult {code}, from {call}); the communicator was aborted \
+         (NCCL_DEBUG=INFO shows why)"
+    )]
+    CollectiveFailed {
+        /// This process's rank.
+        rank: usize,
+        /// The operation, with its size and dtype.
+        op: String,
+        /// The NCCL function that reported it.
+        call: &'static str,
+        /// The ncclResult_t value.
+        code: i32,
+        /// NCCL's own text for it.
+        message: String,
+    },
+
+    /// A collective was called after an earlier one aborted the communicator.
+    #[error("NCCL {op} on rank {rank} refused: the communicator was aborted earlier ({reason})")]
+    CommunicatorAborted {
+        /// This process's rank.
+        rank: usize,
+        /// The operation refused.
+        op: String,
+        /// Why it was aborted.
+        reason: String,
+    },
+
+    /// `libtorch_cuda.so` is not beside `libtorch_cpu.so`: this libtorch is a CPU-only build.
+    #[error(
+        "CUDA was requested but this libtorch has no CUDA support: no libtorch_cuda.so in {dir}; run in a GPU \
+         image (a Deep Learning Container, or build against a CUDA PyTorch with LIBTORCH_USE_PYTORCH=1) or use \
+         --device cpu"
+    )]
+    TorchCudaNotFound {
+        /// The folder of libtorch_cpu.so that was searched.
+        dir: PathBuf,
+    },
+
+    /// `libtorch_cuda.so` exists but did not load (usually a CUDA runtime library it needs is missing).
+    #[error("{path} did not load: {reason}; install the CUDA libraries this PyTorch was built with (pip's nvidia-* wheels of the same torch) or use --device cpu")]
+    TorchCudaLoad {
+        /// The file.
+        path: PathBuf,
+        /// The dynamic loader's message.
+        reason: String,
+    },
+
+    /// The process's local rank has no GPU of its own.
+    #[error(
+        "local rank {local_rank} needs GPU cuda:{local_rank} but only {visible} GPU(s) are visible{shown}; start at \
+         most {visible} process(es) per node (--nproc-per-node / nprocPerNode) or make more GPUs visible"
+    )]
+    NotEnoughGpus {
+        /// This process's rank on its node.
+        local_rank: usize,
+        /// GPUs CUDA sees.
+        visible: usize,
+        /// `" (CUDA_VISIBLE_DEVICES=...)"` when set, else empty.
+        shown: String,
+    },
+
     /// Buffers handed to a bucket or optimizer routine do not fit together.
     #[error("{0}")]
     Shape(String),

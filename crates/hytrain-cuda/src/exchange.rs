@@ -1,7 +1,7 @@
 //! Handing NCCL's unique id from rank 0 to every rank through the job's rendezvous store.
 //!
-//! The store lives in hytrain-comm, which depends on this crate, so this crate names only what it needs of a
-//! store: [`IdStore`]. hytrain-comm implements it for its `Store`.
+//! The exchange names only what it needs of a store, [`IdStore`]; hytrain-comm's rendezvous `Store` implements it
+//! here, and tests can use any map.
 
 use crate::nccl::{Nccl, UniqueId};
 use crate::CudaError;
@@ -47,4 +47,16 @@ pub fn exchange_unique_id<S: IdStore>(
         source: Box::new(e),
     })?;
     UniqueId::from_bytes(&bytes, key)
+}
+
+impl IdStore for hytrain_comm::Store {
+    type Error = hytrain_comm::CommError;
+
+    fn set(&self, key: &str, value: &[u8]) -> Result<(), Self::Error> {
+        hytrain_comm::Store::set(self, key, value)
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>, Self::Error> {
+        hytrain_comm::Store::get(self, key)
+    }
 }

@@ -8,12 +8,18 @@
 //! - [`Nvrtc`] and [`kernels`]: the CUDA C sources of `kernels/` (bucket pack/unpack with scaling, fused SGD with
 //!   momentum and AdamW) compiled to PTX at run time.
 //! - [`reference`]: the same kernels on the CPU, operation for operation.
+//! - [`load_torch_cuda`]: libtorch's CUDA backend (`libtorch_cuda.so` beside `libtorch_cpu.so`) opened at run time,
+//!   so a binary linked against the CPU libtorch trains on `cuda:LOCAL_RANK` ([`device_for_local_rank`]).
+//! - [`NcclCollective`], a [`DeviceCollective`]: allreduce, broadcast and allgather of GPU memory in f32, f16, bf16
+//!   and f64 on a communication stream ordered by events with the compute stream, watched by a timeout that
+//!   aborts the communicator. The unique id comes from rank 0 through hytrain-comm's rendezvous `Store`.
 //! - [`CudaDriver`]: whether CUDA is usable at all, with a clear error when there is no driver; [`device`]: GPU
 //!   memory, PTX modules and kernel launches through the driver API, and [`Communicator`] for NCCL collectives.
 //!   These need a GPU and have not yet run on one; the `hytrain-gpu-check` binary (packed by
 //!   `cargo xtask gpu-check`) is their test.
 //!
-//! Only this crate knows CUDA; hytrain-comm and hytrain-train depend on it.
+//! Only this crate knows CUDA; hytrain-train and the binary depend on it, and it depends on hytrain-comm for the
+//! rendezvous store.
 //!
 //! ```no_run
 //! use hytrain_cuda::{kernels, ComputeCapability, Nccl, Nvrtc};
@@ -30,6 +36,7 @@
 
 #![deny(missing_docs)]
 
+mod collective;
 pub mod device;
 mod driver;
 mod error;
@@ -39,7 +46,9 @@ pub mod library;
 mod nccl;
 mod nvrtc;
 pub mod reference;
+mod torch_cuda;
 
+pub use collective::{DType, DeviceCollective, DeviceReduceOp, DeviceSlice, NcclCollective};
 pub use driver::{CudaDriver, Device};
 pub use error::CudaError;
 pub use exchange::{exchange_unique_id, IdStore};
@@ -48,3 +57,4 @@ pub use nccl::{
     Communicator, Nccl, NcclVersion, UniqueId, MIN_NCCL, NCCL_FUNCTIONS, UNIQUE_ID_BYTES,
 };
 pub use nvrtc::{ComputeCapability, Nvrtc, Ptx};
+pub use torch_cuda::{device_for_local_rank, load_torch_cuda, TorchCuda, TORCH_CUDA_LIBRARY};

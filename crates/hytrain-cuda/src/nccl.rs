@@ -289,6 +289,10 @@ impl Nccl {
         })
     }
 
+    pub(crate) fn loaded(&self) -> &Loaded {
+        &self.loaded
+    }
+
     /// The file NCCL was loaded from.
     pub fn path(&self) -> &Path {
         &self.loaded.path

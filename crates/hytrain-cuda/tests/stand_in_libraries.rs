@@ -135,3 +135,20 @@ fn a_failing_nccl_call_reports_nccls_own_text() {
         "ncclGetUniqueId failed: unhandled system error (run with NCCL_DEBUG=INFO for details) (ncclResult 2)"
     );
 }
+
+#[test]
+fn libtorch_cuda_beside_libtorch_cpu_loads_and_reports_its_file_and_version() {
+    let root = tempfile::tempdir().unwrap();
+    let lib = root.path().join("lib");
+    std::fs::create_dir(&lib).unwrap();
+    std::fs::write(root.path().join("build-version"), "2.11.0+cu130\n").unwrap();
+    // A stand-in: what matters here is that the file is found beside libtorch_cpu and loads.
+    let path = stand_in(
+        &lib,
+        hytrain_cuda::TORCH_CUDA_LIBRARY,
+        "int hytrain_stand_in_torch_cuda(void) { return 1; }\n",
+    );
+    let loaded = hytrain_cuda::load_torch_cuda(&lib).unwrap();
+    assert_eq!(loaded.path, path);
+    assert_eq!(loaded.version.as_deref(), Some("2.11.0+cu130"));
+}

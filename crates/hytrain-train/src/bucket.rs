@@ -126,6 +126,38 @@ impl Bucket {
         comm.allreduce(buf, ReduceOp::Avg)
     }
 
+    /// Moves the flat buffer to `device`, where the gradients live, so a GPU collective reduces it in place.
+    pub fn to_device(&mut self, device: Device) -> Result<(), TchError> {
+        self.flat = self.flat.f_to_device(device)?;
+        Ok(())
+    }
+
+    /// Averages the flat buffer, which must be on the collective's GPU (see [`Bucket::to_device`]), over all ranks
+    /// with one device allreduce.
+    pub fn allreduce_on_device(
+        &mut self,
+        comm: &mut dyn hytrain_cuda::DeviceCollective,
+    ) -> Result<(), hytrain_cuda::CudaError> {
+        use hytrain_cuda::{DType, DeviceReduceOp, DeviceSlice};
+        let dtype = match self.kind {
+            Kind::Float => DType::F32,
+            Kind::Double => DType::F64,
+            Kind::BFloat16 => DType::Bf16,
+            Kind::Half => DType::F16,
+            other => unreachable!("bucket of non-reducible kind {other:?} (Ddp::new checks kinds)"),
+        };
+        if self.flat.device() == Device::Cpu {
+            return Err(hytrain_cuda::CudaError::Shape(
+                "a gradient bucket in host memory was handed to a GPU collective; move the model to the GPU first"
+                    .into(),
+            ));
+        }
+        // SAFETY: `flat` is a contiguous tensor of exactly `numel` elements of `kind` on the GPU, owned by this bucket
+        // and borrowed mutably for the call, which returns only after the collective completed on the device.
+        let slice = unsafe { DeviceSlice::from_raw(self.flat.data_ptr() as u64, dtype, self.numel) };
+        comm.allreduce(slice, DeviceReduceOp::Avg)
+    }
+
     /// Copies the averaged values back into the members' gradients.
     pub fn unpack(&self, params: &[(String, Tensor)]) -> Result<(), TchError> {
         for (&m, &off) in self.members.iter().zip(&self.offsets) {

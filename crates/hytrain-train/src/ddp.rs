@@ -124,6 +124,8 @@ pub struct Ddp {
     scratch: Vec<u8>,
     /// Gradient hooks when allreduces overlap backward (`options.overlap`, more than one rank, all on the CPU).
     overlap: Option<Overlap>,
+    /// Gradient buckets are reduced here, in GPU memory, when set (see [`Ddp::with_device_collective`]).
+    device_comm: Option<Box<dyn hytrain_cuda::DeviceCollective>>,
 }
 
 impl std::fmt::Debug for Ddp {
@@ -168,6 +170,7 @@ impl Ddp {
             stats: DdpStats::default(),
             scratch: Vec::new(),
             overlap: None,
+            device_comm: None,
         };
         ddp.verify_same_model()?;
         for (name, p) in &ddp.params {
@@ -207,6 +210,37 @@ impl Ddp {
             "gradient buckets ready"
         );
         Ok(ddp)
+    }
+
+    /// Averages gradients with `device_comm` (NCCL) in GPU memory instead of through the host collective, which
+    /// keeps the metrics, checks and broadcasts. The model must already be on the collective's GPU; the gradient
+    /// buckets move there.
+    pub fn with_device_collective(mut self, device_comm: Box<dyn hytrain_cuda::DeviceCollective>) -> Result<Self> {
+        if device_comm.rank() != self.rank() || device_comm.world_size() != self.world_size() {
+            return Err(TrainError::option(
+                "device collective",
+                format!(
+                    "is rank {} of {} but the job is rank {} of {}",
+                    device_comm.rank(),
+                    device_comm.world_size(),
+                    self.rank(),
+                    self.world_size()
+                ),
+            ));
+        }
+        let device = crate::model::device_of(self.model.as_ref());
+        if device == tch::Device::Cpu {
+            return Err(TrainError::option(
+                "device collective",
+                format!("{} (NCCL) needs the model on a GPU, but it is on the CPU", device_comm.backend()),
+            ));
+        }
+        for (i, bucket) in self.buckets.iter_mut().enumerate() {
+            bucket.to_device(device).map_err(|e| TrainError::torch(format!("moving gradient bucket {i} to {device:?}"), e))?;
+        }
+        tracing::info!(rank = self.rank(), backend = device_comm.backend(), "gradients are averaged in GPU memory");
+        self.device_comm = Some(device_comm);
+        Ok(self)
     }
 
     /// Wraps `model` for training in this process alone (world size 1, no communication), with the same API.
@@ -388,6 +422,15 @@ impl Ddp {
         if train && self.options.broadcast_buffers {
             self.sync_buffers()?;
         }
+        // Batches arrive in host memory; a model on a GPU takes them there.
+        let device = self.params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+        let moved;
+        let xs = if xs.device() == device {
+            xs
+        } else {
+            moved = xs.f_to_device(device).map_err(|e| TrainError::torch(format!("moving a batch to {device:?}"), e))?;
+            &moved
+        };
         self.model.forward_t(xs, train).map_err(|e| {
             TrainError::torch(format!("{} forward on a batch of shape {:?}", self.model.name(), xs.size()), e)
         })
@@ -445,7 +488,8 @@ impl Ddp {
     /// Averages every parameter's gradient over all ranks, one allreduce per bucket, in bucket order.
     pub fn sync_gradients(&mut self) -> Result<()> {
         self.stats.syncs += 1;
-        if self.world_size() == 1 {
+        // A device collective runs even alone, so a one-GPU job exercises the same NCCL path as many.
+        if self.world_size() == 1 && self.device_comm.is_none() {
             return Ok(());
         }
         let started = Instant::now();
@@ -454,9 +498,14 @@ impl Ddp {
             if let Err(name) = bucket.pack(&self.params).map_err(torch)? {
                 return Err(TrainError::MissingGradient(name));
             }
-            bucket
-                .allreduce(self.comm.as_mut())
-                .map_err(comm_err(format!("gradient allreduce of bucket {i} ({} bytes)", bucket.bytes())))?;
+            let bytes = bucket.bytes();
+            let during = || format!("gradient allreduce of bucket {i} ({bytes} bytes)");
+            match self.device_comm.as_mut() {
+                Some(device_comm) => bucket
+                    .allreduce_on_device(device_comm.as_mut())
+                    .map_err(|source| TrainError::DeviceComm { during: during(), source })?,
+                None => bucket.allreduce(self.comm.as_mut()).map_err(comm_err(during()))?,
+            }
             bucket.unpack(&self.params).map_err(torch)?;
             self.stats.allreduce_bytes += bucket.bytes() as u64;
         }

@@ -46,6 +46,16 @@ pub enum TrainError {
         source: CommError,
     },
 
+    /// A collective on GPU memory (NCCL) failed, timed out or was refused.
+    #[error("{during} failed: {source}")]
+    DeviceComm {
+        /// What the engine was doing.
+        during: String,
+        /// The GPU backend's error.
+        #[source]
+        source: hytrain_cuda::CudaError,
+    },
+
     /// A parameter received no gradient, so ranks would disagree on what to average.
     #[error(
         "parameter {0} received no gradient in backward; every trainable parameter must take part in forward \

@@ -1,0 +1,662 @@
+//! Collectives on GPU memory through NCCL: the device-side counterpart of hytrain-comm's `Collective`, which works
+//! on host slices.
+//!
+//! Streams: libtorch runs every tch operation on the current CUDA stream, and tch has no API to change or read it,
+//! so it is the legacy default stream (stream 0) unless something else set one. [`NcclCollective`] queues its
+//! NCCL calls on a communication stream of its own (non-blocking, so it does not serialise with stream 0 behind
+//! the scenes) and orders the two with events: the communication stream waits for an event recorded on the compute
+//! stream after the buffer was written, and the compute stream waits for the event recorded after the NCCL call,
+//! so later kernels read the result.
+//!
+//! Timeouts: every operation is watched until its completion event fires. The watchdog polls the event and
+//! `ncclCommGetAsyncError`; an asynchronous error, or no completion within the collective timeout, aborts the
+//! communicator (`ncclCommAbort`, which also unblocks the hung kernel) and fails with a message naming the
+//! operation. Because the host waits for the event before returning, a borrowed [`DeviceSlice`] outlives every
+//! use NCCL makes of it.
+
+use std::ffi::{c_int, c_uint, c_void};
+use std::fmt;
+use std::marker::PhantomData;
+use std::time::{Duration, Instant};
+
+use crate::driver::CudaDriver;
+use crate::nccl::{Nccl, UniqueId, UNIQUE_ID_BYTES};
+use crate::CudaError;
+
+/// How values from all ranks are combined on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceReduceOp {
+    /// Element-wise sum (`ncclSum`).
+    Sum,
+    /// Element-wise mean over ranks (`ncclAvg`).
+    Avg,
+}
+
+impl DeviceReduceOp {
+    fn nccl(self) -> c_int {
+        match self {
+            DeviceReduceOp::Sum => 0,
+            DeviceReduceOp::Avg => 4,
+        }
+    }
+}
+
+/// Element types NCCL reduces for hytrain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    /// 32-bit float (`ncclFloat32`).
+    F32,
+    /// IEEE half (`ncclFloat16`).
+    F16,
+    /// bfloat16 (`ncclBfloat16`).
+    Bf16,
+    /// 64-bit float (`ncclFloat64`).
+    F64,
+}
+
+impl DType {
+    /// The `ncclDataType_t` value from nccl.h.
+    pub fn nccl(self) -> c_int {
+        match self {
+            DType::F16 => 6,
+            DType::F32 => 7,
+            DType::F64 => 8,
+            DType::Bf16 => 9,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::Bf16 => 2,
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+            DType::F64 => "f64",
+        })
+    }
+}
+
+/// `count` elements of `dtype` in device memory, borrowed for `'a` from whatever owns the allocation (a tch
+/// tensor, a [`crate::device::DeviceBuffer`]).
+#[derive(Debug)]
+pub struct DeviceSlice<'a> {
+    address: u64,
+    dtype: DType,
+    count: usize,
+    _owner: PhantomData<&'a mut ()>,
+}
+
+impl<'a> DeviceSlice<'a> {
+    /// A view of device memory.
+    ///
+    /// # Safety
+    /// `address` must be a device allocation of the collective's GPU holding at least `count` elements of
+    /// `dtype`, not freed and not used by anything else on another stream while `'a` lasts.
+    pub unsafe fn from_raw(address: u64, dtype: DType, count: usize) -> DeviceSlice<'a> {
+        DeviceSlice {
+            address,
+            dtype,
+            count,
+            _owner: PhantomData,
+        }
+    }
+
+    /// The device address.
+    pub fn address(&self) -> u64 {
+        self.address
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there is no element.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// Collective operations over all ranks on GPU memory. Like hytrain-comm's `Collective`, every rank must call the
+/// same operations in the same order with matching sizes, and after an operation fails every later call fails.
+/// Each call returns once the operation has completed on the device (or failed, or timed out).
+pub trait DeviceCollective: Send {
+    /// This rank.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+    /// "nccl".
+    fn backend(&self) -> &'static str;
+    /// Combines `buf` element-wise across ranks, in place.
+    fn allreduce(&mut self, buf: DeviceSlice<'_>, op: DeviceReduceOp) -> Result<(), CudaError>;
+    /// Copies rank `root`'s `buf` into every rank's.
+    fn broadcast(&mut self, buf: DeviceSlice<'_>, root: usize) -> Result<(), CudaError>;
+    /// Concatenates every rank's `input` in rank order into `output` (`world_size` times as long).
+    fn allgather(
+        &mut self,
+        input: DeviceSlice<'_>,
+        output: DeviceSlice<'_>,
+    ) -> Result<(), CudaError>;
+}
+
+type Context = *mut c_void;
+type Stream = *mut c_void;
+type Event = *mut c_void;
+type Comm = *mut c_void;
+
+type PrimaryCtxRetain = unsafe extern "C" fn(*mut Context, c_int) -> c_int;
+type PrimaryCtxRelease = unsafe extern "C" fn(c_int) -> c_int;
+type CtxSetCurrent = unsafe extern "C" fn(Context) -> c_int;
+type StreamCreate = unsafe extern "C" fn(*mut Stream, c_uint) -> c_int;
+type StreamDestroy = unsafe extern "C" fn(Stream) -> c_int;
+type StreamWaitEvent = unsafe extern "C" fn(Stream, Event, c_uint) -> c_int;
+type EventCreate = unsafe extern "C" fn(*mut Event, c_uint) -> c_int;
+type EventDestroy = unsafe extern "C" fn(Event) -> c_int;
+type EventRecord = unsafe extern "C" fn(Event, Stream) -> c_int;
+type EventQuery = unsafe extern "C" fn(Event) -> c_int;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawUniqueId([u8; UNIQUE_ID_BYTES]);
+
+type CommInitRank = unsafe extern "C" fn(*mut Comm, c_int, RawUniqueId, c_int) -> c_int;
+type CommOnly = unsafe extern "C" fn(Comm) -> c_int;
+type CommAsyncError = unsafe extern "C" fn(Comm, *mut c_int) -> c_int;
+type AllReduce =
+    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
+type Broadcast =
+    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
+type AllGather =
+    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> c_int;
+
+const DRIVER_NEED: &str =
+    "the NVIDIA driver is too old; install a driver for CUDA 13 (580 or newer)";
+const NCCL_NEED: &str = "hytrain needs NCCL 2.18 or newer (pip install nvidia-nccl-cu13)";
+/// `CU_STREAM_NON_BLOCKING`: the communication stream does not synchronise implicitly with stream 0.
+const STREAM_NON_BLOCKING: c_uint = 1;
+/// `CU_EVENT_DISABLE_TIMING`: the cheapest event, all ordering needs.
+const EVENT_DISABLE_TIMING: c_uint = 2;
+/// `CUDA_ERROR_NOT_READY`: the event has not fired yet.
+const NOT_READY: c_int = 600;
+/// `ncclInProgress`: a non-blocking call still running, not an error.
+const NCCL_IN_PROGRESS: c_int = 7;
+
+struct Api {
+    retain: PrimaryCtxRetain,
+    release: PrimaryCtxRelease,
+    set_current: CtxSetCurrent,
+    stream_create: StreamCreate,
+    stream_destroy: StreamDestroy,
+    stream_wait: StreamWaitEvent,
+    event_create: EventCreate,
+    event_destroy: EventDestroy,
+    event_record: EventRecord,
+    event_query: EventQuery,
+    init_rank: CommInitRank,
+    abort: CommOnly,
+    destroy: CommOnly,
+    async_error: CommAsyncError,
+    all_reduce: AllReduce,
+    broadcast: Broadcast,
+    all_gather: AllGather,
+}
+
+/// What the backend is doing, for errors.
+struct Op {
+    name: &'static str,
+    dtype: DType,
+    count: usize,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} of {} {} elements", self.name, self.count, self.dtype)
+    }
+}
+
+/// This rank's NCCL communicator on one GPU, with its communication stream and the collective timeout.
+pub struct NcclCollective {
+    driver: CudaDriver,
+    nccl: Nccl,
+    api: Api,
+    ordinal: c_int,
+    context: Context,
+    comm: Comm,
+    comm_stream: Stream,
+    compute_stream: Stream,
+    ready: Event,
+    done: Event,
+    rank: usize,
+    world_size: usize,
+    timeout: Duration,
+    /// Why the communicator was aborted, once it was; every later call fails with it.
+    aborted: Option<String>,
+}
+
+// SAFETY: the handles are CUDA's and NCCL's, usable from any thread once the context is made current, which
+// every method does first; `&mut self` keeps calls on one thread at a time.
+unsafe impl Send for NcclCollective {}
+
+impl fmt::Debug for NcclCollective {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NcclCollective")
+            .field("rank", &self.rank)
+            .field("world_size", &self.world_size)
+            .field("gpu", &self.ordinal)
+            .field("nccl", &self.nccl.version())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl NcclCollective {
+    /// Joins the communicator of `world_size` ranks named by `id` as `rank`, on GPU `ordinal` (its index after
+    /// CUDA_VISIBLE_DEVICES, as in `cuda:N`). Blocks until every rank has joined (`ncclCommInitRank`). Operations
+    /// not complete within `timeout` abort the communicator. NCCL reads its own `NCCL_*` variables from the
+    /// environment; hytrain sets none of them here.
+    pub fn new(
+        driver: CudaDriver,
+        nccl: Nccl,
+        ordinal: u32,
+        id: &UniqueId,
+        rank: usize,
+        world_size: usize,
+        timeout: Duration,
+    ) -> Result<NcclCollective, CudaError> {
+        if rank >= world_size {
+            return Err(CudaError::Shape(format!(
+                "NCCL rank {rank} is not below world size {world_size}"
+            )));
+        }
+        let d = driver.loaded();
+        let n = nccl.loaded();
+        // SAFETY: the signatures are the driver API's (cuda.h; the _v2 names are what its macros call) and NCCL's
+        // (nccl.h).
+        let api = unsafe {
+            Api {
+                retain: d.function("cuDevicePrimaryCtxRetain", DRIVER_NEED)?,
+                release: d.function("cuDevicePrimaryCtxRelease_v2", DRIVER_NEED)?,
+                set_current: d.function("cuCtxSetCurrent", DRIVER_NEED)?,
+                stream_create: d.function("cuStreamCreate", DRIVER_NEED)?,
+                stream_destroy: d.function("cuStreamDestroy_v2", DRIVER_NEED)?,
+                stream_wait: d.function("cuStreamWaitEvent", DRIVER_NEED)?,
+                event_create: d.function("cuEventCreate", DRIVER_NEED)?,
+                event_destroy: d.function("cuEventDestroy_v2", DRIVER_NEED)?,
+                event_record: d.function("cuEventRecord", DRIVER_NEED)?,
+                event_query: d.function("cuEventQuery", DRIVER_NEED)?,
+                init_rank: n.function("ncclCommInitRank", NCCL_NEED)?,
+                abort: n.function("ncclCommAbort", NCCL_NEED)?,
+                destroy: n.function("ncclCommDestroy", NCCL_NEED)?,
+                async_error: n.function("ncclCommGetAsyncError", NCCL_NEED)?,
+                all_reduce: n.function("ncclAllReduce", NCCL_NEED)?,
+                broadcast: n.function("ncclBroadcast", NCCL_NEED)?,
+                all_gather: n.function("ncclAllGather", NCCL_NEED)?,
+            }
+        };
+        let device = driver.device_handle(ordinal)?;
+        let mut context: Context = std::ptr::null_mut();
+        // SAFETY: writes one context handle.
+        driver.check("cuDevicePrimaryCtxRetain", unsafe {
+            (api.retain)(&mut context, device)
+        })?;
+        // From here on Drop releases what was made, so an error below leaks nothing.
+        let mut this = NcclCollective {
+            driver,
+            nccl,
+            api,
+            ordinal: device,
+            context,
+            comm: std::ptr::null_mut(),
+            comm_stream: std::ptr::null_mut(),
+            compute_stream: std::ptr::null_mut(),
+            ready: std::ptr::null_mut(),
+            done: std::ptr::null_mut(),
+            rank,
+            world_size,
+            timeout,
+            aborted: None,
+        };
+        this.make_current()?;
+        // SAFETY: each call writes one handle.
+        unsafe {
+            this.driver.check(
+                "cuStreamCreate",
+                (this.api.stream_create)(&mut this.comm_stream, STREAM_NON_BLOCKING),
+            )?;
+            this.driver.check(
+                "cuEventCreate",
+                (this.api.event_create)(&mut this.ready, EVENT_DISABLE_TIMING),
+            )?;
+            this.driver.check(
+                "cuEventCreate",
+                (this.api.event_create)(&mut this.done, EVENT_DISABLE_TIMING),
+            )?;
+        }
+        let started = Instant::now();
+        // SAFETY: writes one communicator handle; the id goes by value, as nccl.h declares.
+        let result = unsafe {
+            (this.api.init_rank)(
+                &mut this.comm,
+                world_size as c_int,
+                RawUniqueId(*id.as_bytes()),
+                rank as c_int,
+            )
+        };
+        if result != 0 {
+            this.comm = std::ptr::null_mut();
+            return Err(CudaError::Nccl {
+                call: "ncclCommInitRank",
+                code: result,
+                message: this.nccl.error_string(result),
+            });
+        }
+        tracing::info!(
+            rank,
+            world_size,
+            "NCCL {} communicator ready on cuda:{ordinal} in {:.1} s ({}); collectives on their own stream, \
+             timeout {} s",
+            this.nccl.version(),
+            started.elapsed().as_secs_f64(),
+            this.nccl.path().display(),
+            timeout.as_secs()
+        );
+        Ok(this)
+    }
+
+    /// Orders operations after work on `stream` instead of the legacy default stream (stream 0, the default).
+    ///
+    /// # Safety
+    /// `stream` must be a live CUDA stream of this collective's GPU for as long as this collective uses it.
+    pub unsafe fn set_compute_stream(&mut self, stream: *mut c_void) {
+        self.compute_stream = stream;
+    }
+
+    /// The timeout every operation gets.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn make_current(&self) -> Result<(), CudaError> {
+        // SAFETY: the context is retained while `self` lives.
+        self.driver.check("cuCtxSetCurrent", unsafe {
+            (self.api.set_current)(self.context)
+        })
+    }
+
+    /// Queues `call` on the communication stream between the two events, then watches it until it completes.
+    fn run(
+        &mut self,
+        op: Op,
+        call: impl FnOnce(&Api, Comm, Stream) -> c_int,
+        nccl_call: &'static str,
+    ) -> Result<(), CudaError> {
+        if let Some(reason) = &self.aborted {
+            return Err(CudaError::CommunicatorAborted {
+                rank: self.rank,
+                op: op.to_string(),
+                reason: reason.clone(),
+            });
+        }
+        if op.count == 0 {
+            return Ok(());
+        }
+        self.make_current()?;
+        let d = &self.driver;
+        // SAFETY: events and streams are this collective's own (or the caller's compute stream, see
+        // set_compute_stream); the buffers the call reads are borrowed until `watch` returns.
+        unsafe {
+            d.check(
+                "cuEventRecord",
+                (self.api.event_record)(self.ready, self.compute_stream),
+            )?;
+            d.check(
+                "cuStreamWaitEvent",
+                (self.api.stream_wait)(self.comm_stream, self.ready, 0),
+            )?;
+        }
+        let result = call(&self.api, self.comm, self.comm_stream);
+        if result != 0 && result != NCCL_IN_PROGRESS {
+            let message = self.nccl.error_string(result);
+            self.abort(format!("{nccl_call} failed: {message}"));
+            return Err(CudaError::CollectiveFailed {
+                rank: self.rank,
+                op: op.to_string(),
+                call: nccl_call,
+                code: result,
+                message,
+            });
+        }
+        // SAFETY: as above.
+        unsafe {
+            d.check(
+                "cuEventRecord",
+                (self.api.event_record)(self.done, self.comm_stream),
+            )?;
+            d.check(
+                "cuStreamWaitEvent",
+                (self.api.stream_wait)(self.compute_stream, self.done, 0),
+            )?;
+        }
+        self.watch(&op)
+    }
+
+    /// The watchdog: polls the completion event and NCCL's asynchronous error until the op is done, failed or late.
+    fn watch(&mut self, op: &Op) -> Result<(), CudaError> {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let mut pause = Duration::from_micros(1);
+        loop {
+            // SAFETY: the event is this collective's own.
+            match unsafe { (self.api.event_query)(self.done) } {
+                0 => return Ok(()),
+                NOT_READY => {}
+                code => {
+                    let error = self.driver.check("cuEventQuery", code).unwrap_err();
+                    self.abort(format!("cuEventQuery failed: {error}"));
+                    return Err(error);
+                }
+            }
+            let mut state: c_int = 0;
+            // SAFETY: writes one ncclResult_t.
+            let result = unsafe { (self.api.async_error)(self.comm, &mut state) };
+            let (call, code) = if result != 0 {
+                ("ncclCommGetAsyncError", result)
+            } else {
+                ("ncclCommGetAsyncError", state)
+            };
+            if code != 0 && code != NCCL_IN_PROGRESS {
+                let message = self.nccl.error_string(code);
+                self.abort(format!("{op} failed asynchronously: {message}"));
+                return Err(CudaError::CollectiveFailed {
+                    rank: self.rank,
+                    op: op.to_string(),
+                    call,
+                    code,
+                    message,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.abort(format!(
+                    "{op} did not finish within {} s",
+                    self.timeout.as_secs_f64()
+                ));
+                return Err(CudaError::CollectiveTimeout {
+                    rank: self.rank,
+                    op: op.to_string(),
+                    timeout: self.timeout,
+                });
+            }
+            // Spin briefly for small ops, then back off so a long wait does not burn a core.
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
+
+    /// Aborts the communicator once; NCCL then stops its kernels and threads, and no later call is attempted.
+    fn abort(&mut self, reason: String) {
+        if self.aborted.is_some() || self.comm.is_null() {
+            return;
+        }
+        tracing::error!(rank = self.rank, "aborting the NCCL communicator: {reason}");
+        // SAFETY: the communicator is live and aborted once; abort also frees it.
+        let result = unsafe { (self.api.abort)(self.comm) };
+        if result != 0 {
+            tracing::warn!(
+                rank = self.rank,
+                "ncclCommAbort failed: {}",
+                self.nccl.error_string(result)
+            );
+        }
+        self.comm = std::ptr::null_mut();
+        self.aborted = Some(reason);
+    }
+}
+
+impl DeviceCollective for NcclCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn backend(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn allreduce(&mut self, buf: DeviceSlice<'_>, op: DeviceReduceOp) -> Result<(), CudaError> {
+        let (address, dtype, count) = (buf.address, buf.dtype, buf.count);
+        let name = match op {
+            DeviceReduceOp::Sum => "allreduce (sum)",
+            DeviceReduceOp::Avg => "allreduce (avg)",
+        };
+        self.run(
+            Op { name, dtype, count },
+            // SAFETY: in place on `count` elements the caller lent for the call.
+            |api, comm, stream| unsafe {
+                (api.all_reduce)(
+                    address as *const c_void,
+                    address as *mut c_void,
+                    count,
+                    dtype.nccl(),
+                    op.nccl(),
+                    comm,
+                    stream,
+                )
+            },
+            "ncclAllReduce",
+        )
+    }
+
+    fn broadcast(&mut self, buf: DeviceSlice<'_>, root: usize) -> Result<(), CudaError> {
+        let (address, dtype, count) = (buf.address, buf.dtype, buf.count);
+        if root >= self.world_size {
+            return Err(CudaError::Shape(format!(
+                "NCCL broadcast from rank {root}, but the job has {} ranks",
+                self.world_size
+            )));
+        }
+        self.run(
+            Op {
+                name: "broadcast",
+                dtype,
+                count,
+            },
+            // SAFETY: in place on `count` elements the caller lent for the call.
+            |api, comm, stream| unsafe {
+                (api.broadcast)(
+                    address as *const c_void,
+                    address as *mut c_void,
+                    count,
+                    dtype.nccl(),
+                    root as c_int,
+                    comm,
+                    stream,
+                )
+            },
+            "ncclBroadcast",
+        )
+    }
+
+    fn allgather(
+        &mut self,
+        input: DeviceSlice<'_>,
+        output: DeviceSlice<'_>,
+    ) -> Result<(), CudaError> {
+        let (send, dtype, count) = (input.address, input.dtype, input.count);
+        let op = Op {
+            name: "allgather",
+            dtype,
+            count,
+        };
+        if output.dtype != dtype {
+            return Err(CudaError::Shape(format!(
+                "NCCL {op}: the output holds {} elements, not {dtype}",
+                output.dtype
+            )));
+        }
+        if output.count != count * self.world_size {
+            return Err(CudaError::Shape(format!(
+                "NCCL {op}: the output holds {} elements, not {} ({count} for each of {} ranks)",
+                output.count,
+                count * self.world_size,
+                self.world_size
+            )));
+        }
+        let recv = output.address;
+        self.run(
+            op,
+            // SAFETY: reads `count` elements and writes `count * world_size`, both lent for the call.
+            |api, comm, stream| unsafe {
+                (api.all_gather)(
+                    send as *const c_void,
+                    recv as *mut c_void,
+                    count,
+                    dtype.nccl(),
+                    comm,
+                    stream,
+                )
+            },
+            "ncclAllGather",
+        )
+    }
+}
+
+impl Drop for NcclCollective {
+    fn drop(&mut self) {
+        let _ = self.make_current();
+        // SAFETY: each handle was created by this collective and is released once; a null one was never made (or,
+        // for the communicator, was aborted, which frees it).
+        unsafe {
+            if !self.comm.is_null() {
+                (self.api.destroy)(self.comm);
+            }
+            for event in [self.ready, self.done] {
+                if !event.is_null() {
+                    (self.api.event_destroy)(event);
+                }
+            }
+            if !self.comm_stream.is_null() {
+                (self.api.stream_destroy)(self.comm_stream);
+            }
+            (self.api.release)(self.ordinal);
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! The NCCL backend ([`NcclCollective`]) on a machine without a GPU: stand-in `libcuda.so.1` and `libnccl.so.2`,
+//! tiny C libraries built here with `cc` that export the real functions under their real names and signatures,
+//! keep host memory as "device" memory, and let a test make an operation hang, fail or report an asynchronous
+//! error on demand (what a real GPU cannot do on cue). They record the calls in one trace, so the tests check the
+//! order of events, streams and NCCL calls. The id exchange runs through a real rendezvous store.
+
+use std::ffi::{c_char, c_int, CStr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hytrain_cuda::{
+    exchange_unique_id, CudaDriver, CudaError, DType, DeviceCollective, DeviceReduceOp,
+    DeviceSlice, Nccl, NcclCollective, Origin, Search, UniqueId,
+};
+
+fn build(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let c = dir.join(format!("{name}.c"));
+    std::fs::write(&c, source).unwrap();
+    let out = dir.join(name);
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(&cc)
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&out)
+        .arg(&c)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!("these tests build stand-in libraries with a C compiler ({cc}): {e}")
+        });
+    assert!(status.success(), "{cc} failed on {}", c.display());
+    out
+}
+
+/// A driver with two GPUs. Streams are numbers, events an int that says whether the work before them is done;
+/// `standin_hang(1)` makes every event recorded on a communication stream (not stream 0) stay pending forever.
+const DRIVER: &str = r#"
+#include <stdlib.h>
+#include <string.h>
+static int hang = 0, retained = 0, events = 0, streams = 0;
+static char trace[4096];
+void standin_trace(const char *s) {
+    if (strlen(trace) + strlen(s) + 2 < sizeof trace) { if (trace[0]) strcat(trace, " "); strcat(trace, s); }
+}
+const char *standin_trace_text(void) { return trace; }
+void standin_hang(int h) { hang = h; }
+int standin_live(void) { return retained * 100 + streams * 10 + events; }
+int cuInit(unsigned f) { (void)f; return 0; }
+int cuDriverGetVersion(int *v) { *v = 13000; return 0; }
+int cuDeviceGetCount(int *n) { *n = 2; return 0; }
+int cuGetErrorName(int c, const char **s) { (void)c; *s = "CUDA_ERROR_STAND_IN"; return 0; }
+int cuGetErrorString(int c, const char **s) { (void)c; *s = "stand-in"; return 0; }
+int cuDeviceGet(int *d, int o) { *d = o; return 0; }
+int cuDeviceGetAttribute(int *v, int a, int d) { (void)a; (void)d; *v = 9; return 0; }
+int cuDeviceGetName(char *s, int n, int d) { (void)n; (void)d; strcpy(s, "Stand-in GPU"); return 0; }
+int cuDevicePrimaryCtxRetain(void **c, int d) { retained++; *c = (void *)(long)(d + 100); return 0; }
+int cuDevicePrimaryCtxRelease_v2(int d) { (void)d; retained--; return 0; }
+int cuCtxSetCurrent(void *c) { (void)c; return 0; }
+int cuStreamCreate(void **s, unsigned f) { streams++; *s = (void *)(long)(0x1000 + f); return 0; }
+int cuStreamDestroy_v2(void *s) { (void)s; streams--; return 0; }
+int cuEventCreate(void **e, unsigned f) { (void)f; events++; *e = calloc(1, sizeof(int)); return 0; }
+int cuEventDestroy_v2(void *e) { events--; free(e); return 0; }
+int cuEventRecord(void *e, void *s) {
+    *(int *)e = s != 0 && hang;
+    standin_trace(s ? "record:comm" : "record:compute");
+    return 0;
+}
+int cuEventQuery(void *e) { return *(int *)e ? 600 : 0; }
+int cuStreamWaitEvent(void *s, void *e, unsigned f) {
+    (void)e; (void)f; standin_trace(s ? "wait:comm" : "wait:compute"); return 0;
+}
+"#;
+
+/// An NCCL 2.28.9 whose collectives work on host memory as if every rank held the same data.
+const NCCL: &str = r#"
+#include <stdlib.h>
+#include <string.h>
+typedef struct { char internal[128]; } ncclUniqueId;
+static void (*trace)(const char *) = 0;
+static int async_error = 0, call_result = 0, init_result = 0, aborts = 0, destroys = 0, nranks = 0, ids = 0;
+static int last_dtype = -1, last_op = -1, last_root = -1;
+static size_t last_count = 0;
+static void *last_stream = 0;
+void standin_set_trace(void (*f)(const char *)) { trace = f; }
+static void t(const char *s) { if (trace) trace(s); }
+void standin_async_error(int e) { async_error = e; }
+void standin_call_result(int e) { call_result = e; }
+void standin_init_result(int e) { init_result = e; }
+int standin_aborts(void) { return aborts; }
+int standin_destroys(void) { return destroys; }
+void standin_last(int *dtype, int *op, size_t *count, int *root) {
+    *dtype = last_dtype; *op = last_op; *count = last_count; *root = last_root;
+}
+static size_t size_of(int dt) { return dt == 6 || dt == 9 ? 2 : dt == 8 ? 8 : 4; }
+int ncclGetVersion(int *v) { *v = 22809; return 0; }
+int ncclGetUniqueId(ncclUniqueId *id) { ids++; memset(id->internal, ids, 128); return 0; }
+const char *ncclGetErrorString(int r) {
+    switch (r) {
+    case 2: return "unhandled system error (run with NCCL_DEBUG=INFO for details)";
+    case 5: return "invalid usage (run with NCCL_DEBUG=WARN for details)";
+    case 6: return "remote process exited or there was a network error";
+    default: return "stand-in";
+    }
+}
+int ncclCommInitRank(void **c, int n, ncclUniqueId id, int r) {
+    (void)id; (void)r;
+    if (init_result) return init_result;
+    nranks = n; *c = malloc(1); t("init"); return 0;
+}
+int ncclCommInitRankConfig(void) { return 0; }
+int ncclCommAbort(void *c) { aborts++; free(c); t("abort"); return 0; }
+int ncclCommDestroy(void *c) { destroys++; free(c); return 0; }
+int ncclCommFinalize(void *c) { (void)c; return 0; }
+int ncclCommGetAsyncError(void *c, int *e) { (void)c; *e = async_error; return 0; }
+static int note(const char *name, void *stream, size_t n, int dt, int op, int root) {
+    last_stream = stream; last_count = n; last_dtype = dt; last_op = op; last_root = root;
+    t(stream ? name : "nccl-on-stream-0");
+    return call_result;
+}
+int ncclAllReduce(const void *s, void *r, size_t n, int dt, int op, void *c, void *st) {
+    (void)c;
+    if (s != r) memcpy(r, s, n * size_of(dt));
+    return note("allreduce:comm", st, n, dt, op, -1);
+}
+int ncclBroadcast(const void *s, void *r, size_t n, int dt, int root, void *c, void *st) {
+    (void)c;
+    if (s != r) memcpy(r, s, n * size_of(dt));
+    return note("broadcast:comm", st, n, dt, -1, root);
+}
+int ncclAllGather(const void *s, void *r, size_t n, int dt, void *c, void *st) {
+    (void)c;
+    for (int i = 0; i < nranks; i++) memcpy((char *)r + i * n * size_of(dt), s, n * size_of(dt));
+    return note("allgather:comm", st, n, dt, -1, -1);
+}
+int ncclGroupStart(void) { return 0; }
+int ncclGroupEnd(void) { return 0; }
+"#;
+
+/// Both stand-ins in a folder of their own, loaded, with the test's handles on their hooks.
+struct StandIns {
+    _dir: tempfile::TempDir,
+    cuda: libloading::Library,
+    nccl: libloading::Library,
+    search: Search,
+}
+
+impl StandIns {
+    fn new() -> StandIns {
+        let dir = tempfile::tempdir().unwrap();
+        let cuda = build(dir.path(), "libcuda.so.1", DRIVER);
+        let nccl = build(dir.path(), "libnccl.so.2", NCCL);
+        // SAFETY: the stand-ins have no initialisers; these handles share the copies hytrain-cuda opens by path.
+        let (cuda, nccl) = unsafe {
+            (
+                libloading::Library::new(&cuda).unwrap(),
+                libloading::Library::new(&nccl).unwrap(),
+            )
+        };
+        let s = StandIns {
+            search: Search::new().folder(dir.path(), Origin::Explicit),
+            _dir: dir,
+            cuda,
+            nccl,
+        };
+        let trace: extern "C" fn(*const c_char) = *s.hook(&s.cuda, b"standin_trace\0");
+        s.call::<extern "C" fn(extern "C" fn(*const c_char))>(&s.nccl, b"standin_set_trace\0")(
+            trace,
+        );
+        s
+    }
+
+    fn hook<'a, F>(&self, lib: &'a libloading::Library, name: &[u8]) -> libloading::Symbol<'a, F> {
+        // SAFETY: each hook is declared in the stand-in sources above with the type the caller names.
+        unsafe { lib.get(name).unwrap() }
+    }
+
+    fn call<F: Copy>(&self, lib: &libloading::Library, name: &[u8]) -> F {
+        *self.hook::<F>(lib, name)
+    }
+
+    fn set(&self, lib: &libloading::Library, name: &[u8], value: c_int) {
+        self.call::<extern "C" fn(c_int)>(lib, name)(value)
+    }
+
+    fn count(&self, lib: &libloading::Library, name: &[u8]) -> c_int {
+        self.call::<extern "C" fn() -> c_int>(lib, name)()
+    }
+
+    fn trace(&self) -> String {
+        let text =
+            self.call::<extern "C" fn() -> *const c_char>(&self.cuda, b"standin_trace_text\0")();
+        // SAFETY: a NUL-terminated static buffer of the stand-in.
+        unsafe { CStr::from_ptr(text) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn last(&self) -> (c_int, c_int, usize, c_int) {
+        let (mut dtype, mut op, mut count, mut root) = (0, 0, 0usize, 0);
+        self.call::<extern "C" fn(*mut c_int, *mut c_int, *mut usize, *mut c_int)>(
+            &self.nccl,
+            b"standin_last\0",
+        )(&mut dtype, &mut op, &mut count, &mut root);
+        (dtype, op, count, root)
+    }
+
+    fn load(&self) -> (CudaDriver, Nccl) {
+        (
+            CudaDriver::load_from(&self.search).unwrap(),
+            Nccl::load_from(&self.search).unwrap(),
+        )
+    }
+
+    fn collective(&self, rank: usize, world: usize, timeout: Duration) -> NcclCollective {
+        let (driver, nccl) = self.load();
+        let id = nccl.unique_id().unwrap();
+        NcclCollective::new(driver, nccl, 1, &id, rank, world, timeout).unwrap()
+    }
+}
+
+fn slice<T>(values: &mut [T], dtype: DType) -> DeviceSlice<'_> {
+    // SAFETY: the stand-ins treat device addresses as host memory; `values` is borrowed for the slice's life.
+    unsafe { DeviceSlice::from_raw(values.as_mut_ptr() as u64, dtype, values.len()) }
+}
+
+#[test]
+fn collectives_run_on_the_communication_stream_between_events_in_every_dtype() {
+    let s = StandIns::new();
+    let mut c = s.collective(0, 1, Duration::from_secs(30));
+    assert_eq!(s.trace(), "init");
+    let mut f32s = vec![1.5f32; 1000];
+    c.allreduce(slice(&mut f32s, DType::F32), DeviceReduceOp::Avg)
+        .unwrap();
+    assert_eq!(
+        s.trace(),
+        "init record:compute wait:comm allreduce:comm record:comm wait:compute",
+        "the comm stream must wait for the compute stream before NCCL, and the compute stream for NCCL after"
+    );
+    // ncclFloat32 = 7, ncclAvg = 4 (nccl.h).
+    assert_eq!(s.last(), (7, 4, 1000, -1));
+    let mut bf16s = vec![0u16; 17];
+    c.allreduce(slice(&mut bf16s, DType::Bf16), DeviceReduceOp::Sum)
+        .unwrap();
+    assert_eq!(s.last(), (9, 0, 17, -1));
+    let mut f16s = vec![0u16; 3];
+    c.allreduce(slice(&mut f16s, DType::F16), DeviceReduceOp::Sum)
+        .unwrap();
+    assert_eq!(s.last(), (6, 0, 3, -1));
+    c.broadcast(slice(&mut f16s, DType::F16), 0).unwrap();
+    assert_eq!(s.last(), (6, -1, 3, 0));
+    assert!(!s.trace().contains("nccl-on-stream-0"), "{}", s.trace());
+    assert_eq!(c.backend(), "nccl");
+}
+
+#[test]
+fn allgather_concatenates_every_ranks_part_and_checks_the_output_size() {
+    let s = StandIns::new();
+    let mut c = s.collective(1, 3, Duration::from_secs(30));
+    let mut input = vec![1.0f32, 2.0];
+    let mut output = vec![0.0f32; 6];
+    c.allgather(
+        slice(&mut input, DType::F32),
+        slice(&mut output, DType::F32),
+    )
+    .unwrap();
+    assert_eq!(output, [1.0, 2.0, 1.0, 2.0, 1.0, 2.0]);
+    let mut short = vec![0.0f32; 5];
+    let error = c
+        .allgather(slice(&mut input, DType::F32), slice(&mut short, DType::F32))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        error,
+        "NCCL allgather of 2 f32 elements: the output holds 5 elements, not 6 (2 for each of 3 ranks)"
+    );
+    let error = c
+        .broadcast(slice(&mut input, DType::F32), 3)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(error, "NCCL broadcast from rank 3, but the job has 3 ranks");
+}
+
+#[test]
+fn an_allreduce_that_never_completes_aborts_the_communicator_within_the_timeout() {
+    let s = StandIns::new();
+    let mut c = s.collective(2, 4, Duration::from_millis(300));
+    s.set(&s.cuda, b"standin_hang\0", 1);
+    let mut grads = vec![0.0f32; 1024];
+    let started = Instant::now();
+    let error = c
+        .allreduce(slice(&mut grads, DType::F32), DeviceReduceOp::Avg)
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the watchdog must end the wait"
+    );
+    assert!(
+        matches!(error, CudaError::CollectiveTimeout { rank: 2, .. }),
+        "{error:?}"
+    );
+    assert_eq!(
+        error.to_string(),
+        "NCCL allreduce (avg) of 1024 f32 elements on rank 2 did not finish within 0.3 s (--collective-timeout); \
+         the communicator was aborted. A rank may have died, hung or called a different collective: check the \
+         other ranks' logs (NCCL_DEBUG=INFO shows NCCL's view)"
+    );
+    assert_eq!(s.count(&s.nccl, b"standin_aborts\0"), 1);
+    assert!(
+        s.trace().ends_with("record:comm wait:compute abort"),
+        "{}",
+        s.trace()
+    );
+    // Nothing more is sent into an aborted communicator.
+    s.set(&s.cuda, b"standin_hang\0", 0);
+    let error = c
+        .broadcast(slice(&mut grads, DType::F32), 0)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        error,
+        "NCCL broadcast of 1024 f32 elements on rank 2 refused: the communicator was aborted earlier (allreduce \
+         (avg) of 1024 f32 elements did not finish within 0.3 s)"
+    );
+    assert!(s.trace().ends_with("abort"), "{}", s.trace());
+    drop(c);
+    // Aborting freed the communicator: it is not destroyed a second time.
+    assert_eq!(s.count(&s.nccl, b"standin_destroys\0"), 0);
+    assert_eq!(s.count(&s.cuda, b"standin_live\0"), 0);
+}
+
+#[test]
+fn an_asynchronous_nccl_error_during_a_collective_aborts_and_names_the_op() {
+    let s = StandIns::new();
+    let mut c = s.collective(0, 2, Duration::from_secs(60));
+    // The op stays pending while NCCL reports the peer gone, as a real hang on a dead peer would.
+    s.set(&s.cuda, b"standin_hang\0", 1);
+    s.set(&s.nccl, b"standin_async_error\0", 6);
+    let mut grads = vec![0u16; 8];
+    let started = Instant::now();
+    let error = c
+        .allreduce(slice(&mut grads, DType::Bf16), DeviceReduceOp::Avg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the error must end the wait before the timeout"
+    );
+    assert_eq!(
+        error,
+        "NCCL allreduce (avg) of 8 bf16 elements on rank 0 failed: remote process exited or there was a network \
+         error (ncclResult 6, from ncclCommGetAsyncError); the communicator was aborted (NCCL_DEBUG=INFO shows why)"
+    );
+    assert_eq!(s.count(&s.nccl, b"standin_aborts\0"), 1);
+}
+
+#[test]
+fn a_collective_nccl_refuses_aborts_and_reports_nccls_text() {
+    let s = StandIns::new();
+    let mut c = s.collective(1, 2, Duration::from_secs(60));
+    s.set(&s.nccl, b"standin_call_result\0", 5);
+    let mut values = vec![0.0f64; 4];
+    let error = c
+        .allreduce(slice(&mut values, DType::F64), DeviceReduceOp::Sum)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        error,
+        "NCCL allreduce (sum) of 4 f64 elements on rank 1 failed: invalid usage (run with NCCL_DEBUG=WARN for \
+         details) (ncclResult 5, from ncclAllReduce); the communicator was aborted (NCCL_DEBUG=INFO shows why)"
+    );
+    assert_eq!(s.count(&s.nccl, b"standin_aborts\0"), 1);
+}
+
+#[test]
+fn a_failed_init_reports_nccls_text_and_releases_the_stream_events_and_context() {
+    let s = StandIns::new();
+    let (driver, nccl) = s.load();
+    let id = nccl.unique_id().unwrap();
+    s.set(&s.nccl, b"standin_init_result\0", 2);
+    let error = NcclCollective::new(driver, nccl, 0, &id, 0, 2, Duration::from_secs(5))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        error,
+        "ncclCommInitRank failed: unhandled system error (run with NCCL_DEBUG=INFO for details) (ncclResult 2)"
+    );
+    assert_eq!(s.count(&s.cuda, b"standin_live\0"), 0);
+    assert_eq!(s.count(&s.nccl, b"standin_destroys\0"), 0);
+}
+
+#[test]
+fn dropping_the_collective_destroys_the_communicator_and_frees_what_it_made() {
+    let s = StandIns::new();
+    let c = s.collective(0, 1, Duration::from_secs(5));
+    // One retained context, one stream, two events.
+    assert_eq!(s.count(&s.cuda, b"standin_live\0"), 112);
+    drop(c);
+    assert_eq!(s.count(&s.cuda, b"standin_live\0"), 0);
+    assert_eq!(s.count(&s.nccl, b"standin_destroys\0"), 1);
+    assert_eq!(s.count(&s.nccl, b"standin_aborts\0"), 0);
+}
+
+#[test]
+fn a_rank_not_below_the_world_size_is_refused() {
+    let s = StandIns::new();
+    let (driver, nccl) = s.load();
+    let id = UniqueId::from_bytes(&[1; 128], "k").unwrap();
+    let error = NcclCollective::new(driver, nccl, 0, &id, 2, 2, Duration::from_secs(5))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(error, "NCCL rank 2 is not below world size 2");
+}
+
+fn member(rank: usize, world: usize, port: u16) -> hytrain_comm::Membership {
+    hytrain_comm::Membership {
+        rank,
+        world_size: world,
+        local_rank: rank,
+        local_world_size: world,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn options(rendezvous: Duration) -> hytrain_comm::CommOptions {
+    hytrain_comm::CommOptions {
+        rendezvous_timeout: rendezvous,
+        job_id: "nccl-test".into(),
+        ..hytrain_comm::CommOptions::default()
+    }
+}
+
+#[test]
+fn every_rank_gets_rank_0s_unique_id_through_the_rendezvous_store() {
+    let s = StandIns::new();
+    let nccl = Nccl::load_from(&s.search).unwrap();
+    // Rank 0's id differs from any made before, so a rank that made its own would be caught.
+    let earlier = nccl.unique_id().unwrap();
+    let port = free_port();
+    let ids: Vec<UniqueId> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..3)
+            .map(|rank| {
+                let nccl = &nccl;
+                scope.spawn(move || {
+                    let store = hytrain_comm::Store::rendezvous(
+                        &member(rank, 3, port),
+                        &options(Duration::from_secs(30)),
+                    )
+                    .unwrap();
+                    let id = exchange_unique_id(nccl, &store, rank, 0, "nccl/0/id").unwrap();
+                    // Rank 0 hosts the store: it stays until every rank has read the id.
+                    store.barrier("id read").unwrap();
+                    id
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_ne!(ids[0], earlier);
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+}
+
+#[test]
+fn a_rank_whose_id_never_comes_fails_naming_its_rank_and_the_key() {
+    let s = StandIns::new();
+    let nccl = Nccl::load_from(&s.search).unwrap();
+    let port = free_port();
+    let errors: Vec<Option<String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                let nccl = &nccl;
+                scope.spawn(move || {
+                    let store = hytrain_comm::Store::rendezvous(
+                        &member(rank, 2, port),
+                        &options(Duration::from_secs(2)),
+                    )
+                    .unwrap();
+                    let result = if rank == 0 {
+                        // Rank 0 never publishes; it keeps the store up until rank 1 gave up.
+                        store
+                            .barrier_timeout("gave up", Duration::from_secs(60))
+                            .map(|_| None)
+                    } else {
+                        let e = exchange_unique_id(nccl, &store, rank, 0, "nccl/0/id").unwrap_err();
+                        store
+                            .barrier_timeout("gave up", Duration::from_secs(60))
+                            .unwrap();
+                        Ok(Some(e.to_string()))
+                    };
+                    result.unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let error = errors[1].as_deref().unwrap();
+    assert!(
+        error.starts_with(
+            "rank 1 could not fetch the NCCL unique id under key 'nccl/0/id' in the rendezvous store: "
+        ),
+        "{error}"
+    );
+}
