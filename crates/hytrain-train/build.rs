@@ -1,7 +1,8 @@
 //! torch-sys puts no rpath into what links it; add the libtorch lib folder so this crate's tests and examples run
 //! without LD_LIBRARY_PATH. Also record the libtorch version (from its `build-version` file) for export metadata,
-//! and compile the C++ shim (`csrc/grad_hook.cpp`) against the same libtorch's headers: tch has no API for autograd
-//! hooks, which overlapping gradient allreduces with backward needs.
+//! and compile the C++ shim (`csrc/grad_hook.cpp`, `csrc/optim_step.cpp`) against the same libtorch's headers: tch
+//! has no API for autograd hooks, which overlapping gradient allreduces with backward needs, nor the scaled in-place
+//! ops (`add_` with alpha, `addcmul_`/`addcdiv_` with value, `out=`) that optimizer steps without temporaries need.
 use std::path::Path;
 
 fn main() {
@@ -20,6 +21,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
     println!("cargo:rerun-if-changed=csrc/grad_hook.cpp");
+    println!("cargo:rerun-if-changed=csrc/optim_step.cpp");
     cc::Build::new()
         .cpp(true)
         .pic(true)
@@ -30,5 +32,6 @@ fn main() {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/grad_hook.cpp")
+        .file("csrc/optim_step.cpp")
         .compile("hytrain_grad_hook");
 }

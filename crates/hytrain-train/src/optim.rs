@@ -1,7 +1,13 @@
 //! Optimizers written on tensors so their state can be checkpointed: SGD and AdamW with exactly the update rules of
 //! `torch.optim.SGD` and `torch.optim.AdamW` (single-tensor implementations, the ones PyTorch uses on CPU).
+//!
+//! Each parameter's update is one call into the C++ shim (`csrc/optim_step.cpp`), which issues torch.optim's ATen
+//! calls in place: tch has no `add_` with alpha nor `addcmul_`/`addcdiv_` with a value, and building each scaled term
+//! as a tensor cost one temporary per term and parameter. The one intermediate torch.optim itself allocates per
+//! parameter goes into a scratch tensor reused across parameters and steps.
 
 use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CStr};
 
 use tch::{Kind, TchError, Tensor};
 
@@ -130,12 +136,80 @@ fn restore(t: &Tensor, like: &Tensor) -> Result<Tensor, TchError> {
     t.f_to_device(like.device())?.f_to_kind(like.kind())?.f_contiguous()?.f_detach_copy()
 }
 
+extern "C" {
+    fn hyt_sgd_step(
+        param: *mut c_void,
+        grad: *mut c_void,
+        momentum_buffer: *mut c_void,
+        buffer_is_new: c_int,
+        scratch: *mut c_void,
+        lr: f64,
+        weight_decay: f64,
+        momentum: f64,
+        dampening: f64,
+        nesterov: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn hyt_adamw_step(
+        param: *mut c_void,
+        grad: *mut c_void,
+        exp_avg: *mut c_void,
+        exp_avg_sq: *mut c_void,
+        scratch: *mut c_void,
+        lr: f64,
+        weight_decay: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        step_size: f64,
+        bias_correction2_sqrt: f64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// tch's `C_tensor` handle is a `torch::Tensor*`, what the shim takes.
+fn handle(t: &Tensor) -> *mut c_void {
+    t.as_ptr() as *mut c_void
+}
+
+/// Runs a shim call that reports failure as a non-zero return and a message in its error buffer.
+fn shim(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), TchError> {
+    let mut err = [0 as c_char; 512];
+    if call(err.as_mut_ptr(), err.len()) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim NUL-terminates what it writes into `err`, and it starts zeroed.
+    Err(TchError::Torch(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned()))
+}
+
+/// Storage for the one intermediate tensor of a parameter's update, one per dtype and device, reused by every
+/// parameter: the shim resizes it in place, which reallocates only while it grows to the largest parameter.
+#[derive(Debug, Default)]
+struct Scratch(Vec<Tensor>);
+
+impl Scratch {
+    fn like(&mut self, param: &Tensor) -> Result<&Tensor, TchError> {
+        let (kind, device) = (param.f_kind()?, param.device());
+        let i = match self.0.iter().position(|s| s.kind() == kind && s.device() == device) {
+            Some(i) => i,
+            None => {
+                self.0.push(Tensor::f_empty([0], (kind, device))?);
+                self.0.len() - 1
+            }
+        };
+        Ok(&self.0[i])
+    }
+}
+
 /// `torch.optim.SGD`: momentum buffer starts as the first gradient, then `buf = momentum*buf + (1-dampening)*g`.
 #[derive(Debug)]
 pub struct Sgd {
     params: Vec<(String, Tensor)>,
     config: SgdConfig,
     momentum_buffers: Vec<Option<Tensor>>,
+    scratch: Scratch,
 }
 
 impl Sgd {
@@ -147,7 +221,12 @@ impl Sgd {
         if config.nesterov && (config.momentum <= 0.0 || config.dampening != 0.0) {
             return Err(TrainError::option("nesterov", "needs momentum > 0 and dampening 0 (as in PyTorch)"));
         }
-        Ok(Sgd { params: shallow(params), config, momentum_buffers: (0..params.len()).map(|_| None).collect() })
+        Ok(Sgd {
+            params: shallow(params),
+            config,
+            momentum_buffers: (0..params.len()).map(|_| None).collect(),
+            scratch: Scratch::default(),
+        })
     }
 }
 
@@ -158,38 +237,53 @@ impl Optimizer for Sgd {
 
     fn step(&mut self, lr: f64) -> Result<()> {
         let c = self.config;
-        tch::no_grad(|| {
-            for ((name, param), buf) in self.params.iter().zip(self.momentum_buffers.iter_mut()) {
-                let grad = param.grad();
-                if !grad.defined() {
-                    continue;
-                }
-                let e = torch(name);
-                let mut d_p = if c.weight_decay != 0.0 {
-                    grad.f_add(&param.f_mul_scalar(c.weight_decay).map_err(&e)?).map_err(&e)?
-                } else {
-                    grad
-                };
-                if c.momentum != 0.0 {
-                    let b = match buf {
-                        None => buf.insert(d_p.f_detach_copy().map_err(&e)?),
-                        Some(b) => {
-                            let _ = b.f_mul_scalar_(c.momentum).map_err(&e)?;
-                            let _ = b.f_add_(&d_p.f_mul_scalar(1.0 - c.dampening).map_err(&e)?).map_err(&e)?;
-                            b
-                        }
-                    };
-                    d_p = if c.nesterov {
-                        d_p.f_add(&b.f_mul_scalar(c.momentum).map_err(&e)?).map_err(&e)?
-                    } else {
-                        b.shallow_clone()
-                    };
-                }
-                let mut p = param.shallow_clone();
-                let _ = p.f_sub_(&d_p.f_mul_scalar(lr).map_err(&e)?).map_err(&e)?;
+        for ((name, param), buf) in self.params.iter().zip(self.momentum_buffers.iter_mut()) {
+            let grad = param.grad();
+            if !grad.defined() {
+                continue;
             }
-            Ok(())
-        })
+            let e = torch(name);
+            let scratch = if c.weight_decay != 0.0 || c.nesterov {
+                handle(self.scratch.like(param).map_err(&e)?)
+            } else {
+                std::ptr::null_mut()
+            };
+            let buffer_is_new = c.momentum != 0.0 && buf.is_none();
+            if buffer_is_new {
+                // Filled by the shim with this step's gradient, as torch.optim's first step clones it.
+                *buf = Some(param.f_empty_like().map_err(&e)?);
+            }
+            let buffer = buf.as_ref().map_or(std::ptr::null_mut(), handle);
+            let done = shim(|err, err_len| {
+                // SAFETY: every handle is a live tensor borrowed for the call, which keeps none of them; the
+                // buffer and scratch are null exactly when the shim does not use them (no momentum; neither
+                // weight decay nor Nesterov).
+                unsafe {
+                    hyt_sgd_step(
+                        handle(param),
+                        handle(&grad),
+                        buffer,
+                        c_int::from(buffer_is_new),
+                        scratch,
+                        lr,
+                        c.weight_decay,
+                        c.momentum,
+                        c.dampening,
+                        c_int::from(c.nesterov),
+                        err,
+                        err_len,
+                    )
+                }
+            });
+            if let Err(why) = done {
+                if buffer_is_new {
+                    // Unfilled: the next step must start it again.
+                    *buf = None;
+                }
+                return Err(e(why));
+            }
+        }
+        Ok(())
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
@@ -224,6 +318,7 @@ pub struct AdamW {
     params: Vec<(String, Tensor)>,
     config: AdamWConfig,
     state: Vec<Option<AdamState>>,
+    scratch: Scratch,
 }
 
 impl AdamW {
@@ -235,7 +330,12 @@ impl AdamW {
         }
         check_finite("eps", config.eps, 0.0)?;
         check_finite("weight_decay", config.weight_decay, 0.0)?;
-        Ok(AdamW { params: shallow(params), config, state: (0..params.len()).map(|_| None).collect() })
+        Ok(AdamW {
+            params: shallow(params),
+            config,
+            state: (0..params.len()).map(|_| None).collect(),
+            scratch: Scratch::default(),
+        })
     }
 }
 
@@ -247,47 +347,51 @@ impl Optimizer for AdamW {
     fn step(&mut self, lr: f64) -> Result<()> {
         let c = self.config;
         let (beta1, beta2) = c.betas;
-        tch::no_grad(|| {
-            for ((name, param), slot) in self.params.iter().zip(self.state.iter_mut()) {
-                let grad = param.grad();
-                if !grad.defined() {
-                    continue;
-                }
-                let e = torch(name);
-                let st = match slot {
-                    Some(s) => s,
-                    None => slot.insert(AdamState {
-                        step: 0.0,
-                        exp_avg: param.f_zeros_like().map_err(&e)?,
-                        exp_avg_sq: param.f_zeros_like().map_err(&e)?,
-                    }),
-                };
-                st.step += 1.0;
-                let mut p = param.shallow_clone();
-                if c.weight_decay != 0.0 {
-                    let _ = p.f_mul_scalar_(1.0 - lr * c.weight_decay).map_err(&e)?;
-                }
-                let _ = st.exp_avg.f_lerp_(&grad, 1.0 - beta1).map_err(&e)?;
-                let _ = st.exp_avg_sq.f_mul_scalar_(beta2).map_err(&e)?;
-                let _ = st
-                    .exp_avg_sq
-                    .f_add_(&grad.f_mul(&grad).map_err(&e)?.f_mul_scalar(1.0 - beta2).map_err(&e)?)
-                    .map_err(&e)?;
-                let bias_correction1 = 1.0 - beta1.powf(st.step);
-                let bias_correction2 = 1.0 - beta2.powf(st.step);
-                let step_size = lr / bias_correction1;
-                let denom = st
-                    .exp_avg_sq
-                    .f_sqrt()
-                    .map_err(&e)?
-                    .f_div_scalar(bias_correction2.sqrt())
-                    .map_err(&e)?
-                    .f_add_scalar(c.eps)
-                    .map_err(&e)?;
-                let _ = p.f_addcdiv_(&st.exp_avg.f_mul_scalar(-step_size).map_err(&e)?, &denom).map_err(&e)?;
+        for ((name, param), slot) in self.params.iter().zip(self.state.iter_mut()) {
+            let grad = param.grad();
+            if !grad.defined() {
+                continue;
             }
-            Ok(())
-        })
+            let e = torch(name);
+            let st = match slot {
+                Some(s) => s,
+                None => slot.insert(AdamState {
+                    step: 0.0,
+                    exp_avg: param.f_zeros_like().map_err(&e)?,
+                    exp_avg_sq: param.f_zeros_like().map_err(&e)?,
+                }),
+            };
+            st.step += 1.0;
+            // In double, as torch.optim computes them in Python (`bias_correction2 ** 0.5`, not sqrt).
+            let bias_correction1 = 1.0 - beta1.powf(st.step);
+            let bias_correction2 = 1.0 - beta2.powf(st.step);
+            let step_size = lr / bias_correction1;
+            let bias_correction2_sqrt = bias_correction2.powf(0.5);
+            let scratch = handle(self.scratch.like(param).map_err(&e)?);
+            shim(|err, err_len| {
+                // SAFETY: every handle is a live tensor borrowed for the call, which keeps none of them.
+                unsafe {
+                    hyt_adamw_step(
+                        handle(param),
+                        handle(&grad),
+                        handle(&st.exp_avg),
+                        handle(&st.exp_avg_sq),
+                        scratch,
+                        lr,
+                        c.weight_decay,
+                        beta1,
+                        beta2,
+                        c.eps,
+                        step_size,
+                        bias_correction2_sqrt,
+                        err,
+                        err_len,
+                    )
+                }
+            })
+            .map_err(&e)?;
+        }
+        Ok(())
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
@@ -435,6 +539,74 @@ mod tests {
         set_grad(&q, &[1e-3]);
         fresh.step(0.01).unwrap();
         assert_close(&values(&q), &[-0.01 * 1e-3 / (1e-3 + 1e-8)]);
+    }
+
+    extern "C" {
+        fn hyt_cpu_allocations_on_this_thread() -> u64;
+    }
+
+    fn cpu_allocations() -> u64 {
+        // SAFETY: no arguments; the shim only reads a thread-local counter (installing it on the first call).
+        unsafe { hyt_cpu_allocations_on_this_thread() }
+    }
+
+    #[test]
+    fn steps_after_the_first_allocate_no_tensor_memory() {
+        let configs = [
+            OptimizerConfig::Sgd(SgdConfig::default()),
+            OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, dampening: 0.1, weight_decay: 1e-4, ..Default::default() }),
+            OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 1e-4, ..Default::default() }),
+            OptimizerConfig::AdamW(AdamWConfig::default()),
+        ];
+        for cfg in configs {
+            // The larger parameter comes second, so the scratch has to grow once during the first step.
+            let params: Vec<(String, Tensor)> = [300i64, 1000]
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    (format!("p{i}"), Tensor::randn([n], (Kind::Float, Device::Cpu)).set_requires_grad(true))
+                })
+                .collect();
+            let loss: Tensor = params.iter().map(|(_, p)| (p * p).sum(Kind::Float)).sum();
+            loss.backward();
+            let mut opt = cfg.build(&params).unwrap();
+            opt.step(0.1).unwrap();
+            let storage = |opt: &dyn Optimizer| -> Vec<usize> {
+                // AdamW's step counts are made by `state()` itself, from a number.
+                let state = opt.state().into_iter().filter(|(n, _)| !n.ends_with(".step")).map(|(_, t)| t);
+                params.iter().map(|(_, p)| p.shallow_clone()).chain(state).map(|t| t.data_ptr() as usize).collect()
+            };
+            let before = storage(opt.as_ref());
+            let start = cpu_allocations();
+            for _ in 0..3 {
+                opt.step(0.1).unwrap();
+            }
+            assert_eq!(cpu_allocations() - start, 0, "{cfg:?}: steps after the first allocated tensors");
+            assert_eq!(storage(opt.as_ref()), before, "{cfg:?}: parameters and state were updated in place");
+            // The counter does see a tensor the size of a parameter being made.
+            let counted = cpu_allocations();
+            let _copy = params[1].1.detach().copy();
+            assert_eq!(cpu_allocations() - counted, 1);
+        }
+    }
+
+    #[test]
+    fn a_failing_update_is_an_error_naming_the_parameter() {
+        for cfg in [
+            OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, ..Default::default() }),
+            OptimizerConfig::AdamW(AdamWConfig::default()),
+        ] {
+            let p = param(&[1.0, 2.0]);
+            let mut opt = cfg.build(&p).unwrap();
+            set_grad(&p, &[0.5, 0.5]);
+            opt.step(0.1).unwrap();
+            // The parameter changes shape behind the optimizer's back: its state and gradient no longer fit.
+            let mut w = p[0].1.shallow_clone();
+            w.set_data(&Tensor::zeros([3], (Kind::Float, Device::Cpu)));
+            let e = opt.step(0.1).unwrap_err().to_string();
+            assert!(e.starts_with("optimizer update of w: ") && e.contains("size"), "{cfg:?}: {e}");
+            assert!(!e.contains("frame #"), "{cfg:?}: no C++ backtrace in {e}");
+        }
     }
 
     #[test]
