@@ -95,6 +95,8 @@
 mod detect;
 mod env;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod parse;
 mod plan;
 mod sagemaker;
