@@ -97,6 +97,8 @@ use std::path::PathBuf;
 mod detect;
 mod env;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod parse;
 mod plan;
 mod sagemaker;

@@ -1,5 +1,6 @@
 //! Parsers for the small values launchers hand over: counts, ranks, ports, host names and JSON lists.
 
+use std::io::Read;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
@@ -181,22 +182,41 @@ pub(crate) fn json_var<T: DeserializeOwned>(
     })
 }
 
-/// A JSON file of type `T`, or `None` when the file does not exist.
+/// Largest SageMaker config file read (`hyperparameters.json`, `resourceconfig.json`, ...). SageMaker's own are a
+/// few KiB (hyperparameters are capped at 256 characters per key and value); a bigger file is not one of them, and
+/// reading it whole could exhaust memory before the JSON parser says so.
+pub(crate) const MAX_CONFIG_FILE: u64 = 4 << 20;
+
+/// A JSON file of type `T` of at most [`MAX_CONFIG_FILE`] bytes, or `None` when the file does not exist.
 pub(crate) fn json_file<T: DeserializeOwned>(
     path: &Path,
     expected: &str,
 ) -> Result<Option<T>, DetectError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(error) => {
-            return Err(DetectError::Unreadable {
-                path: path.to_owned(),
-                error,
-            })
-        }
+    let unreadable = |error| DetectError::Unreadable {
+        path: path.to_owned(),
+        error,
     };
-    serde_json::from_str(&text)
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(unreadable(error)),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_CONFIG_FILE {
+        let size = std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len());
+        return Err(DetectError::Malformed {
+            origin: path.display().to_string(),
+            problem: format!(
+                "is {size} bytes, larger than the limit of {} MiB for a SageMaker config file",
+                MAX_CONFIG_FILE >> 20
+            ),
+            expected: expected.to_owned(),
+        });
+    }
+    serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|e| DetectError::Malformed {
             origin: path.display().to_string(),
@@ -296,5 +316,22 @@ mod tests {
             e.starts_with(&format!("{}: cannot be read", dir.path().display())),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_config_file_over_the_size_limit_is_refused_naming_file_size_and_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hyperparameters.json");
+        // Valid JSON, so only the size can be the reason.
+        let mut text = vec![b' '; MAX_CONFIG_FILE as usize + 1];
+        text.extend_from_slice(b"{}");
+        std::fs::write(&path, text).unwrap();
+        let e = json_file::<serde_json::Value>(&path, "a JSON object")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(&format!("{}: ", path.display())), "{e}");
+        assert!(e.contains(&format!("is {} bytes, larger than the limit of 4 MiB", MAX_CONFIG_FILE + 3)), "{e}");
+        std::fs::write(&path, "{}").unwrap();
+        assert!(json_file::<serde_json::Value>(&path, "x").unwrap().is_some());
     }
 }

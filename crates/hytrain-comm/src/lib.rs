@@ -54,6 +54,17 @@ pub use mpi_backend::Mpi;
 pub use ring::{Ring, DEFAULT_SEGMENT_BYTES};
 pub use store::Store;
 
+/// Entry points for the fuzz targets (`fuzz/`) and the tests that replay their corpus: decoders run on arbitrary
+/// bytes, which must return without panicking, hanging or allocating more than the bytes justify. Not API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The rendezvous store's wire format as its server reads it: a client's greeting, then requests until the
+    /// bytes end or one is malformed. Returns the number of requests decoded.
+    pub fn store_wire(bytes: &[u8]) -> usize {
+        crate::store::decode_stream(bytes)
+    }
+}
+
 /// Who this rank is and where the master is; built by the caller from the launcher's view of the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Membership {

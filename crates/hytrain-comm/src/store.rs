@@ -26,6 +26,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections allowed to be in the handshake at once; more are dropped at once (a real rank retries), so a flood
 /// of clients that connect and say nothing cannot exhaust the master's threads.
 const MAX_HANDSHAKES: usize = 256;
+/// Most keys one wait request may name: a rank waits for one key per rank at most.
+const MAX_WAIT_KEYS: usize = 1 << 20;
 
 const OP_SET: u8 = 1;
 const OP_GET: u8 = 2;
@@ -222,22 +224,127 @@ impl Drop for InHandshake<'_> {
 
 /// The server's half of the handshake: the client's hello, the job check, the token challenge. Nothing the
 /// client sends is acted on before it has proved it holds the job token.
-fn admit(mut s: &TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<bool> {
-    s.set_nonblocking(false)?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+/// A client's greeting: the protocol magic, its job id and its challenge nonce. Read before the client has
+/// proved anything, so every length in it is bounded.
+fn read_hello(r: &mut impl Read) -> io::Result<(Vec<u8>, [u8; NONCE_LEN])> {
     let mut hello = [0u8; 8];
-    s.read_exact(&mut hello)?;
+    r.read_exact(&mut hello)?;
     if &hello != HELLO {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "client did not greet as a hytrain store client",
         ));
     }
-    let job = get_bytes_max(&mut s, MAX_JOB_ID)?;
+    let job = get_bytes_max(r, MAX_JOB_ID)?;
     let mut nonce = [0u8; NONCE_LEN];
-    s.read_exact(&mut nonce)?;
+    r.read_exact(&mut nonce)?;
+    Ok((job, nonce))
+}
+
+/// One request of an authenticated client, as decoded off the wire.
+#[derive(Debug)]
+enum Request {
+    Set {
+        key: String,
+        value: Vec<u8>,
+    },
+    SetIfAbsent {
+        key: String,
+        value: Vec<u8>,
+    },
+    Get {
+        key: String,
+        timeout_ms: u64,
+    },
+    Add {
+        key: String,
+        delta: i64,
+    },
+    Wait {
+        keys: Vec<String>,
+        timeout_ms: u64,
+    },
+    Join {
+        job: String,
+        rank: usize,
+        world: usize,
+    },
+    AwaitJoined {
+        timeout_ms: u64,
+    },
+}
+
+/// The next request, or `None` when the client closed the connection between requests.
+fn read_request(r: &mut impl Read) -> io::Result<Option<Request>> {
+    let op = match get_u8(r) {
+        Ok(op) => op,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(Some(match op {
+        OP_SET => Request::Set {
+            key: get_string(r)?,
+            value: get_bytes(r)?,
+        },
+        OP_SET_IF_ABSENT => Request::SetIfAbsent {
+            key: get_string(r)?,
+            value: get_bytes(r)?,
+        },
+        OP_GET => Request::Get {
+            key: get_string(r)?,
+            timeout_ms: get_u64(r)?,
+        },
+        OP_ADD => Request::Add {
+            key: get_string(r)?,
+            delta: get_u64(r)? as i64,
+        },
+        OP_WAIT => {
+            let n = get_count(r, MAX_WAIT_KEYS, "keys")?;
+            let keys = (0..n)
+                .map(|_| get_string(r))
+                .collect::<io::Result<Vec<_>>>()?;
+            Request::Wait {
+                keys,
+                timeout_ms: get_u64(r)?,
+            }
+        }
+        OP_JOIN => Request::Join {
+            job: get_string(r)?,
+            rank: get_u64(r)? as usize,
+            world: get_u64(r)? as usize,
+        },
+        OP_AWAIT_JOINED => Request::AwaitJoined {
+            timeout_ms: get_u64(r)?,
+        },
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unknown store request {other}"),
+            ))
+        }
+    }))
+}
+
+/// Decodes a client's greeting and then requests from `bytes` until they end or one is malformed, returning how
+/// many requests decoded: the store's wire format without a socket, for the fuzz targets.
+pub(crate) fn decode_stream(bytes: &[u8]) -> usize {
+    let mut r = bytes;
+    if read_hello(&mut r).is_err() {
+        return 0;
+    }
+    let mut n = 0;
+    while let Ok(Some(_)) = read_request(&mut r) {
+        n += 1;
+    }
+    n
+}
+
+fn admit(mut s: &TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<bool> {
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let (job, nonce) = read_hello(&mut s)?;
     s.write_all(HELLO)?;
     let job_id = shared.lock().job_id.clone();
     if job != job_id.as_bytes() {
@@ -295,32 +402,22 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
     let mut r = BufReader::new(stream.try_clone()?);
     let mut w = BufWriter::new(stream);
     let mut out = Vec::new();
-    loop {
-        let op = match get_u8(&mut r) {
-            Ok(op) => op,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        };
+    while let Some(request) = read_request(&mut r)? {
         out.clear();
-        match op {
-            OP_SET => {
-                let key = get_string(&mut r)?;
-                let value = get_bytes(&mut r)?;
+        match request {
+            Request::Set { key, value } => {
                 shared.lock().kv.insert(key, value);
                 shared.changed.notify_all();
                 put_u8(&mut out, ST_OK);
             }
-            OP_SET_IF_ABSENT => {
-                let key = get_string(&mut r)?;
-                let value = get_bytes(&mut r)?;
+            Request::SetIfAbsent { key, value } => {
                 let stored = shared.lock().kv.entry(key).or_insert(value).clone();
                 shared.changed.notify_all();
                 put_u8(&mut out, ST_OK);
                 put_bytes(&mut out, &stored);
             }
-            OP_GET => {
-                let key = get_string(&mut r)?;
-                let deadline = deadline_from(get_u64(&mut r)?);
+            Request::Get { key, timeout_ms } => {
+                let deadline = deadline_from(timeout_ms);
                 if shared.wait_until(deadline, |st| st.kv.contains_key(&key)) {
                     let v = shared.lock().kv.get(&key).cloned().unwrap_or_default();
                     put_u8(&mut out, ST_OK);
@@ -329,9 +426,7 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
                     put_u8(&mut out, ST_TIMEOUT);
                 }
             }
-            OP_ADD => {
-                let key = get_string(&mut r)?;
-                let delta = get_u64(&mut r)? as i64;
+            Request::Add { key, delta } => {
                 let mut st = shared.lock();
                 let current = match st.kv.get(&key) {
                     None => Some(0),
@@ -358,12 +453,8 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
                     }
                 }
             }
-            OP_WAIT => {
-                let n = get_count(&mut r, MAX_FIELD / 8, "keys")?;
-                let keys = (0..n)
-                    .map(|_| get_string(&mut r))
-                    .collect::<io::Result<Vec<_>>>()?;
-                let deadline = deadline_from(get_u64(&mut r)?);
+            Request::Wait { keys, timeout_ms } => {
+                let deadline = deadline_from(timeout_ms);
                 if shared.wait_until(deadline, |st| keys.iter().all(|k| st.kv.contains_key(k))) {
                     put_u8(&mut out, ST_OK);
                 } else {
@@ -377,10 +468,7 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
                     }
                 }
             }
-            OP_JOIN => {
-                let job = get_string(&mut r)?;
-                let rank = get_u64(&mut r)? as usize;
-                let world = get_u64(&mut r)? as usize;
+            Request::Join { job, rank, world } => {
                 let mut st = shared.lock();
                 let refusal = if job != st.job_id {
                     Some(format!(
@@ -409,8 +497,8 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
                     }
                 }
             }
-            OP_AWAIT_JOINED => {
-                let deadline = deadline_from(get_u64(&mut r)?);
+            Request::AwaitJoined { timeout_ms } => {
+                let deadline = deadline_from(timeout_ms);
                 let complete = shared.wait_until(deadline, |st| st.joined.len() >= st.world_size);
                 let st = shared.lock();
                 let missing: Vec<u64> = (0..st.world_size)
@@ -430,15 +518,10 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
                 put_u64_list(&mut out, &missing);
                 put_bytes(&mut out, note.as_bytes());
             }
-            other => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("unknown store request {other}"),
-                ));
-            }
         }
         send(&mut w, &out)?;
     }
+    Ok(())
 }
 
 fn deadline_from(timeout_ms: u64) -> Instant {
@@ -1718,5 +1801,79 @@ mod tests {
         assert_eq!(listen_only_on(&m), None);
         m.master_addr = "10.0.0.1".into();
         assert_eq!(listen_only_on(&m), None);
+    }
+}
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+
+    fn hello(job: &[u8]) -> Vec<u8> {
+        let mut out = HELLO.to_vec();
+        put_bytes(&mut out, job);
+        out.extend_from_slice(&[7u8; NONCE_LEN]);
+        out
+    }
+
+    #[test]
+    fn requests_framed_as_the_client_frames_them_decode_back() {
+        let mut f = hello(b"job-1");
+        put_u8(&mut f, OP_SET);
+        put_bytes(&mut f, b"job/k");
+        put_bytes(&mut f, b"value");
+        put_u8(&mut f, OP_WAIT);
+        put_u64(&mut f, 2);
+        put_bytes(&mut f, b"a");
+        put_bytes(&mut f, b"b");
+        put_u64(&mut f, 1500);
+        put_u8(&mut f, OP_JOIN);
+        put_bytes(&mut f, b"job-1");
+        put_u64(&mut f, 3);
+        put_u64(&mut f, 4);
+        let mut r = &f[..];
+        assert_eq!(read_hello(&mut r).unwrap().0, b"job-1");
+        assert!(
+            matches!(read_request(&mut r).unwrap(), Some(Request::Set { key, value }) if key == "job/k" && value == b"value")
+        );
+        assert!(
+            matches!(read_request(&mut r).unwrap(), Some(Request::Wait { keys, timeout_ms: 1500 }) if keys == ["a", "b"])
+        );
+        assert!(matches!(
+            read_request(&mut r).unwrap(),
+            Some(Request::Join {
+                rank: 3,
+                world: 4,
+                ..
+            })
+        ));
+        assert!(read_request(&mut r).unwrap().is_none());
+        assert_eq!(decode_stream(&f), 3);
+    }
+
+    #[test]
+    fn a_wait_naming_more_keys_than_the_limit_is_refused_before_any_is_read() {
+        let mut f = vec![OP_WAIT];
+        put_u64(&mut f, MAX_WAIT_KEYS as u64 + 1);
+        let e = read_request(&mut &f[..]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            e.to_string()
+                .contains(&format!("exceed the protocol limit of {MAX_WAIT_KEYS}")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_greeting_with_an_oversized_job_id_is_refused_before_it_is_read() {
+        let mut f = HELLO.to_vec();
+        put_u64(&mut f, MAX_JOB_ID as u64 + 1);
+        let e = read_hello(&mut &f[..]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("exceeds the protocol limit of {MAX_JOB_ID} bytes")),
+            "{e}"
+        );
+        let e = read_request(&mut &[42u8][..]).unwrap_err();
+        assert!(e.to_string().contains("unknown store request 42"), "{e}");
     }
 }

@@ -19,6 +19,8 @@ pub mod augment;
 pub mod digest;
 mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod memory;
 pub mod pack;
 pub mod pipeline;

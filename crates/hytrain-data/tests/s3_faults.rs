@@ -109,6 +109,29 @@ fn permanent_truncation_ends_in_a_clear_error() {
 }
 
 #[test]
+fn an_endless_body_is_cut_off_at_the_expected_size_not_collected() {
+    let (_root, server, _data, source) = setup();
+    source.list().unwrap();
+    // A server (or proxy) that never ends a chunked body must not grow the worker's memory without bound.
+    server.faults.inject("GetObject", Fault::Endless, usize::MAX);
+    let err = source.read("shard-001.tar").unwrap_err();
+    let Error::RetriesExhausted { ref last, .. } = err else {
+        panic!("{err:?}")
+    };
+    assert!(last.contains("ran past the 5 bytes expected"), "{last}");
+    let err = source.read("shard-000.tar").unwrap_err();
+    let Error::RetriesExhausted { ref last, .. } = err else {
+        panic!("{err:?}")
+    };
+    // Ranged parts: a whole part, or the 777-byte tail, whichever failed first.
+    assert!(
+        last.contains(&format!("ran past the {PART} bytes expected"))
+            || last.contains("ran past the 777 bytes expected"),
+        "{last}"
+    );
+}
+
+#[test]
 fn the_elapsed_budget_stops_retries_before_the_attempt_limit() {
     let root = tempfile::tempdir().unwrap();
     let server = LocalS3::start(root.path());

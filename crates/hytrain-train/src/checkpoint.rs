@@ -20,6 +20,10 @@ use crate::{Result, TrainError};
 /// The `format` field of `meta.json`; a checkpoint of another format is skipped.
 pub const FORMAT: &str = "hytrain-checkpoint/1";
 const MODEL_FILE: &str = "model.safetensors";
+/// Largest `meta.json` read: it holds the step, the data position and RNG states, a few KiB. The safetensors
+/// files need no cap of ours: their checksums are verified first, and the safetensors reader refuses headers
+/// over 100 MB itself.
+const MAX_META_BYTES: u64 = 16 << 20;
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const META_FILE: &str = "meta.json";
 
@@ -106,9 +110,12 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     move |e| TrainError::io(action, path, e)
 }
 
+/// Streamed, so verifying a checkpoint never holds a second copy of its (possibly multi-GiB) tensors.
 fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = fs::read(path).map_err(io("read", path))?;
-    Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+    let mut hasher = Sha256::new();
+    let mut file = File::open(path).map_err(io("read", path))?;
+    std::io::copy(&mut file, &mut hasher).map_err(io("read", path))?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn fsync(path: &Path) -> Result<()> {
@@ -241,6 +248,13 @@ impl CheckpointStore {
 pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     let bad = |detail: String| TrainError::Checkpoint { path: path.to_path_buf(), detail };
     let meta_path = path.join(META_FILE);
+    let size = fs::metadata(&meta_path).map_err(|e| bad(format!("cannot read {META_FILE}: {e}")))?.len();
+    if size > MAX_META_BYTES {
+        return Err(bad(format!(
+            "{META_FILE} is {size} bytes, over the limit of {} MiB (this crate writes a few KiB)",
+            MAX_META_BYTES >> 20
+        )));
+    }
     let text = fs::read(&meta_path).map_err(|e| bad(format!("cannot read {META_FILE}: {e}")))?;
     let meta: MetaFile = serde_json::from_slice(&text).map_err(|e| bad(format!("{META_FILE} does not parse: {e}")))?;
     if meta.format != FORMAT {

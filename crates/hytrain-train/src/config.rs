@@ -339,7 +339,8 @@ impl TrainConfig {
     /// schedule that states no warmup of its own (`constant` becomes a linear warmup).
     pub fn schedule_for(&self, total_steps: u64) -> Result<Schedule> {
         let spec = if self.schedule.trim() == "cosine" {
-            format!("cosine:{}", total_steps.max(self.warmup + 1))
+            // saturating: `warmup` comes from the job (a hyperparameter of u64::MAX must fail validation, not panic)
+            format!("cosine:{}", total_steps.max(self.warmup.saturating_add(1)))
         } else {
             self.schedule.clone()
         };

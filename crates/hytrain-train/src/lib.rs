@@ -33,6 +33,8 @@ pub mod config;
 mod ddp;
 mod error;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod loader;
 pub mod model;
 pub mod optim;

@@ -145,3 +145,13 @@ fn bare_cosine_spans_the_run_and_warmup_joins_a_schedule_without_one() {
     c.schedule = "step:100:0.1:5".into();
     assert_eq!(c.schedule_for(300).unwrap(), Schedule::Step { warmup_steps: 5, every: 100, gamma: 0.1 });
 }
+
+#[test]
+fn a_bare_cosine_with_the_largest_warmup_is_refused_not_an_overflow() {
+    // Found by the train_config fuzz target's seed corpus: `warmup + 1` overflowed for warmup = u64::MAX.
+    let mut c = TrainConfig::default();
+    c.apply_hyperparameter("schedule", "cosine").unwrap();
+    c.apply_hyperparameter("warmup", &u64::MAX.to_string()).unwrap();
+    let e = c.schedule_for(100).unwrap_err().to_string();
+    assert!(e.contains("must exceed its warmup"), "{e}");
+}

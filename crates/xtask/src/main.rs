@@ -7,9 +7,11 @@
 //! cargo xtask test      # setup, then the whole test suite (extra arguments go to `cargo test`)
 //! cargo xtask bench     # setup, the allreduce and step-time benches, each beside PyTorch on the same machine
 //! cargo xtask gpu-check # pack the GPU check (kernels, NCCL, timings beside PyTorch) for a machine with a GPU
+//! cargo xtask fuzz      # each fuzz target in fuzz/ for 60 s under cargo-fuzz (installed if missing)
 //! ```
 
 mod demo_data;
+mod fuzz;
 mod gpu_check;
 mod requirements;
 mod setup;
@@ -34,6 +36,10 @@ tasks:
   test [ARGS]     setup, then `cargo test --workspace --features mpi [ARGS]`
   bench [ARGS]    setup, `cargo bench --bench allreduce [ARGS]` beside PyTorch's gloo (benches/gloo_allreduce.py),
                   then `cargo bench --bench step_time` beside PyTorch DDP (benches/ddp_step.py)
+  fuzz [--seconds N] [TARGET...]
+                  run each fuzz target (fuzz/fuzz_targets: launcher_env, train_config, store_wire,
+                  webdataset_shard, npy, cifar) under cargo-fuzz for N s (default 60), installing cargo-fuzz
+                  0.13.2 if missing; prints runs, execs/s, corpus size and crashes; exits 1 on a crash
   gpu-check       build hytrain-gpu-check and pack it with its scripts in target/gpu-check, to run on a GPU
                   machine with PyTorch (kernels against their CPU references, NCCL, timings beside PyTorch)
 
@@ -50,6 +56,7 @@ fn main() -> ExitCode {
         Some("test") => test(&rest),
         Some("bench") => bench(&rest),
         Some("gpu-check") if rest.is_empty() => gpu_check::gpu_check(&root()),
+        Some("fuzz") => fuzz::fuzz(&root(), &rest),
         // Not in USAGE: for whoever wants the path of the demo's dataset (the last line printed).
         Some("demo-data") if rest.is_empty() => demo_data::digits(&root()).map(|path| {
             println!("{}", path.display());

@@ -172,11 +172,13 @@ pub fn parse_py(bytes: &[u8], source_desc: &str, shard: &str) -> Result<Vec<RawS
         [n, 3, 32, 32] => *n,
         s => return Err(bad(format!("'data' has shape {s:?}, expected (N, 3072)"))),
     };
-    if array.data.len() != rows * PIXELS {
+    // The shape comes from the file: a hostile one must not overflow the size it implies.
+    let need = rows.checked_mul(PIXELS);
+    if need != Some(array.data.len()) {
         return Err(bad(format!(
             "'data' holds {} bytes, its shape needs {}",
             array.data.len(),
-            rows * PIXELS
+            need.map_or_else(|| format!("more than {}", usize::MAX), |n| n.to_string())
         )));
     }
     let labels_value = value

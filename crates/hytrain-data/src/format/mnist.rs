@@ -49,18 +49,36 @@ fn find(objects: &[Object], split: Split, want: Role) -> Option<&Object> {
     found.first().copied()
 }
 
+/// Largest IDX file unzipped: MNIST's largest is 47 MB, EMNIST's about 550 MB. A few KiB of gzip can claim
+/// gigabytes, so the decompressed size is capped rather than trusted.
+pub(crate) const MAX_IDX_BYTES: u64 = 1 << 30;
+
 fn unzip(ds: &Dataset, name: &str, bytes: Vec<u8>) -> Result<Vec<u8>, Error> {
     if !name.ends_with(".gz") {
         return Ok(bytes);
     }
+    gunzip(&bytes, MAX_IDX_BYTES).map_err(|reason| Error::BadShard {
+        source_desc: ds.source_desc.clone(),
+        shard: name.to_string(),
+        reason,
+    })
+}
+
+/// Decompresses gzip `bytes`, refusing to produce more than `limit` bytes.
+fn gunzip(bytes: &[u8], limit: u64) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(&bytes[..])
+    flate2::read::GzDecoder::new(bytes)
+        .take(limit + 1)
         .read_to_end(&mut out)
-        .map_err(|e| Error::BadShard {
-            source_desc: ds.source_desc.clone(),
-            shard: name.to_string(),
-            reason: format!("is not valid gzip ({e}); re-copy it"),
-        })?;
+        .map_err(|e| format!("is not valid gzip ({e}); re-copy it"))?;
+    if out.len() as u64 > limit {
+        return Err(format!(
+            "unzips to more than the limit of {} MiB ({} compressed bytes); an IDX file is never that large: \
+             is it a zip bomb?",
+            limit >> 20,
+            bytes.len()
+        ));
+    }
     Ok(out)
 }
 
@@ -88,8 +106,13 @@ fn header(ds: &Dataset, name: &str, bytes: &[u8], dims: usize) -> Result<Vec<usi
     let shape: Vec<usize> = (0..dims)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
         .collect();
-    let need = shape.iter().product::<usize>() + head;
-    if bytes.len() != need {
+    // Three u32 dimensions can multiply past usize: compare without overflowing.
+    let need = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .and_then(|n| n.checked_add(head));
+    if need != Some(bytes.len()) {
+        let need = need.map_or_else(|| format!("more than {}", usize::MAX), |n| n.to_string());
         return Err(bad(format!(
             "has {} bytes but its header {shape:?} needs {need}: truncated? re-copy it",
             bytes.len()
@@ -178,4 +201,51 @@ pub(crate) fn read_slice(ds: &Dataset, shard: &Shard) -> Result<Vec<RawSample>, 
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Dataset, DatasetOptions, MemorySource};
+    use std::io::Write;
+
+    fn gz(bytes: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn gzip_that_unzips_past_the_limit_is_refused_without_unzipping_it_all() {
+        let bomb = gz(&vec![0u8; 3 << 20]);
+        assert_eq!(gunzip(&bomb, 3 << 20).unwrap().len(), 3 << 20);
+        let e = gunzip(&bomb, 2 << 20).unwrap_err();
+        assert!(e.contains("unzips to more than the limit of 2 MiB"), "{e}");
+        assert!(
+            e.contains(&format!("({} compressed bytes)", bomb.len())),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn idx_dimensions_whose_product_overflows_are_an_error_not_a_panic() {
+        let mut images = vec![0, 0, 8, 3];
+        for _ in 0..3 {
+            images.extend_from_slice(&u32::MAX.to_be_bytes());
+        }
+        let mut labels = vec![0, 0, 8, 1];
+        labels.extend_from_slice(&1u32.to_be_bytes());
+        labels.push(0);
+        let source = MemorySource::new("mem")
+            .with("train-images-idx3-ubyte", images)
+            .with("train-labels-idx1-ubyte", labels);
+        let e = Dataset::open(std::sync::Arc::new(source), &DatasetOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train-images-idx3-ubyte")
+                && e.contains(&format!("needs more than {}", usize::MAX)),
+            "{e}"
+        );
+    }
 }

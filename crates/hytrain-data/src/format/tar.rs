@@ -247,7 +247,10 @@ pub(crate) fn parse(
         count += 1;
         let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let size = entry.size();
-        end = entry.raw_file_position() + size.div_ceil(BLOCK) * BLOCK;
+        // The size is the header's claim (up to 2^64 - 1 in base-256): no overflow on the way to "truncated".
+        end = entry
+            .raw_file_position()
+            .saturating_add(size.div_ceil(BLOCK).saturating_mul(BLOCK));
         last_member = path.clone();
         let kind = entry.header().entry_type();
         if kind.is_dir() {

@@ -173,7 +173,7 @@ impl Source for Dir {
 
     fn read(&self, name: &str) -> Result<Vec<u8>, Error> {
         let path = self.path_of(name)?;
-        fs::read(&path).map_err(|io| self.read_error(name, io))
+        super::read_file(&self.describe(), name, &path)
     }
 
     fn read_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, Error> {

@@ -29,7 +29,7 @@
 mod dir;
 mod pipe;
 mod s3;
-mod tar_split;
+pub(crate) mod tar_split;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +48,40 @@ pub struct Object {
     pub name: String,
     /// Size in bytes.
     pub size: u64,
+}
+
+/// Largest object read whole into memory (a tar shard, a CIFAR batch, an MNIST file). Shards are usually
+/// 100 MiB to 1 GiB (`hytrain data pack` writes 256 MiB ones); an object above this is not a shard, or a size a
+/// listing or a file system made up, and reading it would exhaust the worker's memory.
+pub const MAX_OBJECT_BYTES: u64 = 4 << 30;
+
+/// Refuses an object whose size, as a listing, a HEAD or the file system reports it, is over [`MAX_OBJECT_BYTES`],
+/// before anything is allocated for it.
+pub(crate) fn check_object_size(source_desc: &str, name: &str, size: u64) -> Result<(), Error> {
+    if size > MAX_OBJECT_BYTES {
+        return Err(Error::BadShard {
+            source_desc: source_desc.to_owned(),
+            shard: name.to_owned(),
+            reason: format!(
+                "is {size} bytes, over the limit of {} GiB for one object read into memory; split the dataset \
+                 into smaller shards (hytrain data pack writes 256 MiB ones)",
+                MAX_OBJECT_BYTES >> 30
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Reads a whole file of a source after checking its size against [`MAX_OBJECT_BYTES`].
+pub(crate) fn read_file(source_desc: &str, name: &str, path: &std::path::Path) -> Result<Vec<u8>, Error> {
+    let read_error = |io| Error::Read {
+        source_desc: source_desc.to_owned(),
+        name: name.to_owned(),
+        io,
+    };
+    let size = std::fs::metadata(path).map_err(read_error)?.len();
+    check_object_size(source_desc, name, size)?;
+    std::fs::read(path).map_err(read_error)
 }
 
 /// Objects read ahead by [`Source::read_many`], in the order their names were given.
@@ -339,5 +373,25 @@ mod tests {
             assert!(check_name("d", bad).is_err(), "{bad}");
         }
         assert!(check_name("d", "train/shard-000.tar").is_ok());
+    }
+
+    #[test]
+    fn an_object_over_the_size_limit_is_refused_naming_it_its_size_and_the_limit() {
+        assert!(check_object_size("s3://b/ds", "train/shard-0.tar", MAX_OBJECT_BYTES).is_ok());
+        let e = check_object_size("s3://b/ds", "train/shard-0.tar", MAX_OBJECT_BYTES + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("s3://b/ds") && e.contains("train/shard-0.tar"), "{e}");
+        assert!(e.contains(&format!("is {} bytes, over the limit of 4 GiB", MAX_OBJECT_BYTES + 1)), "{e}");
+    }
+
+    #[test]
+    fn a_sparse_file_over_the_size_limit_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.tar");
+        // Sparse: takes no disk, but reports a size past the limit, as a file system or listing could.
+        std::fs::File::create(&path).unwrap().set_len(MAX_OBJECT_BYTES + 512).unwrap();
+        let e = read_file("/data", "huge.tar", &path).unwrap_err().to_string();
+        assert!(e.contains("over the limit of 4 GiB"), "{e}");
     }
 }

@@ -371,7 +371,7 @@ impl Source for Pipe {
         drop(state);
         // Reading outside the lock lets several pipeline workers read shards at once.
         let path = spool.ok_or_else(|| read_error(std::io::ErrorKind::NotFound.into()))?;
-        fs::read(path).map_err(read_error)
+        super::read_file(&self.describe(), name, &path)
     }
 
     fn begin_epoch(&self, epoch: u64) -> Result<(), Error> {

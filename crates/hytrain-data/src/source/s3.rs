@@ -653,6 +653,8 @@ impl Inner {
             None => (0, size),
             Some((offset, len)) => (offset.min(size), offset.saturating_add(len).min(size)),
         };
+        // The size comes from the listing or a HEAD: checked before a buffer of that size is allocated.
+        super::check_object_size(&self.location, &name, end - start)?;
         if start == end {
             return Ok(Vec::new());
         }
@@ -727,12 +729,23 @@ impl Inner {
                 };
                 let declared = out.content_length().and_then(|n| u64::try_from(n).ok());
                 let etag = out.e_tag().map(str::to_owned);
-                let body = out
-                    .body
-                    .collect()
-                    .await
-                    .map_err(|e| Failure::Retry(format!("the body broke off: {}", DisplayErrorContext(&e))))?
-                    .to_vec();
+                // A body without Content-Length (chunked) could run on forever: read no more than the bytes
+                // expected, plus one to tell a longer body from an exact one.
+                let expected = span.map(|(start, stop)| stop - start).or(size).or(declared);
+                let limit = expected.unwrap_or(super::MAX_OBJECT_BYTES).min(super::MAX_OBJECT_BYTES);
+                let mut stream = out.body;
+                let mut body = Vec::with_capacity(usize::try_from(limit.min(64 << 20)).unwrap_or(0));
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|e| {
+                        Failure::Retry(format!("the body broke off: {}", DisplayErrorContext(&e)))
+                    })?;
+                    body.extend_from_slice(&chunk);
+                    if body.len() as u64 > limit {
+                        return Err(Failure::Retry(format!(
+                            "the body ran past the {limit} bytes expected (was the object replaced while the job ran?)"
+                        )));
+                    }
+                }
                 let got = body.len() as u64;
                 if let Some(declared) = declared.filter(|&d| d != got) {
                     return Err(Failure::Retry(format!("truncated body: {got} of the {declared} bytes announced")));

@@ -42,6 +42,8 @@ pub enum Fault {
     Short,
     /// The real answer's headers and half its body, then nothing more: the connection stays open, silent.
     Stall,
+    /// The real answer's headers without `Content-Length`, then its body repeated without end (chunked).
+    Endless,
 }
 
 /// Request counts by operation, and the faults still to inject.
@@ -132,6 +134,21 @@ impl http_body::Body for CutBody {
     }
 }
 
+/// A body that repeats its bytes forever.
+struct EndlessBody(Bytes);
+
+impl http_body::Body for EndlessBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        Poll::Ready(Some(Ok(http_body::Frame::data(self.0.clone()))))
+    }
+}
+
 #[derive(Clone)]
 struct FaultService {
     s3: s3s::service::S3Service,
@@ -176,6 +193,12 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for FaultServ
                         parts,
                         CutBody(Some(half), fault == Fault::Stall).boxed_unsync(),
                     ))
+                }
+                Some(Fault::Endless) => {
+                    let (mut parts, body) = real.await?.into_parts();
+                    let bytes = body.collect().await?.to_bytes();
+                    parts.headers.remove(http::header::CONTENT_LENGTH);
+                    Ok(http::Response::from_parts(parts, EndlessBody(bytes).boxed_unsync()))
                 }
                 Some(Fault::Short) => {
                     let (mut parts, body) = real.await?.into_parts();
