@@ -23,6 +23,7 @@ pub use hytrain_train as train;
 
 pub mod commands;
 pub mod logging;
+pub mod watchdog;
 
 /// What the communication layer needs to know of a plan: who this rank is and where the master's store listens.
 pub fn membership(plan: &cluster::Plan) -> comm::Membership {

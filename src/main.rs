@@ -7,7 +7,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hytrain::cluster::{self, Env};
 use hytrain::comm::CommOptions;
-use hytrain::commands::{data, doctor, explain, launch, parse_seconds, parse_size, train};
+use hytrain::commands::{
+    data, doctor, explain, launch, parse_deadline, parse_seconds, parse_size, train,
+};
 
 #[derive(Parser)]
 #[command(
@@ -233,11 +235,15 @@ impl TrainJobArgs {
 #[derive(Args)]
 struct CommArgs {
     /// Seconds to wait for all ranks to rendezvous (DNS of peers may take minutes to appear).
-    #[arg(long, env = "HYTRAIN_RENDEZVOUS_TIMEOUT", default_value = "900", value_parser = parse_seconds)]
+    #[arg(long, env = "HYTRAIN_RENDEZVOUS_TIMEOUT", default_value = "900", value_parser = parse_deadline)]
     rendezvous_timeout: Duration,
     /// Seconds a collective may wait on a silent peer before the job fails instead of hanging.
-    #[arg(long, env = "HYTRAIN_COLLECTIVE_TIMEOUT", default_value = "300", value_parser = parse_seconds)]
+    #[arg(long, env = "HYTRAIN_COLLECTIVE_TIMEOUT", default_value = "300", value_parser = parse_deadline)]
     collective_timeout: Duration,
+    /// Seconds without a heartbeat after which a rank counts as lost (stopped, hung or cut off); every rank then
+    /// exits naming it. A rank that dies outright is noticed at once.
+    #[arg(long, env = "HYTRAIN_PEER_TIMEOUT", default_value = "30", value_parser = parse_deadline)]
+    peer_timeout: Duration,
 }
 
 impl CommArgs {
@@ -245,6 +251,7 @@ impl CommArgs {
         CommOptions {
             rendezvous_timeout: self.rendezvous_timeout,
             collective_timeout: self.collective_timeout,
+            peer_timeout: self.peer_timeout,
             job_token: Some(hytrain::job_token(plan)),
             ..CommOptions::default()
         }

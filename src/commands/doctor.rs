@@ -122,6 +122,8 @@ pub fn modulus(dtype: &str) -> usize {
 pub fn run(plan: &Plan, args: &DoctorArgs) -> anyhow::Result<Report> {
     let membership = crate::membership(plan);
     let mut collective = comm::init(&membership, crate::launched_by_mpirun(plan), &args.comm)?;
+    let watchdog =
+        crate::watchdog::Watchdog::start(collective.liveness(), plan.paths.failure_file.clone());
     let (rank, world) = (collective.rank(), collective.world_size());
     tracing::info!(
         "doctor: {} backend up with {world} ranks",
@@ -140,9 +142,12 @@ pub fn run(plan: &Plan, args: &DoctorArgs) -> anyhow::Result<Report> {
     failed[rank] = if mine_ok { 0.0 } else { 1.0 };
     collective.allreduce(Buffer::F64(&mut failed), ReduceOp::Sum)?;
     let failed_ranks: Vec<usize> = (0..world).filter(|&r| failed[r] != 0.0).collect();
+    let backend = collective.backend().to_owned();
+    drop(collective);
+    watchdog.finish();
     Ok(Report {
         ok: failed_ranks.is_empty(),
-        backend: collective.backend().to_owned(),
+        backend,
         world_size: world,
         peers,
         libtorch,

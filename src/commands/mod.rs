@@ -18,7 +18,23 @@ pub fn parse_seconds(text: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("'{text}' is not a non-negative number of seconds"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("'{text}' seconds is too long"))
+}
+
+/// Longest deadline accepted: a week. Longer ones are almost certainly a unit mistake (milliseconds?).
+const MAX_DEADLINE_SECS: f64 = 7.0 * 24.0 * 3600.0;
+
+/// Parses a deadline in seconds (`30`, `2.5`): positive (a zero deadline would fail every wait at once) and at
+/// most a week.
+pub fn parse_deadline(text: &str) -> Result<Duration, String> {
+    let d = parse_seconds(text)?;
+    if d.is_zero() {
+        return Err(format!("'{text}' is not a usable deadline; give a positive number of seconds"));
+    }
+    if d.as_secs_f64() > MAX_DEADLINE_SECS {
+        return Err(format!("'{text}' seconds is more than a week; give the deadline in seconds (e.g. 30)"));
+    }
+    Ok(d)
 }
 
 /// Parses a byte size such as `1MiB`, `64MiB`, `512KiB`, `1GiB`, `4096` (plain bytes). Units are binary; `MB` is
@@ -80,6 +96,17 @@ mod tests {
         for bytes in [1, 1000, 1 << 10, 3 << 20, 1 << 30] {
             assert_eq!(parse_size(&format_size(bytes)), Ok(bytes));
         }
+    }
+
+    #[test]
+    fn deadlines_must_be_positive_and_at_most_a_week() {
+        assert_eq!(parse_deadline("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_deadline("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_deadline("0").unwrap_err().contains("positive number of seconds"));
+        assert!(parse_deadline("1e7").unwrap_err().contains("more than a week"));
+        assert!(parse_deadline("1e30").unwrap_err().contains("too long"));
+        assert!(parse_deadline("1e300").is_err());
+        assert!(parse_deadline("nan").is_err());
     }
 
     #[test]

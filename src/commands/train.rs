@@ -387,6 +387,9 @@ pub fn run(
             let ring = Ring::connect(&store, &membership, &args.comm).context("cannot join the other ranks")?;
             (Box::new(ring), Some(store))
         };
+    // From here on a lost rank ends this one too, and this rank failing ends the others.
+    let watchdog =
+        crate::watchdog::Watchdog::start(comm.liveness(), plan.paths.failure_file.clone());
     let device = device::select(job.device, t.local_rank, env.get("CUDA_VISIBLE_DEVICES"))?;
     let options = super::data::open_options(plan, job.s3_endpoint.clone(), job.s3_region.clone());
     let train_spec = training_spec(plan, &job)?;
@@ -523,6 +526,7 @@ pub fn run(
         &paths,
         stop,
     )?;
+    watchdog.finish();
     Ok(summary)
 }
 

@@ -12,6 +12,14 @@ pub enum CommError {
     #[error("invalid membership: {0}")]
     InvalidMembership(String),
 
+    /// The deadlines given are unusable.
+    #[error("invalid options: {0}")]
+    InvalidOptions(String),
+
+    /// The job lost a rank (it died, stopped or was cut off), as the liveness watch established.
+    #[error("{0}")]
+    RankLost(crate::LostRank),
+
     /// A collective was called with arguments that cannot work (lengths, root rank).
     #[error("invalid {op} call: {detail}")]
     InvalidArgument {

@@ -12,7 +12,11 @@
 //!
 //! Every connection, to the store and between ring peers, starts with a challenge-response over the job's secret
 //! ([`CommOptions::job_token`], see [`JobToken`]), in both directions, so a process that does not hold the secret
-//! can neither join the job nor feed data into a collective. Only the start of each connection is authenticated;
+//! can neither join the job nor feed data into a collective.
+//!
+//! Every rank also keeps a liveness watch on the store (see [`Liveness`]): when a rank dies, stops or is cut off,
+//! every other rank learns within the peer timeout ([`CommOptions::peer_timeout`]) which rank it was, and a
+//! collective blocked on it returns [`CommError::RankLost`] instead of waiting for the collective timeout. Only the start of each connection is authenticated;
 //! the data that follows is not encrypted, so run jobs on a private network.
 //!
 //! ```no_run
@@ -40,6 +44,7 @@ use std::time::Duration;
 
 mod auth;
 mod error;
+mod liveness;
 #[cfg(feature = "mpi")]
 mod mpi_backend;
 mod ring;
@@ -49,6 +54,7 @@ mod wire;
 
 pub use auth::JobToken;
 pub use error::{CommError, RankList};
+pub use liveness::{Liveness, LostRank};
 #[cfg(feature = "mpi")]
 pub use mpi_backend::Mpi;
 pub use ring::{Ring, DEFAULT_SEGMENT_BYTES};
@@ -130,6 +136,9 @@ pub struct CommOptions {
     pub rendezvous_timeout: Duration,
     /// A peer silent this long during a collective counts as failed. Default 300 s.
     pub collective_timeout: Duration,
+    /// A rank whose liveness watch sent no heartbeat for this long counts as lost (its process stopped, hung or
+    /// was cut off from the network); a rank that dies outright is noticed at once. Default 30 s.
+    pub peer_timeout: Duration,
     /// Prefix of every store key, and checked when ranks connect, so two jobs that share a master address and
     /// port cannot mix. Default "hytrain".
     pub job_id: String,
@@ -140,6 +149,22 @@ pub struct CommOptions {
 }
 
 impl CommOptions {
+    /// Checks the deadlines: each must be positive (a zero deadline would fail every wait at once).
+    pub fn validate(&self) -> Result<(), CommError> {
+        for (name, value) in [
+            ("rendezvous_timeout", self.rendezvous_timeout),
+            ("collective_timeout", self.collective_timeout),
+            ("peer_timeout", self.peer_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(CommError::InvalidOptions(format!(
+                    "{name} is 0; give a positive number of seconds"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The token connections are authenticated with: `job_token`, else the default derived from `job_id`.
     pub fn token(&self) -> JobToken {
         self.job_token
@@ -153,6 +178,7 @@ impl Default for CommOptions {
         CommOptions {
             rendezvous_timeout: Duration::from_secs(900),
             collective_timeout: Duration::from_secs(300),
+            peer_timeout: Duration::from_secs(30),
             job_id: "hytrain".into(),
             job_token: None,
         }
@@ -223,6 +249,11 @@ pub trait Collective: Send {
     fn allgather(&mut self, input: &[u8], output: &mut [u8]) -> Result<(), CommError>;
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<(), CommError>;
+    /// This rank's view of the job's liveness, where the backend keeps one (the ring does, for two or more
+    /// ranks): which rank was lost, and the goodbye when this rank is done.
+    fn liveness(&self) -> Option<Liveness> {
+        None
+    }
 }
 
 /// Starts this rank's collective backend: MPI when the process was launched by `mpirun` (the caller decides, e.g.
@@ -288,6 +319,7 @@ pub(crate) mod testutil {
         CommOptions {
             rendezvous_timeout: Duration::from_secs(rendezvous_s),
             collective_timeout: Duration::from_secs(collective_s),
+            peer_timeout: Duration::from_secs(30),
             job_id: "test".into(),
             job_token: None,
         }

@@ -26,10 +26,11 @@ use bytemuck::Pod;
 use half::bf16;
 
 use crate::auth::{self, Handshake, JobToken, NONCE_LEN};
+use crate::liveness::AbortRegistration;
 use crate::schedule::{self, segment, segment_count, Action, Step};
-use crate::store::bind_any;
+use crate::store::{bind_any, VERDICT_WAIT};
 use crate::wire::{get_bytes_max, get_u64, put_bytes, put_u64};
-use crate::{Buffer, Collective, CommError, CommOptions, Membership, ReduceOp, Store};
+use crate::{Buffer, Collective, CommError, CommOptions, Liveness, Membership, ReduceOp, Store};
 
 /// Default segment: large enough that per-segment overhead (a syscall, a lock) is noise, small enough that the next
 /// rank starts forwarding long before a chunk is complete.
@@ -119,16 +120,33 @@ struct Progress {
     sender_failed: bool,
 }
 
-/// Records the first failure of a ring in the store, so that ranks whose own error is only a consequence (a
-/// connection the failing rank closed) report the same root cause.
+/// Names the root cause of a ring failure. The liveness watch knows which rank the job lost, whichever link this
+/// rank saw break first; without a verdict (the failing rank is alive, e.g. it called a different collective), the
+/// first failure recorded in the store is the cause, so ranks whose own error is only a consequence (a connection
+/// the failing rank closed) report the same root cause.
 struct Reporter {
     store: Store,
+    liveness: Option<Liveness>,
     key: String,
     rank: usize,
 }
 
 impl Reporter {
     fn report(&self, local: CommError) -> CommError {
+        // A broken link may be the first sign of a loss the store is announcing right now; other failures (a
+        // mismatch) are this rank's own finding and need no wait.
+        let wait = match local {
+            CommError::PeerLost { .. } | CommError::Timeout { .. } => VERDICT_WAIT,
+            _ => Duration::ZERO,
+        };
+        if let Some(lost) = self.liveness.as_ref().and_then(|l| match wait.is_zero() {
+            true => l.lost(),
+            false => l.wait_lost(Some(wait)),
+        }) {
+            let e = CommError::RankLost(lost);
+            tracing::error!(rank = self.rank, "{e} (this rank saw: {local})");
+            return e;
+        }
         let mine = encode_failure(self.rank, &local);
         let reported =
             match self
@@ -200,6 +218,8 @@ struct Links {
     reporter: Arc<Reporter>,
     collective_timeout_secs: u64,
     sender: Option<JoinHandle<()>>,
+    /// Aborts both links when the liveness watch reports a lost rank, so a collective blocked on it returns.
+    _on_lost: Option<AbortRegistration>,
     /// Test hook: after this many received segments, close both connections as a crashing process would.
     #[cfg(test)]
     sever_after: Option<usize>,
@@ -502,6 +522,13 @@ fn receive<T: Pod>(
             #[cfg(test)]
             {
                 if links.sever_after == Some(received) {
+                    // As a killed process: its watch closes without a goodbye, its links close, and it reports
+                    // nothing (its own sender must not record the broken link it sees as a failure of rank + 1).
+                    links.sync.lock().abort = true;
+                    links.sync.cv.notify_all();
+                    if let Some(live) = &links.reporter.liveness {
+                        live.sever();
+                    }
                     let _ = links.next.shutdown(Shutdown::Both);
                     let _ = links.prev.shutdown(Shutdown::Both);
                     return Err(Failure::Severed);
@@ -797,6 +824,12 @@ impl Collective for Ring {
         self.run("allgather", OP_ALLGATHER, DT_U8, 0, output, copy_only)
     }
 
+    fn liveness(&self) -> Option<Liveness> {
+        self.links
+            .as_ref()
+            .and_then(|l| l.reporter.liveness.clone())
+    }
+
     fn barrier(&mut self) -> Result<(), CommError> {
         // A one-element allreduce: its result depends on every rank, so no rank can leave before all arrived.
         let mut one = [1.0f32];
@@ -847,6 +880,18 @@ fn link(
     // Accepting runs beside connecting: rank - 1 finishes its handshake only once this rank answers it, while
     // this rank may be waiting for rank + 1 to answer its own.
     let stop = Arc::new(AtomicBool::new(false));
+    // A rank lost while the ring is being built (the next rank died before it answered) ends the set-up at once.
+    let liveness = store.liveness();
+    let verdict = || {
+        liveness
+            .as_ref()
+            .and_then(Liveness::lost)
+            .map(CommError::RankLost)
+    };
+    let _stop_on_loss = liveness.as_ref().map(|live| {
+        let stop = stop.clone();
+        live.on_lost(move || stop.store(true, Ordering::SeqCst))
+    });
     let acceptor = {
         let expect = Expected {
             job_id: opts.job_id.clone(),
@@ -884,8 +929,8 @@ fn link(
         } else {
             parsed
         };
-        let mut next =
-            connect_with_retry(next_addr, deadline).map_err(|e| setup(next_rank, &next_addr, e))?;
+        let mut next = connect_with_retry(next_addr, deadline, &stop)
+            .map_err(|e| setup(next_rank, &next_addr, e))?;
         let hello = Hello {
             job_id: &opts.job_id,
             generation,
@@ -919,13 +964,13 @@ fn link(
         Err(e) => {
             stop.store(true, Ordering::SeqCst);
             let _ = acceptor.join();
-            return Err(e);
+            return Err(verdict().unwrap_or(e));
         }
     };
     let prev = acceptor
         .join()
         .unwrap_or_else(|_| Err("the accepting thread panicked".into()))
-        .map_err(|e| setup(prev_rank, &format!("port {port}"), e))?;
+        .map_err(|e| verdict().unwrap_or_else(|| setup(prev_rank, &format!("port {port}"), e)))?;
 
     for (s, peer) in [(&next, next_rank), (&prev, prev_rank)] {
         let configure = || -> io::Result<()> {
@@ -946,8 +991,28 @@ fn link(
         }),
         cv: Condvar::new(),
     });
+    let liveness = store.liveness();
+    let on_lost = match &liveness {
+        Some(live) => {
+            let (next, prev, sync) = (
+                next.try_clone()
+                    .map_err(|e| setup(next_rank, &next_addr, e.to_string()))?,
+                prev.try_clone()
+                    .map_err(|e| setup(prev_rank, &"socket", e.to_string()))?,
+                sync.clone(),
+            );
+            Some(live.on_lost(move || {
+                sync.lock().abort = true;
+                sync.cv.notify_all();
+                let _ = next.shutdown(Shutdown::Both);
+                let _ = prev.shutdown(Shutdown::Both);
+            }))
+        }
+        None => None,
+    };
     let reporter = Arc::new(Reporter {
         store: store.clone(),
+        liveness,
         key: format!("ring/{generation}/failure"),
         rank,
     });
@@ -995,14 +1060,22 @@ fn link(
         reporter,
         collective_timeout_secs: timeout_secs,
         sender: Some(sender),
+        _on_lost: on_lost,
         #[cfg(test)]
         sever_after: None,
     })
 }
 
-fn connect_with_retry(addr: SocketAddr, deadline: Instant) -> Result<TcpStream, String> {
+fn connect_with_retry(
+    addr: SocketAddr,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> Result<TcpStream, String> {
     let mut backoff = Duration::from_millis(20);
     loop {
+        if stop.load(Ordering::SeqCst) {
+            return Err("stopped: the job lost a rank".into());
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         match TcpStream::connect_timeout(
             &addr,
@@ -1515,8 +1588,59 @@ mod tests {
         );
         for r in [0, 1, 3] {
             let e = &results[r];
+            // Every rank names rank 2, the one that died, whichever link it saw break first: the liveness watch's
+            // verdict, not a neighbour that only failed because of rank 2.
             assert!(
-                matches!(e, CommError::PeerLost { rank: 2, .. }),
+                matches!(e, CommError::RankLost(lost) if lost.rank == 2),
+                "rank {r}: {e}"
+            );
+            assert!(
+                e.to_string().starts_with(
+                    "lost rank 2 on 127.0.0.1: its connection to the rendezvous store closed"
+                ),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_rank_lost_between_collectives_breaks_the_ring_of_every_other_rank_at_once() {
+        let started = Instant::now();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (tx, rx) = (Mutex::new(tx), Mutex::new(rx));
+        let results = with_rings(3, opts(60, 60), |rank, ring| {
+            let mut v = vec![1.0f32; 1000];
+            ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap();
+            if rank == 1 {
+                // Dies only once both others are done with the allreduce, so they are between collectives.
+                let rx = rx.lock().unwrap();
+                for _ in 0..2 {
+                    rx.recv_timeout(Duration::from_secs(30)).unwrap();
+                }
+                ring.liveness().unwrap().sever();
+                return None;
+            }
+            tx.lock().unwrap().send(()).unwrap();
+            let lost = ring
+                .liveness()
+                .unwrap()
+                .wait_lost(Some(Duration::from_secs(20)));
+            // The ring was aborted by the verdict: the next collective fails at once, naming rank 1.
+            let e = ring
+                .allreduce(Buffer::F32(&mut v), ReduceOp::Sum)
+                .unwrap_err();
+            Some((lost, e))
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "took {:?}",
+            started.elapsed()
+        );
+        for r in [0, 2] {
+            let (lost, e) = results[r].as_ref().unwrap();
+            assert_eq!(lost.as_ref().map(|l| l.rank), Some(1), "rank {r}");
+            assert!(
+                matches!(e, CommError::RankLost(l) if l.rank == 1),
                 "rank {r}: {e}"
             );
         }

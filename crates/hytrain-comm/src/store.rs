@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::auth::{self, Handshake, JobToken, NONCE_LEN};
 use crate::error::RankList;
+use crate::liveness::{self, Liveness, LostRank, Watches};
 use crate::wire::*;
 use crate::{CommError, CommOptions, Membership};
 
@@ -36,49 +37,62 @@ const OP_WAIT: u8 = 4;
 const OP_SET_IF_ABSENT: u8 = 5;
 const OP_JOIN: u8 = 6;
 const OP_AWAIT_JOINED: u8 = 7;
+/// Turns the connection into a liveness watch of one rank (see `liveness`).
+const OP_WATCH: u8 = 8;
 
-const ST_OK: u8 = 0;
+pub(crate) const ST_OK: u8 = 0;
 const ST_TIMEOUT: u8 = 1;
-const ST_ERR: u8 = 2;
+pub(crate) const ST_ERR: u8 = 2;
+/// A blocking request ended because the job lost a rank; the loss follows.
+const ST_LOST: u8 = 3;
 
 /// Extra time a client allows past the deadline it gave the server, so the server's own "timed out" answer arrives
 /// before the socket read gives up.
 const ANSWER_SLACK: Duration = Duration::from_secs(10);
 /// How often the accept loop checks whether the store was dropped.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
+/// How long a rank whose connection broke waits for the liveness watch to say which rank was lost; the store learns
+/// of a killed process as fast as the rank does, so the verdict is normally there within milliseconds.
+pub(crate) const VERDICT_WAIT: Duration = Duration::from_secs(3);
 /// Upper bound of the wait between connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------------------------------
 // Server
 
-struct ServerState {
+pub(crate) struct ServerState {
     kv: HashMap<String, Vec<u8>>,
     job_id: String,
-    world_size: usize,
+    pub(crate) world_size: usize,
     joined: BTreeSet<usize>,
     /// Connections that failed the token check, and where the last one came from, for the rendezvous error.
     refused: usize,
     last_refused: Option<SocketAddr>,
+    /// Which ranks are watched, which left, and the job's first loss.
+    pub(crate) watches: Watches,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     state: Mutex<ServerState>,
-    changed: Condvar,
+    pub(crate) changed: Condvar,
     token: JobToken,
     /// Connections now in the handshake.
     handshakes: AtomicUsize,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, ServerState> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ServerState> {
         // A connection thread that panicked cannot leave the map half-updated (every update is one insert), so a
         // poisoned lock is still consistent.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Blocks until `ready` holds or `deadline` passes; returns whether it holds.
-    fn wait_until(&self, deadline: Instant, mut ready: impl FnMut(&ServerState) -> bool) -> bool {
+    pub(crate) fn wait_until(
+        &self,
+        deadline: Instant,
+        mut ready: impl FnMut(&ServerState) -> bool,
+    ) -> bool {
         let mut st = self.lock();
         loop {
             if ready(&st) {
@@ -111,7 +125,7 @@ impl Server {
         job_id: &str,
         world_size: usize,
         token: JobToken,
-    ) -> Result<(Server, SocketAddr), CommError> {
+    ) -> Result<(Server, Arc<Shared>), CommError> {
         let listener = match only {
             Some(ip) => TcpListener::bind((ip, port)),
             None => bind_any(port),
@@ -131,16 +145,17 @@ impl Server {
                 joined: BTreeSet::new(),
                 refused: 0,
                 last_refused: None,
+                watches: Watches::default(),
             }),
             changed: Condvar::new(),
             token,
             handshakes: AtomicUsize::new(0),
         });
         let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let (stop2, shared2) = (stop.clone(), shared.clone());
         let accept = std::thread::Builder::new()
             .name("hytrain-store".into())
-            .spawn(move || accept_loop(listener, shared, stop2))
+            .spawn(move || accept_loop(listener, shared2, stop2))
             .map_err(|source| CommError::Bind { port, source })?;
         tracing::debug!(port = local.port(), "rendezvous store listening");
         Ok((
@@ -148,7 +163,7 @@ impl Server {
                 stop,
                 accept: Some(accept),
             },
-            local,
+            shared,
         ))
     }
 }
@@ -272,6 +287,11 @@ enum Request {
     AwaitJoined {
         timeout_ms: u64,
     },
+    /// Turns the connection into `rank`'s liveness watch (see [`crate::liveness`]).
+    Watch {
+        rank: usize,
+        timeout_ms: u64,
+    },
 }
 
 /// The next request, or `None` when the client closed the connection between requests.
@@ -314,6 +334,10 @@ fn read_request(r: &mut impl Read) -> io::Result<Option<Request>> {
             world: get_u64(r)? as usize,
         },
         OP_AWAIT_JOINED => Request::AwaitJoined {
+            timeout_ms: get_u64(r)?,
+        },
+        OP_WATCH => Request::Watch {
+            rank: get_u64(r)? as usize,
             timeout_ms: get_u64(r)?,
         },
         other => {
@@ -399,6 +423,35 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
             return Ok(());
         }
     }
+    let mut joined = None;
+    let result = serve_requests(stream, peer, shared, &mut joined);
+    if let Some(rank) = joined {
+        // A rank that joined dies before its liveness watch is up: only this connection can tell.
+        let watched = shared.lock().watches.is_watched(rank);
+        if !watched {
+            liveness::declare_lost(
+                shared,
+                LostRank {
+                    rank,
+                    host: peer.ip().to_string(),
+                    cause: "its connection to the rendezvous store closed during the rendezvous (the process \
+                            exited or was killed)"
+                        .into(),
+                },
+            );
+        }
+    }
+    result
+}
+
+/// Answers requests on an admitted connection; `joined` is set to the rank that joined on it.
+fn serve_requests(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    joined: &mut Option<usize>,
+) -> io::Result<()> {
+    let stream_for_watch = stream.try_clone()?;
     let mut r = BufReader::new(stream.try_clone()?);
     let mut w = BufWriter::new(stream);
     let mut out = Vec::new();
@@ -418,10 +471,15 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
             }
             Request::Get { key, timeout_ms } => {
                 let deadline = deadline_from(timeout_ms);
-                if shared.wait_until(deadline, |st| st.kv.contains_key(&key)) {
-                    let v = shared.lock().kv.get(&key).cloned().unwrap_or_default();
+                shared.wait_until(deadline, |st| {
+                    st.kv.contains_key(&key) || st.watches.lost.is_some()
+                });
+                let st = shared.lock();
+                if let Some(v) = st.kv.get(&key) {
                     put_u8(&mut out, ST_OK);
-                    put_bytes(&mut out, &v);
+                    put_bytes(&mut out, v);
+                } else if let Some(lost) = &st.watches.lost {
+                    put_lost(&mut out, lost);
                 } else {
                     put_u8(&mut out, ST_TIMEOUT);
                 }
@@ -455,8 +513,13 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
             }
             Request::Wait { keys, timeout_ms } => {
                 let deadline = deadline_from(timeout_ms);
-                if shared.wait_until(deadline, |st| keys.iter().all(|k| st.kv.contains_key(k))) {
+                let all = |st: &ServerState| keys.iter().all(|k| st.kv.contains_key(k));
+                shared.wait_until(deadline, |st| all(st) || st.watches.lost.is_some());
+                let lost = shared.lock().watches.lost.clone();
+                if all(&shared.lock()) {
                     put_u8(&mut out, ST_OK);
+                } else if let Some(lost) = lost {
+                    put_lost(&mut out, &lost);
                 } else {
                     let st = shared.lock();
                     let missing: Vec<&String> =
@@ -490,7 +553,10 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
                 drop(st);
                 shared.changed.notify_all();
                 match refusal {
-                    None => put_u8(&mut out, ST_OK),
+                    None => {
+                        *joined = Some(rank);
+                        put_u8(&mut out, ST_OK)
+                    }
                     Some(msg) => {
                         put_u8(&mut out, ST_ERR);
                         put_bytes(&mut out, msg.as_bytes());
@@ -499,8 +565,16 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
             }
             Request::AwaitJoined { timeout_ms } => {
                 let deadline = deadline_from(timeout_ms);
-                let complete = shared.wait_until(deadline, |st| st.joined.len() >= st.world_size);
+                let complete = |st: &ServerState| st.joined.len() >= st.world_size;
+                shared.wait_until(deadline, |st| complete(st) || st.watches.lost.is_some());
                 let st = shared.lock();
+                if let (false, Some(lost)) = (complete(&st), &st.watches.lost) {
+                    put_lost(&mut out, lost);
+                    drop(st);
+                    send(&mut w, &out)?;
+                    continue;
+                }
+                let complete = complete(&st);
                 let missing: Vec<u64> = (0..st.world_size)
                     .filter(|r| !st.joined.contains(r))
                     .map(|r| r as u64)
@@ -518,10 +592,21 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
                 put_u64_list(&mut out, &missing);
                 put_bytes(&mut out, note.as_bytes());
             }
+            Request::Watch { rank, timeout_ms } => {
+                let timeout = Duration::from_millis(timeout_ms.clamp(1, u32::MAX as u64));
+                drop((r, w));
+                *joined = None;
+                return liveness::serve_watch(stream_for_watch, peer, shared, rank, timeout);
+            }
         }
         send(&mut w, &out)?;
     }
     Ok(())
+}
+
+fn put_lost(out: &mut Vec<u8>, lost: &LostRank) {
+    put_u8(out, ST_LOST);
+    liveness::encode_lost(out, lost);
 }
 
 fn deadline_from(timeout_ms: u64) -> Instant {
@@ -550,6 +635,8 @@ struct Inner {
     /// How many times each named sequence (a barrier name, ring set-up) was used by this process; every rank uses
     /// them in the same order, so the count tells the ranks apart from earlier rounds without any coordination.
     generations: Mutex<HashMap<String, u64>>,
+    /// The job's liveness watch (jobs of two or more ranks), and the abort of this connection when a rank is lost.
+    liveness: Option<(Liveness, liveness::AbortRegistration)>,
     // Last field: dropped after the connection above, so rank 0's own connection closes before the listener does.
     _server: Option<Server>,
 }
@@ -587,30 +674,47 @@ impl Store {
     /// whose `master_addr` is a loopback address, listens on loopback only.
     pub fn rendezvous(m: &Membership, opts: &CommOptions) -> Result<Store, CommError> {
         m.validate()?;
+        opts.validate()?;
         let started = Instant::now();
         let deadline = started + opts.rendezvous_timeout;
         let token = opts.token();
+        let hosts: Vec<&str> = if m.rank == 0 {
+            // Rank 0 talks to its own server over loopback: its own host name may not resolve yet (Kubeflow creates
+            // the service DNS record late), and peers never use the address of this connection.
+            vec!["127.0.0.1", "::1"]
+        } else {
+            vec![&m.master_addr]
+        };
         let (server, stream) = if m.rank == 0 {
             if m.world_size > 1 && !token.is_configured() {
                 warn_unconfigured_once();
             }
-            let (server, _) = Server::start(
+            let server = Server::start(
                 listen_only_on(m),
                 m.master_port,
                 &opts.job_id,
                 m.world_size,
                 token.clone(),
             )?;
-            // Rank 0 talks to its own server over loopback: its own host name may not resolve yet (Kubeflow creates
-            // the service DNS record late), and peers never use the address of this connection.
-            let stream = connect_with_retry(m, opts, &["127.0.0.1", "::1"], started, deadline)?;
+            let stream = connect_with_retry(m, opts, &hosts, started, deadline)?;
             (Some(server), stream)
         } else {
             (
                 None,
-                connect_with_retry(m, opts, &[&m.master_addr], started, deadline)?,
+                connect_with_retry(m, opts, &hosts, started, deadline)?,
             )
         };
+        let (server, server_state) = match server {
+            Some((server, state)) => (Some(server), Some(state)),
+            None => (None, None),
+        };
+        let abort_handle = stream.try_clone().map_err(|e| CommError::Store {
+            rank: m.rank,
+            host: m.master_addr.clone(),
+            port: m.master_port,
+            op: "connect",
+            detail: e.to_string(),
+        })?;
         let local_ip = stream
             .local_addr()
             .map(|a| a.ip())
@@ -634,10 +738,26 @@ impl Store {
                 local_ip,
                 master_ip,
                 generations: Mutex::new(HashMap::new()),
+                liveness: None,
                 _server: server,
             }),
         };
-        store.join(started, deadline)?;
+        store.register()?;
+        let store = if m.world_size > 1 {
+            let live = store.watch(m, &hosts, started, deadline, server_state)?;
+            // A blocked request to a store that is gone or stopped ends when the watch says so.
+            let registration = live.on_lost(move || {
+                let _ = abort_handle.shutdown(std::net::Shutdown::Both);
+            });
+            let mut inner = Arc::into_inner(store.inner).expect("the store is not shared yet");
+            inner.liveness = Some((live, registration));
+            Store {
+                inner: Arc::new(inner),
+            }
+        } else {
+            store
+        };
+        store.await_joined(started, deadline)?;
         tracing::info!(
             rank = m.rank,
             world_size = m.world_size,
@@ -648,7 +768,8 @@ impl Store {
         Ok(store)
     }
 
-    fn join(&self, started: Instant, deadline: Instant) -> Result<(), CommError> {
+    /// Registers this rank with the store.
+    fn register(&self) -> Result<(), CommError> {
         let i = &self.inner;
         let mut frame = Vec::new();
         put_u8(&mut frame, OP_JOIN);
@@ -672,6 +793,67 @@ impl Store {
                 detail,
             });
         }
+        tracing::debug!(
+            rank = i.rank,
+            "joined the rendezvous; waiting for the other ranks"
+        );
+        Ok(())
+    }
+
+    /// Opens this rank's liveness watch on a second connection (see `liveness`).
+    fn watch(
+        &self,
+        m: &Membership,
+        hosts: &[&str],
+        started: Instant,
+        deadline: Instant,
+        server: Option<Arc<Shared>>,
+    ) -> Result<Liveness, CommError> {
+        let i = &self.inner;
+        // The master answered this rank's join a moment ago; if it cannot be reached now, it is gone.
+        let deadline = deadline.min(Instant::now() + i.opts.peer_timeout / 2);
+        let mut stream = connect_with_retry(m, &i.opts, hosts, started, deadline).map_err(|e| {
+            CommError::RankLost(LostRank {
+                rank: 0,
+                host: endpoint(&i.host, i.port),
+                cause: format!(
+                    "the rendezvous store it hosts stopped answering during the rendezvous ({e})"
+                ),
+            })
+        })?;
+        let failed = |detail: String| self.store_error("watch", detail);
+        let answer = (|| -> io::Result<Result<(), String>> {
+            stream
+                .set_read_timeout(Some(i.opts.collective_timeout.min(Duration::from_secs(60))))?;
+            stream.write_all(&liveness::watch_request(
+                OP_WATCH,
+                i.rank,
+                i.opts.peer_timeout,
+            ))?;
+            Ok(match get_u8(&mut stream)? {
+                ST_OK => Ok(()),
+                _ => Err(
+                    String::from_utf8_lossy(&get_bytes_max(&mut stream, auth::MAX_REASON)?)
+                        .into_owned(),
+                ),
+            })
+        })()
+        .map_err(|e| failed(describe_io(&e, i.opts.collective_timeout)))?;
+        answer.map_err(failed)?;
+        Liveness::start(
+            stream,
+            i.rank,
+            i.world_size,
+            i.opts.peer_timeout,
+            endpoint(&i.host, i.port),
+            server,
+        )
+        .map_err(|e| failed(format!("cannot start the watch: {e}")))
+    }
+
+    /// Waits until every rank has registered.
+    fn await_joined(&self, started: Instant, deadline: Instant) -> Result<(), CommError> {
+        let i = &self.inner;
         let remaining = deadline.saturating_duration_since(Instant::now());
         let mut frame = Vec::new();
         put_u8(&mut frame, OP_AWAIT_JOINED);
@@ -889,6 +1071,12 @@ impl Store {
         self.inner.master_ip
     }
 
+    /// This rank's view of the job's liveness: which rank was lost, if any, and the goodbye at the end (see
+    /// [`Liveness`]). `None` for a job of one rank.
+    pub fn liveness(&self) -> Option<Liveness> {
+        self.inner.liveness.as_ref().map(|(l, _)| l.clone())
+    }
+
     /// Counts how often `name` was used on this rank, starting at 0.
     pub(crate) fn next_generation(&self, name: &str) -> u64 {
         let mut g = self
@@ -948,13 +1136,27 @@ impl Store {
                 .set_read_timeout(Some(answer_within.max(Duration::from_millis(1))))?;
             conn.stream.write_all(frame)?;
             let status = get_u8(&mut conn.stream)?;
-            parse(status, &mut conn.stream)
+            if status == ST_LOST {
+                return Ok(Err(liveness::decode_lost(&mut conn.stream)?));
+            }
+            parse(status, &mut conn.stream).map(Ok)
         })();
-        result.map_err(|e| {
-            let detail = describe_io(&e, answer_within);
-            conn.broken = Some(detail.clone());
-            self.store_error(op, detail)
-        })
+        match result {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(lost)) => Err(CommError::RankLost(lost)),
+            Err(e) => {
+                let detail = describe_io(&e, answer_within);
+                conn.broken = Some(detail.clone());
+                // The watch may already know why the connection broke.
+                match self
+                    .liveness()
+                    .and_then(|l| l.wait_lost(Some(VERDICT_WAIT)))
+                {
+                    Some(lost) => Err(CommError::RankLost(lost)),
+                    None => Err(self.store_error(op, detail)),
+                }
+            }
+        }
     }
 }
 
@@ -963,7 +1165,9 @@ fn describe_io(e: &io::Error, waited: Duration) -> String {
         io::ErrorKind::UnexpectedEof
         | io::ErrorKind::ConnectionReset
         | io::ErrorKind::ConnectionAborted
-        | io::ErrorKind::BrokenPipe => "connection closed by the master (did rank 0 exit?)".into(),
+        | io::ErrorKind::BrokenPipe => {
+            "connection closed by the master (lost rank 0: it exited or was killed)".into()
+        }
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
             format!("no answer within {} s (is rank 0 stuck?)", waited.as_secs())
         }
@@ -1718,6 +1922,20 @@ mod tests {
             let recorded = recorded.clone();
             std::thread::spawn(move || {
                 let (client, _) = proxy.accept().unwrap();
+                // Rank 1's later connections (its liveness watch) pass through unrecorded.
+                std::thread::spawn(move || {
+                    while let Ok((c, _)) = proxy.accept() {
+                        let s = connect_when_listening(port);
+                        for (mut from, mut to) in
+                            [(c.try_clone().unwrap(), s.try_clone().unwrap()), (s, c)]
+                        {
+                            std::thread::spawn(move || {
+                                let _ = io::copy(&mut from, &mut to);
+                                let _ = to.shutdown(std::net::Shutdown::Write);
+                            });
+                        }
+                    }
+                });
                 let server = connect_when_listening(port);
                 let (mut c_in, mut s_out) =
                     (client.try_clone().unwrap(), server.try_clone().unwrap());
@@ -1782,6 +2000,126 @@ mod tests {
         for r in results {
             r.unwrap();
         }
+    }
+
+    #[test]
+    fn a_rank_that_dies_is_named_to_every_other_rank_and_ends_their_blocking_requests() {
+        let port = free_port();
+        let started = Instant::now();
+        let results = on_ranks(3, |rank| {
+            let store = Store::rendezvous(&member(rank, 3, port), &opts(30, 30)).unwrap();
+            store.barrier("joined").unwrap();
+            let live = store.liveness().unwrap();
+            if rank == 2 {
+                live.sever();
+                return None;
+            }
+            // Blocked on a key nobody will set; the loss ends the wait long before its deadline.
+            let e = store
+                .get_timeout("never", Duration::from_secs(60))
+                .unwrap_err();
+            Some((live.lost(), e))
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "took {:?}",
+            started.elapsed()
+        );
+        for r in [0, 1] {
+            let (lost, e) = results[r].as_ref().unwrap();
+            let lost = lost.as_ref().expect("a verdict");
+            assert_eq!(lost.rank, 2);
+            assert_eq!(lost.host, "127.0.0.1");
+            assert!(
+                matches!(e, CommError::RankLost(l) if l.rank == 2),
+                "rank {r}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn ranks_that_leave_are_not_lost_and_rank_0_waits_for_them() {
+        let port = free_port();
+        let results = on_ranks(3, |rank| {
+            let store = Store::rendezvous(&member(rank, 3, port), &opts(30, 30)).unwrap();
+            store.barrier("joined").unwrap();
+            let live = store.liveness().unwrap();
+            if rank == 0 {
+                // Rank 0 is done first but stays until the others have said goodbye.
+                let t = Instant::now();
+                live.leave();
+                return (None, t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(300 * rank as u64));
+            let lost = live.wait_lost(Some(Duration::from_millis(200)));
+            drop(store);
+            drop(live);
+            (lost, Duration::ZERO)
+        });
+        for (rank, (lost, _)) in results.iter().enumerate() {
+            assert_eq!(lost, &None, "rank {rank}");
+        }
+        assert!(
+            results[0].1 >= Duration::from_millis(500),
+            "rank 0 left after {:?}",
+            results[0].1
+        );
+    }
+
+    #[test]
+    fn a_rank_that_stops_sending_heartbeats_is_lost_after_the_peer_timeout() {
+        let port = free_port();
+        let mut o = opts(30, 30);
+        o.peer_timeout = Duration::from_secs(1);
+        let rank0 = std::thread::spawn({
+            let o = o.clone();
+            move || {
+                let store = Store::rendezvous(&member(0, 2, port), &o)?;
+                let t = Instant::now();
+                let lost = store
+                    .liveness()
+                    .unwrap()
+                    .wait_lost(Some(Duration::from_secs(20)));
+                Ok::<_, CommError>((lost, t.elapsed()))
+            }
+        });
+        // Rank 1 joins and opens its watch as a real rank would, then falls silent, as a stopped process does.
+        let m = member(1, 2, port);
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(20);
+        let hosts = ["127.0.0.1"];
+        let mut main = connect_with_retry(&m, &o, &hosts, started, deadline).unwrap();
+        let mut join = Vec::new();
+        put_u8(&mut join, OP_JOIN);
+        put_bytes(&mut join, b"test");
+        put_u64(&mut join, 1);
+        put_u64(&mut join, 2);
+        main.write_all(&join).unwrap();
+        assert_eq!(get_u8(&mut main).unwrap(), ST_OK);
+        let mut watch = connect_with_retry(&m, &o, &hosts, started, deadline).unwrap();
+        watch
+            .write_all(&liveness::watch_request(OP_WATCH, 1, o.peer_timeout))
+            .unwrap();
+        assert_eq!(get_u8(&mut watch).unwrap(), ST_OK);
+        let (lost, after) = rank0.join().unwrap().unwrap();
+        let lost = lost.expect("rank 1 declared lost");
+        assert_eq!(lost.rank, 1);
+        assert!(lost.cause.contains("no heartbeat for 1 s"), "{lost}");
+        assert!(after < Duration::from_secs(10), "noticed after {after:?}");
+        drop((main, watch));
+    }
+
+    #[test]
+    fn zero_deadlines_are_refused_naming_the_option() {
+        let mut o = opts(30, 30);
+        o.peer_timeout = Duration::ZERO;
+        let e = Store::rendezvous(&member(0, 1, free_port()), &o)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid options: peer_timeout is 0; give a positive number of seconds"
+        );
     }
 
     #[test]

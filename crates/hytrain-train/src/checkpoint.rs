@@ -173,14 +173,57 @@ impl CheckpointStore {
 
     /// Writes `ckpt` as `ckpt-<step>` atomically, then deletes all but the newest `keep` checkpoints. Only one
     /// process (global rank 0) may call this for a directory. Returns the new checkpoint's path.
+    ///
+    /// When the directory runs out of room (or a file-size or quota limit is hit) the partial write is removed,
+    /// earlier checkpoints are left as they were, and the error is [`TrainError::DiskFull`], saying how much room
+    /// the checkpoint needs and how much is free.
     pub fn save(&self, ckpt: &Checkpoint) -> Result<PathBuf> {
         let step = ckpt.meta.step;
         fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
         let tmp = self.dir.join(format!(".tmp-ckpt-{step}-{}", std::process::id()));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(io("remove", &tmp))?;
+        match self.write_aside(ckpt, &tmp) {
+            Ok(()) => {}
+            Err(e) => {
+                // Frees what the partial write took, so the directory is as it was before this save.
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(match out_of_space(&e) {
+                    Some(reason) => self.disk_full(ckpt, reason),
+                    None => e,
+                });
+            }
         }
-        fs::create_dir(&tmp).map_err(io("create", &tmp))?;
+        self.publish(step, &tmp)
+    }
+
+    fn disk_full(&self, ckpt: &Checkpoint, reason: &str) -> TrainError {
+        let needed: u64 = ckpt
+            .model
+            .iter()
+            .chain(&ckpt.optimizer)
+            .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum();
+        let previous = match list_checkpoints(&self.dir).ok().and_then(|c| c.last().cloned()) {
+            Some((_, path)) => {
+                format!("the previous checkpoint {} is intact and a restart resumes from it", path.display())
+            }
+            None => "there is no earlier checkpoint to resume from".to_string(),
+        };
+        TrainError::DiskFull {
+            dir: self.dir.clone(),
+            step: ckpt.meta.step,
+            reason: reason.to_string(),
+            needed: human_bytes(needed),
+            free: free_bytes(&self.dir).map(|f| format!(", {} are free", human_bytes(f))).unwrap_or_default(),
+            previous,
+        }
+    }
+
+    /// Writes the checkpoint's files into `tmp` and syncs them.
+    fn write_aside(&self, ckpt: &Checkpoint, tmp: &Path) -> Result<()> {
+        if tmp.exists() {
+            fs::remove_dir_all(tmp).map_err(io("remove", tmp))?;
+        }
+        fs::create_dir(tmp).map_err(io("create", tmp))?;
         let mut files = BTreeMap::new();
         for (file, tensors) in [(MODEL_FILE, &ckpt.model), (OPTIMIZER_FILE, &ckpt.optimizer)] {
             let path = tmp.join(file);
@@ -197,8 +240,11 @@ impl CheckpointStore {
         let json = serde_json::to_vec_pretty(&meta).expect("checkpoint metadata serialises");
         let mut f = File::create(&meta_path).map_err(io("create", &meta_path))?;
         f.write_all(&json).and_then(|_| f.sync_all()).map_err(io("write", &meta_path))?;
-        fsync(&tmp)?;
+        fsync(tmp)
+    }
 
+    /// Renames a complete `tmp` into place as `ckpt-<step>` and prunes old checkpoints.
+    fn publish(&self, step: u64, tmp: &Path) -> Result<PathBuf> {
         let dest = self.dir.join(format!("ckpt-{step}"));
         // A resumed run can reach a step it saved before; the new one replaces it.
         let displaced = if dest.exists() {
@@ -208,7 +254,7 @@ impl CheckpointStore {
         } else {
             None
         };
-        fs::rename(&tmp, &dest).map_err(io("rename", &tmp))?;
+        fs::rename(tmp, &dest).map_err(io("rename", tmp))?;
         fsync(&self.dir)?;
         if let Some(old) = displaced {
             fs::remove_dir_all(&old).map_err(io("remove", &old))?;
@@ -240,6 +286,47 @@ impl CheckpointStore {
     /// The newest valid checkpoint in this store's directory; see [`latest_valid`].
     pub fn latest_valid(&self) -> Result<Option<Resume>> {
         latest_valid(&self.dir)
+    }
+}
+
+/// The operating system's words when `e` means the disk (or a size or quota limit) is full.
+fn out_of_space(e: &TrainError) -> Option<&'static str> {
+    const FULL: [(i32, &str); 3] = [
+        (libc::ENOSPC, "No space left on device"),
+        (libc::EFBIG, "File too large"),
+        (libc::EDQUOT, "Disk quota exceeded"),
+    ];
+    if let TrainError::Io { source, .. } = e {
+        if let Some(code) = source.raw_os_error() {
+            return FULL.iter().find(|(c, _)| *c == code).map(|(_, w)| *w);
+        }
+    }
+    // libtorch's safetensors writer reports the OS error only as text, e.g. "... (os error 28)".
+    let text = match e {
+        TrainError::Torch { source, .. } => source.to_string(),
+        other => other.to_string(),
+    };
+    FULL.iter().find(|(c, w)| text.contains(&format!("(os error {c})")) || text.contains(w)).map(|(_, w)| *w)
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `s` a writable statvfs for the call to fill.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {
+        return None;
+    }
+    Some(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.0} KiB", n as f64 / 1024.0),
+        n => format!("{n} bytes"),
     }
 }
 

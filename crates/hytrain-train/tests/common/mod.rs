@@ -19,7 +19,7 @@ pub fn on_ranks<T: Send>(world: usize, f: impl Fn(usize, Box<dyn Collective>) ->
         rendezvous_timeout: Duration::from_secs(60),
         collective_timeout: Duration::from_secs(60),
         job_id: format!("hytrain-train-test-{port}"),
-        job_token: None,
+        ..CommOptions::default()
     };
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..world)

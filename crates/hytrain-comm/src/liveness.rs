@@ -1,0 +1,591 @@
+//! Liveness: how every rank learns within seconds that another rank is gone, whatever it was doing.
+//!
+//! Besides its request connection, every rank of a job of two or more keeps a second connection to the rendezvous
+//! store, the *watch*. Both ends send a one-byte beat a few times per peer timeout. The store's end of a watch
+//! declares its rank lost when the connection closes without a goodbye (the process exited or was killed: the
+//! kernel closes its sockets at once) or when no beat came for the peer timeout (the process is stopped or cut off
+//! from the network). Only the first loss is kept, so ranks that fail *because* of it are not blamed, and it is sent
+//! to every watch at once; blocking store requests end with it too. A rank's end of the watch declares rank 0 lost
+//! when the store (which lives in rank 0's process) closes the watch or falls silent for the peer timeout.
+//!
+//! On a verdict, a rank aborts what could block on the lost rank (its ring links, its store connection), so a
+//! collective in progress returns [`CommError::RankLost`](crate::CommError::RankLost) at once; a caller that is
+//! busy elsewhere (loading data, writing a checkpoint) learns it from [`Liveness::wait_lost`].
+//!
+//! A rank that finishes says goodbye with [`Liveness::leave`] (or by dropping every handle); one that gives up on
+//! an error of its own calls [`Liveness::abandon`], so the others stop at once instead of waiting for it.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::store::Shared;
+use crate::wire::{get_bytes_max, get_u64, get_u8, put_bytes, put_u64, put_u8};
+
+/// A beat: "still here".
+pub(crate) const BEAT: u8 = 1;
+/// Client to store: this rank is done with the job; its connection closing next is not a loss.
+pub(crate) const LEAVE: u8 = 2;
+/// Store to client: the job lost a rank (rank, host, cause follow).
+pub(crate) const LOST: u8 = 3;
+/// Client to store: this rank gives up on an error of its own.
+pub(crate) const ABANDON: u8 = 4;
+
+/// Longest host or cause text in a loss message.
+const MAX_TEXT: usize = 4096;
+
+/// How often beats go out for a given peer timeout: several per timeout, so one delayed beat is not a loss, and at
+/// least once a second, so a loss notice is never queued behind a long wait.
+pub(crate) fn beat_interval(peer_timeout: Duration) -> Duration {
+    (peer_timeout / 5).clamp(Duration::from_millis(20), Duration::from_secs(1))
+}
+
+/// A rank the job lost, and how that was noticed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostRank {
+    /// The global rank that is gone.
+    pub rank: usize,
+    /// Where it ran, as the store saw its address (for rank 0: the master's `host:port`).
+    pub host: String,
+    /// How the loss was noticed, e.g. "its connection to the rendezvous store closed (the process exited or was
+    /// killed)".
+    pub cause: String,
+}
+
+impl std::fmt::Display for LostRank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "lost rank {} on {}: {}",
+            self.rank, self.host, self.cause
+        )
+    }
+}
+
+pub(crate) fn encode_lost(out: &mut Vec<u8>, lost: &LostRank) {
+    put_u64(out, lost.rank as u64);
+    put_bytes(out, lost.host.as_bytes());
+    put_bytes(out, lost.cause.as_bytes());
+}
+
+pub(crate) fn decode_lost(r: &mut impl Read) -> io::Result<LostRank> {
+    let rank = get_u64(r)? as usize;
+    let host = String::from_utf8_lossy(&get_bytes_max(r, MAX_TEXT)?).into_owned();
+    let cause = String::from_utf8_lossy(&get_bytes_max(r, MAX_TEXT)?).into_owned();
+    Ok(LostRank { rank, host, cause })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Store side
+
+/// One rank's watch as the store sees it.
+pub(crate) struct Member {
+    left: bool,
+    /// The write half, shared by the beats of this watch's thread and loss notices sent from other threads.
+    writer: Arc<Mutex<TcpStream>>,
+}
+
+/// What the store keeps about liveness, inside its state lock.
+#[derive(Default)]
+pub(crate) struct Watches {
+    members: HashMap<usize, Member>,
+    /// The job's first loss; later ones are consequences.
+    pub(crate) lost: Option<LostRank>,
+}
+
+impl Watches {
+    /// Whether `rank` has (or had) a watch.
+    pub(crate) fn is_watched(&self, rank: usize) -> bool {
+        self.members.contains_key(&rank)
+    }
+
+    /// Whether every rank below `world_size` has left the job on purpose.
+    pub(crate) fn all_left(&self, world_size: usize) -> bool {
+        (0..world_size).all(|r| self.members.get(&r).is_some_and(|m| m.left))
+    }
+}
+
+fn lock(m: &Mutex<TcpStream>) -> MutexGuard<'_, TcpStream> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Records `lost` as the job's loss unless one is recorded already, and tells every watching rank.
+pub(crate) fn declare_lost(shared: &Shared, lost: LostRank) {
+    let writers: Vec<Arc<Mutex<TcpStream>>> = {
+        let mut st = shared.lock();
+        if st.watches.lost.is_some() {
+            return;
+        }
+        tracing::error!(rank = lost.rank, host = %lost.host, "{lost}");
+        st.watches.lost = Some(lost.clone());
+        st.watches
+            .members
+            .values()
+            .filter(|m| !m.left)
+            .map(|m| m.writer.clone())
+            .collect()
+    };
+    shared.changed.notify_all();
+    let mut frame = vec![LOST];
+    encode_lost(&mut frame, &lost);
+    for w in writers {
+        // Bounded by the write timeout set when the watch began: a stopped rank cannot hold up the others.
+        let _ = lock(&w).write_all(&frame);
+    }
+}
+
+/// Serves one watch connection (after its `OP_WATCH` request) until the rank leaves or is lost.
+pub(crate) fn serve_watch(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    rank: usize,
+    peer_timeout: Duration,
+) -> io::Result<()> {
+    let beat = beat_interval(peer_timeout);
+    let host = peer.ip().to_string();
+    stream.set_read_timeout(Some(beat))?;
+    stream.set_write_timeout(Some(beat.max(Duration::from_millis(500))))?;
+    let writer = Arc::new(Mutex::new(stream.try_clone()?));
+    let lost_already = {
+        let mut st = shared.lock();
+        let world = st.world_size;
+        let taken = st.watches.members.get(&rank).is_some_and(|m| !m.left);
+        if rank >= world || taken {
+            drop(st);
+            let mut frame = vec![crate::store::ST_ERR];
+            put_bytes(
+                &mut frame,
+                format!("rank {rank} cannot be watched (world_size {world}, or already watched)")
+                    .as_bytes(),
+            );
+            return lock(&writer).write_all(&frame);
+        }
+        st.watches.members.insert(
+            rank,
+            Member {
+                left: false,
+                writer: writer.clone(),
+            },
+        );
+        st.watches.lost.clone()
+    };
+    lock(&writer).write_all(&[crate::store::ST_OK])?;
+    if let Some(lost) = lost_already {
+        let mut frame = vec![LOST];
+        encode_lost(&mut frame, &lost);
+        let _ = lock(&writer).write_all(&frame);
+    }
+    let lose = |cause: String| {
+        declare_lost(
+            shared,
+            LostRank {
+                rank,
+                host: host.clone(),
+                cause,
+            },
+        )
+    };
+    watch_loop(stream, shared, rank, peer_timeout, &writer, &lose);
+    // Closing the store's end tells a rank that said goodbye that it was heard, and ends its watch thread.
+    let _ = lock(&writer).shutdown(Shutdown::Both);
+    Ok(())
+}
+
+fn watch_loop(
+    stream: TcpStream,
+    shared: &Shared,
+    rank: usize,
+    peer_timeout: Duration,
+    writer: &Mutex<TcpStream>,
+    lose: &dyn Fn(String),
+) {
+    let beat = beat_interval(peer_timeout);
+    let mut reader = stream;
+    let mut last_heard = Instant::now();
+    let mut last_beat = Instant::now();
+    loop {
+        match get_u8(&mut reader) {
+            Ok(BEAT) => last_heard = Instant::now(),
+            Ok(LEAVE) => {
+                if let Some(m) = shared.lock().watches.members.get_mut(&rank) {
+                    m.left = true;
+                }
+                shared.changed.notify_all();
+                tracing::debug!(rank, "rank left the job");
+                return;
+            }
+            Ok(ABANDON) => {
+                lose("it stopped on an error of its own (see its log)".into());
+                return;
+            }
+            Ok(other) => {
+                lose(format!("its watch connection sent nonsense ({other})"));
+                return;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => {
+                lose("its connection to the rendezvous store closed (the process exited or was killed)".into());
+                return;
+            }
+        }
+        if last_heard.elapsed() > peer_timeout {
+            lose(format!(
+                "no heartbeat for {:.0} s, the peer timeout (the process is stopped, hung or cut off from the network)",
+                peer_timeout.as_secs_f64()
+            ));
+            return;
+        }
+        if last_beat.elapsed() >= beat {
+            last_beat = Instant::now();
+            if lock(writer).write_all(&[BEAT]).is_err() {
+                lose("its connection to the rendezvous store broke (the process exited or was killed)".into());
+                return;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Rank side
+
+type Aborter = Box<dyn Fn() + Send + Sync>;
+
+/// What the watch thread and the handles share.
+struct Core {
+    verdict: Mutex<Option<LostRank>>,
+    changed: Condvar,
+    aborters: Mutex<Vec<(u64, Aborter)>>,
+    next_aborter: AtomicU64,
+    /// Set once this rank said goodbye (or gave up): the watch closing after that is expected.
+    left: AtomicBool,
+    writer: Mutex<TcpStream>,
+}
+
+impl Core {
+    fn verdict(&self) -> MutexGuard<'_, Option<LostRank>> {
+        self.verdict.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, lost: LostRank) {
+        {
+            let mut v = self.verdict();
+            if v.is_some() {
+                return;
+            }
+            *v = Some(lost);
+        }
+        self.changed.notify_all();
+        for (_, abort) in self
+            .aborters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            abort();
+        }
+    }
+
+    fn say(&self, message: u8) -> io::Result<()> {
+        let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        (&*w).write_all(&[message])
+    }
+}
+
+struct Handle {
+    core: Arc<Core>,
+    rank: usize,
+    world_size: usize,
+    peer_timeout: Duration,
+    /// Rank 0's own store, so that it can wait for the others to leave before its process (and the store) ends.
+    server: Option<Arc<Shared>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Handle {
+    fn finish(&self, message: u8) {
+        if self.core.left.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let sent = self.core.say(message);
+        // Half-close: the store reads the goodbye, then closes its end, which ends the watch thread.
+        let _ = self
+            .core
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown(Shutdown::Write);
+        self.core.changed.notify_all();
+        if sent.is_ok() {
+            if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.finish(LEAVE);
+    }
+}
+
+/// This rank's view of the job's liveness (see the module docs). Cheap to clone; the watch ends with a goodbye
+/// when the last clone (including the one inside the [`Store`](crate::Store)) is dropped.
+#[derive(Clone)]
+pub struct Liveness {
+    handle: Arc<Handle>,
+}
+
+impl std::fmt::Debug for Liveness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Liveness")
+            .field("rank", &self.handle.rank)
+            .field("lost", &self.lost())
+            .finish()
+    }
+}
+
+/// Removes an abort action when the thing it aborts is dropped.
+pub(crate) struct AbortRegistration {
+    core: Arc<Core>,
+    id: u64,
+}
+
+impl Drop for AbortRegistration {
+    fn drop(&mut self) {
+        self.core
+            .aborters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl Liveness {
+    /// Starts watching over `stream`, a connection on which the store accepted `OP_WATCH` for `rank`.
+    pub(crate) fn start(
+        stream: TcpStream,
+        rank: usize,
+        world_size: usize,
+        peer_timeout: Duration,
+        master: String,
+        server: Option<Arc<Shared>>,
+    ) -> io::Result<Liveness> {
+        let beat = beat_interval(peer_timeout);
+        stream.set_read_timeout(Some(beat))?;
+        stream.set_write_timeout(Some(beat.max(Duration::from_millis(500))))?;
+        let core = Arc::new(Core {
+            verdict: Mutex::new(None),
+            changed: Condvar::new(),
+            aborters: Mutex::new(Vec::new()),
+            next_aborter: AtomicU64::new(0),
+            left: AtomicBool::new(false),
+            writer: Mutex::new(stream.try_clone()?),
+        });
+        let thread = {
+            let core = core.clone();
+            std::thread::Builder::new()
+                .name(format!("hytrain-watch-{rank}"))
+                .spawn(move || watch(stream, &core, peer_timeout, &master))?
+        };
+        Ok(Liveness {
+            handle: Arc::new(Handle {
+                core,
+                rank,
+                world_size,
+                peer_timeout,
+                server,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// The rank the job lost, if any.
+    pub fn lost(&self) -> Option<LostRank> {
+        self.handle.core.verdict().clone()
+    }
+
+    /// Blocks until the job loses a rank (its [`LostRank`]), this rank leaves (`None`), or `timeout` passes
+    /// (`None`; `timeout: None` waits without limit).
+    pub fn wait_lost(&self, timeout: Option<Duration>) -> Option<LostRank> {
+        let core = &self.handle.core;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut v = core.verdict();
+        loop {
+            if v.is_some() {
+                return v.clone();
+            }
+            if core.left.load(Ordering::SeqCst) {
+                return None;
+            }
+            let wait = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(w) if !w.is_zero() => w,
+                    _ => return None,
+                },
+                // Rechecks `left` now and then; a goodbye also notifies.
+                None => Duration::from_secs(1),
+            };
+            v = core
+                .changed
+                .wait_timeout(v, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Says goodbye: this rank is done with the job, so its process ending is not a loss. Rank 0, whose process
+    /// hosts the store, then waits (at most the peer timeout) until every other rank has left too, so that a rank
+    /// still finishing does not see the store vanish and take it for a loss.
+    pub fn leave(&self) {
+        self.handle.finish(LEAVE);
+        if let Some(server) = &self.handle.server {
+            let deadline = Instant::now() + self.handle.peer_timeout;
+            let world = self.handle.world_size;
+            let done = server.wait_until(deadline, |st| {
+                st.watches.all_left(world) || st.watches.lost.is_some()
+            });
+            if !done {
+                tracing::warn!(
+                    rank = self.handle.rank,
+                    "not every rank left the job within the peer timeout; rank 0 exits anyway"
+                );
+            }
+        }
+    }
+
+    /// Gives up on an error of this rank's own: every other rank is told at once that this rank is lost.
+    pub fn abandon(&self) {
+        self.handle.finish(ABANDON);
+    }
+
+    /// Runs `abort` once the job loses a rank (at once if it has already), until the registration is dropped.
+    pub(crate) fn on_lost(&self, abort: impl Fn() + Send + Sync + 'static) -> AbortRegistration {
+        let core = &self.handle.core;
+        let id = core.next_aborter.fetch_add(1, Ordering::SeqCst);
+        core.aborters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((id, Box::new(abort)));
+        if core.verdict().is_some() {
+            abort_all(core);
+        }
+        AbortRegistration {
+            core: core.clone(),
+            id,
+        }
+    }
+
+    /// Test hook: the watch closes without a goodbye, as when the process is killed.
+    #[cfg(test)]
+    pub(crate) fn sever(&self) {
+        self.handle.core.left.store(true, Ordering::SeqCst);
+        let _ = self
+            .handle
+            .core
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown(Shutdown::Both);
+    }
+}
+
+fn abort_all(core: &Core) {
+    for (_, abort) in core
+        .aborters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        abort();
+    }
+}
+
+/// The watch thread: beats to the store, reads its beats and loss notices, and records a verdict.
+fn watch(mut stream: TcpStream, core: &Core, peer_timeout: Duration, master: &str) {
+    let beat = beat_interval(peer_timeout);
+    let store_lost = |cause: String| LostRank {
+        rank: 0,
+        host: master.to_string(),
+        cause,
+    };
+    let mut last_heard = Instant::now();
+    let mut last_beat: Option<Instant> = None;
+    loop {
+        let left = core.left.load(Ordering::SeqCst);
+        if !left && last_beat.is_none_or(|t| t.elapsed() >= beat) {
+            last_beat = Some(Instant::now());
+            if core.say(BEAT).is_err() && !core.left.load(Ordering::SeqCst) {
+                core.record(store_lost(
+                    "the rendezvous store it hosts broke the connection (rank 0 exited or was killed)".into(),
+                ));
+                return;
+            }
+        }
+        match get_u8(&mut stream) {
+            Ok(BEAT) => last_heard = Instant::now(),
+            Ok(LOST) => {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                match decode_lost(&mut stream) {
+                    Ok(lost) => core.record(lost),
+                    Err(e) => core.record(store_lost(format!(
+                        "the rendezvous store sent a broken loss notice: {e}"
+                    ))),
+                }
+                return;
+            }
+            Ok(other) => {
+                core.record(store_lost(format!(
+                    "the rendezvous store sent nonsense on the watch ({other})"
+                )));
+                return;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if core.left.load(Ordering::SeqCst) {
+                    // Said goodbye; the store closes its end soon, but nothing more is needed from it.
+                    if last_heard.elapsed() > peer_timeout {
+                        return;
+                    }
+                } else if last_heard.elapsed() > peer_timeout {
+                    core.record(store_lost(format!(
+                        "the rendezvous store it hosts sent nothing for {:.0} s, the peer timeout (rank 0 is stopped, \
+                         hung or cut off from the network)",
+                        peer_timeout.as_secs_f64()
+                    )));
+                    return;
+                }
+            }
+            Err(_) => {
+                if !core.left.load(Ordering::SeqCst) {
+                    core.record(store_lost(
+                        "the rendezvous store it hosts closed the connection (rank 0 exited or was killed)".into(),
+                    ));
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// The `OP_WATCH` request: rank and peer timeout.
+pub(crate) fn watch_request(op: u8, rank: usize, peer_timeout: Duration) -> Vec<u8> {
+    let mut frame = Vec::new();
+    put_u8(&mut frame, op);
+    put_u64(&mut frame, rank as u64);
+    put_u64(&mut frame, peer_timeout.as_millis() as u64);
+    frame
+}
