@@ -4,8 +4,10 @@
 //! in a background thread, every rank connects to it (retrying DNS and connection until `rendezvous_timeout`) and
 //! waits until all `world_size` ranks have joined. On top of the store, [`Ring`] links the ranks in a TCP ring and
 //! implements the [`Collective`] operations (allreduce, broadcast, allgather, barrier) on plain slices, chunked and
-//! pipelined so that a large allreduce runs near link bandwidth. With the `mpi` feature and a job started by
-//! `mpirun`, [`init`] picks the MPI backend instead.
+//! pipelined so that a large allreduce runs near link bandwidth. When several ranks share a node, [`init`] by
+//! default reduces between them through a shared-memory segment instead, and across nodes through a ring of the
+//! nodes' local rank 0s ([`Transport`]). With the `mpi` feature and a job started by `mpirun`, [`init`] picks the
+//! MPI backend instead.
 //!
 //! This crate never reads launcher environment variables: the caller (hytrain-cluster) says who this rank is with a
 //! [`Membership`].
@@ -49,6 +51,7 @@ mod liveness;
 mod mpi_backend;
 mod ring;
 mod schedule;
+mod shm;
 mod store;
 mod wire;
 
@@ -58,6 +61,7 @@ pub use liveness::{Liveness, LostRank};
 #[cfg(feature = "mpi")]
 pub use mpi_backend::Mpi;
 pub use ring::{Ring, DEFAULT_SEGMENT_BYTES};
+pub use shm::Transport;
 pub use store::Store;
 
 /// Entry points for the fuzz targets (`fuzz/`) and the tests that replay their corpus: decoders run on arbitrary
@@ -146,6 +150,9 @@ pub struct CommOptions {
     /// the same. `None` (the default): [`JobToken::unconfigured`] of `job_id`, which keeps other jobs and stray
     /// clients out by accident but not by design, and makes rank 0 warn once.
     pub job_token: Option<JobToken>,
+    /// How ranks exchange data: by default ([`Transport::Auto`]) through shared memory between the processes of
+    /// a node (and a ring among the nodes' local rank 0s) whenever ranks share a node, else the TCP ring.
+    pub transport: Transport,
 }
 
 impl CommOptions {
@@ -181,6 +188,7 @@ impl Default for CommOptions {
             peer_timeout: Duration::from_secs(30),
             job_id: "hytrain".into(),
             job_token: None,
+            transport: Transport::Auto,
         }
     }
 }
@@ -257,8 +265,9 @@ pub trait Collective: Send {
 }
 
 /// Starts this rank's collective backend: MPI when the process was launched by `mpirun` (the caller decides, e.g.
-/// from `OMPI_COMM_WORLD_SIZE`) and the `mpi` feature is built, otherwise a rendezvous through the [`Store`] and a
-/// TCP [`Ring`].
+/// from `OMPI_COMM_WORLD_SIZE`) and the `mpi` feature is built, otherwise a rendezvous through the [`Store`] and
+/// the transport [`CommOptions::transport`] selects: shared memory inside each node ("shm", hierarchical across
+/// nodes) or a TCP [`Ring`] ("ring").
 pub fn init(
     m: &Membership,
     launched_by_mpirun: bool,
@@ -287,7 +296,7 @@ pub fn init(
         );
     }
     let store = Store::rendezvous(m, opts)?;
-    Ok(Box::new(Ring::connect(&store, m, opts)?))
+    shm::connect(&store, m, opts)
 }
 
 #[cfg(test)]
@@ -322,6 +331,7 @@ pub(crate) mod testutil {
             peer_timeout: Duration::from_secs(30),
             job_id: "test".into(),
             job_token: None,
+            transport: Transport::Auto,
         }
     }
 

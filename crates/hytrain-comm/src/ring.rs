@@ -305,6 +305,36 @@ impl Ring {
         Ok(ring)
     }
 
+    /// Links a ring of a subset of the job's ranks (the node leaders of the shared-memory transport): `m` gives
+    /// this rank's place in the subset, whose rank 0 must be the job's rank 0 (it hosts the store). Every member
+    /// of the subset must call this the same number of times; generations are counted apart from [`Ring::connect`]
+    /// and offset so that their store keys and handshakes never match a whole-job ring's.
+    pub(crate) fn connect_group(
+        store: &Store,
+        m: &Membership,
+        opts: &CommOptions,
+    ) -> Result<Ring, CommError> {
+        m.validate()?;
+        let mut ring = Ring {
+            rank: m.rank,
+            world: m.world_size,
+            links: None,
+            seq: 0,
+            broken: None,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            steps: Vec::new(),
+            send_steps: Vec::new(),
+            scratch: Vec::new(),
+            widened: Vec::new(),
+        };
+        ring.set_segment_bytes(DEFAULT_SEGMENT_BYTES);
+        if m.world_size > 1 {
+            let generation = (1 << 32) + store.next_generation("ring-group");
+            ring.links = Some(link(store, m, opts, generation)?);
+        }
+        Ok(ring)
+    }
+
     /// Changes the segment size (bytes, rounded down to whole elements, at least one element). Use the same value
     /// on every rank; the default is [`DEFAULT_SEGMENT_BYTES`].
     pub fn set_segment_bytes(&mut self, bytes: usize) {
@@ -679,7 +709,7 @@ fn static_op(name: &str) -> &'static str {
 }
 
 /// One line per field: `reporter`, kind, then the kind's fields.
-fn encode_failure(reporter: usize, e: &CommError) -> String {
+pub(crate) fn encode_failure(reporter: usize, e: &CommError) -> String {
     match e {
         CommError::PeerLost {
             rank,
@@ -693,7 +723,7 @@ fn encode_failure(reporter: usize, e: &CommError) -> String {
     }
 }
 
-fn decode_failure(b: &[u8]) -> Option<CommError> {
+pub(crate) fn decode_failure(b: &[u8]) -> Option<CommError> {
     let s = std::str::from_utf8(b).ok()?;
     let mut f = s.splitn(5, '\n');
     let reporter: usize = f.next()?.parse().ok()?;

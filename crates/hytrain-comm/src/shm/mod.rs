@@ -1,0 +1,741 @@
+//! The shared-memory transport: allreduce between the processes of one node through a segment in /dev/shm, and
+//! between nodes hierarchically (reduce inside each node, a TCP ring among the nodes' local rank 0s, copy back).
+//!
+//! Inside a node every allreduce is cut into rounds of one slot per rank. In each round every rank copies the parts
+//! of its buffer that the other ranks reduce into its own slot, then each rank sums its 1/local_world_size slice
+//! across all slots (its own part straight from its buffer) and writes the result to its buffer and its slot, and
+//! finally copies the other slices' results out of their owners' slots: a reduce-scatter followed by an allgather,
+//! each rank moving about four times its buffer through memory. Two banks of slots alternate, so a round needs only
+//! two barriers. Barriers are epoch words in the segment, waited on by spinning, then yielding, then sleeping.
+//!
+//! A waiting rank checks, a few hundred times a second, whether a rank recorded a failure in the segment, whether
+//! the rank it waits for still exists (`kill(pid, 0)`, and not a zombie), and whether the collective timeout has
+//! passed without that rank making progress; each ends the wait with an error naming the rank.
+//!
+//! Broadcast, allgather and barrier, which move little data in training, use a whole-job TCP [`Ring`] that is also
+//! built here and that carries the set-up's own exchanges.
+
+mod reduce;
+mod segment;
+
+use std::time::{Duration, Instant};
+
+use half::bf16;
+
+use crate::ring::{decode_failure, encode_failure};
+use crate::{Buffer, Collective, CommError, CommOptions, Membership, ReduceOp, Ring, Store};
+use reduce::{sum_into, Elem};
+use segment::{process_gone, Segment};
+
+/// Shared memory the slots of one node may take in all (two banks of `local_world_size` slots).
+const SEGMENT_BUDGET: usize = 16 << 20;
+/// Largest slot: bigger slots mean fewer barriers but data that no longer stays in cache between the copy-in and
+/// the reduction.
+const MAX_SLOT: usize = 1 << 20;
+const MIN_SLOT: usize = 64 << 10;
+/// The leaders' ring reduces a node's sum in pieces of this many bytes and bumps its progress word after each, so
+/// that the node's other ranks, waiting for the result, can tell a slow inter-node allreduce from a stuck leader.
+const LEADER_PIECE: usize = 16 << 20;
+
+const OP_ALLREDUCE: u64 = 1;
+const DT_F32: u64 = 1;
+const DT_F64: u64 = 2;
+const DT_BF16: u64 = 3;
+
+/// How the ranks of a job exchange data; see [`CommOptions::transport`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// Shared memory between the ranks of each node (hierarchical across nodes) when the topology allows it,
+    /// otherwise the TCP ring.
+    #[default]
+    Auto,
+    /// The TCP ring between all ranks, whatever the topology.
+    Ring,
+    /// Shared memory between the ranks of each node; fails at start-up when it cannot be set up.
+    Shm,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Auto => "auto",
+            Transport::Ring => "ring",
+            Transport::Shm => "shm",
+        })
+    }
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Transport::Auto),
+            "ring" => Ok(Transport::Ring),
+            "shm" => Ok(Transport::Shm),
+            other => Err(format!(
+                "unknown transport '{other}'; use auto, ring or shm"
+            )),
+        }
+    }
+}
+
+/// The shared-memory backend (see the module docs); built by [`crate::init`] when the transport allows it.
+pub(crate) struct Shm {
+    rank: usize,
+    world: usize,
+    local_rank: usize,
+    local: usize,
+    nodes: usize,
+    flat: Ring,
+    leaders: Option<Ring>,
+    seg: Segment,
+    pids: Vec<u64>,
+    epoch: u64,
+    round: u64,
+    seq: u64,
+    broken: Option<String>,
+    timeout: Duration,
+    widened: Vec<f32>,
+}
+
+/// Starts the backend `opts.transport` asks for: the shared-memory one when it applies, else the flat ring
+/// (which it also needs).
+pub(crate) fn connect(
+    store: &Store,
+    m: &Membership,
+    opts: &CommOptions,
+) -> Result<Box<dyn Collective>, CommError> {
+    connect_with(store, m, opts, None)
+}
+
+/// [`connect`] with a fixed slot size (tests use tiny slots to cross many rounds).
+pub(crate) fn connect_with(
+    store: &Store,
+    m: &Membership,
+    opts: &CommOptions,
+    slot_bytes: Option<usize>,
+) -> Result<Box<dyn Collective>, CommError> {
+    let mut flat = Ring::connect(store, m, opts)?;
+    if opts.transport == Transport::Ring || m.world_size == 1 {
+        return Ok(Box::new(flat));
+    }
+    let forced = opts.transport == Transport::Shm;
+    let local = match agree_on_topology(&mut flat, m)? {
+        Ok(local) => local,
+        Err(why) if forced => {
+            return Err(CommError::InvalidMembership(format!(
+                "the shm transport cannot be used: {why}"
+            )))
+        }
+        Err(why) => {
+            tracing::debug!(rank = m.rank, "using the TCP ring: {why}");
+            return Ok(Box::new(flat));
+        }
+    };
+    if local == 1 {
+        tracing::debug!(
+            rank = m.rank,
+            "one process per node: nothing to share, using the TCP ring"
+        );
+        return Ok(Box::new(flat));
+    }
+    let slot_bytes = slot_bytes
+        .unwrap_or((SEGMENT_BUDGET / (2 * local)).clamp(MIN_SLOT, MAX_SLOT))
+        .next_multiple_of(64);
+    let local_rank = m.rank % local;
+    let node = m.rank / local;
+    let generation = store.next_generation("shm");
+    let key = format!("shm/{generation}/node/{node}");
+    let mapped: Result<Segment, String> = if local_rank == 0 {
+        let nonce = random_u64();
+        let path = format!(
+            "/dev/shm/hytrain-{}-{node}-{nonce:016x}",
+            sanitize(&opts.job_id)
+        );
+        match Segment::create(&path, local, slot_bytes, nonce) {
+            Ok(seg) => {
+                store.set(&key, format!("ok {nonce} {path}").as_bytes())?;
+                Ok(seg)
+            }
+            Err(e) => {
+                store.set(&key, format!("err {e}").as_bytes())?;
+                Err(e.to_string())
+            }
+        }
+    } else {
+        let published = String::from_utf8_lossy(&store.get(&key)?).into_owned();
+        let mut f = published.splitn(3, ' ');
+        match (f.next(), f.next(), f.next()) {
+            (Some("ok"), Some(nonce), Some(path)) if path.starts_with("/dev/shm/hytrain-") => {
+                match nonce.parse::<u64>() {
+                    Ok(nonce) => Segment::attach(path, local, slot_bytes, nonce)
+                        .map_err(|e| format!("{e} (is local rank 0 on another host?)")),
+                    Err(_) => Err(format!("local rank 0 published a bad nonce: {published}")),
+                }
+            }
+            (Some("err"), ..) => Err(format!(
+                "local rank 0 could not create the segment: {}",
+                &published[4.min(published.len())..]
+            )),
+            _ => Err(format!(
+                "local rank 0 published an unreadable segment name: {published}"
+            )),
+        }
+    };
+    // Every rank learns whether every node mapped its segment before anyone commits to it.
+    let mut failures = [if mapped.is_err() { 1.0f32 } else { 0.0 }];
+    flat.allreduce(Buffer::F32(&mut failures), ReduceOp::Sum)?;
+    let mut seg = match mapped {
+        Ok(seg) if failures[0] == 0.0 => seg,
+        outcome => {
+            let why = match outcome {
+                Err(why) => why,
+                Ok(_) => format!(
+                    "{} rank(s) of the job could not map their node's segment (see their logs)",
+                    failures[0]
+                ),
+            };
+            if forced {
+                return Err(CommError::InvalidMembership(format!(
+                    "rank {}: the shm transport cannot be used: {why}",
+                    m.rank
+                )));
+            }
+            tracing::warn!(
+                rank = m.rank,
+                "shared memory unavailable, using the TCP ring: {why}"
+            );
+            return Ok(Box::new(flat));
+        }
+    };
+    // Every local rank has mapped it (the vote above waited for all); the name is no longer needed.
+    seg.unlink();
+    seg.pid(local_rank).store(
+        std::process::id() as u64,
+        std::sync::atomic::Ordering::Release,
+    );
+    let nodes = m.world_size / local;
+    let leaders = if nodes > 1 && local_rank == 0 {
+        let me = Membership {
+            rank: node,
+            world_size: nodes,
+            local_rank: 0,
+            local_world_size: 1,
+            master_addr: m.master_addr.clone(),
+            master_port: m.master_port,
+        };
+        Some(Ring::connect_group(store, &me, opts).map_err(|e| remap(e, local))?)
+    } else {
+        None
+    };
+    let mut shm = Shm {
+        rank: m.rank,
+        world: m.world_size,
+        local_rank,
+        local,
+        nodes,
+        flat,
+        leaders,
+        seg,
+        pids: vec![0; local],
+        epoch: 0,
+        round: 0,
+        seq: 0,
+        broken: None,
+        timeout: opts.collective_timeout,
+        widened: Vec::new(),
+    };
+    // The pids are read after a barrier, so every local rank's is there.
+    shm.barrier_local("set-up")?;
+    for r in 0..local {
+        shm.pids[r] = shm.seg.pid(r).load(std::sync::atomic::Ordering::Acquire);
+    }
+    tracing::debug!(
+        rank = m.rank,
+        local,
+        nodes,
+        slot_bytes,
+        "shared-memory transport ready"
+    );
+    Ok(Box::new(shm))
+}
+
+/// Gathers every rank's (local_rank, local_world_size) and checks that the job is `nodes` blocks of
+/// `local_world_size` consecutive ranks, as launchers number them (node_rank * local_world_size + local_rank).
+/// Every rank sees the same data, so every rank reaches the same answer.
+fn agree_on_topology(flat: &mut Ring, m: &Membership) -> Result<Result<usize, String>, CommError> {
+    let mut mine = [0u8; 16];
+    mine[..8].copy_from_slice(&(m.local_rank as u64).to_le_bytes());
+    mine[8..].copy_from_slice(&(m.local_world_size as u64).to_le_bytes());
+    let mut all = vec![0u8; 16 * m.world_size];
+    flat.allgather(&mine, &mut all)?;
+    let local = m.local_world_size;
+    for (r, entry) in all.chunks(16).enumerate() {
+        let lr = u64::from_le_bytes(entry[..8].try_into().unwrap_or_default()) as usize;
+        let lws = u64::from_le_bytes(entry[8..].try_into().unwrap_or_default()) as usize;
+        if lws != local {
+            return Ok(Err(format!(
+                "rank {r} has local_world_size {lws} but rank {} has {local}; every node must run the same \
+                 number of processes",
+                m.rank
+            )));
+        }
+        if lr != r % local {
+            return Ok(Err(format!(
+                "rank {r} has local_rank {lr}, not {}: ranks must be numbered node_rank * local_world_size + \
+                 local_rank",
+                r % local
+            )));
+        }
+    }
+    if m.world_size % local != 0 {
+        return Ok(Err(format!(
+            "world_size {} is not a multiple of local_world_size {local}",
+            m.world_size
+        )));
+    }
+    Ok(Ok(local))
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    match getrandom::getrandom(&mut b) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => fastrand::u64(..),
+    }
+}
+
+/// The job id as a file-name part: letters, digits, '-' and '_' only, at most 32 characters.
+fn sanitize(job_id: &str) -> String {
+    job_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(32)
+        .collect()
+}
+
+/// A leaders' ring numbers nodes; errors name the node's local rank 0, the job rank a user can find.
+fn remap(e: CommError, local: usize) -> CommError {
+    match e {
+        CommError::PeerLost {
+            rank,
+            during,
+            cause,
+        } => CommError::PeerLost {
+            rank: rank * local,
+            during,
+            cause,
+        },
+        CommError::Timeout { rank, during, secs } => CommError::Timeout {
+            rank: rank * local,
+            during,
+            secs,
+        },
+        CommError::Remote { rank, message } => CommError::Remote {
+            rank: rank * local,
+            message,
+        },
+        other => other,
+    }
+}
+
+fn describe(desc: [u64; 3]) -> String {
+    let dtype = match desc[0] >> 8 {
+        DT_F32 => "f32",
+        DT_F64 => "f64",
+        DT_BF16 => "bf16",
+        _ => "unknown",
+    };
+    format!("allreduce of {} {dtype} values", desc[2])
+}
+
+/// Splits `c` elements into `parts` nearly equal slices; slice `i`.
+fn slice(c: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
+    c * i / parts..c * (i + 1) / parts
+}
+
+/// How a typed buffer reaches the leaders' ring.
+trait RingElem: Elem {
+    fn buffer(s: &mut [Self]) -> Buffer<'_>;
+}
+
+impl RingElem for f32 {
+    fn buffer(s: &mut [f32]) -> Buffer<'_> {
+        Buffer::F32(s)
+    }
+}
+
+impl RingElem for f64 {
+    fn buffer(s: &mut [f64]) -> Buffer<'_> {
+        Buffer::F64(s)
+    }
+}
+
+impl Shm {
+    fn usable(&self) -> Result<(), CommError> {
+        match &self.broken {
+            Some(why) => Err(CommError::Broken(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the backend unusable and tells the node's other ranks, so that they stop waiting for this one.
+    fn fail(&mut self, e: CommError) -> CommError {
+        if !matches!(e, CommError::Broken(_)) {
+            self.seg
+                .record_failure(self.local_rank, &encode_failure(self.rank, &e));
+            self.broken = Some(e.to_string());
+        }
+        e
+    }
+
+    fn global(&self, local_rank: usize) -> usize {
+        self.rank - self.local_rank + local_rank
+    }
+
+    /// The failure another local rank recorded, in the form it was recorded.
+    fn recorded_failure(&self, by: usize) -> CommError {
+        let until = Instant::now() + Duration::from_secs(1);
+        loop {
+            if let Some(message) = self.seg.failure_message() {
+                return match decode_failure(message.as_bytes()) {
+                    Some(e @ (CommError::PeerLost { .. } | CommError::Timeout { .. })) => e,
+                    Some(CommError::Remote { message, .. }) | Some(CommError::Broken(message)) => {
+                        CommError::Remote {
+                            rank: self.global(by),
+                            message,
+                        }
+                    }
+                    _ => CommError::Remote {
+                        rank: self.global(by),
+                        message,
+                    },
+                };
+            }
+            if Instant::now() >= until {
+                return CommError::Remote {
+                    rank: self.global(by),
+                    message: "it failed during a shared-memory collective (see its log)".into(),
+                };
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Waits until local rank `r` has reached barrier epoch `target`.
+    fn wait_for(&self, r: usize, target: u64, during: &'static str) -> Result<(), CommError> {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        let epoch = self.seg.epoch(r);
+        if epoch.load(Acquire) >= target {
+            return Ok(());
+        }
+        let mut progress = self.seg.progress(r).load(Relaxed);
+        let mut deadline = Instant::now() + self.timeout;
+        let mut next_liveness = Instant::now();
+        let mut spins = 0u64;
+        loop {
+            if epoch.load(Acquire) >= target {
+                return Ok(());
+            }
+            spins += 1;
+            if spins < 256 {
+                std::hint::spin_loop();
+                continue;
+            }
+            if spins < 20_000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            if spins % 16 != 0 {
+                continue;
+            }
+            if let Some(by) = self.seg.failed_rank() {
+                return Err(self.recorded_failure(by));
+            }
+            let now = Instant::now();
+            let p = self.seg.progress(r).load(Relaxed);
+            if p != progress {
+                progress = p;
+                deadline = now + self.timeout;
+            }
+            if now >= deadline {
+                return Err(CommError::Timeout {
+                    rank: self.global(r),
+                    during,
+                    secs: self.timeout.as_secs(),
+                });
+            }
+            if now >= next_liveness {
+                let pid = self.pids.get(r).copied().filter(|p| *p != 0);
+                let pid = pid.unwrap_or_else(|| self.seg.pid(r).load(Acquire));
+                if process_gone(pid) {
+                    return Err(CommError::PeerLost {
+                        rank: self.global(r),
+                        during,
+                        cause: "process exited".into(),
+                    });
+                }
+                next_liveness = now + Duration::from_millis(20);
+            }
+        }
+    }
+
+    /// Returns once every local rank has reached this barrier.
+    fn barrier_local(&mut self, during: &'static str) -> Result<(), CommError> {
+        self.epoch += 1;
+        self.seg
+            .epoch(self.local_rank)
+            .store(self.epoch, std::sync::atomic::Ordering::Release);
+        for r in 0..self.local {
+            if r != self.local_rank {
+                self.wait_for(r, self.epoch, during)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes this collective's description and checks every local rank called the same one.
+    fn check_call(&mut self, desc: [u64; 3]) -> Result<(), CommError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (i, w) in desc.iter().enumerate() {
+            self.seg
+                .desc(self.local_rank, self.seq, i)
+                .store(*w, Relaxed);
+        }
+        self.barrier_local("allreduce")?;
+        for r in 0..self.local {
+            let theirs = [0, 1, 2].map(|i| self.seg.desc(r, self.seq, i).load(Relaxed));
+            if theirs != desc {
+                return Err(CommError::Mismatch(format!(
+                    "rank {} called {} as collective #{} but this rank called {} as collective #{}; every rank \
+                     must issue the same collectives in the same order with the same sizes",
+                    self.global(r),
+                    describe(theirs),
+                    theirs[1],
+                    describe(desc),
+                    desc[1]
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn slot<T: Elem>(&self, bank: usize, r: usize, len: usize) -> *mut T {
+        debug_assert!(len * std::mem::size_of::<T>() <= self.seg.slot_bytes());
+        // SAFETY: inside bank `bank`, which holds `local` slots.
+        unsafe { self.seg.bank(bank).add(r * self.seg.slot_bytes()) as *mut T }
+    }
+
+    /// Sums `buf` over the node's ranks; every rank (or, with `leader_only`, only local rank 0) ends with the
+    /// node's sum, divided by `avg_over` when given.
+    fn reduce_node<T: Elem>(
+        &mut self,
+        buf: &mut [T],
+        leader_only: bool,
+        avg_over: Option<usize>,
+    ) -> Result<(), CommError> {
+        let cap = self.seg.slot_bytes() / std::mem::size_of::<T>();
+        let (me, local) = (self.local_rank, self.local);
+        let mut others: Vec<&[T]> = Vec::with_capacity(local - 1);
+        let mut off = 0;
+        while off < buf.len() {
+            let c = cap.min(buf.len() - off);
+            let bank = (self.round % 2) as usize;
+            self.round += 1;
+            let chunk = &mut buf[off..off + c];
+            let mine = self.slot::<T>(bank, me, c);
+            // SAFETY (all slot slices below): the barriers give each slot range one writer per phase (module
+            // docs), and `c` elements fit in a slot.
+            let my_slot = unsafe { std::slice::from_raw_parts_mut(mine, c) };
+            for j in (0..local).filter(|j| *j != me) {
+                let s = slice(c, local, j);
+                my_slot[s.clone()].copy_from_slice(&chunk[s]);
+            }
+            self.barrier_local("allreduce")?;
+            let s = slice(c, local, me);
+            others.clear();
+            for j in (0..local).filter(|j| *j != me) {
+                others.push(unsafe {
+                    std::slice::from_raw_parts(self.slot::<T>(bank, j, c).add(s.start), s.len())
+                });
+            }
+            let my_slot = unsafe { std::slice::from_raw_parts_mut(mine, c) };
+            sum_into(
+                &mut chunk[s.clone()],
+                &others,
+                Some(&mut my_slot[s.clone()]),
+                avg_over,
+            );
+            others.clear();
+            self.barrier_local("allreduce")?;
+            if !leader_only || me == 0 {
+                for j in (0..local).filter(|j| *j != me) {
+                    let s = slice(c, local, j);
+                    let theirs = unsafe {
+                        std::slice::from_raw_parts(self.slot::<T>(bank, j, c).add(s.start), s.len())
+                    };
+                    chunk[s].copy_from_slice(theirs);
+                }
+            }
+            off += c;
+        }
+        Ok(())
+    }
+
+    /// Copies local rank 0's `buf` to the node's other ranks through both banks.
+    fn broadcast_node<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
+        let cap = self.seg.slot_bytes() * self.local / std::mem::size_of::<T>();
+        let mut off = 0;
+        while off < buf.len() {
+            let c = cap.min(buf.len() - off);
+            let bank = (self.round % 2) as usize;
+            self.round += 1;
+            let region = self.slot::<T>(bank, 0, 0);
+            if self.local_rank == 0 {
+                // This bank was last read two rounds ago; every reader has finished with it once it has entered
+                // the previous round's barrier.
+                for r in 1..self.local {
+                    self.wait_for(r, self.epoch, "allreduce")?;
+                }
+                // SAFETY: a bank holds `local` contiguous slots, so `cap` elements, and no reader reads it now.
+                unsafe { std::slice::from_raw_parts_mut(region, c) }
+                    .copy_from_slice(&buf[off..off + c]);
+            }
+            self.epoch += 1;
+            self.seg
+                .epoch(self.local_rank)
+                .store(self.epoch, std::sync::atomic::Ordering::Release);
+            if self.local_rank != 0 {
+                self.wait_for(0, self.epoch, "allreduce")?;
+                // SAFETY: the leader wrote this bank before entering the barrier just passed and does not write
+                // it again before this rank enters the next one.
+                buf[off..off + c].copy_from_slice(unsafe { std::slice::from_raw_parts(region, c) });
+            }
+            off += c;
+        }
+        // The readers must be done with both banks before anyone reuses them.
+        self.barrier_local("allreduce")
+    }
+
+    fn allreduce_typed<T: RingElem>(
+        &mut self,
+        buf: &mut [T],
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        let avg = (op == ReduceOp::Avg).then_some(self.world);
+        if self.nodes == 1 {
+            return self.reduce_node(buf, false, avg);
+        }
+        self.reduce_node(buf, true, None)?;
+        if let Some(ring) = self.leaders.as_mut() {
+            let piece = (LEADER_PIECE / std::mem::size_of::<T>()).max(1);
+            for part in buf.chunks_mut(piece) {
+                ring.allreduce(T::buffer(part), ReduceOp::Sum)
+                    .map_err(|e| remap(e, self.local))?;
+                self.seg
+                    .progress(0)
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            if let Some(n) = avg {
+                let d = T::count(n);
+                for x in buf.iter_mut() {
+                    *x = T::narrow(x.widen() / d);
+                }
+            }
+        }
+        self.broadcast_node(buf)
+    }
+
+    fn allreduce_any(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
+        let (dtype, len) = match &buf {
+            Buffer::F32(b) => (DT_F32, b.len()),
+            Buffer::F64(b) => (DT_F64, b.len()),
+            Buffer::Bf16(b) => (DT_BF16, b.len()),
+        };
+        let seq = self.seq;
+        let checked = self.check_call([OP_ALLREDUCE | (dtype << 8), seq, len as u64]);
+        self.seq += 1;
+        checked?;
+        match buf {
+            Buffer::F32(b) => self.allreduce_typed(b, op),
+            Buffer::F64(b) => self.allreduce_typed(b, op),
+            Buffer::Bf16(b) if self.nodes == 1 => {
+                let avg = (op == ReduceOp::Avg).then_some(self.world);
+                self.reduce_node(b, false, avg)
+            }
+            Buffer::Bf16(b) => {
+                // Partial sums cross nodes as f32 so the only rounding to bf16 is the final one, as in the ring.
+                let mut wide = std::mem::take(&mut self.widened);
+                wide.clear();
+                wide.extend(b.iter().map(|x| x.to_f32()));
+                let result = self.allreduce_typed(&mut wide, ReduceOp::Sum);
+                if result.is_ok() {
+                    let n = if op == ReduceOp::Avg {
+                        self.world as f32
+                    } else {
+                        1.0
+                    };
+                    for (d, s) in b.iter_mut().zip(&wide) {
+                        *d = bf16::from_f32(*s / n);
+                    }
+                }
+                self.widened = wide;
+                result
+            }
+        }
+    }
+}
+
+impl Collective for Shm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn backend(&self) -> &'static str {
+        "shm"
+    }
+
+    fn allreduce(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
+        self.usable()?;
+        self.allreduce_any(buf, op).map_err(|e| self.fail(e))
+    }
+
+    fn broadcast(&mut self, bytes: &mut [u8], root: usize) -> Result<(), CommError> {
+        self.usable()?;
+        let r = self.flat.broadcast(bytes, root);
+        r.map_err(|e| match e {
+            e @ CommError::InvalidArgument { .. } => e,
+            e => self.fail(e),
+        })
+    }
+
+    fn allgather(&mut self, input: &[u8], output: &mut [u8]) -> Result<(), CommError> {
+        self.usable()?;
+        let r = self.flat.allgather(input, output);
+        r.map_err(|e| match e {
+            e @ CommError::InvalidArgument { .. } => e,
+            e => self.fail(e),
+        })
+    }
+
+    fn barrier(&mut self) -> Result<(), CommError> {
+        self.usable()?;
+        let r = self.flat.barrier();
+        r.map_err(|e| self.fail(e))
+    }
+}
+
+#[cfg(test)]
+mod tests;
