@@ -244,6 +244,10 @@ struct CommArgs {
     /// exits naming it. A rank that dies outright is noticed at once.
     #[arg(long, env = "HYTRAIN_PEER_TIMEOUT", default_value = "30", value_parser = parse_deadline)]
     peer_timeout: Duration,
+    /// How ranks exchange data: auto (shared memory between the processes of a node, a ring between nodes),
+    /// ring (TCP between all ranks) or shm (shared memory, failing at start-up if it cannot be set up).
+    #[arg(long, env = "HYTRAIN_COMM_TRANSPORT", default_value = "auto")]
+    comm_transport: hytrain::comm::Transport,
 }
 
 impl CommArgs {
@@ -253,6 +257,7 @@ impl CommArgs {
             collective_timeout: self.collective_timeout,
             peer_timeout: self.peer_timeout,
             job_token: Some(hytrain::job_token(plan)),
+            transport: self.comm_transport,
             ..CommOptions::default()
         }
     }
