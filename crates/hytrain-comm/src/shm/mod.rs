@@ -6,7 +6,8 @@
 //! across all slots (its own part straight from its buffer) and writes the result to its buffer and its slot, and
 //! finally copies the other slices' results out of their owners' slots: a reduce-scatter followed by an allgather,
 //! each rank moving about four times its buffer through memory. Two banks of slots alternate, so a round needs only
-//! two barriers. Barriers are epoch words in the segment, waited on by spinning, then yielding, then sleeping.
+//! two barriers. Barriers are epoch words in the segment, waited on by spinning briefly, then sleeping on a futex
+//! that the arriving rank wakes.
 //!
 //! A waiting rank checks, a few hundred times a second, whether a rank recorded a failure in the segment, whether
 //! the rank it waits for still exists (`kill(pid, 0)`, and not a zombie), and whether the collective timeout has
@@ -25,13 +26,13 @@ use half::bf16;
 use crate::ring::{decode_failure, encode_failure};
 use crate::{Buffer, Collective, CommError, CommOptions, Membership, ReduceOp, Ring, Store};
 use reduce::{sum_into, Elem};
-use segment::{process_gone, Segment};
+use segment::{process_gone, wait_while, wake, Segment};
 
 /// Shared memory the slots of one node may take in all (two banks of `local_world_size` slots).
-const SEGMENT_BUDGET: usize = 16 << 20;
+const SEGMENT_BUDGET: usize = 32 << 20;
 /// Largest slot: bigger slots mean fewer barriers but data that no longer stays in cache between the copy-in and
 /// the reduction.
-const MAX_SLOT: usize = 1 << 20;
+const MAX_SLOT: usize = 4 << 20;
 const MIN_SLOT: usize = 64 << 10;
 /// The leaders' ring reduces a node's sum in pieces of this many bytes and bumps its progress word after each, so
 /// that the node's other ranks, waiting for the result, can tell a slow inter-node allreduce from a stuck leader.
@@ -441,7 +442,8 @@ impl Shm {
         let mut next_liveness = Instant::now();
         let mut spins = 0u64;
         loop {
-            if epoch.load(Acquire) >= target {
+            let seen = epoch.load(Acquire);
+            if seen >= target {
                 return Ok(());
             }
             spins += 1;
@@ -449,14 +451,9 @@ impl Shm {
                 std::hint::spin_loop();
                 continue;
             }
-            if spins < 20_000 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
-            if spins % 16 != 0 {
-                continue;
-            }
+            // Epochs only grow, so a changed low half is all a sleeper needs to notice; the timeout bounds the
+            // time between failure and liveness checks.
+            wait_while(epoch, seen, Duration::from_millis(2));
             if let Some(by) = self.seg.failed_rank() {
                 return Err(self.recorded_failure(by));
             }
@@ -488,12 +485,17 @@ impl Shm {
         }
     }
 
+    /// Publishes this rank's next barrier epoch and wakes whoever sleeps on it.
+    fn arrive(&mut self) {
+        self.epoch += 1;
+        let word = self.seg.epoch(self.local_rank);
+        word.store(self.epoch, std::sync::atomic::Ordering::Release);
+        wake(word);
+    }
+
     /// Returns once every local rank has reached this barrier.
     fn barrier_local(&mut self, during: &'static str) -> Result<(), CommError> {
-        self.epoch += 1;
-        self.seg
-            .epoch(self.local_rank)
-            .store(self.epoch, std::sync::atomic::Ordering::Release);
+        self.arrive();
         for r in 0..self.local {
             if r != self.local_rank {
                 self.wait_for(r, self.epoch, during)?;
@@ -609,10 +611,7 @@ impl Shm {
                 unsafe { std::slice::from_raw_parts_mut(region, c) }
                     .copy_from_slice(&buf[off..off + c]);
             }
-            self.epoch += 1;
-            self.seg
-                .epoch(self.local_rank)
-                .store(self.epoch, std::sync::atomic::Ordering::Release);
+            self.arrive();
             if self.local_rank != 0 {
                 self.wait_for(0, self.epoch, "allreduce")?;
                 // SAFETY: the leader wrote this bank before entering the barrier just passed and does not write

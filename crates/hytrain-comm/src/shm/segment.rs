@@ -277,6 +277,41 @@ impl Drop for Segment {
     }
 }
 
+/// Sleeps until `word` may have changed from `seen`, a wake-up from [`wake`] or `timeout`, whichever is first.
+///
+/// A futex on the word's low half (little-endian hosts only, which lib.rs enforces): waiting ranks leave the CPU
+/// to the rank they wait for, which matters when ranks outnumber free cores.
+pub(crate) fn wait_while(word: &AtomicU64, seen: u64, timeout: std::time::Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: the address is a live, aligned word of the shared mapping; FUTEX_WAIT only reads it. Not the
+    // PRIVATE variant: the waker is another process.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr() as *const u32,
+            libc::FUTEX_WAIT,
+            seen as u32,
+            &ts as *const libc::timespec,
+        );
+    }
+}
+
+/// Wakes every rank sleeping in [`wait_while`] on `word`.
+pub(crate) fn wake(word: &AtomicU64) {
+    // SAFETY: as in `wait_while`.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr() as *const u32,
+            libc::FUTEX_WAKE,
+            i32::MAX,
+        );
+    }
+}
+
 /// Whether process `pid` is gone: it no longer exists, or it is a zombie its parent has not reaped yet.
 pub(crate) fn process_gone(pid: u64) -> bool {
     if pid == 0 || pid > i32::MAX as u64 {
