@@ -5,16 +5,20 @@
 //! cargo xtask setup     # CPU libtorch in .libtorch (from PyPI's torch wheel), Open MPI + libclang for the tests
 //! cargo xtask demo      # setup, build hytrain, run the demo job with 2 local workers
 //! cargo xtask test      # setup, then the whole test suite (extra arguments go to `cargo test`)
-//! cargo xtask bench     # setup, the allreduce and step-time benches, each beside PyTorch on the same machine
+//! cargo xtask bench     # setup, every comparison with a peer (allreduce, step time, S3 read, launch to first
+//!                       # step), each beside the peer on the same machine, ending in one table of ratios
 //! cargo xtask gpu-check # pack the GPU check (kernels, NCCL, timings beside PyTorch) for a machine with a GPU
 //! cargo xtask fuzz      # each fuzz target in fuzz/ for 60 s under cargo-fuzz (installed if missing)
 //! ```
 
 mod demo_data;
+mod first_step;
 mod fuzz;
 mod gpu_check;
 mod requirements;
+mod scale_sim;
 mod setup;
+mod summary;
 mod venv;
 mod wheel;
 
@@ -34,12 +38,21 @@ tasks:
                   libclang for the tests if missing; a second run does nothing
   demo            setup, build hytrain, run the demo job with 2 local workers
   test [ARGS]     setup, then `cargo test --workspace --features mpi [ARGS]`
-  bench [ARGS]    setup, `cargo bench --bench allreduce [ARGS]` beside PyTorch's gloo (benches/gloo_allreduce.py),
-                  then `cargo bench --bench step_time` beside PyTorch DDP (benches/ddp_step.py)
+  bench [--only PARTS] [ARGS]
+                  setup, then every comparison with a peer, in one run, ending in one table of ratios:
+                  allreduce  `cargo bench --bench allreduce [ARGS]`: ring and shm beside PyTorch's gloo
+                  step       `cargo bench --bench step_time`: LeNet and ResNet-18 beside PyTorch DDP
+                  s3         crates/hytrain-data/benches/s3_read.py: beside s3torchconnector and boto3
+                  launch     `hytrain launch` to the first step beside torchrun (benches/first_step.py)
+                  --only allreduce,launch runs some of them
   fuzz [--seconds N] [TARGET...]
                   run each fuzz target (fuzz/fuzz_targets: launcher_env, train_config, store_wire,
                   webdataset_shard, npy, cifar) under cargo-fuzz for N s (default 60), installing cargo-fuzz
                   0.13.2 if missing; prints runs, execs/s, corpus size and crashes; exits 1 on a crash
+  scale-sim [--hytrain PATH] [-- TRAIN ARGS]
+                  as root: 4 network namespaces on a bridge as nodes, ResNet-18 with 1, 2 and 4 nodes (one
+                  process each) with and without a 1 Gbit/s limit per link; step time and scaling efficiency.
+                  TRAIN ARGS go to every `hytrain train`; --hytrain skips the release build. Not part of `test`
   gpu-check       build hytrain-gpu-check and pack it with its scripts in target/gpu-check, to run on a GPU
                   machine with PyTorch (kernels against their CPU references, NCCL, timings beside PyTorch)
 
@@ -57,6 +70,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&rest),
         Some("gpu-check") if rest.is_empty() => gpu_check::gpu_check(&root()),
         Some("fuzz") => fuzz::fuzz(&root(), &rest),
+        Some("scale-sim") => scale_sim(&rest),
         // Not in USAGE: for whoever wants the path of the demo's dataset (the last line printed).
         Some("demo-data") if rest.is_empty() => demo_data::digits(&root()).map(|path| {
             println!("{}", path.display());
@@ -257,51 +271,378 @@ fn demo() -> Result<u8> {
 }
 
 fn build_binary(root: &Path, name: &str) -> Result<PathBuf> {
+    let built = build(root, &["--bin", name])?;
+    built
+        .into_iter()
+        .find_map(|(target, exe)| (target == name).then_some(exe))
+        .with_context(|| format!("cargo built no `{name}` executable"))
+}
+
+/// `cargo build ARGS`; returns (target name, executable) of every executable it built.
+fn build(root: &Path, args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
     let mut command = cargo(root);
-    command.args([
-        "build",
-        "--bin",
-        name,
-        "--message-format=json-render-diagnostics",
-    ]);
+    command
+        .arg("build")
+        .args(args)
+        .arg("--message-format=json-render-diagnostics");
     command.stderr(std::process::Stdio::inherit());
     let output = command.output().context("cannot run cargo")?;
     if !output.status.success() {
-        bail!("`cargo build --bin {name}` failed (errors above)");
+        bail!("`cargo build {}` failed (errors above)", args.join(" "));
     }
-    String::from_utf8_lossy(&output.stdout)
+    Ok(String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == name)
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .with_context(|| format!("cargo built no `{name}` executable"))
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .filter_map(|m| {
+            let exe = m["executable"].as_str()?;
+            Some((
+                m["target"]["name"].as_str()?.to_string(),
+                PathBuf::from(exe),
+            ))
+        })
+        .collect())
+}
+
+/// The comparisons `cargo xtask bench` runs, in order.
+const BENCH_PARTS: &[&str] = &["allreduce", "step", "s3", "launch"];
+
+/// Splits `--only a,b` off the bench's arguments; the rest go to criterion.
+fn bench_parts(args: &[OsString]) -> Result<(Vec<&'static str>, Vec<OsString>)> {
+    let mut parts: Vec<&'static str> = BENCH_PARTS.to_vec();
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--only" {
+            let list = it
+                .next()
+                .and_then(|l| l.to_str())
+                .context("--only needs a list such as allreduce,launch")?;
+            parts = list
+                .split(',')
+                .map(|p| {
+                    BENCH_PARTS
+                        .iter()
+                        .find(|known| **known == p.trim())
+                        .copied()
+                        .with_context(|| {
+                            format!(
+                                "unknown bench part '{p}'; the parts are {}",
+                                BENCH_PARTS.join(", ")
+                            )
+                        })
+                })
+                .collect::<Result<_>>()?;
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    Ok((parts, rest))
 }
 
 fn bench(args: &[OsString]) -> Result<u8> {
     let started = Instant::now();
     let root = root();
+    let (parts, criterion_args) = bench_parts(args)?;
     gloo_peer(&root)?;
     setup::libtorch(&root)?;
     let python = venv::bench_venv(&root)?;
-    let mut command = cargo(&root);
-    command
-        .args(["bench", "--bench", "allreduce"])
-        .args(args)
-        .env("HYTRAIN_BENCH_PYTHON", &python);
-    println!("bench: {}", show(&command));
-    // The bench itself runs the gloo peer with HYTRAIN_BENCH_PYTHON, in the same run, and prints both side by side.
-    let code = status_code(&mut command)?;
-    // Training step time of LeNet and ResNet-18 beside PyTorch DDP on gloo (benches/ddp_step.py), also in one run.
-    // ARGS are criterion's for the allreduce bench; step_time takes none.
-    let mut step_time = cargo(&root);
-    step_time
-        .args(["bench", "--bench", "step_time"])
-        .env("HYTRAIN_BENCH_PYTHON", &python);
-    println!("bench: {}", show(&step_time));
-    let step_code = status_code(&mut step_time)?;
-    let code = if code != 0 { code } else { step_code };
+    // Every part appends its comparisons here; the table at the end is read back from it.
+    let summary_file = env::temp_dir().join(format!("hytrain-bench-{}.jsonl", std::process::id()));
+    let _ = fs::remove_file(&summary_file);
+    let mut missing = Vec::new();
+    let mut code = 0u8;
+    for part in &parts {
+        let outcome = match *part {
+            "allreduce" => {
+                let mut command = cargo(&root);
+                command
+                    .args(["bench", "--bench", "allreduce"])
+                    .args(&criterion_args)
+                    .env("HYTRAIN_BENCH_PYTHON", &python)
+                    .env("HYTRAIN_BENCH_SUMMARY", &summary_file);
+                println!("bench: {}", show(&command));
+                // The bench runs the gloo peer with HYTRAIN_BENCH_PYTHON itself, in the same run.
+                status_code(&mut command)
+            }
+            "step" => {
+                // Training step time of LeNet and ResNet-18 beside PyTorch DDP on gloo (benches/ddp_step.py).
+                let mut command = cargo(&root);
+                command
+                    .args(["bench", "--bench", "step_time"])
+                    .env("HYTRAIN_BENCH_PYTHON", &python)
+                    .env("HYTRAIN_BENCH_SUMMARY", &summary_file);
+                println!("bench: {}", show(&command));
+                status_code(&mut command)
+            }
+            "s3" => s3_read(&root, &python, &summary_file).map(|()| 0),
+            _ => launch_to_first_step(&root, &python, &summary_file).map(|()| 0),
+        };
+        match outcome {
+            Ok(0) => {}
+            Ok(c) => {
+                missing.push(format!("{part}: exited with code {c} (output above)"));
+                code = c;
+            }
+            Err(e) => {
+                missing.push(format!("{part}: {e:#}"));
+                code = 1;
+            }
+        }
+    }
+    let rows = summary::read(&summary_file)?;
+    let _ = fs::remove_file(&summary_file);
+    println!(
+        "\nbench: every comparison of this run ({} cores; ratios are hytrain / peer, both measured in this run)\n{}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        summary::table(&rows, &missing)?
+    );
     println!("bench: finished in {} (exit code {code})", elapsed(started));
     Ok(code)
+}
+
+/// Appends one comparison to the bench's summary file.
+fn summarize(file: &Path, row: serde_json::Value) -> Result<()> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .with_context(|| format!("cannot open {}", file.display()))?;
+    writeln!(f, "{row}").with_context(|| format!("cannot write {}", file.display()))
+}
+
+/// S3 read throughput of hytrain's S3 source beside s3torchconnector and boto3, all against the same local s3s-fs
+/// server (crates/hytrain-data/benches/s3_read.py).
+fn s3_read(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
+    let has_peers = || {
+        Command::new(python)
+            .args(["-c", "import boto3, s3torchconnector"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_peers() {
+        println!(
+            "bench: installing boto3 and s3torchconnector into {}",
+            venv::BENCH_VENV
+        );
+        // torch stays the pinned one: s3torchconnector would otherwise pull the newest.
+        run(Command::new(python).args([
+            "-m",
+            "pip",
+            "install",
+            "--no-cache-dir",
+            "boto3",
+            "s3torchconnector",
+            &format!("torch=={}", wheel::TORCH_VERSION),
+        ]))?;
+    }
+    let built = build(root, &["--release", "-p", "hytrain-data", "--examples"])?;
+    let examples = built
+        .iter()
+        .find(|(name, _)| name == "s3_server")
+        .and_then(|(_, exe)| exe.parent().map(Path::to_path_buf))
+        .context("cargo built no s3_server example")?;
+    let json = env::temp_dir().join(format!("hytrain-s3-bench-{}.json", std::process::id()));
+    let runs = env::var("HYTRAIN_S3_BENCH_RUNS").unwrap_or_else(|_| "3".into());
+    let mut command = Command::new(python);
+    command
+        .arg(root.join("crates/hytrain-data/benches/s3_read.py"))
+        .arg("--examples")
+        .arg(&examples)
+        .args(["--runs", &runs, "--json"])
+        .arg(&json);
+    println!("bench: {}", show(&command));
+    run(&mut command)?;
+    let text =
+        fs::read_to_string(&json).with_context(|| format!("cannot read {}", json.display()))?;
+    let _ = fs::remove_file(&json);
+    let v: serde_json::Value = serde_json::from_str(&text).context("s3_read.py wrote bad JSON")?;
+    let mb = |reader: &str| {
+        v["results"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["reader"] == reader))
+            .and_then(|r| r["mb_per_s"].as_f64())
+    };
+    let ours = mb("hytrain S3 source").context("s3_read.py measured no 'hytrain S3 source'")?;
+    let shards = v["shards"].as_u64().unwrap_or(0);
+    for (peer, target) in [("s3torchconnector", ">=1"), ("boto3, 8 threads", "")] {
+        // Without the high-level package the script measures the connector's client directly.
+        let theirs = mb(peer)
+            .or_else(|| {
+                (peer == "s3torchconnector")
+                    .then(|| mb("s3torchconnectorclient"))
+                    .flatten()
+            })
+            .with_context(|| format!("s3_read.py measured no '{peer}'"))?;
+        summarize(
+            summary_file,
+            serde_json::json!({
+                "comparison": format!("S3 read, {shards} shards from local s3s-fs"), "unit": "MB/s",
+                "higher_is_better": true, "hytrain": ours, "peer_name": peer, "peer": theirs, "target": target,
+            }),
+        )?;
+    }
+    Ok(())
+}
+
+/// Wall time from starting the launcher to the first completed training step: `hytrain launch` with 2 workers
+/// training the digits MLP beside `torchrun --standalone` with 2 workers running the PyTorch DDP equivalent
+/// (benches/first_step.py); median of several alternating rounds after one warm-up round each.
+fn launch_to_first_step(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
+    let digits = demo_data::digits(root)?;
+    println!("bench: building hytrain (release) for launch to first step");
+    let built = build(root, &["--release", "--bin", "hytrain"])?;
+    let hytrain = built
+        .into_iter()
+        .find_map(|(name, exe)| (name == "hytrain").then_some(exe))
+        .context("cargo built no hytrain executable")?;
+    let torchrun = python.with_file_name("torchrun");
+    let script = root.join("benches/first_step.py");
+    let rounds: usize = env::var("HYTRAIN_FIRST_STEP_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5)
+        .max(1);
+    let limit = std::time::Duration::from_secs(300);
+    let scratch = env::temp_dir().join(format!("hytrain-first-step-{}", std::process::id()));
+    let ours = |round: usize| {
+        let out = scratch.join(format!("run-{round}"));
+        let under = |name: &str| out.join(name).into_os_string();
+        let mut c = Command::new(&hytrain);
+        c.args(["launch", "--nproc-per-node", "2", "--"])
+            .arg(&hytrain)
+            .args(["train", "--model", "mlp", "--data"])
+            .arg(&digits)
+            .args([
+                "--max-steps",
+                "1",
+                "--log-interval",
+                "1",
+                "--batch-size",
+                "32",
+            ])
+            .args([
+                "--lr",
+                "0.01",
+                "--momentum",
+                "0.5",
+                "--no-resume",
+                "--model-dir",
+            ])
+            .arg(under("model"))
+            .arg("--checkpoint-dir")
+            .arg(under("checkpoints"))
+            .arg("--output-dir")
+            .arg(under("output"))
+            .env("OMP_NUM_THREADS", "1")
+            .current_dir(root);
+        c
+    };
+    let theirs = || {
+        let mut c = Command::new(&torchrun);
+        c.args(["--standalone", "--nproc-per-node", "2"])
+            .arg(&script)
+            .arg("--data")
+            .arg(&digits)
+            .env("OMP_NUM_THREADS", "1")
+            .current_dir(root);
+        c
+    };
+    println!(
+        "bench: launch to first step, 1 warm-up + {rounds} rounds each, alternating:\n  {}\n  {}",
+        show(&ours(0)),
+        show(&theirs())
+    );
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for round in 0..=rounds {
+        // Rounds alternate which side goes first, so a load that rises or falls favours neither.
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut pair = [0.0f64; 2];
+        for side in order {
+            let t = if side == 0 {
+                first_step::time_to_marker(&mut ours(round), first_step::MARKER, limit)
+            } else {
+                first_step::time_to_marker(&mut theirs(), first_step::MARKER, limit)
+            };
+            pair[side] = t?.as_secs_f64();
+        }
+        let _ = fs::remove_dir_all(&scratch);
+        if round == 0 {
+            println!(
+                "bench:   warm-up: hytrain {:.2} s, torchrun {:.2} s",
+                pair[0], pair[1]
+            );
+            continue;
+        }
+        println!(
+            "bench:   round {round}: hytrain {:.2} s, torchrun {:.2} s",
+            pair[0], pair[1]
+        );
+        a.push(pair[0]);
+        b.push(pair[1]);
+    }
+    let (ours_s, theirs_s) = (first_step::median(&a), first_step::median(&b));
+    println!(
+        "bench: launch to first step, median of {rounds}: hytrain {ours_s:.2} s, torchrun {theirs_s:.2} s ({:.2}x)",
+        ours_s / theirs_s
+    );
+    summarize(
+        summary_file,
+        serde_json::json!({
+            "comparison": "launch to first step, 2 processes (digits MLP)", "unit": "s",
+            "higher_is_better": false, "hytrain": ours_s, "peer_name": "torchrun + PyTorch DDP",
+            "peer": theirs_s, "target": "<=0.5",
+        }),
+    )
+}
+
+fn scale_sim(args: &[OsString]) -> Result<u8> {
+    let (given, extra) = scale_sim_args(args)?;
+    let hytrain = match given {
+        Some(path) => path,
+        None => {
+            let root = root();
+            setup::libtorch(&root)?;
+            println!("scale-sim: building hytrain (release)");
+            build(&root, &["--release", "--bin", "hytrain"])?
+                .into_iter()
+                .find_map(|(name, exe)| (name == "hytrain").then_some(exe))
+                .context("cargo built no hytrain executable")?
+        }
+    };
+    scale_sim::scale_sim(&hytrain, &extra)
+}
+
+/// `[--hytrain PATH] [-- TRAIN ARGS]`.
+fn scale_sim_args(args: &[OsString]) -> Result<(Option<PathBuf>, Vec<String>)> {
+    let mut hytrain = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--hytrain" {
+            let path = PathBuf::from(
+                it.next()
+                    .context("--hytrain needs the path of a hytrain binary")?,
+            );
+            if !path.is_file() {
+                bail!("--hytrain {}: no such file", path.display());
+            }
+            hytrain = Some(path);
+        } else if a == "--" {
+            return Ok((
+                hytrain,
+                it.map(|a| a.to_string_lossy().into_owned()).collect(),
+            ));
+        } else {
+            bail!(
+                "scale-sim takes [--hytrain PATH] [-- TRAIN ARGS], not `{}`",
+                a.to_string_lossy()
+            );
+        }
+    }
+    Ok((hytrain, Vec::new()))
 }
 
 /// The Python script that measures PyTorch's gloo allreduce beside hytrain's.
@@ -455,6 +796,42 @@ mod tests {
             gloo_peer(dir.path()).unwrap(),
             dir.path().join("benches/gloo_allreduce.py")
         );
+    }
+
+    #[test]
+    fn bench_parts_are_picked_by_name_and_the_rest_goes_to_criterion() {
+        let args: Vec<OsString> = ["--only", "launch,allreduce", "--warm-up-time", "1"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let (parts, rest) = bench_parts(&args).unwrap();
+        assert_eq!(parts, ["launch", "allreduce"]);
+        assert_eq!(rest, ["--warm-up-time", "1"]);
+        let (all, _) = bench_parts(&[]).unwrap();
+        assert_eq!(all, BENCH_PARTS);
+        let e = bench_parts(&[OsString::from("--only"), OsString::from("gpu")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown bench part 'gpu'; the parts are allreduce, step, s3, launch"
+        );
+    }
+
+    #[test]
+    fn scale_sim_takes_a_binary_and_train_args_and_refuses_anything_else() {
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let (bin, extra) =
+            scale_sim_args(&os(&["--hytrain", "/bin/sh", "--", "--bucket-mb", "5"])).unwrap();
+        assert_eq!(bin, Some(PathBuf::from("/bin/sh")));
+        assert_eq!(extra, ["--bucket-mb", "5"]);
+        assert_eq!(scale_sim_args(&[]).unwrap(), (None, vec![]));
+        let e = scale_sim_args(&os(&["--nodes", "8"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not `--nodes`"), "{e}");
+        let e = scale_sim_args(&os(&["--hytrain", "/nonexistent/hytrain"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no such file"), "{e}");
     }
 
     #[test]
