@@ -449,6 +449,11 @@ fn drive() -> Result<()> {
             );
         }
     }
+    for (model_name, ours, theirs) in &rows {
+        if let (Ok(a), Ok(b)) = (ours, theirs) {
+            summarize(model_name, a.median_ms, b.median_ms)?;
+        }
+    }
     let mut failures = Vec::new();
     for (model_name, ours, theirs) in &rows {
         for e in [ours, theirs].into_iter().filter_map(|m| m.as_ref().err()) {
@@ -463,4 +468,24 @@ fn drive() -> Result<()> {
     } else {
         bail!("{} of {} sides failed", failures.len(), rows.len() * 2)
     }
+}
+
+/// Appends a row to the summary file `cargo xtask bench` prints its one table from (HYTRAIN_BENCH_SUMMARY).
+fn summarize(model_name: &str, ours_ms: f64, theirs_ms: f64) -> Result<()> {
+    let Ok(path) = std::env::var("HYTRAIN_BENCH_SUMMARY") else {
+        return Ok(());
+    };
+    // Issue 8's targets: LeNet at most 0.8x PyTorch DDP's step time, ResNet-18 at most 1.0x.
+    let target = if model_name == "lenet" { "<=0.8" } else { "<=1.0" };
+    let row = serde_json::json!({
+        "comparison": format!("step time {model_name}, {WORLD} processes"), "unit": "ms", "higher_is_better": false,
+        "hytrain": ours_ms, "peer_name": "PyTorch DDP (gloo)", "peer": theirs_ms, "target": target,
+    });
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the summary file {path}"))?;
+    use std::io::Write;
+    writeln!(f, "{row}").with_context(|| format!("cannot write {path}"))
 }
