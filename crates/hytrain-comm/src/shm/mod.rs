@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
 use half::bf16;
 
 use crate::ring::{decode_failure, encode_failure};
-use crate::{Buffer, Collective, CommError, CommOptions, Membership, ReduceOp, Ring, Store};
+use crate::store::VERDICT_WAIT;
+use crate::{
+    Buffer, Collective, CommError, CommOptions, Liveness, Membership, ReduceOp, Ring, Store,
+};
 use reduce::{sum_into, Elem};
 use segment::{process_gone, wait_while, wake, Segment};
 
@@ -89,6 +92,8 @@ pub(crate) struct Shm {
     local: usize,
     nodes: usize,
     flat: Ring,
+    /// The store's liveness watch (kept by the whole-job ring): it names a lost rank, also on another node.
+    liveness: Option<Liveness>,
     leaders: Option<Ring>,
     seg: Segment,
     pids: Vec<u64>,
@@ -230,7 +235,9 @@ pub(crate) fn connect_with(
     } else {
         None
     };
+    let liveness = flat.liveness();
     let mut shm = Shm {
+        liveness,
         rank: m.rank,
         world: m.world_size,
         local_rank,
@@ -457,6 +464,9 @@ impl Shm {
             if let Some(by) = self.seg.failed_rank() {
                 return Err(self.recorded_failure(by));
             }
+            if let Some(lost) = self.liveness.as_ref().and_then(Liveness::lost) {
+                return Err(CommError::RankLost(lost));
+            }
             let now = Instant::now();
             let p = self.seg.progress(r).load(Relaxed);
             if p != progress {
@@ -474,6 +484,14 @@ impl Shm {
                 let pid = self.pids.get(r).copied().filter(|p| *p != 0);
                 let pid = pid.unwrap_or_else(|| self.seg.pid(r).load(Acquire));
                 if process_gone(pid) {
+                    // The store's verdict, where there is one, is what every rank of the job reports.
+                    if let Some(lost) = self
+                        .liveness
+                        .as_ref()
+                        .and_then(|l| l.wait_lost(Some(VERDICT_WAIT)))
+                    {
+                        return Err(CommError::RankLost(lost));
+                    }
                     return Err(CommError::PeerLost {
                         rank: self.global(r),
                         during,
@@ -733,6 +751,10 @@ impl Collective for Shm {
         self.usable()?;
         let r = self.flat.barrier();
         r.map_err(|e| self.fail(e))
+    }
+
+    fn liveness(&self) -> Option<Liveness> {
+        self.liveness.clone()
     }
 }
 
