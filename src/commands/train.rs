@@ -13,7 +13,7 @@ use clap::{Arg, ArgMatches};
 
 use crate::cluster::{InputMode, Plan};
 use super::device::{self, DeviceRequest};
-use crate::comm::{Collective, CommOptions, ReduceOp, Ring, Store};
+use crate::comm::{Collective, CommOptions, ReduceOp, Store};
 use crate::data::source::{self, OpenOptions};
 use crate::data::{Dataset, DatasetOptions, Loader, LoaderConfig, Remainder, SamplerConfig, Split};
 use crate::train::config::{self, ConfigSources, Layered, Origin};
@@ -384,8 +384,9 @@ pub fn run(
             (comm, None)
         } else {
             let store = Store::rendezvous(&membership, &args.comm).context("cannot join the other ranks")?;
-            let ring = Ring::connect(&store, &membership, &args.comm).context("cannot join the other ranks")?;
-            (Box::new(ring), Some(store))
+            let comm = crate::comm::connect(&store, &membership, &args.comm)
+                .context("cannot join the other ranks")?;
+            (comm, Some(store))
         };
     // From here on a lost rank ends this one too, and this rank failing ends the others.
     let watchdog =

@@ -296,7 +296,19 @@ pub fn init(
         );
     }
     let store = Store::rendezvous(m, opts)?;
-    shm::connect(&store, m, opts)
+    connect(&store, m, opts)
+}
+
+/// The collective over a store every rank has already joined: the TCP ring, with shared memory between the ranks
+/// of one node when [`CommOptions::transport`] allows. For callers that keep the store for more (a GPU job passes
+/// NCCL's unique id through it); [`init`] does both steps.
+pub fn connect(
+    store: &Store,
+    m: &Membership,
+    opts: &CommOptions,
+) -> Result<Box<dyn Collective>, CommError> {
+    m.validate()?;
+    shm::connect(store, m, opts)
 }
 
 #[cfg(test)]
