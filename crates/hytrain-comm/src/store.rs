@@ -2018,7 +2018,9 @@ mod tests {
             let e = store
                 .get_timeout("never", Duration::from_secs(60))
                 .unwrap_err();
-            Some((live.lost(), e))
+            // The store's answer to the request and its verdict on the watch travel on two connections; either
+            // may arrive first.
+            Some((live.wait_lost(Some(Duration::from_secs(10))), e))
         });
         assert!(
             started.elapsed() < Duration::from_secs(30),

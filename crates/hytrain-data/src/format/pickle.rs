@@ -9,7 +9,8 @@
 //! cleanly.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ops::Deref;
 use std::rc::Rc;
 
 /// A value on the pickle machine's stack.
@@ -144,6 +145,59 @@ struct Machine {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u64, Value>,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        teardown(self.stack.drain(..).chain(self.memo.drain().map(|(_, v)| v)));
+    }
+}
+
+/// What [`load`] built. A pickle can make a list or dict that holds itself (APPEND of a memoized or DUPed list),
+/// which reference counting alone never frees; dropping this empties every list and dict reachable from the value
+/// and the machine's memo, so a hostile file cannot leak memory each time it is read.
+#[derive(Debug)]
+pub(crate) struct Pickled {
+    value: Value,
+    leftovers: Vec<Value>,
+}
+
+impl Deref for Pickled {
+    type Target = Value;
+    fn deref(&self) -> &Value {
+        &self.value
+    }
+}
+
+impl Drop for Pickled {
+    fn drop(&mut self) {
+        let value = std::mem::replace(&mut self.value, Value::None);
+        teardown(std::iter::once(value).chain(self.leftovers.drain(..)));
+    }
+}
+
+/// Empties every list and dict reachable from `roots`, breaking reference cycles. Iterative, so a deeply nested
+/// value cannot overflow the stack; tuples are visited once each, so shared sub-tuples cost nothing extra.
+fn teardown(roots: impl Iterator<Item = Value>) {
+    let mut pending: Vec<Value> = roots.collect();
+    let mut seen_tuples = HashSet::new();
+    while let Some(v) = pending.pop() {
+        match v {
+            Value::List(items) => pending.extend(std::mem::take(&mut *items.borrow_mut())),
+            Value::Dict(pairs) => {
+                for (k, v) in std::mem::take(&mut *pairs.borrow_mut()) {
+                    pending.push(k);
+                    pending.push(v);
+                }
+            }
+            Value::Tuple(items) => {
+                if seen_tuples.insert(Rc::as_ptr(&items)) {
+                    pending.extend(items.iter().cloned());
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Machine {
@@ -312,7 +366,7 @@ fn build(obj: &Value, state: &Value) -> Result<(), String> {
 }
 
 /// Runs a pickle and returns the object it builds.
-pub(crate) fn load(data: &[u8]) -> Result<Value, String> {
+pub(crate) fn load(data: &[u8]) -> Result<Pickled, String> {
     let mut r = Reader { data, pos: 0 };
     let mut m = Machine {
         stack: Vec::new(),
@@ -334,7 +388,11 @@ pub(crate) fn load(data: &[u8]) -> Result<Value, String> {
             0x95 => {
                 r.u64()?; // FRAME: only a read-ahead hint
             }
-            b'.' => return m.pop(),
+            b'.' => {
+                let value = m.pop()?;
+                let leftovers = m.stack.drain(..).chain(m.memo.drain().map(|(_, v)| v)).collect();
+                return Ok(Pickled { value, leftovers });
+            }
             b'(' => m.marks.push(m.stack.len()),
             b'0' => {
                 m.pop()?;
@@ -547,6 +605,32 @@ mod tests {
         let data = b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00ls\x85R.";
         let e = load(data).unwrap_err();
         assert!(e.contains("os.system"), "{e}");
+    }
+
+    #[test]
+    fn a_list_that_holds_itself_is_freed_when_the_result_is_dropped() {
+        // EMPTY_LIST, MEMOIZE, GET 0... as protocol 4: ], \x94 (memo 0), h\x00 (get 0), a (append) -> l = [l].
+        let data = b"\x80\x04]\x94h\x00a.";
+        let v = load(data).unwrap();
+        let Value::List(list) = &*v else {
+            panic!("not a list: {:?}", v.kind());
+        };
+        let weak = Rc::downgrade(list);
+        assert_eq!(list.borrow().len(), 1, "the list should hold itself");
+        drop(v);
+        assert!(weak.upgrade().is_none(), "the self-referencing list leaked");
+
+        // A pickle that fails after building such a cycle leaves it on the machine, which frees it when dropped.
+        assert!(load(b"\x80\x04]\x94h\x00a\xff").is_err());
+        let list = Rc::new(RefCell::new(Vec::new()));
+        list.borrow_mut().push(Value::List(list.clone()));
+        let weak = Rc::downgrade(&list);
+        drop(Machine {
+            stack: vec![Value::List(list)],
+            marks: Vec::new(),
+            memo: HashMap::new(),
+        });
+        assert!(weak.upgrade().is_none(), "a machine dropped on error leaked its cycle");
     }
 
     #[test]
