@@ -1003,12 +1003,15 @@ fn every_injected_fault_is_detected_naming_the_lost_rank_and_loses_no_checkpoint
         .iter()
         .filter_map(|(name, d)| d.map(|d| (d, *name)))
         .max();
-    println!(
+    let summary = format!(
         "fault injection summary (seed {seed}): {injected} faults injected, {} survived (detected correctly, state \
          intact), longest detection time {} ; suite took {:.0} s",
         report.len(),
         longest.map_or("-".into(), |(d, name)| format!("{:.2} s ({name})", d.as_secs_f64())),
         suite.elapsed().as_secs_f64()
     );
+    // Straight to the process's stderr, past the test harness's capture: `cargo xtask test` shows the summary even
+    // when the suite passes.
+    let _ = writeln!(std::io::stderr(), "{summary}");
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
