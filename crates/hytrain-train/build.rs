@@ -1,8 +1,9 @@
 //! torch-sys puts no rpath into what links it; add the libtorch lib folder so this crate's tests and examples run
 //! without LD_LIBRARY_PATH. Also record the libtorch version (from its `build-version` file) for export metadata,
-//! and compile the C++ shim (`csrc/grad_hook.cpp`, `csrc/optim_step.cpp`) against the same libtorch's headers: tch
-//! has no API for autograd hooks, which overlapping gradient allreduces with backward needs, nor the scaled in-place
-//! ops (`add_` with alpha, `addcmul_`/`addcdiv_` with value, `out=`) that optimizer steps without temporaries need.
+//! and compile the C++ shim (`csrc/grad_hook.cpp`, `csrc/optim_step.cpp`, `csrc/autocast.cpp`) against the same
+//! libtorch's headers: tch has no API for autograd hooks, which overlapping gradient allreduces with backward needs,
+//! nor the scaled in-place ops (`add_` with alpha, `addcmul_`/`addcdiv_` with value, `out=`) that optimizer steps
+//! without temporaries need, nor CPU autocast and the GradScaler's unscale kernel that mixed precision needs.
 use std::path::Path;
 
 fn main() {
@@ -22,6 +23,7 @@ fn main() {
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
     println!("cargo:rerun-if-changed=csrc/grad_hook.cpp");
     println!("cargo:rerun-if-changed=csrc/optim_step.cpp");
+    println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     cc::Build::new()
         .cpp(true)
         .pic(true)
@@ -33,5 +35,6 @@ fn main() {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/grad_hook.cpp")
         .file("csrc/optim_step.cpp")
+        .file("csrc/autocast.cpp")
         .compile("hytrain_grad_hook");
 }

@@ -85,6 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     schedule: schedule.clone(),
                     model: "two-conv".into(),
                     optimizer: optimizer.name().into(),
+                    grad_scaler: None,
                 },
             })?;
         }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use tch::{Device, Tensor};
 
+use crate::precision::GradScalerState;
 use crate::schedule::Schedule;
 use crate::{Result, TrainError};
 
@@ -56,6 +57,10 @@ pub struct CheckpointMeta {
     pub model: String,
     /// Optimizer name.
     pub optimizer: String,
+    /// The fp16 loss scaler's state; absent for other precisions and in checkpoints written before hytrain had
+    /// one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_scaler: Option<GradScalerState>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]

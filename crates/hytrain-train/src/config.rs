@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use crate::optim::{AdamWConfig, OptimizerConfig, SgdConfig};
+use crate::precision::Precision;
 use crate::schedule::Schedule;
 use crate::{DdpOptions, Result, TrainError};
 
@@ -60,6 +61,8 @@ pub struct TrainConfig {
     pub bucket_mb: f64,
     /// Overlap each bucket's allreduce with the rest of backward.
     pub overlap: bool,
+    /// Arithmetic of the forward pass: `fp32`, `bf16` (autocast) or `fp16` (autocast and loss scaling).
+    pub precision: Precision,
     /// Seed of weights and data order.
     pub seed: u64,
     /// Optimizer steps between metrics lines.
@@ -94,6 +97,7 @@ impl Default for TrainConfig {
             max_grad_norm: None,
             bucket_mb: 25.0,
             overlap: true,
+            precision: Precision::Fp32,
             seed: 1,
             log_interval: 10,
             checkpoint_every: None,
@@ -122,6 +126,7 @@ pub const KEYS: &[&str] = &[
     "max_grad_norm",
     "bucket_mb",
     "overlap",
+    "precision",
     "seed",
     "log_interval",
     "checkpoint_every",
@@ -149,6 +154,9 @@ pub fn help(key: &str) -> &'static str {
         "max_grad_norm" => "Clip gradients to this global norm",
         "bucket_mb" => "Gradient bucket size in MiB, one allreduce each [default: 25]",
         "overlap" => "Allreduce each bucket during backward as soon as its gradients are ready [default: true]",
+        "precision" => {
+            "fp32, bf16 (autocast, fp32 master weights) or fp16 (autocast and dynamic loss scaling) [default: fp32]"
+        }
         "seed" => "Seed of the initial weights and of the data order [default: 1]",
         "log_interval" => "Optimizer steps between metrics lines [default: 10]",
         "checkpoint_every" => "Optimizer steps between checkpoints (one is also written at each epoch end)",
@@ -273,6 +281,7 @@ impl TrainConfig {
                 _ => return Err(bad(key, format!("must be a positive number of MiB, got '{v}'"))),
             },
             "overlap" => self.overlap = parse_bool(key, &v)?,
+            "precision" => self.precision = v.parse().map_err(|detail: String| bad(key, detail))?,
             "seed" => self.seed = parse_u64(key, &v)?,
             "log_interval" => self.log_interval = parse_positive(key, &v)?,
             "checkpoint_every" => self.checkpoint_every = optional(&v, |v| parse_positive(key, v))?,
@@ -326,6 +335,7 @@ impl TrainConfig {
             grad_accum: self.grad_accum,
             max_grad_norm: self.max_grad_norm,
             overlap: self.overlap,
+            precision: self.precision,
             ..Default::default()
         }
     }

@@ -1,5 +1,5 @@
 //! Data parallelism over a [`Collective`]: identical start on every rank, averaged gradients in buckets,
-//! gradient accumulation, clipping, BatchNorm buffers from rank 0.
+//! gradient accumulation, clipping, BatchNorm buffers from rank 0, mixed precision.
 
 use std::time::Instant;
 
@@ -10,6 +10,7 @@ use crate::bucket::{assign_buckets, reducible, Bucket, MB};
 use crate::model::Model;
 use crate::optim::Optimizer;
 use crate::overlap::{Overlap, RoundError};
+use crate::precision::{Autocast, GradScaler, Precision};
 use crate::{Buffer, Collective, ReduceOp, Result, TrainError};
 
 /// How [`Ddp`] splits and synchronises gradients.
@@ -31,6 +32,10 @@ pub struct DdpOptions {
     /// always take the path without overlap.
     #[serde(default = "overlap_by_default")]
     pub overlap: bool,
+    /// Arithmetic of the forward pass (`--precision`): [`Ddp::train_step`] runs forward and loss under autocast
+    /// for bf16 and fp16, and scales the loss for fp16 (see [`crate::precision`]).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 fn overlap_by_default() -> bool {
@@ -46,6 +51,7 @@ impl Default for DdpOptions {
             max_grad_norm: None,
             broadcast_buffers: true,
             overlap: true,
+            precision: Precision::Fp32,
         }
     }
 }
@@ -98,6 +104,8 @@ pub struct StepOutput {
     pub grad_norm: Option<f64>,
     /// Samples this rank processed.
     pub samples: usize,
+    /// The optimizer step was skipped because the fp16 gradients overflowed (the same on every rank).
+    pub skipped: bool,
 }
 
 /// The layout of one gradient bucket, for logs and tests.
@@ -126,6 +134,10 @@ pub struct Ddp {
     overlap: Option<Overlap>,
     /// Gradient buckets are reduced here, in GPU memory, when set (see [`Ddp::with_device_collective`]).
     device_comm: Option<Box<dyn hytrain_cuda::DeviceCollective>>,
+    /// Loss scaling when the precision is fp16.
+    scaler: Option<GradScaler>,
+    /// The last synchronisation found inf or NaN in the fp16 gradients.
+    overflowed: bool,
 }
 
 impl std::fmt::Debug for Ddp {
@@ -171,7 +183,12 @@ impl Ddp {
             scratch: Vec::new(),
             overlap: None,
             device_comm: None,
+            scaler: None,
+            overflowed: false,
         };
+        if ddp.options.precision == Precision::Fp16 {
+            ddp.scaler = Some(GradScaler::new());
+        }
         ddp.verify_same_model()?;
         for (name, p) in &ddp.params {
             if !reducible(p.kind()) {
@@ -439,10 +456,18 @@ impl Ddp {
     /// Backpropagates `loss` of one micro-batch, scaled by `1/grad_accum`. Gradients accumulate locally; after the
     /// `grad_accum`-th call they are averaged over ranks and `true` is returned: time for the optimizer step. With
     /// [`DdpOptions::overlap`] that last backward pass allreduces each bucket as soon as its gradients are ready.
+    ///
+    /// With fp16 the loss is also multiplied by the loss scale, and the averaged gradients are divided by it again
+    /// before this returns `true`; then [`Ddp::overflowed`] tells whether they held an inf or NaN, in which case
+    /// the optimizer step must be skipped ([`Ddp::train_step`] does so). The check runs on the averaged gradients,
+    /// which are the same on every rank, so every rank decides alike.
     pub fn backward(&mut self, loss: &Tensor) -> Result<bool> {
         let k = self.options.grad_accum;
         let scaled = if k > 1 { loss.f_div_scalar(k as f64) } else { Ok(loss.shallow_clone()) };
-        let scaled = scaled.map_err(|e| TrainError::torch("backward", e))?;
+        let mut scaled = scaled.map_err(|e| TrainError::torch("backward", e))?;
+        if let Some(scaler) = &self.scaler {
+            scaled = scaler.scale_loss(&scaled)?;
+        }
         self.micro_step += 1;
         if self.micro_step < k || self.overlap.is_none() {
             scaled.f_backward().map_err(|e| TrainError::torch("backward", e))?;
@@ -451,11 +476,51 @@ impl Ddp {
             }
             self.micro_step = 0;
             self.sync_gradients()?;
-            return Ok(true);
+        } else {
+            self.micro_step = 0;
+            self.backward_overlapped(&scaled)?;
         }
-        self.micro_step = 0;
-        self.backward_overlapped(&scaled)?;
+        self.unscale_gradients()?;
         Ok(true)
+    }
+
+    /// fp16: divides the averaged gradients by the loss scale, notes whether they overflowed and updates the scale
+    /// (updating before the optimizer step, not after as PyTorch's loop does, changes nothing: the step does not
+    /// read the scale).
+    fn unscale_gradients(&mut self) -> Result<()> {
+        let Some(scaler) = &mut self.scaler else {
+            return Ok(());
+        };
+        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
+        self.overflowed = scaler.unscale(&grads)?;
+        scaler.update(self.overflowed);
+        if self.overflowed {
+            tracing::debug!(rank = self.comm.rank(), scale = scaler.scale(), "fp16 gradients overflowed: step skipped");
+        }
+        Ok(())
+    }
+
+    /// Whether the gradients of the last synchronising [`Ddp::backward`] held an inf or NaN under fp16 loss
+    /// scaling, so that the optimizer step must be skipped. Always `false` for fp32 and bf16.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    /// The fp16 loss scaler (`None` for fp32 and bf16).
+    pub fn grad_scaler(&self) -> Option<&GradScaler> {
+        self.scaler.as_ref()
+    }
+
+    /// The fp16 loss scaler, to restore its state from a checkpoint (`None` for fp32 and bf16).
+    pub fn grad_scaler_mut(&mut self) -> Option<&mut GradScaler> {
+        self.scaler.as_mut()
+    }
+
+    /// Autocast for this engine's precision on the model's device until the guard drops (`None` for fp32); the
+    /// forward pass and loss go inside it, backward outside.
+    pub fn autocast(&self) -> Result<Option<Autocast>> {
+        let device = self.params.first().map_or(Device::Cpu, |(_, p)| p.device());
+        self.options.precision.autocast(device)
     }
 
     /// The last micro-batch's backward with each bucket allreduced as soon as its gradients are final; see
@@ -573,20 +638,29 @@ impl Ddp {
         let mut samples = 0;
         let mut synced = false;
         for (xs, ys) in micro_batches {
-            let logits = self.forward_t(xs, true)?;
-            let loss = cross_entropy(&logits, ys)?;
+            let loss = {
+                let _autocast = self.autocast()?;
+                let logits = self.forward_t(xs, true)?;
+                cross_entropy(&logits, ys)?
+            };
             loss_sum += loss.f_double_value(&[]).map_err(|e| TrainError::torch("reading the loss", e))?;
             samples += xs.size().first().copied().unwrap_or(0) as usize;
             synced = self.backward(&loss)?;
         }
         debug_assert!(synced, "the last micro-batch synchronises");
+        let loss = loss_sum / micro_batches.len() as f64;
+        if self.overflowed {
+            self.zero_grad();
+            return Ok(StepOutput { loss, grad_norm: None, samples, skipped: true });
+        }
+        // After unscaling, so clipping sees the true gradients.
         let grad_norm = match self.options.max_grad_norm {
             Some(max) => Some(self.clip_grad_norm(max)?),
             None => None,
         };
         optimizer.step(lr)?;
         self.zero_grad();
-        Ok(StepOutput { loss: loss_sum / micro_batches.len() as f64, grad_norm, samples })
+        Ok(StepOutput { loss, grad_norm, samples, skipped: false })
     }
 
     /// Sums (or averages) `values` over all ranks in place, as f64; for metrics and evaluation counts.

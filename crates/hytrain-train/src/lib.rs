@@ -39,6 +39,7 @@ pub mod loader;
 pub mod model;
 pub mod optim;
 mod overlap;
+pub mod precision;
 pub mod schedule;
 pub mod trainer;
 
@@ -54,5 +55,6 @@ pub use hytrain_comm::{Buffer, Collective, CommError, ReduceOp};
 pub use loader::LoaderBatches;
 pub use model::{Model, ScriptModel};
 pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
+pub use precision::{Autocast, GradScaler, GradScalerState, Precision};
 pub use schedule::Schedule;
 pub use trainer::{RunPaths, Summary, Trainer};

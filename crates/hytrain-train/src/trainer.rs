@@ -14,6 +14,7 @@ use crate::checkpoint::{latest_valid, Checkpoint, CheckpointMeta, CheckpointStor
 use crate::config::TrainConfig;
 use crate::model;
 use crate::optim::Optimizer;
+use crate::precision::GradScaler;
 use crate::schedule::Schedule;
 use crate::{Ddp, ReduceOp, Result, TrainError};
 
@@ -65,6 +66,10 @@ pub struct Summary {
     pub last_checkpoint: Option<PathBuf>,
     /// Where the model was exported (rank 0 only).
     pub exported_to: Option<PathBuf>,
+    /// Optimizer steps of this run skipped because the fp16 gradients overflowed.
+    pub skipped_steps: u64,
+    /// The fp16 loss scale at the end (`None` for fp32 and bf16).
+    pub loss_scale: Option<f64>,
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -75,6 +80,14 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let pct = |s: f64| if self.elapsed_secs > 0.0 { 100.0 * s / self.elapsed_secs } else { 0.0 };
         writeln!(f, "steps            {} ({} this run), epochs {}", self.steps, self.steps_run, self.epochs)?;
+        if let Some(scale) = self.loss_scale {
+            writeln!(
+                f,
+                "fp16 loss scale  {} at the end, {} steps skipped on inf/NaN gradients",
+                Value::Lr(scale).text(),
+                self.skipped_steps
+            )?;
+        }
         writeln!(
             f,
             "samples          {} at {:.1}/s over {:.1} s",
@@ -164,6 +177,8 @@ struct Run<'a> {
     jsonl: Option<(PathBuf, File)>,
     out: &'a mut (dyn Write + Send),
     batches_per_epoch: u64,
+    /// Steps of this run skipped on fp16 overflow.
+    skipped_steps: u64,
 }
 
 impl Trainer {
@@ -255,6 +270,7 @@ impl Trainer {
             jsonl,
             out: self.out.as_mut(),
             batches_per_epoch: steps_per_epoch * accum,
+            skipped_steps: 0,
         };
 
         let resumed = run.resume(paths)?;
@@ -360,6 +376,7 @@ impl Trainer {
                     step_secs += computing.elapsed().as_secs_f64();
                     step += 1;
                     consumed += accum;
+                    run.skipped_steps += u64::from(out.skipped);
                     samples_local += out.samples as u64;
                     window.add(out.loss, out.samples as u64);
                     bar.set_position(step);
@@ -426,6 +443,8 @@ impl Trainer {
             resumed_from,
             last_checkpoint,
             exported_to: None,
+            skipped_steps: run.skipped_steps,
+            loss_scale: run.ddp.grad_scaler().map(GradScaler::scale),
         };
         if rank == 0 && !stopped {
             if let Some(dir) = &paths.model_dir {
@@ -554,6 +573,11 @@ impl Run<'_> {
         let (Some(path), Some(meta)) = (header.path, header.meta) else {
             return Ok(None);
         };
+        // Every rank has the header, so every rank's scaler continues alike. A checkpoint of another precision
+        // (or from before fp16 existed) has no scaler state: the scaler then starts afresh.
+        if let (Some(state), Some(scaler)) = (&meta.grad_scaler, self.ddp.grad_scaler_mut()) {
+            *scaler = GradScaler::from_state(state.clone());
+        }
         if self.ddp.world_size() > 1 {
             let weights = model::state_tensors(self.ddp.model());
             self.ddp.broadcast_tensors(&weights, "checkpoint weights broadcast from rank 0")?;
@@ -625,6 +649,7 @@ impl Run<'_> {
                 schedule: self.schedule.clone(),
                 model: self.ddp.model().name().to_string(),
                 optimizer: self.optimizer.name().to_string(),
+                grad_scaler: self.ddp.grad_scaler().map(|s| s.state().clone()),
             },
         };
         store.save(&ckpt).map(Some)
@@ -642,13 +667,18 @@ impl Run<'_> {
 
     fn log_train(&mut self, w: &mut Window, epoch: u64, step: u64, lr: f64) -> Result<f64> {
         let (loss, rate) = self.reduce_window(w)?;
-        self.emit(&[
+        let mut fields = vec![
             ("epoch", Value::Int(epoch + 1)),
             ("step", Value::Int(step)),
             ("train_loss", Value::Float(loss, 4)),
             ("lr", Value::Lr(lr)),
             ("samples_per_sec", Value::Float(rate, 1)),
-        ])?;
+        ];
+        if let Some(scaler) = self.ddp.grad_scaler() {
+            fields.push(("loss_scale", Value::Lr(scaler.scale())));
+            fields.push(("skipped_steps", Value::Int(self.skipped_steps)));
+        }
+        self.emit(&fields)?;
         Ok(loss)
     }
 

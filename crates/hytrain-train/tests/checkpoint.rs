@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use common::{deep_copy, identical, seeded};
 use hytrain_train::checkpoint::{list_checkpoints, read_checkpoint};
 use hytrain_train::{
-    latest_valid, model, Checkpoint, CheckpointMeta, CheckpointStore, Ddp, DdpOptions, Optimizer, OptimizerConfig,
-    RngState, Schedule, SgdConfig,
+    latest_valid, model, Checkpoint, CheckpointMeta, CheckpointStore, Ddp, DdpOptions, GradScalerState, Optimizer,
+    OptimizerConfig, RngState, Schedule, SgdConfig,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -23,6 +23,7 @@ fn meta(step: u64) -> CheckpointMeta {
         schedule: Schedule::Cosine { warmup_steps: 5, total_steps: 100, min_factor: 0.0 },
         model: "mlp".into(),
         optimizer: "sgd".into(),
+        grad_scaler: Some(GradScalerState { scale: 1024.0, growth_tracker: 7, ..Default::default() }),
     }
 }
 
@@ -89,6 +90,20 @@ fn checkpoint_round_trip_restores_model_optimizer_and_meta_exactly() {
     ddp.train_step(&[(xs.copy(), ys.copy())], opt.as_mut(), 0.1).unwrap();
     ddp2.train_step(&[(xs, ys)], opt2.as_mut(), 0.1).unwrap();
     assert!(identical(&model::state_tensors(ddp.model()), &model::state_tensors(ddp2.model())));
+}
+
+#[test]
+fn a_checkpoint_written_before_loss_scaling_existed_still_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with(dir.path(), 2, &[6]);
+    let file = dir.path().join("ckpt-6/meta.json");
+    let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(meta["grad_scaler"]["scale"], 1024.0, "the scaler state is saved");
+    meta.as_object_mut().unwrap().remove("grad_scaler");
+    std::fs::write(&file, serde_json::to_vec(&meta).unwrap()).unwrap();
+    let loaded = read_checkpoint(&dir.path().join("ckpt-6")).unwrap();
+    assert_eq!(loaded.meta.grad_scaler, None);
+    assert_eq!(loaded.meta.step, 6);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use hytrain_train::{layer, ConfigSources, OptimizerKind, Origin, Schedule, TrainConfig, TrainError};
+use hytrain_train::{layer, ConfigSources, OptimizerKind, Origin, Precision, Schedule, TrainConfig, TrainError};
 
 fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -55,6 +55,24 @@ fn overlap_is_on_by_default_and_reaches_the_ddp_options() {
 }
 
 #[test]
+fn precision_is_fp32_by_default_and_comes_from_flag_env_or_hyperparameter_into_the_ddp_options() {
+    assert_eq!(TrainConfig::default().precision, Precision::Fp32);
+    let layered = |sources: ConfigSources| layer(&sources).unwrap().config.ddp_options().precision;
+    let hp = map(&[("precision", "\"bf16\"")]);
+    assert_eq!(layered(ConfigSources { hyperparameters: hp.clone(), ..Default::default() }), Precision::Bf16);
+    let env = map(&[("HYTRAIN_PRECISION", "fp16")]);
+    assert_eq!(
+        layered(ConfigSources { hyperparameters: hp.clone(), env: env.clone(), ..Default::default() }),
+        Precision::Fp16
+    );
+    let cli = map(&[("precision", "fp32")]);
+    assert_eq!(layered(ConfigSources { hyperparameters: hp, env, cli }), Precision::Fp32);
+    let sources = ConfigSources { env: map(&[("HYTRAIN_PRECISION", "half")]), ..Default::default() };
+    let msg = layer(&sources).unwrap_err().to_string();
+    assert!(msg.contains("HYTRAIN_PRECISION") && msg.contains("fp32, bf16 or fp16") && msg.contains("'half'"), "{msg}");
+}
+
+#[test]
 fn bad_values_are_refused_with_a_one_line_error_naming_key_and_value() {
     for (key, value, says) in [
         ("lr", "fast", "number"),
@@ -67,6 +85,7 @@ fn bad_values_are_refused_with_a_one_line_error_naming_key_and_value() {
         ("momentum", "NaN", "finite"),
         ("bucket-mb", "0", "positive"),
         ("overlap", "sometimes", "true or false"),
+        ("precision", "fp8", "fp32, bf16 or fp16"),
     ] {
         let msg = TrainConfig::default().apply_hyperparameter(key, value).unwrap_err().to_string();
         assert!(msg.contains(key) && msg.contains(says) && !msg.contains('\n'), "{key}={value}: {msg}");

@@ -1,6 +1,8 @@
-"""PyTorch side of the LeNet parity test: the reference sample's Net, 10 SGD steps (lr 0.01, momentum 0.5) with
+"""PyTorch side of the LeNet parity tests: the reference sample's Net, 10 SGD steps (lr 0.01, momentum 0.5) with
 cross-entropy on fixed batches. Writes the initial weights, the batches, each step's loss and the final weights to
-the safetensors file named on the command line."""
+the safetensors file named on the command line. With a second argument `bf16`, 3 steps with forward and loss under
+torch.autocast("cpu", dtype=torch.bfloat16) instead."""
+import contextlib
 import os
 import sys
 
@@ -33,7 +35,7 @@ class Net(nn.Module):
         return self.fc3(x)
 
 
-def main(out, steps=10, batch=64):
+def main(out, steps=10, batch=64, precision="fp32"):
     torch.set_num_threads(1)
     torch.manual_seed(1)
     net = Net()
@@ -43,7 +45,9 @@ def main(out, steps=10, batch=64):
         x = torch.randn(batch, 3, 32, 32)
         y = torch.randint(0, 10, (batch,))
         opt.zero_grad()
-        loss = F.cross_entropy(net(x), y)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        with autocast:
+            loss = F.cross_entropy(net(x), y)
         loss.backward()
         opt.step()
         saved[f"batch{i}.x"] = x
@@ -55,4 +59,7 @@ def main(out, steps=10, batch=64):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2] == "bf16":
+        main(sys.argv[1], steps=3, precision="bf16")
+    else:
+        main(sys.argv[1])

@@ -1,11 +1,12 @@
 //! Parity with PyTorch itself: the reference LeNet from the same initial weights and batches, trained by
 //! torch.optim.SGD in Python and by hytrain, ends with the same weights; and the optimizers' other options
-//! (weight decay, dampening, Nesterov, AdamW) take the same steps as torch.optim's from the same gradients.
+//! (weight decay, dampening, Nesterov, AdamW) take the same steps as torch.optim's from the same gradients; and a
+//! bf16 autocast step equals one under torch.autocast("cpu", dtype=torch.bfloat16).
 
 mod common;
 
 use common::{max_relative_difference, max_relative_l2_difference, run_python};
-use hytrain_train::{model, AdamWConfig, Ddp, DdpOptions, OptimizerConfig, SgdConfig};
+use hytrain_train::{model, AdamWConfig, Ddp, DdpOptions, OptimizerConfig, Precision, SgdConfig};
 use tch::{Device, Kind, Tensor};
 
 fn strip(tensors: &[(String, Tensor)], prefix: &str) -> Vec<(String, Tensor)> {
@@ -49,6 +50,48 @@ fn lenet_after_10_sgd_steps_matches_pytorch() {
     let l2 = max_relative_l2_difference(&ours, &theirs);
     eprintln!("LeNet after 10 SGD steps vs PyTorch: element-wise {diff:e}, L2 {l2:e} (relative)");
     assert!(diff <= 1e-5 && l2 <= 1e-5, "weights differ from PyTorch's: element-wise {diff:e}, L2 {l2:e} (relative)");
+}
+
+#[test]
+fn lenet_after_3_bf16_autocast_steps_matches_torch_autocast() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("parity-bf16.safetensors");
+    run_python("parity_lenet.py", &[file.as_os_str(), "bf16".as_ref()]);
+    let saved = Tensor::read_safetensors(&file).unwrap();
+    let train = |precision: Precision| {
+        let net = model::build("lenet", 10, &[3, 32, 32], Device::Cpu).unwrap();
+        model::load_state_tensors(net.as_ref(), &strip(&saved, "init.")).unwrap();
+        let mut ddp = Ddp::single(net, DdpOptions { precision, ..Default::default() }).unwrap();
+        let mut sgd =
+            OptimizerConfig::Sgd(SgdConfig { momentum: 0.5, ..Default::default() }).build(ddp.parameters()).unwrap();
+        let mut worst_loss = 0.0f64;
+        for i in 0..3 {
+            let x = get(&saved, &format!("batch{i}.x")).shallow_clone();
+            let y = get(&saved, &format!("batch{i}.y")).shallow_clone();
+            let out = ddp.train_step(&[(x, y)], sgd.as_mut(), 0.01).unwrap();
+            let torch_loss = get(&saved, &format!("loss{i}")).double_value(&[0]);
+            worst_loss = worst_loss.max((out.loss - torch_loss).abs() / torch_loss.abs());
+        }
+        (model::state_tensors(ddp.model()), worst_loss)
+    };
+    let theirs = strip(&saved, "final.");
+    let (ours, worst_loss) = train(Precision::Bf16);
+    assert!(ours.iter().all(|(_, t)| t.kind() == Kind::Float), "master weights left float32");
+    let diff = max_relative_difference(&ours, &theirs);
+    let l2 = max_relative_l2_difference(&ours, &theirs);
+    let (fp32, _) = train(Precision::Fp32);
+    let fp32_diff = max_relative_difference(&fp32, &theirs);
+    eprintln!(
+        "LeNet after 3 bf16 autocast steps vs PyTorch: loss {worst_loss:e}, element-wise {diff:e}, L2 {l2:e} \
+         (relative); the same steps in fp32: element-wise {fp32_diff:e}"
+    );
+    // Same libtorch version on both sides (measured: bit-identical); the bound allows for a CPU whose bf16 kernels
+    // round differently.
+    assert!(worst_loss <= 1e-4, "losses differ from PyTorch's by {worst_loss:e} (relative)");
+    assert!(diff <= 1e-4 && l2 <= 1e-4, "weights differ from PyTorch's: element-wise {diff:e}, L2 {l2:e} (relative)");
+    // Without autocast the weights land measurably elsewhere, so the bound above does tell bf16 from fp32.
+    assert!(fp32_diff > 10.0 * diff, "fp32 steps ({fp32_diff:e}) are as close to PyTorch's bf16 ones as ours");
 }
 
 #[test]
