@@ -390,3 +390,149 @@ fn a_dataset_without_class_names_needs_num_classes() {
     .unwrap();
     assert_ok(&out);
 }
+
+/// The value of `key` in each metrics line of `out` that has it.
+fn metric_values(out: &str, key: &str) -> Vec<f64> {
+    out.lines()
+        .filter(|l| l.starts_with("epoch="))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        })
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{key}={v} is not a number"))
+        })
+        .collect()
+}
+
+#[test]
+fn bf16_and_fp16_training_on_the_digits_lowers_the_loss() {
+    for precision in ["bf16", "fp16"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = finish(
+            digits_job(
+                dir.path(),
+                1,
+                &[
+                    "--precision",
+                    precision,
+                    "--epochs",
+                    "2",
+                    "--log-interval",
+                    "5",
+                ],
+            ),
+            precision,
+        );
+        assert_ok(&out);
+        let text = stdout(&out);
+        let losses = metric_values(&text, "train_loss");
+        assert!(
+            losses.len() >= 4,
+            "{precision}: too few metrics lines:\n{text}"
+        );
+        let (first, last) = (losses[0], losses[losses.len() - 1]);
+        assert!(
+            last < 0.5 * first,
+            "{precision}: train_loss went from {first} to {last}:\n{text}"
+        );
+        let scales = metric_values(&text, "loss_scale");
+        if precision == "fp16" {
+            assert_eq!(
+                scales.len(),
+                losses.len(),
+                "every line shows the loss scale:\n{text}"
+            );
+            assert!(scales.iter().all(|s| *s > 0.0 && s.is_finite()), "{text}");
+            assert!(
+                text.contains("fp16 loss scale"),
+                "the summary shows the scale:\n{text}"
+            );
+        } else {
+            assert!(
+                scales.is_empty() && !text.contains("skipped_steps"),
+                "{text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn two_fp16_ranks_skip_overflowing_steps_together_and_still_learn() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = digits();
+    // Batches of 2 give gradients large enough that, at torch's initial scale 2^16, some steps overflow float16
+    // (2 of 360 on the machine this was written on).
+    let job = [
+        "--model",
+        "mlp",
+        "--batch-size",
+        "2",
+        "--lr",
+        "0.02",
+        "--momentum",
+        "0.9",
+        "--seed",
+        "3",
+        "--epochs",
+        "1",
+        "--log-interval",
+        "30",
+        "--precision",
+        "fp16",
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    let out = finish(launch_train(dir.path(), 2, &job), "fp16 training");
+    assert_ok(&out);
+    let text = stdout(&out);
+    let skipped = metric_values(&text, "skipped_steps");
+    let scales = metric_values(&text, "loss_scale");
+    assert!(
+        skipped.last().is_some_and(|&n| n >= 1.0),
+        "no step was skipped:\n{text}"
+    );
+    // Fewer than 2000 steps: the scale never grows, and halves once per skipped step.
+    for (n, scale) in skipped.iter().zip(&scales) {
+        assert_eq!(*scale, 65536.0 / 2f64.powf(*n), "{text}");
+    }
+    let losses = metric_values(&text, "train_loss");
+    assert!(
+        losses[losses.len() - 1] < 0.5 * losses[0],
+        "the loss did not fall:\n{text}"
+    );
+    let accuracy = summary_value(&text, "val_accuracy");
+    assert!(
+        accuracy >= 0.8,
+        "validation accuracy {accuracy} below 0.8:\n{text}"
+    );
+}
+
+#[test]
+fn an_unknown_precision_is_a_one_line_error_naming_the_allowed_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = digits();
+    for (args, env) in [
+        (vec!["--precision", "fp8"], vec![]),
+        (vec![], vec![("HYTRAIN_PRECISION", "int8".to_string())]),
+    ] {
+        let mut all = vec!["train", "--data", data.to_str().unwrap()];
+        all.extend(args);
+        let out = command(&all, &env)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let e = stderr(&out);
+        let line = e
+            .lines()
+            .find(|l| l.to_ascii_lowercase().contains("precision"))
+            .unwrap_or_else(|| panic!("{e}"));
+        assert!(
+            line.contains("fp32, bf16 or fp16")
+                && (line.contains("'fp8'") || line.contains("HYTRAIN_PRECISION")),
+            "{e}"
+        );
+    }
+}
