@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use common::{deep_copy, identical, on_ranks, seeded};
 use hytrain_train::{
-    model, BatchError, BatchSource, Batches, Collective, Ddp, RunPaths, Summary, TensorBatches, TrainConfig,
+    model, BatchError, BatchSource, Batches, Collective, Ddp, Precision, RunPaths, Summary, TensorBatches, TrainConfig,
     TrainError, Trainer,
 };
 use tch::{Device, Kind, Tensor};
@@ -289,6 +289,38 @@ fn interrupted_and_resumed_matches_uninterrupted(world: usize) {
 fn interrupted_and_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
     interrupted_and_resumed_matches_uninterrupted(1);
     interrupted_and_resumed_matches_uninterrupted(2);
+}
+
+#[test]
+fn an_fp16_run_resumed_from_a_checkpoint_continues_with_the_saved_loss_scale() {
+    let base = TrainConfig { checkpoint_every: Some(4), precision: Precision::Fp16, ..config() };
+    let mut train = blobs(320, 6);
+    // One sample far outside float16's range: the step whose batch holds it overflows, once per epoch.
+    train.inputs[..FEATURES as usize].iter_mut().for_each(|x| *x = 1e6);
+    let make = |dir: &Path, stop: Option<u64>, model_seed: i64| Job {
+        config: base.clone(),
+        train: train.clone(),
+        val: blobs(40, 7),
+        paths: paths(dir),
+        stop_rank0_after: stop,
+        out: None,
+        model_seed,
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = run(&make(straight_dir.path(), None, 11), 2);
+    let dir = tempfile::tempdir().unwrap();
+    let k = 320 / 2 / 16 + 3; // past the first epoch's overflow
+    let first = run(&make(dir.path(), Some(k), 11), 2);
+    let resumed = run(&make(dir.path(), None, 99), 2);
+    for ((s, f), r) in straight.iter().zip(&first).zip(&resumed) {
+        assert_eq!(s.summary.skipped_steps, 3, "one overflow per epoch");
+        assert!(f.summary.skipped_steps >= 1 && f.summary.loss_scale < Some(65536.0));
+        assert_eq!(f.summary.skipped_steps + r.summary.skipped_steps, s.summary.skipped_steps);
+        // Without the saved state the resumed run would start again at 2^16 and end at a larger scale.
+        assert_eq!(r.summary.loss_scale, s.summary.loss_scale);
+        assert_eq!(s.summary.loss_scale, Some(65536.0 / 8.0));
+        assert!(identical(&r.weights, &s.weights), "resumed weights differ from the uninterrupted run's");
+    }
 }
 
 #[test]
