@@ -79,9 +79,11 @@ fn fp16_step_and_clipping_norm_equal_fp32_ones_up_to_half_precision_rounding() {
     assert!(diff < 0.1, "the fp16 update differs from the fp32 one by {diff:e} (relative L2)");
 }
 
+/// One rank's skipped flag and loss scale after each step, and its weights before the first and after each step.
+type RankRecord = (Vec<bool>, Vec<f64>, Vec<Vec<(String, Tensor)>>);
+
 /// Two ranks with fp16: rank 0's first batch overflows float16 (inputs beyond its range), rank 1's does not.
-/// Returns each rank's (skipped flags, scales, weights after each step).
-fn two_ranks_with_one_overflow(options: DdpOptions) -> Vec<(Vec<bool>, Vec<f64>, Vec<Vec<(String, Tensor)>>)> {
+fn two_ranks_with_one_overflow(options: DdpOptions) -> Vec<RankRecord> {
     on_ranks(2, |rank, comm| {
         let net = seeded(7, || model::build("lenet", 10, &[3, 32, 32], Device::Cpu).unwrap());
         let mut ddp = Ddp::new(net, comm, options.clone()).unwrap();
