@@ -3,31 +3,17 @@
 //! of more than one line, or a plan that does not read back from JSON) fails the test; `cargo xtask fuzz
 //! launcher_env` runs the coverage-guided search.
 
-use std::path::PathBuf;
-
 use hytrain_cluster::fuzzing::detect_sectioned;
 use proptest::prelude::*;
 
-fn corpus() -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/launcher_env");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let b = std::fs::read(&p).unwrap();
-            (p, b)
-        })
-        .collect()
-}
+#[path = "../../../fuzz/seeds.rs"]
+mod seeds;
+use seeds::{corpus, mutate};
 
 #[test]
 fn every_seed_of_the_launcher_env_corpus_is_detected_or_refused_in_one_line() {
     let root = tempfile::tempdir().unwrap();
-    let seeds = corpus();
+    let seeds = corpus("launcher_env");
     assert!(seeds.len() >= 10, "the seed corpus is missing");
     for (path, bytes) in &seeds {
         let result = std::panic::catch_unwind(|| detect_sectioned(bytes, root.path()));
@@ -39,7 +25,7 @@ fn every_seed_of_the_launcher_env_corpus_is_detected_or_refused_in_one_line() {
 fn the_sagemaker_seed_really_reaches_the_files() {
     // The corpus is only worth replaying if its files are read: a SageMaker seed must give a SageMaker plan.
     let root = tempfile::tempdir().unwrap();
-    let (_, bytes) = corpus()
+    let (_, bytes) = corpus("launcher_env")
         .into_iter()
         .find(|(p, _)| p.ends_with("sagemaker_files"))
         .unwrap();
@@ -72,10 +58,7 @@ proptest! {
     #[test]
     fn seeds_with_bytes_flipped_or_cut_never_panic(pick in any::<prop::sample::Index>(), at in any::<prop::sample::Index>(), x in any::<u8>(), cut in any::<bool>()) {
         let root = tempfile::tempdir().unwrap();
-        let seeds = corpus();
-        let mut bytes = seeds[pick.index(seeds.len())].1.clone();
-        let i = at.index(bytes.len());
-        if cut { bytes.truncate(i) } else { bytes[i] ^= x }
+        let bytes = mutate(&corpus("launcher_env"), pick, at, x, cut);
         detect_sectioned(&bytes, root.path());
     }
 }

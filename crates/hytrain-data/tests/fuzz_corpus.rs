@@ -2,48 +2,12 @@
 //! (fuzz/corpus/<target>) replayed, and random or mutated bytes through the same entry points. A panic, a hang or
 //! an allocation the bytes do not justify fails the test; `cargo xtask fuzz` runs the coverage-guided search.
 
-use std::path::PathBuf;
-
 use hytrain_data::fuzzing;
 use proptest::prelude::*;
 
-fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/corpus")
-        .join(target);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let b = std::fs::read(&p).unwrap();
-            (p, b)
-        })
-        .collect()
-}
-
-fn mutate(
-    seeds: &[(PathBuf, Vec<u8>)],
-    pick: prop::sample::Index,
-    at: prop::sample::Index,
-    x: u8,
-    cut: bool,
-) -> Vec<u8> {
-    let mut bytes = seeds[pick.index(seeds.len())].1.clone();
-    if bytes.is_empty() {
-        return bytes;
-    }
-    let i = at.index(bytes.len());
-    if cut {
-        bytes.truncate(i)
-    } else {
-        bytes[i] ^= x.max(1)
-    }
-    bytes
-}
+#[path = "../../../fuzz/seeds.rs"]
+mod seeds;
+use seeds::{corpus, mutate};
 
 #[test]
 fn every_webdataset_seed_parses_or_fails_cleanly_and_the_good_ones_decode() {

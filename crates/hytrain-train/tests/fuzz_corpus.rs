@@ -2,30 +2,16 @@
 //! replayed, and random or mutated inputs through the same entry point. A panic (an overflow, a multi-line error,
 //! a negative learning-rate factor) fails the test; `cargo xtask fuzz train_config` runs the coverage-guided search.
 
-use std::path::PathBuf;
-
 use hytrain_train::fuzzing::config_sources;
 use proptest::prelude::*;
 
-fn corpus() -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/train_config");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let b = std::fs::read(&p).unwrap();
-            (p, b)
-        })
-        .collect()
-}
+#[path = "../../../fuzz/seeds.rs"]
+mod seeds;
+use seeds::{corpus, mutate};
 
 #[test]
 fn every_seed_of_the_train_config_corpus_layers_or_fails_in_one_line() {
-    let seeds = corpus();
+    let seeds = corpus("train_config");
     assert!(seeds.len() >= 10, "the seed corpus is missing");
     for (path, bytes) in &seeds {
         let result = std::panic::catch_unwind(|| config_sources(bytes));
@@ -53,10 +39,7 @@ proptest! {
 
     #[test]
     fn seeds_with_bytes_flipped_or_cut_never_panic(pick in any::<prop::sample::Index>(), at in any::<prop::sample::Index>(), x in any::<u8>(), cut in any::<bool>()) {
-        let seeds = corpus();
-        let mut bytes = seeds[pick.index(seeds.len())].1.clone();
-        let i = at.index(bytes.len());
-        if cut { bytes.truncate(i) } else { bytes[i] ^= x }
+        let bytes = mutate(&corpus("train_config"), pick, at, x, cut);
         config_sources(&bytes);
     }
 }

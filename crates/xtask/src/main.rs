@@ -51,8 +51,8 @@ tasks:
                   0.13.2 if missing; prints runs, execs/s, corpus size and crashes; exits 1 on a crash
   scale-sim [--hytrain PATH] [-- TRAIN ARGS]
                   as root: 4 network namespaces on a bridge as nodes, ResNet-18 with 1, 2 and 4 nodes (one
-                  process each) with and without a 1 Gbit/s limit per link; step time and scaling efficiency.
-                  TRAIN ARGS go to every `hytrain train`; --hytrain skips the release build. Not part of `test`
+                  process each) with and without a 1 Gbit/s limit per link, each with overlap on and off;
+                  step time and scaling efficiency. TRAIN ARGS go to every `hytrain train`; --hytrain skips the release build. Not part of `test`
   gpu-check       build hytrain-gpu-check and pack it with its scripts in target/gpu-check, to run on a GPU
                   machine with PyTorch (kernels against their CPU references, NCCL, timings beside PyTorch)
 

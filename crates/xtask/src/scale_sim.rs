@@ -339,7 +339,16 @@ fn run_job(
     }
 }
 
-/// `cargo xtask scale-sim [-- TRAIN ARGS]`: TRAIN ARGS are added to every `hytrain train` (say, an overlap switch).
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// `cargo xtask scale-sim [-- TRAIN ARGS]`: every job runs with `--overlap true` and `--overlap false`; TRAIN ARGS
+/// are added to every `hytrain train`.
 pub fn scale_sim(hytrain: &Path, extra: &[String]) -> Result<u8> {
     if !crate::setup::is_root() {
         bail!("scale-sim needs root for network namespaces (ip netns); run it as root");
@@ -364,7 +373,8 @@ pub fn scale_sim(hytrain: &Path, extra: &[String]) -> Result<u8> {
          one process with one thread per node; nodes {SUBNET}.1-4 in namespaces {}-n0..3",
         net.prefix
     );
-    let mut rows: Vec<(usize, &str, f64)> = Vec::new();
+    // (nodes, link, overlap, ms): every job runs with and without overlap of backward and allreduce.
+    let mut rows: Vec<(usize, &str, bool, f64)> = Vec::new();
     let result = (|| -> Result<()> {
         for limited in [false, true] {
             net.limit(limited)?;
@@ -373,12 +383,19 @@ pub fn scale_sim(hytrain: &Path, extra: &[String]) -> Result<u8> {
             } else {
                 "unlimited"
             };
-            for nodes in [1, 2, 4] {
-                let run_dir = scratch.join(format!("{nodes}-{limited}"));
-                let ms = run_job(&net, hytrain, &data, &run_dir, nodes, steps, batch, extra)?;
-                let _ = fs::remove_dir_all(&run_dir);
-                println!("scale-sim: {nodes} node(s), {link}: {ms:.0} ms per step");
-                rows.push((nodes, link, ms));
+            for overlap in [true, false] {
+                for nodes in [1, 2, 4] {
+                    let run_dir = scratch.join(format!("{nodes}-{limited}-{overlap}"));
+                    let mut args = vec!["--overlap".to_string(), overlap.to_string()];
+                    args.extend(extra.iter().cloned());
+                    let ms = run_job(&net, hytrain, &data, &run_dir, nodes, steps, batch, &args)?;
+                    let _ = fs::remove_dir_all(&run_dir);
+                    println!(
+                        "scale-sim: {nodes} node(s), {link}, overlap {}: {ms:.0} ms per step",
+                        on_off(overlap)
+                    );
+                    rows.push((nodes, link, overlap, ms));
+                }
             }
         }
         Ok(())
@@ -387,24 +404,31 @@ pub fn scale_sim(hytrain: &Path, extra: &[String]) -> Result<u8> {
     drop(net);
     let _ = fs::remove_dir_all(&scratch);
     result?;
-    println!("\n| nodes | link | step ms | scaling efficiency |\n|---:|---|---:|---:|");
-    for (nodes, link, ms) in &rows {
-        let one = rows
-            .iter()
-            .find(|(n, l, _)| *n == 1 && l == link)
-            .map_or(f64::NAN, |r| r.2);
-        println!("| {nodes} | {link} | {ms:.0} | {:.0}% |", one / ms * 100.0);
-    }
-    let at4 = |l: &str| {
+    println!("\n| nodes | link | overlap | step ms | scaling efficiency |\n|---:|---|---|---:|---:|");
+    let find = |nodes: usize, link: &str, overlap: bool| {
         rows.iter()
-            .find(|(n, k, _)| *n == 4 && *k == l)
-            .map(|r| r.2)
+            .find(|r| r.0 == nodes && r.1 == link && r.2 == overlap)
+            .map(|r| r.3)
     };
-    if let (Some(limited), Some(free)) = (at4("1 Gbit/s (tbf)"), at4("unlimited")) {
+    for (nodes, link, overlap, ms) in &rows {
+        let one = find(1, link, *overlap).unwrap_or(f64::NAN);
         println!(
-            "\n4 nodes: limited / unlimited step time {:.2}x (issue 8's target with overlap: <= 1.2x)",
-            limited / free
+            "| {nodes} | {link} | {} | {ms:.0} | {:.0}% |",
+            on_off(*overlap),
+            one / ms * 100.0
         );
+    }
+    for overlap in [true, false] {
+        if let (Some(limited), Some(free)) = (
+            find(4, "1 Gbit/s (tbf)", overlap),
+            find(4, "unlimited", overlap),
+        ) {
+            println!(
+                "4 nodes, overlap {}: limited / unlimited step time {:.2}x (issue 8's target with overlap: <= 1.2x)",
+                on_off(overlap),
+                limited / free
+            );
+        }
     }
     Ok(0)
 }
