@@ -62,7 +62,7 @@ pub fn load() -> &'static PathBuf {
             .arg(&torch)
             .arg("-isystem")
             .arg(env!("HYTRAIN_SHIM_CUDA_INCLUDE"))
-            .arg(format!("-Wl,-soname,libc10_cuda.so"))
+            .arg("-Wl,-soname,libc10_cuda.so")
             .status()
             .unwrap_or_else(|e| {
                 panic!(
