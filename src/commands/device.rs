@@ -9,7 +9,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
-use hytrain_cuda::{CudaDriver, CudaError, Nccl, NcclCollective, UniqueId, UNIQUE_ID_BYTES};
+use hytrain_cuda::{
+    CudaDriver, CudaError, Nccl, NcclCollective, TorchStreams, UniqueId, UNIQUE_ID_BYTES,
+};
 
 use crate::comm::{Collective, Store};
 
@@ -141,8 +143,9 @@ pub fn select(
 /// The store key rank 0 publishes NCCL's unique id under (prefixed with the job id by the store).
 pub const UNIQUE_ID_KEY: &str = "nccl/unique-id";
 
-/// Joins this rank's NCCL communicator on GPU `ordinal`. The unique id goes from rank 0 through the rendezvous
-/// `store`, or, under mpirun where there is none, by a broadcast over the host collective.
+/// Joins this rank's NCCL communicator on GPU `ordinal`, ordered against libtorch's current CUDA stream. The
+/// unique id goes from rank 0 through the rendezvous `store`, or, under mpirun where there is none, by a broadcast
+/// over the host collective.
 pub fn nccl_collective(
     store: Option<&Store>,
     host: &mut dyn Collective,
@@ -166,9 +169,12 @@ pub fn nccl_collective(
     };
     let ordinal = u32::try_from(ordinal)
         .map_err(|_| anyhow::anyhow!("GPU index {ordinal} is out of range"))?;
-    Ok(NcclCollective::new(
-        driver, nccl, ordinal, &id, rank, world_size, timeout,
-    )?)
+    // libtorch_cuda.so is loaded by now (the device was chosen through it), so the stream shim can reach c10.
+    let streams = TorchStreams::load()?;
+    let mut collective =
+        NcclCollective::new(driver, nccl, ordinal, &id, rank, world_size, timeout)?;
+    collective.follow_current_stream(streams);
+    Ok(collective)
 }
 
 /// Sets NCCL_SOCKET_IFNAME to `interface` (SageMaker's network interface) unless it is set already, as SageMaker's

@@ -1,12 +1,13 @@
 //! Collectives on GPU memory through NCCL: the device-side counterpart of hytrain-comm's `Collective`, which works
 //! on host slices.
 //!
-//! Streams: libtorch runs every tch operation on the current CUDA stream, and tch has no API to change or read it,
-//! so it is the legacy default stream (stream 0) unless something else set one. [`NcclCollective`] queues its
-//! NCCL calls on a communication stream of its own (non-blocking, so it does not serialise with stream 0 behind
-//! the scenes) and orders the two with events: the communication stream waits for an event recorded on the compute
-//! stream after the buffer was written, and the compute stream waits for the event recorded after the NCCL call,
-//! so later kernels read the result.
+//! Streams: libtorch runs every tch operation on the current CUDA stream of the calling thread (the legacy default
+//! stream, stream 0, unless something set another). [`NcclCollective`] queues its NCCL calls on a communication
+//! stream of its own (non-blocking, so it does not serialise with stream 0 behind the scenes) and orders the two
+//! with events: the communication stream waits for an event recorded on the compute stream after the buffer was
+//! written, and the compute stream waits for the event recorded after the NCCL call, so later kernels read the
+//! result. The compute stream is stream 0 unless [`NcclCollective::follow_current_stream`] (libtorch's current
+//! stream at each call, through [`TorchStreams`]) or [`NcclCollective::set_compute_stream`] says otherwise.
 //!
 //! Timeouts: every operation is watched until its completion event fires. The watchdog polls the event and
 //! `ncclCommGetAsyncError`; an asynchronous error, or no completion within the collective timeout, aborts the
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::driver::CudaDriver;
 use crate::nccl::{Nccl, UniqueId, UNIQUE_ID_BYTES};
+use crate::stream::TorchStreams;
 use crate::CudaError;
 
 /// How values from all ranks are combined on the device.
@@ -229,6 +231,14 @@ impl fmt::Display for Op {
     }
 }
 
+/// The stream whose work a collective waits for, and which waits for the collective.
+enum ComputeStream {
+    /// One stream for every call (null: the legacy default stream).
+    Fixed(Stream),
+    /// libtorch's current stream of the GPU on the calling thread, read at each call.
+    Current(TorchStreams),
+}
+
 /// This rank's NCCL communicator on one GPU, with its communication stream and the collective timeout.
 pub struct NcclCollective {
     driver: CudaDriver,
@@ -238,7 +248,9 @@ pub struct NcclCollective {
     context: Context,
     comm: Comm,
     comm_stream: Stream,
-    compute_stream: Stream,
+    compute_stream: ComputeStream,
+    /// The GPU's index as libtorch numbers it (`cuda:N`).
+    gpu: u32,
     ready: Event,
     done: Event,
     rank: usize,
@@ -323,7 +335,8 @@ impl NcclCollective {
             context,
             comm: std::ptr::null_mut(),
             comm_stream: std::ptr::null_mut(),
-            compute_stream: std::ptr::null_mut(),
+            compute_stream: ComputeStream::Fixed(std::ptr::null_mut()),
+            gpu: ordinal,
             ready: std::ptr::null_mut(),
             done: std::ptr::null_mut(),
             rank,
@@ -383,7 +396,22 @@ impl NcclCollective {
     /// # Safety
     /// `stream` must be a live CUDA stream of this collective's GPU for as long as this collective uses it.
     pub unsafe fn set_compute_stream(&mut self, stream: *mut c_void) {
-        self.compute_stream = stream;
+        self.compute_stream = ComputeStream::Fixed(stream);
+    }
+
+    /// Orders each operation after work on libtorch's current stream of this collective's GPU, read through
+    /// `streams` at each call on the calling thread, as PyTorch's own NCCL process group does; the current stream
+    /// then waits for the operation.
+    pub fn follow_current_stream(&mut self, streams: TorchStreams) {
+        self.compute_stream = ComputeStream::Current(streams);
+    }
+
+    /// The compute stream for an operation starting now.
+    fn compute_stream(&self) -> Result<Stream, CudaError> {
+        match &self.compute_stream {
+            ComputeStream::Fixed(stream) => Ok(*stream),
+            ComputeStream::Current(streams) => streams.current(self.gpu as usize),
+        }
     }
 
     /// The timeout every operation gets.
@@ -416,13 +444,14 @@ impl NcclCollective {
             return Ok(());
         }
         self.make_current()?;
+        let compute = self.compute_stream()?;
         let d = &self.driver;
-        // SAFETY: events and streams are this collective's own (or the caller's compute stream, see
+        // SAFETY: events and streams are this collective's own, or libtorch's current stream, or the caller's (see
         // set_compute_stream); the buffers the call reads are borrowed until `watch` returns.
         unsafe {
             d.check(
                 "cuEventRecord",
-                (self.api.event_record)(self.ready, self.compute_stream),
+                (self.api.event_record)(self.ready, compute),
             )?;
             d.check(
                 "cuStreamWaitEvent",
@@ -449,7 +478,7 @@ impl NcclCollective {
             )?;
             d.check(
                 "cuStreamWaitEvent",
-                (self.api.stream_wait)(self.compute_stream, self.done, 0),
+                (self.api.stream_wait)(compute, self.done, 0),
             )?;
         }
         self.watch(&op)

@@ -229,6 +229,24 @@ pub enum CudaError {
         shown: String,
     },
 
+    /// The CUDA stream shim cannot be used: libtorch's CUDA backend is not loaded, or the shim did not load.
+    #[error("libtorch's CUDA streams are out of reach: {reason}")]
+    StreamShim {
+        /// What failed, and what to do.
+        reason: String,
+    },
+
+    /// libtorch refused a stream query or change (c10's message, first line).
+    #[error("{call} for cuda:{device} failed: {message}")]
+    Stream {
+        /// The shim function (`getCurrentCUDAStream`, `setCurrentCUDAStream`).
+        call: &'static str,
+        /// The GPU index.
+        device: usize,
+        /// libtorch's reason.
+        message: String,
+    },
+
     /// Buffers handed to a bucket or optimizer routine do not fit together.
     #[error("{0}")]
     Shape(String),

@@ -1,6 +1,7 @@
 //! The GPU side of hytrain, loaded at run time: NCCL, NVRTC and the CUDA driver are opened with dlopen, so this
 //! crate (and everything that depends on it) builds and runs on machines without a GPU or a CUDA toolkit; only
-//! using a GPU needs one.
+//! using a GPU needs one. Building it needs the CUDA runtime headers (not libraries) for the stream shim, which
+//! `cargo xtask setup` unpacks from pip's wheels.
 //!
 //! - [`Nccl`]: finds `libnccl.so.2` (pip's `nvidia/nccl/lib` or `nvidia/cu13/lib` beside libtorch,
 //!   `LD_LIBRARY_PATH`, system folders), reports the file and its version, and creates the [`UniqueId`] that
@@ -13,6 +14,9 @@
 //! - [`NcclCollective`], a [`DeviceCollective`]: allreduce, broadcast and allgather of GPU memory in f32, f16, bf16
 //!   and f64 on a communication stream ordered by events with the compute stream, watched by a timeout that
 //!   aborts the communicator. The unique id comes from rank 0 through hytrain-comm's rendezvous `Store`.
+//! - [`TorchStreams`]: libtorch's current CUDA stream, read and set through a C++ shim built against libtorch's
+//!   c10/cuda headers and opened at run time after libtorch_cuda.so, so the NCCL backend orders its work against
+//!   the stream libtorch really computes on.
 //! - [`CudaDriver`]: whether CUDA is usable at all, with a clear error when there is no driver; [`device`]: GPU
 //!   memory, PTX modules and kernel launches through the driver API, and [`Communicator`] for NCCL collectives.
 //!   These need a GPU and have not yet run on one; the `hytrain-gpu-check` binary (packed by
@@ -46,6 +50,7 @@ pub mod library;
 mod nccl;
 mod nvrtc;
 pub mod reference;
+mod stream;
 mod torch_cuda;
 
 pub use collective::{DType, DeviceCollective, DeviceReduceOp, DeviceSlice, NcclCollective};
@@ -57,4 +62,5 @@ pub use nccl::{
     Communicator, Nccl, NcclVersion, UniqueId, MIN_NCCL, NCCL_FUNCTIONS, UNIQUE_ID_BYTES,
 };
 pub use nvrtc::{ComputeCapability, Nvrtc, Ptx};
+pub use stream::TorchStreams;
 pub use torch_cuda::{device_for_local_rank, load_torch_cuda, TorchCuda, TORCH_CUDA_LIBRARY};

@@ -2,7 +2,8 @@
 //! tiny C libraries built here with `cc` that export the real functions under their real names and signatures,
 //! keep host memory as "device" memory, and let a test make an operation hang, fail or report an asynchronous
 //! error on demand (what a real GPU cannot do on cue). They record the calls in one trace, so the tests check the
-//! order of events, streams and NCCL calls. The id exchange runs through a real rendezvous store.
+//! order of events, streams and NCCL calls. The id exchange runs through a real rendezvous store. Following
+//! libtorch's current stream goes through the real stream shim and a stand-in libc10_cuda.so.
 
 use std::ffi::{c_char, c_int, CStr};
 use std::path::{Path, PathBuf};
@@ -11,8 +12,10 @@ use std::time::{Duration, Instant};
 
 use hytrain_cuda::{
     exchange_unique_id, CudaDriver, CudaError, DType, DeviceCollective, DeviceReduceOp,
-    DeviceSlice, Nccl, NcclCollective, Origin, Search, UniqueId,
+    DeviceSlice, Nccl, NcclCollective, Origin, Search, TorchStreams, UniqueId,
 };
+
+mod stand_in_c10_cuda;
 
 fn build(dir: &Path, name: &str, source: &str) -> PathBuf {
     let c = dir.join(format!("{name}.c"));
@@ -59,13 +62,19 @@ int cuStreamCreate(void **s, unsigned f) { streams++; *s = (void *)(long)(0x1000
 int cuStreamDestroy_v2(void *s) { (void)s; streams--; return 0; }
 int cuEventCreate(void **e, unsigned f) { (void)f; events++; *e = calloc(1, sizeof(int)); return 0; }
 int cuEventDestroy_v2(void *e) { events--; free(e); return 0; }
+static void *recorded[64], *waited[64];
+static int nrecorded = 0, nwaited = 0;
+void *standin_recorded(int i) { return i < nrecorded ? recorded[i] : (void *)-1; }
+void *standin_waited(int i) { return i < nwaited ? waited[i] : (void *)-1; }
 int cuEventRecord(void *e, void *s) {
+    if (nrecorded < 64) recorded[nrecorded++] = s;
     *(int *)e = s != 0 && hang;
     standin_trace(s ? "record:comm" : "record:compute");
     return 0;
 }
 int cuEventQuery(void *e) { return *(int *)e ? 600 : 0; }
 int cuStreamWaitEvent(void *s, void *e, unsigned f) {
+    if (nwaited < 64) waited[nwaited++] = s;
     (void)e; (void)f; standin_trace(s ? "wait:comm" : "wait:compute"); return 0;
 }
 "#;
@@ -203,6 +212,12 @@ impl StandIns {
         (dtype, op, count, root)
     }
 
+    /// The streams cuEventRecord (`recorded`) or cuStreamWaitEvent (`waited`) got, in call order.
+    fn streams(&self, which: &[u8], count: c_int) -> Vec<usize> {
+        let at = self.call::<extern "C" fn(c_int) -> usize>(&self.cuda, which);
+        (0..count).map(|i| at(i)).collect()
+    }
+
     fn load(&self) -> (CudaDriver, Nccl) {
         (
             CudaDriver::load_from(&self.search).unwrap(),
@@ -249,6 +264,37 @@ fn collectives_run_on_the_communication_stream_between_events_in_every_dtype() {
     assert_eq!(s.last(), (6, -1, 3, 0));
     assert!(!s.trace().contains("nccl-on-stream-0"), "{}", s.trace());
     assert_eq!(c.backend(), "nccl");
+}
+
+#[test]
+fn following_libtorchs_current_stream_orders_each_collective_against_the_stream_current_at_its_call(
+) {
+    stand_in_c10_cuda::load();
+    let s = StandIns::new();
+    // On GPU 1, as `collective` makes it.
+    let mut c = s.collective(0, 1, Duration::from_secs(30));
+    let torch = TorchStreams::load().unwrap();
+    // SAFETY: the stand-ins take any number as a stream.
+    unsafe { torch.set_current(1, 0x2000 as *mut std::ffi::c_void) }.unwrap();
+    c.follow_current_stream(TorchStreams::load().unwrap());
+    let mut values = vec![1.0f32; 8];
+    c.allreduce(slice(&mut values, DType::F32), DeviceReduceOp::Sum)
+        .unwrap();
+    // SAFETY: as above.
+    unsafe { torch.set_current(1, 0x3000 as *mut std::ffi::c_void) }.unwrap();
+    c.allreduce(slice(&mut values, DType::F32), DeviceReduceOp::Sum)
+        .unwrap();
+    let comm = 0x1001; // the stand-in's non-blocking stream
+    assert_eq!(
+        s.streams(b"standin_recorded\0", 4),
+        [0x2000, comm, 0x3000, comm],
+        "the ready event goes on libtorch's current stream of the moment, the done event on the comm stream"
+    );
+    assert_eq!(
+        s.streams(b"standin_waited\0", 4),
+        [comm, 0x2000, comm, 0x3000],
+        "the current stream waits for the collective"
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //! cargo xtask test      # setup, then the whole test suite (extra arguments go to `cargo test`)
 //! cargo xtask bench     # setup, every comparison with a peer (allreduce, step time, S3 read, launch to first
 //!                       # step), each beside the peer on the same machine, ending in one table of ratios
-//! cargo xtask gpu-check # pack the GPU check (kernels, NCCL, timings beside PyTorch) for a machine with a GPU
+//! cargo xtask gpu-check # pack the GPU check (kernels, NCCL, training beside PyTorch) for a machine with a GPU
 //! cargo xtask fuzz      # each fuzz target in fuzz/ for 60 s under cargo-fuzz (installed if missing)
 //! ```
 
@@ -52,9 +52,12 @@ tasks:
   scale-sim [--hytrain PATH] [-- TRAIN ARGS]
                   as root: 4 network namespaces on a bridge as nodes, ResNet-18 with 1, 2 and 4 nodes (one
                   process each) with and without a 1 Gbit/s limit per link, each with overlap on and off;
-                  step time and scaling efficiency. TRAIN ARGS go to every `hytrain train`; --hytrain skips the release build. Not part of `test`
-  gpu-check       build hytrain-gpu-check and pack it with its scripts in target/gpu-check, to run on a GPU
-                  machine with PyTorch (kernels against their CPU references, NCCL, timings beside PyTorch)
+                  step time and scaling efficiency. TRAIN ARGS go to every `hytrain train`; --hytrain skips the
+                  release build. Not part of `test`
+  gpu-check       build hytrain-gpu-check and hytrain (release) and pack them with their scripts in
+                  target/gpu-check, to run on a GPU machine with PyTorch (kernels against their CPU references,
+                  NCCL, kernel timings and LeNet/ResNet-18 training samples/s beside PyTorch eager); first
+                  rehearses the training half here on the CPU with the bench venv's torch libraries
 
 LIBTORCH=/path (another libtorch 2.11.0) or LIBTORCH_USE_PYTORCH=1 (the Python environment's torch) skip the
 libtorch build.";

@@ -22,6 +22,10 @@ pub const CACHE_DIR: &str = ".cache";
 pub const REQUIREMENTS: &str = "crates/xtask/libtorch-requirements.txt";
 /// Written last into a finished libtorch folder; a folder without a matching one is rebuilt.
 const STAMP: &str = ".hytrain-setup.json";
+/// The pinned, hashed wheels of the CUDA runtime headers, relative to the repository root.
+pub const CUDA_HEADERS_REQUIREMENTS: &str = "crates/xtask/cuda-headers-requirements.txt";
+/// Where the CUDA runtime headers go inside the libtorch folder (hytrain-cuda's build.rs looks there).
+pub const CUDA_INCLUDE: &str = "nvidia/cu13/include";
 
 /// How this build gets its libtorch, decided from the environment the way torch-sys decides.
 #[derive(Debug, PartialEq, Eq)]
@@ -86,8 +90,72 @@ pub fn libtorch(root: &Path) -> Result<()> {
             }
             Ok(())
         }
-        LibtorchSource::Project(target) => build_project_libtorch(root, &target),
+        LibtorchSource::Project(target) => {
+            build_project_libtorch(root, &target)?;
+            cuda_headers(root, &target)
+        }
     }
+}
+
+/// Whether `dir` holds the CUDA runtime headers hytrain-cuda's stream shim includes.
+pub fn has_cuda_headers(dir: &Path) -> bool {
+    dir.join("cuda_runtime_api.h").is_file() && dir.join("crt/host_defines.h").is_file()
+}
+
+/// Unpacks the CUDA runtime headers (hytrain-cuda's stream shim compiles against them) into
+/// `<libtorch>/nvidia/cu13/include` when they are not there. Apart from the stamped libtorch build on purpose:
+/// adding them changes no stamp and no library, so a folder in use by builds gains them without being rebuilt.
+pub fn cuda_headers(root: &Path, libtorch: &Path) -> Result<()> {
+    let target = libtorch.join(CUDA_INCLUDE);
+    if has_cuda_headers(&target) {
+        println!("setup: CUDA headers in {} are up to date", target.display());
+        return Ok(());
+    }
+    let cache = root.join(CACHE_DIR);
+    let _lock = lock(&cache)?;
+    if has_cuda_headers(&target) {
+        return Ok(());
+    }
+    let path = root.join(CUDA_HEADERS_REQUIREMENTS);
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let pins =
+        requirements::parse(&text).with_context(|| format!("{} is malformed", path.display()))?;
+    // Unpacked beside the target and renamed into place, so a half-finished unpack never looks finished.
+    let scratch = cache.join("cuda-headers-build");
+    remove_dir_if_present(&scratch)?;
+    let takes = [wheel::Take {
+        from: "nvidia/cu13/include/",
+        to: "include/",
+    }];
+    for pin in &pins {
+        let wheel_path = fetch_wheel(
+            root,
+            CUDA_HEADERS_REQUIREMENTS,
+            pin,
+            "CUDA headers for hytrain-cuda's stream shim",
+        )?;
+        println!(
+            "setup: unpacking the CUDA headers of {}",
+            file_name(&wheel_path)
+        );
+        wheel::extract(&wheel_path, &takes, &scratch)?;
+    }
+    if !has_cuda_headers(&scratch.join("include")) {
+        bail!(
+            "the wheels of {CUDA_HEADERS_REQUIREMENTS} hold no cuda_runtime_api.h with crt/host_defines.h; the pins \
+             need fixing"
+        );
+    }
+    let parent = target.parent().expect("CUDA_INCLUDE has a parent");
+    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    // An earlier unpack that lost files.
+    remove_dir_if_present(&target)?;
+    fs::rename(scratch.join("include"), &target)
+        .with_context(|| format!("cannot move the CUDA headers to {}", target.display()))?;
+    remove_dir_if_present(&scratch)?;
+    println!("setup: CUDA headers ready in {}", target.display());
+    Ok(())
 }
 
 /// The stamp a folder built from these pins carries.
@@ -769,6 +837,54 @@ mod tests {
             !dir.path().join("libtorch-shim.c").exists(),
             "the C source is cleaned up"
         );
+    }
+
+    /// What a fresh set-up and one over an existing, stamped libtorch folder both do: the headers land in the
+    /// folder, its stamp and libraries stay as they were, and a second run finds them up to date. Uses the wheels
+    /// `cargo xtask setup` cached (copied into a scratch repository, so nothing is downloaded).
+    #[test]
+    fn cuda_headers_are_added_to_a_libtorch_folder_without_touching_its_stamp() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let scratch = tempfile::tempdir().unwrap();
+        let root = scratch.path();
+        let requirements = root.join(CUDA_HEADERS_REQUIREMENTS);
+        fs::create_dir_all(requirements.parent().unwrap()).unwrap();
+        fs::copy(repo.join(CUDA_HEADERS_REQUIREMENTS), &requirements).unwrap();
+        let wheels = root.join(CACHE_DIR).join("wheels");
+        fs::create_dir_all(&wheels).unwrap();
+        let text = fs::read_to_string(&requirements).unwrap();
+        for pin in requirements::parse(&text).unwrap() {
+            let cached = verified_wheel(&repo.join(CACHE_DIR).join("wheels"), &pin)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{} is not cached: run `cargo xtask setup`", pin.name));
+            fs::copy(&cached, wheels.join(cached.file_name().unwrap())).unwrap();
+        }
+        let stamp = stamp_for(&pins());
+        let libtorch = finished_folder(&stamp);
+        let before = fs::read(libtorch.path().join(STAMP)).unwrap();
+
+        cuda_headers(root, libtorch.path()).unwrap();
+        let include = libtorch.path().join(CUDA_INCLUDE);
+        assert!(has_cuda_headers(&include));
+        assert!(include.join("cuda.h").is_file());
+        assert_eq!(fs::read(libtorch.path().join(STAMP)).unwrap(), before);
+        assert!(is_current(libtorch.path(), &stamp));
+        assert!(!root.join(CACHE_DIR).join("cuda-headers-build").exists());
+
+        // A second run changes nothing (a file added by hand survives it).
+        fs::write(include.join("mine.h"), b"").unwrap();
+        cuda_headers(root, libtorch.path()).unwrap();
+        assert!(include.join("mine.h").is_file());
+    }
+
+    #[test]
+    fn a_header_folder_without_crt_is_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("cuda_runtime_api.h"), b"").unwrap();
+        assert!(!has_cuda_headers(dir.path()));
+        fs::create_dir(dir.path().join("crt")).unwrap();
+        fs::write(dir.path().join("crt/host_defines.h"), b"").unwrap();
+        assert!(has_cuda_headers(dir.path()));
     }
 
     #[test]
