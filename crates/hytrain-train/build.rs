@@ -24,6 +24,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/grad_hook.cpp");
     println!("cargo:rerun-if-changed=csrc/optim_step.cpp");
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+    println!("cargo:rerun-if-changed=csrc/shim_error.h");
     cc::Build::new()
         .cpp(true)
         .pic(true)

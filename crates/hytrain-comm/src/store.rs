@@ -426,9 +426,13 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
     let mut joined = None;
     let result = serve_requests(stream, peer, shared, &mut joined);
     if let Some(rank) = joined {
-        // A rank that joined dies before its liveness watch is up: only this connection can tell.
-        let watched = shared.lock().watches.is_watched(rank);
-        if !watched {
+        // A rank that joined dies before its liveness watch is up: only this connection can tell. A job of one
+        // rank has no watch and nobody to tell: its connection closes when it ends.
+        let alone_or_watched = {
+            let st = shared.lock();
+            st.world_size == 1 || st.watches.is_watched(rank)
+        };
+        if !alone_or_watched {
             liveness::declare_lost(
                 shared,
                 LostRank {

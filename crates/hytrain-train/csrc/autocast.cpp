@@ -4,7 +4,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <exception>
 #include <vector>
 
@@ -14,14 +13,9 @@
 #include <ATen/ops/_amp_foreach_non_finite_check_and_unscale.h>
 #include <c10/util/Exception.h>
 
-namespace {
+#include "shim_error.h"
 
-void write_error(char* err, size_t err_len, const char* what) {
-  if (err != nullptr && err_len > 0) {
-    std::strncpy(err, what, err_len - 1);
-    err[err_len - 1] = '\0';
-  }
-}
+namespace {
 
 // 0 is the CPU, 1 CUDA; the Rust side never passes anything else.
 at::DeviceType device_type(int device) { return device == 1 ? at::kCUDA : at::kCPU; }
@@ -40,7 +34,7 @@ struct hyt_autocast_state {
 // As torch.autocast(device, dtype).__enter__: remembers the previous state in `prev`, enables autocast to `dtype`
 // (a c10::ScalarType code) and counts one more nesting level. Returns 0, or 1 with a message in `err`.
 int hyt_autocast_enter(int device, int dtype, hyt_autocast_state* prev, char* err, size_t err_len) {
-  try {
+  return hytrain::guarded(err, err_len, [&] {
     auto type = device_type(device);
     prev->enabled = at::autocast::is_autocast_enabled(type) ? 1 : 0;
     prev->dtype = static_cast<int>(at::autocast::get_autocast_dtype(type));
@@ -49,14 +43,7 @@ int hyt_autocast_enter(int device, int dtype, hyt_autocast_state* prev, char* er
     at::autocast::set_autocast_dtype(type, static_cast<at::ScalarType>(dtype));
     at::autocast::increment_nesting();
     at::autocast::set_autocast_cache_enabled(true);
-    return 0;
-  } catch (const c10::Error& e) {
-    write_error(err, err_len, e.what_without_backtrace());
-    return 1;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 // As torch.autocast.__exit__: the outermost exit frees the cached lower-precision copies of the weights, then
@@ -83,7 +70,7 @@ int hyt_autocast_dtype(int device) { return static_cast<int>(at::autocast::get_a
 // device, float32) by `inv_scale` (a one-element float32 tensor) and sets `found_inf` (same) to 1 if any of them
 // held an inf or NaN. Returns 0, or 1 with a message in `err`.
 int hyt_unscale_grads(void* const* grads, size_t n, void* found_inf, void* inv_scale, char* err, size_t err_len) {
-  try {
+  return hytrain::guarded(err, err_len, [&] {
     at::NoGradGuard no_grad;
     std::vector<at::Tensor> list;
     list.reserve(n);
@@ -92,14 +79,7 @@ int hyt_unscale_grads(void* const* grads, size_t n, void* found_inf, void* inv_s
     }
     at::_amp_foreach_non_finite_check_and_unscale_(list, *static_cast<at::Tensor*>(found_inf),
                                                     *static_cast<at::Tensor*>(inv_scale));
-    return 0;
-  } catch (const c10::Error& e) {
-    write_error(err, err_len, e.what_without_backtrace());
-    return 1;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 }  // extern "C"

@@ -4,13 +4,14 @@
 // back into Rust with the parameter's index.
 
 #include <cstddef>
-#include <cstring>
 #include <exception>
 #include <memory>
 
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
+
+#include "shim_error.h"
 
 extern "C" {
 typedef void (*hyt_grad_ready_fn)(const void* ctx, size_t index);
@@ -33,12 +34,7 @@ struct GradReadyHook final : torch::autograd::PostAccumulateGradHook {
   hyt_release_fn release_;
 };
 
-void write_error(char* err, size_t err_len, const char* what) {
-  if (err != nullptr && err_len > 0) {
-    std::strncpy(err, what, err_len - 1);
-    err[err_len - 1] = '\0';
-  }
-}
+using hytrain::write_error;
 
 }  // namespace
 

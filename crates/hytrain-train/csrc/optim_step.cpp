@@ -6,7 +6,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <exception>
 
 #include <ATen/core/Tensor.h>
@@ -17,14 +16,9 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
-namespace {
+#include "shim_error.h"
 
-void write_error(char* err, size_t err_len, const char* what) {
-  if (err != nullptr && err_len > 0) {
-    std::strncpy(err, what, err_len - 1);
-    err[err_len - 1] = '\0';
-  }
-}
+namespace {
 
 at::Tensor& as_tensor(void* t) { return *static_cast<at::Tensor*>(t); }
 
@@ -65,7 +59,7 @@ extern "C" {
 // with a message in `err`.
 int hyt_sgd_step(void* param, void* grad, void* momentum_buffer, int buffer_is_new, void* scratch, double lr,
                  double weight_decay, double momentum, double dampening, int nesterov, char* err, size_t err_len) {
-  try {
+  return hytrain::guarded(err, err_len, [&] {
     at::NoGradGuard no_grad;
     auto& p = as_tensor(param);
     at::Tensor d_p = as_tensor(grad);
@@ -92,15 +86,7 @@ int hyt_sgd_step(void* param, void* grad, void* momentum_buffer, int buffer_is_n
       }
     }
     p.add_(d_p, -lr);
-    return 0;
-  } catch (const c10::Error& e) {
-    // Without the C++ backtrace that what() appends: the message is shown to users as one error line.
-    write_error(err, err_len, e.what_without_backtrace());
-    return 1;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 // One parameter's update of torch.optim.AdamW (`_single_tensor_adam` with decoupled weight decay, no amsgrad).
@@ -110,7 +96,7 @@ int hyt_sgd_step(void* param, void* grad, void* momentum_buffer, int buffer_is_n
 int hyt_adamw_step(void* param, void* grad, void* exp_avg, void* exp_avg_sq, void* scratch, double lr,
                    double weight_decay, double beta1, double beta2, double eps, double step_size,
                    double bias_correction2_sqrt, char* err, size_t err_len) {
-  try {
+  return hytrain::guarded(err, err_len, [&] {
     at::NoGradGuard no_grad;
     auto& p = as_tensor(param);
     const auto& g = as_tensor(grad);
@@ -126,15 +112,7 @@ int hyt_adamw_step(void* param, void* grad, void* exp_avg, void* exp_avg_sq, voi
     at::sqrt_out(denom, v);
     denom.div_(bias_correction2_sqrt).add_(eps);
     p.addcdiv_(m, denom, -step_size);
-    return 0;
-  } catch (const c10::Error& e) {
-    // Without the C++ backtrace that what() appends: the message is shown to users as one error line.
-    write_error(err, err_len, e.what_without_backtrace());
-    return 1;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 // For tests: the number of CPU tensor allocations larger than a scalar made so far on the calling thread. The

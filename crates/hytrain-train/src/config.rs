@@ -63,6 +63,8 @@ pub struct TrainConfig {
     pub overlap: bool,
     /// Arithmetic of the forward pass: `fp32`, `bf16` (autocast) or `fp16` (autocast and loss scaling).
     pub precision: Precision,
+    /// The fp16 loss scale to start from.
+    pub init_loss_scale: f64,
     /// Seed of weights and data order.
     pub seed: u64,
     /// Optimizer steps between metrics lines.
@@ -98,6 +100,7 @@ impl Default for TrainConfig {
             bucket_mb: 25.0,
             overlap: true,
             precision: Precision::Fp32,
+            init_loss_scale: DdpOptions::default().init_loss_scale,
             seed: 1,
             log_interval: 10,
             checkpoint_every: None,
@@ -127,6 +130,7 @@ pub const KEYS: &[&str] = &[
     "bucket_mb",
     "overlap",
     "precision",
+    "init_loss_scale",
     "seed",
     "log_interval",
     "checkpoint_every",
@@ -157,6 +161,7 @@ pub fn help(key: &str) -> &'static str {
         "precision" => {
             "fp32, bf16 (autocast, fp32 master weights) or fp16 (autocast and dynamic loss scaling) [default: fp32]"
         }
+        "init_loss_scale" => "fp16 only: the loss scale to start from, as GradScaler's init_scale [default: 65536]",
         "seed" => "Seed of the initial weights and of the data order [default: 1]",
         "log_interval" => "Optimizer steps between metrics lines [default: 10]",
         "checkpoint_every" => "Optimizer steps between checkpoints (one is also written at each epoch end)",
@@ -282,6 +287,7 @@ impl TrainConfig {
             },
             "overlap" => self.overlap = parse_bool(key, &v)?,
             "precision" => self.precision = v.parse().map_err(|detail: String| bad(key, detail))?,
+            "init_loss_scale" => self.init_loss_scale = parse_f64(key, &v)?,
             "seed" => self.seed = parse_u64(key, &v)?,
             "log_interval" => self.log_interval = parse_positive(key, &v)?,
             "checkpoint_every" => self.checkpoint_every = optional(&v, |v| parse_positive(key, v))?,
@@ -336,6 +342,7 @@ impl TrainConfig {
             max_grad_norm: self.max_grad_norm,
             overlap: self.overlap,
             precision: self.precision,
+            init_loss_scale: self.init_loss_scale,
             ..Default::default()
         }
     }

@@ -10,7 +10,7 @@ use crate::bucket::{assign_buckets, reducible, Bucket, MB};
 use crate::model::Model;
 use crate::optim::Optimizer;
 use crate::overlap::{Overlap, RoundError};
-use crate::precision::{Autocast, GradScaler, Precision};
+use crate::precision::{Autocast, GradScaler, GradScalerState, Precision};
 use crate::{Buffer, Collective, ReduceOp, Result, TrainError};
 
 /// How [`Ddp`] splits and synchronises gradients.
@@ -36,6 +36,13 @@ pub struct DdpOptions {
     /// for bf16 and fp16, and scales the loss for fp16 (see [`crate::precision`]).
     #[serde(default)]
     pub precision: Precision,
+    /// The fp16 loss scale to start from (`--init-loss-scale`; torch.amp.GradScaler's `init_scale`, 2^16).
+    #[serde(default = "init_loss_scale_by_default")]
+    pub init_loss_scale: f64,
+}
+
+fn init_loss_scale_by_default() -> f64 {
+    GradScalerState::default().scale.into()
 }
 
 fn overlap_by_default() -> bool {
@@ -52,6 +59,7 @@ impl Default for DdpOptions {
             broadcast_buffers: true,
             overlap: true,
             precision: Precision::Fp32,
+            init_loss_scale: init_loss_scale_by_default(),
         }
     }
 }
@@ -66,6 +74,13 @@ impl DdpOptions {
         }
         if self.grad_accum == 0 {
             return Err(TrainError::option("--grad-accum", "must be at least 1"));
+        }
+        let s = self.init_loss_scale;
+        if !(s.is_finite() && s >= 1.0 && s <= f64::from(f32::MAX)) {
+            return Err(TrainError::option(
+                "--init-loss-scale",
+                format!("must be a number from 1 to {:e} (a float32), got {s}", f32::MAX),
+            ));
         }
         if let Some(n) = self.max_grad_norm {
             if !(n.is_finite() && n > 0.0) {
@@ -187,7 +202,10 @@ impl Ddp {
             overflowed: false,
         };
         if ddp.options.precision == Precision::Fp16 {
-            ddp.scaler = Some(GradScaler::new());
+            ddp.scaler = Some(GradScaler::from_state(GradScalerState {
+                scale: ddp.options.init_loss_scale as f32,
+                ..Default::default()
+            }));
         }
         ddp.verify_same_model()?;
         for (name, p) in &ddp.params {

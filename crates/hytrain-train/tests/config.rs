@@ -93,6 +93,21 @@ fn bad_values_are_refused_with_a_one_line_error_naming_key_and_value() {
 }
 
 #[test]
+fn an_initial_loss_scale_below_one_or_beyond_float32_is_refused_naming_the_flag() {
+    for value in ["0.5", "1e39", "-65536"] {
+        let mut config = TrainConfig::default();
+        config.apply_hyperparameter("init_loss_scale", value).unwrap();
+        let msg = config.validate().unwrap_err().to_string();
+        assert!(msg.contains("--init-loss-scale") && msg.contains("from 1 to") && !msg.contains('\n'), "{value}: {msg}");
+    }
+    let mut config = TrainConfig::default();
+    config.apply_hyperparameter("init-loss-scale", "4294967296").unwrap();
+    config.validate().unwrap();
+    assert_eq!(config.ddp_options().init_loss_scale, 4294967296.0);
+    assert_eq!(TrainConfig::default().ddp_options().init_loss_scale, 65536.0);
+}
+
+#[test]
 fn cli_beats_hytrain_env_beats_sagemaker_hyperparameters_beats_defaults() {
     let sources = ConfigSources {
         cli: map(&[("epochs", "5")]),

@@ -469,7 +469,7 @@ fn s3_read(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
             .and_then(|rows| rows.iter().find(|r| r["reader"] == reader))
             .and_then(|r| r["mb_per_s"].as_f64())
     };
-    let ours = mb("hytrain S3 source").context("s3_read.py measured no 'hytrain S3 source'")?;
+    let ours = mb("hytrain S3").context("s3_read.py measured no 'hytrain S3' row")?;
     let shards = v["shards"].as_u64().unwrap_or(0);
     for (peer, target) in [("s3torchconnector", ">=1"), ("boto3, 8 threads", "")] {
         // Without the high-level package the script measures the connector's client directly.
