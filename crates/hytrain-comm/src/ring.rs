@@ -284,6 +284,18 @@ impl Ring {
                 m.world_size
             )));
         }
+        let mut ring = Ring::unlinked(m);
+        if m.world_size == 1 {
+            return Ok(ring);
+        }
+        let generation = store.next_generation("ring");
+        ring.links = Some(link(store, m, opts, generation)?);
+        Ok(ring)
+    }
+
+    /// `m`'s place in a ring with no links yet: what a world of one keeps, and what [`Ring::connect`] and
+    /// [`Ring::connect_group`] link.
+    fn unlinked(m: &Membership) -> Ring {
         let mut ring = Ring {
             rank: m.rank,
             world: m.world_size,
@@ -297,12 +309,7 @@ impl Ring {
             widened: Vec::new(),
         };
         ring.set_segment_bytes(DEFAULT_SEGMENT_BYTES);
-        if m.world_size == 1 {
-            return Ok(ring);
-        }
-        let generation = store.next_generation("ring");
-        ring.links = Some(link(store, m, opts, generation)?);
-        Ok(ring)
+        ring
     }
 
     /// Links a ring of a subset of the job's ranks (the node leaders of the shared-memory transport): `m` gives
@@ -315,19 +322,7 @@ impl Ring {
         opts: &CommOptions,
     ) -> Result<Ring, CommError> {
         m.validate()?;
-        let mut ring = Ring {
-            rank: m.rank,
-            world: m.world_size,
-            links: None,
-            seq: 0,
-            broken: None,
-            segment_bytes: DEFAULT_SEGMENT_BYTES,
-            steps: Vec::new(),
-            send_steps: Vec::new(),
-            scratch: Vec::new(),
-            widened: Vec::new(),
-        };
-        ring.set_segment_bytes(DEFAULT_SEGMENT_BYTES);
+        let mut ring = Ring::unlinked(m);
         if m.world_size > 1 {
             let generation = (1 << 32) + store.next_generation("ring-group");
             ring.links = Some(link(store, m, opts, generation)?);
