@@ -1337,6 +1337,9 @@ mod tests {
             let m = member(rank, world, port);
             let store = Store::rendezvous(&m, &o).expect("rendezvous");
             let mut ring = Ring::connect(&store, &m, &o).expect("ring");
+            // Every ring is linked before any rank runs `f`: a rank that `f` makes drop out must not be lost to a
+            // rank still linking (that rank's connect then fails with the loss instead of `f` seeing it).
+            store.barrier("rings linked").expect("every rank linked its ring");
             f(rank, &mut ring)
         })
     }
