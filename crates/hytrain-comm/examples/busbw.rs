@@ -8,7 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use hytrain_comm::{init, Buffer, Collective, CommOptions, Membership, ReduceOp, Ring, Store, Transport};
+use hytrain_comm::{
+    init, Buffer, Collective, CommOptions, Membership, ReduceOp, Ring, Store, Transport,
+};
 
 fn main() {
     let transport = match std::env::args().nth(1).as_deref() {
@@ -61,11 +63,15 @@ fn main() {
                     };
                     assert_eq!(collective.backend(), transport.to_string());
                     let mut v = vec![1.0f32; elems];
-                    collective.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap(); // warm-up
+                    collective
+                        .allreduce(Buffer::F32(&mut v), ReduceOp::Sum)
+                        .unwrap(); // warm-up
                     collective.barrier().unwrap();
                     let t = Instant::now();
                     for _ in 0..iters {
-                        collective.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap();
+                        collective
+                            .allreduce(Buffer::F32(&mut v), ReduceOp::Sum)
+                            .unwrap();
                     }
                     t.elapsed() / iters as u32
                 })

@@ -132,6 +132,14 @@ struct Reporter {
 }
 
 impl Reporter {
+    /// The liveness watch's verdict, if the job has lost a rank.
+    fn verdict(&self) -> Option<CommError> {
+        let lost = self.liveness.as_ref()?.lost()?;
+        let e = CommError::RankLost(lost);
+        tracing::error!(rank = self.rank, "{e}");
+        Some(e)
+    }
+
     fn report(&self, local: CommError) -> CommError {
         // A broken link may be the first sign of a loss the store is announcing right now; other failures (a
         // mismatch) are this rank's own finding and need no wait.
@@ -447,14 +455,7 @@ impl Ring {
         let done = flight.links.done.recv().map_err(|_| gone())?;
         flight.finished = true;
         *send_steps = done.steps;
-        match (recv_error, done.result) {
-            (None, Ok(())) => Ok(()),
-            (Some(Some(e)), _) => Err(e),
-            (_, Err(Some(e))) => Err(e),
-            _ => Err(CommError::Broken(format!(
-                "{during} stopped without a recorded cause"
-            ))),
-        }
+        outcome(recv_error, done.result, &flight.links.reporter, during)
     }
 
     fn allreduce_typed<T: Pod>(
@@ -481,6 +482,26 @@ impl Ring {
             buf,
             reduce,
         )
+    }
+}
+
+/// A collective's result from what its two halves saw: the receiving side's reported error (`Some(None)`: it failed
+/// only because the sender had) and the sender's result (`Err(None)`: it stopped because it was told to).
+fn outcome(
+    received: Option<Option<CommError>>,
+    sent: Result<(), Option<CommError>>,
+    reporter: &Reporter,
+    during: &str,
+) -> Result<(), CommError> {
+    match (received, sent) {
+        (None, Ok(())) => Ok(()),
+        (Some(Some(e)), _) => Err(e),
+        (_, Err(Some(e))) => Err(e),
+        // Neither side failed on its own: the liveness watch aborted the collective (a rank was lost while this
+        // rank's own links still worked, e.g. that rank's store connection dropped), so the verdict is the cause.
+        _ => Err(reporter.verdict().unwrap_or_else(|| {
+            CommError::Broken(format!("{during} stopped without a recorded cause"))
+        })),
     }
 }
 
@@ -1333,13 +1354,15 @@ mod tests {
         f: impl Fn(usize, &mut Ring) -> T + Sync,
     ) -> Vec<T> {
         let port = free_port();
+        let linked = std::sync::Barrier::new(world);
         on_ranks(world, |rank| {
             let m = member(rank, world, port);
             let store = Store::rendezvous(&m, &o).expect("rendezvous");
             let mut ring = Ring::connect(&store, &m, &o).expect("ring");
-            // Every ring is linked before any rank runs `f`: a rank that `f` makes drop out must not be lost to a
-            // rank still linking (that rank's connect then fails with the loss instead of `f` seeing it).
-            store.barrier("rings linked").expect("every rank linked its ring");
+            // Every ring is linked and no rank is inside a store call before any rank runs `f`: a rank that `f`
+            // makes drop out must not be lost to a rank still linking or waiting. A thread barrier, not the store's:
+            // a rank released from a store barrier can drop out while another still waits for its answer.
+            linked.wait();
             f(rank, &mut ring)
         })
     }
@@ -1669,6 +1692,71 @@ mod tests {
             assert_eq!(lost.as_ref().map(|l| l.rank), Some(1), "rank {r}");
             assert!(
                 matches!(e, CommError::RankLost(l) if l.rank == 1),
+                "rank {r}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_collective_stopped_by_the_liveness_verdict_alone_names_the_lost_rank() {
+        let results = with_rings(3, opts(60, 60), |rank, ring| {
+            let reporter = &ring.links.as_ref().unwrap().reporter;
+            // Before any loss: a sender told to stop with a receiver that finished has no cause to give.
+            let before = outcome(None, Err(None), reporter, "allreduce").unwrap_err();
+            ring.barrier().expect("every rank looked before the loss");
+            if rank == 1 {
+                ring.liveness().unwrap().sever();
+                return None;
+            }
+            ring.liveness()
+                .unwrap()
+                .wait_lost(Some(Duration::from_secs(20)))
+                .expect("the watch reports rank 1 lost");
+            let reporter = &ring.links.as_ref().unwrap().reporter;
+            let after = outcome(None, Err(None), reporter, "allreduce").unwrap_err();
+            let consequence = outcome(Some(None), Err(None), reporter, "allreduce").unwrap_err();
+            Some((before, after, consequence))
+        });
+        for r in [0, 2] {
+            let (before, after, consequence) = results[r].as_ref().unwrap();
+            assert!(
+                matches!(before, CommError::Broken(m) if m == "allreduce stopped without a recorded cause"),
+                "rank {r}: {before}"
+            );
+            for e in [after, consequence] {
+                assert!(
+                    matches!(e, CommError::RankLost(l) if l.rank == 1),
+                    "rank {r}: {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_rank_whose_store_connection_drops_mid_collective_is_named_by_every_other_rank() {
+        // Rank 2's ring links keep working while its store connection closes: the others' collectives are stopped
+        // by the liveness verdict, possibly after their own halves finished; each names rank 2 all the same.
+        let results = with_rings(3, opts(60, 30), |rank, ring| {
+            ring.set_segment_bytes(4096);
+            let mut v = vec![1.0f32; 100_000];
+            if rank == 2 {
+                ring.liveness().unwrap().sever();
+            }
+            let mut errors = Vec::new();
+            for _ in 0..20 {
+                if let Err(e) = ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum) {
+                    errors.push(e);
+                    break;
+                }
+            }
+            errors.pop()
+        });
+        for r in [0, 1] {
+            let e = results[r]
+                .as_ref()
+                .unwrap_or_else(|| panic!("rank {r} never failed"));
+            assert!(
+                matches!(e, CommError::RankLost(l) if l.rank == 2),
                 "rank {r}: {e}"
             );
         }

@@ -200,7 +200,8 @@ fn a_process_killed_mid_allreduce_makes_the_others_fail_naming_it_within_the_dea
         // shared-memory wait's own finding ("lost rank 1 (process exited during allreduce)"), possibly as a local
         // peer recorded it first in the segment ("rank 0 failed first: lost rank 1 ...").
         assert!(
-            lines[0].starts_with("lost rank 1 ") || lines[0].contains(" failed first: lost rank 1 "),
+            lines[0].starts_with("lost rank 1 ")
+                || lines[0].contains(" failed first: lost rank 1 "),
             "survivor {i}: {}",
             lines[0]
         );
