@@ -1,9 +1,10 @@
 //! torch-sys puts no rpath into what links it; add the libtorch lib folder so this crate's tests and examples run
 //! without LD_LIBRARY_PATH. Also record the libtorch version (from its `build-version` file) for export metadata,
-//! and compile the C++ shim (`csrc/grad_hook.cpp`, `csrc/optim_step.cpp`, `csrc/autocast.cpp`) against the same
-//! libtorch's headers: tch has no API for autograd hooks, which overlapping gradient allreduces with backward needs,
-//! nor the scaled in-place ops (`add_` with alpha, `addcmul_`/`addcdiv_` with value, `out=`) that optimizer steps
-//! without temporaries need, nor CPU autocast and the GradScaler's unscale kernel that mixed precision needs.
+//! and compile the C++ shim (`csrc/*.cpp`) against the same libtorch's headers: tch has no API for autograd hooks,
+//! which overlapping gradient allreduces with backward needs, nor the scaled in-place ops (`add_` with alpha,
+//! `addcmul_`/`addcdiv_` with value, `out=`) that optimizer steps without temporaries need, nor CPU autocast and
+//! the GradScaler's unscale kernel that mixed precision needs, nor a custom autograd function (the 2x2 max-pool
+//! kernel, `csrc/max_pool.cpp`).
 use std::path::Path;
 
 fn main() {
@@ -24,6 +25,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/grad_hook.cpp");
     println!("cargo:rerun-if-changed=csrc/optim_step.cpp");
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+    println!("cargo:rerun-if-changed=csrc/max_pool.cpp");
     println!("cargo:rerun-if-changed=csrc/shim_error.h");
     cc::Build::new()
         .cpp(true)
@@ -37,5 +39,6 @@ fn main() {
         .file("csrc/grad_hook.cpp")
         .file("csrc/optim_step.cpp")
         .file("csrc/autocast.cpp")
+        .file("csrc/max_pool.cpp")
         .compile("hytrain_grad_hook");
 }

@@ -3,6 +3,7 @@
 use tch::{Device, TchError, Tensor};
 
 use super::layers::{Conv2d, ConvConfig, LayerBuilder, Linear};
+use super::pool::max_pool_2x2;
 use super::Model;
 use crate::{Result, TrainError};
 
@@ -44,7 +45,7 @@ impl LeNet {
 }
 
 fn pool(xs: Tensor) -> Result<Tensor, TchError> {
-    xs.f_max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)
+    max_pool_2x2(&xs)
 }
 
 impl Model for LeNet {

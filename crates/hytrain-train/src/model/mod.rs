@@ -3,6 +3,7 @@
 mod layers;
 mod lenet;
 mod mlp;
+mod pool;
 mod resnet;
 mod script;
 
@@ -13,6 +14,7 @@ use tch::{CModule, Device, Kind, TchError, Tensor};
 pub use layers::{BatchNorm2d, Conv2d, ConvConfig, LayerBuilder, Linear, NamedTensors};
 pub use lenet::LeNet;
 pub use mlp::{Mlp, DEFAULT_HIDDEN};
+pub use pool::max_pool_2x2;
 pub use resnet::ResNet18;
 pub use script::ScriptModel;
 
