@@ -1742,14 +1742,7 @@ mod tests {
             if rank == 2 {
                 ring.liveness().unwrap().sever();
             }
-            let mut errors = Vec::new();
-            for _ in 0..20 {
-                if let Err(e) = ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum) {
-                    errors.push(e);
-                    break;
-                }
-            }
-            errors.pop()
+            (0..20).find_map(|_| ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).err())
         });
         for r in [0, 1] {
             let e = results[r]
