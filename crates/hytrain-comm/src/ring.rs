@@ -26,7 +26,7 @@ use bytemuck::Pod;
 use half::bf16;
 
 use crate::auth::{self, Handshake, JobToken, NONCE_LEN};
-use crate::liveness::AbortRegistration;
+use crate::liveness::{AbortRegistration, LostRank};
 use crate::schedule::{self, segment, segment_count, Action, Step};
 use crate::store::{bind_any, VERDICT_WAIT};
 use crate::wire::{get_bytes_max, get_u64, put_bytes, put_u64};
@@ -132,12 +132,13 @@ struct Reporter {
 }
 
 impl Reporter {
-    /// The liveness watch's verdict, if the job has lost a rank.
-    fn verdict(&self) -> Option<CommError> {
-        let lost = self.liveness.as_ref()?.lost()?;
-        let e = CommError::RankLost(lost);
-        tracing::error!(rank = self.rank, "{e}");
-        Some(e)
+    /// The liveness watch's verdict if the job has lost a rank, waiting up to `wait` for one.
+    fn lost_within(&self, wait: Duration) -> Option<LostRank> {
+        let live = self.liveness.as_ref()?;
+        match wait.is_zero() {
+            true => live.lost(),
+            false => live.wait_lost(Some(wait)),
+        }
     }
 
     fn report(&self, local: CommError) -> CommError {
@@ -147,10 +148,7 @@ impl Reporter {
             CommError::PeerLost { .. } | CommError::Timeout { .. } => VERDICT_WAIT,
             _ => Duration::ZERO,
         };
-        if let Some(lost) = self.liveness.as_ref().and_then(|l| match wait.is_zero() {
-            true => l.lost(),
-            false => l.wait_lost(Some(wait)),
-        }) {
+        if let Some(lost) = self.lost_within(wait) {
             let e = CommError::RankLost(lost);
             tracing::error!(rank = self.rank, "{e} (this rank saw: {local})");
             return e;
@@ -499,9 +497,14 @@ fn outcome(
         (_, Err(Some(e))) => Err(e),
         // Neither side failed on its own: the liveness watch aborted the collective (a rank was lost while this
         // rank's own links still worked, e.g. that rank's store connection dropped), so the verdict is the cause.
-        _ => Err(reporter.verdict().unwrap_or_else(|| {
-            CommError::Broken(format!("{during} stopped without a recorded cause"))
-        })),
+        _ => Err(match reporter.lost_within(Duration::ZERO) {
+            Some(lost) => {
+                let e = CommError::RankLost(lost);
+                tracing::error!(rank = reporter.rank, "{e}");
+                e
+            }
+            None => CommError::Broken(format!("{during} stopped without a recorded cause")),
+        }),
     }
 }
 

@@ -41,6 +41,7 @@ pub mod optim;
 mod overlap;
 pub mod precision;
 pub mod schedule;
+mod shim;
 pub mod trainer;
 
 pub use batches::{Batch, BatchError, BatchSource, Batches, TensorBatches};

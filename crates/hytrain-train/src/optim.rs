@@ -7,10 +7,11 @@
 //! parameter goes into a scratch tensor reused across parameters and steps.
 
 use std::collections::HashMap;
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 
 use tch::{Kind, TchError, Tensor};
 
+use crate::shim::{handle, shim};
 use crate::{Result, TrainError};
 
 /// Updates parameters from their gradients; the learning rate is passed per step so schedules stay outside.
@@ -167,21 +168,6 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
-}
-
-/// tch's `C_tensor` handle is a `torch::Tensor*`, what the shim takes.
-fn handle(t: &Tensor) -> *mut c_void {
-    t.as_ptr() as *mut c_void
-}
-
-/// Runs a shim call that reports failure as a non-zero return and a message in its error buffer.
-fn shim(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), TchError> {
-    let mut err = [0 as c_char; 512];
-    if call(err.as_mut_ptr(), err.len()) == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim NUL-terminates what it writes into `err`, and it starts zeroed.
-    Err(TchError::Torch(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned()))
 }
 
 /// Storage for the one intermediate tensor of a parameter's update, one per dtype and device, reused by every

@@ -8,11 +8,12 @@
 //! whose gradients overflowed is skipped and the scale halved, and after `growth_interval` good steps in a row
 //! the scale doubles.
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 use std::marker::PhantomData;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::shim::{handle, shim, shim_message};
 use crate::{Result, TrainError};
 
 /// The arithmetic of the forward pass (`--precision`).
@@ -107,11 +108,6 @@ fn device_code(device: Device) -> Result<c_int> {
     }
 }
 
-fn shim_error(err: &[c_char]) -> String {
-    // SAFETY: the shim wrote a NUL-terminated message into `err` (or left it zeroed).
-    unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned()
-}
-
 /// Autocast on one device type for the calling thread, as `torch.autocast(device_type, dtype)` does, until
 /// dropped; dropping restores the state found on entry (guards nest), also when the code inside fails or panics.
 ///
@@ -133,12 +129,9 @@ impl Autocast {
         };
         let code = device_code(device)?;
         let mut prev = AutocastState::default();
-        let mut err = [0 as c_char; 256];
-        // SAFETY: `prev` and `err` are writable and live for the call; the shim touches only thread-local state.
-        let rc = unsafe { hyt_autocast_enter(code, dtype, &mut prev, err.as_mut_ptr(), err.len()) };
-        if rc != 0 {
-            return Err(TrainError::option("--precision", format!("libtorch refused autocast: {}", shim_error(&err))));
-        }
+        // SAFETY: `prev` is writable and lives for the call; the shim touches only thread-local state.
+        shim_message(|err, err_len| unsafe { hyt_autocast_enter(code, dtype, &mut prev, err, err_len) })
+            .map_err(|why| TrainError::option("--precision", format!("libtorch refused autocast: {why}")))?;
         Ok(Autocast { device: code, prev: [prev.enabled, prev.dtype, prev.cache_enabled], _thread_bound: PhantomData })
     }
 
@@ -241,30 +234,17 @@ impl GradScaler {
         };
         let torch = |e| TrainError::torch("unscaling gradients", e);
         let device = first.device();
-        let mut found_inf = Tensor::f_zeros([1], (Kind::Float, device)).map_err(torch)?;
+        let found_inf = Tensor::f_zeros([1], (Kind::Float, device)).map_err(torch)?;
         // As GradScaler: the reciprocal in double, then rounded to float.
         let inv = (1.0 / f64::from(self.state.scale)) as f32;
-        let mut inv_scale = Tensor::f_full([1], f64::from(inv), (Kind::Float, device)).map_err(torch)?;
-        let ptrs: Vec<*mut c_void> = grads.iter().map(|g| g.as_ptr() as *mut c_void).collect();
-        let mut err = [0 as c_char; 256];
+        let inv_scale = Tensor::f_full([1], f64::from(inv), (Kind::Float, device)).map_err(torch)?;
+        let ptrs: Vec<*mut c_void> = grads.iter().map(|g| handle(g)).collect();
         // SAFETY: every pointer is tch's `torch::Tensor*` of a tensor alive for the call, as are `found_inf` and
-        // `inv_scale`; `err` is writable with the length given.
-        let rc = unsafe {
-            hyt_unscale_grads(
-                ptrs.as_ptr(),
-                ptrs.len(),
-                found_inf.as_mut_ptr() as *mut c_void,
-                inv_scale.as_mut_ptr() as *mut c_void,
-                err.as_mut_ptr(),
-                err.len(),
-            )
-        };
-        if rc != 0 {
-            return Err(TrainError::Torch {
-                context: "unscaling gradients".into(),
-                source: tch::TchError::Torch(shim_error(&err)),
-            });
-        }
+        // `inv_scale`.
+        shim(|err, err_len| unsafe {
+            hyt_unscale_grads(ptrs.as_ptr(), ptrs.len(), handle(&found_inf), handle(&inv_scale), err, err_len)
+        })
+        .map_err(torch)?;
         Ok(found_inf.f_double_value(&[0]).map_err(torch)? != 0.0)
     }
 

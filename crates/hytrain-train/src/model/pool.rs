@@ -1,8 +1,10 @@
 //! Pooling for the built-in models, through the shim's 2x2 max-pool kernel (`csrc/max_pool.cpp`).
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 
 use tch::{TchError, Tensor};
+
+use crate::shim::{handle, shim};
 
 extern "C" {
     fn hyt_max_pool_2x2(input: *mut c_void, out: *mut *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
@@ -13,15 +15,10 @@ extern "C" {
 /// dedicated kernel; every other input takes libtorch's generic one.
 pub fn max_pool_2x2(xs: &Tensor) -> Result<Tensor, TchError> {
     let mut out: *mut c_void = std::ptr::null_mut();
-    let mut err = [0 as c_char; 512];
-    // SAFETY: `xs.as_ptr()` is tch's `torch::Tensor*`, valid for the call; on success the shim stores a new
-    // `torch::Tensor*` in `out`, whose ownership `Tensor::from_ptr` takes.
-    unsafe {
-        if hyt_max_pool_2x2(xs.as_ptr() as *mut c_void, &mut out, err.as_mut_ptr(), err.len()) != 0 {
-            return Err(TchError::Torch(CStr::from_ptr(err.as_ptr()).to_string_lossy().into_owned()));
-        }
-        Ok(Tensor::from_ptr(out as *mut _))
-    }
+    // SAFETY: `xs` is a live tensor borrowed for the call, which keeps no reference to it.
+    shim(|err, err_len| unsafe { hyt_max_pool_2x2(handle(xs), &mut out, err, err_len) })?;
+    // SAFETY: on success the shim stored a new `torch::Tensor*` in `out`, whose ownership `from_ptr` takes.
+    Ok(unsafe { Tensor::from_ptr(out as *mut _) })
 }
 
 #[cfg(test)]

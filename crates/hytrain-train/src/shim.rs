@@ -1,0 +1,26 @@
+//! Calling the C++ shim (`csrc/`): its functions take tch tensors as `torch::Tensor*` and report a failure as a
+//! non-zero return with a one-line message in a caller-provided buffer (`csrc/shim_error.h`).
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+
+use tch::{TchError, Tensor};
+
+/// tch's `C_tensor` handle is a `torch::Tensor*`, what the shim takes.
+pub(crate) fn handle(t: &Tensor) -> *mut c_void {
+    t.as_ptr() as *mut c_void
+}
+
+/// Runs a shim call that reports failure as a non-zero return and a message in its error buffer.
+pub(crate) fn shim(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), TchError> {
+    shim_message(call).map_err(TchError::Torch)
+}
+
+/// [`shim`] with the shim's message as it is, for callers that word the error themselves.
+pub(crate) fn shim_message(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
+    let mut err = [0 as c_char; 512];
+    if call(err.as_mut_ptr(), err.len()) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim NUL-terminates what it writes into `err`, and it starts zeroed.
+    Err(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned())
+}
