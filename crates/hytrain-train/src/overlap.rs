@@ -8,7 +8,7 @@
 //! bit-identical to [`crate::Ddp::sync_gradients`]. A bucket with a parameter whose hook never fired (a parameter
 //! unused in this forward) is launched after backward returns, in its place in the order.
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -16,6 +16,7 @@ use std::time::Instant;
 use tch::Tensor;
 
 use crate::bucket::Bucket;
+use crate::shim::{handle, shim_message};
 use crate::{Collective, CommError};
 
 type GradReadyFn = extern "C" fn(ctx: *const c_void, index: usize);
@@ -145,26 +146,12 @@ impl Overlap {
                 continue;
             }
             let ctx = Arc::into_raw(Arc::clone(&overlap.readiness)).cast::<c_void>();
-            let mut err = [0 as c_char; 256];
-            // SAFETY: `p.as_ptr()` is tch's `torch::Tensor*`, valid while `p` lives (the call does not keep it);
-            // `ctx` carries one strong count that the shim hands to the hook (or releases on failure); `err` is a
-            // writable buffer of the length given.
-            let rc = unsafe {
-                hyt_set_grad_ready_hook(
-                    p.as_ptr() as *mut c_void,
-                    grad_ready,
-                    ctx,
-                    index,
-                    release,
-                    err.as_mut_ptr(),
-                    err.len(),
-                )
-            };
-            if rc != 0 {
-                // SAFETY: the shim wrote a NUL-terminated message into `err`.
-                let why = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned();
-                return Err(format!("installing the gradient hook of parameter {name}: {why}"));
-            }
+            // SAFETY: `p` is a live tensor borrowed for the call, which does not keep it; `ctx` carries one strong
+            // count that the shim hands to the hook (or releases on failure).
+            shim_message(|err, err_len| unsafe {
+                hyt_set_grad_ready_hook(handle(p), grad_ready, ctx, index, release, err, err_len)
+            })
+            .map_err(|why| format!("installing the gradient hook of parameter {name}: {why}"))?;
             overlap.hooked.push(p.shallow_clone());
         }
         Ok(overlap)
@@ -252,7 +239,7 @@ impl Drop for Overlap {
         // call nothing. Each hook's release drops its count of `readiness`.
         for p in &self.hooked {
             // SAFETY: `p` is a live tensor handle owned here.
-            unsafe { hyt_clear_grad_ready_hook(p.as_ptr() as *mut c_void) };
+            unsafe { hyt_clear_grad_ready_hook(handle(p)) };
         }
     }
 }
