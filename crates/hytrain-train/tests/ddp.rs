@@ -62,7 +62,7 @@ fn train_single(
     opt: OptimizerConfig,
 ) -> Vec<(String, Tensor)> {
     tch::set_num_threads(1);
-    let m = model::build(s.model, s.classes, &s.input, Device::Cpu).unwrap();
+    let m = seeded(8, || model::build(s.model, s.classes, &s.input, Device::Cpu).unwrap());
     model::load_state_tensors(m.as_ref(), &init).unwrap();
     let mut ddp = Ddp::single(m, DdpOptions::default()).unwrap();
     let mut optimizer = opt.build(ddp.parameters()).unwrap();
@@ -100,7 +100,7 @@ fn train_two_ranks(
     on_ranks(2, |rank, comm| {
         let init = inits.lock().unwrap()[rank].take().unwrap();
         let steps = halves.lock().unwrap()[rank].take().unwrap();
-        let m = model::build(s.model, s.classes, &s.input, Device::Cpu).unwrap();
+        let m = seeded(8 + rank as i64, || model::build(s.model, s.classes, &s.input, Device::Cpu).unwrap());
         if rank == 0 {
             model::load_state_tensors(m.as_ref(), &init).unwrap();
         }
@@ -168,7 +168,7 @@ fn two_ranks_with_grad_accum_match_one_rank_with_double_batch() {
 fn ranks_with_different_models_fail_naming_the_rank_and_tensor() {
     let errors = on_ranks(2, |rank, comm| {
         let classes = if rank == 0 { 10 } else { 5 };
-        let m = model::build("lenet", classes, &[3, 32, 32], Device::Cpu).unwrap();
+        let m = seeded(1, || model::build("lenet", classes, &[3, 32, 32], Device::Cpu).unwrap());
         Ddp::new(m, comm, DdpOptions::default()).unwrap_err().to_string()
     });
     for e in &errors {
@@ -185,7 +185,7 @@ fn ranks_with_different_models_fail_naming_the_rank_and_tensor() {
 fn ranks_with_different_tensor_counts_fail_naming_the_missing_tensor() {
     let errors = on_ranks(3, |rank, comm| {
         let name = if rank == 2 { "mlp:32" } else { "mlp:32,16" };
-        let m = model::build(name, 10, &[1, 8, 8], Device::Cpu).unwrap();
+        let m = seeded(1, || model::build(name, 10, &[1, 8, 8], Device::Cpu).unwrap());
         Ddp::new(m, comm, DdpOptions::default()).unwrap_err().to_string()
     });
     for e in &errors {
@@ -208,7 +208,7 @@ fn startup_broadcast_gives_every_rank_rank_0_weights() {
 #[test]
 fn buckets_are_identical_on_every_rank_reverse_ordered_with_a_small_first_one() {
     let layouts = on_ranks(2, |_, comm| {
-        let m = model::build("resnet18", 10, &[3, 32, 32], Device::Cpu).unwrap();
+        let m = seeded(1, || model::build("resnet18", 10, &[3, 32, 32], Device::Cpu).unwrap());
         let names: Vec<String> = m.named_parameters().into_iter().map(|(n, _)| n).collect();
         let ddp = Ddp::new(m, comm, DdpOptions { bucket_mb: 5.0, ..Default::default() }).unwrap();
         (ddp.bucket_layout(), names)
@@ -224,7 +224,7 @@ fn buckets_are_identical_on_every_rank_reverse_ordered_with_a_small_first_one() 
     // each is under its cap, and each but the last is at least its cap.
     let mib = 1 << 20;
     let by_name: std::collections::HashMap<&String, usize> = {
-        let m = model::build("resnet18", 10, &[3, 32, 32], Device::Cpu).unwrap();
+        let m = seeded(1, || model::build("resnet18", 10, &[3, 32, 32], Device::Cpu).unwrap());
         let sizes: Vec<usize> = m.named_parameters().iter().map(|(_, t)| t.numel() * 4).collect();
         names.iter().zip(sizes).collect()
     };
@@ -344,11 +344,16 @@ fn a_parameter_without_gradient_is_named_in_the_error() {
 #[test]
 fn clipping_bounds_the_global_gradient_norm() {
     tch::set_num_threads(1);
-    let m = model::build("mlp:16", 3, &[4], Device::Cpu).unwrap();
+    let (m, xs, ys) = seeded(1, || {
+        let m = model::build("mlp:16", 3, &[4], Device::Cpu).unwrap();
+        (
+            m,
+            Tensor::randn([8, 4], (Kind::Float, Device::Cpu)) * 100.0,
+            Tensor::randint(3, [8], (Kind::Int64, Device::Cpu)),
+        )
+    });
     let options = DdpOptions { max_grad_norm: Some(0.01), ..Default::default() };
     let mut ddp = Ddp::single(m, options).unwrap();
-    let xs = Tensor::randn([8, 4], (Kind::Float, Device::Cpu)) * 100.0;
-    let ys = Tensor::randint(3, [8], (Kind::Int64, Device::Cpu));
     let logits = ddp.forward_t(&xs, true).unwrap();
     ddp.backward(&hytrain_train::cross_entropy(&logits, &ys).unwrap()).unwrap();
     let before = ddp.clip_grad_norm(0.01).unwrap();
@@ -363,7 +368,7 @@ fn clipping_bounds_the_global_gradient_norm() {
 
 #[test]
 fn bad_options_are_refused_with_the_flag_named() {
-    let m = || model::build("mlp", 10, &[64], Device::Cpu).unwrap();
+    let m = || seeded(1, || model::build("mlp", 10, &[64], Device::Cpu).unwrap());
     for (options, flag) in [
         (DdpOptions { bucket_mb: 0.0, ..Default::default() }, "--bucket-mb"),
         (DdpOptions { grad_accum: 0, ..Default::default() }, "--grad-accum"),
@@ -381,7 +386,7 @@ fn bad_options_are_refused_with_the_flag_named() {
 
 #[test]
 fn a_batch_of_the_wrong_shape_is_an_error_not_a_panic() {
-    let m = model::build("lenet", 10, &[3, 32, 32], Device::Cpu).unwrap();
+    let m = seeded(1, || model::build("lenet", 10, &[3, 32, 32], Device::Cpu).unwrap());
     let mut ddp = Ddp::single(m, DdpOptions::default()).unwrap();
     let e = ddp.forward_t(&Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu)), true).unwrap_err().to_string();
     assert!(e.starts_with("lenet forward on a batch of shape [2, 1, 32, 32]"), "{e}");

@@ -31,7 +31,7 @@ fn check_traced_model(name: &str, input: &[i64]) {
     let weights = Tensor::read_safetensors(dir.path().join("model.safetensors")).unwrap();
     assert_eq!(weights.len(), model::state_tensors(net.as_ref()).len());
     // The exported weights load back into a fresh model.
-    let fresh = model::build(name, 10, input, Device::Cpu).unwrap();
+    let fresh = seeded(1, || model::build(name, 10, input, Device::Cpu).unwrap());
     model::load_state_tensors(fresh.as_ref(), &weights).unwrap();
     assert!(tch::no_grad(|| fresh.forward_t(&xs, false)).unwrap().allclose(&want, 1e-6, 1e-7, false));
 
@@ -82,7 +82,7 @@ fn export_into_an_unwritable_place_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("file");
     std::fs::write(&file, b"").unwrap();
-    let net = model::build("mlp", 10, &[4], Device::Cpu).unwrap();
+    let net = seeded(1, || model::build("mlp", 10, &[4], Device::Cpu).unwrap());
     let e = export(net.as_ref(), &file.join("model"), 10, &[4], serde_json::Value::Null).unwrap_err().to_string();
     assert!(e.starts_with("cannot create"), "{e}");
 }

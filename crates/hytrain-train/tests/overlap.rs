@@ -75,7 +75,7 @@ fn check_bit_identical(model_name: &str, input: &[i64], world: usize, accum: usi
         assert!(identical(&with[rank].0, &with[0].0), "{what}: ranks disagree with overlap");
     }
     let buckets = {
-        let m = model::build(model_name, 10, input, Device::Cpu).unwrap();
+        let m = seeded(1, || model::build(model_name, 10, input, Device::Cpu).unwrap());
         Ddp::single(m, options(true, accum)).unwrap().bucket_layout().len() as u64
     };
     assert!(buckets >= 3, "{what}: only {buckets} buckets, the ordering is barely exercised");
@@ -101,7 +101,7 @@ fn overlap_with_grad_accum_is_bit_identical_and_reduces_only_on_the_last_micro_b
     check_bit_identical("lenet", &[3, 32, 32], 2, 3);
     // By hand: the non-final backward passes reduce nothing and launch nothing.
     let stats = on_ranks(2, |_, comm| {
-        let m = model::build("mlp:16", 10, &[8], Device::Cpu).unwrap();
+        let m = seeded(1, || model::build("mlp:16", 10, &[8], Device::Cpu).unwrap());
         let mut ddp = Ddp::new(m, comm, options(true, 2)).unwrap();
         let (xs, ys) =
             (Tensor::ones([2, 8], (Kind::Float, Device::Cpu)), Tensor::zeros([2], (Kind::Int64, Device::Cpu)));
@@ -208,7 +208,7 @@ fn a_parameter_unused_in_some_steps_is_reduced_after_backward_bit_identically() 
 fn a_parameter_that_never_gets_a_gradient_is_named_with_overlap_on() {
     let errors = on_ranks(3, |_, comm| {
         let use_aux = Arc::new(AtomicBool::new(false));
-        let m = SometimesAux::new(use_aux);
+        let m = seeded(1, || SometimesAux::new(use_aux));
         let mut ddp = Ddp::new(Box::new(m), comm, options(true, 1)).unwrap();
         let mut sgd = OptimizerConfig::Sgd(SgdConfig::default()).build(ddp.parameters()).unwrap();
         let batch = (Tensor::ones([2, 16], (Kind::Float, Device::Cpu)), Tensor::zeros([2], (Kind::Int64, Device::Cpu)));
@@ -279,7 +279,7 @@ fn a_parameter_that_is_no_leaf_is_refused_naming_it_and_the_way_out() {
 #[test]
 fn a_failing_backward_returns_its_error_and_leaves_the_collective_usable() {
     let errors = on_ranks(2, |_, comm| {
-        let m = model::build("mlp:16", 10, &[8], Device::Cpu).unwrap();
+        let m = seeded(1, || model::build("mlp:16", 10, &[8], Device::Cpu).unwrap());
         let mut ddp = Ddp::new(m, comm, options(true, 1)).unwrap();
         let constant = Tensor::ones([], (Kind::Float, Device::Cpu));
         let e = ddp.backward(&constant).unwrap_err().to_string();
@@ -294,7 +294,7 @@ fn a_failing_backward_returns_its_error_and_leaves_the_collective_usable() {
 #[test]
 fn a_rank_leaving_mid_step_fails_the_overlapped_allreduce_naming_the_bucket() {
     let results = on_ranks(2, |rank, comm| {
-        let m = model::build("mlp:16", 10, &[8], Device::Cpu).unwrap();
+        let m = seeded(1, || model::build("mlp:16", 10, &[8], Device::Cpu).unwrap());
         let mut ddp = Ddp::new(m, comm, options(true, 1)).unwrap();
         if rank == 1 {
             // Leaves: its sockets close, as when the process dies.

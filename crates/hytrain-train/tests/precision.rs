@@ -26,8 +26,12 @@ fn bf16_autocast_runs_convs_and_matmuls_in_bf16_while_weights_and_grads_stay_fp3
     tch::set_num_threads(1);
     let mut ddp = lenet_ddp(DdpOptions { precision: Precision::Bf16, ..Default::default() });
     let (xs, ys) = batch(1, 8);
-    let w = Tensor::randn([3 * 32 * 32, 4], (Kind::Float, Device::Cpu));
-    let conv_w = Tensor::randn([6, 3, 5, 5], (Kind::Float, Device::Cpu));
+    let (w, conv_w) = seeded(2, || {
+        (
+            Tensor::randn([3 * 32 * 32, 4], (Kind::Float, Device::Cpu)),
+            Tensor::randn([6, 3, 5, 5], (Kind::Float, Device::Cpu)),
+        )
+    });
     assert_eq!(xs.view([8, -1]).matmul(&w).kind(), Kind::Float);
     let loss = {
         let _guard = ddp.autocast().unwrap().expect("bf16 autocasts");

@@ -236,7 +236,7 @@ fn validation_counts_every_sample_exactly_once() {
     };
     let outcomes = run(&job, 3);
     // The reference, in one process: the trained model on the whole validation set.
-    let net = model::build("mlp:32", CLASSES, &[FEATURES], Device::Cpu).unwrap();
+    let net = seeded(1, || model::build("mlp:32", CLASSES, &[FEATURES], Device::Cpu).unwrap());
     model::load_state_tensors(net.as_ref(), &outcomes[0].weights).unwrap();
     let (vx, vy) = copy(&job.val);
     let logits = tch::no_grad(|| net.forward_t(&vx, false)).unwrap();
@@ -433,7 +433,7 @@ fn a_rank_whose_data_ends_early_fails_every_rank_instead_of_hanging() {
 fn an_epoch_shorter_than_grad_accum_is_refused() {
     let (xs, ys) = copy(&blobs(16, 11));
     let config = TrainConfig { grad_accum: 4, batch_size: 8, ..config() };
-    let net = model::build("mlp:8", CLASSES, &[FEATURES], Device::Cpu).unwrap();
+    let net = seeded(1, || model::build("mlp:8", CLASSES, &[FEATURES], Device::Cpu).unwrap());
     let mut ddp = Ddp::single(net, config.ddp_options()).unwrap();
     let mut opt = config.optimizer_config().build(ddp.parameters()).unwrap();
     let mut train = TensorBatches::training(xs, ys, 8, 0, 1, 1).unwrap();
@@ -516,7 +516,7 @@ fn a_checkpoint_of_another_model_fails_every_rank_with_rank_0s_reason() {
     let data = blobs(128, 12);
     let config = TrainConfig { max_steps: Some(4), ..config() };
     let errors = on_ranks(2, |rank, comm| {
-        let net = model::build("mlp:8", CLASSES, &[FEATURES], Device::Cpu).unwrap();
+        let net = seeded(1, || model::build("mlp:8", CLASSES, &[FEATURES], Device::Cpu).unwrap());
         let mut ddp = Ddp::new(net, comm, config.ddp_options()).unwrap();
         let mut opt = config.optimizer_config().build(ddp.parameters()).unwrap();
         let (xs, ys) = copy(&data);

@@ -47,7 +47,9 @@ pub fn on_ranks<T: Send>(world: usize, f: impl Fn(usize, Box<dyn Collective>) ->
 static RNG: Mutex<()> = Mutex::new(());
 
 /// Runs `f` right after seeding libtorch's global generator, with no other test of this binary drawing from it
-/// meanwhile (tests run on parallel threads), so what `f` draws is the same in every run.
+/// meanwhile (tests run on parallel threads), so what `f` draws is the same in every run. That holds only if every
+/// draw in the binary goes through here, even one whose values do not matter (a model built only for its shape): a
+/// draw on another thread between the seed and `f` shifts what `f` gets.
 pub fn seeded<T>(seed: i64, f: impl FnOnce() -> T) -> T {
     let _guard = RNG.lock().unwrap_or_else(|p| p.into_inner());
     tch::manual_seed(seed);
