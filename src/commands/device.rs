@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hytrain_cuda::{
-    CudaDriver, CudaError, Nccl, NcclCollective, TorchStreams, UniqueId, UNIQUE_ID_BYTES,
+    CudaDriver, CudaError, Nccl, NcclCollective, SideStream, TorchStreams, UniqueId,
+    UNIQUE_ID_BYTES,
 };
 
 use crate::comm::{Collective, Store};
@@ -175,6 +176,13 @@ pub fn nccl_collective(
         NcclCollective::new(driver, nccl, ordinal, &id, rank, world_size, timeout)?;
     collective.follow_current_stream(streams);
     Ok(collective)
+}
+
+/// The side stream on GPU `ordinal` that gradient buckets are reduced on while backward computes (`--overlap`).
+pub fn side_stream(ordinal: usize) -> anyhow::Result<SideStream> {
+    let gpu = u32::try_from(ordinal).map_err(|_| anyhow::anyhow!("GPU index {ordinal} is out of range"))?;
+    let driver = CudaDriver::load().context("overlapping allreduces with backward needs the CUDA driver")?;
+    Ok(SideStream::new(driver, gpu, TorchStreams::load()?)?)
 }
 
 /// Sets NCCL_SOCKET_IFNAME to `interface` (SageMaker's network interface) unless it is set already, as SageMaker's

@@ -483,7 +483,12 @@ pub fn run(
     if let tch::Device::Cuda(ordinal) = device {
         let nccl = device::nccl_collective(store.as_ref(), ddp.collective(), ordinal, args.comm.collective_timeout)
             .context("cannot start the NCCL backend")?;
-        ddp = ddp.with_device_collective(Box::new(nccl))?;
+        let side = if cfg.overlap {
+            Some(device::side_stream(ordinal).context("cannot overlap gradient allreduces with backward")?)
+        } else {
+            None
+        };
+        ddp = ddp.with_device_collective(Box::new(nccl), side)?;
     }
     let mut optimizer = cfg.optimizer_config().build(ddp.parameters())?;
     let steps_per_epoch =

@@ -4,9 +4,11 @@
 #   1. hytrain-gpu-check: every kernel of kernels/ against its CPU reference, NCCL allreduce at world size 1, timings
 #   2. torch_peer.py --dump: hytrain's optimizer results against torch.optim on the GPU, PyTorch's timings beside
 #   3. hytrain train --device cuda (NCCL at world size 1) on LeNet and ResNet-18 over a random CIFAR-10-shaped
-#      dataset made here, and torch_peer.py --train: PyTorch eager on the same model, batch, optimizer and data
+#      dataset made here, and torch_peer.py --train: PyTorch eager on the same model, batch, optimizer and data;
+#      and LeNet's weights after the same steps with gradient allreduces overlapped with backward (on the side
+#      stream, the default) and after it (--overlap false), compared by torch_peer.py --compare-weights
 # Findings go to $OUT (or ./out beside this script): kernels.json, torch_peer.json, train_lenet.json,
-# train_resnet18.json, summary.txt, and each step's log. Every step has a timeout; all of them together stay under
+# train_resnet18.json, overlap.json, summary.txt, and each step's log. Every step has a timeout; all of them together stay under
 # 8 minutes (expected on an H200: about 2).
 #
 # GPU_CHECK_REHEARSAL=1 runs part 3 only, on the CPU with a few steps: what `cargo xtask gpu-check` runs here to
@@ -27,9 +29,9 @@ say() {
 
 if [ "${GPU_CHECK_REHEARSAL:-0}" = 1 ]; then
     DEVICE=cpu RECORDS=600
-    LENET="16 2 4" RESNET="4 1 2"
+    LENET="16 2 4" RESNET="4 1 2" OVERLAP_STEPS=4
 else
-    DEVICE=cuda RECORDS=50000
+    DEVICE=cuda RECORDS=50000 OVERLAP_STEPS=50
     # batch, warm-up steps, timed steps: sized so both fit in one epoch of RECORDS (no epoch restart inside the
     # timed steps) and take seconds on an H200 (LeNet about 1-3 ms a step, ResNet-18 about 20-40 ms).
     LENET="128 30 360" RESNET="128 20 200"
@@ -103,10 +105,34 @@ train() {
         status=1
     fi
 }
+# overlap_check RUN_TIMEOUT COMPARE_TIMEOUT: LeNet trained twice from the same seed on the same batches, gradient allreduces overlapped with
+# backward and after it; the weights must agree (bit for bit, or within cuDNN's own run-to-run noise).
+overlap_check() {
+    for overlap in true false; do
+        dir=$WORK/overlap_$overlap
+        timeout -k 10 "$1" "$HYTRAIN" train --device "$DEVICE" --model lenet --data "$DATA" --validation none \
+            --num-classes 10 --batch-size 64 --max-steps "$OVERLAP_STEPS" --lr 0.01 --momentum 0.5 --overlap "$overlap" \
+            --no-resume --checkpoint-dir none --model-dir "$dir/model" --output-dir "$dir/output" \
+            >"$OUT/overlap_$overlap.log" 2>&1
+        code=$?
+        if [ "$code" -ne 0 ]; then
+            say "overlap: --overlap $overlap exited $code: $(tail -n 1 "$OUT/overlap_$overlap.log")"
+            status=1
+            return
+        fi
+    done
+    timeout -k 10 "$2" "$PYTHON" "$HERE/torch_peer.py" --compare-weights "$WORK/overlap_true/model/model.safetensors" \
+        "$WORK/overlap_false/model/model.safetensors" --json "$OUT/overlap.json" >"$WORK/compare.txt" 2>&1
+    code=$?
+    say "$(tail -n 1 "$WORK/compare.txt")"
+    [ "$code" -eq 0 ] || status=1
+}
+
 # shellcheck disable=SC2086 # LENET and RESNET are three words each
-train lenet $LENET 60 45
+train lenet $LENET 45 35
+overlap_check 20 15
 # shellcheck disable=SC2086
-train resnet18 $RESNET 90 60
+train resnet18 $RESNET 75 45
 
 if [ "${GPU_CHECK_REHEARSAL:-0}" = 1 ]; then
     # What the GPU machine asks first: does the packed binary load this torch's libtorch_cuda.so? (Without a GPU

@@ -13,11 +13,15 @@
   model::LeNet and model::ResNet18), batch size and optimizer (SGD, lr 0.01, momentum 0.5: hytrain's defaults) on
   that folder, the same steps hytrain timed; with --hytrain-metrics, hytrain's own samples/s from its
   metrics.jsonl beside PyTorch's.
+--compare-weights A B: how far two model.safetensors of `hytrain train` are apart (the same steps with gradient
+  allreduces overlapped with backward on the side stream, and after backward): bit-identical, or the largest
+  difference relative to the largest weight; it fails above 1e-4 (cuDNN may pick non-deterministic algorithms).
 
 usage: torch_peer.py --dump DIR --json OUT [--bench-elements N] [--device cuda|cpu]
        torch_peer.py --write-cifar DIR [--records N]
        torch_peer.py --train lenet|resnet18 --data DIR --batch N --warmup N --steps N --json OUT
                      [--hytrain-metrics FILE] [--device cuda|cpu]
+       torch_peer.py --compare-weights A B --json OUT
 """
 
 import argparse
@@ -243,12 +247,59 @@ def train(args):
     return 0 if ok else 1
 
 
+# safetensors' dtype names, for the types hytrain's models hold.
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64}
+
+
+def read_safetensors(path):
+    """The tensors of a safetensors file by name (its format: an 8-byte little-endian header length, a JSON header
+    of dtype, shape and data offsets per tensor, then the data), read without the safetensors package."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    length = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + length])
+    data = blob[8 + length:]
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        raw = torch.frombuffer(bytearray(data[begin:end]), dtype=torch.uint8)
+        tensors[name] = raw.view(dtype).reshape(entry["shape"])
+    return tensors
+
+
+def compare_weights(args):
+    a_path, b_path = args.compare_weights
+    a, b = read_safetensors(a_path), read_safetensors(b_path)
+    if sorted(a) != sorted(b):
+        raise SystemExit(f"{a_path} and {b_path} hold different tensors: {sorted(set(a) ^ set(b))}")
+    identical = all(torch.equal(a[n], b[n]) for n in a)
+    worst, worst_name = 0.0, None
+    for name in a:
+        x, y = a[name].double(), b[name].double()
+        difference = (x - y).abs().max().item() / max(y.abs().max().item(), 1e-12)
+        if difference > worst:
+            worst, worst_name = difference, name
+    ok = worst <= 1e-4
+    line = (f"overlap: {len(a)} tensors " + ("bit-identical" if identical else
+            f"differ by at most {worst:.2e} of the largest weight ({worst_name})") + ("" if ok else ": FAILED"))
+    with open(args.json, "w") as out:
+        json.dump({"tensors": len(a), "identical": identical, "max_relative_difference": worst,
+                   "worst_tensor": worst_name, "ok": ok}, out, indent=2)
+    print(line)
+    return 0 if ok else 1
+
+
 def main():
     parser = argparse.ArgumentParser()
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dump", help="hytrain-gpu-check's dump folder: kernel parity and timing")
     mode.add_argument("--write-cifar", metavar="DIR", help="write a random CIFAR-10 binary-version folder")
     mode.add_argument("--train", choices=sorted(MODELS), help="time PyTorch eager training of this model")
+    mode.add_argument("--compare-weights", nargs=2, metavar=("A", "B"), help="compare two model.safetensors")
     parser.add_argument("--json")
     parser.add_argument("--bench-elements", type=int, default=64 << 20)
     # cpu: the tests' self-check on machines without a GPU (the timings that matter need a GPU).
@@ -263,7 +314,9 @@ def main():
     if args.write_cifar:
         return write_cifar(args.write_cifar, args.records)
     if not args.json:
-        parser.error("--json is required with --dump and --train")
+        parser.error("--json is required with --dump, --train and --compare-weights")
+    if args.compare_weights:
+        return compare_weights(args)
     if args.dump:
         return kernels(args)
     for name in ("data", "batch", "warmup", "steps"):

@@ -15,13 +15,16 @@
 //! operation. Because the host waits for the event before returning, a borrowed [`DeviceSlice`] outlives every
 //! use NCCL makes of it.
 
-use std::ffi::{c_int, c_uint, c_void};
+use std::ffi::{c_int, c_void};
 use std::fmt;
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
 use crate::driver::CudaDriver;
 use crate::nccl::{Nccl, UniqueId, UNIQUE_ID_BYTES};
+use crate::side_stream::{
+    Context, Event, Stream, StreamApi, EVENT_DISABLE_TIMING, STREAM_NON_BLOCKING,
+};
 use crate::stream::TorchStreams;
 use crate::CudaError;
 
@@ -156,21 +159,7 @@ pub trait DeviceCollective: Send {
     ) -> Result<(), CudaError>;
 }
 
-type Context = *mut c_void;
-type Stream = *mut c_void;
-type Event = *mut c_void;
 type Comm = *mut c_void;
-
-type PrimaryCtxRetain = unsafe extern "C" fn(*mut Context, c_int) -> c_int;
-type PrimaryCtxRelease = unsafe extern "C" fn(c_int) -> c_int;
-type CtxSetCurrent = unsafe extern "C" fn(Context) -> c_int;
-type StreamCreate = unsafe extern "C" fn(*mut Stream, c_uint) -> c_int;
-type StreamDestroy = unsafe extern "C" fn(Stream) -> c_int;
-type StreamWaitEvent = unsafe extern "C" fn(Stream, Event, c_uint) -> c_int;
-type EventCreate = unsafe extern "C" fn(*mut Event, c_uint) -> c_int;
-type EventDestroy = unsafe extern "C" fn(Event) -> c_int;
-type EventRecord = unsafe extern "C" fn(Event, Stream) -> c_int;
-type EventQuery = unsafe extern "C" fn(Event) -> c_int;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -186,29 +175,14 @@ type Broadcast =
 type AllGather =
     unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> c_int;
 
-const DRIVER_NEED: &str =
-    "the NVIDIA driver is too old; install a driver for CUDA 13 (580 or newer)";
 const NCCL_NEED: &str = "hytrain needs NCCL 2.18 or newer (pip install nvidia-nccl-cu13)";
-/// `CU_STREAM_NON_BLOCKING`: the communication stream does not synchronise implicitly with stream 0.
-const STREAM_NON_BLOCKING: c_uint = 1;
-/// `CU_EVENT_DISABLE_TIMING`: the cheapest event, all ordering needs.
-const EVENT_DISABLE_TIMING: c_uint = 2;
 /// `CUDA_ERROR_NOT_READY`: the event has not fired yet.
 const NOT_READY: c_int = 600;
 /// `ncclInProgress`: a non-blocking call still running, not an error.
 const NCCL_IN_PROGRESS: c_int = 7;
 
 struct Api {
-    retain: PrimaryCtxRetain,
-    release: PrimaryCtxRelease,
-    set_current: CtxSetCurrent,
-    stream_create: StreamCreate,
-    stream_destroy: StreamDestroy,
-    stream_wait: StreamWaitEvent,
-    event_create: EventCreate,
-    event_destroy: EventDestroy,
-    event_record: EventRecord,
-    event_query: EventQuery,
+    cuda: StreamApi,
     init_rank: CommInitRank,
     abort: CommOnly,
     destroy: CommOnly,
@@ -295,22 +269,12 @@ impl NcclCollective {
                 "NCCL rank {rank} is not below world size {world_size}"
             )));
         }
-        let d = driver.loaded();
         let n = nccl.loaded();
         // SAFETY: the signatures are the driver API's (cuda.h; the _v2 names are what its macros call) and NCCL's
         // (nccl.h).
         let api = unsafe {
             Api {
-                retain: d.function("cuDevicePrimaryCtxRetain", DRIVER_NEED)?,
-                release: d.function("cuDevicePrimaryCtxRelease_v2", DRIVER_NEED)?,
-                set_current: d.function("cuCtxSetCurrent", DRIVER_NEED)?,
-                stream_create: d.function("cuStreamCreate", DRIVER_NEED)?,
-                stream_destroy: d.function("cuStreamDestroy_v2", DRIVER_NEED)?,
-                stream_wait: d.function("cuStreamWaitEvent", DRIVER_NEED)?,
-                event_create: d.function("cuEventCreate", DRIVER_NEED)?,
-                event_destroy: d.function("cuEventDestroy_v2", DRIVER_NEED)?,
-                event_record: d.function("cuEventRecord", DRIVER_NEED)?,
-                event_query: d.function("cuEventQuery", DRIVER_NEED)?,
+                cuda: StreamApi::load(&driver)?,
                 init_rank: n.function("ncclCommInitRank", NCCL_NEED)?,
                 abort: n.function("ncclCommAbort", NCCL_NEED)?,
                 destroy: n.function("ncclCommDestroy", NCCL_NEED)?,
@@ -324,7 +288,7 @@ impl NcclCollective {
         let mut context: Context = std::ptr::null_mut();
         // SAFETY: writes one context handle.
         driver.check("cuDevicePrimaryCtxRetain", unsafe {
-            (api.retain)(&mut context, device)
+            (api.cuda.retain)(&mut context, device)
         })?;
         // From here on Drop releases what was made, so an error below leaks nothing.
         let mut this = NcclCollective {
@@ -349,15 +313,15 @@ impl NcclCollective {
         unsafe {
             this.driver.check(
                 "cuStreamCreate",
-                (this.api.stream_create)(&mut this.comm_stream, STREAM_NON_BLOCKING),
+                (this.api.cuda.stream_create)(&mut this.comm_stream, STREAM_NON_BLOCKING),
             )?;
             this.driver.check(
                 "cuEventCreate",
-                (this.api.event_create)(&mut this.ready, EVENT_DISABLE_TIMING),
+                (this.api.cuda.event_create)(&mut this.ready, EVENT_DISABLE_TIMING),
             )?;
             this.driver.check(
                 "cuEventCreate",
-                (this.api.event_create)(&mut this.done, EVENT_DISABLE_TIMING),
+                (this.api.cuda.event_create)(&mut this.done, EVENT_DISABLE_TIMING),
             )?;
         }
         let started = Instant::now();
@@ -422,7 +386,7 @@ impl NcclCollective {
     fn make_current(&self) -> Result<(), CudaError> {
         // SAFETY: the context is retained while `self` lives.
         self.driver.check("cuCtxSetCurrent", unsafe {
-            (self.api.set_current)(self.context)
+            (self.api.cuda.set_current)(self.context)
         })
     }
 
@@ -451,11 +415,11 @@ impl NcclCollective {
         unsafe {
             d.check(
                 "cuEventRecord",
-                (self.api.event_record)(self.ready, compute),
+                (self.api.cuda.event_record)(self.ready, compute),
             )?;
             d.check(
                 "cuStreamWaitEvent",
-                (self.api.stream_wait)(self.comm_stream, self.ready, 0),
+                (self.api.cuda.stream_wait)(self.comm_stream, self.ready, 0),
             )?;
         }
         let result = call(&self.api, self.comm, self.comm_stream);
@@ -474,11 +438,11 @@ impl NcclCollective {
         unsafe {
             d.check(
                 "cuEventRecord",
-                (self.api.event_record)(self.done, self.comm_stream),
+                (self.api.cuda.event_record)(self.done, self.comm_stream),
             )?;
             d.check(
                 "cuStreamWaitEvent",
-                (self.api.stream_wait)(compute, self.done, 0),
+                (self.api.cuda.stream_wait)(compute, self.done, 0),
             )?;
         }
         self.watch(&op)
@@ -491,7 +455,7 @@ impl NcclCollective {
         let mut pause = Duration::from_micros(1);
         loop {
             // SAFETY: the event is this collective's own.
-            match unsafe { (self.api.event_query)(self.done) } {
+            match unsafe { (self.api.cuda.event_query)(self.done) } {
                 0 => return Ok(()),
                 NOT_READY => {}
                 code => {
@@ -679,13 +643,13 @@ impl Drop for NcclCollective {
             }
             for event in [self.ready, self.done] {
                 if !event.is_null() {
-                    (self.api.event_destroy)(event);
+                    (self.api.cuda.event_destroy)(event);
                 }
             }
             if !self.comm_stream.is_null() {
-                (self.api.stream_destroy)(self.comm_stream);
+                (self.api.cuda.stream_destroy)(self.comm_stream);
             }
-            (self.api.release)(self.ordinal);
+            (self.api.cuda.release)(self.ordinal);
         }
     }
 }

@@ -17,6 +17,8 @@
 //! - [`TorchStreams`]: libtorch's current CUDA stream, read and set through a C++ shim built against libtorch's
 //!   c10/cuda headers and opened at run time after libtorch_cuda.so, so the NCCL backend orders its work against
 //!   the stream libtorch really computes on.
+//! - [`SideStream`]: a non-blocking stream beside libtorch's compute stream, ordered against it with events, on
+//!   which a communication thread packs, allreduces and unpacks gradient buckets while backward still computes.
 //! - [`CudaDriver`]: whether CUDA is usable at all, with a clear error when there is no driver; [`device`]: GPU
 //!   memory, PTX modules and kernel launches through the driver API, and [`Communicator`] for NCCL collectives.
 //!   These need a GPU and have not yet run on one; the `hytrain-gpu-check` binary (packed by
@@ -50,6 +52,7 @@ pub mod library;
 mod nccl;
 mod nvrtc;
 pub mod reference;
+mod side_stream;
 mod stream;
 mod torch_cuda;
 
@@ -62,5 +65,6 @@ pub use nccl::{
     Communicator, Nccl, NcclVersion, UniqueId, MIN_NCCL, NCCL_FUNCTIONS, UNIQUE_ID_BYTES,
 };
 pub use nvrtc::{ComputeCapability, Nvrtc, Ptx};
+pub use side_stream::{Entered, SideStream, StreamHandle};
 pub use stream::TorchStreams;
 pub use torch_cuda::{device_for_local_rank, load_torch_cuda, TorchCuda, TORCH_CUDA_LIBRARY};

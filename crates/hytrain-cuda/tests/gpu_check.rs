@@ -129,3 +129,75 @@ fn bad_arguments_exit_2_with_one_line_saying_what_is_wrong() {
         assert_eq!(String::from_utf8_lossy(&output.stderr), message);
     }
 }
+
+/// A safetensors file of f32 vectors, written by hand from the format (8-byte header length, JSON header, data).
+fn write_safetensors(path: &Path, tensors: &[(&str, &[f32])]) {
+    let (mut header, mut data) = (Vec::new(), Vec::new());
+    for (name, values) in tensors {
+        let begin = data.len();
+        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        header.push(format!(
+            "\"{name}\":{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{begin},{}]}}",
+            values.len(),
+            data.len()
+        ));
+    }
+    let header = format!("{{{}}}", header.join(","));
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header.as_bytes());
+    file.extend(data);
+    std::fs::write(path, file).unwrap();
+}
+
+/// The GPU check's overlap comparison: two runs' weights, bit-identical, within cuDNN's noise, or apart.
+#[test]
+fn the_peer_script_compares_two_runs_weights_and_fails_when_they_are_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.safetensors");
+    write_safetensors(
+        &base,
+        &[("fc.weight", &[1.0, -2.0, 4.0]), ("fc.bias", &[0.5])],
+    );
+    let compare = |other: &[(&str, &[f32])]| {
+        let path = dir.path().join("other.safetensors");
+        write_safetensors(&path, other);
+        let output = Command::new(python())
+            .arg(repo().join("crates/hytrain-cuda/gpu-check/torch_peer.py"))
+            .arg("--compare-weights")
+            .args([&base, &path])
+            .arg("--json")
+            .arg(dir.path().join("overlap.json"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.code(), text)
+    };
+    let same = compare(&[("fc.bias", &[0.5]), ("fc.weight", &[1.0, -2.0, 4.0])]);
+    assert_eq!(same, (Some(0), "overlap: 2 tensors bit-identical\n".into()));
+    // About 4e-6 off (f32 rounding) in a weight whose largest magnitude is 4: 1e-6 relative, within tolerance.
+    let close = compare(&[("fc.weight", &[1.0, -2.0, 4.000004]), ("fc.bias", &[0.5])]);
+    assert_eq!(close.0, Some(0), "{}", close.1);
+    assert!(
+        close
+            .1
+            .starts_with("overlap: 2 tensors differ by at most 9.5")
+            && close
+                .1
+                .ends_with("e-07 of the largest weight (fc.weight)\n"),
+        "{}",
+        close.1
+    );
+    let apart = compare(&[("fc.weight", &[1.0, -2.0, 4.0]), ("fc.bias", &[0.6])]);
+    assert_eq!(apart.0, Some(1), "{}", apart.1);
+    assert!(apart.1.contains("(fc.bias): FAILED"), "{}", apart.1);
+    let renamed = compare(&[("fc.weight", &[1.0, -2.0, 4.0]), ("head.bias", &[0.5])]);
+    assert_eq!(renamed.0, Some(1), "{}", renamed.1);
+    assert!(
+        renamed
+            .1
+            .contains("hold different tensors: ['fc.bias', 'head.bias']"),
+        "{}",
+        renamed.1
+    );
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use hytrain_cuda::{
     exchange_unique_id, CudaDriver, CudaError, DType, DeviceCollective, DeviceReduceOp,
-    DeviceSlice, Nccl, NcclCollective, Origin, Search, TorchStreams, UniqueId,
+    DeviceSlice, Nccl, NcclCollective, Origin, Search, SideStream, TorchStreams, UniqueId,
 };
 
 mod stand_in_c10_cuda;
@@ -58,7 +58,9 @@ int cuDeviceGetName(char *s, int n, int d) { (void)n; (void)d; strcpy(s, "Stand-
 int cuDevicePrimaryCtxRetain(void **c, int d) { retained++; *c = (void *)(long)(d + 100); return 0; }
 int cuDevicePrimaryCtxRelease_v2(int d) { (void)d; retained--; return 0; }
 int cuCtxSetCurrent(void *c) { (void)c; return 0; }
-int cuStreamCreate(void **s, unsigned f) { streams++; *s = (void *)(long)(0x1000 + f); return 0; }
+static long created = 0;
+/* The first stream made is 0x1001 if non-blocking (flag 1), the second 0x2001, and so on. */
+int cuStreamCreate(void **s, unsigned f) { streams++; *s = (void *)(0x1000 * ++created + f); return 0; }
 int cuStreamDestroy_v2(void *s) { (void)s; streams--; return 0; }
 int cuEventCreate(void **e, unsigned f) { (void)f; events++; *e = calloc(1, sizeof(int)); return 0; }
 int cuEventDestroy_v2(void *e) { events--; free(e); return 0; }
@@ -294,6 +296,85 @@ fn following_libtorchs_current_stream_orders_each_collective_against_the_stream_
         s.streams(b"standin_waited\0", 4),
         [comm, 0x2000, comm, 0x3000],
         "the current stream waits for the collective"
+    );
+}
+
+/// What overlapping gradient allreduces with backward does on a GPU: the training thread's compute stream is
+/// libtorch's current one; a communication thread enters the side stream, orders it after the compute stream,
+/// reduces there (NCCL follows the current stream), and after the round the compute stream waits for the side one.
+#[test]
+fn work_on_the_side_stream_waits_for_the_compute_stream_and_the_compute_stream_for_it() {
+    stand_in_c10_cuda::load();
+    let s = StandIns::new();
+    // On GPU 1, as `collective` makes it; its communication stream is the first stream made.
+    let mut c = s.collective(0, 1, Duration::from_secs(30));
+    c.follow_current_stream(TorchStreams::load().unwrap());
+    let (driver, _) = s.load();
+    let side = SideStream::new(driver, 1, TorchStreams::load().unwrap()).unwrap();
+    let (comm, side_stream, compute) = (0x1001, 0x2001, 0x5000);
+    let torch = TorchStreams::load().unwrap();
+    // SAFETY: the stand-ins take any number as a stream.
+    unsafe { torch.set_current(1, compute as *mut std::ffi::c_void) }.unwrap();
+    let training = side.current_stream().unwrap();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // A new thread starts on the default stream, as in libtorch.
+                assert_eq!(torch.current(1).unwrap() as usize, 0);
+                let entered = side.enter().unwrap();
+                assert_eq!(torch.current(1).unwrap() as usize, side_stream);
+                side.wait_for(training).unwrap();
+                let mut values = vec![1.0f32; 8];
+                c.allreduce(slice(&mut values, DType::F32), DeviceReduceOp::Avg)
+                    .unwrap();
+                drop(entered);
+                assert_eq!(
+                    torch.current(1).unwrap() as usize,
+                    0,
+                    "leaving restores the stream"
+                );
+            })
+            .join()
+            .unwrap();
+    });
+    side.join_into(training).unwrap();
+    assert_eq!(torch.current(1).unwrap() as usize, compute);
+    // 0x..01: both streams are non-blocking (flag 1), so neither waits for stream 0 behind the scenes.
+    assert_eq!(
+        s.streams(b"standin_recorded\0", 4),
+        [compute, side_stream, comm, side_stream],
+        "events: after the gradients (compute), before NCCL (side), after NCCL (comm), after the bucket (side)"
+    );
+    assert_eq!(
+        s.streams(b"standin_waited\0", 4),
+        [side_stream, comm, side_stream, compute],
+        "the side stream waits for compute, NCCL for the side stream, the side stream for NCCL, compute for all"
+    );
+}
+
+#[test]
+fn dropping_the_side_stream_frees_its_stream_events_and_context() {
+    stand_in_c10_cuda::load();
+    let s = StandIns::new();
+    let (driver, _) = s.load();
+    let side = SideStream::new(driver, 0, TorchStreams::load().unwrap()).unwrap();
+    // One retained context, one stream, two events.
+    assert_eq!(s.count(&s.cuda, b"standin_live\0"), 112);
+    drop(side);
+    assert_eq!(s.count(&s.cuda, b"standin_live\0"), 0);
+}
+
+#[test]
+fn entering_a_side_stream_on_a_gpu_libtorch_lacks_fails_with_libtorchs_reason() {
+    stand_in_c10_cuda::load();
+    let s = StandIns::new();
+    let (driver, _) = s.load();
+    // The stand-in libc10_cuda has GPUs 0 to 7.
+    let side = SideStream::new(driver, 9, TorchStreams::load().unwrap()).unwrap();
+    let error = side.enter().unwrap_err().to_string();
+    assert_eq!(
+        error,
+        "getCurrentCUDAStream for cuda:9 failed: stand-in: no GPU 9"
     );
 }
 

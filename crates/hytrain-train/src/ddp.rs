@@ -9,7 +9,7 @@ use tch::{Device, Kind, Reduction, TchError, Tensor};
 use crate::bucket::{assign_buckets, reducible, Bucket, MB};
 use crate::model::Model;
 use crate::optim::Optimizer;
-use crate::overlap::{Overlap, RoundError};
+use crate::overlap::{Overlap, Reducer, RoundError};
 use crate::precision::{Autocast, GradScaler, GradScalerState, Precision};
 use crate::{Buffer, Collective, ReduceOp, Result, TrainError};
 
@@ -28,8 +28,8 @@ pub struct DdpOptions {
     /// PyTorch DDP's `broadcast_buffers=True` does.
     pub broadcast_buffers: bool,
     /// Start each bucket's allreduce on a communication thread as soon as backward has produced its gradients,
-    /// instead of after backward (`--overlap`). Results are bit-identical either way; parameters off the CPU
-    /// always take the path without overlap.
+    /// instead of after backward (`--overlap`). Results are bit-identical either way. On the CPU this needs more
+    /// than one rank; on a GPU, a side stream given to [`Ddp::with_device_collective`].
     #[serde(default = "overlap_by_default")]
     pub overlap: bool,
     /// Arithmetic of the forward pass (`--precision`): [`Ddp::train_step`] runs forward and loss under autocast
@@ -145,7 +145,8 @@ pub struct Ddp {
     micro_step: usize,
     stats: DdpStats,
     scratch: Vec<u8>,
-    /// Gradient hooks when allreduces overlap backward (`options.overlap`, more than one rank, all on the CPU).
+    /// Gradient hooks when allreduces overlap backward (`options.overlap`, and more than one rank on the CPU or a
+    /// side stream on a GPU).
     overlap: Option<Overlap>,
     /// Gradient buckets are reduced here, in GPU memory, when set (see [`Ddp::with_device_collective`]).
     device_comm: Option<Box<dyn hytrain_cuda::DeviceCollective>>,
@@ -169,6 +170,11 @@ impl std::fmt::Debug for Ddp {
 
 fn describe(role: &str, name: &str, t: &Tensor) -> String {
     format!("{role} {name} {:?} {:?}", t.size(), t.kind())
+}
+
+/// What an error during the allreduce of bucket `b` says it was doing.
+fn allreduce_of(b: usize, bytes: usize) -> String {
+    format!("gradient allreduce of bucket {b} ({bytes} bytes)")
 }
 
 fn comm_err(during: impl Into<String>) -> impl FnOnce(crate::CommError) -> TrainError {
@@ -231,11 +237,7 @@ impl Ddp {
             .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
         let on_cpu = ddp.params.iter().all(|(_, p)| p.device() == Device::Cpu);
         if ddp.options.overlap && ddp.world_size() > 1 && on_cpu {
-            let overlap = Overlap::new(&ddp.params, &ddp.buckets).map_err(|detail| TrainError::ModelConfig {
-                model: ddp.model.name().to_string(),
-                detail: format!("{detail}; run with --overlap false to average gradients after backward instead"),
-            })?;
-            ddp.overlap = Some(overlap);
+            ddp.overlap = Some(ddp.hooks(None)?);
         }
         tracing::debug!(
             rank = ddp.rank(),
@@ -247,10 +249,24 @@ impl Ddp {
         Ok(ddp)
     }
 
+    /// Gradient hooks on every parameter for overlapped allreduces (see [`crate::overlap`]).
+    fn hooks(&self, side: Option<hytrain_cuda::SideStream>) -> Result<Overlap> {
+        Overlap::new(&self.params, &self.buckets, side).map_err(|detail| TrainError::ModelConfig {
+            model: self.model.name().to_string(),
+            detail: format!("{detail}; run with --overlap false to average gradients after backward instead"),
+        })
+    }
+
     /// Averages gradients with `device_comm` (NCCL) in GPU memory instead of through the host collective, which
     /// keeps the metrics, checks and broadcasts. The model must already be on the collective's GPU; the gradient
-    /// buckets move there.
-    pub fn with_device_collective(mut self, device_comm: Box<dyn hytrain_cuda::DeviceCollective>) -> Result<Self> {
+    /// buckets move there. With [`DdpOptions::overlap`] and a `side` stream on that GPU, each bucket is packed,
+    /// allreduced and unpacked on the side stream while backward still computes (even alone, as a one-GPU job
+    /// runs the NCCL path too); without either, after backward.
+    pub fn with_device_collective(
+        mut self,
+        device_comm: Box<dyn hytrain_cuda::DeviceCollective>,
+        side: Option<hytrain_cuda::SideStream>,
+    ) -> Result<Self> {
         if device_comm.rank() != self.rank() || device_comm.world_size() != self.world_size() {
             return Err(TrainError::option(
                 "device collective",
@@ -271,9 +287,21 @@ impl Ddp {
             ));
         }
         for (i, bucket) in self.buckets.iter_mut().enumerate() {
-            bucket.to_device(device).map_err(|e| TrainError::torch(format!("moving gradient bucket {i} to {device:?}"), e))?;
+            bucket
+                .to_device(device)
+                .map_err(|e| TrainError::torch(format!("moving gradient bucket {i} to {device:?}"), e))?;
         }
-        tracing::info!(rank = self.rank(), backend = device_comm.backend(), "gradients are averaged in GPU memory");
+        // The model is on a GPU, so `new` installed no hooks; these reduce through the device collective.
+        self.overlap = match side {
+            Some(side) if self.options.overlap => Some(self.hooks(Some(side))?),
+            _ => None,
+        };
+        tracing::info!(
+            rank = self.rank(),
+            backend = device_comm.backend(),
+            overlap = self.overlap.is_some(),
+            "gradients are averaged in GPU memory"
+        );
         self.device_comm = Some(device_comm);
         Ok(self)
     }
@@ -463,7 +491,8 @@ impl Ddp {
         let xs = if xs.device() == device {
             xs
         } else {
-            moved = xs.f_to_device(device).map_err(|e| TrainError::torch(format!("moving a batch to {device:?}"), e))?;
+            moved =
+                xs.f_to_device(device).map_err(|e| TrainError::torch(format!("moving a batch to {device:?}"), e))?;
             &moved
         };
         self.model.forward_t(xs, train).map_err(|e| {
@@ -547,7 +576,11 @@ impl Ddp {
         self.stats.syncs += 1;
         let overlap = self.overlap.as_ref().expect("called with overlap on");
         let mut backward_done = None;
-        let round = overlap.run(self.comm.as_mut(), &mut self.buckets, &mut self.params, || {
+        let reducer = match self.device_comm.as_mut() {
+            Some(device_comm) => Reducer::Device(device_comm.as_mut()),
+            None => Reducer::Host(self.comm.as_mut()),
+        };
+        let round = overlap.run(reducer, &mut self.buckets, &mut self.params, || {
             let result = loss.f_backward();
             backward_done = Some(Instant::now());
             result
@@ -556,10 +589,14 @@ impl Ddp {
         let reduced = round.map_err(|e| TrainError::torch("backward", e))?.map_err(|e| match e {
             RoundError::MissingGradient(name) => TrainError::MissingGradient(name),
             RoundError::Torch(b, e) => TrainError::torch(format!("gradient bucket {b}"), e),
-            RoundError::Comm(b, e) => {
-                let during = format!("gradient allreduce of bucket {b} ({} bytes)", self.buckets[b].bytes());
-                comm_err(during)(e)
+            RoundError::Comm(b, e) => comm_err(allreduce_of(b, self.buckets[b].bytes()))(e),
+            RoundError::Device(b, source) => {
+                TrainError::DeviceComm { during: allreduce_of(b, self.buckets[b].bytes()), source }
             }
+            RoundError::Stream(what, source) => TrainError::DeviceComm {
+                during: format!("overlapping gradient allreduces with backward: {what}"),
+                source,
+            },
         })?;
         self.stats.allreduce_secs += exposed;
         self.stats.allreduce_busy_secs += reduced.busy_secs;
@@ -582,7 +619,7 @@ impl Ddp {
                 return Err(TrainError::MissingGradient(name));
             }
             let bytes = bucket.bytes();
-            let during = || format!("gradient allreduce of bucket {i} ({bytes} bytes)");
+            let during = || allreduce_of(i, bytes);
             match self.device_comm.as_mut() {
                 Some(device_comm) => bucket
                     .allreduce_on_device(device_comm.as_mut())

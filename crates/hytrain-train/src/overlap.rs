@@ -7,12 +7,18 @@
 //! every rank runs the same allreduces in the same order whatever order its gradients arrive in: the results are
 //! bit-identical to [`crate::Ddp::sync_gradients`]. A bucket with a parameter whose hook never fired (a parameter
 //! unused in this forward) is launched after backward returns, in its place in the order.
+//!
+//! On a GPU the buckets go through the device collective (NCCL), and the communication thread queues its work on
+//! a [`SideStream`]: before packing a bucket the side stream waits for what backward queued so far on the compute
+//! stream (the gradients just accumulated), and after the round the compute stream waits for the side stream, so
+//! backward's kernels never queue behind an allreduce and the optimizer reads averaged gradients.
 
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use hytrain_cuda::{CudaError, DeviceCollective, SideStream, StreamHandle};
 use tch::Tensor;
 
 use crate::bucket::Bucket;
@@ -94,6 +100,16 @@ pub(crate) struct Overlap {
     readiness: Arc<Readiness>,
     /// Shallow copies of the hooked parameters, to remove the hooks again.
     hooked: Vec<Tensor>,
+    /// Where the communication thread queues GPU work; `None` for a model on the CPU.
+    side: Option<SideStream>,
+}
+
+/// Where a round's buckets are averaged.
+pub(crate) enum Reducer<'a> {
+    /// In host memory, through hytrain-comm.
+    Host(&'a mut dyn Collective),
+    /// In GPU memory, through NCCL, on the overlap's side stream.
+    Device(&'a mut dyn DeviceCollective),
 }
 
 impl std::fmt::Debug for Overlap {
@@ -122,13 +138,21 @@ pub(crate) enum RoundError {
     Torch(usize, tch::TchError),
     /// The allreduce of this bucket failed.
     Comm(usize, CommError),
+    /// The device allreduce of this bucket failed.
+    Device(usize, CudaError),
+    /// Ordering the side stream against the compute stream failed (what was being done, why).
+    Stream(&'static str, CudaError),
 }
 
 impl Overlap {
     /// Installs a grad-ready hook on every parameter that requires a gradient. `buckets` lists parameter indices
     /// per bucket in launch order. Parameters that require no gradient are left unhooked: their buckets are
-    /// launched after backward.
-    pub(crate) fn new(params: &[(String, Tensor)], buckets: &[Bucket]) -> Result<Self, String> {
+    /// launched after backward. A model on a GPU comes with the side stream its buckets are reduced on.
+    pub(crate) fn new(
+        params: &[(String, Tensor)],
+        buckets: &[Bucket],
+        side: Option<SideStream>,
+    ) -> Result<Self, String> {
         let mut bucket_of = vec![usize::MAX; params.len()];
         for (b, bucket) in buckets.iter().enumerate() {
             for &m in bucket.members() {
@@ -140,7 +164,7 @@ impl Overlap {
             members: buckets.iter().map(|b| b.members().len()).collect(),
             round: Mutex::new(Round { armed: None, seen: vec![false; params.len()], pending: Vec::new(), next: 0 }),
         });
-        let mut overlap = Overlap { readiness, hooked: Vec::new() };
+        let mut overlap = Overlap { readiness, hooked: Vec::new(), side };
         for (index, (name, p)) in params.iter().enumerate() {
             if !p.requires_grad() {
                 continue;
@@ -158,16 +182,26 @@ impl Overlap {
     }
 
     /// Runs `backward` with the hooks armed and a communication thread reducing buckets as they complete; after
-    /// backward, launches the buckets still waiting (in order) and waits for all. `comm`, `buckets` and `params`
+    /// backward, launches the buckets still waiting (in order) and waits for all. `reducer`, `buckets` and `params`
     /// belong to the communication thread meanwhile. Returns backward's own error, if any, after the launched
-    /// buckets finished, so the collective is never left mid-operation.
+    /// buckets finished, so the collective is never left mid-operation. A [`Reducer::Device`] needs the side
+    /// stream given to [`Overlap::new`].
     pub(crate) fn run<E>(
         &self,
-        comm: &mut dyn Collective,
+        reducer: Reducer<'_>,
         buckets: &mut [Bucket],
         params: &mut [(String, Tensor)],
         backward: impl FnOnce() -> Result<(), E>,
     ) -> Result<Result<Reduced, RoundError>, E> {
+        let on_device = match (&reducer, &self.side) {
+            (Reducer::Host(_), _) => None,
+            (Reducer::Device(_), Some(side)) => match side.current_stream() {
+                // The training thread's current stream, which backward computes on.
+                Ok(compute) => Some((side, compute)),
+                Err(e) => return Ok(Err(RoundError::Stream("reading libtorch's current stream", e))),
+            },
+            (Reducer::Device(_), None) => unreachable!("a device overlap is made with its side stream"),
+        };
         let (tx, rx) = std::sync::mpsc::channel::<usize>();
         {
             let mut round = self.readiness.lock();
@@ -178,7 +212,7 @@ impl Overlap {
         }
         let mut launched_in_backward = 0;
         std::thread::scope(|scope| {
-            let worker = scope.spawn(move || communicate(comm, buckets, params, rx));
+            let worker = scope.spawn(move || communicate(reducer, on_device, buckets, params, rx));
             let backward_result = backward();
             let tx = {
                 let mut round = self.readiness.lock();
@@ -194,36 +228,44 @@ impl Overlap {
             };
             // Closing the channel lets the thread finish once the queue is empty.
             drop(tx);
-            let reduced = worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let mut reduced = worker.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            if let Some((side, compute)) = on_device {
+                // Even after a failure: what the side stream wrote to the gradients lands before later kernels.
+                let joined = side.join_into(compute).map_err(|e| RoundError::Stream("joining the compute stream", e));
+                reduced = reduced.and_then(|r| joined.map(|()| r));
+            }
             backward_result.map(|()| reduced.map(|r| Reduced { launched_in_backward, ..r }))
         })
     }
 }
 
-/// The communication thread: each bucket index received is packed, allreduced and unpacked, in arrival order.
-/// After the first failure the rest are skipped (the step fails anyway).
+/// The communication thread: each bucket index received is packed, allreduced and unpacked, in arrival order; on
+/// a GPU (`on_device`: the side stream and the compute stream) on the side stream, after the compute stream's work
+/// so far. After the first failure the rest are skipped (the step fails anyway).
 fn communicate(
-    comm: &mut dyn Collective,
+    mut reducer: Reducer<'_>,
+    on_device: Option<(&SideStream, StreamHandle)>,
     buckets: &mut [Bucket],
     params: &mut [(String, Tensor)],
     rx: Receiver<usize>,
 ) -> Result<Reduced, RoundError> {
     let mut reduced = Reduced::default();
     let mut failed = None;
+    let _entered = match on_device.map(|(side, _)| side.enter()).transpose() {
+        Ok(entered) => entered,
+        Err(e) => {
+            // Nothing is reduced; the receiver stays until the round ends, as the hooks expect.
+            rx.iter().for_each(drop);
+            return Err(RoundError::Stream("making the side stream current", e));
+        }
+    };
     for b in rx {
         if failed.is_some() {
             continue;
         }
         let started = Instant::now();
         let bucket = &mut buckets[b];
-        let result = match bucket.pack(params) {
-            Err(e) => Err(RoundError::Torch(b, e)),
-            Ok(Err(name)) => Err(RoundError::MissingGradient(name)),
-            Ok(Ok(())) => bucket
-                .allreduce(comm)
-                .map_err(|e| RoundError::Comm(b, e))
-                .and_then(|()| bucket.unpack(params).map_err(|e| RoundError::Torch(b, e))),
-        };
+        let result = reduce(&mut reducer, on_device, bucket, b, params);
         reduced.busy_secs += started.elapsed().as_secs_f64();
         match result {
             Ok(()) => reduced.bytes += bucket.bytes() as u64,
@@ -231,6 +273,29 @@ fn communicate(
         }
     }
     failed.map_or(Ok(reduced), Err)
+}
+
+/// Packs bucket `b`, averages it over all ranks and unpacks it into the gradients.
+fn reduce(
+    reducer: &mut Reducer<'_>,
+    on_device: Option<(&SideStream, StreamHandle)>,
+    bucket: &mut Bucket,
+    b: usize,
+    params: &mut [(String, Tensor)],
+) -> Result<(), RoundError> {
+    if let Some((side, compute)) = on_device {
+        side.wait_for(compute).map_err(|e| RoundError::Stream("waiting for the compute stream", e))?;
+    }
+    match bucket.pack(params) {
+        Err(e) => return Err(RoundError::Torch(b, e)),
+        Ok(Err(name)) => return Err(RoundError::MissingGradient(name)),
+        Ok(Ok(())) => {}
+    }
+    match reducer {
+        Reducer::Host(comm) => bucket.allreduce(*comm).map_err(|e| RoundError::Comm(b, e))?,
+        Reducer::Device(comm) => bucket.allreduce_on_device(*comm).map_err(|e| RoundError::Device(b, e))?,
+    }
+    bucket.unpack(params).map_err(|e| RoundError::Torch(b, e))
 }
 
 impl Drop for Overlap {

@@ -45,7 +45,7 @@ fn cpu_model() -> Box<dyn hytrain_train::Model> {
 fn a_device_collective_refuses_a_model_on_the_cpu() {
     let ddp = Ddp::single(cpu_model(), DdpOptions::default()).unwrap();
     let error = ddp
-        .with_device_collective(Box::new(Counting { rank: 0, world_size: 1, calls: 0 }))
+        .with_device_collective(Box::new(Counting { rank: 0, world_size: 1, calls: 0 }), None)
         .unwrap_err()
         .to_string();
     assert_eq!(error, "invalid device collective: nccl (NCCL) needs the model on a GPU, but it is on the CPU");
@@ -55,7 +55,7 @@ fn a_device_collective_refuses_a_model_on_the_cpu() {
 fn a_device_collective_of_another_rank_or_size_is_refused() {
     let ddp = Ddp::single(cpu_model(), DdpOptions::default()).unwrap();
     let error = ddp
-        .with_device_collective(Box::new(Counting { rank: 1, world_size: 2, calls: 0 }))
+        .with_device_collective(Box::new(Counting { rank: 1, world_size: 2, calls: 0 }), None)
         .unwrap_err()
         .to_string();
     assert_eq!(error, "invalid device collective: is rank 1 of 2 but the job is rank 0 of 1");

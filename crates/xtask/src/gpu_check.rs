@@ -480,6 +480,8 @@ Dynamic section at offset 0x1 contains 3 entries:
             "torch_peer.py\" --write-cifar",
             "\"$HYTRAIN\" train --device \"$DEVICE\"",
             "torch_peer.py\" --train",
+            "torch_peer.py\" --compare-weights",
+            "--overlap \"$overlap\"",
         ] {
             assert!(text.contains(part), "run.sh lacks {part}");
         }
@@ -500,6 +502,11 @@ Dynamic section at offset 0x1 contains 3 entries:
                 // train MODEL BATCH WARMUP STEPS HYTRAIN_TIMEOUT PEER_TIMEOUT
                 let words: Vec<&str> = rest.split_whitespace().collect();
                 total += words[2].parse::<u64>().unwrap() + words[3].parse::<u64>().unwrap();
+            }
+            if let Some(rest) = line.strip_prefix("overlap_check ") {
+                // overlap_check RUN_TIMEOUT COMPARE_TIMEOUT: two runs, then the comparison
+                let words: Vec<u64> = rest.split_whitespace().map(|w| w.parse().unwrap()).collect();
+                total += 2 * words[0] + words[1];
             }
         }
         assert!(total > 0 && total <= 450, "timeouts add up to {total} s");
