@@ -105,7 +105,7 @@ pub fn gpu_check(root: &Path) -> Result<u8> {
         "gpu-check: on a machine with an NVIDIA GPU and PyTorch at /opt/torch/.venv (PYTHON=... for another), run\n\
          gpu-check:   sh {PACK_DIR}/run.sh\n\
          gpu-check: results go to $OUT (or {PACK_DIR}/out): kernels.json, torch_peer.json, train_lenet.json, \
-         train_resnet18.json, summary.txt and the logs"
+         train_resnet18.json, overlap.json, summary.txt and the logs"
     );
     Ok(0)
 }
