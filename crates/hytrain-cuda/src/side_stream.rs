@@ -228,7 +228,10 @@ impl Drop for Entered<'_> {
                 .set_current(self.side.gpu as usize, self.before.raw())
         };
         if let Err(e) = restored {
-            tracing::warn!("the side stream stays current on this thread: {e}");
+            tracing::warn!(
+                gpu = self.side.gpu,
+                "the side stream stays current on this thread: {e}"
+            );
         }
     }
 }

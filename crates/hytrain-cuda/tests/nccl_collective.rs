@@ -59,8 +59,13 @@ int cuDevicePrimaryCtxRetain(void **c, int d) { retained++; *c = (void *)(long)(
 int cuDevicePrimaryCtxRelease_v2(int d) { (void)d; retained--; return 0; }
 int cuCtxSetCurrent(void *c) { (void)c; return 0; }
 static long created = 0;
+static int stream_create_result = 0;
+void standin_stream_create_result(int r) { stream_create_result = r; }
 /* The first stream made is 0x1001 if non-blocking (flag 1), the second 0x2001, and so on. */
-int cuStreamCreate(void **s, unsigned f) { streams++; *s = (void *)(0x1000 * ++created + f); return 0; }
+int cuStreamCreate(void **s, unsigned f) {
+    if (stream_create_result) return stream_create_result;
+    streams++; *s = (void *)(0x1000 * ++created + f); return 0;
+}
 int cuStreamDestroy_v2(void *s) { (void)s; streams--; return 0; }
 int cuEventCreate(void **e, unsigned f) { (void)f; events++; *e = calloc(1, sizeof(int)); return 0; }
 int cuEventDestroy_v2(void *e) { events--; free(e); return 0; }
@@ -361,6 +366,24 @@ fn dropping_the_side_stream_frees_its_stream_events_and_context() {
     // One retained context, one stream, two events.
     assert_eq!(s.count(&s.cuda, b"standin_live\0"), 112);
     drop(side);
+    assert_eq!(s.count(&s.cuda, b"standin_live\0"), 0);
+}
+
+#[test]
+fn a_side_stream_the_driver_refuses_is_an_error_naming_the_call_and_leaves_nothing_behind() {
+    stand_in_c10_cuda::load();
+    let s = StandIns::new();
+    let (driver, _) = s.load();
+    // CUDA_ERROR_OUT_OF_MEMORY.
+    s.set(&s.cuda, b"standin_stream_create_result\0", 2);
+    let error = SideStream::new(driver, 0, TorchStreams::load().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        error,
+        "cuStreamCreate failed: CUDA_ERROR_STAND_IN (stand-in)"
+    );
+    // The retained context is released again.
     assert_eq!(s.count(&s.cuda, b"standin_live\0"), 0);
 }
 
