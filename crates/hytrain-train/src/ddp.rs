@@ -586,7 +586,17 @@ impl Ddp {
             result
         });
         let exposed = backward_done.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        let reduced = round.map_err(|e| TrainError::torch("backward", e))?.map_err(|e| match e {
+        let reduced = round.map_err(|e| TrainError::torch("backward", e))?.map_err(|e| self.round_error(e))?;
+        self.stats.allreduce_secs += exposed;
+        self.stats.allreduce_busy_secs += reduced.busy_secs;
+        self.stats.allreduce_bytes += reduced.bytes;
+        self.stats.buckets_launched_in_backward += reduced.launched_in_backward;
+        Ok(())
+    }
+
+    /// The engine's error for a failed overlapped round, naming the bucket or the stream ordering that failed.
+    fn round_error(&self, e: RoundError) -> TrainError {
+        match e {
             RoundError::MissingGradient(name) => TrainError::MissingGradient(name),
             RoundError::Torch(b, e) => TrainError::torch(format!("gradient bucket {b}"), e),
             RoundError::Comm(b, e) => comm_err(allreduce_of(b, self.buckets[b].bytes()))(e),
@@ -597,12 +607,7 @@ impl Ddp {
                 during: format!("overlapping gradient allreduces with backward: {what}"),
                 source,
             },
-        })?;
-        self.stats.allreduce_secs += exposed;
-        self.stats.allreduce_busy_secs += reduced.busy_secs;
-        self.stats.allreduce_bytes += reduced.bytes;
-        self.stats.buckets_launched_in_backward += reduced.launched_in_backward;
-        Ok(())
+        }
     }
 
     /// Averages every parameter's gradient over all ranks, one allreduce per bucket, in bucket order.
@@ -762,5 +767,38 @@ impl Collective for SingleProcess {
     }
     fn barrier(&mut self) -> Result<(), crate::CommError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use hytrain_cuda::CudaError;
+
+    use super::*;
+
+    /// The GPU overlap's failures cannot happen without a GPU; what they say can be checked.
+    #[test]
+    fn a_failed_gpu_round_names_the_bucket_or_the_stream_ordering() {
+        let model = crate::model::build("mlp:8", 3, &[4], Device::Cpu).unwrap();
+        let ddp = Ddp::single(model, DdpOptions::default()).unwrap();
+        let launch_failed = CudaError::Driver {
+            call: "cuEventRecord",
+            code_name: "CUDA_ERROR_LAUNCH_FAILED".into(),
+            message: "unspecified launch failure".into(),
+        };
+        let e = ddp.round_error(RoundError::Stream("waiting for the compute stream", launch_failed));
+        assert_eq!(
+            e.to_string(),
+            "overlapping gradient allreduces with backward: waiting for the compute stream failed: cuEventRecord \
+             failed: CUDA_ERROR_LAUNCH_FAILED (unspecified launch failure)"
+        );
+        let late =
+            CudaError::CollectiveTimeout { rank: 0, op: "allreduce (avg)".into(), timeout: Duration::from_secs(5) };
+        let e = ddp.round_error(RoundError::Device(0, late));
+        let bytes = ddp.buckets[0].bytes();
+        assert!(matches!(e, TrainError::DeviceComm { .. }), "{e}");
+        assert!(e.to_string().starts_with(&format!("gradient allreduce of bucket 0 ({bytes} bytes) failed: ")), "{e}");
     }
 }
