@@ -22,9 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::driver::CudaDriver;
 use crate::nccl::{Nccl, UniqueId, UNIQUE_ID_BYTES};
-use crate::side_stream::{
-    Context, Event, Stream, StreamApi, EVENT_DISABLE_TIMING, STREAM_NON_BLOCKING,
-};
+use crate::side_stream::{OwnedStream, Stream};
 use crate::stream::TorchStreams;
 use crate::CudaError;
 
@@ -181,8 +179,8 @@ const NOT_READY: c_int = 600;
 /// `ncclInProgress`: a non-blocking call still running, not an error.
 const NCCL_IN_PROGRESS: c_int = 7;
 
+/// NCCL's functions.
 struct Api {
-    cuda: StreamApi,
     init_rank: CommInitRank,
     abort: CommOnly,
     destroy: CommOnly,
@@ -215,18 +213,15 @@ enum ComputeStream {
 
 /// This rank's NCCL communicator on one GPU, with its communication stream and the collective timeout.
 pub struct NcclCollective {
-    driver: CudaDriver,
     nccl: Nccl,
     api: Api,
-    ordinal: c_int,
-    context: Context,
     comm: Comm,
-    comm_stream: Stream,
+    /// The communication stream; its first event marks the compute stream's work before an operation ("ready"),
+    /// its second the operation's end on the communication stream ("done").
+    own: OwnedStream,
     compute_stream: ComputeStream,
     /// The GPU's index as libtorch numbers it (`cuda:N`).
     gpu: u32,
-    ready: Event,
-    done: Event,
     rank: usize,
     world_size: usize,
     timeout: Duration,
@@ -243,7 +238,7 @@ impl fmt::Debug for NcclCollective {
         f.debug_struct("NcclCollective")
             .field("rank", &self.rank)
             .field("world_size", &self.world_size)
-            .field("gpu", &self.ordinal)
+            .field("gpu", &self.gpu)
             .field("nccl", &self.nccl.version())
             .field("timeout", &self.timeout)
             .finish()
@@ -274,7 +269,6 @@ impl NcclCollective {
         // (nccl.h).
         let api = unsafe {
             Api {
-                cuda: StreamApi::load(&driver)?,
                 init_rank: n.function("ncclCommInitRank", NCCL_NEED)?,
                 abort: n.function("ncclCommAbort", NCCL_NEED)?,
                 destroy: n.function("ncclCommDestroy", NCCL_NEED)?,
@@ -284,46 +278,20 @@ impl NcclCollective {
                 all_gather: n.function("ncclAllGather", NCCL_NEED)?,
             }
         };
-        let device = driver.device_handle(ordinal)?;
-        let mut context: Context = std::ptr::null_mut();
-        // SAFETY: writes one context handle.
-        driver.check("cuDevicePrimaryCtxRetain", unsafe {
-            (api.cuda.retain)(&mut context, device)
-        })?;
-        // From here on Drop releases what was made, so an error below leaks nothing.
+        // From here on the stream's and the collective's Drop release what was made, so an error below leaks
+        // nothing.
         let mut this = NcclCollective {
-            driver,
             nccl,
             api,
-            ordinal: device,
-            context,
             comm: std::ptr::null_mut(),
-            comm_stream: std::ptr::null_mut(),
+            own: OwnedStream::new(driver, ordinal)?,
             compute_stream: ComputeStream::Fixed(std::ptr::null_mut()),
             gpu: ordinal,
-            ready: std::ptr::null_mut(),
-            done: std::ptr::null_mut(),
             rank,
             world_size,
             timeout,
             aborted: None,
         };
-        this.make_current()?;
-        // SAFETY: each call writes one handle.
-        unsafe {
-            this.driver.check(
-                "cuStreamCreate",
-                (this.api.cuda.stream_create)(&mut this.comm_stream, STREAM_NON_BLOCKING),
-            )?;
-            this.driver.check(
-                "cuEventCreate",
-                (this.api.cuda.event_create)(&mut this.ready, EVENT_DISABLE_TIMING),
-            )?;
-            this.driver.check(
-                "cuEventCreate",
-                (this.api.cuda.event_create)(&mut this.done, EVENT_DISABLE_TIMING),
-            )?;
-        }
         let started = Instant::now();
         // SAFETY: writes one communicator handle; the id goes by value, as nccl.h declares.
         let result = unsafe {
@@ -383,13 +351,6 @@ impl NcclCollective {
         self.timeout
     }
 
-    fn make_current(&self) -> Result<(), CudaError> {
-        // SAFETY: the context is retained while `self` lives.
-        self.driver.check("cuCtxSetCurrent", unsafe {
-            (self.api.cuda.set_current)(self.context)
-        })
-    }
-
     /// Queues `call` on the communication stream between the two events, then watches it until it completes.
     fn run(
         &mut self,
@@ -407,22 +368,20 @@ impl NcclCollective {
         if op.count == 0 {
             return Ok(());
         }
-        self.make_current()?;
+        self.own.make_current()?;
         let compute = self.compute_stream()?;
-        let d = &self.driver;
+        let (d, cuda, comm_stream) = (&self.own.driver, &self.own.api, self.own.stream);
+        let [ready, done] = self.own.events;
         // SAFETY: events and streams are this collective's own, or libtorch's current stream, or the caller's (see
         // set_compute_stream); the buffers the call reads are borrowed until `watch` returns.
         unsafe {
-            d.check(
-                "cuEventRecord",
-                (self.api.cuda.event_record)(self.ready, compute),
-            )?;
+            d.check("cuEventRecord", (cuda.event_record)(ready, compute))?;
             d.check(
                 "cuStreamWaitEvent",
-                (self.api.cuda.stream_wait)(self.comm_stream, self.ready, 0),
+                (cuda.stream_wait)(comm_stream, ready, 0),
             )?;
         }
-        let result = call(&self.api, self.comm, self.comm_stream);
+        let result = call(&self.api, self.comm, comm_stream);
         if result != 0 && result != NCCL_IN_PROGRESS {
             let message = self.nccl.error_string(result);
             self.abort(format!("{nccl_call} failed: {message}"));
@@ -434,16 +393,11 @@ impl NcclCollective {
                 message,
             });
         }
+        let (d, cuda) = (&self.own.driver, &self.own.api);
         // SAFETY: as above.
         unsafe {
-            d.check(
-                "cuEventRecord",
-                (self.api.cuda.event_record)(self.done, self.comm_stream),
-            )?;
-            d.check(
-                "cuStreamWaitEvent",
-                (self.api.cuda.stream_wait)(compute, self.done, 0),
-            )?;
+            d.check("cuEventRecord", (cuda.event_record)(done, comm_stream))?;
+            d.check("cuStreamWaitEvent", (cuda.stream_wait)(compute, done, 0))?;
         }
         self.watch(&op)
     }
@@ -455,11 +409,12 @@ impl NcclCollective {
         let mut pause = Duration::from_micros(1);
         loop {
             // SAFETY: the event is this collective's own.
-            match unsafe { (self.api.cuda.event_query)(self.done) } {
+            let done = self.own.events[1];
+            match unsafe { (self.own.api.event_query)(done) } {
                 0 => return Ok(()),
                 NOT_READY => {}
                 code => {
-                    let error = self.driver.check("cuEventQuery", code).unwrap_err();
+                    let error = self.own.driver.check("cuEventQuery", code).unwrap_err();
                     self.abort(format!("cuEventQuery failed: {error}"));
                     return Err(error);
                 }
@@ -634,22 +589,13 @@ impl DeviceCollective for NcclCollective {
 
 impl Drop for NcclCollective {
     fn drop(&mut self) {
-        let _ = self.make_current();
-        // SAFETY: each handle was created by this collective and is released once; a null one was never made (or,
-        // for the communicator, was aborted, which frees it).
-        unsafe {
-            if !self.comm.is_null() {
-                (self.api.destroy)(self.comm);
-            }
-            for event in [self.ready, self.done] {
-                if !event.is_null() {
-                    (self.api.cuda.event_destroy)(event);
-                }
-            }
-            if !self.comm_stream.is_null() {
-                (self.api.cuda.stream_destroy)(self.comm_stream);
-            }
-            (self.api.cuda.release)(self.ordinal);
+        // The stream, its events and the context go after this, when `own` drops.
+        if self.comm.is_null() {
+            return;
         }
+        let _ = self.own.make_current();
+        // SAFETY: the communicator was made by this collective and is destroyed once; a null one was never made
+        // or was aborted, which frees it.
+        unsafe { (self.api.destroy)(self.comm) };
     }
 }

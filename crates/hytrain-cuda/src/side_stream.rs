@@ -10,7 +10,8 @@
 //! libtorch queues that thread's tensor operations on the side stream, and the NCCL backend (which follows
 //! libtorch's current stream) orders its collectives after them.
 //!
-//! Also the driver functions for streams and events that [`crate::NcclCollective`] shares.
+//! Also what [`crate::NcclCollective`] shares: the driver's stream and event functions, and a stream of one's own
+//! with its context and events ([`OwnedStream`]).
 
 use std::ffi::{c_int, c_uint, c_void};
 use std::fmt;
@@ -20,9 +21,9 @@ use crate::driver::CudaDriver;
 use crate::stream::TorchStreams;
 use crate::CudaError;
 
-pub(crate) type Context = *mut c_void;
+type Context = *mut c_void;
 pub(crate) type Stream = *mut c_void;
-pub(crate) type Event = *mut c_void;
+type Event = *mut c_void;
 
 type PrimaryCtxRetain = unsafe extern "C" fn(*mut Context, c_int) -> c_int;
 type PrimaryCtxRelease = unsafe extern "C" fn(c_int) -> c_int;
@@ -35,12 +36,12 @@ type EventDestroy = unsafe extern "C" fn(Event) -> c_int;
 type EventRecord = unsafe extern "C" fn(Event, Stream) -> c_int;
 type EventQuery = unsafe extern "C" fn(Event) -> c_int;
 
-pub(crate) const DRIVER_NEED: &str =
+const DRIVER_NEED: &str =
     "the NVIDIA driver is too old; install a driver for CUDA 13 (580 or newer)";
 /// `CU_STREAM_NON_BLOCKING`: the stream does not synchronise implicitly with stream 0.
-pub(crate) const STREAM_NON_BLOCKING: c_uint = 1;
+const STREAM_NON_BLOCKING: c_uint = 1;
 /// `CU_EVENT_DISABLE_TIMING`: the cheapest event, all ordering needs.
-pub(crate) const EVENT_DISABLE_TIMING: c_uint = 2;
+const EVENT_DISABLE_TIMING: c_uint = 2;
 
 /// The driver API's primary context, stream and event functions (cuda.h; the _v2 names are what its macros call).
 pub(crate) struct StreamApi {
@@ -77,6 +78,82 @@ impl StreamApi {
     }
 }
 
+/// One GPU's primary context, retained, with a non-blocking stream and two events of its own, all released on drop:
+/// what the NCCL backend and [`SideStream`] each keep.
+pub(crate) struct OwnedStream {
+    pub driver: CudaDriver,
+    pub api: StreamApi,
+    device: c_int,
+    context: Context,
+    pub stream: Stream,
+    pub events: [Event; 2],
+}
+
+impl OwnedStream {
+    /// Retains GPU `gpu`'s primary context (its index after CUDA_VISIBLE_DEVICES, as in `cuda:N`) and makes the
+    /// stream and events in it.
+    pub(crate) fn new(driver: CudaDriver, gpu: u32) -> Result<OwnedStream, CudaError> {
+        let api = StreamApi::load(&driver)?;
+        let device = driver.device_handle(gpu)?;
+        let mut context: Context = std::ptr::null_mut();
+        // SAFETY: writes one context handle.
+        driver.check("cuDevicePrimaryCtxRetain", unsafe {
+            (api.retain)(&mut context, device)
+        })?;
+        // From here on Drop releases what was made, so an error below leaks nothing.
+        let mut this = OwnedStream {
+            driver,
+            api,
+            device,
+            context,
+            stream: std::ptr::null_mut(),
+            events: [std::ptr::null_mut(); 2],
+        };
+        this.make_current()?;
+        let (api, driver) = (&this.api, &this.driver);
+        // SAFETY: each call writes one handle.
+        unsafe {
+            driver.check(
+                "cuStreamCreate",
+                (api.stream_create)(&mut this.stream, STREAM_NON_BLOCKING),
+            )?;
+            for event in &mut this.events {
+                driver.check(
+                    "cuEventCreate",
+                    (api.event_create)(event, EVENT_DISABLE_TIMING),
+                )?;
+            }
+        }
+        Ok(this)
+    }
+
+    /// Makes the context current on the calling thread, as every driver call on these handles needs.
+    pub(crate) fn make_current(&self) -> Result<(), CudaError> {
+        // SAFETY: the context is retained while `self` lives.
+        self.driver.check("cuCtxSetCurrent", unsafe {
+            (self.api.set_current)(self.context)
+        })
+    }
+}
+
+impl Drop for OwnedStream {
+    fn drop(&mut self) {
+        let _ = self.make_current();
+        // SAFETY: each handle was created here and is released once; a null one was never made.
+        unsafe {
+            for event in self.events {
+                if !event.is_null() {
+                    (self.api.event_destroy)(event);
+                }
+            }
+            if !self.stream.is_null() {
+                (self.api.stream_destroy)(self.stream);
+            }
+            (self.api.release)(self.device);
+        }
+    }
+}
+
 /// A CUDA stream as libtorch's current stream was on some thread, to hand to another thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamHandle(usize);
@@ -89,22 +166,18 @@ impl StreamHandle {
 
 /// A non-blocking stream on one GPU, ordered against libtorch's compute stream with events (see the module docs).
 pub struct SideStream {
-    driver: CudaDriver,
-    api: StreamApi,
+    /// The stream; its first event is recorded on the compute stream for the side stream to wait on, its second
+    /// on the side stream for the compute stream to wait on.
+    own: OwnedStream,
     streams: TorchStreams,
     /// The GPU's index as libtorch numbers it (`cuda:N`).
     gpu: u32,
-    device: c_int,
-    context: Context,
-    stream: Stream,
-    /// Recorded on the compute stream for the side stream to wait on; the lock keeps record and wait together.
-    after_compute: Mutex<Event>,
-    /// Recorded on the side stream for the compute stream to wait on.
-    after_side: Mutex<Event>,
+    /// Held while an event is recorded and waited on, so another thread never records it in between.
+    ordering: Mutex<()>,
 }
 
 // SAFETY: the handles are CUDA's, usable from any thread once the context is made current, which every method does
-// first; each event is used under its lock, so a record and the wait on it are never split by another thread.
+// first; the events are used under `ordering`, so a record and the wait on it are never split by another thread.
 unsafe impl Send for SideStream {}
 // SAFETY: as above.
 unsafe impl Sync for SideStream {}
@@ -113,7 +186,7 @@ impl fmt::Debug for SideStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SideStream")
             .field("gpu", &self.gpu)
-            .field("stream", &self.stream)
+            .field("stream", &self.own.stream)
             .finish_non_exhaustive()
     }
 }
@@ -126,42 +199,12 @@ impl SideStream {
         gpu: u32,
         streams: TorchStreams,
     ) -> Result<SideStream, CudaError> {
-        let api = StreamApi::load(&driver)?;
-        let device = driver.device_handle(gpu)?;
-        let mut context: Context = std::ptr::null_mut();
-        // SAFETY: writes one context handle.
-        driver.check("cuDevicePrimaryCtxRetain", unsafe {
-            (api.retain)(&mut context, device)
-        })?;
-        // From here on Drop releases what was made, so an error below leaks nothing.
-        let mut this = SideStream {
-            driver,
-            api,
+        Ok(SideStream {
+            own: OwnedStream::new(driver, gpu)?,
             streams,
             gpu,
-            device,
-            context,
-            stream: std::ptr::null_mut(),
-            after_compute: Mutex::new(std::ptr::null_mut()),
-            after_side: Mutex::new(std::ptr::null_mut()),
-        };
-        this.make_current()?;
-        let (api, driver) = (&this.api, &this.driver);
-        // SAFETY: each call writes one handle.
-        unsafe {
-            driver.check(
-                "cuStreamCreate",
-                (api.stream_create)(&mut this.stream, STREAM_NON_BLOCKING),
-            )?;
-            for event in [&mut this.after_compute, &mut this.after_side] {
-                let event = event.get_mut().unwrap_or_else(|p| p.into_inner());
-                driver.check(
-                    "cuEventCreate",
-                    (api.event_create)(event, EVENT_DISABLE_TIMING),
-                )?;
-            }
-        }
-        Ok(this)
+            ordering: Mutex::new(()),
+        })
     }
 
     /// libtorch's current stream of this GPU on the calling thread: the compute stream to order against.
@@ -173,12 +216,12 @@ impl SideStream {
 
     /// Makes the side stream wait for all work queued on `compute` so far, from any thread.
     pub fn wait_for(&self, compute: StreamHandle) -> Result<(), CudaError> {
-        self.order(&self.after_compute, compute.raw(), self.stream)
+        self.order(self.own.events[0], compute.raw(), self.own.stream)
     }
 
     /// Makes `compute` wait for all work queued on the side stream so far.
     pub fn join_into(&self, compute: StreamHandle) -> Result<(), CudaError> {
-        self.order(&self.after_side, self.stream, compute.raw())
+        self.order(self.own.events[1], self.own.stream, compute.raw())
     }
 
     /// Makes the side stream libtorch's current stream of this GPU on the calling thread until the guard drops
@@ -186,29 +229,24 @@ impl SideStream {
     pub fn enter(&self) -> Result<Entered<'_>, CudaError> {
         let before = self.current_stream()?;
         // SAFETY: the stream lives as long as `self`, which the guard borrows.
-        unsafe { self.streams.set_current(self.gpu as usize, self.stream)? };
+        unsafe {
+            self.streams
+                .set_current(self.gpu as usize, self.own.stream)?
+        };
         Ok(Entered { side: self, before })
     }
 
     /// Records `event` on `first` and makes `then` wait for it.
-    fn order(&self, event: &Mutex<Event>, first: Stream, then: Stream) -> Result<(), CudaError> {
-        let event = event.lock().unwrap_or_else(|p| p.into_inner());
-        self.make_current()?;
+    fn order(&self, event: Event, first: Stream, then: Stream) -> Result<(), CudaError> {
+        let _held = self.ordering.lock().unwrap_or_else(|p| p.into_inner());
+        let (driver, api) = (&self.own.driver, &self.own.api);
+        self.own.make_current()?;
         // SAFETY: the event and side stream are this stream's own; the other stream is libtorch's, live on the
         // thread it was read on for as long as libtorch keeps its streams (the process).
         unsafe {
-            self.driver
-                .check("cuEventRecord", (self.api.event_record)(*event, first))?;
-            self.driver
-                .check("cuStreamWaitEvent", (self.api.stream_wait)(then, *event, 0))
+            driver.check("cuEventRecord", (api.event_record)(event, first))?;
+            driver.check("cuStreamWaitEvent", (api.stream_wait)(then, event, 0))
         }
-    }
-
-    fn make_current(&self) -> Result<(), CudaError> {
-        // SAFETY: the context is retained while `self` lives.
-        self.driver.check("cuCtxSetCurrent", unsafe {
-            (self.api.set_current)(self.context)
-        })
     }
 }
 
@@ -232,25 +270,6 @@ impl Drop for Entered<'_> {
                 gpu = self.side.gpu,
                 "the side stream stays current on this thread: {e}"
             );
-        }
-    }
-}
-
-impl Drop for SideStream {
-    fn drop(&mut self) {
-        let _ = self.make_current();
-        // SAFETY: each handle was created by this stream and is released once; a null one was never made.
-        unsafe {
-            for event in [&mut self.after_compute, &mut self.after_side] {
-                let event = *event.get_mut().unwrap_or_else(|p| p.into_inner());
-                if !event.is_null() {
-                    (self.api.event_destroy)(event);
-                }
-            }
-            if !self.stream.is_null() {
-                (self.api.stream_destroy)(self.stream);
-            }
-            (self.api.release)(self.device);
         }
     }
 }
