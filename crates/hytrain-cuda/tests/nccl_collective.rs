@@ -232,6 +232,13 @@ impl StandIns {
         )
     }
 
+    /// A side stream on GPU `gpu` through these stand-ins and the stand-in libc10_cuda.
+    fn side_stream(&self, gpu: u32) -> Result<SideStream, CudaError> {
+        stand_in_c10_cuda::load();
+        let (driver, _) = self.load();
+        SideStream::new(driver, gpu, TorchStreams::load().unwrap())
+    }
+
     fn collective(&self, rank: usize, world: usize, timeout: Duration) -> NcclCollective {
         let (driver, nccl) = self.load();
         let id = nccl.unique_id().unwrap();
@@ -314,8 +321,7 @@ fn work_on_the_side_stream_waits_for_the_compute_stream_and_the_compute_stream_f
     // On GPU 1, as `collective` makes it; its communication stream is the first stream made.
     let mut c = s.collective(0, 1, Duration::from_secs(30));
     c.follow_current_stream(TorchStreams::load().unwrap());
-    let (driver, _) = s.load();
-    let side = SideStream::new(driver, 1, TorchStreams::load().unwrap()).unwrap();
+    let side = s.side_stream(1).unwrap();
     let (comm, side_stream, compute) = (0x1001, 0x2001, 0x5000);
     let torch = TorchStreams::load().unwrap();
     // SAFETY: the stand-ins take any number as a stream.
@@ -359,10 +365,8 @@ fn work_on_the_side_stream_waits_for_the_compute_stream_and_the_compute_stream_f
 
 #[test]
 fn dropping_the_side_stream_frees_its_stream_events_and_context() {
-    stand_in_c10_cuda::load();
     let s = StandIns::new();
-    let (driver, _) = s.load();
-    let side = SideStream::new(driver, 0, TorchStreams::load().unwrap()).unwrap();
+    let side = s.side_stream(0).unwrap();
     // One retained context, one stream, two events.
     assert_eq!(s.count(&s.cuda, b"standin_live\0"), 112);
     drop(side);
@@ -371,14 +375,10 @@ fn dropping_the_side_stream_frees_its_stream_events_and_context() {
 
 #[test]
 fn a_side_stream_the_driver_refuses_is_an_error_naming_the_call_and_leaves_nothing_behind() {
-    stand_in_c10_cuda::load();
     let s = StandIns::new();
-    let (driver, _) = s.load();
     // CUDA_ERROR_OUT_OF_MEMORY.
     s.set(&s.cuda, b"standin_stream_create_result\0", 2);
-    let error = SideStream::new(driver, 0, TorchStreams::load().unwrap())
-        .unwrap_err()
-        .to_string();
+    let error = s.side_stream(0).unwrap_err().to_string();
     assert_eq!(
         error,
         "cuStreamCreate failed: CUDA_ERROR_STAND_IN (stand-in)"
@@ -389,11 +389,9 @@ fn a_side_stream_the_driver_refuses_is_an_error_naming_the_call_and_leaves_nothi
 
 #[test]
 fn entering_a_side_stream_on_a_gpu_libtorch_lacks_fails_with_libtorchs_reason() {
-    stand_in_c10_cuda::load();
     let s = StandIns::new();
-    let (driver, _) = s.load();
     // The stand-in libc10_cuda has GPUs 0 to 7.
-    let side = SideStream::new(driver, 9, TorchStreams::load().unwrap()).unwrap();
+    let side = s.side_stream(9).unwrap();
     let error = side.enter().unwrap_err().to_string();
     assert_eq!(
         error,
