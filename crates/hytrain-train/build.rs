@@ -4,7 +4,7 @@
 //! which overlapping gradient allreduces with backward needs, nor the scaled in-place ops (`add_` with alpha,
 //! `addcmul_`/`addcdiv_` with value, `out=`) that optimizer steps without temporaries need, nor CPU autocast and
 //! the GradScaler's unscale kernel that mixed precision needs, nor a custom autograd function (the 2x2 max-pool
-//! kernel, `csrc/max_pool.cpp`).
+//! kernel, `csrc/max_pool.cpp`), nor AOTInductor's package loader (exported models, `csrc/aoti.cpp`).
 use std::path::Path;
 
 fn main() {
@@ -26,6 +26,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/optim_step.cpp");
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     println!("cargo:rerun-if-changed=csrc/max_pool.cpp");
+    println!("cargo:rerun-if-changed=csrc/aoti.cpp");
     println!("cargo:rerun-if-changed=csrc/shim_error.h");
     cc::Build::new()
         .cpp(true)
@@ -40,5 +41,6 @@ fn main() {
         .file("csrc/optim_step.cpp")
         .file("csrc/autocast.cpp")
         .file("csrc/max_pool.cpp")
+        .file("csrc/aoti.cpp")
         .compile("hytrain_grad_hook");
 }

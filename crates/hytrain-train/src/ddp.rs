@@ -235,8 +235,21 @@ impl Ddp {
             .map(|members| Bucket::new(members, &ddp.params))
             .collect::<Result<_, _>>()
             .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
+        if ddp.model.compiled_step().is_some() && ddp.options.precision != Precision::Fp32 {
+            return Err(TrainError::option(
+                "--precision",
+                format!(
+                    "is {:?}, but {} is an exported model whose step is compiled in float32; train it with \
+                     --precision fp32",
+                    ddp.options.precision,
+                    ddp.model.name()
+                ),
+            ));
+        }
         let on_cpu = ddp.params.iter().all(|(_, p)| p.device() == Device::Cpu);
-        if ddp.options.overlap && ddp.world_size() > 1 && on_cpu {
+        // A compiled step returns every gradient at once at its end: there is no backward to overlap with.
+        let autograd = ddp.model.compiled_step().is_none();
+        if ddp.options.overlap && ddp.world_size() > 1 && on_cpu && autograd {
             ddp.overlap = Some(ddp.hooks(None)?);
         }
         tracing::debug!(
@@ -293,7 +306,7 @@ impl Ddp {
         }
         // The model is on a GPU, so `new` installed no hooks; these reduce through the device collective.
         self.overlap = match side {
-            Some(side) if self.options.overlap => Some(self.hooks(Some(side))?),
+            Some(side) if self.options.overlap && self.model.compiled_step().is_none() => Some(self.hooks(Some(side))?),
             _ => None,
         };
         tracing::info!(
@@ -485,19 +498,21 @@ impl Ddp {
         if train && self.options.broadcast_buffers {
             self.sync_buffers()?;
         }
-        // Batches arrive in host memory; a model on a GPU takes them there.
-        let device = self.params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
-        let moved;
-        let xs = if xs.device() == device {
-            xs
-        } else {
-            moved =
-                xs.f_to_device(device).map_err(|e| TrainError::torch(format!("moving a batch to {device:?}"), e))?;
-            &moved
-        };
+        let moved = self.on_model_device(xs)?;
+        let xs = moved.as_ref().unwrap_or(xs);
         self.model.forward_t(xs, train).map_err(|e| {
             TrainError::torch(format!("{} forward on a batch of shape {:?}", self.model.name(), xs.size()), e)
         })
+    }
+
+    /// `t` moved to the model's device, or `None` when it is there already: batches arrive in host memory, and a
+    /// model on a GPU takes them there.
+    fn on_model_device(&self, t: &Tensor) -> Result<Option<Tensor>> {
+        let device = self.params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+        if t.device() == device {
+            return Ok(None);
+        }
+        t.f_to_device(device).map(Some).map_err(|e| TrainError::torch(format!("moving a batch to {device:?}"), e))
     }
 
     /// Backpropagates `loss` of one micro-batch, scaled by `1/grad_accum`. Gradients accumulate locally; after the
@@ -693,6 +708,9 @@ impl Ddp {
                 format!("called after {} unsynchronised backward() calls; finish that step first", self.micro_step),
             ));
         }
+        if self.model.compiled_step().is_some() {
+            return self.compiled_train_step(micro_batches, optimizer, lr);
+        }
         self.zero_grad();
         let mut loss_sum = 0.0;
         let mut samples = 0;
@@ -713,7 +731,12 @@ impl Ddp {
             self.zero_grad();
             return Ok(StepOutput { loss, grad_norm: None, samples, skipped: true });
         }
-        // After unscaling, so clipping sees the true gradients.
+        self.finish_step(optimizer, lr, loss, samples)
+    }
+
+    /// Clips the averaged gradients if configured (after unscaling, so clipping sees the true gradients), steps the
+    /// optimizer and clears the gradients.
+    fn finish_step(&mut self, optimizer: &mut dyn Optimizer, lr: f64, loss: f64, samples: usize) -> Result<StepOutput> {
         let grad_norm = match self.options.max_grad_norm {
             Some(max) => Some(self.clip_grad_norm(max)?),
             None => None,
@@ -721,6 +744,44 @@ impl Ddp {
         optimizer.step(lr)?;
         self.zero_grad();
         Ok(StepOutput { loss, grad_norm, samples, skipped: false })
+    }
+
+    /// [`Ddp::train_step`] for a model with a compiled step ([`crate::model::CompiledStep`]): each micro-batch's
+    /// loss and gradients come from one call (rank 0's buffers broadcast before it, as before a forward pass), the
+    /// gradients scaled by `1/grad_accum` become or add to the parameters' `.grad`, and after the last the buckets
+    /// are averaged as for any model.
+    fn compiled_train_step(
+        &mut self,
+        micro_batches: &[(Tensor, Tensor)],
+        optimizer: &mut dyn Optimizer,
+        lr: f64,
+    ) -> Result<StepOutput> {
+        let k = micro_batches.len();
+        let (mut loss_sum, mut samples) = (0.0, 0);
+        for (i, (xs, ys)) in micro_batches.iter().enumerate() {
+            if self.options.broadcast_buffers {
+                self.sync_buffers()?;
+            }
+            let (moved_xs, moved_ys) = (self.on_model_device(xs)?, self.on_model_device(ys)?);
+            let (xs, ys) = (moved_xs.as_ref().unwrap_or(xs), moved_ys.as_ref().unwrap_or(ys));
+            let step = self.model.compiled_step().expect("called for a compiled model");
+            let (loss, grads) = step.loss_and_grads(xs, ys)?;
+            loss_sum += loss.f_double_value(&[]).map_err(|e| TrainError::torch("reading the loss", e))?;
+            samples += xs.size().first().copied().unwrap_or(0) as usize;
+            for ((name, p), mut g) in self.params.iter().zip(grads) {
+                let torch = |e| TrainError::torch(format!("gradient of {name}"), e);
+                if k > 1 {
+                    let _ = g.f_mul_scalar_(1.0 / k as f64).map_err(torch)?;
+                }
+                if i == 0 {
+                    crate::shim::set_grad(p, &g).map_err(torch)?;
+                } else {
+                    let _ = p.grad().f_add_(&g).map_err(torch)?;
+                }
+            }
+        }
+        self.sync_gradients()?;
+        self.finish_step(optimizer, lr, loss_sum / k as f64, samples)
     }
 
     /// Sums (or averages) `values` over all ranks in place, as f64; for metrics and evaluation counts.

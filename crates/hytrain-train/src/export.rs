@@ -1,5 +1,5 @@
 //! Export of a trained model to the model directory (SM_MODEL_DIR or `--model-dir`): `model.safetensors`,
-//! `model.pt` (TorchScript) where the model allows it, and `metadata.json`.
+//! `model.pt` (TorchScript) where the model allows it, an exported model's packages, and `metadata.json`.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -46,6 +46,10 @@ pub struct ExportMetadata {
     pub torchscript_error: Option<String>,
     /// The tensors in `model.safetensors`.
     pub tensors: Vec<TensorInfo>,
+    /// Compiled packages and their metadata (a model exported with `python -m hytrain_export`): the folder then
+    /// also trains on with `hytrain train --model DIR`.
+    #[serde(default)]
+    pub packages: Vec<String>,
     /// Whatever else the caller records (classes' names, final accuracy, configuration).
     pub extra: serde_json::Value,
 }
@@ -54,8 +58,9 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     move |e| TrainError::io(action, path, e)
 }
 
-/// Writes `model_dir/model.safetensors`, `model_dir/model.pt` (a TorchScript module's own code, or a trace of a
-/// built-in model in eval mode; a model that cannot be traced gets none, and metadata says why) and
+/// Writes `model_dir/model.safetensors` (every `state_dict` name, tied ones included), `model_dir/model.pt` (a
+/// TorchScript module's own code, or a trace of a built-in model in eval mode; a model that cannot be traced gets
+/// none, and metadata says why; an exported model writes its compiled packages instead) and
 /// `model_dir/metadata.json`. Each file appears whole (written beside, fsynced, renamed). Only global rank 0 should
 /// call it.
 pub fn export(
@@ -67,21 +72,29 @@ pub fn export(
 ) -> Result<ExportMetadata> {
     fs::create_dir_all(model_dir).map_err(io("create", model_dir))?;
     let tensors = model::state_tensors(model);
-    let host = tensors
+    let mut host = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?)))
         .collect::<Result<Vec<_>, tch::TchError>>()
         .map_err(|e| TrainError::torch("preparing the model for export", e))?;
+    for (alias, name) in model.tied_names() {
+        // safetensors holds no shared tensors: the alias gets its own copy.
+        if let Some(t) = host.iter().find(|(n, _)| *n == name).map(|(_, t)| t.copy()) {
+            host.push((alias, t));
+        }
+    }
     let weights = model_dir.join("model.safetensors");
     let tmp = model_dir.join(".model.safetensors.tmp");
     tch::Tensor::write_safetensors(&host, &tmp)
         .map_err(|e| TrainError::torch(format!("writing {}", tmp.display()), e))?;
     commit(&tmp, &weights)?;
 
+    let packages = model.write_packages(model_dir, "model.safetensors")?;
     let script = model_dir.join("model.pt");
     let script_tmp = model_dir.join(".model.pt.tmp");
     let example = model::example_input(input_shape, model::device_of(model))?;
     let (torchscript, torchscript_error) = match model.save_torchscript(&script_tmp, &example) {
+        Err(e) if model.compiled_step().is_some() => (None, Some(e.to_string())),
         Ok(source) => {
             commit(&script_tmp, &script)?;
             (Some(source), None)
@@ -105,6 +118,7 @@ pub fn export(
             .iter()
             .map(|(n, t)| TensorInfo { name: n.clone(), shape: t.size(), dtype: format!("{:?}", t.kind()) })
             .collect(),
+        packages,
         extra,
     };
     let meta_path = model_dir.join("metadata.json");
@@ -117,7 +131,8 @@ pub fn export(
     Ok(meta)
 }
 
-fn commit(tmp: &Path, dest: &Path) -> Result<()> {
+/// Makes `tmp` (written beside) `dest`: fsynced, renamed, the folder fsynced.
+pub(crate) fn commit(tmp: &Path, dest: &Path) -> Result<()> {
     File::open(tmp).and_then(|f| f.sync_all()).map_err(io("fsync", tmp))?;
     fs::rename(tmp, dest).map_err(io("rename", tmp))?;
     if let Some(parent) = dest.parent() {

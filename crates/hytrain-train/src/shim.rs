@@ -24,3 +24,14 @@ pub(crate) fn shim_message(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Re
     // SAFETY: the shim NUL-terminates what it writes into `err`, and it starts zeroed.
     Err(unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy().into_owned())
 }
+
+extern "C" {
+    fn hyt_set_grad(param: *mut c_void, grad: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+}
+
+/// `param.grad = grad`, sharing `grad`'s storage (`csrc/aoti.cpp`): a compiled step's gradients become the
+/// parameters' without a copy.
+pub(crate) fn set_grad(param: &Tensor, grad: &Tensor) -> Result<(), TchError> {
+    // SAFETY: both handles are live tch tensors for the call's duration; the shim copies the `at::Tensor` handle.
+    shim(|err, len| unsafe { hyt_set_grad(handle(param), handle(grad), err, len) })
+}

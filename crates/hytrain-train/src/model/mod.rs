@@ -1,5 +1,7 @@
-//! Models: the [`Model`] trait the engine trains, the built-in zoo ([`build`]) and TorchScript modules.
+//! Models: the [`Model`] trait the engine trains, the built-in zoo ([`build`]), models exported with
+//! `python -m hytrain_export` ([`ExportedModel`]) and TorchScript modules.
 
+mod exported;
 mod layers;
 mod lenet;
 mod mlp;
@@ -11,6 +13,7 @@ use std::path::Path;
 
 use tch::{CModule, Device, Kind, TchError, Tensor};
 
+pub use exported::{CompiledStep, ExportedMetadata, ExportedModel, METADATA as EXPORTED_METADATA};
 pub use layers::{BatchNorm2d, Conv2d, ConvConfig, LayerBuilder, Linear, NamedTensors};
 pub use lenet::LeNet;
 pub use mlp::{Mlp, DEFAULT_HIDDEN};
@@ -38,6 +41,24 @@ pub trait Model: Send {
     /// State that is saved and kept identical across ranks but not trained (BatchNorm running statistics).
     fn named_buffers(&self) -> Vec<(String, Tensor)> {
         Vec::new()
+    }
+
+    /// `state_dict` names that share another name's tensor (tied weights), as `(alias, name)`: `model.safetensors`
+    /// holds them too, so PyTorch's strict `load_state_dict` takes the file.
+    fn tied_names(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// The compiled training step of a model whose loss and gradients come from one call rather than libtorch's
+    /// autograd (an [`ExportedModel`]); `None` for models trained through [`Model::forward_t`] and backward.
+    fn compiled_step(&self) -> Option<&dyn CompiledStep> {
+        None
+    }
+
+    /// Writes the model's compiled packages into the export folder `dir`, beside the weights file `weights`;
+    /// returns the files written. Models without packages write nothing.
+    fn write_packages(&self, _dir: &Path, _weights: &str) -> Result<Vec<String>> {
+        Ok(Vec::new())
     }
 
     /// Writes the model as TorchScript to `path`. The default traces `forward_t(example, false)`, which fixes
@@ -92,8 +113,9 @@ pub enum TorchScriptSource {
     Traced,
 }
 
-/// Builds a model by name: `lenet`, `resnet18`, `mlp` (hidden 128, 64), `mlp:<h1,h2,...>`, or a path to a
-/// TorchScript file (`*.pt`, `*.pth`, or any existing file).
+/// Builds a model by name: `lenet`, `resnet18`, `mlp` (hidden 128, 64), `mlp:<h1,h2,...>`, a folder written by
+/// `python -m hytrain_export` (checked against `input_shape` and `num_classes`), or a path to a TorchScript file
+/// (`*.pt`, `*.pth`, or any existing file).
 ///
 /// `input_shape` is one sample's shape (`[3, 32, 32]` for CIFAR-10, `[1, 8, 8]` for the digits). Weights are drawn
 /// from libtorch's generator; seed it with `tch::manual_seed` for reproducible ones (ranks get rank 0's anyway).
@@ -118,6 +140,11 @@ pub fn build(name: &str, num_classes: i64, input_shape: &[i64], device: Device) 
                     detail: "hidden sizes must be comma-separated positive integers, like mlp:256,128".into(),
                 })?;
             Ok(Box::new(Mlp::new(input_shape, &hidden, num_classes, device)?))
+        }
+        _ if Path::new(name).is_dir() => {
+            let model = ExportedModel::load(name, device)?;
+            model.check_data(input_shape, num_classes)?;
+            Ok(Box::new(model))
         }
         _ if name.ends_with(".pt") || name.ends_with(".pth") || Path::new(name).is_file() => {
             Ok(Box::new(ScriptModel::load(name, device)?))

@@ -30,6 +30,11 @@ impl ScriptModel {
                 detail: "no such TorchScript file; save one with torch.jit.save(torch.jit.script(model), path)".into(),
             });
         }
+        tracing::warn!(
+            path = %path.display(),
+            "TorchScript is deprecated upstream as of PyTorch 2.11 and hytrain keeps it only for existing models; \
+             export new ones with `python -m hytrain_export` and train the folder (README: Train your own model)"
+        );
         let context = || format!("loading TorchScript model {}", path.display());
         let module = CModule::load_on_device(&path, device).map_err(|e| TrainError::torch(context(), e))?;
         let params = module
