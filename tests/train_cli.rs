@@ -541,3 +541,130 @@ fn an_unknown_precision_is_a_one_line_error_naming_the_allowed_values() {
         );
     }
 }
+
+/// python/examples/digits_cnn.py exported with `python -m hytrain_export` (once per source change: cached under
+/// .cache/exported by python/tests/cached_export.py), with the Python `cargo xtask test` sets up.
+fn exported_digits_cnn() -> PathBuf {
+    let python = std::env::var_os("HYTRAIN_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/bench-venv/bin/python"));
+    let out = Command::new(&python)
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/tests/cached_export.py"))
+        .arg("digits_cnn")
+        .output()
+        .unwrap_or_else(|e| panic!("{} does not start ({e}): run the tests through `cargo xtask test`", python.display()));
+    assert!(out.status.success(), "exporting digits_cnn failed:\n{}{}", stdout(&out), stderr(&out));
+    PathBuf::from(stdout(&out).trim())
+}
+
+#[test]
+fn an_exported_pytorch_model_trains_on_two_workers_resumes_and_its_model_folder_trains_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let exported = exported_digits_cnn();
+    let data = digits();
+    let job = |extra: &[&str]| {
+        let mut args = vec![
+            "--model",
+            exported.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--batch-size",
+            "32",
+            "--lr",
+            "0.05",
+            "--momentum",
+            "0.9",
+            "--log-interval",
+            "10",
+        ];
+        args.extend(extra);
+        launch_train(dir.path(), 2, &args)
+    };
+    let out = finish(job(&["--max-steps", "30", "--validation", "none"]), "first run");
+    assert_ok(&out);
+    assert_eq!(summary_value(&stdout(&out), "steps"), 30.0);
+    // A second run resumes from the first's checkpoint and trains on to the end of epoch 4, validating each epoch
+    // through the exported forward package.
+    let out = finish(job(&["--epochs", "4"]), "resumed run");
+    assert_ok(&out);
+    let text = stdout(&out);
+    let accuracy = summary_value(&text, "val_accuracy");
+    assert!(accuracy >= 0.9, "validation accuracy {accuracy} below 0.9:\n{text}");
+    assert!(text.contains("on 359 samples") || text.contains("on 360 samples"), "every test sample once:\n{text}");
+    let losses = metric_values(&text, "train_loss");
+    assert!(losses.last() < losses.first(), "the loss did not fall: {losses:?}");
+    let steps = summary_value(&text, "steps") as u64;
+    assert!(text.contains(&format!("({} this run)", steps - 30)), "the second run did not resume at step 30:\n{text}");
+    let model = dir.path().join("hytrain-out/model");
+    for file in ["model.safetensors", "metadata.json", "forward.pt2", "train_step.pt2", "hytrain-model.json"] {
+        assert!(model.join(file).is_file(), "the model folder has no {file}");
+    }
+    // The model folder is an exported model with the trained weights: training it again starts from them.
+    let out = finish(
+        launch_train(
+            dir.path(),
+            1,
+            &[
+                "--model",
+                model.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--max-steps",
+                "1",
+                "--lr",
+                "0",
+                "--checkpoint-dir",
+                "none",
+                "--model-dir",
+                "again",
+            ],
+        ),
+        "training the exported folder",
+    );
+    assert_ok(&out);
+    let (trained, again) = (weights(&model), weights(&dir.path().join("again")));
+    assert_eq!(trained.len(), again.len());
+    for ((n, a), (_, b)) in trained.iter().zip(&again) {
+        // lr 0 leaves the parameters; BatchNorm statistics move with the one step's batch.
+        if !n.contains("running") && !n.contains("num_batches") {
+            assert!(a.equal(b), "{n} changed in a step with lr 0");
+        }
+    }
+}
+
+#[test]
+fn an_exported_model_refuses_data_of_another_shape_and_other_precisions_before_step_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("exported-for-cifar");
+    std::fs::create_dir(&copy).unwrap();
+    for entry in std::fs::read_dir(exported_digits_cnn()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+    }
+    let meta_path = copy.join("hytrain-model.json");
+    let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    meta["input"]["shape"] = serde_json::json!([3, 32, 32]);
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    let data = digits();
+    let out = finish(
+        launch_train(dir.path(), 1, &["--model", copy.to_str().unwrap(), "--data", data.to_str().unwrap()]),
+        "mismatched data",
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("exported for inputs of shape [3, 32, 32] float32, but the data's samples are [1, 8, 8]"),
+        "{}",
+        stderr(&out)
+    );
+    let out = finish(
+        launch_train(
+            dir.path(),
+            1,
+            &["--model", exported_digits_cnn().to_str().unwrap(), "--data", data.to_str().unwrap(), "--precision", "bf16"],
+        ),
+        "bf16 on an exported model",
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("train it with --precision fp32"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("step=1 "), "it trained before refusing");
+}
