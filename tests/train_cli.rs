@@ -42,7 +42,11 @@ fn assert_ok(out: &Output) {
     );
     // A job whose ranks all finish lost none, whatever its size (a single rank once reported itself lost as its
     // store connection closed at exit).
-    assert!(!stderr(out).contains("lost rank"), "a successful job reported a lost rank:\n{}", stderr(out));
+    assert!(
+        !stderr(out).contains("lost rank"),
+        "a successful job reported a lost rank:\n{}",
+        stderr(out)
+    );
 }
 
 /// `hytrain launch --nproc-per-node N -- hytrain train ARGS` in `dir`, with the environment of a laptop.
@@ -547,13 +551,25 @@ fn an_unknown_precision_is_a_one_line_error_naming_the_allowed_values() {
 fn exported_digits_cnn() -> PathBuf {
     let python = std::env::var_os("HYTRAIN_TEST_PYTHON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/bench-venv/bin/python"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/bench-venv/bin/python")
+        });
     let out = Command::new(&python)
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/tests/cached_export.py"))
         .arg("digits_cnn")
         .output()
-        .unwrap_or_else(|e| panic!("{} does not start ({e}): run the tests through `cargo xtask test`", python.display()));
-    assert!(out.status.success(), "exporting digits_cnn failed:\n{}{}", stdout(&out), stderr(&out));
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} does not start ({e}): run the tests through `cargo xtask test`",
+                python.display()
+            )
+        });
+    assert!(
+        out.status.success(),
+        "exporting digits_cnn failed:\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     PathBuf::from(stdout(&out).trim())
 }
 
@@ -580,7 +596,10 @@ fn an_exported_pytorch_model_trains_on_two_workers_resumes_and_its_model_folder_
         args.extend(extra);
         launch_train(dir.path(), 2, &args)
     };
-    let out = finish(job(&["--max-steps", "30", "--validation", "none"]), "first run");
+    let out = finish(
+        job(&["--max-steps", "30", "--validation", "none"]),
+        "first run",
+    );
     assert_ok(&out);
     assert_eq!(summary_value(&stdout(&out), "steps"), 30.0);
     // A second run resumes from the first's checkpoint and trains on to the end of epoch 4, validating each epoch
@@ -589,14 +608,32 @@ fn an_exported_pytorch_model_trains_on_two_workers_resumes_and_its_model_folder_
     assert_ok(&out);
     let text = stdout(&out);
     let accuracy = summary_value(&text, "val_accuracy");
-    assert!(accuracy >= 0.9, "validation accuracy {accuracy} below 0.9:\n{text}");
-    assert!(text.contains("on 359 samples") || text.contains("on 360 samples"), "every test sample once:\n{text}");
+    assert!(
+        accuracy >= 0.9,
+        "validation accuracy {accuracy} below 0.9:\n{text}"
+    );
+    assert!(
+        text.contains("on 359 samples") || text.contains("on 360 samples"),
+        "every test sample once:\n{text}"
+    );
     let losses = metric_values(&text, "train_loss");
-    assert!(losses.last() < losses.first(), "the loss did not fall: {losses:?}");
+    assert!(
+        losses.last() < losses.first(),
+        "the loss did not fall: {losses:?}"
+    );
     let steps = summary_value(&text, "steps") as u64;
-    assert!(text.contains(&format!("({} this run)", steps - 30)), "the second run did not resume at step 30:\n{text}");
+    assert!(
+        text.contains(&format!("({} this run)", steps - 30)),
+        "the second run did not resume at step 30:\n{text}"
+    );
     let model = dir.path().join("hytrain-out/model");
-    for file in ["model.safetensors", "metadata.json", "forward.pt2", "train_step.pt2", "hytrain-model.json"] {
+    for file in [
+        "model.safetensors",
+        "metadata.json",
+        "forward.pt2",
+        "train_step.pt2",
+        "hytrain-model.json",
+    ] {
         assert!(model.join(file).is_file(), "the model folder has no {file}");
     }
     // The model folder is an exported model with the trained weights: training it again starts from them.
@@ -642,12 +679,22 @@ fn an_exported_model_refuses_data_of_another_shape_and_other_precisions_before_s
         std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
     }
     let meta_path = copy.join("hytrain-model.json");
-    let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
     meta["input"]["shape"] = serde_json::json!([3, 32, 32]);
     std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
     let data = digits();
     let out = finish(
-        launch_train(dir.path(), 1, &["--model", copy.to_str().unwrap(), "--data", data.to_str().unwrap()]),
+        launch_train(
+            dir.path(),
+            1,
+            &[
+                "--model",
+                copy.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+            ],
+        ),
         "mismatched data",
     );
     assert!(!out.status.success());
@@ -660,11 +707,25 @@ fn an_exported_model_refuses_data_of_another_shape_and_other_precisions_before_s
         launch_train(
             dir.path(),
             1,
-            &["--model", exported_digits_cnn().to_str().unwrap(), "--data", data.to_str().unwrap(), "--precision", "bf16"],
+            &[
+                "--model",
+                exported_digits_cnn().to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+                "--precision",
+                "bf16",
+            ],
         ),
         "bf16 on an exported model",
     );
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("train it with --precision fp32"), "{}", stderr(&out));
-    assert!(!stderr(&out).contains("step=1 "), "it trained before refusing");
+    assert!(
+        stderr(&out).contains("train it with --precision fp32"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !stderr(&out).contains("step=1 "),
+        "it trained before refusing"
+    );
 }

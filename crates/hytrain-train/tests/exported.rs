@@ -281,3 +281,41 @@ fn the_export_packages_own_tests_pass() {
     assert!(out.status.success(), "python/tests failed:\n{text}");
     assert!(text.contains("OK") && !text.contains("Ran 0 tests"), "{text}");
 }
+
+/// Parameters only (BatchNorm statistics move once per micro-batch, so accumulation changes them by design).
+fn parameters(ddp: &Ddp) -> Vec<(String, Tensor)> {
+    ddp.parameters().iter().map(|(n, t)| (n.clone(), t.detach().copy())).collect()
+}
+
+#[test]
+fn accumulating_two_copies_of_a_batch_steps_like_the_batch_and_clipping_bounds_the_update() {
+    tch::set_num_threads(1);
+    let x = common::seeded(5, || Tensor::randn([8, 1, 8, 8], (Kind::Float, Device::Cpu)));
+    let y = common::seeded(6, || Tensor::randint(10, [8], (Kind::Int64, Device::Cpu)));
+    let plain_sgd = OptimizerConfig::Sgd(SgdConfig::default());
+    let train = |options: DdpOptions, micro: usize| {
+        let net = ExportedModel::load(digits_cnn(), Device::Cpu).unwrap();
+        let mut ddp = Ddp::single(Box::new(net), options).unwrap();
+        let before = parameters(&ddp);
+        let mut opt = plain_sgd.build(ddp.parameters()).unwrap();
+        let batches: Vec<_> = (0..micro).map(|_| (x.shallow_clone(), y.shallow_clone())).collect();
+        let out = ddp.train_step(&batches, opt.as_mut(), 0.1).unwrap();
+        (before, parameters(&ddp), out)
+    };
+    let (before, once, _) = train(DdpOptions::default(), 1);
+    let (_, accumulated, _) = train(DdpOptions { grad_accum: 2, ..Default::default() }, 2);
+    let diff = max_relative_difference(&accumulated, &once);
+    assert!(diff <= 1e-6, "the mean of two identical micro-batches' gradients stepped differently: {diff:e}");
+    assert!(max_relative_difference(&once, &before) > 1e-4, "the step did not move the weights");
+
+    let (before, clipped, out) = train(DdpOptions { max_grad_norm: Some(1e-3), ..Default::default() }, 1);
+    let norm = out.grad_norm.expect("clipping reports the norm");
+    assert!(norm > 1e-3, "the gradient norm {norm} was already below the clip");
+    let update: f64 = clipped
+        .iter()
+        .zip(&before)
+        .map(|((_, a), (_, b))| (a - b).square().sum(Kind::Double).double_value(&[]))
+        .sum::<f64>()
+        .sqrt();
+    assert!((update - 0.1 * 1e-3).abs() <= 1e-6, "plain SGD moved the weights by {update}, not lr x clip = 1e-4");
+}
