@@ -26,6 +26,22 @@ def write_model(folder: Path, source: str) -> Path:
     return path
 
 
+def write_linear_net(folder: Path, forward_body: str) -> Path:
+    """A module file with `Net`, one Linear(4, 3) layer `fc`, and `forward_body` as forward's body, which starts on
+    line 10."""
+    head = textwrap.dedent("""
+        import torch.nn as nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(4, 3)
+
+            def forward(self, x):
+        """)
+    return write_model(folder, head + textwrap.indent(textwrap.dedent(forward_body).lstrip("\n"), " " * 8))
+
+
 class ExplainedFailures(unittest.TestCase):
     def setUp(self) -> None:
         self.tmp = tempfile.TemporaryDirectory()
@@ -56,15 +72,7 @@ class ExplainedFailures(unittest.TestCase):
             hytrain_export.load_factory(f"{path}:Net")
 
     def test_branching_on_tensor_values_is_explained_in_one_paragraph_with_the_users_line(self) -> None:
-        path = write_model(self.dir, """
-            import torch.nn as nn
-
-            class Net(nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.fc = nn.Linear(4, 3)
-
-                def forward(self, x):
+        path = write_linear_net(self.dir, """
                     if x.sum() > 0:
                         return self.fc(x)
                     return -self.fc(x)
@@ -80,15 +88,7 @@ class ExplainedFailures(unittest.TestCase):
         self.assertFalse((self.dir / "out").exists(), "a failed export left a folder")
 
     def test_a_forward_that_returns_no_tensor_is_refused(self) -> None:
-        path = write_model(self.dir, """
-            import torch.nn as nn
-
-            class Net(nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    self.fc = nn.Linear(4, 3)
-
-                def forward(self, x):
+        path = write_linear_net(self.dir, """
                     return {"logits": self.fc(x)}
             """)
         code, err = self.run_cli(f"{path}:Net", "--input-shape", "4", "--out", str(self.dir / "out"))

@@ -190,6 +190,17 @@ impl Ddp {
     /// tensor that differ. Then rank 0's parameters and buffers are broadcast, so replicas start identical.
     pub fn new(model: Box<dyn Model>, comm: Box<dyn Collective>, options: DdpOptions) -> Result<Self> {
         options.validate()?;
+        if model.compiled_step().is_some() && options.precision != Precision::Fp32 {
+            return Err(TrainError::option(
+                "--precision",
+                format!(
+                    "is {:?}, but {} is an exported model whose step is compiled in float32; train it with \
+                     --precision fp32",
+                    options.precision,
+                    model.name()
+                ),
+            ));
+        }
         let params = model.named_parameters();
         let buffers = model.named_buffers();
         let mut ddp = Ddp {
@@ -235,17 +246,6 @@ impl Ddp {
             .map(|members| Bucket::new(members, &ddp.params))
             .collect::<Result<_, _>>()
             .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
-        if ddp.model.compiled_step().is_some() && ddp.options.precision != Precision::Fp32 {
-            return Err(TrainError::option(
-                "--precision",
-                format!(
-                    "is {:?}, but {} is an exported model whose step is compiled in float32; train it with \
-                     --precision fp32",
-                    ddp.options.precision,
-                    ddp.model.name()
-                ),
-            ));
-        }
         let on_cpu = ddp.params.iter().all(|(_, p)| p.device() == Device::Cpu);
         // A compiled step returns every gradient at once at its end: there is no backward to overlap with.
         let autograd = ddp.model.compiled_step().is_none();

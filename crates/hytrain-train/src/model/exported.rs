@@ -37,7 +37,7 @@ extern "C" {
 }
 
 /// The metadata file of an exported model folder.
-pub const METADATA: &str = "hytrain-model.json";
+const METADATA: &str = "hytrain-model.json";
 const FORMAT: &str = "hytrain-exported-model";
 const FORMAT_VERSION: u32 = 1;
 const EXPORT_HINT: &str = "export the model with `python -m hytrain_export` (README: Train your own model)";

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use tch::{CModule, Device, Kind, TchError, Tensor};
 
-pub use exported::{CompiledStep, ExportedMetadata, ExportedModel, METADATA as EXPORTED_METADATA};
+pub use exported::{CompiledStep, ExportedMetadata, ExportedModel};
 pub use layers::{BatchNorm2d, Conv2d, ConvConfig, LayerBuilder, Linear, NamedTensors};
 pub use lenet::LeNet;
 pub use mlp::{Mlp, DEFAULT_HIDDEN};
