@@ -1,17 +1,23 @@
 """The PyTorch side of benches/step_time.rs: one rank of a DistributedDataParallel job on gloo that times optimizer
-steps of LeNet or ResNet-18 (CIFAR variant) on fixed random batches.
+steps of LeNet, ResNet-18 (CIFAR variant) or torchvision's ResNet-18 as it comes (`resnet18_cifar`, the model of
+python/examples/resnet18_cifar.py that hytrain trains exported) on fixed random batches.
 
-Usage: RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python ddp_step.py MODEL WARMUP STEPS BATCH
+Usage: RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python ddp_step.py MODEL WARMUP STEPS BATCH [eager|compile]
+`compile` runs the DDP module through `torch.compile` (Inductor's C++ backend on CPU; DDP's optimizer splits the
+graph at bucket boundaries so the allreduces still overlap backward); its first step compiles, which the warm-up
+steps absorb.
 Rank 0 prints one JSON line: {"side": "pytorch", "model": ..., "median_ms": ..., "cpu_median_ms": ..., ...}, the
 median wall time and the median CPU time of this process (all its threads, gloo's included) per timed step.
 A step is what hytrain's Ddp::train_step does: zero_grad, forward, cross-entropy, backward (DDP allreduces the
 gradient buckets), optimizer step, and reading the loss.
 """
 import datetime
+import importlib.util
 import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -85,13 +91,25 @@ class ResNet18(nn.Module):
         return self.fc(x)
 
 
-MODELS = {"lenet": LeNet, "resnet18": ResNet18}
+def resnet18_cifar(num_classes=10):
+    """The factory hytrain's export of this model came from, loaded from its file as `python -m hytrain_export` does."""
+    path = Path(__file__).resolve().parents[1] / "python" / "examples" / "resnet18_cifar.py"
+    spec = importlib.util.spec_from_file_location("resnet18_cifar", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build(num_classes)
+
+
+MODELS = {"lenet": LeNet, "resnet18": ResNet18, "resnet18_cifar": resnet18_cifar}
 
 
 def main():
     model, warmup, steps, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    mode = sys.argv[5] if len(sys.argv) > 5 else "eager"
     if model not in MODELS:
         sys.exit(f"unknown model {model!r}; expected one of {sorted(MODELS)}")
+    if mode not in ("eager", "compile"):
+        sys.exit(f"unknown mode {mode!r}; expected eager or compile")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank = dist.get_rank()
@@ -99,8 +117,12 @@ def main():
     # Defaults as hytrain's DdpOptions: 25 MiB buckets (1 MiB first), buffers broadcast from rank 0 every forward.
     ddp = nn.parallel.DistributedDataParallel(MODELS[model]())
     opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.5)
+    if mode == "compile":
+        # PyTorch's recommended order (compile the DDP module); the loss and the optimizer stay eager, as in the
+        # eager peer.
+        ddp = torch.compile(ddp)
     batches = [(torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))) for _ in range(4)]
-    times, cpu_times = [], []
+    times, cpu_times, first_ms = [], [], None
     for i in range(warmup + steps):
         x, y = batches[i % len(batches)]
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -110,6 +132,8 @@ def main():
         opt.step()
         loss.item()
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if i == 0:
+            first_ms = elapsed * 1e3
         if i >= warmup:
             times.append(elapsed)
             cpu_times.append(cpu)
@@ -118,10 +142,12 @@ def main():
         row = {
             "side": "pytorch",
             "model": model,
+            "mode": mode,
             "median_ms": statistics.median(times) * 1e3,
             "mean_ms": statistics.fmean(times) * 1e3,
             "cpu_median_ms": statistics.median(cpu_times) * 1e3,
             "steps": len(times),
+            "first_step_ms": first_ms,
             "torch": torch.__version__,
         }
         print(json.dumps(row), flush=True)

@@ -22,6 +22,8 @@ CACHE = REPO / ".cache" / "exported"
 #: name -> (factory, export arguments)
 EXAMPLES = {
     "digits_cnn": ("examples/digits_cnn.py:DigitsCnn", ["--input-shape", "1,8,8"]),
+    # The step bench's (benches/step_time.rs); the float64 twin's compile would double a minutes-long export.
+    "resnet18_cifar": ("examples/resnet18_cifar.py:build", ["--input-shape", "3,32,32", "--check", "none"]),
 }
 
 

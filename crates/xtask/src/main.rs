@@ -41,7 +41,8 @@ tasks:
   bench [--only PARTS] [ARGS]
                   setup, then every comparison with a peer, in one run, ending in one table of ratios:
                   allreduce  `cargo bench --bench allreduce [ARGS]`: ring and shm beside PyTorch's gloo
-                  step       `cargo bench --bench step_time`: LeNet and ResNet-18 beside PyTorch DDP
+                  step       `cargo bench --bench step_time`: LeNet and ResNet-18 beside PyTorch DDP, an exported
+                             torchvision ResNet-18 beside PyTorch DDP eager and under torch.compile
                   s3         crates/hytrain-data/benches/s3_read.py: beside s3torchconnector and boto3
                   launch     `hytrain launch` to the first step beside torchrun (benches/first_step.py)
                   --only allreduce,launch runs some of them
@@ -369,7 +370,9 @@ fn bench(args: &[OsString]) -> Result<u8> {
                 status_code(&mut command)
             }
             "step" => {
-                // Training step time of LeNet and ResNet-18 beside PyTorch DDP on gloo (benches/ddp_step.py).
+                // Training step time of LeNet and ResNet-18 beside PyTorch DDP on gloo (benches/ddp_step.py), and of
+                // torchvision's ResNet-18 exported with python/hytrain_export beside DDP eager and torch.compile'd
+                // (the bench exports it with this python, through python/tests/cached_export.py).
                 let mut command = cargo(&root);
                 command
                     .args(["bench", "--bench", "step_time"])

