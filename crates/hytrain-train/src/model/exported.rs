@@ -318,7 +318,7 @@ impl ExportedModel {
                  export it again with --input-shape {}",
                 m.input.shape,
                 m.input.dtype,
-                input_shape.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+                dims(input_shape, ",")
             )));
         }
         if !m.target.shape.is_empty() || m.target.dtype != "int64" {
@@ -342,11 +342,6 @@ impl ExportedModel {
         &self.meta
     }
 
-    /// The folder the model was loaded from.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Refuses a batch the packages were not compiled for: running one anyway would read out of bounds.
     fn check_batch(&self, xs: &Tensor, ys: Option<&Tensor>) -> Result<(), TchError> {
         let size = xs.size();
@@ -357,7 +352,7 @@ impl ExportedModel {
             return Err(TchError::Torch(format!(
                 "the batch is {size:?} {:?}, but the model was exported for [batch, {}] {}",
                 xs.kind(),
-                m.input.shape.iter().map(i64::to_string).collect::<Vec<_>>().join(", "),
+                dims(&m.input.shape, ", "),
                 m.input.dtype
             )));
         }
@@ -414,6 +409,11 @@ impl ExportedModel {
         written.push(METADATA.to_string());
         Ok(written)
     }
+}
+
+/// A shape as its dimensions joined by `sep` (`3,32,32` for a flag, `3, 32, 32` inside brackets).
+fn dims(shape: &[i64], sep: &str) -> String {
+    shape.iter().map(i64::to_string).collect::<Vec<_>>().join(sep)
 }
 
 fn trainable(t: Tensor) -> Result<Tensor> {
