@@ -119,6 +119,8 @@ enum DataCommand {
         /// Skip samples that do not decode (counted) instead of failing.
         #[arg(long)]
         skip_bad_samples: bool,
+        #[command(flatten)]
+        tokens: TokenArgs,
     },
     /// Convert CIFAR-10, MNIST or an image-folder tree into WebDataset tar shards.
     Pack {
@@ -141,7 +143,20 @@ enum DataCommand {
     Inspect {
         #[command(flatten)]
         source: SourceArgs,
+        #[command(flatten)]
+        tokens: TokenArgs,
     },
+}
+
+/// How token data (.bin files of ids) is cut into samples.
+#[derive(Args)]
+struct TokenArgs {
+    /// Token data: ids per sample (the model's sequence length).
+    #[arg(long)]
+    context_length: Option<usize>,
+    /// Token data: how headerless .bin files store ids, uint16 (nanoGPT's) or uint32.
+    #[arg(long, default_value = "uint16")]
+    token_dtype: hytrain::data::TokenDtype,
 }
 
 #[derive(Args)]
@@ -208,6 +223,12 @@ struct TrainJobArgs {
     /// cuda:LOCAL_RANK and averages gradients with NCCL [default: auto].
     #[arg(long, env = "HYTRAIN_DEVICE")]
     device: Option<String>,
+    /// Token data (.bin): ids per sample [default: the sequence length of an exported model that takes ids].
+    #[arg(long, env = "HYTRAIN_CONTEXT_LENGTH")]
+    context_length: Option<String>,
+    /// Token data: how headerless .bin files store ids, uint16 (nanoGPT's) or uint32 [default: uint16].
+    #[arg(long, env = "HYTRAIN_TOKEN_DTYPE")]
+    token_dtype: Option<String>,
 }
 
 impl TrainJobArgs {
@@ -228,6 +249,8 @@ impl TrainJobArgs {
             s3_endpoint: self.s3_endpoint,
             s3_region: self.s3_region,
             device: self.device,
+            context_length: self.context_length,
+            token_dtype: self.token_dtype,
         }
     }
 }
@@ -423,6 +446,7 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
             drop_last,
             max_samples,
             skip_bad_samples,
+            tokens,
         } => {
             let options =
                 data::open_options(plan, source.s3_endpoint.clone(), source.s3_region.clone());
@@ -436,6 +460,8 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
                 remainder: data::remainder(drop_last),
                 max_samples,
                 skip_bad_samples,
+                context_length: tokens.context_length,
+                token_dtype: tokens.token_dtype,
                 ..hytrain::data::DigestArgs::default()
             };
             let request = data::DigestRequest {
@@ -460,8 +486,13 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
             )?;
             println!("{report}");
         }
-        DataCommand::Inspect { source } => {
-            println!("{}", hytrain::data::inspect(open(&source)?)?);
+        DataCommand::Inspect { source, tokens } => {
+            let tokens = hytrain::data::TokenOptions {
+                context_length: tokens.context_length,
+                dtype: tokens.token_dtype,
+                vocab_size: None,
+            };
+            println!("{}", hytrain::data::inspect(open(&source)?, &tokens)?);
         }
     }
     Ok(ExitCode::SUCCESS)

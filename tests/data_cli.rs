@@ -84,3 +84,28 @@ fn a_rank_outside_the_world_is_refused() {
     assert!(!out.status.success());
     assert!(stderr.contains("--rank 2") && stderr.contains("--world-size 2"), "{stderr}");
 }
+
+#[test]
+fn inspect_and_digest_cut_token_files_by_the_context_length_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<u8> = (0u16..1001).flat_map(u16::to_le_bytes).collect();
+    std::fs::write(dir.path().join("train.bin"), &ids).unwrap();
+    std::fs::write(dir.path().join("val.bin"), &ids[..202]).unwrap();
+    let data = dir.path().display().to_string();
+    let out = run(&["data", "inspect", "--data", &data, "--context-length", "10"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("token ids") && text.contains("next token id") && text.contains("100 samples") && text.contains("10 samples"), "{text}");
+    let digest = |context: &str| {
+        let out = run(&["data", "digest", "--data", &data, "--context-length", context, "--batch-size", "4"], &[]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_ne!(digest("10"), digest("20"), "the context length cuts other windows");
+    let out = run(&["data", "digest", "--data", &data], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("--context-length N"), "{stderr}");
+    let out = run(&["data", "digest", "--data", &data, "--context-length", "10", "--token-dtype", "int8"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("uint16, uint32"), "{stderr}");
+}

@@ -3,7 +3,7 @@
 //! [`Trainer`](crate::train::Trainer) until done or stopped by SIGTERM/SIGINT.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -15,9 +15,13 @@ use crate::cluster::{InputMode, Plan};
 use super::device::{self, DeviceRequest};
 use crate::comm::{Collective, CommOptions, ReduceOp, Store};
 use crate::data::source::{self, OpenOptions};
-use crate::data::{Dataset, DatasetOptions, Loader, LoaderConfig, Remainder, SamplerConfig, Split};
+use crate::data::{
+    Dataset, DatasetOptions, Format, Loader, LoaderConfig, Remainder, SamplerConfig, Split, TokenDtype,
+    TokenOptions,
+};
 use crate::train::config::{self, ConfigSources, Layered, Origin};
-use crate::train::{model, Ddp, LoaderBatches, RunPaths, Summary, Trainer};
+use crate::train::model::{self, DataSpec, ExportedMetadata};
+use crate::train::{Ddp, LoaderBatches, RunPaths, Summary, Trainer};
 
 /// The training knobs of [`TrainConfig`](crate::train::TrainConfig) as flags (`--batch-size 128`), one per
 /// configuration key; only those given on the command line are kept, so the environment and hyperparameters
@@ -100,6 +104,10 @@ pub struct JobFlags {
     pub s3_region: Option<String>,
     /// `auto`, `cpu` or `cuda`.
     pub device: Option<String>,
+    /// Token data: ids per sample.
+    pub context_length: Option<String>,
+    /// Token data: `uint16` or `uint32` ids in headerless files.
+    pub token_dtype: Option<String>,
 }
 
 /// Keys [`JobFlags`] takes from hyperparameters, with the spellings accepted for each (the reference script's
@@ -120,6 +128,8 @@ const JOB_KEYS: &[(&str, &[&str])] = &[
     ("s3_endpoint", &["s3_endpoint"]),
     ("s3_region", &["s3_region"]),
     ("device", &["device"]),
+    ("context_length", &["context_length", "block_size", "seq_len"]),
+    ("token_dtype", &["token_dtype"]),
 ];
 
 /// Everything `hytrain train` was given.
@@ -151,6 +161,8 @@ struct Job {
     s3_endpoint: Option<String>,
     s3_region: Option<String>,
     device: DeviceRequest,
+    context_length: Option<usize>,
+    token_dtype: TokenDtype,
 }
 
 fn parse_bool(key: &str, value: &str) -> anyhow::Result<bool> {
@@ -235,6 +247,17 @@ impl Job {
                 None => DeviceRequest::default(),
                 Some((v, key)) => v.parse().map_err(|e| anyhow::anyhow!("{key}: {e}"))?,
             },
+            context_length: match pick("context_length", &flags.context_length) {
+                None => None,
+                Some((v, key)) => match parse_count::<usize>(&key, &v)? {
+                    n if n >= 1 => Some(n),
+                    _ => bail!("{key} must be at least 1, got '{v}'"),
+                },
+            },
+            token_dtype: match pick("token_dtype", &flags.token_dtype) {
+                None => TokenDtype::default(),
+                Some((v, key)) => v.parse().map_err(|e| anyhow::anyhow!("{key}: {e}"))?,
+            },
         })
     }
 }
@@ -290,16 +313,38 @@ fn open_dataset(
     spec: &str,
     options: &OpenOptions,
     split: Split,
-    skip_bad: bool,
+    job: &Job,
+    tokens: &TokenOptions,
 ) -> anyhow::Result<Dataset> {
     let source = source::open(spec, options).with_context(|| format!("cannot open {spec}"))?;
     Ok(Dataset::open(
         source,
         &DatasetOptions {
             split,
-            skip_bad_samples: skip_bad,
+            skip_bad_samples: job.skip_bad_samples,
+            tokens: tokens.clone(),
         },
     )?)
+}
+
+/// How to cut token data: `--context-length` and `--token-dtype`, the context length defaulting to the sequence
+/// length of an exported model that takes token ids, whose vocabulary then bounds the ids.
+fn token_options(job: &Job) -> anyhow::Result<TokenOptions> {
+    let exported = if Path::new(&job.model).is_dir() {
+        Some(ExportedMetadata::read(Path::new(&job.model))?)
+    } else {
+        None
+    };
+    let model_context = exported.as_ref().and_then(ExportedMetadata::context_length);
+    Ok(TokenOptions {
+        context_length: job.context_length.or(model_context),
+        dtype: job.token_dtype,
+        vocab_size: exported
+            .as_ref()
+            .filter(|_| model_context.is_some())
+            .and_then(ExportedMetadata::classes)
+            .and_then(|v| usize::try_from(v).ok()),
+    })
 }
 
 /// The validation data: `--validation` (its test split when it has one, else all of it), else a `validation`,
@@ -310,11 +355,12 @@ fn validation_dataset(
     job: &Job,
     train_spec: &str,
     options: &OpenOptions,
+    tokens: &TokenOptions,
 ) -> anyhow::Result<Option<Dataset>> {
     let whole_or_test = |spec: &str| -> anyhow::Result<Dataset> {
-        match open_dataset(spec, options, Split::Test, job.skip_bad_samples) {
+        match open_dataset(spec, options, Split::Test, job, tokens) {
             Err(e) if matches!(e.downcast_ref(), Some(crate::data::Error::NoSplit { .. })) => {
-                open_dataset(spec, options, Split::Train, job.skip_bad_samples)
+                open_dataset(spec, options, Split::Train, job, tokens)
             }
             other => other,
         }
@@ -335,7 +381,7 @@ fn validation_dataset(
     if is_pipe(plan, train_spec) {
         return Ok(None);
     }
-    match open_dataset(train_spec, options, Split::Test, job.skip_bad_samples) {
+    match open_dataset(train_spec, options, Split::Test, job, tokens) {
         Ok(ds) => Ok(Some(ds)),
         Err(e) if matches!(e.downcast_ref(), Some(crate::data::Error::NoSplit { .. })) => Ok(None),
         Err(e) => Err(e.context(format!("cannot open the test split of {train_spec}"))),
@@ -397,17 +443,19 @@ pub fn run(
     let train_source =
         source::open(&train_spec, &options).with_context(|| format!("cannot open {train_spec}"))?;
     let sharded_by_host = train_source.already_sharded_by_host();
+    let tokens = token_options(&job)?;
     let train_set = Arc::new(
         Dataset::open(
             train_source,
             &DatasetOptions {
                 split: Split::Train,
                 skip_bad_samples: job.skip_bad_samples,
+                tokens: tokens.clone(),
             },
         )
         .with_context(|| format!("cannot read the training data {train_spec}"))?,
     );
-    let eval_set = validation_dataset(plan, &job, &train_spec, &options)?.map(Arc::new);
+    let eval_set = validation_dataset(plan, &job, &train_spec, &options, &tokens)?.map(Arc::new);
 
     let (rank, world_size) = SamplerConfig::ranks_for(
         sharded_by_host,
@@ -468,17 +516,25 @@ pub fn run(
         }
     };
 
-    let num_classes = match (job.num_classes, train_set.classes()) {
-        (Some(n), _) => n,
-        (None, Some(classes)) => classes.len() as i64,
-        (None, None) => bail!(
-            "{} names no classes (no classes.json beside its shards); give --num-classes N",
-            train_set.source_desc()
-        ),
-    };
     let input_shape = first_input_shape(&mut train)?;
+    let data_spec = if train_set.format() == Format::Tokens {
+        DataSpec {
+            num_classes: job.num_classes,
+            ..DataSpec::tokens(input_shape[0])
+        }
+    } else {
+        let num_classes = match (job.num_classes, train_set.classes()) {
+            (Some(n), _) => n,
+            (None, Some(classes)) => classes.len() as i64,
+            (None, None) => bail!(
+                "{} names no classes (no classes.json beside its shards); give --num-classes N",
+                train_set.source_desc()
+            ),
+        };
+        DataSpec::classes(&input_shape, num_classes)
+    };
     tch::manual_seed(cfg.seed as i64);
-    let net = model::build(&job.model, num_classes, &input_shape, device)?;
+    let net = model::build_for(&job.model, &data_spec, device)?;
     let mut ddp = Ddp::new(net, comm, cfg.ddp_options())?;
     if let tch::Device::Cuda(ordinal) = device {
         let nccl = device::nccl_collective(store.as_ref(), ddp.collective(), ordinal, args.comm.collective_timeout)

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::augment::{Normalize, Transform};
-use crate::format::{Dataset, OpenOptions, Split};
-use crate::pipeline::{Batch, Loader, LoaderConfig};
+use crate::format::{Dataset, OpenOptions, Split, TokenDtype, TokenOptions};
+use crate::pipeline::{Batch, Inputs, Loader, LoaderConfig};
 use crate::sampler::{Remainder, SamplerConfig};
 use crate::source::SharedSource;
 use crate::Error;
@@ -40,6 +40,10 @@ pub struct DigestArgs {
     pub skip_bad_samples: bool,
     /// Decode threads (does not change the digest).
     pub workers: usize,
+    /// Token data only: ids per sample.
+    pub context_length: Option<usize>,
+    /// Token data only: how headerless files store ids.
+    pub token_dtype: TokenDtype,
 }
 
 impl Default for DigestArgs {
@@ -58,6 +62,8 @@ impl Default for DigestArgs {
             max_samples: None,
             skip_bad_samples: false,
             workers: LoaderConfig::default().workers,
+            context_length: None,
+            token_dtype: TokenDtype::default(),
         }
     }
 }
@@ -103,12 +109,17 @@ impl BatchHasher {
         for &d in &batch.shape {
             self.sha.update((d as u64).to_le_bytes());
         }
-        let mut buf = Vec::with_capacity(batch.inputs.len() * 4);
-        for v in &batch.inputs {
-            buf.extend_from_slice(&v.to_le_bytes());
+        let mut buf = Vec::with_capacity(batch.inputs.len() * 8);
+        match &batch.inputs {
+            Inputs::Float(values) => values
+                .iter()
+                .for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
+            Inputs::Tokens(ids) => ids
+                .iter()
+                .for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
         }
         self.sha.update(&buf);
-        for l in &batch.labels {
+        for l in &batch.targets {
             self.sha.update(l.to_le_bytes());
         }
         self.batches += 1;
@@ -140,6 +151,11 @@ pub fn digest(source: SharedSource, args: &DigestArgs) -> Result<String, Error> 
     let options = OpenOptions {
         split: args.split,
         skip_bad_samples: args.skip_bad_samples,
+        tokens: TokenOptions {
+            context_length: args.context_length,
+            dtype: args.token_dtype,
+            vocab_size: None,
+        },
     };
     let dataset = Arc::new(Dataset::open(source, &options)?);
     digest_dataset(dataset, args)

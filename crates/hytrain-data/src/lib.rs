@@ -10,7 +10,7 @@
 //! // Recognises the layout (tar shards, CIFAR-10 pickles or binary, MNIST) and indexes its shards.
 //! let loader = Loader::open(data, &DatasetOptions::default(), LoaderConfig::default())?;
 //! for batch in loader.epoch(0)? {
-//!     let batch = batch?; // batch.inputs: NCHW f32, batch.labels: i64, batch.position: where to resume
+//!     let batch = batch?; // batch.inputs: NCHW f32 (or token ids), batch.targets: i64, batch.position: where to resume
 //! }
 //! # Ok::<(), hytrain_data::Error>(())
 //! ```
@@ -29,8 +29,8 @@ pub mod source;
 
 pub use digest::{digest, DigestArgs};
 pub use error::Error;
-pub use format::{Dataset, Format, OpenOptions as DatasetOptions, Sample, Split};
+pub use format::{Dataset, Format, OpenOptions as DatasetOptions, Sample, Split, TokenDtype, TokenOptions};
 pub use memory::MemorySource;
 pub use pack::{inspect, pack, InspectReport, PackInput, PackOptions, PackReport};
-pub use pipeline::{Batch, Epoch, Loader, LoaderConfig};
+pub use pipeline::{Batch, Epoch, Inputs, Loader, LoaderConfig};
 pub use sampler::{Position, Remainder, Sampler, SamplerConfig};

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use crate::format::{
     decode, Dataset, Format, ImageKind, IndexEntry, OpenOptions, Payload, RawSample, ShardIndex,
-    Split, CLASSES_FILE, INDEX_FILE,
+    Split, TokenOptions, CLASSES_FILE, INDEX_FILE,
 };
 use crate::source::SharedSource;
 use crate::Error;
@@ -203,6 +203,7 @@ fn payload_member(raw: &RawSample) -> Result<(&'static str, Vec<u8>), String> {
         Payload::Encoded(ImageKind::Jpeg, b) => ("jpg", b.clone()),
         Payload::Npy(b) => ("npy", b.clone()),
         Payload::Pixels(img) => ("png", decode::png(img)?),
+        Payload::Tokens(_) => return Err("token windows are not packed into tar shards".into()),
     })
 }
 
@@ -256,10 +257,18 @@ fn pack_dataset(
     options: &PackOptions,
     report: &mut PackReport,
 ) -> Result<(), Error> {
+    if crate::format::detect(&source.list()?) == Some(Format::Tokens) {
+        return Err(Error::Config(format!(
+            "{} holds token files (.bin): hytrain trains on them as they are (give --context-length), there is \
+             nothing to pack",
+            source.describe()
+        )));
+    }
     for split in [Split::Train, Split::Test] {
         let open = OpenOptions {
             split,
             skip_bad_samples: options.skip_bad_samples,
+            ..OpenOptions::default()
         };
         let dataset = match Dataset::open(source.clone(), &open) {
             Ok(d) => d,
@@ -434,7 +443,7 @@ pub struct InspectReport {
 }
 
 /// Opens every split of the dataset on `source` and reports samples, classes and shard sizes.
-pub fn inspect(source: SharedSource) -> Result<InspectReport, Error> {
+pub fn inspect(source: SharedSource, tokens: &TokenOptions) -> Result<InspectReport, Error> {
     let mut report = None::<InspectReport>;
     for split in [Split::Train, Split::Test] {
         let dataset = match Dataset::open(
@@ -442,6 +451,7 @@ pub fn inspect(source: SharedSource) -> Result<InspectReport, Error> {
             &OpenOptions {
                 split,
                 skip_bad_samples: false,
+                tokens: tokens.clone(),
             },
         ) {
             Ok(d) => Arc::new(d),
@@ -497,6 +507,9 @@ impl fmt::Display for InspectReport {
                 let head: Vec<&str> = c.iter().take(10).map(String::as_str).collect();
                 let more = if c.len() > head.len() { ", ..." } else { "" };
                 writeln!(f, "classes: {} ({}{more})", c.len(), head.join(", "))?;
+            }
+            None if self.format == Format::Tokens => {
+                writeln!(f, "targets: each input position's next token id")?
             }
             None => writeln!(f, "classes: not named (labels are class indices)")?,
         }

@@ -52,15 +52,41 @@ impl Default for LoaderConfig {
     }
 }
 
-/// One batch: inputs as NCHW (or N x tensor shape) `f32`, labels as `i64`.
+/// A batch's inputs, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inputs {
+    /// Images (NCHW) and `.npy` tensors, as `f32`.
+    Float(Vec<f32>),
+    /// Token ids (`[N, context_length]`).
+    Tokens(Vec<i64>),
+}
+
+impl Inputs {
+    /// Values held.
+    pub fn len(&self) -> usize {
+        match self {
+            Inputs::Float(v) => v.len(),
+            Inputs::Tokens(v) => v.len(),
+        }
+    }
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One batch: inputs (`f32` images or tensors, or `i64` token ids) and `i64` targets: one class label per sample,
+/// or for token data the next token of every input position.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
-    /// `shape.product()` values, row-major.
-    pub inputs: Vec<f32>,
-    /// One label per sample.
-    pub labels: Vec<i64>,
-    /// `[N, C, H, W]` for images, `[N, ...]` for tensors.
+    /// `shape.product()` values.
+    pub inputs: Inputs,
+    /// `[N, C, H, W]` for images, `[N, ...]` for tensors, `[N, context_length]` for tokens.
     pub shape: Vec<usize>,
+    /// `target_shape.product()` values.
+    pub targets: Vec<i64>,
+    /// `[N]` for class labels, `[N, context_length]` for tokens.
+    pub target_shape: Vec<usize>,
     /// The rank's position after this batch: save it in a checkpoint to resume right after it.
     pub position: Position,
 }
@@ -68,20 +94,25 @@ pub struct Batch {
 impl Batch {
     /// Samples in the batch.
     pub fn len(&self) -> usize {
-        self.labels.len()
+        self.shape.first().copied().unwrap_or(0)
     }
     /// True for a batch without samples (never yielded by a loader).
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+        self.len() == 0
     }
 
-    /// The batch as tch tensors `(inputs f32 [shape], labels i64 [N])` on the CPU.
+    /// The batch as tch tensors `(inputs [shape], targets i64 [target_shape])` on the CPU; inputs are `f32`, or
+    /// `i64` for token ids.
     #[cfg(feature = "tch")]
     pub fn to_tensors(&self) -> (tch::Tensor, tch::Tensor) {
-        let shape: Vec<i64> = self.shape.iter().map(|&d| d as i64).collect();
+        let dims = |shape: &[usize]| shape.iter().map(|&d| d as i64).collect::<Vec<i64>>();
+        let inputs = match &self.inputs {
+            Inputs::Float(v) => tch::Tensor::from_slice(v),
+            Inputs::Tokens(v) => tch::Tensor::from_slice(v),
+        };
         (
-            tch::Tensor::from_slice(&self.inputs).view(shape.as_slice()),
-            tch::Tensor::from_slice(&self.labels),
+            inputs.view(dims(&self.shape).as_slice()),
+            tch::Tensor::from_slice(&self.targets).view(dims(&self.target_shape).as_slice()),
         )
     }
 }
@@ -206,9 +237,10 @@ struct Job {
 
 #[derive(Clone)]
 struct Item {
-    inputs: Vec<f32>,
+    inputs: Inputs,
     shape: Vec<usize>,
-    label: i64,
+    /// One class label, or a token window's next ids.
+    targets: Vec<i64>,
     member: String,
     shard: String,
 }
@@ -469,8 +501,16 @@ impl Epoch {
             )));
         }
         let shape = items[0].shape.clone();
-        let mut inputs = Vec::with_capacity(n * shape.iter().product::<usize>());
-        let mut labels = Vec::with_capacity(n);
+        let mut inputs = match items[0].inputs {
+            Inputs::Float(_) => {
+                Inputs::Float(Vec::with_capacity(n * shape.iter().product::<usize>()))
+            }
+            Inputs::Tokens(_) => {
+                Inputs::Tokens(Vec::with_capacity(n * shape.iter().product::<usize>()))
+            }
+        };
+        let target_len = items[0].targets.len();
+        let mut targets = Vec::with_capacity(n * target_len);
         for item in &items {
             if item.shape != shape {
                 return Err(Error::BadMember {
@@ -483,15 +523,28 @@ impl Epoch {
                     ),
                 });
             }
-            inputs.extend_from_slice(&item.inputs);
-            labels.push(item.label);
+            match (&mut inputs, &item.inputs) {
+                (Inputs::Float(all), Inputs::Float(one)) => all.extend_from_slice(one),
+                (Inputs::Tokens(all), Inputs::Tokens(one)) => all.extend_from_slice(one),
+                _ => {
+                    return Err(Error::Pipeline(
+                        "a batch mixes token and float samples".into(),
+                    ))
+                }
+            }
+            targets.extend_from_slice(&item.targets);
         }
         let mut full_shape = vec![n];
         full_shape.extend_from_slice(&shape);
+        let target_shape = match items[0].inputs {
+            Inputs::Tokens(_) => vec![n, target_len],
+            Inputs::Float(_) => vec![n],
+        };
         Ok(Batch {
             inputs,
-            labels,
             shape: full_shape,
+            targets,
+            target_shape,
             position: Epoch::position(self),
         })
     }
@@ -549,17 +602,33 @@ fn decode(
         Ok(s) => s,
         Err(e) => return Outcome::Bad(e),
     };
-    let (inputs, shape) = match &sample.input {
+    let (inputs, shape, targets) = match &sample.input {
         Input::Image(img) => match transform.apply(img, seed, epoch, job.sample.position) {
-            Ok(v) => (v, vec![img.channels, img.height, img.width]),
+            Ok(v) => (
+                Inputs::Float(v),
+                vec![img.channels, img.height, img.width],
+                vec![sample.label],
+            ),
             Err(reason) => return bad(reason),
         },
-        Input::Tensor(t) => (t.to_f32(), t.shape.clone()),
+        Input::Tensor(t) => (
+            Inputs::Float(t.to_f32()),
+            t.shape.clone(),
+            vec![sample.label],
+        ),
+        Input::Tokens(ids) => {
+            let context = ids.len().saturating_sub(1);
+            (
+                Inputs::Tokens(ids[..context].to_vec()),
+                vec![context],
+                ids[1..].to_vec(),
+            )
+        }
     };
     Outcome::Item(Item {
         inputs,
         shape,
-        label: sample.label,
+        targets,
         member: job.raw.member.clone(),
         shard: shard.to_string(),
     })
@@ -572,9 +641,10 @@ mod tch_tests {
     #[test]
     fn batch_becomes_tensors_of_its_shape_and_values() {
         let batch = Batch {
-            inputs: (0..2 * 3 * 2 * 2).map(|i| i as f32).collect(),
-            labels: vec![4, 7],
+            inputs: Inputs::Float((0..2 * 3 * 2 * 2).map(|i| i as f32).collect()),
             shape: vec![2, 3, 2, 2],
+            targets: vec![4, 7],
+            target_shape: vec![2],
             position: Position::default(),
         };
         let (x, y) = batch.to_tensors();
@@ -583,5 +653,21 @@ mod tch_tests {
         assert_eq!(x.double_value(&[1, 2, 1, 0]), f64::from(12 + 8 + 2));
         assert_eq!(y.kind(), tch::Kind::Int64);
         assert_eq!(Vec::<i64>::try_from(&y).unwrap(), vec![4, 7]);
+    }
+
+    #[test]
+    fn a_token_batch_becomes_int64_inputs_and_targets_of_its_shapes() {
+        let batch = Batch {
+            inputs: Inputs::Tokens(vec![1, 2, 3, 4, 5, 6]),
+            shape: vec![2, 3],
+            targets: vec![2, 3, 9, 5, 6, 8],
+            target_shape: vec![2, 3],
+            position: Position::default(),
+        };
+        let (x, y) = batch.to_tensors();
+        assert_eq!((x.size(), x.kind()), (vec![2, 3], tch::Kind::Int64));
+        assert_eq!((y.size(), y.kind()), (vec![2, 3], tch::Kind::Int64));
+        assert_eq!(x.int64_value(&[1, 0]), 4);
+        assert_eq!(y.int64_value(&[0, 2]), 9);
     }
 }

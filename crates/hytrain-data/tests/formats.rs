@@ -6,9 +6,9 @@ mod common;
 use std::sync::Arc;
 
 use common::{fixture, fixtures, tar};
-use hytrain_data::format::{Dataset, Format, Input, OpenOptions, Sample, Split};
+use hytrain_data::format::{Dataset, Format, Input, OpenOptions, Sample, Split, TokenOptions};
 use hytrain_data::source::SharedSource;
-use hytrain_data::{Error, MemorySource};
+use hytrain_data::{pack, Error, Inputs, Loader, LoaderConfig, MemorySource, PackInput, PackOptions};
 
 fn open(source: SharedSource, split: Split) -> Result<Dataset, Error> {
     Dataset::open(
@@ -16,6 +16,7 @@ fn open(source: SharedSource, split: Split) -> Result<Dataset, Error> {
         &OpenOptions {
             split,
             skip_bad_samples: false,
+            ..OpenOptions::default()
         },
     )
 }
@@ -36,7 +37,7 @@ fn samples(ds: &Dataset) -> Vec<Sample> {
 fn image(s: &Sample) -> &hytrain_data::format::Image {
     match &s.input {
         Input::Image(i) => i,
-        Input::Tensor(_) => panic!("{} is a tensor", s.key),
+        other => panic!("{} is not an image: {other:?}", s.key),
     }
 }
 
@@ -185,7 +186,7 @@ fn webdataset_shards_read_png_jpeg_npy_with_cls_and_json_labels() {
             assert_eq!(t.shape, vec![3, 32, 32]);
             assert_eq!(t.to_f32()[150], 1.5);
         }
-        Input::Image(_) => panic!("npy should be a tensor"),
+        other => panic!("npy should be a tensor, not {other:?}"),
     }
 }
 
@@ -410,6 +411,7 @@ fn skip_bad_samples_leaves_out_bad_ones_and_counts_them() {
         &OpenOptions {
             split: Split::Train,
             skip_bad_samples: true,
+            ..OpenOptions::default()
         },
     )
     .unwrap();
@@ -433,9 +435,151 @@ fn skip_bad_samples_keeps_the_samples_before_a_truncation() {
         &OpenOptions {
             split: Split::Train,
             skip_bad_samples: true,
+            ..OpenOptions::default()
         },
     )
     .unwrap();
     assert!(!ds.is_empty() && ds.len() < 3, "{}", ds.len());
     assert_eq!(ds.skipped_at_open(), 1);
+}
+
+// --- token files (nanoGPT's and llm.c's .bin) ---
+
+/// nanoGPT's layout: the ids as headerless little-endian uint16.
+fn nanogpt_bin(ids: impl IntoIterator<Item = u32>) -> Vec<u8> {
+    ids.into_iter().flat_map(|id| u16::try_from(id).unwrap().to_le_bytes()).collect()
+}
+
+/// llm.c's layout: 256 int32 `[magic, version, count, 0, ...]`, then the ids, `width` bytes each.
+fn llmc_bin(magic: i32, version: i32, count: i32, ids: &[u32], width: usize) -> Vec<u8> {
+    let mut header = [0i32; 256];
+    header[..3].copy_from_slice(&[magic, version, count]);
+    let mut out: Vec<u8> = header.iter().flat_map(|w| w.to_le_bytes()).collect();
+    out.extend(ids.iter().flat_map(|id| id.to_le_bytes()[..width].to_vec()));
+    out
+}
+
+fn token_source(files: Vec<(&str, Vec<u8>)>) -> SharedSource {
+    let mut m = MemorySource::new("mem:tokens");
+    for (name, bytes) in files {
+        m.insert(name, bytes);
+    }
+    Arc::new(m)
+}
+
+fn open_tokens(source: SharedSource, split: Split, context_length: Option<usize>, vocab_size: Option<usize>) -> Result<Dataset, Error> {
+    let tokens = TokenOptions { context_length, vocab_size, ..TokenOptions::default() };
+    Dataset::open(source, &OpenOptions { split, tokens, ..OpenOptions::default() })
+}
+
+fn windows(ds: &Dataset) -> Vec<Vec<i64>> {
+    samples(ds)
+        .into_iter()
+        .map(|s| match s.input {
+            Input::Tokens(ids) => ids,
+            other => panic!("{} is not a token window: {other:?}", s.key),
+        })
+        .collect()
+}
+
+#[test]
+fn nanogpt_bins_are_cut_into_windows_and_batched_as_inputs_and_next_tokens() {
+    let source = token_source(vec![("train.bin", nanogpt_bin(0..42)), ("val.bin", nanogpt_bin(100..111))]);
+    let train = open_tokens(source.clone(), Split::Train, Some(8), None).unwrap();
+    assert_eq!(train.format(), Format::Tokens);
+    // 42 ids hold (42 - 1) / 8 = 5 windows of 9 ids, each starting where the previous one's inputs end.
+    let expected: Vec<Vec<i64>> = (0..5).map(|i| (8 * i..8 * i + 9).collect()).collect();
+    assert_eq!(windows(&train), expected);
+    let val = open_tokens(source, Split::Test, Some(8), None).unwrap();
+    assert_eq!(windows(&val), vec![(100..109).collect::<Vec<i64>>()]);
+
+    let mut config = LoaderConfig { batch_size: 2, workers: 2, ..LoaderConfig::default() };
+    config.sampler.shuffle = false;
+    let loader = Loader::new(Arc::new(train), config).unwrap();
+    let first = loader.epoch(0).unwrap().next().unwrap().unwrap();
+    assert_eq!((first.shape.clone(), first.target_shape.clone()), (vec![2, 8], vec![2, 8]));
+    let inputs: Vec<i64> = (0..16).collect();
+    assert_eq!(first.inputs, Inputs::Tokens(inputs));
+    assert_eq!(first.targets, (1..9).chain(9..17).collect::<Vec<i64>>());
+}
+
+#[test]
+fn llm_c_shards_are_read_after_their_header_in_either_width() {
+    let gpt2: Vec<u32> = (0..21).map(|i| 50_000 + i).collect();
+    let llama: Vec<u32> = (0..21).map(|i| 128_000 + i).collect();
+    let source = token_source(vec![
+        ("fineweb_train_000001.bin", llmc_bin(20240520, 1, 21, &gpt2, 2)),
+        ("fineweb_train_000002.bin", llmc_bin(20240801, 7, 21, &llama, 4)),
+    ]);
+    let ds = open_tokens(source, Split::Train, Some(10), None).unwrap();
+    let got = windows(&ds);
+    assert_eq!(got.len(), 4, "each shard holds (21 - 1) / 10 = 2 windows");
+    assert_eq!(got[1], (50_010..50_021).collect::<Vec<i64>>());
+    assert_eq!(got[2], (128_000..128_011).collect::<Vec<i64>>());
+}
+
+#[test]
+fn a_large_token_file_is_cut_into_slices_whose_windows_join_up() {
+    // 64 uint16 ids per window: a slice of 1 MiB holds 8192 windows; 9000 windows need two slices.
+    let ids = 9000 * 64 + 1;
+    let source = token_source(vec![("train.bin", nanogpt_bin((0..ids).map(|i| i % 65_000)))]);
+    let ds = open_tokens(source, Split::Train, Some(64), None).unwrap();
+    assert_eq!(ds.shard_sizes(), vec![8192, 808]);
+    let second = ds.read_shard(1).unwrap();
+    let label = ds.shards()[1].label();
+    assert_eq!(label, "train.bin[8192..9000]");
+    let Input::Tokens(first_window) = second[0].decode("test", &label).unwrap().input else { panic!("not tokens") };
+    assert_eq!(first_window, (8192 * 64..8192 * 64 + 65).map(|i| i % 65_000).collect::<Vec<i64>>());
+}
+
+#[test]
+fn token_files_without_a_context_length_are_refused_saying_how_to_give_one() {
+    let e = open_tokens(token_source(vec![("train.bin", nanogpt_bin(0..42))]), Split::Train, None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--context-length") && e.contains("mem:tokens"), "{e}");
+}
+
+#[test]
+fn a_token_file_that_is_not_whole_ids_or_a_truncated_llm_c_shard_is_refused() {
+    let mut odd = nanogpt_bin(0..42);
+    odd.push(7);
+    let e = open_tokens(token_source(vec![("train.bin", odd)]), Split::Train, Some(8), None).unwrap_err().to_string();
+    assert!(e.contains("train.bin") && e.contains("--token-dtype uint32"), "{e}");
+
+    let short = llmc_bin(20240520, 1, 100, &(0..21).collect::<Vec<u32>>(), 2);
+    let e = open_tokens(token_source(vec![("shard_train_000.bin", short)]), Split::Train, Some(8), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("llm.c header for 100 uint16 tokens") && e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn a_token_id_outside_the_models_vocabulary_is_an_error_naming_it() {
+    let mut ids: Vec<u32> = (0..42).map(|i| i % 10).collect();
+    ids[19] = 12;
+    let ds = open_tokens(token_source(vec![("train.bin", nanogpt_bin(ids))]), Split::Train, Some(8), Some(10)).unwrap();
+    let e = ds.read_shard(0).unwrap_err().to_string();
+    assert!(e.contains("token 19 of the file is id 12") && e.contains("vocabulary of 10 ids"), "{e}");
+}
+
+#[test]
+fn token_data_without_a_validation_file_says_how_to_name_one() {
+    let e = open_tokens(token_source(vec![("train.bin", nanogpt_bin(0..42))]), Split::Test, Some(8), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("val.bin"), "{e}");
+}
+
+#[test]
+fn token_data_is_not_packed_into_tar_shards() {
+    let out = tempfile::tempdir().unwrap();
+    let options = PackOptions {
+        input: PackInput::Detect,
+        out_dir: out.path().to_path_buf(),
+        target_shard_bytes: 1 << 20,
+        skip_bad_samples: false,
+    };
+    let e = pack(token_source(vec![("train.bin", nanogpt_bin(0..42))]), &options).unwrap_err().to_string();
+    assert!(e.contains("nothing to pack") && e.contains("--context-length"), "{e}");
 }

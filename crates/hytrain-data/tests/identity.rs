@@ -115,3 +115,36 @@ fn ranks_see_disjoint_samples_within_an_epoch() {
         }
     }
 }
+
+#[test]
+fn token_files_from_a_folder_and_from_s3_give_every_rank_identical_batches() {
+    let folder = tempfile::tempdir().unwrap();
+    // llm.c's layout (header, uint16 ids) in two training shards, and nanoGPT's headerless val.bin.
+    let shard = |first: u16| -> Vec<u8> {
+        let mut header = [0i32; 256];
+        header[..3].copy_from_slice(&[20240520, 1, 301]);
+        let ids = (first..first + 301).flat_map(u16::to_le_bytes);
+        header.iter().flat_map(|w| w.to_le_bytes()).chain(ids).collect()
+    };
+    std::fs::write(folder.path().join("corpus_train_000001.bin"), shard(0)).unwrap();
+    std::fs::write(folder.path().join("corpus_train_000002.bin"), shard(1000)).unwrap();
+    std::fs::write(folder.path().join("corpus_val_000000.bin"), shard(5000)).unwrap();
+    let s3_root = tempfile::tempdir().unwrap();
+    let server = LocalS3::start(s3_root.path());
+    let dir = Dir::new(folder.path()).unwrap();
+    for o in dir.list().unwrap() {
+        server.put("datasets", &format!("tokens/{}", o.name), &dir.read(&o.name).unwrap());
+    }
+    let s3_options = OpenOptions { s3: server.options(), ..OpenOptions::default() };
+    for world in 1..=2 {
+        let mut per_rank = BTreeSet::new();
+        for rank in 0..world {
+            let a = DigestArgs { context_length: Some(16), ..args(world, rank, false) };
+            let from_folder = digest(Arc::new(Dir::new(folder.path()).unwrap()), &a).unwrap();
+            let s3: SharedSource = Arc::new(S3::new("s3://datasets/tokens/", &s3_options.s3).unwrap());
+            assert_eq!(digest(s3, &a).unwrap(), from_folder, "S3, world {world} rank {rank}");
+            per_rank.insert(from_folder);
+        }
+        assert_eq!(per_rank.len(), world, "ranks must not share a batch stream");
+    }
+}

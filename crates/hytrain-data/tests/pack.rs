@@ -9,7 +9,7 @@ use hytrain_data::format::{
     decode, Dataset, Format, Image, ImageKind, Input, OpenOptions, Sample, Split,
 };
 use hytrain_data::source::SharedSource;
-use hytrain_data::{inspect, pack, MemorySource, PackInput, PackOptions};
+use hytrain_data::{inspect, pack, MemorySource, PackInput, PackOptions, TokenOptions};
 
 fn samples(source: SharedSource, split: Split) -> Vec<Sample> {
     let ds = Dataset::open(
@@ -17,6 +17,7 @@ fn samples(source: SharedSource, split: Split) -> Vec<Sample> {
         &OpenOptions {
             split,
             skip_bad_samples: false,
+            ..OpenOptions::default()
         },
     )
     .unwrap();
@@ -216,7 +217,7 @@ fn image_folder_with_a_broken_image_names_it_or_skips_it() {
 
 #[test]
 fn inspect_reports_samples_classes_and_shards_of_each_split() {
-    let report = inspect(fixture("cifar-bin")).unwrap();
+    let report = inspect(fixture("cifar-bin"), &TokenOptions::default()).unwrap();
     assert_eq!(report.format, Format::CifarBin);
     assert_eq!(report.splits.len(), 2);
     assert_eq!(
@@ -232,7 +233,7 @@ fn inspect_reports_samples_classes_and_shards_of_each_split() {
     assert!(text.contains("train: 7 samples in 2 shards"), "{text}");
     assert!(text.contains("test: 3 samples in 1 shards"), "{text}");
     assert!(text.contains("classes: 10 (airplane"), "{text}");
-    let e = inspect(Arc::new(MemorySource::new("mem:void")))
+    let e = inspect(Arc::new(MemorySource::new("mem:void")), &TokenOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("empty"), "{e}");

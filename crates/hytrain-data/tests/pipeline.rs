@@ -10,6 +10,7 @@ use common::{fixture, numbered_dataset};
 use hytrain_data::augment::Transform;
 use hytrain_data::digest::digest_dataset;
 use hytrain_data::format::{Dataset, OpenOptions, Split};
+use hytrain_data::pipeline::Inputs;
 use hytrain_data::source::SharedSource;
 use hytrain_data::{
     digest, Batch, DigestArgs, Loader, LoaderConfig, MemorySource, Position, Remainder,
@@ -58,7 +59,7 @@ fn ranks_read_disjoint_samples_in_equal_numbers_and_together_all_of_them() {
             let loader = Loader::new(ds.clone(), c).unwrap();
             let batches = epoch(&loader, 1);
             batch_counts.push(batches.len());
-            let labels: Vec<i64> = batches.iter().flat_map(|b| b.labels.clone()).collect();
+            let labels: Vec<i64> = batches.iter().flat_map(|b| b.targets.clone()).collect();
             counts.push(labels.len());
             for l in labels {
                 // With padding a few samples repeat on the last ranks; everything else is on one rank only.
@@ -96,7 +97,8 @@ fn batches_are_nchw_with_the_reference_normalization() {
     assert_eq!(b.shape, vec![3, 3, 32, 32]);
     assert_eq!(b.inputs.len(), 3 * 3 * 32 * 32);
     // Normalized pixels of [0, 255] lie within these bounds for the reference mean/std.
-    assert!(b.inputs.iter().all(|v| (-2.5..=2.8).contains(v)));
+    let Inputs::Float(values) = &b.inputs else { panic!("image inputs are float") };
+    assert!(values.iter().all(|v| (-2.5..=2.8).contains(v)));
     assert_eq!(
         b.position,
         Position {
@@ -209,6 +211,7 @@ fn skipped_bad_images_are_counted_and_every_rank_keeps_its_step_count() {
             &OpenOptions {
                 split: Split::Train,
                 skip_bad_samples: true,
+                ..OpenOptions::default()
             },
         )
         .unwrap(),
@@ -223,7 +226,7 @@ fn skipped_bad_images_are_counted_and_every_rank_keeps_its_step_count() {
             "14 samples, 2 ranks"
         );
         assert!(
-            batches.iter().flat_map(|b| &b.labels).all(|&l| l < 12),
+            batches.iter().flat_map(|b| &b.targets).all(|&l| l < 12),
             "only good samples appear"
         );
         skipped += loader.skipped();

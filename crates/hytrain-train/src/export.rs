@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
 
-use tch::Device;
+use tch::{Device, Kind};
 
 use crate::model::{self, Model, TorchScriptSource};
 use crate::{Result, TrainError};
@@ -92,7 +92,7 @@ pub fn export(
     let packages = model.write_packages(model_dir, "model.safetensors")?;
     let script = model_dir.join("model.pt");
     let script_tmp = model_dir.join(".model.pt.tmp");
-    let example = model::example_input(input_shape, model::device_of(model))?;
+    let example = model::example_input(input_shape, Kind::Float, model::device_of(model))?;
     let (torchscript, torchscript_error) = match model.save_torchscript(&script_tmp, &example) {
         Err(e) if model.compiled_step().is_some() => (None, Some(e.to_string())),
         Ok(source) => {

@@ -310,7 +310,7 @@ impl Trainer {
         let (mut val, mut val_at) = (None::<Eval>, None::<u64>);
         let mut last_saved = resumed_from.as_ref().map(|_| step);
         let mut last_checkpoint = None;
-        let mut input_shape: Option<Vec<i64>> = None;
+        let mut input: Option<(Vec<i64>, Kind)> = None;
         let mut stopped = false;
         // The epoch the last evaluation belongs to when the run ends mid-epoch or right after one.
         let mut last_epoch = epoch;
@@ -367,8 +367,8 @@ impl Trainer {
                         stopped = true;
                         break;
                     }
-                    if input_shape.is_none() {
-                        input_shape = micro.first().map(|(xs, _)| xs.size()[1..].to_vec());
+                    if input.is_none() {
+                        input = micro.first().map(|(xs, _)| (xs.size()[1..].to_vec(), xs.kind()));
                     }
                     let lr = config.lr * run.schedule.factor(step);
                     let computing = Instant::now();
@@ -448,12 +448,12 @@ impl Trainer {
         };
         if rank == 0 && !stopped {
             if let Some(dir) = &paths.model_dir {
-                let shape = match input_shape {
-                    Some(s) => s,
-                    None => first_input_shape(train)?,
+                let (shape, kind) = match input {
+                    Some(input) => input,
+                    None => first_input(train)?,
                 };
                 let net = run.ddp.model();
-                let example = model::example_input(&shape, model::device_of(net))?;
+                let example = model::example_input(&shape, kind, model::device_of(net))?;
                 let logits = tch::no_grad(|| net.forward_t(&example, false))
                     .map_err(|e| TrainError::torch("running the model once to learn its class count", e))?;
                 let classes = logits.size().last().copied().unwrap_or(0);
@@ -467,11 +467,12 @@ impl Trainer {
     }
 }
 
-fn first_input_shape(train: &mut dyn BatchSource) -> Result<Vec<i64>> {
+/// One input's shape and kind, from the first training batch.
+fn first_input(train: &mut dyn BatchSource) -> Result<(Vec<i64>, Kind)> {
     let during = || "reading one training batch to learn the input shape for export".to_string();
     let mut it = train.epoch(0, 0).map_err(|source| TrainError::Data { during: during(), source })?;
     match it.next() {
-        Some(Ok((xs, _))) => Ok(xs.size()[1..].to_vec()),
+        Some(Ok((xs, _))) => Ok((xs.size()[1..].to_vec(), xs.kind())),
         Some(Err(source)) => Err(TrainError::Data { during: during(), source }),
         None => Err(TrainError::Data { during: during(), source: "the training data is empty".into() }),
     }
@@ -706,7 +707,7 @@ impl Run<'_> {
     fn evaluate(&mut self, source: &mut dyn BatchSource, epoch: u64) -> Result<Eval> {
         // BatchNorm statistics differ slightly between ranks after training; evaluate rank 0's on all.
         self.ddp.sync_buffers()?;
-        let mut sums = [0.0f64; 4]; // loss, correct, samples, failed ranks
+        let mut sums = [0.0f64; 5]; // loss, correct, targets, samples, failed ranks
         let mut failure = None;
         match source.epoch(epoch, 0) {
             Err(source) => failure = Some(TrainError::Data { during: "starting the validation data".into(), source }),
@@ -719,11 +720,7 @@ impl Run<'_> {
                         })
                         .and_then(|(xs, ys)| self.eval_batch(&xs, &ys));
                     match result {
-                        Ok([loss, correct, n]) => {
-                            sums[0] += loss;
-                            sums[1] += correct;
-                            sums[2] += n;
-                        }
+                        Ok(batch_sums) => sums[..4].iter_mut().zip(batch_sums).for_each(|(s, b)| *s += b),
                         Err(e) => {
                             failure = Some(e);
                             break;
@@ -732,12 +729,12 @@ impl Run<'_> {
                 }
             }
         }
-        sums[3] = f64::from(u8::from(failure.is_some()));
+        sums[4] = f64::from(u8::from(failure.is_some()));
         self.ddp.allreduce_f64(&mut sums, ReduceOp::Sum)?;
         if let Some(e) = failure {
             return Err(e);
         }
-        if sums[3] > 0.0 {
+        if sums[4] > 0.0 {
             return Err(TrainError::Data {
                 during: "evaluation".into(),
                 source: "another rank's validation data failed (see its log)".into(),
@@ -747,7 +744,7 @@ impl Run<'_> {
         let eval = Eval {
             loss: if n > 0.0 { sums[0] / n } else { f64::NAN },
             accuracy: if n > 0.0 { sums[1] / n } else { f64::NAN },
-            samples: n as u64,
+            samples: sums[3] as u64,
         };
         self.emit(&[
             ("epoch", Value::Int(epoch + 1)),
@@ -757,11 +754,18 @@ impl Run<'_> {
         Ok(eval)
     }
 
-    /// Summed cross-entropy, correct predictions and samples of one validation batch.
-    fn eval_batch(&mut self, xs: &Tensor, ys: &Tensor) -> Result<[f64; 3]> {
+    /// Summed cross-entropy, correct predictions, targets and samples of one validation batch. A target is a
+    /// sample's class label, or for a language model each position's next token: loss and accuracy are per token.
+    fn eval_batch(&mut self, xs: &Tensor, ys: &Tensor) -> Result<[f64; 4]> {
         let logits = tch::no_grad(|| self.ddp.forward_t(xs, false))?;
         let torch = |e| TrainError::torch(format!("evaluating a batch of shape {:?}", xs.size()), e);
-        let ys = ys.f_to_kind(Kind::Int64).and_then(|t| t.f_to_device(logits.device())).map_err(torch)?;
+        let classes = logits.size().last().copied().unwrap_or(1);
+        let logits = logits.f_reshape([-1, classes]).map_err(torch)?;
+        let ys = ys
+            .f_to_kind(Kind::Int64)
+            .and_then(|t| t.f_to_device(logits.device()))
+            .and_then(|t| t.f_reshape([-1]))
+            .map_err(torch)?;
         let loss = logits
             .f_cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0)
             .and_then(|l| l.f_double_value(&[]))
@@ -772,6 +776,7 @@ impl Run<'_> {
             .and_then(|c| c.f_sum(Kind::Int64))
             .and_then(|c| c.f_double_value(&[]))
             .map_err(torch)?;
-        Ok([loss, correct, ys.size().first().copied().unwrap_or(0) as f64])
+        let samples = xs.size().first().copied().unwrap_or(0);
+        Ok([loss, correct, ys.size()[0] as f64, samples as f64])
     }
 }

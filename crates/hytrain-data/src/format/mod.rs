@@ -1,5 +1,6 @@
-//! Dataset formats: WebDataset tar shards, CIFAR-10 (torchvision pickles and binary batches) and MNIST IDX, all read
-//! into one [`Sample`] shape and cut into [`Shard`]s that the sampler shuffles.
+//! Dataset formats: WebDataset tar shards, CIFAR-10 (torchvision pickles and binary batches), MNIST IDX and token
+//! files for language models (nanoGPT's and llm.c's `.bin`), all read into one [`Sample`] shape and cut into
+//! [`Shard`]s that the sampler shuffles.
 //!
 //! Reading is split in two so the pipeline can spread the work: [`Dataset::read_shard`] turns an object's bytes into
 //! [`RawSample`]s (cheap: tar members, pickle arrays), and [`RawSample::decode`] does the costly part (png/jpeg
@@ -11,6 +12,7 @@ pub mod mnist;
 pub mod npy;
 mod pickle;
 pub mod tar;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,6 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::source::{Object, SharedSource};
 use crate::Error;
+pub use tokens::{TokenDtype, TokenOptions};
 
 /// An image, row-major, channels last (HWC), 8 bits per channel; 1 channel (gray) or 3 (RGB).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +125,8 @@ pub enum Input {
     Image(Image),
     /// A tensor from `.npy`.
     Tensor(Tensor),
+    /// A window of `context_length + 1` token ids: the input is all but the last, the targets all but the first.
+    Tokens(Vec<i64>),
 }
 
 /// One decoded training example.
@@ -131,7 +136,7 @@ pub struct Sample {
     pub key: String,
     /// Its input.
     pub input: Input,
-    /// Its class index.
+    /// Its class index (0 for a token window, whose targets are its own ids shifted by one).
     pub label: i64,
 }
 
@@ -153,6 +158,8 @@ pub enum Payload {
     Pixels(Image),
     /// The bytes of an `.npy` file.
     Npy(Vec<u8>),
+    /// A window of token ids (nothing left to decode).
+    Tokens(Vec<i64>),
 }
 
 /// A sample as read from its shard: label known, input not decoded yet.
@@ -164,7 +171,7 @@ pub struct RawSample {
     pub member: String,
     /// The undecoded input.
     pub payload: Payload,
-    /// Its class index.
+    /// Its class index (0 for a token window).
     pub label: i64,
 }
 
@@ -175,6 +182,7 @@ impl RawSample {
             + match &self.payload {
                 Payload::Encoded(_, b) | Payload::Npy(b) => b.len(),
                 Payload::Pixels(i) => i.pixels.len(),
+                Payload::Tokens(ids) => ids.len() * std::mem::size_of::<i64>(),
             }
     }
 
@@ -194,6 +202,7 @@ impl RawSample {
             Payload::Npy(bytes) => Input::Tensor(
                 npy::parse(bytes).map_err(|e| bad(format!("{e}; or pass --skip-bad-samples")))?,
             ),
+            Payload::Tokens(ids) => Input::Tokens(ids.clone()),
         };
         Ok(Sample {
             key: self.key.clone(),
@@ -214,6 +223,8 @@ pub enum Format {
     CifarBin,
     /// MNIST IDX files (`train-images-idx3-ubyte[.gz]`, ...).
     Mnist,
+    /// Token ids for language models: nanoGPT's `train.bin`/`val.bin` or llm.c's shards (see [`tokens`]).
+    Tokens,
 }
 
 impl fmt::Display for Format {
@@ -223,6 +234,7 @@ impl fmt::Display for Format {
             Format::CifarPy => "cifar-10 python (pickle) batches",
             Format::CifarBin => "cifar-10 binary batches",
             Format::Mnist => "mnist idx",
+            Format::Tokens => "token ids (.bin)",
         })
     }
 }
@@ -254,6 +266,12 @@ pub(crate) enum ShardKind {
     Object,
     /// Samples `start..start + samples` of an MNIST image file and its label file.
     MnistSlice { labels: String, start: usize },
+    /// Windows `start..start + samples` of a token file whose ids start at byte `offset`.
+    TokenSlice {
+        start: usize,
+        offset: u64,
+        dtype: TokenDtype,
+    },
 }
 
 /// The unit the sampler shuffles: a tar file, a CIFAR batch file, or a slice of an MNIST file.
@@ -273,7 +291,7 @@ impl Shard {
     pub fn label(&self) -> String {
         match &self.kind {
             ShardKind::Object => self.name.clone(),
-            ShardKind::MnistSlice { start, .. } => {
+            ShardKind::MnistSlice { start, .. } | ShardKind::TokenSlice { start, .. } => {
                 format!("{}[{}..{}]", self.name, start, start + self.samples)
             }
         }
@@ -287,6 +305,8 @@ pub struct OpenOptions {
     pub split: Split,
     /// Skip (and count) bad samples instead of failing on the first one.
     pub skip_bad_samples: bool,
+    /// How to cut token files into samples.
+    pub tokens: TokenOptions,
 }
 
 /// A dataset on a source: its format, its shards for one split, and its class names when known.
@@ -299,6 +319,7 @@ pub struct Dataset {
     shards: Vec<Shard>,
     classes: Option<Vec<String>>,
     skip_bad_samples: bool,
+    tokens: TokenOptions,
     skipped_at_open: u64,
     first_skip: Option<String>,
     /// Decompressed MNIST files, so reading six slices reads and unzips each file once.
@@ -361,6 +382,7 @@ impl Dataset {
             shards: Vec::new(),
             classes: None,
             skip_bad_samples: options.skip_bad_samples,
+            tokens: options.tokens.clone(),
             skipped_at_open: 0,
             first_skip: None,
             cache: Mutex::new(HashMap::new()),
@@ -370,6 +392,7 @@ impl Dataset {
             Format::CifarPy => cifar::index_py(&mut ds, &objects)?,
             Format::CifarBin => cifar::index_bin(&mut ds, &objects)?,
             Format::Mnist => mnist::index(&mut ds, &objects)?,
+            Format::Tokens => tokens::index(&mut ds, &objects)?,
         }
         if ds.shards.iter().all(|s| s.samples == 0) {
             return Err(Error::BadShard {
@@ -447,8 +470,10 @@ impl Dataset {
                 self.shards.len()
             ))
         })?;
-        if self.format == Format::Mnist {
-            return self.checked(shard, mnist::read_slice(self, shard)?);
+        match self.format {
+            Format::Mnist => return self.checked(shard, mnist::read_slice(self, shard)?),
+            Format::Tokens => return self.checked(shard, tokens::read_slice(self, shard)?),
+            _ => {}
         }
         let bytes = self.source.read(&shard.name)?;
         self.parse_shard(index, &bytes)
@@ -457,7 +482,8 @@ impl Dataset {
     /// Reads several shards in the given order, letting the source keep reads in flight ahead of the consumer
     /// ([`Source::read_many`](crate::source::Source::read_many)).
     pub fn read_shards(&self, indices: Vec<usize>) -> ShardReads<'_> {
-        if self.format == Format::Mnist || indices.iter().any(|&i| i >= self.shards.len()) {
+        let sliced = matches!(self.format, Format::Mnist | Format::Tokens);
+        if sliced || indices.iter().any(|&i| i >= self.shards.len()) {
             return Box::new(indices.into_iter().map(move |i| (i, self.read_shard(i))));
         }
         let names = indices
@@ -482,9 +508,9 @@ impl Dataset {
             }
             Format::CifarPy => cifar::parse_py(bytes, &self.source_desc, &shard.name)?,
             Format::CifarBin => cifar::parse_bin(bytes, &self.source_desc, &shard.name)?,
-            Format::Mnist => {
+            Format::Mnist | Format::Tokens => {
                 return Err(Error::Pipeline(
-                    "an MNIST slice parsed as a whole object".into(),
+                    "a slice of a file parsed as a whole object".into(),
                 ))
             }
         };
@@ -545,7 +571,8 @@ impl Dataset {
 }
 
 /// Recognises the layout from object names; the first layout that matches wins, in the order CIFAR-python,
-/// CIFAR-binary, MNIST, tar (a folder with torchvision's CIFAR files and a `.tar` lying beside them is CIFAR).
+/// CIFAR-binary, MNIST, tar, token files (a folder with torchvision's CIFAR files and a `.tar` lying beside them is
+/// CIFAR; CIFAR's own `.bin` batches are never read as tokens).
 pub fn detect(objects: &[Object]) -> Option<Format> {
     let names: Vec<&str> = objects.iter().map(|o| basename(&o.name)).collect();
     if names.iter().any(|n| cifar::py_batch(n).is_some()) {
@@ -556,6 +583,8 @@ pub fn detect(objects: &[Object]) -> Option<Format> {
         Some(Format::Mnist)
     } else if objects.iter().any(|o| o.name.ends_with(".tar")) {
         Some(Format::Tar)
+    } else if objects.iter().any(|o| o.name.ends_with(".bin")) {
+        Some(Format::Tokens)
     } else {
         None
     }

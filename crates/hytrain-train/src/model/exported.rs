@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, TchError, Tensor};
 
-use super::{Model, TorchScriptSource};
+use super::{DataSpec, Model, TorchScriptSource};
 use crate::export::TORCH_VERSION;
 use crate::shim::{handle, shim_message};
 use crate::{Result, TrainError};
@@ -120,6 +120,47 @@ pub struct ExportedMetadata {
     pub rest: BTreeMap<String, serde_json::Value>,
 }
 
+impl ExportedMetadata {
+    /// Reads `hytrain-model.json` of the folder `dir`, refusing a folder that is not an exported model or was
+    /// written in another layout version. Nothing else is loaded.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let refuse = |detail: String| TrainError::ModelConfig { model: dir.display().to_string(), detail };
+        let path = dir.join(METADATA);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(refuse(format!(
+                    "the folder has no {METADATA}, so it is not an exported model; {EXPORT_HINT}"
+                )))
+            }
+            Err(e) => return Err(TrainError::io("read", &path, e)),
+        };
+        let meta: ExportedMetadata = serde_json::from_str(&text)
+            .map_err(|e| refuse(format!("{METADATA} is not the metadata of an exported model ({e}); {EXPORT_HINT}")))?;
+        if meta.format != FORMAT || meta.format_version != FORMAT_VERSION {
+            return Err(refuse(format!(
+                "{METADATA} is format '{}' version {}, but this hytrain reads '{FORMAT}' version {FORMAT_VERSION}; \
+                 export the model again with this hytrain's python/ package",
+                meta.format, meta.format_version
+            )));
+        }
+        Ok(meta)
+    }
+
+    /// The sequence length of a model that takes token ids (`int64` inputs of one dimension).
+    pub fn context_length(&self) -> Option<usize> {
+        match self.input.shape[..] {
+            [t] if self.input.dtype == "int64" => usize::try_from(t).ok(),
+            _ => None,
+        }
+    }
+
+    /// The number of classes (or vocabulary ids) a cross-entropy model scores: its output's last dimension.
+    pub fn classes(&self) -> Option<i64> {
+        (self.loss == "cross_entropy").then(|| self.output.shape.last().copied()).flatten()
+    }
+}
+
 fn kind_of(dtype: &str) -> Option<Kind> {
     Some(match dtype {
         "float32" => Kind::Float,
@@ -217,25 +258,7 @@ impl ExportedModel {
         let dir = dir.as_ref().to_path_buf();
         let model = dir.display().to_string();
         let refuse = |detail: String| TrainError::ModelConfig { model: model.clone(), detail };
-        let meta_path = dir.join(METADATA);
-        let text = match std::fs::read_to_string(&meta_path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(refuse(format!(
-                    "the folder has no {METADATA}, so it is not an exported model; {EXPORT_HINT}"
-                )))
-            }
-            Err(e) => return Err(TrainError::io("read", &meta_path, e)),
-        };
-        let meta: ExportedMetadata = serde_json::from_str(&text)
-            .map_err(|e| refuse(format!("{METADATA} is not the metadata of an exported model ({e}); {EXPORT_HINT}")))?;
-        if meta.format != FORMAT || meta.format_version != FORMAT_VERSION {
-            return Err(refuse(format!(
-                "{METADATA} is format '{}' version {}, but this hytrain reads '{FORMAT}' version {FORMAT_VERSION}; \
-                 export the model again with this hytrain's python/ package",
-                meta.format, meta.format_version
-            )));
-        }
+        let meta = ExportedMetadata::read(&dir)?;
         if release(&meta.torch_version) != release(TORCH_VERSION) {
             return Err(refuse(format!(
                 "its packages were compiled by torch {}, but hytrain runs libtorch {}; AOTInductor packages only \
@@ -307,32 +330,41 @@ impl ExportedModel {
         Ok(ExportedModel { dir, meta, step, forward, params, buffers })
     }
 
-    /// Refuses data whose samples the model was not exported for, before step 1: `input_shape` is one sample's
-    /// shape as the data plane yields it (float32), with one integer class label per sample out of `num_classes`.
-    pub fn check_data(&self, input_shape: &[i64], num_classes: i64) -> Result<()> {
+    /// Refuses data whose samples the model was not exported for, before step 1.
+    pub fn check_data(&self, data: &DataSpec) -> Result<()> {
         let m = &self.meta;
         let refuse = |detail: String| TrainError::ModelConfig { model: self.dir.display().to_string(), detail };
-        if m.input.shape != input_shape || m.input.dtype != "float32" {
+        let data_kind = if data.input_kind == Kind::Int64 { "int64" } else { "float32" };
+        if m.input.shape != data.input_shape || m.input.dtype != data_kind {
             return Err(refuse(format!(
-                "it was exported for inputs of shape {:?} {}, but the data's samples are {input_shape:?} float32; \
-                 export it again with --input-shape {}",
+                "it was exported for inputs of shape {:?} {}, but the data's samples are {:?} {data_kind}; export \
+                 it again with --input-shape {}{}",
                 m.input.shape,
                 m.input.dtype,
-                dims(input_shape, ",")
+                data.input_shape,
+                dims(&data.input_shape, ","),
+                if data_kind == "int64" { " --input-dtype int64" } else { "" }
             )));
         }
-        if !m.target.shape.is_empty() || m.target.dtype != "int64" {
+        if m.target.shape != data.target_shape || m.target.dtype != "int64" {
+            let given = if data.target_shape.is_empty() {
+                "one integer class label per sample".to_string()
+            } else {
+                format!("integer targets of shape {:?} per sample (the next token of each position)", data.target_shape)
+            };
             return Err(refuse(format!(
-                "its loss ({}) takes targets of shape {:?} {}, but the data gives one integer class label per sample",
+                "its loss ({}) takes targets of shape {:?} {}, but the data gives {given}",
                 m.loss, m.target.shape, m.target.dtype
             )));
         }
-        if m.loss == "cross_entropy" && m.output.shape.last() != Some(&num_classes) {
-            return Err(refuse(format!(
-                "it outputs {:?} per sample, but the data has {num_classes} classes; export a model with \
-                 {num_classes} outputs (or give --num-classes)",
-                m.output.shape
-            )));
+        if let (Some(classes), Some(outputs)) = (data.num_classes, m.classes()) {
+            if classes != outputs {
+                return Err(refuse(format!(
+                    "it outputs {:?} per sample, but the data has {classes} classes; export a model with \
+                     {classes} outputs (or give --num-classes)",
+                    m.output.shape
+                )));
+            }
         }
         Ok(())
     }

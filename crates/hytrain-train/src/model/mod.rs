@@ -113,6 +113,41 @@ pub enum TorchScriptSource {
     Traced,
 }
 
+/// What one sample of the data is, for checking a model against it before step 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataSpec {
+    /// One input's shape (`[3, 32, 32]` for CIFAR-10, `[T]` for token windows).
+    pub input_shape: Vec<i64>,
+    /// `Float` for images and tensors, `Int64` for token ids.
+    pub input_kind: Kind,
+    /// One sample's targets: `[]` for a class label, `[T]` for the next token of each position.
+    pub target_shape: Vec<i64>,
+    /// Classes of a labelled dataset, when known (token data leaves it to the model).
+    pub num_classes: Option<i64>,
+}
+
+impl DataSpec {
+    /// Float inputs of `input_shape`, one class label out of `num_classes` per sample.
+    pub fn classes(input_shape: &[i64], num_classes: i64) -> DataSpec {
+        DataSpec {
+            input_shape: input_shape.to_vec(),
+            input_kind: Kind::Float,
+            target_shape: Vec::new(),
+            num_classes: Some(num_classes),
+        }
+    }
+
+    /// Windows of `context_length` token ids, each position's target the next id.
+    pub fn tokens(context_length: i64) -> DataSpec {
+        DataSpec {
+            input_shape: vec![context_length],
+            input_kind: Kind::Int64,
+            target_shape: vec![context_length],
+            num_classes: None,
+        }
+    }
+}
+
 /// Builds a model by name: `lenet`, `resnet18`, `mlp` (hidden 128, 64), `mlp:<h1,h2,...>`, a folder written by
 /// `python -m hytrain_export` (checked against `input_shape` and `num_classes`), or a path to a TorchScript file
 /// (`*.pt`, `*.pth`, or any existing file).
@@ -120,12 +155,37 @@ pub enum TorchScriptSource {
 /// `input_shape` is one sample's shape (`[3, 32, 32]` for CIFAR-10, `[1, 8, 8]` for the digits). Weights are drawn
 /// from libtorch's generator; seed it with `tch::manual_seed` for reproducible ones (ranks get rank 0's anyway).
 pub fn build(name: &str, num_classes: i64, input_shape: &[i64], device: Device) -> Result<Box<dyn Model>> {
+    build_for(name, &DataSpec::classes(input_shape, num_classes), device)
+}
+
+/// [`build`] for data described by `data`: token data can only be trained by an exported model.
+pub fn build_for(name: &str, data: &DataSpec, device: Device) -> Result<Box<dyn Model>> {
+    if Path::new(name).is_dir() {
+        let model = ExportedModel::load(name, device)?;
+        model.check_data(data)?;
+        return Ok(Box::new(model));
+    }
+    let num_classes = match data {
+        DataSpec { input_kind: Kind::Float, target_shape, num_classes: Some(n), .. } if target_shape.is_empty() => *n,
+        _ => {
+            return Err(TrainError::ModelConfig {
+                model: name.into(),
+                detail: format!(
+                    "takes float inputs with one class label per sample, but the data gives {:?} {:?} inputs with \
+                     targets of shape {:?}; train a model exported with `python -m hytrain_export` instead \
+                     (README: Train your own model)",
+                    data.input_shape, data.input_kind, data.target_shape
+                ),
+            })
+        }
+    };
     if num_classes < 1 {
         return Err(TrainError::ModelConfig {
             model: name.into(),
             detail: format!("needs at least one class, got {num_classes}"),
         });
     }
+    let input_shape = &data.input_shape[..];
     match name {
         "lenet" => Ok(Box::new(LeNet::new(input_shape, num_classes, device)?)),
         "resnet18" => Ok(Box::new(ResNet18::new(input_shape, num_classes, device)?)),
@@ -140,11 +200,6 @@ pub fn build(name: &str, num_classes: i64, input_shape: &[i64], device: Device) 
                     detail: "hidden sizes must be comma-separated positive integers, like mlp:256,128".into(),
                 })?;
             Ok(Box::new(Mlp::new(input_shape, &hidden, num_classes, device)?))
-        }
-        _ if Path::new(name).is_dir() => {
-            let model = ExportedModel::load(name, device)?;
-            model.check_data(input_shape, num_classes)?;
-            Ok(Box::new(model))
         }
         _ if name.ends_with(".pt") || name.ends_with(".pth") || Path::new(name).is_file() => {
             Ok(Box::new(ScriptModel::load(name, device)?))
@@ -195,10 +250,9 @@ pub fn device_of(model: &dyn Model) -> Device {
     model.named_parameters().first().map(|(_, t)| t.device()).unwrap_or(Device::Cpu)
 }
 
-/// Kind used for a zero example input of `input_shape` when tracing.
-pub(crate) fn example_input(input_shape: &[i64], device: Device) -> Result<Tensor> {
+/// A zero example input, a batch of one `input_shape` of `kind` (float data, or token ids), for tracing.
+pub(crate) fn example_input(input_shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
     let mut shape = vec![1];
     shape.extend_from_slice(input_shape);
-    Tensor::f_zeros(shape.as_slice(), (Kind::Float, device))
-        .map_err(|e| TrainError::torch("making an example input", e))
+    Tensor::f_zeros(shape.as_slice(), (kind, device)).map_err(|e| TrainError::torch("making an example input", e))
 }
