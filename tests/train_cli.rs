@@ -151,14 +151,15 @@ fn two_workers_learn_the_digits_and_export_the_model() {
 }
 
 #[test]
-fn validation_counts_each_test_sample_once_with_three_ranks() {
+fn validation_counts_each_test_sample_once_with_three_ranks_whatever_caps_training() {
     let dir = tempfile::tempdir().unwrap();
     let data = digits();
+    // --max-samples caps the training epoch only (it once capped validation too).
     let out = finish(
         digits_job(
             dir.path(),
             3,
-            &["--max-steps", "3", "--test-batch-size", "50"],
+            &["--max-steps", "3", "--test-batch-size", "50", "--max-samples", "150"],
         ),
         "training",
     );
