@@ -499,9 +499,12 @@ pub fn run(
         Some(set) => {
             let config = LoaderConfig {
                 batch_size: cfg.test_batch_size,
+                // Whatever caps training (--max-samples, a ShardedByS3Key host's minimum), validation counts
+                // every sample once.
                 sampler: SamplerConfig {
                     rank: t.rank,
                     world_size: t.world_size,
+                    max_samples: None,
                     ..loader.sampler.clone()
                 },
                 ..loader.clone()
