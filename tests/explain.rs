@@ -171,6 +171,17 @@ fn sagemaker_toolkit_env_is_used_when_present() {
 }
 
 #[test]
+fn the_collective_backend_a_job_names_is_shown_with_what_hytrain_uses() {
+    let plan = explain(&[("HYTRAIN_BACKEND", s("GLOO"))]);
+    assert_eq!(plan["backend"]["requested"], "gloo");
+    assert_eq!(plan["backend"]["from"], "HYTRAIN_BACKEND");
+    assert!(plan["backend"]["uses"].as_str().unwrap().contains("ring"), "{plan}");
+    let out = run(&["explain"], &[("HYTRAIN_BACKEND", s("gloo"))]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("backend") && text.contains("gloo"), "{text}");
+}
+
+#[test]
 fn nothing_detected_is_a_single_local_process() {
     let plan = explain(&[]);
     assert_eq!(plan["platform"], "local");

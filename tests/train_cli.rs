@@ -357,6 +357,19 @@ fn bad_values_and_missing_data_are_clear_errors() {
         &[],
     );
     assert!(e.contains("vgg99"), "{e}");
+    // --backend: the reference's gloo is accepted; a backend this job cannot use is refused, not ignored.
+    let data = data.to_str().unwrap();
+    let job = |backend: &'static str| {
+        ["train", "--data", data, "--model", "mlp", "--max-steps", "1", "--device", "cpu", "--backend", backend]
+    };
+    let e = run(&job("nccl"), &[]);
+    assert!(e.contains("--backend nccl") && e.contains("GPU") && e.contains("--device cpu"), "{e}");
+    let e = run(&job("carrier-pigeon"), &[]);
+    assert!(e.contains("carrier-pigeon") && e.contains("gloo, tcp, nccl, mpi"), "{e}");
+    if !cfg!(feature = "mpi") {
+        let e = run(&job("mpi"), &[]);
+        assert!(e.contains("--backend mpi") && e.contains("--features mpi"), "{e}");
+    }
 }
 
 #[test]
