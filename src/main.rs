@@ -322,7 +322,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
     match command {
         Command::Explain { json } => {
-            println!("{}", explain::render(&plan, json));
+            println!("{}", explain::render(&plan, &env, json));
             Ok(ExitCode::SUCCESS)
         }
         Command::Launch {

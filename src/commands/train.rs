@@ -388,6 +388,34 @@ fn validation_dataset(
     }
 }
 
+/// What hytrain averages gradients with for `--backend` (one of `BACKENDS`).
+pub fn backend_use(backend: &str) -> &'static str {
+    match backend {
+        "nccl" => "NCCL across the GPUs (needs --device cuda)",
+        "mpi" => "MPI's allreduce under mpirun (needs the MPI build)",
+        _ => "the ring over TCP and shared memory between local ranks on the CPU, NCCL on GPUs",
+    }
+}
+
+/// Refuses a `--backend` this job cannot use rather than ignoring it.
+fn check_backend(backend: &str, device: tch::Device, mpi_launch: bool) -> anyhow::Result<()> {
+    match backend {
+        "nccl" if !device.is_cuda() => bail!(
+            "--backend nccl needs GPUs, but this job trains on the CPU (--device cpu, or no GPU found); drop \
+             --backend (hytrain uses NCCL whenever it trains on GPUs) or pass --backend gloo"
+        ),
+        "mpi" if !cfg!(feature = "mpi") => bail!(
+            "--backend mpi needs hytrain built with MPI (cargo build --features mpi), which this binary is not; \
+             pass --backend gloo for hytrain's own ring and shared memory"
+        ),
+        "mpi" if !mpi_launch => bail!(
+            "--backend mpi averages through MPI, which needs the job started by mpirun; start it with mpirun or \
+             pass --backend gloo"
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// The smallest of `value` over all ranks.
 fn min_over_ranks(comm: &mut dyn Collective, value: usize) -> anyhow::Result<usize> {
     // The collectives sum; a min is each rank's value in its own slot, summed, then the smallest slot.
@@ -438,6 +466,7 @@ pub fn run(
     let watchdog =
         crate::watchdog::Watchdog::start(comm.liveness(), plan.paths.failure_file.clone());
     let device = device::select(job.device, t.local_rank, env.get("CUDA_VISIBLE_DEVICES"))?;
+    check_backend(&cfg.backend, device, crate::launched_by_mpirun(plan))?;
     let options = super::data::open_options(plan, job.s3_endpoint.clone(), job.s3_region.clone());
     let train_spec = training_spec(plan, &job)?;
     let train_source =

@@ -77,9 +77,13 @@ pub struct TrainConfig {
     pub no_resume: bool,
     /// Evaluate on the validation data at the end of every epoch (else only at the end of the run).
     pub eval_every_epoch: bool,
-    /// Collective backend named by the job (`gloo` in the reference; the binary maps it).
+    /// Collective backend named by the job, one of [`BACKENDS`] (`gloo` in the reference); the binary checks it
+    /// against the job's device and build.
     pub backend: String,
 }
+
+/// The `--backend` values accepted: torch.distributed's names (`tcp` is hytrain's own for its ring).
+pub const BACKENDS: [&str; 4] = ["gloo", "tcp", "nccl", "mpi"];
 
 impl Default for TrainConfig {
     fn default() -> Self {
@@ -168,7 +172,7 @@ pub fn help(key: &str) -> &'static str {
         "keep" => "Checkpoints kept [default: 3]",
         "no_resume" => "Start fresh even when the checkpoint folder holds a valid checkpoint",
         "eval_every_epoch" => "Evaluate after every epoch, not only at the end [default: true]",
-        "backend" => "Collective backend as the reference names it (gloo, tcp, mpi): hytrain picks its own",
+        "backend" => "Collective backend as torch.distributed names it: gloo or tcp (hytrain's ring and shared memory on the CPU, NCCL on GPUs), nccl (GPUs only), mpi (the MPI build under mpirun) [default: gloo]",
         _ => "",
     }
 }
@@ -295,10 +299,11 @@ impl TrainConfig {
             "no_resume" => self.no_resume = parse_bool(key, &v)?,
             "eval_every_epoch" => self.eval_every_epoch = parse_bool(key, &v)?,
             "backend" => {
-                if v.is_empty() {
-                    return Err(bad(key, "must name a backend (gloo, tcp, mpi)".into()));
+                let backend = v.to_ascii_lowercase();
+                if !BACKENDS.contains(&backend.as_str()) {
+                    return Err(bad(key, format!("must be one of {}, got '{v}'", BACKENDS.join(", "))));
                 }
-                self.backend = v.to_ascii_lowercase();
+                self.backend = backend;
             }
             _ => return Err(TrainError::UnknownOption { key: key.to_string(), known: KEYS.join(", ") }),
         }
