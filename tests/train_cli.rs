@@ -370,6 +370,14 @@ fn bad_values_and_missing_data_are_clear_errors() {
         let e = run(&job("mpi"), &[]);
         assert!(e.contains("--backend mpi") && e.contains("--features mpi"), "{e}");
     }
+    // Folders hytrain writes are folders: an s3:// URL must not become a local folder named `s3:`.
+    for (flag, var) in [("--checkpoint-dir", "HYTRAIN_CHECKPOINT_DIR"), ("--model-dir", "HYTRAIN_MODEL_DIR")] {
+        let e = run(&["train", "--data", data, "--model", "mlp", "--max-steps", "1", flag, "s3://bucket/run1"], &[]);
+        assert!(e.contains(&format!("{flag} s3://bucket/run1")) && e.contains("cannot write to S3"), "{e}");
+        let e = run(&["train", "--data", data, "--model", "mlp", "--max-steps", "1"], &[(var, "s3://bucket/run1".into())]);
+        assert!(e.contains("s3://bucket/run1") && e.contains("cannot write to S3"), "{e}");
+    }
+    assert!(!dir.path().join("s3:").exists(), "a folder named s3: was written");
 }
 
 #[test]
