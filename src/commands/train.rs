@@ -238,9 +238,9 @@ impl Job {
             max_samples: count("max_samples", &flags.max_samples)?,
             skip_bad_samples: switch("skip_bad_samples", &flags.skip_bad_samples)?,
             workers: count("workers", &flags.workers)?,
-            model_dir: none_is_off(path("model_dir", &flags.model_dir)),
-            checkpoint_dir: path("checkpoint_dir", &flags.checkpoint_dir),
-            output_dir: none_is_off(path("output_dir", &flags.output_dir)),
+            model_dir: local_folder("model-dir", none_is_off(path("model_dir", &flags.model_dir)))?,
+            checkpoint_dir: local_folder("checkpoint-dir", path("checkpoint_dir", &flags.checkpoint_dir))?,
+            output_dir: local_folder("output-dir", none_is_off(path("output_dir", &flags.output_dir)))?,
             s3_endpoint: text("s3_endpoint", &flags.s3_endpoint),
             s3_region: text("s3_region", &flags.s3_region),
             device: match pick("device", &flags.device) {
@@ -260,6 +260,23 @@ impl Job {
             },
         })
     }
+}
+
+/// Refuses a URL where hytrain writes a folder: `s3://bucket/prefix` would otherwise become a local folder named
+/// `s3:` and the job would "succeed" with nothing in S3.
+fn local_folder(flag: &str, path: Option<PathBuf>) -> anyhow::Result<Option<PathBuf>> {
+    let Some((scheme, _)) = path.as_ref().and_then(|p| p.to_str()).and_then(|p| p.split_once("://")) else {
+        return Ok(path);
+    };
+    let value = path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    if scheme == "s3" {
+        bail!(
+            "--{flag} {value}: hytrain cannot write to S3 yet; give a folder: a local disk, an EFS or FSx mount, or \
+             on SageMaker its checkpoint folder (/opt/ml/checkpoints, which SageMaker copies to the job's \
+             CheckpointConfig S3 URI) and model folder (uploaded to S3 when the job ends)"
+        );
+    }
+    bail!("--{flag} {value}: hytrain writes folders, not {scheme}:// URLs; give a local or mounted folder")
 }
 
 /// The layered configuration of this job: `HYTRAIN_*` and `SM_HP_*` from `env`, hyperparameters from the plan,
