@@ -751,3 +751,21 @@ fn an_exported_model_refuses_data_of_another_shape_and_other_precisions_before_s
         "it trained before refusing"
     );
 }
+
+#[test]
+fn a_pipe_channel_with_several_processes_per_host_is_refused_saying_what_works() {
+    // One FIFO per pass per host: two readers would split the stream between them.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("training_0");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let spec = format!("pipe:{}", dir.path().join("training").display());
+    let mut job = launch_train(dir.path(), 2, &["--data", &spec, "--model", "mlp", "--max-steps", "1"]);
+    let out = wait(job.spawn().unwrap(), Duration::from_secs(60), "a Pipe job with 2 processes");
+    assert!(!out.status.success(), "it trained");
+    let e = stderr(&out);
+    assert!(
+        e.contains("Pipe") && e.contains("2 processes") && e.contains("FastFile") && e.contains("--nproc-per-node 1"),
+        "{e}"
+    );
+}
