@@ -326,6 +326,32 @@ fn is_pipe(plan: &Plan, spec: &str) -> bool {
             .is_some_and(|c| c.input_mode == InputMode::Pipe)
 }
 
+/// Refuses a Pipe channel read by several processes of one host: SageMaker streams each pass through one FIFO per
+/// host, and two readers would split the stream between them (each opening `<channel>_0` and waiting or reading
+/// part of it).
+fn check_pipe_readers(plan: &Plan, job: &Job, train_spec: &str) -> anyhow::Result<()> {
+    let per_host = plan.topology.local_world_size;
+    if per_host <= 1 {
+        return Ok(());
+    }
+    let mut specs = vec![train_spec.to_string()];
+    specs.extend(job.validation.clone().filter(|v| v != "none"));
+    specs.extend(
+        ["validation", "val", "test"]
+            .iter()
+            .filter(|name| plan.paths.channels.contains_key(**name))
+            .map(|name| format!("channel:{name}")),
+    );
+    if let Some(spec) = specs.iter().find(|s| is_pipe(plan, s)) {
+        bail!(
+            "{spec} is read in SageMaker Pipe mode, which streams each pass through one FIFO per host that only one \
+             process can read, but this host runs {per_host} processes; give the channel File or FastFile input \
+             mode (TrainingInputMode, or the channel's InputMode), or run one process per host (--nproc-per-node 1)"
+        );
+    }
+    Ok(())
+}
+
 fn open_dataset(
     spec: &str,
     options: &OpenOptions,
@@ -486,6 +512,7 @@ pub fn run(
     check_backend(&cfg.backend, device, crate::launched_by_mpirun(plan))?;
     let options = super::data::open_options(plan, job.s3_endpoint.clone(), job.s3_region.clone());
     let train_spec = training_spec(plan, &job)?;
+    check_pipe_readers(plan, &job, &train_spec)?;
     let train_source =
         source::open(&train_spec, &options).with_context(|| format!("cannot open {train_spec}"))?;
     let sharded_by_host = train_source.already_sharded_by_host();
