@@ -149,3 +149,159 @@ pub(crate) fn full_disk(dir: &Path, _rng: &mut Rng) -> Result<Outcome, String> {
         detection: Some(took),
     })
 }
+
+/// Rank 0 under `strace`, which SIGKILLs it as it enters its second `rename(2)`: the moment a checkpoint published
+/// over an existing `ckpt-<step>` by renaming the old one aside and then the new one in has no `ckpt-<step>` at all.
+/// `strace` counts each system call on each thread; a save runs on the training thread, and nothing else in a
+/// stopped or short run renames.
+fn start_rank0_killed_at_second_rename(job: &mut Job, extra: &[&str]) -> Result<(), String> {
+    if Command::new("strace").arg("-V").output().is_err() {
+        return Err(
+            "strace is not installed: this case needs it to kill rank 0 between two renames".into(),
+        );
+    }
+    let args = base_args(&job.dir, extra);
+    let mut c = Command::new("strace");
+    c.args([
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=rename,renameat,renameat2",
+        "-e",
+        "inject=rename,renameat,renameat2:signal=SIGKILL:when=2",
+        common::hytrain(),
+    ])
+    .args(&args)
+    .env_clear()
+    .env("PATH", std::env::var("PATH").unwrap_or_default())
+    .stdin(Stdio::null());
+    for (k, v) in rank_env(0, job.port, PEER_TIMEOUT) {
+        c.env(k, v);
+    }
+    job.redirect(&mut c, 0);
+    job.ranks[0] = Some(c.spawn().unwrap());
+    Ok(())
+}
+
+/// The process `strace` (pid `tracer`) runs.
+fn tracee(tracer: i32) -> Result<i32, String> {
+    let started = Instant::now();
+    loop {
+        let children = fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children"))
+            .unwrap_or_default();
+        if let Some(pid) = children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+        {
+            return Ok(pid);
+        }
+        if started.elapsed() > RUN_LIMIT {
+            return Err(format!("strace (pid {tracer}) started no process"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// After the kill: `ckpt-<step>` is valid and a restart resumes from it.
+fn still_valid(dir: &Path, step: u64, job: &Job, moment: &str) -> Result<(), String> {
+    let ckpt = dir.join("ckpt");
+    let left: Vec<String> = fs::read_dir(&ckpt)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    match newest_valid(&ckpt)? {
+        Some(s) if s == step => restart_resumes(dir, &ckpt, step),
+        other => Err(format!(
+            "after a kill {moment}, the newest valid checkpoint is {other:?}, not step {step}; {} holds {left:?}:\n{}",
+            ckpt.display(),
+            job.logs()
+        )),
+    }
+}
+
+/// With `--keep 1`, a job that resumes from `ckpt-5` and is stopped (SIGTERM) before its first step, and a
+/// `--no-resume` job that reaches step 5 again, both checkpoint step 5 while `ckpt-5` exists; rank 0 is SIGKILLed
+/// at its second rename, where replacing `ckpt-5` by renaming it aside and then the new one in has none. The newest
+/// checkpoint must stay step 5 and valid throughout.
+pub(crate) fn kill_rank0_while_replacing_a_checkpoint(
+    dir: &Path,
+    _rng: &mut Rng,
+) -> Result<Outcome, String> {
+    let first = ["--max-steps", "5", "--keep", "1", "--validation", "none"];
+    let mut job = Job::new(dir);
+    job.start_all(&first, PEER_TIMEOUT);
+    let all: Vec<usize> = (0..WORLD).collect();
+    job.wait_exits(&all, Instant::now(), RUN_LIMIT)?;
+    if newest_valid(&dir.join("ckpt"))? != Some(5) {
+        return Err(format!(
+            "the first run did not checkpoint step 5:\n{}",
+            job.logs()
+        ));
+    }
+    drop(job);
+
+    // SIGTERM reaches rank 0 while it waits for the others at the rendezvous (its handler is installed before
+    // it logs anything), so the ranks agree to stop at the first step after the resume.
+    let resumed = ["--max-steps", "40", "--keep", "1", "--validation", "none"];
+    let mut job = Job::new(dir);
+    start_rank0_killed_at_second_rename(&mut job, &resumed)?;
+    job.wait_for("rank 0's first log line", RUN_LIMIT, |j| {
+        !j.stderr(0).is_empty()
+    })?;
+    let rank0 = tracee(job.pid(0))?;
+    unsafe { libc::kill(rank0, libc::SIGTERM) };
+    job.start(1, &resumed, PEER_TIMEOUT, None);
+    job.start(2, &resumed, PEER_TIMEOUT, None);
+    job.wait_exits(&all, Instant::now(), RUN_LIMIT)?;
+    if !job.stderr(0).contains("resuming from checkpoint") {
+        return Err(format!("the second run did not resume:\n{}", job.logs()));
+    }
+    still_valid(
+        dir,
+        5,
+        &job,
+        "as a stopped run re-saved the step it resumed from",
+    )?;
+    drop(job);
+
+    // A fresh run (another learning rate) over the same folder reaches step 5 and must replace ckpt-5.
+    let fresh = [
+        "--no-resume",
+        "--lr",
+        "0.05",
+        "--max-steps",
+        "5",
+        "--keep",
+        "1",
+        "--validation",
+        "none",
+    ];
+    let mut job = Job::new(dir);
+    start_rank0_killed_at_second_rename(&mut job, &fresh)?;
+    job.start(1, &fresh, PEER_TIMEOUT, None);
+    job.start(2, &fresh, PEER_TIMEOUT, None);
+    job.wait_exits(&all, Instant::now(), RUN_LIMIT)?;
+    still_valid(dir, 5, &job, "as a --no-resume run replaced ckpt-5")?;
+    let lr = hytrain::train::latest_valid(&dir.join("ckpt"))
+        .ok()
+        .flatten()
+        .and_then(|r| r.checkpoint.meta.config.get("lr").and_then(|v| v.as_f64()));
+    if lr != Some(0.05) {
+        return Err(format!(
+            "ckpt-5 is not the --no-resume run's (its lr is {lr:?}, not 0.05):\n{}",
+            job.logs()
+        ));
+    }
+    Ok(Outcome {
+        detail: "SIGKILL rank 0 at its second rename while re-saving ckpt-5 (stopped right after a resume, then \
+                 replaced by a --no-resume run); ckpt-5 valid throughout, resumed from it"
+            .into(),
+        detection: None,
+    })
+}

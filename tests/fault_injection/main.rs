@@ -3,7 +3,8 @@
 //! seeded moments (during the rendezvous, while the others load data, at a training step, while the others wait in
 //! an allreduce, while rank 0 writes a checkpoint, during validation), a rank's rendezvous connection cut, a rank
 //! stopped (SIGSTOP), a corrupted checkpoint, a full disk under the checkpoint directory (a real size-limited
-//! tmpfs), and unauthenticated clients at the rendezvous port.
+//! tmpfs), rank 0 SIGKILLed (through `strace`) between the renames that replace an existing checkpoint, and
+//! unauthenticated clients at the rendezvous port. `HYTRAIN_FAULT_CASES=WORD` runs only the cases named with WORD.
 //!
 //! Every case checks that every surviving rank exits non-zero within a bounded time with a message naming the lost
 //! rank, and that nothing checkpointed is lost: the newest valid checkpoint loads and a restarted job resumes from
@@ -72,13 +73,20 @@ fn every_injected_fault_is_detected_naming_the_lost_rank_and_loses_no_checkpoint
         ("stalled peer", Box::new(network::stalled_peer)),
         ("corrupted checkpoint", Box::new(checkpoints::corrupted_checkpoint)),
         ("full disk", Box::new(checkpoints::full_disk)),
+        (
+            "kill rank 0 replacing a checkpoint",
+            Box::new(checkpoints::kill_rank0_while_replacing_a_checkpoint),
+        ),
         ("unauthenticated clients", Box::new(network::unauthenticated_clients)),
     ];
     let root = tempfile::tempdir().unwrap();
     let suite = Instant::now();
     let mut report = Vec::new();
     let mut failures = Vec::new();
-    for (i, (name, case)) in cases.into_iter().enumerate() {
+    // HYTRAIN_FAULT_CASES=word runs only the cases whose name contains it (as when working on one).
+    let only = std::env::var("HYTRAIN_FAULT_CASES").unwrap_or_default();
+    let cases = cases.into_iter().filter(|(name, _)| name.contains(only.as_str()));
+    for (i, (name, case)) in cases.enumerate() {
         let dir = root.path().join(format!("case-{i}"));
         fs::create_dir_all(&dir).unwrap();
         let started = Instant::now();
