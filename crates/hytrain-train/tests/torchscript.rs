@@ -3,8 +3,10 @@
 
 mod common;
 
-use common::{run_python, seeded};
-use hytrain_train::{export, model, AdamWConfig, Ddp, DdpOptions, OptimizerConfig, ScriptModel};
+use std::path::Path;
+
+use common::{deep_copy, identical, on_ranks, run_python, seeded};
+use hytrain_train::{export, model, AdamWConfig, Ddp, DdpOptions, Model, OptimizerConfig, ScriptModel, SgdConfig};
 use tch::{Device, Kind, Tensor};
 
 #[test]
@@ -47,6 +49,99 @@ fn a_torchscript_model_trains_and_loss_falls() {
     let io = dir.path().join("io.safetensors");
     Tensor::write_safetensors(&[("input", &probe.contiguous()), ("output", &output)], &io).unwrap();
     run_python("torchscript_model.py", &["check".as_ref(), out_dir.join("model.pt").as_os_str(), io.as_os_str()]);
+}
+
+/// Scripts the Linear-BatchNorm-ReLU-Linear module of `torchscript_model.py` into `dir`.
+fn scripted_small(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("small.pt");
+    run_python("torchscript_model.py", &["make".as_ref(), path.as_os_str()]);
+    path
+}
+
+/// Inputs of 8 features and labels of 3 classes (the largest of the first three features), drawn with `seed`.
+fn labelled(seed: i64, n: i64) -> (Tensor, Tensor) {
+    seeded(seed, || {
+        let xs = Tensor::randn([n, 8], (Kind::Float, Device::Cpu));
+        let ys = xs.narrow(1, 0, 3).argmax(1, false);
+        (xs, ys)
+    })
+}
+
+fn eval_output(net: &dyn Model, xs: &Tensor) -> Tensor {
+    tch::no_grad(|| net.forward_t(xs, false)).unwrap()
+}
+
+#[test]
+fn a_torchscript_models_buffers_are_its_batchnorm_statistics_under_pytorchs_names() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let net = ScriptModel::load(scripted_small(dir.path()), Device::Cpu).unwrap();
+    let names: Vec<String> = net.named_buffers().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]);
+    // The listed tensors are the module's own: a training forward updates them where the engine reads them.
+    let before = deep_copy(&net.named_buffers());
+    let (xs, _) = labelled(1, 16);
+    let _ = tch::no_grad(|| net.forward_t(&xs, true)).unwrap();
+    let after = net.named_buffers();
+    assert!(!identical(&before, &after), "a training forward left the listed statistics as they were");
+    assert_eq!(after[2].1.int64_value(&[]), 1, "num_batches_tracked");
+}
+
+#[test]
+fn every_rank_trains_and_evaluates_with_rank_0s_torchscript_batchnorm_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let scripted = scripted_small(dir.path());
+    let outputs = on_ranks(2, |rank, comm| {
+        let net = model::build(scripted.to_str().unwrap(), 3, &[8], Device::Cpu).unwrap();
+        let mut ddp = Ddp::new(net, comm, DdpOptions::default()).unwrap();
+        if rank == 1 {
+            // Rank 1 alone sees other data in training mode: its running statistics drift from rank 0's.
+            let skewed = seeded(2, || Tensor::randn([32, 8], (Kind::Float, Device::Cpu)) * 3.0 + 2.0);
+            let _ = tch::no_grad(|| ddp.model().forward_t(&skewed, true)).unwrap();
+        }
+        let mut opt = OptimizerConfig::Sgd(SgdConfig::default()).build(ddp.parameters()).unwrap();
+        ddp.train_step(&[labelled(3, 32)], opt.as_mut(), 0.1).unwrap();
+        let (probe, _) = labelled(4, 8);
+        (eval_output(ddp.model(), &probe), deep_copy(&ddp.model().named_buffers()))
+    });
+    assert!(outputs[0].0.equal(&outputs[1].0), "rank 1 evaluates with its own running statistics, not rank 0's");
+    assert!(identical(&outputs[0].1, &outputs[1].1));
+}
+
+#[test]
+fn a_torchscript_model_restored_from_its_saved_tensors_evaluates_and_exports_as_trained() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let scripted = scripted_small(dir.path());
+    let net = model::build(scripted.to_str().unwrap(), 3, &[8], Device::Cpu).unwrap();
+    let mut ddp = Ddp::single(net, DdpOptions::default()).unwrap();
+    let mut opt = OptimizerConfig::Sgd(SgdConfig::default()).build(ddp.parameters()).unwrap();
+    for step in 0..5 {
+        ddp.train_step(&[labelled(10 + step, 32)], opt.as_mut(), 0.1).unwrap();
+    }
+    let (probe, _) = labelled(20, 8);
+    let trained = eval_output(ddp.model(), &probe);
+    let first = dir.path().join("first");
+    export(ddp.model(), &first, 3, &[8], serde_json::json!({})).unwrap();
+    let saved = Tensor::read_safetensors(first.join("model.safetensors")).unwrap();
+    let names: Vec<&str> = saved.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        names.contains(&"bn.running_mean") && names.contains(&"bn.num_batches_tracked"),
+        "model.safetensors lacks the running statistics: {names:?}"
+    );
+
+    // A resumed job loads the file it was given, then the saved tensors (a checkpoint holds the same list).
+    let resumed = model::build(scripted.to_str().unwrap(), 3, &[8], Device::Cpu).unwrap();
+    model::load_state_tensors(resumed.as_ref(), &saved).unwrap();
+    assert!(
+        eval_output(resumed.as_ref(), &probe).equal(&trained),
+        "the restored model evaluates with the file's original running statistics"
+    );
+    // A job restarted at its last step exports the restored model: its model.pt holds the trained statistics.
+    let second = dir.path().join("second");
+    export(resumed.as_ref(), &second, 3, &[8], serde_json::json!({})).unwrap();
+    let reloaded = ScriptModel::load(second.join("model.pt"), Device::Cpu).unwrap();
+    assert!(eval_output(&reloaded, &probe).equal(&trained), "model.pt holds untrained running statistics");
 }
 
 #[test]
