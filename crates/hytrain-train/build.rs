@@ -4,7 +4,8 @@
 //! which overlapping gradient allreduces with backward needs, nor the scaled in-place ops (`add_` with alpha,
 //! `addcmul_`/`addcdiv_` with value, `out=`) that optimizer steps without temporaries need, nor CPU autocast and
 //! the GradScaler's unscale kernel that mixed precision needs, nor a custom autograd function (the 2x2 max-pool
-//! kernel, `csrc/max_pool.cpp`), nor AOTInductor's package loader (exported models, `csrc/aoti.cpp`).
+//! kernel, `csrc/max_pool.cpp`), nor AOTInductor's package loader (exported models, `csrc/aoti.cpp`), nor a
+//! TorchScript module's buffers (`csrc/script.cpp`).
 use std::path::Path;
 
 fn main() {
@@ -27,6 +28,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     println!("cargo:rerun-if-changed=csrc/max_pool.cpp");
     println!("cargo:rerun-if-changed=csrc/aoti.cpp");
+    println!("cargo:rerun-if-changed=csrc/script.cpp");
     println!("cargo:rerun-if-changed=csrc/shim_error.h");
     cc::Build::new()
         .cpp(true)
@@ -42,5 +44,6 @@ fn main() {
         .file("csrc/autocast.cpp")
         .file("csrc/max_pool.cpp")
         .file("csrc/aoti.cpp")
+        .file("csrc/script.cpp")
         .compile("hytrain_grad_hook");
 }

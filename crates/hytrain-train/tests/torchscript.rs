@@ -161,3 +161,21 @@ fn a_file_that_is_not_torchscript_is_a_clear_error() {
     let e = ScriptModel::load(&bogus, Device::Cpu).unwrap_err().to_string();
     assert!(e.starts_with(&format!("loading TorchScript model {}", bogus.display())), "{e}");
 }
+
+#[test]
+fn a_forward_that_returns_no_single_tensor_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = dir.path().join("pair.pt");
+    run_python("torchscript_model.py", &["make-pair".as_ref(), pair.as_os_str()]);
+    let net = ScriptModel::load(&pair, Device::Cpu).unwrap();
+    let (xs, _) = labelled(1, 4);
+    let e = tch::no_grad(|| net.forward_t(&xs, false)).unwrap_err().to_string();
+    assert!(e.contains("forward returned Tuple, not one tensor of logits"), "{e}");
+}
+
+#[test]
+fn a_device_torchscript_cannot_use_is_refused_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = ScriptModel::load(scripted_small(dir.path()), Device::Mps).unwrap_err().to_string();
+    assert!(e.contains("TorchScript models train on the CPU or a CUDA GPU, not Mps"), "{e}");
+}

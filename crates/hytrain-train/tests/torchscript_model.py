@@ -1,6 +1,7 @@
 """TorchScript side of the TorchScript test.
 
 make <model.pt>                  scripts a small Linear-BatchNorm-ReLU-Linear module with torch.jit.script and saves it
+make-pair <model.pt>             the same module with a forward that returns (logits, features), not one tensor
 check <model.pt> <io.safetensors>  loads a module hytrain saved back and checks its eval output on `input` is `output`
 """
 import os
@@ -24,11 +25,19 @@ class Small(nn.Module):
         return self.fc2(torch.relu(self.bn(self.fc1(x))))
 
 
+class Pair(Small):
+    def forward(self, x):
+        features = torch.relu(self.bn(self.fc1(x)))
+        return self.fc2(features), features
+
+
 def main():
     torch.set_num_threads(1)
     if sys.argv[1] == "make":
         torch.manual_seed(0)
         torch.jit.script(Small()).save(sys.argv[2])
+    elif sys.argv[1] == "make-pair":
+        torch.jit.script(Pair()).save(sys.argv[2])
     elif sys.argv[1] == "check":
         m = torch.jit.load(sys.argv[2])
         m.eval()
