@@ -270,11 +270,19 @@ pub(crate) fn kill_rank0_while_replacing_a_checkpoint(
     )?;
     drop(job);
 
-    // A fresh run (another learning rate) over the same folder reaches step 5 and must replace ckpt-5.
+    // A fresh run (another weight decay) over the same folder reaches step 5 and must replace ckpt-5; the
+    // restart's newer checkpoints go first, so ckpt-5 is the newest again.
+    for (step, path) in
+        hytrain::train::checkpoint::list_checkpoints(&dir.join("ckpt")).unwrap_or_default()
+    {
+        if step != 5 {
+            fs::remove_dir_all(path).unwrap();
+        }
+    }
     let fresh = [
         "--no-resume",
-        "--lr",
-        "0.05",
+        "--weight-decay",
+        "0.001",
         "--max-steps",
         "5",
         "--keep",
@@ -288,13 +296,13 @@ pub(crate) fn kill_rank0_while_replacing_a_checkpoint(
     job.start(2, &fresh, PEER_TIMEOUT, None);
     job.wait_exits(&all, Instant::now(), RUN_LIMIT)?;
     still_valid(dir, 5, &job, "as a --no-resume run replaced ckpt-5")?;
-    let lr = hytrain::train::latest_valid(&dir.join("ckpt"))
+    // Read after the restart, which leaves ckpt-5 as it found it.
+    let decay = hytrain::train::checkpoint::read_checkpoint(&dir.join("ckpt/ckpt-5"))
         .ok()
-        .flatten()
-        .and_then(|r| r.checkpoint.meta.config.get("lr").and_then(|v| v.as_f64()));
-    if lr != Some(0.05) {
+        .and_then(|c| c.meta.config.get("weight_decay").and_then(|v| v.as_f64()));
+    if decay != Some(0.001) {
         return Err(format!(
-            "ckpt-5 is not the --no-resume run's (its lr is {lr:?}, not 0.05):\n{}",
+            "ckpt-5 is not the --no-resume run's (its weight decay is {decay:?}, not 0.001):\n{}",
             job.logs()
         ));
     }

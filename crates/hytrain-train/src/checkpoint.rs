@@ -2,7 +2,8 @@
 //! (with the SHA-256 of both tensor files), written atomically and found again after a crash.
 //!
 //! Writing: everything goes into `.tmp-ckpt-<step>-<pid>/`, each file is fsynced, the directory is renamed to
-//! `ckpt-<step>` and the parent is fsynced; only then are checkpoints beyond the newest `keep` deleted. Reading
+//! `ckpt-<step>` (or swapped with an existing one atomically) and the parent is fsynced; only then are checkpoints
+//! beyond the newest `keep` deleted. Reading
 //! scans newest first and takes the first checkpoint whose files are all present, match their checksums and parse,
 //! so a torn or corrupted newest one costs only the steps since the one before.
 
@@ -27,6 +28,8 @@ const MODEL_FILE: &str = "model.safetensors";
 const MAX_META_BYTES: u64 = 16 << 20;
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const META_FILE: &str = "meta.json";
+/// A checkpoint renamed aside while a new one of the same step replaces it: `.old-ckpt-<step>-<pid>`.
+const DISPLACED_PREFIX: &str = ".old-ckpt-";
 
 /// Seed and generator state needed to continue a run's randomness.
 #[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
@@ -125,6 +128,27 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 fn fsync(path: &Path) -> Result<()> {
     File::open(path).and_then(|f| f.sync_all()).map_err(io("fsync", path))
+}
+
+/// Swaps two directory entries atomically (`renameat2` with `RENAME_EXCHANGE`).
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both are valid NUL-terminated paths for the duration of the call.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// No atomic swap off Linux: the caller falls back to renaming the old checkpoint aside.
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
 }
 
 fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
@@ -249,24 +273,43 @@ impl CheckpointStore {
     }
 
     /// Renames a complete `tmp` into place as `ckpt-<step>` and prunes old checkpoints.
+    ///
+    /// A resumed or `--no-resume` run can reach a step saved before; the new checkpoint then replaces the old by
+    /// swapping the two directories in one `renameat2(RENAME_EXCHANGE)`, so `ckpt-<step>` is a complete checkpoint
+    /// at every moment. Where the file system cannot swap (NFS, such as EFS, refuses it), the old one is renamed
+    /// aside to `.old-ckpt-<step>-<pid>` and the new one in; a kill between the two leaves the old one there, and
+    /// [`latest_valid`] takes it when no `ckpt-<step>` is valid.
     fn publish(&self, step: u64, tmp: &Path) -> Result<PathBuf> {
         let dest = self.dir.join(format!("ckpt-{step}"));
-        // A resumed run can reach a step it saved before; the new one replaces it.
-        let displaced = if dest.exists() {
-            let old = self.dir.join(format!(".old-ckpt-{step}-{}", std::process::id()));
-            fs::rename(&dest, &old).map_err(io("rename", &dest))?;
-            Some(old)
+        if dest.exists() {
+            match exchange(tmp, &dest) {
+                // `tmp` now holds the old checkpoint.
+                Ok(()) => {
+                    fsync(&self.dir)?;
+                    fs::remove_dir_all(tmp).map_err(io("remove", tmp))?;
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)) => {
+                    self.replace_by_renames(step, tmp, &dest)?
+                }
+                Err(e) => return Err(TrainError::io("replace", &dest, e)),
+            }
         } else {
-            None
-        };
-        fs::rename(tmp, &dest).map_err(io("rename", tmp))?;
-        fsync(&self.dir)?;
-        if let Some(old) = displaced {
-            fs::remove_dir_all(&old).map_err(io("remove", &old))?;
+            fs::rename(tmp, &dest).map_err(io("rename", tmp))?;
+            fsync(&self.dir)?;
         }
         tracing::info!(path = %dest.display(), step, "checkpoint written");
         self.prune()?;
         Ok(dest)
+    }
+
+    /// Replaces `dest` by `tmp` where the file system cannot swap them: the old checkpoint is renamed aside, where
+    /// [`latest_valid`] finds it should a kill come before the new one is renamed in.
+    fn replace_by_renames(&self, step: u64, tmp: &Path, dest: &Path) -> Result<()> {
+        let old = self.dir.join(format!("{DISPLACED_PREFIX}{step}-{}", std::process::id()));
+        fs::rename(dest, &old).map_err(io("rename", dest))?;
+        fs::rename(tmp, dest).map_err(io("rename", tmp))?;
+        fsync(&self.dir)?;
+        fs::remove_dir_all(&old).map_err(io("remove", &old))
     }
 
     /// Deletes checkpoints beyond the newest `keep` and leftovers of interrupted writes.
@@ -279,7 +322,7 @@ impl CheckpointStore {
         for entry in fs::read_dir(&self.dir).map_err(io("list", &self.dir))?.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with(".tmp-ckpt-") || name.starts_with(".old-ckpt-") {
+            if name.starts_with(".tmp-ckpt-") || name.starts_with(DISPLACED_PREFIX) {
                 let path = entry.path();
                 fs::remove_dir_all(&path).map_err(io("remove", &path))?;
                 tracing::debug!(path = %path.display(), "leftover of an interrupted checkpoint write removed");
@@ -375,10 +418,16 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
 }
 
 /// The newest checkpoint in `dir` that verifies ([`read_checkpoint`]); newer ones that do not are skipped with a
-/// warning naming them and why. `None` when the directory has no valid checkpoint (or does not exist).
+/// warning naming them and why. A checkpoint renamed aside by a replace that was interrupted
+/// (`.old-ckpt-<step>-<pid>`, see [`CheckpointStore::save`]) stands in for a `ckpt-<step>` that is missing or
+/// invalid. `None` when the directory has no valid checkpoint (or does not exist).
 pub fn latest_valid(dir: &Path) -> Result<Option<Resume>> {
+    let mut candidates = list_checkpoints(dir)?;
+    candidates.extend(list_displaced(dir)?);
+    // Newest step first; for one step `ckpt-<step>` before a displaced copy ("." sorts before "c").
+    candidates.sort_by(|(a, pa), (b, pb)| b.cmp(a).then(pb.cmp(pa)));
     let mut skipped = Vec::new();
-    for (_, path) in list_checkpoints(dir)?.into_iter().rev() {
+    for (_, path) in candidates {
         match read_checkpoint(&path) {
             Ok(checkpoint) => return Ok(Some(Resume { checkpoint, path, skipped })),
             Err(e) => {
@@ -392,4 +441,67 @@ pub fn latest_valid(dir: &Path) -> Result<Option<Resume>> {
         }
     }
     Ok(None)
+}
+
+/// Checkpoints renamed aside by an interrupted replace (`.old-ckpt-<step>-<pid>` directories) in `dir`.
+fn list_displaced(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(TrainError::io("list", dir, e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io("list", dir))?;
+        let name = entry.file_name();
+        let step = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(DISPLACED_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(step, _pid)| step.parse().ok());
+        if let (Some(step), true) = (step, entry.path().is_dir()) {
+            found.push((step, entry.path()));
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(step: u64, value: f32) -> Checkpoint {
+        Checkpoint {
+            model: vec![("w".into(), Tensor::from_slice(&[value]))],
+            optimizer: vec![],
+            meta: CheckpointMeta {
+                step,
+                epoch: 0,
+                data_position: serde_json::Value::Null,
+                rng: RngState::default(),
+                config: serde_json::Value::Null,
+                schedule: Schedule::Constant,
+                model: "m".into(),
+                optimizer: "sgd".into(),
+                grad_scaler: None,
+            },
+        }
+    }
+
+    /// The fallback for file systems without `RENAME_EXCHANGE` (NFS), which this machine's may not reproduce.
+    #[test]
+    fn replacing_by_renames_leaves_the_new_checkpoint_and_nothing_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::new(dir.path(), 1).unwrap();
+        store.save(&checkpoint(3, 1.0)).unwrap();
+        let tmp = dir.path().join(".tmp-ckpt-3-1");
+        store.write_aside(&checkpoint(3, 2.0), &tmp).unwrap();
+        let dest = dir.path().join("ckpt-3");
+        store.replace_by_renames(3, &tmp, &dest).unwrap();
+        let names: Vec<String> =
+            fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["ckpt-3"]);
+        let w = read_checkpoint(&dest).unwrap().model.remove(0).1;
+        assert_eq!(w.double_value(&[0]), 2.0);
+    }
 }

@@ -399,9 +399,13 @@ impl Trainer {
                     val_at = Some(step);
                 }
             }
-            if last_saved != Some(step) || stopped {
+            // A stop right after a resume or a checkpoint has nothing new to save: the checkpoint of this step
+            // holds exactly this state, and writing it again would only replace it.
+            if last_saved != Some(step) {
                 last_checkpoint = run.save(step, epoch, consumed)?.or(last_checkpoint);
                 last_saved = Some(step);
+            } else if stopped {
+                tracing::info!(rank, step, "stopping: step {step} is already checkpointed");
             }
             if epoch_done {
                 epoch += 1;

@@ -269,3 +269,40 @@ fn an_unwritable_checkpoint_directory_is_a_clear_error() {
     let e = store.save(&checkpoint_of(&ddp, opt.as_ref(), 1)).unwrap_err().to_string();
     assert!(e.starts_with("cannot create") && e.contains("not-a-dir/ckpts"), "{e}");
 }
+
+#[test]
+fn replacing_a_step_swaps_it_in_place_and_leaves_no_other_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = CheckpointStore::new(dir.path(), 1).unwrap();
+    let (ddp, opt) = trained(1);
+    store.save(&checkpoint_of(&ddp, opt.as_ref(), 6)).unwrap();
+    let (ddp2, opt2) = trained(3);
+    store.save(&checkpoint_of(&ddp2, opt2.as_ref(), 6)).unwrap();
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["ckpt-6"]);
+    let resume = latest_valid(dir.path()).unwrap().unwrap();
+    assert!(identical(&by_name(resume.checkpoint.model), &by_name(deep_copy(&model::state_tensors(ddp2.model())))));
+}
+
+/// Where the file system cannot swap two directories, a replace renames the old checkpoint aside first; a kill
+/// before the new one is renamed in leaves that state, which must still resume.
+#[test]
+fn a_checkpoint_renamed_aside_by_an_interrupted_replace_is_resumed_from() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with(dir.path(), 5, &[4, 6]);
+    std::fs::rename(dir.path().join("ckpt-6"), dir.path().join(".old-ckpt-6-4242")).unwrap();
+    // The new one's complete files, not yet renamed in, are not taken: only the renamed-aside one is.
+    std::fs::create_dir(dir.path().join(".tmp-ckpt-6-4242")).unwrap();
+    let resume = latest_valid(dir.path()).unwrap().unwrap();
+    assert_eq!(resume.checkpoint.meta.step, 6);
+    assert_eq!(resume.path, dir.path().join(".old-ckpt-6-4242"));
+    // The next save clears it.
+    store_with(dir.path(), 5, &[7]);
+    assert!(!dir.path().join(".old-ckpt-6-4242").exists());
+    // A valid ckpt-<step> comes before a displaced copy of the same step.
+    store_with(dir.path(), 5, &[8]);
+    std::fs::create_dir(dir.path().join(".old-ckpt-8-1")).unwrap();
+    let resume = latest_valid(dir.path()).unwrap().unwrap();
+    assert_eq!(resume.path, dir.path().join("ckpt-8"));
+}
