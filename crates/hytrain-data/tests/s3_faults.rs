@@ -1,12 +1,15 @@
 //! Retries of the S3 source: faults injected in front of a real S3 server (s3s-fs) for the first requests, then
 //! the real answers. Reads must come out byte-exact; a fault that never stops must end in a clear error.
 
+mod common;
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hytrain_data::source::{S3Options, Source, S3};
-use hytrain_data::Error;
+use hytrain_data::format::{Dataset, OpenOptions};
+use hytrain_data::source::{S3Options, SharedSource, Source, S3};
+use hytrain_data::{Error, Loader, LoaderConfig, SamplerConfig};
 use support::{pseudo_random, Fault, LocalS3};
 
 const PART: u64 = 32 * 1024;
@@ -181,4 +184,75 @@ fn a_stalled_body_times_out_and_the_retry_reads_exact_bytes() {
     let err = source.read("a.tar").unwrap_err();
     let Error::RetriesExhausted { ref last, .. } = err else { panic!("{err:?}") };
     assert!(last.contains("no complete answer within 0.5 s"), "{last}");
+}
+
+#[test]
+fn shards_being_fetched_count_in_the_loaders_read_ahead_budget() {
+    let root = tempfile::tempdir().unwrap();
+    let server = LocalS3::start(root.path());
+    let shards = common::numbered_dataset(12, 4);
+    let mut sizes = Vec::new();
+    for object in shards.list().unwrap() {
+        server.put("bkt", &format!("ds/{}", object.name), &shards.read(&object.name).unwrap());
+        sizes.push(object.size);
+    }
+    let shard = sizes[0];
+    assert!(sizes.iter().all(|&s| s == shard), "{sizes:?}");
+    let source: SharedSource = Arc::new(S3::new("s3://bkt/ds", &server.options()).unwrap());
+    let dataset = Arc::new(Dataset::open(source, &OpenOptions::default()).unwrap());
+    let config = LoaderConfig {
+        batch_size: 4,
+        workers: 1,
+        prefetch_bytes: 2 * shard,
+        sampler: SamplerConfig { seed: 5, ..SamplerConfig::default() },
+        ..LoaderConfig::default()
+    };
+    let loader = Loader::new(dataset, config).unwrap();
+    server.faults.reset();
+    server.faults.inject("GetObject", Fault::Hold, usize::MAX);
+    let epoch = loader.epoch(0).unwrap();
+    // Nothing is answered yet: the loader starts the reads its budget allows, two shards, and waits for them.
+    let started = server.faults.wait_for("GetObject", 2, Duration::from_secs(60));
+    assert!(started >= 2, "the loader started {started} reads");
+    // A loader that ignored the budget would start more now; one that keeps to it starts none before an answer,
+    // however long this waits.
+    server.faults.wait_for("GetObject", 3, Duration::from_secs(2));
+    server.faults.open_held();
+    let labels: Vec<i64> = epoch.flat_map(|b| b.unwrap().targets).collect();
+    assert_eq!(labels.len(), 48);
+    let most = server.faults.most_outstanding("GetObject");
+    assert!(
+        most <= 2,
+        "{most} shards of {shard} bytes were being fetched at once with a read-ahead budget of {} bytes",
+        2 * shard
+    );
+}
+
+#[test]
+fn an_object_whose_size_changed_since_the_listing_fails_at_once_naming_both_sizes() {
+    let large = 4 * PART as usize + 777;
+    // (object, size listed, size now, GETs at most: one per part, none repeated)
+    for (name, listed, now, gets) in [
+        ("shard-001.tar", 5, 3, 1),
+        ("shard-001.tar", 5, 9, 1),
+        ("shard-000.tar", large, large + 100, 5),
+        ("shard-000.tar", large, large - 100, 5),
+        ("shard-000.tar", large, PART as usize, 5),
+    ] {
+        let (_root, server, _data, source) = setup();
+        source.list().unwrap();
+        server.put("bkt", &format!("ds/{name}"), &pseudo_random(now, 3));
+        server.faults.reset();
+        let err = source.read(name).unwrap_err();
+        let text = err.to_string();
+        assert!(!matches!(err, Error::RetriesExhausted { .. }), "retried: {text}");
+        assert!(
+            text.contains(&format!("s3://bkt/ds/{name}"))
+                && text.contains(&format!("{listed} bytes"))
+                && text.contains(&format!("{now} bytes")),
+            "{text}"
+        );
+        let seen = server.faults.count("GetObject");
+        assert!(seen <= gets, "{seen} GETs of {name} ({listed} -> {now} bytes)");
+    }
 }

@@ -3,7 +3,8 @@
 //! The server checks SigV4 signatures against fixed test credentials, so requests take the same signing path as
 //! against AWS. In front of s3s's service sits [`Faults`], which can answer the next requests of one kind with a
 //! fault a healthy server cannot produce on demand (503 SlowDown, 500, a dropped connection, a body cut short),
-//! then lets requests through to the real service again.
+//! then lets requests through to the real service again. It also counts requests still being answered, to show
+//! how many objects a client fetches at once.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -11,7 +12,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -44,6 +46,10 @@ pub enum Fault {
     Stall,
     /// The real answer's headers without `Content-Length`, then its body repeated without end (chunked).
     Endless,
+    /// The real answer, but only once [`Faults::open_held`] is called: until then the request waits unanswered.
+    Hold,
+    /// `400 ExpiredToken`, S3's answer to a request signed with a session token past its expiry.
+    ExpiredToken,
 }
 
 /// Request counts by operation, and the faults still to inject.
@@ -51,6 +57,11 @@ pub enum Fault {
 pub struct Faults {
     plan: Mutex<Vec<(&'static str, Fault, usize)>>,
     counts: Mutex<HashMap<&'static str, usize>>,
+    arrived: Condvar,
+    /// Requests being answered (arrived, last body byte not yet handed to hyper) and the most at once, by operation.
+    outstanding: Mutex<HashMap<&'static str, (usize, usize)>>,
+    held_open: AtomicBool,
+    held: tokio::sync::Notify,
 }
 
 impl Faults {
@@ -60,10 +71,46 @@ impl Faults {
         self.plan.lock().unwrap().push((op, fault, times));
     }
 
-    /// Injects nothing more and forgets the counts.
+    /// Injects nothing more and forgets the counts (the most outstanding included).
     pub fn reset(&self) {
         self.plan.lock().unwrap().clear();
         self.counts.lock().unwrap().clear();
+        for (_, most) in self.outstanding.lock().unwrap().values_mut() {
+            *most = 0;
+        }
+    }
+
+    /// Waits until `n` requests of `op` have arrived, or `within` has passed; returns the count then.
+    pub fn wait_for(&self, op: &str, n: usize, within: Duration) -> usize {
+        let counts = self.counts.lock().unwrap();
+        let (counts, _) = self
+            .arrived
+            .wait_timeout_while(counts, within, |c| c.get(op).copied().unwrap_or(0) < n)
+            .unwrap();
+        counts.get(op).copied().unwrap_or(0)
+    }
+
+    /// The most requests of `op` that were being answered at once since the start or the last reset: arrived, and
+    /// the last byte of the answer's body not yet produced.
+    pub fn most_outstanding(&self, op: &str) -> usize {
+        self.outstanding.lock().unwrap().get(op).map_or(0, |&(_, most)| most)
+    }
+
+    /// Answers the requests [`Fault::Hold`] keeps waiting, and those it would hold from now on.
+    pub fn open_held(&self) {
+        self.held_open.store(true, Ordering::SeqCst);
+        self.held.notify_waiters();
+    }
+
+    async fn wait_until_open(&self) {
+        loop {
+            // Created before the flag is read, so an open_held between the two still wakes it.
+            let opened = self.held.notified();
+            if self.held_open.load(Ordering::SeqCst) {
+                return;
+            }
+            opened.await;
+        }
     }
 
     /// Requests of `op` seen so far (faulted ones included).
@@ -73,6 +120,7 @@ impl Faults {
 
     fn on_request(&self, op: &'static str) -> Option<Fault> {
         *self.counts.lock().unwrap().entry(op).or_default() += 1;
+        self.arrived.notify_all();
         let mut plan = self.plan.lock().unwrap();
         let slot = plan.iter_mut().find(|(o, _, left)| *o == op && *left > 0)?;
         if slot.2 != usize::MAX {
@@ -134,6 +182,71 @@ impl http_body::Body for CutBody {
     }
 }
 
+/// One request being answered, counted in [`Faults::most_outstanding`] until dropped.
+struct Outstanding(Arc<Faults>, &'static str);
+
+impl Outstanding {
+    fn start(faults: Arc<Faults>, op: &'static str) -> Self {
+        {
+            let mut all = faults.outstanding.lock().unwrap();
+            let (now, most) = all.entry(op).or_default();
+            *now += 1;
+            *most = (*most).max(*now);
+        }
+        Outstanding(faults, op)
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        if let Some((now, _)) = self.0.outstanding.lock().unwrap().get_mut(self.1) {
+            *now -= 1;
+        }
+    }
+}
+
+/// An answer's body that ends its request's [`Outstanding`] when it produces its last byte (by `Content-Length`),
+/// ends or is dropped: before the client can have the whole answer.
+struct TrackedBody {
+    inner: BoxBody,
+    remaining: Option<u64>,
+    outstanding: Option<Outstanding>,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if let Some(left) = self.remaining.as_mut() {
+                    *left = left.saturating_sub(len);
+                    if *left == 0 {
+                        self.outstanding = None;
+                    }
+                }
+            }
+            Poll::Ready(_) => self.outstanding = None,
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A body that repeats its bytes forever.
 struct EndlessBody(Bytes);
 
@@ -161,9 +274,11 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for FaultServ
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn call(&self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
-        let fault = self.faults.on_request(operation(&req));
-        let s3 = self.s3.clone();
-        Box::pin(async move {
+        let op = operation(&req);
+        let fault = self.faults.on_request(op);
+        let outstanding = Outstanding::start(self.faults.clone(), op);
+        let (s3, faults) = (self.s3.clone(), self.faults.clone());
+        let answer = async move {
             let real = async move {
                 let response = hyper::service::Service::call(&s3, req)
                     .await
@@ -174,6 +289,15 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for FaultServ
             };
             match fault {
                 None => real.await,
+                Some(Fault::Hold) => {
+                    faults.wait_until_open().await;
+                    real.await
+                }
+                Some(Fault::ExpiredToken) => Ok(xml_error(
+                    400,
+                    "ExpiredToken",
+                    "The provided token has expired.",
+                )),
                 Some(Fault::SlowDown) => Ok(xml_error(
                     503,
                     "SlowDown",
@@ -215,6 +339,21 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for FaultServ
                     ))
                 }
             }
+        };
+        Box::pin(async move {
+            let response: http::Response<BoxBody> = answer.await?;
+            let remaining = response
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            Ok(response.map(|inner| {
+                TrackedBody {
+                    inner,
+                    remaining,
+                    outstanding: Some(outstanding),
+                }
+                .boxed_unsync()
+            }))
         })
     }
 }
