@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::augment::Transform;
 use crate::format::{Dataset, Input, OpenOptions, RawSample, Sample};
 use crate::sampler::{Position, SampleRef, Sampler, SamplerConfig};
-use crate::source::SharedSource;
+use crate::source::{ReadBudget, SharedSource};
 use crate::Error;
 
 /// Loader settings.
@@ -30,7 +30,8 @@ pub struct LoaderConfig {
     pub batch_size: usize,
     /// Decode/augment threads.
     pub workers: usize,
-    /// Most bytes of shards read ahead of need (at least one shard is always allowed).
+    /// Most bytes of shards read ahead of need, shards still being fetched included (at least one shard is always
+    /// allowed).
     pub prefetch_bytes: u64,
     /// Decoding to tensors: augmentation and normalization.
     pub transform: Transform,
@@ -263,7 +264,7 @@ pub struct Epoch {
     results: Receiver<(usize, Outcome)>,
     reorder: BTreeMap<usize, Outcome>,
     window: Arc<Gate>,
-    budget: Arc<Gate>,
+    budget: Arc<ReadBudget>,
     stats: Arc<Stats>,
     skip_bad: bool,
     last_good: Option<Item>,
@@ -289,7 +290,7 @@ impl Epoch {
         let window_size = (2 * config.batch_size + 4 * config.workers.max(1)) as u64;
         let window = Arc::new(Gate::default());
         window.add(window_size as i64);
-        let budget = Arc::new(Gate::default());
+        let budget = Arc::new(ReadBudget::new(config.prefetch_bytes));
         let (results_tx, results) = unbounded::<(usize, Outcome)>();
 
         // Which samples of each shard this rank needs, and the order in which shards are first needed.
@@ -314,15 +315,10 @@ impl Epoch {
         {
             let dataset = dataset.clone();
             let budget = budget.clone();
-            let cap = config.prefetch_bytes;
             spawn("hytrain-data-fetch", move || {
-                for (s, read) in dataset.read_shards(order) {
+                // Each shard is held in the budget from before its read starts until the dispatcher takes it.
+                for (s, read) in dataset.read_shards_within(order, budget) {
                     let size = dataset.shards()[s].bytes;
-                    // Read ahead only within the cap, but always when nothing is ahead (the dispatcher waits).
-                    if !budget.wait_until(|ahead| ahead == 0 || ahead + size <= cap) {
-                        return;
-                    }
-                    budget.add(size as i64);
                     let keep = &wanted[&s];
                     let read = read.map(|samples| {
                         samples
@@ -350,7 +346,7 @@ impl Epoch {
                     while !pending.contains_key(&(r.shard, r.index)) {
                         match shard_rx.recv() {
                             Ok((s, size, Ok(samples))) => {
-                                budget.add(-(size as i64));
+                                budget.release(size);
                                 for (i, raw) in samples {
                                     let n = uses[&(s, i)];
                                     pending.insert((s, i), (raw, n));

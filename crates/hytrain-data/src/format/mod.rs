@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use crate::source::{Object, SharedSource};
+use crate::source::{Object, ReadBudget, SharedSource};
 use crate::Error;
 pub use tokens::{TokenDtype, TokenOptions};
 
@@ -482,15 +482,48 @@ impl Dataset {
     /// Reads several shards in the given order, letting the source keep reads in flight ahead of the consumer
     /// ([`Source::read_many`](crate::source::Source::read_many)).
     pub fn read_shards(&self, indices: Vec<usize>) -> ShardReads<'_> {
+        self.read_shards_in(indices, None)
+    }
+
+    /// [`Dataset::read_shards`] within `budget`: each shard's [`Shard::bytes`] are held in it from before its read
+    /// starts until the consumer releases them ([`Source::read_ahead`](crate::source::Source::read_ahead)).
+    pub fn read_shards_within(
+        &self,
+        indices: Vec<usize>,
+        budget: Arc<ReadBudget>,
+    ) -> ShardReads<'_> {
+        self.read_shards_in(indices, Some(budget))
+    }
+
+    fn read_shards_in(
+        &self,
+        indices: Vec<usize>,
+        budget: Option<Arc<ReadBudget>>,
+    ) -> ShardReads<'_> {
         let sliced = matches!(self.format, Format::Mnist | Format::Tokens);
         if sliced || indices.iter().any(|&i| i >= self.shards.len()) {
-            return Box::new(indices.into_iter().map(move |i| (i, self.read_shard(i))));
+            return Box::new(indices.into_iter().map_while(move |i| {
+                let bytes = self.shards.get(i).map_or(0, |s| s.bytes);
+                let reserved = budget.as_ref().is_none_or(|b| b.reserve(bytes));
+                reserved.then(|| (i, self.read_shard(i)))
+            }));
         }
-        let names = indices
-            .iter()
-            .map(|&i| self.shards[i].name.clone())
-            .collect();
-        let objects = self.source.read_many(names);
+        let objects = match budget {
+            Some(budget) => {
+                let sized = indices
+                    .iter()
+                    .map(|&i| (self.shards[i].name.clone(), self.shards[i].bytes))
+                    .collect();
+                self.source.read_ahead(sized, budget)
+            }
+            None => {
+                let names = indices
+                    .iter()
+                    .map(|&i| self.shards[i].name.clone())
+                    .collect();
+                self.source.read_many(names)
+            }
+        };
         Box::new(
             indices
                 .into_iter()

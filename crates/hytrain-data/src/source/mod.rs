@@ -33,7 +33,7 @@ pub(crate) mod tar_split;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 pub use dir::Dir;
 pub use pipe::{Pipe, PipeOptions};
@@ -87,6 +87,77 @@ pub(crate) fn read_file(source_desc: &str, name: &str, path: &std::path::Path) -
 /// Objects read ahead by [`Source::read_many`], in the order their names were given.
 pub type Objects<'a> = Box<dyn Iterator<Item = Result<(String, Vec<u8>), Error>> + Send + 'a>;
 
+/// The bytes a consumer lets a source read ahead of it ([`Source::read_ahead`]): an object counts from before its
+/// read starts (while it is in flight) until the consumer is done with its bytes and releases it. One object may
+/// always be read when nothing is held, whatever its size, so an object larger than the cap still gets read.
+#[derive(Debug)]
+pub struct ReadBudget {
+    cap: u64,
+    /// Bytes held, and whether the budget was stopped.
+    state: Mutex<(u64, bool)>,
+    changed: Condvar,
+}
+
+impl ReadBudget {
+    /// A budget of `cap` bytes.
+    pub fn new(cap: u64) -> ReadBudget {
+        ReadBudget {
+            cap,
+            state: Mutex::new((0, false)),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, bool)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fits(&self, held: u64, bytes: u64) -> bool {
+        held == 0 || held.saturating_add(bytes) <= self.cap
+    }
+
+    /// Holds `bytes` if they fit now; false if not, or if the budget was stopped.
+    pub fn try_reserve(&self, bytes: u64) -> bool {
+        let mut state = self.lock();
+        if state.1 || !self.fits(state.0, bytes) {
+            return false;
+        }
+        state.0 += bytes;
+        true
+    }
+
+    /// Waits until `bytes` fit, then holds them; false if the budget was stopped first.
+    pub fn reserve(&self, bytes: u64) -> bool {
+        let mut state = self.lock();
+        while !state.1 && !self.fits(state.0, bytes) {
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        if state.1 {
+            return false;
+        }
+        state.0 += bytes;
+        true
+    }
+
+    /// Gives back `bytes` held for an object the consumer is done with.
+    pub fn release(&self, bytes: u64) {
+        let mut state = self.lock();
+        state.0 = state.0.saturating_sub(bytes);
+        self.changed.notify_all();
+    }
+
+    /// Ends every wait, now and later: the consumer is gone.
+    pub fn stop(&self) {
+        self.lock().1 = true;
+        self.changed.notify_all();
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        self.lock().0
+    }
+}
+
 /// A dataset's storage: a directory, an S3 prefix, or a SageMaker Pipe channel.
 ///
 /// `list` returns objects sorted by name, so every source gives every rank the same order.
@@ -119,6 +190,19 @@ pub trait Source: Send + Sync + std::fmt::Debug {
                 .into_iter()
                 .map(move |name| self.read(&name).map(|bytes| (name, bytes))),
         )
+    }
+
+    /// [`Source::read_many`] within `budget`: each object, given with the bytes to count for it, is reserved in
+    /// the budget before its read starts, and stays counted until the consumer calls [`ReadBudget::release`], so
+    /// reads in flight count as well as objects waiting. Ends early once the budget is stopped. The consumer must
+    /// release from another thread, or before asking for the next object, or a full budget waits for ever. The
+    /// default reads one object after another; [`S3`] starts as many as fit.
+    fn read_ahead(&self, objects: Vec<(String, u64)>, budget: Arc<ReadBudget>) -> Objects<'_> {
+        Box::new(objects.into_iter().map_while(move |(name, bytes)| {
+            budget
+                .reserve(bytes)
+                .then(|| self.read(&name).map(|data| (name, data)))
+        }))
     }
 
     /// Called by the data loader before each epoch. A [`Pipe`] opens the next FIFO of its channel here (SageMaker
@@ -287,6 +371,35 @@ fn show(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_budget_holds_what_fits_and_always_one_object() {
+        let budget = ReadBudget::new(100);
+        assert!(
+            budget.try_reserve(150),
+            "one object larger than the cap, with nothing held"
+        );
+        assert!(!budget.try_reserve(1));
+        budget.release(150);
+        assert!(budget.try_reserve(60) && budget.try_reserve(40) && !budget.try_reserve(1));
+        assert_eq!(budget.held(), 100);
+    }
+
+    #[test]
+    fn a_stopped_read_budget_ends_the_wait_and_the_default_read_ahead() {
+        let source = crate::MemorySource::new("mem")
+            .with("a", vec![1; 10])
+            .with("b", vec![2; 10]);
+        let budget = Arc::new(ReadBudget::new(10));
+        let mut reads = source.read_ahead(vec![("a".into(), 10), ("b".into(), 10)], budget.clone());
+        assert_eq!(reads.next().unwrap().unwrap().1, vec![1; 10]);
+        // "a" is still held: reading "b" waits until the consumer releases it, or stops.
+        std::thread::scope(|s| {
+            s.spawn(|| budget.stop());
+            assert!(reads.next().is_none());
+        });
+        assert!(!budget.try_reserve(0) && !budget.reserve(0));
+    }
 
     #[test]
     fn unknown_channel_error_lists_the_jobs_channels() {

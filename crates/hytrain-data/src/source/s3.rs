@@ -21,7 +21,7 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use tokio::sync::Semaphore;
 
-use super::{check_name, Object, Objects, Source};
+use super::{check_name, Object, Objects, ReadBudget, Source};
 use crate::Error;
 
 /// Static credentials for an S3-compatible store or a test server. Production jobs leave
@@ -773,11 +773,14 @@ type InFlight = (
     tokio::task::AbortHandle,
 );
 
-/// [`Source::read_many`] for S3: keeps up to [`S3Options::prefetch`] objects in flight.
+/// [`Source::read_many`] and [`Source::read_ahead`] for S3: keeps up to [`S3Options::prefetch`] objects in
+/// flight, and within a budget only as many as it holds.
 struct Prefetch<'a> {
     s3: &'a S3,
-    pending: VecDeque<String>,
+    /// Objects not started yet, with the bytes to reserve for each.
+    pending: VecDeque<(String, u64)>,
     in_flight: VecDeque<InFlight>,
+    budget: Option<Arc<ReadBudget>>,
 }
 
 impl Iterator for Prefetch<'_> {
@@ -785,7 +788,22 @@ impl Iterator for Prefetch<'_> {
 
     fn next(&mut self) -> Option<Self::Item> {
         while self.in_flight.len() < self.s3.inner.opts.prefetch {
-            let Some(name) = self.pending.pop_front() else {
+            let Some(&(_, bytes)) = self.pending.front() else {
+                break;
+            };
+            if let Some(budget) = &self.budget {
+                // With reads in flight, start only what fits now and wait on the oldest read, whose release by
+                // the consumer makes room; with none, wait for room (the consumer is releasing what it holds).
+                let reserved = if self.in_flight.is_empty() {
+                    budget.reserve(bytes)
+                } else {
+                    budget.try_reserve(bytes)
+                };
+                if !reserved {
+                    break;
+                }
+            }
+            let Some((name, _)) = self.pending.pop_front() else {
                 break;
             };
             let (tx, rx) = mpsc::sync_channel(1);
@@ -836,8 +854,18 @@ impl Source for S3 {
     fn read_many(&self, names: Vec<String>) -> Objects<'_> {
         Box::new(Prefetch {
             s3: self,
-            pending: names.into(),
+            pending: names.into_iter().map(|name| (name, 0)).collect(),
             in_flight: VecDeque::new(),
+            budget: None,
+        })
+    }
+
+    fn read_ahead(&self, objects: Vec<(String, u64)>, budget: Arc<ReadBudget>) -> Objects<'_> {
+        Box::new(Prefetch {
+            s3: self,
+            pending: objects.into(),
+            in_flight: VecDeque::new(),
+            budget: Some(budget),
         })
     }
 }
