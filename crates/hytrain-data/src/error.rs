@@ -85,6 +85,22 @@ pub enum Error {
         /// The last attempt's error.
         last: String,
     },
+    /// An S3 object's size is not the size the listing gave: it was replaced after the listing, and reading it
+    /// again cannot help.
+    #[error(
+        "{location}: the object is {} now but was {listed} bytes when the dataset was listed: it was replaced while \
+         the job ran; keep a dataset unchanged while jobs read it (write a new version under a new prefix), or \
+         restart the job so that it lists the dataset again",
+        .now.map_or("shorter than that".to_owned(), |n| format!("{n} bytes"))
+    )]
+    ObjectChanged {
+        /// The object's URL.
+        location: String,
+        /// Its size in the listing.
+        listed: u64,
+        /// Its size now, when S3 said it (`None`: S3 refused a range past its new end and a HEAD did not answer).
+        now: Option<u64>,
+    },
     // --- formats, sampler, pipeline, pack (src/format, sampler.rs, pipeline.rs, pack.rs) ---
     /// A whole shard (tar file, CIFAR batch, MNIST file) cannot be used.
     #[error("{source_desc}: shard {shard}: {reason}")]

@@ -256,3 +256,21 @@ fn an_object_whose_size_changed_since_the_listing_fails_at_once_naming_both_size
         assert!(seen <= gets, "{seen} GETs of {name} ({listed} -> {now} bytes)");
     }
 }
+
+#[test]
+fn a_range_past_the_end_of_a_shrunk_object_fails_at_once_naming_both_sizes() {
+    let (_root, server, _data, source) = setup();
+    let listed = source.list().unwrap()[0].size;
+    server.put("bkt", "ds/shard-000.tar", &pseudo_random(PART as usize, 3));
+    server.faults.reset();
+    // S3 refuses a range that starts past the object's end (416) without the object's size: a HEAD finds it.
+    let err = source.read_range("shard-000.tar", 3 * PART, 100).unwrap_err();
+    let Error::ObjectChanged { ref location, listed: said, now } = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(
+        (location.as_str(), said, now),
+        ("s3://bkt/ds/shard-000.tar", listed, Some(PART))
+    );
+    assert_eq!(server.faults.count("GetObject"), 1, "{err}");
+}

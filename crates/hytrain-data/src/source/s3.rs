@@ -659,9 +659,10 @@ impl Inner {
             return Ok(Vec::new());
         }
         let part = self.opts.part_size;
-        if range.is_none() && size <= part {
-            // One plain GET: no Range header, which also reads objects whose size changed since the listing.
-            let (bytes, _) = self.get(&name, &key, None, Some(size)).await?;
+        // Every GET names a range, even of a whole object: S3's Content-Range then gives the object's size, so a
+        // size that differs from the listing's is known at once.
+        if end - start <= part {
+            let (bytes, _) = self.get(&name, &key, (start, end), size).await?;
             return Ok(bytes);
         }
         let mut tasks = tokio::task::JoinSet::new();
@@ -669,7 +670,7 @@ impl Inner {
         while at < end {
             let stop = (at + part).min(end);
             let (me, name, key) = (self.clone(), name.clone(), key.clone());
-            tasks.spawn(async move { (at, me.get(&name, &key, Some((at, stop)), None).await) });
+            tasks.spawn(async move { (at, me.get(&name, &key, (at, stop), size).await) });
             at = stop;
         }
         let mut out = vec![
@@ -701,69 +702,117 @@ impl Inner {
         Ok(out)
     }
 
-    /// One GET (of `[start, stop)` when given), with its body read and checked, retried as one unit.
-    /// Without a span, `size` is the size the listing or a HEAD reported.
+    /// One GET of `[start, stop)` of an object of `size` bytes (as the listing or a HEAD reported), with its body
+    /// read and checked, retried as one unit. An object whose size is no longer `size` fails at once.
     async fn get(
         &self,
         name: &str,
         key: &str,
-        span: Option<(u64, u64)>,
-        size: Option<u64>,
+        (start, stop): (u64, u64),
+        size: u64,
     ) -> Result<(Vec<u8>, Option<String>), Error> {
         let location = self.object_location(key);
-        self.retry("GetObject", &location, || {
-            let request = self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .set_range(span.map(|(start, stop)| format!("bytes={start}-{}", stop - 1)));
-            let location = location.clone();
-            async move {
-                let out = match request.send().await {
-                    Ok(out) => out,
-                    Err(SdkError::ServiceError(ctx)) if ctx.err().code() == Some("NoSuchKey") => {
-                        return Err(Failure::Fatal(self.not_found(name)));
+        let changed = |now: Option<u64>| {
+            Failure::Fatal(Error::ObjectChanged {
+                location: location.clone(),
+                listed: size,
+                now,
+            })
+        };
+        let got = self
+            .retry("GetObject", &location, || {
+                let request = self
+                    .client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .range(format!("bytes={start}-{}", stop - 1));
+                let location = location.clone();
+                async move {
+                    let out = match request.send().await {
+                        Ok(out) => out,
+                        Err(SdkError::ServiceError(ctx))
+                            if ctx.err().code() == Some("NoSuchKey") =>
+                        {
+                            return Err(Failure::Fatal(self.not_found(name)));
+                        }
+                        // 416: the range starts past the object's end, so the object is shorter than listed.
+                        Err(SdkError::ServiceError(ctx)) if ctx.raw().status().as_u16() == 416 => {
+                            let now = ctx
+                                .raw()
+                                .headers()
+                                .get("content-range")
+                                .and_then(object_size);
+                            return Err(changed(now));
+                        }
+                        Err(e) => return Err(self.classify("GetObject", &location, e)),
+                    };
+                    if let Some(now) = out.content_range().and_then(object_size) {
+                        if now != size {
+                            return Err(changed(Some(now)));
+                        }
                     }
-                    Err(e) => return Err(self.classify("GetObject", &location, e)),
-                };
-                let declared = out.content_length().and_then(|n| u64::try_from(n).ok());
-                let etag = out.e_tag().map(str::to_owned);
-                // A body without Content-Length (chunked) could run on forever: read no more than the bytes
-                // expected, plus one to tell a longer body from an exact one.
-                let expected = span.map(|(start, stop)| stop - start).or(size).or(declared);
-                let limit = expected.unwrap_or(super::MAX_OBJECT_BYTES).min(super::MAX_OBJECT_BYTES);
-                let mut stream = out.body;
-                let mut body = Vec::with_capacity(usize::try_from(limit.min(64 << 20)).unwrap_or(0));
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| {
-                        Failure::Retry(format!("the body broke off: {}", DisplayErrorContext(&e)))
-                    })?;
-                    body.extend_from_slice(&chunk);
-                    if body.len() as u64 > limit {
-                        return Err(Failure::Retry(format!(
-                            "the body ran past the {limit} bytes expected (was the object replaced while the job ran?)"
-                        )));
-                    }
+                    read_body(out, (start, stop)).await
                 }
-                let got = body.len() as u64;
-                if let Some(declared) = declared.filter(|&d| d != got) {
-                    return Err(Failure::Retry(format!("truncated body: {got} of the {declared} bytes announced")));
-                }
-                if let Some((start, stop)) = span.filter(|(start, stop)| stop - start != got) {
-                    return Err(Failure::Retry(format!("short body: {got} bytes for the range {start}-{}", stop - 1)));
-                }
-                if let Some(size) = size.filter(|&size| span.is_none() && size != got) {
-                    return Err(Failure::Retry(format!(
-                        "short body: {got} bytes where the listing said {size} (was the object replaced while the \
-                         job ran?)"
-                    )));
-                }
-                Ok((body, etag))
-            }
-        })
-        .await
+            })
+            .await;
+        match got {
+            // S3 refused the range without saying the size: ask once, for the message.
+            Err(Error::ObjectChanged {
+                location,
+                listed,
+                now: None,
+            }) => Err(Error::ObjectChanged {
+                now: self.head(key).await.ok().flatten(),
+                location,
+                listed,
+            }),
+            got => got,
+        }
     }
+}
+
+/// The object's size from a `Content-Range` header (`bytes 0-99/1234`, or `bytes */1234` on a 416).
+fn object_size(content_range: &str) -> Option<u64> {
+    content_range.rsplit_once('/')?.1.trim().parse().ok()
+}
+
+/// Reads the body of a GET of `[start, stop)`, checking it arrived whole.
+async fn read_body(
+    out: aws_sdk_s3::operation::get_object::GetObjectOutput,
+    (start, stop): (u64, u64),
+) -> Result<(Vec<u8>, Option<String>), Failure> {
+    let declared = out.content_length().and_then(|n| u64::try_from(n).ok());
+    let etag = out.e_tag().map(str::to_owned);
+    // A body without Content-Length (chunked) could run on forever: read no more than the bytes expected, plus
+    // one to tell a longer body from an exact one.
+    let limit = (stop - start).min(super::MAX_OBJECT_BYTES);
+    let mut stream = out.body;
+    let mut body = Vec::with_capacity(usize::try_from(limit.min(64 << 20)).unwrap_or(0));
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            Failure::Retry(format!("the body broke off: {}", DisplayErrorContext(&e)))
+        })?;
+        body.extend_from_slice(&chunk);
+        if body.len() as u64 > limit {
+            return Err(Failure::Retry(format!(
+                "the body ran past the {limit} bytes expected (was the object replaced while the job ran?)"
+            )));
+        }
+    }
+    let got = body.len() as u64;
+    if let Some(declared) = declared.filter(|&d| d != got) {
+        return Err(Failure::Retry(format!(
+            "truncated body: {got} of the {declared} bytes announced"
+        )));
+    }
+    if stop - start != got {
+        return Err(Failure::Retry(format!(
+            "short body: {got} bytes for the range {start}-{}",
+            stop - 1
+        )));
+    }
+    Ok((body, etag))
 }
 
 /// One object being read ahead: its name, where its bytes will arrive, and the task to cancel.
