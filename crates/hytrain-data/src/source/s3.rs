@@ -1,7 +1,9 @@
 //! `s3://bucket/prefix`: objects straight from S3, or from an S3-compatible store through an endpoint override.
 //!
 //! Credentials come from the SDK's default chain: environment variables, a web identity token (IRSA on EKS),
-//! the ECS container or EC2 instance role (SageMaker's execution role), profiles. The region comes from
+//! the ECS container or EC2 instance role (SageMaker's execution role), profiles. When S3 answers a request with
+//! `ExpiredToken` (a session revoked or ended before the expiry its credentials carry), the credentials are fetched
+//! anew from the chain and the request is retried once. The region comes from
 //! [`S3Options::region`], else the SDK's chain (`AWS_REGION`, profile, instance metadata), else `us-east-1`.
 //!
 //! Reads of objects larger than [`S3Options::part_size`] are split into ranged GETs run in parallel; at most
@@ -15,8 +17,9 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use aws_credential_types::provider::{self as credentials, ProvideCredentials};
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use tokio::sync::Semaphore;
@@ -152,14 +155,70 @@ struct Inner {
     base: Mutex<String>,
     /// Sizes seen by `list`, so reads need no HEAD.
     sizes: Mutex<HashMap<String, u64>>,
+    /// The credentials requests are signed with, renewable.
+    credentials: Option<Renewable>,
 }
 
 /// How one attempt of a request failed.
 enum Failure {
     /// Worth another attempt: throttling, 5xx, connection trouble, a short body.
     Retry(String),
+    /// S3 called the credentials expired: worth one attempt with renewed ones (the error if that fails too).
+    Expired(Error),
     /// Final.
     Fatal(Error),
+}
+
+/// Credentials from the chain, cached here instead of in the SDK's identity cache, which cannot be told to drop
+/// credentials that S3 rejected before their stated expiry.
+#[derive(Debug, Clone)]
+struct Renewable(Arc<RenewableState>);
+
+#[derive(Debug)]
+struct RenewableState {
+    chain: aws_sdk_s3::config::SharedCredentialsProvider,
+    cached: tokio::sync::Mutex<Option<aws_sdk_s3::config::Credentials>>,
+}
+
+/// Credentials this close to their expiry are fetched anew (the SDK's identity cache uses the same margin).
+const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+
+impl Renewable {
+    fn new(chain: aws_sdk_s3::config::SharedCredentialsProvider) -> Self {
+        Self(Arc::new(RenewableState {
+            chain,
+            cached: tokio::sync::Mutex::new(None),
+        }))
+    }
+
+    async fn current(&self) -> credentials::Result {
+        // Held while the chain answers, so concurrent requests wait for one fetch instead of each starting one.
+        let mut cached = self.0.cached.lock().await;
+        let fresh = |c: &aws_sdk_s3::config::Credentials| {
+            c.expiry()
+                .is_none_or(|at| at > SystemTime::now() + EXPIRY_MARGIN)
+        };
+        if let Some(c) = cached.as_ref().filter(|c| fresh(c)) {
+            return Ok(c.clone());
+        }
+        let c = self.0.chain.provide_credentials().await?;
+        *cached = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Drops the cached credentials: the next request fetches new ones from the chain.
+    async fn renew(&self) {
+        *self.0.cached.lock().await = None;
+    }
+}
+
+impl ProvideCredentials for Renewable {
+    fn provide_credentials<'a>(&'a self) -> credentials::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        credentials::future::ProvideCredentials::new(self.current())
+    }
 }
 
 impl S3 {
@@ -209,7 +268,7 @@ impl S3 {
         handle.spawn(async move {
             let _ = tx.send(build_client(&owned).await);
         });
-        let (client, region, endpoint) = rx.recv().map_err(|_| Error::S3 {
+        let (client, region, endpoint, credentials) = rx.recv().map_err(|_| Error::S3 {
             location: url.to_owned(),
             op: "start".into(),
             detail: "setting up the S3 client failed unexpectedly; this is a bug in hytrain-data"
@@ -232,6 +291,7 @@ impl S3 {
             opts: opts.clone(),
             base: Mutex::new(base),
             sizes: Mutex::default(),
+            credentials,
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -264,7 +324,14 @@ impl Drop for S3 {
     }
 }
 
-async fn build_client(opts: &S3Options) -> (aws_sdk_s3::Client, String, Option<String>) {
+async fn build_client(
+    opts: &S3Options,
+) -> (
+    aws_sdk_s3::Client,
+    String,
+    Option<String>,
+    Option<Renewable>,
+) {
     use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(Provider::Rustls(CryptoMode::Ring))
@@ -291,6 +358,7 @@ async fn build_client(opts: &S3Options) -> (aws_sdk_s3::Client, String, Option<S
         .endpoint
         .clone()
         .or_else(|| sdk.endpoint_url().map(str::to_owned));
+    let credentials = sdk.credentials_provider().map(Renewable::new);
     let mut config = aws_sdk_s3::config::Builder::from(&sdk)
         .region(region.clone())
         .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
@@ -306,11 +374,17 @@ async fn build_client(opts: &S3Options) -> (aws_sdk_s3::Client, String, Option<S
         // S3-compatible stores rarely resolve bucket.host names; path-style works everywhere.
         config = config.endpoint_url(endpoint).force_path_style(true);
     }
+    if let Some(credentials) = &credentials {
+        config = config
+            .credentials_provider(credentials.clone())
+            .identity_cache(aws_sdk_s3::config::IdentityCache::no_cache());
+    }
     let shown = endpoint.as_deref().map(strip_userinfo);
     (
         aws_sdk_s3::Client::from_conf(config.build()),
         region.to_string(),
         shown,
+        credentials,
     )
 }
 
@@ -364,6 +438,7 @@ impl Inner {
         let policy = &self.opts.retry;
         let started = Instant::now();
         let mut attempts = 0u32;
+        let mut renewed = false;
         loop {
             attempts += 1;
             let result = {
@@ -383,6 +458,34 @@ impl Inner {
             let reason = match result {
                 Ok(value) => return Ok(value),
                 Err(Failure::Fatal(err)) => return Err(err),
+                Err(Failure::Expired(err)) if renewed => {
+                    return Err(match err {
+                        Error::AccessDenied {
+                            location,
+                            code,
+                            message,
+                        } => Error::AccessDenied {
+                            location,
+                            code,
+                            message: format!(
+                                "{message} (refused again after the credentials were renewed)"
+                            ),
+                        },
+                        other => other,
+                    })
+                }
+                Err(Failure::Expired(_)) => {
+                    renewed = true;
+                    tracing::warn!(
+                        op,
+                        location,
+                        "S3 says the credentials expired; renewing them from the credential chain and retrying once"
+                    );
+                    if let Some(credentials) = &self.credentials {
+                        credentials.renew().await;
+                    }
+                    continue;
+                }
                 Err(Failure::Retry(reason)) => reason,
             };
             let exponent = attempts.saturating_sub(1).min(30);
@@ -437,14 +540,23 @@ impl Inner {
                         bucket: self.bucket.clone(),
                         region: self.region.clone(),
                     }),
+                    (_, "ExpiredToken" | "TokenRefreshRequired") => {
+                        Failure::Expired(Error::AccessDenied {
+                            location: location.to_owned(),
+                            code,
+                            message: if message.is_empty() {
+                                "the credentials expired".into()
+                            } else {
+                                message
+                            },
+                        })
+                    }
                     (
                         _,
                         "AccessDenied"
                         | "InvalidAccessKeyId"
                         | "SignatureDoesNotMatch"
-                        | "ExpiredToken"
                         | "InvalidToken"
-                        | "TokenRefreshRequired"
                         | "AllAccessDisabled"
                         | "AccountProblem",
                     )
