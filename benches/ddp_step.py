@@ -1,6 +1,8 @@
 """The PyTorch side of benches/step_time.rs: one rank of a DistributedDataParallel job on gloo that times optimizer
-steps of LeNet, ResNet-18 (CIFAR variant) or torchvision's ResNet-18 as it comes (`resnet18_cifar`, the model of
-python/examples/resnet18_cifar.py that hytrain trains exported) on fixed random batches.
+steps of LeNet, ResNet-18 (CIFAR variant), torchvision's ResNet-18 as it comes (`resnet18_cifar`, the model of
+python/examples/resnet18_cifar.py that hytrain trains exported) or the bench's GPT (`gpt_bench`,
+python/examples/gpt.py at python/tests/cached_export.py's `gpt_bench` size, trained with AdamW on random token
+sequences, next-token cross-entropy over every position) on fixed random batches.
 
 Usage: RANK=.. WORLD_SIZE=.. MASTER_ADDR=.. MASTER_PORT=.. python ddp_step.py MODEL WARMUP STEPS BATCH [eager|compile]
 `compile` runs the DDP module through `torch.compile` (Inductor's C++ backend on CPU; DDP's optimizer splits the
@@ -9,7 +11,7 @@ steps absorb.
 Rank 0 prints one JSON line: {"side": "pytorch", "model": ..., "median_ms": ..., "cpu_median_ms": ..., ...}, the
 median wall time and the median CPU time of this process (all its threads, gloo's included) per timed step.
 A step is what hytrain's Ddp::train_step does: zero_grad, forward, cross-entropy, backward (DDP allreduces the
-gradient buckets), optimizer step, and reading the loss.
+gradient buckets), optimizer step, and reading the loss. BATCH is images per rank, or sequences for the GPT.
 """
 import datetime
 import importlib.util
@@ -91,16 +93,47 @@ class ResNet18(nn.Module):
         return self.fc(x)
 
 
-def resnet18_cifar(num_classes=10):
-    """The factory hytrain's export of this model came from, loaded from its file as `python -m hytrain_export` does."""
-    path = Path(__file__).resolve().parents[1] / "python" / "examples" / "resnet18_cifar.py"
-    spec = importlib.util.spec_from_file_location("resnet18_cifar", path)
+PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
+
+
+def _load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.build(num_classes)
+    return module
 
 
-MODELS = {"lenet": LeNet, "resnet18": ResNet18, "resnet18_cifar": resnet18_cifar}
+def resnet18_cifar(num_classes=10):
+    """The factory hytrain's export of this model came from, loaded from its file as `python -m hytrain_export` does."""
+    return _load(PYTHON_DIR / "examples" / "resnet18_cifar.py", "resnet18_cifar").build(num_classes)
+
+
+def gpt_bench_config():
+    """The factory, keyword arguments and context length hytrain's export of `gpt_bench` used (read from
+    python/tests/cached_export.py, so both sides train the same model)."""
+    factory, args = _load(PYTHON_DIR / "tests" / "cached_export.py", "cached_export").EXAMPLES["gpt_bench"]
+    file, _, name = factory.partition(":")
+    kwargs = json.loads(args[args.index("--model-kwargs") + 1])
+    context = int(args[args.index("--input-shape") + 1])
+    return getattr(_load(PYTHON_DIR / file, "gpt"), name), kwargs, context
+
+
+def gpt_bench():
+    factory, kwargs, _ = gpt_bench_config()
+    return factory(**kwargs)
+
+
+MODELS = {"lenet": LeNet, "resnet18": ResNet18, "resnet18_cifar": resnet18_cifar, "gpt_bench": gpt_bench}
+
+
+def make_batches(model, batch):
+    """4 random batches: images and labels, or for the GPT token sequences and as many target tokens."""
+    if model == "gpt_bench":
+        _, kwargs, context = gpt_bench_config()
+        vocab = kwargs["vocab_size"]
+        return [(torch.randint(0, vocab, (batch, context)), torch.randint(0, vocab, (batch, context)))
+                for _ in range(4)]
+    return [(torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))) for _ in range(4)]
 
 
 def main():
@@ -116,18 +149,24 @@ def main():
     torch.manual_seed(rank)
     # Defaults as hytrain's DdpOptions: 25 MiB buckets (1 MiB first), buffers broadcast from rank 0 every forward.
     ddp = nn.parallel.DistributedDataParallel(MODELS[model]())
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.5)
+    if model == "gpt_bench":
+        # As hytrain's side: AdamW, lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.01 (torch's defaults but
+        # the learning rate).
+        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3, weight_decay=0.01)
+    else:
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.5)
     if mode == "compile":
         # PyTorch's recommended order (compile the DDP module); the loss and the optimizer stay eager, as in the
         # eager peer.
         ddp = torch.compile(ddp)
-    batches = [(torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))) for _ in range(4)]
+    batches = make_batches(model, batch)
     times, cpu_times, first_ms = [], [], None
     for i in range(warmup + steps):
         x, y = batches[i % len(batches)]
         start, cpu_start = time.perf_counter(), time.process_time()
         opt.zero_grad()
-        loss = F.cross_entropy(ddp(x), y)
+        # Over every position for the GPT ([batch, context, vocabulary] against [batch, context]).
+        loss = F.cross_entropy(ddp(x).flatten(0, -2), y.flatten())
         loss.backward()
         opt.step()
         loss.item()

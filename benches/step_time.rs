@@ -9,6 +9,11 @@
 //! C++ backend). The export needs torchvision in HYTRAIN_BENCH_PYTHON's environment (`cargo xtask bench` installs
 //! it).
 //!
+//! `gpt_bench` is python/examples/gpt.py at a bench size (vocabulary 512, context 128, 4 layers of 4 heads, 128
+//! wide, the head tied to the token embedding; python/tests/cached_export.py's `gpt_bench`), exported and measured
+//! against the same two peers on batches of 8 random sequences of 128 token ids per rank, next-token cross-entropy
+//! over every position, AdamW (lr 1e-3, weight decay 0.01) on both sides.
+//!
 //! A step is forward, backward, gradient allreduce and optimizer update (hytrain's `Ddp::train_step`; on the
 //! PyTorch side `zero_grad`, forward, `backward` with DDP's bucketed allreduce, `step`). Both sides train on 4
 //! random batches made once before the clock starts, skip warm-up steps, and report rank 0's median step time;
@@ -18,11 +23,13 @@
 //!
 //! This process only drives: it starts each side's 2 ranks as processes with torchrun's variables (RANK,
 //! WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT): for hytrain itself again with
-//! HYTRAIN_STEP_BENCH_MODEL set, for PyTorch `benches/ddp_step.py` under HYTRAIN_BENCH_PYTHON (default python3).
+//! HYTRAIN_STEP_BENCH_MODEL set (and HYTRAIN_STEP_BENCH_FOLDER, the exported folder, for an exported model), for
+//! PyTorch `benches/ddp_step.py` under HYTRAIN_BENCH_PYTHON (default python3).
 //!
 //! Run with `cargo xtask bench` (which prepares the Python peer) or `cargo bench --bench step_time [MODEL...]` (MODEL
-//! one of lenet, resnet18, resnet18_cifar; default all). Step counts can be changed with HYTRAIN_STEP_BENCH_STEPS,
-//! e.g. `lenet=20:200,resnet18=2:6,resnet18_cifar=3:20` (warm-up:timed per model).
+//! one of lenet, resnet18, resnet18_cifar, gpt_bench; default all). Step counts can be changed with
+//! HYTRAIN_STEP_BENCH_STEPS, e.g. `lenet=20:200,resnet18=2:6,resnet18_cifar=3:20,gpt_bench=3:20` (warm-up:timed per
+//! model).
 //! HYTRAIN_STEP_BENCH_OVERLAP=false runs hytrain with its gradient allreduces after backward instead of overlapped
 //! with it (`--overlap false`).
 
@@ -31,18 +38,42 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use hytrain_train::{model, Ddp, DdpOptions, OptimizerConfig, ReduceOp, SgdConfig};
+use hytrain_train::model::{self, ExportedModel, Model};
+use hytrain_train::{AdamWConfig, Ddp, DdpOptions, OptimizerConfig, ReduceOp, SgdConfig};
 
 const WORLD: usize = 2;
+/// Images per rank per step.
 const BATCH: i64 = 64;
+/// Sequences per rank per step for the GPT (of its 128-token context).
+const GPT_BATCH: i64 = 8;
 /// (model, warm-up steps, timed steps). ResNet-18 takes seconds per step on one thread: few steps keep the bench
 /// within minutes on a 2-core machine.
 /// torchvision's ResNet-18 downsamples 32x32 inputs 4x in its stem, so its steps are about 15x shorter than the
 /// CIFAR variant's; its compiled peer spends its first step (a warm-up step) compiling.
-const DEFAULT_STEPS: [(&str, usize, usize); 3] =
-    [("lenet", 20, 200), ("resnet18", 2, 6), (EXPORTED, 3, 20)];
-/// The model hytrain trains exported (python/tests/cached_export.py's name for it).
-const EXPORTED: &str = "resnet18_cifar";
+const DEFAULT_STEPS: [(&str, usize, usize); 4] = [
+    ("lenet", 20, 200),
+    ("resnet18", 2, 6),
+    (RESNET18_EXPORTED, 3, 20),
+    (GPT_EXPORTED, 3, 20),
+];
+/// torchvision's ResNet-18, trained exported (python/tests/cached_export.py's name for it).
+const RESNET18_EXPORTED: &str = "resnet18_cifar";
+/// python/examples/gpt.py at the bench's size, trained exported (python/tests/cached_export.py's name for it).
+const GPT_EXPORTED: &str = "gpt_bench";
+
+/// Whether hytrain trains `model_name` from a folder written by python/hytrain_export.
+fn is_exported(model_name: &str) -> bool {
+    [RESNET18_EXPORTED, GPT_EXPORTED].contains(&model_name)
+}
+
+/// Samples per rank per step: sequences for the GPT, images otherwise (benches/ddp_step.py is given the same).
+fn batch_size(model_name: &str) -> i64 {
+    if model_name == GPT_EXPORTED {
+        GPT_BATCH
+    } else {
+        BATCH
+    }
+}
 /// A side that has not finished by then is killed and reported as failed, never waited on forever.
 const DEADLINE: Duration = Duration::from_secs(900);
 
@@ -103,7 +134,7 @@ impl Peer {
 /// The peers a model is measured against: the exported model also against compiled PyTorch, which is what hytrain's
 /// AOTInductor-compiled step competes with.
 fn peers(model_name: &str) -> &'static [Peer] {
-    if model_name == EXPORTED {
+    if is_exported(model_name) {
         &[Peer::Eager, Peer::Compiled]
     } else {
         &[Peer::Eager]
@@ -117,8 +148,9 @@ struct ModelRun {
     theirs: Vec<(Peer, Result<Measured>)>,
 }
 
-/// One hytrain rank: rendezvous from the torchrun-style environment, then time `warmup + steps` train steps.
-fn hytrain_rank(model_name: &str, warmup: usize, steps: usize) -> Result<()> {
+/// One hytrain rank: rendezvous from the torchrun-style environment, then time `warmup + steps` train steps of
+/// `model_name` (built in, or loaded from the exported `folder`).
+fn hytrain_rank(model_name: &str, folder: Option<&str>, warmup: usize, steps: usize) -> Result<()> {
     tch::set_num_threads(1);
     let plan =
         hytrain::cluster::detect().context("reading the rank's torchrun-style environment")?;
@@ -131,25 +163,43 @@ fn hytrain_rank(model_name: &str, warmup: usize, steps: usize) -> Result<()> {
         .context("rendezvous of the hytrain ranks")?;
     let rank = membership.rank;
     tch::manual_seed(rank as i64);
-    let net = model::build(model_name, 10, &[3, 32, 32], tch::Device::Cpu)?;
+    let net: Box<dyn Model> = match folder {
+        Some(folder) => Box::new(ExportedModel::load(folder, tch::Device::Cpu)?),
+        None => model::build(model_name, 10, &[3, 32, 32], tch::Device::Cpu)?,
+    };
     let options = DdpOptions {
         overlap: overlap()?,
         ..Default::default()
     };
     let mut ddp = Ddp::new(net, comm, options)?;
-    let sgd = OptimizerConfig::Sgd(SgdConfig {
-        momentum: 0.5,
-        ..Default::default()
-    });
-    let mut optimizer = sgd.build(ddp.parameters())?;
-    let batches: Vec<Vec<(tch::Tensor, tch::Tensor)>> = (0..4)
-        .map(|_| {
-            vec![(
-                tch::Tensor::randn([BATCH, 3, 32, 32], tch::kind::FLOAT_CPU),
-                tch::Tensor::randint(10, [BATCH], tch::kind::INT64_CPU),
-            )]
-        })
-        .collect();
+    let batch = batch_size(model_name);
+    // 4 batches, made before the clock starts. The GPT: AdamW on random sequences of its 128-token context from its
+    // 512-token vocabulary (python/tests/cached_export.py's gpt_bench), targets as many random tokens.
+    let (optimizer, lr, batches): (_, _, Vec<Vec<(tch::Tensor, tch::Tensor)>>) =
+        if model_name == GPT_EXPORTED {
+            let tokens = || tch::Tensor::randint(512, [batch, 128], tch::kind::INT64_CPU);
+            let batches = (0..4).map(|_| vec![(tokens(), tokens())]).collect();
+            (
+                OptimizerConfig::AdamW(AdamWConfig::default()),
+                1e-3,
+                batches,
+            )
+        } else {
+            let sgd = OptimizerConfig::Sgd(SgdConfig {
+                momentum: 0.5,
+                ..Default::default()
+            });
+            let batches = (0..4)
+                .map(|_| {
+                    vec![(
+                        tch::Tensor::randn([batch, 3, 32, 32], tch::kind::FLOAT_CPU),
+                        tch::Tensor::randint(10, [batch], tch::kind::INT64_CPU),
+                    )]
+                })
+                .collect();
+            (sgd, 0.01, batches)
+        };
+    let mut optimizer = optimizer.build(ddp.parameters())?;
     let mut times = Vec::with_capacity(steps);
     let mut cpu_times = Vec::with_capacity(steps);
     let mut before = ddp.stats().clone();
@@ -159,7 +209,7 @@ fn hytrain_rank(model_name: &str, warmup: usize, steps: usize) -> Result<()> {
         }
         let started = Instant::now();
         let cpu_started = process_cpu_secs();
-        ddp.train_step(&batches[i % batches.len()], optimizer.as_mut(), 0.01)?;
+        ddp.train_step(&batches[i % batches.len()], optimizer.as_mut(), lr)?;
         if i >= warmup {
             times.push(started.elapsed().as_secs_f64());
             cpu_times.push(process_cpu_secs() - cpu_started);
@@ -436,21 +486,25 @@ fn rank_main(model_name: &str) -> Result<()> {
         v.parse()
             .with_context(|| format!("{name}: '{v}' is not a number of steps"))
     };
+    let folder = std::env::var("HYTRAIN_STEP_BENCH_FOLDER").ok();
     hytrain_rank(
         model_name,
+        folder.as_deref(),
         count("HYTRAIN_STEP_BENCH_WARMUP")?,
         count("HYTRAIN_STEP_BENCH_TIMED")?,
     )
 }
 
-/// Exports `resnet18_cifar` through python/tests/cached_export.py (a cached folder after the first time) and
-/// returns the folder.
-fn exported_folder(python: &str) -> Result<String> {
+/// Exports `model_name` through python/tests/cached_export.py (a cached folder after the first time) and returns
+/// the folder.
+fn exported_folder(python: &str, model_name: &str) -> Result<String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/tests/cached_export.py");
-    eprintln!("step_time: {EXPORTED}: exporting with {python} {script} {EXPORTED} (cached after the first time)");
+    eprintln!(
+        "step_time: {model_name}: exporting with {python} {script} {model_name} (cached after the first time)"
+    );
     let out = Command::new(python)
         .arg(script)
-        .arg(EXPORTED)
+        .arg(model_name)
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("cannot run {python} {script}"))?;
@@ -459,7 +513,8 @@ fn exported_folder(python: &str) -> Result<String> {
     match folder {
         Some(folder) if out.status.success() => Ok(folder.trim().to_string()),
         _ => bail!(
-            "exporting {EXPORTED} failed ({}; it needs torch 2.11 and torchvision in {python}'s environment): {}",
+            "exporting {model_name} failed ({}; it needs torch 2.11, and torchvision for resnet18_cifar, in \
+             {python}'s environment): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ),
@@ -493,11 +548,13 @@ fn drive() -> Result<()> {
             continue;
         }
         let peers = peers(&model_name);
-        // What hytrain's ranks build: a built-in model by name, the exported one from its folder.
-        let target = if model_name == EXPORTED {
-            exported_folder(&python).map_err(|e| format!("{e:#}"))
+        // What hytrain's ranks build: a built-in model by name, an exported one from its folder.
+        let target = if is_exported(&model_name) {
+            exported_folder(&python, &model_name)
+                .map(Some)
+                .map_err(|e| format!("{e:#}"))
         } else {
-            Ok(model_name.clone())
+            Ok(None)
         };
         eprintln!(
             "step_time: {model_name}: {rounds} round(s) of {warmup} warm-up + {steps} timed steps per side \
@@ -507,7 +564,10 @@ fn drive() -> Result<()> {
         let hytrain = || match &target {
             Ok(target) => run_side("hytrain", || {
                 let mut c = Command::new(&exe);
-                c.env("HYTRAIN_STEP_BENCH_MODEL", target)
+                if let Some(folder) = target {
+                    c.env("HYTRAIN_STEP_BENCH_FOLDER", folder);
+                }
+                c.env("HYTRAIN_STEP_BENCH_MODEL", &model_name)
                     .env("HYTRAIN_STEP_BENCH_WARMUP", warmup.to_string())
                     .env("HYTRAIN_STEP_BENCH_TIMED", steps.to_string());
                 c
@@ -521,7 +581,7 @@ fn drive() -> Result<()> {
                     .arg(&model_name)
                     .arg(warmup.to_string())
                     .arg(steps.to_string())
-                    .arg(BATCH.to_string())
+                    .arg(batch_size(&model_name).to_string())
                     .arg(peer.mode());
                 c
             }),
@@ -558,9 +618,10 @@ fn drive() -> Result<()> {
         });
     }
     println!(
-        "\nstep time, {WORLD} CPU processes, batch {BATCH} per rank, 1 intra-op thread each \
-         (rank 0's median ms per step, best of {rounds} round(s); lower is better); hytrain's allreduce/backward \
-         overlap {overlap} ({EXPORTED} is torchvision's ResNet-18 exported with hytrain_export: its compiled step \
+        "\nstep time, {WORLD} CPU processes, batch {BATCH} per rank ({GPT_EXPORTED}: {GPT_BATCH} sequences of 128 \
+         tokens), 1 intra-op thread each (rank 0's median ms per step, best of {rounds} round(s); lower is better); \
+         hytrain's allreduce/backward overlap {overlap} ({RESNET18_EXPORTED} is torchvision's ResNet-18 and \
+         {GPT_EXPORTED} python/examples/gpt.py, exported with hytrain_export: a compiled step \
          returns every gradient at once, so its allreduces follow it)"
     );
     let table = |what: &str, value: fn(&Measured) -> f64| {
@@ -642,15 +703,18 @@ fn summarize(model_name: &str, peer: Peer, ours_ms: f64, theirs_ms: f64) -> Resu
         return Ok(());
     };
     // Issue 8's targets: LeNet at most 0.8x PyTorch DDP's step time, ResNet-18 at most 1.0x. Issue 13's for the
-    // exported torchvision ResNet-18: at most 0.8x eager DDP, at most 1.0x DDP under torch.compile.
+    // exported models: at most 0.8x eager DDP, at most 1.0x DDP under torch.compile.
     let target = match (model_name, peer) {
-        ("lenet", _) | (EXPORTED, Peer::Eager) => "<=0.8",
+        ("lenet", _) => "<=0.8",
+        (m, Peer::Eager) if is_exported(m) => "<=0.8",
         _ => "<=1.0",
     };
-    let comparison = if model_name == EXPORTED {
-        format!("step time {EXPORTED} (exported torchvision ResNet-18), {WORLD} processes")
-    } else {
-        format!("step time {model_name}, {WORLD} processes")
+    let comparison = match model_name {
+        RESNET18_EXPORTED => {
+            format!("step time {model_name} (exported torchvision ResNet-18), {WORLD} processes")
+        }
+        GPT_EXPORTED => format!("step time {model_name} (exported GPT, AdamW), {WORLD} processes"),
+        _ => format!("step time {model_name}, {WORLD} processes"),
     };
     let row = serde_json::json!({
         "comparison": comparison, "unit": "ms", "higher_is_better": false,

@@ -1,95 +1,17 @@
 //! `hytrain train` as users run it: real worker processes under `hytrain launch`, real data through the data plane
-//! (the handwritten digits `cargo xtask test` packs into shards), real checkpoints on disk.
+//! (the handwritten digits `cargo xtask test` packs into shards), real checkpoints on disk. Exported models have
+//! their own file, train_exported.rs; both share the job helpers of jobs/mod.rs.
 
 mod common;
+mod jobs;
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{command, wait};
-use tch::Tensor;
-
-/// The digits shards `cargo xtask test` writes (and names in HYTRAIN_DEMO_DATA).
-fn digits() -> PathBuf {
-    let path = std::env::var_os("HYTRAIN_DEMO_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/demo/digits"));
-    assert!(
-        path.join("train").is_dir() && path.join("test").is_dir(),
-        "{} holds no digits shards: run the tests through `cargo xtask test`, which packs them",
-        path.display()
-    );
-    path
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "hytrain failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        stdout(out),
-        stderr(out)
-    );
-    // A job whose ranks all finish lost none, whatever its size (a single rank once reported itself lost as its
-    // store connection closed at exit).
-    assert!(
-        !stderr(out).contains("lost rank"),
-        "a successful job reported a lost rank:\n{}",
-        stderr(out)
-    );
-}
-
-/// `hytrain launch --nproc-per-node N -- hytrain train ARGS` in `dir`, with the environment of a laptop.
-fn launch_train(dir: &Path, nproc: usize, args: &[&str]) -> Command {
-    let mut all: Vec<String> = [
-        "launch",
-        "--nproc-per-node",
-        &nproc.to_string(),
-        "--",
-        common::hytrain(),
-        "train",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    all.extend(args.iter().map(|s| s.to_string()));
-    let all: Vec<&str> = all.iter().map(String::as_str).collect();
-    // One intra-op thread per worker: two workers on a 2-core machine, and identical arithmetic run to run.
-    let mut c = command(&all, &[("OMP_NUM_THREADS", "1".into())]);
-    c.current_dir(dir);
-    c
-}
-
-fn summary_value(out: &str, key: &str) -> f64 {
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("steps="))
-        .unwrap_or_else(|| panic!("no summary in:\n{out}"));
-    let field = line
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key} in {line}"));
-    field
-        .parse()
-        .unwrap_or_else(|_| panic!("{key}={field} is not a number"))
-}
-
-fn weights(model_dir: &Path) -> Vec<(String, Tensor)> {
-    let mut w = Tensor::read_safetensors(model_dir.join("model.safetensors")).unwrap();
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
-}
+use jobs::{assert_ok, digits, finish, launch_train, metric_values, stderr, stdout, summary_value, weights};
 
 const DIGITS_JOB: &[&str] = &[
     "--model",
@@ -111,11 +33,6 @@ fn digits_job(dir: &Path, nproc: usize, extra: &[&str]) -> Command {
     args.extend(["--data", data.to_str().unwrap()]);
     args.extend(extra);
     launch_train(dir, nproc, &args)
-}
-
-/// Runs a job to its end (or fails the test after 300 s).
-fn finish(mut job: Command, what: &str) -> Output {
-    wait(job.spawn().unwrap(), Duration::from_secs(300), what)
 }
 
 #[test]
@@ -366,10 +283,9 @@ fn bad_values_and_missing_data_are_clear_errors() {
     assert!(e.contains("--backend nccl") && e.contains("GPU") && e.contains("--device cpu"), "{e}");
     let e = run(&job("carrier-pigeon"), &[]);
     assert!(e.contains("carrier-pigeon") && e.contains("gloo, tcp, nccl, mpi"), "{e}");
-    if !cfg!(feature = "mpi") {
-        let e = run(&job("mpi"), &[]);
-        assert!(e.contains("--backend mpi") && e.contains("--features mpi"), "{e}");
-    }
+    let e = run(&job("mpi"), &[]);
+    let why = if cfg!(feature = "mpi") { "started by mpirun" } else { "--features mpi" };
+    assert!(e.contains("--backend mpi") && e.contains(why), "{e}");
     // Folders hytrain writes are folders: an s3:// URL must not become a local folder named `s3:`.
     for (flag, var) in [("--checkpoint-dir", "HYTRAIN_CHECKPOINT_DIR"), ("--model-dir", "HYTRAIN_MODEL_DIR")] {
         let e = run(&["train", "--data", data, "--model", "mlp", "--max-steps", "1", flag, "s3://bucket/run1"], &[]);
@@ -418,21 +334,6 @@ fn a_dataset_without_class_names_needs_num_classes() {
     .output()
     .unwrap();
     assert_ok(&out);
-}
-
-/// The value of `key` in each metrics line of `out` that has it.
-fn metric_values(out: &str, key: &str) -> Vec<f64> {
-    out.lines()
-        .filter(|l| l.starts_with("epoch="))
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        })
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{key}={v} is not a number"))
-        })
-        .collect()
 }
 
 #[test]
@@ -568,190 +469,6 @@ fn an_unknown_precision_is_a_one_line_error_naming_the_allowed_values() {
     }
 }
 
-/// python/examples/digits_cnn.py exported with `python -m hytrain_export` (once per source change: cached under
-/// .cache/exported by python/tests/cached_export.py), with the Python `cargo xtask test` sets up.
-fn exported_digits_cnn() -> PathBuf {
-    let python = std::env::var_os("HYTRAIN_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/bench-venv/bin/python")
-        });
-    let out = Command::new(&python)
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/tests/cached_export.py"))
-        .arg("digits_cnn")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "{} does not start ({e}): run the tests through `cargo xtask test`",
-                python.display()
-            )
-        });
-    assert!(
-        out.status.success(),
-        "exporting digits_cnn failed:\n{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
-    PathBuf::from(stdout(&out).trim())
-}
-
-#[test]
-fn an_exported_pytorch_model_trains_on_two_workers_resumes_and_its_model_folder_trains_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let exported = exported_digits_cnn();
-    let data = digits();
-    let job = |extra: &[&str]| {
-        let mut args = vec![
-            "--model",
-            exported.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--batch-size",
-            "32",
-            "--lr",
-            "0.05",
-            "--momentum",
-            "0.9",
-            "--log-interval",
-            "10",
-        ];
-        args.extend(extra);
-        launch_train(dir.path(), 2, &args)
-    };
-    let out = finish(
-        job(&["--max-steps", "30", "--validation", "none"]),
-        "first run",
-    );
-    assert_ok(&out);
-    assert_eq!(summary_value(&stdout(&out), "steps"), 30.0);
-    // A second run resumes from the first's checkpoint and trains on to the end of epoch 4, validating each epoch
-    // through the exported forward package.
-    let out = finish(job(&["--epochs", "4"]), "resumed run");
-    assert_ok(&out);
-    let text = stdout(&out);
-    let accuracy = summary_value(&text, "val_accuracy");
-    assert!(
-        accuracy >= 0.9,
-        "validation accuracy {accuracy} below 0.9:\n{text}"
-    );
-    assert!(
-        text.contains("on 359 samples") || text.contains("on 360 samples"),
-        "every test sample once:\n{text}"
-    );
-    let losses = metric_values(&text, "train_loss");
-    assert!(
-        losses.last() < losses.first(),
-        "the loss did not fall: {losses:?}"
-    );
-    let steps = summary_value(&text, "steps") as u64;
-    assert!(
-        text.contains(&format!("({} this run)", steps - 30)),
-        "the second run did not resume at step 30:\n{text}"
-    );
-    let model = dir.path().join("hytrain-out/model");
-    for file in [
-        "model.safetensors",
-        "metadata.json",
-        "forward.pt2",
-        "train_step.pt2",
-        "hytrain-model.json",
-    ] {
-        assert!(model.join(file).is_file(), "the model folder has no {file}");
-    }
-    // The model folder is an exported model with the trained weights: training it again starts from them.
-    let out = finish(
-        launch_train(
-            dir.path(),
-            1,
-            &[
-                "--model",
-                model.to_str().unwrap(),
-                "--data",
-                data.to_str().unwrap(),
-                "--max-steps",
-                "1",
-                "--lr",
-                "0",
-                "--checkpoint-dir",
-                "none",
-                "--model-dir",
-                "again",
-            ],
-        ),
-        "training the exported folder",
-    );
-    assert_ok(&out);
-    let (trained, again) = (weights(&model), weights(&dir.path().join("again")));
-    assert_eq!(trained.len(), again.len());
-    for ((n, a), (_, b)) in trained.iter().zip(&again) {
-        // lr 0 leaves the parameters; BatchNorm statistics move with the one step's batch.
-        if !n.contains("running") && !n.contains("num_batches") {
-            assert!(a.equal(b), "{n} changed in a step with lr 0");
-        }
-    }
-}
-
-#[test]
-fn an_exported_model_refuses_data_of_another_shape_and_other_precisions_before_step_1() {
-    let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("exported-for-cifar");
-    std::fs::create_dir(&copy).unwrap();
-    for entry in std::fs::read_dir(exported_digits_cnn()).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
-    }
-    let meta_path = copy.join("hytrain-model.json");
-    let mut meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
-    meta["input"]["shape"] = serde_json::json!([3, 32, 32]);
-    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
-    let data = digits();
-    let out = finish(
-        launch_train(
-            dir.path(),
-            1,
-            &[
-                "--model",
-                copy.to_str().unwrap(),
-                "--data",
-                data.to_str().unwrap(),
-            ],
-        ),
-        "mismatched data",
-    );
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("exported for inputs of shape [3, 32, 32] float32, but the data's samples are [1, 8, 8]"),
-        "{}",
-        stderr(&out)
-    );
-    let out = finish(
-        launch_train(
-            dir.path(),
-            1,
-            &[
-                "--model",
-                exported_digits_cnn().to_str().unwrap(),
-                "--data",
-                data.to_str().unwrap(),
-                "--precision",
-                "bf16",
-            ],
-        ),
-        "bf16 on an exported model",
-    );
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("train it with --precision fp32"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(
-        !stderr(&out).contains("step=1 "),
-        "it trained before refusing"
-    );
-}
-
 #[test]
 fn a_pipe_channel_with_several_processes_per_host_is_refused_saying_what_works() {
     // One FIFO per pass per host: two readers would split the stream between them.
@@ -769,3 +486,4 @@ fn a_pipe_channel_with_several_processes_per_host_is_refused_saying_what_works()
         "{e}"
     );
 }
+

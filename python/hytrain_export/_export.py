@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._inductor_patches import dynamic_batch
+from ._inductor_patches import dynamic_batch, float64_attention
 
 #: The torch release whose Inductor internals `_inductor_patches` was written for, and that hytrain links against.
 TORCH_RELEASE = "2.11"
@@ -192,10 +192,23 @@ def _example_target(options: ExportOptions, output: torch.Tensor, batch: int, ge
     if options.loss == "mse":
         return torch.randn(output.shape, generator=gen).to(device)
     if options.loss == "cross_entropy":
-        if output.dim() < 2:
+        if output.dim() < 2 or not output.is_floating_point():
             raise ExportError(
-                f"cross_entropy needs the model to output class scores [batch, classes] (or [batch, ..., classes]), "
-                f"but it outputs shape {list(output.shape)}"
+                f"cross_entropy needs the model to output class scores [batch, classes] (or [batch, ..., classes], "
+                f"e.g. a language model's [batch, positions, vocabulary]), but it outputs shape "
+                f"{list(output.shape)} {_dtype_name(output.dtype)}"
+            )
+        # The rule: one int64 class per output position, so the target is the output's shape without its last
+        # dimension: [] per sample for a classifier, [T] for a language model's [T, vocabulary].
+        want = list(output.shape[1:-1])
+        if (options.target_shape is not None and list(options.target_shape) != want) or (
+                options.target_dtype not in (None, "int64")):
+            given = ",".join(map(str, options.target_shape or [])) or "scalar"
+            raise ExportError(
+                f"cross_entropy takes one int64 class index per output position: for outputs of shape "
+                f"{list(output.shape[1:])} per sample its targets are {want or 'one label'} int64 per sample, but "
+                f"--target-shape {given} --target-dtype {options.target_dtype or 'int64'} was given; leave both out "
+                "(they are for your own loss) or give your own loss function"
             )
         return torch.randint(0, output.shape[-1], tuple(output.shape[:-1]), generator=gen).to(device)
     shape = [batch, *(options.target_shape or [])]
@@ -206,13 +219,20 @@ def _example_target(options: ExportOptions, output: torch.Tensor, batch: int, ge
     return torch.randint(0, classes, shape, generator=gen, dtype=dtype).to(device)
 
 
-def _example_input(options: ExportOptions, batch: int, gen: torch.Generator) -> torch.Tensor:
+def _token_range(model: torch.nn.Module) -> int:
+    """How many distinct values integer example inputs take: the smallest embedding's size, so every id is a valid
+    row of every embedding (token ids of a language model, say); 2 for a model without embeddings."""
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    return max(2, min(sizes, default=2))
+
+
+def _example_input(options: ExportOptions, batch: int, gen: torch.Generator, token_range: int = 2) -> torch.Tensor:
     dtype = DTYPES[options.input_dtype]
     shape = [batch, *options.input_shape]
     if dtype.is_floating_point:
         return torch.randn(shape, generator=gen, dtype=dtype).to(options.device)
-    # Token ids: small values are valid indices for any embedding.
-    return torch.randint(0, 2, shape, generator=gen, dtype=dtype).to(options.device)
+    high = min(token_range, torch.iinfo(dtype).max + 1)
+    return torch.randint(0, high, shape, generator=gen, dtype=dtype).to(options.device)
 
 
 class _Step:
@@ -344,7 +364,7 @@ def export(model: torch.nn.Module, options: ExportOptions, user_file: Path | Non
         if p.dtype != torch.float32:
             raise ExportError(f"parameter {name} is {p.dtype}; hytrain trains float32 parameters (call .float())")
 
-    x = _example_input(options, options.example_batch, gen)
+    x = _example_input(options, options.example_batch, gen, _token_range(model))
     try:
         with torch.no_grad():
             output = copy.deepcopy(model)(x)
@@ -402,7 +422,7 @@ def _check(staging: Path, model: torch.nn.Module, step: _Step, loss_fn: Callable
     reference_model = copy.deepcopy(model).double()
     twin_inputs = []
     for batch in batches:
-        x = _example_input(options, batch, gen)
+        x = _example_input(options, batch, gen, _token_range(model))
         with torch.no_grad():
             y = _example_target(options, copy.deepcopy(model)(x), batch, gen)
         try:
@@ -438,9 +458,10 @@ def _check_twin(staging: Path, reference_model: torch.nn.Module, loss_fn: Callab
     up = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
     x, y, _ = batches[0]
     trainable = [p.clone().requires_grad_(True) for p in params]
-    program = _trace(twin.train_step, [up(x), up(y), *trainable, *buffers], 2, options.max_batch,
-                     "float64 twin of the training step", user_file)
-    _compile(program, staging / "twin.pt2", "float64 twin of the training step", user_file)
+    with float64_attention():
+        program = _trace(twin.train_step, [up(x), up(y), *trainable, *buffers], 2, options.max_batch,
+                         "float64 twin of the training step", user_file)
+        _compile(program, staging / "twin.pt2", "float64 twin of the training step", user_file)
     compiled = torch._inductor.aoti_load_package(str(staging / "twin.pt2"))
     worst_overall = 0.0
     for x, y, reference in batches:

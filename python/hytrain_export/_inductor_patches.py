@@ -13,6 +13,11 @@ batch dimension of the compiled package to the example's size (a package traced 
   always taken: no guard, and the accurate summation whatever the batch.
 
 Both are internals of torch 2.11; the export refuses other versions (see `_check_torch`).
+
+A third change serves the float64 twin only (`float64_attention`): torch 2.11's shape function for the CPU flash
+attention kernel says its log-sum-exp output is float32 whatever the inputs, where the kernel itself returns it in
+the inputs' accumulation type, float64 for float64. A float64 step compiled from that trace hands the backward
+kernel a float32 log-sum-exp, which it refuses ("expected scalar type Double but found Float").
 """
 
 from __future__ import annotations
@@ -68,3 +73,29 @@ def dynamic_batch() -> Iterator[None]:
     finally:
         torch._C._select_conv_backend = select_conv_backend
         inductor_cpp.CppKernel.need_use_acc_helper = need_use_acc_helper
+
+
+def _flash_attention_for_cpu_shapes(query, key, value, dropout_p=0.0, is_causal=False, attn_mask=None,  # noqa
+                                    scale=None):
+    # Replaces the code of torch._meta_registrations' function of the same job (so every table that holds that
+    # function sees this): it runs with that module's globals, so it names only `torch`.
+    batch_size, num_heads, max_seqlen_batch_q = query.size(0), query.size(1), query.size(2)
+    attention = torch.empty_like(query)
+    accumulate = torch.float64 if query.dtype == torch.float64 else torch.float
+    logsumexp = torch.empty((batch_size, max_seqlen_batch_q, num_heads), dtype=accumulate, device=query.device)
+    return attention, logsumexp.transpose(1, 2)
+
+
+@contextlib.contextmanager
+def float64_attention() -> Iterator[None]:
+    """Inside this context, traces and compiles of `scaled_dot_product_attention` in float64 give the CPU flash
+    attention kernel's log-sum-exp the dtype the kernel returns (see the module doc)."""
+    from torch import _meta_registrations
+
+    shapes = _meta_registrations.meta__scaled_dot_product_flash_attention_for_cpu
+    original = shapes.__code__
+    shapes.__code__ = _flash_attention_for_cpu_shapes.__code__
+    try:
+        yield
+    finally:
+        shapes.__code__ = original

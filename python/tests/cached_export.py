@@ -22,8 +22,16 @@ CACHE = REPO / ".cache" / "exported"
 #: name -> (factory, export arguments)
 EXAMPLES = {
     "digits_cnn": ("examples/digits_cnn.py:DigitsCnn", ["--input-shape", "1,8,8"]),
+    # The suite's language model (examples/gpt.py's defaults: vocabulary 64, context 32, 2 layers of 2 heads, 32
+    # wide): sequences of 32 token ids, targets the next 32.
+    "gpt": ("examples/gpt.py:gpt", ["--input-shape", "32", "--input-dtype", "int64"]),
     # The step bench's (benches/step_time.rs); the float64 twin's compile would double a minutes-long export.
     "resnet18_cifar": ("examples/resnet18_cifar.py:build", ["--input-shape", "3,32,32", "--check", "none"]),
+    # The step bench's GPT: vocabulary 512, context 128, 4 layers of 4 heads, 128 wide (0.9M parameters). The suite's
+    # `gpt` proves the float64 twin of the same code at a smaller size.
+    "gpt_bench": ("examples/gpt.py:gpt", ["--input-shape", "128", "--input-dtype", "int64", "--model-kwargs",
+                                          '{"vocab_size": 512, "block_size": 128, "n_layer": 4, "n_head": 4, '
+                                          '"n_embd": 128}', "--check", "none"]),
 }
 
 

@@ -1,9 +1,11 @@
 """Unit tests of the export package that need no compile: how failures are explained, the error metric, the
-version guard. (Compiled exports are tested from the Rust suite: crates/hytrain-train/tests/exported.rs.)"""
+version guard, tied weights, cross-entropy's targets for sequence outputs. (Compiled exports are tested from the Rust
+suite: crates/hytrain-train/tests/exported.rs.)"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import tempfile
 import textwrap
@@ -13,6 +15,7 @@ from unittest import mock
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import hytrain_export
 from hytrain_export import ExportError, ExportOptions
@@ -166,6 +169,96 @@ class TiedWeights(unittest.TestCase):
 
             fresh.load_state_dict(load_file(str(path)))
             self.assertTrue(torch.equal(fresh.head.weight, model.emb.weight))
+
+
+def small_gpt(**kwargs: int) -> nn.Module:
+    """python/examples/gpt.py's model, loaded from its file as `python -m hytrain_export` does."""
+    factory = hytrain_export.load_factory(str(Path(__file__).resolve().parents[1] / "examples" / "gpt.py") + ":gpt")
+    return factory(**{"vocab_size": 11, "block_size": 6, "n_layer": 1, "n_head": 2, "n_embd": 8, **kwargs})
+
+
+class SequenceTargets(unittest.TestCase):
+    """cross_entropy's rule: one int64 class per output position, so the target is the output's shape without its
+    last dimension ([] for a classifier, [T] for a language model), averaged over every position."""
+
+    def setUp(self) -> None:
+        self.options = ExportOptions(input_shape=[6], out=".", input_dtype="int64")
+        self.gen = torch.Generator().manual_seed(0)
+
+    def test_a_language_models_target_is_one_int64_class_per_position(self) -> None:
+        logits = torch.randn(4, 6, 11)
+        y = _export._example_target(self.options, logits, 4, self.gen)
+        self.assertEqual((list(y.shape), y.dtype), ([4, 6], torch.int64))
+        self.assertTrue(0 <= int(y.min()) and int(y.max()) < 11)
+        classifier = _export._example_target(self.options, torch.randn(4, 10), 4, self.gen)
+        self.assertEqual((list(classifier.shape), classifier.dtype), ([4], torch.int64))
+
+    def test_the_loss_is_the_mean_over_every_token(self) -> None:
+        loss_fn = _export._loss_fn(self.options, None)
+        logits, y = torch.randn(3, 5, 7), torch.randint(0, 7, (3, 5))
+        self.assertTrue(torch.equal(loss_fn(logits, y), F.cross_entropy(logits.flatten(0, -2), y.flatten())))
+        per_token = F.cross_entropy(logits.reshape(15, 7), y.reshape(15), reduction="none")
+        self.assertAlmostEqual(loss_fn(logits, y).item(), per_token.mean().item(), places=6)
+        logits, y = torch.randn(3, 7), torch.randint(0, 7, (3,))
+        self.assertTrue(torch.equal(loss_fn(logits, y), F.cross_entropy(logits, y)))
+
+    def test_the_metadata_records_the_target_spec_and_the_tied_head(self) -> None:
+        model = small_gpt()
+        step = _export._Step(model, _export._loss_fn(self.options, None))
+        params, buffers = step.state()
+        x = _export._example_input(self.options, 4, self.gen, _export._token_range(model))
+        output = model(x)
+        y = _export._example_target(self.options, output, 4, self.gen)
+        meta = _export._metadata(self.options, model, step, params, buffers, x, output, y, {})
+        self.assertEqual(meta["input"], {"shape": [6], "dtype": "int64"})
+        self.assertEqual(meta["output"], {"shape": [6, 11], "dtype": "float32"})
+        self.assertEqual(meta["target"], {"shape": [6], "dtype": "int64"})
+        self.assertEqual(meta["aliases"], {"lm_head.weight": "wte.weight"})
+        names = [t["name"] for t in meta["parameters"]]
+        self.assertIn("wte.weight", names)
+        self.assertNotIn("lm_head.weight", names)
+        self.assertEqual(meta["buffers"], [])
+
+    def test_token_inputs_cover_the_smallest_embedding(self) -> None:
+        # Position embeddings (6 rows) are smaller than the vocabulary (11): every id must index both.
+        model = small_gpt()
+        self.assertEqual(_export._token_range(model), 6)
+        self.assertEqual(_export._token_range(nn.Linear(4, 3)), 2)
+        x = _export._example_input(self.options, 64, self.gen, 6)
+        self.assertEqual((list(x.shape), x.dtype), ([64, 6], torch.int64))
+        self.assertEqual(sorted(x.unique().tolist()), list(range(6)))
+        uint8 = ExportOptions(input_shape=[3], out=".", input_dtype="uint8")
+        self.assertLess(int(_export._example_input(uint8, 200, self.gen, 100_000).max()), 256)
+
+    def test_the_float64_reference_keeps_token_ids_integer(self) -> None:
+        model = small_gpt()
+        step = _export._Step(model, _export._loss_fn(self.options, None))
+        params, buffers = step.state()
+        x = _export._example_input(self.options, 3, self.gen, 6)
+        y = _export._example_target(self.options, model(x), 3, self.gen)
+        reference = _export._float64_step(copy.deepcopy(model).double(), step.loss_fn, x, y, params, buffers)
+        self.assertEqual(reference[0].dtype, torch.float64)
+        eager = step.train_step(x, y, *[p.clone().requires_grad_(True) for p in params], *buffers)
+        worst, name = _export._compare(eager, reference, ["loss", *step.param_names])[0]
+        self.assertLess(worst, 1e-4, name)
+
+    def test_target_flags_that_contradict_cross_entropy_are_refused_in_one_paragraph(self) -> None:
+        for shape, dtype in [([5], None), (None, "float32"), ([], None)]:
+            options = ExportOptions(input_shape=[6], out=".", input_dtype="int64", target_shape=shape,
+                                    target_dtype=dtype)
+            with self.assertRaises(ExportError) as e:
+                _export._example_target(options, torch.randn(4, 6, 11), 4, self.gen)
+            text = str(e.exception)
+            self.assertIn("cross_entropy takes one int64 class index per output position", text)
+            self.assertIn("its targets are [6] int64 per sample", text)
+            self.assertNotIn("\n", text)
+        # The shape the rule gives, said explicitly, is accepted.
+        options = ExportOptions(input_shape=[6], out=".", target_shape=[6], target_dtype="int64")
+        self.assertEqual(list(_export._example_target(options, torch.randn(4, 6, 11), 4, self.gen).shape), [4, 6])
+
+    def test_an_integer_output_is_refused_for_cross_entropy(self) -> None:
+        with self.assertRaisesRegex(ExportError, r"outputs shape \[4, 6\] int64"):
+            _export._example_target(self.options, torch.zeros(4, 6, dtype=torch.int64), 4, self.gen)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-//! Models exported with `python -m hytrain_export` (python/): the compiled step's gradients against float64, 10 SGD
-//! steps on 1 and 2 ranks against PyTorch DDP from the same weights and batches, the trained weights loading back
-//! into the Python module, the refusals before step 1, and the export package's own unit tests.
+//! Models exported with `python -m hytrain_export` (python/): the compiled step's gradients against float64, 10
+//! training steps on 1 and 2 ranks against PyTorch DDP from the same weights and batches (SGD for the digits CNN;
+//! AdamW on a cosine schedule for the small GPT, token inputs and per-position targets), the trained weights loading
+//! back into the Python module, the refusals before step 1, and the export package's own unit tests.
 
 mod common;
 
@@ -9,26 +10,89 @@ use std::sync::OnceLock;
 
 use common::{max_relative_difference, on_ranks, python};
 use hytrain_train::model::{self, ExportedModel, Model};
-use hytrain_train::{Ddp, DdpOptions, OptimizerConfig, SgdConfig};
+use hytrain_train::{AdamWConfig, Ddp, DdpOptions, OptimizerConfig, Schedule, SgdConfig};
 use tch::{Device, Kind, Tensor};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
-/// python/examples/digits_cnn.py exported once per source change (cached under .cache/exported).
-fn digits_cnn() -> &'static Path {
-    static FOLDER: OnceLock<PathBuf> = OnceLock::new();
-    FOLDER.get_or_init(|| {
+/// One of python/tests/cached_export.py's examples, exported once per source change (cached under .cache/exported).
+fn cached_export(name: &str, folder: &'static OnceLock<PathBuf>) -> &'static Path {
+    folder.get_or_init(|| {
         let out = std::process::Command::new(python())
             .arg(repo().join("python/tests/cached_export.py"))
-            .arg("digits_cnn")
+            .arg(name)
             .output()
             .expect("python starts");
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "exporting digits_cnn failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "exporting {name} failed:\n{text}{}", String::from_utf8_lossy(&out.stderr));
         PathBuf::from(text.trim())
     })
+}
+
+/// python/examples/digits_cnn.py: a CNN with BatchNorm for 8x8 images.
+fn digits_cnn() -> &'static Path {
+    static FOLDER: OnceLock<PathBuf> = OnceLock::new();
+    cached_export("digits_cnn", &FOLDER)
+}
+
+/// python/examples/gpt.py at its default size: 32 token ids in, logits [32, 64] out, the head tied to the embedding.
+fn gpt() -> &'static Path {
+    static FOLDER: OnceLock<PathBuf> = OnceLock::new();
+    cached_export("gpt", &FOLDER)
+}
+
+/// An exported example (tests/parity_exported.py's `EXAMPLES` knows the same two).
+#[derive(Debug, Clone, Copy)]
+enum Example {
+    DigitsCnn,
+    Gpt,
+}
+
+impl Example {
+    fn folder(self) -> &'static Path {
+        match self {
+            Example::DigitsCnn => digits_cnn(),
+            Example::Gpt => gpt(),
+        }
+    }
+}
+
+/// How the parity tests step the weights; tests/parity_exported.py's `OPTIMIZERS` steps PyTorch the same way.
+#[derive(Debug, Clone, Copy)]
+enum Optimizer {
+    /// SGD, lr 0.05, momentum 0.5; PyTorch's side is eager DDP.
+    Sgd,
+    /// AdamW (weight decay 0.01), lr 1e-2 on a cosine over the 10 steps (2 of warmup) down to a tenth; PyTorch's
+    /// side steps torch.optim.AdamW with the compiled package's gradients (see parity_exported.py).
+    AdamWCosine,
+}
+
+impl Optimizer {
+    fn name(self) -> &'static str {
+        match self {
+            Optimizer::Sgd => "sgd",
+            Optimizer::AdamWCosine => "adamw",
+        }
+    }
+
+    fn config(self) -> OptimizerConfig {
+        match self {
+            Optimizer::Sgd => sgd(),
+            Optimizer::AdamWCosine => OptimizerConfig::AdamW(AdamWConfig::default()),
+        }
+    }
+
+    /// The learning rate of update `step`.
+    fn lr(self, step: u64) -> f64 {
+        match self {
+            Optimizer::Sgd => 0.05,
+            Optimizer::AdamWCosine => {
+                1e-2 * Schedule::Cosine { warmup_steps: 2, total_steps: 10, min_factor: 0.1 }.factor(step)
+            }
+        }
+    }
 }
 
 fn run_parity(args: &[&std::ffi::OsStr]) {
@@ -67,29 +131,24 @@ fn worst_error(ours: &[(String, Tensor)], reference: &[(String, Tensor)]) -> (f6
         .fold((0.0, String::new()), |a, b| if b.0 > a.0 { b } else { a })
 }
 
-#[test]
-fn compiled_gradients_are_within_1e_4_of_float64() {
+fn check_compiled_gradients_against_float64(example: Example) {
     tch::set_num_threads(1);
+    let folder = example.folder();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("float64.safetensors");
-    run_parity(&["float64".as_ref(), digits_cnn().as_os_str(), file.as_os_str()]);
+    run_parity(&["float64".as_ref(), folder.as_os_str(), file.as_os_str()]);
     let reference = Tensor::read_safetensors(&file).unwrap();
-    run_parity(&[
-        "train".as_ref(),
-        digits_cnn().as_os_str(),
-        dir.path().join("b.safetensors").as_os_str(),
-        "1".as_ref(),
-    ]);
+    run_parity(&["train".as_ref(), folder.as_os_str(), dir.path().join("b.safetensors").as_os_str(), "1".as_ref()]);
     let batches = Tensor::read_safetensors(dir.path().join("b.safetensors")).unwrap();
 
-    let net = ExportedModel::load(digits_cnn(), Device::Cpu).unwrap();
+    let net = ExportedModel::load(folder, Device::Cpu).unwrap();
     let step = net.compiled_step().unwrap();
     let (loss, grads) = step.loss_and_grads(get(&batches, "batch0.x"), get(&batches, "batch0.y")).unwrap();
     let names: Vec<String> = net.named_parameters().into_iter().map(|(n, _)| n).collect();
     let ours: Vec<(String, Tensor)> = names.iter().cloned().zip(grads).collect();
     let (worst, name) = worst_error(&ours, &strip(&reference, "grad."));
     let loss_error = (loss.double_value(&[]) - get(&reference, "loss").double_value(&[0])).abs();
-    eprintln!("compiled step vs float64: worst gradient {worst:e} ({name}), loss {loss_error:e}");
+    eprintln!("{example:?}: compiled step vs float64: worst gradient {worst:e} ({name}), loss {loss_error:e}");
     assert!(worst <= 1e-4, "gradient of {name} is {worst:e} off float64");
     assert!(loss_error <= 1e-5, "loss is {loss_error:e} off float64");
     // The export's own check, recorded in the metadata: the float64 twin of the compiled step equals eager float64.
@@ -98,39 +157,68 @@ fn compiled_gradients_are_within_1e_4_of_float64() {
     assert!(twin <= 1e-9, "float64 twin is {twin:e} off eager float64");
 }
 
+#[test]
+fn compiled_gradients_are_within_1e_4_of_float64() {
+    check_compiled_gradients_against_float64(Example::DigitsCnn);
+}
+
+#[test]
+fn gpt_compiled_gradients_are_within_1e_4_of_float64_tied_head_included() {
+    check_compiled_gradients_against_float64(Example::Gpt);
+}
+
 fn sgd() -> OptimizerConfig {
     OptimizerConfig::Sgd(SgdConfig { momentum: 0.5, ..Default::default() })
 }
 
-/// hytrain on `world` ranks (threads over the TCP ring) against PyTorch DDP on as many processes.
-fn check_parity_with_pytorch_ddp(world: usize) {
+/// hytrain on `world` ranks (threads over the TCP ring) against PyTorch on as many processes: 10 steps of
+/// `optimizer`, on the same batches split over the ranks the same way.
+fn check_parity_with_pytorch(example: Example, optimizer: Optimizer, world: usize) {
+    let folder = example.folder();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ddp.safetensors");
     let world_arg = world.to_string();
-    run_parity(&["train".as_ref(), digits_cnn().as_os_str(), file.as_os_str(), world_arg.as_ref()]);
+    run_parity(&[
+        "train".as_ref(),
+        folder.as_os_str(),
+        file.as_os_str(),
+        world_arg.as_ref(),
+        optimizer.name().as_ref(),
+    ]);
     let saved = Tensor::read_safetensors(&file).unwrap();
     let per_rank = 16 / world as i64;
     let finals = on_ranks(world, |rank, comm| {
         // Tensors are not Sync: each rank reads its own copy.
         let saved = Tensor::read_safetensors(&file).unwrap();
-        let net = ExportedModel::load(digits_cnn(), Device::Cpu).unwrap();
+        let net = ExportedModel::load(folder, Device::Cpu).unwrap();
         let mut ddp = Ddp::new(Box::new(net), comm, DdpOptions::default()).unwrap();
-        let mut opt = sgd().build(ddp.parameters()).unwrap();
+        let mut opt = optimizer.config().build(ddp.parameters()).unwrap();
         let mut losses = Vec::new();
         for i in 0..10 {
             let x = get(&saved, &format!("batch{i}.x")).narrow(0, rank as i64 * per_rank, per_rank);
             let y = get(&saved, &format!("batch{i}.y")).narrow(0, rank as i64 * per_rank, per_rank);
-            losses.push(ddp.train_step(&[(x, y)], opt.as_mut(), 0.05).unwrap().loss);
+            losses.push(ddp.train_step(&[(x, y)], opt.as_mut(), optimizer.lr(i)).unwrap().loss);
         }
         (model::state_tensors(ddp.model()), losses)
     });
+    let initial = ExportedModel::load(folder, Device::Cpu).unwrap();
+    let aliases = initial.metadata().aliases.clone();
+    let moved = max_relative_difference(&finals[0].0, &model::state_tensors(&initial));
+    assert!(moved > 1e-3, "10 steps moved the weights by only {moved:e}");
     for (rank, (ours, _)) in finals.iter().enumerate() {
         let theirs = strip(&saved, &format!("rank{rank}."));
+        // PyTorch's state_dict names a tied tensor under each of its names; hytrain's state has it once.
+        for (alias, name) in &aliases {
+            assert!(get(&theirs, alias).equal(get(&theirs, name)), "PyTorch's {alias} is not its {name}");
+        }
+        let theirs: Vec<_> = theirs.into_iter().filter(|(n, _)| !aliases.contains_key(n)).collect();
         let diff = max_relative_difference(ours, &theirs);
-        eprintln!("{world} rank(s), rank {rank}: weights and buffers after 10 SGD steps vs PyTorch DDP: {diff:e}");
-        assert!(diff <= 1e-5, "rank {rank} of {world}: state differs from PyTorch DDP's by {diff:e}");
+        eprintln!(
+            "{example:?}, {optimizer:?}, {world} rank(s), rank {rank}: state after 10 steps vs PyTorch: {diff:e}"
+        );
+        assert!(diff <= 1e-5, "rank {rank} of {world}: state differs from PyTorch's by {diff:e}");
     }
-    if world > 1 {
+    if world > 1 && matches!(example, Example::DigitsCnn) {
         // DDP's rule: every rank's forward uses rank 0's buffers, then updates them from its own batch; after the
         // last step rank 1 holds statistics of its own half, not rank 0's.
         let running = |r: usize| finals[r].0.iter().find(|(n, _)| n == "bn1.running_mean").unwrap().1.copy();
@@ -146,12 +234,27 @@ fn check_parity_with_pytorch_ddp(world: usize) {
 
 #[test]
 fn one_rank_after_10_sgd_steps_matches_pytorch() {
-    check_parity_with_pytorch_ddp(1);
+    check_parity_with_pytorch(Example::DigitsCnn, Optimizer::Sgd, 1);
 }
 
 #[test]
 fn two_ranks_after_10_sgd_steps_match_pytorch_ddp_buffers_included() {
-    check_parity_with_pytorch_ddp(2);
+    check_parity_with_pytorch(Example::DigitsCnn, Optimizer::Sgd, 2);
+}
+
+#[test]
+fn gpt_on_one_rank_after_10_sgd_steps_matches_pytorch() {
+    check_parity_with_pytorch(Example::Gpt, Optimizer::Sgd, 1);
+}
+
+#[test]
+fn gpt_on_two_ranks_after_10_sgd_steps_matches_pytorch_ddp_tied_head_included() {
+    check_parity_with_pytorch(Example::Gpt, Optimizer::Sgd, 2);
+}
+
+#[test]
+fn gpt_on_two_ranks_10_adamw_steps_on_a_cosine_schedule_match_torch_adamw_given_the_same_gradients() {
+    check_parity_with_pytorch(Example::Gpt, Optimizer::AdamWCosine, 2);
 }
 
 #[test]
@@ -184,6 +287,49 @@ fn trained_weights_load_back_into_the_python_module_and_the_exported_folder_trai
     let again = ExportedModel::load(&model_dir, Device::Cpu).unwrap();
     let trained = model::state_tensors(ddp.model());
     assert_eq!(max_relative_difference(&model::state_tensors(&again), &trained), 0.0);
+}
+
+/// Token sequences that count up by one (mod 64) from random starts: the next token is learnable from the current.
+fn counting_sequences(seed: i64, batch: i64) -> (Tensor, Tensor) {
+    let starts = common::seeded(seed, || Tensor::randint(64, [batch, 1], (Kind::Int64, Device::Cpu)));
+    let seq = (starts + Tensor::arange(33, (Kind::Int64, Device::Cpu)).unsqueeze(0)).remainder(64);
+    (seq.narrow(1, 0, 32).contiguous(), seq.narrow(1, 1, 32).contiguous())
+}
+
+#[test]
+fn gpt_trained_on_two_ranks_with_adamw_and_a_cosine_schedule_learns_and_loads_back_into_python() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("model");
+    let steps = 30;
+    let schedule = Schedule::Cosine { warmup_steps: 3, total_steps: steps, min_factor: 0.1 };
+    let losses = on_ranks(2, |rank, comm| {
+        let net = ExportedModel::load(gpt(), Device::Cpu).unwrap();
+        let mut ddp = Ddp::new(Box::new(net), comm, DdpOptions::default()).unwrap();
+        let mut opt = OptimizerConfig::AdamW(AdamWConfig::default()).build(ddp.parameters()).unwrap();
+        let mut losses = Vec::new();
+        for step in 0..steps {
+            let (x, y) = counting_sequences(100 * step as i64 + rank as i64, 8);
+            losses.push(ddp.train_step(&[(x, y)], opt.as_mut(), 1e-2 * schedule.factor(step)).unwrap().loss);
+        }
+        if rank == 0 {
+            let meta = hytrain_train::export(ddp.model(), &model_dir, 64, &[32], serde_json::json!({})).unwrap();
+            assert!(meta.packages.contains(&"forward.pt2".to_string()), "{meta:?}");
+        }
+        losses
+    });
+    let (first, last) = (losses[0][0], losses[0][steps as usize - 1]);
+    eprintln!("gpt on 2 ranks, AdamW on a cosine schedule: rank 0's loss {first:.3} -> {last:.3} in {steps} steps");
+    assert!(last < 0.5 * first, "the loss did not fall: {first} -> {last}");
+
+    // Strict load_state_dict of model.safetensors (the tied lm_head.weight included), then the module in eval mode
+    // against forward.pt2 with the trained weights.
+    let out = dir.path().join("load.safetensors");
+    run_parity(&["load".as_ref(), model_dir.as_os_str(), out.as_os_str()]);
+    let outputs = Tensor::read_safetensors(&out).unwrap();
+    let (eager, compiled) = (get(&outputs, "eager"), get(&outputs, "compiled"));
+    assert_eq!(eager.size(), [16, 32, 64]);
+    let diff = (eager - compiled).abs().max().double_value(&[]) / eager.abs().max().double_value(&[]);
+    assert!(diff <= 1e-5, "forward.pt2 with the trained weights differs from the module by {diff:e}");
 }
 
 /// A copy of the exported folder with `edit` applied to its metadata JSON.
