@@ -28,6 +28,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     println!("cargo:rerun-if-changed=csrc/max_pool.cpp");
     println!("cargo:rerun-if-changed=csrc/aoti.cpp");
+    println!("cargo:rerun-if-changed=csrc/rng.cpp");
     println!("cargo:rerun-if-changed=csrc/script.cpp");
     println!("cargo:rerun-if-changed=csrc/shim_error.h");
     cc::Build::new()
@@ -44,6 +45,7 @@ fn main() {
         .file("csrc/autocast.cpp")
         .file("csrc/max_pool.cpp")
         .file("csrc/aoti.cpp")
+        .file("csrc/rng.cpp")
         .file("csrc/script.cpp")
         .compile("hytrain_grad_hook");
 }

@@ -75,6 +75,9 @@ pub struct TrainConfig {
     pub keep: usize,
     /// Start fresh even when the checkpoint directory holds a valid checkpoint.
     pub no_resume: bool,
+    /// Resume a mid-epoch checkpoint of another job shape (world size, batch size, grad-accum, seed) whose sample
+    /// position cannot be mapped onto this one by starting its epoch over; without it such a resume is refused.
+    pub restart_epoch_on_change: bool,
     /// Evaluate on the validation data at the end of every epoch (else only at the end of the run).
     pub eval_every_epoch: bool,
     /// Collective backend named by the job, one of [`BACKENDS`] (`gloo` in the reference); the binary checks it
@@ -110,6 +113,7 @@ impl Default for TrainConfig {
             checkpoint_every: None,
             keep: 3,
             no_resume: false,
+            restart_epoch_on_change: false,
             eval_every_epoch: true,
             backend: "gloo".into(),
         }
@@ -140,6 +144,7 @@ pub const KEYS: &[&str] = &[
     "checkpoint_every",
     "keep",
     "no_resume",
+    "restart_epoch_on_change",
     "eval_every_epoch",
     "backend",
 ];
@@ -171,6 +176,10 @@ pub fn help(key: &str) -> &'static str {
         "checkpoint_every" => "Optimizer steps between checkpoints (one is also written at each epoch end)",
         "keep" => "Checkpoints kept [default: 3]",
         "no_resume" => "Start fresh even when the checkpoint folder holds a valid checkpoint",
+        "restart_epoch_on_change" => {
+            "Resume a mid-epoch checkpoint of another world size, global batch or seed by starting its epoch over \
+             (else refused)"
+        }
         "eval_every_epoch" => "Evaluate after every epoch, not only at the end [default: true]",
         "backend" => "Collective backend as torch.distributed names it: gloo or tcp (hytrain's ring and shared memory on the CPU, NCCL on GPUs), nccl (GPUs only), mpi (the MPI build under mpirun) [default: gloo]",
         _ => "",
@@ -179,7 +188,7 @@ pub fn help(key: &str) -> &'static str {
 
 /// Whether a key is a switch that a bare flag turns on (`--no-resume`).
 pub fn is_switch(key: &str) -> bool {
-    matches!(canonical_key(key).as_str(), "nesterov" | "no_resume" | "eval_every_epoch")
+    matches!(canonical_key(key).as_str(), "nesterov" | "no_resume" | "restart_epoch_on_change" | "eval_every_epoch")
 }
 
 /// A key in snake case without leading dashes (`--batch-size` → `batch_size`), aliases resolved
@@ -297,6 +306,7 @@ impl TrainConfig {
             "checkpoint_every" => self.checkpoint_every = optional(&v, |v| parse_positive(key, v))?,
             "keep" => self.keep = parse_positive(key, &v)? as usize,
             "no_resume" => self.no_resume = parse_bool(key, &v)?,
+            "restart_epoch_on_change" => self.restart_epoch_on_change = parse_bool(key, &v)?,
             "eval_every_epoch" => self.eval_every_epoch = parse_bool(key, &v)?,
             "backend" => {
                 let backend = v.to_ascii_lowercase();

@@ -41,6 +41,8 @@ pub mod optim;
 mod overlap;
 pub mod precision;
 pub mod schedule;
+mod position;
+mod rng;
 mod shim;
 pub mod trainer;
 

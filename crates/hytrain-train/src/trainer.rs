@@ -14,6 +14,7 @@ use crate::checkpoint::{latest_valid, Checkpoint, CheckpointMeta, CheckpointStor
 use crate::config::TrainConfig;
 use crate::model;
 use crate::optim::Optimizer;
+use crate::position::{self, Shape};
 use crate::precision::GradScaler;
 use crate::schedule::Schedule;
 use crate::{Ddp, ReduceOp, Result, TrainError};
@@ -177,6 +178,8 @@ struct Run<'a> {
     jsonl: Option<(PathBuf, File)>,
     out: &'a mut (dyn Write + Send),
     batches_per_epoch: u64,
+    /// What decides which samples a rank reads at which step, recorded with each checkpoint's position.
+    shape: Shape,
     /// Steps of this run skipped on fp16 overflow.
     skipped_steps: u64,
 }
@@ -261,6 +264,13 @@ impl Trainer {
             }
             _ => None,
         };
+        let shape = Shape {
+            world_size: ddp.world_size() as u64,
+            batch_size: config.batch_size as u64,
+            grad_accum: accum,
+            seed: config.seed,
+            batches_per_epoch: steps_per_epoch * accum,
+        };
         let mut run = Run {
             ddp,
             optimizer,
@@ -270,20 +280,15 @@ impl Trainer {
             jsonl,
             out: self.out.as_mut(),
             batches_per_epoch: steps_per_epoch * accum,
+            shape,
             skipped_steps: 0,
         };
 
         let resumed = run.resume(paths)?;
         let (mut step, mut epoch, mut start_batch) = match &resumed {
-            Some((_, meta)) => {
-                let pos = &meta.data_position;
-                let e = pos.get("epoch").and_then(|v| v.as_u64()).unwrap_or(meta.epoch);
-                let b = pos.get("batches").and_then(|v| v.as_u64()).unwrap_or(0);
-                if b >= run.batches_per_epoch {
-                    (meta.step, e + 1, 0)
-                } else {
-                    (meta.step, e, b)
-                }
+            Some((path, meta)) => {
+                let at = position::continue_from(meta, path, &shape, config.restart_epoch_on_change)?;
+                (at.step, at.epoch, at.start_batch)
             }
             None => (0, 0, 0),
         };
@@ -583,6 +588,16 @@ impl Run<'_> {
         if let (Some(state), Some(scaler)) = (&meta.grad_scaler, self.ddp.grad_scaler_mut()) {
             *scaler = GradScaler::from_state(state.clone());
         }
+        // Rank 0's generators are every rank's (all seed and draw alike), so dropout continues as if uninterrupted.
+        crate::rng::restore(model::device_of(self.ddp.model()), &meta.rng.state).map_err(|e| {
+            TrainError::Checkpoint {
+                path: path.clone(),
+                detail: format!(
+                    "libtorch's random generator state does not load: {e} (written by another libtorch?); resume \
+                     with the libtorch that wrote it, or start afresh with --no-resume"
+                ),
+            }
+        })?;
         if self.ddp.world_size() > 1 {
             let weights = model::state_tensors(self.ddp.model());
             self.ddp.broadcast_tensors(&weights, "checkpoint weights broadcast from rank 0")?;
@@ -638,18 +653,22 @@ impl Run<'_> {
         let Some(store) = &self.store else {
             return Ok(None);
         };
+        let mut position = serde_json::Map::new();
+        position.insert("epoch".into(), epoch.into());
+        position.insert("batches".into(), consumed.into());
+        self.shape.record(&mut position);
+        let generators = crate::rng::state(model::device_of(self.ddp.model())).map_err(|e| TrainError::Checkpoint {
+            path: store.dir().to_path_buf(),
+            detail: format!("cannot read libtorch's random generator state for step {step}: {e}"),
+        })?;
         let ckpt = Checkpoint {
             model: model::state_tensors(self.ddp.model()),
             optimizer: self.optimizer.state(),
             meta: CheckpointMeta {
                 step,
                 epoch,
-                data_position: serde_json::json!({
-                    "epoch": epoch,
-                    "batches": consumed,
-                    "batches_per_epoch": self.batches_per_epoch,
-                }),
-                rng: RngState { seed: self.config.seed, state: serde_json::Value::Null },
+                data_position: position.into(),
+                rng: RngState { seed: self.config.seed, state: generators },
                 config: serde_json::to_value(self.config).expect("configuration serialises"),
                 schedule: self.schedule.clone(),
                 model: self.ddp.model().name().to_string(),

@@ -1,0 +1,221 @@
+//! Where a resumed run continues: the checkpoint's data position (epoch, batches consumed) mapped onto this job's
+//! shape.
+//!
+//! The sampler gives each rank a contiguous block of the epoch's order, cut by the world size and drawn by the
+//! seed, and the loader cuts a rank's block into batches. So a mid-epoch position carries over exactly when the
+//! world size and seed are unchanged and a step takes as many samples per rank (`batch size x grad-accum`, hence
+//! the same global batch): the samples consumed are then a whole number of this job's batches. A position at the
+//! end of an epoch carries over to any shape (the next epoch starts from its beginning). Any other mid-epoch
+//! position is refused, unless `--restart-epoch-on-change` says to start that epoch over.
+
+use std::path::Path;
+
+use crate::checkpoint::CheckpointMeta;
+use crate::{Result, TrainError};
+
+/// What decides which samples a rank reads at which step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub world_size: u64,
+    pub batch_size: u64,
+    pub grad_accum: u64,
+    pub seed: u64,
+    /// Batches per rank and epoch that whole steps take.
+    pub batches_per_epoch: u64,
+}
+
+impl Shape {
+    /// The fields a checkpoint's data position records besides the position itself.
+    pub fn record(&self, position: &mut serde_json::Map<String, serde_json::Value>) {
+        position.insert("world_size".into(), self.world_size.into());
+        position.insert("batch_size".into(), self.batch_size.into());
+        position.insert("grad_accum".into(), self.grad_accum.into());
+        position.insert("batches_per_epoch".into(), self.batches_per_epoch.into());
+    }
+
+    /// The shape a checkpoint was written by; `None` for one written before hytrain recorded it.
+    fn saved(meta: &CheckpointMeta) -> Option<Shape> {
+        let pos = &meta.data_position;
+        let get = |k: &str| pos.get(k).and_then(|v| v.as_u64());
+        Some(Shape {
+            world_size: get("world_size")?,
+            batch_size: get("batch_size")?,
+            grad_accum: get("grad_accum")?,
+            seed: meta.rng.seed,
+            batches_per_epoch: get("batches_per_epoch")?,
+        })
+    }
+
+    /// What differs from `now`, as `world size 2, this job 1` items.
+    fn changes(&self, now: &Shape) -> Vec<String> {
+        [
+            ("world size", self.world_size, now.world_size),
+            ("batch size", self.batch_size, now.batch_size),
+            ("grad-accum", self.grad_accum, now.grad_accum),
+            ("seed", self.seed, now.seed),
+        ]
+        .into_iter()
+        .filter(|(_, was, is)| was != is)
+        .map(|(name, was, is)| format!("{name} {was}, this job {is}"))
+        .collect()
+    }
+}
+
+/// Where to continue: steps done, the epoch (0-based) and the batch of it to start at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Continue {
+    pub step: u64,
+    pub epoch: u64,
+    pub start_batch: u64,
+}
+
+/// Maps the position of the checkpoint at `path` onto the shape `now`; see the module documentation. Every rank
+/// calls it with the same checkpoint and shape, so every rank decides alike.
+pub(crate) fn continue_from(meta: &CheckpointMeta, path: &Path, now: &Shape, restart_epoch: bool) -> Result<Continue> {
+    let pos = &meta.data_position;
+    let epoch = pos.get("epoch").and_then(|v| v.as_u64()).unwrap_or(meta.epoch);
+    let batches = pos.get("batches").and_then(|v| v.as_u64()).unwrap_or(0);
+    let step = meta.step;
+    let next_epoch = Continue { step, epoch: epoch + 1, start_batch: 0 };
+    let Some(saved) = Shape::saved(meta) else {
+        // Written before hytrain recorded the shape: trusted as it always was.
+        return Ok(if batches >= now.batches_per_epoch {
+            next_epoch
+        } else {
+            Continue { step, epoch, start_batch: batches }
+        });
+    };
+    let changes = saved.changes(now);
+    if batches >= saved.batches_per_epoch {
+        if !changes.is_empty() {
+            tracing::info!(
+                "the checkpoint's job differs ({}); it ends epoch {}, so epoch {} starts from its beginning",
+                changes.join("; "),
+                epoch + 1,
+                epoch + 2
+            );
+        }
+        return Ok(next_epoch);
+    }
+    if changes.is_empty() || batches == 0 {
+        return Ok(Continue { step, epoch, start_batch: batches });
+    }
+    let same_step = saved.batch_size * saved.grad_accum == now.batch_size * now.grad_accum;
+    let samples = batches * saved.batch_size;
+    if saved.world_size == now.world_size
+        && saved.seed == now.seed
+        && same_step
+        && samples.is_multiple_of(now.batch_size)
+    {
+        let start_batch = samples / now.batch_size;
+        tracing::info!(
+            "the checkpoint's job differs ({}) but takes as many samples per step and rank: continuing epoch {} at \
+             batch {start_batch} of {}",
+            changes.join("; "),
+            epoch + 1,
+            now.batches_per_epoch
+        );
+        return Ok(Continue { step, epoch, start_batch });
+    }
+    let at = format!("batch {batches} of {} in epoch {}", saved.batches_per_epoch, epoch + 1);
+    if restart_epoch {
+        tracing::warn!(
+            "the checkpoint's job differs ({}) and its position ({at}) cannot be mapped onto this job: starting \
+             epoch {} over from its first batch at step {step} (--restart-epoch-on-change); the samples of it \
+             trained on before the checkpoint are seen again",
+            changes.join("; "),
+            epoch + 1
+        );
+        return Ok(Continue { step, epoch, start_batch: 0 });
+    }
+    Err(TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        detail: format!(
+            "written by a job of another shape ({}) at {at}, a position that cannot be mapped onto this job (which \
+             samples a rank reads depends on the world size and seed, and a step must take as many samples per \
+             rank); run with the checkpoint's shape to continue exactly, pass --restart-epoch-on-change to start \
+             epoch {} over with this shape, or --no-resume to start afresh",
+            changes.join("; "),
+            epoch + 1
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::RngState;
+    use crate::schedule::Schedule;
+
+    fn shape(world_size: u64, batch_size: u64, grad_accum: u64, batches_per_epoch: u64) -> Shape {
+        Shape { world_size, batch_size, grad_accum, seed: 1, batches_per_epoch }
+    }
+
+    fn meta(saved: &Shape, epoch: u64, batches: u64) -> CheckpointMeta {
+        let mut pos = serde_json::Map::new();
+        pos.insert("epoch".into(), epoch.into());
+        pos.insert("batches".into(), batches.into());
+        saved.record(&mut pos);
+        CheckpointMeta {
+            step: 40,
+            epoch,
+            data_position: pos.into(),
+            rng: RngState { seed: saved.seed, state: serde_json::Value::Null },
+            config: serde_json::Value::Null,
+            schedule: Schedule::Constant,
+            model: "mlp".into(),
+            optimizer: "sgd".into(),
+            grad_scaler: None,
+        }
+    }
+
+    fn at(m: &CheckpointMeta, now: &Shape, restart: bool) -> Result<Continue> {
+        continue_from(m, Path::new("/ckpt/ckpt-40"), now, restart)
+    }
+
+    #[test]
+    fn the_same_shape_continues_where_it_stopped() {
+        let s = shape(2, 32, 1, 23);
+        assert_eq!(at(&meta(&s, 1, 17), &s, false).unwrap(), Continue { step: 40, epoch: 1, start_batch: 17 });
+    }
+
+    #[test]
+    fn the_same_samples_per_step_map_to_this_jobs_batches() {
+        let m = meta(&shape(2, 32, 1, 23), 0, 6);
+        assert_eq!(at(&m, &shape(2, 16, 2, 44), false).unwrap().start_batch, 12);
+        let e = at(&m, &shape(2, 64, 1, 11), false).unwrap_err().to_string();
+        assert!(e.contains("batch size 32, this job 64"), "{e}");
+        let m = meta(&shape(2, 8, 4, 88), 0, 8);
+        assert_eq!(at(&m, &shape(2, 32, 1, 23), false).unwrap().start_batch, 2);
+    }
+
+    #[test]
+    fn a_changed_world_size_or_seed_mid_epoch_is_refused_or_restarts_the_epoch() {
+        let m = meta(&shape(2, 32, 1, 23), 3, 5);
+        let e = at(&m, &shape(1, 64, 1, 23), false).unwrap_err().to_string();
+        assert!(
+            e.contains("world size 2, this job 1; batch size 32, this job 64")
+                && e.contains("batch 5 of 23 in epoch 4"),
+            "{e}"
+        );
+        assert!(e.contains("--restart-epoch-on-change to start epoch 4 over") && e.contains("--no-resume"), "{e}");
+        assert_eq!(at(&m, &shape(1, 64, 1, 23), true).unwrap(), Continue { step: 40, epoch: 3, start_batch: 0 });
+        let reseeded = Shape { seed: 2, ..shape(2, 32, 1, 23) };
+        assert!(at(&m, &reseeded, false).unwrap_err().to_string().contains("seed 1, this job 2"));
+    }
+
+    #[test]
+    fn an_epoch_end_or_start_carries_over_to_any_shape() {
+        let m = meta(&shape(2, 32, 1, 23), 0, 23);
+        assert_eq!(at(&m, &shape(1, 32, 1, 45), false).unwrap(), Continue { step: 40, epoch: 1, start_batch: 0 });
+        let m = meta(&shape(2, 32, 1, 23), 2, 0);
+        assert_eq!(at(&m, &shape(3, 7, 3, 21), false).unwrap(), Continue { step: 40, epoch: 2, start_batch: 0 });
+    }
+
+    #[test]
+    fn a_checkpoint_without_a_recorded_shape_is_trusted_as_before() {
+        let mut m = meta(&shape(2, 32, 1, 23), 0, 5);
+        m.data_position = serde_json::json!({ "epoch": 0, "batches": 5, "batches_per_epoch": 23 });
+        assert_eq!(at(&m, &shape(1, 32, 1, 45), false).unwrap().start_batch, 5);
+    }
+}
