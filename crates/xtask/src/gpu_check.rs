@@ -1,7 +1,8 @@
 //! `cargo xtask gpu-check`: builds `hytrain-gpu-check` and `hytrain` here and packs them with the scripts that run
-//! them, into one folder to copy to a GPU machine that has PyTorch but no Rust and no network. Before it hands the
-//! pack over it rehearses the training half on this machine's CPU, with the packed binary and the bench venv's
-//! torch libraries, as the GPU machine will run it.
+//! them, the exporter (python/hytrain_export) and the ResNet-18 example it exports, into one folder to copy to a GPU
+//! machine that has PyTorch but no Rust and no network. Before it hands the pack over it rehearses the export and
+//! the training half on this machine's CPU, with the packed binary, the packed exporter and the bench venv's torch,
+//! as the GPU machine will run them.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -26,6 +27,15 @@ const SCRIPTS: [(&str, &str); 3] = [
     // torch_peer.py trains the models of the step-time benchmark's PyTorch side, which match hytrain's.
     ("benches/ddp_step.py", "ddp_step.py"),
 ];
+/// The exporter's package, every module of it packed under the same path (run.sh puts the pack's python/ on
+/// PYTHONPATH).
+const EXPORTER: &str = "python/hytrain_export";
+/// The model the GPU exports and trains beside PyTorch: torchvision's ResNet-18 (torchvision is on the GPU machine's
+/// PyTorch image).
+const EXAMPLE: &str = "python/examples/resnet18_cifar.py";
+/// The message `python -m hytrain_export --device cuda` ends with where no GPU is visible (python/hytrain_export/
+/// _export.py), which the rehearsal requires.
+const NO_GPU_REFUSAL: &str = "--device cuda needs a GPU at export time";
 const CHECK: &str = "hytrain-gpu-check";
 const HYTRAIN: &str = "hytrain";
 /// Libraries every glibc machine has.
@@ -87,6 +97,7 @@ pub fn gpu_check(root: &Path) -> Result<u8> {
         to: to.into(),
         strip: false,
     }));
+    files.extend(python_files(root)?);
     let dir = root.join(PACK_DIR);
     let bytes = pack(&dir, &files, LIMIT_BYTES)?;
     println!(
@@ -105,9 +116,44 @@ pub fn gpu_check(root: &Path) -> Result<u8> {
         "gpu-check: on a machine with an NVIDIA GPU and PyTorch at /opt/torch/.venv (PYTHON=... for another), run\n\
          gpu-check:   sh {PACK_DIR}/run.sh\n\
          gpu-check: results go to $OUT (or {PACK_DIR}/out): kernels.json, torch_peer.json, train_lenet.json, \
-         train_resnet18.json, overlap.json, summary.txt and the logs"
+         train_resnet18.json, overlap.json, exported.json, summary.txt and the logs"
     );
     Ok(0)
+}
+
+/// The exporter's modules and the example, each packed under its repository path.
+fn python_files(root: &Path) -> Result<Vec<Packed>> {
+    let dir = root.join(EXPORTER);
+    let mut modules: Vec<PathBuf> = fs::read_dir(&dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("cannot list {}", dir.display()))?;
+    modules.retain(|path| path.extension().is_some_and(|e| e == "py"));
+    modules.sort();
+    if !modules.iter().any(|m| m.ends_with("__main__.py")) {
+        bail!(
+            "{} has no __main__.py: it is not the exporter `python -m hytrain_export` runs",
+            dir.display()
+        );
+    }
+    let mut files: Vec<Packed> = modules
+        .into_iter()
+        .map(|from| {
+            let to = Path::new(EXPORTER).join(from.file_name().expect("a listed file has a name"));
+            Packed {
+                from,
+                to,
+                strip: false,
+            }
+        })
+        .collect();
+    files.push(Packed {
+        from: root.join(EXAMPLE),
+        to: EXAMPLE.into(),
+        strip: false,
+    });
+    Ok(files)
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -220,6 +266,10 @@ pub fn pack(dir: &Path, files: &[Packed], limit: u64) -> Result<u64> {
         let mut total = 0;
         for file in files {
             let target = dir.join(&file.to);
+            if let Some(parent) = target.parent() {
+                fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
             if file.strip {
                 // Line tables (the release profile keeps them for backtraces) are most of the binary's size.
                 crate::run(
@@ -258,23 +308,32 @@ pub fn pack(dir: &Path, files: &[Packed], limit: u64) -> Result<u64> {
     result
 }
 
-/// Runs the pack's training half on this machine's CPU (`GPU_CHECK_REHEARSAL=1`): the packed, stripped `hytrain`
-/// with the bench venv's pip torch libraries on LD_LIBRARY_PATH, as on the GPU machine, on a dataset the packed
-/// script writes, beside the packed PyTorch peer; and `--device cuda` once, which must get as far as loading that
-/// torch's libtorch_cuda.so. A pack that fails here would fail on the GPU machine too.
+/// Runs the pack's export and training half on this machine's CPU (`GPU_CHECK_REHEARSAL=1`): the packed exporter
+/// with the bench venv's torch exports the ResNet-18 example for the CPU; the packed, stripped `hytrain` with that
+/// venv's pip torch libraries on LD_LIBRARY_PATH, as on the GPU machine, trains the built-in models on a dataset the
+/// packed script writes beside the packed PyTorch peer, and the exported model beside PyTorch eager, whose weights
+/// must agree; `--device cuda` once, which must get as far as loading that torch's libtorch_cuda.so; and the export
+/// for cuda, which without a GPU must stop, saying so. A pack that fails here would fail on the GPU machine too.
 fn rehearse(root: &Path, dir: &Path) -> Result<()> {
     let python = crate::venv::bench_venv(root)?;
     let out = root.join(REHEARSAL_DIR);
     if out.exists() {
         fs::remove_dir_all(&out).with_context(|| format!("cannot remove {}", out.display()))?;
     }
-    println!("gpu-check: rehearsing the training half on the CPU (findings in {REHEARSAL_DIR})");
+    println!("gpu-check: rehearsing the export and the training half on the CPU (findings in {REHEARSAL_DIR})");
+    // hytrain's default rendezvous port is taken whenever a test or another rehearsal trains on this machine at the
+    // same time; the GPU machine runs nothing else.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .context("cannot find a free local port for the rehearsal's rendezvous")?
+        .port();
     let mut command = Command::new("sh");
     command
         .arg(dir.join("run.sh"))
         .env("GPU_CHECK_REHEARSAL", "1")
         .env("PYTHON", &python)
         .env("OUT", &out)
+        .env("MASTER_PORT", port.to_string())
         .env_remove("LD_LIBRARY_PATH");
     crate::run(&mut command)
         .context("the CPU rehearsal of the GPU check failed (its output is above)")?;
@@ -293,6 +352,19 @@ fn rehearse(root: &Path, dir: &Path) -> Result<()> {
             );
         }
     }
+    let exported = out.join("exported.json");
+    let report: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(&exported)
+            .with_context(|| format!("the rehearsal wrote no {}", exported.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", exported.display()))?;
+    if report["passed"] != true {
+        bail!(
+            "the rehearsal's exported ResNet-18 trained by hytrain did not match PyTorch eager ({}): {}",
+            exported.display(),
+            report["problems"]
+        );
+    }
     let probe = out.join("cuda_probe.log");
     let log = fs::read_to_string(&probe)
         .with_context(|| format!("the rehearsal wrote no {}", probe.display()))?;
@@ -302,7 +374,31 @@ fn rehearse(root: &Path, dir: &Path) -> Result<()> {
             probe.display()
         );
     }
-    println!("gpu-check: rehearsal passed: both models trained on the CPU, --device cuda loaded libtorch_cuda.so");
+    let refusal = out.join("export_nogpu.log");
+    let log = fs::read_to_string(&refusal)
+        .with_context(|| format!("the rehearsal wrote no {}", refusal.display()))?;
+    if !log.contains(NO_GPU_REFUSAL) {
+        bail!(
+            "the packed exporter asked for cuda without a GPU did not refuse with \"{NO_GPU_REFUSAL}\"; its log \
+             ({}):\n{log}",
+            refusal.display()
+        );
+    }
+    let summary = fs::read_to_string(out.join("summary.txt")).unwrap_or_default();
+    let export_line = summary
+        .lines()
+        .find(|l| l.starts_with("gpu-check: export: "))
+        .unwrap_or("gpu-check: export: (no line in summary.txt)");
+    let weights = &report["weights"];
+    println!(
+        "gpu-check: rehearsal passed: the exported ResNet-18 and both built-in models trained on the CPU (the \
+         exported one {:.1e} off PyTorch float32, {:.1e} allowed), --device cuda loaded libtorch_cuda.so, the \
+         export for cuda without a GPU refused\n{export_line}",
+        weights["hytrain_off_pytorch_float32"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+        weights["allowed"].as_f64().unwrap_or(f64::NAN),
+    );
     Ok(())
 }
 
@@ -326,7 +422,7 @@ mod tests {
     }
 
     #[test]
-    fn packing_lays_out_binaries_and_scripts_executable_and_replaces_an_old_pack() {
+    fn packing_lays_out_binaries_scripts_and_the_exporter_executable_and_replaces_an_old_pack() {
         let dir = tempfile::tempdir().unwrap();
         let binary = dir.path().join(CHECK);
         fs::write(&binary, b"\x7fELF...").unwrap();
@@ -334,6 +430,7 @@ mod tests {
         fs::create_dir(&pack_dir).unwrap();
         fs::write(pack_dir.join("stale.txt"), b"old").unwrap();
         let mut files = scripts();
+        files.extend(python_files(&root()).unwrap());
         files.push(Packed {
             from: binary,
             to: CHECK.into(),
@@ -345,7 +442,12 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, ["ddp_step.py", CHECK, "run.sh", "torch_peer.py"]);
+        assert_eq!(
+            names,
+            ["ddp_step.py", CHECK, "python", "run.sh", "torch_peer.py"]
+        );
+        assert!(pack_dir.join(EXPORTER).join("__main__.py").is_file());
+        assert!(pack_dir.join(EXAMPLE).is_file());
         let sizes: u64 = files
             .iter()
             .map(|f| fs::metadata(pack_dir.join(&f.to)).unwrap().len())
@@ -358,6 +460,48 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o111, 0o111, "{} is executable", file.to.display());
         }
+    }
+
+    /// `python -m hytrain_export` on the GPU machine needs every module of the package, however many it grows to.
+    #[test]
+    fn every_module_of_the_exporter_and_the_example_are_packed_under_their_repository_paths() {
+        let packed: Vec<PathBuf> = python_files(&root())
+            .unwrap()
+            .into_iter()
+            .map(|f| f.to)
+            .collect();
+        let mut modules: Vec<PathBuf> = fs::read_dir(root().join(EXPORTER))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().ends_with(".py"))
+            .map(|n| Path::new(EXPORTER).join(n))
+            .collect();
+        modules.sort();
+        modules.push(EXAMPLE.into());
+        assert_eq!(packed, modules);
+        for module in ["__init__.py", "__main__.py", "_export.py"] {
+            assert!(
+                packed.contains(&Path::new(EXPORTER).join(module)),
+                "{module}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_exporter_folder_without_its_main_module_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join(EXPORTER)).unwrap();
+        fs::write(dir.path().join(EXPORTER).join("_export.py"), b"").unwrap();
+        let error = format!("{:#}", python_files(dir.path()).unwrap_err());
+        assert!(error.contains("has no __main__.py"), "{error}");
+    }
+
+    /// The rehearsal requires this refusal in the packed exporter's log; if the exporter words it otherwise, the
+    /// rehearsal would fail for a reason that is not the pack's.
+    #[test]
+    fn the_refusal_the_rehearsal_requires_is_the_exporters_own() {
+        let text = fs::read_to_string(root().join(EXPORTER).join("_export.py")).unwrap();
+        assert!(text.contains(NO_GPU_REFUSAL));
     }
 
     #[test]
@@ -482,33 +626,92 @@ Dynamic section at offset 0x1 contains 3 entries:
             "torch_peer.py\" --train",
             "torch_peer.py\" --compare-weights",
             "--overlap \"$overlap\"",
+            "\"$PYTHON\" -m hytrain_export",
+            "--device \"$DEVICE\" --check none",
+            "export_model 180 &",
+            "\nwait_for_export\n",
+            "\"$HYTRAIN\" train --device \"$DEVICE\" --model \"$EXPORTED_DIR\"",
+            "--train-exported \"$EXPORTED_DIR\"",
+            "--device cuda --out \"$WORK/nogpu\"",
         ] {
             assert!(text.contains(part), "run.sh lacks {part}");
         }
+        // Both sides of the exported model's comparison run with TF32 off.
+        assert_eq!(text.matches("NVIDIA_TF32_OVERRIDE=0 ").count(), 2);
+    }
+
+    /// The worst-case seconds of run.sh on the GPU machine: every step's timeout, run in order, except that the
+    /// export started in the background (`export_model N &`) runs beside the steps up to `wait_for_export`, which
+    /// then count as whichever is longer. Blocks that run only in the rehearsal count nothing.
+    fn gpu_budget(script: &str) -> u64 {
+        // `20` or `$((20 * S))` (S is 1 on the GPU machine); a variable counts where the function is called.
+        let number = |word: Option<&str>| {
+            word.and_then(|w| w.trim_start_matches("$((").parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let (mut total, mut background, mut beside): (u64, u64, Option<u64>) = (0, 0, None);
+        let mut rehearsal_only = false;
+        for raw in script.lines() {
+            if raw.starts_with("if [ \"${GPU_CHECK_REHEARSAL:-0}\" = 1 ]; then") {
+                rehearsal_only = true;
+            }
+            if rehearsal_only {
+                // Its own `else` branch runs on the GPU machine (this script's sets variables only).
+                rehearsal_only = raw != "fi" && raw != "else";
+                continue;
+            }
+            let line = raw.trim();
+            let mut seconds = 0;
+            if let Some(rest) = line.split("timeout -k 10 ").nth(1) {
+                seconds += number(rest.split_whitespace().next());
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words.first().copied() {
+                // train MODEL BATCH_WARMUP_STEPS HYTRAIN_TIMEOUT PEER_TIMEOUT
+                Some("train") => {
+                    seconds += number(words.get(3).copied()) + number(words.get(4).copied())
+                }
+                // overlap_check RUN_TIMEOUT COMPARE_TIMEOUT: two runs, then the comparison
+                Some("overlap_check") => {
+                    seconds += 2 * number(words.get(1).copied()) + number(words.get(2).copied())
+                }
+                // exported_check HYTRAIN_TIMEOUT PEER_TIMEOUT
+                Some("exported_check") => {
+                    seconds += number(words.get(1).copied()) + number(words.get(2).copied())
+                }
+                Some("export_model") if line.ends_with('&') => {
+                    background = number(words.get(1).copied());
+                    beside = Some(0);
+                }
+                Some("wait_for_export") if words.len() == 1 => {
+                    total += background.max(beside.take().unwrap_or(0));
+                }
+                _ => {}
+            }
+            match beside.as_mut() {
+                Some(beside) => *beside += seconds,
+                None => total += seconds,
+            }
+        }
+        total + background * u64::from(beside.is_some())
+    }
+
+    #[test]
+    fn a_background_export_counts_as_the_longer_of_itself_and_the_steps_beside_it() {
+        let script = "timeout -k 10 $((5 * S)) a\nexport_model 100 &\ntimeout -k 10 30 b\ntimeout -k 10 40 c\n\
+                      wait_for_export\ntrain m $X 7 8\nexported_check 1 2\n\
+                      if [ \"${GPU_CHECK_REHEARSAL:-0}\" = 1 ]; then\n    timeout -k 10 999 d\nfi\n";
+        assert_eq!(gpu_budget(script), 5 + 100 + 7 + 8 + 1 + 2);
+        let slow_steps = script.replace("export_model 100 &", "export_model 60 &");
+        assert_eq!(gpu_budget(&slow_steps), 5 + 70 + 7 + 8 + 1 + 2);
     }
 
     /// Every step of run.sh has a timeout, and together they fit the GPU machine's 8 minutes with room for
-    /// starting Python and the binaries.
+    /// finding torch and starting the shell's own tools.
     #[test]
     fn the_run_scripts_timeouts_add_up_to_under_eight_minutes() {
         let text = fs::read_to_string(root().join(SCRIPTS[0].0)).unwrap();
-        let mut total = 0;
-        for line in text.lines().map(str::trim) {
-            if let Some(rest) = line.split("timeout -k 10 ").nth(1) {
-                let seconds = rest.split_whitespace().next().unwrap();
-                total += seconds.parse::<u64>().unwrap_or(0);
-            }
-            if let Some(rest) = line.strip_prefix("train ") {
-                // train MODEL BATCH WARMUP STEPS HYTRAIN_TIMEOUT PEER_TIMEOUT
-                let words: Vec<&str> = rest.split_whitespace().collect();
-                total += words[2].parse::<u64>().unwrap() + words[3].parse::<u64>().unwrap();
-            }
-            if let Some(rest) = line.strip_prefix("overlap_check ") {
-                // overlap_check RUN_TIMEOUT COMPARE_TIMEOUT: two runs, then the comparison
-                let words: Vec<u64> = rest.split_whitespace().map(|w| w.parse().unwrap()).collect();
-                total += 2 * words[0] + words[1];
-            }
-        }
-        assert!(total > 0 && total <= 450, "timeouts add up to {total} s");
+        let total = gpu_budget(&text);
+        assert_eq!(total, 470, "the README states the total");
     }
 }
