@@ -175,6 +175,29 @@ fn an_exported_model_refuses_data_of_another_shape_and_other_precisions_before_s
     );
 }
 
+/// Knuth's MMIX linear congruential generator from `seed`: 31 pseudo-random bits per call, the same on every machine.
+fn lcg(seed: u64) -> impl FnMut() -> usize {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as usize
+    }
+}
+
+/// Runs `script` (which prints one loss) under the suite's Python with python/examples importable, the trained
+/// `model.safetensors` and a data file as its arguments, and returns the loss it prints.
+fn loss_in_pytorch(script: &str, model: &Path, data: &Path, what: &str) -> f64 {
+    let py = Command::new(test_python())
+        .args(["-c", script])
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/examples"))
+        .arg(model)
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "loading the trained {what} in PyTorch failed:\n{}", stderr(&py));
+    stdout(&py).trim().parse().unwrap()
+}
+
 /// python/tests/cached_export.py's `gpt`: python/examples/gpt.py with its defaults (vocabulary 64, context 32).
 fn exported_gpt() -> PathBuf {
     cached_export("gpt")
@@ -184,11 +207,7 @@ fn exported_gpt() -> PathBuf {
 /// that learns it gets to ln 2 = 0.69 nats per token from ln 64 = 4.16: nanoGPT's `train.bin` and `val.bin`
 /// (headerless uint16) of `train` and `val` ids.
 fn token_data(dir: &Path, train: usize, val: usize) -> PathBuf {
-    let mut state: u64 = 7;
-    let mut next = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (state >> 33) as usize
-    };
+    let mut next = lcg(7);
     let successors: Vec<[u16; 2]> = (0..64).map(|_| [(next() % 64) as u16, (next() % 64) as u16]).collect();
     let mut token = 0u16;
     let mut ids = |n: usize| -> Vec<u8> {
@@ -268,16 +287,7 @@ y = ids[1 : n * 32 + 1].view(n, 32)
 with torch.no_grad():
     print(F.cross_entropy(model.eval()(x).flatten(0, 1), y.flatten()).item())
 "#;
-    let python = test_python();
-    let py = Command::new(&python)
-        .args(["-c", script])
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/examples"))
-        .arg(&model)
-        .arg(data.join("val.bin"))
-        .output()
-        .unwrap();
-    assert!(py.status.success(), "loading the trained GPT in PyTorch failed:\n{}", stderr(&py));
-    let torch_loss: f64 = stdout(&py).trim().parse().unwrap();
+    let torch_loss = loss_in_pytorch(script, &model, &data.join("val.bin"), "GPT");
     assert!(
         (torch_loss - val_loss).abs() < 1e-3,
         "PyTorch scores the trained weights {torch_loss}, hytrain reported {val_loss}"
@@ -312,11 +322,7 @@ fn token_data_needs_a_model_that_takes_its_windows() {
 /// CIFAR-10's binary layout (`data_batch_1.bin`, `test_batch.bin`, `batches.meta.txt`) holding `train` and `test`
 /// noisy 32x32 images whose class c is told by their brightness (20 + 22 c, noise of +-15).
 fn cifar_like(dir: &Path, train: usize, test: usize) -> PathBuf {
-    let mut state: u64 = 11;
-    let mut next = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (state >> 33) as u32
-    };
+    let mut next = lcg(11);
     let mut batch = |n: usize| -> Vec<u8> {
         let mut out = Vec::with_capacity(n * 3073);
         for i in 0..n {
@@ -398,15 +404,8 @@ std = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
 with torch.no_grad():
     print(F.cross_entropy(model.eval()((x - mean) / std), y).item())
 "#;
-    let py = Command::new(test_python())
-        .args(["-c", script])
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/examples"))
-        .arg(dir.path().join("hytrain-out/model/model.safetensors"))
-        .arg(data.join("test_batch.bin"))
-        .output()
-        .unwrap();
-    assert!(py.status.success(), "loading the trained ResNet-18 in PyTorch failed:\n{}", stderr(&py));
-    let torch_loss: f64 = stdout(&py).trim().parse().unwrap();
+    let model = dir.path().join("hytrain-out/model/model.safetensors");
+    let torch_loss = loss_in_pytorch(script, &model, &data.join("test_batch.bin"), "ResNet-18");
     assert!(
         (torch_loss - val_loss).abs() < 1e-3 * val_loss.max(1.0),
         "PyTorch scores the trained weights {torch_loss}, hytrain reported {val_loss}"
