@@ -19,6 +19,7 @@ use crate::data::{
     Dataset, DatasetOptions, Format, Loader, LoaderConfig, Remainder, SamplerConfig, Split, TokenDtype,
     TokenOptions,
 };
+use crate::data::format::{ShardIndex, INDEX_FILE};
 use crate::train::config::{self, ConfigSources, Layered, Origin};
 use crate::train::model::{self, DataSpec, ExportedMetadata};
 use crate::train::{Ddp, LoaderBatches, RunPaths, Summary, Trainer};
@@ -358,16 +359,120 @@ fn open_dataset(
     split: Split,
     job: &Job,
     tokens: &TokenOptions,
+    counts: &mut HostCounts<'_>,
 ) -> anyhow::Result<Dataset> {
-    let source = source::open(spec, options).with_context(|| format!("cannot open {spec}"))?;
-    Ok(Dataset::open(
-        source,
-        &DatasetOptions {
-            split,
-            skip_bad_samples: job.skip_bad_samples,
-            tokens: tokens.clone(),
-        },
-    )?)
+    counts.open(|given| {
+        let source = source::open(spec, options).with_context(|| format!("cannot open {spec}"))?;
+        Ok(Dataset::open_with_counts(
+            source,
+            &DatasetOptions {
+                split,
+                skip_bad_samples: job.skip_bad_samples,
+                tokens: tokens.clone(),
+            },
+            given,
+        )?)
+    })
+}
+
+/// The processes of one host count a dataset's samples once between them: local rank 0 opens each dataset as
+/// usual (reading every shard that no index.json lists) and hands its counts to the host's other processes
+/// through the rendezvous store, which open with them instead of reading the shards again. One count per host,
+/// not per job, so hosts of a ShardedByS3Key channel, which hold different objects, each count their own. Under
+/// mpirun there is no store and every process counts.
+struct HostCounts<'a> {
+    store: Option<&'a Store>,
+    node_rank: usize,
+    local_rank: usize,
+    /// Datasets opened so far: every process of the host opens the same ones in the same order.
+    opened: usize,
+}
+
+impl HostCounts<'_> {
+    /// Opens a dataset with `open`, given the counts local rank 0 took (none on local rank 0 itself).
+    fn open(
+        &mut self,
+        open: impl FnOnce(&ShardIndex) -> anyhow::Result<Dataset>,
+    ) -> anyhow::Result<Dataset> {
+        let key = format!("data-counts/{}/{}", self.node_rank, self.opened);
+        self.opened += 1;
+        let Some(store) = self.store else {
+            return open(&ShardIndex::default());
+        };
+        if self.local_rank == 0 {
+            let opened = open(&ShardIndex::default());
+            // A failure is published too (as no counts), so the others open by themselves and report it rather
+            // than wait for counts that never come.
+            let counts = opened.as_ref().map(Dataset::counts).unwrap_or_default();
+            let value = serde_json::to_vec(&counts).context("cannot encode the sample counts")?;
+            store
+                .set(&key, &value)
+                .context("cannot hand the sample counts to this host's other processes")?;
+            return opened;
+        }
+        let value = store
+            .get(&key)
+            .context("waiting for local rank 0 to count the dataset's samples")?;
+        // Counts that do not parse are no counts: this process then counts by itself.
+        let given: ShardIndex = serde_json::from_slice(&value).unwrap_or_default();
+        open(&given)
+    }
+}
+
+/// The local folder `spec` reads (a path, or a SageMaker File channel), where a sample index may be kept.
+fn local_data_folder(plan: &Plan, spec: &str) -> Option<PathBuf> {
+    if let Some(name) = spec.strip_prefix("channel:") {
+        let channel = plan.paths.channels.get(name)?;
+        return (channel.input_mode == InputMode::File).then(|| channel.path.clone());
+    }
+    if spec.starts_with("pipe:") || spec.contains("://") && !spec.starts_with("file://") {
+        return None;
+    }
+    let path = PathBuf::from(spec.strip_prefix("file://").unwrap_or(spec));
+    path.is_dir().then_some(path)
+}
+
+/// Keeps the sample counts this host read the shards for in an index.json beside the training data, so the next
+/// job reads none of them to count: only in a writable local folder without one, and not with
+/// `--skip-bad-samples`, whose counts leave bad samples out. A folder that cannot take it costs a warning.
+fn keep_counts(plan: &Plan, job: &Job, train_spec: &str, sets: &[(&Dataset, &str)]) {
+    if job.skip_bad_samples {
+        return;
+    }
+    let Some(folder) = local_data_folder(plan, train_spec) else {
+        return;
+    };
+    if folder.join(INDEX_FILE).exists() {
+        return;
+    }
+    // Only formats whose counts take reading the data; the others count from sizes and headers.
+    let read_to_count = |ds: &Dataset| matches!(ds.format(), Format::Tar | Format::CifarPy);
+    let mut shards = BTreeMap::new();
+    for (ds, spec) in sets {
+        if *spec == train_spec && read_to_count(ds) {
+            for entry in ds.counts().shards {
+                shards.insert(entry.name.clone(), entry);
+            }
+        }
+    }
+    if shards.is_empty() {
+        return;
+    }
+    let index = ShardIndex {
+        shards: shards.into_values().collect(),
+    };
+    let path = folder.join(INDEX_FILE);
+    match crate::data::format::write_index(&folder, &index) {
+        Ok(()) => tracing::info!(
+            "kept the sample counts of {} shard(s) in {}: the next job reads no shard to count them",
+            index.shards.len(),
+            path.display()
+        ),
+        Err(e) => tracing::warn!(
+            "not keeping the sample counts in {} ({e}); the next job counts them again",
+            path.display()
+        ),
+    }
 }
 
 /// How to cut token data: `--context-length` and `--token-dtype`, the context length defaulting to the sequence
@@ -399,14 +504,16 @@ fn validation_dataset(
     train_spec: &str,
     options: &OpenOptions,
     tokens: &TokenOptions,
-) -> anyhow::Result<Option<Dataset>> {
-    let whole_or_test = |spec: &str| -> anyhow::Result<Dataset> {
-        match open_dataset(spec, options, Split::Test, job, tokens) {
+    counts: &mut HostCounts<'_>,
+) -> anyhow::Result<Option<(Dataset, String)>> {
+    let mut whole_or_test = |spec: &str| -> anyhow::Result<(Dataset, String)> {
+        match open_dataset(spec, options, Split::Test, job, tokens, counts) {
             Err(e) if matches!(e.downcast_ref(), Some(crate::data::Error::NoSplit { .. })) => {
-                open_dataset(spec, options, Split::Train, job, tokens)
+                open_dataset(spec, options, Split::Train, job, tokens, counts)
             }
             other => other,
         }
+        .map(|ds| (ds, spec.to_string()))
     };
     if let Some(spec) = &job.validation {
         if spec == "none" {
@@ -424,8 +531,8 @@ fn validation_dataset(
     if is_pipe(plan, train_spec) {
         return Ok(None);
     }
-    match open_dataset(train_spec, options, Split::Test, job, tokens) {
-        Ok(ds) => Ok(Some(ds)),
+    match open_dataset(train_spec, options, Split::Test, job, tokens, counts) {
+        Ok(ds) => Ok(Some((ds, train_spec.to_string()))),
         Err(e) if matches!(e.downcast_ref(), Some(crate::data::Error::NoSplit { .. })) => Ok(None),
         Err(e) => Err(e.context(format!("cannot open the test split of {train_spec}"))),
     }
@@ -513,22 +620,25 @@ pub fn run(
     let options = super::data::open_options(plan, job.s3_endpoint.clone(), job.s3_region.clone());
     let train_spec = training_spec(plan, &job)?;
     check_pipe_readers(plan, &job, &train_spec)?;
-    let train_source =
-        source::open(&train_spec, &options).with_context(|| format!("cannot open {train_spec}"))?;
-    let sharded_by_host = train_source.already_sharded_by_host();
     let tokens = token_options(&job)?;
-    let train_set = Arc::new(
-        Dataset::open(
-            train_source,
-            &DatasetOptions {
-                split: Split::Train,
-                skip_bad_samples: job.skip_bad_samples,
-                tokens: tokens.clone(),
-            },
-        )
-        .with_context(|| format!("cannot read the training data {train_spec}"))?,
-    );
-    let eval_set = validation_dataset(plan, &job, &train_spec, &options, &tokens)?.map(Arc::new);
+    let mut counts = HostCounts {
+        // Alone on its host, a process has nobody to hand its counts to.
+        store: store.as_ref().filter(|_| t.local_world_size > 1),
+        node_rank: t.node_rank,
+        local_rank: t.local_rank,
+        opened: 0,
+    };
+    let train_set = open_dataset(&train_spec, &options, Split::Train, &job, &tokens, &mut counts)
+        .with_context(|| format!("cannot read the training data {train_spec}"))?;
+    let sharded_by_host = train_set.source().already_sharded_by_host();
+    let eval = validation_dataset(plan, &job, &train_spec, &options, &tokens, &mut counts)?;
+    if t.local_rank == 0 {
+        let mut sets = vec![(&train_set, train_spec.as_str())];
+        sets.extend(eval.iter().map(|(ds, spec)| (ds, spec.as_str())));
+        keep_counts(plan, &job, &train_spec, &sets);
+    }
+    let train_set = Arc::new(train_set);
+    let eval_set = eval.map(|(ds, _)| Arc::new(ds));
 
     let (rank, world_size) = SamplerConfig::ranks_for(
         sharded_by_host,

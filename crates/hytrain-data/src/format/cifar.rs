@@ -60,21 +60,22 @@ fn missing_split(ds: &Dataset, ext: &str) -> Error {
     })
 }
 
-/// Indexes the python-version batches of the split (parsing each pickle to count its rows).
+/// Indexes the python-version batches of the split (parsing each pickle whose count is not known to count its
+/// rows).
 pub(crate) fn index_py(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
     let batches = chosen(ds, objects, py_batch);
     if batches.is_empty() {
         return Err(missing_split(ds, ""));
     }
-    let names = batches.iter().map(|o| o.name.clone()).collect();
-    let source = ds.source.clone();
-    for (o, read) in batches.iter().zip(source.read_many(names)) {
-        let (_, bytes) = read?;
-        let samples = parse_py(&bytes, &ds.source_desc, &o.name)?;
+    let known = ds.known_counts(objects, &batches);
+    let counts = ds.count_samples(&batches, known, |ds, o, bytes| {
+        Ok(parse_py(bytes, &ds.source_desc, &o.name)?.len())
+    })?;
+    for (o, samples) in batches.iter().zip(counts) {
         ds.shards.push(Shard {
             name: o.name.clone(),
             bytes: o.size,
-            samples: samples.len(),
+            samples,
             kind: ShardKind::Object,
         });
     }

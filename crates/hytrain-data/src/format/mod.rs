@@ -322,6 +322,8 @@ pub struct Dataset {
     tokens: TokenOptions,
     skipped_at_open: u64,
     first_skip: Option<String>,
+    /// Counts another process took, by shard name, while indexing (empty afterwards).
+    given: HashMap<String, IndexEntry>,
     /// Decompressed MNIST files, so reading six slices reads and unzips each file once.
     cache: Mutex<HashMap<String, Arc<Vec<u8>>>>,
 }
@@ -354,6 +356,37 @@ pub struct ShardIndex {
     pub shards: Vec<IndexEntry>,
 }
 
+/// Writes `index` as the [`INDEX_FILE`] of the folder `dir`, whole or not at all: into `.index.json.partial`
+/// first, created only if absent (another process writing the same folder, on a shared file system, keeps its
+/// own), then renamed over. An error leaves nothing behind but another writer's file.
+pub fn write_index(dir: &std::path::Path, index: &ShardIndex) -> Result<(), Error> {
+    use std::io::Write;
+    let partial = dir.join(format!(".{INDEX_FILE}.partial"));
+    let target = dir.join(INDEX_FILE);
+    let write_err = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |io| Error::Write { path, io }
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .map_err(write_err(&partial))?;
+    let text = serde_json::to_vec_pretty(index).map_err(|e| Error::Write {
+        path: partial.clone(),
+        io: std::io::Error::other(e),
+    })?;
+    let written = file
+        .write_all(&text)
+        .and_then(|()| file.sync_all())
+        .map_err(write_err(&partial))
+        .and_then(|()| std::fs::rename(&partial, &target).map_err(write_err(&target)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
+}
+
 /// Name of the class list `pack` writes beside tar shards: a JSON array of class names, index = label.
 pub const CLASSES_FILE: &str = "classes.json";
 
@@ -363,8 +396,21 @@ fn basename(name: &str) -> &str {
 
 impl Dataset {
     /// Lists the source, recognises the format and indexes the split's shards (counting samples; for tar and
-    /// CIFAR-python that reads every shard once).
+    /// CIFAR-python that reads every shard once, unless the source's [`INDEX_FILE`] lists it).
     pub fn open(source: SharedSource, options: &OpenOptions) -> Result<Dataset, Error> {
+        Self::open_with_counts(source, options, &ShardIndex::default())
+    }
+
+    /// [`Dataset::open`] taking the sample count of every shard `counts` lists at its current size from there
+    /// instead of reading the shard: the [`Dataset::counts`] of another process that opened the same source with
+    /// the same options, so the processes of a host read the shards once between them. With `skip_bad_samples`
+    /// the counts are of good samples, which reading the shard later skips alike; a count that is wrong all the
+    /// same is found when the shard is read, as for a shard rewritten during the job.
+    pub fn open_with_counts(
+        source: SharedSource,
+        options: &OpenOptions,
+        counts: &ShardIndex,
+    ) -> Result<Dataset, Error> {
         let source_desc = source.describe();
         let objects = source.list()?;
         if objects.is_empty() {
@@ -385,6 +431,11 @@ impl Dataset {
             tokens: options.tokens.clone(),
             skipped_at_open: 0,
             first_skip: None,
+            given: counts
+                .shards
+                .iter()
+                .map(|e| (e.name.clone(), e.clone()))
+                .collect(),
             cache: Mutex::new(HashMap::new()),
         };
         match format {
@@ -394,6 +445,7 @@ impl Dataset {
             Format::Mnist => mnist::index(&mut ds, &objects)?,
             Format::Tokens => tokens::index(&mut ds, &objects)?,
         }
+        ds.given = HashMap::new();
         if ds.shards.iter().all(|s| s.samples == 0) {
             return Err(Error::BadShard {
                 source_desc: ds.source_desc.clone(),
@@ -459,6 +511,23 @@ impl Dataset {
     /// Bad samples skipped while indexing (only with `skip_bad_samples`).
     pub fn skipped_at_open(&self) -> u64 {
         self.skipped_at_open
+    }
+    /// The sample count of each whole-object shard (tar, CIFAR batch), for [`Dataset::open_with_counts`] in
+    /// another process or for [`write_index`]. Slices of MNIST and token files are left out: their counts come
+    /// from sizes and headers, never from reading the data.
+    pub fn counts(&self) -> ShardIndex {
+        ShardIndex {
+            shards: self
+                .shards
+                .iter()
+                .filter(|s| s.kind == ShardKind::Object)
+                .map(|s| IndexEntry {
+                    name: s.name.clone(),
+                    bytes: s.bytes,
+                    samples: s.samples,
+                })
+                .collect(),
+        }
     }
 
     /// Reads shard `index` into raw samples, in the shard's order. With `skip_bad_samples` bad ones are left out,
@@ -563,6 +632,85 @@ impl Dataset {
             });
         }
         Ok(samples)
+    }
+
+    /// The sample count of each of `chosen` known without reading it: from the counts given to
+    /// [`Dataset::open_with_counts`], else (without `skip_bad_samples`, whose counts leave out bad samples only a
+    /// read finds) from the source's [`INDEX_FILE`]; an entry counts only at the object's current size.
+    fn known_counts(&self, objects: &[Object], chosen: &[&Object]) -> Vec<Option<usize>> {
+        let index = if self.skip_bad_samples || chosen.iter().all(|o| self.given.contains_key(&o.name)) {
+            None
+        } else {
+            self.read_index(objects)
+        };
+        let from_index: HashMap<&str, &IndexEntry> = index
+            .iter()
+            .flat_map(|i| &i.shards)
+            .map(|e| (e.name.as_str(), e))
+            .collect();
+        chosen
+            .iter()
+            .map(|o| {
+                self.given
+                    .get(&o.name)
+                    .or_else(|| from_index.get(o.name.as_str()).copied())
+                    .filter(|e| e.bytes == o.size)
+                    .map(|e| e.samples)
+            })
+            .collect()
+    }
+
+    /// The source's [`INDEX_FILE`], when it has a readable one.
+    fn read_index(&self, objects: &[Object]) -> Option<ShardIndex> {
+        objects.iter().find(|o| o.name == INDEX_FILE)?;
+        let bytes = self.source.read(INDEX_FILE).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                tracing::warn!(
+                    "{}: ignoring {INDEX_FILE} ({e}); counting samples by reading the shards",
+                    self.source_desc
+                );
+                None
+            }
+        }
+    }
+
+    /// Reads the objects of `chosen` whose count is not known (`None` in `known`) and counts their samples with
+    /// `count`; returns every count, in `chosen`'s order.
+    fn count_samples(
+        &mut self,
+        chosen: &[&Object],
+        known: Vec<Option<usize>>,
+        mut count: impl FnMut(&mut Dataset, &Object, &[u8]) -> Result<usize, Error>,
+    ) -> Result<Vec<usize>, Error> {
+        let unknown: Vec<&Object> = chosen
+            .iter()
+            .zip(&known)
+            .filter(|(_, k)| k.is_none())
+            .map(|(o, _)| *o)
+            .collect();
+        let mut counted = HashMap::new();
+        if !unknown.is_empty() {
+            tracing::info!(
+                "{}: counted the samples of {} of {} shard(s) by reading them (no {INDEX_FILE} lists them)",
+                self.source_desc,
+                unknown.len(),
+                chosen.len()
+            );
+            let names = unknown.iter().map(|o| o.name.clone()).collect();
+            let source = self.source.clone();
+            for (o, read) in unknown.iter().zip(source.read_many(names)) {
+                let (_, bytes) = read?;
+                let n = count(self, o, &bytes)?;
+                counted.insert(o.name.clone(), n);
+            }
+        }
+        Ok(chosen
+            .iter()
+            .zip(known)
+            .map(|(o, k)| k.unwrap_or_else(|| counted[&o.name]))
+            .collect())
     }
 
     fn note_skip(&mut self, e: &Error) {

@@ -22,7 +22,8 @@ fn split_of(name: &str) -> Option<Split> {
     None
 }
 
-/// Chooses the split's `*.tar` objects and counts each shard's samples (reading every shard once).
+/// Chooses the split's `*.tar` objects and counts each shard's samples (reading every shard whose count is not
+/// known already).
 pub(crate) fn index(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
     let tars: Vec<&Object> = objects
         .iter()
@@ -53,29 +54,19 @@ pub(crate) fn index(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
             Split::Train => "put the training shards under train/ (test shards go under val/ or test/)",
         }));
     }
-    if let Some(counts) = indexed_counts(ds, objects, &chosen) {
-        for (o, samples) in chosen.iter().zip(counts) {
-            ds.shards.push(Shard {
-                name: o.name.clone(),
-                bytes: o.size,
-                samples,
-                kind: ShardKind::Object,
-            });
-        }
-        return read_classes(ds, objects);
-    }
-    let names = chosen.iter().map(|o| o.name.clone()).collect();
-    let source = ds.source.clone();
-    for (o, read) in chosen.iter().zip(source.read_many(names)) {
-        let (_, bytes) = read?;
-        let (samples, skipped) = parse(&bytes, &ds.source_desc, &o.name, ds.skip_bad_samples)?;
+    let known = ds.known_counts(objects, &chosen);
+    let counts = ds.count_samples(&chosen, known, |ds, o, bytes| {
+        let (samples, skipped) = parse(bytes, &ds.source_desc, &o.name, ds.skip_bad_samples)?;
         for e in &skipped {
             ds.note_skip(e);
         }
+        Ok(samples.len())
+    })?;
+    for (o, samples) in chosen.iter().zip(counts) {
         ds.shards.push(Shard {
             name: o.name.clone(),
             bytes: o.size,
-            samples: samples.len(),
+            samples,
             kind: ShardKind::Object,
         });
     }
@@ -97,39 +88,6 @@ fn read_classes(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
         ds.classes = Some(names);
     }
     Ok(())
-}
-
-/// Sample counts of the chosen shards from the index `pack` wrote, when it lists every one of them at its
-/// current size; `None` (scan the shards) otherwise.
-fn indexed_counts(ds: &Dataset, objects: &[Object], chosen: &[&Object]) -> Option<Vec<usize>> {
-    if ds.skip_bad_samples {
-        // Counts must leave out bad samples, which only a scan finds.
-        return None;
-    }
-    objects.iter().find(|o| o.name == super::INDEX_FILE)?;
-    let bytes = ds.source.read(super::INDEX_FILE).ok()?;
-    let index: super::ShardIndex = match serde_json::from_slice(&bytes) {
-        Ok(i) => i,
-        Err(e) => {
-            tracing::warn!(
-                "{}: ignoring {} ({e}); counting samples by reading the shards",
-                ds.source_desc,
-                super::INDEX_FILE
-            );
-            return None;
-        }
-    };
-    let by_name: std::collections::HashMap<&str, &super::IndexEntry> =
-        index.shards.iter().map(|e| (e.name.as_str(), e)).collect();
-    chosen
-        .iter()
-        .map(|o| {
-            by_name
-                .get(o.name.as_str())
-                .filter(|e| e.bytes == o.size)
-                .map(|e| e.samples)
-        })
-        .collect()
 }
 
 /// Members of one key, gathered until the key changes.
