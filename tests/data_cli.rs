@@ -109,3 +109,58 @@ fn inspect_and_digest_cut_token_files_by_the_context_length_given() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("uint16, uint32"), "{stderr}");
 }
+
+#[test]
+fn photos_of_different_sizes_digest_once_resized_and_cropped_and_bad_transforms_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = common::pack_images(&common::photo_folder(dir.path()), dir.path());
+    let data = shards.to_str().unwrap();
+    let digest = |extra: &[&str]| {
+        let mut args = vec!["data", "digest", "--data", data, "--batch-size", "4", "--seed", "5"];
+        args.extend(extra);
+        run(&args, &[])
+    };
+    // Without a resize and a crop the sizes do not stack into one batch, and the error says what does.
+    let out = digest(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("has shape") && stderr.contains("--resize N and --crop N"), "{stderr}");
+    let hex = |extra: &[&str]| {
+        let out = digest(extra);
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let plain = hex(&["--resize", "12", "--crop", "10"]);
+    assert_eq!(plain, hex(&["--resize", "12", "--crop", "10"]), "the same flags give the same batches");
+    let others = [
+        hex(&["--resize", "12", "--crop", "10", "--augment"]),
+        hex(&["--resize", "12", "--crop", "10", "--augment", "--crop-padding", "0"]),
+        hex(&["--resize", "14", "--crop", "10"]),
+        hex(&["--resize", "12", "--crop", "8"]),
+        hex(&["--resize", "12", "--crop", "10", "--normalize", "none"]),
+        hex(&["--resize", "12", "--crop", "10", "--normalize", "0.5,0.5,0.5/0.25,0.25,0.25"]),
+    ];
+    for (i, other) in others.iter().enumerate() {
+        assert_ne!(*other, plain, "variant {i} changes the batches");
+    }
+    // `auto` spelled out is the default.
+    assert_eq!(hex(&["--resize", "12", "--crop", "10", "--normalize", "auto"]), plain);
+
+    let refused = |extra: &[&str], expected: &[&str]| {
+        let out = digest(extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        for e in expected {
+            assert!(stderr.contains(e), "{extra:?}: expected '{e}' in: {stderr}");
+        }
+    };
+    let syntax = "MEAN,MEAN,MEAN/STD,STD,STD";
+    refused(&["--resize", "12", "--crop", "10", "--normalize", "imagenet"], &[syntax, "'imagenet'"]);
+    refused(&["--resize", "12", "--crop", "10", "--normalize", "0.5,0.5/0.2"], &[syntax, "2 means but 1 stds"]);
+    refused(&["--resize", "12", "--crop", "10", "--normalize", "0.5,x,0.5/0.2,0.2,0.2"], &[syntax, "'x' is not a number"]);
+    refused(&["--resize", "12", "--crop", "10", "--normalize", "0.5,0.5,0.5/0.2,0,0.2"], &[syntax, "above 0"]);
+    // Three-channel photos with one channel's normalization.
+    refused(&["--resize", "12", "--crop", "10", "--normalize", "0.5/0.2"], &["1 means and 1 stds for 3-channel images"]);
+    refused(&["--resize", "0", "--crop", "10"], &["--resize", "at least 1"]);
+    refused(&["--resize", "12", "--crop", "0"], &["--crop", "at least 1"]);
+}

@@ -487,3 +487,57 @@ fn a_pipe_channel_with_several_processes_per_host_is_refused_saying_what_works()
     );
 }
 
+
+#[test]
+fn photos_of_different_sizes_train_resized_and_cropped_and_the_model_records_the_transform() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = common::pack_images(&common::photo_folder(dir.path()), dir.path());
+    let job = |extra: &[&str]| {
+        let mut args = vec!["--model", "mlp", "--data", shards.to_str().unwrap(), "--batch-size", "4", "--max-steps", "3"];
+        args.extend(extra);
+        launch_train(dir.path(), 1, &args)
+    };
+    let out = finish(
+        job(&["--resize", "12", "--crop", "10", "--crop-padding", "2", "--augment", "--normalize", "0.5,0.4,0.3/0.25,0.2,0.1"]),
+        "training on photos",
+    );
+    assert_ok(&out);
+    assert!(stdout(&out).contains("on 8 samples"), "validation read every test photo:\n{}", stdout(&out));
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("hytrain-out/model/metadata.json")).unwrap()).unwrap();
+    assert_eq!(meta["input_shape"], serde_json::json!([3, 10, 10]));
+    let t = &meta["extra"]["transform"];
+    assert_eq!((t["resize"].as_u64(), t["crop"].as_u64(), t["crop_padding"].as_u64()), (Some(12), Some(10), Some(2)), "{t}");
+    assert_eq!(t["train_augment"], serde_json::json!(true), "{t}");
+    let close = |key: &str, want: [f64; 3]| {
+        let got: Vec<f64> = t[key].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6), "{key}: {got:?}");
+    };
+    close("mean", [0.5, 0.4, 0.3]);
+    close("std", [0.25, 0.2, 0.1]);
+    // Inference repeats it: the recorded torchvision code turns any photo into the model's input.
+    let script = r#"
+import json, sys
+from PIL import Image
+from torchvision import transforms
+meta = json.load(open(sys.argv[1]))
+t = eval(meta["extra"]["transform"]["torchvision"])
+print(list(t(Image.new("RGB", (31, 12), (90, 60, 30))).shape))
+"#;
+    let py = Command::new(jobs::test_python())
+        .args(["-c", script])
+        .arg(dir.path().join("hytrain-out/model/metadata.json"))
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "the recorded transform does not run in torchvision:\n{}", stderr(&py));
+    assert_eq!(stdout(&py).trim(), "[3, 10, 10]");
+
+    // Through the environment as through flags, and refused there with the syntax too.
+    let mut bad = job(&["--resize", "12", "--crop", "10"]);
+    bad.env("HYTRAIN_NORMALIZE", "mean=0.5");
+    let out = finish(bad, "a bad normalization");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("MEAN,MEAN,MEAN/STD,STD,STD") && stderr(&out).contains("'mean=0.5'"), "{}", stderr(&out));
+    let out = finish(job(&["--resize", "12", "--crop-padding", "-1"]), "a negative padding");
+    assert!(!out.status.success() && stderr(&out).contains("--crop-padding must be a whole number"), "{}", stderr(&out));
+}

@@ -106,3 +106,39 @@ pub fn sagemaker_tree(root: &Path, current_host: &str, hosts: &[&str], hyperpara
     write(&root.join("input/config/hyperparameters.json"), hyperparameters);
     std::fs::create_dir_all(root.join("input/data/training")).unwrap();
 }
+
+/// An image-folder tree `train/CLASS/N.png`, `test/CLASS/N.png` of RGB photos of different sizes (2 classes, the
+/// second brighter), as a user's folder of photos is: `hytrain data pack --image-folder` makes shards of it.
+pub fn photo_folder(dir: &Path) -> std::path::PathBuf {
+    use hytrain::data::format::{decode, Image};
+    let sizes = [(20, 14), (9, 17), (16, 16), (31, 12), (13, 25), (18, 11)];
+    let root = dir.join("photos");
+    for (split, count) in [("train", 12), ("test", 4)] {
+        for class in 0..2u8 {
+            let folder = root.join(split).join(format!("class{class}"));
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..count {
+                let (width, height) = sizes[i % sizes.len()];
+                let pixels = (0..width * height * 3)
+                    .map(|j| (40 + 120 * class as usize + (j * 37 + i * 11) % 60) as u8)
+                    .collect();
+                let image = Image { height, width, channels: 3, pixels };
+                std::fs::write(folder.join(format!("{i}.png")), decode::png(&image).unwrap()).unwrap();
+            }
+        }
+    }
+    root
+}
+
+/// `hytrain data pack --image-folder` of `folder` into `dir/shards`.
+pub fn pack_images(folder: &Path, dir: &Path) -> std::path::PathBuf {
+    let out = dir.join("shards");
+    let o = command(
+        &["data", "pack", "--image-folder", "--data", folder.to_str().unwrap(), "--out", out.to_str().unwrap()],
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "packing failed: {}", String::from_utf8_lossy(&o.stderr));
+    out
+}
