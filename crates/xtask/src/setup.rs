@@ -499,29 +499,31 @@ fn file_name(path: &Path) -> &str {
     path.file_name().and_then(|n| n.to_str()).unwrap_or("")
 }
 
-/// Debian packages that give the `mpi` feature its Open MPI (headers, mpicc, mpirun) and bindgen its libclang.
-const MPI_PACKAGES: [&str; 3] = ["libopenmpi-dev", "openmpi-bin", "libclang-dev"];
+/// Debian packages the test suite needs: Open MPI (headers, mpicc, mpirun) for the `mpi` feature, libclang for
+/// bindgen, and strace, through which the fault suite kills a rank between two system calls of a checkpoint save.
+const TEST_PACKAGES: [&str; 4] = ["libopenmpi-dev", "openmpi-bin", "libclang-dev", "strace"];
 
-/// Installs what the test suite needs beyond Rust and libtorch: Open MPI and libclang for the `mpi` feature.
-/// Does nothing when `mpicc`, `mpirun` and a libclang are already there, however they were installed.
+/// Installs what the test suite needs beyond Rust and libtorch: Open MPI and libclang for the `mpi` feature, strace
+/// for the fault suite. Does nothing when `mpicc`, `mpirun`, a libclang and `strace` are already there, however
+/// they were installed.
 pub fn test_tools() -> Result<()> {
-    let missing = missing_mpi_tools();
+    let missing = missing_test_tools();
     if missing.is_empty() {
-        println!("setup: Open MPI (mpicc, mpirun) and libclang are installed");
+        println!("setup: Open MPI (mpicc, mpirun), libclang and strace are installed");
         return Ok(());
     }
     let missing = missing.join(", ");
     if !on_path("apt-get") {
         bail!(
-            "the `mpi` feature's tests need Open MPI (mpicc, mpirun) and libclang, and {missing} are missing; this \
-             machine has no apt-get, so install Open MPI 4.1 with its development files and libclang with the system's \
-             package manager, then run again"
+            "the test suite needs Open MPI (mpicc, mpirun), libclang and strace, and {missing} are missing; this \
+             machine has no apt-get, so install Open MPI 4.1 with its development files, libclang and strace with \
+             the system's package manager, then run again"
         );
     }
     let sudo = root_prefix(&missing, is_root(), on_path("sudo"))?;
     println!(
         "setup: {missing} missing: installing {} with apt-get...",
-        MPI_PACKAGES.join(" ")
+        TEST_PACKAGES.join(" ")
     );
     let apt = |args: &[&str]| -> Result<()> {
         let mut command = match sudo {
@@ -537,14 +539,14 @@ pub fn test_tools() -> Result<()> {
     };
     apt(&["update"]).context("apt-get update failed; check the network and the apt sources")?;
     let mut install = vec!["install", "-y", "--no-install-recommends"];
-    install.extend(MPI_PACKAGES);
+    install.extend(TEST_PACKAGES);
     apt(&install)
-        .with_context(|| format!("apt-get could not install {}", MPI_PACKAGES.join(" ")))?;
-    let still = missing_mpi_tools();
+        .with_context(|| format!("apt-get could not install {}", TEST_PACKAGES.join(" ")))?;
+    let still = missing_test_tools();
     if !still.is_empty() {
         bail!(
             "apt-get installed {} but {} are still missing",
-            MPI_PACKAGES.join(" "),
+            TEST_PACKAGES.join(" "),
             still.join(", ")
         );
     }
@@ -559,13 +561,13 @@ fn root_prefix(missing: &str, root: bool, has_sudo: bool) -> Result<Option<&'sta
         (false, false) => bail!(
             "{missing} are missing and installing them needs root; run as root, install sudo, or run \
              `apt-get install -y --no-install-recommends {}` yourself",
-            MPI_PACKAGES.join(" ")
+            TEST_PACKAGES.join(" ")
         ),
     }
 }
 
-fn missing_mpi_tools() -> Vec<&'static str> {
-    let mut missing: Vec<&str> = ["mpicc", "mpirun"]
+fn missing_test_tools() -> Vec<&'static str> {
+    let mut missing: Vec<&str> = ["mpicc", "mpirun", "strace"]
         .into_iter()
         .filter(|t| !on_path(t))
         .collect();
