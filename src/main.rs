@@ -104,9 +104,11 @@ enum DataCommand {
         /// Seed of shuffling and augmentation.
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Apply the training augmentation (random crop with padding 4, horizontal flip).
+        /// Apply the training augmentation (random crop with --crop-padding, horizontal flip).
         #[arg(long)]
         augment: bool,
+        #[command(flatten)]
+        transform: TransformArgs,
         /// train or test.
         #[arg(long, default_value = "train", value_parser = data::parse_split)]
         split: hytrain::data::Split,
@@ -146,6 +148,35 @@ enum DataCommand {
         #[command(flatten)]
         tokens: TokenArgs,
     },
+}
+
+/// What happens to each image before the batch (`hytrain data digest`; `hytrain train` takes the same flags).
+#[derive(Args)]
+struct TransformArgs {
+    /// Per-channel normalization after scaling to [0, 1]: auto (CIFAR-10's mean/std for 3 channels, MNIST's for
+    /// 1), none, or MEAN,MEAN,MEAN/STD,STD,STD.
+    #[arg(long, default_value = "auto", value_parser = parse_normalize)]
+    normalize: hytrain::data::augment::Normalize,
+    /// Resize each image's shorter side to N pixels, keeping its aspect ratio (bilinear, antialiased).
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    resize: Option<usize>,
+    /// Crop to N x N after resizing: at random with --augment, in the center otherwise.
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    crop: Option<usize>,
+    /// Zero padding on each side before the random crop of --augment.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    crop_padding: usize,
+}
+
+fn parse_normalize(text: &str) -> Result<hytrain::data::augment::Normalize, String> {
+    text.parse()
+}
+
+fn parse_positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("must be a whole number, at least 1, got '{text}'")),
+    }
 }
 
 /// How token data (.bin files of ids) is cut into samples.
@@ -188,9 +219,22 @@ struct TrainJobArgs {
     /// Classes, when the dataset names none (no classes.json).
     #[arg(long, env = "HYTRAIN_NUM_CLASSES")]
     num_classes: Option<String>,
-    /// Random crop (padding 4) and horizontal flip of training images.
+    /// Random crop (padding --crop-padding) and horizontal flip of training images.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", env = "HYTRAIN_AUGMENT")]
     augment: Option<String>,
+    /// Per-channel normalization after scaling to [0, 1]: auto (CIFAR-10's mean/std for 3 channels, MNIST's for
+    /// 1), none, or MEAN,MEAN,MEAN/STD,STD,STD [default: auto].
+    #[arg(long, env = "HYTRAIN_NORMALIZE")]
+    normalize: Option<String>,
+    /// Resize each image's shorter side to N pixels, keeping its aspect ratio (bilinear, antialiased).
+    #[arg(long, value_name = "N", env = "HYTRAIN_RESIZE")]
+    resize: Option<String>,
+    /// Crop to N x N after resizing: at random (--augment) in training, in the center for validation.
+    #[arg(long, value_name = "N", env = "HYTRAIN_CROP")]
+    crop: Option<String>,
+    /// Zero padding on each side before the random crop of --augment [default: 4].
+    #[arg(long, value_name = "N", allow_negative_numbers = true, env = "HYTRAIN_CROP_PADDING")]
+    crop_padding: Option<String>,
     /// Drop the training samples that do not divide evenly among ranks instead of repeating some.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", env = "HYTRAIN_DROP_LAST")]
     drop_last: Option<String>,
@@ -239,6 +283,10 @@ impl TrainJobArgs {
             validation: self.validation,
             num_classes: self.num_classes,
             augment: self.augment,
+            normalize: self.normalize,
+            resize: self.resize,
+            crop: self.crop,
+            crop_padding: self.crop_padding,
             drop_last: self.drop_last,
             max_samples: self.max_samples,
             skip_bad_samples: self.skip_bad_samples,
@@ -442,6 +490,7 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
             batch_size,
             seed,
             augment,
+            transform,
             split,
             drop_last,
             max_samples,
@@ -456,6 +505,10 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
                 batch_size,
                 seed,
                 augment,
+                normalize: transform.normalize,
+                resize: transform.resize,
+                crop: transform.crop,
+                crop_padding: transform.crop_padding,
                 split,
                 remainder: data::remainder(drop_last),
                 max_samples,

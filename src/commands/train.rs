@@ -19,6 +19,7 @@ use crate::data::{
     Dataset, DatasetOptions, Format, Loader, LoaderConfig, Remainder, SamplerConfig, Split, TokenDtype,
     TokenOptions,
 };
+use crate::data::augment::{Normalize, Transform};
 use crate::data::format::{ShardIndex, INDEX_FILE};
 use crate::train::config::{self, ConfigSources, Layered, Origin};
 use crate::train::model::{self, DataSpec, ExportedMetadata};
@@ -85,6 +86,14 @@ pub struct JobFlags {
     pub num_classes: Option<String>,
     /// Random crop and flip on training images.
     pub augment: Option<String>,
+    /// Per-channel normalization: `auto`, `none` or `MEAN,.../STD,...`.
+    pub normalize: Option<String>,
+    /// Shorter side of each image after resizing.
+    pub resize: Option<String>,
+    /// Square crop after resizing.
+    pub crop: Option<String>,
+    /// Zero padding before the random crop.
+    pub crop_padding: Option<String>,
     /// Drop the remainder instead of padding.
     pub drop_last: Option<String>,
     /// At most this many training samples per epoch.
@@ -119,6 +128,10 @@ const JOB_KEYS: &[(&str, &[&str])] = &[
     ("validation", &["validation", "val_data", "test_data"]),
     ("num_classes", &["num_classes"]),
     ("augment", &["augment"]),
+    ("normalize", &["normalize"]),
+    ("resize", &["resize"]),
+    ("crop", &["crop", "crop_size"]),
+    ("crop_padding", &["crop_padding"]),
     ("drop_last", &["drop_last"]),
     ("max_samples", &["max_samples"]),
     ("skip_bad_samples", &["skip_bad_samples"]),
@@ -152,6 +165,10 @@ struct Job {
     validation: Option<String>,
     num_classes: Option<i64>,
     augment: bool,
+    normalize: Normalize,
+    resize: Option<usize>,
+    crop: Option<usize>,
+    crop_padding: usize,
     drop_last: bool,
     max_samples: Option<usize>,
     skip_bad_samples: bool,
@@ -228,6 +245,15 @@ impl Job {
                 _ => bail!("{key} must be at least 1, got '{v}'"),
             },
         };
+        let at_least_one = |name: &str, flag: &Option<String>| -> anyhow::Result<Option<usize>> {
+            match pick(name, flag) {
+                None => Ok(None),
+                Some((v, key)) => match parse_count::<usize>(&key, &v)? {
+                    n if n >= 1 => Ok(Some(n)),
+                    _ => bail!("{key} must be at least 1, got '{v}'"),
+                },
+            }
+        };
         let none_is_off = |p: Option<PathBuf>| p.filter(|p| p.as_os_str() != "none");
         Ok(Job {
             model: text("model", &flags.model).unwrap_or_else(|| "lenet".into()),
@@ -235,6 +261,14 @@ impl Job {
             validation: text("validation", &flags.validation),
             num_classes,
             augment: switch("augment", &flags.augment)?,
+            normalize: match pick("normalize", &flags.normalize) {
+                None => Normalize::Auto,
+                Some((v, key)) => v.parse().map_err(|e| anyhow::anyhow!("{key}: {e}"))?,
+            },
+            resize: at_least_one("resize", &flags.resize)?,
+            crop: at_least_one("crop", &flags.crop)?,
+            crop_padding: count("crop_padding", &flags.crop_padding)?
+                .unwrap_or(Transform::default().crop_padding),
             drop_last: switch("drop_last", &flags.drop_last)?,
             max_samples: count("max_samples", &flags.max_samples)?,
             skip_bad_samples: switch("skip_bad_samples", &flags.skip_bad_samples)?,
@@ -661,7 +695,14 @@ pub fn run(
     if let Some(workers) = job.workers {
         loader.workers = workers.max(1);
     }
-    loader.transform.augment = job.augment;
+    loader.transform = Transform {
+        augment: job.augment,
+        normalize: job.normalize.clone(),
+        resize: job.resize,
+        crop: job.crop,
+        crop_padding: job.crop_padding,
+        ..Transform::default()
+    };
     loader.sampler = SamplerConfig {
         seed: cfg.seed,
         world_size,
@@ -775,6 +816,16 @@ pub fn run(
         stop,
     )?;
     watchdog.finish();
+    if let (Some(dir), false) = (&summary.exported_to, train_set.format() == Format::Tokens) {
+        // Inference must repeat what validation did to each image; the model folder says what that was.
+        let channels = input_shape.first().copied().unwrap_or(0) as usize;
+        match loader.transform.record(channels) {
+            Ok(transform) => crate::train::export::record_extra(dir, "transform", transform)
+                .context("cannot record the data transforms in the exported metadata.json")?,
+            // Inputs that are tensors, not images, of a channel count no normalization covers: nothing to repeat.
+            Err(e) => tracing::warn!("no data transforms recorded in metadata.json: {e}"),
+        }
+    }
     Ok(summary)
 }
 
@@ -786,5 +837,61 @@ fn first_input_shape(train: &mut LoaderBatches) -> anyhow::Result<Vec<i64>> {
         Some(Ok((xs, _))) => Ok(xs.size()[1..].to_vec()),
         Some(Err(e)) => bail!("cannot read the first training batch: {e}"),
         None => bail!("the training data yields no batch"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hyperparameters(pairs: &[(&str, &str)]) -> Vec<(Origin, String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (Origin::SageMakerHyperparameters, k.to_string(), format!("\"{v}\"")))
+            .collect()
+    }
+
+    #[test]
+    fn image_transforms_come_from_hyperparameters_and_flags_win() {
+        let hp = hyperparameters(&[
+            ("normalize", "0.5,0.5,0.5/0.2,0.2,0.2"),
+            ("resize", "256"),
+            ("crop-size", "224"),
+            ("crop_padding", "0"),
+        ]);
+        let job = Job::settle(&JobFlags::default(), &hp).unwrap();
+        assert_eq!(
+            job.normalize,
+            Normalize::MeanStd { mean: vec![0.5; 3], std: vec![0.2; 3] }
+        );
+        assert_eq!((job.resize, job.crop, job.crop_padding), (Some(256), Some(224), 0));
+        let flags = JobFlags {
+            normalize: Some("none".into()),
+            crop: Some("200".into()),
+            ..JobFlags::default()
+        };
+        let job = Job::settle(&flags, &hp).unwrap();
+        assert_eq!((job.normalize, job.crop), (Normalize::Off, Some(200)));
+        let job = Job::settle(&JobFlags::default(), &[]).unwrap();
+        assert_eq!(
+            (job.normalize, job.resize, job.crop, job.crop_padding),
+            (Normalize::Auto, None, None, 4),
+            "the reference's transforms when nothing is said"
+        );
+    }
+
+    #[test]
+    fn bad_image_transforms_from_hyperparameters_are_refused_naming_them() {
+        let refused = |key: &str, value: &str| {
+            Job::settle(&JobFlags::default(), &hyperparameters(&[(key, value)]))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = refused("normalize", "imagenet");
+        assert!(e.contains("normalize (from") && e.contains("MEAN,MEAN,MEAN/STD,STD,STD"), "{e}");
+        let e = refused("resize", "0");
+        assert!(e.contains("resize (from") && e.contains("at least 1"), "{e}");
+        let e = refused("crop", "big");
+        assert!(e.contains("crop (from") && e.contains("whole number"), "{e}");
     }
 }

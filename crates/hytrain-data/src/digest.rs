@@ -14,7 +14,7 @@ use crate::source::SharedSource;
 use crate::Error;
 
 /// The settings of one digest (the CLI's flags).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DigestArgs {
     /// Ranks in the job.
     pub world_size: usize,
@@ -28,6 +28,14 @@ pub struct DigestArgs {
     pub seed: u64,
     /// Random crop and flip (the reference's training transforms).
     pub augment: bool,
+    /// Normalization after scaling pixels to `[0, 1]`.
+    pub normalize: Normalize,
+    /// Resize the shorter side to this many pixels.
+    pub resize: Option<usize>,
+    /// Crop to this square size (random when augmenting, center otherwise).
+    pub crop: Option<usize>,
+    /// Zero padding on each side before the random crop.
+    pub crop_padding: usize,
     /// Train or test split.
     pub split: Split,
     /// Shuffle buffer size (samples).
@@ -56,6 +64,10 @@ impl Default for DigestArgs {
             batch_size: 64,
             seed: 0,
             augment: false,
+            normalize: Normalize::Auto,
+            resize: None,
+            crop: None,
+            crop_padding: Transform::default().crop_padding,
             split: Split::Train,
             shuffle_buffer: sampler.shuffle_buffer,
             remainder: sampler.remainder,
@@ -76,7 +88,10 @@ impl DigestArgs {
             workers: self.workers,
             transform: Transform {
                 augment: self.augment,
-                normalize: Normalize::Auto,
+                normalize: self.normalize.clone(),
+                resize: self.resize,
+                crop: self.crop,
+                crop_padding: self.crop_padding,
                 ..Transform::default()
             },
             sampler: SamplerConfig {

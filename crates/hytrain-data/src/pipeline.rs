@@ -514,7 +514,7 @@ impl Epoch {
                     shard: item.shard.clone(),
                     member: item.member.clone(),
                     reason: format!(
-                        "has shape {:?} but the batch's first sample {} has {:?}; make all inputs one size when packing",
+                        "has shape {:?} but the batch's first sample {} has {:?}; make all inputs one size when packing, or for images give --resize N and --crop N",
                         item.shape, items[0].member, shape
                     ),
                 });
@@ -600,11 +600,14 @@ fn decode(
     };
     let (inputs, shape, targets) = match &sample.input {
         Input::Image(img) => match transform.apply(img, seed, epoch, job.sample.position) {
-            Ok(v) => (
-                Inputs::Float(v),
-                vec![img.channels, img.height, img.width],
-                vec![sample.label],
-            ),
+            Ok(v) => {
+                let (height, width) = transform.output_size(img.height, img.width);
+                (
+                    Inputs::Float(v),
+                    vec![img.channels, height, width],
+                    vec![sample.label],
+                )
+            }
             Err(reason) => return bad(reason),
         },
         Input::Tensor(t) => (

@@ -131,6 +131,23 @@ pub fn export(
     Ok(meta)
 }
 
+/// Sets `extra[key]` in the `metadata.json` that [`export`] wrote to `model_dir`, for what the caller knows only
+/// beside the training loop (the data transforms inference must repeat). The file is rewritten whole, as
+/// [`export`] writes it.
+pub fn record_extra(model_dir: &Path, key: &str, value: serde_json::Value) -> Result<()> {
+    let path = model_dir.join("metadata.json");
+    let text = fs::read(&path).map_err(io("read", &path))?;
+    let mut meta: ExportMetadata = serde_json::from_slice(&text)
+        .map_err(|e| TrainError::io("parse", &path, std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+    if !meta.extra.is_object() {
+        meta.extra = serde_json::json!({});
+    }
+    meta.extra[key] = value;
+    let tmp = model_dir.join(".metadata.json.tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(&meta).expect("metadata serialises")).map_err(io("write", &tmp))?;
+    commit(&tmp, &path)
+}
+
 /// Makes `tmp` (written beside) `dest`: fsynced, renamed, the folder fsynced.
 pub(crate) fn commit(tmp: &Path, dest: &Path) -> Result<()> {
     File::open(tmp).and_then(|f| f.sync_all()).map_err(io("fsync", tmp))?;
@@ -139,4 +156,45 @@ pub(crate) fn commit(tmp: &Path, dest: &Path) -> Result<()> {
         File::open(parent).and_then(|f| f.sync_all()).map_err(io("fsync", parent))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metadata() -> ExportMetadata {
+        ExportMetadata {
+            model: "mlp".into(),
+            num_classes: 2,
+            input_shape: vec![3, 8, 8],
+            hytrain_version: "0".into(),
+            torch_version: "0".into(),
+            torchscript: None,
+            torchscript_error: None,
+            tensors: vec![],
+            packages: vec![],
+            extra: serde_json::json!({ "config": { "lr": 0.1 } }),
+        }
+    }
+
+    #[test]
+    fn a_recorded_extra_joins_what_export_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("metadata.json"), serde_json::to_vec(&metadata()).unwrap()).unwrap();
+        record_extra(dir.path(), "transform", serde_json::json!({ "crop": 8 })).unwrap();
+        let meta: ExportMetadata =
+            serde_json::from_slice(&fs::read(dir.path().join("metadata.json")).unwrap()).unwrap();
+        assert_eq!(meta.extra, serde_json::json!({ "config": { "lr": 0.1 }, "transform": { "crop": 8 } }));
+        assert_eq!(meta.input_shape, vec![3, 8, 8]);
+    }
+
+    #[test]
+    fn recording_into_a_missing_or_broken_metadata_json_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = record_extra(dir.path(), "transform", serde_json::json!(1)).unwrap_err().to_string();
+        assert!(e.contains("cannot read") && e.contains("metadata.json"), "{e}");
+        fs::write(dir.path().join("metadata.json"), "{ not json").unwrap();
+        let e = record_extra(dir.path(), "transform", serde_json::json!(1)).unwrap_err().to_string();
+        assert!(e.contains("cannot parse") && e.contains("metadata.json"), "{e}");
+    }
 }
