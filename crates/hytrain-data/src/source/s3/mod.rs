@@ -13,13 +13,12 @@
 //! off so that one budget governs. The [`Source`] trait is synchronous: the source owns a small multi-thread tokio
 //! runtime and waits on it, which works from plain threads and from inside another runtime alike.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use aws_credential_types::provider::{self as credentials, ProvideCredentials};
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use tokio::sync::Semaphore;
@@ -27,97 +26,12 @@ use tokio::sync::Semaphore;
 use super::{check_name, Object, Objects, ReadBudget, Source};
 use crate::Error;
 
-/// Static credentials for an S3-compatible store or a test server. Production jobs leave
-/// [`S3Options::credentials`] empty and use the default chain (IRSA, instance role, ...).
-#[derive(Clone, PartialEq, Eq)]
-pub struct S3Credentials {
-    /// The access key id.
-    pub access_key_id: String,
-    /// The secret access key.
-    pub secret_access_key: String,
-    /// A session token for temporary credentials.
-    pub session_token: Option<String>,
-}
+mod client;
+mod prefetch;
 
-impl std::fmt::Debug for S3Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print secrets, even in debug output.
-        f.debug_struct("S3Credentials")
-            .field("access_key_id", &"** redacted **")
-            .finish_non_exhaustive()
-    }
-}
-
-/// How long and how often one S3 request is retried.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct S3RetryPolicy {
-    /// Attempts per request, the first included.
-    pub max_attempts: u32,
-    /// The backoff ceiling before the first retry; it doubles per retry (full jitter: the wait is random below it).
-    pub initial_backoff: Duration,
-    /// The largest backoff ceiling.
-    pub max_backoff: Duration,
-    /// No retry starts later than this after the request's first attempt.
-    pub max_elapsed: Duration,
-}
-
-impl Default for S3RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_attempts: 10,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(20),
-            max_elapsed: Duration::from_secs(300),
-        }
-    }
-}
-
-/// Settings for an [`S3`] source.
-#[derive(Debug, Clone)]
-pub struct S3Options {
-    /// An S3-compatible endpoint such as `http://127.0.0.1:9000` (`--s3-endpoint`); requests then use path-style
-    /// addressing. `None`: AWS S3 (or `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, which the SDK reads).
-    pub endpoint: Option<String>,
-    /// The region (`--s3-region`); `None`: the SDK's chain, else `us-east-1`.
-    pub region: Option<String>,
-    /// Static credentials instead of the default chain; for S3-compatible stores and tests.
-    pub credentials: Option<S3Credentials>,
-    /// The most GET/HEAD/LIST requests of this source in flight at once.
-    pub max_in_flight: usize,
-    /// Objects larger than this are read as parallel ranged GETs of this size.
-    pub part_size: u64,
-    /// Objects [`Source::read_many`] keeps in flight ahead of its consumer (memory: about this many objects).
-    pub prefetch: usize,
-    /// Keys per ListObjectsV2 page; `None` for S3's default (1000).
-    pub list_page_size: Option<i32>,
-    /// Retries of each request.
-    pub retry: S3RetryPolicy,
-    /// The limit on establishing a connection.
-    pub connect_timeout: Duration,
-    /// The limit on one attempt of a request, its body included (a part of [`S3Options::part_size`] or a listing
-    /// page); an attempt past it counts as failed and is retried. This is what ends a stalled connection.
-    pub request_timeout: Duration,
-    /// Threads of the source's tokio runtime; 0 picks min(CPUs, 4).
-    pub runtime_threads: usize,
-}
-
-impl Default for S3Options {
-    fn default() -> Self {
-        Self {
-            endpoint: None,
-            region: None,
-            credentials: None,
-            max_in_flight: 16,
-            part_size: 8 << 20,
-            prefetch: 8,
-            list_page_size: None,
-            retry: S3RetryPolicy::default(),
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(120),
-            runtime_threads: 0,
-        }
-    }
-}
+use client::{build_client, Renewable};
+pub use client::{S3Credentials, S3Options, S3RetryPolicy};
+use prefetch::Prefetch;
 
 /// An S3 prefix as a [`Source`]. See the module documentation for credentials, regions, parallelism and retries.
 ///
@@ -167,58 +81,6 @@ enum Failure {
     Expired(Error),
     /// Final.
     Fatal(Error),
-}
-
-/// Credentials from the chain, cached here instead of in the SDK's identity cache, which cannot be told to drop
-/// credentials that S3 rejected before their stated expiry.
-#[derive(Debug, Clone)]
-struct Renewable(Arc<RenewableState>);
-
-#[derive(Debug)]
-struct RenewableState {
-    chain: aws_sdk_s3::config::SharedCredentialsProvider,
-    cached: tokio::sync::Mutex<Option<aws_sdk_s3::config::Credentials>>,
-}
-
-/// Credentials this close to their expiry are fetched anew (the SDK's identity cache uses the same margin).
-const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
-
-impl Renewable {
-    fn new(chain: aws_sdk_s3::config::SharedCredentialsProvider) -> Self {
-        Self(Arc::new(RenewableState {
-            chain,
-            cached: tokio::sync::Mutex::new(None),
-        }))
-    }
-
-    async fn current(&self) -> credentials::Result {
-        // Held while the chain answers, so concurrent requests wait for one fetch instead of each starting one.
-        let mut cached = self.0.cached.lock().await;
-        let fresh = |c: &aws_sdk_s3::config::Credentials| {
-            c.expiry()
-                .is_none_or(|at| at > SystemTime::now() + EXPIRY_MARGIN)
-        };
-        if let Some(c) = cached.as_ref().filter(|c| fresh(c)) {
-            return Ok(c.clone());
-        }
-        let c = self.0.chain.provide_credentials().await?;
-        *cached = Some(c.clone());
-        Ok(c)
-    }
-
-    /// Drops the cached credentials: the next request fetches new ones from the chain.
-    async fn renew(&self) {
-        *self.0.cached.lock().await = None;
-    }
-}
-
-impl ProvideCredentials for Renewable {
-    fn provide_credentials<'a>(&'a self) -> credentials::future::ProvideCredentials<'a>
-    where
-        Self: 'a,
-    {
-        credentials::future::ProvideCredentials::new(self.current())
-    }
 }
 
 impl S3 {
@@ -321,84 +183,6 @@ impl Drop for S3 {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
-    }
-}
-
-async fn build_client(
-    opts: &S3Options,
-) -> (
-    aws_sdk_s3::Client,
-    String,
-    Option<String>,
-    Option<Renewable>,
-) {
-    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https();
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
-    if let Some(region) = &opts.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
-    }
-    if let Some(c) = &opts.credentials {
-        loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
-            c.access_key_id.clone(),
-            c.secret_access_key.clone(),
-            c.session_token.clone(),
-            None,
-            "hytrain-static",
-        ));
-    }
-    let sdk = loader.load().await;
-    let region = sdk
-        .region()
-        .cloned()
-        .unwrap_or_else(|| aws_config::Region::from_static("us-east-1"));
-    let endpoint = opts
-        .endpoint
-        .clone()
-        .or_else(|| sdk.endpoint_url().map(str::to_owned));
-    let credentials = sdk.credentials_provider().map(Renewable::new);
-    let mut config = aws_sdk_s3::config::Builder::from(&sdk)
-        .region(region.clone())
-        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
-        // The SDK's stalled-stream guard costs CPU on every body frame (a third of the client's CPU against the
-        // local server); `request_timeout` bounds a stalled request instead, and the retry then reconnects.
-        .stalled_stream_protection(aws_sdk_s3::config::StalledStreamProtectionConfig::disabled())
-        .timeout_config(
-            aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-                .connect_timeout(opts.connect_timeout)
-                .build(),
-        );
-    if let Some(endpoint) = &endpoint {
-        // S3-compatible stores rarely resolve bucket.host names; path-style works everywhere.
-        config = config.endpoint_url(endpoint).force_path_style(true);
-    }
-    if let Some(credentials) = &credentials {
-        config = config
-            .credentials_provider(credentials.clone())
-            .identity_cache(aws_sdk_s3::config::IdentityCache::no_cache());
-    }
-    let shown = endpoint.as_deref().map(strip_userinfo);
-    (
-        aws_sdk_s3::Client::from_conf(config.build()),
-        region.to_string(),
-        shown,
-        credentials,
-    )
-}
-
-/// `scheme://user:pass@host/...` without `user:pass@`, so an endpoint can appear in messages.
-fn strip_userinfo(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            let host = authority
-                .rsplit_once('@')
-                .map_or(authority, |(_, host)| host);
-            format!("{scheme}://{host}{path}")
-        }
-        None => url.to_owned(),
     }
 }
 
@@ -927,70 +711,6 @@ async fn read_body(
     Ok((body, etag))
 }
 
-/// One object being read ahead: its name, where its bytes will arrive, and the task to cancel.
-type InFlight = (
-    String,
-    mpsc::Receiver<Result<Vec<u8>, Error>>,
-    tokio::task::AbortHandle,
-);
-
-/// [`Source::read_many`] and [`Source::read_ahead`] for S3: keeps up to [`S3Options::prefetch`] objects in
-/// flight, and within a budget only as many as it holds.
-struct Prefetch<'a> {
-    s3: &'a S3,
-    /// Objects not started yet, with the bytes to reserve for each.
-    pending: VecDeque<(String, u64)>,
-    in_flight: VecDeque<InFlight>,
-    budget: Option<Arc<ReadBudget>>,
-}
-
-impl Iterator for Prefetch<'_> {
-    type Item = Result<(String, Vec<u8>), Error>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        while self.in_flight.len() < self.s3.inner.opts.prefetch {
-            let Some(&(_, bytes)) = self.pending.front() else {
-                break;
-            };
-            if let Some(budget) = &self.budget {
-                // With reads in flight, start only what fits now and wait on the oldest read, whose release by
-                // the consumer makes room; with none, wait for room (the consumer is releasing what it holds).
-                let reserved = if self.in_flight.is_empty() {
-                    budget.reserve(bytes)
-                } else {
-                    budget.try_reserve(bytes)
-                };
-                if !reserved {
-                    break;
-                }
-            }
-            let Some((name, _)) = self.pending.pop_front() else {
-                break;
-            };
-            let (tx, rx) = mpsc::sync_channel(1);
-            let inner = self.s3.inner.clone();
-            let task_name = name.clone();
-            let task = self.s3.handle.spawn(async move {
-                let _ = tx.send(inner.read(task_name, None).await);
-            });
-            self.in_flight.push_back((name, rx, task.abort_handle()));
-        }
-        let (name, rx, _) = self.in_flight.pop_front()?;
-        let result = rx
-            .recv()
-            .unwrap_or_else(|_| Err(self.s3.inner.bug("a prefetch task ended without an answer")));
-        Some(result.map(|bytes| (name, bytes)))
-    }
-}
-
-impl Drop for Prefetch<'_> {
-    fn drop(&mut self) {
-        for (_, _, task) in &self.in_flight {
-            task.abort();
-        }
-    }
-}
-
 impl Source for S3 {
     fn describe(&self) -> String {
         self.inner.location.clone()
@@ -1013,21 +733,15 @@ impl Source for S3 {
     }
 
     fn read_many(&self, names: Vec<String>) -> Objects<'_> {
-        Box::new(Prefetch {
-            s3: self,
-            pending: names.into_iter().map(|name| (name, 0)).collect(),
-            in_flight: VecDeque::new(),
-            budget: None,
-        })
+        Box::new(Prefetch::new(
+            self,
+            names.into_iter().map(|name| (name, 0)).collect(),
+            None,
+        ))
     }
 
     fn read_ahead(&self, objects: Vec<(String, u64)>, budget: Arc<ReadBudget>) -> Objects<'_> {
-        Box::new(Prefetch {
-            s3: self,
-            pending: objects.into(),
-            in_flight: VecDeque::new(),
-            budget: Some(budget),
-        })
+        Box::new(Prefetch::new(self, objects, Some(budget)))
     }
 }
 
@@ -1058,18 +772,6 @@ mod tests {
             !shown.contains("very-secret")
                 && !shown.contains("AKIAEXAMPLEKEY")
                 && !shown.contains("token-xyz")
-        );
-    }
-
-    #[test]
-    fn endpoint_userinfo_is_stripped_for_messages() {
-        assert_eq!(
-            strip_userinfo("http://user:pw@host:9000/path"),
-            "http://host:9000/path"
-        );
-        assert_eq!(
-            strip_userinfo("https://s3.example.com"),
-            "https://s3.example.com"
         );
     }
 }
