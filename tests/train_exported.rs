@@ -308,6 +308,8 @@ fn token_data_needs_a_model_that_takes_its_windows() {
     };
     let e = run(&["--model", "mlp"], "a built-in model without a context length");
     assert!(e.contains("need a context length: give --context-length N"), "{e}");
+    let e = run(&["--model", "mlp", "--context-length", "32", "--resize", "8", "--augment"], "image flags on tokens");
+    assert!(e.contains("holds token ids, which --augment, --resize would not change") && e.contains("drop them"), "{e}");
     let e = run(&["--model", "mlp", "--context-length", "32"], "a built-in model on tokens");
     assert!(e.contains("takes float inputs with one class label per sample") && e.contains("hytrain_export"), "{e}");
     let gpt = exported_gpt();

@@ -745,6 +745,21 @@ pub fn run(
 
     let input_shape = first_input_shape(&mut train)?;
     let data_spec = if train_set.format() == Format::Tokens {
+        let image_flags = [
+            ("--augment", job.augment),
+            ("--normalize", job.normalize != Normalize::default()),
+            ("--resize", job.resize.is_some()),
+            ("--crop", job.crop.is_some()),
+        ];
+        let given: Vec<&str> = image_flags.iter().filter(|(_, on)| *on).map(|(flag, _)| *flag).collect();
+        if !given.is_empty() {
+            bail!(
+                "{} holds token ids, which {} would not change (they transform images); drop {}",
+                train_set.source_desc(),
+                given.join(", "),
+                if given.len() == 1 { "it" } else { "them" }
+            );
+        }
         DataSpec {
             num_classes: job.num_classes,
             ..DataSpec::tokens(input_shape[0])
