@@ -5,25 +5,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{command, wait};
+use common::{command, digits, wait};
 
 const SKIPPED: &str = "skipped bad samples while indexing";
-
-/// The packed handwritten digits (`cargo xtask test` packs them).
-fn digits() -> PathBuf {
-    let path = std::env::var_os("HYTRAIN_DEMO_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/demo/digits"));
-    assert!(
-        path.join("train").is_dir() && path.join("test").is_dir(),
-        "{} holds no digits shards: run the tests through `cargo xtask test`, which packs them",
-        path.display()
-    );
-    path
-}
 
 /// A copy of the digits shards and class names without the index `data pack` wrote.
 fn digits_without_index() -> tempfile::TempDir {

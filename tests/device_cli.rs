@@ -4,23 +4,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::{command, wait};
-
-fn digits() -> PathBuf {
-    let path = std::env::var_os("HYTRAIN_DEMO_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/demo/digits"));
-    assert!(
-        path.join("train").is_dir(),
-        "{} holds no digits shards: run the tests through `cargo xtask test`, which packs them",
-        path.display()
-    );
-    path
-}
+use common::{command, digits, wait};
 
 fn train(args: &[&str], env: &[(&str, String)]) -> Output {
     let dir = tempfile::tempdir().unwrap();

@@ -9,21 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{command, wait};
+use common::{command, digits, wait};
 use tch::Tensor;
-
-/// The digits shards `cargo xtask test` writes (and names in HYTRAIN_DEMO_DATA).
-fn digits() -> PathBuf {
-    let path = std::env::var_os("HYTRAIN_DEMO_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/demo/digits"));
-    assert!(
-        path.join("train").is_dir(),
-        "{} holds no digits shards: run the tests through `cargo xtask test`, which packs them",
-        path.display()
-    );
-    path
-}
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -141,4 +141,18 @@ pub fn pack_images(folder: &Path, dir: &Path) -> std::path::PathBuf {
     .unwrap();
     assert!(o.status.success(), "packing failed: {}", String::from_utf8_lossy(&o.stderr));
     out
+}
+
+/// The handwritten digits `cargo xtask test` packs into shards (and names in HYTRAIN_DEMO_DATA): `train/` and
+/// `test/`.
+pub fn digits() -> PathBuf {
+    let path = std::env::var_os("HYTRAIN_DEMO_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/demo/digits"));
+    assert!(
+        path.join("train").is_dir() && path.join("test").is_dir(),
+        "{} holds no digits shards: run the tests through `cargo xtask test`, which packs them",
+        path.display()
+    );
+    path
 }

@@ -5,20 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use crate::common;
+use crate::common::{self, digits};
 use crate::{PEER_TIMEOUT, RUN_LIMIT, TOKEN, WORLD};
-
-pub(crate) fn digits() -> PathBuf {
-    let path = std::env::var_os("HYTRAIN_DEMO_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/demo/digits"));
-    assert!(
-        path.join("train").is_dir(),
-        "{} holds no digits shards: run the tests through `cargo xtask test`, which packs them",
-        path.display()
-    );
-    path
-}
 
 /// splitmix64: the seeded choices of victims and moments.
 pub(crate) struct Rng(pub(crate) u64);

@@ -9,20 +9,8 @@ use std::time::Duration;
 
 use tch::Tensor;
 
+pub use crate::common::digits;
 use crate::common::{self, command, wait};
-
-/// The digits shards `cargo xtask test` writes (and names in HYTRAIN_DEMO_DATA).
-pub fn digits() -> PathBuf {
-    let path = std::env::var_os("HYTRAIN_DEMO_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/demo/digits"));
-    assert!(
-        path.join("train").is_dir() && path.join("test").is_dir(),
-        "{} holds no digits shards: run the tests through `cargo xtask test`, which packs them",
-        path.display()
-    );
-    path
-}
 
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
