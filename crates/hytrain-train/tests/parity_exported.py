@@ -143,6 +143,9 @@ def ddp_worker(rank, world, folder, optimizer, init_file, out):
     # Tied names (gpt's lm_head.weight) share one tensor in the state_dict; safetensors wants copies.
     saved.update({f"rank{rank}.{k}": v.detach().clone() for k, v in net.state_dict().items()})
     save_file(saved, f"{out}.rank{rank}")
+    # Both ranks leave together: a rank tearing gloo down while its peer still holds the pair open can make the
+    # peer's I/O thread throw, and the process abort ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
