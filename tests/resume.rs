@@ -4,42 +4,18 @@
 //! says to start the epoch over; libtorch's generator (dropout) continues as in an uninterrupted run.
 
 mod common;
+mod jobs;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::process::Command;
 
-use common::{command, digits, wait};
+use jobs::{assert_ok, digits, finish, launch_train, stderr, stdout, test_python};
 use tch::Tensor;
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "hytrain failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        stdout(out),
-        stderr(out)
-    );
-}
 
 /// `hytrain launch --nproc-per-node N -- hytrain train` on the digits with an MLP in `dir`, with `extra` flags.
 fn job(dir: &Path, nproc: usize, extra: &[&str]) -> Command {
     let data = digits();
-    let mut args: Vec<String> = [
-        "launch",
-        "--nproc-per-node",
-        &nproc.to_string(),
-        "--",
-        common::hytrain(),
-        "train",
+    let mut args: Vec<&str> = vec![
         "--data",
         data.to_str().unwrap(),
         "--lr",
@@ -52,29 +28,17 @@ fn job(dir: &Path, nproc: usize, extra: &[&str]) -> Command {
         "1",
         "--validation",
         "none",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ];
     if !extra.contains(&"--model") {
-        args.extend(["--model".into(), "mlp".into()]);
+        args.extend(["--model", "mlp"]);
     }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    // One intra-op thread per worker: identical arithmetic run to run.
-    let mut c = command(&args, &[("OMP_NUM_THREADS", "1".into())]);
-    c.current_dir(dir);
-    c
+    args.extend(extra);
+    launch_train(dir, nproc, &args)
 }
 
-fn finish(mut job: Command, what: &str) -> Output {
-    wait(job.spawn().unwrap(), Duration::from_secs(300), what)
-}
-
+/// The final weights of the job run in `dir`, sorted by name.
 fn weights(dir: &Path) -> Vec<(String, Tensor)> {
-    let mut w = Tensor::read_safetensors(dir.join("hytrain-out/model/model.safetensors")).unwrap();
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
+    jobs::weights(&dir.join("hytrain-out/model"))
 }
 
 /// The largest absolute difference between two runs' final weights.
@@ -174,12 +138,6 @@ fn a_checkpoint_at_an_epoch_end_continues_with_the_next_epoch_whatever_the_world
 }
 
 /// The Python `cargo xtask test` sets up (torch).
-fn test_python() -> PathBuf {
-    std::env::var_os("HYTRAIN_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/bench-venv/bin/python"))
-}
-
 /// A TorchScript MLP for the 8x8 digits with dropout, which draws on libtorch's generator every step.
 fn dropout_model(dir: &Path) -> PathBuf {
     let path = dir.join("dropout.pt");
