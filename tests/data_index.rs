@@ -4,11 +4,13 @@
 //! crates/hytrain-data/tests/shared_counts.rs.
 
 mod common;
+mod jobs;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::{command, digits, wait};
+use common::wait;
+use jobs::{digits, launch_train};
 
 const SKIPPED: &str = "skipped bad samples while indexing";
 
@@ -40,15 +42,11 @@ fn add_bad_shard(data: &Path) {
 
 /// `hytrain launch --nproc-per-node N -- hytrain train` for one step on `data`, run in `dir`; its stderr.
 fn train(dir: &Path, data: &Path, nproc: usize, extra: &[&str]) -> String {
-    let nproc = nproc.to_string();
     let data = data.display().to_string();
-    let mut args = vec!["launch", "--nproc-per-node", &nproc, "--", common::hytrain(), "train"];
-    args.extend(["--model", "mlp", "--batch-size", "16", "--max-steps", "1", "--data", &data]);
+    let mut args = vec!["--model", "mlp", "--batch-size", "16", "--max-steps", "1", "--data", &data];
     args.extend(["--checkpoint-dir", "none", "--model-dir", "none", "--output-dir", "none"]);
     args.extend(extra);
-    let mut c = command(&args, &[("OMP_NUM_THREADS", "1".into())]);
-    c.current_dir(dir);
-    let out = wait(c.spawn().unwrap(), Duration::from_secs(240), "hytrain train");
+    let out = wait(launch_train(dir, nproc, &args).spawn().unwrap(), Duration::from_secs(240), "hytrain train");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "training failed:\n{stderr}");
     stderr
