@@ -1,7 +1,7 @@
 //! Credentials from the SDK's default chain that S3 rejects as expired are renewed through the chain, once per
 //! request. The chain is the real one, read from a profile whose `credential_process` hands out a new session token
 //! each time it runs; the server (s3s-fs) answers `ExpiredToken` when told to. The environment the chain reads is
-//! process-wide, so this binary holds one test.
+//! process-wide, so this binary holds one test. Reads and uploads share the renewal.
 
 mod support;
 
@@ -83,6 +83,23 @@ fn an_expired_token_is_renewed_through_the_credential_chain_and_the_request_retr
         "the chain was not asked for new credentials"
     );
 
+    // Uploads (checkpoints and models sent to S3) renew the same way.
+    server.faults.reset();
+    server.faults.inject("PutObject", Fault::ExpiredToken, 1);
+    source
+        .put("ckpt/meta.json", bytes::Bytes::from_static(b"{}"))
+        .unwrap();
+    assert_eq!(server.faults.count("PutObject"), 2);
+    assert_eq!(
+        runs(dir.path()),
+        3,
+        "the upload did not renew the credentials"
+    );
+    assert_eq!(
+        std::fs::read(root.path().join("bkt/ds/ckpt/meta.json")).unwrap(),
+        b"{}"
+    );
+
     // A token that S3 still calls expired after the renewal ends the read with what to check, after one renewal.
     server.faults.reset();
     server
@@ -90,7 +107,7 @@ fn an_expired_token_is_renewed_through_the_credential_chain_and_the_request_retr
         .inject("GetObject", Fault::ExpiredToken, usize::MAX);
     let err = source.read("a.tar").unwrap_err();
     assert_eq!(server.faults.count("GetObject"), 2, "{err}");
-    assert_eq!(runs(dir.path()), 3);
+    assert_eq!(runs(dir.path()), 4);
     let Error::AccessDenied {
         ref code,
         ref message,

@@ -50,6 +50,10 @@ pub enum Fault {
     Hold,
     /// `400 ExpiredToken`, S3's answer to a request signed with a session token past its expiry.
     ExpiredToken,
+    /// The request's body with one byte changed, passed on to the real service: an upload damaged in transit.
+    Corrupt,
+    /// `404 NoSuchUpload`, S3's answer about a multipart upload it does not know (completed or aborted).
+    NoSuchUpload,
 }
 
 /// Request counts by operation, and the faults still to inject.
@@ -65,7 +69,8 @@ pub struct Faults {
 }
 
 impl Faults {
-    /// Answers the next `times` requests of `op` (`ListObjectsV2`, `GetObject`, `HeadObject`) with `fault`;
+    /// Answers the next `times` requests of `op` (`ListObjectsV2`, `GetObject`, `HeadObject`, `PutObject`,
+    /// `CreateMultipartUpload`, `UploadPart`, `CompleteMultipartUpload`, `DeleteObjects`, ...) with `fault`;
     /// `usize::MAX` for every one.
     pub fn inject(&self, op: &'static str, fault: Fault, times: usize) {
         self.plan.lock().unwrap().push((op, fault, times));
@@ -93,7 +98,11 @@ impl Faults {
     /// The most requests of `op` that were being answered at once since the start or the last reset: arrived, and
     /// the last byte of the answer's body not yet produced.
     pub fn most_outstanding(&self, op: &str) -> usize {
-        self.outstanding.lock().unwrap().get(op).map_or(0, |&(_, most)| most)
+        self.outstanding
+            .lock()
+            .unwrap()
+            .get(op)
+            .map_or(0, |&(_, most)| most)
     }
 
     /// Answers the requests [`Fault::Hold`] keeps waiting, and those it would hold from now on.
@@ -138,11 +147,22 @@ fn operation(req: &http::Request<hyper::body::Incoming>) -> &'static str {
         .split_once('/')
         .is_some_and(|(_, key)| !key.is_empty());
     let query = req.uri().query().unwrap_or("");
+    let has = |param: &str| {
+        query
+            .split('&')
+            .any(|p| p == param || p.starts_with(&format!("{param}=")))
+    };
     match *req.method() {
         http::Method::GET if query.contains("list-type=2") => "ListObjectsV2",
         http::Method::GET if has_key => "GetObject",
         http::Method::HEAD if has_key => "HeadObject",
+        http::Method::PUT if has("partNumber") => "UploadPart",
         http::Method::PUT => "PutObject",
+        http::Method::POST if has("uploads") => "CreateMultipartUpload",
+        http::Method::POST if has("uploadId") => "CompleteMultipartUpload",
+        http::Method::POST if has("delete") => "DeleteObjects",
+        http::Method::DELETE if has("uploadId") => "AbortMultipartUpload",
+        http::Method::DELETE => "DeleteObject",
         _ => "other",
     }
 }
@@ -279,16 +299,38 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for FaultServ
         let outstanding = Outstanding::start(self.faults.clone(), op);
         let (s3, faults) = (self.s3.clone(), self.faults.clone());
         let answer = async move {
+            let req = match fault {
+                // The request's body is read before the fault answers, as S3 does: an answer before the body is
+                // in makes the client see a broken connection instead of the answer.
+                Some(
+                    Fault::SlowDown | Fault::Internal | Fault::ExpiredToken | Fault::NoSuchUpload,
+                ) => {
+                    let (parts, body) = req.into_parts();
+                    let bytes = body.collect().await?.to_bytes();
+                    http::Request::from_parts(parts, s3s::Body::from(bytes))
+                }
+                Some(Fault::Corrupt) => {
+                    let (parts, body) = req.into_parts();
+                    let mut bytes = body.collect().await?.to_bytes().to_vec();
+                    let middle = bytes.len() / 2;
+                    if let Some(byte) = bytes.get_mut(middle) {
+                        *byte ^= 0x5a;
+                    }
+                    http::Request::from_parts(parts, s3s::Body::from(Bytes::from(bytes)))
+                }
+                _ => req.map(s3s::Body::from),
+            };
             let real = async move {
-                let response = hyper::service::Service::call(&s3, req)
+                let response = s3
+                    .call(req)
                     .await
-                    .map_err(BoxError::from)?;
+                    .map_err(|e| -> BoxError { format!("{e:?}").into() })?;
                 Ok::<_, BoxError>(
                     response.map(|body| body.map_err(|e| -> BoxError { e }).boxed_unsync()),
                 )
             };
             match fault {
-                None => real.await,
+                None | Some(Fault::Corrupt) => real.await,
                 Some(Fault::Hold) => {
                     faults.wait_until_open().await;
                     real.await
@@ -302,6 +344,11 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for FaultServ
                     503,
                     "SlowDown",
                     "Please reduce your request rate.",
+                )),
+                Some(Fault::NoSuchUpload) => Ok(xml_error(
+                    404,
+                    "NoSuchUpload",
+                    "The specified upload does not exist.",
                 )),
                 Some(Fault::Internal) => Ok(xml_error(
                     500,
@@ -322,7 +369,10 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for FaultServ
                     let (mut parts, body) = real.await?.into_parts();
                     let bytes = body.collect().await?.to_bytes();
                     parts.headers.remove(http::header::CONTENT_LENGTH);
-                    Ok(http::Response::from_parts(parts, EndlessBody(bytes).boxed_unsync()))
+                    Ok(http::Response::from_parts(
+                        parts,
+                        EndlessBody(bytes).boxed_unsync(),
+                    ))
                 }
                 Some(Fault::Short) => {
                     let (mut parts, body) = real.await?.into_parts();
@@ -451,6 +501,18 @@ impl LocalS3 {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, bytes).unwrap();
     }
+
+    /// The multipart uploads begun and neither completed nor aborted (s3s-fs keeps each as a `.upload-<id>.json`
+    /// in the root, beside its parts).
+    pub fn incomplete_uploads(&self) -> Vec<String> {
+        let mut found: Vec<String> = std::fs::read_dir(&self.root)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(".upload-"))
+            .collect();
+        found.sort();
+        found
+    }
 }
 
 impl Drop for LocalS3 {
@@ -478,5 +540,10 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 pub fn mkfifo(path: &Path) {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {}",
+        path.display()
+    );
 }

@@ -28,6 +28,7 @@ use crate::Error;
 
 mod client;
 mod prefetch;
+mod write;
 
 use client::{build_client, Renewable};
 pub use client::{S3Credentials, S3Options, S3RetryPolicy};
@@ -383,7 +384,10 @@ impl Inner {
                         | "ServiceUnavailable"
                         | "Throttling"
                         | "ThrottlingException"
-                        | "RequestLimitExceeded",
+                        | "RequestLimitExceeded"
+                        // An upload's body arrived other than it was sent (its checksum does not match).
+                        | "BadDigest"
+                        | "XAmzContentSHA256Mismatch",
                     ) => Failure::Retry(said),
                     _ => fatal(said),
                 }
@@ -413,51 +417,12 @@ impl Inner {
     }
 
     async fn list(self: Arc<Self>) -> Result<Vec<Object>, Error> {
-        let me: &Inner = &self;
         let dir_base = if self.prefix.is_empty() || self.prefix.ends_with('/') {
             self.prefix.clone()
         } else {
             format!("{}/", self.prefix)
         };
-        let mut objects = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .retry("ListObjectsV2", &self.location, || {
-                    // Never send a delimiter, not even an empty one: s3s-fs treats `delimiter=` as real.
-                    let request = me
-                        .client
-                        .list_objects_v2()
-                        .bucket(&me.bucket)
-                        .prefix(&dir_base)
-                        .set_continuation_token(token.clone())
-                        .set_max_keys(me.opts.list_page_size);
-                    async move {
-                        request
-                            .send()
-                            .await
-                            .map_err(|e| me.classify("ListObjectsV2", &me.location, e))
-                    }
-                })
-                .await?;
-            for object in page.contents() {
-                let Some(key) = object.key() else { continue };
-                let name = key.strip_prefix(dir_base.as_str()).unwrap_or(key);
-                // Zero-byte "folder" markers made by consoles are not data.
-                if name.is_empty() || name.ends_with('/') {
-                    continue;
-                }
-                let size = u64::try_from(object.size().unwrap_or(0)).unwrap_or(0);
-                objects.push(Object {
-                    name: name.to_owned(),
-                    size,
-                });
-            }
-            token = page.next_continuation_token().map(str::to_owned);
-            if !page.is_truncated().unwrap_or(false) || token.is_none() {
-                break;
-            }
-        }
+        let mut objects = self.list_below(&dir_base).await?;
         let mut base = dir_base;
         if objects.is_empty() && !self.prefix.is_empty() && !self.prefix.ends_with('/') {
             // s3://bucket/data/train.tar: the prefix may name one object.
@@ -484,6 +449,50 @@ impl Inner {
         let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
         sizes.clear();
         sizes.extend(objects.iter().map(|o| (o.name.clone(), o.size)));
+        Ok(objects)
+    }
+
+    /// Every object whose key starts with `dir_base`, named by the rest of its key; none is not an error.
+    async fn list_below(&self, dir_base: &str) -> Result<Vec<Object>, Error> {
+        let mut objects = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .retry("ListObjectsV2", &self.location, || {
+                    // Never send a delimiter, not even an empty one: s3s-fs treats `delimiter=` as real.
+                    let request = self
+                        .client
+                        .list_objects_v2()
+                        .bucket(&self.bucket)
+                        .prefix(dir_base)
+                        .set_continuation_token(token.clone())
+                        .set_max_keys(self.opts.list_page_size);
+                    async move {
+                        request
+                            .send()
+                            .await
+                            .map_err(|e| self.classify("ListObjectsV2", &self.location, e))
+                    }
+                })
+                .await?;
+            for object in page.contents() {
+                let Some(key) = object.key() else { continue };
+                let name = key.strip_prefix(dir_base).unwrap_or(key);
+                // Zero-byte "folder" markers made by consoles are not data.
+                if name.is_empty() || name.ends_with('/') {
+                    continue;
+                }
+                let size = u64::try_from(object.size().unwrap_or(0)).unwrap_or(0);
+                objects.push(Object {
+                    name: name.to_owned(),
+                    size,
+                });
+            }
+            token = page.next_continuation_token().map(str::to_owned);
+            if !page.is_truncated().unwrap_or(false) || token.is_none() {
+                break;
+            }
+        }
         Ok(objects)
     }
 
