@@ -124,6 +124,16 @@ pub enum TrainError {
         /// Which earlier checkpoint a restart resumes from, or that there is none.
         previous: String,
     },
+    /// Checkpoints or the model could not be written to or read from S3 (after the client's retries).
+    #[error("{during}: {source}")]
+    Storage {
+        /// What hytrain was doing ("uploading checkpoint step 200").
+        during: String,
+        /// The S3 client's error, saying what S3 or the connection answered and what to check.
+        #[source]
+        source: hytrain_data::Error,
+    },
+
     /// A file system operation failed.
     #[error("cannot {action} {path}: {source}")]
     Io {

@@ -48,7 +48,9 @@ pub mod trainer;
 
 pub use batches::{Batch, BatchError, BatchSource, Batches, TensorBatches};
 pub use bucket::{assign_buckets, Bucket, MB};
-pub use checkpoint::{latest_valid, Checkpoint, CheckpointMeta, CheckpointStore, Resume, RngState, Skipped};
+pub use checkpoint::{
+    latest_valid, AsyncCheckpointer, Checkpoint, CheckpointMeta, CheckpointStore, Resume, RngState, Skipped,
+};
 pub use config::{layer, ConfigSources, Layered, OptimizerKind, Origin, TrainConfig};
 pub use ddp::{cross_entropy, BucketLayout, Ddp, DdpOptions, DdpStats, StepOutput};
 pub use error::{Result, TrainError};

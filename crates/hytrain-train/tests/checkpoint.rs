@@ -1,6 +1,9 @@
 //! Checkpoints: exact round trip, atomic writes, retention, and recovery from torn or corrupted newest ones.
 
+mod checkpoint_remote;
 mod common;
+#[path = "../../hytrain-data/tests/support/mod.rs"]
+mod support;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

@@ -502,6 +502,22 @@ impl LocalS3 {
         std::fs::write(path, bytes).unwrap();
     }
 
+    /// Changes the stored bytes of `bucket/key` with `damage`, as a store that keeps no checksum of its own (or a
+    /// client that damaged the bytes before checksumming them) would serve them: the server's stored checksums are
+    /// dropped (all of them), so it serves the damaged bytes as they are.
+    pub fn damage(&self, bucket: &str, key: &str, damage: impl FnOnce(&mut Vec<u8>)) {
+        let path = self.root.join(bucket).join(key);
+        let mut bytes = std::fs::read(&path).unwrap();
+        damage(&mut bytes);
+        std::fs::write(&path, bytes).unwrap();
+        for entry in std::fs::read_dir(&self.root).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".bucket-") && name.ends_with(".internal.json") {
+                std::fs::remove_file(entry.path()).unwrap();
+            }
+        }
+    }
+
     /// The multipart uploads begun and neither completed nor aborted (s3s-fs keeps each as a `.upload-<id>.json`
     /// in the root, beside its parts).
     pub fn incomplete_uploads(&self) -> Vec<String> {

@@ -67,7 +67,7 @@ impl Iterator for Prefetch<'_> {
             let inner = self.s3.inner.clone();
             let task_name = name.clone();
             let task = self.s3.handle.spawn(async move {
-                let _ = tx.send(inner.read(task_name, None).await);
+                let _ = tx.send(inner.read(task_name, None, true).await);
             });
             self.in_flight.push_back((name, rx, task.abort_handle()));
         }

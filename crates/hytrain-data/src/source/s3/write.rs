@@ -42,6 +42,12 @@ impl S3 {
         self.run(self.inner.clone().delete(names.to_vec()))
     }
 
+    /// The whole object `name` below the prefix, of any size (a checkpoint's optimizer state can pass the limit
+    /// [`super::super::MAX_OBJECT_BYTES`] that reads of dataset shards keep), as parallel ranged GETs.
+    pub fn read_whole(&self, name: &str) -> Result<Vec<u8>, Error> {
+        self.run(self.inner.clone().read(name.to_owned(), None, false))
+    }
+
     /// Every object below the prefix, named as [`super::Source::list`] names them, in key order; an empty prefix
     /// has none (where `list` calls that an error, a dataset being expected there).
     pub fn list_all(&self) -> Result<Vec<Object>, Error> {
@@ -106,10 +112,7 @@ impl Inner {
             .upload_parts(&key, &upload_id, body.clone(), part)
             .await
         {
-            Ok(parts) => {
-                self.complete(&key, &upload_id, parts, body.len() as u64)
-                    .await
-            }
+            Ok(parts) => self.complete(&key, &upload_id, parts).await,
             Err(e) => Err(e),
         };
         if uploaded.is_err() {
@@ -190,7 +193,6 @@ impl Inner {
         key: &str,
         upload_id: &str,
         parts: Vec<CompletedPart>,
-        len: u64,
     ) -> Result<(), Error> {
         let location = self.object_location(key);
         let expected = multipart_e_tag(&parts);

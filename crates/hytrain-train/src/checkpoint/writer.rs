@@ -1,0 +1,156 @@
+//! Checkpoints written in the background: at the step boundary the state is copied to host memory and training
+//! goes on while a thread encodes, checksums and writes (or uploads) the copy.
+//!
+//! The copy is the only cost to the step loop: host tensors are copied in memory; device tensors are copied into
+//! pinned host memory without blocking, with one synchronisation per device after all copies are queued. At most
+//! one write is in flight: a checkpoint due while the previous is still being written waits for it, and says how
+//! long. A write's error comes back at the next checkpoint or at [`AsyncCheckpointer::finish`], and ends the job as
+//! a synchronous write's would; the previous checkpoint stays the one a restart resumes from.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tch::{Device, Tensor};
+
+use super::{encode, Checkpoint, CheckpointStore};
+use crate::{Result, TrainError};
+
+/// Writes checkpoints of one store in the background, one at a time.
+#[derive(Debug)]
+pub struct AsyncCheckpointer {
+    store: Arc<CheckpointStore>,
+    in_flight: Option<InFlight>,
+    last: Option<PathBuf>,
+    held_secs: f64,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    step: u64,
+    started: Instant,
+    writer: JoinHandle<Result<PathBuf>>,
+}
+
+impl InFlight {
+    fn join(self) -> Result<PathBuf> {
+        self.writer.join().unwrap_or_else(|_| {
+            Err(TrainError::Checkpoint {
+                path: PathBuf::new(),
+                detail: format!("the writer of checkpoint step {} panicked; this is a bug in hytrain", self.step),
+            })
+        })
+    }
+}
+
+/// Host copies of `tensors`, taken now. Device tensors are copied asynchronously into pinned memory and waited
+/// for once per device, not once per tensor.
+fn snapshot(tensors: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
+    let copy = |t: &Tensor| -> std::result::Result<Tensor, tch::TchError> {
+        let on_device = t.device() != Device::Cpu;
+        // copy=true: a host tensor is copied too, since training changes it in place from the next step.
+        t.f_detach()?.f_to_device_(Device::Cpu, t.kind(), on_device, true)
+    };
+    let mut devices = Vec::new();
+    let mut host = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        if let Device::Cuda(index) = t.device() {
+            if !devices.contains(&index) {
+                devices.push(index);
+            }
+        }
+        host.push((name.clone(), copy(t).map_err(|e| TrainError::torch(format!("copying {name} to host memory"), e))?));
+    }
+    for index in devices {
+        tch::Cuda::synchronize(index as i64);
+    }
+    Ok(host)
+}
+
+impl AsyncCheckpointer {
+    /// Writes into `store` in the background.
+    pub fn new(store: CheckpointStore) -> Self {
+        AsyncCheckpointer { store: Arc::new(store), in_flight: None, last: None, held_secs: 0.0 }
+    }
+
+    /// The store written to.
+    pub fn store(&self) -> &CheckpointStore {
+        &self.store
+    }
+
+    /// Where checkpoints go (a folder or an `s3://` URL).
+    pub fn location(&self) -> &Path {
+        self.store.dir()
+    }
+
+    /// Copies `ckpt` to host memory now and writes it in the background. Waits first for the previous write, if
+    /// still running (at most one in flight), and returns its error if it failed.
+    pub fn save(&mut self, ckpt: &Checkpoint) -> Result<()> {
+        let held = Instant::now();
+        if let Some(previous) = self.in_flight.take() {
+            let done = previous.writer.is_finished();
+            let (step, started) = (previous.step, previous.started);
+            self.last = Some(previous.join()?);
+            if !done {
+                tracing::warn!(
+                    previous = step,
+                    step = ckpt.meta.step,
+                    waited_secs = format!("{:.2}", held.elapsed().as_secs_f64()),
+                    write_secs = format!("{:.2}", started.elapsed().as_secs_f64()),
+                    "the previous checkpoint was still being written, so training waited for it; checkpoints \
+                     come faster than they are written: raise --checkpoint-every"
+                );
+            }
+        }
+        let copy = Checkpoint {
+            model: snapshot(&ckpt.model)?,
+            optimizer: snapshot(&ckpt.optimizer)?,
+            meta: ckpt.meta.clone(),
+        };
+        let store = self.store.clone();
+        let step = ckpt.meta.step;
+        let writer = std::thread::Builder::new()
+            .name("hytrain-checkpoint".into())
+            .spawn(move || store.write(encode(&copy)?))
+            .map_err(|e| TrainError::io("start the checkpoint writer for", self.store.dir(), e))?;
+        self.in_flight = Some(InFlight { step, started: Instant::now(), writer });
+        self.held_secs += held.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Waits for the write in flight, if any; returns the newest checkpoint this checkpointer wrote.
+    pub fn finish(&mut self) -> Result<Option<PathBuf>> {
+        if let Some(in_flight) = self.in_flight.take() {
+            let held = Instant::now();
+            self.last = Some(in_flight.join()?);
+            self.held_secs += held.elapsed().as_secs_f64();
+        }
+        Ok(self.last.clone())
+    }
+
+    /// Whether a write is in flight.
+    pub fn writing(&self) -> Option<u64> {
+        self.in_flight.as_ref().map(|w| w.step)
+    }
+
+    /// Seconds the caller was held by [`AsyncCheckpointer::save`] and [`AsyncCheckpointer::finish`]: host copies
+    /// and waits for writes.
+    pub fn held_secs(&self) -> f64 {
+        self.held_secs
+    }
+}
+
+impl Drop for AsyncCheckpointer {
+    /// A write in flight when the run fails is finished, not cut off: it may be the checkpoint a restart needs.
+    fn drop(&mut self) {
+        if let Some(in_flight) = self.in_flight.take() {
+            let step = in_flight.step;
+            tracing::info!(step, "waiting for the checkpoint being written before exiting");
+            match in_flight.join() {
+                Ok(path) => tracing::info!(step, path = %path.display(), "checkpoint written"),
+                Err(e) => tracing::error!(step, error = %e, "the checkpoint being written failed"),
+            }
+        }
+    }
+}
