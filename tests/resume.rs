@@ -1,13 +1,18 @@
 //! Resuming a checkpoint with real `hytrain train` processes on the digits: a job whose shape (world size, batch
 //! size, `--grad-accum`) differs from the checkpoint's continues exactly where the sample position maps, starts the
 //! next epoch where the checkpoint ends one, and is refused mid-epoch otherwise unless `--restart-epoch-on-change`
-//! says to start the epoch over; libtorch's generator (dropout) continues as in an uninterrupted run.
+//! says to start the epoch over; libtorch's generator (dropout) continues as in an uninterrupted run; a job that
+//! checkpoints to S3 (a real S3 server) and is killed resumes from S3.
 
 mod common;
 mod jobs;
+#[path = "../crates/hytrain-data/tests/support/mod.rs"]
+mod support;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use jobs::{assert_ok, digits, finish, launch_train, stderr, stdout, test_python};
 use tch::Tensor;
@@ -188,4 +193,79 @@ fn a_checkpoint_whose_generator_state_does_not_load_is_refused_saying_what_to_do
         line.contains("ckpt-4") && line.contains("libtorch's random generator") && line.contains("--no-resume"),
         "{line}"
     );
+}
+
+/// A job with `--checkpoint-dir` and `--model-dir` on S3 (the local S3 server) is killed with SIGKILL in the middle
+/// of uploading a checkpoint, restarted with the same command, resumes from the last complete checkpoint in S3, and
+/// ends with the weights of an uninterrupted run.
+#[test]
+fn a_job_checkpointing_to_s3_killed_and_restarted_resumes_from_s3_and_ends_as_an_uninterrupted_run() {
+    let root = tempfile::tempdir().unwrap();
+    let server = support::LocalS3::start(root.path());
+    std::fs::create_dir_all(root.path().join("bkt")).unwrap();
+    let endpoint = server.endpoint();
+    let flags = ["--epochs", "12", "--checkpoint-every", "7"];
+    let s3_job = |dir: &Path| {
+        let mut args = flags.to_vec();
+        args.extend([
+            "--checkpoint-dir",
+            "s3://bkt/run/ckpt",
+            "--model-dir",
+            "s3://bkt/run/model",
+            "--s3-endpoint",
+            &endpoint,
+        ]);
+        let mut c = job(dir, 2, &args);
+        c.env("AWS_ACCESS_KEY_ID", support::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", support::SECRET_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        c
+    };
+    let clean = tempfile::tempdir().unwrap();
+    assert_ok(&finish(job(clean.path(), 2, &flags), "clean run"));
+
+    let killed = tempfile::tempdir().unwrap();
+    let store = hytrain::train::CheckpointStore::s3("s3://bkt/run/ckpt", &server.options(), 1).unwrap();
+    let mut first = s3_job(killed.path());
+    first.process_group(0);
+    let mut child = first.spawn().unwrap();
+    let started = Instant::now();
+    let complete = loop {
+        if let Ok(Some(found)) = store.latest_valid() {
+            if found.checkpoint.meta.step >= 14 {
+                break found.checkpoint.meta.step;
+            }
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(started.elapsed() < Duration::from_secs(240), "no checkpoint in S3 after 240 s");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The next checkpoint's upload is held unanswered, and the job killed in the middle of it.
+    let uploads = server.faults.count("PutObject");
+    server.faults.inject("PutObject", support::Fault::Hold, usize::MAX);
+    let arrived = server.faults.wait_for("PutObject", uploads + 1, Duration::from_secs(240));
+    assert!(arrived > uploads, "no upload of a later checkpoint began");
+    // SAFETY: kill(2) on the process group of the launcher we spawned; its workers die with it (PDEATHSIG).
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    assert!(!child.wait().unwrap().success());
+    server.faults.reset();
+    server.faults.open_held();
+    let newest = store.latest_valid().unwrap().unwrap().checkpoint.meta.step;
+    assert!(newest >= complete, "the checkpoint complete before the kill is no longer found");
+    let model = root.path().join("bkt/run/model");
+    assert!(!model.join("model.safetensors").exists(), "the killed run finished before the kill; make it longer");
+    assert!(!killed.path().join("s3:").exists() && !killed.path().join("hytrain-out/checkpoints").exists());
+
+    let out = finish(s3_job(killed.path()), "restart");
+    assert_ok(&out);
+    let log = stderr(&out);
+    assert!(log.contains("resuming from checkpoint") && log.contains("s3://bkt/run/ckpt/ckpt-"), "{log}");
+    assert!(model.join("metadata.json").exists(), "the model's metadata was not uploaded last");
+    let (a, b) = (weights(clean.path()), jobs::weights(&model));
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let diff = (x - y).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "{name} differs by {diff} after kill and resume from S3");
+    }
 }

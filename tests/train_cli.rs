@@ -286,14 +286,17 @@ fn bad_values_and_missing_data_are_clear_errors() {
     let e = run(&job("mpi"), &[]);
     let why = if cfg!(feature = "mpi") { "started by mpirun" } else { "--features mpi" };
     assert!(e.contains("--backend mpi") && e.contains(why), "{e}");
-    // Folders hytrain writes are folders: an s3:// URL must not become a local folder named `s3:`.
+    // Places hytrain writes are folders or S3: another URL must not become a local folder named `gs:`, and
+    // metrics.jsonl is appended to a local file.
     for (flag, var) in [("--checkpoint-dir", "HYTRAIN_CHECKPOINT_DIR"), ("--model-dir", "HYTRAIN_MODEL_DIR")] {
-        let e = run(&["train", "--data", data, "--model", "mlp", "--max-steps", "1", flag, "s3://bucket/run1"], &[]);
-        assert!(e.contains(&format!("{flag} s3://bucket/run1")) && e.contains("cannot write to S3"), "{e}");
-        let e = run(&["train", "--data", data, "--model", "mlp", "--max-steps", "1"], &[(var, "s3://bucket/run1".into())]);
-        assert!(e.contains("s3://bucket/run1") && e.contains("cannot write to S3"), "{e}");
+        let e = run(&["train", "--data", data, "--model", "mlp", "--max-steps", "1", flag, "gs://bucket/run1"], &[]);
+        assert!(e.contains(&format!("{flag} gs://bucket/run1")) && e.contains("not gs://"), "{e}");
+        let e = run(&["train", "--data", data, "--model", "mlp", "--max-steps", "1"], &[(var, "s3:///run1".into())]);
+        assert!(e.contains("s3:///run1") && e.contains("no bucket"), "{e}");
     }
-    assert!(!dir.path().join("s3:").exists(), "a folder named s3: was written");
+    let e = run(&["train", "--data", data, "--model", "mlp", "--max-steps", "1", "--output-dir", "s3://bucket/out"], &[]);
+    assert!(e.contains("--output-dir s3://bucket/out") && e.contains("metrics.jsonl"), "{e}");
+    assert!(!dir.path().join("gs:").exists() && !dir.path().join("s3:").exists(), "a folder named for a URL was written");
 }
 
 #[test]

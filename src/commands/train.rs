@@ -273,9 +273,9 @@ impl Job {
             max_samples: count("max_samples", &flags.max_samples)?,
             skip_bad_samples: switch("skip_bad_samples", &flags.skip_bad_samples)?,
             workers: count("workers", &flags.workers)?,
-            model_dir: local_folder("model-dir", none_is_off(path("model_dir", &flags.model_dir)))?,
-            checkpoint_dir: local_folder("checkpoint-dir", path("checkpoint_dir", &flags.checkpoint_dir))?,
-            output_dir: local_folder("output-dir", none_is_off(path("output_dir", &flags.output_dir)))?,
+            model_dir: location("model-dir", none_is_off(path("model_dir", &flags.model_dir)), true)?,
+            checkpoint_dir: location("checkpoint-dir", path("checkpoint_dir", &flags.checkpoint_dir), true)?,
+            output_dir: location("output-dir", none_is_off(path("output_dir", &flags.output_dir)), false)?,
             s3_endpoint: text("s3_endpoint", &flags.s3_endpoint),
             s3_region: text("s3_region", &flags.s3_region),
             device: match pick("device", &flags.device) {
@@ -297,21 +297,23 @@ impl Job {
     }
 }
 
-/// Refuses a URL where hytrain writes a folder: `s3://bucket/prefix` would otherwise become a local folder named
-/// `s3:` and the job would "succeed" with nothing in S3.
-fn local_folder(flag: &str, path: Option<PathBuf>) -> anyhow::Result<Option<PathBuf>> {
-    let Some((scheme, _)) = path.as_ref().and_then(|p| p.to_str()).and_then(|p| p.split_once("://")) else {
+/// Checks a place hytrain writes to: a folder, or with `s3_ok` an `s3://bucket/prefix` URL. Any other URL is refused
+/// rather than becoming a local folder named `gs:` while the job "succeeds" with nothing where the user looks.
+fn location(flag: &str, path: Option<PathBuf>, s3_ok: bool) -> anyhow::Result<Option<PathBuf>> {
+    let Some((scheme, rest)) = path.as_ref().and_then(|p| p.to_str()).and_then(|p| p.split_once("://")) else {
         return Ok(path);
     };
     let value = path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-    if scheme == "s3" {
-        bail!(
-            "--{flag} {value}: hytrain cannot write to S3 yet; give a folder: a local disk, an EFS or FSx mount, or \
-             on SageMaker its checkpoint folder (/opt/ml/checkpoints, which SageMaker copies to the job's \
-             CheckpointConfig S3 URI) and model folder (uploaded to S3 when the job ends)"
-        );
+    match scheme {
+        "s3" if s3_ok && rest.split('/').next().is_some_and(|bucket| !bucket.is_empty()) => Ok(path),
+        "s3" if s3_ok => bail!("--{flag} {value}: no bucket; expected s3://bucket/prefix"),
+        "s3" => bail!(
+            "--{flag} {value}: hytrain appends metrics.jsonl to a local file, not to S3; give a folder (on \
+             SageMaker /opt/ml/output/data, which SageMaker uploads when the job ends)"
+        ),
+        _ if s3_ok => bail!("--{flag} {value}: hytrain writes to folders and s3:// URLs, not {scheme}://"),
+        _ => bail!("--{flag} {value}: hytrain writes folders, not {scheme}:// URLs; give a local or mounted folder"),
     }
-    bail!("--{flag} {value}: hytrain writes folders, not {scheme}:// URLs; give a local or mounted folder")
 }
 
 /// The layered configuration of this job: `HYTRAIN_*` and `SM_HP_*` from `env`, hyperparameters from the plan,
@@ -818,8 +820,9 @@ pub fn run(
             .output_dir
             .clone()
             .or_else(|| Some(plan.paths.output_data_dir.clone())),
+        s3: options.s3.clone(),
     };
-    let summary = Trainer::new().run(
+    let mut summary = Trainer::new().run(
         &mut ddp,
         optimizer.as_mut(),
         &schedule,
@@ -840,6 +843,13 @@ pub fn run(
             // Inputs that are tensors, not images, of a channel count no normalization covers: nothing to repeat.
             Err(e) => tracing::warn!("no data transforms recorded in metadata.json: {e}"),
         }
+    }
+    let model_url = paths.model_dir.as_ref().and_then(|d| d.to_str()).filter(|d| d.starts_with("s3://"));
+    if let (Some(url), Some(local)) = (model_url, summary.exported_to.clone()) {
+        crate::train::export::upload(&local, url, &paths.s3)
+            .with_context(|| format!("cannot upload the model to {url}"))?;
+        let _ = std::fs::remove_dir_all(&local);
+        summary.exported_to = Some(PathBuf::from(url));
     }
     Ok(summary)
 }

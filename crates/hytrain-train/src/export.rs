@@ -148,6 +148,48 @@ pub fn record_extra(model_dir: &Path, key: &str, value: serde_json::Value) -> Re
     commit(&tmp, &path)
 }
 
+/// Uploads the model folder `local` that [`export`] wrote to `url` (`s3://bucket/prefix`), keeping its layout;
+/// `metadata.json` goes last, so a reader that finds it finds the whole model. Files are read one at a time; each
+/// is a multipart upload with parallel parts when large. Only global rank 0 should call it.
+pub fn upload(local: &Path, url: &str, options: &hytrain_data::source::S3Options) -> Result<()> {
+    let storage = |during: String| move |source| TrainError::Storage { during, source };
+    let s3 = hytrain_data::source::S3::new(url.trim_end_matches('/'), options)
+        .map_err(storage(format!("opening the model location {url}")))?;
+    let mut files = Vec::new();
+    let mut folders = vec![local.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in fs::read_dir(&folder).map_err(io("list", &folder))? {
+            let path = entry.map_err(io("list", &folder))?.path();
+            let name = path.strip_prefix(local).unwrap_or(&path).to_string_lossy().into_owned();
+            if name.split('/').any(|part| part.starts_with('.')) {
+                continue;
+            }
+            if path.is_dir() {
+                folders.push(path);
+            } else {
+                files.push((name, path));
+            }
+        }
+    }
+    // metadata.json last; the rest in a stable order.
+    files.sort_by_key(|(name, _)| (name == "metadata.json", name.clone()));
+    let started = std::time::Instant::now();
+    let mut bytes_sent = 0u64;
+    for (name, path) in &files {
+        let bytes = fs::read(path).map_err(io("read", path))?;
+        bytes_sent += bytes.len() as u64;
+        s3.put(name, bytes.into()).map_err(storage(format!("uploading {name} of the model to {url}")))?;
+    }
+    tracing::info!(
+        url,
+        files = files.len(),
+        bytes = bytes_sent,
+        secs = format!("{:.2}", started.elapsed().as_secs_f64()),
+        "model uploaded"
+    );
+    Ok(())
+}
+
 /// Makes `tmp` (written beside) `dest`: fsynced, renamed, the folder fsynced.
 pub(crate) fn commit(tmp: &Path, dest: &Path) -> Result<()> {
     File::open(tmp).and_then(|f| f.sync_all()).map_err(io("fsync", tmp))?;

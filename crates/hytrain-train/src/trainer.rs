@@ -10,7 +10,7 @@ use std::time::Instant;
 use tch::{Kind, Reduction, Tensor};
 
 use crate::batches::{Batch, BatchError, BatchSource};
-use crate::checkpoint::{latest_valid, Checkpoint, CheckpointMeta, CheckpointStore, RngState};
+use crate::checkpoint::{AsyncCheckpointer, Checkpoint, CheckpointMeta, CheckpointStore, RngState};
 use crate::config::TrainConfig;
 use crate::model;
 use crate::optim::Optimizer;
@@ -22,12 +22,17 @@ use crate::{Ddp, ReduceOp, Result, TrainError};
 /// Where a run reads and writes.
 #[derive(Debug, Clone, Default)]
 pub struct RunPaths {
-    /// Checkpoints go here and a run resumes from here (`None`: no checkpoints).
+    /// Checkpoints go here and a run resumes from here: a folder or an `s3://bucket/prefix` URL (`None`: no
+    /// checkpoints).
     pub checkpoint_dir: Option<PathBuf>,
-    /// The trained model is exported here by rank 0 (`None`: no export).
+    /// The trained model is exported here by rank 0 (`None`: no export). For an `s3://` URL the model is exported
+    /// into a local folder, reported as [`Summary::exported_to`], for the caller to upload
+    /// ([`crate::export::upload`]) once it has added what it records there.
     pub model_dir: Option<PathBuf>,
     /// `metrics.jsonl` goes here (`None`: no metrics file).
     pub output_dir: Option<PathBuf>,
+    /// How `s3://` checkpoint and model locations are reached (endpoint, region, credentials).
+    pub s3: hytrain_data::source::S3Options,
 }
 
 /// What a run did. Every rank gets the same numbers except the time split, which is this rank's.
@@ -65,7 +70,11 @@ pub struct Summary {
     pub resumed_from: Option<PathBuf>,
     /// The last checkpoint this run wrote (rank 0 only).
     pub last_checkpoint: Option<PathBuf>,
-    /// Where the model was exported (rank 0 only).
+    /// Seconds the step loop was held by checkpoints: host copies of the state, and waits for a previous
+    /// background write still running (rank 0 only; the other ranks never wait for a checkpoint).
+    pub checkpoint_secs: f64,
+    /// Where the model was exported (rank 0 only): the model folder, or for an `s3://` one the local folder to
+    /// upload from.
     pub exported_to: Option<PathBuf>,
     /// Optimizer steps of this run skipped because the fp16 gradients overflowed.
     pub skipped_steps: u64,
@@ -97,6 +106,15 @@ impl std::fmt::Display for Summary {
         writeln!(f, "data wait        {:>9.2} s  {:5.1}%", self.data_wait_secs, pct(self.data_wait_secs))?;
         writeln!(f, "compute          {:>9.2} s  {:5.1}%", self.compute_secs, pct(self.compute_secs))?;
         writeln!(f, "allreduce        {:>9.2} s  {:5.1}%", self.allreduce_secs, pct(self.allreduce_secs))?;
+        if let Some(path) = &self.last_checkpoint {
+            writeln!(
+                f,
+                "checkpoints      {:>9.2} s  {:5.1}%  (training held for host copies and waits; last {})",
+                self.checkpoint_secs,
+                pct(self.checkpoint_secs),
+                path.display()
+            )?;
+        }
         writeln!(
             f,
             "validation       loss {} accuracy {} on {} samples{}",
@@ -174,7 +192,7 @@ struct Run<'a> {
     optimizer: &'a mut dyn Optimizer,
     schedule: &'a Schedule,
     config: &'a TrainConfig,
-    store: Option<CheckpointStore>,
+    checkpoints: Option<AsyncCheckpointer>,
     jsonl: Option<(PathBuf, File)>,
     out: &'a mut (dyn Write + Send),
     batches_per_epoch: u64,
@@ -247,8 +265,8 @@ impl Trainer {
             ));
         }
         let total = config.total_steps(steps_per_epoch);
-        let store = match (&paths.checkpoint_dir, rank) {
-            (Some(dir), 0) => Some(CheckpointStore::new(dir, config.keep)?),
+        let checkpoints = match (&paths.checkpoint_dir, rank) {
+            (Some(dir), 0) => Some(AsyncCheckpointer::new(CheckpointStore::at(dir, &paths.s3, config.keep)?)),
             _ => None,
         };
         let jsonl = match (&paths.output_dir, rank) {
@@ -276,7 +294,7 @@ impl Trainer {
             optimizer,
             schedule,
             config,
-            store,
+            checkpoints,
             jsonl,
             out: self.out.as_mut(),
             batches_per_epoch: steps_per_epoch * accum,
@@ -314,7 +332,6 @@ impl Trainer {
         let mut train_loss = None;
         let (mut val, mut val_at) = (None::<Eval>, None::<u64>);
         let mut last_saved = resumed_from.as_ref().map(|_| step);
-        let mut last_checkpoint = None;
         let mut input: Option<(Vec<i64>, Kind)> = None;
         let mut stopped = false;
         // The epoch the last evaluation belongs to when the run ends mid-epoch or right after one.
@@ -391,7 +408,7 @@ impl Trainer {
                         train_loss = Some(loss);
                     }
                     if config.checkpoint_every.is_some_and(|k| step % k == 0) {
-                        last_checkpoint = run.save(step, epoch, consumed)?.or(last_checkpoint);
+                        run.save(step, epoch, consumed)?;
                         last_saved = Some(step);
                     }
                 }
@@ -407,7 +424,7 @@ impl Trainer {
             // A stop right after a resume or a checkpoint has nothing new to save: the checkpoint of this step
             // holds exactly this state, and writing it again would only replace it.
             if last_saved != Some(step) {
-                last_checkpoint = run.save(step, epoch, consumed)?.or(last_checkpoint);
+                run.save(step, epoch, consumed)?;
                 last_saved = Some(step);
             } else if stopped {
                 tracing::info!(rank, step, "stopping: step {step} is already checkpointed");
@@ -420,6 +437,7 @@ impl Trainer {
             }
         }
         bar.finish_and_clear();
+        let (last_checkpoint, checkpoint_secs) = run.finish_checkpoints(stopped)?;
 
         if window.count > 0 {
             train_loss = Some(run.reduce_window(&mut window)?.0);
@@ -451,6 +469,7 @@ impl Trainer {
             stopped,
             resumed_from,
             last_checkpoint,
+            checkpoint_secs,
             exported_to: None,
             skipped_steps: run.skipped_steps,
             loss_scale: run.ddp.grad_scaler().map(GradScaler::scale),
@@ -467,8 +486,13 @@ impl Trainer {
                     .map_err(|e| TrainError::torch("running the model once to learn its class count", e))?;
                 let classes = logits.size().last().copied().unwrap_or(0);
                 let extra = serde_json::json!({ "summary": &summary, "config": config });
-                crate::export(net, dir, classes, &shape, extra)?;
-                summary.exported_to = Some(dir.clone());
+                // An S3 model location gets the model through a local folder, uploaded by the caller.
+                let local = match dir.to_str().filter(|d| d.starts_with("s3://")) {
+                    Some(_) => std::env::temp_dir().join(format!("hytrain-model-{}", std::process::id())),
+                    None => dir.clone(),
+                };
+                crate::export(net, &local, classes, &shape, extra)?;
+                summary.exported_to = Some(local);
             }
         }
         tracing::info!(rank, steps = summary.steps, stopped, "training finished");
@@ -548,20 +572,18 @@ impl Run<'_> {
         let mut header = ResumeHeader { error: None, path: None, meta: None, optimizer: Vec::new() };
         let mut optimizer_state = Vec::new();
         if rank == 0 && !self.config.no_resume {
-            if let Some(dir) = &paths.checkpoint_dir {
-                match self.load_latest(dir) {
-                    Ok(Some((path, meta, state))) => {
-                        header.optimizer = state
-                            .iter()
-                            .map(|(n, t): &(String, Tensor)| (n.clone(), t.size(), format!("{:?}", t.kind())))
-                            .collect();
-                        header.path = Some(path);
-                        header.meta = Some(meta);
-                        optimizer_state = state;
-                    }
-                    Ok(None) => {}
-                    Err(e) => header.error = Some(e.to_string()),
+            match self.load_latest() {
+                Ok(Some((path, meta, state))) => {
+                    header.optimizer = state
+                        .iter()
+                        .map(|(n, t): &(String, Tensor)| (n.clone(), t.size(), format!("{:?}", t.kind())))
+                        .collect();
+                    header.path = Some(path);
+                    header.meta = Some(meta);
+                    optimizer_state = state;
                 }
+                Ok(None) => {}
+                Err(e) => header.error = Some(e.to_string()),
             }
         }
         if self.ddp.world_size() > 1 {
@@ -635,11 +657,11 @@ impl Run<'_> {
 
     /// Rank 0: the newest valid checkpoint loaded into the model and optimizer.
     #[allow(clippy::type_complexity)]
-    fn load_latest(
-        &mut self,
-        dir: &std::path::Path,
-    ) -> Result<Option<(PathBuf, CheckpointMeta, Vec<(String, Tensor)>)>> {
-        let Some(resume) = latest_valid(dir)? else {
+    fn load_latest(&mut self) -> Result<Option<(PathBuf, CheckpointMeta, Vec<(String, Tensor)>)>> {
+        let Some(checkpoints) = &self.checkpoints else {
+            return Ok(None);
+        };
+        let Some(resume) = checkpoints.store().latest_valid()? else {
             return Ok(None);
         };
         let ckpt = resume.checkpoint;
@@ -648,17 +670,47 @@ impl Run<'_> {
         Ok(Some((resume.path, ckpt.meta, ckpt.optimizer)))
     }
 
-    /// Rank 0 writes a checkpoint at `step` with the data position; other ranks do nothing.
-    fn save(&mut self, step: u64, epoch: u64, consumed: u64) -> Result<Option<PathBuf>> {
-        let Some(store) = &self.store else {
-            return Ok(None);
+    /// Rank 0: waits for the checkpoint being written in the background, saying so when the run was asked to stop
+    /// (the platform's grace period is running); the last checkpoint written and the seconds checkpoints held the
+    /// step loop.
+    fn finish_checkpoints(&mut self, stopped: bool) -> Result<(Option<PathBuf>, f64)> {
+        let Some(checkpoints) = self.checkpoints.as_mut() else {
+            return Ok((None, 0.0));
+        };
+        if let (Some(step), true) = (checkpoints.writing(), stopped) {
+            tracing::warn!(
+                step,
+                location = %checkpoints.location().display(),
+                "stop requested: finishing the checkpoint write of step {step} before exiting (SageMaker allows 120 s \
+                 after a spot interruption notice, Kubernetes the pod's terminationGracePeriodSeconds)"
+            );
+        }
+        let waited = std::time::Instant::now();
+        let last = checkpoints.finish()?;
+        if stopped {
+            if let Some(path) = &last {
+                tracing::warn!(
+                    path = %path.display(),
+                    secs = format!("{:.2}", waited.elapsed().as_secs_f64()),
+                    "stop requested: the final checkpoint is complete; exiting"
+                );
+            }
+        }
+        Ok((last, checkpoints.held_secs()))
+    }
+
+    /// Rank 0 copies the state at `step`, with the data position, and writes it in the background; other ranks do
+    /// nothing.
+    fn save(&mut self, step: u64, epoch: u64, consumed: u64) -> Result<()> {
+        let Some(checkpoints) = self.checkpoints.as_mut() else {
+            return Ok(());
         };
         let mut position = serde_json::Map::new();
         position.insert("epoch".into(), epoch.into());
         position.insert("batches".into(), consumed.into());
         self.shape.record(&mut position);
         let generators = crate::rng::state(model::device_of(self.ddp.model())).map_err(|e| TrainError::Checkpoint {
-            path: store.dir().to_path_buf(),
+            path: checkpoints.location().to_path_buf(),
             detail: format!("cannot read libtorch's random generator state for step {step}: {e}"),
         })?;
         let ckpt = Checkpoint {
@@ -676,7 +728,7 @@ impl Run<'_> {
                 grad_scaler: self.ddp.grad_scaler().map(|s| s.state().clone()),
             },
         };
-        store.save(&ckpt).map(Some)
+        checkpoints.save(&ckpt)
     }
 
     /// Mean loss over ranks and steps of the window, and samples per second over all ranks; resets the window.

@@ -1,7 +1,10 @@
 //! The training loop end to end on real collectives over loopback: learning, evaluation counted once across
-//! ranks, metrics lines SageMaker can parse, and stop-and-resume landing on the weights of an unbroken run.
+//! ranks, metrics lines SageMaker can parse, stop-and-resume landing on the weights of an unbroken run, and
+//! checkpoints written to S3 in the background while every rank trains on.
 
 mod common;
+#[path = "../../hytrain-data/tests/support/mod.rs"]
+mod support;
 
 use std::io::Write;
 use std::path::Path;
@@ -153,6 +156,7 @@ fn paths(dir: &Path) -> RunPaths {
         checkpoint_dir: Some(dir.join("checkpoints")),
         model_dir: Some(dir.join("model")),
         output_dir: Some(dir.join("output")),
+        ..RunPaths::default()
     }
 }
 
@@ -534,4 +538,55 @@ fn a_checkpoint_of_another_model_fails_every_rank_with_rank_0s_reason() {
         assert!(e.contains("checkpoints") && e.contains("shape"), "{e}");
     }
     assert_eq!(errors[0], errors[1], "every rank reports rank 0's reason");
+}
+
+/// Rank 0's checkpoint of step 2 goes to S3 (the local S3 server), whose answers are held back: both ranks still
+/// train steps 3 and 4, exchanging gradients every step, so a checkpoint costs them only rank 0's host copy; rank 0
+/// then waits at step 4's checkpoint for step 2's write (one in flight). A new run resumes from S3.
+#[test]
+fn ranks_train_on_while_rank_0s_checkpoint_uploads_and_a_new_run_resumes_from_s3() {
+    let root = tempfile::tempdir().unwrap();
+    let server = support::LocalS3::start(root.path());
+    std::fs::create_dir_all(root.path().join("bkt")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Captured::default();
+    let make = |max_steps: u64, model_seed: i64| Job {
+        config: TrainConfig { checkpoint_every: Some(2), max_steps: Some(max_steps), log_interval: 1, ..config() },
+        train: blobs(320, 6),
+        val: blobs(40, 7),
+        paths: RunPaths {
+            checkpoint_dir: Some("s3://bkt/run/ckpt".into()),
+            s3: server.options(),
+            ..paths(dir.path())
+        },
+        stop_rank0_after: None,
+        out: Some(&out),
+        model_seed,
+    };
+    let job = make(6, 11);
+    server.faults.inject("PutObject", support::Fault::Hold, usize::MAX);
+    let first = std::thread::scope(|scope| {
+        let running = scope.spawn(|| run(&job, 2));
+        let started = std::time::Instant::now();
+        while !out.text().contains(" step=4 ") {
+            let waited = started.elapsed();
+            assert!(waited < std::time::Duration::from_secs(120), "no step 4 while step 2 uploads:\n{}", out.text());
+            assert!(!running.is_finished(), "the run ended early:\n{}", out.text());
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(server.faults.count("PutObject") >= 1, "step 2's checkpoint was not being uploaded");
+        assert!(!root.path().join("bkt/run/ckpt/ckpt-2/meta.json").exists(), "step 2's upload was not held");
+        server.faults.open_held();
+        running.join().unwrap()
+    });
+    let last = first[0].summary.last_checkpoint.clone().expect("rank 0 wrote checkpoints");
+    assert_eq!(last, Path::new("s3://bkt/run/ckpt/ckpt-6"));
+    assert!(first[0].summary.checkpoint_secs > 0.0);
+    assert_eq!(first[1].summary.last_checkpoint, None, "only rank 0 writes");
+
+    let resumed = run(&make(8, 99), 2);
+    for r in &resumed {
+        assert_eq!(r.summary.resumed_from.as_deref(), Some(Path::new("s3://bkt/run/ckpt/ckpt-6")));
+        assert_eq!((r.summary.steps, r.summary.steps_run), (8, 2));
+    }
 }
