@@ -1135,7 +1135,7 @@ fn pytorchjobs_are_the_reference_job_shape_in_every_variant() {
         }
         let volumes: Vec<&Value> = ["Master", "Worker"]
             .iter()
-            .flat_map(|r| specs[*r]["template"]["spec"]["volumes"].as_array().unwrap())
+            .flat_map(|r| specs[*r]["template"]["spec"]["volumes"].as_array().into_iter().flatten())
             .collect();
         let args: Vec<&str> = containers_of(job)[0]["args"]
             .as_array()
@@ -1165,6 +1165,14 @@ fn pytorchjobs_are_the_reference_job_shape_in_every_variant() {
             assert!(
                 args.iter().any(|a| a.starts_with("--data=s3://")),
                 "{file}: {args:?}"
+            );
+            // Checkpoints and the model go straight to S3: no pod needs a claim.
+            for flag in ["--checkpoint-dir=s3://", "--model-dir=s3://"] {
+                assert!(args.iter().any(|a| a.starts_with(flag)), "{file}: no {flag} in {args:?}");
+            }
+            assert!(
+                volumes.iter().all(|v| v.get("persistentVolumeClaim").is_none()),
+                "{file}: a claim is mounted: {volumes:?}"
             );
             for replica in ["Master", "Worker"] {
                 let account = specs[replica]["template"]["spec"]["serviceAccountName"]

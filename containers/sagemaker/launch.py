@@ -4,7 +4,10 @@
 The image's ENTRYPOINT is `hytrain`, so SageMaker's `docker run IMAGE train` runs `hytrain train`: it reads the
 job's hosts, channels, hyperparameters and checkpoint folder from /opt/ml itself (no SageMaker training toolkit, no
 `sagemaker_program`), trains data-parallel over all instances, writes the model to /opt/ml/model (uploaded as
-model.tar.gz) and checkpoints to /opt/ml/checkpoints (mirrored to --checkpoint-s3-uri, restored on a spot restart).
+model.tar.gz) and checkpoints either to /opt/ml/checkpoints (--checkpoint-s3-uri: SageMaker mirrors the folder to S3
+on its own schedule and restores it on a spot restart) or straight to S3 (--checkpoint-dir-s3: hytrain uploads each
+checkpoint in the background with the job's execution role and resumes from the newest complete one; the role needs
+s3:PutObject, s3:GetObject, s3:DeleteObject, s3:AbortMultipartUpload and s3:ListBucket on that prefix).
 
 Examples:
 
@@ -17,6 +20,9 @@ Examples:
   # The same from S3, streamed (FastFile), on managed spot capacity
   python3 containers/sagemaker/launch.py ... --data-source s3 --s3-train s3://BUCKET/cifar10/ \\
       --input-mode FastFile --spot --max-run 7200 --max-wait 14400
+
+  # Checkpoints written by hytrain straight to S3 instead of SageMaker's copy of /opt/ml/checkpoints
+  python3 containers/sagemaker/launch.py ... --checkpoint-dir-s3 s3://BUCKET/hytrain/checkpoints/run1 --spot
 
   # See the CreateTrainingJob request without calling AWS (checked against the API's schema by botocore)
   python3 containers/sagemaker/launch.py ... --dry-run
@@ -107,7 +113,11 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
     out = p.add_argument_group("outputs, checkpoints, capacity")
     out.add_argument("--output-path", required=True, help="s3:// prefix for model.tar.gz and output.tar.gz")
-    out.add_argument("--checkpoint-s3-uri", required=True, help="s3:// prefix mirrored from /opt/ml/checkpoints")
+    where = out.add_mutually_exclusive_group(required=True)
+    where.add_argument("--checkpoint-s3-uri", help="s3:// prefix SageMaker mirrors /opt/ml/checkpoints to")
+    where.add_argument(
+        "--checkpoint-dir-s3", help="s3:// prefix hytrain writes checkpoints to itself (hyperparameter checkpoint_dir)"
+    )
     out.add_argument("--spot", action="store_true", help="managed spot training (restarts resume from checkpoints)")
     out.add_argument("--max-run", type=int, default=24 * 3600, help="seconds of training at most")
     out.add_argument(
@@ -132,6 +142,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_wait = 2 * args.max_run
     if args.spot and args.max_wait < args.max_run:
         p.error(f"--max-wait ({args.max_wait}) must be at least --max-run ({args.max_run})")
+    for flag, uri in [("--checkpoint-s3-uri", args.checkpoint_s3_uri), ("--checkpoint-dir-s3", args.checkpoint_dir_s3)]:
+        if uri is not None and (not uri.startswith("s3://") or len(uri) <= len("s3://") or uri[5] == "/"):
+            p.error(f"{flag} {uri}: expected s3://bucket/prefix")
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         p.error("--nproc-per-node must be at least 1")
     return args
@@ -156,11 +169,27 @@ def channels(args: argparse.Namespace) -> dict:
     return inputs
 
 
+def hyperparameters(args: argparse.Namespace) -> dict:
+    """The job's hyperparameters: the reference's, hytrain's checkpoint prefix when it writes to S3 itself, then
+    --hp (which wins)."""
+    out = dict(REFERENCE_HYPERPARAMETERS)
+    if args.checkpoint_dir_s3:
+        out["checkpoint_dir"] = args.checkpoint_dir_s3
+    out.update(dict(args.hp))
+    return out
+
+
+def checkpoint_settings(args: argparse.Namespace) -> dict:
+    """The Estimator's checkpoint arguments: SageMaker's copy of /opt/ml/checkpoints, or none when hytrain writes
+    to S3 itself (a local path without an S3 URI would only take disk)."""
+    if args.checkpoint_s3_uri:
+        return {"checkpoint_s3_uri": args.checkpoint_s3_uri, "checkpoint_local_path": "/opt/ml/checkpoints"}
+    return {}
+
+
 def estimator(args: argparse.Namespace, session):
     from sagemaker.estimator import Estimator
 
-    hyperparameters = dict(REFERENCE_HYPERPARAMETERS)
-    hyperparameters.update(dict(args.hp))
     entry = {}
     if args.nproc_per_node:
         entry = {
@@ -176,16 +205,15 @@ def estimator(args: argparse.Namespace, session):
         instance_type=args.instance_type,
         volume_size=args.volume_size,
         base_job_name=args.base_job_name,
-        hyperparameters=hyperparameters,
+        hyperparameters=hyperparameters(args),
         metric_definitions=metric_definitions(),
         output_path=args.output_path,
-        checkpoint_s3_uri=args.checkpoint_s3_uri,
-        checkpoint_local_path="/opt/ml/checkpoints",
         max_run=args.max_run,
         # No SageMaker Debugger hook or profiler: they instrument Python frameworks, hytrain reports its own metrics.
         debugger_hook_config=False,
         disable_profiler=True,
         sagemaker_session=session,
+        **checkpoint_settings(args),
         **spot,
         **vpc,
         **entry,
