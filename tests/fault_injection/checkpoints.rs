@@ -152,8 +152,8 @@ pub(crate) fn full_disk(dir: &Path, _rng: &mut Rng) -> Result<Outcome, String> {
 
 /// Rank 0 under `strace`, which SIGKILLs it as it enters its second `rename(2)`: the moment a checkpoint published
 /// over an existing `ckpt-<step>` by renaming the old one aside and then the new one in has no `ckpt-<step>` at all.
-/// `strace` counts each system call on each thread; a save runs on the training thread, and nothing else in a
-/// stopped or short run renames.
+/// `strace` counts each system call on each thread; every save of a run runs on its one checkpoint writer thread,
+/// and nothing else in a stopped or short run renames.
 fn start_rank0_killed_at_second_rename(job: &mut Job, extra: &[&str]) -> Result<(), String> {
     if Command::new("strace").arg("-V").output().is_err() {
         return Err(

@@ -1,13 +1,15 @@
 //! Checkpoints written in the background: at the step boundary the state is copied to host memory and training
 //! goes on while a thread encodes, checksums and writes (or uploads) the copy.
 //!
-//! The copy is the only cost to the step loop: host tensors are copied in memory; device tensors are copied into
+//! One thread, started with the checkpointer, writes every checkpoint of the run. The copy is the only cost to the
+//! step loop: host tensors are copied in memory; device tensors are copied into
 //! pinned host memory without blocking, with one synchronisation per device after all copies are queued. At most
 //! one write is in flight: a checkpoint due while the previous is still being written waits for it, and says how
 //! long. A write's error comes back at the next checkpoint or at [`AsyncCheckpointer::finish`], and ends the job as
 //! a synchronous write's would; the previous checkpoint stays the one a restart resumes from.
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -21,6 +23,11 @@ use crate::{Result, TrainError};
 #[derive(Debug)]
 pub struct AsyncCheckpointer {
     store: Arc<CheckpointStore>,
+    /// Checkpoints to write, to the writer thread; `None` once it is told to end.
+    jobs: Option<Sender<Checkpoint>>,
+    /// What the writer thread made of each checkpoint, in order.
+    done: Receiver<Result<PathBuf>>,
+    writer: Option<JoinHandle<()>>,
     in_flight: Option<InFlight>,
     last: Option<PathBuf>,
     held_secs: f64,
@@ -30,18 +37,6 @@ pub struct AsyncCheckpointer {
 struct InFlight {
     step: u64,
     started: Instant,
-    writer: JoinHandle<Result<PathBuf>>,
-}
-
-impl InFlight {
-    fn join(self) -> Result<PathBuf> {
-        self.writer.join().unwrap_or_else(|_| {
-            Err(TrainError::Checkpoint {
-                path: PathBuf::new(),
-                detail: format!("the writer of checkpoint step {} panicked; this is a bug in hytrain", self.step),
-            })
-        })
-    }
 }
 
 /// Host copies of `tensors`, taken now. Device tensors are copied asynchronously into pinned memory and waited
@@ -69,9 +64,25 @@ fn snapshot(tensors: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
 }
 
 impl AsyncCheckpointer {
-    /// Writes into `store` in the background.
+    /// Writes into `store` from a thread of its own.
     pub fn new(store: CheckpointStore) -> Self {
-        AsyncCheckpointer { store: Arc::new(store), in_flight: None, last: None, held_secs: 0.0 }
+        let store = Arc::new(store);
+        let (jobs, todo) = mpsc::channel::<Checkpoint>();
+        let (report, done) = mpsc::channel();
+        let writing = store.clone();
+        let writer = std::thread::Builder::new()
+            .name("hytrain-checkpoint".into())
+            .spawn(move || {
+                for copy in todo {
+                    let written = encode(&copy).and_then(|encoded| writing.write(encoded));
+                    if report.send(written).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| tracing::error!("cannot start the checkpoint writer thread: {e}"))
+            .ok();
+        AsyncCheckpointer { store, jobs: Some(jobs), done, writer, in_flight: None, last: None, held_secs: 0.0 }
     }
 
     /// The store written to.
@@ -84,37 +95,54 @@ impl AsyncCheckpointer {
         self.store.dir()
     }
 
+    /// The result of the write in flight, waiting for it.
+    fn wait(&self, in_flight: &InFlight) -> Result<PathBuf> {
+        self.done.recv().unwrap_or_else(|_| {
+            Err(TrainError::Checkpoint {
+                path: self.store.dir().to_path_buf(),
+                detail: format!(
+                    "the checkpoint writer thread ended while writing step {}; this is a bug in hytrain",
+                    in_flight.step
+                ),
+            })
+        })
+    }
+
     /// Copies `ckpt` to host memory now and writes it in the background. Waits first for the previous write, if
     /// still running (at most one in flight), and returns its error if it failed.
     pub fn save(&mut self, ckpt: &Checkpoint) -> Result<()> {
         let held = Instant::now();
         if let Some(previous) = self.in_flight.take() {
-            let done = previous.writer.is_finished();
-            let (step, started) = (previous.step, previous.started);
-            self.last = Some(previous.join()?);
-            if !done {
-                tracing::warn!(
-                    previous = step,
-                    step = ckpt.meta.step,
-                    waited_secs = format!("{:.2}", held.elapsed().as_secs_f64()),
-                    write_secs = format!("{:.2}", started.elapsed().as_secs_f64()),
-                    "the previous checkpoint was still being written, so training waited for it; checkpoints \
-                     come faster than they are written: raise --checkpoint-every"
-                );
-            }
+            let result = match self.done.try_recv() {
+                Ok(result) => result,
+                Err(_) => {
+                    let result = self.wait(&previous);
+                    tracing::warn!(
+                        previous = previous.step,
+                        step = ckpt.meta.step,
+                        waited_secs = format!("{:.2}", held.elapsed().as_secs_f64()),
+                        write_secs = format!("{:.2}", previous.started.elapsed().as_secs_f64()),
+                        "the previous checkpoint was still being written, so training waited for it; checkpoints \
+                         come faster than they are written: raise --checkpoint-every"
+                    );
+                    result
+                }
+            };
+            self.last = Some(result?);
         }
         let copy = Checkpoint {
             model: snapshot(&ckpt.model)?,
             optimizer: snapshot(&ckpt.optimizer)?,
             meta: ckpt.meta.clone(),
         };
-        let store = self.store.clone();
         let step = ckpt.meta.step;
-        let writer = std::thread::Builder::new()
-            .name("hytrain-checkpoint".into())
-            .spawn(move || store.write(encode(&copy)?))
-            .map_err(|e| TrainError::io("start the checkpoint writer for", self.store.dir(), e))?;
-        self.in_flight = Some(InFlight { step, started: Instant::now(), writer });
+        if !self.jobs.as_ref().is_some_and(|jobs| jobs.send(copy).is_ok()) {
+            return Err(TrainError::Checkpoint {
+                path: self.store.dir().to_path_buf(),
+                detail: format!("the checkpoint writer thread is not running, so step {step} cannot be written"),
+            });
+        }
+        self.in_flight = Some(InFlight { step, started: Instant::now() });
         self.held_secs += held.elapsed().as_secs_f64();
         Ok(())
     }
@@ -123,7 +151,7 @@ impl AsyncCheckpointer {
     pub fn finish(&mut self) -> Result<Option<PathBuf>> {
         if let Some(in_flight) = self.in_flight.take() {
             let held = Instant::now();
-            self.last = Some(in_flight.join()?);
+            self.last = Some(self.wait(&in_flight)?);
             self.held_secs += held.elapsed().as_secs_f64();
         }
         Ok(self.last.clone())
@@ -147,10 +175,15 @@ impl Drop for AsyncCheckpointer {
         if let Some(in_flight) = self.in_flight.take() {
             let step = in_flight.step;
             tracing::info!(step, "waiting for the checkpoint being written before exiting");
-            match in_flight.join() {
+            match self.wait(&in_flight) {
                 Ok(path) => tracing::info!(step, path = %path.display(), "checkpoint written"),
                 Err(e) => tracing::error!(step, error = %e, "the checkpoint being written failed"),
             }
+        }
+        // Closing the queue ends the writer thread.
+        self.jobs = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
         }
     }
 }
