@@ -247,14 +247,15 @@ struct TrainJobArgs {
     /// Decode threads per rank [default: the cores, at most 8].
     #[arg(long, env = "HYTRAIN_WORKERS")]
     workers: Option<String>,
-    /// Where rank 0 exports the trained model [default: SM_MODEL_DIR, else ./hytrain-out/model].
+    /// Where rank 0 exports the trained model: a folder or s3://bucket/prefix [default: SM_MODEL_DIR, else
+    /// ./hytrain-out/model].
     #[arg(long, env = "HYTRAIN_MODEL_DIR")]
     model_dir: Option<std::path::PathBuf>,
-    /// Checkpoints, written by rank 0 and resumed from; `none` for no checkpoints [default: SageMaker's
-    /// checkpoint dir, else ./hytrain-out/checkpoints].
+    /// Checkpoints, written by rank 0 in the background and resumed from: a folder or s3://bucket/prefix; `none`
+    /// for no checkpoints [default: SageMaker's checkpoint dir, else ./hytrain-out/checkpoints].
     #[arg(long, env = "HYTRAIN_CHECKPOINT_DIR")]
     checkpoint_dir: Option<std::path::PathBuf>,
-    /// Where metrics.jsonl goes [default: SageMaker's output/data, else ./hytrain-out/output].
+    /// The folder metrics.jsonl goes to [default: SageMaker's output/data, else ./hytrain-out/output].
     #[arg(long, env = "HYTRAIN_OUTPUT_DIR")]
     output_dir: Option<std::path::PathBuf>,
     /// An S3-compatible endpoint, e.g. http://127.0.0.1:9000 (path-style requests).
