@@ -74,7 +74,10 @@ impl AsyncCheckpointer {
             .name("hytrain-checkpoint".into())
             .spawn(move || {
                 for copy in todo {
-                    let written = encode(&copy).and_then(|encoded| writing.write(encoded));
+                    // The host copy goes as soon as it is encoded: one copy of the state in memory while it uploads.
+                    let encoded = encode(&copy);
+                    drop(copy);
+                    let written = encoded.and_then(|encoded| writing.write(encoded));
                     if report.send(written).is_err() {
                         return;
                     }
