@@ -146,7 +146,7 @@ impl Bucket {
             Kind::Half => DType::F16,
             other => unreachable!("bucket of non-reducible kind {other:?} (Ddp::new checks kinds)"),
         };
-        if self.flat.device() == Device::Cpu {
+        if self.flat.device() == Device::Cpu && !comm.host_memory() {
             return Err(hytrain_cuda::CudaError::Shape(
                 "a gradient bucket in host memory was handed to a GPU collective; move the model to the GPU first"
                     .into(),

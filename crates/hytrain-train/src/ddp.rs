@@ -293,7 +293,7 @@ impl Ddp {
             ));
         }
         let device = crate::model::device_of(self.model.as_ref());
-        if device == tch::Device::Cpu {
+        if device == tch::Device::Cpu && !device_comm.host_memory() {
             return Err(TrainError::option(
                 "device collective",
                 format!("{} (NCCL) needs the model on a GPU, but it is on the CPU", device_comm.backend()),

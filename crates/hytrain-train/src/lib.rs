@@ -35,6 +35,7 @@ mod error;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod host_sync;
 pub mod loader;
 pub mod model;
 pub mod optim;
