@@ -110,17 +110,32 @@ pub struct DdpStats {
     pub buckets_launched_in_backward: u64,
 }
 
-/// What one optimizer step did.
-#[derive(Debug, Clone, PartialEq)]
+/// What one optimizer step did. The loss and the norm stay where the model computed them (a 0-dim tensor on its
+/// device), so a step never waits for the GPU; read them when they are needed ([`StepOutput::loss_value`]), as the
+/// training loop does once per logging window.
+#[derive(Debug)]
 pub struct StepOutput {
-    /// Mean training loss of this rank's micro-batches (not averaged over ranks).
-    pub loss: f64,
+    /// Mean training loss of this rank's micro-batches (not averaged over ranks), detached.
+    pub loss: Tensor,
     /// Global gradient norm before clipping, when clipping is on.
-    pub grad_norm: Option<f64>,
+    pub grad_norm: Option<Tensor>,
     /// Samples this rank processed.
     pub samples: usize,
     /// The optimizer step was skipped because the fp16 gradients overflowed (the same on every rank).
     pub skipped: bool,
+}
+
+impl StepOutput {
+    /// The loss as a number; on a GPU this waits for the step to finish.
+    pub fn loss_value(&self) -> Result<f64> {
+        self.loss.f_double_value(&[]).map_err(|e| TrainError::torch("reading the loss", e))
+    }
+
+    /// The gradient norm before clipping as a number, when clipping is on; on a GPU this waits for the step.
+    pub fn grad_norm_value(&self) -> Result<Option<f64>> {
+        let read = |n: &Tensor| n.f_double_value(&[]).map_err(|e| TrainError::torch("reading the gradient norm", e));
+        self.grad_norm.as_ref().map(read).transpose()
+    }
 }
 
 /// The layout of one gradient bucket, for logs and tests.
@@ -270,11 +285,12 @@ impl Ddp {
         })
     }
 
-    /// Averages gradients with `device_comm` (NCCL) in GPU memory instead of through the host collective, which
-    /// keeps the metrics, checks and broadcasts. The model must already be on the collective's GPU; the gradient
-    /// buckets move there. With [`DdpOptions::overlap`] and a `side` stream on that GPU, each bucket is packed,
-    /// allreduced and unpacked on the side stream while backward still computes (even alone, as a one-GPU job
-    /// runs the NCCL path too); without either, after backward.
+    /// Averages gradients and broadcasts rank 0's buffers before training forwards with `device_comm` (NCCL) in
+    /// GPU memory instead of through the host collective, which keeps the metrics, checks and the start-up and
+    /// checkpoint broadcasts. The model must already be on the collective's GPU; the gradient buckets move there.
+    /// With [`DdpOptions::overlap`], more than one rank and a `side` stream on that GPU, each bucket is packed,
+    /// allreduced and unpacked on the side stream while backward still computes; without them, after backward.
+    /// A job of one rank calls no collective in a step.
     pub fn with_device_collective(
         mut self,
         device_comm: Box<dyn hytrain_cuda::DeviceCollective>,
@@ -306,7 +322,9 @@ impl Ddp {
         }
         // The model is on a GPU, so `new` installed no hooks; these reduce through the device collective.
         self.overlap = match side {
-            Some(side) if self.options.overlap && self.model.compiled_step().is_none() => Some(self.hooks(Some(side))?),
+            Some(side) if self.options.overlap && self.world_size() > 1 && self.model.compiled_step().is_none() => {
+                Some(self.hooks(Some(side))?)
+            }
             _ => None,
         };
         tracing::info!(
@@ -487,16 +505,38 @@ impl Ddp {
     }
 
     /// Copies rank 0's buffers to every rank (done before each training forward when `broadcast_buffers`; call it
-    /// before evaluation too so every rank evaluates the same model).
+    /// before evaluation too so every rank evaluates the same model). With a device collective the buffers stay on
+    /// the GPU: one broadcast per dtype of their concatenation.
     pub fn sync_buffers(&mut self) -> Result<()> {
+        if self.world_size() == 1 || self.buffers.is_empty() {
+            return Ok(());
+        }
         let buffers: Vec<(String, Tensor)> = self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        self.broadcast_tensors(&buffers, "buffer broadcast from rank 0")
+        let during = "buffer broadcast from rank 0";
+        match self.device_comm.as_mut() {
+            Some(device_comm) => {
+                let started = Instant::now();
+                crate::coalesced::broadcast(device_comm.as_mut(), &buffers)
+                    .map_err(|source| TrainError::DeviceComm { during: during.into(), source })?;
+                self.stats.broadcast_secs += started.elapsed().as_secs_f64();
+                Ok(())
+            }
+            None => self.broadcast_tensors(&buffers, during),
+        }
+    }
+
+    /// Rank 0's buffers before a training forward, as PyTorch DDP's `broadcast_buffers` does before every one.
+    fn sync_buffers_before_training(&mut self) -> Result<()> {
+        if self.options.broadcast_buffers {
+            self.sync_buffers()?;
+        }
+        Ok(())
     }
 
     /// The model's forward pass; in training, rank 0's buffers are broadcast first (see [`DdpOptions`]).
     pub fn forward_t(&mut self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if train && self.options.broadcast_buffers {
-            self.sync_buffers()?;
+        if train {
+            self.sync_buffers_before_training()?;
         }
         let moved = self.on_model_device(xs)?;
         let xs = moved.as_ref().unwrap_or(xs);
@@ -628,8 +668,7 @@ impl Ddp {
     /// Averages every parameter's gradient over all ranks, one allreduce per bucket, in bucket order.
     pub fn sync_gradients(&mut self) -> Result<()> {
         self.stats.syncs += 1;
-        // A device collective runs even alone, so a one-GPU job exercises the same NCCL path as many.
-        if self.world_size() == 1 && self.device_comm.is_none() {
+        if self.world_size() == 1 {
             return Ok(());
         }
         let started = Instant::now();
@@ -655,29 +694,13 @@ impl Ddp {
         Ok(())
     }
 
-    /// Scales gradients so their global L2 norm is at most `max_norm` (as `torch.nn.utils.clip_grad_norm_`);
-    /// returns the norm before clipping. Call after [`Ddp::sync_gradients`], so every rank clips alike.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
-        let torch = |e| TrainError::torch("gradient clipping", e);
-        let mut sum_sq = 0.0;
-        for (_, p) in &self.params {
-            let g = p.grad();
-            if g.defined() {
-                let n = g.f_norm().and_then(|n| n.f_double_value(&[])).map_err(torch)?;
-                sum_sq += n * n;
-            }
-        }
-        let total = sum_sq.sqrt();
-        let coef = max_norm / (total + 1e-6);
-        if coef < 1.0 {
-            for (_, p) in &self.params {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = tch::no_grad(|| g.f_mul_scalar_(coef)).map_err(torch)?;
-                }
-            }
-        }
-        Ok(total)
+    /// Scales gradients so their global L2 norm is at most `max_norm`, as `torch.nn.utils.clip_grad_norm_` does
+    /// with `foreach`: one `_foreach_norm` per dtype, the norm of their stack, and every gradient multiplied by
+    /// `min(1, max_norm / (norm + 1e-6))` on the device, so nothing is read back. Returns the norm before clipping
+    /// (0-dim, on the gradients' device). Call after [`Ddp::sync_gradients`], so every rank clips alike.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<Tensor> {
+        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
+        crate::coalesced::clip_grad_norm(&grads, max_norm).map_err(|e| TrainError::torch("gradient clipping", e))
     }
 
     /// Zeroes every parameter's gradient.
@@ -712,7 +735,7 @@ impl Ddp {
             return self.compiled_train_step(micro_batches, optimizer, lr);
         }
         self.zero_grad();
-        let mut loss_sum = 0.0;
+        let mut losses = Vec::with_capacity(micro_batches.len());
         let mut samples = 0;
         let mut synced = false;
         for (xs, ys) in micro_batches {
@@ -721,12 +744,12 @@ impl Ddp {
                 let logits = self.forward_t(xs, true)?;
                 cross_entropy(&logits, ys)?
             };
-            loss_sum += loss.f_double_value(&[]).map_err(|e| TrainError::torch("reading the loss", e))?;
+            losses.push(loss.detach());
             samples += xs.size().first().copied().unwrap_or(0) as usize;
             synced = self.backward(&loss)?;
         }
         debug_assert!(synced, "the last micro-batch synchronises");
-        let loss = loss_sum / micro_batches.len() as f64;
+        let loss = mean_loss(&losses)?;
         if self.overflowed {
             self.zero_grad();
             return Ok(StepOutput { loss, grad_norm: None, samples, skipped: true });
@@ -736,7 +759,13 @@ impl Ddp {
 
     /// Clips the averaged gradients if configured (after unscaling, so clipping sees the true gradients), steps the
     /// optimizer and clears the gradients.
-    fn finish_step(&mut self, optimizer: &mut dyn Optimizer, lr: f64, loss: f64, samples: usize) -> Result<StepOutput> {
+    fn finish_step(
+        &mut self,
+        optimizer: &mut dyn Optimizer,
+        lr: f64,
+        loss: Tensor,
+        samples: usize,
+    ) -> Result<StepOutput> {
         let grad_norm = match self.options.max_grad_norm {
             Some(max) => Some(self.clip_grad_norm(max)?),
             None => None,
@@ -757,16 +786,14 @@ impl Ddp {
         lr: f64,
     ) -> Result<StepOutput> {
         let k = micro_batches.len();
-        let (mut loss_sum, mut samples) = (0.0, 0);
+        let (mut losses, mut samples) = (Vec::with_capacity(k), 0);
         for (i, (xs, ys)) in micro_batches.iter().enumerate() {
-            if self.options.broadcast_buffers {
-                self.sync_buffers()?;
-            }
+            self.sync_buffers_before_training()?;
             let (moved_xs, moved_ys) = (self.on_model_device(xs)?, self.on_model_device(ys)?);
             let (xs, ys) = (moved_xs.as_ref().unwrap_or(xs), moved_ys.as_ref().unwrap_or(ys));
             let step = self.model.compiled_step().expect("called for a compiled model");
             let (loss, grads) = step.loss_and_grads(xs, ys)?;
-            loss_sum += loss.f_double_value(&[]).map_err(|e| TrainError::torch("reading the loss", e))?;
+            losses.push(loss.detach());
             samples += xs.size().first().copied().unwrap_or(0) as usize;
             for ((name, p), mut g) in self.params.iter().zip(grads) {
                 let torch = |e| TrainError::torch(format!("gradient of {name}"), e);
@@ -781,7 +808,8 @@ impl Ddp {
             }
         }
         self.sync_gradients()?;
-        self.finish_step(optimizer, lr, loss_sum / k as f64, samples)
+        let loss = mean_loss(&losses)?;
+        self.finish_step(optimizer, lr, loss, samples)
     }
 
     /// Sums (or averages) `values` over all ranks in place, as f64; for metrics and evaluation counts.
@@ -791,6 +819,14 @@ impl Ddp {
         }
         self.comm.allreduce(Buffer::F64(values), op).map_err(comm_err("metric allreduce"))
     }
+}
+
+/// The mean of the micro-batches' 0-dim losses, in float64 (as the loop summed them on the host before), computed
+/// where they are.
+fn mean_loss(losses: &[Tensor]) -> Result<Tensor> {
+    let torch = |e| TrainError::torch("averaging the micro-batch losses", e);
+    let sum = Tensor::f_stack(losses, 0).and_then(|l| l.f_sum(Kind::Double)).map_err(torch)?;
+    sum.f_div_scalar(losses.len() as f64).map_err(torch)
 }
 
 /// Mean cross-entropy of `logits` `[N, classes]` against integer class `targets` `[N]`.

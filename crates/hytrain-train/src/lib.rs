@@ -19,7 +19,7 @@
 //!     let xs = tch::Tensor::randn([64, 3, 32, 32], tch::kind::FLOAT_CPU);
 //!     let ys = tch::Tensor::randint(10, [64], tch::kind::INT64_CPU);
 //!     let out = ddp.train_step(&[(xs, ys)], optimizer.as_mut(), 0.01 * schedule.factor(step))?;
-//!     println!("step={step} train_loss={:.4}", out.loss);
+//!     println!("step={step} train_loss={:.4}", out.loss_value()?);
 //! }
 //! # Ok(()) }
 //! ```
@@ -28,6 +28,7 @@
 
 pub mod batches;
 mod bucket;
+mod coalesced;
 pub mod checkpoint;
 pub mod config;
 mod ddp;

@@ -150,8 +150,10 @@ struct Counts {
     device_collectives: usize,
 }
 
-/// Per rank: the buckets, and the counts of every step (clipping on, momentum, `ACCUM` micro-batches).
-fn count_steps(world: usize, device_collective: bool) -> Vec<(usize, Vec<Counts>)> {
+/// Per rank: the buckets, the counts of every step (clipping on, momentum, `ACCUM` micro-batches, the same
+/// batches on every rank) and the buffers after the last, rank 1's spoiled after start-up, so they equal rank 0's
+/// only if the broadcasts arrived.
+fn count_steps(world: usize, device_collective: bool) -> Vec<(usize, Vec<Counts>, Vec<Tensor>)> {
     let data: Vec<(Tensor, Tensor)> = seeded(5, || {
         (0..STEPS * ACCUM)
             .map(|_| {
@@ -175,6 +177,11 @@ fn count_steps(world: usize, device_collective: bool) -> Vec<(usize, Vec<Counts>
             let device = RingAsDevice { inner: shared, calls: device_calls.clone(), rank, world_size: world };
             ddp = ddp.with_device_collective(Box::new(device), None).unwrap();
         }
+        if rank == 1 {
+            for (_, mut b) in ddp.model().named_buffers() {
+                let _ = tch::no_grad(|| b.fill_(7));
+            }
+        }
         let sgd = OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, ..Default::default() });
         let mut optimizer = sgd.build(ddp.parameters()).unwrap();
         host_sync::watch_this_thread();
@@ -193,14 +200,22 @@ fn count_steps(world: usize, device_collective: bool) -> Vec<(usize, Vec<Counts>
         let before = host_sync::on_this_thread();
         let _ = ddp.parameters()[0].1.sum(Kind::Float).double_value(&[]);
         assert_eq!(host_sync::on_this_thread(), before + 1, "the counter missed a value read back");
-        (ddp.bucket_layout().len(), counts)
+        let buffers = ddp.model().named_buffers().into_iter().map(|(_, b)| b.copy()).collect();
+        (ddp.bucket_layout().len(), counts, buffers)
     })
+}
+
+fn assert_same_buffers(a: &[Tensor], b: &[Tensor]) {
+    assert_eq!(a.len(), 3, "running mean, running variance, batch count");
+    for (x, y) in a.iter().zip(b) {
+        assert!(x.equal(y), "rank 1 kept its own buffer {y:?} instead of rank 0's {x:?}");
+    }
 }
 
 #[test]
 fn one_rank_steps_without_host_syncs_or_collectives() {
     for device_collective in [false, true] {
-        for (_, counts) in count_steps(1, device_collective) {
+        for (_, counts, _) in count_steps(1, device_collective) {
             let none = Counts { host_syncs: 0, host_collectives: 0, device_collectives: 0 };
             assert_eq!(counts, vec![none; STEPS], "device collective: {device_collective}");
         }
@@ -209,32 +224,24 @@ fn one_rank_steps_without_host_syncs_or_collectives() {
 
 #[test]
 fn two_ranks_on_the_gpu_path_step_without_host_syncs_and_only_device_collectives() {
-    // Buffers are float32 and int64: one broadcast each, before every training forward that follows another (the
-    // start-up broadcast covers the first); one allreduce per gradient bucket.
+    // Buffers are float32 and int64: one broadcast each before every training forward, one allreduce per bucket.
     let dtypes = 2;
-    for (buckets, counts) in count_steps(2, true) {
-        for (step, c) in counts.iter().enumerate() {
-            let forwards_after_a_forward = if step == 0 { ACCUM - 1 } else { ACCUM };
-            let want = Counts {
-                host_syncs: 0,
-                host_collectives: 0,
-                device_collectives: buckets + dtypes * forwards_after_a_forward,
-            };
-            assert_eq!(*c, want, "step {}", step + 1);
-        }
+    let ranks = count_steps(2, true);
+    for (buckets, counts, _) in &ranks {
+        let want = Counts { host_syncs: 0, host_collectives: 0, device_collectives: buckets + dtypes * ACCUM };
+        assert_eq!(*counts, vec![want; STEPS]);
     }
+    assert_same_buffers(&ranks[0].2, &ranks[1].2);
 }
 
 #[test]
 fn two_ranks_on_the_cpu_read_no_value_back_and_use_the_ring_only_for_buckets_and_buffers() {
     // On the CPU the ring is the data path: one allreduce per bucket, one broadcast of the (small) buffers before
-    // every training forward that follows another.
-    for (buckets, counts) in count_steps(2, false) {
-        for (step, c) in counts.iter().enumerate() {
-            let forwards_after_a_forward = if step == 0 { ACCUM - 1 } else { ACCUM };
-            let want =
-                Counts { host_syncs: 0, host_collectives: buckets + forwards_after_a_forward, device_collectives: 0 };
-            assert_eq!(*c, want, "step {}", step + 1);
-        }
+    // every training forward.
+    let ranks = count_steps(2, false);
+    for (buckets, counts, _) in &ranks {
+        let want = Counts { host_syncs: 0, host_collectives: buckets + ACCUM, device_collectives: 0 };
+        assert_eq!(*counts, vec![want; STEPS]);
     }
+    assert_same_buffers(&ranks[0].2, &ranks[1].2);
 }
