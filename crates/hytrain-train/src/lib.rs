@@ -28,8 +28,8 @@
 
 pub mod batches;
 mod bucket;
-mod coalesced;
 pub mod checkpoint;
+mod coalesced;
 pub mod config;
 mod ddp;
 mod error;
@@ -59,7 +59,7 @@ pub use export::{export, ExportMetadata};
 pub use hytrain_comm::{Buffer, Collective, CommError, ReduceOp};
 pub use loader::LoaderBatches;
 pub use model::{Model, ScriptModel};
-pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
+pub use optim::{AdamW, AdamWConfig, Implementation, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use precision::{Autocast, GradScaler, GradScalerState, Precision};
 pub use schedule::Schedule;
 pub use trainer::{RunPaths, Summary, Trainer};
