@@ -68,4 +68,6 @@ pub use nccl::{
 pub use nvrtc::{ComputeCapability, Nvrtc, Ptx};
 pub use side_stream::{Entered, SideStream, StreamHandle};
 pub use stream::TorchStreams;
-pub use torch_cuda::{device_for_local_rank, load_torch_cuda, TorchCuda, TORCH_CUDA_LIBRARY};
+pub use torch_cuda::{
+    device_for_local_rank, load_torch_cuda, set_current_device, TorchCuda, TORCH_CUDA_LIBRARY,
+};
