@@ -546,13 +546,16 @@ impl Ddp {
     }
 
     /// `t` moved to the model's device, or `None` when it is there already: batches arrive in host memory, and a
-    /// model on a GPU takes them there.
+    /// model on a GPU takes them there through pinned memory without the host waiting (the training loop moves
+    /// them one step ahead itself, see [`crate::batches::one_ahead`]).
     fn on_model_device(&self, t: &Tensor) -> Result<Option<Tensor>> {
         let device = self.params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
         if t.device() == device {
             return Ok(None);
         }
-        t.f_to_device(device).map(Some).map_err(|e| TrainError::torch(format!("moving a batch to {device:?}"), e))
+        crate::batches::host_to_device(t, device)
+            .map(Some)
+            .map_err(|e| TrainError::torch(format!("moving a batch to {device:?}"), e))
     }
 
     /// Backpropagates `loss` of one micro-batch, scaled by `1/grad_accum`. Gradients accumulate locally; after the
@@ -742,7 +745,8 @@ impl Ddp {
             let loss = {
                 let _autocast = self.autocast()?;
                 let logits = self.forward_t(xs, true)?;
-                cross_entropy(&logits, ys)?
+                let moved = self.on_model_device(ys)?;
+                cross_entropy(&logits, moved.as_ref().unwrap_or(ys))?
             };
             losses.push(loss.detach());
             samples += xs.size().first().copied().unwrap_or(0) as usize;

@@ -327,6 +327,10 @@ impl Trainer {
                     during: format!("starting epoch {} of the training data", epoch + 1),
                     source,
                 })?;
+                let device = model::device_of(run.ddp.model());
+                if device != tch::Device::Cpu {
+                    batches = crate::batches::one_ahead(batches, move |b| crate::batches::to_device_async(device, b));
+                }
                 while consumed < run.batches_per_epoch && step < total {
                     let waited = Instant::now();
                     let mut micro: Vec<Batch> = Vec::with_capacity(accum as usize);
