@@ -5,6 +5,12 @@
 
 #include <cstddef>
 #include <cstdint>
+// libtorch's release builds define NDEBUG, and RecordFunction has a member only without it: this file must see
+// the class as libtorch was built, or reading its inputs reads past the object.
+#ifndef NDEBUG
+#define NDEBUG
+#endif
+
 #include <algorithm>
 #include <cstring>
 #include <memory>

@@ -169,6 +169,10 @@ pub struct Ddp {
     scaler: Option<GradScaler>,
     /// The last synchronisation found inf or NaN in the fp16 gradients.
     overflowed: bool,
+    /// Gradients are views of the buckets, always defined: whether a parameter got one is read from the graph.
+    grads_are_views: bool,
+    /// Parameters some backward has reached since the engine started (with `grads_are_views`).
+    reached: Vec<u8>,
 }
 
 impl std::fmt::Debug for Ddp {
@@ -232,6 +236,8 @@ impl Ddp {
             device_comm: None,
             scaler: None,
             overflowed: false,
+            grads_are_views: false,
+            reached: Vec::new(),
         };
         if ddp.options.precision == Precision::Fp16 {
             ddp.scaler = Some(GradScaler::from_state(GradScalerState {
@@ -262,6 +268,10 @@ impl Ddp {
             .collect::<Result<_, _>>()
             .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
         let on_cpu = ddp.params.iter().all(|(_, p)| p.device() == Device::Cpu);
+        // Buckets are in host memory here; a model on a GPU gets its gradient views once they move there.
+        if on_cpu {
+            ddp.view_gradients()?;
+        }
         // A compiled step returns every gradient at once at its end: there is no backward to overlap with.
         let autograd = ddp.model.compiled_step().is_none();
         if ddp.options.overlap && ddp.world_size() > 1 && on_cpu && autograd {
@@ -320,6 +330,7 @@ impl Ddp {
                 .to_device(device)
                 .map_err(|e| TrainError::torch(format!("moving gradient bucket {i} to {device:?}"), e))?;
         }
+        self.view_gradients()?;
         // The model is on a GPU, so `new` installed no hooks; these reduce through the device collective.
         self.overlap = match side {
             Some(side) if self.options.overlap && self.world_size() > 1 && self.model.compiled_step().is_none() => {
@@ -573,6 +584,7 @@ impl Ddp {
         if let Some(scaler) = &self.scaler {
             scaled = scaler.scale_loss(&scaled)?;
         }
+        self.note_reached(&scaled)?;
         self.micro_step += 1;
         if self.micro_step < k || self.overlap.is_none() {
             scaled.f_backward().map_err(|e| TrainError::torch("backward", e))?;
@@ -580,10 +592,12 @@ impl Ddp {
                 return Ok(false);
             }
             self.micro_step = 0;
+            self.check_reached()?;
             self.sync_gradients()?;
         } else {
             self.micro_step = 0;
             self.backward_overlapped(&scaled)?;
+            self.check_reached()?;
         }
         self.unscale_gradients()?;
         Ok(true)
@@ -706,10 +720,46 @@ impl Ddp {
         crate::coalesced::clip_grad_norm(&grads, max_norm).map_err(|e| TrainError::torch("gradient clipping", e))
     }
 
-    /// Zeroes every parameter's gradient.
+    /// Makes every parameter's gradient a view of its place in its bucket (see [`crate::Bucket::view_gradients`]).
+    fn view_gradients(&mut self) -> Result<()> {
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            bucket
+                .view_gradients(&self.params)
+                .map_err(|e| TrainError::torch(format!("making gradients views of bucket {i}"), e))?;
+        }
+        self.grads_are_views = true;
+        self.reached = vec![0; self.params.len()];
+        Ok(())
+    }
+
+    /// Notes which parameters `loss`'s graph reaches, before its backward frees the graph. Gradients that are
+    /// views are always defined, so this is how a parameter that never got a gradient is still found and named.
+    fn note_reached(&mut self, loss: &Tensor) -> Result<()> {
+        if !self.grads_are_views || !loss.requires_grad() || self.reached.iter().all(|&r| r != 0) {
+            return Ok(());
+        }
+        let handles: Vec<*mut std::ffi::c_void> = self.params.iter().map(|(_, p)| crate::shim::handle(p)).collect();
+        crate::shim::params_reached(loss, &handles, &mut self.reached)
+            .map_err(|e| TrainError::torch("finding the parameters backward reaches", e))
+    }
+
+    /// At a synchronisation: an error naming the first parameter no backward has reached since the engine
+    /// started (a later step may leave a parameter out: its gradient is then zero, as before gradients were views).
+    fn check_reached(&self) -> Result<()> {
+        match self.reached.iter().position(|&r| r == 0) {
+            Some(i) if self.grads_are_views => Err(TrainError::MissingGradient(self.params[i].0.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Zeroes every parameter's gradient in place (the gradients are views of the buckets, which tch's
+    /// `zero_grad`, detaching in place, refuses), as torch.optim's `zero_grad(set_to_none=False)` does.
     pub fn zero_grad(&mut self) {
-        for (_, p) in &mut self.params {
-            p.zero_grad();
+        for (_, p) in &self.params {
+            let grad = p.grad();
+            if grad.defined() {
+                let _ = tch::no_grad(|| grad.shallow_clone().f_zero_());
+            }
         }
     }
 
@@ -804,7 +854,11 @@ impl Ddp {
                 if k > 1 {
                     let _ = g.f_mul_scalar_(1.0 / k as f64).map_err(torch)?;
                 }
-                if i == 0 {
+                let current = p.grad();
+                if i == 0 && current.defined() {
+                    // Into the gradient's own memory, a view of its bucket.
+                    let _ = tch::no_grad(|| current.shallow_clone().f_copy_(&g)).map_err(torch)?;
+                } else if i == 0 {
                     crate::shim::set_grad(p, &g).map_err(torch)?;
                 } else {
                     let _ = p.grad().f_add_(&g).map_err(torch)?;
@@ -878,6 +932,28 @@ mod tests {
     use hytrain_cuda::CudaError;
 
     use super::*;
+
+    #[test]
+    fn gradients_stay_views_of_their_buckets_through_steps() {
+        let model = crate::model::build("mlp:8", 3, &[4], Device::Cpu).unwrap();
+        let options = DdpOptions { grad_accum: 2, max_grad_norm: Some(1.0), ..Default::default() };
+        let mut ddp = Ddp::single(model, options).unwrap();
+        let mut opt = crate::OptimizerConfig::Sgd(crate::SgdConfig { momentum: 0.9, ..Default::default() })
+            .build(ddp.parameters())
+            .unwrap();
+        // No draw from libtorch's generator for the data: other tests on parallel threads rely on it.
+        let batch = || {
+            let xs = (Tensor::arange(20, (Kind::Float, Device::Cpu)) * 0.37).sin().reshape([5, 4]);
+            (xs, Tensor::from_slice(&[0i64, 1, 2, 1, 0]))
+        };
+        for _ in 0..3 {
+            ddp.train_step(&[batch(), batch()], opt.as_mut(), 0.1).unwrap();
+            for (i, (name, p)) in ddp.params.iter().enumerate() {
+                let grad = p.grad();
+                assert!(ddp.buckets.iter().any(|b| b.holds_gradient(i, &grad)), "{name}'s gradient left its bucket");
+            }
+        }
+    }
 
     /// The GPU overlap's failures cannot happen without a GPU; what they say can be checked.
     #[test]
