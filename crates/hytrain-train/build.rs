@@ -5,7 +5,8 @@
 //! `addcmul_`/`addcdiv_` with value, `out=`) that optimizer steps without temporaries need, nor CPU autocast and
 //! the GradScaler's unscale kernel that mixed precision needs, nor a custom autograd function (the 2x2 max-pool
 //! kernel, `csrc/max_pool.cpp`), nor AOTInductor's package loader (exported models, `csrc/aoti.cpp`), nor a
-//! TorchScript module's buffers (`csrc/script.cpp`).
+//! TorchScript module's buffers (`csrc/script.cpp`), nor the multi-tensor ops (`_foreach_*`, `_fused_*`) and
+//! profiler callbacks that steps without host synchronisation need (`csrc/step_sync.cpp`).
 use std::path::Path;
 
 fn main() {
@@ -30,6 +31,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/aoti.cpp");
     println!("cargo:rerun-if-changed=csrc/rng.cpp");
     println!("cargo:rerun-if-changed=csrc/script.cpp");
+    println!("cargo:rerun-if-changed=csrc/step_sync.cpp");
     println!("cargo:rerun-if-changed=csrc/shim_error.h");
     cc::Build::new()
         .cpp(true)
@@ -47,5 +49,6 @@ fn main() {
         .file("csrc/aoti.cpp")
         .file("csrc/rng.cpp")
         .file("csrc/script.cpp")
+        .file("csrc/step_sync.cpp")
         .compile("hytrain_grad_hook");
 }

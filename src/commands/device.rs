@@ -2,7 +2,8 @@
 //!
 //! The binary links the CPU libtorch only. On a GPU image `libtorch_cuda.so` sits beside `libtorch_cpu.so`;
 //! hytrain-cuda opens it before libtorch is first asked about CUDA, so its CUDA backend registers, and each process
-//! then takes `cuda:LOCAL_RANK` (CUDA numbers the GPUs CUDA_VISIBLE_DEVICES leaves visible from 0).
+//! then takes `cuda:LOCAL_RANK` (CUDA numbers the GPUs CUDA_VISIBLE_DEVICES leaves visible from 0), or `cuda:0`
+//! when CUDA_VISIBLE_DEVICES gives it one GPU of its own, and makes it the current device.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -129,7 +130,8 @@ pub fn probe() -> Probe {
     }
 }
 
-/// The device for this process: [`probe`] then [`decide`]; `--device cpu` looks at nothing.
+/// The device for this process: [`probe`] then [`decide`], and a GPU made libtorch's current device at once, so
+/// no context lands on GPU 0 of a process that trains on another; `--device cpu` looks at nothing.
 pub fn select(
     request: DeviceRequest,
     local_rank: usize,
@@ -138,7 +140,11 @@ pub fn select(
     if request == DeviceRequest::Cpu {
         return Ok(tch::Device::Cpu);
     }
-    decide(request, &probe(), local_rank, cuda_visible_devices)
+    let device = decide(request, &probe(), local_rank, cuda_visible_devices)?;
+    if let tch::Device::Cuda(index) = device {
+        hytrain_cuda::set_current_device(local_rank, index, cuda_visible_devices)?;
+    }
+    Ok(device)
 }
 
 /// The store key rank 0 publishes NCCL's unique id under (prefixed with the job id by the store).
@@ -302,6 +308,14 @@ mod tests {
             error.contains("/opt/torch/lib/libtorch_cuda.so but it sees no GPU"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_process_given_one_gpu_by_cuda_visible_devices_uses_cuda_0() {
+        for request in [DeviceRequest::Cuda, DeviceRequest::Auto] {
+            let device = decide(request, &loaded(1, None), 3, Some("3")).unwrap();
+            assert_eq!(device, tch::Device::Cuda(0));
+        }
     }
 
     #[test]

@@ -155,6 +155,12 @@ pub trait DeviceCollective: Send {
         input: DeviceSlice<'_>,
         output: DeviceSlice<'_>,
     ) -> Result<(), CudaError>;
+    /// Whether the addresses this collective takes are host memory rather than GPU memory: `false` for NCCL.
+    /// A stand-in for NCCL in tests on machines without a GPU says `true`, so the engine's GPU path (buckets,
+    /// buffers and their collectives) runs there on CPU tensors.
+    fn host_memory(&self) -> bool {
+        false
+    }
 }
 
 type Comm = *mut c_void;

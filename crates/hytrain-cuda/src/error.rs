@@ -218,7 +218,8 @@ pub enum CudaError {
     /// The process's local rank has no GPU of its own.
     #[error(
         "local rank {local_rank} needs GPU cuda:{local_rank} but only {visible} GPU(s) are visible{shown}; start at \
-         most {visible} process(es) per node (--nproc-per-node / nprocPerNode) or make more GPUs visible"
+         most {visible} process(es) per node (--nproc-per-node / nprocPerNode), make more GPUs visible, or give \
+         each process one GPU of its own with CUDA_VISIBLE_DEVICES (it then uses cuda:0)"
     )]
     NotEnoughGpus {
         /// This process's rank on its node.
@@ -227,6 +228,22 @@ pub enum CudaError {
         visible: usize,
         /// `" (CUDA_VISIBLE_DEVICES=...)"` when set, else empty.
         shown: String,
+    },
+
+    /// libtorch's current CUDA device could not be set.
+    #[error(
+        "local rank {local_rank} could not make cuda:{index} its current device{shown}: {reason}; check \
+         nvidia-smi, CUDA_VISIBLE_DEVICES and the number of processes per node"
+    )]
+    SetDevice {
+        /// This process's rank on its node.
+        local_rank: usize,
+        /// The GPU index it chose.
+        index: usize,
+        /// `" (CUDA_VISIBLE_DEVICES=...)"` when set, else empty.
+        shown: String,
+        /// What the CUDA runtime said, or why it could not be asked.
+        reason: String,
     },
 
     /// The CUDA stream shim cannot be used: libtorch's CUDA backend is not loaded, or the shim did not load.

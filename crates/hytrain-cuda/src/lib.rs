@@ -20,9 +20,10 @@
 //! - [`SideStream`]: a non-blocking stream beside libtorch's compute stream, ordered against it with events, on
 //!   which a communication thread packs, allreduces and unpacks gradient buckets while backward still computes.
 //! - [`CudaDriver`]: whether CUDA is usable at all, with a clear error when there is no driver; [`device`]: GPU
-//!   memory, PTX modules and kernel launches through the driver API, and [`Communicator`] for NCCL collectives.
-//!   These need a GPU and have not yet run on one; the `hytrain-gpu-check` binary (packed by
-//!   `cargo xtask gpu-check`) is their test.
+//!   memory, PTX modules and kernel launches through the driver API, and [`Communicator`], a bare NCCL
+//!   communicator. These need a GPU and have not yet run on one; the `hytrain-gpu-check` binary (packed by
+//!   `cargo xtask gpu-check`) is their test and their only user: no training step launches the kernels of
+//!   `kernels/` (optimizers use libtorch's fused kernels, buckets libtorch's copies) or uses [`Communicator`].
 //!
 //! Only this crate knows CUDA; hytrain-train and the binary depend on it, and it depends on hytrain-comm for the
 //! rendezvous store.
@@ -67,4 +68,6 @@ pub use nccl::{
 pub use nvrtc::{ComputeCapability, Nvrtc, Ptx};
 pub use side_stream::{Entered, SideStream, StreamHandle};
 pub use stream::TorchStreams;
-pub use torch_cuda::{device_for_local_rank, load_torch_cuda, TorchCuda, TORCH_CUDA_LIBRARY};
+pub use torch_cuda::{
+    device_for_local_rank, load_torch_cuda, set_current_device, TorchCuda, TORCH_CUDA_LIBRARY,
+};

@@ -128,9 +128,11 @@ type AllReduce = unsafe extern "C" fn(
 const NCCL_FLOAT32: c_int = 7;
 const NCCL_SUM: c_int = 0;
 
-/// An NCCL communicator of this rank, destroyed on drop. Needs a GPU, and the CUDA context of the device it
-/// serves current on the thread that creates it. Not yet run on a GPU (only `cargo xtask gpu-check` does); the
-/// NCCL backend of hytrain-comm builds on it.
+/// An NCCL communicator of this rank, destroyed on drop, with a blocking f32 sum on the default stream: the
+/// world-size-1 NCCL check of `hytrain-gpu-check` (packed by `cargo xtask gpu-check`) is its only user, and it
+/// has not yet run on a GPU. Training does not use it: its NCCL backend is [`crate::NcclCollective`], which
+/// creates its own communicator with its own stream, events and timeout. Needs a GPU, and the CUDA context of the
+/// device it serves current on the thread that creates it.
 pub struct Communicator<'n> {
     nccl: &'n Nccl,
     comm: *mut c_void,

@@ -74,9 +74,14 @@ fn torch_version(lib_dir: &Path) -> Option<String> {
     })
 }
 
-/// The GPU a process with `local_rank` uses: `cuda:local_rank`, one process per GPU as torchrun lays them out.
-/// `visible` is how many GPUs CUDA sees (after CUDA_VISIBLE_DEVICES, which renumbers them from 0), and
-/// `cuda_visible_devices` its value, only for the message when there are too few.
+/// The GPU a process with `local_rank` uses. `visible` is how many GPUs CUDA sees (after CUDA_VISIBLE_DEVICES,
+/// which renumbers them from 0) and `cuda_visible_devices` its value.
+///
+/// - `cuda:local_rank` when the process sees that many GPUs: one process per GPU, as torchrun lays them out.
+/// - `cuda:0` when CUDA_VISIBLE_DEVICES leaves exactly one GPU visible: a scheduler (Slurm's `--gpus-per-task`,
+///   a per-process device plugin) gave each process its own (`CUDA_VISIBLE_DEVICES=3` for local rank 3).
+/// - Otherwise an error naming the local rank, the visible count and CUDA_VISIBLE_DEVICES, and what to set. One
+///   GPU visible without CUDA_VISIBLE_DEVICES is such a case for local ranks above 0: they would all share it.
 pub fn device_for_local_rank(
     local_rank: usize,
     visible: usize,
@@ -85,13 +90,68 @@ pub fn device_for_local_rank(
     if local_rank < visible {
         return Ok(local_rank);
     }
+    if visible == 1 && cuda_visible_devices.is_some_and(|v| !v.trim().is_empty()) {
+        return Ok(0);
+    }
     Err(CudaError::NotEnoughGpus {
         local_rank,
         visible,
-        shown: cuda_visible_devices
-            .map(|v| format!(" (CUDA_VISIBLE_DEVICES={v})"))
-            .unwrap_or_default(),
+        shown: shown(cuda_visible_devices),
     })
+}
+
+fn shown(cuda_visible_devices: Option<&str>) -> String {
+    cuda_visible_devices
+        .map(|v| format!(" (CUDA_VISIBLE_DEVICES={v})"))
+        .unwrap_or_default()
+}
+
+/// `cudaSetDevice(index)` on the calling thread, through the CUDA runtime libtorch_cuda.so brought into the
+/// process: libtorch (cuBLAS handles, the caching allocator's first context, anything asking for "the current
+/// device") then works on this process's GPU instead of creating a context on GPU 0 in every process. Call it
+/// right after [`device_for_local_rank`], before anything else touches CUDA. The error names the local rank, the
+/// GPU and CUDA_VISIBLE_DEVICES.
+pub fn set_current_device(
+    local_rank: usize,
+    index: usize,
+    cuda_visible_devices: Option<&str>,
+) -> Result<(), CudaError> {
+    let error = |reason: String| CudaError::SetDevice {
+        local_rank,
+        index,
+        shown: shown(cuda_visible_devices),
+        reason,
+    };
+    type SetDevice = unsafe extern "C" fn(std::ffi::c_int) -> std::ffi::c_int;
+    type ErrorName = unsafe extern "C" fn(std::ffi::c_int) -> *const std::ffi::c_char;
+    let this = libloading::os::unix::Library::this();
+    // SAFETY: cudaSetDevice and cudaGetErrorName have these signatures in every CUDA runtime (cuda_runtime_api.h).
+    let set = unsafe { this.get::<SetDevice>(b"cudaSetDevice\0") }.map_err(|_| {
+        error(
+            "no CUDA runtime (cudaSetDevice) is loaded; load libtorch's CUDA backend first".into(),
+        )
+    })?;
+    let index_c =
+        std::ffi::c_int::try_from(index).map_err(|_| error("GPU index out of range".into()))?;
+    // SAFETY: a plain call with an int argument.
+    let code = unsafe { set(index_c) };
+    if code == 0 {
+        return Ok(());
+    }
+    // SAFETY: as above; the name is a static NUL-terminated string of the runtime.
+    let name = unsafe { this.get::<ErrorName>(b"cudaGetErrorName\0") }
+        .ok()
+        .map(|f| unsafe { f(code) })
+        .filter(|p| !p.is_null())
+        .map(|p| {
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned()
+        })
+        .unwrap_or_else(|| "unknown error".into());
+    Err(error(format!(
+        "cudaSetDevice({index}) failed: {name} ({code})"
+    )))
 }
 
 #[cfg(test)]
@@ -115,10 +175,41 @@ mod tests {
         assert_eq!(
             error,
             "local rank 2 needs GPU cuda:2 but only 2 GPU(s) are visible (CUDA_VISIBLE_DEVICES=4,5); start at most \
-             2 process(es) per node (--nproc-per-node / nprocPerNode) or make more GPUs visible"
+             2 process(es) per node (--nproc-per-node / nprocPerNode), make more GPUs visible, or give each \
+             process one GPU of its own with CUDA_VISIBLE_DEVICES (it then uses cuda:0)"
         );
         let error = device_for_local_rank(1, 1, None).unwrap_err().to_string();
         assert!(error.contains("only 1 GPU(s) are visible; "), "{error}");
+        assert!(
+            error.contains("CUDA_VISIBLE_DEVICES (it then uses cuda:0)"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_process_given_one_gpu_of_its_own_uses_cuda_0_whatever_its_local_rank() {
+        for local_rank in [0, 1, 3, 7] {
+            assert_eq!(device_for_local_rank(local_rank, 1, Some("3")).unwrap(), 0);
+        }
+        // Two visible for local rank 3 is neither layout.
+        let error = device_for_local_rank(3, 2, Some("3,7"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.starts_with("local rank 3 needs GPU cuda:3 but only 2 GPU(s) are visible (CUDA_VISIBLE_DEVICES=3,7)"), "{error}");
+        // An empty CUDA_VISIBLE_DEVICES hides every GPU; one visible anyway is not a per-process GPU.
+        assert!(device_for_local_rank(1, 1, Some("")).is_err());
+    }
+
+    #[test]
+    fn setting_the_device_without_a_usable_cuda_runtime_names_rank_gpu_and_visible_devices() {
+        // This machine has no GPU: either no CUDA runtime is loaded, or the one libtorch_cpu brings fails.
+        let error = set_current_device(2, 0, Some("5")).unwrap_err().to_string();
+        assert!(
+            error.starts_with(
+                "local rank 2 could not make cuda:0 its current device (CUDA_VISIBLE_DEVICES=5): "
+            ),
+            "{error}"
+        );
     }
 
     #[test]

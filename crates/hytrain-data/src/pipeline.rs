@@ -236,7 +236,6 @@ struct Job {
     raw: RawSample,
 }
 
-#[derive(Clone)]
 struct Item {
     inputs: Inputs,
     shape: Vec<usize>,
@@ -244,6 +243,20 @@ struct Item {
     targets: Vec<i64>,
     member: String,
     shard: String,
+}
+
+impl Clone for Item {
+    fn clone(&self) -> Self {
+        #[cfg(test)]
+        tests::CLONES.with(|c| c.set(c.get() + 1));
+        Item {
+            inputs: self.inputs.clone(),
+            shape: self.shape.clone(),
+            targets: self.targets.clone(),
+            member: self.member.clone(),
+            shard: self.shard.clone(),
+        }
+    }
 }
 
 enum Outcome {
@@ -270,6 +283,35 @@ pub struct Epoch {
     last_good: Option<Item>,
     done: bool,
     source_desc: String,
+}
+
+/// A batch's samples with every skipped (bad) one replaced, keeping the count every rank agreed on: by the
+/// previous good sample (earlier in the batch, else `last_good` from an earlier batch), or for the leading bad
+/// samples of an epoch by the first good one after them. With `skip_bad` the batch's last sample is kept in
+/// `last_good` for the next batch: one clone per batch, none per sample; without it there is nothing to replace and
+/// nothing is cloned. Returns fewer samples than slots only when every one was bad.
+fn settle(items: Vec<Option<Item>>, skip_bad: bool, last_good: &mut Option<Item>) -> Vec<Item> {
+    if !skip_bad {
+        return items.into_iter().flatten().collect();
+    }
+    let mut items = items;
+    let mut out: Vec<Item> = Vec::with_capacity(items.len());
+    for i in 0..items.len() {
+        match items[i].take() {
+            Some(item) => out.push(item),
+            None => {
+                let previous = out.last().or(last_good.as_ref());
+                let fill = previous
+                    .or_else(|| items[i + 1..].iter().flatten().next())
+                    .cloned();
+                out.extend(fill);
+            }
+        }
+    }
+    if let Some(last) = out.last() {
+        *last_good = Some(last.clone());
+    }
+    out
 }
 
 impl std::fmt::Debug for Epoch {
@@ -467,28 +509,18 @@ impl Epoch {
         let mut items: Vec<Option<Item>> = Vec::with_capacity(n);
         for _ in 0..n {
             match self.next_outcome() {
-                Outcome::Item(item) => {
-                    self.last_good = Some(item.clone());
-                    items.push(Some(item));
-                }
+                Outcome::Item(item) => items.push(Some(item)),
                 Outcome::Bad(e) if self.skip_bad => {
                     let seen = self.stats.skipped.fetch_add(1, Ordering::Relaxed);
                     if seen == 0 {
                         tracing::warn!("skipping bad sample: {e}");
                     }
-                    // Keep the count every rank agreed on: repeat the previous good sample (or the next one).
-                    items.push(self.last_good.clone());
+                    items.push(None);
                 }
                 Outcome::Bad(e) | Outcome::Fatal(e) => return Err(e),
             }
         }
-        // Leading bad samples of an epoch take the first good sample that follows them in the batch.
-        if let Some(first) = items.iter().flatten().next().cloned() {
-            for slot in items.iter_mut().filter(|s| s.is_none()) {
-                *slot = Some(first.clone());
-            }
-        }
-        let items: Vec<Item> = items.into_iter().flatten().collect();
+        let items = settle(items, self.skip_bad, &mut self.last_good);
         if items.len() < n {
             return Err(Error::Pipeline(format!(
                 "every sample of the batch at {} of epoch {} was bad; the dataset is unusable",
@@ -668,5 +700,79 @@ mod tch_tests {
         assert_eq!((y.size(), y.kind()), (vec![2, 3], tch::Kind::Int64));
         assert_eq!(x.int64_value(&[1, 0]), 4);
         assert_eq!(y.int64_value(&[0, 2]), 9);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    thread_local! {
+        /// Samples cloned on this thread.
+        pub(super) static CLONES: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn item(id: i64) -> Item {
+        Item {
+            inputs: Inputs::Float(vec![id as f32; 4]),
+            shape: vec![4],
+            targets: vec![id],
+            member: format!("{id}.png"),
+            shard: "shard-0.tar".into(),
+        }
+    }
+
+    fn ids(items: &[Item]) -> Vec<i64> {
+        items.iter().map(|i| i.targets[0]).collect()
+    }
+
+    fn clones() -> usize {
+        CLONES.with(Cell::get)
+    }
+
+    #[test]
+    fn without_skip_bad_samples_a_batch_clones_no_sample() {
+        let mut last_good = None;
+        let before = clones();
+        let batch = settle(
+            (0..64).map(|i| Some(item(i))).collect(),
+            false,
+            &mut last_good,
+        );
+        assert_eq!(ids(&batch), (0..64).collect::<Vec<_>>());
+        assert_eq!(clones() - before, 0);
+        assert!(last_good.is_none());
+    }
+
+    #[test]
+    fn with_skip_bad_samples_a_batch_clones_one_sample_to_carry_over() {
+        let mut last_good = None;
+        let before = clones();
+        settle(
+            (0..64).map(|i| Some(item(i))).collect(),
+            true,
+            &mut last_good,
+        );
+        assert_eq!(clones() - before, 1);
+        assert_eq!(last_good.map(|i| i.targets[0]), Some(63));
+    }
+
+    #[test]
+    fn bad_samples_repeat_the_previous_good_one_or_the_next_at_the_start_of_an_epoch() {
+        let mut last_good = None;
+        // Leading bad samples of the epoch take the first good one; later ones the previous good one.
+        let batch = settle(
+            vec![None, None, Some(item(5)), None, Some(item(6))],
+            true,
+            &mut last_good,
+        );
+        assert_eq!(ids(&batch), vec![5, 5, 5, 5, 6]);
+        // The next batch starts bad: the previous batch's last sample fills in.
+        let batch = settle(vec![None, Some(item(7))], true, &mut last_good);
+        assert_eq!(ids(&batch), vec![6, 7]);
+        // A batch of bad samples only, with nothing before it in the epoch, comes back short.
+        assert!(settle(vec![None, None], true, &mut None).is_empty());
     }
 }

@@ -7,8 +7,14 @@
 #include <exception>
 #include <memory>
 
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
 #include <ATen/core/Tensor.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include "shim_error.h"
@@ -87,6 +93,45 @@ int hyt_clear_grad_ready_hook(void* tensor) {
   } catch (const std::exception&) {
     return 0;
   }
+}
+
+// Sets `reached[i]` to 1 for each of the `n` parameters whose gradient accumulator the autograd graph of `loss`
+// reaches, that is those a backward of `loss` gives a gradient (the others are left as they were); what PyTorch
+// DDP's find_unused_parameters walks. Returns 0, or 1 with a message in `err`.
+int hyt_params_reached(void* loss, void** params, size_t n, unsigned char* reached, char* err, size_t err_len) {
+  return hytrain::guarded(err, err_len, [&] {
+    const auto& l = *static_cast<at::Tensor*>(loss);
+    std::unordered_map<const c10::TensorImpl*, size_t> index;
+    for (size_t i = 0; i < n; ++i) {
+      index.emplace(static_cast<at::Tensor*>(params[i])->unsafeGetTensorImpl(), i);
+    }
+    const auto& root = l.grad_fn();
+    if (root == nullptr) {
+      auto it = index.find(l.unsafeGetTensorImpl());
+      if (it != index.end() && l.requires_grad()) {
+        reached[it->second] = 1;
+      }
+      return;
+    }
+    std::vector<torch::autograd::Node*> stack{root.get()};
+    std::unordered_set<torch::autograd::Node*> seen{root.get()};
+    while (!stack.empty()) {
+      auto* node = stack.back();
+      stack.pop_back();
+      if (auto* acc = dynamic_cast<torch::autograd::AccumulateGrad*>(node)) {
+        auto it = index.find(acc->variable.unsafeGetTensorImpl());
+        if (it != index.end()) {
+          reached[it->second] = 1;
+        }
+      }
+      for (const auto& edge : node->next_edges()) {
+        auto* next = edge.function.get();
+        if (next != nullptr && seen.insert(next).second) {
+          stack.push_back(next);
+        }
+      }
+    }
+  });
 }
 
 }  // extern "C"

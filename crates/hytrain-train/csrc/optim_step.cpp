@@ -7,9 +7,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/_fused_sgd.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/sqrt.h>
 #include <c10/core/Allocator.h>
@@ -21,6 +25,15 @@
 namespace {
 
 at::Tensor& as_tensor(void* t) { return *static_cast<at::Tensor*>(t); }
+
+std::vector<at::Tensor> as_tensors(void** ts, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    out.push_back(as_tensor(ts[i]));
+  }
+  return out;
+}
 
 // Shapes `scratch` like `like`; resize_ keeps the storage when it is already large enough, so after the largest
 // parameter has been seen once this allocates nothing.
@@ -112,6 +125,45 @@ int hyt_adamw_step(void* param, void* grad, void* exp_avg, void* exp_avg_sq, voi
     at::sqrt_out(denom, v);
     denom.div_(bias_correction2_sqrt).add_(eps);
     p.addcdiv_(m, denom, -step_size);
+  });
+}
+
+// torch.optim.SGD(fused=True) over `n` parameters of one device and dtype: libtorch's `_fused_sgd_`, one
+// multi-tensor kernel (on CUDA one launch per chunk of tensors) instead of a few kernels per parameter.
+// `momentum_buffers` is ignored when `momentum` is 0; with `is_first_step` they are filled with this step's
+// (decayed) gradients, as torch.optim's first step does. Returns 0, or 1 with a message in `err`.
+int hyt_fused_sgd(void** params, void** grads, void** momentum_buffers, size_t n, double lr, double weight_decay,
+                  double momentum, double dampening, int nesterov, int is_first_step, char* err, size_t err_len) {
+  return hytrain::guarded(err, err_len, [&] {
+    at::NoGradGuard no_grad;
+    auto ps = as_tensors(params, n);
+    auto gs = as_tensors(grads, n);
+    std::vector<at::Tensor> bufs;
+    if (momentum != 0) {
+      bufs = as_tensors(momentum_buffers, n);
+    }
+    at::_fused_sgd_(ps, gs, bufs, weight_decay, momentum, lr, dampening, nesterov != 0, /*maximize=*/false,
+                    is_first_step != 0);
+  });
+}
+
+// torch.optim.AdamW(fused=True) over `n` parameters of one device and dtype: the step counts (float32 tensors on
+// the parameters' device) are incremented with one `_foreach_add_`, then libtorch's `_fused_adamw_` updates
+// parameters and moments in one multi-tensor kernel, reading the steps where they are. Returns 0, or 1 with a
+// message in `err`.
+int hyt_fused_adamw(void** params, void** grads, void** exp_avgs, void** exp_avg_sqs, void** steps, size_t n,
+                    double lr, double weight_decay, double beta1, double beta2, double eps, char* err,
+                    size_t err_len) {
+  return hytrain::guarded(err, err_len, [&] {
+    at::NoGradGuard no_grad;
+    auto ps = as_tensors(params, n);
+    auto gs = as_tensors(grads, n);
+    auto ms = as_tensors(exp_avgs, n);
+    auto vs = as_tensors(exp_avg_sqs, n);
+    auto ss = as_tensors(steps, n);
+    at::_foreach_add_(ss, 1);
+    at::_fused_adamw_(ps, gs, ms, vs, /*max_exp_avg_sqs=*/{}, ss, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false);
   });
 }
 

@@ -70,7 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let lr = 0.05 * schedule.factor(step);
         let result = ddp.train_step(&[(xs, ys)], optimizer.as_mut(), lr)?;
         if step % 50 == 0 {
-            println!("step={step} train_loss={:.4} lr={lr:.4}", result.loss);
+            println!("step={step} train_loss={:.4} lr={lr:.4}", result.loss_value()?);
         }
         if (step + 1) % 100 == 0 {
             store.save(&Checkpoint {

@@ -1,5 +1,6 @@
 //! Where the training loop's batches come from: the [`BatchSource`] trait, and [`TensorBatches`], an in-memory
-//! source over whole tensors (tests, demos, and small data sets that fit in memory).
+//! source over whole tensors (tests, demos, and small data sets that fit in memory); and [`one_ahead`] with
+//! [`to_device_async`], which the loop uses to move batches to a GPU one step ahead without the host waiting.
 
 use tch::{Kind, Tensor};
 
@@ -141,5 +142,121 @@ impl BatchSource for TensorBatches {
 
     fn batches_per_epoch(&self) -> u64 {
         self.samples().div_ceil(self.batch_size) as u64
+    }
+}
+
+/// `batches` with each batch moved by `to_device` one batch ahead: handing out batch k first starts moving batch
+/// k + 1, so on a GPU its copy is queued before step k's work and the host never waits for one. Errors come out in
+/// their place; the move of a batch that is never asked for still happens (one batch of look-ahead).
+pub fn one_ahead<'a>(
+    batches: Batches<'a>,
+    to_device: impl FnMut(Batch) -> std::result::Result<Batch, BatchError> + 'a,
+) -> Batches<'a> {
+    struct Ahead<'a, F> {
+        inner: Batches<'a>,
+        to_device: F,
+        next: Option<std::result::Result<Batch, BatchError>>,
+    }
+    impl<F: FnMut(Batch) -> std::result::Result<Batch, BatchError>> Ahead<'_, F> {
+        fn pull(&mut self) -> Option<std::result::Result<Batch, BatchError>> {
+            self.inner.next().map(|b| b.and_then(&mut self.to_device))
+        }
+    }
+    impl<F: FnMut(Batch) -> std::result::Result<Batch, BatchError>> Iterator for Ahead<'_, F> {
+        type Item = std::result::Result<Batch, BatchError>;
+        fn next(&mut self) -> Option<Self::Item> {
+            let current = match self.next.take() {
+                Some(b) => b,
+                None => self.pull()?,
+            };
+            // After an error the loop stops; reading on would only start work nobody takes.
+            if current.is_ok() {
+                self.next = self.pull();
+            }
+            Some(current)
+        }
+    }
+    Box::new(Ahead { inner: batches, to_device, next: None })
+}
+
+/// Moves a host batch to `device` without the host waiting: on a GPU both tensors are copied into pinned (page-
+/// locked) memory and from there with `non_blocking`, which libtorch queues on the current stream and returns at
+/// once (a copy from ordinary pageable memory would block the host until the GPU has it). On the CPU it is the
+/// batch itself.
+pub fn to_device_async(device: tch::Device, (xs, ys): Batch) -> std::result::Result<Batch, BatchError> {
+    let context = |e: tch::TchError| -> BatchError { format!("moving a batch to {device:?}: {e}").into() };
+    Ok((host_to_device(&xs, device).map_err(context)?, host_to_device(&ys, device).map_err(context)?))
+}
+
+/// `t` on `device`: itself when it is there already, else copied from pinned memory with `non_blocking` (see
+/// [`to_device_async`]).
+pub(crate) fn host_to_device(t: &Tensor, device: tch::Device) -> std::result::Result<Tensor, tch::TchError> {
+    if t.device() == device {
+        return Ok(t.shallow_clone());
+    }
+    let pinned = if t.f_is_pinned(device)? { t.shallow_clone() } else { t.f_pin_memory(device)? };
+    pinned.f_to_device_(device, pinned.kind(), true, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use super::*;
+
+    fn batch(i: i64) -> Batch {
+        (Tensor::from_slice(&[i as f32]), Tensor::from_slice(&[i]))
+    }
+
+    fn label(b: &Batch) -> i64 {
+        b.1.int64_value(&[0])
+    }
+
+    #[test]
+    fn each_batch_is_moved_before_the_one_before_it_is_handed_out() {
+        let moved = Rc::new(RefCell::new(Vec::new()));
+        let log = moved.clone();
+        let inner: Batches<'static> = Box::new((0..4).map(|i| Ok(batch(i))));
+        let mut batches = one_ahead(inner, move |b| {
+            log.borrow_mut().push(label(&b));
+            Ok(b)
+        });
+        for k in 0..4 {
+            let b = batches.next().unwrap().unwrap();
+            assert_eq!(label(&b), k);
+            // Handing out batch k has moved k + 1 already (the last has no successor).
+            assert_eq!(*moved.borrow(), (0..=(k + 1).min(3)).collect::<Vec<_>>());
+        }
+        assert!(batches.next().is_none());
+    }
+
+    #[test]
+    fn an_error_comes_out_in_its_place_and_ends_the_look_ahead() {
+        let moves = Rc::new(RefCell::new(0));
+        let count = moves.clone();
+        let inner: Batches<'static> = Box::new(
+            vec![Ok(batch(0)), Err::<Batch, BatchError>("shard 3 is corrupt".into()), Ok(batch(2))].into_iter(),
+        );
+        let mut batches = one_ahead(inner, move |b| {
+            *count.borrow_mut() += 1;
+            Ok(b)
+        });
+        assert_eq!(label(&batches.next().unwrap().unwrap()), 0);
+        assert_eq!(batches.next().unwrap().unwrap_err().to_string(), "shard 3 is corrupt");
+        assert_eq!(*moves.borrow(), 1, "nothing is read or moved past the error");
+        // A failed move is an error in the same place.
+        let inner: Batches<'static> = Box::new((0..2).map(|i| Ok(batch(i))));
+        let mut batches = one_ahead(inner, |b| if label(&b) == 1 { Err("no GPU memory".into()) } else { Ok(b) });
+        assert!(batches.next().unwrap().is_ok());
+        assert_eq!(batches.next().unwrap().unwrap_err().to_string(), "no GPU memory");
+    }
+
+    #[test]
+    fn a_batch_already_on_the_cpu_is_handed_over_unchanged() {
+        let (xs, ys) = batch(7);
+        let ptr = xs.data_ptr();
+        let (xs, ys) = to_device_async(tch::Device::Cpu, (xs, ys)).unwrap();
+        assert_eq!((xs.data_ptr(), label(&(xs.shallow_clone(), ys))), (ptr, 7));
     }
 }

@@ -3,6 +3,11 @@
 //! The assignment is a pure function of parameter sizes and kinds, so every rank computes the same one. A bucket's
 //! three phases (pack, allreduce, unpack) are separate calls, so a later hook-driven launch can start a bucket as
 //! soon as its last gradient is ready instead of after the whole backward pass.
+//!
+//! As PyTorch DDP's `gradient_as_bucket_view`, each parameter's `.grad` is made a view into its bucket
+//! ([`Bucket::view_gradients`]): backward accumulates straight into the bucket, the allreduce averages it in place,
+//! and pack and unpack copy nothing. They still copy a gradient that is not its view (one replaced by someone
+//! else), so the result is the same either way.
 
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -84,18 +89,60 @@ impl Bucket {
         &self.members
     }
 
+    /// Whether `grad` (the gradient of member `member`, an index into the parameters) is the view of this
+    /// bucket's buffer at its place.
+    #[cfg(test)]
+    pub(crate) fn holds_gradient(&self, member: usize, grad: &Tensor) -> bool {
+        match self.members.iter().position(|&m| m == member) {
+            Some(i) => self.is_view(grad, self.offsets[i]),
+            None => false,
+        }
+    }
+
     /// Size of the flat buffer in bytes.
     pub fn bytes(&self) -> usize {
         self.numel * self.kind.elt_size_in_bytes()
     }
 
-    /// Copies the members' gradients into the flat buffer. Returns the name of a member without a gradient.
+    /// Makes each member's `.grad` a view of its place in the flat buffer, holding the gradient it had (zeros when
+    /// it had none). Call again after the buffer moves ([`Bucket::to_device`]).
+    pub fn view_gradients(&self, params: &[(String, Tensor)]) -> Result<(), TchError> {
+        for (&m, &off) in self.members.iter().zip(&self.offsets) {
+            let p = &params[m].1;
+            let view = self.flat.f_narrow(0, off, p.numel() as i64)?.f_view(p.size().as_slice())?;
+            let grad = p.grad();
+            tch::no_grad(|| {
+                if grad.defined() {
+                    view.shallow_clone().f_copy_(&grad)
+                } else {
+                    view.shallow_clone().f_zero_().map(drop)
+                }
+            })?;
+            crate::shim::set_grad(p, &view)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `grad`, the gradient of the member at `offset`, is the view of the flat buffer there.
+    fn is_view(&self, grad: &Tensor, offset: i64) -> bool {
+        let at = self.flat.data_ptr() as usize + offset as usize * self.kind.elt_size_in_bytes();
+        grad.device() == self.flat.device()
+            && grad.kind() == self.kind
+            && grad.data_ptr() as usize == at
+            && grad.is_contiguous()
+    }
+
+    /// Copies the members' gradients into the flat buffer, except those that are its views already. Returns the
+    /// name of a member without a gradient.
     pub fn pack(&mut self, params: &[(String, Tensor)]) -> Result<Result<(), String>, TchError> {
         for (&m, &off) in self.members.iter().zip(&self.offsets) {
             let (name, p) = &params[m];
             let grad = p.grad();
             if !grad.defined() {
                 return Ok(Err(name.clone()));
+            }
+            if self.is_view(&grad, off) {
+                continue;
             }
             let n = p.numel() as i64;
             let mut dst = self.flat.f_narrow(0, off, n)?;
@@ -111,7 +158,9 @@ impl Bucket {
         }
         let ptr = self.flat.data_ptr();
         // SAFETY: `flat` is a contiguous CPU tensor of exactly `numel` elements of `kind`, created and owned by this
-        // bucket and never handed out, so nothing else reads or writes it while the slice (borrowing `self`) lives.
+        // bucket; the only other handles on its memory are its members' gradients (views), which nothing reads or
+        // writes while their bucket is reduced (backward is done with them), so the slice (borrowing `self`) is
+        // the only access while it lives.
         // half::bf16 is a transparent u16, libtorch's BFloat16 layout.
         let buf = unsafe {
             match self.kind {
@@ -146,7 +195,7 @@ impl Bucket {
             Kind::Half => DType::F16,
             other => unreachable!("bucket of non-reducible kind {other:?} (Ddp::new checks kinds)"),
         };
-        if self.flat.device() == Device::Cpu {
+        if self.flat.device() == Device::Cpu && !comm.host_memory() {
             return Err(hytrain_cuda::CudaError::Shape(
                 "a gradient bucket in host memory was handed to a GPU collective; move the model to the GPU first"
                     .into(),
@@ -158,11 +207,14 @@ impl Bucket {
         comm.allreduce(slice, DeviceReduceOp::Avg)
     }
 
-    /// Copies the averaged values back into the members' gradients.
+    /// Copies the averaged values back into the members' gradients, except those that are its views.
     pub fn unpack(&self, params: &[(String, Tensor)]) -> Result<(), TchError> {
         for (&m, &off) in self.members.iter().zip(&self.offsets) {
             let p = &params[m].1;
             let mut grad = p.grad();
+            if self.is_view(&grad, off) {
+                continue;
+            }
             let src = self.flat.f_narrow(0, off, p.numel() as i64)?.f_view(grad.size().as_slice())?;
             tch::no_grad(|| grad.f_copy_(&src))?;
         }
@@ -231,6 +283,29 @@ mod tests {
         bucket.unpack(&params).unwrap();
         assert_eq!(Vec::<f32>::try_from(a.grad().flatten(0, -1)).unwrap(), vec![1.0; 6]);
         assert_eq!(Vec::<f32>::try_from(b.grad()).unwrap(), vec![1.0; 4]);
+    }
+
+    #[test]
+    fn gradients_as_views_accumulate_into_the_bucket_and_pack_copies_nothing() {
+        let a = Tensor::ones([2, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let b = Tensor::ones([4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let params = vec![("a".to_string(), a.shallow_clone()), ("b".to_string(), b.shallow_clone())];
+        let mut bucket = Bucket::new(vec![1, 0], &params).unwrap();
+        bucket.view_gradients(&params).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&bucket.flat).unwrap(), vec![0.0; 10], "views start at zero");
+        ((&a * 2.0).sum(Kind::Float) + (&b * &b).sum(Kind::Float)).backward();
+        // Backward wrote into the bucket through the views: b's 2.0s first, then a's 2.0s.
+        assert_eq!(Vec::<f32>::try_from(&bucket.flat).unwrap(), vec![2.0; 10]);
+        bucket.pack(&params).unwrap().unwrap();
+        let _ = tch::no_grad(|| bucket.flat.f_mul_scalar_(0.5)).unwrap();
+        bucket.unpack(&params).unwrap();
+        // Scaling the bucket scaled the gradients themselves: they are its memory.
+        assert_eq!(Vec::<f32>::try_from(a.grad().flatten(0, -1)).unwrap(), vec![1.0; 6]);
+        assert_eq!(a.grad().data_ptr() as usize, bucket.flat.data_ptr() as usize + 4 * 4);
+        // A gradient replaced by another tensor is copied again, so the bucket still carries it.
+        crate::shim::set_grad(&b, &Tensor::full([4], 3.0, (Kind::Float, Device::Cpu))).unwrap();
+        bucket.pack(&params).unwrap().unwrap();
+        assert_eq!(Vec::<f32>::try_from(bucket.flat.narrow(0, 0, 4)).unwrap(), vec![3.0; 4]);
     }
 
     #[test]

@@ -110,17 +110,32 @@ pub struct DdpStats {
     pub buckets_launched_in_backward: u64,
 }
 
-/// What one optimizer step did.
-#[derive(Debug, Clone, PartialEq)]
+/// What one optimizer step did. The loss and the norm stay where the model computed them (a 0-dim tensor on its
+/// device), so a step never waits for the GPU; read them when they are needed ([`StepOutput::loss_value`]), as the
+/// training loop does once per logging window.
+#[derive(Debug)]
 pub struct StepOutput {
-    /// Mean training loss of this rank's micro-batches (not averaged over ranks).
-    pub loss: f64,
+    /// Mean training loss of this rank's micro-batches (not averaged over ranks), detached.
+    pub loss: Tensor,
     /// Global gradient norm before clipping, when clipping is on.
-    pub grad_norm: Option<f64>,
+    pub grad_norm: Option<Tensor>,
     /// Samples this rank processed.
     pub samples: usize,
     /// The optimizer step was skipped because the fp16 gradients overflowed (the same on every rank).
     pub skipped: bool,
+}
+
+impl StepOutput {
+    /// The loss as a number; on a GPU this waits for the step to finish.
+    pub fn loss_value(&self) -> Result<f64> {
+        self.loss.f_double_value(&[]).map_err(|e| TrainError::torch("reading the loss", e))
+    }
+
+    /// The gradient norm before clipping as a number, when clipping is on; on a GPU this waits for the step.
+    pub fn grad_norm_value(&self) -> Result<Option<f64>> {
+        let read = |n: &Tensor| n.f_double_value(&[]).map_err(|e| TrainError::torch("reading the gradient norm", e));
+        self.grad_norm.as_ref().map(read).transpose()
+    }
 }
 
 /// The layout of one gradient bucket, for logs and tests.
@@ -154,6 +169,10 @@ pub struct Ddp {
     scaler: Option<GradScaler>,
     /// The last synchronisation found inf or NaN in the fp16 gradients.
     overflowed: bool,
+    /// Gradients are views of the buckets, always defined: whether a parameter got one is read from the graph.
+    grads_are_views: bool,
+    /// Parameters some backward has reached since the engine started (with `grads_are_views`).
+    reached: Vec<u8>,
 }
 
 impl std::fmt::Debug for Ddp {
@@ -217,6 +236,8 @@ impl Ddp {
             device_comm: None,
             scaler: None,
             overflowed: false,
+            grads_are_views: false,
+            reached: Vec::new(),
         };
         if ddp.options.precision == Precision::Fp16 {
             ddp.scaler = Some(GradScaler::from_state(GradScalerState {
@@ -247,6 +268,10 @@ impl Ddp {
             .collect::<Result<_, _>>()
             .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
         let on_cpu = ddp.params.iter().all(|(_, p)| p.device() == Device::Cpu);
+        // Buckets are in host memory here; a model on a GPU gets its gradient views once they move there.
+        if on_cpu {
+            ddp.view_gradients()?;
+        }
         // A compiled step returns every gradient at once at its end: there is no backward to overlap with.
         let autograd = ddp.model.compiled_step().is_none();
         if ddp.options.overlap && ddp.world_size() > 1 && on_cpu && autograd {
@@ -270,11 +295,12 @@ impl Ddp {
         })
     }
 
-    /// Averages gradients with `device_comm` (NCCL) in GPU memory instead of through the host collective, which
-    /// keeps the metrics, checks and broadcasts. The model must already be on the collective's GPU; the gradient
-    /// buckets move there. With [`DdpOptions::overlap`] and a `side` stream on that GPU, each bucket is packed,
-    /// allreduced and unpacked on the side stream while backward still computes (even alone, as a one-GPU job
-    /// runs the NCCL path too); without either, after backward.
+    /// Averages gradients and broadcasts rank 0's buffers before training forwards with `device_comm` (NCCL) in
+    /// GPU memory instead of through the host collective, which keeps the metrics, checks and the start-up and
+    /// checkpoint broadcasts. The model must already be on the collective's GPU; the gradient buckets move there.
+    /// With [`DdpOptions::overlap`], more than one rank and a `side` stream on that GPU, each bucket is packed,
+    /// allreduced and unpacked on the side stream while backward still computes; without them, after backward.
+    /// A job of one rank calls no collective in a step.
     pub fn with_device_collective(
         mut self,
         device_comm: Box<dyn hytrain_cuda::DeviceCollective>,
@@ -293,7 +319,7 @@ impl Ddp {
             ));
         }
         let device = crate::model::device_of(self.model.as_ref());
-        if device == tch::Device::Cpu {
+        if device == tch::Device::Cpu && !device_comm.host_memory() {
             return Err(TrainError::option(
                 "device collective",
                 format!("{} (NCCL) needs the model on a GPU, but it is on the CPU", device_comm.backend()),
@@ -304,9 +330,12 @@ impl Ddp {
                 .to_device(device)
                 .map_err(|e| TrainError::torch(format!("moving gradient bucket {i} to {device:?}"), e))?;
         }
+        self.view_gradients()?;
         // The model is on a GPU, so `new` installed no hooks; these reduce through the device collective.
         self.overlap = match side {
-            Some(side) if self.options.overlap && self.model.compiled_step().is_none() => Some(self.hooks(Some(side))?),
+            Some(side) if self.options.overlap && self.world_size() > 1 && self.model.compiled_step().is_none() => {
+                Some(self.hooks(Some(side))?)
+            }
             _ => None,
         };
         tracing::info!(
@@ -487,16 +516,38 @@ impl Ddp {
     }
 
     /// Copies rank 0's buffers to every rank (done before each training forward when `broadcast_buffers`; call it
-    /// before evaluation too so every rank evaluates the same model).
+    /// before evaluation too so every rank evaluates the same model). With a device collective the buffers stay on
+    /// the GPU: one broadcast per dtype of their concatenation.
     pub fn sync_buffers(&mut self) -> Result<()> {
+        if self.world_size() == 1 || self.buffers.is_empty() {
+            return Ok(());
+        }
         let buffers: Vec<(String, Tensor)> = self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        self.broadcast_tensors(&buffers, "buffer broadcast from rank 0")
+        let during = "buffer broadcast from rank 0";
+        match self.device_comm.as_mut() {
+            Some(device_comm) => {
+                let started = Instant::now();
+                crate::coalesced::broadcast(device_comm.as_mut(), &buffers)
+                    .map_err(|source| TrainError::DeviceComm { during: during.into(), source })?;
+                self.stats.broadcast_secs += started.elapsed().as_secs_f64();
+                Ok(())
+            }
+            None => self.broadcast_tensors(&buffers, during),
+        }
+    }
+
+    /// Rank 0's buffers before a training forward, as PyTorch DDP's `broadcast_buffers` does before every one.
+    fn sync_buffers_before_training(&mut self) -> Result<()> {
+        if self.options.broadcast_buffers {
+            self.sync_buffers()?;
+        }
+        Ok(())
     }
 
     /// The model's forward pass; in training, rank 0's buffers are broadcast first (see [`DdpOptions`]).
     pub fn forward_t(&mut self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if train && self.options.broadcast_buffers {
-            self.sync_buffers()?;
+        if train {
+            self.sync_buffers_before_training()?;
         }
         let moved = self.on_model_device(xs)?;
         let xs = moved.as_ref().unwrap_or(xs);
@@ -506,13 +557,16 @@ impl Ddp {
     }
 
     /// `t` moved to the model's device, or `None` when it is there already: batches arrive in host memory, and a
-    /// model on a GPU takes them there.
+    /// model on a GPU takes them there through pinned memory without the host waiting (the training loop moves
+    /// them one step ahead itself, see [`crate::batches::one_ahead`]).
     fn on_model_device(&self, t: &Tensor) -> Result<Option<Tensor>> {
         let device = self.params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
         if t.device() == device {
             return Ok(None);
         }
-        t.f_to_device(device).map(Some).map_err(|e| TrainError::torch(format!("moving a batch to {device:?}"), e))
+        crate::batches::host_to_device(t, device)
+            .map(Some)
+            .map_err(|e| TrainError::torch(format!("moving a batch to {device:?}"), e))
     }
 
     /// Backpropagates `loss` of one micro-batch, scaled by `1/grad_accum`. Gradients accumulate locally; after the
@@ -530,6 +584,7 @@ impl Ddp {
         if let Some(scaler) = &self.scaler {
             scaled = scaler.scale_loss(&scaled)?;
         }
+        self.note_reached(&scaled)?;
         self.micro_step += 1;
         if self.micro_step < k || self.overlap.is_none() {
             scaled.f_backward().map_err(|e| TrainError::torch("backward", e))?;
@@ -537,10 +592,12 @@ impl Ddp {
                 return Ok(false);
             }
             self.micro_step = 0;
+            self.check_reached()?;
             self.sync_gradients()?;
         } else {
             self.micro_step = 0;
             self.backward_overlapped(&scaled)?;
+            self.check_reached()?;
         }
         self.unscale_gradients()?;
         Ok(true)
@@ -628,8 +685,7 @@ impl Ddp {
     /// Averages every parameter's gradient over all ranks, one allreduce per bucket, in bucket order.
     pub fn sync_gradients(&mut self) -> Result<()> {
         self.stats.syncs += 1;
-        // A device collective runs even alone, so a one-GPU job exercises the same NCCL path as many.
-        if self.world_size() == 1 && self.device_comm.is_none() {
+        if self.world_size() == 1 {
             return Ok(());
         }
         let started = Instant::now();
@@ -655,35 +711,55 @@ impl Ddp {
         Ok(())
     }
 
-    /// Scales gradients so their global L2 norm is at most `max_norm` (as `torch.nn.utils.clip_grad_norm_`);
-    /// returns the norm before clipping. Call after [`Ddp::sync_gradients`], so every rank clips alike.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
-        let torch = |e| TrainError::torch("gradient clipping", e);
-        let mut sum_sq = 0.0;
-        for (_, p) in &self.params {
-            let g = p.grad();
-            if g.defined() {
-                let n = g.f_norm().and_then(|n| n.f_double_value(&[])).map_err(torch)?;
-                sum_sq += n * n;
-            }
-        }
-        let total = sum_sq.sqrt();
-        let coef = max_norm / (total + 1e-6);
-        if coef < 1.0 {
-            for (_, p) in &self.params {
-                let mut g = p.grad();
-                if g.defined() {
-                    let _ = tch::no_grad(|| g.f_mul_scalar_(coef)).map_err(torch)?;
-                }
-            }
-        }
-        Ok(total)
+    /// Scales gradients so their global L2 norm is at most `max_norm`, as `torch.nn.utils.clip_grad_norm_` does
+    /// with `foreach`: one `_foreach_norm` per dtype, the norm of their stack, and every gradient multiplied by
+    /// `min(1, max_norm / (norm + 1e-6))` on the device, so nothing is read back. Returns the norm before clipping
+    /// (0-dim, on the gradients' device). Call after [`Ddp::sync_gradients`], so every rank clips alike.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<Tensor> {
+        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
+        crate::coalesced::clip_grad_norm(&grads, max_norm).map_err(|e| TrainError::torch("gradient clipping", e))
     }
 
-    /// Zeroes every parameter's gradient.
+    /// Makes every parameter's gradient a view of its place in its bucket (see [`crate::Bucket::view_gradients`]).
+    fn view_gradients(&mut self) -> Result<()> {
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            bucket
+                .view_gradients(&self.params)
+                .map_err(|e| TrainError::torch(format!("making gradients views of bucket {i}"), e))?;
+        }
+        self.grads_are_views = true;
+        self.reached = vec![0; self.params.len()];
+        Ok(())
+    }
+
+    /// Notes which parameters `loss`'s graph reaches, before its backward frees the graph. Gradients that are
+    /// views are always defined, so this is how a parameter that never got a gradient is still found and named.
+    fn note_reached(&mut self, loss: &Tensor) -> Result<()> {
+        if !self.grads_are_views || !loss.requires_grad() || self.reached.iter().all(|&r| r != 0) {
+            return Ok(());
+        }
+        let handles: Vec<*mut std::ffi::c_void> = self.params.iter().map(|(_, p)| crate::shim::handle(p)).collect();
+        crate::shim::params_reached(loss, &handles, &mut self.reached)
+            .map_err(|e| TrainError::torch("finding the parameters backward reaches", e))
+    }
+
+    /// At a synchronisation: an error naming the first parameter no backward has reached since the engine
+    /// started (a later step may leave a parameter out: its gradient is then zero, as before gradients were views).
+    fn check_reached(&self) -> Result<()> {
+        match self.reached.iter().position(|&r| r == 0) {
+            Some(i) if self.grads_are_views => Err(TrainError::MissingGradient(self.params[i].0.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Zeroes every parameter's gradient in place (the gradients are views of the buckets, which tch's
+    /// `zero_grad`, detaching in place, refuses), as torch.optim's `zero_grad(set_to_none=False)` does.
     pub fn zero_grad(&mut self) {
-        for (_, p) in &mut self.params {
-            p.zero_grad();
+        for (_, p) in &self.params {
+            let grad = p.grad();
+            if grad.defined() {
+                let _ = tch::no_grad(|| grad.shallow_clone().f_zero_());
+            }
         }
     }
 
@@ -712,21 +788,22 @@ impl Ddp {
             return self.compiled_train_step(micro_batches, optimizer, lr);
         }
         self.zero_grad();
-        let mut loss_sum = 0.0;
+        let mut losses = Vec::with_capacity(micro_batches.len());
         let mut samples = 0;
         let mut synced = false;
         for (xs, ys) in micro_batches {
             let loss = {
                 let _autocast = self.autocast()?;
                 let logits = self.forward_t(xs, true)?;
-                cross_entropy(&logits, ys)?
+                let moved = self.on_model_device(ys)?;
+                cross_entropy(&logits, moved.as_ref().unwrap_or(ys))?
             };
-            loss_sum += loss.f_double_value(&[]).map_err(|e| TrainError::torch("reading the loss", e))?;
+            losses.push(loss.detach());
             samples += xs.size().first().copied().unwrap_or(0) as usize;
             synced = self.backward(&loss)?;
         }
         debug_assert!(synced, "the last micro-batch synchronises");
-        let loss = loss_sum / micro_batches.len() as f64;
+        let loss = mean_loss(&losses)?;
         if self.overflowed {
             self.zero_grad();
             return Ok(StepOutput { loss, grad_norm: None, samples, skipped: true });
@@ -736,7 +813,13 @@ impl Ddp {
 
     /// Clips the averaged gradients if configured (after unscaling, so clipping sees the true gradients), steps the
     /// optimizer and clears the gradients.
-    fn finish_step(&mut self, optimizer: &mut dyn Optimizer, lr: f64, loss: f64, samples: usize) -> Result<StepOutput> {
+    fn finish_step(
+        &mut self,
+        optimizer: &mut dyn Optimizer,
+        lr: f64,
+        loss: Tensor,
+        samples: usize,
+    ) -> Result<StepOutput> {
         let grad_norm = match self.options.max_grad_norm {
             Some(max) => Some(self.clip_grad_norm(max)?),
             None => None,
@@ -757,23 +840,25 @@ impl Ddp {
         lr: f64,
     ) -> Result<StepOutput> {
         let k = micro_batches.len();
-        let (mut loss_sum, mut samples) = (0.0, 0);
+        let (mut losses, mut samples) = (Vec::with_capacity(k), 0);
         for (i, (xs, ys)) in micro_batches.iter().enumerate() {
-            if self.options.broadcast_buffers {
-                self.sync_buffers()?;
-            }
+            self.sync_buffers_before_training()?;
             let (moved_xs, moved_ys) = (self.on_model_device(xs)?, self.on_model_device(ys)?);
             let (xs, ys) = (moved_xs.as_ref().unwrap_or(xs), moved_ys.as_ref().unwrap_or(ys));
             let step = self.model.compiled_step().expect("called for a compiled model");
             let (loss, grads) = step.loss_and_grads(xs, ys)?;
-            loss_sum += loss.f_double_value(&[]).map_err(|e| TrainError::torch("reading the loss", e))?;
+            losses.push(loss.detach());
             samples += xs.size().first().copied().unwrap_or(0) as usize;
             for ((name, p), mut g) in self.params.iter().zip(grads) {
                 let torch = |e| TrainError::torch(format!("gradient of {name}"), e);
                 if k > 1 {
                     let _ = g.f_mul_scalar_(1.0 / k as f64).map_err(torch)?;
                 }
-                if i == 0 {
+                let current = p.grad();
+                if i == 0 && current.defined() {
+                    // Into the gradient's own memory, a view of its bucket.
+                    let _ = tch::no_grad(|| current.shallow_clone().f_copy_(&g)).map_err(torch)?;
+                } else if i == 0 {
                     crate::shim::set_grad(p, &g).map_err(torch)?;
                 } else {
                     let _ = p.grad().f_add_(&g).map_err(torch)?;
@@ -781,7 +866,8 @@ impl Ddp {
             }
         }
         self.sync_gradients()?;
-        self.finish_step(optimizer, lr, loss_sum / k as f64, samples)
+        let loss = mean_loss(&losses)?;
+        self.finish_step(optimizer, lr, loss, samples)
     }
 
     /// Sums (or averages) `values` over all ranks in place, as f64; for metrics and evaluation counts.
@@ -791,6 +877,14 @@ impl Ddp {
         }
         self.comm.allreduce(Buffer::F64(values), op).map_err(comm_err("metric allreduce"))
     }
+}
+
+/// The mean of the micro-batches' 0-dim losses, in float64 (as the loop summed them on the host before), computed
+/// where they are.
+fn mean_loss(losses: &[Tensor]) -> Result<Tensor> {
+    let torch = |e| TrainError::torch("averaging the micro-batch losses", e);
+    let sum = Tensor::f_stack(losses, 0).and_then(|l| l.f_sum(Kind::Double)).map_err(torch)?;
+    sum.f_div_scalar(losses.len() as f64).map_err(torch)
 }
 
 /// Mean cross-entropy of `logits` `[N, classes]` against integer class `targets` `[N]`.
@@ -838,6 +932,28 @@ mod tests {
     use hytrain_cuda::CudaError;
 
     use super::*;
+
+    #[test]
+    fn gradients_stay_views_of_their_buckets_through_steps() {
+        let model = crate::model::build("mlp:8", 3, &[4], Device::Cpu).unwrap();
+        let options = DdpOptions { grad_accum: 2, max_grad_norm: Some(1.0), ..Default::default() };
+        let mut ddp = Ddp::single(model, options).unwrap();
+        let mut opt = crate::OptimizerConfig::Sgd(crate::SgdConfig { momentum: 0.9, ..Default::default() })
+            .build(ddp.parameters())
+            .unwrap();
+        // No draw from libtorch's generator for the data: other tests on parallel threads rely on it.
+        let batch = || {
+            let xs = (Tensor::arange(20, (Kind::Float, Device::Cpu)) * 0.37).sin().reshape([5, 4]);
+            (xs, Tensor::from_slice(&[0i64, 1, 2, 1, 0]))
+        };
+        for _ in 0..3 {
+            ddp.train_step(&[batch(), batch()], opt.as_mut(), 0.1).unwrap();
+            for (i, (name, p)) in ddp.params.iter().enumerate() {
+                let grad = p.grad();
+                assert!(ddp.buckets.iter().any(|b| b.holds_gradient(i, &grad)), "{name}'s gradient left its bucket");
+            }
+        }
+    }
 
     /// The GPU overlap's failures cannot happen without a GPU; what they say can be checked.
     #[test]

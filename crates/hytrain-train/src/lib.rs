@@ -19,7 +19,7 @@
 //!     let xs = tch::Tensor::randn([64, 3, 32, 32], tch::kind::FLOAT_CPU);
 //!     let ys = tch::Tensor::randint(10, [64], tch::kind::INT64_CPU);
 //!     let out = ddp.train_step(&[(xs, ys)], optimizer.as_mut(), 0.01 * schedule.factor(step))?;
-//!     println!("step={step} train_loss={:.4}", out.loss);
+//!     println!("step={step} train_loss={:.4}", out.loss_value()?);
 //! }
 //! # Ok(()) }
 //! ```
@@ -29,12 +29,14 @@
 pub mod batches;
 mod bucket;
 pub mod checkpoint;
+mod coalesced;
 pub mod config;
 mod ddp;
 mod error;
 pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod host_sync;
 pub mod loader;
 pub mod model;
 pub mod optim;
@@ -59,7 +61,7 @@ pub use export::{export, ExportMetadata};
 pub use hytrain_comm::{Buffer, Collective, CommError, ReduceOp};
 pub use loader::LoaderBatches;
 pub use model::{Model, ScriptModel};
-pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerConfig, Sgd, SgdConfig};
+pub use optim::{AdamW, AdamWConfig, Implementation, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use precision::{Autocast, GradScaler, GradScalerState, Precision};
 pub use schedule::Schedule;
 pub use trainer::{RunPaths, Summary, Trainer};

@@ -27,6 +27,24 @@ pub(crate) fn shim_message(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Re
 
 extern "C" {
     fn hyt_set_grad(param: *mut c_void, grad: *mut c_void, err: *mut c_char, err_len: usize) -> c_int;
+    fn hyt_params_reached(
+        loss: *mut c_void,
+        params: *const *mut c_void,
+        n: usize,
+        reached: *mut u8,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// Sets `reached[i]` to 1 for each parameter (`params`, tch handles) whose gradient accumulator `loss`'s autograd
+/// graph reaches (`csrc/grad_hook.cpp`); the others keep their value.
+pub(crate) fn params_reached(loss: &Tensor, params: &[*mut c_void], reached: &mut [u8]) -> Result<(), TchError> {
+    assert_eq!(params.len(), reached.len(), "one flag per parameter");
+    // SAFETY: `loss` and every handle are live tensors for the call; `reached` holds `params.len()` bytes.
+    shim(|err, len| unsafe {
+        hyt_params_reached(handle(loss), params.as_ptr(), params.len(), reached.as_mut_ptr(), err, len)
+    })
 }
 
 /// `param.grad = grad`, sharing `grad`'s storage (`csrc/aoti.cpp`): a compiled step's gradients become the

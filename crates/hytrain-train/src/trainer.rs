@@ -344,6 +344,10 @@ impl Trainer {
                     during: format!("starting epoch {} of the training data", epoch + 1),
                     source,
                 })?;
+                let device = model::device_of(run.ddp.model());
+                if device != tch::Device::Cpu {
+                    batches = crate::batches::one_ahead(batches, move |b| crate::batches::to_device_async(device, b));
+                }
                 while consumed < run.batches_per_epoch && step < total {
                     let waited = Instant::now();
                     let mut micro: Vec<Batch> = Vec::with_capacity(accum as usize);
@@ -400,7 +404,7 @@ impl Trainer {
                     consumed += accum;
                     run.skipped_steps += u64::from(out.skipped);
                     samples_local += out.samples as u64;
-                    window.add(out.loss, out.samples as u64);
+                    window.add(&out.loss, out.samples as u64)?;
                     bar.set_position(step);
                     if step % config.log_interval == 0 {
                         let loss = run.log_train(&mut window, epoch, step, lr)?;
@@ -511,9 +515,10 @@ fn first_input(train: &mut dyn BatchSource) -> Result<(Vec<i64>, Kind)> {
     }
 }
 
-/// Training losses since the last metrics line.
+/// Training losses since the last metrics line. Their sum stays on the model's device and is read once, when the
+/// window is reduced, so steps between metrics lines never wait for the GPU.
 struct Window {
-    loss_sum: f64,
+    loss_sum: Option<Tensor>,
     count: u64,
     samples: u64,
     since: Instant,
@@ -521,13 +526,25 @@ struct Window {
 
 impl Window {
     fn new() -> Self {
-        Window { loss_sum: 0.0, count: 0, samples: 0, since: Instant::now() }
+        Window { loss_sum: None, count: 0, samples: 0, since: Instant::now() }
     }
 
-    fn add(&mut self, loss: f64, samples: u64) {
-        self.loss_sum += loss;
+    fn add(&mut self, loss: &Tensor, samples: u64) -> Result<()> {
+        let torch = |e| TrainError::torch("adding up the training loss", e);
+        match &mut self.loss_sum {
+            Some(sum) => drop(sum.f_add_(loss).map_err(torch)?),
+            None => self.loss_sum = Some(loss.f_to_dtype(Kind::Double, false, true).map_err(torch)?),
+        }
         self.count += 1;
         self.samples += samples;
+        Ok(())
+    }
+
+    /// The summed loss as a number (0 for an empty window); on a GPU this waits for the window's last step.
+    fn loss_sum(&self) -> Result<f64> {
+        self.loss_sum
+            .as_ref()
+            .map_or(Ok(0.0), |s| s.f_double_value(&[]).map_err(|e| TrainError::torch("reading the training loss", e)))
     }
 }
 
@@ -734,7 +751,7 @@ impl Run<'_> {
     /// Mean loss over ranks and steps of the window, and samples per second over all ranks; resets the window.
     /// Every rank calls it at the same step.
     fn reduce_window(&mut self, w: &mut Window) -> Result<(f64, f64)> {
-        let mut sums = [w.loss_sum, w.count as f64, w.samples as f64];
+        let mut sums = [w.loss_sum()?, w.count as f64, w.samples as f64];
         self.ddp.allreduce_f64(&mut sums, ReduceOp::Sum)?;
         let secs = w.since.elapsed().as_secs_f64();
         *w = Window::new();

@@ -197,7 +197,7 @@ fn check_parity_with_pytorch(example: Example, optimizer: Optimizer, world: usiz
         for i in 0..10 {
             let x = get(&saved, &format!("batch{i}.x")).narrow(0, rank as i64 * per_rank, per_rank);
             let y = get(&saved, &format!("batch{i}.y")).narrow(0, rank as i64 * per_rank, per_rank);
-            losses.push(ddp.train_step(&[(x, y)], opt.as_mut(), optimizer.lr(i)).unwrap().loss);
+            losses.push(ddp.train_step(&[(x, y)], opt.as_mut(), optimizer.lr(i)).unwrap().loss_value().unwrap());
         }
         (model::state_tensors(ddp.model()), losses)
     });
@@ -266,11 +266,12 @@ fn trained_weights_load_back_into_the_python_module_and_the_exported_folder_trai
     let mut opt = sgd().build(ddp.parameters()).unwrap();
     let x = common::seeded(3, || Tensor::randn([32, 1, 8, 8], (Kind::Float, Device::Cpu)));
     let y = common::seeded(4, || Tensor::randint(10, [32], (Kind::Int64, Device::Cpu)));
-    let first = ddp.train_step(&[(x.shallow_clone(), y.shallow_clone())], opt.as_mut(), 0.1).unwrap().loss;
+    let first =
+        ddp.train_step(&[(x.shallow_clone(), y.shallow_clone())], opt.as_mut(), 0.1).unwrap().loss_value().unwrap();
     for _ in 0..20 {
         ddp.train_step(&[(x.shallow_clone(), y.shallow_clone())], opt.as_mut(), 0.1).unwrap();
     }
-    let last = ddp.train_step(&[(x, y)], opt.as_mut(), 0.1).unwrap().loss;
+    let last = ddp.train_step(&[(x, y)], opt.as_mut(), 0.1).unwrap().loss_value().unwrap();
     assert!(last < 0.5 * first, "the loss did not fall: {first} -> {last}");
 
     let model_dir = dir.path().join("model");
@@ -309,7 +310,9 @@ fn gpt_trained_on_two_ranks_with_adamw_and_a_cosine_schedule_learns_and_loads_ba
         let mut losses = Vec::new();
         for step in 0..steps {
             let (x, y) = counting_sequences(100 * step as i64 + rank as i64, 8);
-            losses.push(ddp.train_step(&[(x, y)], opt.as_mut(), 1e-2 * schedule.factor(step)).unwrap().loss);
+            losses.push(
+                ddp.train_step(&[(x, y)], opt.as_mut(), 1e-2 * schedule.factor(step)).unwrap().loss_value().unwrap(),
+            );
         }
         if rank == 0 {
             let meta = hytrain_train::export(ddp.model(), &model_dir, 64, &[32], serde_json::json!({})).unwrap();
@@ -455,7 +458,7 @@ fn accumulating_two_copies_of_a_batch_steps_like_the_batch_and_clipping_bounds_t
     assert!(max_relative_difference(&once, &before) > 1e-4, "the step did not move the weights");
 
     let (before, clipped, out) = train(DdpOptions { max_grad_norm: Some(1e-3), ..Default::default() }, 1);
-    let norm = out.grad_norm.expect("clipping reports the norm");
+    let norm = out.grad_norm_value().unwrap().expect("clipping reports the norm");
     assert!(norm > 1e-3, "the gradient norm {norm} was already below the clip");
     let update: f64 = clipped
         .iter()

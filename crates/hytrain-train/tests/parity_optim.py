@@ -1,7 +1,8 @@
 """PyTorch side of the optimizer parity test: torch.optim.SGD (weight decay with dampening, weight decay with
-Nesterov) and torch.optim.AdamW, each for 6 steps from the same initial parameters with the same given gradients.
-Writes the parameters, the gradients and each optimizer's final parameters to the safetensors file named on the
-command line."""
+Nesterov) and torch.optim.AdamW, each for 6 steps from the same initial parameters with the same given gradients,
+on torch.optim's default (single-tensor on the CPU) path and with fused=True (`<name>_fused`). Writes the
+parameters, the gradients and each optimizer's final parameters to the safetensors file named on the command
+line."""
 import os
 import sys
 
@@ -13,9 +14,15 @@ import safetensors_io  # noqa: E402
 LR = 0.05
 STEPS = 6
 CONFIGS = {
-    "sgd_dampening": lambda ps: torch.optim.SGD(ps, lr=LR, momentum=0.9, dampening=0.3, weight_decay=1e-2),
-    "sgd_nesterov": lambda ps: torch.optim.SGD(ps, lr=LR, momentum=0.9, nesterov=True, weight_decay=1e-2),
-    "adamw": lambda ps: torch.optim.AdamW(ps, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
+    "sgd_dampening": lambda ps, fused: torch.optim.SGD(
+        ps, lr=LR, momentum=0.9, dampening=0.3, weight_decay=1e-2, fused=fused
+    ),
+    "sgd_nesterov": lambda ps, fused: torch.optim.SGD(
+        ps, lr=LR, momentum=0.9, nesterov=True, weight_decay=1e-2, fused=fused
+    ),
+    "adamw": lambda ps, fused: torch.optim.AdamW(
+        ps, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, fused=fused
+    ),
 }
 
 
@@ -28,15 +35,18 @@ def main(out):
     for i, g in enumerate(grads):
         saved.update({f"grad{i}.{k}": v for k, v in g.items()})
     for name, make in CONFIGS.items():
-        params = {k: v.clone().requires_grad_(True) for k, v in init.items()}
-        opt = make(list(params.values()))
-        for g in grads:
-            for k, p in params.items():
-                p.grad = g[k].clone()
-            opt.step()
-        saved.update({f"{name}.{k}": p.detach() for k, p in params.items()})
+        for fused in (False, True):
+            params = {k: v.clone().requires_grad_(True) for k, v in init.items()}
+            # fused=None is torch.optim's default: the single-tensor loop on the CPU.
+            opt = make(list(params.values()), True if fused else None)
+            for g in grads:
+                for k, p in params.items():
+                    p.grad = g[k].clone()
+                opt.step()
+            key = f"{name}_fused" if fused else name
+            saved.update({f"{key}.{k}": p.detach() for k, p in params.items()})
     safetensors_io.save(saved, out)
-    print(f"torch {torch.__version__}: {len(CONFIGS)} optimizers, {STEPS} steps")
+    print(f"torch {torch.__version__}: {len(CONFIGS)} optimizers, default and fused, {STEPS} steps")
 
 
 if __name__ == "__main__":

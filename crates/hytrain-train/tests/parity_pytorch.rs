@@ -1,12 +1,13 @@
 //! Parity with PyTorch itself: the reference LeNet from the same initial weights and batches, trained by
 //! torch.optim.SGD in Python and by hytrain, ends with the same weights; and the optimizers' other options
-//! (weight decay, dampening, Nesterov, AdamW) take the same steps as torch.optim's from the same gradients; and a
+//! (weight decay, dampening, Nesterov, AdamW) take the same steps as torch.optim's from the same gradients, the
+//! single-tensor path as torch.optim's default and the fused one as its `fused=True`; and a
 //! bf16 autocast step equals one under torch.autocast("cpu", dtype=torch.bfloat16).
 
 mod common;
 
 use common::{max_relative_difference, max_relative_l2_difference, run_python};
-use hytrain_train::{model, AdamWConfig, Ddp, DdpOptions, OptimizerConfig, Precision, SgdConfig};
+use hytrain_train::{model, AdamWConfig, Ddp, DdpOptions, Implementation, OptimizerConfig, Precision, SgdConfig};
 use tch::{Device, Kind, Tensor};
 
 fn strip(tensors: &[(String, Tensor)], prefix: &str) -> Vec<(String, Tensor)> {
@@ -37,9 +38,9 @@ fn lenet_after_10_sgd_steps_matches_pytorch() {
         let out = ddp.train_step(&[batch], sgd.as_mut(), 0.01).unwrap();
         let torch_loss = get(&saved, &format!("loss{i}")).double_value(&[0]);
         assert!(
-            (out.loss - torch_loss).abs() <= 1e-5 * torch_loss.abs(),
+            (out.loss_value().unwrap() - torch_loss).abs() <= 1e-5 * torch_loss.abs(),
             "step {i}: loss {} vs PyTorch {torch_loss}",
-            out.loss
+            out.loss_value().unwrap()
         );
     }
     let ours = model::state_tensors(ddp.model());
@@ -71,7 +72,7 @@ fn lenet_after_3_bf16_autocast_steps_matches_torch_autocast() {
             let y = get(&saved, &format!("batch{i}.y")).shallow_clone();
             let out = ddp.train_step(&[(x, y)], sgd.as_mut(), 0.01).unwrap();
             let torch_loss = get(&saved, &format!("loss{i}")).double_value(&[0]);
-            worst_loss = worst_loss.max((out.loss - torch_loss).abs() / torch_loss.abs());
+            worst_loss = worst_loss.max((out.loss_value().unwrap() - torch_loss).abs() / torch_loss.abs());
         }
         (model::state_tensors(ddp.model()), worst_loss)
     };
@@ -114,26 +115,34 @@ fn sgd_and_adamw_options_take_the_same_steps_as_torch_optim() {
         ("adamw", OptimizerConfig::AdamW(AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01 })),
     ];
     for (name, cfg) in configs {
-        let params: Vec<(String, Tensor)> =
-            init.iter().map(|(n, t)| (n.clone(), t.detach().copy().set_requires_grad(true))).collect();
-        let mut opt = cfg.build(&params).unwrap();
-        for step in 0.. {
-            let grads = strip(&saved, &format!("grad{step}."));
-            if grads.is_empty() {
-                break;
+        // The single-tensor path against torch.optim's default, the fused one against its fused=True.
+        for (implementation, theirs) in
+            [(Implementation::SingleTensor, name.to_string()), (Implementation::Fused, format!("{name}_fused"))]
+        {
+            let params: Vec<(String, Tensor)> =
+                init.iter().map(|(n, t)| (n.clone(), t.detach().copy().set_requires_grad(true))).collect();
+            let mut opt = cfg.build_with(&params, implementation).unwrap();
+            for step in 0.. {
+                let grads = strip(&saved, &format!("grad{step}."));
+                if grads.is_empty() {
+                    break;
+                }
+                for (n, p) in &params {
+                    // d/dp sum(p * g) is exactly g, accumulated into a zeroed gradient.
+                    let mut p = p.shallow_clone();
+                    p.zero_grad();
+                    (&p * get(&grads, n)).sum(Kind::Float).backward();
+                }
+                opt.step(0.05).unwrap();
             }
-            for (n, p) in &params {
-                // d/dp sum(p * g) is exactly g, accumulated into a zeroed gradient.
-                let mut p = p.shallow_clone();
-                p.zero_grad();
-                (&p * get(&grads, n)).sum(Kind::Float).backward();
-            }
-            opt.step(0.05).unwrap();
+            let theirs = strip(&saved, &format!("{theirs}."));
+            assert!(max_relative_difference(&theirs, &init) > 1e-3, "{name}: torch.optim barely moved the parameters");
+            let diff = max_relative_difference(&params, &theirs);
+            eprintln!("{name} {implementation:?} after 6 steps vs torch.optim: element-wise {diff:e} (relative)");
+            assert!(
+                diff <= 1e-6,
+                "{name} {implementation:?}: parameters differ from torch.optim's by {diff:e} (relative)"
+            );
         }
-        let theirs = strip(&saved, &format!("{name}."));
-        assert!(max_relative_difference(&theirs, &init) > 1e-3, "{name}: torch.optim barely moved the parameters");
-        let diff = max_relative_difference(&params, &theirs);
-        eprintln!("{name} after 6 steps vs torch.optim: element-wise {diff:e} (relative)");
-        assert!(diff <= 1e-6, "{name}: parameters differ from torch.optim's by {diff:e} (relative)");
     }
 }

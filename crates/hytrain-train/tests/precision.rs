@@ -52,7 +52,7 @@ fn bf16_autocast_runs_convs_and_matmuls_in_bf16_while_weights_and_grads_stay_fp3
     assert!(!ddp.overflowed() && ddp.grad_scaler().is_none(), "bf16 needs no loss scaling");
     let mut sgd = OptimizerConfig::Sgd(SgdConfig::default()).build(ddp.parameters()).unwrap();
     let out = ddp.train_step(&[batch(2, 8)], sgd.as_mut(), 0.01).unwrap();
-    assert!(out.loss.is_finite() && !out.skipped);
+    assert!(out.loss_value().unwrap().is_finite() && !out.skipped);
     assert_eq!(Autocast::current(Device::Cpu), None, "train_step left autocast on");
 }
 
@@ -71,7 +71,7 @@ fn fp16_step_and_clipping_norm_equal_fp32_ones_up_to_half_precision_rounding() {
         let moved: Vec<(String, Tensor)> =
             after.iter().zip(&before).map(|((n, a), (_, b))| (n.clone(), a - b)).collect();
         weights.push(moved);
-        norms.push(out.grad_norm.expect("clipping on"));
+        norms.push(out.grad_norm_value().unwrap().expect("clipping on"));
     }
     // Clipping runs after unscaling: it sees the true norm, not 2^16 times it.
     let norm_diff = (norms[1] - norms[0]).abs() / norms[0];

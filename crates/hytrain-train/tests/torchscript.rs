@@ -34,7 +34,7 @@ fn a_torchscript_model_trains_and_loss_falls() {
     for step in 0..60 {
         let i = (step % 4) * 64;
         let batch = (xs.narrow(0, i, 64), ys.narrow(0, i, 64));
-        losses.push(ddp.train_step(&[batch], opt.as_mut(), 1e-2).unwrap().loss);
+        losses.push(ddp.train_step(&[batch], opt.as_mut(), 1e-2).unwrap().loss_value().unwrap());
     }
     let first = losses[..4].iter().sum::<f64>() / 4.0;
     let last = losses[losses.len() - 4..].iter().sum::<f64>() / 4.0;

@@ -1,10 +1,14 @@
 //! Optimizers written on tensors so their state can be checkpointed: SGD and AdamW with exactly the update rules of
-//! `torch.optim.SGD` and `torch.optim.AdamW` (single-tensor implementations, the ones PyTorch uses on CPU).
+//! `torch.optim.SGD` and `torch.optim.AdamW`, in two implementations ([`Implementation`]):
 //!
-//! Each parameter's update is one call into the C++ shim (`csrc/optim_step.cpp`), which issues torch.optim's ATen
-//! calls in place: tch has no `add_` with alpha nor `addcmul_`/`addcdiv_` with a value, and building each scaled term
-//! as a tensor cost one temporary per term and parameter. The one intermediate torch.optim itself allocates per
-//! parameter goes into a scratch tensor reused across parameters and steps.
+//! - single-tensor (the default on the CPU, torch.optim's own default there): each parameter's update is one call
+//!   into the C++ shim (`csrc/optim_step.cpp`), which issues torch.optim's ATen calls in place (tch has no `add_`
+//!   with alpha nor `addcmul_`/`addcdiv_` with a value, and building each scaled term as a tensor cost one
+//!   temporary per term and parameter). The one intermediate torch.optim itself allocates per parameter goes into
+//!   a scratch tensor reused across parameters and steps. On a GPU this is a few kernel launches per parameter.
+//! - fused (the default when every parameter is on a GPU): libtorch's multi-tensor `_fused_sgd_` and
+//!   `_fused_adamw_`, what `torch.optim.SGD(fused=True)` and `torch.optim.AdamW(fused=True)` run: one call per
+//!   device and dtype (see `fused.rs`).
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
@@ -13,6 +17,29 @@ use tch::{Kind, TchError, Tensor};
 
 use crate::shim::{handle, shim};
 use crate::{Result, TrainError};
+
+mod fused;
+
+/// How an optimizer issues its update; both follow torch.optim's update rules and agree within float rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Implementation {
+    /// One shim call per parameter, the ATen calls of torch.optim's single-tensor (for-loop) path: bit for bit
+    /// `torch.optim`'s default on the CPU.
+    SingleTensor,
+    /// libtorch's fused multi-tensor kernels, as `torch.optim`'s `fused=True`: one call per device and dtype.
+    Fused,
+}
+
+impl Implementation {
+    /// Fused when every parameter is on a CUDA device, else single-tensor.
+    pub fn for_parameters(params: &[(String, Tensor)]) -> Self {
+        if fused::all_on_cuda(params) {
+            Implementation::Fused
+        } else {
+            Implementation::SingleTensor
+        }
+    }
+}
 
 /// Updates parameters from their gradients; the learning rate is passed per step so schedules stay outside.
 pub trait Optimizer: Send {
@@ -78,11 +105,21 @@ pub enum OptimizerConfig {
 }
 
 impl OptimizerConfig {
-    /// Builds the optimizer over `params` (the model's named parameters).
+    /// Builds the optimizer over `params` (the model's named parameters), in the implementation
+    /// [`Implementation::for_parameters`] picks.
     pub fn build(&self, params: &[(String, Tensor)]) -> Result<Box<dyn Optimizer>> {
+        self.build_with(params, Implementation::for_parameters(params))
+    }
+
+    /// [`OptimizerConfig::build`] in the given implementation.
+    pub fn build_with(
+        &self,
+        params: &[(String, Tensor)],
+        implementation: Implementation,
+    ) -> Result<Box<dyn Optimizer>> {
         Ok(match self {
-            OptimizerConfig::Sgd(c) => Box::new(Sgd::new(params, *c)?),
-            OptimizerConfig::AdamW(c) => Box::new(AdamW::new(params, *c)?),
+            OptimizerConfig::Sgd(c) => Box::new(Sgd::new(params, *c)?.with_implementation(implementation)),
+            OptimizerConfig::AdamW(c) => Box::new(AdamW::new(params, *c)?.with_implementation(implementation)),
         })
     }
 }
@@ -196,10 +233,11 @@ pub struct Sgd {
     config: SgdConfig,
     momentum_buffers: Vec<Option<Tensor>>,
     scratch: Scratch,
+    implementation: Implementation,
 }
 
 impl Sgd {
-    /// SGD over `params`.
+    /// SGD over `params`, in the implementation [`Implementation::for_parameters`] picks.
     pub fn new(params: &[(String, Tensor)], config: SgdConfig) -> Result<Self> {
         check_finite("momentum", config.momentum, 0.0)?;
         check_finite("dampening", config.dampening, 0.0)?;
@@ -212,7 +250,19 @@ impl Sgd {
             config,
             momentum_buffers: (0..params.len()).map(|_| None).collect(),
             scratch: Scratch::default(),
+            implementation: Implementation::for_parameters(params),
         })
+    }
+
+    /// The same optimizer updating through `implementation` (its state carries over).
+    pub fn with_implementation(mut self, implementation: Implementation) -> Self {
+        self.implementation = implementation;
+        self
+    }
+
+    /// The implementation in use.
+    pub fn implementation(&self) -> Implementation {
+        self.implementation
     }
 }
 
@@ -223,6 +273,9 @@ impl Optimizer for Sgd {
 
     fn step(&mut self, lr: f64) -> Result<()> {
         let c = self.config;
+        if self.implementation == Implementation::Fused {
+            return fused::sgd_step(&self.params, &mut self.momentum_buffers, c, lr);
+        }
         for ((name, param), buf) in self.params.iter().zip(self.momentum_buffers.iter_mut()) {
             let grad = param.grad();
             if !grad.defined() {
@@ -296,6 +349,8 @@ struct AdamState {
     step: f64,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
+    /// `step` as the fused kernel reads it: float32 on the parameter's device (`None` until a fused step needs it).
+    step_count: Option<Tensor>,
 }
 
 /// `torch.optim.AdamW`: decoupled weight decay, bias-corrected moments, `eps` added after the square root.
@@ -305,10 +360,11 @@ pub struct AdamW {
     config: AdamWConfig,
     state: Vec<Option<AdamState>>,
     scratch: Scratch,
+    implementation: Implementation,
 }
 
 impl AdamW {
-    /// AdamW over `params`.
+    /// AdamW over `params`, in the implementation [`Implementation::for_parameters`] picks.
     pub fn new(params: &[(String, Tensor)], config: AdamWConfig) -> Result<Self> {
         let (b1, b2) = config.betas;
         if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
@@ -321,7 +377,19 @@ impl AdamW {
             config,
             state: (0..params.len()).map(|_| None).collect(),
             scratch: Scratch::default(),
+            implementation: Implementation::for_parameters(params),
         })
+    }
+
+    /// The same optimizer updating through `implementation` (its state carries over).
+    pub fn with_implementation(mut self, implementation: Implementation) -> Self {
+        self.implementation = implementation;
+        self
+    }
+
+    /// The implementation in use.
+    pub fn implementation(&self) -> Implementation {
+        self.implementation
     }
 }
 
@@ -332,6 +400,9 @@ impl Optimizer for AdamW {
 
     fn step(&mut self, lr: f64) -> Result<()> {
         let c = self.config;
+        if self.implementation == Implementation::Fused {
+            return fused::adamw_step(&self.params, &mut self.state, c, lr);
+        }
         let (beta1, beta2) = c.betas;
         for ((name, param), slot) in self.params.iter().zip(self.state.iter_mut()) {
             let grad = param.grad();
@@ -345,9 +416,11 @@ impl Optimizer for AdamW {
                     step: 0.0,
                     exp_avg: param.f_zeros_like().map_err(&e)?,
                     exp_avg_sq: param.f_zeros_like().map_err(&e)?,
+                    step_count: None,
                 }),
             };
             st.step += 1.0;
+            st.step_count = None;
             // In double, as torch.optim computes them in Python (`bias_correction2 ** 0.5`, not sqrt).
             let bias_correction1 = 1.0 - beta1.powf(st.step);
             let bias_correction2 = 1.0 - beta2.powf(st.step);
@@ -405,6 +478,7 @@ impl Optimizer for AdamW {
                         step,
                         exp_avg: restore(m, param).map_err(torch(name))?,
                         exp_avg_sq: restore(v, param).map_err(torch(name))?,
+                        step_count: None,
                     })
                 }
                 _ => {
@@ -604,11 +678,92 @@ mod tests {
         assert!(adam.state().is_empty());
     }
 
-    fn continue_after_restore(cfg: OptimizerConfig) {
+    /// Values spread over [-1, 1] without drawing from libtorch's generator (other tests on parallel threads rely
+    /// on it), different for each `salt`.
+    fn spread(shape: &[i64], kind: Kind, salt: f64) -> Tensor {
+        let n: i64 = shape.iter().product();
+        (Tensor::arange(n, (Kind::Double, Device::Cpu)) * 1.7 + salt).sin().to_kind(kind).reshape(shape)
+    }
+
+    /// Parameters of two shapes in float32 and one in float64 (two fused groups), one without a gradient.
+    fn mixed_params() -> Vec<(String, Tensor)> {
+        let make = |shape: &[i64], kind| spread(shape, kind, 0.3).set_requires_grad(true);
+        vec![
+            ("a".to_string(), make(&[7, 5], Kind::Float)),
+            ("b".to_string(), make(&[13], Kind::Float)),
+            ("c".to_string(), make(&[3, 3], Kind::Double)),
+            ("unused".to_string(), make(&[4], Kind::Float)),
+        ]
+    }
+
+    fn copies(params: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+        params.iter().map(|(n, t)| (n.clone(), t.detach().copy().set_requires_grad(true))).collect()
+    }
+
+    /// Gives every parameter but the last the gradient `g`, the same values in both copies.
+    fn give_gradients(params: &[(String, Tensor)], g: &[Tensor]) {
+        for ((_, p), g) in params.iter().zip(g) {
+            crate::shim::set_grad(p, &g.copy()).unwrap();
+        }
+    }
+
+    #[test]
+    fn fused_updates_equal_single_tensor_updates_within_rounding() {
+        let configs = [
+            OptimizerConfig::Sgd(SgdConfig::default()),
+            OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, dampening: 0.3, weight_decay: 1e-2, nesterov: false }),
+            OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 1e-2, ..Default::default() }),
+            OptimizerConfig::AdamW(AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01 }),
+        ];
+        for cfg in configs {
+            let single = mixed_params();
+            let fused = copies(&single);
+            let mut a = cfg.build_with(&single, Implementation::SingleTensor).unwrap();
+            let mut b = cfg.build_with(&fused, Implementation::Fused).unwrap();
+            let before = copies(&single);
+            for step in 0..5 {
+                let g: Vec<Tensor> = single[..3]
+                    .iter()
+                    .map(|(_, p)| spread(&p.size(), p.kind(), f64::from(step)) * 10f64.powi(step % 3 - 1))
+                    .collect();
+                give_gradients(&single, &g);
+                give_gradients(&fused, &g);
+                a.step(0.05).unwrap();
+                b.step(0.05).unwrap();
+            }
+            for (((name, x), (_, y)), (_, x0)) in single.iter().zip(&fused).zip(&before) {
+                let moved = (x - x0).abs().max().double_value(&[]);
+                let diff = (x - y).abs().max().double_value(&[]) / x.abs().max().double_value(&[]);
+                if name == "unused" {
+                    assert_eq!(moved, 0.0, "{cfg:?}: a parameter without gradient moved");
+                    assert!(x.equal(y));
+                } else {
+                    assert!(moved > 1e-3, "{cfg:?}: {name} barely moved");
+                    assert!(diff <= 1e-6, "{cfg:?}: {name} differs by {diff:e} (relative)");
+                }
+            }
+            // The checkpointed state agrees too (step counts, moments, momentum buffers).
+            for ((n, x), (m, y)) in a.state().iter().zip(b.state().iter()) {
+                assert_eq!(n, m);
+                let scale = x.abs().max().double_value(&[]).max(1e-12);
+                assert!((x - y).abs().max().double_value(&[]) / scale <= 1e-6, "{cfg:?}: state {n} differs");
+            }
+        }
+    }
+
+    #[test]
+    fn parameters_on_the_cpu_update_single_tensor_by_default() {
+        let params = param(&[1.0]);
+        assert_eq!(Implementation::for_parameters(&params), Implementation::SingleTensor);
+        assert_eq!(Sgd::new(&params, SgdConfig::default()).unwrap().implementation(), Implementation::SingleTensor);
+        assert_eq!(AdamW::new(&params, AdamWConfig::default()).unwrap().implementation(), Implementation::SingleTensor);
+    }
+
+    fn continue_after_restore(cfg: OptimizerConfig, implementation: Implementation) {
         let a = param(&[1.0, 2.0]);
         let b = param(&[1.0, 2.0]);
-        let mut first = cfg.build(&a).unwrap();
-        let mut second = cfg.build(&b).unwrap();
+        let mut first = cfg.build_with(&a, implementation).unwrap();
+        let mut second = cfg.build_with(&b, implementation).unwrap();
         for g in [[0.5, -1.0], [0.25, 0.75]] {
             set_grad(&a, &g);
             first.step(0.1).unwrap();
@@ -617,7 +772,7 @@ mod tests {
         }
         // A third optimizer takes over `b` from saved state: it must continue exactly as `first`.
         let saved: Vec<(String, Tensor)> = second.state().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-        let mut restored = cfg.build(&b).unwrap();
+        let mut restored = cfg.build_with(&b, implementation).unwrap();
         restored.load_state(&saved).unwrap();
         set_grad(&a, &[1.0, 1.0]);
         first.step(0.1).unwrap();
@@ -628,8 +783,13 @@ mod tests {
 
     #[test]
     fn state_round_trip_continues_the_same_trajectory() {
-        continue_after_restore(OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, ..Default::default() }));
-        continue_after_restore(OptimizerConfig::AdamW(AdamWConfig::default()));
+        for implementation in [Implementation::SingleTensor, Implementation::Fused] {
+            continue_after_restore(
+                OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, ..Default::default() }),
+                implementation,
+            );
+            continue_after_restore(OptimizerConfig::AdamW(AdamWConfig::default()), implementation);
+        }
     }
 
     #[test]
