@@ -60,6 +60,13 @@ pub(super) fn step_of(name: &str) -> Option<u64> {
 
 /// The complete checkpoints (`ckpt-<step>` directories) in `dir`, oldest first. A missing `dir` has none.
 pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut found = subdirs_by_step(dir, step_of)?;
+    found.sort();
+    Ok(found)
+}
+
+/// The directories in `dir` whose name `step` reads a step from, with that step; none for a missing `dir`.
+fn subdirs_by_step(dir: &Path, step: impl Fn(&str) -> Option<u64>) -> Result<Vec<(u64, PathBuf)>> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -68,13 +75,10 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
     for entry in entries {
         let entry = entry.map_err(io("list", dir))?;
-        if let Some(step) = entry.file_name().to_str().and_then(step_of) {
-            if entry.path().is_dir() {
-                found.push((step, entry.path()));
-            }
+        if let (Some(step), true) = (entry.file_name().to_str().and_then(&step), entry.path().is_dir()) {
+            found.push((step, entry.path()));
         }
     }
-    found.sort();
     Ok(found)
 }
 
@@ -264,25 +268,10 @@ pub fn latest_valid(dir: &Path) -> Result<Option<Resume>> {
 
 /// Checkpoints renamed aside by an interrupted replace (`.old-ckpt-<step>-<pid>` directories) in `dir`.
 fn list_displaced(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(TrainError::io("list", dir, e)),
-    };
-    let mut found = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io("list", dir))?;
-        let name = entry.file_name();
-        let step = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(DISPLACED_PREFIX))
-            .and_then(|rest| rest.split_once('-'))
-            .and_then(|(step, _pid)| step.parse().ok());
-        if let (Some(step), true) = (step, entry.path().is_dir()) {
-            found.push((step, entry.path()));
-        }
-    }
-    Ok(found)
+    subdirs_by_step(dir, |name| {
+        let (step, _pid) = name.strip_prefix(DISPLACED_PREFIX)?.split_once('-')?;
+        step.parse().ok()
+    })
 }
 
 #[cfg(test)]
