@@ -268,8 +268,9 @@ impl Ddp {
             .collect::<Result<_, _>>()
             .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
         let on_cpu = ddp.params.iter().all(|(_, p)| p.device() == Device::Cpu);
-        // Buckets are in host memory here; a model on a GPU gets its gradient views once they move there.
-        if on_cpu {
+        // Buckets are in host memory here; a model on a GPU gets its gradient views once they move there. Alone,
+        // nothing is reduced: gradients stay libtorch's own, and one no backward reaches stays undefined.
+        if on_cpu && ddp.world_size() > 1 {
             ddp.view_gradients()?;
         }
         // A compiled step returns every gradient at once at its end: there is no backward to overlap with.
@@ -330,7 +331,9 @@ impl Ddp {
                 .to_device(device)
                 .map_err(|e| TrainError::torch(format!("moving gradient bucket {i} to {device:?}"), e))?;
         }
-        self.view_gradients()?;
+        if self.world_size() > 1 {
+            self.view_gradients()?;
+        }
         // The model is on a GPU, so `new` installed no hooks; these reduce through the device collective.
         self.overlap = match side {
             Some(side) if self.options.overlap && self.world_size() > 1 && self.model.compiled_step().is_none() => {
@@ -933,11 +936,39 @@ mod tests {
 
     use super::*;
 
+    /// Rank 0 of two whose other rank is its mirror image: every collective leaves the data as it is.
+    struct Mirror;
+
+    impl Collective for Mirror {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn backend(&self) -> &'static str {
+            "mirror"
+        }
+        fn allreduce(&mut self, _buf: Buffer<'_>, _op: ReduceOp) -> Result<(), crate::CommError> {
+            Ok(())
+        }
+        fn broadcast(&mut self, _bytes: &mut [u8], _root: usize) -> Result<(), crate::CommError> {
+            Ok(())
+        }
+        fn allgather(&mut self, input: &[u8], output: &mut [u8]) -> Result<(), crate::CommError> {
+            output.chunks_mut(input.len()).for_each(|c| c.copy_from_slice(input));
+            Ok(())
+        }
+        fn barrier(&mut self) -> Result<(), crate::CommError> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn gradients_stay_views_of_their_buckets_through_steps() {
         let model = crate::model::build("mlp:8", 3, &[4], Device::Cpu).unwrap();
         let options = DdpOptions { grad_accum: 2, max_grad_norm: Some(1.0), ..Default::default() };
-        let mut ddp = Ddp::single(model, options).unwrap();
+        let mut ddp = Ddp::new(model, Box::new(Mirror), options).unwrap();
         let mut opt = crate::OptimizerConfig::Sgd(crate::SgdConfig { momentum: 0.9, ..Default::default() })
             .build(ddp.parameters())
             .unwrap();
@@ -953,6 +984,13 @@ mod tests {
                 assert!(ddp.buckets.iter().any(|b| b.holds_gradient(i, &grad)), "{name}'s gradient left its bucket");
             }
         }
+        // Alone there is nothing to reduce, and gradients stay libtorch's own.
+        let model = crate::model::build("mlp:8", 3, &[4], Device::Cpu).unwrap();
+        let mut ddp = Ddp::single(model, DdpOptions::default()).unwrap();
+        let mut opt = crate::OptimizerConfig::Sgd(crate::SgdConfig::default()).build(ddp.parameters()).unwrap();
+        ddp.train_step(&[batch()], opt.as_mut(), 0.1).unwrap();
+        let grad = ddp.params[0].1.grad();
+        assert!(grad.defined() && !ddp.buckets.iter().any(|b| b.holds_gradient(0, &grad)));
     }
 
     /// The GPU overlap's failures cannot happen without a GPU; what they say can be checked.
