@@ -860,7 +860,7 @@ impl Ddp {
                 let current = p.grad();
                 if i == 0 && current.defined() {
                     // Into the gradient's own memory, a view of its bucket.
-                    let _ = tch::no_grad(|| current.shallow_clone().f_copy_(&g)).map_err(torch)?;
+                    tch::no_grad(|| current.shallow_clone().f_copy_(&g)).map_err(torch)?;
                 } else if i == 0 {
                     crate::shim::set_grad(p, &g).map_err(torch)?;
                 } else {
