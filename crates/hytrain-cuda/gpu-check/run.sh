@@ -151,7 +151,7 @@ train() {
         >"$WORK/peer.txt" 2>&1
     code=$?
     cat "$WORK/peer.txt"
-    grep '^train: ' "$WORK/peer.txt" >>"$SUMMARY"
+    grep '^train: ' "$WORK/peer.txt" >>"$WORK/ratios.txt"
     if [ "$code" -ne 0 ]; then
         say "train: $model: torch_peer.py --train exited $code"
         status=1
@@ -241,6 +241,14 @@ if [ "${GPU_CHECK_REHEARSAL:-0}" = 1 ]; then
         --input-shape 3,32,32 --device cuda --out "$WORK/nogpu" >"$OUT/export_nogpu.log" 2>&1
     say "rehearsal: export --device cuda without a GPU exited $?: $(tail -n 1 "$OUT/export_nogpu.log")"
 fi
+
+# The ratio table: one row per model that step 3 trained, whichever failed.
+{
+    echo "gpu-check: samples/s of hytrain train against PyTorch eager, same model, batch, data and SGD (lr 0.01,"
+    echo "gpu-check: momentum 0.5), float32, one process on $DEVICE, after the warm-up steps:"
+    printf 'train: %-9s %5s  %-6s %13s %9s %9s\n' model batch device "PyTorch eager" hytrain ratio
+    cat "$WORK/ratios.txt" 2>/dev/null
+} >>"$SUMMARY"
 
 echo
 echo "gpu-check: summary ($OUT/summary.txt)"

@@ -201,7 +201,9 @@ def hytrain_rate(metrics, warmup, batch):
 def train(args):
     """PyTorch eager, one process, as a plain training script without DataLoader workers feeds it: each step takes
     a shuffled batch of the records on the CPU, normalises it there and copies it to the device, then zero_grad,
-    forward, cross-entropy, backward, SGD step and reading the loss (what hytrain's Ddp::train_step does)."""
+    forward, cross-entropy, backward and SGD step; the loss is read after the warm-up and after the last step only
+    (hytrain reads it once per metrics window), which also waits for the device before the clock stops. Prints one
+    row of the ratio table run.sh heads."""
     device = torch.device(args.device)
     torch.manual_seed(1)
     records = read_cifar(args.data)
@@ -220,13 +222,17 @@ def train(args):
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return loss
 
+    loss = None
     for i in range(args.warmup):
-        step(i)
+        loss = step(i)
+    if loss is not None:
+        loss.item()
     started = time.perf_counter()
     for i in range(args.warmup, args.warmup + args.steps):
         loss = step(i)
+    loss = loss.item()
     seconds = time.perf_counter() - started
     report = {
         "model": args.train, "batch": args.batch, "warmup": args.warmup, "steps": args.steps,
@@ -236,18 +242,20 @@ def train(args):
     }
     if args.device == "cuda":
         report["gpu"] = torch.cuda.get_device_name(0)
-    line = (f"train: {args.train} batch {args.batch} on {args.device}: PyTorch eager "
-            f"{report['pytorch_eager']['samples_per_sec']:.0f} samples/s")
+    # A row of the table run.sh heads: model, batch, device, PyTorch eager and hytrain samples/s, their ratio.
+    line = (f"train: {args.train:<9} {args.batch:>5}  {args.device:<6} "
+            f"{report['pytorch_eager']['samples_per_sec']:>13.0f}")
     ok = True
     if args.hytrain_metrics:
         ours = hytrain_rate(args.hytrain_metrics, args.warmup, args.batch)
         report["hytrain"] = ours
         report["hytrain_over_pytorch"] = ours["samples_per_sec"] / report["pytorch_eager"]["samples_per_sec"]
         ok = ours["last_step"] >= args.warmup + args.steps
-        line += (f", hytrain {ours['samples_per_sec']:.0f} samples/s over {ours['steps']} steps "
-                 f"({report['hytrain_over_pytorch']:.2f}x PyTorch)")
+        line += f" {ours['samples_per_sec']:>9.0f} {report['hytrain_over_pytorch']:>8.2f}x  ({ours['steps']} steps)"
         if not ok:
             line += f"; hytrain stopped at step {ours['last_step']} of {args.warmup + args.steps}"
+    else:
+        line += f" {'-':>9} {'-':>9}  (hytrain did not train)"
     report["passed"] = ok
     with open(args.json, "w") as out:
         json.dump(report, out, indent=2)

@@ -1,10 +1,10 @@
 //! Data parallelism over a [`Collective`]: identical start on every rank, averaged gradients in buckets,
-//! gradient accumulation, clipping, BatchNorm buffers from rank 0, mixed precision.
+//! gradient accumulation, clipping, BatchNorm buffers from rank 0, mixed precision. The model check and the
+//! broadcasts from rank 0 are in `ddp/replicas.rs`.
 
 use std::time::Instant;
 
-use sha2::{Digest, Sha256};
-use tch::{Device, Kind, Reduction, TchError, Tensor};
+use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::bucket::{assign_buckets, reducible, Bucket, MB};
 use crate::model::Model;
@@ -12,6 +12,8 @@ use crate::optim::Optimizer;
 use crate::overlap::{Overlap, Reducer, RoundError};
 use crate::precision::{Autocast, GradScaler, GradScalerState, Precision};
 use crate::{Buffer, Collective, ReduceOp, Result, TrainError};
+
+mod replicas;
 
 /// How [`Ddp`] splits and synchronises gradients.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -187,10 +189,6 @@ impl std::fmt::Debug for Ddp {
     }
 }
 
-fn describe(role: &str, name: &str, t: &Tensor) -> String {
-    format!("{role} {name} {:?} {:?}", t.size(), t.kind())
-}
-
 /// What an error during the allreduce of bucket `b` says it was doing.
 fn allreduce_of(b: usize, bytes: usize) -> String {
     format!("gradient allreduce of bucket {b} ({bytes} bytes)")
@@ -268,8 +266,9 @@ impl Ddp {
             .collect::<Result<_, _>>()
             .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
         let on_cpu = ddp.params.iter().all(|(_, p)| p.device() == Device::Cpu);
-        // Buckets are in host memory here; a model on a GPU gets its gradient views once they move there.
-        if on_cpu {
+        // Buckets are in host memory here; a model on a GPU gets its gradient views once they move there. Alone,
+        // nothing is reduced: gradients stay libtorch's own, and one no backward reaches stays undefined.
+        if on_cpu && ddp.world_size() > 1 {
             ddp.view_gradients()?;
         }
         // A compiled step returns every gradient at once at its end: there is no backward to overlap with.
@@ -330,7 +329,9 @@ impl Ddp {
                 .to_device(device)
                 .map_err(|e| TrainError::torch(format!("moving gradient bucket {i} to {device:?}"), e))?;
         }
-        self.view_gradients()?;
+        if self.world_size() > 1 {
+            self.view_gradients()?;
+        }
         // The model is on a GPU, so `new` installed no hooks; these reduce through the device collective.
         self.overlap = match side {
             Some(side) if self.options.overlap && self.world_size() > 1 && self.model.compiled_step().is_none() => {
@@ -402,138 +403,6 @@ impl Ddp {
     /// Gives back the model and the collective.
     pub fn into_parts(self) -> (Box<dyn Model>, Box<dyn Collective>) {
         (self.model, self.comm)
-    }
-
-    fn verify_same_model(&mut self) -> Result<()> {
-        let world = self.world_size();
-        if world == 1 {
-            return Ok(());
-        }
-        let lines: Vec<String> = self
-            .params
-            .iter()
-            .map(|(n, t)| describe("parameter", n, t))
-            .chain(self.buffers.iter().map(|(n, t)| describe("buffer", n, t)))
-            .collect();
-        let text = lines.join("\n").into_bytes();
-        let digest = Sha256::digest(&text);
-        let mut digests = vec![0u8; digest.len() * world];
-        self.comm.allgather(&digest, &mut digests).map_err(comm_err("model check (allgather of shape hashes)"))?;
-        let digests: Vec<&[u8]> = digests.chunks(digest.len()).collect();
-        if digests.iter().all(|d| *d == digests[0]) {
-            return Ok(());
-        }
-        // Hashes differ: every rank takes the same second round to learn what differs, so all fail alike.
-        let mut lens = vec![0u8; 8 * world];
-        self.comm
-            .allgather(&(text.len() as u64).to_le_bytes(), &mut lens)
-            .map_err(comm_err("model check (allgather of description lengths)"))?;
-        let lens: Vec<usize> =
-            lens.chunks(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize).collect();
-        let max = *lens.iter().max().expect("world >= 2");
-        let mut padded = text.clone();
-        padded.resize(max, 0);
-        let mut all = vec![0u8; max * world];
-        self.comm.allgather(&padded, &mut all).map_err(comm_err("model check (allgather of descriptions)"))?;
-        let described = |r: usize| -> Vec<String> {
-            String::from_utf8_lossy(&all[r * max..r * max + lens[r]]).lines().map(str::to_string).collect()
-        };
-        let reference = described(0);
-        let rank = (1..world).find(|&r| digests[r] != digests[0]).expect("some rank differs");
-        let other = described(rank);
-        let detail = match reference.iter().zip(&other).position(|(a, b)| a != b) {
-            Some(i) => format!("tensor #{i} is '{}' on rank 0 but '{}' on rank {rank}", reference[i], other[i]),
-            None if reference.len() > other.len() => format!(
-                "rank 0 has {} tensors, rank {rank} has {}; rank {rank} lacks '{}'",
-                reference.len(),
-                other.len(),
-                reference[other.len()]
-            ),
-            None => format!(
-                "rank 0 has {} tensors, rank {rank} has {}; rank {rank} has an extra '{}'",
-                reference.len(),
-                other.len(),
-                other[reference.len()]
-            ),
-        };
-        Err(TrainError::ModelMismatch(format!(
-            "rank {rank} built a different model than rank 0: {detail}; every rank must build the same model \
-             (same model, number of classes and input shape)"
-        )))
-    }
-
-    /// Copies rank 0's values of `tensors` into every rank's, in chunks of at most one bucket.
-    pub(crate) fn broadcast_tensors(&mut self, tensors: &[(String, Tensor)], during: &str) -> Result<()> {
-        if self.world_size() == 1 || tensors.is_empty() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let cap = ((self.options.bucket_mb * MB as f64) as usize).max(1);
-        let nbytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
-        let mut start = 0;
-        while start < tensors.len() {
-            let mut end = start;
-            let mut total = 0;
-            while end < tensors.len() && (end == start || total + nbytes(&tensors[end].1) <= cap) {
-                total += nbytes(&tensors[end].1);
-                end += 1;
-            }
-            self.broadcast_chunk(&tensors[start..end], total, during)?;
-            start = end;
-        }
-        self.stats.broadcast_secs += started.elapsed().as_secs_f64();
-        Ok(())
-    }
-
-    fn broadcast_chunk(&mut self, tensors: &[(String, Tensor)], total: usize, during: &str) -> Result<()> {
-        let root = self.rank() == 0;
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.resize(total, 0);
-        let torch = |name: &str, e: TchError| TrainError::torch(format!("{during}: tensor {name}"), e);
-        if root {
-            let mut off = 0;
-            for (name, t) in tensors {
-                let n = t.numel() * t.kind().elt_size_in_bytes();
-                t.f_copy_data_u8(&mut scratch[off..off + n], t.numel()).map_err(|e| torch(name, e))?;
-                off += n;
-            }
-        }
-        let result = self.comm.broadcast(&mut scratch, 0).map_err(comm_err(during));
-        if result.is_ok() && !root {
-            let mut off = 0;
-            for (name, t) in tensors {
-                let n = t.numel() * t.kind().elt_size_in_bytes();
-                let src = Tensor::f_from_data_size(&scratch[off..off + n], &t.size(), t.kind())
-                    .and_then(|s| s.f_to_device(t.device()))
-                    .map_err(|e| torch(name, e))?;
-                let mut dst = t.shallow_clone();
-                tch::no_grad(|| dst.f_copy_(&src)).map_err(|e| torch(name, e))?;
-                off += n;
-            }
-        }
-        self.scratch = scratch;
-        result
-    }
-
-    /// Copies rank 0's buffers to every rank (done before each training forward when `broadcast_buffers`; call it
-    /// before evaluation too so every rank evaluates the same model). With a device collective the buffers stay on
-    /// the GPU: one broadcast per dtype of their concatenation.
-    pub fn sync_buffers(&mut self) -> Result<()> {
-        if self.world_size() == 1 || self.buffers.is_empty() {
-            return Ok(());
-        }
-        let buffers: Vec<(String, Tensor)> = self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        let during = "buffer broadcast from rank 0";
-        match self.device_comm.as_mut() {
-            Some(device_comm) => {
-                let started = Instant::now();
-                crate::coalesced::broadcast(device_comm.as_mut(), &buffers)
-                    .map_err(|source| TrainError::DeviceComm { during: during.into(), source })?;
-                self.stats.broadcast_secs += started.elapsed().as_secs_f64();
-                Ok(())
-            }
-            None => self.broadcast_tensors(&buffers, during),
-        }
     }
 
     /// Rank 0's buffers before a training forward, as PyTorch DDP's `broadcast_buffers` does before every one.
@@ -857,7 +726,7 @@ impl Ddp {
                 let current = p.grad();
                 if i == 0 && current.defined() {
                     // Into the gradient's own memory, a view of its bucket.
-                    let _ = tch::no_grad(|| current.shallow_clone().f_copy_(&g)).map_err(torch)?;
+                    tch::no_grad(|| current.shallow_clone().f_copy_(&g)).map_err(torch)?;
                 } else if i == 0 {
                     crate::shim::set_grad(p, &g).map_err(torch)?;
                 } else {
@@ -933,11 +802,39 @@ mod tests {
 
     use super::*;
 
+    /// Rank 0 of two whose other rank is its mirror image: every collective leaves the data as it is.
+    struct Mirror;
+
+    impl Collective for Mirror {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn backend(&self) -> &'static str {
+            "mirror"
+        }
+        fn allreduce(&mut self, _buf: Buffer<'_>, _op: ReduceOp) -> Result<(), crate::CommError> {
+            Ok(())
+        }
+        fn broadcast(&mut self, _bytes: &mut [u8], _root: usize) -> Result<(), crate::CommError> {
+            Ok(())
+        }
+        fn allgather(&mut self, input: &[u8], output: &mut [u8]) -> Result<(), crate::CommError> {
+            output.chunks_mut(input.len()).for_each(|c| c.copy_from_slice(input));
+            Ok(())
+        }
+        fn barrier(&mut self) -> Result<(), crate::CommError> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn gradients_stay_views_of_their_buckets_through_steps() {
         let model = crate::model::build("mlp:8", 3, &[4], Device::Cpu).unwrap();
         let options = DdpOptions { grad_accum: 2, max_grad_norm: Some(1.0), ..Default::default() };
-        let mut ddp = Ddp::single(model, options).unwrap();
+        let mut ddp = Ddp::new(model, Box::new(Mirror), options).unwrap();
         let mut opt = crate::OptimizerConfig::Sgd(crate::SgdConfig { momentum: 0.9, ..Default::default() })
             .build(ddp.parameters())
             .unwrap();
@@ -953,6 +850,13 @@ mod tests {
                 assert!(ddp.buckets.iter().any(|b| b.holds_gradient(i, &grad)), "{name}'s gradient left its bucket");
             }
         }
+        // Alone there is nothing to reduce, and gradients stay libtorch's own.
+        let model = crate::model::build("mlp:8", 3, &[4], Device::Cpu).unwrap();
+        let mut ddp = Ddp::single(model, DdpOptions::default()).unwrap();
+        let mut opt = crate::OptimizerConfig::Sgd(crate::SgdConfig::default()).build(ddp.parameters()).unwrap();
+        ddp.train_step(&[batch()], opt.as_mut(), 0.1).unwrap();
+        let grad = ddp.params[0].1.grad();
+        assert!(grad.defined() && !ddp.buckets.iter().any(|b| b.holds_gradient(0, &grad)));
     }
 
     /// The GPU overlap's failures cannot happen without a GPU; what they say can be checked.

@@ -800,6 +800,8 @@ impl Run<'_> {
         // BatchNorm statistics differ slightly between ranks after training; evaluate rank 0's on all.
         self.ddp.sync_buffers()?;
         let mut sums = [0.0f64; 5]; // loss, correct, targets, samples, failed ranks
+                                    // Loss and correct predictions add up where the model computes them and are read once, after the last batch.
+        let mut on_device: Option<Tensor> = None;
         let mut failure = None;
         match source.epoch(epoch, 0) {
             Err(source) => failure = Some(TrainError::Data { during: "starting the validation data".into(), source }),
@@ -811,14 +813,28 @@ impl Run<'_> {
                             source,
                         })
                         .and_then(|(xs, ys)| self.eval_batch(&xs, &ys));
-                    match result {
-                        Ok(batch_sums) => sums[..4].iter_mut().zip(batch_sums).for_each(|(s, b)| *s += b),
-                        Err(e) => {
-                            failure = Some(e);
-                            break;
-                        }
+                    let added = result.and_then(|(loss_correct, targets, samples)| {
+                        sums[2] += targets;
+                        sums[3] += samples;
+                        let Some(acc) = &mut on_device else {
+                            on_device = Some(loss_correct);
+                            return Ok(());
+                        };
+                        acc.f_add_(&loss_correct)
+                            .map(drop)
+                            .map_err(|e| TrainError::torch("adding up the validation loss", e))
+                    });
+                    if let Err(e) = added {
+                        failure = Some(e);
+                        break;
                     }
                 }
+            }
+        }
+        if let Some(acc) = on_device.filter(|_| failure.is_none()) {
+            match Vec::<f64>::try_from(&acc) {
+                Ok(read) => sums[..2].copy_from_slice(&read),
+                Err(e) => failure = Some(TrainError::torch("reading the validation loss", e)),
             }
         }
         sums[4] = f64::from(u8::from(failure.is_some()));
@@ -846,9 +862,10 @@ impl Run<'_> {
         Ok(eval)
     }
 
-    /// Summed cross-entropy, correct predictions, targets and samples of one validation batch. A target is a
-    /// sample's class label, or for a language model each position's next token: loss and accuracy are per token.
-    fn eval_batch(&mut self, xs: &Tensor, ys: &Tensor) -> Result<[f64; 4]> {
+    /// Summed cross-entropy and correct predictions of one validation batch (a float64 tensor `[2]` on the model's
+    /// device, nothing read back), and its targets and samples. A target is a sample's class label, or for a
+    /// language model each position's next token: loss and accuracy are per token.
+    fn eval_batch(&mut self, xs: &Tensor, ys: &Tensor) -> Result<(Tensor, f64, f64)> {
         let logits = tch::no_grad(|| self.ddp.forward_t(xs, false))?;
         let torch = |e| TrainError::torch(format!("evaluating a batch of shape {:?}", xs.size()), e);
         let classes = logits.size().last().copied().unwrap_or(1);
@@ -860,15 +877,15 @@ impl Run<'_> {
             .map_err(torch)?;
         let loss = logits
             .f_cross_entropy_loss::<Tensor>(&ys, None, Reduction::Sum, -100, 0.0)
-            .and_then(|l| l.f_double_value(&[]))
+            .and_then(|l| l.f_to_kind(Kind::Double))
             .map_err(torch)?;
         let correct = logits
             .f_argmax(-1, false)
             .and_then(|p| p.f_eq_tensor(&ys))
-            .and_then(|c| c.f_sum(Kind::Int64))
-            .and_then(|c| c.f_double_value(&[]))
+            .and_then(|c| c.f_sum(Kind::Double))
             .map_err(torch)?;
+        let loss_correct = Tensor::f_stack(&[loss, correct], 0).map_err(torch)?;
         let samples = xs.size().first().copied().unwrap_or(0);
-        Ok([loss, correct, ys.size()[0] as f64, samples as f64])
+        Ok((loss_correct, ys.size()[0] as f64, samples as f64))
     }
 }

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use common::{on_ranks, seeded};
 use hytrain_cuda::{CudaError, DType, DeviceCollective, DeviceReduceOp, DeviceSlice};
 use hytrain_train::model::{self, ConvConfig, LayerBuilder, Model};
-use hytrain_train::{host_sync, Buffer, Collective, CommError, Ddp, DdpOptions, OptimizerConfig, ReduceOp, SgdConfig};
+use hytrain_train::{
+    host_sync, Buffer, Collective, CommError, Ddp, DdpOptions, OptimizerConfig, Precision, ReduceOp, SgdConfig,
+};
 use tch::{Device, Kind, TchError, Tensor};
 
 const STEPS: usize = 3;
@@ -153,7 +155,7 @@ struct Counts {
 /// Per rank: the buckets, the counts of every step (clipping on, momentum, `ACCUM` micro-batches, the same
 /// batches on every rank) and the buffers after the last, rank 1's spoiled after start-up, so they equal rank 0's
 /// only if the broadcasts arrived.
-fn count_steps(world: usize, device_collective: bool) -> Vec<(usize, Vec<Counts>, Vec<Tensor>)> {
+fn count_steps(world: usize, device_collective: bool, precision: Precision) -> Vec<(usize, Vec<Counts>, Vec<Tensor>)> {
     let data: Vec<(Tensor, Tensor)> = seeded(5, || {
         (0..STEPS * ACCUM)
             .map(|_| {
@@ -170,7 +172,7 @@ fn count_steps(world: usize, device_collective: bool) -> Vec<(usize, Vec<Counts>
         let shared: Shared = Arc::new(Mutex::new(comm));
         let (host_calls, device_calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let host = CountingHost { inner: shared.clone(), calls: host_calls.clone(), rank, world_size: world };
-        let options = DdpOptions { grad_accum: ACCUM, max_grad_norm: Some(0.5), ..Default::default() };
+        let options = DdpOptions { grad_accum: ACCUM, max_grad_norm: Some(0.5), precision, ..Default::default() };
         let net = seeded(9, || Box::new(TinyBn::new()));
         let mut ddp = Ddp::new(net, Box::new(host), options).unwrap();
         if device_collective {
@@ -215,7 +217,7 @@ fn assert_same_buffers(a: &[Tensor], b: &[Tensor]) {
 #[test]
 fn one_rank_steps_without_host_syncs_or_collectives() {
     for device_collective in [false, true] {
-        for (_, counts, _) in count_steps(1, device_collective) {
+        for (_, counts, _) in count_steps(1, device_collective, Precision::Fp32) {
             let none = Counts { host_syncs: 0, host_collectives: 0, device_collectives: 0 };
             assert_eq!(counts, vec![none; STEPS], "device collective: {device_collective}");
         }
@@ -226,7 +228,7 @@ fn one_rank_steps_without_host_syncs_or_collectives() {
 fn two_ranks_on_the_gpu_path_step_without_host_syncs_and_only_device_collectives() {
     // Buffers are float32 and int64: one broadcast each before every training forward, one allreduce per bucket.
     let dtypes = 2;
-    let ranks = count_steps(2, true);
+    let ranks = count_steps(2, true, Precision::Fp32);
     for (buckets, counts, _) in &ranks {
         let want = Counts { host_syncs: 0, host_collectives: 0, device_collectives: buckets + dtypes * ACCUM };
         assert_eq!(*counts, vec![want; STEPS]);
@@ -238,10 +240,31 @@ fn two_ranks_on_the_gpu_path_step_without_host_syncs_and_only_device_collectives
 fn two_ranks_on_the_cpu_read_no_value_back_and_use_the_ring_only_for_buckets_and_buffers() {
     // On the CPU the ring is the data path: one allreduce per bucket, one broadcast of the (small) buffers before
     // every training forward.
-    let ranks = count_steps(2, false);
+    let ranks = count_steps(2, false, Precision::Fp32);
     for (buckets, counts, _) in &ranks {
         let want = Counts { host_syncs: 0, host_collectives: buckets + ACCUM, device_collectives: 0 };
         assert_eq!(*counts, vec![want; STEPS]);
     }
     assert_same_buffers(&ranks[0].2, &ranks[1].2);
+}
+
+#[test]
+fn bf16_steps_read_nothing_back_and_fp16_steps_read_only_the_overflow_flag() {
+    // bf16 autocast changes the arithmetic, not the synchronisation. fp16 reads one value per step: whether the
+    // averaged gradients overflowed, which decides on the host whether the optimizer steps (as
+    // torch.amp.GradScaler.step does with an optimizer that is not fused).
+    for (precision, reads) in [(Precision::Bf16, 0), (Precision::Fp16, 1)] {
+        for world in [1, 2] {
+            for (_, counts, _) in count_steps(world, true, precision) {
+                assert!(
+                    counts.iter().all(|c| c.host_syncs == reads),
+                    "{precision:?} at world size {world}: {counts:?}"
+                );
+                assert!(
+                    counts.iter().all(|c| c.host_collectives == 0),
+                    "{precision:?} at world size {world}: {counts:?}"
+                );
+            }
+        }
+    }
 }
