@@ -44,25 +44,19 @@ compile_error!(
 
 use std::time::Duration;
 
-mod auth;
+mod backend;
 mod error;
-mod liveness;
-#[cfg(feature = "mpi")]
-mod mpi_backend;
-mod ring;
-mod schedule;
-mod shm;
-mod store;
-mod wire;
+mod rendezvous;
+mod transport;
 
-pub use auth::JobToken;
-pub use error::{CommError, RankList};
-pub use liveness::{Liveness, LostRank};
 #[cfg(feature = "mpi")]
-pub use mpi_backend::Mpi;
-pub use ring::{Ring, DEFAULT_SEGMENT_BYTES};
-pub use shm::Transport;
-pub use store::Store;
+pub use backend::mpi::Mpi;
+pub use backend::ring::{Ring, DEFAULT_SEGMENT_BYTES};
+pub use error::{CommError, RankList};
+pub use rendezvous::auth::JobToken;
+pub use rendezvous::liveness::{Liveness, LostRank};
+pub use rendezvous::store::Store;
+pub use transport::Transport;
 
 /// Entry points for the fuzz targets (`fuzz/`) and the tests that replay their corpus: decoders run on arbitrary
 /// bytes, which must return without panicking, hanging or allocating more than the bytes justify. Not API.
@@ -71,7 +65,7 @@ pub mod fuzzing {
     /// The rendezvous store's wire format as its server reads it: a client's greeting, then requests until the
     /// bytes end or one is malformed. Returns the number of requests decoded.
     pub fn store_wire(bytes: &[u8]) -> usize {
-        crate::store::decode_stream(bytes)
+        crate::rendezvous::store::decode_stream(bytes)
     }
 }
 
@@ -308,7 +302,7 @@ pub fn connect(
     opts: &CommOptions,
 ) -> Result<Box<dyn Collective>, CommError> {
     m.validate()?;
-    shm::connect(store, m, opts)
+    transport::connect(store, m, opts)
 }
 
 #[cfg(test)]

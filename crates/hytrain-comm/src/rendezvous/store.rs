@@ -12,10 +12,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::auth::{self, Handshake, JobToken, NONCE_LEN};
+use super::auth::{self, Handshake, JobToken, NONCE_LEN};
+use super::liveness::{self, Liveness, LostRank, Watches};
+use super::wire::*;
 use crate::error::RankList;
-use crate::liveness::{self, Liveness, LostRank, Watches};
-use crate::wire::*;
 use crate::{CommError, CommOptions, Membership};
 
 /// Version 2 of the store protocol: every connection starts with the job-token handshake (see `auth`).

@@ -14,6 +14,8 @@
 //! Every collective starts with a 32-byte header so that ranks calling different collectives, or the same one with
 //! different sizes, fail with a message naming both calls instead of silently mixing data.
 
+mod schedule;
+
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,12 +27,12 @@ use std::time::{Duration, Instant};
 use bytemuck::Pod;
 use half::bf16;
 
-use crate::auth::{self, Handshake, JobToken, NONCE_LEN};
-use crate::liveness::{AbortRegistration, LostRank};
-use crate::schedule::{self, segment, segment_count, Action, Step};
-use crate::store::{bind_any, VERDICT_WAIT};
-use crate::wire::{get_bytes_max, get_u64, put_bytes, put_u64};
+use crate::rendezvous::auth::{self, Handshake, JobToken, NONCE_LEN};
+use crate::rendezvous::liveness::{AbortRegistration, LostRank};
+use crate::rendezvous::store::{bind_any, VERDICT_WAIT};
+use crate::rendezvous::wire::{get_bytes_max, get_u64, put_bytes, put_u64};
 use crate::{Buffer, Collective, CommError, CommOptions, Liveness, Membership, ReduceOp, Store};
+use schedule::{segment, segment_count, Action, Step};
 
 /// Default segment: large enough that per-segment overhead (a syscall, a lock) is noise, small enough that the next
 /// rank starts forwarding long before a chunk is complete.

@@ -4,6 +4,7 @@ use half::bf16;
 
 use super::*;
 use crate::testutil::{free_port, member, on_ranks, opts};
+use crate::transport::{connect, connect_with};
 
 /// Rendezvous plus the backend `transport` picks for `world` threads laid out as nodes of `local` ranks.
 fn with_backends<T: Send>(

@@ -23,8 +23,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::store::Shared;
-use crate::wire::{get_bytes_max, get_u64, get_u8, put_bytes, put_u64, put_u8};
+use super::store::Shared;
+use super::wire::{get_bytes_max, get_u64, get_u8, put_bytes, put_u64, put_u8};
 
 /// A beat: "still here".
 pub(crate) const BEAT: u8 = 1;
@@ -157,7 +157,7 @@ pub(crate) fn serve_watch(
         let taken = st.watches.members.get(&rank).is_some_and(|m| !m.left);
         if rank >= world || taken {
             drop(st);
-            let mut frame = vec![crate::store::ST_ERR];
+            let mut frame = vec![super::store::ST_ERR];
             put_bytes(
                 &mut frame,
                 format!("rank {rank} cannot be watched (world_size {world}, or already watched)")
@@ -174,7 +174,7 @@ pub(crate) fn serve_watch(
         );
         st.watches.lost.clone()
     };
-    lock(&writer).write_all(&[crate::store::ST_OK])?;
+    lock(&writer).write_all(&[super::store::ST_OK])?;
     if let Some(lost) = lost_already {
         let mut frame = vec![LOST];
         encode_lost(&mut frame, &lost);
