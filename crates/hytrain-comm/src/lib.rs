@@ -46,6 +46,7 @@ use std::time::Duration;
 
 mod backend;
 mod error;
+mod net;
 mod rendezvous;
 mod transport;
 
@@ -55,7 +56,7 @@ pub use backend::ring::{Ring, DEFAULT_SEGMENT_BYTES};
 pub use error::{CommError, RankList};
 pub use rendezvous::auth::JobToken;
 pub use rendezvous::liveness::{Liveness, LostRank};
-pub use rendezvous::store::Store;
+pub use rendezvous::client::Store;
 pub use transport::Transport;
 
 /// Entry points for the fuzz targets (`fuzz/`) and the tests that replay their corpus: decoders run on arbitrary
@@ -65,7 +66,7 @@ pub mod fuzzing {
     /// The rendezvous store's wire format as its server reads it: a client's greeting, then requests until the
     /// bytes end or one is malformed. Returns the number of requests decoded.
     pub fn store_wire(bytes: &[u8]) -> usize {
-        crate::rendezvous::store::decode_stream(bytes)
+        crate::rendezvous::protocol::decode_stream(bytes)
     }
 }
 

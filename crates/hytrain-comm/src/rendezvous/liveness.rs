@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::store::Shared;
+use super::server::Shared;
 use super::wire::{get_bytes_max, get_u64, get_u8, put_bytes, put_u64, put_u8};
 
 /// A beat: "still here".
@@ -34,6 +34,10 @@ pub(crate) const LEAVE: u8 = 2;
 pub(crate) const LOST: u8 = 3;
 /// Client to store: this rank gives up on an error of its own.
 pub(crate) const ABANDON: u8 = 4;
+
+/// How long a rank whose connection broke waits for the liveness watch to say which rank was lost; the store learns
+/// of a killed process as fast as the rank does, so the verdict is normally there within milliseconds.
+pub(crate) const VERDICT_WAIT: Duration = Duration::from_secs(3);
 
 /// Longest host or cause text in a loss message.
 const MAX_TEXT: usize = 4096;
@@ -157,7 +161,7 @@ pub(crate) fn serve_watch(
         let taken = st.watches.members.get(&rank).is_some_and(|m| !m.left);
         if rank >= world || taken {
             drop(st);
-            let mut frame = vec![super::store::ST_ERR];
+            let mut frame = vec![super::protocol::ST_ERR];
             put_bytes(
                 &mut frame,
                 format!("rank {rank} cannot be watched (world_size {world}, or already watched)")
@@ -174,7 +178,7 @@ pub(crate) fn serve_watch(
         );
         st.watches.lost.clone()
     };
-    lock(&writer).write_all(&[super::store::ST_OK])?;
+    lock(&writer).write_all(&[super::protocol::ST_OK])?;
     if let Some(lost) = lost_already {
         let mut frame = vec![LOST];
         encode_lost(&mut frame, &lost);

@@ -3,10 +3,17 @@
 //!
 //! - `wire`: the byte encoding shared by every protocol of the crate (integers, length-prefixed bytes).
 //! - `auth`: the job token and the challenge-response handshake, used by the store and the ring's links alike.
-//! - `store`: the store's protocol, its server (inside rank 0's process) and the client every rank holds.
+//! - `protocol`: the store's requests and answers as bytes.
+//! - `server`: the store itself, hosted by rank 0 (or, later, by a process of its own); it knows no client.
+//! - `client`: [`Store`](crate::Store), every rank's connection to the store, and the rendezvous.
 //! - `liveness`: the watch connection, both its store end and its rank end, and [`Liveness`](crate::Liveness).
 
 pub(crate) mod auth;
 pub(crate) mod liveness;
-pub(crate) mod store;
+pub(crate) mod client;
+pub(crate) mod protocol;
+pub(crate) mod server;
 pub(crate) mod wire;
+
+#[cfg(test)]
+mod tests;

@@ -29,7 +29,8 @@ use half::bf16;
 
 use crate::rendezvous::auth::{self, Handshake, JobToken, NONCE_LEN};
 use crate::rendezvous::liveness::{AbortRegistration, LostRank};
-use crate::rendezvous::store::{bind_any, VERDICT_WAIT};
+use crate::net::bind_any;
+use crate::rendezvous::liveness::VERDICT_WAIT;
 use crate::rendezvous::wire::{get_bytes_max, get_u64, put_bytes, put_u64};
 use crate::{Buffer, Collective, CommError, CommOptions, Liveness, Membership, ReduceOp, Store};
 use schedule::{segment, segment_count, Action, Step};
