@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::auth::{self, Handshake, JobToken};
-use super::liveness::{self, Liveness, LostRank, VERDICT_WAIT};
+use super::liveness::{self, Liveness, LostRank, WatchHost, VERDICT_WAIT};
 use super::protocol::*;
-use super::server::{Server, Shared};
+use super::server::Server;
 use super::wire::*;
 use crate::error::RankList;
 use crate::{CommError, CommOptions, Membership};
@@ -112,10 +112,7 @@ impl Store {
                 connect_with_retry(m, opts, &hosts, started, deadline)?,
             )
         };
-        let (server, server_state) = match server {
-            Some((server, state)) => (Some(server), Some(state)),
-            None => (None, None),
-        };
+        let watches = server.as_ref().map(Server::watches);
         let abort_handle = stream.try_clone().map_err(|e| CommError::Store {
             rank: m.rank,
             host: m.master_addr.clone(),
@@ -152,7 +149,7 @@ impl Store {
         };
         store.register()?;
         let store = if m.world_size > 1 {
-            let live = store.watch(m, &hosts, started, deadline, server_state)?;
+            let live = store.watch(m, &hosts, started, deadline, watches)?;
             // A blocked request to a store that is gone or stopped ends when the watch says so.
             let registration = live.on_lost(move || {
                 let _ = abort_handle.shutdown(std::net::Shutdown::Both);
@@ -215,7 +212,7 @@ impl Store {
         hosts: &[&str],
         started: Instant,
         deadline: Instant,
-        server: Option<Arc<Shared>>,
+        server: Option<Arc<dyn WatchHost>>,
     ) -> Result<Liveness, CommError> {
         let i = &self.inner;
         // The master answered this rank's join a moment ago; if it cannot be reached now, it is gone.
@@ -233,11 +230,7 @@ impl Store {
         let answer = (|| -> io::Result<Result<(), String>> {
             stream
                 .set_read_timeout(Some(i.opts.collective_timeout.min(Duration::from_secs(60))))?;
-            stream.write_all(&liveness::watch_request(
-                OP_WATCH,
-                i.rank,
-                i.opts.peer_timeout,
-            ))?;
+            stream.write_all(&watch_request(i.rank, i.opts.peer_timeout))?;
             Ok(match get_u8(&mut stream)? {
                 ST_OK => Ok(()),
                 _ => Err(

@@ -7,6 +7,8 @@
 //! - `server`: the store itself, hosted by rank 0 (or, later, by a process of its own); it knows no client.
 //! - `client`: [`Store`](crate::Store), every rank's connection to the store, and the rendezvous.
 //! - `liveness`: the watch connection, both its store end and its rank end, and [`Liveness`](crate::Liveness).
+//!
+//! Each file uses only those above it in this order: `wire`, `auth`, `protocol`, `liveness`, `server`, `client`.
 
 pub(crate) mod auth;
 pub(crate) mod liveness;

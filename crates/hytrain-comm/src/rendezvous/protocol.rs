@@ -7,6 +7,7 @@
 //! (see [`liveness`](super::liveness)), which speaks its own one-byte messages from then on.
 
 use std::io::{self, Read};
+use std::time::Duration;
 
 use super::auth::NONCE_LEN;
 use super::wire::*;
@@ -156,6 +157,15 @@ pub(crate) fn decode_stream(bytes: &[u8]) -> usize {
         n += 1;
     }
     n
+}
+
+/// The `OP_WATCH` request: rank and peer timeout.
+pub(crate) fn watch_request(rank: usize, peer_timeout: Duration) -> Vec<u8> {
+    let mut frame = Vec::new();
+    put_u8(&mut frame, OP_WATCH);
+    put_u64(&mut frame, rank as u64);
+    put_u64(&mut frame, peer_timeout.as_millis() as u64);
+    frame
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::auth::{self, Handshake, JobToken};
-use super::liveness::{self, LostRank, Watches};
+use super::liveness::{self, LostRank, WatchHost, Watches};
 use super::protocol::*;
 use super::wire::*;
 use crate::net::bind_any;
@@ -31,39 +31,35 @@ const MAX_HANDSHAKES: usize = 256;
 /// How often the accept loop checks whether the store was dropped.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 
-pub(crate) struct ServerState {
+struct ServerState {
     kv: HashMap<String, Vec<u8>>,
     job_id: String,
-    pub(crate) world_size: usize,
+    world_size: usize,
     joined: BTreeSet<usize>,
     /// Connections that failed the token check, and where the last one came from, for the rendezvous error.
     refused: usize,
     last_refused: Option<SocketAddr>,
     /// Which ranks are watched, which left, and the job's first loss.
-    pub(crate) watches: Watches,
+    watches: Watches,
 }
 
-pub(crate) struct Shared {
+struct Shared {
     state: Mutex<ServerState>,
-    pub(crate) changed: Condvar,
+    changed: Condvar,
     token: JobToken,
     /// Connections now in the handshake.
     handshakes: AtomicUsize,
 }
 
 impl Shared {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, ServerState> {
+    fn lock(&self) -> MutexGuard<'_, ServerState> {
         // A connection thread that panicked cannot leave the map half-updated (every update is one insert), so a
         // poisoned lock is still consistent.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Blocks until `ready` holds or `deadline` passes; returns whether it holds.
-    pub(crate) fn wait_until(
-        &self,
-        deadline: Instant,
-        mut ready: impl FnMut(&ServerState) -> bool,
-    ) -> bool {
+    fn wait_until(&self, deadline: Instant, mut ready: impl FnMut(&ServerState) -> bool) -> bool {
         let mut st = self.lock();
         loop {
             if ready(&st) {
@@ -82,11 +78,28 @@ impl Shared {
     }
 }
 
+impl WatchHost for Shared {
+    fn with_watches(&self, f: &mut dyn FnMut(&mut Watches, usize)) {
+        let mut st = self.lock();
+        let world = st.world_size;
+        f(&mut st.watches, world);
+    }
+
+    fn notify(&self) {
+        self.changed.notify_all();
+    }
+
+    fn wait_watches(&self, deadline: Instant, ready: &mut dyn FnMut(&Watches) -> bool) -> bool {
+        self.wait_until(deadline, |st| ready(&st.watches))
+    }
+}
+
 /// The listening half, owned by rank 0's `Store`. Dropping it stops accepting new connections; connections already
 /// open keep being served until their clients hang up, so ranks still finishing a rendezvous are not cut off.
 pub(crate) struct Server {
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
 }
 
 impl Server {
@@ -96,7 +109,7 @@ impl Server {
         job_id: &str,
         world_size: usize,
         token: JobToken,
-    ) -> Result<(Server, Arc<Shared>), CommError> {
+    ) -> Result<Server, CommError> {
         let listener = match only {
             Some(ip) => TcpListener::bind((ip, port)),
             None => bind_any(port),
@@ -129,13 +142,17 @@ impl Server {
             .spawn(move || accept_loop(listener, shared2, stop2))
             .map_err(|source| CommError::Bind { port, source })?;
         tracing::debug!(port = local.port(), "rendezvous store listening");
-        Ok((
-            Server {
-                stop,
-                accept: Some(accept),
-            },
+        Ok(Server {
+            stop,
+            accept: Some(accept),
             shared,
-        ))
+        })
+    }
+
+    /// The store's liveness state, for rank 0's own [`Liveness`](crate::Liveness): it waits there for the other
+    /// ranks to leave before its process, and with it the store, ends.
+    pub(crate) fn watches(&self) -> Arc<dyn WatchHost> {
+        self.shared.clone()
     }
 }
 
@@ -302,13 +319,13 @@ fn serve_requests(
             Request::Get { key, timeout_ms } => {
                 let deadline = deadline_from(timeout_ms);
                 shared.wait_until(deadline, |st| {
-                    st.kv.contains_key(&key) || st.watches.lost.is_some()
+                    st.kv.contains_key(&key) || st.watches.lost().is_some()
                 });
                 let st = shared.lock();
                 if let Some(v) = st.kv.get(&key) {
                     put_u8(&mut out, ST_OK);
                     put_bytes(&mut out, v);
-                } else if let Some(lost) = &st.watches.lost {
+                } else if let Some(lost) = st.watches.lost() {
                     put_lost(&mut out, lost);
                 } else {
                     put_u8(&mut out, ST_TIMEOUT);
@@ -344,8 +361,8 @@ fn serve_requests(
             Request::Wait { keys, timeout_ms } => {
                 let deadline = deadline_from(timeout_ms);
                 let all = |st: &ServerState| keys.iter().all(|k| st.kv.contains_key(k));
-                shared.wait_until(deadline, |st| all(st) || st.watches.lost.is_some());
-                let lost = shared.lock().watches.lost.clone();
+                shared.wait_until(deadline, |st| all(st) || st.watches.lost().is_some());
+                let lost = shared.lock().watches.lost().cloned();
                 if all(&shared.lock()) {
                     put_u8(&mut out, ST_OK);
                 } else if let Some(lost) = lost {
@@ -396,9 +413,9 @@ fn serve_requests(
             Request::AwaitJoined { timeout_ms } => {
                 let deadline = deadline_from(timeout_ms);
                 let complete = |st: &ServerState| st.joined.len() >= st.world_size;
-                shared.wait_until(deadline, |st| complete(st) || st.watches.lost.is_some());
+                shared.wait_until(deadline, |st| complete(st) || st.watches.lost().is_some());
                 let st = shared.lock();
-                if let (false, Some(lost)) = (complete(&st), &st.watches.lost) {
+                if let (false, Some(lost)) = (complete(&st), st.watches.lost()) {
                     put_lost(&mut out, lost);
                     drop(st);
                     send(&mut w, &out)?;

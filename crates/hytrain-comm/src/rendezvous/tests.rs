@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use super::auth::{self, NONCE_LEN};
 use super::client::*;
-use super::liveness;
 use super::protocol::*;
 use super::server::HANDSHAKE_TIMEOUT;
 use super::wire::*;
@@ -721,9 +720,7 @@ fn a_rank_that_stops_sending_heartbeats_is_lost_after_the_peer_timeout() {
     main.write_all(&join).unwrap();
     assert_eq!(get_u8(&mut main).unwrap(), ST_OK);
     let mut watch = connect_with_retry(&m, &o, &hosts, started, deadline).unwrap();
-    watch
-        .write_all(&liveness::watch_request(OP_WATCH, 1, o.peer_timeout))
-        .unwrap();
+    watch.write_all(&watch_request(1, o.peer_timeout)).unwrap();
     assert_eq!(get_u8(&mut watch).unwrap(), ST_OK);
     let (lost, after) = rank0.join().unwrap().unwrap();
     let lost = lost.expect("rank 1 declared lost");
