@@ -8,5 +8,6 @@
 
 #[cfg(feature = "mpi")]
 pub(crate) mod mpi;
+pub(crate) mod failure;
 pub(crate) mod ring;
 pub(crate) mod shm;

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use half::bf16;
 
-use crate::backend::ring::{decode_failure, encode_failure};
+use crate::backend::failure::{decode_failure, encode_failure};
 use crate::rendezvous::liveness::VERDICT_WAIT;
 use crate::{
     Buffer, Collective, CommError, CommOptions, Liveness, Membership, ReduceOp, Ring, Store,
