@@ -622,3 +622,6 @@ fn watch(mut stream: TcpStream, core: &Core, peer_timeout: Duration, master: &st
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
