@@ -21,6 +21,18 @@
 //! collective blocked on it returns [`CommError::RankLost`] instead of waiting for the collective timeout. Only the start of each connection is authenticated;
 //! the data that follows is not encrypted, so run jobs on a private network.
 //!
+//! ## Layout
+//!
+//! - `rendezvous/`: finding each other. `protocol.rs` (the store's requests as bytes), `server.rs` (the store rank 0
+//!   hosts; it knows no client), `client.rs` ([`Store`] and the rendezvous), `liveness/` ([`Liveness`], both ends of
+//!   the watch; it sees the store only through a small interface), `auth.rs` ([`JobToken`] and the handshake every
+//!   connection opens with), `wire.rs` (the byte encoding).
+//! - `backend/`: the [`Collective`] implementations. `ring/` (the TCP [`Ring`]: `links.rs` connects it,
+//!   `schedule.rs` plans a collective, `pipeline.rs` runs the plan), `shm/` (shared memory inside a node), `mpi.rs`
+//!   (feature `mpi`), `failure.rs` (how a backend records its failure for the other ranks).
+//! - `transport.rs`: which backend a job gets ([`Transport`]) and [`connect`]ing it over a joined store.
+//! - `error.rs`: [`CommError`]; `net.rs`: socket helpers.
+//!
 //! ```no_run
 //! use hytrain_comm::{init, Buffer, CommOptions, Membership, ReduceOp};
 //!
@@ -55,8 +67,8 @@ pub use backend::mpi::Mpi;
 pub use backend::ring::{Ring, DEFAULT_SEGMENT_BYTES};
 pub use error::{CommError, RankList};
 pub use rendezvous::auth::JobToken;
-pub use rendezvous::liveness::{Liveness, LostRank};
 pub use rendezvous::client::Store;
+pub use rendezvous::liveness::{Liveness, LostRank};
 pub use transport::Transport;
 
 /// Entry points for the fuzz targets (`fuzz/`) and the tests that replay their corpus: decoders run on arbitrary

@@ -6,8 +6,8 @@
 //!
 //! Which one a job gets is decided in [`transport`](crate::transport) and [`init`](crate::init).
 
+pub(crate) mod failure;
 #[cfg(feature = "mpi")]
 pub(crate) mod mpi;
-pub(crate) mod failure;
 pub(crate) mod ring;
 pub(crate) mod shm;

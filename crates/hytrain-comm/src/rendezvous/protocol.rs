@@ -83,7 +83,7 @@ pub(crate) enum Request {
     AwaitJoined {
         timeout_ms: u64,
     },
-    /// Turns the connection into `rank`'s liveness watch (see [`crate::liveness`]).
+    /// Turns the connection into `rank`'s liveness watch (see [`liveness`](super::liveness)).
     Watch {
         rank: usize,
         timeout_ms: u64,
