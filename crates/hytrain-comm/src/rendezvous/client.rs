@@ -84,34 +84,43 @@ impl Store {
         m.validate()?;
         opts.validate()?;
         let started = Instant::now();
+        let server = if m.rank == 0 {
+            let token = opts.token();
+            if m.world_size > 1 && !token.is_configured() {
+                warn_unconfigured_once();
+            }
+            Some(Server::start(
+                listen_only_on(m),
+                m.master_port,
+                &opts.job_id,
+                m.world_size,
+                token,
+            )?)
+        } else {
+            None
+        };
+        Store::join(m, opts, server, started)
+    }
+
+    /// The rendezvous once the store listens: through `server` when this process hosts it (reached over loopback,
+    /// and kept until the last clone of the `Store` is dropped), else at `master_addr:master_port`. The client
+    /// needs nothing else from the server, so a store that runs on its own is joined with `server: None` by
+    /// every rank, rank 0 included. `started` is when the rendezvous began, for its deadline.
+    pub(crate) fn join(
+        m: &Membership,
+        opts: &CommOptions,
+        server: Option<Server>,
+        started: Instant,
+    ) -> Result<Store, CommError> {
         let deadline = started + opts.rendezvous_timeout;
-        let token = opts.token();
-        let hosts: Vec<&str> = if m.rank == 0 {
+        let hosts: Vec<&str> = if server.is_some() {
             // Rank 0 talks to its own server over loopback: its own host name may not resolve yet (Kubeflow creates
             // the service DNS record late), and peers never use the address of this connection.
             vec!["127.0.0.1", "::1"]
         } else {
             vec![&m.master_addr]
         };
-        let (server, stream) = if m.rank == 0 {
-            if m.world_size > 1 && !token.is_configured() {
-                warn_unconfigured_once();
-            }
-            let server = Server::start(
-                listen_only_on(m),
-                m.master_port,
-                &opts.job_id,
-                m.world_size,
-                token.clone(),
-            )?;
-            let stream = connect_with_retry(m, opts, &hosts, started, deadline)?;
-            (Some(server), stream)
-        } else {
-            (
-                None,
-                connect_with_retry(m, opts, &hosts, started, deadline)?,
-            )
-        };
+        let stream = connect_with_retry(m, opts, &hosts, started, deadline)?;
         let watches = server.as_ref().map(Server::watches);
         let abort_handle = stream.try_clone().map_err(|e| CommError::Store {
             rank: m.rank,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::auth::{self, NONCE_LEN};
 use super::client::*;
 use super::protocol::*;
-use super::server::HANDSHAKE_TIMEOUT;
+use super::server::{Server, HANDSHAKE_TIMEOUT};
 use super::wire::*;
 use crate::testutil::{free_port, member, on_ranks, opts};
 use crate::*;
@@ -627,9 +627,13 @@ fn a_replayed_handshake_is_refused_and_the_job_goes_on() {
 fn a_rank_that_dies_is_named_to_every_other_rank_and_ends_their_blocking_requests() {
     let port = free_port();
     let started = Instant::now();
+    // Rank 2 dies only once every rank is out of the store barrier: a rank still inside it would have its request
+    // ended by the loss too, which is right but not what this test looks at.
+    let all_out = std::sync::Barrier::new(3);
     let results = on_ranks(3, |rank| {
         let store = Store::rendezvous(&member(rank, 3, port), &opts(30, 30)).unwrap();
         store.barrier("joined").unwrap();
+        all_out.wait();
         let live = store.liveness().unwrap();
         if rank == 2 {
             live.sever();
@@ -760,4 +764,32 @@ fn a_single_rank_job_listens_on_loopback_only() {
     assert_eq!(listen_only_on(&m), None);
     m.master_addr = "10.0.0.1".into();
     assert_eq!(listen_only_on(&m), None);
+}
+
+#[test]
+fn a_store_started_on_its_own_serves_a_job_whose_ranks_all_join_as_clients() {
+    // What a standalone store needs: the server without any rank around it, and clients that do not host it.
+    let port = free_port();
+    let o = opts(30, 30);
+    let server = Server::start(
+        Some(Ipv4Addr::LOCALHOST.into()),
+        port,
+        &o.job_id,
+        3,
+        o.token(),
+    )
+    .unwrap();
+    let results = on_ranks(3, |rank| -> Result<Vec<u8>, CommError> {
+        let store = Store::join(&member(rank, 3, port), &o, None, Instant::now())?;
+        store.set(&format!("k/{rank}"), &[rank as u8])?;
+        store.barrier("all")?;
+        let next = store.get(&format!("k/{}", (rank + 1) % 3))?;
+        store.barrier("read")?;
+        assert_eq!(store.liveness().and_then(|l| l.lost()), None);
+        Ok(next)
+    });
+    for (rank, r) in results.into_iter().enumerate() {
+        assert_eq!(r.unwrap(), vec![((rank + 1) % 3) as u8], "rank {rank}");
+    }
+    drop(server);
 }
