@@ -69,7 +69,7 @@ pub use error::{CommError, RankList};
 pub use rendezvous::auth::JobToken;
 pub use rendezvous::client::Store;
 pub use rendezvous::liveness::{Liveness, LostRank};
-pub use transport::Transport;
+pub use transport::{connect, Transport};
 
 /// Entry points for the fuzz targets (`fuzz/`) and the tests that replay their corpus: decoders run on arbitrary
 /// bytes, which must return without panicking, hanging or allocating more than the bytes justify. Not API.
@@ -304,18 +304,6 @@ pub fn init(
     }
     let store = Store::rendezvous(m, opts)?;
     connect(&store, m, opts)
-}
-
-/// The collective over a store every rank has already joined: the TCP ring, with shared memory between the ranks
-/// of one node when [`CommOptions::transport`] allows. For callers that keep the store for more (a GPU job passes
-/// NCCL's unique id through it); [`init`] does both steps.
-pub fn connect(
-    store: &Store,
-    m: &Membership,
-    opts: &CommOptions,
-) -> Result<Box<dyn Collective>, CommError> {
-    m.validate()?;
-    transport::connect(store, m, opts)
 }
 
 #[cfg(test)]

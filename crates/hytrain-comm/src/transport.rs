@@ -43,13 +43,15 @@ impl std::str::FromStr for Transport {
     }
 }
 
-/// Starts the backend `opts.transport` asks for: the shared-memory one when it applies, else the flat ring
-/// (which it also needs).
-pub(crate) fn connect(
+/// The collective over a store every rank has already joined: the TCP ring, with shared memory between the ranks
+/// of one node when [`CommOptions::transport`] allows. For callers that keep the store for more (a GPU job passes
+/// NCCL's unique id through it); [`init`](crate::init) does both steps.
+pub fn connect(
     store: &Store,
     m: &Membership,
     opts: &CommOptions,
 ) -> Result<Box<dyn Collective>, CommError> {
+    m.validate()?;
     connect_with(store, m, opts, None)
 }
 
