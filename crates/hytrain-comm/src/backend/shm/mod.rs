@@ -13,8 +13,11 @@
 //! the rank it waits for still exists (`kill(pid, 0)`, and not a zombie), and whether the collective timeout has
 //! passed without that rank making progress; each ends the wait with an error naming the rank.
 //!
-//! Broadcast, allgather and barrier, which move little data in training, use a whole-job TCP [`Ring`] that is also
-//! built here and that carries the set-up's own exchanges.
+//! Broadcast, allgather and barrier, which move little data in training, use the whole-job TCP [`Ring`] that
+//! [`transport`](crate::transport) links first and hands to [`over_ring`]; it also carries the set-up's own exchanges.
+//!
+//! Files: this one (set-up and the collectives), `segment.rs` (the mapped segment, its epoch words and futex
+//! waits), `reduce.rs` (the element-wise sums), `tests.rs`.
 
 mod reduce;
 mod segment;

@@ -1,3 +1,6 @@
+//! The shared-memory backend's tests: ranks as threads laid out as nodes of `local` ranks, each backend picked the
+//! way a job picks it (through `transport.rs`).
+
 use std::time::{Duration, Instant};
 
 use half::bf16;
