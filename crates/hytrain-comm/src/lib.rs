@@ -21,6 +21,18 @@
 //! collective blocked on it returns [`CommError::RankLost`] instead of waiting for the collective timeout. Only the start of each connection is authenticated;
 //! the data that follows is not encrypted, so run jobs on a private network.
 //!
+//! ## Layout
+//!
+//! - `rendezvous/`: finding each other. `protocol.rs` (the store's requests as bytes), `server.rs` (the store rank 0
+//!   hosts; it knows no client), `client.rs` ([`Store`] and the rendezvous), `liveness/` ([`Liveness`], both ends of
+//!   the watch; it sees the store only through a small interface), `auth.rs` ([`JobToken`] and the handshake every
+//!   connection opens with), `wire.rs` (the byte encoding).
+//! - `backend/`: the [`Collective`] implementations. `ring/` (the TCP [`Ring`]: `links.rs` connects it,
+//!   `schedule.rs` plans a collective, `pipeline.rs` runs the plan), `shm/` (shared memory inside a node), `mpi.rs`
+//!   (feature `mpi`), `failure.rs` (how a backend records its failure for the other ranks).
+//! - `transport.rs`: which backend a job gets ([`Transport`]) and [`connect`]ing it over a joined store.
+//! - `error.rs`: [`CommError`]; `net.rs`: socket helpers.
+//!
 //! ```no_run
 //! use hytrain_comm::{init, Buffer, CommOptions, Membership, ReduceOp};
 //!
@@ -44,25 +56,20 @@ compile_error!(
 
 use std::time::Duration;
 
-mod auth;
+mod backend;
 mod error;
-mod liveness;
-#[cfg(feature = "mpi")]
-mod mpi_backend;
-mod ring;
-mod schedule;
-mod shm;
-mod store;
-mod wire;
+mod net;
+mod rendezvous;
+mod transport;
 
-pub use auth::JobToken;
-pub use error::{CommError, RankList};
-pub use liveness::{Liveness, LostRank};
 #[cfg(feature = "mpi")]
-pub use mpi_backend::Mpi;
-pub use ring::{Ring, DEFAULT_SEGMENT_BYTES};
-pub use shm::Transport;
-pub use store::Store;
+pub use backend::mpi::Mpi;
+pub use backend::ring::{Ring, DEFAULT_SEGMENT_BYTES};
+pub use error::{CommError, RankList};
+pub use rendezvous::auth::JobToken;
+pub use rendezvous::client::Store;
+pub use rendezvous::liveness::{Liveness, LostRank};
+pub use transport::{connect, Transport};
 
 /// Entry points for the fuzz targets (`fuzz/`) and the tests that replay their corpus: decoders run on arbitrary
 /// bytes, which must return without panicking, hanging or allocating more than the bytes justify. Not API.
@@ -71,7 +78,7 @@ pub mod fuzzing {
     /// The rendezvous store's wire format as its server reads it: a client's greeting, then requests until the
     /// bytes end or one is malformed. Returns the number of requests decoded.
     pub fn store_wire(bytes: &[u8]) -> usize {
-        crate::store::decode_stream(bytes)
+        crate::rendezvous::protocol::decode_stream(bytes)
     }
 }
 
@@ -297,18 +304,6 @@ pub fn init(
     }
     let store = Store::rendezvous(m, opts)?;
     connect(&store, m, opts)
-}
-
-/// The collective over a store every rank has already joined: the TCP ring, with shared memory between the ranks
-/// of one node when [`CommOptions::transport`] allows. For callers that keep the store for more (a GPU job passes
-/// NCCL's unique id through it); [`init`] does both steps.
-pub fn connect(
-    store: &Store,
-    m: &Membership,
-    opts: &CommOptions,
-) -> Result<Box<dyn Collective>, CommError> {
-    m.validate()?;
-    shm::connect(store, m, opts)
 }
 
 #[cfg(test)]

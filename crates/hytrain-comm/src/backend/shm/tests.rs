@@ -1,9 +1,13 @@
+//! The shared-memory backend's tests: ranks as threads laid out as nodes of `local` ranks, each backend picked the
+//! way a job picks it (through `transport.rs`).
+
 use std::time::{Duration, Instant};
 
 use half::bf16;
 
 use super::*;
 use crate::testutil::{free_port, member, on_ranks, opts};
+use crate::transport::{connect, connect_with};
 
 /// Rendezvous plus the backend `transport` picks for `world` threads laid out as nodes of `local` ranks.
 fn with_backends<T: Send>(

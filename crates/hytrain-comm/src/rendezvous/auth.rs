@@ -20,7 +20,7 @@ use std::sync::Arc;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::wire::{get_bytes_max, put_bytes};
+use super::wire::{get_bytes_max, put_bytes};
 
 type HmacSha256 = Hmac<Sha256>;
 

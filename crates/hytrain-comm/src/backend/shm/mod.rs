@@ -13,8 +13,11 @@
 //! the rank it waits for still exists (`kill(pid, 0)`, and not a zombie), and whether the collective timeout has
 //! passed without that rank making progress; each ends the wait with an error naming the rank.
 //!
-//! Broadcast, allgather and barrier, which move little data in training, use a whole-job TCP [`Ring`] that is also
-//! built here and that carries the set-up's own exchanges.
+//! Broadcast, allgather and barrier, which move little data in training, use the whole-job TCP [`Ring`] that
+//! [`transport`](crate::transport) links first and hands to [`over_ring`]; it also carries the set-up's own exchanges.
+//!
+//! Files: this one (set-up and the collectives), `segment.rs` (the mapped segment, its epoch words and futex
+//! waits), `reduce.rs` (the element-wise sums), `tests.rs`.
 
 mod reduce;
 mod segment;
@@ -23,10 +26,11 @@ use std::time::{Duration, Instant};
 
 use half::bf16;
 
-use crate::ring::{decode_failure, encode_failure};
-use crate::store::VERDICT_WAIT;
+use crate::backend::failure::{decode_failure, encode_failure};
+use crate::rendezvous::liveness::VERDICT_WAIT;
 use crate::{
     Buffer, Collective, CommError, CommOptions, Liveness, Membership, ReduceOp, Ring, Store,
+    Transport,
 };
 use reduce::{sum_into, Elem};
 use segment::{process_gone, wait_while, wake, Segment};
@@ -45,44 +49,6 @@ const OP_ALLREDUCE: u64 = 1;
 const DT_F32: u64 = 1;
 const DT_F64: u64 = 2;
 const DT_BF16: u64 = 3;
-
-/// How the ranks of a job exchange data; see [`CommOptions::transport`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Transport {
-    /// Shared memory between the ranks of each node (hierarchical across nodes) when the topology allows it,
-    /// otherwise the TCP ring.
-    #[default]
-    Auto,
-    /// The TCP ring between all ranks, whatever the topology.
-    Ring,
-    /// Shared memory between the ranks of each node; fails at start-up when it cannot be set up.
-    Shm,
-}
-
-impl std::fmt::Display for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Transport::Auto => "auto",
-            Transport::Ring => "ring",
-            Transport::Shm => "shm",
-        })
-    }
-}
-
-impl std::str::FromStr for Transport {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(Transport::Auto),
-            "ring" => Ok(Transport::Ring),
-            "shm" => Ok(Transport::Shm),
-            other => Err(format!(
-                "unknown transport '{other}'; use auto, ring or shm"
-            )),
-        }
-    }
-}
 
 /// The shared-memory backend (see the module docs); built by [`crate::init`] when the transport allows it.
 pub(crate) struct Shm {
@@ -105,27 +71,16 @@ pub(crate) struct Shm {
     widened: Vec<f32>,
 }
 
-/// Starts the backend `opts.transport` asks for: the shared-memory one when it applies, else the flat ring
-/// (which it also needs).
-pub(crate) fn connect(
-    store: &Store,
-    m: &Membership,
-    opts: &CommOptions,
-) -> Result<Box<dyn Collective>, CommError> {
-    connect_with(store, m, opts, None)
-}
-
-/// [`connect`] with a fixed slot size (tests use tiny slots to cross many rounds).
-pub(crate) fn connect_with(
+/// Builds the shared-memory backend over `flat`, the whole-job ring, when the topology allows it; otherwise (or when
+/// a node cannot map its segment) returns `flat` itself, unless `opts.transport` is [`Transport::Shm`], which turns
+/// those cases into errors. `slot_bytes` fixes the slot size (tests use tiny slots to cross many rounds).
+pub(crate) fn over_ring(
+    mut flat: Ring,
     store: &Store,
     m: &Membership,
     opts: &CommOptions,
     slot_bytes: Option<usize>,
 ) -> Result<Box<dyn Collective>, CommError> {
-    let mut flat = Ring::connect(store, m, opts)?;
-    if opts.transport == Transport::Ring || m.world_size == 1 {
-        return Ok(Box::new(flat));
-    }
     let forced = opts.transport == Transport::Shm;
     let local = match agree_on_topology(&mut flat, m)? {
         Ok(local) => local,

@@ -14,6 +14,10 @@
 //!
 //! A rank that finishes says goodbye with [`Liveness::leave`] (or by dropping every handle); one that gives up on
 //! an error of its own calls [`Liveness::abandon`], so the others stop at once instead of waiting for it.
+//!
+//! The store end runs inside the store's server but sees the store only through [`WatchHost`]: the job's
+//! [`Watches`] under the store's lock, and a way to wake the store's blocked requests. So this file depends on the
+//! protocol's status bytes and the wire encoding only, and the server depends on it, not the other way round.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -23,8 +27,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::store::Shared;
-use crate::wire::{get_bytes_max, get_u64, get_u8, put_bytes, put_u64, put_u8};
+use super::protocol::{ST_ERR, ST_OK};
+use super::wire::{get_bytes_max, get_u64, get_u8, put_bytes, put_u64};
 
 /// A beat: "still here".
 pub(crate) const BEAT: u8 = 1;
@@ -34,6 +38,10 @@ pub(crate) const LEAVE: u8 = 2;
 pub(crate) const LOST: u8 = 3;
 /// Client to store: this rank gives up on an error of its own.
 pub(crate) const ABANDON: u8 = 4;
+
+/// How long a rank whose connection broke waits for the liveness watch to say which rank was lost; the store learns
+/// of a killed process as fast as the rank does, so the verdict is normally there within milliseconds.
+pub(crate) const VERDICT_WAIT: Duration = Duration::from_secs(3);
 
 /// Longest host or cause text in a loss message.
 const MAX_TEXT: usize = 4096;
@@ -94,10 +102,35 @@ pub(crate) struct Member {
 pub(crate) struct Watches {
     members: HashMap<usize, Member>,
     /// The job's first loss; later ones are consequences.
-    pub(crate) lost: Option<LostRank>,
+    lost: Option<LostRank>,
+}
+
+/// What the store end of liveness needs from the store it runs in, and all it may touch there: the job's
+/// [`Watches`], kept under the store's own lock so that a loss and the store's blocking requests are decided
+/// together, and a way to wake those requests. The server implements it; liveness knows nothing else of the store.
+pub(crate) trait WatchHost: Send + Sync {
+    /// Runs `f` on the watches and the job's world size, under the store's lock.
+    fn with_watches(&self, f: &mut dyn FnMut(&mut Watches, usize));
+    /// Wakes every request blocked on the store; called after the watches changed, without the lock held.
+    fn notify(&self);
+    /// Blocks until `ready` holds for the watches or `deadline` passes; returns whether it holds.
+    fn wait_watches(&self, deadline: Instant, ready: &mut dyn FnMut(&Watches) -> bool) -> bool;
+}
+
+/// [`WatchHost::with_watches`] for a closure that returns a value.
+fn with<R>(host: &dyn WatchHost, f: impl FnOnce(&mut Watches, usize) -> R) -> R {
+    let mut f = Some(f);
+    let mut out = None;
+    host.with_watches(&mut |w, world| out = f.take().map(|f| f(w, world)));
+    out.expect("with_watches runs its closure once")
 }
 
 impl Watches {
+    /// The job's first loss, if it lost a rank.
+    pub(crate) fn lost(&self) -> Option<&LostRank> {
+        self.lost.as_ref()
+    }
+
     /// Whether `rank` has (or had) a watch.
     pub(crate) fn is_watched(&self, rank: usize) -> bool {
         self.members.contains_key(&rank)
@@ -114,22 +147,26 @@ fn lock(m: &Mutex<TcpStream>) -> MutexGuard<'_, TcpStream> {
 }
 
 /// Records `lost` as the job's loss unless one is recorded already, and tells every watching rank.
-pub(crate) fn declare_lost(shared: &Shared, lost: LostRank) {
-    let writers: Vec<Arc<Mutex<TcpStream>>> = {
-        let mut st = shared.lock();
-        if st.watches.lost.is_some() {
-            return;
+pub(crate) fn declare_lost(host: &dyn WatchHost, lost: LostRank) {
+    let writers: Option<Vec<Arc<Mutex<TcpStream>>>> = with(host, |watches, _| {
+        if watches.lost.is_some() {
+            return None;
         }
         tracing::error!(rank = lost.rank, host = %lost.host, "{lost}");
-        st.watches.lost = Some(lost.clone());
-        st.watches
-            .members
-            .values()
-            .filter(|m| !m.left)
-            .map(|m| m.writer.clone())
-            .collect()
+        watches.lost = Some(lost.clone());
+        Some(
+            watches
+                .members
+                .values()
+                .filter(|m| !m.left)
+                .map(|m| m.writer.clone())
+                .collect(),
+        )
+    });
+    let Some(writers) = writers else {
+        return;
     };
-    shared.changed.notify_all();
+    host.notify();
     let mut frame = vec![LOST];
     encode_lost(&mut frame, &lost);
     for w in writers {
@@ -142,7 +179,7 @@ pub(crate) fn declare_lost(shared: &Shared, lost: LostRank) {
 pub(crate) fn serve_watch(
     stream: TcpStream,
     peer: SocketAddr,
-    shared: &Shared,
+    shared: &dyn WatchHost,
     rank: usize,
     peer_timeout: Duration,
 ) -> io::Result<()> {
@@ -151,13 +188,24 @@ pub(crate) fn serve_watch(
     stream.set_read_timeout(Some(beat))?;
     stream.set_write_timeout(Some(beat.max(Duration::from_millis(500))))?;
     let writer = Arc::new(Mutex::new(stream.try_clone()?));
-    let lost_already = {
-        let mut st = shared.lock();
-        let world = st.world_size;
-        let taken = st.watches.members.get(&rank).is_some_and(|m| !m.left);
+    let registered = with(shared, |watches, world| {
+        let taken = watches.members.get(&rank).is_some_and(|m| !m.left);
         if rank >= world || taken {
-            drop(st);
-            let mut frame = vec![crate::store::ST_ERR];
+            return Err(world);
+        }
+        watches.members.insert(
+            rank,
+            Member {
+                left: false,
+                writer: writer.clone(),
+            },
+        );
+        Ok(watches.lost.clone())
+    });
+    let lost_already = match registered {
+        Ok(lost) => lost,
+        Err(world) => {
+            let mut frame = vec![ST_ERR];
             put_bytes(
                 &mut frame,
                 format!("rank {rank} cannot be watched (world_size {world}, or already watched)")
@@ -165,16 +213,8 @@ pub(crate) fn serve_watch(
             );
             return lock(&writer).write_all(&frame);
         }
-        st.watches.members.insert(
-            rank,
-            Member {
-                left: false,
-                writer: writer.clone(),
-            },
-        );
-        st.watches.lost.clone()
     };
-    lock(&writer).write_all(&[crate::store::ST_OK])?;
+    lock(&writer).write_all(&[ST_OK])?;
     if let Some(lost) = lost_already {
         let mut frame = vec![LOST];
         encode_lost(&mut frame, &lost);
@@ -198,7 +238,7 @@ pub(crate) fn serve_watch(
 
 fn watch_loop(
     stream: TcpStream,
-    shared: &Shared,
+    shared: &dyn WatchHost,
     rank: usize,
     peer_timeout: Duration,
     writer: &Mutex<TcpStream>,
@@ -212,10 +252,12 @@ fn watch_loop(
         match get_u8(&mut reader) {
             Ok(BEAT) => last_heard = Instant::now(),
             Ok(LEAVE) => {
-                if let Some(m) = shared.lock().watches.members.get_mut(&rank) {
-                    m.left = true;
-                }
-                shared.changed.notify_all();
+                shared.with_watches(&mut |watches, _| {
+                    if let Some(m) = watches.members.get_mut(&rank) {
+                        m.left = true;
+                    }
+                });
+                shared.notify();
                 tracing::debug!(rank, "rank left the job");
                 return;
             }
@@ -306,7 +348,7 @@ struct Handle {
     world_size: usize,
     peer_timeout: Duration,
     /// Rank 0's own store, so that it can wait for the others to leave before its process (and the store) ends.
-    server: Option<Arc<Shared>>,
+    server: Option<Arc<dyn WatchHost>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -378,7 +420,7 @@ impl Liveness {
         world_size: usize,
         peer_timeout: Duration,
         master: String,
-        server: Option<Arc<Shared>>,
+        server: Option<Arc<dyn WatchHost>>,
     ) -> io::Result<Liveness> {
         let beat = beat_interval(peer_timeout);
         stream.set_read_timeout(Some(beat))?;
@@ -451,8 +493,8 @@ impl Liveness {
         if let Some(server) = &self.handle.server {
             let deadline = Instant::now() + self.handle.peer_timeout;
             let world = self.handle.world_size;
-            let done = server.wait_until(deadline, |st| {
-                st.watches.all_left(world) || st.watches.lost.is_some()
+            let done = server.wait_watches(deadline, &mut |watches| {
+                watches.all_left(world) || watches.lost.is_some()
             });
             if !done {
                 tracing::warn!(
@@ -581,11 +623,5 @@ fn watch(mut stream: TcpStream, core: &Core, peer_timeout: Duration, master: &st
     }
 }
 
-/// The `OP_WATCH` request: rank and peer timeout.
-pub(crate) fn watch_request(op: u8, rank: usize, peer_timeout: Duration) -> Vec<u8> {
-    let mut frame = Vec::new();
-    put_u8(&mut frame, op);
-    put_u64(&mut frame, rank as u64);
-    put_u64(&mut frame, peer_timeout.as_millis() as u64);
-    frame
-}
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,461 @@
+//! The store's server: a small key-value store that global rank 0 hosts in a background thread.
+//!
+//! One TCP connection per client, one thread per connection, one request at a time per connection. Blocking
+//! requests (get, wait, the rendezvous itself) block here, on the store's condition variable, and are answered as
+//! soon as the condition holds, the client's deadline passes or the job loses a rank, so no rank polls. Nothing a
+//! client sends is acted on before it has proved it holds the job token.
+//!
+//! The server knows nothing of the client: it is started with [`Server::start`] and serves whoever connects, so a
+//! store that runs on its own (outside any rank) needs only a binary around it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{self, BufReader, BufWriter, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::auth::{self, Handshake, JobToken};
+use super::liveness::{self, LostRank, WatchHost, Watches};
+use super::protocol::*;
+use super::wire::*;
+use crate::net::bind_any;
+use crate::CommError;
+
+/// How long a client that has not yet proved it holds the job token may take to do so.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections allowed to be in the handshake at once; more are dropped at once (a real rank retries), so a flood
+/// of clients that connect and say nothing cannot exhaust the master's threads.
+const MAX_HANDSHAKES: usize = 256;
+/// How often the accept loop checks whether the store was dropped.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
+struct ServerState {
+    kv: HashMap<String, Vec<u8>>,
+    job_id: String,
+    world_size: usize,
+    joined: BTreeSet<usize>,
+    /// Connections that failed the token check, and where the last one came from, for the rendezvous error.
+    refused: usize,
+    last_refused: Option<SocketAddr>,
+    /// Which ranks are watched, which left, and the job's first loss.
+    watches: Watches,
+}
+
+struct Shared {
+    state: Mutex<ServerState>,
+    changed: Condvar,
+    token: JobToken,
+    /// Connections now in the handshake.
+    handshakes: AtomicUsize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, ServerState> {
+        // A connection thread that panicked cannot leave the map half-updated (every update is one insert), so a
+        // poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Blocks until `ready` holds or `deadline` passes; returns whether it holds.
+    fn wait_until(&self, deadline: Instant, mut ready: impl FnMut(&ServerState) -> bool) -> bool {
+        let mut st = self.lock();
+        loop {
+            if ready(&st) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+impl WatchHost for Shared {
+    fn with_watches(&self, f: &mut dyn FnMut(&mut Watches, usize)) {
+        let mut st = self.lock();
+        let world = st.world_size;
+        f(&mut st.watches, world);
+    }
+
+    fn notify(&self) {
+        self.changed.notify_all();
+    }
+
+    fn wait_watches(&self, deadline: Instant, ready: &mut dyn FnMut(&Watches) -> bool) -> bool {
+        self.wait_until(deadline, |st| ready(&st.watches))
+    }
+}
+
+/// The listening half, owned by rank 0's `Store`. Dropping it stops accepting new connections; connections already
+/// open keep being served until their clients hang up, so ranks still finishing a rendezvous are not cut off.
+pub(crate) struct Server {
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    pub(crate) fn start(
+        only: Option<IpAddr>,
+        port: u16,
+        job_id: &str,
+        world_size: usize,
+        token: JobToken,
+    ) -> Result<Server, CommError> {
+        let listener = match only {
+            Some(ip) => TcpListener::bind((ip, port)),
+            None => bind_any(port),
+        }
+        .map_err(|source| CommError::Bind { port, source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| CommError::Bind { port, source })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| CommError::Bind { port, source })?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(ServerState {
+                kv: HashMap::new(),
+                job_id: job_id.to_string(),
+                world_size,
+                joined: BTreeSet::new(),
+                refused: 0,
+                last_refused: None,
+                watches: Watches::default(),
+            }),
+            changed: Condvar::new(),
+            token,
+            handshakes: AtomicUsize::new(0),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, shared2) = (stop.clone(), shared.clone());
+        let accept = std::thread::Builder::new()
+            .name("hytrain-store".into())
+            .spawn(move || accept_loop(listener, shared2, stop2))
+            .map_err(|source| CommError::Bind { port, source })?;
+        tracing::debug!(port = local.port(), "rendezvous store listening");
+        Ok(Server {
+            stop,
+            accept: Some(accept),
+            shared,
+        })
+    }
+
+    /// The store's liveness state, for rank 0's own [`Liveness`](crate::Liveness): it waits there for the other
+    /// ranks to leave before its process, and with it the store, ends.
+    pub(crate) fn watches(&self) -> Arc<dyn WatchHost> {
+        self.shared.clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                if shared.handshakes.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+                    shared.handshakes.fetch_sub(1, Ordering::SeqCst);
+                    tracing::debug!(%peer, "store dropped a connection: too many handshakes in progress");
+                    continue;
+                }
+                let shared = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("hytrain-store-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = serve(stream, peer, &shared) {
+                            tracing::debug!(%peer, error = %e, "store connection ended");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(%peer, error = %e, "store could not start a connection thread");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
+            Err(e) => {
+                tracing::debug!(error = %e, "store accept failed");
+                std::thread::sleep(ACCEPT_POLL);
+            }
+        }
+    }
+}
+
+/// Decrements the handshake count when a connection leaves the handshake, however it leaves.
+struct InHandshake<'a>(&'a AtomicUsize);
+
+impl Drop for InHandshake<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The server's half of the handshake: the client's hello, the job check, the token challenge. Nothing the
+/// client sends is acted on before it has proved it holds the job token.
+fn admit(mut s: &TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<bool> {
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let (job, nonce) = read_hello(&mut s)?;
+    s.write_all(HELLO)?;
+    let job_id = shared.lock().job_id.clone();
+    if job != job_id.as_bytes() {
+        let theirs: String = String::from_utf8_lossy(&job).escape_debug().collect();
+        auth::refuse(
+            &mut s,
+            &format!(
+                "it hosts job '{job_id}' but this rank belongs to job '{theirs}'; two jobs share this address and port"
+            ),
+        )?;
+        return Ok(false);
+    }
+    let context = auth::context(&[b"store", job_id.as_bytes()]);
+    match auth::respond(&mut s, &shared.token, &context, &nonce) {
+        Ok(()) => {}
+        Err(Handshake::BadProof) => {
+            let refused = {
+                let mut st = shared.lock();
+                st.refused += 1;
+                st.last_refused = Some(peer);
+                st.refused
+            };
+            // Logged, but sparsely: whoever keeps knocking must not be able to flood the log.
+            if refused <= 10 || refused.is_power_of_two() {
+                tracing::warn!(
+                    %peer,
+                    refused,
+                    "refused a rendezvous connection: job token mismatch (it did not prove it holds this job's token)"
+                );
+            }
+            shared.changed.notify_all();
+            return Ok(false);
+        }
+        Err(Handshake::Io(e)) => return Err(e),
+        Err(other) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("handshake ended with {other:?}"),
+            ))
+        }
+    }
+    // Authenticated clients may block on a request for as long as their deadline says.
+    s.set_read_timeout(None)?;
+    s.set_write_timeout(None)?;
+    Ok(true)
+}
+
+fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()> {
+    {
+        let _counted = InHandshake(&shared.handshakes);
+        if !admit(&stream, peer, shared)? {
+            return Ok(());
+        }
+    }
+    let mut joined = None;
+    let result = serve_requests(stream, peer, shared, &mut joined);
+    if let Some(rank) = joined {
+        // A rank that joined dies before its liveness watch is up: only this connection can tell. A job of one
+        // rank has no watch and nobody to tell: its connection closes when it ends.
+        let alone_or_watched = {
+            let st = shared.lock();
+            st.world_size == 1 || st.watches.is_watched(rank)
+        };
+        if !alone_or_watched {
+            liveness::declare_lost(
+                shared,
+                LostRank {
+                    rank,
+                    host: peer.ip().to_string(),
+                    cause: "its connection to the rendezvous store closed during the rendezvous (the process \
+                            exited or was killed)"
+                        .into(),
+                },
+            );
+        }
+    }
+    result
+}
+
+/// Answers requests on an admitted connection; `joined` is set to the rank that joined on it.
+fn serve_requests(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    joined: &mut Option<usize>,
+) -> io::Result<()> {
+    let stream_for_watch = stream.try_clone()?;
+    let mut r = BufReader::new(stream.try_clone()?);
+    let mut w = BufWriter::new(stream);
+    let mut out = Vec::new();
+    while let Some(request) = read_request(&mut r)? {
+        out.clear();
+        match request {
+            Request::Set { key, value } => {
+                shared.lock().kv.insert(key, value);
+                shared.changed.notify_all();
+                put_u8(&mut out, ST_OK);
+            }
+            Request::SetIfAbsent { key, value } => {
+                let stored = shared.lock().kv.entry(key).or_insert(value).clone();
+                shared.changed.notify_all();
+                put_u8(&mut out, ST_OK);
+                put_bytes(&mut out, &stored);
+            }
+            Request::Get { key, timeout_ms } => {
+                let deadline = deadline_from(timeout_ms);
+                shared.wait_until(deadline, |st| {
+                    st.kv.contains_key(&key) || st.watches.lost().is_some()
+                });
+                let st = shared.lock();
+                if let Some(v) = st.kv.get(&key) {
+                    put_u8(&mut out, ST_OK);
+                    put_bytes(&mut out, v);
+                } else if let Some(lost) = st.watches.lost() {
+                    put_lost(&mut out, lost);
+                } else {
+                    put_u8(&mut out, ST_TIMEOUT);
+                }
+            }
+            Request::Add { key, delta } => {
+                let mut st = shared.lock();
+                let current = match st.kv.get(&key) {
+                    None => Some(0),
+                    Some(v) => std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|s| s.parse::<i64>().ok()),
+                };
+                match current {
+                    Some(c) => {
+                        let n = c.wrapping_add(delta);
+                        st.kv.insert(key, n.to_string().into_bytes());
+                        drop(st);
+                        shared.changed.notify_all();
+                        put_u8(&mut out, ST_OK);
+                        put_u64(&mut out, n as u64);
+                    }
+                    None => {
+                        drop(st);
+                        put_u8(&mut out, ST_ERR);
+                        put_bytes(
+                            &mut out,
+                            format!("key {key} holds a value that is not an integer").as_bytes(),
+                        );
+                    }
+                }
+            }
+            Request::Wait { keys, timeout_ms } => {
+                let deadline = deadline_from(timeout_ms);
+                let all = |st: &ServerState| keys.iter().all(|k| st.kv.contains_key(k));
+                shared.wait_until(deadline, |st| all(st) || st.watches.lost().is_some());
+                let lost = shared.lock().watches.lost().cloned();
+                if all(&shared.lock()) {
+                    put_u8(&mut out, ST_OK);
+                } else if let Some(lost) = lost {
+                    put_lost(&mut out, &lost);
+                } else {
+                    let st = shared.lock();
+                    let missing: Vec<&String> =
+                        keys.iter().filter(|k| !st.kv.contains_key(*k)).collect();
+                    put_u8(&mut out, ST_TIMEOUT);
+                    put_u64(&mut out, missing.len() as u64);
+                    for k in missing {
+                        put_bytes(&mut out, k.as_bytes());
+                    }
+                }
+            }
+            Request::Join { job, rank, world } => {
+                let mut st = shared.lock();
+                let refusal = if job != st.job_id {
+                    Some(format!(
+                        "it hosts job '{}' but this rank belongs to job '{job}'; two jobs share this address and port",
+                        st.job_id
+                    ))
+                } else if world != st.world_size {
+                    Some(format!(
+                        "this rank has world_size {world} but rank 0 has {}; every worker must get the same WORLD_SIZE",
+                        st.world_size
+                    ))
+                } else if !st.joined.insert(rank) {
+                    Some(format!(
+                        "rank {rank} already joined; two workers were started with the same rank"
+                    ))
+                } else {
+                    None
+                };
+                drop(st);
+                shared.changed.notify_all();
+                match refusal {
+                    None => {
+                        *joined = Some(rank);
+                        put_u8(&mut out, ST_OK)
+                    }
+                    Some(msg) => {
+                        put_u8(&mut out, ST_ERR);
+                        put_bytes(&mut out, msg.as_bytes());
+                    }
+                }
+            }
+            Request::AwaitJoined { timeout_ms } => {
+                let deadline = deadline_from(timeout_ms);
+                let complete = |st: &ServerState| st.joined.len() >= st.world_size;
+                shared.wait_until(deadline, |st| complete(st) || st.watches.lost().is_some());
+                let st = shared.lock();
+                if let (false, Some(lost)) = (complete(&st), st.watches.lost()) {
+                    put_lost(&mut out, lost);
+                    drop(st);
+                    send(&mut w, &out)?;
+                    continue;
+                }
+                let complete = complete(&st);
+                let missing: Vec<u64> = (0..st.world_size)
+                    .filter(|r| !st.joined.contains(r))
+                    .map(|r| r as u64)
+                    .collect();
+                // A rank given the wrong token fails on its own side at once; this tells rank 0 why it waited.
+                let note = match (st.refused, st.last_refused) {
+                    (0, _) | (_, None) => String::new(),
+                    (n, Some(from)) => format!(
+                        "; refused {n} connection{} that failed the job token check, the last from {from}",
+                        if n == 1 { "" } else { "s" }
+                    ),
+                };
+                drop(st);
+                put_u8(&mut out, if complete { ST_OK } else { ST_TIMEOUT });
+                put_u64_list(&mut out, &missing);
+                put_bytes(&mut out, note.as_bytes());
+            }
+            Request::Watch { rank, timeout_ms } => {
+                let timeout = Duration::from_millis(timeout_ms.clamp(1, u32::MAX as u64));
+                drop((r, w));
+                *joined = None;
+                return liveness::serve_watch(stream_for_watch, peer, shared, rank, timeout);
+            }
+        }
+        send(&mut w, &out)?;
+    }
+    Ok(())
+}
+
+fn put_lost(out: &mut Vec<u8>, lost: &LostRank) {
+    put_u8(out, ST_LOST);
+    liveness::encode_lost(out, lost);
+}
+
+fn deadline_from(timeout_ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(timeout_ms.min(u32::MAX as u64))
+}
