@@ -6,7 +6,8 @@
 //! cargo xtask demo      # setup, build hytrain, run the demo job with 2 local workers
 //! cargo xtask test      # setup, then the whole test suite (extra arguments go to `cargo test`)
 //! cargo xtask bench     # setup, every comparison with a peer (allreduce, step time, S3 read, launch to first
-//!                       # step), each beside the peer on the same machine, ending in one table of ratios
+//!                       # step, checkpoints to S3), each beside the peer on the same machine, ending in one
+//!                       # table of ratios
 //! cargo xtask gpu-check # pack the GPU check (kernels, NCCL, training beside PyTorch) for a machine with a GPU
 //! cargo xtask fuzz      # each fuzz target in fuzz/ for 60 s under cargo-fuzz (installed if missing)
 //! ```
@@ -45,6 +46,9 @@ tasks:
                              torchvision ResNet-18 beside PyTorch DDP eager and under torch.compile
                   s3         crates/hytrain-data/benches/s3_read.py: beside s3torchconnector and boto3
                   launch     `hytrain launch` to the first step beside torchrun (benches/first_step.py)
+                  checkpoint crates/hytrain-train/benches/checkpoint.py: saving and loading a 512 MiB state
+                             dict on S3 beside s3torchconnector's S3Checkpoint and DCP's S3StorageWriter/Reader,
+                             and the stall of a background save against a synchronous one
                   --only allreduce,launch runs some of them
   fuzz [--seconds N] [TARGET...]
                   run each fuzz target (fuzz/fuzz_targets: launcher_env, train_config, store_wire,
@@ -309,7 +313,7 @@ fn build(root: &Path, args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
 }
 
 /// The comparisons `cargo xtask bench` runs, in order.
-const BENCH_PARTS: &[&str] = &["allreduce", "step", "s3", "launch"];
+const BENCH_PARTS: &[&str] = &["allreduce", "step", "s3", "launch", "checkpoint"];
 
 /// Splits `--only a,b` off the bench's arguments; the rest go to criterion.
 fn bench_parts(args: &[OsString]) -> Result<(Vec<&'static str>, Vec<OsString>)> {
@@ -382,6 +386,7 @@ fn bench(args: &[OsString]) -> Result<u8> {
                 status_code(&mut command)
             }
             "s3" => s3_read(&root, &python, &summary_file).map(|()| 0),
+            "checkpoint" => checkpoint(&root, &python, &summary_file).map(|()| 0),
             _ => launch_to_first_step(&root, &python, &summary_file).map(|()| 0),
         };
         match outcome {
@@ -418,12 +423,12 @@ fn summarize(file: &Path, row: serde_json::Value) -> Result<()> {
     writeln!(f, "{row}").with_context(|| format!("cannot write {}", file.display()))
 }
 
-/// S3 read throughput of hytrain's S3 source beside s3torchconnector and boto3, all against the same local s3s-fs
-/// server (crates/hytrain-data/benches/s3_read.py).
-fn s3_read(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
+/// Installs the S3 peers (boto3 and s3torchconnector) into the bench venv if missing.
+fn s3_peers(python: &Path) -> Result<()> {
     let has_peers = || {
         Command::new(python)
-            .args(["-c", "import boto3, s3torchconnector"])
+            // s3torchconnector.dcp needs the `dcp` extra (tenacity), for the checkpoint bench's DCP peer.
+            .args(["-c", "import boto3, s3torchconnector, s3torchconnector.dcp"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()
@@ -441,10 +446,17 @@ fn s3_read(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
             "install",
             "--no-cache-dir",
             "boto3",
-            "s3torchconnector",
+            "s3torchconnector[dcp]",
             &format!("torch=={}", wheel::TORCH_VERSION),
         ]))?;
     }
+    Ok(())
+}
+
+/// S3 read throughput of hytrain's S3 source beside s3torchconnector and boto3, all against the same local s3s-fs
+/// server (crates/hytrain-data/benches/s3_read.py).
+fn s3_read(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
+    s3_peers(python)?;
     let built = build(root, &["--release", "-p", "hytrain-data", "--examples"])?;
     let examples = built
         .iter()
@@ -492,6 +504,92 @@ fn s3_read(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Checkpoints of one 512 MiB state dict to the same local s3s-fs server: hytrain's `CheckpointStore::s3` save and
+/// load beside s3torchconnector's `S3Checkpoint` and DCP with its `S3StorageWriter`/`S3StorageReader`, and the
+/// caller's stall under `AsyncCheckpointer` against a synchronous save (crates/hytrain-train/benches/checkpoint.py).
+fn checkpoint(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
+    s3_peers(python)?;
+    let mut examples = Vec::new();
+    for (package, example) in [
+        ("hytrain-data", "s3_server"),
+        ("hytrain-train", "checkpoint_bench"),
+    ] {
+        let built = build(root, &["--release", "-p", package, "--example", example])?;
+        let exe = built
+            .into_iter()
+            .find_map(|(name, exe)| (name == example).then_some(exe))
+            .with_context(|| format!("cargo built no {example} example"))?;
+        examples.push(exe);
+    }
+    // Both land in the same profile's examples folder, where the script looks for them.
+    let folder = examples[0].parent().context("an example has no folder")?;
+    let json = env::temp_dir().join(format!(
+        "hytrain-checkpoint-bench-{}.json",
+        std::process::id()
+    ));
+    let runs = env::var("HYTRAIN_CHECKPOINT_BENCH_RUNS").unwrap_or_else(|_| "3".into());
+    let mut command = Command::new(python);
+    command
+        .arg(root.join("crates/hytrain-train/benches/checkpoint.py"))
+        .arg("--examples")
+        .arg(folder)
+        .args(["--runs", &runs, "--json"])
+        .arg(&json);
+    println!("bench: {}", show(&command));
+    run(&mut command)?;
+    let text =
+        fs::read_to_string(&json).with_context(|| format!("cannot read {}", json.display()))?;
+    let _ = fs::remove_file(&json);
+    let v: serde_json::Value =
+        serde_json::from_str(&text).context("checkpoint.py wrote bad JSON")?;
+    for row in checkpoint_rows(&v)? {
+        summarize(summary_file, row)?;
+    }
+    Ok(())
+}
+
+/// The summary rows of checkpoint.py's JSON: save and load MB/s against each peer (issue 16: at least 2x
+/// s3torchconnector's `S3Checkpoint`), and the stall of a background save over a synchronous one (at most 0.1x).
+fn checkpoint_rows(v: &serde_json::Value) -> Result<Vec<serde_json::Value>> {
+    let mib = v["bytes"]
+        .as_f64()
+        .context("checkpoint.py wrote no 'bytes'")?
+        / (1u64 << 20) as f64;
+    let figure = |side: &str, key: &str| {
+        v["results"][side][key]
+            .as_f64()
+            .with_context(|| format!("checkpoint.py measured no '{key}' for '{side}'"))
+    };
+    let mut rows = Vec::new();
+    for (op, way) in [("save", "to"), ("load", "from")] {
+        let key = format!("{op}_mb_per_s");
+        let ours = figure("hytrain", &key)?;
+        for (peer, target) in [
+            ("s3torchconnector S3Checkpoint", ">=2"),
+            ("DCP + S3StorageWriter/Reader", ""),
+        ] {
+            rows.push(serde_json::json!({
+                "comparison": format!("checkpoint {op} {way} S3, {mib:.0} MiB state dict (local s3s-fs)"),
+                "unit": "MB/s", "higher_is_better": true, "hytrain": ours, "peer_name": peer,
+                "peer": figure(peer, &key)?, "target": target,
+            }));
+        }
+    }
+    for (store, title) in [("s3", "S3"), ("dir", "a folder")] {
+        let stall = |key: &str| {
+            v["stall"][store][key]
+                .as_f64()
+                .with_context(|| format!("checkpoint.py measured no stall '{key}' for '{store}'"))
+        };
+        rows.push(serde_json::json!({
+            "comparison": format!("checkpoint stall to {title}, {mib:.0} MiB: background save (host copy)"),
+            "unit": "s", "higher_is_better": false, "hytrain": stall("held_seconds")?,
+            "peer_name": "hytrain synchronous save", "peer": stall("save_seconds")?, "target": "<=0.1",
+        }));
+    }
+    Ok(rows)
 }
 
 /// Wall time from starting the launcher to the first completed training step: `hytrain launch` with 2 workers
@@ -806,19 +904,85 @@ mod tests {
 
     #[test]
     fn bench_parts_are_picked_by_name_and_the_rest_goes_to_criterion() {
-        let args: Vec<OsString> = ["--only", "launch,allreduce", "--warm-up-time", "1"]
-            .iter()
-            .map(OsString::from)
-            .collect();
+        let args: Vec<OsString> = [
+            "--only",
+            "launch,allreduce,checkpoint",
+            "--warm-up-time",
+            "1",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
         let (parts, rest) = bench_parts(&args).unwrap();
-        assert_eq!(parts, ["launch", "allreduce"]);
+        assert_eq!(parts, ["launch", "allreduce", "checkpoint"]);
         assert_eq!(rest, ["--warm-up-time", "1"]);
         let (all, _) = bench_parts(&[]).unwrap();
         assert_eq!(all, BENCH_PARTS);
         let e = bench_parts(&[OsString::from("--only"), OsString::from("gpu")]).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unknown bench part 'gpu'; the parts are allreduce, step, s3, launch"
+            "unknown bench part 'gpu'; the parts are allreduce, step, s3, launch, checkpoint"
+        );
+    }
+
+    #[test]
+    fn checkpoint_rows_compare_save_and_load_with_each_peer_and_the_stall_with_a_synchronous_save()
+    {
+        let v = serde_json::json!({
+            "bytes": 536870912u64,
+            "results": {
+                "hytrain": {"save_mb_per_s": 400.0, "load_mb_per_s": 500.0},
+                "s3torchconnector S3Checkpoint": {"save_mb_per_s": 100.0, "load_mb_per_s": 250.0},
+                "DCP + S3StorageWriter/Reader": {"save_mb_per_s": 200.0, "load_mb_per_s": 125.0},
+            },
+            "stall": {
+                "s3": {"save_seconds": 2.0, "held_seconds": 0.1},
+                "dir": {"save_seconds": 1.0, "held_seconds": 0.1},
+            },
+        });
+        let rows = checkpoint_rows(&v).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("summary.jsonl");
+        for row in &rows {
+            summarize(&file, row.clone()).unwrap();
+        }
+        let read = summary::read(&file).unwrap();
+        let got: Vec<(String, &str, f64, String)> = read
+            .iter()
+            .map(|r| {
+                (
+                    r.peer_name.clone(),
+                    r.unit.as_str(),
+                    r.ratio(),
+                    r.target.clone(),
+                )
+            })
+            .collect();
+        let want = [
+            ("s3torchconnector S3Checkpoint", "MB/s", 4.0, ">=2"),
+            ("DCP + S3StorageWriter/Reader", "MB/s", 2.0, ""),
+            ("s3torchconnector S3Checkpoint", "MB/s", 2.0, ">=2"),
+            ("DCP + S3StorageWriter/Reader", "MB/s", 4.0, ""),
+            ("hytrain synchronous save", "s", 0.05, "<=0.1"),
+            ("hytrain synchronous save", "s", 0.1, "<=0.1"),
+        ];
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!((g.0.as_str(), g.1, g.3.as_str()), (w.0, w.1, w.3));
+            assert!((g.2 - w.2).abs() < 1e-12, "{g:?} against {w:?}");
+        }
+        assert!(read[0]
+            .comparison
+            .starts_with("checkpoint save to S3, 512 MiB"));
+        assert!(read[2]
+            .comparison
+            .starts_with("checkpoint load from S3, 512 MiB"));
+        assert!(read[4].comparison.contains("stall to S3"));
+        assert!(!read[4].higher_is_better);
+        let e = checkpoint_rows(&serde_json::json!({"bytes": 1, "results": {}})).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "checkpoint.py measured no 'save_mb_per_s' for 'hytrain'"
         );
     }
 
