@@ -2,8 +2,11 @@
 //! goes on while a thread encodes, checksums and writes (or uploads) the copy.
 //!
 //! One thread, started with the checkpointer, writes every checkpoint of the run. The copy is the only cost to the
-//! step loop: host tensors are copied in memory; device tensors are copied into
-//! pinned host memory without blocking, with one synchronisation per device after all copies are queued. At most
+//! step loop: host tensors are copied in memory, into the buffers of the previous checkpoint once it is written
+//! (so after the first checkpoint a copy allocates nothing and takes no page faults; the price is one copy of the
+//! state kept in host memory between checkpoints, as PyTorch's asynchronous checkpointing keeps its staging
+//! buffers); device tensors are copied into pinned host memory (libtorch's pinned allocator keeps its blocks for
+//! reuse) without blocking, with one synchronisation per device after all copies are queued. At most
 //! one write is in flight: a checkpoint due while the previous is still being written waits for it, and says how
 //! long. A write's error comes back at the next checkpoint or at [`AsyncCheckpointer::finish`], and ends the job as
 //! a synchronous write's would; the previous checkpoint stays the one a restart resumes from.
@@ -25,8 +28,10 @@ pub struct AsyncCheckpointer {
     store: Arc<CheckpointStore>,
     /// Checkpoints to write, to the writer thread; `None` once it is told to end.
     jobs: Option<Sender<Checkpoint>>,
-    /// What the writer thread made of each checkpoint, in order.
-    done: Receiver<Result<PathBuf>>,
+    /// What the writer thread made of each checkpoint, in order, and the host copy it wrote, for reuse.
+    done: Receiver<(Result<PathBuf>, Checkpoint)>,
+    /// The host copy of the last checkpoint written, whose buffers the next copy fills.
+    spare: Option<Checkpoint>,
     writer: Option<JoinHandle<()>>,
     in_flight: Option<InFlight>,
     last: Option<PathBuf>,
@@ -39,9 +44,21 @@ struct InFlight {
     started: Instant,
 }
 
-/// Host copies of `tensors`, taken now. Device tensors are copied asynchronously into pinned memory and waited
+/// Host copies of `tensors`, taken now: into `spare`'s buffers where it holds a host tensor of the same name, shape
+/// and dtype for a host tensor, else fresh. Device tensors are copied asynchronously into pinned memory and waited
 /// for once per device, not once per tensor.
-fn snapshot(tensors: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
+fn snapshot(tensors: &[(String, Tensor)], spare: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+    let reusable = spare.len() == tensors.len()
+        && spare.iter().zip(tensors).all(|((n1, a), (n2, b))| {
+            n1 == n2 && a.size() == b.size() && a.kind() == b.kind() && b.device() == Device::Cpu
+        });
+    if reusable {
+        let mut host = spare;
+        for ((name, dst), (_, src)) in host.iter_mut().zip(tensors) {
+            dst.f_copy_(&src.detach()).map_err(|e| TrainError::torch(format!("copying {name} to host memory"), e))?;
+        }
+        return Ok(host);
+    }
     let copy = |t: &Tensor| -> std::result::Result<Tensor, tch::TchError> {
         let on_device = t.device() != Device::Cpu;
         // copy=true: a host tensor is copied too, since training changes it in place from the next step.
@@ -74,18 +91,24 @@ impl AsyncCheckpointer {
             .name("hytrain-checkpoint".into())
             .spawn(move || {
                 for copy in todo {
-                    // The host copy goes as soon as it is encoded: one copy of the state in memory while it uploads.
-                    let encoded = encode(&copy);
-                    drop(copy);
-                    let written = encoded.and_then(|encoded| writing.write(encoded));
-                    if report.send(written).is_err() {
+                    let written = encode(&copy).and_then(|encoded| writing.write(encoded));
+                    if report.send((written, copy)).is_err() {
                         return;
                     }
                 }
             })
             .map_err(|e| tracing::error!("cannot start the checkpoint writer thread: {e}"))
             .ok();
-        AsyncCheckpointer { store, jobs: Some(jobs), done, writer, in_flight: None, last: None, held_secs: 0.0 }
+        AsyncCheckpointer {
+            store,
+            jobs: Some(jobs),
+            done,
+            spare: None,
+            writer,
+            in_flight: None,
+            last: None,
+            held_secs: 0.0,
+        }
     }
 
     /// The store written to.
@@ -98,17 +121,36 @@ impl AsyncCheckpointer {
         self.store.dir()
     }
 
-    /// The result of the write in flight, waiting for it.
-    fn wait(&self, in_flight: &InFlight) -> Result<PathBuf> {
-        self.done.recv().unwrap_or_else(|_| {
-            Err(TrainError::Checkpoint {
+    /// The result of the write in flight, waiting for it when `block`; `None` when it is still running. Its host
+    /// copy becomes the spare.
+    fn collect(&mut self, in_flight: &InFlight, block: bool) -> Option<Result<PathBuf>> {
+        let answer = if block {
+            self.done.recv().ok()
+        } else {
+            match self.done.try_recv() {
+                Ok(answer) => Some(answer),
+                Err(mpsc::TryRecvError::Empty) => return None,
+                Err(mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        Some(match answer {
+            Some((written, copy)) => {
+                self.spare = Some(copy);
+                written
+            }
+            None => Err(TrainError::Checkpoint {
                 path: self.store.dir().to_path_buf(),
                 detail: format!(
                     "the checkpoint writer thread ended while writing step {}; this is a bug in hytrain",
                     in_flight.step
                 ),
-            })
+            }),
         })
+    }
+
+    /// The result of the write in flight, waiting for it.
+    fn wait(&mut self, in_flight: &InFlight) -> Result<PathBuf> {
+        self.collect(in_flight, true).expect("a blocking wait has an answer")
     }
 
     /// Copies `ckpt` to host memory now and writes it in the background. Waits first for the previous write, if
@@ -116,9 +158,9 @@ impl AsyncCheckpointer {
     pub fn save(&mut self, ckpt: &Checkpoint) -> Result<()> {
         let held = Instant::now();
         if let Some(previous) = self.in_flight.take() {
-            let result = match self.done.try_recv() {
-                Ok(result) => result,
-                Err(_) => {
+            let result = match self.collect(&previous, false) {
+                Some(result) => result,
+                None => {
                     let result = self.wait(&previous);
                     tracing::warn!(
                         previous = previous.step,
@@ -133,9 +175,13 @@ impl AsyncCheckpointer {
             };
             self.last = Some(result?);
         }
+        let (model, optimizer) = match self.spare.take() {
+            Some(spare) => (spare.model, spare.optimizer),
+            None => (Vec::new(), Vec::new()),
+        };
         let copy = Checkpoint {
-            model: snapshot(&ckpt.model)?,
-            optimizer: snapshot(&ckpt.optimizer)?,
+            model: snapshot(&ckpt.model, model)?,
+            optimizer: snapshot(&ckpt.optimizer, optimizer)?,
             meta: ckpt.meta.clone(),
         };
         let step = ckpt.meta.step;

@@ -234,6 +234,31 @@ fn a_background_write_keeps_the_state_of_its_step_while_training_changes_it() {
 }
 
 #[test]
+fn consecutive_background_checkpoints_each_hold_their_own_steps_state() {
+    // From the second checkpoint on, the host copy fills the buffers of the one before: each must still hold the
+    // state of its own step, and the earlier files must stay as written.
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = AsyncCheckpointer::new(CheckpointStore::new(dir.path(), 3).unwrap());
+    let (ddp, opt) = trained(1);
+    let mut expected = Vec::new();
+    for step in 1..=3u64 {
+        let ckpt = checkpoint_of(&ddp, opt.as_ref(), step);
+        tch::no_grad(|| {
+            for (_, t) in &ckpt.model {
+                let _ = t.shallow_clone().fill_(step as f64);
+            }
+        });
+        expected.push(deep_copy(&ckpt.model));
+        writer.save(&ckpt).unwrap();
+    }
+    writer.finish().unwrap();
+    for (step, want) in (1..=3u64).zip(expected) {
+        let read = hytrain_train::checkpoint::read_checkpoint(&dir.path().join(format!("ckpt-{step}"))).unwrap();
+        assert!(identical(&by_name(deep_copy(&read.model)), &by_name(want)), "step {step}");
+    }
+}
+
+#[test]
 fn one_background_write_at_a_time_and_the_next_checkpoint_waits_for_it() {
     let (_root, server) = server();
     let mut writer = AsyncCheckpointer::new(CheckpointStore::s3(URL, &options(&server), 3).unwrap());
