@@ -60,6 +60,8 @@ mod backend;
 mod error;
 mod net;
 mod rendezvous;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod transport;
 
 #[cfg(feature = "mpi")]

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::{deep_copy, identical, on_ranks, seeded};
+use hytrain_comm::testing::{FailingCollective, Fault};
 use hytrain_train::{
     model, BatchError, BatchSource, Batches, Collective, Ddp, Precision, RunPaths, Summary, TensorBatches, TrainConfig,
     TrainError, Trainer,
@@ -554,11 +555,7 @@ fn ranks_train_on_while_rank_0s_checkpoint_uploads_and_a_new_run_resumes_from_s3
         config: TrainConfig { checkpoint_every: Some(2), max_steps: Some(max_steps), log_interval: 1, ..config() },
         train: blobs(320, 6),
         val: blobs(40, 7),
-        paths: RunPaths {
-            checkpoint_dir: Some("s3://bkt/run/ckpt".into()),
-            s3: server.options(),
-            ..paths(dir.path())
-        },
+        paths: RunPaths { checkpoint_dir: Some("s3://bkt/run/ckpt".into()), s3: server.options(), ..paths(dir.path()) },
         stop_rank0_after: None,
         out: Some(&out),
         model_seed,
@@ -588,5 +585,64 @@ fn ranks_train_on_while_rank_0s_checkpoint_uploads_and_a_new_run_resumes_from_s3
     for r in &resumed {
         assert_eq!(r.summary.resumed_from.as_deref(), Some(Path::new("s3://bkt/run/ckpt/ckpt-6")));
         assert_eq!((r.summary.steps, r.summary.steps_run), (8, 2));
+    }
+}
+
+/// Runs `job` on 2 ranks whose collectives all fail at call `fail_at` with `fault` (`usize::MAX`: never): each
+/// rank's result and how many collective calls it made.
+fn run_failing(job: &Job, fail_at: usize, fault: Fault) -> Vec<(Result<Outcome, TrainError>, usize)> {
+    on_ranks(2, |rank, comm| {
+        let failing = FailingCollective::new(comm, fail_at, fault.clone());
+        let calls = failing.calls();
+        let result = run_rank(job, rank, 2, Some(Box::new(failing)));
+        (result, calls.load(std::sync::atomic::Ordering::SeqCst))
+    })
+}
+
+/// A rank lost (or silent past the collective timeout) at any collective of a run (in a step, between steps, right
+/// after a checkpoint, in validation, in the final summary): every rank fails naming it, the checkpoint folder holds only whole checkpoints (a write in flight
+/// is finished, not cut), and a restart ends with the weights of an unbroken run.
+#[test]
+fn a_rank_lost_at_any_collective_fails_every_rank_and_a_restart_ends_as_an_unbroken_run() {
+    let make = |dir: &Path| Job {
+        config: TrainConfig { checkpoint_every: Some(3), ..config() },
+        train: blobs(320, 6),
+        val: blobs(40, 7),
+        paths: paths(dir),
+        stop_rank0_after: None,
+        out: None,
+        model_seed: 11,
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let lost = Fault::RankLost { rank: 1 };
+    let counted = run_failing(&make(straight_dir.path()), usize::MAX, lost.clone());
+    let total = counted[0].1;
+    assert_eq!(counted[1].1, total, "the ranks made different numbers of collective calls");
+    let straight: Vec<Outcome> = counted.into_iter().map(|(r, _)| r.unwrap()).collect();
+    let silent = Fault::Timeout { rank: 1 };
+    let cases =
+        [total / 7, total / 3, total / 2, total * 5 / 6, total - 2, total - 1].map(|at| (at, &lost, "lost rank 1"));
+    for (fail_at, fault, says) in cases.into_iter().chain([(total / 4, &silent, "rank 1 was silent")]) {
+        let dir = tempfile::tempdir().unwrap();
+        for (result, calls) in run_failing(&make(dir.path()), fail_at, fault.clone()) {
+            let err = result.err().unwrap_or_else(|| panic!("a run failing at call {fail_at} succeeded"));
+            assert!(err.to_string().contains(says), "call {fail_at}: {err}");
+            assert_eq!(calls, fail_at + 1, "call {fail_at}: a rank went on after the loss");
+        }
+        let leftovers: Vec<String> = std::fs::read_dir(dir.path().join("checkpoints"))
+            .into_iter()
+            .flatten()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with("ckpt-"))
+            .collect();
+        assert!(leftovers.is_empty(), "call {fail_at}: partial writes left: {leftovers:?}");
+        let resumed = run(&make(dir.path()), 2);
+        for (r, s) in resumed.iter().zip(&straight) {
+            assert_eq!(r.summary.steps, s.summary.steps, "call {fail_at}");
+            assert!(
+                identical(&r.weights, &s.weights),
+                "call {fail_at}: the restart's weights differ from an unbroken run's"
+            );
+        }
     }
 }
