@@ -3,8 +3,10 @@
 
 mod common;
 
-use common::{deep_copy, identical, max_relative_difference, max_relative_l2_difference, on_ranks, seeded};
-use hytrain_train::model::{self, ConvConfig, LayerBuilder, Model};
+use common::{
+    deep_copy, identical, max_relative_difference, max_relative_l2_difference, on_ranks, seeded, TinyBn,
+};
+use hytrain_train::model::{self, LayerBuilder, Model};
 use hytrain_train::{AdamWConfig, Ddp, DdpOptions, OptimizerConfig, SgdConfig, TrainError};
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -237,42 +239,6 @@ fn buckets_are_identical_on_every_rank_reverse_ordered_with_a_small_first_one() 
         }
     }
     assert!(layout.len() >= 4, "{} buckets for 44 MB at 5 MiB", layout.len());
-}
-
-/// conv → BatchNorm → linear: small enough to train in a test, with BatchNorm buffers.
-struct TinyBn {
-    conv: model::Conv2d,
-    bn: model::BatchNorm2d,
-    fc: model::Linear,
-    params: Vec<(String, Tensor)>,
-    buffers: Vec<(String, Tensor)>,
-}
-
-impl TinyBn {
-    fn new() -> Self {
-        let mut b = LayerBuilder::new(Device::Cpu);
-        let conv = b.conv2d("conv", 3, 4, ConvConfig::new(3)).unwrap();
-        let bn = b.batch_norm2d("bn", 4).unwrap();
-        let fc = b.linear("fc", 4 * 6 * 6, 3).unwrap();
-        let (params, buffers) = b.finish();
-        TinyBn { conv, bn, fc, params, buffers }
-    }
-}
-
-impl Model for TinyBn {
-    fn name(&self) -> &str {
-        "tiny-bn"
-    }
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor, TchError> {
-        let xs = self.bn.forward_t(&self.conv.forward(xs)?, train)?.f_relu()?;
-        self.fc.forward(&xs.f_flatten(1, -1)?)
-    }
-    fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
-    }
-    fn named_buffers(&self) -> Vec<(String, Tensor)> {
-        self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
-    }
 }
 
 /// Rank 1's buffers are spoiled after start-up; a training step then runs on the same batch on both ranks.

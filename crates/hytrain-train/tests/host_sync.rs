@@ -9,13 +9,12 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{on_ranks, seeded};
+use common::{on_ranks, seeded, TinyBn};
 use hytrain_cuda::{CudaError, DType, DeviceCollective, DeviceReduceOp, DeviceSlice};
-use hytrain_train::model::{self, ConvConfig, LayerBuilder, Model};
 use hytrain_train::{
     host_sync, Buffer, Collective, CommError, Ddp, DdpOptions, OptimizerConfig, Precision, ReduceOp, SgdConfig,
 };
-use tch::{Device, Kind, TchError, Tensor};
+use tch::{Device, Kind, Tensor};
 
 const STEPS: usize = 3;
 const ACCUM: usize = 2;
@@ -104,43 +103,6 @@ impl DeviceCollective for RingAsDevice {
     }
     fn host_memory(&self) -> bool {
         true
-    }
-}
-
-/// conv → BatchNorm → linear: BatchNorm's running statistics (float32) and batch count (int64) are buffers that
-/// every training forward changes.
-struct TinyBn {
-    conv: model::Conv2d,
-    bn: model::BatchNorm2d,
-    fc: model::Linear,
-    params: Vec<(String, Tensor)>,
-    buffers: Vec<(String, Tensor)>,
-}
-
-impl TinyBn {
-    fn new() -> Self {
-        let mut b = LayerBuilder::new(Device::Cpu);
-        let conv = b.conv2d("conv", 3, 4, ConvConfig::new(3)).unwrap();
-        let bn = b.batch_norm2d("bn", 4).unwrap();
-        let fc = b.linear("fc", 4 * 6 * 6, 3).unwrap();
-        let (params, buffers) = b.finish();
-        TinyBn { conv, bn, fc, params, buffers }
-    }
-}
-
-impl Model for TinyBn {
-    fn name(&self) -> &str {
-        "tiny-bn"
-    }
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor, TchError> {
-        let xs = self.bn.forward_t(&self.conv.forward(xs)?, train)?.f_relu()?;
-        self.fc.forward(&xs.f_flatten(1, -1)?)
-    }
-    fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
-    }
-    fn named_buffers(&self) -> Vec<(String, Tensor)> {
-        self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
     }
 }
 

@@ -8,8 +8,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use hytrain_comm::{CommOptions, Membership};
+use hytrain_train::model::{self, ConvConfig, LayerBuilder, Model};
 use hytrain_train::Collective;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// Runs `f(rank, collective)` on one thread per rank, each rank joined to the others through hytrain-comm's real
 /// rendezvous store and TCP ring on loopback; results in rank order.
@@ -124,4 +125,41 @@ pub fn run_python(script: &str, args: &[&std::ffi::OsStr]) -> String {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{script} failed:\n{text}");
     text
+}
+
+/// conv → BatchNorm → linear: small enough to train in a test; BatchNorm's running statistics (float32) and batch
+/// count (int64) are buffers that every training forward changes.
+pub struct TinyBn {
+    conv: model::Conv2d,
+    bn: model::BatchNorm2d,
+    fc: model::Linear,
+    params: Vec<(String, Tensor)>,
+    buffers: Vec<(String, Tensor)>,
+}
+
+impl TinyBn {
+    pub fn new() -> Self {
+        let mut b = LayerBuilder::new(Device::Cpu);
+        let conv = b.conv2d("conv", 3, 4, ConvConfig::new(3)).unwrap();
+        let bn = b.batch_norm2d("bn", 4).unwrap();
+        let fc = b.linear("fc", 4 * 6 * 6, 3).unwrap();
+        let (params, buffers) = b.finish();
+        TinyBn { conv, bn, fc, params, buffers }
+    }
+}
+
+impl Model for TinyBn {
+    fn name(&self) -> &str {
+        "tiny-bn"
+    }
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor, TchError> {
+        let xs = self.bn.forward_t(&self.conv.forward(xs)?, train)?.f_relu()?;
+        self.fc.forward(&xs.f_flatten(1, -1)?)
+    }
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    }
+    fn named_buffers(&self) -> Vec<(String, Tensor)> {
+        self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    }
 }
