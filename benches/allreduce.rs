@@ -121,11 +121,15 @@ fn gloo() -> Result<Vec<(usize, f64)>, String> {
         .output()
         .map_err(|e| format!("cannot run {python}: {e}"))?;
     if !out.status.success() {
-        return Err(format!("{python} {script} failed: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")));
+        return Err(format!(
+            "{python} {script} failed: {}",
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+        ));
     }
     let mut rows = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("bad line from gloo peer '{line}': {e}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("bad line from gloo peer '{line}': {e}"))?;
         rows.push((v["bytes"].as_u64().unwrap_or(0) as usize, v["busbw_gbps"].as_f64().unwrap_or(0.0)));
     }
     Ok(rows)
@@ -168,7 +172,9 @@ fn main() {
     println!("|---:|---:|---:|---:|---:|---:|");
     for mib in SIZES_MIB {
         let bytes = mib << 20;
-        let of = |which: usize| best.iter().find(|(w, b, _)| *w == which && *b == bytes).map(|(_, _, s)| busbw_gbps(bytes, *s));
+        let of = |which: usize| {
+            best.iter().find(|(w, b, _)| *w == which && *b == bytes).map(|(_, _, s)| busbw_gbps(bytes, *s))
+        };
         let (ring, shm) = (of(0), of(1));
         let gloo = peer.as_ref().ok().and_then(|rows| rows.iter().find(|(b, _)| *b == bytes)).map(|(_, g)| *g);
         let show = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.2}"));

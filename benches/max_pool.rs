@@ -19,24 +19,17 @@ fn bench(c: &mut Criterion) {
     tch::manual_seed(0);
     let mut group = c.benchmark_group("max_pool_2x2_fwd_bwd");
     for shape in SHAPES {
-        let x = Tensor::randn(shape, (Kind::Float, Device::Cpu))
-            .relu()
-            .set_requires_grad(true);
-        let upstream = Tensor::randn(
-            [shape[0], shape[1], shape[2] / 2, shape[3] / 2],
-            (Kind::Float, Device::Cpu),
-        );
+        let x = Tensor::randn(shape, (Kind::Float, Device::Cpu)).relu().set_requires_grad(true);
+        let upstream = Tensor::randn([shape[0], shape[1], shape[2] / 2, shape[3] / 2], (Kind::Float, Device::Cpu));
         let label = format!("{}x{}x{}x{}", shape[0], shape[1], shape[2], shape[3]);
         let ours = |x: &Tensor| max_pool_2x2(x).expect("pool");
         let libtorch = |x: &Tensor| x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
         group.bench_with_input(BenchmarkId::new("hytrain", &label), &x, |b, x| {
             b.iter(|| pool_step(&ours, x, &upstream))
         });
-        group.bench_with_input(
-            BenchmarkId::new("libtorch_max_pool2d", &label),
-            &x,
-            |b, x| b.iter(|| pool_step(&libtorch, x, &upstream)),
-        );
+        group.bench_with_input(BenchmarkId::new("libtorch_max_pool2d", &label), &x, |b, x| {
+            b.iter(|| pool_step(&libtorch, x, &upstream))
+        });
     }
     group.finish();
 }

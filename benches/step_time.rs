@@ -50,12 +50,8 @@ const GPT_BATCH: i64 = 8;
 /// within minutes on a 2-core machine.
 /// torchvision's ResNet-18 downsamples 32x32 inputs 4x in its stem, so its steps are about 15x shorter than the
 /// CIFAR variant's; its compiled peer spends its first step (a warm-up step) compiling.
-const DEFAULT_STEPS: [(&str, usize, usize); 4] = [
-    ("lenet", 20, 200),
-    ("resnet18", 2, 6),
-    (RESNET18_EXPORTED, 3, 20),
-    (GPT_EXPORTED, 3, 20),
-];
+const DEFAULT_STEPS: [(&str, usize, usize); 4] =
+    [("lenet", 20, 200), ("resnet18", 2, 6), (RESNET18_EXPORTED, 3, 20), (GPT_EXPORTED, 3, 20)];
 /// torchvision's ResNet-18, trained exported (python/tests/cached_export.py's name for it).
 const RESNET18_EXPORTED: &str = "resnet18_cifar";
 /// python/examples/gpt.py at the bench's size, trained exported (python/tests/cached_export.py's name for it).
@@ -152,53 +148,37 @@ struct ModelRun {
 /// `model_name` (built in, or loaded from the exported `folder`).
 fn hytrain_rank(model_name: &str, folder: Option<&str>, warmup: usize, steps: usize) -> Result<()> {
     tch::set_num_threads(1);
-    let plan =
-        hytrain::cluster::detect().context("reading the rank's torchrun-style environment")?;
+    let plan = hytrain::cluster::detect().context("reading the rank's torchrun-style environment")?;
     let membership = hytrain::membership(&plan);
-    let options = hytrain::comm::CommOptions {
-        rendezvous_timeout: Duration::from_secs(120),
-        ..Default::default()
-    };
-    let comm = hytrain::comm::init(&membership, false, &options)
-        .context("rendezvous of the hytrain ranks")?;
+    let options = hytrain::comm::CommOptions { rendezvous_timeout: Duration::from_secs(120), ..Default::default() };
+    let comm = hytrain::comm::init(&membership, false, &options).context("rendezvous of the hytrain ranks")?;
     let rank = membership.rank;
     tch::manual_seed(rank as i64);
     let net: Box<dyn Model> = match folder {
         Some(folder) => Box::new(ExportedModel::load(folder, tch::Device::Cpu)?),
         None => model::build(model_name, 10, &[3, 32, 32], tch::Device::Cpu)?,
     };
-    let options = DdpOptions {
-        overlap: overlap()?,
-        ..Default::default()
-    };
+    let options = DdpOptions { overlap: overlap()?, ..Default::default() };
     let mut ddp = Ddp::new(net, comm, options)?;
     let batch = batch_size(model_name);
     // 4 batches, made before the clock starts. The GPT: AdamW on random sequences of its 128-token context from its
     // 512-token vocabulary (python/tests/cached_export.py's gpt_bench), targets as many random tokens.
-    let (optimizer, lr, batches): (_, _, Vec<Vec<(tch::Tensor, tch::Tensor)>>) =
-        if model_name == GPT_EXPORTED {
-            let tokens = || tch::Tensor::randint(512, [batch, 128], tch::kind::INT64_CPU);
-            let batches = (0..4).map(|_| vec![(tokens(), tokens())]).collect();
-            (
-                OptimizerConfig::AdamW(AdamWConfig::default()),
-                1e-3,
-                batches,
-            )
-        } else {
-            let sgd = OptimizerConfig::Sgd(SgdConfig {
-                momentum: 0.5,
-                ..Default::default()
-            });
-            let batches = (0..4)
-                .map(|_| {
-                    vec![(
-                        tch::Tensor::randn([batch, 3, 32, 32], tch::kind::FLOAT_CPU),
-                        tch::Tensor::randint(10, [batch], tch::kind::INT64_CPU),
-                    )]
-                })
-                .collect();
-            (sgd, 0.01, batches)
-        };
+    let (optimizer, lr, batches): (_, _, Vec<Vec<(tch::Tensor, tch::Tensor)>>) = if model_name == GPT_EXPORTED {
+        let tokens = || tch::Tensor::randint(512, [batch, 128], tch::kind::INT64_CPU);
+        let batches = (0..4).map(|_| vec![(tokens(), tokens())]).collect();
+        (OptimizerConfig::AdamW(AdamWConfig::default()), 1e-3, batches)
+    } else {
+        let sgd = OptimizerConfig::Sgd(SgdConfig { momentum: 0.5, ..Default::default() });
+        let batches = (0..4)
+            .map(|_| {
+                vec![(
+                    tch::Tensor::randn([batch, 3, 32, 32], tch::kind::FLOAT_CPU),
+                    tch::Tensor::randint(10, [batch], tch::kind::INT64_CPU),
+                )]
+            })
+            .collect();
+        (sgd, 0.01, batches)
+    };
     let mut optimizer = optimizer.build(ddp.parameters())?;
     let mut times = Vec::with_capacity(steps);
     let mut cpu_times = Vec::with_capacity(steps);
@@ -243,10 +223,7 @@ fn hytrain_rank(model_name: &str, folder: Option<&str>, warmup: usize, steps: us
 
 /// CPU time of this process (all its threads) so far, in seconds.
 fn process_cpu_secs() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into `ts`, a valid and exclusively borrowed local.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
     if rc != 0 {
@@ -268,9 +245,7 @@ fn median(values: &mut [f64]) -> f64 {
 /// Starts one side's `WORLD` ranks, waits for all of them (killing them all past the deadline or when one fails),
 /// and parses rank 0's JSON line.
 fn run_side(side: &str, command: impl Fn() -> Command) -> Result<Measured> {
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))?
-        .local_addr()?
-        .port();
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
     let mut ranks: Vec<Child> = Vec::new();
     for rank in 0..WORLD {
         let mut c = command();
@@ -318,38 +293,21 @@ fn run_side(side: &str, command: impl Fn() -> Command) -> Result<Measured> {
                     why.push_str(&format!(" rank {rank}: {line};"));
                 }
             }
-            let what = if failed {
-                "a rank failed"
-            } else {
-                "ranks did not finish within the deadline"
-            };
+            let what = if failed { "a rank failed" } else { "ranks did not finish within the deadline" };
             bail!("{side}: {what}:{why}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut out = String::new();
-    ranks[0]
-        .stdout
-        .take()
-        .expect("piped")
-        .read_to_string(&mut out)?;
+    ranks[0].stdout.take().expect("piped").read_to_string(&mut out)?;
     let line = out
         .lines()
         .rev()
         .find(|l| l.trim_start().starts_with('{'))
-        .ok_or_else(|| {
-            anyhow!(
-                "{side}: rank 0 printed no result line; its output was: {}",
-                out.trim()
-            )
-        })?;
+        .ok_or_else(|| anyhow!("{side}: rank 0 printed no result line; its output was: {}", out.trim()))?;
     let v: serde_json::Value =
         serde_json::from_str(line).with_context(|| format!("{side}: bad result line '{line}'"))?;
-    let field = |name: &str| {
-        v[name]
-            .as_f64()
-            .ok_or_else(|| anyhow!("{side}: no {name} in '{line}'"))
-    };
+    let field = |name: &str| v[name].as_f64().ok_or_else(|| anyhow!("{side}: no {name} in '{line}'"));
     Ok(Measured {
         median_ms: field("median_ms")?,
         cpu_median_ms: field("cpu_median_ms")?,
@@ -363,10 +321,8 @@ fn run_side(side: &str, command: impl Fn() -> Command) -> Result<Measured> {
 
 /// Warm-up and timed steps per model: the defaults, or HYTRAIN_STEP_BENCH_STEPS (`model=warmup:steps,...`).
 fn step_counts() -> Result<Vec<(String, usize, usize)>> {
-    let mut counts: Vec<(String, usize, usize)> = DEFAULT_STEPS
-        .iter()
-        .map(|(m, w, s)| (m.to_string(), *w, *s))
-        .collect();
+    let mut counts: Vec<(String, usize, usize)> =
+        DEFAULT_STEPS.iter().map(|(m, w, s)| (m.to_string(), *w, *s)).collect();
     let Ok(spec) = std::env::var("HYTRAIN_STEP_BENCH_STEPS") else {
         return Ok(counts);
     };
@@ -398,10 +354,7 @@ fn model_names() -> String {
 fn overlap() -> Result<bool> {
     match std::env::var("HYTRAIN_STEP_BENCH_OVERLAP") {
         Err(_) => Ok(true),
-        Ok(v) => Ok(hytrain_train::config::parse_bool(
-            "HYTRAIN_STEP_BENCH_OVERLAP",
-            &v,
-        )?),
+        Ok(v) => Ok(hytrain_train::config::parse_bool("HYTRAIN_STEP_BENCH_OVERLAP", &v)?),
     }
 }
 
@@ -448,20 +401,12 @@ fn row(
     theirs: &Result<Measured>,
     value: fn(&Measured) -> f64,
 ) -> String {
-    let fmt = |m: &Result<Measured>| {
-        m.as_ref()
-            .map_or("n/a".to_string(), |m| format!("{:.1}", value(m)))
-    };
+    let fmt = |m: &Result<Measured>| m.as_ref().map_or("n/a".to_string(), |m| format!("{:.1}", value(m)));
     let ratio = match (ours, theirs) {
         (Ok(a), Ok(b)) => format!("{:.2}", value(a) / value(b)),
         _ => "n/a".into(),
     };
-    format!(
-        "| {model_name} | {} | {} | {} | {ratio} |",
-        peer.label(),
-        fmt(ours),
-        fmt(theirs)
-    )
+    format!("| {model_name} | {} | {} | {} | {ratio} |", peer.label(), fmt(ours), fmt(theirs))
 }
 
 fn main() -> ExitCode {
@@ -483,25 +428,17 @@ fn main() -> ExitCode {
 fn rank_main(model_name: &str) -> Result<()> {
     let count = |name: &str| -> Result<usize> {
         let v = std::env::var(name).with_context(|| format!("{name} is not set"))?;
-        v.parse()
-            .with_context(|| format!("{name}: '{v}' is not a number of steps"))
+        v.parse().with_context(|| format!("{name}: '{v}' is not a number of steps"))
     };
     let folder = std::env::var("HYTRAIN_STEP_BENCH_FOLDER").ok();
-    hytrain_rank(
-        model_name,
-        folder.as_deref(),
-        count("HYTRAIN_STEP_BENCH_WARMUP")?,
-        count("HYTRAIN_STEP_BENCH_TIMED")?,
-    )
+    hytrain_rank(model_name, folder.as_deref(), count("HYTRAIN_STEP_BENCH_WARMUP")?, count("HYTRAIN_STEP_BENCH_TIMED")?)
 }
 
 /// Exports `model_name` through python/tests/cached_export.py (a cached folder after the first time) and returns
 /// the folder.
 fn exported_folder(python: &str, model_name: &str) -> Result<String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/tests/cached_export.py");
-    eprintln!(
-        "step_time: {model_name}: exporting with {python} {script} {model_name} (cached after the first time)"
-    );
+    eprintln!("step_time: {model_name}: exporting with {python} {script} {model_name} (cached after the first time)");
     let out = Command::new(python)
         .arg(script)
         .arg(model_name)
@@ -524,18 +461,9 @@ fn exported_folder(python: &str, model_name: &str) -> Result<String> {
 /// Runs every side for every model and prints the tables.
 fn drive() -> Result<()> {
     // `cargo bench` passes `--bench`; other arguments select models by name.
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    if let Some(unknown) = filter
-        .iter()
-        .find(|f| !DEFAULT_STEPS.iter().any(|(m, _, _)| m == f))
-    {
-        bail!(
-            "unknown model '{unknown}'; the bench runs {}",
-            model_names()
-        );
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    if let Some(unknown) = filter.iter().find(|f| !DEFAULT_STEPS.iter().any(|(m, _, _)| m == f)) {
+        bail!("unknown model '{unknown}'; the bench runs {}", model_names());
     }
     let python = std::env::var("HYTRAIN_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/ddp_step.py");
@@ -550,9 +478,7 @@ fn drive() -> Result<()> {
         let peers = peers(&model_name);
         // What hytrain's ranks build: a built-in model by name, an exported one from its folder.
         let target = if is_exported(&model_name) {
-            exported_folder(&python, &model_name)
-                .map(Some)
-                .map_err(|e| format!("{e:#}"))
+            exported_folder(&python, &model_name).map(Some).map_err(|e| format!("{e:#}"))
         } else {
             Ok(None)
         };
@@ -585,37 +511,22 @@ fn drive() -> Result<()> {
                     .arg(peer.mode());
                 c
             }),
-            Err(_) => Err(anyhow!(
-                "pytorch {}: not run, the export failed",
-                peer.mode()
-            )),
+            Err(_) => Err(anyhow!("pytorch {}: not run, the export failed", peer.mode())),
         };
         // Side 0 is hytrain, then the peers. Rounds alternate the order (reversed every other round), so a load
         // that rises or falls during the run favours no side.
         let sides = 1 + peers.len();
         let mut measured: Vec<Vec<Result<Measured>>> = (0..sides).map(|_| Vec::new()).collect();
         for round in 0..rounds {
-            let order: Vec<usize> = if round % 2 == 0 {
-                (0..sides).collect()
-            } else {
-                (0..sides).rev().collect()
-            };
+            let order: Vec<usize> = if round % 2 == 0 { (0..sides).collect() } else { (0..sides).rev().collect() };
             for side in order {
-                let m = if side == 0 {
-                    hytrain()
-                } else {
-                    pytorch(peers[side - 1])
-                };
+                let m = if side == 0 { hytrain() } else { pytorch(peers[side - 1]) };
                 measured[side].push(m);
             }
         }
         let mut best_of = measured.into_iter().map(best);
         let ours = best_of.next().expect("hytrain's side");
-        runs.push(ModelRun {
-            name: model_name,
-            ours,
-            theirs: peers.iter().copied().zip(best_of).collect(),
-        });
+        runs.push(ModelRun { name: model_name, ours, theirs: peers.iter().copied().zip(best_of).collect() });
     }
     println!(
         "\nstep time, {WORLD} CPU processes, batch {BATCH} per rank ({GPT_EXPORTED}: {GPT_BATCH} sequences of 128 \
@@ -654,14 +565,7 @@ fn drive() -> Result<()> {
             );
         }
         for (peer, theirs) in &run.theirs {
-            if let (
-                Peer::Compiled,
-                Ok(Measured {
-                    first_step_ms: Some(first),
-                    ..
-                }),
-            ) = (peer, theirs)
-            {
+            if let (Peer::Compiled, Ok(Measured { first_step_ms: Some(first), .. })) = (peer, theirs) {
                 println!(
                     "{} {}: first step {:.1} s (torch.compile compiling), a warm-up step",
                     peer.label(),

@@ -44,9 +44,7 @@ pub fn membership(plan: &cluster::Plan) -> comm::Membership {
 pub fn job_token(plan: &cluster::Plan) -> comm::JobToken {
     let t = &plan.job_token;
     match t.source {
-        cluster::TokenSource::Default => {
-            comm::JobToken::unconfigured(&String::from_utf8_lossy(t.secret()))
-        }
+        cluster::TokenSource::Default => comm::JobToken::unconfigured(&String::from_utf8_lossy(t.secret())),
         // Only a plan read back from JSON lacks its secret; it then falls back to the default like no token at all.
         _ => comm::JobToken::new(t.secret())
             .unwrap_or_else(|_| comm::JobToken::unconfigured(&String::from_utf8_lossy(t.secret()))),

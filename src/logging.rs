@@ -44,12 +44,7 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         SystemTime.format_time(&mut writer)?;
         let who = WHO.get().map(String::as_str).unwrap_or("rank ?");
         write!(writer, " {:>5} [{who}] ", event.metadata().level())?;
@@ -57,9 +52,7 @@ where
             for span in scope.from_root() {
                 let ext = span.extensions();
                 match ext.get::<FormattedFields<N>>() {
-                    Some(fields) if !fields.is_empty() => {
-                        write!(writer, "{}{{{fields}}}: ", span.name())?
-                    }
+                    Some(fields) if !fields.is_empty() => write!(writer, "{}{{{fields}}}: ", span.name())?,
                     _ => write!(writer, "{}: ", span.name())?,
                 }
             }

@@ -7,16 +7,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hytrain::cluster::{self, Env};
 use hytrain::comm::CommOptions;
-use hytrain::commands::{
-    data, doctor, explain, launch, parse_deadline, parse_seconds, parse_size, train,
-};
+use hytrain::commands::{data, doctor, explain, launch, parse_deadline, parse_seconds, parse_size, train};
 
 #[derive(Parser)]
-#[command(
-    name = "hytrain",
-    version,
-    about = "Data-parallel training on libtorch for Kubeflow, SageMaker and laptops"
-)]
+#[command(name = "hytrain", version, about = "Data-parallel training on libtorch for Kubeflow, SageMaker and laptops")]
 struct Cli {
     /// Log level when RUST_LOG is not set (error, warn, info, debug, trace).
     #[arg(long, global = true, env = "HYTRAIN_LOG_LEVEL", default_value = "info")]
@@ -364,9 +358,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     };
     let t = &plan.topology;
     match command {
-        Command::Launch { .. } => {
-            hytrain::logging::set_node(t.node_rank, t.nnodes, &t.current_host)
-        }
+        Command::Launch { .. } => hytrain::logging::set_node(t.node_rank, t.nnodes, &t.current_host),
         _ => hytrain::logging::set_rank(t.rank, t.world_size, &t.current_host),
     }
     match command {
@@ -374,37 +366,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", explain::render(&plan, &env, json));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Launch {
-            nproc_per_node,
-            master_port,
-            signal_grace,
-            failure_grace,
-            command,
-        } => {
-            let args = launch::LaunchArgs {
-                nproc_per_node,
-                master_port,
-                signal_grace,
-                failure_grace,
-                command,
-            };
+        Command::Launch { nproc_per_node, master_port, signal_grace, failure_grace, command } => {
+            let args = launch::LaunchArgs { nproc_per_node, master_port, signal_grace, failure_grace, command };
             let code = launch::run(&plan, &env, &args)?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }
-        Command::Doctor {
-            sizes,
-            iters,
-            json,
-            comm,
-        } => {
-            let report = doctor::run(
-                &plan,
-                &doctor::DoctorArgs {
-                    sizes,
-                    iters,
-                    comm: comm.options(&plan),
-                },
-            )?;
+        Command::Doctor { sizes, iters, json, comm } => {
+            let report = doctor::run(&plan, &doctor::DoctorArgs { sizes, iters, comm: comm.options(&plan) })?;
             if plan.topology.rank == 0 {
                 if json {
                     println!("{}", serde_json::to_string(&report)?);
@@ -412,18 +380,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     println!("{report}");
                 }
             }
-            Ok(if report.ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Train { job, config, comm } => {
-            let args = train::TrainArgs {
-                config,
-                job: job.flags(),
-                comm: comm.options(&plan),
-            };
+            let args = train::TrainArgs { config, job: job.flags(), comm: comm.options(&plan) };
             run_train(&plan, &env, &args)
         }
         Command::Data(command) => run_data(&plan, command),
@@ -438,8 +398,7 @@ fn run_train(plan: &cluster::Plan, env: &Env, args: &train::TrainArgs) -> anyhow
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
             .context("cannot install the signal handler")?;
-        signal_hook::flag::register(signal, stop.clone())
-            .context("cannot install the signal handler")?;
+        signal_hook::flag::register(signal, stop.clone()).context("cannot install the signal handler")?;
     }
     let result = train::run(plan, env, args, &stop);
     let summary = match result {
@@ -462,11 +421,7 @@ fn run_train(plan: &cluster::Plan, env: &Env, args: &train::TrainArgs) -> anyhow
         let success = failure.with_file_name("success");
         std::fs::write(&success, "").with_context(|| format!("cannot write {}", success.display()))?;
     }
-    Ok(if summary.stopped {
-        ExitCode::from(143)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(if summary.stopped { ExitCode::from(143) } else { ExitCode::SUCCESS })
 }
 
 /// Writes why the job failed where SageMaker shows it (the first 1024 characters become the job's
@@ -479,8 +434,7 @@ fn write_failure_reason(path: &std::path::Path, error: &dyn std::fmt::Display) {
 fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCode> {
     let open = |s: &SourceArgs| {
         let options = data::open_options(plan, s.s3_endpoint.clone(), s.s3_region.clone());
-        hytrain::data::source::open(&s.data, &options)
-            .with_context(|| format!("cannot open {}", s.data))
+        hytrain::data::source::open(&s.data, &options).with_context(|| format!("cannot open {}", s.data))
     };
     match command {
         DataCommand::Digest {
@@ -498,8 +452,7 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
             skip_bad_samples,
             tokens,
         } => {
-            let options =
-                data::open_options(plan, source.s3_endpoint.clone(), source.s3_region.clone());
+            let options = data::open_options(plan, source.s3_endpoint.clone(), source.s3_region.clone());
             let args = hytrain::data::DigestArgs {
                 world_size,
                 epochs,
@@ -518,22 +471,12 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
                 token_dtype: tokens.token_dtype,
                 ..hytrain::data::DigestArgs::default()
             };
-            let request = data::DigestRequest {
-                data: source.data.clone(),
-                rank,
-                args,
-            };
+            let request = data::DigestRequest { data: source.data.clone(), rank, args };
             for (rank, hex) in data::digest(&options, &request)? {
                 println!("rank {rank}: {hex}");
             }
         }
-        DataCommand::Pack {
-            source,
-            out,
-            image_folder,
-            shard_size,
-            skip_bad_samples,
-        } => {
+        DataCommand::Pack { source, out, image_folder, shard_size, skip_bad_samples } => {
             let report = hytrain::data::pack(
                 open(&source)?,
                 &data::pack_options(out, image_folder, shard_size, skip_bad_samples),

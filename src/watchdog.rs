@@ -24,25 +24,23 @@ impl Watchdog {
     /// FailureReason) and exits 1, unless the main thread ended it first.
     pub fn start(live: Option<Liveness>, failure_file: Option<PathBuf>) -> Watchdog {
         if let Some(live) = live.clone() {
-            let spawned = std::thread::Builder::new()
-                .name("hytrain-watchdog".into())
-                .spawn(move || {
-                    let Some(lost) = live.wait_lost(None) else {
-                        return;
-                    };
-                    tracing::error!("{lost}; stopping this rank");
-                    std::thread::sleep(GRACE);
-                    eprintln!("hytrain: error: {lost}");
-                    if let Some(path) = &failure_file {
-                        let _ = std::fs::create_dir_all(
-                            path.parent().unwrap_or(std::path::Path::new(".")),
-                        );
-                        let _ = std::fs::write(path, format!("{lost}\n"));
-                    }
-                    std::process::exit(1);
-                });
+            let spawned = std::thread::Builder::new().name("hytrain-watchdog".into()).spawn(move || {
+                let Some(lost) = live.wait_lost(None) else {
+                    return;
+                };
+                tracing::error!("{lost}; stopping this rank");
+                std::thread::sleep(GRACE);
+                eprintln!("hytrain: error: {lost}");
+                if let Some(path) = &failure_file {
+                    let _ = std::fs::create_dir_all(path.parent().unwrap_or(std::path::Path::new(".")));
+                    let _ = std::fs::write(path, format!("{lost}\n"));
+                }
+                std::process::exit(1);
+            });
             if let Err(e) = spawned {
-                tracing::warn!("cannot start the liveness watchdog: {e}; a lost rank is noticed at the next collective");
+                tracing::warn!(
+                    "cannot start the liveness watchdog: {e}; a lost rank is noticed at the next collective"
+                );
             }
         }
         Watchdog { live }

@@ -11,7 +11,19 @@ const LIMIT: Duration = Duration::from_secs(120);
 fn launched_doctor_backend(transport: Option<&str>) -> String {
     let env: Vec<(&str, String)> = transport.map(|t| ("HYTRAIN_COMM_TRANSPORT", t.to_string())).into_iter().collect();
     let mut c = command(
-        &["launch", "--nproc-per-node", "2", "--", common::hytrain(), "doctor", "--json", "--sizes", "1MiB", "--iters", "2"],
+        &[
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--",
+            common::hytrain(),
+            "doctor",
+            "--json",
+            "--sizes",
+            "1MiB",
+            "--iters",
+            "2",
+        ],
         &env,
     );
     let out = wait(c.spawn().unwrap(), LIMIT, "hytrain launch");

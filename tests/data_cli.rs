@@ -11,7 +11,20 @@ fn fixture(name: &str) -> String {
 
 /// `rank R: HEX` lines of `hytrain data digest` over 3 ranks and 2 epochs.
 fn digests(data: &str, augment: bool) -> Vec<String> {
-    let mut args = vec!["data", "digest", "--data", data, "--world-size", "3", "--epochs", "2", "--batch-size", "2", "--seed", "7"];
+    let mut args = vec![
+        "data",
+        "digest",
+        "--data",
+        data,
+        "--world-size",
+        "3",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--seed",
+        "7",
+    ];
     if augment {
         args.push("--augment");
     }
@@ -95,7 +108,13 @@ fn inspect_and_digest_cut_token_files_by_the_context_length_given() {
     let out = run(&["data", "inspect", "--data", &data, "--context-length", "10"], &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("token ids") && text.contains("next token id") && text.contains("100 samples") && text.contains("10 samples"), "{text}");
+    assert!(
+        text.contains("token ids")
+            && text.contains("next token id")
+            && text.contains("100 samples")
+            && text.contains("10 samples"),
+        "{text}"
+    );
     let digest = |context: &str| {
         let out = run(&["data", "digest", "--data", &data, "--context-length", context, "--batch-size", "4"], &[]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -123,7 +142,10 @@ fn photos_of_different_sizes_digest_once_resized_and_cropped_and_bad_transforms_
     // Without a resize and a crop the sizes do not stack into one batch, and the error says what does.
     let out = digest(&[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("has shape") && stderr.contains("--resize N and --crop N"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("has shape") && stderr.contains("--resize N and --crop N"),
+        "{stderr}"
+    );
     let hex = |extra: &[&str]| {
         let out = digest(extra);
         assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -157,10 +179,16 @@ fn photos_of_different_sizes_digest_once_resized_and_cropped_and_bad_transforms_
     let syntax = "MEAN,MEAN,MEAN/STD,STD,STD";
     refused(&["--resize", "12", "--crop", "10", "--normalize", "imagenet"], &[syntax, "'imagenet'"]);
     refused(&["--resize", "12", "--crop", "10", "--normalize", "0.5,0.5/0.2"], &[syntax, "2 means but 1 stds"]);
-    refused(&["--resize", "12", "--crop", "10", "--normalize", "0.5,x,0.5/0.2,0.2,0.2"], &[syntax, "'x' is not a number"]);
+    refused(
+        &["--resize", "12", "--crop", "10", "--normalize", "0.5,x,0.5/0.2,0.2,0.2"],
+        &[syntax, "'x' is not a number"],
+    );
     refused(&["--resize", "12", "--crop", "10", "--normalize", "0.5,0.5,0.5/0.2,0,0.2"], &[syntax, "above 0"]);
     // Three-channel photos with one channel's normalization.
-    refused(&["--resize", "12", "--crop", "10", "--normalize", "0.5/0.2"], &["1 means and 1 stds for 3-channel images"]);
+    refused(
+        &["--resize", "12", "--crop", "10", "--normalize", "0.5/0.2"],
+        &["1 means and 1 stds for 3-channel images"],
+    );
     refused(&["--resize", "0", "--crop", "10"], &["--resize", "at least 1"]);
     refused(&["--resize", "12", "--crop", "0"], &["--crop", "at least 1"]);
 }

@@ -60,7 +60,9 @@ fn entries(index: &Path) -> Vec<(String, u64, u64)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["name"].as_str().unwrap().to_string(), s["bytes"].as_u64().unwrap(), s["samples"].as_u64().unwrap()))
+        .map(|s| {
+            (s["name"].as_str().unwrap().to_string(), s["bytes"].as_u64().unwrap(), s["samples"].as_u64().unwrap())
+        })
         .collect();
     e.sort();
     e

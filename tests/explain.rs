@@ -67,7 +67,11 @@ fn kubeflow_v1_nproc_per_node_children_get_global_ranks() {
             assert_eq!(p["platform"], "kubeflow-pytorchjob");
             assert_eq!(p["launcher"], "hytrain-launch");
             assert_eq!(topo(&p, "world_size"), 4);
-            (topo(&p, "rank").as_u64().unwrap(), topo(&p, "local_rank").as_u64().unwrap(), topo(&p, "node_rank").as_u64().unwrap())
+            (
+                topo(&p, "rank").as_u64().unwrap(),
+                topo(&p, "local_rank").as_u64().unwrap(),
+                topo(&p, "node_rank").as_u64().unwrap(),
+            )
         })
         .collect();
     ranks.sort();
@@ -131,7 +135,12 @@ fn sagemaker_without_toolkit_sorts_hosts_as_strings_and_decodes_hyperparameters(
     let dir = tempfile::tempdir().unwrap();
     let hosts: Vec<String> = (1..=10).map(|i| format!("algo-{i}")).collect();
     let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
-    sagemaker_tree(dir.path(), "algo-2", &hosts, r#"{"epochs":"10","lr":"0.01","sagemaker_program":"\"train.py\"","backend":"\"gloo\""}"#);
+    sagemaker_tree(
+        dir.path(),
+        "algo-2",
+        &hosts,
+        r#"{"epochs":"10","lr":"0.01","sagemaker_program":"\"train.py\"","backend":"\"gloo\""}"#,
+    );
     let plan = explain(&[("HYTRAIN_SM_ROOT", dir.path().display().to_string())]);
     assert_eq!(plan["platform"], "sagemaker");
     // algo-1, algo-10, algo-2, ...: SageMaker's own (lexicographic) order.
@@ -193,7 +202,13 @@ fn nothing_detected_is_a_single_local_process() {
 fn text_output_names_platform_and_rank() {
     let out = run(
         &["explain"],
-        &[("RANK", s("1")), ("WORLD_SIZE", s("2")), ("LOCAL_RANK", s("1")), ("LOCAL_WORLD_SIZE", s("2")), ("TORCHELASTIC_RUN_ID", s("x"))],
+        &[
+            ("RANK", s("1")),
+            ("WORLD_SIZE", s("2")),
+            ("LOCAL_RANK", s("1")),
+            ("LOCAL_WORLD_SIZE", s("2")),
+            ("TORCHELASTIC_RUN_ID", s("x")),
+        ],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
@@ -214,7 +229,8 @@ fn refused(env: &[(&str, String)]) -> String {
 
 #[test]
 fn rank_not_below_world_size_is_refused() {
-    let e = refused(&[("RANK", s("4")), ("WORLD_SIZE", s("4")), ("LOCAL_RANK", s("0")), ("TORCHELASTIC_RUN_ID", s("x"))]);
+    let e =
+        refused(&[("RANK", s("4")), ("WORLD_SIZE", s("4")), ("LOCAL_RANK", s("0")), ("TORCHELASTIC_RUN_ID", s("x"))]);
     assert!(e.contains("RANK") && e.contains("WORLD_SIZE"), "{e}");
 }
 

@@ -16,9 +16,21 @@ fn s(v: impl ToString) -> String {
 
 /// Starts one doctor per environment (rank 0's first), waits for all, and returns rank 0's JSON report.
 fn doctor_job(envs: Vec<Vec<(&'static str, String)>>) -> Value {
-    let args = ["doctor", "--json", "--sizes", "64KiB", "--iters", "2", "--rendezvous-timeout", "60", "--collective-timeout", "60"];
+    let args = [
+        "doctor",
+        "--json",
+        "--sizes",
+        "64KiB",
+        "--iters",
+        "2",
+        "--rendezvous-timeout",
+        "60",
+        "--collective-timeout",
+        "60",
+    ];
     let children: Vec<_> = envs.iter().map(|env| command(&args, env).spawn().unwrap()).collect();
-    let outputs: Vec<_> = children.into_iter().enumerate().map(|(i, c)| wait(c, LIMIT, &format!("doctor process {i}"))).collect();
+    let outputs: Vec<_> =
+        children.into_iter().enumerate().map(|(i, c)| wait(c, LIMIT, &format!("doctor process {i}"))).collect();
     for (i, out) in outputs.iter().enumerate() {
         assert!(out.status.success(), "process {i} failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     }
@@ -143,7 +155,19 @@ fn sagemaker_shaped_two_hosts_allreduce_exactly() {
 #[test]
 fn launch_three_local_workers_doctor_exits_zero() {
     let mut c = command(
-        &["launch", "--nproc-per-node", "3", "--", common::hytrain(), "doctor", "--json", "--sizes", "64KiB", "--iters", "2"],
+        &[
+            "launch",
+            "--nproc-per-node",
+            "3",
+            "--",
+            common::hytrain(),
+            "doctor",
+            "--json",
+            "--sizes",
+            "64KiB",
+            "--iters",
+            "2",
+        ],
         &[],
     );
     let out = wait(c.spawn().unwrap(), LIMIT, "hytrain launch");
@@ -197,7 +221,11 @@ fn launch_stops_the_others_and_exits_with_the_failed_workers_code() {
 fn launch_forwards_sigterm_to_its_workers() {
     // Each worker records the SIGTERM it receives, then exits 0; the launcher reports 128+15.
     let dir = tempfile::tempdir().unwrap();
-    let script = format!(r#"trap 'touch {}/term-$RANK; exit 0' TERM; touch {}/up-$RANK; while true; do sleep 0.1; done"#, dir.path().display(), dir.path().display());
+    let script = format!(
+        r#"trap 'touch {}/term-$RANK; exit 0' TERM; touch {}/up-$RANK; while true; do sleep 0.1; done"#,
+        dir.path().display(),
+        dir.path().display()
+    );
     let child = command(&["launch", "--nproc-per-node", "2", "--", "sh", "-c", &script], &[]).spawn().unwrap();
     let up = Instant::now();
     while !(dir.path().join("up-0").exists() && dir.path().join("up-1").exists()) {
@@ -215,7 +243,19 @@ fn launch_forwards_sigterm_to_its_workers() {
 #[test]
 fn mpirun_two_ranks_allreduce_exactly_over_mpi() {
     let out = std::process::Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-n", "2", common::hytrain(), "doctor", "--json", "--sizes", "64KiB", "--iters", "2"])
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-n",
+            "2",
+            common::hytrain(),
+            "doctor",
+            "--json",
+            "--sizes",
+            "64KiB",
+            "--iters",
+            "2",
+        ])
         .output()
         .expect("mpirun is installed by `cargo xtask setup`");
     let report = common::json(&out);

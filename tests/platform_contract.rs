@@ -27,9 +27,8 @@ fn repo() -> PathBuf {
 
 /// The digits shards `cargo xtask test` writes (and names in HYTRAIN_DEMO_DATA).
 fn digits() -> PathBuf {
-    let path = std::env::var_os("HYTRAIN_DEMO_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join(".cache/demo/digits"));
+    let path =
+        std::env::var_os("HYTRAIN_DEMO_DATA").map(PathBuf::from).unwrap_or_else(|| repo().join(".cache/demo/digits"));
     assert!(
         path.join("train").is_dir() && path.join("test").is_dir(),
         "{} holds no digits shards: run the tests through `cargo xtask test`, which packs them",
@@ -61,12 +60,7 @@ fn show(outputs: &[Output]) -> String {
         .iter()
         .enumerate()
         .map(|(i, o)| {
-            format!(
-                "--- process {i} ({})\nstdout:\n{}\nstderr:\n{}",
-                o.status,
-                text(&o.stdout),
-                text(&o.stderr)
-            )
+            format!("--- process {i} ({})\nstdout:\n{}\nstderr:\n{}", o.status, text(&o.stdout), text(&o.stderr))
         })
         .collect()
 }
@@ -111,11 +105,7 @@ fn loopback_up() -> std::io::Result<()> {
 impl JobNetwork {
     fn new() -> JobNetwork {
         let mut holder = Command::new("sleep");
-        holder
-            .arg("600")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        holder.arg("600").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         // SAFETY: unshare, socket and ioctl only, in the child between fork and exec.
         unsafe {
             holder.pre_exec(|| {
@@ -181,11 +171,7 @@ fn run_job(net: &JobNetwork, procs: Vec<Process>) -> Vec<Output> {
             c.spawn().unwrap()
         })
         .collect();
-    children
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| common::wait(c, LIMIT, &format!("job process {i}")))
-        .collect()
+    children.into_iter().enumerate().map(|(i, c)| common::wait(c, LIMIT, &format!("job process {i}"))).collect()
 }
 
 fn strings(items: &[&str]) -> Vec<String> {
@@ -241,12 +227,8 @@ const SM_HOSTS: [&str; 2] = ["algo-1", "algo-2"];
 
 /// hyperparameters.json as the SageMaker Python SDK writes it: every value JSON-encoded into a string.
 fn sdk_hyperparameters(hps: &Value) -> String {
-    let encoded: serde_json::Map<String, Value> = hps
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.to_string())))
-        .collect();
+    let encoded: serde_json::Map<String, Value> =
+        hps.as_object().unwrap().iter().map(|(k, v)| (k.clone(), Value::String(v.to_string()))).collect();
     Value::Object(encoded).to_string()
 }
 
@@ -280,10 +262,7 @@ fn sagemaker_host(root: &Path, host: &str, hyperparameters: &Value) {
         }})
         .to_string(),
     );
-    common::write(
-        &config.join("hyperparameters.json"),
-        &sdk_hyperparameters(hyperparameters),
-    );
+    common::write(&config.join("hyperparameters.json"), &sdk_hyperparameters(hyperparameters));
     common::write(
         &config.join("checkpointconfig.json"),
         &json!({
@@ -307,15 +286,11 @@ fn sagemaker_job(roots: &[PathBuf]) -> Vec<Output> {
         .map(|root| {
             let env = vec![
                 ("HYTRAIN_SM_ROOT", root.display().to_string()),
-                (
-                    "HYTRAIN_HOST_ALIASES",
-                    "algo-1=127.0.0.1,algo-2=127.0.0.1".to_string(),
-                ),
+                ("HYTRAIN_HOST_ALIASES", "algo-1=127.0.0.1,algo-2=127.0.0.1".to_string()),
                 ("TRAINING_JOB_NAME", "hytrain-contract".to_string()),
                 (
                     "TRAINING_JOB_ARN",
-                    "arn:aws:sagemaker:us-west-2:111122223333:training-job/hytrain-contract"
-                        .to_string(),
+                    "arn:aws:sagemaker:us-west-2:111122223333:training-job/hytrain-contract".to_string(),
                 ),
                 ("OMP_NUM_THREADS", "1".to_string()),
             ];
@@ -343,13 +318,8 @@ fn metric_definitions() -> Vec<(String, regex::Regex)> {
     defs.iter()
         .map(|d| {
             let name = d["Name"].as_str().unwrap().to_string();
-            let re = regex::Regex::new(d["Regex"].as_str().unwrap())
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert_eq!(
-                re.captures_len(),
-                2,
-                "{name}: SageMaker takes exactly one capture group"
-            );
+            let re = regex::Regex::new(d["Regex"].as_str().unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(re.captures_len(), 2, "{name}: SageMaker takes exactly one capture group");
             (name, re)
         })
         .collect()
@@ -362,11 +332,7 @@ fn metric_definitions() -> Vec<(String, regex::Regex)> {
 fn assert_metric_definitions_chart_the_run(rank0_stdout: &str, others: &[&str], metrics: &[Value]) {
     let defs = metric_definitions();
     let lines = metric_lines(rank0_stdout);
-    assert_eq!(
-        lines.len(),
-        metrics.len(),
-        "stdout metrics lines and metrics.jsonl records differ:\n{rank0_stdout}"
-    );
+    assert_eq!(lines.len(), metrics.len(), "stdout metrics lines and metrics.jsonl records differ:\n{rank0_stdout}");
     let mut matched = vec![0usize; defs.len()];
     let mut charted = std::collections::BTreeSet::new();
     for (line, record) in lines.iter().zip(metrics) {
@@ -378,27 +344,11 @@ fn assert_metric_definitions_chart_the_run(rank0_stdout: &str, others: &[&str], 
             let key_start = line[..value.start()].rfind(' ').map_or(0, |p| p + 1);
             let key = line[key_start..value.start()]
                 .strip_suffix('=')
-                .unwrap_or_else(|| {
-                    panic!(
-                        "{name} captured {:?}, not a whole field value, in {line}",
-                        value.as_str()
-                    )
-                });
-            let field_end = line[value.start()..]
-                .find(' ')
-                .map_or(line.len(), |p| value.start() + p);
-            assert_eq!(
-                value.end(),
-                field_end,
-                "{name} captured part of {key}'s value in {line}"
-            );
-            let number: f64 = value
-                .as_str()
-                .parse()
-                .unwrap_or_else(|_| panic!("{name}: {value:?}"));
-            let recorded = record[key]
-                .as_f64()
-                .unwrap_or_else(|| panic!("{key} not in {record}"));
+                .unwrap_or_else(|| panic!("{name} captured {:?}, not a whole field value, in {line}", value.as_str()));
+            let field_end = line[value.start()..].find(' ').map_or(line.len(), |p| value.start() + p);
+            assert_eq!(value.end(), field_end, "{name} captured part of {key}'s value in {line}");
+            let number: f64 = value.as_str().parse().unwrap_or_else(|_| panic!("{name}: {value:?}"));
+            let recorded = record[key].as_f64().unwrap_or_else(|| panic!("{key} not in {record}"));
             assert!(
                 (number - recorded).abs() <= 1e-4 * recorded.abs().max(1.0),
                 "{name} charts {number} where metrics.jsonl has {key}={recorded}"
@@ -408,10 +358,7 @@ fn assert_metric_definitions_chart_the_run(rank0_stdout: &str, others: &[&str], 
         }
     }
     for ((name, _), n) in defs.iter().zip(&matched) {
-        assert!(
-            *n > 0,
-            "metric definition {name} matches no line of:\n{rank0_stdout}"
-        );
+        assert!(*n > 0, "metric definition {name} matches no line of:\n{rank0_stdout}");
     }
     for record in metrics {
         for (key, v) in record.as_object().unwrap() {
@@ -422,10 +369,7 @@ fn assert_metric_definitions_chart_the_run(rank0_stdout: &str, others: &[&str], 
     }
     for other in others {
         for (name, re) in &defs {
-            assert!(
-                other.lines().all(|l| !re.is_match(l)),
-                "{name} matches a line of another rank's output:\n{other}"
-            );
+            assert!(other.lines().all(|l| !re.is_match(l)), "{name} matches a line of another rank's output:\n{other}");
         }
     }
 }
@@ -455,40 +399,16 @@ fn sagemaker_two_host_job_trains_exports_from_algo1_and_its_metric_definitions_c
     // algo-1 is global rank 0: the model, the checkpoints (checkpointconfig.json's LocalPath) and metrics.jsonl
     // (output/data, uploaded as output.tar.gz) are there; algo-2 writes none of them.
     assert_model(&algo1.join("model"));
-    assert!(
-        has_checkpoint(&algo1.join("checkpoints")),
-        "no checkpoint on algo-1"
-    );
-    assert!(
-        !algo2.join("model/model.safetensors").exists(),
-        "algo-2 exported a model too"
-    );
-    assert!(
-        !has_checkpoint(&algo2.join("checkpoints")),
-        "algo-2 wrote checkpoints"
-    );
+    assert!(has_checkpoint(&algo1.join("checkpoints")), "no checkpoint on algo-1");
+    assert!(!algo2.join("model/model.safetensors").exists(), "algo-2 exported a model too");
+    assert!(!has_checkpoint(&algo2.join("checkpoints")), "algo-2 wrote checkpoints");
     for root in &roots {
-        assert!(
-            !root.join("output/failure").exists(),
-            "a successful job left a failure file"
-        );
-        assert!(
-            root.join("output/success").is_file(),
-            "a host that finished wrote no success file"
-        );
+        assert!(!root.join("output/failure").exists(), "a successful job left a failure file");
+        assert!(root.join("output/success").is_file(), "a host that finished wrote no success file");
     }
     let stdout1 = text(&outputs[0].stdout);
-    assert!(
-        stdout1.contains(&format!(
-            "model written to {}",
-            algo1.join("model").display()
-        )),
-        "{stdout1}"
-    );
-    assert!(
-        summary(&stdout1, "val_accuracy") >= 0.9,
-        "the job did not learn the digits:\n{stdout1}"
-    );
+    assert!(stdout1.contains(&format!("model written to {}", algo1.join("model").display())), "{stdout1}");
+    assert!(summary(&stdout1, "val_accuracy") >= 0.9, "the job did not learn the digits:\n{stdout1}");
     // 15 epochs came from hyperparameters.json's "\"15\"", decoded.
     let metrics = jsonl(&algo1.join("output/data/metrics.jsonl"));
     assert_eq!(metrics.last().unwrap()["epoch"], 15, "{:?}", metrics.last());
@@ -496,40 +416,24 @@ fn sagemaker_two_host_job_trains_exports_from_algo1_and_its_metric_definitions_c
 
     let stdout2 = text(&outputs[1].stdout);
     let stderr: Vec<String> = outputs.iter().map(|o| text(&o.stderr)).collect();
-    assert_metric_definitions_chart_the_run(
-        &stdout1,
-        &[stdout2.as_str(), stderr[1].as_str()],
-        &metrics,
-    );
+    assert_metric_definitions_chart_the_run(&stdout1, &[stdout2.as_str(), stderr[1].as_str()], &metrics);
 }
 
 #[test]
 fn sagemaker_bad_hyperparameter_fails_every_host_with_the_reason_in_its_failure_file() {
     let dir = tempfile::tempdir().unwrap();
-    let roots = sagemaker_roots(
-        dir.path(),
-        &json!({"model": "mlp", "epochs": 1, "lr": "fast"}),
-    );
+    let roots = sagemaker_roots(dir.path(), &json!({"model": "mlp", "epochs": 1, "lr": "fast"}));
     let outputs = sagemaker_job(&roots);
     for (root, out) in roots.iter().zip(&outputs) {
         assert!(!out.status.success(), "{}", show(&outputs));
-        let failure = std::fs::read_to_string(root.join("output/failure")).unwrap_or_else(|e| {
-            panic!(
-                "no failure file under {}: {e}\n{}",
-                root.display(),
-                show(&outputs)
-            )
-        });
+        let failure = std::fs::read_to_string(root.join("output/failure"))
+            .unwrap_or_else(|e| panic!("no failure file under {}: {e}\n{}", root.display(), show(&outputs)));
         assert!(!root.join("output/success").exists(), "a failed host wrote a success file");
         assert!(
             failure.contains("lr") && failure.contains("'fast'"),
             "the failure file does not say what was wrong: {failure}"
         );
-        assert!(
-            !text(&out.stderr).contains("panicked"),
-            "{}",
-            show(&outputs)
-        );
+        assert!(!text(&out.stderr).contains("panicked"), "{}", show(&outputs));
         assert!(!root.join("model/model.safetensors").exists());
     }
 
@@ -556,17 +460,15 @@ fn sagemaker_configuration_that_cannot_be_read_is_reported_in_the_failure_file()
     let outputs = sagemaker_job(&roots);
     for (root, out) in roots.iter().zip(&outputs) {
         assert!(!out.status.success(), "{}", show(&outputs));
-        let failure = std::fs::read_to_string(root.join("output/failure")).unwrap_or_else(|e| {
-            panic!("no failure file under {}: {e}\n{}", root.display(), show(&outputs))
-        });
+        let failure = std::fs::read_to_string(root.join("output/failure"))
+            .unwrap_or_else(|e| panic!("no failure file under {}: {e}\n{}", root.display(), show(&outputs)));
         assert!(
             failure.contains("hyperparameters.json"),
             "the failure file does not name the file that was wrong: {failure}"
         );
         assert_eq!(
             failure.trim(),
-            text(&out.stderr).lines().find(|l| l.starts_with("hytrain: error:")).unwrap()
-                ["hytrain: error: ".len()..]
+            text(&out.stderr).lines().find(|l| l.starts_with("hytrain: error:")).unwrap()["hytrain: error: ".len()..]
                 .trim(),
             "the failure file and the printed error differ"
         );
@@ -588,21 +490,14 @@ fn pytorchjob_pod(
 ) -> Vec<(&'static str, String)> {
     let pods = 1 + workers;
     let master = format!("{job}-master-0");
-    let hostname = if index == 0 {
-        master.clone()
-    } else {
-        format!("{job}-worker-{}", index - 1)
-    };
+    let hostname = if index == 0 { master.clone() } else { format!("{job}-worker-{}", index - 1) };
     let mut env = vec![
         ("PYTHONUNBUFFERED", "1".to_string()),
         ("MASTER_PORT", OPERATOR_PORT.to_string()),
         ("PET_MASTER_PORT", OPERATOR_PORT.to_string()),
         ("MASTER_ADDR", master.clone()),
         ("PET_MASTER_ADDR", master.clone()),
-        (
-            "WORLD_SIZE",
-            (pods * nproc_per_node.unwrap_or(1)).to_string(),
-        ),
+        ("WORLD_SIZE", (pods * nproc_per_node.unwrap_or(1)).to_string()),
         ("RANK", index.to_string()),
         ("PET_NODE_RANK", index.to_string()),
     ];
@@ -651,10 +546,7 @@ fn assert_efs_job(outputs: &[Output], efs: &Path, job: &str, world: usize) {
     }
     let shared = efs.join("hytrain").join(job);
     assert_model(&shared.join("model"));
-    assert!(
-        has_checkpoint(&shared.join("checkpoints")),
-        "no checkpoint on the claim"
-    );
+    assert!(has_checkpoint(&shared.join("checkpoints")), "no checkpoint on the claim");
     let metrics = jsonl(&shared.join("output/metrics.jsonl"));
     assert!(metrics.iter().any(|m| m.get("val_accuracy").is_some()));
     // Exactly one process, global rank 0 in the master pod, prints the metrics and the summary.
@@ -662,17 +554,10 @@ fn assert_efs_job(outputs: &[Output], efs: &Path, job: &str, world: usize) {
     assert!(summary(&master, "val_accuracy") >= 0.8, "{master}");
     assert_eq!(metric_lines(&master).len(), metrics.len());
     for out in &outputs[1..] {
-        assert!(
-            metric_lines(&text(&out.stdout)).is_empty(),
-            "{}",
-            show(outputs)
-        );
+        assert!(metric_lines(&text(&out.stdout)).is_empty(), "{}", show(outputs));
     }
     let stderr = text(&outputs[0].stderr);
-    assert!(
-        stderr.contains(&format!("world_size={world}")),
-        "rank 0 did not train with {world} ranks:\n{stderr}"
-    );
+    assert!(stderr.contains(&format!("world_size={world}")), "rank 0 did not train with {world} ranks:\n{stderr}");
 }
 
 #[test]
@@ -702,14 +587,7 @@ fn kubeflow_pytorchjob_with_nproc_per_node_2_runs_six_ranks_through_hytrain_laun
     let net = JobNetwork::new();
     let procs = (0..3)
         .map(|i| {
-            let mut args = strings(&[
-                "launch",
-                "--nproc-per-node",
-                "auto",
-                "--",
-                common::hytrain(),
-                "train",
-            ]);
+            let mut args = strings(&["launch", "--nproc-per-node", "auto", "--", common::hytrain(), "train"]);
             args.extend(efs_train_args(&efs, job));
             (args, pytorchjob_pod(job, i, 2, Some(2)), None)
         })
@@ -729,14 +607,7 @@ fn kubeflow_trainjob_three_nodes_train_through_hytrain_launch() {
     let net = JobNetwork::new();
     let procs = (0..3)
         .map(|i| {
-            let mut args = strings(&[
-                "launch",
-                "--nproc-per-node",
-                "auto",
-                "--",
-                common::hytrain(),
-                "train",
-            ]);
+            let mut args = strings(&["launch", "--nproc-per-node", "auto", "--", common::hytrain(), "train"]);
             args.extend(efs_train_args(&efs, job));
             let env = vec![
                 ("PET_NNODES", "3".to_string()),
@@ -768,18 +639,14 @@ fn manifests() -> Vec<(String, Value)> {
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
         .collect();
     files.sort();
-    assert!(
-        files.len() >= 5,
-        "manifests missing from {}: {files:?}",
-        dir.display()
-    );
+    assert!(files.len() >= 5, "manifests missing from {}: {files:?}", dir.display());
     let mut docs = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         for doc in serde_norway::Deserializer::from_str(&text) {
-            let value: Value = serde::Deserialize::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{name} is not valid YAML: {e}"));
+            let value: Value =
+                serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("{name} is not valid YAML: {e}"));
             if !value.is_null() {
                 docs.push((name.clone(), value));
             }
@@ -793,12 +660,8 @@ fn manifests() -> Vec<(String, Value)> {
 fn strict(schema: &mut Value) {
     match schema {
         Value::Object(map) => {
-            let keeps_unknown =
-                map.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
-            if map.contains_key("properties")
-                && !map.contains_key("additionalProperties")
-                && !keeps_unknown
-            {
+            let keeps_unknown = map.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
+            if map.contains_key("properties") && !map.contains_key("additionalProperties") && !keeps_unknown {
                 map.insert("additionalProperties".into(), Value::Bool(false));
             }
             for v in map.values_mut() {
@@ -827,10 +690,7 @@ fn crd_schema(file: &str, version: &str) -> Value {
 
 /// Kubernetes' own (strict) JSON Schema of an API type, e.g. io.k8s.api.core.v1.PodTemplateSpec.
 fn kubernetes_schema(definitions: &Value, type_name: &str) -> Value {
-    assert!(
-        definitions["$defs"].get(type_name).is_some(),
-        "no Kubernetes type {type_name}"
-    );
+    assert!(definitions["$defs"].get(type_name).is_some(), "no Kubernetes type {type_name}");
     json!({"$defs": definitions["$defs"], "$ref": format!("#/$defs/{type_name}")})
 }
 
@@ -842,10 +702,7 @@ fn kubernetes_definitions() -> Value {
 /// The problems `instance` has against `schema`, one line each.
 fn problems(schema: &Value, instance: &Value) -> Vec<String> {
     let validator = jsonschema::validator_for(schema).expect("schema compiles");
-    validator
-        .iter_errors(instance)
-        .map(|e| format!("{} at {}", e, e.instance_path()))
-        .collect()
+    validator.iter_errors(instance).map(|e| format!("{} at {}", e, e.instance_path())).collect()
 }
 
 /// Validates one manifest document: a custom resource against its CRD (made strict) and the Kubernetes types
@@ -856,11 +713,7 @@ fn validate(doc: &Value, crds: &[(&str, &str, Value)], k8s: &Value) -> Vec<Strin
     let kind = doc["kind"].as_str().unwrap_or_default();
     let mut found = Vec::new();
     let mut check = |schema: &Value, instance: &Value, what: &str| {
-        found.extend(
-            problems(schema, instance)
-                .into_iter()
-                .map(|p| format!("{what}: {p}")),
-        );
+        found.extend(problems(schema, instance).into_iter().map(|p| format!("{what}: {p}")));
     };
     let core = match (api, kind) {
         ("v1", "PersistentVolumeClaim") => Some("io.k8s.api.core.v1.PersistentVolumeClaim"),
@@ -873,52 +726,26 @@ fn validate(doc: &Value, crds: &[(&str, &str, Value)], k8s: &Value) -> Vec<Strin
         return found;
     }
     let Some((_, _, schema)) = crds.iter().find(|(a, k, _)| *a == api && *k == kind) else {
-        return vec![format!(
-            "no schema for {api} {kind}: add its CRD under tests/fixtures/crds"
-        )];
+        return vec![format!("no schema for {api} {kind}: add its CRD under tests/fixtures/crds")];
     };
     check(schema, doc, kind);
-    check(
-        &kubernetes_schema(k8s, "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"),
-        &doc["metadata"],
-        "metadata",
-    );
+    check(&kubernetes_schema(k8s, "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"), &doc["metadata"], "metadata");
     let pod_template = kubernetes_schema(k8s, "io.k8s.api.core.v1.PodTemplateSpec");
     match kind {
         "PyTorchJob" => {
-            for (replica, spec) in doc["spec"]["pytorchReplicaSpecs"]
-                .as_object()
-                .into_iter()
-                .flatten()
-            {
-                check(
-                    &pod_template,
-                    &spec["template"],
-                    &format!("{replica} pod template"),
-                );
+            for (replica, spec) in doc["spec"]["pytorchReplicaSpecs"].as_object().into_iter().flatten() {
+                check(&pod_template, &spec["template"], &format!("{replica} pod template"));
             }
         }
         "TrainingRuntime" => {
             let job_template = kubernetes_schema(k8s, "io.k8s.api.batch.v1.JobTemplateSpec");
-            for job in doc["spec"]["template"]["spec"]["replicatedJobs"]
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                check(
-                    &job_template,
-                    &job["template"],
-                    &format!("replicated job {}", job["name"]),
-                );
+            for job in doc["spec"]["template"]["spec"]["replicatedJobs"].as_array().into_iter().flatten() {
+                check(&job_template, &job["template"], &format!("replicated job {}", job["name"]));
             }
         }
         "TrainJob" => {
             let resources = kubernetes_schema(k8s, "io.k8s.api.core.v1.ResourceRequirements");
-            check(
-                &resources,
-                &doc["spec"]["trainer"]["resourcesPerNode"],
-                "resourcesPerNode",
-            );
+            check(&resources, &doc["spec"]["trainer"]["resourcesPerNode"], "resourcesPerNode");
         }
         _ => {}
     }
@@ -927,16 +754,8 @@ fn validate(doc: &Value, crds: &[(&str, &str, Value)], k8s: &Value) -> Vec<Strin
 
 fn schemas() -> (Vec<(&'static str, &'static str, Value)>, Value) {
     let crds = vec![
-        (
-            "kubeflow.org/v1",
-            "PyTorchJob",
-            crd_schema("kubeflow.org_pytorchjobs.yaml", "v1"),
-        ),
-        (
-            "trainer.kubeflow.org/v1alpha1",
-            "TrainJob",
-            crd_schema("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1"),
-        ),
+        ("kubeflow.org/v1", "PyTorchJob", crd_schema("kubeflow.org_pytorchjobs.yaml", "v1")),
+        ("trainer.kubeflow.org/v1alpha1", "TrainJob", crd_schema("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1")),
         (
             "trainer.kubeflow.org/v1alpha1",
             "TrainingRuntime",
@@ -953,25 +772,13 @@ fn every_kubeflow_manifest_validates_against_its_crd_and_the_kubernetes_schemas(
     let mut all = Vec::new();
     for (file, doc) in &docs {
         for p in validate(doc, &crds, &k8s) {
-            all.push(format!(
-                "{file} {} {}: {p}",
-                doc["kind"], doc["metadata"]["name"]
-            ));
+            all.push(format!("{file} {} {}: {p}", doc["kind"], doc["metadata"]["name"]));
         }
     }
     assert!(all.is_empty(), "manifest problems:\n{}", all.join("\n"));
-    let kinds: std::collections::BTreeSet<&str> = docs
-        .iter()
-        .filter_map(|(_, d)| d["kind"].as_str())
-        .collect();
-    for kind in [
-        "PyTorchJob",
-        "TrainJob",
-        "TrainingRuntime",
-        "PersistentVolumeClaim",
-        "ServiceAccount",
-        "StorageClass",
-    ] {
+    let kinds: std::collections::BTreeSet<&str> = docs.iter().filter_map(|(_, d)| d["kind"].as_str()).collect();
+    for kind in ["PyTorchJob", "TrainJob", "TrainingRuntime", "PersistentVolumeClaim", "ServiceAccount", "StorageClass"]
+    {
         assert!(kinds.contains(kind), "no {kind} among the manifests");
     }
 }
@@ -981,10 +788,7 @@ fn the_validation_rejects_misspelled_fields_wrong_types_and_missing_containers()
     // The same check must fail on the mistakes people make, or its passing above means nothing.
     let (crds, k8s) = schemas();
     let docs = manifests();
-    let (_, job) = docs
-        .iter()
-        .find(|(f, _)| f == "pytorchjob-cpu-efs.yaml")
-        .unwrap();
+    let (_, job) = docs.iter().find(|(f, _)| f == "pytorchjob-cpu-efs.yaml").unwrap();
     let master = "/spec/pytorchReplicaSpecs/Master";
     type Breakage = Box<dyn Fn(&mut Value)>;
     let broken: Vec<(&str, Breakage)> = vec![
@@ -1015,21 +819,15 @@ fn the_validation_rejects_misspelled_fields_wrong_types_and_missing_containers()
         (
             "volumeMount",
             Box::new(move |j: &mut Value| {
-                let c = j
-                    .pointer_mut(&format!("{master}/template/spec/containers/0"))
-                    .unwrap();
-                c.as_object_mut()
-                    .unwrap()
-                    .insert("volumeMount".into(), json!([]));
+                let c = j.pointer_mut(&format!("{master}/template/spec/containers/0")).unwrap();
+                c.as_object_mut().unwrap().insert("volumeMount".into(), json!([]));
             }),
         ),
         (
             "cpu",
             Box::new(move |j: &mut Value| {
-                *j.pointer_mut(&format!(
-                    "{master}/template/spec/containers/0/resources/limits"
-                ))
-                .unwrap() = json!({"cpu": [1]});
+                *j.pointer_mut(&format!("{master}/template/spec/containers/0/resources/limits")).unwrap() =
+                    json!({"cpu": [1]});
             }),
         ),
     ];
@@ -1037,34 +835,18 @@ fn the_validation_rejects_misspelled_fields_wrong_types_and_missing_containers()
         let mut doc = job.clone();
         breakage(&mut doc);
         let found = validate(&doc, &crds, &k8s);
-        assert!(
-            !found.is_empty(),
-            "a PyTorchJob with a broken {what} passed validation"
-        );
+        assert!(!found.is_empty(), "a PyTorchJob with a broken {what} passed validation");
     }
-    let mut claim = docs
-        .iter()
-        .find(|(_, d)| d["kind"] == "PersistentVolumeClaim")
-        .unwrap()
-        .1
-        .clone();
+    let mut claim = docs.iter().find(|(_, d)| d["kind"] == "PersistentVolumeClaim").unwrap().1.clone();
     claim["spec"]["accessMode"] = json!(["ReadWriteMany"]);
-    assert!(
-        !validate(&claim, &crds, &k8s).is_empty(),
-        "a claim with accessMode (not accessModes) passed"
-    );
+    assert!(!validate(&claim, &crds, &k8s).is_empty(), "a claim with accessMode (not accessModes) passed");
 }
 
 fn containers_of(doc: &Value) -> Vec<&Value> {
     let mut out = Vec::new();
     if let Some(specs) = doc["spec"]["pytorchReplicaSpecs"].as_object() {
         for spec in specs.values() {
-            out.extend(
-                spec["template"]["spec"]["containers"]
-                    .as_array()
-                    .into_iter()
-                    .flatten(),
-            );
+            out.extend(spec["template"]["spec"]["containers"].as_array().into_iter().flatten());
         }
     }
     out
@@ -1073,24 +855,14 @@ fn containers_of(doc: &Value) -> Vec<&Value> {
 #[test]
 fn pytorchjobs_are_the_reference_job_shape_in_every_variant() {
     let docs = manifests();
-    let jobs: Vec<&(String, Value)> = docs
-        .iter()
-        .filter(|(_, d)| d["kind"] == "PyTorchJob")
-        .collect();
+    let jobs: Vec<&(String, Value)> = docs.iter().filter(|(_, d)| d["kind"] == "PyTorchJob").collect();
     let files: Vec<&str> = jobs.iter().map(|(f, _)| f.as_str()).collect();
-    for variant in [
-        "pytorchjob-cpu-efs.yaml",
-        "pytorchjob-gpu-efs.yaml",
-        "pytorchjob-cpu-s3.yaml",
-        "pytorchjob-gpu-s3.yaml",
-    ] {
+    for variant in
+        ["pytorchjob-cpu-efs.yaml", "pytorchjob-gpu-efs.yaml", "pytorchjob-cpu-s3.yaml", "pytorchjob-gpu-s3.yaml"]
+    {
         assert!(files.contains(&variant), "{variant} missing: {files:?}");
     }
-    let accounts: Vec<&Value> = docs
-        .iter()
-        .filter(|(_, d)| d["kind"] == "ServiceAccount")
-        .map(|(_, d)| d)
-        .collect();
+    let accounts: Vec<&Value> = docs.iter().filter(|(_, d)| d["kind"] == "ServiceAccount").map(|(_, d)| d).collect();
     for (file, job) in jobs {
         let specs = &job["spec"]["pytorchReplicaSpecs"];
         assert_eq!(specs["Master"]["replicas"], 1, "{file}");
@@ -1104,31 +876,15 @@ fn pytorchjobs_are_the_reference_job_shape_in_every_variant() {
             );
         }
         let gpu = file.contains("gpu");
-        assert_eq!(
-            job["spec"].get("nprocPerNode").is_some(),
-            gpu,
-            "{file}: nprocPerNode only on GPU variants"
-        );
+        assert_eq!(job["spec"].get("nprocPerNode").is_some(), gpu, "{file}: nprocPerNode only on GPU variants");
         for c in containers_of(job) {
             // The operator finds its port and injects its variables only in the container named pytorch.
             assert_eq!(c["name"], "pytorch", "{file}");
             assert_eq!(c["ports"][0]["name"], "pytorchjob-port", "{file}");
-            let command: Vec<&str> = c["command"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap())
-                .collect();
+            let command: Vec<&str> = c["command"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
             if gpu {
-                assert_eq!(
-                    command[..4],
-                    ["hytrain", "launch", "--nproc-per-node", "auto"],
-                    "{file}"
-                );
-                assert!(
-                    c["resources"]["limits"]["nvidia.com/gpu"].is_number(),
-                    "{file}"
-                );
+                assert_eq!(command[..4], ["hytrain", "launch", "--nproc-per-node", "auto"], "{file}");
+                assert!(c["resources"]["limits"]["nvidia.com/gpu"].is_number(), "{file}");
             } else {
                 assert_eq!(command, ["hytrain", "train"], "{file}");
             }
@@ -1137,35 +893,17 @@ fn pytorchjobs_are_the_reference_job_shape_in_every_variant() {
             .iter()
             .flat_map(|r| specs[*r]["template"]["spec"]["volumes"].as_array().into_iter().flatten())
             .collect();
-        let args: Vec<&str> = containers_of(job)[0]["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let args: Vec<&str> =
+            containers_of(job)[0]["args"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         if file.contains("efs") {
-            assert!(volumes.iter().all(|v| v["name"] != "efs-sc-claim"
-                || v["persistentVolumeClaim"]["claimName"] == "efs-sc-claim"));
-            assert!(
-                volumes
-                    .iter()
-                    .any(|v| v["persistentVolumeClaim"]["claimName"] == "efs-sc-claim"),
-                "{file}"
-            );
-            assert!(
-                args.iter().any(|a| a.starts_with("--data=/efs-sc-claim/")),
-                "{file}: {args:?}"
-            );
-            assert!(
-                args.iter()
-                    .any(|a| a.starts_with("--checkpoint-dir=/efs-sc-claim/")),
-                "{file}: {args:?}"
-            );
+            assert!(volumes
+                .iter()
+                .all(|v| v["name"] != "efs-sc-claim" || v["persistentVolumeClaim"]["claimName"] == "efs-sc-claim"));
+            assert!(volumes.iter().any(|v| v["persistentVolumeClaim"]["claimName"] == "efs-sc-claim"), "{file}");
+            assert!(args.iter().any(|a| a.starts_with("--data=/efs-sc-claim/")), "{file}: {args:?}");
+            assert!(args.iter().any(|a| a.starts_with("--checkpoint-dir=/efs-sc-claim/")), "{file}: {args:?}");
         } else {
-            assert!(
-                args.iter().any(|a| a.starts_with("--data=s3://")),
-                "{file}: {args:?}"
-            );
+            assert!(args.iter().any(|a| a.starts_with("--data=s3://")), "{file}: {args:?}");
             // Checkpoints and the model go straight to S3: no pod needs a claim.
             for flag in ["--checkpoint-dir=s3://", "--model-dir=s3://"] {
                 assert!(args.iter().any(|a| a.starts_with(flag)), "{file}: no {flag} in {args:?}");
@@ -1175,15 +913,11 @@ fn pytorchjobs_are_the_reference_job_shape_in_every_variant() {
                 "{file}: a claim is mounted: {volumes:?}"
             );
             for replica in ["Master", "Worker"] {
-                let account = specs[replica]["template"]["spec"]["serviceAccountName"]
-                    .as_str()
-                    .unwrap();
+                let account = specs[replica]["template"]["spec"]["serviceAccountName"].as_str().unwrap();
                 let sa = accounts
                     .iter()
                     .find(|a| a["metadata"]["name"] == account)
-                    .unwrap_or_else(|| {
-                        panic!("{file}: service account {account} is defined nowhere")
-                    });
+                    .unwrap_or_else(|| panic!("{file}: service account {account} is defined nowhere"));
                 assert!(
                     sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
                         .as_str()
@@ -1195,9 +929,7 @@ fn pytorchjobs_are_the_reference_job_shape_in_every_variant() {
     }
     let (_, claim) = docs
         .iter()
-        .find(|(_, d)| {
-            d["kind"] == "PersistentVolumeClaim" && d["metadata"]["name"] == "efs-sc-claim"
-        })
+        .find(|(_, d)| d["kind"] == "PersistentVolumeClaim" && d["metadata"]["name"] == "efs-sc-claim")
         .expect("the efs-sc-claim claim");
     assert_eq!(claim["spec"]["storageClassName"], "efs-sc");
     assert_eq!(claim["spec"]["accessModes"][0], "ReadWriteMany");
@@ -1210,21 +942,14 @@ fn assert_hytrain_accepts(args: &[&str], what: &str) {
     let mut all = args.to_vec();
     all.push("--help");
     let out = common::run(&all, &[]);
-    assert!(
-        out.status.success(),
-        "{what}: hytrain rejects {args:?}:\n{}",
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "{what}: hytrain rejects {args:?}:\n{}", text(&out.stderr));
 }
 
 /// Splits `hytrain launch [OPTIONS] -- hytrain train ARGS` (or `hytrain train ARGS`) into hytrain's own command
 /// lines.
 fn hytrain_command_lines<'a>(command: &'a [&'a str], args: &'a [&'a str]) -> Vec<Vec<&'a str>> {
     let all: Vec<&str> = command.iter().chain(args).copied().collect();
-    assert_eq!(
-        all[0], "hytrain",
-        "the container command must be the hytrain binary: {all:?}"
-    );
+    assert_eq!(all[0], "hytrain", "the container command must be the hytrain binary: {all:?}");
     match all.iter().position(|a| *a == "--") {
         Some(split) => {
             assert_eq!(all[split + 1], "hytrain", "{all:?}");
@@ -1241,11 +966,7 @@ fn every_manifest_command_line_is_one_hytrain_accepts() {
     for (file, doc) in &docs {
         let mut lines: Vec<(Vec<String>, Vec<String>)> = Vec::new();
         let as_strings = |v: &Value| -> Vec<String> {
-            v.as_array()
-                .into_iter()
-                .flatten()
-                .map(|s| s.as_str().unwrap().to_string())
-                .collect()
+            v.as_array().into_iter().flatten().map(|s| s.as_str().unwrap().to_string()).collect()
         };
         for c in containers_of(doc) {
             lines.push((as_strings(&c["command"]), as_strings(&c["args"])));
@@ -1266,10 +987,7 @@ fn every_manifest_command_line_is_one_hytrain_accepts() {
     assert!(checked >= 10, "only {checked} command lines found");
     // The check itself rejects a flag hytrain does not have.
     let out = common::run(&["train", "--efs-dir-path=cifar10-dataset", "--help"], &[]);
-    assert!(
-        !out.status.success(),
-        "a reference-only flag passed the check"
-    );
+    assert!(!out.status.success(), "a reference-only flag passed the check");
 }
 
 /// The Dockerfile passes hadolint, installed by `cargo xtask test` into the test venv beside its Python.

@@ -77,13 +77,9 @@ fn a_mid_epoch_checkpoint_of_two_ranks_is_refused_by_one_rank_naming_what_change
     let err = stderr(&out);
     assert!(!out.status.success(), "a job of another world size resumed mid-epoch:\n{err}");
     let line = err.lines().find(|l| l.contains("hytrain: error:")).unwrap_or_else(|| panic!("no error in:\n{err}"));
-    for part in [
-        "ckpt-5",
-        "world size 2, this job 1",
-        "batch 5 of 23 in epoch 1",
-        "--restart-epoch-on-change",
-        "--no-resume",
-    ] {
+    for part in
+        ["ckpt-5", "world size 2, this job 1", "batch 5 of 23 in epoch 1", "--restart-epoch-on-change", "--no-resume"]
+    {
         assert!(line.contains(part), "'{part}' missing from: {line}");
     }
     assert!(!dir.path().join("hytrain-out/checkpoints/ckpt-6").exists(), "the refused job trained");
@@ -100,7 +96,8 @@ fn restart_epoch_on_change_starts_the_epoch_over_with_the_new_world_size_and_say
     assert_ok(&out);
     let err = stderr(&out);
     assert!(
-        err.contains("world size 2, this job 1") && err.contains("starting epoch 1 over from its first batch at step 5"),
+        err.contains("world size 2, this job 1")
+            && err.contains("starting epoch 1 over from its first batch at step 5"),
         "the log does not say the epoch starts over:\n{err}"
     );
     assert!(stdout(&out).contains("steps            8 (3 this run)"), "{}", stdout(&out));
@@ -121,10 +118,8 @@ fn half_the_batch_with_double_grad_accum_continues_the_epoch_exactly() {
     assert_ok(&finish(job(clean.path(), 2, &["--batch-size", "32", "--max-steps", "12"]), "uninterrupted run"));
     let dir = tempfile::tempdir().unwrap();
     first_run(dir.path(), 2, 5, &["--batch-size", "32"]);
-    let out = finish(
-        job(dir.path(), 2, &["--batch-size", "16", "--grad-accum", "2", "--max-steps", "12"]),
-        "resumed run",
-    );
+    let out =
+        finish(job(dir.path(), 2, &["--batch-size", "16", "--grad-accum", "2", "--max-steps", "12"]), "resumed run");
     assert_ok(&out);
     assert!(stderr(&out).contains("continuing epoch 1 at batch 10 of 44"), "{}", stderr(&out));
     let diff = weight_difference(clean.path(), dir.path());

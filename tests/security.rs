@@ -24,9 +24,7 @@ fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HYTRAIN_SM_ROOT", "/nonexistent/hytrain-security-test");
     c.envs(env.iter().copied());
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     c
 }
 
@@ -36,10 +34,7 @@ fn wait(mut child: Child, what: &str) -> Output {
         if start.elapsed() > LIMIT {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
-            panic!(
-                "{what} still running after {LIMIT:?}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            panic!("{what} still running after {LIMIT:?}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -47,19 +42,11 @@ fn wait(mut child: Child, what: &str) -> Output {
 }
 
 fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
 }
 
 fn connect_when_listening(port: u16) -> TcpStream {
@@ -93,18 +80,7 @@ fn a_launched_worker_with_the_wrong_token_makes_the_job_fail_fast_naming_the_mas
     let started = Instant::now();
     let out = wait(
         command(
-            &[
-                "launch",
-                "--nproc-per-node",
-                "2",
-                "--master-port",
-                &port,
-                "--",
-                "/bin/sh",
-                "-c",
-                script,
-                hytrain(),
-            ],
+            &["launch", "--nproc-per-node", "2", "--master-port", &port, "--", "/bin/sh", "-c", script, hytrain()],
             &[
                 ("HYTRAIN_JOB_TOKEN", RIGHT),
                 // Not on the command line, which the launcher logs.
@@ -119,21 +95,12 @@ fn a_launched_worker_with_the_wrong_token_makes_the_job_fail_fast_naming_the_mas
     );
     let all = text(&out);
     assert!(!out.status.success(), "the job succeeded:\n{all}");
+    assert!(started.elapsed() < Duration::from_secs(60), "the job took {:?} to fail:\n{all}", started.elapsed());
     assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "the job took {:?} to fail:\n{all}",
-        started.elapsed()
-    );
-    assert!(
-        all.contains(&format!(
-            "rank 1: job token mismatch with the rendezvous store at 127.0.0.1:{port}"
-        )),
+        all.contains(&format!("rank 1: job token mismatch with the rendezvous store at 127.0.0.1:{port}")),
         "{all}"
     );
-    assert!(
-        !all.contains(RIGHT) && !all.contains(WRONG),
-        "a token leaked:\n{all}"
-    );
+    assert!(!all.contains(RIGHT) && !all.contains(WRONG), "a token leaked:\n{all}");
 }
 
 #[test]
@@ -141,16 +108,7 @@ fn hostile_clients_at_the_rendezvous_port_change_nothing_and_no_log_shows_the_to
     let port = free_port().to_string();
     let rank = |r: &str, token: &str| {
         command(
-            &[
-                "--log-level",
-                "trace",
-                "doctor",
-                "--sizes",
-                "64KiB",
-                "--iters",
-                "1",
-                "--json",
-            ],
+            &["--log-level", "trace", "doctor", "--sizes", "64KiB", "--iters", "1", "--json"],
             &[
                 ("RANK", r),
                 ("WORLD_SIZE", "2"),
@@ -175,26 +133,17 @@ fn hostile_clients_at_the_rendezvous_port_change_nothing_and_no_log_shows_the_to
     let mut frame = b"HYTSTOR2".to_vec();
     frame.extend_from_slice(&u64::MAX.to_le_bytes());
     huge.write_all(&frame).unwrap();
-    assert!(
-        closed_by_server(&mut huge),
-        "a huge length prefix was not dropped"
-    );
+    assert!(closed_by_server(&mut huge), "a huge length prefix was not dropped");
 
     // A real hytrain process claiming rank 1 with the wrong token: refused at once, and it does not take rank 1's
     // place.
     let started = Instant::now();
     let impostor = wait(rank("1", WRONG), "the wrong-token rank");
     assert!(!impostor.status.success());
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
     let impostor = text(&impostor);
     assert!(
-        impostor.contains(&format!(
-            "rank 1: job token mismatch with the rendezvous store at 127.0.0.1:{port}"
-        )),
+        impostor.contains(&format!("rank 1: job token mismatch with the rendezvous store at 127.0.0.1:{port}")),
         "{impostor}"
     );
 
@@ -211,10 +160,7 @@ fn hostile_clients_at_the_rendezvous_port_change_nothing_and_no_log_shows_the_to
         "rank 0 did not report the refusal:\n{m}"
     );
     for log in [&w, &m, &impostor] {
-        assert!(
-            !log.contains(RIGHT) && !log.contains(WRONG),
-            "a token leaked:\n{log}"
-        );
+        assert!(!log.contains(RIGHT) && !log.contains(WRONG), "a token leaked:\n{log}");
     }
     // It stayed connected the whole time without holding anyone up.
     drop(silent);
@@ -227,47 +173,25 @@ fn explain_shows_where_the_token_comes_from_and_never_the_token() {
     std::fs::write(&file, format!("{RIGHT}\n")).unwrap();
     let file = file.to_str().unwrap();
     for (env, says) in [
-        (
-            ("HYTRAIN_JOB_TOKEN_FILE", file),
-            format!("job token:       from HYTRAIN_JOB_TOKEN_FILE ({file})"),
-        ),
-        (
-            ("HYTRAIN_JOB_TOKEN", RIGHT),
-            "job token:       from HYTRAIN_JOB_TOKEN".to_owned(),
-        ),
+        (("HYTRAIN_JOB_TOKEN_FILE", file), format!("job token:       from HYTRAIN_JOB_TOKEN_FILE ({file})")),
+        (("HYTRAIN_JOB_TOKEN", RIGHT), "job token:       from HYTRAIN_JOB_TOKEN".to_owned()),
     ] {
-        let out = wait(
-            command(&["--log-level", "trace", "explain"], &[env])
-                .spawn()
-                .unwrap(),
-            "explain",
-        );
+        let out = wait(command(&["--log-level", "trace", "explain"], &[env]).spawn().unwrap(), "explain");
         let all = text(&out);
         assert!(out.status.success(), "{all}");
         assert!(all.contains(&says), "{all}");
         assert!(!all.contains(RIGHT), "the token leaked:\n{all}");
-        let out = wait(
-            command(&["explain", "--json"], &[env]).spawn().unwrap(),
-            "explain --json",
-        );
+        let out = wait(command(&["explain", "--json"], &[env]).spawn().unwrap(), "explain --json");
         let all = text(&out);
         assert!(!all.contains(RIGHT), "the token leaked:\n{all}");
         let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let source = &plan["job_token"]["source"];
         assert!(source == "file" || source == "env", "{plan}");
     }
-    let out = wait(
-        command(&["explain"], &[("HYTRAIN_JOB_TOKEN", "zq9x")])
-            .spawn()
-            .unwrap(),
-        "explain",
-    );
+    let out = wait(command(&["explain"], &[("HYTRAIN_JOB_TOKEN", "zq9x")]).spawn().unwrap(), "explain");
     let all = text(&out);
     assert!(!out.status.success());
-    assert!(
-        all.contains("HYTRAIN_JOB_TOKEN: the job token holds only 4 bytes"),
-        "{all}"
-    );
+    assert!(all.contains("HYTRAIN_JOB_TOKEN: the job token holds only 4 bytes"), "{all}");
     assert!(!all.contains("zq9x"), "the token leaked:\n{all}");
 }
 
@@ -275,16 +199,7 @@ fn explain_shows_where_the_token_comes_from_and_never_the_token() {
 fn launch_gives_its_workers_one_fresh_token_and_they_show_only_its_source() {
     let out = wait(
         command(
-            &[
-                "launch",
-                "--nproc-per-node",
-                "2",
-                "--",
-                "/bin/sh",
-                "-c",
-                r#"exec "$0" explain --json"#,
-                hytrain(),
-            ],
+            &["launch", "--nproc-per-node", "2", "--", "/bin/sh", "-c", r#"exec "$0" explain --json"#, hytrain()],
             &[],
         )
         .spawn()
@@ -293,24 +208,14 @@ fn launch_gives_its_workers_one_fresh_token_and_they_show_only_its_source() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{}", text(&out));
-    let plans: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&stdout)
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let plans: Vec<serde_json::Value> =
+        serde_json::Deserializer::from_str(&stdout).into_iter().collect::<Result<_, _>>().unwrap();
     assert_eq!(plans.len(), 2, "{stdout}");
     for p in &plans {
-        assert_eq!(
-            p["job_token"],
-            serde_json::json!({"source": "launch"}),
-            "{p}"
-        );
+        assert_eq!(p["job_token"], serde_json::json!({"source": "launch"}), "{p}");
     }
     // The generated token is 64 hex digits; none may appear anywhere.
     let all = text(&out);
-    let hex_run = all
-        .split(|c: char| !c.is_ascii_hexdigit())
-        .map(str::len)
-        .max()
-        .unwrap_or(0);
+    let hex_run = all.split(|c: char| !c.is_ascii_hexdigit()).map(str::len).max().unwrap_or(0);
     assert!(hex_run < 32, "something token-like was printed:\n{all}");
 }

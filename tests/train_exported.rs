@@ -41,10 +41,7 @@ fn an_exported_pytorch_model_trains_on_two_workers_resumes_and_its_model_folder_
         args.extend(extra);
         launch_train(dir.path(), 2, &args)
     };
-    let out = finish(
-        job(&["--max-steps", "30", "--validation", "none"]),
-        "first run",
-    );
+    let out = finish(job(&["--max-steps", "30", "--validation", "none"]), "first run");
     assert_ok(&out);
     assert_eq!(summary_value(&stdout(&out), "steps"), 30.0);
     // A second run resumes from the first's checkpoint and trains on to the end of epoch 4, validating each epoch
@@ -53,32 +50,14 @@ fn an_exported_pytorch_model_trains_on_two_workers_resumes_and_its_model_folder_
     assert_ok(&out);
     let text = stdout(&out);
     let accuracy = summary_value(&text, "val_accuracy");
-    assert!(
-        accuracy >= 0.9,
-        "validation accuracy {accuracy} below 0.9:\n{text}"
-    );
-    assert!(
-        text.contains("on 359 samples") || text.contains("on 360 samples"),
-        "every test sample once:\n{text}"
-    );
+    assert!(accuracy >= 0.9, "validation accuracy {accuracy} below 0.9:\n{text}");
+    assert!(text.contains("on 359 samples") || text.contains("on 360 samples"), "every test sample once:\n{text}");
     let losses = metric_values(&text, "train_loss");
-    assert!(
-        losses.last() < losses.first(),
-        "the loss did not fall: {losses:?}"
-    );
+    assert!(losses.last() < losses.first(), "the loss did not fall: {losses:?}");
     let steps = summary_value(&text, "steps") as u64;
-    assert!(
-        text.contains(&format!("({} this run)", steps - 30)),
-        "the second run did not resume at step 30:\n{text}"
-    );
+    assert!(text.contains(&format!("({} this run)", steps - 30)), "the second run did not resume at step 30:\n{text}");
     let model = dir.path().join("hytrain-out/model");
-    for file in [
-        "model.safetensors",
-        "metadata.json",
-        "forward.pt2",
-        "train_step.pt2",
-        "hytrain-model.json",
-    ] {
+    for file in ["model.safetensors", "metadata.json", "forward.pt2", "train_step.pt2", "hytrain-model.json"] {
         assert!(model.join(file).is_file(), "the model folder has no {file}");
     }
     // The model folder is an exported model with the trained weights: training it again starts from them.
@@ -124,22 +103,12 @@ fn an_exported_model_refuses_data_of_another_shape_and_other_precisions_before_s
         std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
     }
     let meta_path = copy.join("hytrain-model.json");
-    let mut meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
     meta["input"]["shape"] = serde_json::json!([3, 32, 32]);
     std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
     let data = digits();
     let out = finish(
-        launch_train(
-            dir.path(),
-            1,
-            &[
-                "--model",
-                copy.to_str().unwrap(),
-                "--data",
-                data.to_str().unwrap(),
-            ],
-        ),
+        launch_train(dir.path(), 1, &["--model", copy.to_str().unwrap(), "--data", data.to_str().unwrap()]),
         "mismatched data",
     );
     assert!(!out.status.success());
@@ -164,15 +133,8 @@ fn an_exported_model_refuses_data_of_another_shape_and_other_precisions_before_s
         "bf16 on an exported model",
     );
     assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("train it with --precision fp32"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(
-        !stderr(&out).contains("step=1 "),
-        "it trained before refusing"
-    );
+    assert!(stderr(&out).contains("train it with --precision fp32"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("step=1 "), "it trained before refusing");
 }
 
 /// Knuth's MMIX linear congruential generator from `seed`: 31 pseudo-random bits per call, the same on every machine.
@@ -309,7 +271,10 @@ fn token_data_needs_a_model_that_takes_its_windows() {
     let e = run(&["--model", "mlp"], "a built-in model without a context length");
     assert!(e.contains("need a context length: give --context-length N"), "{e}");
     let e = run(&["--model", "mlp", "--context-length", "32", "--resize", "8", "--augment"], "image flags on tokens");
-    assert!(e.contains("holds token ids, which --augment, --resize would not change") && e.contains("drop them"), "{e}");
+    assert!(
+        e.contains("holds token ids, which --augment, --resize would not change") && e.contains("drop them"),
+        "{e}"
+    );
     let e = run(&["--model", "mlp", "--context-length", "32"], "a built-in model on tokens");
     assert!(e.contains("takes float inputs with one class label per sample") && e.contains("hytrain_export"), "{e}");
     let gpt = exported_gpt();

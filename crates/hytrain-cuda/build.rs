@@ -62,14 +62,8 @@ fn build() -> Result<(), String> {
             String::from_utf8_lossy(&output.stderr)
         ));
     }
-    println!(
-        "cargo:rustc-env=HYTRAIN_SHIM_TORCH_INCLUDE={}",
-        torch.display()
-    );
-    println!(
-        "cargo:rustc-env=HYTRAIN_SHIM_CUDA_INCLUDE={}",
-        cuda.display()
-    );
+    println!("cargo:rustc-env=HYTRAIN_SHIM_TORCH_INCLUDE={}", torch.display());
+    println!("cargo:rustc-env=HYTRAIN_SHIM_CUDA_INCLUDE={}", cuda.display());
     Ok(())
 }
 
@@ -77,17 +71,9 @@ fn build() -> Result<(), String> {
 fn python_torch() -> Option<PathBuf> {
     env::var_os("LIBTORCH_USE_PYTORCH")?;
     let python = env::var_os("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|| "python3".into());
-    let output = Command::new(python)
-        .args([
-            "-c",
-            "import os, torch; print(os.path.dirname(torch.__file__))",
-        ])
-        .output()
-        .ok()?;
-    output
-        .status
-        .success()
-        .then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+    let output =
+        Command::new(python).args(["-c", "import os, torch; print(os.path.dirname(torch.__file__))"]).output().ok()?;
+    output.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
 }
 
 /// The folder holding `c10/cuda/CUDAStream.h`: `LIBTORCH_INCLUDE`, `$LIBTORCH/include` or the Python torch's.
@@ -102,18 +88,14 @@ fn torch_include(python_torch: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(dir) = env::var_os("LIBTORCH") {
         candidates.push(PathBuf::from(dir).join("include"));
     }
-    candidates
-        .iter()
-        .find(|dir| dir.join("c10/cuda/CUDAStream.h").is_file())
-        .cloned()
-        .ok_or_else(|| {
-            format!(
-                "the CUDA stream shim needs libtorch's c10/cuda/CUDAStream.h and found it in none of: {}; run \
+    candidates.iter().find(|dir| dir.join("c10/cuda/CUDAStream.h").is_file()).cloned().ok_or_else(|| {
+        format!(
+            "the CUDA stream shim needs libtorch's c10/cuda/CUDAStream.h and found it in none of: {}; run \
                  `cargo xtask setup`, or set LIBTORCH (or LIBTORCH_USE_PYTORCH=1) to a libtorch 2.11.0 with its \
                  include folder",
-                shown(&candidates)
-            )
-        })
+            shown(&candidates)
+        )
+    })
 }
 
 /// The folder holding the CUDA runtime headers: `cuda_runtime_api.h` and the `crt/host_defines.h` it includes
@@ -138,9 +120,10 @@ fn cuda_include(python_torch: Option<&Path>) -> Result<PathBuf, String> {
         candidates.push(dir.join("../nvidia/cu13/include"));
     }
     candidates.push(PathBuf::from("/usr/local/cuda/include"));
-    if let Some(found) = candidates.iter().find(|dir| {
-        dir.join("cuda_runtime_api.h").is_file() && dir.join("crt/host_defines.h").is_file()
-    }) {
+    if let Some(found) = candidates
+        .iter()
+        .find(|dir| dir.join("cuda_runtime_api.h").is_file() && dir.join("crt/host_defines.h").is_file())
+    {
         return Ok(found.clone());
     }
     let half = candidates
@@ -167,9 +150,5 @@ fn shown(candidates: &[PathBuf]) -> String {
     if candidates.is_empty() {
         return "(no LIBTORCH, LIBTORCH_INCLUDE or LIBTORCH_USE_PYTORCH set)".into();
     }
-    candidates
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }

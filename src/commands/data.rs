@@ -10,11 +10,7 @@ use crate::data::source::{self, Channel, InputMode, OpenOptions, S3Options};
 use crate::data::{DigestArgs, PackInput, PackOptions, Remainder, Split};
 
 /// How to reach a source: the job's channels (for `channel:NAME`) and the S3 settings.
-pub fn open_options(
-    plan: &Plan,
-    s3_endpoint: Option<String>,
-    s3_region: Option<String>,
-) -> OpenOptions {
+pub fn open_options(plan: &Plan, s3_endpoint: Option<String>, s3_region: Option<String>) -> OpenOptions {
     let channels = plan
         .paths
         .channels
@@ -34,11 +30,7 @@ pub fn open_options(
         })
         .collect();
     OpenOptions {
-        s3: S3Options {
-            endpoint: s3_endpoint,
-            region: s3_region,
-            ..S3Options::default()
-        },
+        s3: S3Options { endpoint: s3_endpoint, region: s3_region, ..S3Options::default() },
         channels,
         ..OpenOptions::default()
     }
@@ -56,10 +48,7 @@ pub struct DigestRequest {
 }
 
 /// One SHA-256 per requested rank, as `rank R: HEX` lines.
-pub fn digest(
-    options: &OpenOptions,
-    request: &DigestRequest,
-) -> anyhow::Result<Vec<(usize, String)>> {
+pub fn digest(options: &OpenOptions, request: &DigestRequest) -> anyhow::Result<Vec<(usize, String)>> {
     let world = request.args.world_size;
     if world == 0 {
         anyhow::bail!("--world-size must be at least 1");
@@ -72,12 +61,8 @@ pub fn digest(
     let mut out = Vec::with_capacity(ranks.len());
     for rank in ranks {
         // A Pipe source is read once per epoch; every rank's digest needs its own pass.
-        let src = source::open(&request.data, options)
-            .with_context(|| format!("cannot open {}", request.data))?;
-        let args = DigestArgs {
-            rank,
-            ..request.args.clone()
-        };
+        let src = source::open(&request.data, options).with_context(|| format!("cannot open {}", request.data))?;
+        let args = DigestArgs { rank, ..request.args.clone() };
         out.push((rank, crate::data::digest(src, &args)?));
     }
     Ok(out)
@@ -102,18 +87,9 @@ pub fn remainder(drop_last: bool) -> Remainder {
 }
 
 /// Options of `hytrain data pack`.
-pub fn pack_options(
-    out: PathBuf,
-    image_folder: bool,
-    shard_bytes: usize,
-    skip_bad_samples: bool,
-) -> PackOptions {
+pub fn pack_options(out: PathBuf, image_folder: bool, shard_bytes: usize, skip_bad_samples: bool) -> PackOptions {
     PackOptions {
-        input: if image_folder {
-            PackInput::ImageFolder
-        } else {
-            PackInput::Detect
-        },
+        input: if image_folder { PackInput::ImageFolder } else { PackInput::Detect },
         out_dir: out,
         target_shard_bytes: shard_bytes as u64,
         skip_bad_samples,

@@ -10,10 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
-use hytrain_cuda::{
-    CudaDriver, CudaError, Nccl, NcclCollective, SideStream, TorchStreams, UniqueId,
-    UNIQUE_ID_BYTES,
-};
+use hytrain_cuda::{CudaDriver, CudaError, Nccl, NcclCollective, SideStream, TorchStreams, UniqueId, UNIQUE_ID_BYTES};
 
 use crate::comm::{Collective, Store};
 
@@ -77,23 +74,14 @@ pub fn decide(
         DeviceRequest::Auto if probe.visible == 0 => {
             tracing::info!(
                 "--device auto: using the CPU ({})",
-                cuda_error()
-                    .to_string()
-                    .trim_start_matches("--device cuda: ")
+                cuda_error().to_string().trim_start_matches("--device cuda: ")
             );
             Ok(tch::Device::Cpu)
         }
         DeviceRequest::Cuda | DeviceRequest::Auto => {
-            let index = hytrain_cuda::device_for_local_rank(
-                local_rank,
-                probe.visible,
-                cuda_visible_devices,
-            )?;
+            let index = hytrain_cuda::device_for_local_rank(local_rank, probe.visible, cuda_visible_devices)?;
             if request == DeviceRequest::Auto {
-                tracing::info!(
-                    "--device auto: using cuda:{index} of {} visible GPU(s)",
-                    probe.visible
-                );
+                tracing::info!("--device auto: using cuda:{index} of {} visible GPU(s)", probe.visible);
             }
             Ok(tch::Device::Cuda(index))
         }
@@ -110,24 +98,13 @@ fn libtorch_lib_dir() -> Option<PathBuf> {
 pub fn probe() -> Probe {
     let torch_cuda = match libtorch_lib_dir() {
         Some(dir) => hytrain_cuda::load_torch_cuda(&dir),
-        None => Err(CudaError::TorchCudaNotFound {
-            dir: PathBuf::from("(no libtorch_cpu.so is loaded)"),
-        }),
+        None => Err(CudaError::TorchCudaNotFound { dir: PathBuf::from("(no libtorch_cpu.so is loaded)") }),
     };
-    let visible = if torch_cuda.is_ok() && tch::Cuda::is_available() {
-        tch::Cuda::device_count().max(0) as usize
-    } else {
-        0
-    };
+    let visible =
+        if torch_cuda.is_ok() && tch::Cuda::is_available() { tch::Cuda::device_count().max(0) as usize } else { 0 };
     // The driver says best why there is no GPU (no libcuda, cuInit failing, no device).
-    let no_gpu_reason = (torch_cuda.is_ok() && visible == 0)
-        .then(|| CudaDriver::load().err())
-        .flatten();
-    Probe {
-        torch_cuda,
-        visible,
-        no_gpu_reason,
-    }
+    let no_gpu_reason = (torch_cuda.is_ok() && visible == 0).then(|| CudaDriver::load().err()).flatten();
+    Probe { torch_cuda, visible, no_gpu_reason }
 }
 
 /// The device for this process: [`probe`] then [`decide`], and a GPU made libtorch's current device at once, so
@@ -169,17 +146,14 @@ pub fn nccl_collective(
             if rank == 0 {
                 bytes = *nccl.unique_id()?.as_bytes();
             }
-            host.broadcast(&mut bytes, 0)
-                .context("handing NCCL's unique id from rank 0 to every rank")?;
+            host.broadcast(&mut bytes, 0).context("handing NCCL's unique id from rank 0 to every rank")?;
             UniqueId::from_bytes(&bytes, "broadcast from rank 0")?
         }
     };
-    let ordinal = u32::try_from(ordinal)
-        .map_err(|_| anyhow::anyhow!("GPU index {ordinal} is out of range"))?;
+    let ordinal = u32::try_from(ordinal).map_err(|_| anyhow::anyhow!("GPU index {ordinal} is out of range"))?;
     // libtorch_cuda.so is loaded by now (the device was chosen through it), so the stream shim can reach c10.
     let streams = TorchStreams::load()?;
-    let mut collective =
-        NcclCollective::new(driver, nccl, ordinal, &id, rank, world_size, timeout)?;
+    let mut collective = NcclCollective::new(driver, nccl, ordinal, &id, rank, world_size, timeout)?;
     collective.follow_current_stream(streams);
     Ok(collective)
 }
@@ -213,9 +187,7 @@ mod tests {
 
     fn no_torch_cuda(dir: &str) -> Probe {
         Probe {
-            torch_cuda: Err(CudaError::TorchCudaNotFound {
-                dir: PathBuf::from(dir),
-            }),
+            torch_cuda: Err(CudaError::TorchCudaNotFound { dir: PathBuf::from(dir) }),
             visible: 0,
             no_gpu_reason: None,
         }
@@ -234,50 +206,27 @@ mod tests {
 
     #[test]
     fn device_names_parse_and_a_wrong_one_lists_the_choices() {
-        assert_eq!(
-            "auto".parse::<DeviceRequest>().unwrap(),
-            DeviceRequest::Auto
-        );
+        assert_eq!("auto".parse::<DeviceRequest>().unwrap(), DeviceRequest::Auto);
         assert_eq!("CPU".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cpu);
-        assert_eq!(
-            "cuda".parse::<DeviceRequest>().unwrap(),
-            DeviceRequest::Cuda
-        );
-        assert_eq!(
-            "tpu".parse::<DeviceRequest>().unwrap_err(),
-            "'tpu' is not a device; use auto, cpu or cuda"
-        );
+        assert_eq!("cuda".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda);
+        assert_eq!("tpu".parse::<DeviceRequest>().unwrap_err(), "'tpu' is not a device; use auto, cpu or cuda");
     }
 
     #[test]
     fn cpu_is_taken_whatever_the_machine_has() {
-        assert_eq!(
-            decide(DeviceRequest::Cpu, &loaded(8, None), 3, None).unwrap(),
-            tch::Device::Cpu
-        );
+        assert_eq!(decide(DeviceRequest::Cpu, &loaded(8, None), 3, None).unwrap(), tch::Device::Cpu);
     }
 
     #[test]
     fn auto_takes_the_local_ranks_gpu_when_there_is_one_else_the_cpu() {
-        assert_eq!(
-            decide(DeviceRequest::Auto, &loaded(8, None), 3, None).unwrap(),
-            tch::Device::Cuda(3)
-        );
-        assert_eq!(
-            decide(DeviceRequest::Auto, &no_torch_cuda("/l/lib"), 3, None).unwrap(),
-            tch::Device::Cpu
-        );
-        assert_eq!(
-            decide(DeviceRequest::Auto, &loaded(0, None), 0, None).unwrap(),
-            tch::Device::Cpu
-        );
+        assert_eq!(decide(DeviceRequest::Auto, &loaded(8, None), 3, None).unwrap(), tch::Device::Cuda(3));
+        assert_eq!(decide(DeviceRequest::Auto, &no_torch_cuda("/l/lib"), 3, None).unwrap(), tch::Device::Cpu);
+        assert_eq!(decide(DeviceRequest::Auto, &loaded(0, None), 0, None).unwrap(), tch::Device::Cpu);
     }
 
     #[test]
     fn cuda_without_libtorch_cuda_says_where_it_looked() {
-        let error = decide(DeviceRequest::Cuda, &no_torch_cuda("/l/lib"), 0, None)
-            .unwrap_err()
-            .to_string();
+        let error = decide(DeviceRequest::Cuda, &no_torch_cuda("/l/lib"), 0, None).unwrap_err().to_string();
         assert!(
             error.starts_with(
                 "--device cuda: CUDA was requested but this libtorch has no CUDA support: no libtorch_cuda.so in /l/lib; "
@@ -289,25 +238,14 @@ mod tests {
 
     #[test]
     fn cuda_with_libtorch_cuda_but_no_gpu_gives_the_drivers_reason() {
-        let reason = CudaError::NoDriver {
-            searched: "system folder: /usr/lib".into(),
-        };
-        let error = decide(DeviceRequest::Cuda, &loaded(0, Some(reason)), 0, None)
-            .unwrap_err()
-            .to_string();
+        let reason = CudaError::NoDriver { searched: "system folder: /usr/lib".into() };
+        let error = decide(DeviceRequest::Cuda, &loaded(0, Some(reason)), 0, None).unwrap_err().to_string();
         assert!(
-            error.starts_with(
-                "--device cuda: CUDA was requested but no NVIDIA driver / libcuda.so.1 found"
-            ),
+            error.starts_with("--device cuda: CUDA was requested but no NVIDIA driver / libcuda.so.1 found"),
             "{error}"
         );
-        let error = decide(DeviceRequest::Cuda, &loaded(0, None), 0, None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("/opt/torch/lib/libtorch_cuda.so but it sees no GPU"),
-            "{error}"
-        );
+        let error = decide(DeviceRequest::Cuda, &loaded(0, None), 0, None).unwrap_err().to_string();
+        assert!(error.contains("/opt/torch/lib/libtorch_cuda.so but it sees no GPU"), "{error}");
     }
 
     #[test]
@@ -321,11 +259,11 @@ mod tests {
     #[test]
     fn more_local_ranks_than_gpus_is_an_error_for_cuda_and_auto() {
         for request in [DeviceRequest::Cuda, DeviceRequest::Auto] {
-            let error = decide(request, &loaded(2, None), 2, Some("0,1"))
-                .unwrap_err()
-                .to_string();
+            let error = decide(request, &loaded(2, None), 2, Some("0,1")).unwrap_err().to_string();
             assert!(
-                error.starts_with("local rank 2 needs GPU cuda:2 but only 2 GPU(s) are visible (CUDA_VISIBLE_DEVICES=0,1)"),
+                error.starts_with(
+                    "local rank 2 needs GPU cuda:2 but only 2 GPU(s) are visible (CUDA_VISIBLE_DEVICES=0,1)"
+                ),
                 "{error}"
             );
         }

@@ -122,13 +122,9 @@ pub fn modulus(dtype: &str) -> usize {
 pub fn run(plan: &Plan, args: &DoctorArgs) -> anyhow::Result<Report> {
     let membership = crate::membership(plan);
     let mut collective = comm::init(&membership, crate::launched_by_mpirun(plan), &args.comm)?;
-    let watchdog =
-        crate::watchdog::Watchdog::start(collective.liveness(), plan.paths.failure_file.clone());
+    let watchdog = crate::watchdog::Watchdog::start(collective.liveness(), plan.paths.failure_file.clone());
     let (rank, world) = (collective.rank(), collective.world_size());
-    tracing::info!(
-        "doctor: {} backend up with {world} ranks",
-        collective.backend()
-    );
+    tracing::info!("doctor: {} backend up with {world} ranks", collective.backend());
 
     let peers = exchange_peers(collective.as_mut(), &plan.topology.current_host)?;
     let peers_ok = peers.iter().enumerate().all(|(i, p)| p.rank == i);
@@ -187,17 +183,10 @@ fn exchange_peers(collective: &mut dyn Collective, host: &str) -> anyhow::Result
 
 fn check_libtorch() -> Libtorch {
     let sum = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.5]).sum(tch::Kind::Float);
-    Libtorch {
-        ok: f64::try_from(sum).is_ok_and(|s| s == 6.5),
-        cuda_available: tch::Cuda::is_available(),
-    }
+    Libtorch { ok: f64::try_from(sum).is_ok_and(|s| s == 6.5), cuda_available: tch::Cuda::is_available() }
 }
 
-fn check_allreduce(
-    collective: &mut dyn Collective,
-    rank: usize,
-    world: usize,
-) -> anyhow::Result<Vec<AllreduceCheck>> {
+fn check_allreduce(collective: &mut dyn Collective, rank: usize, world: usize) -> anyhow::Result<Vec<AllreduceCheck>> {
     let mut checks = Vec::new();
     for &len in &CHECKED_LENGTHS {
         for op in [ReduceOp::Sum, ReduceOp::Avg] {
@@ -210,8 +199,7 @@ fn check_allreduce(
                 let want = |i: usize| expected_sum(i, world, m) / scale;
                 let got: Vec<f64> = match dtype {
                     "f32" => {
-                        let mut v: Vec<f32> =
-                            (0..len).map(|i| contribution(i, rank, m) as f32).collect();
+                        let mut v: Vec<f32> = (0..len).map(|i| contribution(i, rank, m) as f32).collect();
                         collective.allreduce(Buffer::F32(&mut v), op)?;
                         v.into_iter().map(f64::from).collect()
                     }
@@ -221,9 +209,7 @@ fn check_allreduce(
                         v
                     }
                     _ => {
-                        let mut v: Vec<bf16> = (0..len)
-                            .map(|i| bf16::from_f64(contribution(i, rank, m)))
-                            .collect();
+                        let mut v: Vec<bf16> = (0..len).map(|i| bf16::from_f64(contribution(i, rank, m))).collect();
                         collective.allreduce(Buffer::Bf16(&mut v), op)?;
                         v.into_iter().map(f64::from).collect()
                     }
@@ -236,15 +222,10 @@ fn check_allreduce(
                         0.0
                     }
                 };
-                let ok = got.len() == len
-                    && got
-                        .iter()
-                        .enumerate()
-                        .all(|(i, &g)| (g - want(i)).abs() <= tolerance(want(i)));
+                let ok =
+                    got.len() == len && got.iter().enumerate().all(|(i, &g)| (g - want(i)).abs() <= tolerance(want(i)));
                 if !ok {
-                    tracing::error!(
-                        "allreduce {op_name} of {len} {dtype} values gave wrong results"
-                    );
+                    tracing::error!("allreduce {op_name} of {len} {dtype} values gave wrong results");
                 }
                 checks.push(AllreduceCheck {
                     dtype,
@@ -263,11 +244,8 @@ fn check_allreduce(
 fn check_broadcast(collective: &mut dyn Collective) -> anyhow::Result<bool> {
     let root = collective.world_size() - 1;
     let pattern = |i: usize| (i * 31 % 251) as u8;
-    let mut bytes: Vec<u8> = if collective.rank() == root {
-        (0..1 << 20).map(pattern).collect()
-    } else {
-        vec![0; 1 << 20]
-    };
+    let mut bytes: Vec<u8> =
+        if collective.rank() == root { (0..1 << 20).map(pattern).collect() } else { vec![0; 1 << 20] };
     collective.broadcast(&mut bytes, root)?;
     let ok = bytes.iter().enumerate().all(|(i, &b)| b == pattern(i));
     if !ok {
@@ -276,21 +254,12 @@ fn check_broadcast(collective: &mut dyn Collective) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-fn measure(
-    collective: &mut dyn Collective,
-    sizes: &[usize],
-    iters: usize,
-) -> anyhow::Result<Vec<Bandwidth>> {
+fn measure(collective: &mut dyn Collective, sizes: &[usize], iters: usize) -> anyhow::Result<Vec<Bandwidth>> {
     let world = collective.world_size();
     let mut out = Vec::with_capacity(sizes.len());
     for &bytes in sizes {
         let mut buf = vec![1.0f32; bytes / 4];
-        let iters = if iters > 0 {
-            iters
-        } else {
-            (256 << 20) / bytes.max(1 << 20)
-        }
-        .clamp(1, 50);
+        let iters = if iters > 0 { iters } else { (256 << 20) / bytes.max(1 << 20) }.clamp(1, 50);
         for _ in 0..2 {
             collective.allreduce(Buffer::F32(&mut buf), ReduceOp::Sum)?;
         }
@@ -300,16 +269,8 @@ fn measure(
         }
         let mut seconds = [start.elapsed().as_secs_f64() / iters as f64];
         collective.allreduce(Buffer::F64(&mut seconds), ReduceOp::Avg)?;
-        let algbw = if seconds[0] > 0.0 {
-            (buf.len() * 4) as f64 / seconds[0] / 1e9
-        } else {
-            0.0
-        };
-        let factor = if world > 1 {
-            2.0 * (world - 1) as f64 / world as f64
-        } else {
-            0.0
-        };
+        let algbw = if seconds[0] > 0.0 { (buf.len() * 4) as f64 / seconds[0] / 1e9 } else { 0.0 };
+        let factor = if world > 1 { 2.0 * (world - 1) as f64 / world as f64 } else { 0.0 };
         out.push(Bandwidth {
             bytes: buf.len() * 4,
             time_ms: seconds[0] * 1e3,
@@ -323,21 +284,13 @@ fn measure(
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "hytrain doctor: {} ranks, backend {}",
-            self.world_size, self.backend
-        );
+        let _ = writeln!(s, "hytrain doctor: {} ranks, backend {}", self.world_size, self.backend);
         for p in &self.peers {
             let _ = writeln!(s, "  rank {:>3}  {}  pid {}", p.rank, p.host, p.pid);
         }
         let checks_ok = self.allreduce_checks.iter().filter(|c| c.ok).count();
-        let _ = writeln!(
-            s,
-            "  libtorch: {} (cuda available: {})",
-            verdict(self.libtorch.ok),
-            self.libtorch.cuda_available
-        );
+        let _ =
+            writeln!(s, "  libtorch: {} (cuda available: {})", verdict(self.libtorch.ok), self.libtorch.cuda_available);
         let _ = writeln!(
             s,
             "  allreduce checks: {checks_ok}/{} exact (lengths {:?}; f32, f64, bf16; sum and avg)",
@@ -346,11 +299,7 @@ impl std::fmt::Display for Report {
         );
         let _ = writeln!(s, "  broadcast: {}", verdict(self.broadcast_ok));
         if !self.sizes.is_empty() {
-            let _ = writeln!(
-                s,
-                "  {:>10} {:>12} {:>14} {:>14}",
-                "size", "time (ms)", "algbw (GB/s)", "busbw (GB/s)"
-            );
+            let _ = writeln!(s, "  {:>10} {:>12} {:>14} {:>14}", "size", "time (ms)", "algbw (GB/s)", "busbw (GB/s)");
             for b in &self.sizes {
                 let _ = writeln!(
                     s,

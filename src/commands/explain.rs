@@ -25,10 +25,7 @@ pub fn render(plan: &Plan, env: &Env, json: bool) -> String {
     } else {
         let mut text = plan.to_string();
         if let Some((requested, origin)) = &backend {
-            text.push_str(&format!(
-                "\nbackend: {requested} (from {origin}): {}",
-                super::train::backend_use(requested)
-            ));
+            text.push_str(&format!("\nbackend: {requested} (from {origin}): {}", super::train::backend_use(requested)));
         }
         text
     }

@@ -32,9 +32,7 @@ impl std::str::FromStr for NprocPerNode {
         match s.trim() {
             "auto" => Ok(Self::Auto),
             n => match n.parse::<usize>() {
-                Ok(0) | Err(_) => Err(format!(
-                    "'{s}' is not a process count; use a number >= 1 or 'auto'"
-                )),
+                Ok(0) | Err(_) => Err(format!("'{s}' is not a process count; use a number >= 1 or 'auto'")),
                 Ok(n) => Ok(Self::Count(n)),
             },
         }
@@ -65,11 +63,7 @@ pub fn resolve_nproc(plan: &Plan, requested: NprocPerNode) -> usize {
 }
 
 /// [`resolve_nproc`] with the GPU count from `visible_gpus` (asked only when it matters).
-pub fn resolve_nproc_with(
-    plan: &Plan,
-    requested: NprocPerNode,
-    visible_gpus: impl FnOnce() -> Option<usize>,
-) -> usize {
+pub fn resolve_nproc_with(plan: &Plan, requested: NprocPerNode, visible_gpus: impl FnOnce() -> Option<usize>) -> usize {
     match requested {
         NprocPerNode::Count(n) => n,
         NprocPerNode::Auto => {
@@ -103,7 +97,9 @@ pub fn run(plan: &Plan, parent_env: &Env, args: &LaunchArgs) -> anyhow::Result<i
     let nproc = resolve_nproc(plan, args.nproc_per_node);
     if let Some(hint) = plan.nproc_per_node_hint() {
         if hint != nproc {
-            tracing::warn!("the platform asks for {hint} processes per node, starting {nproc} as --nproc-per-node says");
+            tracing::warn!(
+                "the platform asks for {hint} processes per node, starting {nproc} as --nproc-per-node says"
+            );
         }
     }
     let mut node = plan.topology.clone();
@@ -154,16 +150,10 @@ pub fn run(plan: &Plan, parent_env: &Env, args: &LaunchArgs) -> anyhow::Result<i
             Ok(child) => child,
             Err(e) => {
                 kill_all(&mut workers);
-                return Err(e)
-                    .with_context(|| format!("could not start worker {local_rank}: {program}"));
+                return Err(e).with_context(|| format!("could not start worker {local_rank}: {program}"));
             }
         };
-        workers.push(Worker {
-            rank: topology.rank,
-            local_rank,
-            child,
-            status: None,
-        });
+        workers.push(Worker { rank: topology.rank, local_rank, child, status: None });
     }
     Ok(supervise(&mut workers, &signal, args))
 }
@@ -177,10 +167,7 @@ fn supervise(workers: &mut [Worker], signal: &AtomicI32, args: &LaunchArgs) -> i
     loop {
         let received = signal.swap(0, Ordering::SeqCst);
         if received != 0 {
-            tracing::warn!(
-                "received signal {received}; forwarding it to {} workers",
-                alive(workers)
-            );
+            tracing::warn!("received signal {received}; forwarding it to {} workers", alive(workers));
             signal_all(workers, received);
             verdict.get_or_insert(128 + received);
             kill_at.get_or_insert(Instant::now() + args.signal_grace);
@@ -215,10 +202,7 @@ fn supervise(workers: &mut [Worker], signal: &AtomicI32, args: &LaunchArgs) -> i
             return verdict.unwrap_or(0);
         }
         if !killed && kill_at.is_some_and(|at| Instant::now() >= at) {
-            tracing::warn!(
-                "{} workers still running after the grace period; killing them",
-                alive(workers)
-            );
+            tracing::warn!("{} workers still running after the grace period; killing them", alive(workers));
             signal_all(workers, libc::SIGKILL);
             killed = true;
         }
@@ -250,9 +234,7 @@ fn alive(workers: &[Worker]) -> usize {
 
 /// The shell's convention: the exit code, or 128 + the signal that killed the process.
 fn exit_code(status: ExitStatus) -> i32 {
-    status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -268,18 +250,15 @@ fn forward_signals_to(slot: &Arc<AtomicI32>) -> anyhow::Result<Vec<signal_hook::
     for sig in [libc::SIGTERM, libc::SIGINT] {
         let slot = Arc::clone(slot);
         // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
-        let id = unsafe {
-            signal_hook::low_level::register(sig, move || slot.store(sig, Ordering::SeqCst))
-        }
-        .with_context(|| format!("cannot install a handler for signal {sig}"))?;
+        let id = unsafe { signal_hook::low_level::register(sig, move || slot.store(sig, Ordering::SeqCst)) }
+            .with_context(|| format!("cannot install a handler for signal {sig}"))?;
         ids.push(id);
     }
     Ok(ids)
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    let listener =
-        std::net::TcpListener::bind(("127.0.0.1", 0)).context("cannot find a free local port")?;
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).context("cannot find a free local port")?;
     Ok(listener.local_addr()?.port())
 }
 

@@ -11,10 +11,8 @@ use std::time::Duration;
 
 /// Parses a duration in seconds as the command line and `HYTRAIN_*` env give it (`900`, `2.5`).
 pub fn parse_seconds(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{text}' is not a number of seconds (e.g. 900 or 2.5)"))?;
+    let secs: f64 =
+        text.trim().parse().map_err(|_| format!("'{text}' is not a number of seconds (e.g. 900 or 2.5)"))?;
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("'{text}' is not a non-negative number of seconds"));
     }
@@ -43,23 +41,16 @@ pub fn parse_size(text: &str) -> Result<usize, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let number: usize = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a size; write e.g. 1MiB, 64MiB, 512KiB or 4096"))?;
+    let number: usize =
+        number.parse().map_err(|_| format!("'{text}' is not a size; write e.g. 1MiB, 64MiB, 512KiB or 4096"))?;
     let scale = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "'{text}' has an unknown unit '{unit}'; use B, KiB, MiB or GiB"
-            ))
-        }
+        _ => return Err(format!("'{text}' has an unknown unit '{unit}'; use B, KiB, MiB or GiB")),
     };
-    number
-        .checked_mul(scale)
-        .ok_or_else(|| format!("'{text}' is too large"))
+    number.checked_mul(scale).ok_or_else(|| format!("'{text}' is too large"))
 }
 
 /// Formats a byte count the way `parse_size` reads it.

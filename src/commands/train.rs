@@ -11,16 +11,15 @@ use anyhow::{bail, Context};
 use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches};
 
-use crate::cluster::{InputMode, Plan};
 use super::device::{self, DeviceRequest};
+use crate::cluster::{InputMode, Plan};
 use crate::comm::{Collective, CommOptions, ReduceOp, Store};
-use crate::data::source::{self, OpenOptions};
-use crate::data::{
-    Dataset, DatasetOptions, Format, Loader, LoaderConfig, Remainder, SamplerConfig, Split, TokenDtype,
-    TokenOptions,
-};
 use crate::data::augment::{Normalize, Transform};
 use crate::data::format::{ShardIndex, INDEX_FILE};
+use crate::data::source::{self, OpenOptions};
+use crate::data::{
+    Dataset, DatasetOptions, Format, Loader, LoaderConfig, Remainder, SamplerConfig, Split, TokenDtype, TokenOptions,
+};
 use crate::train::config::{self, ConfigSources, Layered, Origin};
 use crate::train::model::{self, DataSpec, ExportedMetadata};
 use crate::train::{Ddp, LoaderBatches, RunPaths, Summary, Trainer};
@@ -36,11 +35,7 @@ impl clap::FromArgMatches for ConfigFlags {
         let given = config::KEYS
             .iter()
             .filter(|key| matches.value_source(key) == Some(ValueSource::CommandLine))
-            .filter_map(|key| {
-                matches
-                    .get_one::<String>(key)
-                    .map(|v| (key.replace('_', "-"), v.clone()))
-            })
+            .filter_map(|key| matches.get_one::<String>(key).map(|v| (key.replace('_', "-"), v.clone())))
             .collect();
         Ok(ConfigFlags(given))
     }
@@ -54,13 +49,9 @@ impl clap::FromArgMatches for ConfigFlags {
 impl clap::Args for ConfigFlags {
     fn augment_args(cmd: clap::Command) -> clap::Command {
         config::KEYS.iter().fold(cmd, |cmd, key| {
-            let arg = Arg::new(*key)
-                .long(key.replace('_', "-"))
-                .help(config::help(key));
+            let arg = Arg::new(*key).long(key.replace('_', "-")).help(config::help(key));
             cmd.arg(if config::is_switch(key) {
-                arg.num_args(0..=1)
-                    .default_missing_value("true")
-                    .value_name("BOOL")
+                arg.num_args(0..=1).default_missing_value("true").value_name("BOOL")
             } else {
                 arg.value_name("VALUE")
             })
@@ -188,9 +179,7 @@ fn parse_bool(key: &str, value: &str) -> anyhow::Result<bool> {
 }
 
 fn parse_count<T: std::str::FromStr>(key: &str, value: &str) -> anyhow::Result<T> {
-    value
-        .parse()
-        .map_err(|_| anyhow::anyhow!("{key} must be a whole number, got '{value}'"))
+    value.parse().map_err(|_| anyhow::anyhow!("{key} must be a whole number, got '{value}'"))
 }
 
 impl Job {
@@ -200,19 +189,9 @@ impl Job {
         let mut from_hp: BTreeMap<&str, (String, &Origin)> = BTreeMap::new();
         for (origin, key, value) in unknown {
             let canonical = config::canonical_key(key);
-            let Some((name, _)) = JOB_KEYS
-                .iter()
-                .find(|(_, spellings)| spellings.contains(&canonical.as_str()))
-            else {
-                let known: Vec<&str> = config::KEYS
-                    .iter()
-                    .chain(JOB_KEYS.iter().map(|(k, _)| k))
-                    .copied()
-                    .collect();
-                bail!(
-                    "unknown setting '{key}' (from {origin}); known settings: {}",
-                    known.join(", ")
-                );
+            let Some((name, _)) = JOB_KEYS.iter().find(|(_, spellings)| spellings.contains(&canonical.as_str())) else {
+                let known: Vec<&str> = config::KEYS.iter().chain(JOB_KEYS.iter().map(|(k, _)| k)).copied().collect();
+                bail!("unknown setting '{key}' (from {origin}); known settings: {}", known.join(", "));
             };
             // Sources come lowest precedence first, so a later one overwrites.
             from_hp.insert(name, (config::unquote(value), origin));
@@ -220,23 +199,18 @@ impl Job {
         let pick = |name: &str, flag: &Option<String>| -> Option<(String, String)> {
             match flag {
                 Some(v) => Some((v.clone(), format!("--{}", name.replace('_', "-")))),
-                None => from_hp
-                    .get(name)
-                    .map(|(v, origin)| (v.clone(), format!("{name} (from {origin})"))),
+                None => from_hp.get(name).map(|(v, origin)| (v.clone(), format!("{name} (from {origin})"))),
             }
         };
         let text = |name: &str, flag: &Option<String>| pick(name, flag).map(|(v, _)| v);
         let path = |name: &str, flag: &Option<PathBuf>| -> Option<PathBuf> {
-            flag.clone()
-                .or_else(|| from_hp.get(name).map(|(v, _)| PathBuf::from(v)))
+            flag.clone().or_else(|| from_hp.get(name).map(|(v, _)| PathBuf::from(v)))
         };
         let switch = |name: &str, flag: &Option<String>| -> anyhow::Result<bool> {
             pick(name, flag).map_or(Ok(false), |(v, key)| parse_bool(&key, &v))
         };
         let count = |name: &str, flag: &Option<String>| -> anyhow::Result<Option<usize>> {
-            pick(name, flag)
-                .map(|(v, key)| parse_count::<usize>(&key, &v))
-                .transpose()
+            pick(name, flag).map(|(v, key)| parse_count::<usize>(&key, &v)).transpose()
         };
         let num_classes = match pick("num_classes", &flags.num_classes) {
             None => None,
@@ -267,8 +241,7 @@ impl Job {
             },
             resize: at_least_one("resize", &flags.resize)?,
             crop: at_least_one("crop", &flags.crop)?,
-            crop_padding: count("crop_padding", &flags.crop_padding)?
-                .unwrap_or(Transform::default().crop_padding),
+            crop_padding: count("crop_padding", &flags.crop_padding)?.unwrap_or(Transform::default().crop_padding),
             drop_last: switch("drop_last", &flags.drop_last)?,
             max_samples: count("max_samples", &flags.max_samples)?,
             skip_bad_samples: switch("skip_bad_samples", &flags.skip_bad_samples)?,
@@ -318,17 +291,10 @@ fn location(flag: &str, path: Option<PathBuf>, s3_ok: bool) -> anyhow::Result<Op
 
 /// The layered configuration of this job: `HYTRAIN_*` and `SM_HP_*` from `env`, hyperparameters from the plan,
 /// flags from `cli`.
-pub fn layered(
-    plan: &Plan,
-    env: &crate::cluster::Env,
-    cli: &ConfigFlags,
-) -> anyhow::Result<Layered> {
+pub fn layered(plan: &Plan, env: &crate::cluster::Env, cli: &ConfigFlags) -> anyhow::Result<Layered> {
     let sources = ConfigSources {
         cli: cli.0.clone(),
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         hyperparameters: plan.hyperparameters.clone(),
     };
     Ok(config::layer(&sources)?)
@@ -401,11 +367,7 @@ fn open_dataset(
         let source = source::open(spec, options).with_context(|| format!("cannot open {spec}"))?;
         Ok(Dataset::open_with_counts(
             source,
-            &DatasetOptions {
-                split,
-                skip_bad_samples: job.skip_bad_samples,
-                tokens: tokens.clone(),
-            },
+            &DatasetOptions { split, skip_bad_samples: job.skip_bad_samples, tokens: tokens.clone() },
             given,
         )?)
     })
@@ -426,10 +388,7 @@ struct HostCounts<'a> {
 
 impl HostCounts<'_> {
     /// Opens a dataset with `open`, given the counts local rank 0 took (none on local rank 0 itself).
-    fn open(
-        &mut self,
-        open: impl FnOnce(&ShardIndex) -> anyhow::Result<Dataset>,
-    ) -> anyhow::Result<Dataset> {
+    fn open(&mut self, open: impl FnOnce(&ShardIndex) -> anyhow::Result<Dataset>) -> anyhow::Result<Dataset> {
         let key = format!("data-counts/{}/{}", self.node_rank, self.opened);
         self.opened += 1;
         let Some(store) = self.store else {
@@ -441,14 +400,10 @@ impl HostCounts<'_> {
             // than wait for counts that never come.
             let counts = opened.as_ref().map(Dataset::counts).unwrap_or_default();
             let value = serde_json::to_vec(&counts).context("cannot encode the sample counts")?;
-            store
-                .set(&key, &value)
-                .context("cannot hand the sample counts to this host's other processes")?;
+            store.set(&key, &value).context("cannot hand the sample counts to this host's other processes")?;
             return opened;
         }
-        let value = store
-            .get(&key)
-            .context("waiting for local rank 0 to count the dataset's samples")?;
+        let value = store.get(&key).context("waiting for local rank 0 to count the dataset's samples")?;
         // Counts that do not parse are no counts: this process then counts by itself.
         let given: ShardIndex = serde_json::from_slice(&value).unwrap_or_default();
         open(&given)
@@ -494,9 +449,7 @@ fn keep_counts(plan: &Plan, job: &Job, train_spec: &str, sets: &[(&Dataset, &str
     if shards.is_empty() {
         return;
     }
-    let index = ShardIndex {
-        shards: shards.into_values().collect(),
-    };
+    let index = ShardIndex { shards: shards.into_values().collect() };
     let path = folder.join(INDEX_FILE);
     match crate::data::format::write_index(&folder, &index) {
         Ok(()) => tracing::info!(
@@ -504,21 +457,17 @@ fn keep_counts(plan: &Plan, job: &Job, train_spec: &str, sets: &[(&Dataset, &str
             index.shards.len(),
             path.display()
         ),
-        Err(e) => tracing::warn!(
-            "not keeping the sample counts in {} ({e}); the next job counts them again",
-            path.display()
-        ),
+        Err(e) => {
+            tracing::warn!("not keeping the sample counts in {} ({e}); the next job counts them again", path.display())
+        }
     }
 }
 
 /// How to cut token data: `--context-length` and `--token-dtype`, the context length defaulting to the sequence
 /// length of an exported model that takes token ids, whose vocabulary then bounds the ids.
 fn token_options(job: &Job) -> anyhow::Result<TokenOptions> {
-    let exported = if Path::new(&job.model).is_dir() {
-        Some(ExportedMetadata::read(Path::new(&job.model))?)
-    } else {
-        None
-    };
+    let exported =
+        if Path::new(&job.model).is_dir() { Some(ExportedMetadata::read(Path::new(&job.model))?) } else { None };
     let model_context = exported.as_ref().and_then(ExportedMetadata::context_length);
     Ok(TokenOptions {
         context_length: job.context_length.or(model_context),
@@ -555,9 +504,7 @@ fn validation_dataset(
         if spec == "none" {
             return Ok(None);
         }
-        return whole_or_test(spec)
-            .map(Some)
-            .with_context(|| format!("cannot open the validation data {spec}"));
+        return whole_or_test(spec).map(Some).with_context(|| format!("cannot open the validation data {spec}"));
     }
     for name in ["validation", "val", "test"] {
         if plan.paths.channels.contains_key(name) {
@@ -613,21 +560,12 @@ fn min_over_ranks(comm: &mut dyn Collective, value: usize) -> anyhow::Result<usi
 }
 
 /// Runs the job on this rank; `stop` is set by SIGTERM/SIGINT.
-pub fn run(
-    plan: &Plan,
-    env: &crate::cluster::Env,
-    args: &TrainArgs,
-    stop: &AtomicBool,
-) -> anyhow::Result<Summary> {
+pub fn run(plan: &Plan, env: &crate::cluster::Env, args: &TrainArgs, stop: &AtomicBool) -> anyhow::Result<Summary> {
     let layered = layered(plan, env, &args.config)?;
     let job = Job::settle(&args.job, &layered.unknown)?;
     let cfg = &layered.config;
     let t = &plan.topology;
-    for (key, origin) in layered
-        .origins
-        .iter()
-        .filter(|(_, o)| **o != Origin::Default)
-    {
+    for (key, origin) in layered.origins.iter().filter(|(_, o)| **o != Origin::Default) {
         tracing::debug!(key, %origin, "setting taken");
     }
 
@@ -644,13 +582,11 @@ pub fn run(
             (comm, None)
         } else {
             let store = Store::rendezvous(&membership, &args.comm).context("cannot join the other ranks")?;
-            let comm = crate::comm::connect(&store, &membership, &args.comm)
-                .context("cannot join the other ranks")?;
+            let comm = crate::comm::connect(&store, &membership, &args.comm).context("cannot join the other ranks")?;
             (comm, Some(store))
         };
     // From here on a lost rank ends this one too, and this rank failing ends the others.
-    let watchdog =
-        crate::watchdog::Watchdog::start(comm.liveness(), plan.paths.failure_file.clone());
+    let watchdog = crate::watchdog::Watchdog::start(comm.liveness(), plan.paths.failure_file.clone());
     let device = device::select(job.device, t.local_rank, env.get("CUDA_VISIBLE_DEVICES"))?;
     check_backend(&cfg.backend, device, crate::launched_by_mpirun(plan))?;
     let options = super::data::open_options(plan, job.s3_endpoint.clone(), job.s3_region.clone());
@@ -676,13 +612,8 @@ pub fn run(
     let train_set = Arc::new(train_set);
     let eval_set = eval.map(|(ds, _)| Arc::new(ds));
 
-    let (rank, world_size) = SamplerConfig::ranks_for(
-        sharded_by_host,
-        t.rank,
-        t.world_size,
-        t.local_rank,
-        t.local_world_size,
-    );
+    let (rank, world_size) =
+        SamplerConfig::ranks_for(sharded_by_host, t.rank, t.world_size, t.local_rank, t.local_world_size);
     let mut max_samples = job.max_samples;
     if sharded_by_host && t.world_size > 1 {
         // Each host holds its own part; every rank must still take the same number of steps.
@@ -690,10 +621,7 @@ pub fn run(
         let fewest = min_over_ranks(comm.as_mut(), per_rank)? * world_size;
         max_samples = Some(max_samples.map_or(fewest, |m| m.min(fewest)));
     }
-    let mut loader = LoaderConfig {
-        batch_size: cfg.batch_size,
-        ..LoaderConfig::default()
-    };
+    let mut loader = LoaderConfig { batch_size: cfg.batch_size, ..LoaderConfig::default() };
     if let Some(workers) = job.workers {
         loader.workers = workers.max(1);
     }
@@ -709,18 +637,11 @@ pub fn run(
         seed: cfg.seed,
         world_size,
         rank,
-        remainder: if job.drop_last {
-            Remainder::Drop
-        } else {
-            Remainder::Pad
-        },
+        remainder: if job.drop_last { Remainder::Drop } else { Remainder::Pad },
         max_samples,
         ..SamplerConfig::default()
     };
-    let mut train = LoaderBatches::training(
-        Loader::new(train_set.clone(), loader.clone())?,
-        cfg.batch_size,
-    );
+    let mut train = LoaderBatches::training(Loader::new(train_set.clone(), loader.clone())?, cfg.batch_size);
     let mut eval = match &eval_set {
         Some(set) => {
             let config = LoaderConfig {
@@ -738,9 +659,7 @@ pub fn run(
             Some(LoaderBatches::evaluation(set.clone(), config)?)
         }
         None => {
-            tracing::info!(
-                "no validation data (give --validation SOURCE): the run reports training loss only"
-            );
+            tracing::info!("no validation data (give --validation SOURCE): the run reports training loss only");
             None
         }
     };
@@ -762,10 +681,7 @@ pub fn run(
                 if given.len() == 1 { "it" } else { "them" }
             );
         }
-        DataSpec {
-            num_classes: job.num_classes,
-            ..DataSpec::tokens(input_shape[0])
-        }
+        DataSpec { num_classes: job.num_classes, ..DataSpec::tokens(input_shape[0]) }
     } else {
         let num_classes = match (job.num_classes, train_set.classes()) {
             (Some(n), _) => n,
@@ -791,8 +707,7 @@ pub fn run(
         ddp = ddp.with_device_collective(Box::new(nccl), side)?;
     }
     let mut optimizer = cfg.optimizer_config().build(ddp.parameters())?;
-    let steps_per_epoch =
-        crate::train::BatchSource::batches_per_epoch(&train) / cfg.grad_accum as u64;
+    let steps_per_epoch = crate::train::BatchSource::batches_per_epoch(&train) / cfg.grad_accum as u64;
     let schedule = cfg.schedule_for(cfg.total_steps(steps_per_epoch))?;
     if t.rank == 0 {
         tracing::info!(
@@ -812,14 +727,8 @@ pub fn run(
             Some(dir) => Some(dir.clone()),
             None => plan.paths.checkpoint_dir.clone(),
         },
-        model_dir: job
-            .model_dir
-            .clone()
-            .or_else(|| Some(plan.paths.model_dir.clone())),
-        output_dir: job
-            .output_dir
-            .clone()
-            .or_else(|| Some(plan.paths.output_data_dir.clone())),
+        model_dir: job.model_dir.clone().or_else(|| Some(plan.paths.model_dir.clone())),
+        output_dir: job.output_dir.clone().or_else(|| Some(plan.paths.output_data_dir.clone())),
         s3: options.s3.clone(),
     };
     let mut summary = Trainer::new().run(
@@ -828,8 +737,7 @@ pub fn run(
         &schedule,
         cfg,
         &mut train,
-        eval.as_mut()
-            .map(|e| e as &mut dyn crate::train::BatchSource),
+        eval.as_mut().map(|e| e as &mut dyn crate::train::BatchSource),
         &paths,
         stop,
     )?;
@@ -870,10 +778,7 @@ mod tests {
     use super::*;
 
     fn hyperparameters(pairs: &[(&str, &str)]) -> Vec<(Origin, String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (Origin::SageMakerHyperparameters, k.to_string(), format!("\"{v}\"")))
-            .collect()
+        pairs.iter().map(|(k, v)| (Origin::SageMakerHyperparameters, k.to_string(), format!("\"{v}\""))).collect()
     }
 
     #[test]
@@ -885,16 +790,9 @@ mod tests {
             ("crop_padding", "0"),
         ]);
         let job = Job::settle(&JobFlags::default(), &hp).unwrap();
-        assert_eq!(
-            job.normalize,
-            Normalize::MeanStd { mean: vec![0.5; 3], std: vec![0.2; 3] }
-        );
+        assert_eq!(job.normalize, Normalize::MeanStd { mean: vec![0.5; 3], std: vec![0.2; 3] });
         assert_eq!((job.resize, job.crop, job.crop_padding), (Some(256), Some(224), 0));
-        let flags = JobFlags {
-            normalize: Some("none".into()),
-            crop: Some("200".into()),
-            ..JobFlags::default()
-        };
+        let flags = JobFlags { normalize: Some("none".into()), crop: Some("200".into()), ..JobFlags::default() };
         let job = Job::settle(&flags, &hp).unwrap();
         assert_eq!((job.normalize, job.crop), (Normalize::Off, Some(200)));
         let job = Job::settle(&JobFlags::default(), &[]).unwrap();
@@ -908,9 +806,7 @@ mod tests {
     #[test]
     fn bad_image_transforms_from_hyperparameters_are_refused_naming_them() {
         let refused = |key: &str, value: &str| {
-            Job::settle(&JobFlags::default(), &hyperparameters(&[(key, value)]))
-                .unwrap_err()
-                .to_string()
+            Job::settle(&JobFlags::default(), &hyperparameters(&[(key, value)])).unwrap_err().to_string()
         };
         let e = refused("normalize", "imagenet");
         assert!(e.contains("normalize (from") && e.contains("MEAN,MEAN,MEAN/STD,STD,STD"), "{e}");

@@ -71,15 +71,9 @@ pub fn run(args: &[&str], env: &[(&str, String)]) -> Output {
 
 /// Stdout of a successful run parsed as JSON; panics with stderr when the run failed.
 pub fn json(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "hytrain failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout))
-    })
+    assert!(out.status.success(), "hytrain failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Writes a file, creating its folders.

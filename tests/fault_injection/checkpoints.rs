@@ -12,31 +12,15 @@ use crate::{PEER_TIMEOUT, RUN_LIMIT, WORLD};
 /// The newest checkpoint is corrupted on disk; a restart skips it with a warning and resumes from the one before.
 pub(crate) fn corrupted_checkpoint(dir: &Path, rng: &mut Rng) -> Result<Outcome, String> {
     let mut job = Job::new(dir);
-    job.start_all(
-        &[
-            "--max-steps",
-            "10",
-            "--validation",
-            "none",
-            "--checkpoint-every",
-            "5",
-        ],
-        PEER_TIMEOUT,
-    );
+    job.start_all(&["--max-steps", "10", "--validation", "none", "--checkpoint-every", "5"], PEER_TIMEOUT);
     let all: Vec<usize> = (0..WORLD).collect();
     job.wait_exits(&all, Instant::now(), RUN_LIMIT)?;
     let ckpt = dir.join("ckpt");
     if newest_valid(&ckpt)? != Some(10) {
-        return Err(format!(
-            "the run did not checkpoint step 10:\n{}",
-            job.logs()
-        ));
+        return Err(format!("the run did not checkpoint step 10:\n{}", job.logs()));
     }
-    let file = ckpt.join("ckpt-10").join(if rng.next() % 2 == 0 {
-        "model.safetensors"
-    } else {
-        "optimizer.safetensors"
-    });
+    let file =
+        ckpt.join("ckpt-10").join(if rng.next() % 2 == 0 { "model.safetensors" } else { "optimizer.safetensors" });
     let mut bytes = fs::read(&file).unwrap();
     let at = bytes.len() / 2 + rng.pick(0, 100) as usize;
     bytes[at] ^= 0x5A;
@@ -47,15 +31,10 @@ pub(crate) fn corrupted_checkpoint(dir: &Path, rng: &mut Rng) -> Result<Outcome,
     restart_resumes(dir, &ckpt, 5)?;
     let log = fs::read_to_string(dir.join("restart-5/err0.txt")).unwrap_or_default();
     if !log.contains("skipping invalid checkpoint") || !log.contains("ckpt-10") {
-        return Err(format!(
-            "the restart did not warn about the corrupt checkpoint:\n{log}"
-        ));
+        return Err(format!("the restart did not warn about the corrupt checkpoint:\n{log}"));
     }
     Ok(Outcome {
-        detail: format!(
-            "flipped a byte of {}; skipped with a warning, resumed from step 5",
-            file.display()
-        ),
+        detail: format!("flipped a byte of {}; skipped with a warning, resumed from step 5", file.display()),
         // Found when the restart reads it, not by a running job.
         detection: None,
     })
@@ -64,22 +43,25 @@ pub(crate) fn corrupted_checkpoint(dir: &Path, rng: &mut Rng) -> Result<Outcome,
 /// Rank 0's checkpoint directory is a 200 KiB tmpfs: the first checkpoint (about 140 KiB) fits, the second does
 /// not. A real full file system, mounted in a private mount namespace.
 pub(crate) fn full_disk(dir: &Path, _rng: &mut Rng) -> Result<Outcome, String> {
-    let namespace = [
-        vec!["--user", "--map-root-user", "--mount"],
-        vec!["--mount"],
-    ]
-    .into_iter()
-    .find(|flags| {
-        Command::new("unshare")
-            .args(flags)
-            .args(["sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt 2>/dev/null || mount -t tmpfs -o size=64k tmpfs /tmp"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
-    .ok_or("cannot mount a size-limited tmpfs for the full-disk case: `unshare --user --map-root-user --mount` and \
-            `unshare --mount` both failed (the test needs user namespaces or root with CAP_SYS_ADMIN)")?;
+    let namespace = [vec!["--user", "--map-root-user", "--mount"], vec!["--mount"]]
+        .into_iter()
+        .find(|flags| {
+            Command::new("unshare")
+                .args(flags)
+                .args([
+                    "sh",
+                    "-c",
+                    "mount -t tmpfs -o size=64k tmpfs /mnt 2>/dev/null || mount -t tmpfs -o size=64k tmpfs /tmp",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .ok_or(
+            "cannot mount a size-limited tmpfs for the full-disk case: `unshare --user --map-root-user --mount` and \
+            `unshare --mount` both failed (the test needs user namespaces or root with CAP_SYS_ADMIN)",
+        )?;
     let ckpt = dir.join("ckpt");
     let copy = dir.join("ckpt-after");
     fs::create_dir_all(&ckpt).unwrap();
@@ -121,10 +103,7 @@ pub(crate) fn full_disk(dir: &Path, _rng: &mut Rng) -> Result<Outcome, String> {
         ckpt.display()
     );
     if status.success() || !err.contains(&wanted) || !err.contains("ckpt-5 is intact") {
-        return Err(format!(
-            "rank 0 did not report the full disk as expected:\n{}",
-            job.logs()
-        ));
+        return Err(format!("rank 0 did not report the full disk as expected:\n{}", job.logs()));
     }
     // Rank 0 failing is a loss to the others.
     let took = job.survivors_name(&[1, 2], 0, failed_at, PEER_TIMEOUT)?;
@@ -133,9 +112,7 @@ pub(crate) fn full_disk(dir: &Path, _rng: &mut Rng) -> Result<Outcome, String> {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     if left != ["ckpt-5"] {
-        return Err(format!(
-            "the full checkpoint directory holds {left:?}, not just ckpt-5"
-        ));
+        return Err(format!("the full checkpoint directory holds {left:?}, not just ckpt-5"));
     }
     if newest_valid(&copy)? != Some(5) {
         return Err("checkpoint 5 does not verify after the full disk".into());
@@ -156,9 +133,7 @@ pub(crate) fn full_disk(dir: &Path, _rng: &mut Rng) -> Result<Outcome, String> {
 /// and nothing else in a stopped or short run renames.
 fn start_rank0_killed_at_second_rename(job: &mut Job, extra: &[&str]) -> Result<(), String> {
     if Command::new("strace").arg("-V").output().is_err() {
-        return Err(
-            "strace is not installed: this case needs it to kill rank 0 between two renames".into(),
-        );
+        return Err("strace is not installed: this case needs it to kill rank 0 between two renames".into());
     }
     let args = base_args(&job.dir, extra);
     let mut c = Command::new("strace");
@@ -189,13 +164,8 @@ fn start_rank0_killed_at_second_rename(job: &mut Job, extra: &[&str]) -> Result<
 fn tracee(tracer: i32) -> Result<i32, String> {
     let started = Instant::now();
     loop {
-        let children = fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children"))
-            .unwrap_or_default();
-        if let Some(pid) = children
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-        {
+        let children = fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children")).unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next().and_then(|p| p.parse().ok()) {
             return Ok(pid);
         }
         if started.elapsed() > RUN_LIMIT {
@@ -209,11 +179,7 @@ fn tracee(tracer: i32) -> Result<i32, String> {
 fn still_valid(dir: &Path, step: u64, job: &Job, moment: &str) -> Result<(), String> {
     let ckpt = dir.join("ckpt");
     let left: Vec<String> = fs::read_dir(&ckpt)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default();
     match newest_valid(&ckpt)? {
         Some(s) if s == step => restart_resumes(dir, &ckpt, step),
@@ -229,20 +195,14 @@ fn still_valid(dir: &Path, step: u64, job: &Job, moment: &str) -> Result<(), Str
 /// `--no-resume` job that reaches step 5 again, both checkpoint step 5 while `ckpt-5` exists; rank 0 is SIGKILLed
 /// at its second rename, where replacing `ckpt-5` by renaming it aside and then the new one in has none. The newest
 /// checkpoint must stay step 5 and valid throughout.
-pub(crate) fn kill_rank0_while_replacing_a_checkpoint(
-    dir: &Path,
-    _rng: &mut Rng,
-) -> Result<Outcome, String> {
+pub(crate) fn kill_rank0_while_replacing_a_checkpoint(dir: &Path, _rng: &mut Rng) -> Result<Outcome, String> {
     let first = ["--max-steps", "5", "--keep", "1", "--validation", "none"];
     let mut job = Job::new(dir);
     job.start_all(&first, PEER_TIMEOUT);
     let all: Vec<usize> = (0..WORLD).collect();
     job.wait_exits(&all, Instant::now(), RUN_LIMIT)?;
     if newest_valid(&dir.join("ckpt"))? != Some(5) {
-        return Err(format!(
-            "the first run did not checkpoint step 5:\n{}",
-            job.logs()
-        ));
+        return Err(format!("the first run did not checkpoint step 5:\n{}", job.logs()));
     }
     drop(job);
 
@@ -251,9 +211,7 @@ pub(crate) fn kill_rank0_while_replacing_a_checkpoint(
     let resumed = ["--max-steps", "40", "--keep", "1", "--validation", "none"];
     let mut job = Job::new(dir);
     start_rank0_killed_at_second_rename(&mut job, &resumed)?;
-    job.wait_for("rank 0's first log line", RUN_LIMIT, |j| {
-        !j.stderr(0).is_empty()
-    })?;
+    job.wait_for("rank 0's first log line", RUN_LIMIT, |j| !j.stderr(0).is_empty())?;
     let rank0 = tracee(job.pid(0))?;
     unsafe { libc::kill(rank0, libc::SIGTERM) };
     job.start(1, &resumed, PEER_TIMEOUT, None);
@@ -262,34 +220,17 @@ pub(crate) fn kill_rank0_while_replacing_a_checkpoint(
     if !job.stderr(0).contains("resuming from checkpoint") {
         return Err(format!("the second run did not resume:\n{}", job.logs()));
     }
-    still_valid(
-        dir,
-        5,
-        &job,
-        "as a stopped run re-saved the step it resumed from",
-    )?;
+    still_valid(dir, 5, &job, "as a stopped run re-saved the step it resumed from")?;
     drop(job);
 
     // A fresh run (another weight decay) over the same folder reaches step 5 and must replace ckpt-5; the
     // restart's newer checkpoints go first, so ckpt-5 is the newest again.
-    for (step, path) in
-        hytrain::train::checkpoint::list_checkpoints(&dir.join("ckpt")).unwrap_or_default()
-    {
+    for (step, path) in hytrain::train::checkpoint::list_checkpoints(&dir.join("ckpt")).unwrap_or_default() {
         if step != 5 {
             fs::remove_dir_all(path).unwrap();
         }
     }
-    let fresh = [
-        "--no-resume",
-        "--weight-decay",
-        "0.001",
-        "--max-steps",
-        "5",
-        "--keep",
-        "1",
-        "--validation",
-        "none",
-    ];
+    let fresh = ["--no-resume", "--weight-decay", "0.001", "--max-steps", "5", "--keep", "1", "--validation", "none"];
     let mut job = Job::new(dir);
     start_rank0_killed_at_second_rename(&mut job, &fresh)?;
     job.start(1, &fresh, PEER_TIMEOUT, None);

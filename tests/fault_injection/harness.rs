@@ -68,11 +68,7 @@ pub(crate) fn base_args(dir: &Path, extra: &[&str]) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    for (flag, sub) in [
-        ("--checkpoint-dir", "ckpt"),
-        ("--model-dir", "model"),
-        ("--output-dir", "output"),
-    ] {
+    for (flag, sub) in [("--checkpoint-dir", "ckpt"), ("--model-dir", "model"), ("--output-dir", "output")] {
         if !extra.contains(&flag) {
             args.push(flag.into());
             args.push(dir.join(sub).to_str().unwrap().into());
@@ -83,11 +79,7 @@ pub(crate) fn base_args(dir: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 /// The environment a torchrun-style launcher gives rank `rank` (each rank its own "node").
-pub(crate) fn rank_env(
-    rank: usize,
-    port: u16,
-    peer_timeout: Duration,
-) -> Vec<(&'static str, String)> {
+pub(crate) fn rank_env(rank: usize, port: u16, peer_timeout: Duration) -> Vec<(&'static str, String)> {
     vec![
         ("RANK", rank.to_string()),
         ("WORLD_SIZE", WORLD.to_string()),
@@ -96,10 +88,7 @@ pub(crate) fn rank_env(
         ("MASTER_ADDR", "127.0.0.1".into()),
         ("MASTER_PORT", port.to_string()),
         ("HYTRAIN_JOB_TOKEN", TOKEN.into()),
-        (
-            "HYTRAIN_PEER_TIMEOUT",
-            peer_timeout.as_secs_f64().to_string(),
-        ),
+        ("HYTRAIN_PEER_TIMEOUT", peer_timeout.as_secs_f64().to_string()),
         ("HYTRAIN_RENDEZVOUS_TIMEOUT", "120".into()),
         ("OMP_NUM_THREADS", "1".into()),
         // The rendezvous' "joined" line is a debug line.
@@ -118,13 +107,7 @@ impl Job {
     }
 
     /// Starts `rank` with `extra` flags; `master_port` overrides the port it reaches the store at.
-    pub(crate) fn start(
-        &mut self,
-        rank: usize,
-        extra: &[&str],
-        peer_timeout: Duration,
-        master_port: Option<u16>,
-    ) {
+    pub(crate) fn start(&mut self, rank: usize, extra: &[&str], peer_timeout: Duration, master_port: Option<u16>) {
         let args = base_args(&self.dir, extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let env = rank_env(rank, master_port.unwrap_or(self.port), peer_timeout);
@@ -155,13 +138,7 @@ impl Job {
 
     pub(crate) fn logs(&self) -> String {
         (0..WORLD)
-            .map(|r| {
-                format!(
-                    "--- rank {r} stdout:\n{}--- rank {r} stderr:\n{}",
-                    self.stdout(r),
-                    self.stderr(r)
-                )
-            })
+            .map(|r| format!("--- rank {r} stdout:\n{}--- rank {r} stderr:\n{}", self.stdout(r), self.stderr(r)))
             .collect()
     }
 
@@ -185,12 +162,7 @@ impl Job {
     }
 
     /// Waits until `ready(self)` holds; fails naming `what` if a rank exits first or `limit` passes.
-    pub(crate) fn wait_for(
-        &mut self,
-        what: &str,
-        limit: Duration,
-        ready: impl Fn(&Job) -> bool,
-    ) -> Result<(), String> {
+    pub(crate) fn wait_for(&mut self, what: &str, limit: Duration, ready: impl Fn(&Job) -> bool) -> Result<(), String> {
         let start = Instant::now();
         loop {
             if ready(self) {
@@ -198,10 +170,7 @@ impl Job {
             }
             self.poll();
             if let Some(rank) = (0..WORLD).find(|&r| self.exits[r].is_some()) {
-                return Err(format!(
-                    "rank {rank} exited before {what}:\n{}",
-                    self.logs()
-                ));
+                return Err(format!("rank {rank} exited before {what}:\n{}", self.logs()));
             }
             if start.elapsed() > limit {
                 return Err(format!("no {what} within {limit:?}:\n{}", self.logs()));
@@ -213,38 +182,20 @@ impl Job {
     /// Waits until rank 0 has printed the metrics line of `step`.
     pub(crate) fn at_step(&mut self, step: u64) -> Result<(), String> {
         let needle = format!(" step={step} ");
-        self.wait_for(&format!("step {step}"), RUN_LIMIT, |j| {
-            j.stdout(0).contains(&needle)
-        })
+        self.wait_for(&format!("step {step}"), RUN_LIMIT, |j| j.stdout(0).contains(&needle))
     }
 
     /// Waits (at most `limit` after `since`) for every rank in `ranks` to exit; returns when the last one did.
-    pub(crate) fn wait_exits(
-        &mut self,
-        ranks: &[usize],
-        since: Instant,
-        limit: Duration,
-    ) -> Result<Duration, String> {
+    pub(crate) fn wait_exits(&mut self, ranks: &[usize], since: Instant, limit: Duration) -> Result<Duration, String> {
         loop {
             self.poll();
             if ranks.iter().all(|&r| self.exits[r].is_some()) {
-                let last = ranks
-                    .iter()
-                    .map(|&r| self.exits[r].unwrap().1)
-                    .max()
-                    .unwrap();
+                let last = ranks.iter().map(|&r| self.exits[r].unwrap().1).max().unwrap();
                 return Ok(last.saturating_duration_since(since));
             }
             if since.elapsed() > limit {
-                let running: Vec<usize> = ranks
-                    .iter()
-                    .copied()
-                    .filter(|&r| self.exits[r].is_none())
-                    .collect();
-                return Err(format!(
-                    "ranks {running:?} still running {limit:?} after the fault:\n{}",
-                    self.logs()
-                ));
+                let running: Vec<usize> = ranks.iter().copied().filter(|&r| self.exits[r].is_none()).collect();
+                return Err(format!("ranks {running:?} still running {limit:?} after the fault:\n{}", self.logs()));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -272,18 +223,12 @@ impl Job {
         for &r in survivors {
             let (status, _) = self.exits[r].unwrap();
             if status.success() {
-                return Err(format!(
-                    "rank {r} exited 0 after rank {victim} was lost:\n{}",
-                    self.logs()
-                ));
+                return Err(format!("rank {r} exited 0 after rank {victim} was lost:\n{}", self.logs()));
             }
             let err = self.stderr(r);
             let error_part = err.find("hytrain: error:").map(|i| &err[i..]).unwrap_or("");
             if !error_part.contains(&format!("lost rank {victim}")) {
-                return Err(format!(
-                    "rank {r}'s error does not name rank {victim} as lost:\n{}",
-                    self.logs()
-                ));
+                return Err(format!("rank {r}'s error does not name rank {victim} as lost:\n{}", self.logs()));
             }
         }
         Ok(took)
@@ -304,14 +249,7 @@ pub(crate) fn restart_resumes(dir: &Path, ckpt: &Path, step: u64) -> Result<(), 
     fs::create_dir_all(&run).unwrap();
     let mut job = Job::new(&run);
     let target = (step + 2).to_string();
-    let flags = [
-        "--checkpoint-dir",
-        ckpt.to_str().unwrap(),
-        "--max-steps",
-        &target,
-        "--validation",
-        "none",
-    ];
+    let flags = ["--checkpoint-dir", ckpt.to_str().unwrap(), "--max-steps", &target, "--validation", "none"];
     job.start_all(&flags, PEER_TIMEOUT);
     let all: Vec<usize> = (0..WORLD).collect();
     job.wait_exits(&all, Instant::now(), RUN_LIMIT)?;
@@ -326,10 +264,7 @@ pub(crate) fn restart_resumes(dir: &Path, ckpt: &Path, step: u64) -> Result<(), 
         || !out.contains(&format!("steps={target} "))
         || !out.contains("(2 this run)")
     {
-        return Err(format!(
-            "the restart did not resume from step {step}:\n{}",
-            job.logs()
-        ));
+        return Err(format!("the restart did not resume from step {step}:\n{}", job.logs()));
     }
     Ok(())
 }
@@ -354,11 +289,4 @@ pub(crate) struct Outcome {
 
 pub(crate) type Case = Box<dyn FnOnce(&Path, &mut Rng) -> Result<Outcome, String>>;
 
-pub(crate) const TRAIN: &[&str] = &[
-    "--epochs",
-    "500",
-    "--validation",
-    "none",
-    "--checkpoint-every",
-    "5",
-];
+pub(crate) const TRAIN: &[&str] = &["--epochs", "500", "--validation", "none", "--checkpoint-every", "5"];

@@ -18,10 +18,7 @@ pub(crate) fn kill_at_step(dir: &Path, rng: &mut Rng) -> Result<Outcome, String>
     let survivors: Vec<usize> = (0..WORLD).filter(|&r| r != victim).collect();
     let took = job.survivors_name(&survivors, victim, fault, PEER_TIMEOUT)?;
     let state = state_intact(dir)?;
-    Ok(Outcome {
-        detail: format!("SIGKILL rank {victim} at step {step}; {state}"),
-        detection: Some(took),
-    })
+    Ok(Outcome { detail: format!("SIGKILL rank {victim} at step {step}; {state}"), detection: Some(took) })
 }
 
 /// The others are blocked in the step's allreduce waiting for the victim when it dies: it is stopped first, the
@@ -37,10 +34,7 @@ pub(crate) fn kill_mid_allreduce(dir: &Path, rng: &mut Rng) -> Result<Outcome, S
     std::thread::sleep(Duration::from_millis(500));
     job.poll();
     if let Some(r) = (0..WORLD).find(|&r| job.exits[r].is_some()) {
-        return Err(format!(
-            "rank {r} exited while rank {victim} was only stopped:\n{}",
-            job.logs()
-        ));
+        return Err(format!("rank {r} exited while rank {victim} was only stopped:\n{}", job.logs()));
     }
     let fault = Instant::now();
     job.kill(victim);
@@ -61,17 +55,14 @@ pub(crate) fn kill_during_rendezvous(dir: &Path, rng: &mut Rng) -> Result<Outcom
     job.start(0, TRAIN, PEER_TIMEOUT, None);
     job.start(1, TRAIN, PEER_TIMEOUT, None);
     job.wait_for("the rendezvous join", RUN_LIMIT, |j| {
-        j.stderr(victim).contains("joined the rendezvous")
-            && j.stderr(survivor).contains("joined the rendezvous")
+        j.stderr(victim).contains("joined the rendezvous") && j.stderr(survivor).contains("joined the rendezvous")
     })?;
     let fault = Instant::now();
     job.kill(victim);
     let took = job.survivors_name(&[survivor], victim, fault, PEER_TIMEOUT)?;
     let state = state_intact(dir)?;
     Ok(Outcome {
-        detail: format!(
-            "SIGKILL rank {victim} in the rendezvous (rank 2 not yet started); {state}"
-        ),
+        detail: format!("SIGKILL rank {victim} in the rendezvous (rank 2 not yet started); {state}"),
         detection: Some(took),
     })
 }
@@ -81,18 +72,13 @@ pub(crate) fn kill_while_loading(dir: &Path, rng: &mut Rng) -> Result<Outcome, S
     let victim = rng.rank(&[0, 1, 2]);
     let mut job = Job::new(dir);
     job.start_all(TRAIN, PEER_TIMEOUT);
-    job.wait_for("the rendezvous", RUN_LIMIT, |j| {
-        j.stderr(victim).contains("rendezvous complete")
-    })?;
+    job.wait_for("the rendezvous", RUN_LIMIT, |j| j.stderr(victim).contains("rendezvous complete"))?;
     let fault = Instant::now();
     job.kill(victim);
     let survivors: Vec<usize> = (0..WORLD).filter(|&r| r != victim).collect();
     let took = job.survivors_name(&survivors, victim, fault, PEER_TIMEOUT)?;
     let state = state_intact(dir)?;
-    Ok(Outcome {
-        detail: format!("SIGKILL rank {victim} as the ranks load data; {state}"),
-        detection: Some(took),
-    })
+    Ok(Outcome { detail: format!("SIGKILL rank {victim} as the ranks load data; {state}"), detection: Some(took) })
 }
 
 /// Rank 0 writes a checkpoint after every step, so that is where it spends its time when another rank dies.
@@ -100,26 +86,14 @@ pub(crate) fn kill_while_rank0_checkpoints(dir: &Path, rng: &mut Rng) -> Result<
     let victim = rng.rank(&[1, 2]);
     let step = rng.pick(3, 30);
     let mut job = Job::new(dir);
-    job.start_all(
-        &[
-            "--epochs",
-            "500",
-            "--validation",
-            "none",
-            "--checkpoint-every",
-            "1",
-        ],
-        PEER_TIMEOUT,
-    );
+    job.start_all(&["--epochs", "500", "--validation", "none", "--checkpoint-every", "1"], PEER_TIMEOUT);
     job.at_step(step)?;
     let fault = Instant::now();
     job.kill(victim);
     let took = job.survivors_name(&[0, 3 - victim], victim, fault, PEER_TIMEOUT)?;
     let state = state_intact(dir)?;
     Ok(Outcome {
-        detail: format!(
-            "SIGKILL rank {victim} while rank 0 checkpoints every step (at step {step}); {state}"
-        ),
+        detail: format!("SIGKILL rank {victim} while rank 0 checkpoints every step (at step {step}); {state}"),
         detection: Some(took),
     })
 }
@@ -129,31 +103,16 @@ pub(crate) fn kill_rank0_mid_checkpoint(dir: &Path, rng: &mut Rng) -> Result<Out
     let step = rng.pick(3, 30);
     let delay = Duration::from_millis(rng.pick(0, 15));
     let mut job = Job::new(dir);
-    job.start_all(
-        &[
-            "--epochs",
-            "500",
-            "--validation",
-            "none",
-            "--checkpoint-every",
-            "1",
-        ],
-        PEER_TIMEOUT,
-    );
+    job.start_all(&["--epochs", "500", "--validation", "none", "--checkpoint-every", "1"], PEER_TIMEOUT);
     let line = format!("{}/ckpt-{step} step={step}", dir.join("ckpt").display());
-    job.wait_for(&format!("checkpoint {step}"), RUN_LIMIT, |j| {
-        j.stderr(0).contains(&line)
-    })?;
+    job.wait_for(&format!("checkpoint {step}"), RUN_LIMIT, |j| j.stderr(0).contains(&line))?;
     std::thread::sleep(delay);
     let fault = Instant::now();
     job.kill(0);
     let took = job.survivors_name(&[1, 2], 0, fault, PEER_TIMEOUT)?;
     let state = state_intact(dir)?;
     Ok(Outcome {
-        detail: format!(
-            "SIGKILL rank 0 {} ms after checkpoint {step}, in its next write; {state}",
-            delay.as_millis()
-        ),
+        detail: format!("SIGKILL rank 0 {} ms after checkpoint {step}, in its next write; {state}", delay.as_millis()),
         detection: Some(took),
     })
 }
@@ -162,20 +121,8 @@ pub(crate) fn kill_rank0_mid_checkpoint(dir: &Path, rng: &mut Rng) -> Result<Out
 pub(crate) fn kill_during_validation(dir: &Path, rng: &mut Rng) -> Result<Outcome, String> {
     let victim = rng.rank(&[0, 1, 2]);
     let mut job = Job::new(dir);
-    job.start_all(
-        &[
-            "--epochs",
-            "500",
-            "--test-batch-size",
-            "1",
-            "--checkpoint-every",
-            "5",
-        ],
-        PEER_TIMEOUT,
-    );
-    job.wait_for("the training line", RUN_LIMIT, |j| {
-        j.stderr(0).contains("steps_per_epoch=")
-    })?;
+    job.start_all(&["--epochs", "500", "--test-batch-size", "1", "--checkpoint-every", "5"], PEER_TIMEOUT);
+    job.wait_for("the training line", RUN_LIMIT, |j| j.stderr(0).contains("steps_per_epoch="))?;
     let log = job.stderr(0);
     let per_epoch: u64 = log
         .split("steps_per_epoch=")

@@ -17,9 +17,9 @@
 //! crates/hytrain-data/tests/s3_faults.rs through a faulting proxy in front of the real s3s-fs server; this suite
 //! does not repeat them.
 
+mod checkpoints;
 #[path = "../common/mod.rs"]
 mod common;
-mod checkpoints;
 mod harness;
 mod kills;
 mod network;
@@ -44,10 +44,7 @@ pub(crate) const TOKEN: &str = "fault-injection-suite-token";
 
 #[test]
 fn every_injected_fault_is_detected_naming_the_lost_rank_and_loses_no_checkpointed_state() {
-    let seed: u64 = std::env::var("HYTRAIN_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(7);
+    let seed: u64 = std::env::var("HYTRAIN_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
     let mut rng = Rng(seed);
     let cases: Vec<(&str, Case)> = vec![
         ("kill in rendezvous", Box::new(kills::kill_during_rendezvous)),
@@ -57,26 +54,14 @@ fn every_injected_fault_is_detected_naming_the_lost_rank_and_loses_no_checkpoint
         ("kill at a step", Box::new(kills::kill_at_step)),
         ("kill mid-allreduce", Box::new(kills::kill_mid_allreduce)),
         ("kill mid-allreduce", Box::new(kills::kill_mid_allreduce)),
-        (
-            "kill while rank 0 checkpoints",
-            Box::new(kills::kill_while_rank0_checkpoints),
-        ),
-        (
-            "kill rank 0 mid-checkpoint",
-            Box::new(kills::kill_rank0_mid_checkpoint),
-        ),
+        ("kill while rank 0 checkpoints", Box::new(kills::kill_while_rank0_checkpoints)),
+        ("kill rank 0 mid-checkpoint", Box::new(kills::kill_rank0_mid_checkpoint)),
         ("kill during validation", Box::new(kills::kill_during_validation)),
-        (
-            "dropped rendezvous connection",
-            Box::new(network::dropped_rendezvous_connection),
-        ),
+        ("dropped rendezvous connection", Box::new(network::dropped_rendezvous_connection)),
         ("stalled peer", Box::new(network::stalled_peer)),
         ("corrupted checkpoint", Box::new(checkpoints::corrupted_checkpoint)),
         ("full disk", Box::new(checkpoints::full_disk)),
-        (
-            "kill rank 0 replacing a checkpoint",
-            Box::new(checkpoints::kill_rank0_while_replacing_a_checkpoint),
-        ),
+        ("kill rank 0 replacing a checkpoint", Box::new(checkpoints::kill_rank0_while_replacing_a_checkpoint)),
         ("unauthenticated clients", Box::new(network::unauthenticated_clients)),
     ];
     let root = tempfile::tempdir().unwrap();
@@ -97,8 +82,7 @@ fn every_injected_fault_is_detected_naming_the_lost_rank_and_loses_no_checkpoint
                 println!(
                     "fault {:>2} {name:<30} survived  detected in {:>6}  ({secs:.1} s) {}",
                     i + 1,
-                    o.detection
-                        .map_or("-".into(), |d| format!("{:.2} s", d.as_secs_f64())),
+                    o.detection.map_or("-".into(), |d| format!("{:.2} s", d.as_secs_f64())),
                     o.detail
                 );
                 report.push((name, o.detection));
@@ -110,10 +94,7 @@ fn every_injected_fault_is_detected_naming_the_lost_rank_and_loses_no_checkpoint
         }
     }
     let injected = report.len() + failures.len();
-    let longest = report
-        .iter()
-        .filter_map(|(name, d)| d.map(|d| (d, *name)))
-        .max();
+    let longest = report.iter().filter_map(|(name, d)| d.map(|d| (d, *name))).max();
     let summary = format!(
         "fault injection summary (seed {seed}): {injected} faults injected, {} survived (detected correctly, state \
          intact), longest detection time {} ; suite took {:.0} s",

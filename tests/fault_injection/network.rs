@@ -27,13 +27,9 @@ impl Relay {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
                     continue;
                 };
-                kept.lock()
-                    .unwrap()
-                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
+                kept.lock().unwrap().extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
                     std::thread::spawn(move || {
                         let _ = std::io::copy(&mut from, &mut to);
                         let _ = to.shutdown(Shutdown::Both);
@@ -58,12 +54,7 @@ pub(crate) fn dropped_rendezvous_connection(dir: &Path, rng: &mut Rng) -> Result
     let mut job = Job::new(dir);
     let relay = Relay::start(job.port);
     for rank in 0..WORLD {
-        job.start(
-            rank,
-            TRAIN,
-            PEER_TIMEOUT,
-            (rank == victim).then_some(relay.port),
-        );
+        job.start(rank, TRAIN, PEER_TIMEOUT, (rank == victim).then_some(relay.port));
     }
     job.at_step(step)?;
     let fault = Instant::now();
@@ -94,15 +85,11 @@ pub(crate) fn stalled_peer(dir: &Path, rng: &mut Rng) -> Result<Outcome, String>
     job.kill(victim);
     let took = result?;
     if took < STALL_PEER_TIMEOUT.mul_f64(0.8) {
-        return Err(format!(
-            "the stopped rank was declared lost after {took:?}, before the peer timeout"
-        ));
+        return Err(format!("the stopped rank was declared lost after {took:?}, before the peer timeout"));
     }
     let state = state_intact(dir)?;
     Ok(Outcome {
-        detail: format!(
-            "SIGSTOP rank {victim} at step {step} (peer timeout {STALL_PEER_TIMEOUT:?}); {state}"
-        ),
+        detail: format!("SIGSTOP rank {victim} at step {step} (peer timeout {STALL_PEER_TIMEOUT:?}); {state}"),
         detection: Some(took),
     })
 }
@@ -125,17 +112,7 @@ pub(crate) fn closed_by_server(s: &mut TcpStream) -> bool {
 pub(crate) fn unauthenticated_clients(dir: &Path, _rng: &mut Rng) -> Result<Outcome, String> {
     let mut job = Job::new(dir);
     // Long enough that the job is still training when the last client has been refused.
-    job.start_all(
-        &[
-            "--max-steps",
-            "400",
-            "--validation",
-            "none",
-            "--checkpoint-every",
-            "50",
-        ],
-        PEER_TIMEOUT,
-    );
+    job.start_all(&["--max-steps", "400", "--validation", "none", "--checkpoint-every", "50"], PEER_TIMEOUT);
     job.at_step(3)?;
     let fault = Instant::now();
     let mut garbage = TcpStream::connect(("127.0.0.1", job.port)).map_err(|e| e.to_string())?;
@@ -154,32 +131,13 @@ pub(crate) fn unauthenticated_clients(dir: &Path, _rng: &mut Rng) -> Result<Outc
         return Err("a forged proof was not dropped".into());
     }
     let impostor = common::command(
-        &base_args(
-            dir,
-            &[
-                "--max-steps",
-                "400",
-                "--validation",
-                "none",
-                "--checkpoint-dir",
-                "none",
-            ],
-        )
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>(),
+        &base_args(dir, &["--max-steps", "400", "--validation", "none", "--checkpoint-dir", "none"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
         &rank_env(1, job.port, PEER_TIMEOUT)
             .into_iter()
-            .map(|(k, v)| {
-                (
-                    k,
-                    if k == "HYTRAIN_JOB_TOKEN" {
-                        "not-the-job-token-0123".to_string()
-                    } else {
-                        v
-                    },
-                )
-            })
+            .map(|(k, v)| (k, if k == "HYTRAIN_JOB_TOKEN" { "not-the-job-token-0123".to_string() } else { v }))
             .collect::<Vec<_>>(),
     )
     .current_dir(dir)
@@ -195,24 +153,14 @@ pub(crate) fn unauthenticated_clients(dir: &Path, _rng: &mut Rng) -> Result<Outc
     job.wait_exits(&all, fault, RUN_LIMIT)?;
     for r in 0..WORLD {
         if !job.exits[r].unwrap().0.success() {
-            return Err(format!(
-                "the job failed on rank {r} after unauthenticated clients:\n{}",
-                job.logs()
-            ));
+            return Err(format!("the job failed on rank {r} after unauthenticated clients:\n{}", job.logs()));
         }
     }
-    if !job.stdout(0).contains("steps=400 ")
-        || !job.stderr(0).contains("refused a rendezvous connection")
-    {
-        return Err(format!(
-            "the job did not finish 60 steps or log the refusal:\n{}",
-            job.logs()
-        ));
+    if !job.stdout(0).contains("steps=400 ") || !job.stderr(0).contains("refused a rendezvous connection") {
+        return Err(format!("the job did not finish 60 steps or log the refusal:\n{}", job.logs()));
     }
     Ok(Outcome {
-        detail:
-            "garbage, a forged proof and a wrong-token rank refused; the job finished 400 steps"
-                .into(),
+        detail: "garbage, a forged proof and a wrong-token rank refused; the job finished 400 steps".into(),
         detection: Some(refused_in),
     })
 }

@@ -30,26 +30,15 @@ pub fn assert_ok(out: &Output) {
     );
     // A job whose ranks all finish lost none, whatever its size (a single rank once reported itself lost as its
     // store connection closed at exit).
-    assert!(
-        !stderr(out).contains("lost rank"),
-        "a successful job reported a lost rank:\n{}",
-        stderr(out)
-    );
+    assert!(!stderr(out).contains("lost rank"), "a successful job reported a lost rank:\n{}", stderr(out));
 }
 
 /// `hytrain launch --nproc-per-node N -- hytrain train ARGS` in `dir`, with the environment of a laptop.
 pub fn launch_train(dir: &Path, nproc: usize, args: &[&str]) -> Command {
-    let mut all: Vec<String> = [
-        "launch",
-        "--nproc-per-node",
-        &nproc.to_string(),
-        "--",
-        common::hytrain(),
-        "train",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut all: Vec<String> = ["launch", "--nproc-per-node", &nproc.to_string(), "--", common::hytrain(), "train"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     all.extend(args.iter().map(|s| s.to_string()));
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
     // One intra-op thread per worker: two workers on a 2-core machine, and identical arithmetic run to run.
@@ -59,18 +48,12 @@ pub fn launch_train(dir: &Path, nproc: usize, args: &[&str]) -> Command {
 }
 
 pub fn summary_value(out: &str, key: &str) -> f64 {
-    let line = out
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("steps="))
-        .unwrap_or_else(|| panic!("no summary in:\n{out}"));
+    let line = out.lines().rev().find(|l| l.starts_with("steps=")).unwrap_or_else(|| panic!("no summary in:\n{out}"));
     let field = line
         .split_whitespace()
         .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("no {key} in {line}"));
-    field
-        .parse()
-        .unwrap_or_else(|_| panic!("{key}={field} is not a number"))
+    field.parse().unwrap_or_else(|_| panic!("{key}={field} is not a number"))
 }
 
 pub fn weights(model_dir: &Path) -> Vec<(String, Tensor)> {
@@ -88,14 +71,8 @@ pub fn finish(mut job: Command, what: &str) -> Output {
 pub fn metric_values(out: &str, key: &str) -> Vec<f64> {
     out.lines()
         .filter(|l| l.starts_with("epoch="))
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        })
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{key}={v} is not a number"))
-        })
+        .filter_map(|l| l.split_whitespace().find_map(|kv| kv.strip_prefix(&format!("{key}="))))
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{key}={v} is not a number")))
         .collect()
 }
 

@@ -28,20 +28,10 @@ const MPI_MARKERS: [&str; 5] = [
     "PMIX_RANK",
 ];
 /// Variables the SageMaker platform or its toolkit sets.
-const SAGEMAKER_MARKERS: [&str; 5] = [
-    "SM_HOSTS",
-    "SM_CURRENT_HOST",
-    "SM_TRAINING_ENV",
-    "TRAINING_JOB_NAME",
-    "TRAINING_JOB_ARN",
-];
+const SAGEMAKER_MARKERS: [&str; 5] =
+    ["SM_HOSTS", "SM_CURRENT_HOST", "SM_TRAINING_ENV", "TRAINING_JOB_NAME", "TRAINING_JOB_ARN"];
 /// Variables a Kubeflow operator sets for torchrun (v1 and v2 alike).
-const KUBEFLOW_MARKERS: [&str; 4] = [
-    "PET_NNODES",
-    "PET_NODE_RANK",
-    "PET_MASTER_ADDR",
-    "PET_RDZV_ENDPOINT",
-];
+const KUBEFLOW_MARKERS: [&str; 4] = ["PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_RDZV_ENDPOINT"];
 
 /// The SageMaker root: `HYTRAIN_SM_ROOT`, else /opt/ml.
 pub(crate) fn sm_root(env: &Env) -> PathBuf {
@@ -56,10 +46,7 @@ pub(crate) fn launcher(env: &Env) -> Launcher {
         Launcher::Torchrun
     } else if MPI_MARKERS.iter().any(|v| env.has(v)) {
         Launcher::Mpirun
-    } else if ["GROUP_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE"]
-        .iter()
-        .all(|v| env.has(v))
-    {
+    } else if ["GROUP_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE"].iter().all(|v| env.has(v)) {
         Launcher::Torchrun
     } else {
         Launcher::None
@@ -67,28 +54,20 @@ pub(crate) fn launcher(env: &Env) -> Launcher {
 }
 
 /// The outer platform (see the crate's Precedence section).
-pub(crate) fn platform(
-    env: &Env,
-    root: &Path,
-    launcher: Launcher,
-) -> Result<Platform, DetectError> {
+pub(crate) fn platform(env: &Env, root: &Path, launcher: Launcher) -> Result<Platform, DetectError> {
     if launcher == Launcher::HytrainLaunch {
         if let Some(v) = env.value("HYTRAIN_PLATFORM") {
-            return v
-                .parse::<Platform>()
-                .map_err(|problem: String| DetectError::Malformed {
-                    origin: "HYTRAIN_PLATFORM".to_owned(),
-                    problem: shown(&problem),
-                    expected: format!(
-                        "one of {} (hytrain launch sets it for its workers)",
-                        Platform::ALL.map(Platform::as_str).join(", ")
-                    ),
-                });
+            return v.parse::<Platform>().map_err(|problem: String| DetectError::Malformed {
+                origin: "HYTRAIN_PLATFORM".to_owned(),
+                problem: shown(&problem),
+                expected: format!(
+                    "one of {} (hytrain launch sets it for its workers)",
+                    Platform::ALL.map(Platform::as_str).join(", ")
+                ),
+            });
         }
     }
-    if SAGEMAKER_MARKERS.iter().any(|v| env.has(v))
-        || root.join("input/config/resourceconfig.json").exists()
-    {
+    if SAGEMAKER_MARKERS.iter().any(|v| env.has(v)) || root.join("input/config/resourceconfig.json").exists() {
         return Ok(Platform::Sagemaker);
     }
     if KUBEFLOW_MARKERS.iter().any(|v| env.has(v)) {
@@ -109,16 +88,10 @@ pub(crate) fn platform(
 /// PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT and reserves RANK, WORLD_SIZE and
 /// MASTER_ADDR; everything else is a v1 trait.
 fn kubeflow_v1_shape(env: &Env, launcher: Launcher) -> bool {
-    let operator_set = launcher == Launcher::None
-        && ["RANK", "WORLD_SIZE", "MASTER_ADDR"]
-            .iter()
-            .any(|v| env.has(v));
-    let elastic =
-        env.has("PET_RDZV_ENDPOINT") || env.value("PET_NNODES").is_some_and(|v| v.contains(':'));
+    let operator_set = launcher == Launcher::None && ["RANK", "WORLD_SIZE", "MASTER_ADDR"].iter().any(|v| env.has(v));
+    let elastic = env.has("PET_RDZV_ENDPOINT") || env.value("PET_NNODES").is_some_and(|v| v.contains(':'));
     // v1 names the master's headless service `<job>-master-0`; v2 names it `<job>-node-0-0.<job>`.
-    let v1_master = env
-        .value("PET_MASTER_ADDR")
-        .is_some_and(|v| v.trim().ends_with("-master-0"));
+    let v1_master = env.value("PET_MASTER_ADDR").is_some_and(|v| v.trim().ends_with("-master-0"));
     // A v1 job without a Master replica gets only PET_NNODES; v2 always names the node rank and the master.
     let masterless = !env.has("PET_NODE_RANK") && !env.has("PET_MASTER_ADDR");
     operator_set || elastic || v1_master || masterless
@@ -142,14 +115,8 @@ pub(crate) struct Counts {
 
 impl Counts {
     /// One process alone.
-    pub(crate) const SINGLE: Counts = Counts {
-        rank: 0,
-        local_rank: 0,
-        world_size: 1,
-        local_world_size: 1,
-        node_rank: 0,
-        nnodes: 1,
-    };
+    pub(crate) const SINGLE: Counts =
+        Counts { rank: 0, local_rank: 0, world_size: 1, local_world_size: 1, node_rank: 0, nnodes: 1 };
 
     pub(crate) fn topology(
         self,
@@ -177,51 +144,32 @@ fn below(name: &str, value: usize, limit_name: &str, limit: usize) -> Result<(),
     if value < limit {
         Ok(())
     } else {
-        Err(DetectError::OutOfRange {
-            name: name.to_owned(),
-            value,
-            limit_name: limit_name.to_owned(),
-            limit,
-        })
+        Err(DetectError::OutOfRange { name: name.to_owned(), value, limit_name: limit_name.to_owned(), limit })
     }
 }
 
 fn product(a: usize, b: usize, what: &str) -> Result<usize, DetectError> {
-    a.checked_mul(b).ok_or_else(|| {
-        DetectError::Inconsistent(format!(
-            "{what} = {a} x {b} is too large to be a process count"
-        ))
-    })
+    a.checked_mul(b)
+        .ok_or_else(|| DetectError::Inconsistent(format!("{what} = {a} x {b} is too large to be a process count")))
 }
 
 fn required(env: &Env, var: &str, hint: &str) -> Result<usize, DetectError> {
-    parse::opt_number(env, var, "a whole number such as 0, 1, 2")?.ok_or_else(|| {
-        DetectError::Missing {
-            var: var.to_owned(),
-            hint: hint.to_owned(),
-        }
-    })
+    parse::opt_number(env, var, "a whole number such as 0, 1, 2")?
+        .ok_or_else(|| DetectError::Missing { var: var.to_owned(), hint: hint.to_owned() })
 }
 
 const RANK_EXPECTED: &str = "a whole number such as 0, 1, 2";
 const COUNT_EXPECTED: &str = "a whole number of at least 1 such as 1, 2, 8";
 
 /// Local rank and local world size given by a launcher, with torchrun's meaning.
-fn local_counts(
-    env: &Env,
-    rank_var: &str,
-    size_var: &str,
-    world: usize,
-) -> Result<(usize, usize), DetectError> {
+fn local_counts(env: &Env, rank_var: &str, size_var: &str, world: usize) -> Result<(usize, usize), DetectError> {
     let local_rank = parse::opt_number(env, rank_var, RANK_EXPECTED)?;
     let local_world = parse::opt_count(env, size_var, COUNT_EXPECTED)?;
     let local_world = match (local_rank, local_world) {
         (Some(_), None) => {
             return Err(DetectError::Missing {
                 var: size_var.to_owned(),
-                hint: format!(
-                    "{rank_var} is set, so the number of processes on this node is needed too"
-                ),
+                hint: format!("{rank_var} is set, so the number of processes on this node is needed too"),
             })
         }
         (_, w) => w.unwrap_or(1),
@@ -242,13 +190,10 @@ pub(crate) fn torchrun_counts(env: &Env) -> Result<Counts, DetectError> {
     let rank = required(env, "RANK", hint)?;
     let world_size = required(env, "WORLD_SIZE", hint)?;
     if world_size == 0 {
-        return Err(DetectError::Zero {
-            var: "WORLD_SIZE".into(),
-        });
+        return Err(DetectError::Zero { var: "WORLD_SIZE".into() });
     }
     below("RANK", rank, "WORLD_SIZE", world_size)?;
-    let (local_rank, local_world_size) =
-        local_counts(env, "LOCAL_RANK", "LOCAL_WORLD_SIZE", world_size)?;
+    let (local_rank, local_world_size) = local_counts(env, "LOCAL_RANK", "LOCAL_WORLD_SIZE", world_size)?;
     let (node_rank, node_var) = match parse::opt_number(env, "GROUP_RANK", RANK_EXPECTED)? {
         Some(n) => (n, "GROUP_RANK"),
         None => match parse::opt_number(env, "NODE_RANK", RANK_EXPECTED)? {
@@ -258,20 +203,10 @@ pub(crate) fn torchrun_counts(env: &Env) -> Result<Counts, DetectError> {
     };
     let (nnodes, nnodes_var) = match parse::opt_count(env, "GROUP_WORLD_SIZE", COUNT_EXPECTED)? {
         Some(n) => (n, "GROUP_WORLD_SIZE"),
-        None => (
-            world_size.div_ceil(local_world_size),
-            "WORLD_SIZE/LOCAL_WORLD_SIZE",
-        ),
+        None => (world_size.div_ceil(local_world_size), "WORLD_SIZE/LOCAL_WORLD_SIZE"),
     };
     below(node_var, node_rank, nnodes_var, nnodes)?;
-    Ok(Counts {
-        rank,
-        local_rank,
-        world_size,
-        local_world_size,
-        node_rank,
-        nnodes,
-    })
+    Ok(Counts { rank, local_rank, world_size, local_world_size, node_rank, nnodes })
 }
 
 /// Counts from Open MPI's per-rank variables (or PMIx's rank).
@@ -279,31 +214,16 @@ pub(crate) fn mpi_counts(env: &Env, notes: &mut Vec<String>) -> Result<Counts, D
     let hint = "mpirun (Open MPI) sets it for every rank";
     let rank = match parse::opt_number(env, "OMPI_COMM_WORLD_RANK", RANK_EXPECTED)? {
         Some(r) => r,
-        None => parse::opt_number(env, "PMIX_RANK", RANK_EXPECTED)?.ok_or_else(|| {
-            DetectError::Missing {
-                var: "OMPI_COMM_WORLD_RANK".into(),
-                hint: hint.into(),
-            }
-        })?,
+        None => parse::opt_number(env, "PMIX_RANK", RANK_EXPECTED)?
+            .ok_or_else(|| DetectError::Missing { var: "OMPI_COMM_WORLD_RANK".into(), hint: hint.into() })?,
     };
     let world_size = required(env, "OMPI_COMM_WORLD_SIZE", hint)?;
     if world_size == 0 {
-        return Err(DetectError::Zero {
-            var: "OMPI_COMM_WORLD_SIZE".into(),
-        });
+        return Err(DetectError::Zero { var: "OMPI_COMM_WORLD_SIZE".into() });
     }
-    below(
-        "OMPI_COMM_WORLD_RANK",
-        rank,
-        "OMPI_COMM_WORLD_SIZE",
-        world_size,
-    )?;
-    let (local_rank, local_world_size) = local_counts(
-        env,
-        "OMPI_COMM_WORLD_LOCAL_RANK",
-        "OMPI_COMM_WORLD_LOCAL_SIZE",
-        world_size,
-    )?;
+    below("OMPI_COMM_WORLD_RANK", rank, "OMPI_COMM_WORLD_SIZE", world_size)?;
+    let (local_rank, local_world_size) =
+        local_counts(env, "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", world_size)?;
     notes.push(
         "launched by mpirun: node_rank = rank / local size assumes ranks are packed node by node (--map-by slot)"
             .into(),
@@ -330,15 +250,9 @@ fn pet_nnodes(env: &Env) -> Result<Option<NNodes>, DetectError> {
     };
     let expected = "a node count such as 2, or min:max such as 1:4";
     let count = |s: &str| match parse::number("PET_NNODES", s, expected) {
-        Ok(0) => Err(DetectError::Zero {
-            var: "PET_NNODES".into(),
-        }),
+        Ok(0) => Err(DetectError::Zero { var: "PET_NNODES".into() }),
         Ok(n) => Ok(n),
-        Err(_) => Err(DetectError::NotANumber {
-            var: "PET_NNODES".into(),
-            value: shown(v),
-            expected: expected.into(),
-        }),
+        Err(_) => Err(DetectError::NotANumber { var: "PET_NNODES".into(), value: shown(v), expected: expected.into() }),
     };
     Ok(Some(match v.split_once(':') {
         None => NNodes::Fixed(count(v)?),
@@ -361,11 +275,7 @@ pub(crate) fn pet_nproc(env: &Env) -> Result<Option<usize>, DetectError> {
     match env.value("PET_NPROC_PER_NODE") {
         None => Ok(None),
         Some(v) if v.trim().eq_ignore_ascii_case("auto") => Ok(None),
-        Some(_) => parse::opt_count(
-            env,
-            "PET_NPROC_PER_NODE",
-            "a number of processes per node such as 2, or auto",
-        ),
+        Some(_) => parse::opt_count(env, "PET_NPROC_PER_NODE", "a number of processes per node such as 2, or auto"),
     }
 }
 
@@ -438,12 +348,7 @@ fn kubeflow_counts(env: &Env, notes: &mut Vec<String>) -> Result<Counts, DetectE
     };
     below(node_var, node_rank, nnodes_var, nnodes)?;
     let local_rank = parse::opt_number(env, "LOCAL_RANK", RANK_EXPECTED)?;
-    below(
-        "LOCAL_RANK",
-        local_rank.unwrap_or(0),
-        "PET_NPROC_PER_NODE",
-        n,
-    )?;
+    below("LOCAL_RANK", local_rank.unwrap_or(0), "PET_NPROC_PER_NODE", n)?;
     let world_size = product(nnodes, n, "nodes x PET_NPROC_PER_NODE")?;
     if n > 1 && local_rank.is_none() {
         notes.push(format!(
@@ -475,10 +380,7 @@ fn kubeflow_counts(env: &Env, notes: &mut Vec<String>) -> Result<Counts, DetectE
 /// Counts with no launcher and no platform: one process, unless RANK/WORLD_SIZE were set by hand (env:// style).
 fn local_process_counts(env: &Env, notes: &mut Vec<String>) -> Result<Counts, DetectError> {
     if env.has("RANK") || env.has("WORLD_SIZE") {
-        notes.push(
-            "RANK and WORLD_SIZE taken from the environment (env:// style, no launcher detected)"
-                .into(),
-        );
+        notes.push("RANK and WORLD_SIZE taken from the environment (env:// style, no launcher detected)".into());
         torchrun_counts(env)
     } else {
         Ok(Counts::SINGLE)
@@ -492,10 +394,7 @@ fn master(
     nnodes: usize,
     notes: &mut Vec<String>,
 ) -> Result<(String, u16), DetectError> {
-    let kubeflow = matches!(
-        platform,
-        Platform::KubeflowPytorchjob | Platform::KubeflowTrainjob
-    );
+    let kubeflow = matches!(platform, Platform::KubeflowPytorchjob | Platform::KubeflowTrainjob);
     let mut addr = parse::opt_host(env, "MASTER_ADDR")?;
     let mut port = parse::opt_port(env, "MASTER_PORT")?;
     if kubeflow {
@@ -509,9 +408,7 @@ fn master(
             let (h, p) = parse::endpoint("PET_RDZV_ENDPOINT", v)?;
             addr = Some(h);
             port = port.or(p);
-            notes.push(
-                "master taken from PET_RDZV_ENDPOINT (no MASTER_ADDR or PET_MASTER_ADDR)".into(),
-            );
+            notes.push("master taken from PET_RDZV_ENDPOINT (no MASTER_ADDR or PET_MASTER_ADDR)".into());
         }
     }
     if launcher == Launcher::Mpirun {
@@ -556,10 +453,7 @@ pub(crate) fn hostname(env: &Env) -> String {
 /// The plan for every platform but SageMaker.
 pub(crate) fn plan(env: &Env, platform: Platform, launcher: Launcher) -> Result<Plan, DetectError> {
     let mut notes = Vec::new();
-    let kubeflow = matches!(
-        platform,
-        Platform::KubeflowPytorchjob | Platform::KubeflowTrainjob
-    );
+    let kubeflow = matches!(platform, Platform::KubeflowPytorchjob | Platform::KubeflowTrainjob);
     let counts = match launcher {
         Launcher::Torchrun | Launcher::HytrainLaunch => torchrun_counts(env)?,
         Launcher::Mpirun => mpi_counts(env, &mut notes)?,
@@ -569,11 +463,7 @@ pub(crate) fn plan(env: &Env, platform: Platform, launcher: Launcher) -> Result<
     let (master_addr, master_port) = master(env, platform, launcher, counts.nnodes, &mut notes)?;
     let nproc_per_node = if kubeflow { pet_nproc(env)? } else { None };
     let current_host = hostname(env);
-    let hosts = if counts.nnodes == 1 {
-        vec![current_host.clone()]
-    } else {
-        Vec::new()
-    };
+    let hosts = if counts.nnodes == 1 { vec![current_host.clone()] } else { Vec::new() };
     if platform == Platform::Local && launcher == Launcher::None && counts == Counts::SINGLE {
         notes.push("no launcher or platform detected: a single local process".into());
     }

@@ -16,12 +16,7 @@ impl Env {
     pub fn from_process() -> Env {
         Env {
             vars: std::env::vars_os()
-                .map(|(k, v)| {
-                    (
-                        k.to_string_lossy().into_owned(),
-                        v.to_string_lossy().into_owned(),
-                    )
-                })
+                .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
                 .collect(),
         }
     }
@@ -107,9 +102,6 @@ mod tests {
     #[test]
     fn from_process_sees_the_real_environment() {
         let env = Env::from_process();
-        assert_eq!(
-            env.get("PATH").map(str::to_owned),
-            std::env::var("PATH").ok()
-        );
+        assert_eq!(env.get("PATH").map(str::to_owned), std::env::var("PATH").ok());
     }
 }

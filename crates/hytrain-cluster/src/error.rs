@@ -159,9 +159,7 @@ pub(crate) fn shown(value: &str) -> String {
 
 /// Like [`shown`] for longer texts such as serde's messages.
 pub(crate) fn one_line(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 #[cfg(test)]
@@ -178,17 +176,10 @@ mod tests {
 
     #[test]
     fn every_message_is_one_line_even_with_hostile_values() {
-        let e = DetectError::NotANumber {
-            var: "RANK".into(),
-            value: shown("1\n2\r3"),
-            expected: "a rank".into(),
-        };
+        let e = DetectError::NotANumber { var: "RANK".into(), value: shown("1\n2\r3"), expected: "a rank".into() };
         assert!(!e.to_string().contains('\n'));
-        let e = DetectError::Malformed {
-            origin: "x.json".into(),
-            problem: one_line("bad\nthing"),
-            expected: "y".into(),
-        };
+        let e =
+            DetectError::Malformed { origin: "x.json".into(), problem: one_line("bad\nthing"), expected: "y".into() };
         assert!(!e.to_string().contains('\n'));
     }
 }

@@ -12,12 +12,8 @@ use std::path::Path;
 use crate::{detect_from, Env, TOKEN_FILE_VAR};
 
 /// The config files an input may supply, as SageMaker names them.
-const CONFIG_FILES: [&str; 4] = [
-    "hyperparameters.json",
-    "resourceconfig.json",
-    "inputdataconfig.json",
-    "checkpointconfig.json",
-];
+const CONFIG_FILES: [&str; 4] =
+    ["hyperparameters.json", "resourceconfig.json", "inputdataconfig.json", "checkpointconfig.json"];
 
 /// Runs detection on the environment and files `data` describes, with the SageMaker root at `root` (a scratch
 /// folder the caller owns; its config files are replaced on every call). Panics only when detection breaks a
@@ -62,19 +58,12 @@ pub fn detect_sectioned(data: &[u8], root: &Path) {
         Ok(plan) => {
             let _ = plan.to_string();
             let json = serde_json::to_string(&plan).expect("a plan serializes");
-            let back: crate::Plan =
-                serde_json::from_str(&json).expect("a serialized plan reads back");
-            assert_eq!(
-                back, plan,
-                "the plan `hytrain explain --json` prints reads back as the same plan"
-            );
+            let back: crate::Plan = serde_json::from_str(&json).expect("a serialized plan reads back");
+            assert_eq!(back, plan, "the plan `hytrain explain --json` prints reads back as the same plan");
         }
         Err(e) => {
             let msg = e.to_string();
-            assert!(
-                !msg.contains('\n'),
-                "detection error is not one line: {msg:?}"
-            );
+            assert!(!msg.contains('\n'), "detection error is not one line: {msg:?}");
         }
     }
 }

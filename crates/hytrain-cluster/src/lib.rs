@@ -109,13 +109,12 @@ pub use detect::{DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, DEFAULT_SM_ROOT, LOCA
 pub use env::Env;
 pub use error::DetectError;
 pub use plan::{
-    Channel, Distribution, InputMode, InstanceGroup, Launcher, Paths, Plan, Platform,
-    S3Distribution, SageMaker,
+    Channel, Distribution, InputMode, InstanceGroup, Launcher, Paths, Plan, Platform, S3Distribution, SageMaker,
 };
 pub use sagemaker::SAGEMAKER_DEFAULT_MASTER_PORT;
 pub use token::{
-    launch_token_env, JobToken, TokenSource, LAUNCH_ORIGIN, MIN_TOKEN_BYTES, TOKEN_FILE_VAR,
-    TOKEN_ORIGIN_VAR, TOKEN_VAR,
+    launch_token_env, JobToken, TokenSource, LAUNCH_ORIGIN, MIN_TOKEN_BYTES, TOKEN_FILE_VAR, TOKEN_ORIGIN_VAR,
+    TOKEN_VAR,
 };
 pub use topology::{worker_env, Topology, HYTRAIN_LAUNCH_MARK};
 

@@ -11,35 +11,22 @@ use crate::error::{one_line, shown, DetectError};
 
 /// A whole number read from `var`.
 pub(crate) fn number(var: &str, value: &str, expected: &str) -> Result<usize, DetectError> {
-    value
-        .trim()
-        .parse::<usize>()
-        .map_err(|_| DetectError::NotANumber {
-            var: var.to_owned(),
-            value: shown(value),
-            expected: expected.to_owned(),
-        })
+    value.trim().parse::<usize>().map_err(|_| DetectError::NotANumber {
+        var: var.to_owned(),
+        value: shown(value),
+        expected: expected.to_owned(),
+    })
 }
 
 /// `var` as a whole number when it is set.
-pub(crate) fn opt_number(
-    env: &Env,
-    var: &str,
-    expected: &str,
-) -> Result<Option<usize>, DetectError> {
+pub(crate) fn opt_number(env: &Env, var: &str, expected: &str) -> Result<Option<usize>, DetectError> {
     env.value(var).map(|v| number(var, v, expected)).transpose()
 }
 
 /// `var` as a count that must be at least 1, when it is set.
-pub(crate) fn opt_count(
-    env: &Env,
-    var: &str,
-    expected: &str,
-) -> Result<Option<usize>, DetectError> {
+pub(crate) fn opt_count(env: &Env, var: &str, expected: &str) -> Result<Option<usize>, DetectError> {
     match opt_number(env, var, expected)? {
-        Some(0) => Err(DetectError::Zero {
-            var: var.to_owned(),
-        }),
+        Some(0) => Err(DetectError::Zero { var: var.to_owned() }),
         other => Ok(other),
     }
 }
@@ -48,10 +35,7 @@ pub(crate) fn opt_count(
 pub(crate) fn port(var: &str, value: &str) -> Result<u16, DetectError> {
     match value.trim().parse::<u64>() {
         Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
-        _ => Err(DetectError::BadPort {
-            var: var.to_owned(),
-            value: shown(value),
-        }),
+        _ => Err(DetectError::BadPort { var: var.to_owned(), value: shown(value) }),
     }
 }
 
@@ -70,9 +54,7 @@ pub(crate) fn is_host_name(s: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         })
 }
 
@@ -87,17 +69,14 @@ pub(crate) fn host(var: &str, value: &str) -> Result<String, DetectError> {
     } else if v.parse::<Ipv4Addr>().is_ok() || v.parse::<Ipv6Addr>().is_ok() || is_host_name(v) {
         return Ok(v.to_owned());
     }
-    let has_port = v.rsplit_once(':').is_some_and(|(h, p)| {
-        !h.is_empty() && !p.is_empty() && p.chars().all(|c| c.is_ascii_digit())
-    });
+    let has_port = v
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()));
     Err(DetectError::BadAddress {
         var: var.to_owned(),
         value: shown(value),
         hint: if has_port && var.ends_with("_ADDR") {
-            format!(
-                "; give the port in {} instead",
-                var.replace("_ADDR", "_PORT")
-            )
+            format!("; give the port in {} instead", var.replace("_ADDR", "_PORT"))
         } else {
             String::new()
         },
@@ -145,10 +124,7 @@ pub(crate) fn endpoint(var: &str, value: &str) -> Result<(String, Option<u16>), 
         let (inner, after) = rest.split_once(']').ok_or_else(bad)?;
         match after {
             "" => (format!("[{inner}]"), None),
-            _ => (
-                format!("[{inner}]"),
-                Some(after.strip_prefix(':').ok_or_else(bad)?),
-            ),
+            _ => (format!("[{inner}]"), Some(after.strip_prefix(':').ok_or_else(bad)?)),
         }
     } else if v.matches(':').count() == 1 {
         let (h, p) = v.split_once(':').ok_or_else(bad)?;
@@ -163,18 +139,12 @@ pub(crate) fn endpoint(var: &str, value: &str) -> Result<(String, Option<u16>), 
 
 /// A JSON list of strings held in variable `var`.
 pub(crate) fn host_list(var: &str, value: &str) -> Result<Vec<String>, DetectError> {
-    serde_json::from_str::<Vec<String>>(value).map_err(|_| DetectError::NotHostList {
-        var: var.to_owned(),
-        value: shown(value),
-    })
+    serde_json::from_str::<Vec<String>>(value)
+        .map_err(|_| DetectError::NotHostList { var: var.to_owned(), value: shown(value) })
 }
 
 /// A JSON value of type `T` held in variable `var`.
-pub(crate) fn json_var<T: DeserializeOwned>(
-    var: &str,
-    value: &str,
-    expected: &str,
-) -> Result<T, DetectError> {
+pub(crate) fn json_var<T: DeserializeOwned>(var: &str, value: &str, expected: &str) -> Result<T, DetectError> {
     serde_json::from_str(value).map_err(|e| DetectError::Malformed {
         origin: var.to_owned(),
         problem: format!("not valid here ({})", one_line(&e.to_string())),
@@ -188,23 +158,15 @@ pub(crate) fn json_var<T: DeserializeOwned>(
 pub(crate) const MAX_CONFIG_FILE: u64 = 4 << 20;
 
 /// A JSON file of type `T` of at most [`MAX_CONFIG_FILE`] bytes, or `None` when the file does not exist.
-pub(crate) fn json_file<T: DeserializeOwned>(
-    path: &Path,
-    expected: &str,
-) -> Result<Option<T>, DetectError> {
-    let unreadable = |error| DetectError::Unreadable {
-        path: path.to_owned(),
-        error,
-    };
+pub(crate) fn json_file<T: DeserializeOwned>(path: &Path, expected: &str) -> Result<Option<T>, DetectError> {
+    let unreadable = |error| DetectError::Unreadable { path: path.to_owned(), error };
     let file = match std::fs::File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(unreadable(error)),
     };
     let mut bytes = Vec::new();
-    file.take(MAX_CONFIG_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(unreadable)?;
+    file.take(MAX_CONFIG_FILE + 1).read_to_end(&mut bytes).map_err(unreadable)?;
     if bytes.len() as u64 > MAX_CONFIG_FILE {
         let size = std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len());
         return Err(DetectError::Malformed {
@@ -216,21 +178,16 @@ pub(crate) fn json_file<T: DeserializeOwned>(
             expected: expected.to_owned(),
         });
     }
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| DetectError::Malformed {
-            origin: path.display().to_string(),
-            problem: one_line(&e.to_string()),
-            expected: expected.to_owned(),
-        })
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| DetectError::Malformed {
+        origin: path.display().to_string(),
+        problem: one_line(&e.to_string()),
+        expected: expected.to_owned(),
+    })
 }
 
 /// A boolean flag as SageMaker and shells write them.
 pub(crate) fn truthy(value: &str) -> bool {
-    matches!(
-        value.trim().to_ascii_lowercase().as_str(),
-        "true" | "1" | "yes" | "on"
-    )
+    matches!(value.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "on")
 }
 
 #[cfg(test)]
@@ -251,10 +208,7 @@ mod tests {
     #[test]
     fn master_addresses_accept_host_ipv4_and_bracketed_ipv6() {
         assert_eq!(host("MASTER_ADDR", "job-master-0").unwrap(), "job-master-0");
-        assert_eq!(
-            host("MASTER_ADDR", "algo-1.internal.").unwrap(),
-            "algo-1.internal."
-        );
+        assert_eq!(host("MASTER_ADDR", "algo-1.internal.").unwrap(), "algo-1.internal.");
         assert_eq!(host("MASTER_ADDR", "10.0.0.7").unwrap(), "10.0.0.7");
         assert_eq!(host("MASTER_ADDR", "[fe80::1]").unwrap(), "fe80::1");
         assert_eq!(host("MASTER_ADDR", "::1").unwrap(), "::1");
@@ -262,9 +216,7 @@ mod tests {
 
     #[test]
     fn master_address_with_a_port_says_where_the_port_goes() {
-        let e = host("MASTER_ADDR", "job-master-0:23456")
-            .unwrap_err()
-            .to_string();
+        let e = host("MASTER_ADDR", "job-master-0:23456").unwrap_err().to_string();
         assert_eq!(
             e,
             "MASTER_ADDR='job-master-0:23456' is not a host name, IPv4 address or [IPv6] address; \
@@ -277,14 +229,8 @@ mod tests {
 
     #[test]
     fn endpoints_split_host_and_port() {
-        assert_eq!(
-            endpoint("E", "job-worker-0:23456").unwrap(),
-            ("job-worker-0".to_owned(), Some(23456))
-        );
-        assert_eq!(
-            endpoint("E", "[::1]:29400").unwrap(),
-            ("::1".to_owned(), Some(29400))
-        );
+        assert_eq!(endpoint("E", "job-worker-0:23456").unwrap(), ("job-worker-0".to_owned(), Some(23456)));
+        assert_eq!(endpoint("E", "[::1]:29400").unwrap(), ("::1".to_owned(), Some(29400)));
         assert_eq!(endpoint("E", "node").unwrap(), ("node".to_owned(), None));
         assert!(endpoint("E", "a:b:c:d:e").is_err());
         assert!(endpoint("E", "[::1]x").is_err());
@@ -297,9 +243,7 @@ mod tests {
         let path = dir.path().join("x.json");
         assert!(json_file::<Vec<String>>(&path, "a list").unwrap().is_none());
         std::fs::write(&path, "[\"a\",\n  oops]").unwrap();
-        let e = json_file::<Vec<String>>(&path, "a list")
-            .unwrap_err()
-            .to_string();
+        let e = json_file::<Vec<String>>(&path, "a list").unwrap_err().to_string();
         assert!(e.starts_with(&format!("{}: ", path.display())), "{e}");
         assert!(e.contains("line 2 column"), "{e}");
         assert!(!e.contains('\n'));
@@ -309,13 +253,8 @@ mod tests {
     fn unreadable_json_file_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         // A directory where a file is expected cannot be read as text.
-        let e = json_file::<Vec<String>>(dir.path(), "a list")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with(&format!("{}: cannot be read", dir.path().display())),
-            "{e}"
-        );
+        let e = json_file::<Vec<String>>(dir.path(), "a list").unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: cannot be read", dir.path().display())), "{e}");
     }
 
     #[test]
@@ -326,9 +265,7 @@ mod tests {
         let mut text = vec![b' '; MAX_CONFIG_FILE as usize + 1];
         text.extend_from_slice(b"{}");
         std::fs::write(&path, text).unwrap();
-        let e = json_file::<serde_json::Value>(&path, "a JSON object")
-            .unwrap_err()
-            .to_string();
+        let e = json_file::<serde_json::Value>(&path, "a JSON object").unwrap_err().to_string();
         assert!(e.starts_with(&format!("{}: ", path.display())), "{e}");
         assert!(e.contains(&format!("is {} bytes, larger than the limit of 4 MiB", MAX_CONFIG_FILE + 3)), "{e}");
         std::fs::write(&path, "{}").unwrap();

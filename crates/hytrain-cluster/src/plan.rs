@@ -114,10 +114,7 @@ impl FromStr for Platform {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Platform::ALL
-            .into_iter()
-            .find(|p| p.as_str() == s)
-            .ok_or_else(|| format!("'{s}' is not a platform"))
+        Platform::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| format!("'{s}' is not a platform"))
     }
 }
 
@@ -264,11 +261,7 @@ pub enum Distribution {
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let t = &self.topology;
-        writeln!(
-            f,
-            "platform:        {} (launcher: {})",
-            self.platform, self.launcher
-        )?;
+        writeln!(f, "platform:        {} (launcher: {})", self.platform, self.launcher)?;
         writeln!(
             f,
             "rank:            {} of {} (local rank {} of {}, node {} of {})",
@@ -297,13 +290,7 @@ impl fmt::Display for Plan {
         if !p.channels.is_empty() {
             writeln!(f, "channels:")?;
             for (name, c) in &p.channels {
-                write!(
-                    f,
-                    "  {name}: {} ({:?}, {:?}",
-                    c.path.display(),
-                    c.input_mode,
-                    c.s3_distribution
-                )?;
+                write!(f, "  {name}: {} ({:?}, {:?}", c.path.display(), c.input_mode, c.s3_distribution)?;
                 if let Some(ct) = &c.content_type {
                     write!(f, ", {ct}")?;
                 }
@@ -317,22 +304,14 @@ impl fmt::Display for Plan {
             writeln!(
                 f,
                 "  toolkit:       {}",
-                if sm.toolkit {
-                    "yes (SM_* variables)"
-                } else {
-                    "no (read input/config/*.json)"
-                }
+                if sm.toolkit { "yes (SM_* variables)" } else { "no (read input/config/*.json)" }
             )?;
             writeln!(f, "  instance type: {}", opt(&sm.current_instance_type))?;
             if let Some(g) = &sm.instance_group {
                 writeln!(f, "  instance group: {g}")?;
             }
             if !sm.distribution_instance_groups.is_empty() {
-                writeln!(
-                    f,
-                    "  distribution groups: {}",
-                    sm.distribution_instance_groups.join(", ")
-                )?;
+                writeln!(f, "  distribution groups: {}", sm.distribution_instance_groups.join(", "))?;
             }
             writeln!(f, "  all hosts:     {}", sm.hosts.join(", "))?;
             writeln!(f, "  distribution:  {:?}", sm.distribution)?;
@@ -367,15 +346,9 @@ mod tests {
     fn platform_names_round_trip_through_from_str_and_json() {
         for p in Platform::ALL {
             assert_eq!(p.as_str().parse::<Platform>().unwrap(), p);
-            assert_eq!(
-                serde_json::to_value(p).unwrap(),
-                serde_json::json!(p.as_str())
-            );
+            assert_eq!(serde_json::to_value(p).unwrap(), serde_json::json!(p.as_str()));
         }
         assert!("kubeflow".parse::<Platform>().is_err());
-        assert_eq!(
-            serde_json::to_value(Launcher::HytrainLaunch).unwrap(),
-            serde_json::json!("hytrain-launch")
-        );
+        assert_eq!(serde_json::to_value(Launcher::HytrainLaunch).unwrap(), serde_json::json!("hytrain-launch"));
     }
 }

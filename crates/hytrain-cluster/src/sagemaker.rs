@@ -13,8 +13,7 @@ use crate::env::Env;
 use crate::error::{shown, DetectError};
 use crate::parse;
 use crate::plan::{
-    Channel, Distribution, InputMode, InstanceGroup, Launcher, Paths, Plan, Platform,
-    S3Distribution, SageMaker,
+    Channel, Distribution, InputMode, InstanceGroup, Launcher, Paths, Plan, Platform, S3Distribution, SageMaker,
 };
 
 /// The master port hytrain uses on SageMaker when no toolkit set MASTER_PORT. Not 7777: the SageMaker
@@ -29,9 +28,7 @@ const FAILURE_FILE: &str = "failure";
 
 /// The job's output directory: `SM_OUTPUT_DIR`, else `<root>/output`.
 fn output_dir(env: &Env, root: &Path) -> PathBuf {
-    env.value("SM_OUTPUT_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("output"))
+    env.value("SM_OUTPUT_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("output"))
 }
 
 /// Where the failure reason goes when this process runs on SageMaker, decided from the markers alone, so that a
@@ -103,9 +100,7 @@ fn plain(value: Value) -> String {
 /// Checks a host list and sorts it as SageMaker does: as strings, so algo-10 comes before algo-2.
 fn sorted_hosts(mut hosts: Vec<String>, origin: &str) -> Result<Vec<String>, DetectError> {
     if hosts.is_empty() {
-        return Err(DetectError::EmptyHosts {
-            origin: origin.into(),
-        });
+        return Err(DetectError::EmptyHosts { origin: origin.into() });
     }
     for h in &hosts {
         if !parse::is_host_name(h) {
@@ -135,9 +130,7 @@ fn valid_channel_name(name: &str) -> bool {
     !name.is_empty()
         && name != "."
         && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
 }
 
 fn input_mode(origin: &str, channel: &str, v: Option<&str>) -> Result<InputMode, DetectError> {
@@ -148,30 +141,20 @@ fn input_mode(origin: &str, channel: &str, v: Option<&str>) -> Result<InputMode,
         Some(m) if m.eq_ignore_ascii_case("Pipe") => Ok(InputMode::Pipe),
         Some(m) => Err(DetectError::Malformed {
             origin: origin.into(),
-            problem: format!(
-                "channel \"{channel}\" has TrainingInputMode \"{}\"",
-                shown(m)
-            ),
+            problem: format!("channel \"{channel}\" has TrainingInputMode \"{}\"", shown(m)),
             expected: "File, FastFile or Pipe".into(),
         }),
     }
 }
 
-fn s3_distribution(
-    origin: &str,
-    channel: &str,
-    v: Option<&str>,
-) -> Result<S3Distribution, DetectError> {
+fn s3_distribution(origin: &str, channel: &str, v: Option<&str>) -> Result<S3Distribution, DetectError> {
     match v {
         None => Ok(S3Distribution::FullyReplicated),
         Some(d) if d.eq_ignore_ascii_case("FullyReplicated") => Ok(S3Distribution::FullyReplicated),
         Some(d) if d.eq_ignore_ascii_case("ShardedByS3Key") => Ok(S3Distribution::ShardedByS3Key),
         Some(d) => Err(DetectError::Malformed {
             origin: origin.into(),
-            problem: format!(
-                "channel \"{channel}\" has S3DistributionType \"{}\"",
-                shown(d)
-            ),
+            problem: format!("channel \"{channel}\" has S3DistributionType \"{}\"", shown(d)),
             expected: "FullyReplicated or ShardedByS3Key".into(),
         }),
     }
@@ -188,18 +171,13 @@ fn hyperparameters(
     notes: &mut Vec<String>,
 ) -> Result<BTreeMap<String, String>, DetectError> {
     if let Some(v) = env.value("SM_HPS") {
-        let map: BTreeMap<String, Value> = parse::json_var(
-            "SM_HPS",
-            v,
-            "a JSON object such as {\"epochs\":10,\"lr\":0.01}",
-        )?;
+        let map: BTreeMap<String, Value> =
+            parse::json_var("SM_HPS", v, "a JSON object such as {\"epochs\":10,\"lr\":0.01}")?;
         return Ok(map.into_iter().map(|(k, v)| (k, plain(v))).collect());
     }
     let path = config_dir.join("hyperparameters.json");
-    let file: Option<BTreeMap<String, Value>> = parse::json_file(
-        &path,
-        "a JSON object of JSON-encoded strings such as {\"epochs\":\"10\"}",
-    )?;
+    let file: Option<BTreeMap<String, Value>> =
+        parse::json_file(&path, "a JSON object of JSON-encoded strings such as {\"epochs\":\"10\"}")?;
     if let Some(map) = file {
         return Ok(map
             .into_iter()
@@ -214,23 +192,15 @@ fn hyperparameters(
     }
     let from_env: BTreeMap<String, String> = env
         .iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("SM_HP_")
-                .map(|name| (name.to_lowercase(), decode_hyperparameter(v)))
-        })
+        .filter_map(|(k, v)| k.strip_prefix("SM_HP_").map(|name| (name.to_lowercase(), decode_hyperparameter(v))))
         .collect();
     if !from_env.is_empty() {
-        notes.push(
-            "hyperparameters taken from SM_HP_* variables; their names are lower-cased".into(),
-        );
+        notes.push("hyperparameters taken from SM_HP_* variables; their names are lower-cased".into());
     }
     Ok(from_env)
 }
 
-fn distribution_groups(
-    env: &Env,
-    hps: &BTreeMap<String, String>,
-) -> Result<(Vec<String>, String), DetectError> {
+fn distribution_groups(env: &Env, hps: &BTreeMap<String, String>) -> Result<(Vec<String>, String), DetectError> {
     let expected = "a JSON list of instance group names such as [\"train\"]";
     if let Some(v) = env.value("SM_DISTRIBUTION_INSTANCE_GROUPS") {
         let groups: Vec<String> = parse::json_var("SM_DISTRIBUTION_INSTANCE_GROUPS", v, expected)?;
@@ -286,10 +256,7 @@ fn instance_groups(
             v,
             "a JSON object of groups such as {\"train\":{\"instance_type\":\"ml.p4d.24xlarge\",\"hosts\":[\"algo-1\"]}}",
         )?;
-        let raw = map
-            .into_iter()
-            .map(|(k, g)| (k, g.instance_type, g.hosts))
-            .collect();
+        let raw = map.into_iter().map(|(k, g)| (k, g.instance_type, g.hosts)).collect();
         (raw, "SM_INSTANCE_GROUPS_DICT".into())
     } else {
         let raw = rc
@@ -298,10 +265,7 @@ fn instance_groups(
             .flatten()
             .enumerate()
             .map(|(i, g)| {
-                let name = g
-                    .instance_group_name
-                    .clone()
-                    .unwrap_or_else(|| format!("group-{i}"));
+                let name = g.instance_group_name.clone().unwrap_or_else(|| format!("group-{i}"));
                 (name, g.instance_type.clone(), g.hosts.clone())
             })
             .collect();
@@ -321,49 +285,24 @@ fn instance_groups(
             });
         }
         group_hosts.sort();
-        groups.insert(
-            name,
-            InstanceGroup {
-                instance_type,
-                hosts: group_hosts,
-            },
-        );
+        groups.insert(name, InstanceGroup { instance_type, hosts: group_hosts });
     }
     Ok(groups)
 }
 
-fn channels(
-    env: &Env,
-    root: &Path,
-    config_dir: &Path,
-) -> Result<BTreeMap<String, Channel>, DetectError> {
-    let (configs, origin): (BTreeMap<String, ChannelConfig>, String) =
-        match env.value("SM_INPUT_DATA_CONFIG") {
-            Some(v) => (
-                parse::json_var("SM_INPUT_DATA_CONFIG", v, IDC_EXPECTED)?,
-                "SM_INPUT_DATA_CONFIG".into(),
-            ),
-            None => {
-                let path = config_dir.join("inputdataconfig.json");
-                (
-                    parse::json_file(&path, IDC_EXPECTED)?.unwrap_or_default(),
-                    path.display().to_string(),
-                )
-            }
-        };
+fn channels(env: &Env, root: &Path, config_dir: &Path) -> Result<BTreeMap<String, Channel>, DetectError> {
+    let (configs, origin): (BTreeMap<String, ChannelConfig>, String) = match env.value("SM_INPUT_DATA_CONFIG") {
+        Some(v) => (parse::json_var("SM_INPUT_DATA_CONFIG", v, IDC_EXPECTED)?, "SM_INPUT_DATA_CONFIG".into()),
+        None => {
+            let path = config_dir.join("inputdataconfig.json");
+            (parse::json_file(&path, IDC_EXPECTED)?.unwrap_or_default(), path.display().to_string())
+        }
+    };
     let listed: Vec<String> = match env.value("SM_CHANNELS") {
-        Some(v) => parse::json_var(
-            "SM_CHANNELS",
-            v,
-            "a JSON list of channel names such as [\"training\"]",
-        )?,
+        Some(v) => parse::json_var("SM_CHANNELS", v, "a JSON list of channel names such as [\"training\"]")?,
         None => Vec::new(),
     };
-    let names: BTreeSet<&str> = configs
-        .keys()
-        .map(String::as_str)
-        .chain(listed.iter().map(String::as_str))
-        .collect();
+    let names: BTreeSet<&str> = configs.keys().map(String::as_str).chain(listed.iter().map(String::as_str)).collect();
     let mut out = BTreeMap::new();
     for name in names {
         if !valid_channel_name(name) {
@@ -374,22 +313,15 @@ fn channels(
             });
         }
         let cfg = configs.get(name);
-        let cfg_field =
-            |f: fn(&ChannelConfig) -> &Option<String>| cfg.and_then(|c| f(c).as_deref());
-        let path = env
-            .value(&channel_var(name))
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("input/data").join(name));
+        let cfg_field = |f: fn(&ChannelConfig) -> &Option<String>| cfg.and_then(|c| f(c).as_deref());
+        let path =
+            env.value(&channel_var(name)).map(PathBuf::from).unwrap_or_else(|| root.join("input/data").join(name));
         out.insert(
             name.to_owned(),
             Channel {
                 path,
                 input_mode: input_mode(&origin, name, cfg_field(|c| &c.training_input_mode))?,
-                s3_distribution: s3_distribution(
-                    &origin,
-                    name,
-                    cfg_field(|c| &c.s3_distribution_type),
-                )?,
+                s3_distribution: s3_distribution(&origin, name, cfg_field(|c| &c.s3_distribution_type))?,
                 content_type: cfg_field(|c| &c.content_type).map(str::to_owned),
                 record_wrapper_type: cfg_field(|c| &c.record_wrapper_type).map(str::to_owned),
             },
@@ -408,14 +340,8 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
     let config_dir = root.join("input/config");
     let rc_path = config_dir.join("resourceconfig.json");
     let (rc, rc_origin): (ResourceConfig, String) = match env.value("SM_RESOURCE_CONFIG") {
-        Some(v) => (
-            parse::json_var("SM_RESOURCE_CONFIG", v, RC_EXPECTED)?,
-            "SM_RESOURCE_CONFIG".into(),
-        ),
-        None => (
-            parse::json_file(&rc_path, RC_EXPECTED)?.unwrap_or_default(),
-            rc_path.display().to_string(),
-        ),
+        Some(v) => (parse::json_var("SM_RESOURCE_CONFIG", v, RC_EXPECTED)?, "SM_RESOURCE_CONFIG".into()),
+        None => (parse::json_file(&rc_path, RC_EXPECTED)?.unwrap_or_default(), rc_path.display().to_string()),
     };
 
     let (hosts, hosts_origin) = match env.value("SM_HOSTS") {
@@ -461,10 +387,8 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
     }
 
     let groups = instance_groups(env, &rc, &rc_origin, &hosts)?;
-    let instance_group = env
-        .value("SM_CURRENT_INSTANCE_GROUP")
-        .map(str::to_owned)
-        .or_else(|| rc.current_group_name.clone());
+    let instance_group =
+        env.value("SM_CURRENT_INSTANCE_GROUP").map(str::to_owned).or_else(|| rc.current_group_name.clone());
     let hps = hyperparameters(env, &config_dir, &mut notes)?;
     let (dist_groups, dist_origin) = distribution_groups(env, &hps)?;
     let dist_hosts: Vec<String> = if dist_groups.is_empty() {
@@ -491,9 +415,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
         set.into_iter().collect()
     };
     if dist_hosts.is_empty() {
-        return Err(DetectError::EmptyHosts {
-            origin: dist_origin,
-        });
+        return Err(DetectError::EmptyHosts { origin: dist_origin });
     }
     let group_index = dist_hosts.iter().position(|h| *h == current_host);
 
@@ -515,11 +437,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
                 "host {current_host} is outside the distribution instance groups {}; it runs alone (rank 0 of 1)",
                 json_list(&dist_groups)
             ));
-            (
-                Counts::SINGLE,
-                vec![current_host.clone()],
-                detect::DEFAULT_MASTER_ADDR.to_owned(),
-            )
+            (Counts::SINGLE, vec![current_host.clone()], detect::DEFAULT_MASTER_ADDR.to_owned())
         }
         (_, index) => {
             let counts = if launcher == Launcher::Mpirun {
@@ -540,11 +458,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
                     }
                     (counts, dist_hosts.clone(), dist_hosts[0].clone())
                 }
-                None => (
-                    counts,
-                    vec![current_host.clone()],
-                    detect::DEFAULT_MASTER_ADDR.to_owned(),
-                ),
+                None => (counts, vec![current_host.clone()], detect::DEFAULT_MASTER_ADDR.to_owned()),
             }
         }
     };
@@ -597,9 +511,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
             "a process count such as 8",
         )? {
             0 => {
-                return Err(DetectError::Zero {
-                    var: "hyperparameter sagemaker_mpi_num_of_processes_per_host".into(),
-                })
+                return Err(DetectError::Zero { var: "hyperparameter sagemaker_mpi_num_of_processes_per_host".into() })
             }
             n => Some(n),
         },
@@ -608,9 +520,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
     let nproc_per_node = match (group_index, mpi_per_host, distribution) {
         (None, _, _) => None,
         (Some(_), Some(n), _) => Some(n),
-        (Some(_), None, Distribution::TorchDistributed | Distribution::Mpi) => {
-            num_gpus.map(|g| g.max(1))
-        }
+        (Some(_), None, Distribution::TorchDistributed | Distribution::Mpi) => num_gpus.map(|g| g.max(1)),
         (Some(_), None, _) => None,
     };
 
@@ -622,10 +532,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
     let output_dir = output_dir(env, root);
     let paths = Paths {
         channels: channels(env, root, &config_dir)?,
-        model_dir: env
-            .value("SM_MODEL_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("model")),
+        model_dir: env.value("SM_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("model")),
         checkpoint_dir: Some(
             checkpoint
                 .local_path
@@ -633,57 +540,30 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
                 .map(PathBuf::from)
                 .unwrap_or_else(|| root.join("checkpoints")),
         ),
-        output_data_dir: env
-            .value("SM_OUTPUT_DATA_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("output/data")),
+        output_data_dir: env.value("SM_OUTPUT_DATA_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("output/data")),
         failure_file: Some(output_dir.join(FAILURE_FILE)),
         output_dir,
     };
 
     let training_env: Option<Value> = env
         .value("SM_TRAINING_ENV")
-        .map(|v| {
-            parse::json_var(
-                "SM_TRAINING_ENV",
-                v,
-                "the toolkit's JSON object describing the job",
-            )
-        })
+        .map(|v| parse::json_var("SM_TRAINING_ENV", v, "the toolkit's JSON object describing the job"))
         .transpose()?;
-    let job_name = env
-        .value("TRAINING_JOB_NAME")
-        .or_else(|| env.value("SAGEMAKER_JOB_NAME"))
-        .map(str::to_owned)
-        .or_else(|| {
-            training_env
-                .as_ref()
-                .and_then(|t| t.get("job_name"))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
+    let job_name =
+        env.value("TRAINING_JOB_NAME").or_else(|| env.value("SAGEMAKER_JOB_NAME")).map(str::to_owned).or_else(|| {
+            training_env.as_ref().and_then(|t| t.get("job_name")).and_then(Value::as_str).map(str::to_owned)
         });
     let sagemaker = SageMaker {
         job_name,
         job_arn: env.value("TRAINING_JOB_ARN").map(str::to_owned),
-        region: env
-            .value("SAGEMAKER_REGION")
-            .or_else(|| env.value("AWS_REGION"))
-            .map(str::to_owned),
-        network_interface_name: env
-            .value("SM_NETWORK_INTERFACE_NAME")
-            .map(str::to_owned)
-            .or(rc.network_interface_name),
-        current_instance_type: env
-            .value("SM_CURRENT_INSTANCE_TYPE")
-            .map(str::to_owned)
-            .or(rc.current_instance_type),
+        region: env.value("SAGEMAKER_REGION").or_else(|| env.value("AWS_REGION")).map(str::to_owned),
+        network_interface_name: env.value("SM_NETWORK_INTERFACE_NAME").map(str::to_owned).or(rc.network_interface_name),
+        current_instance_type: env.value("SM_CURRENT_INSTANCE_TYPE").map(str::to_owned).or(rc.current_instance_type),
         instance_group,
         instance_groups: groups,
         distribution_instance_groups: dist_groups,
         hosts,
-        toolkit: ["SM_HOSTS", "SM_CURRENT_HOST", "SM_TRAINING_ENV"]
-            .iter()
-            .any(|v| env.has(v)),
+        toolkit: ["SM_HOSTS", "SM_CURRENT_HOST", "SM_TRAINING_ENV"].iter().any(|v| env.has(v)),
         num_gpus,
         num_cpus,
         distribution,
@@ -716,10 +596,7 @@ mod tests {
         assert_eq!(decode_hyperparameter("0.01"), "0.01");
         assert_eq!(decode_hyperparameter("[\"a\"]"), "[\"a\"]");
         assert_eq!(decode_hyperparameter("not json"), "not json");
-        assert_eq!(
-            decode_hyperparameter("\"quoted \\\"inner\\\"\""),
-            "quoted \"inner\""
-        );
+        assert_eq!(decode_hyperparameter("\"quoted \\\"inner\\\"\""), "quoted \"inner\"");
     }
 
     #[test]

@@ -40,10 +40,7 @@ impl Topology {
     /// wrapping.
     pub fn worker(&self, nproc_per_node: usize, local_rank: usize) -> Topology {
         Topology {
-            rank: self
-                .node_rank
-                .saturating_mul(nproc_per_node)
-                .saturating_add(local_rank),
+            rank: self.node_rank.saturating_mul(nproc_per_node).saturating_add(local_rank),
             local_rank,
             world_size: self.nnodes.saturating_mul(nproc_per_node),
             local_world_size: nproc_per_node,
@@ -131,23 +128,13 @@ mod tests {
     #[test]
     fn worker_rank_is_node_rank_times_nproc_plus_local_rank() {
         let w = node(2, 3).worker(4, 1);
-        assert_eq!(
-            (
-                w.rank,
-                w.world_size,
-                w.local_world_size,
-                w.node_rank,
-                w.nnodes
-            ),
-            (9, 12, 4, 2, 3)
-        );
+        assert_eq!((w.rank, w.world_size, w.local_world_size, w.node_rank, w.nnodes), (9, 12, 4, 2, 3));
     }
 
     #[test]
     fn worker_env_sets_torchrun_variables_and_the_child_mark() {
         let w = node(1, 2).worker(2, 1);
-        let env: std::collections::BTreeMap<_, _> =
-            worker_env(&w, &Env::default()).into_iter().collect();
+        let env: std::collections::BTreeMap<_, _> = worker_env(&w, &Env::default()).into_iter().collect();
         for (k, v) in [
             ("RANK", "3"),
             ("LOCAL_RANK", "1"),

@@ -25,13 +25,9 @@ fn every_seed_of_the_launcher_env_corpus_is_detected_or_refused_in_one_line() {
 fn the_sagemaker_seed_really_reaches_the_files() {
     // The corpus is only worth replaying if its files are read: a SageMaker seed must give a SageMaker plan.
     let root = tempfile::tempdir().unwrap();
-    let (_, bytes) = corpus("launcher_env")
-        .into_iter()
-        .find(|(p, _)| p.ends_with("sagemaker_files"))
-        .unwrap();
+    let (_, bytes) = corpus("launcher_env").into_iter().find(|(p, _)| p.ends_with("sagemaker_files")).unwrap();
     detect_sectioned(&bytes, root.path());
-    let env =
-        hytrain_cluster::Env::from_pairs([("HYTRAIN_SM_ROOT", root.path().to_str().unwrap())]);
+    let env = hytrain_cluster::Env::from_pairs([("HYTRAIN_SM_ROOT", root.path().to_str().unwrap())]);
     let plan = hytrain_cluster::detect_from(&env).unwrap();
     assert_eq!(plan.platform, hytrain_cluster::Platform::Sagemaker);
     assert_eq!((plan.topology.rank, plan.topology.world_size), (1, 2));

@@ -108,11 +108,7 @@ const SHAPES: &[&[(&str, &str)]] = &[
         ("PET_MASTER_ADDR", "t-node-0-0.t"),
         ("PET_MASTER_PORT", "29500"),
     ],
-    &[
-        ("PET_RDZV_ENDPOINT", "e-worker-0:23456"),
-        ("PET_NNODES", "1:4"),
-        ("PET_NODE_RANK", "0"),
-    ],
+    &[("PET_RDZV_ENDPOINT", "e-worker-0:23456"), ("PET_NNODES", "1:4"), ("PET_NODE_RANK", "0")],
     &[
         ("OMPI_COMM_WORLD_RANK", "3"),
         ("OMPI_COMM_WORLD_SIZE", "4"),
@@ -141,26 +137,19 @@ const SHAPES: &[&[(&str, &str)]] = &[
 
 /// A launcher shape with up to a few variables set to arbitrary values.
 fn arbitrary_env() -> impl Strategy<Value = Env> {
-    (
-        prop::sample::select(SHAPES),
-        prop::collection::vec((prop::sample::select(VARS), value()), 0..5),
-    )
-        .prop_map(|(shape, changes)| {
+    (prop::sample::select(SHAPES), prop::collection::vec((prop::sample::select(VARS), value()), 0..5)).prop_map(
+        |(shape, changes)| {
             let mut e = Env::from_pairs([("HYTRAIN_SM_ROOT", NO_SM_ROOT)]);
             e.extend(shape.iter().copied());
             e.extend(changes.into_iter().map(|(k, v)| (k.to_owned(), v)));
             e
-        })
+        },
+    )
 }
 
 fn assert_consistent(plan: &Plan) {
     let t = &plan.topology;
-    assert!(
-        t.rank < t.world_size,
-        "rank {} world {}",
-        t.rank,
-        t.world_size
-    );
+    assert!(t.rank < t.world_size, "rank {} world {}", t.rank, t.world_size);
     assert!(t.local_rank < t.local_world_size);
     assert!(t.node_rank < t.nnodes);
     assert!(t.master_port > 0);
@@ -175,10 +164,7 @@ fn check(env: &Env) {
         Ok(plan) => assert_consistent(&plan),
         Err(e) => {
             let msg = e.to_string();
-            assert!(
-                !msg.contains('\n') && !msg.contains('\r'),
-                "multi-line error: {msg:?}"
-            );
+            assert!(!msg.contains('\n') && !msg.contains('\r'), "multi-line error: {msg:?}");
             assert!(!msg.is_empty());
         }
     }

@@ -4,8 +4,7 @@ mod common;
 
 use common::{child_env, env, plan, resource_config, SmTree};
 use hytrain_cluster::{
-    Distribution, InputMode, Launcher, Platform, S3Distribution, Topology,
-    SAGEMAKER_DEFAULT_MASTER_PORT,
+    Distribution, InputMode, Launcher, Platform, S3Distribution, Topology, SAGEMAKER_DEFAULT_MASTER_PORT,
 };
 
 /// A v1 PyTorchJob pod's environment as training-operator 1.9 sets it (with a Master replica).
@@ -34,10 +33,7 @@ fn kubeflow_v1_pod(
 }
 
 fn env_of(pairs: &[(String, String)]) -> hytrain_cluster::Env {
-    let borrowed: Vec<(&str, &str)> = pairs
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let borrowed: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     env(&borrowed)
 }
 
@@ -75,14 +71,7 @@ fn torchrun_worker(
 }
 
 fn ranks(t: &Topology) -> (usize, usize, usize, usize, usize, usize) {
-    (
-        t.rank,
-        t.world_size,
-        t.local_rank,
-        t.local_world_size,
-        t.node_rank,
-        t.nnodes,
-    )
+    (t.rank, t.world_size, t.local_rank, t.local_world_size, t.node_rank, t.nnodes)
 }
 
 // ---------------------------------------------------------------- Kubeflow PyTorchJob v1
@@ -90,27 +79,15 @@ fn ranks(t: &Topology) -> (usize, usize, usize, usize, usize, usize) {
 #[test]
 fn kubeflow_v1_master_and_two_workers_get_the_pod_index_as_rank() {
     for (replica, index, rank) in [("master", 0, 0), ("worker", 0, 1), ("worker", 1, 2)] {
-        let p = plan(&env_of(&kubeflow_v1_pod(
-            "cifar", replica, index, rank, 3, "auto",
-        )));
+        let p = plan(&env_of(&kubeflow_v1_pod("cifar", replica, index, rank, 3, "auto")));
         assert_eq!(p.platform, Platform::KubeflowPytorchjob);
         assert_eq!(p.launcher, Launcher::None);
-        assert_eq!(
-            ranks(&p.topology),
-            (rank, 3, 0, 1, rank, 3),
-            "{replica}-{index}"
-        );
+        assert_eq!(ranks(&p.topology), (rank, 3, 0, 1, rank, 3), "{replica}-{index}");
         assert_eq!(p.topology.master_addr, "cifar-master-0");
         assert_eq!(p.topology.master_port, 23456);
         assert_eq!(p.topology.current_host, format!("cifar-{replica}-{index}"));
-        assert_eq!(
-            p.nproc_per_node_hint(),
-            None,
-            "auto asks for no particular count"
-        );
-        assert!(
-            p.sagemaker.is_none() && p.hyperparameters.is_empty() && p.paths.channels.is_empty()
-        );
+        assert_eq!(p.nproc_per_node_hint(), None, "auto asks for no particular count");
+        assert!(p.sagemaker.is_none() && p.hyperparameters.is_empty() && p.paths.channels.is_empty());
     }
 }
 
@@ -121,11 +98,7 @@ fn kubeflow_v1_nproc2_lone_process_reads_rank_as_node_rank_and_asks_for_hytrain_
     assert_eq!(p.platform, Platform::KubeflowPytorchjob);
     assert_eq!(ranks(&p.topology), (2, 4, 0, 2, 1, 2));
     assert_eq!(p.nproc_per_node_hint(), Some(2));
-    assert!(
-        p.notes.iter().any(|n| n.contains("hytrain launch")),
-        "{:?}",
-        p.notes
-    );
+    assert!(p.notes.iter().any(|n| n.contains("hytrain launch")), "{:?}", p.notes);
 }
 
 #[test]
@@ -136,10 +109,7 @@ fn kubeflow_v1_nproc2_hytrain_launch_children_get_global_ranks() {
         assert_eq!(p.platform, Platform::KubeflowPytorchjob);
         assert_eq!(p.launcher, Launcher::HytrainLaunch);
         assert_eq!(ranks(&p.topology), (2 + local_rank, 4, local_rank, 2, 1, 2));
-        assert_eq!(
-            (p.topology.master_addr.as_str(), p.topology.master_port),
-            ("big-master-0", 23456)
-        );
+        assert_eq!((p.topology.master_addr.as_str(), p.topology.master_port), ("big-master-0", 23456));
     }
 }
 
@@ -185,22 +155,9 @@ fn kubeflow_v1_elastic_lone_process_uses_rdzv_endpoint_and_max_nodes() {
     ]));
     assert_eq!(p.platform, Platform::KubeflowPytorchjob);
     assert_eq!(ranks(&p.topology), (2, 4, 0, 1, 2, 4));
-    assert_eq!(
-        (p.topology.master_addr.as_str(), p.topology.master_port),
-        ("elastic-worker-0", 23456)
-    );
-    assert!(
-        p.notes
-            .iter()
-            .any(|n| n.contains("elastic") && n.contains("1:4")),
-        "{:?}",
-        p.notes
-    );
-    assert!(
-        p.notes.iter().any(|n| n.contains("PET_RDZV_ENDPOINT")),
-        "{:?}",
-        p.notes
-    );
+    assert_eq!((p.topology.master_addr.as_str(), p.topology.master_port), ("elastic-worker-0", 23456));
+    assert!(p.notes.iter().any(|n| n.contains("elastic") && n.contains("1:4")), "{:?}", p.notes);
+    assert!(p.notes.iter().any(|n| n.contains("PET_RDZV_ENDPOINT")), "{:?}", p.notes);
 }
 
 #[test]
@@ -245,11 +202,7 @@ fn trainer_v2_numeric_nproc_is_a_hint_and_children_keep_the_platform() {
     assert_eq!(ranks(&p.topology), (4, 8, 0, 4, 1, 2));
     for local_rank in 0..4 {
         let c = plan(&child_env(&node, 4, local_rank));
-        assert_eq!(
-            c.platform,
-            Platform::KubeflowTrainjob,
-            "HYTRAIN_PLATFORM carries the platform"
-        );
+        assert_eq!(c.platform, Platform::KubeflowTrainjob, "HYTRAIN_PLATFORM carries the platform");
         assert_eq!(ranks(&c.topology), (4 + local_rank, 8, local_rank, 4, 1, 2));
     }
 }
@@ -269,16 +222,10 @@ fn trainer_v2_torchrun_children_stay_a_trainjob() {
 #[test]
 fn torchrun_children_take_global_ranks_directly() {
     let p = plan(&env_of(&torchrun_worker(5, 1, 8, 4, "10.0.0.1", 29400)));
-    assert_eq!(
-        (p.platform, p.launcher),
-        (Platform::Torchrun, Launcher::Torchrun)
-    );
+    assert_eq!((p.platform, p.launcher), (Platform::Torchrun, Launcher::Torchrun));
     assert_eq!(ranks(&p.topology), (5, 8, 1, 4, 1, 2));
     assert_eq!(p.topology.master_endpoint(), "10.0.0.1:29400");
-    assert!(
-        p.topology.hosts.is_empty(),
-        "two nodes whose names torchrun does not give"
-    );
+    assert!(p.topology.hosts.is_empty(), "two nodes whose names torchrun does not give");
 }
 
 #[test]
@@ -307,13 +254,7 @@ fn mpirun_ranks_come_from_ompi_variables() {
     assert_eq!((p.platform, p.launcher), (Platform::Mpi, Launcher::Mpirun));
     assert_eq!(ranks(&p.topology), (5, 8, 1, 4, 1, 2));
     assert_eq!(p.topology.master_endpoint(), "127.0.0.1:29500");
-    assert!(
-        p.notes
-            .iter()
-            .any(|n| n.contains("MPI backend needs no store")),
-        "{:?}",
-        p.notes
-    );
+    assert!(p.notes.iter().any(|n| n.contains("MPI backend needs no store")), "{:?}", p.notes);
 }
 
 #[test]
@@ -338,10 +279,7 @@ fn hytrain_launch_under_mpirun_children_are_not_taken_for_mpi_ranks() {
         ("OMPI_COMM_WORLD_LOCAL_SIZE", "1"),
     ]);
     let c = plan(&child_env(&node, 2, 1));
-    assert_eq!(
-        (c.platform, c.launcher),
-        (Platform::Mpi, Launcher::HytrainLaunch)
-    );
+    assert_eq!((c.platform, c.launcher), (Platform::Mpi, Launcher::HytrainLaunch));
     assert_eq!(ranks(&c.topology), (3, 4, 1, 2, 1, 2));
 }
 
@@ -357,10 +295,7 @@ fn sagemaker_with_toolkit_env_and_no_files() {
         ("SM_CHANNEL_TRAINING", "/mnt/efs/cifar10"),
         ("SM_MODEL_DIR", "/opt/ml/model"),
         ("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data"),
-        (
-            "SM_HPS",
-            r#"{"epochs":10,"lr":0.01,"backend":"gloo","augment":true}"#,
-        ),
+        ("SM_HPS", r#"{"epochs":10,"lr":0.01,"backend":"gloo","augment":true}"#),
         ("SM_HP_EPOCHS", "10"),
         ("SM_NETWORK_INTERFACE_NAME", "eth0"),
         ("SM_NUM_GPUS", "0"),
@@ -369,22 +304,13 @@ fn sagemaker_with_toolkit_env_and_no_files() {
         ("MASTER_ADDR", "algo-1"),
         ("MASTER_PORT", "7777"),
     ]));
-    assert_eq!(
-        (p.platform, p.launcher),
-        (Platform::Sagemaker, Launcher::None)
-    );
+    assert_eq!((p.platform, p.launcher), (Platform::Sagemaker, Launcher::None));
     assert_eq!(ranks(&p.topology), (1, 2, 0, 1, 1, 2));
     assert_eq!(p.topology.master_endpoint(), "algo-1:7777");
     assert_eq!(p.topology.hosts, ["algo-1", "algo-2"]);
     assert_eq!(p.topology.current_host, "algo-2");
-    assert_eq!(
-        p.paths.channels["training"].path.to_str(),
-        Some("/mnt/efs/cifar10")
-    );
-    assert_eq!(
-        p.paths.channels["validation"].path,
-        tree.root().join("input/data/validation")
-    );
+    assert_eq!(p.paths.channels["training"].path.to_str(), Some("/mnt/efs/cifar10"));
+    assert_eq!(p.paths.channels["validation"].path, tree.root().join("input/data/validation"));
     assert_eq!(p.paths.channels["training"].input_mode, InputMode::File);
     assert_eq!(p.paths.model_dir.to_str(), Some("/opt/ml/model"));
     let hp = |k: &str| p.hyperparameters.get(k).map(String::as_str);
@@ -416,49 +342,25 @@ fn sagemaker_without_toolkit_reads_the_config_files() {
         )
         .write_config("checkpointconfig.json", r#"{"LocalPath":"/opt/ml/checkpoints","S3Uri":"s3://bucket/ckpt"}"#);
     let p = plan(&tree.env(&[]));
-    assert_eq!(
-        (p.platform, p.launcher),
-        (Platform::Sagemaker, Launcher::None)
-    );
+    assert_eq!((p.platform, p.launcher), (Platform::Sagemaker, Launcher::None));
     assert_eq!(ranks(&p.topology), (1, 2, 0, 1, 1, 2));
     assert_eq!(p.topology.master_addr, "algo-1");
     assert_eq!(p.topology.master_port, SAGEMAKER_DEFAULT_MASTER_PORT);
     assert!(![7777, 7592].contains(&p.topology.master_port));
-    assert!(
-        p.notes
-            .iter()
-            .any(|n| n.contains("7777") && n.contains("7592")),
-        "{:?}",
-        p.notes
-    );
+    assert!(p.notes.iter().any(|n| n.contains("7777") && n.contains("7592")), "{:?}", p.notes);
 
     let hp = |k: &str| p.hyperparameters.get(k).map(String::as_str);
-    assert_eq!(
-        hp("sagemaker_program"),
-        Some("train.py"),
-        "JSON-encoded string is decoded"
-    );
+    assert_eq!(hp("sagemaker_program"), Some("train.py"), "JSON-encoded string is decoded");
     assert_eq!(hp("model"), Some("lenet"));
-    assert_eq!(
-        hp("epochs"),
-        Some("10"),
-        "a decoded number keeps its JSON text"
-    );
+    assert_eq!(hp("epochs"), Some("10"), "a decoded number keeps its JSON text");
     assert_eq!(hp("augment"), Some("true"));
-    assert_eq!(
-        hp("raw"),
-        Some("plain text"),
-        "text that is not JSON is kept as it is"
-    );
+    assert_eq!(hp("raw"), Some("plain text"), "text that is not JSON is kept as it is");
     assert_eq!(hp("batch-size"), Some("64"));
 
     let ch = &p.paths.channels;
     assert_eq!(ch.len(), 3);
     assert_eq!(ch["training"].path, tree.root().join("input/data/training"));
-    assert_eq!(
-        ch["training"].content_type.as_deref(),
-        Some("application/x-image")
-    );
+    assert_eq!(ch["training"].content_type.as_deref(), Some("application/x-image"));
     assert_eq!(
         (ch["training"].input_mode, ch["training"].s3_distribution),
         (InputMode::File, S3Distribution::FullyReplicated)
@@ -467,24 +369,14 @@ fn sagemaker_without_toolkit_reads_the_config_files() {
         (ch["stream"].input_mode, ch["stream"].s3_distribution),
         (InputMode::Pipe, S3Distribution::ShardedByS3Key)
     );
-    assert_eq!(
-        ch["stream"].path,
-        tree.root().join("input/data/stream"),
-        "base path of the stream_<epoch> FIFOs"
-    );
+    assert_eq!(ch["stream"].path, tree.root().join("input/data/stream"), "base path of the stream_<epoch> FIFOs");
     assert_eq!(ch["lazy"].input_mode, InputMode::FastFile);
 
     assert_eq!(p.paths.model_dir, tree.root().join("model"));
     assert_eq!(p.paths.output_dir, tree.root().join("output"));
     assert_eq!(p.paths.output_data_dir, tree.root().join("output/data"));
-    assert_eq!(
-        p.paths.failure_file,
-        Some(tree.root().join("output/failure"))
-    );
-    assert_eq!(
-        p.paths.checkpoint_dir.as_deref().and_then(|c| c.to_str()),
-        Some("/opt/ml/checkpoints")
-    );
+    assert_eq!(p.paths.failure_file, Some(tree.root().join("output/failure")));
+    assert_eq!(p.paths.checkpoint_dir.as_deref().and_then(|c| c.to_str()), Some("/opt/ml/checkpoints"));
 
     let sm = p.sagemaker.as_ref().unwrap();
     assert!(!sm.toolkit);
@@ -497,38 +389,23 @@ fn sagemaker_without_toolkit_reads_the_config_files() {
 #[test]
 fn sagemaker_checkpoint_dir_defaults_under_the_root() {
     let tree = SmTree::new();
-    tree.write_config(
-        "resourceconfig.json",
-        &resource_config("algo-1", &["algo-1"]),
-    );
+    tree.write_config("resourceconfig.json", &resource_config("algo-1", &["algo-1"]));
     let p = plan(&tree.env(&[]));
-    assert_eq!(
-        p.paths.checkpoint_dir,
-        Some(tree.root().join("checkpoints"))
-    );
+    assert_eq!(p.paths.checkpoint_dir, Some(tree.root().join("checkpoints")));
     assert_eq!(ranks(&p.topology), (0, 1, 0, 1, 0, 1));
 }
 
 #[test]
 fn sagemaker_hosts_sort_as_strings_so_algo10_comes_before_algo2() {
     let tree = SmTree::new();
-    let unsorted = [
-        "algo-7", "algo-2", "algo-10", "algo-1", "algo-5", "algo-9", "algo-3", "algo-8", "algo-4",
-        "algo-6",
-    ];
-    let sorted = [
-        "algo-1", "algo-10", "algo-2", "algo-3", "algo-4", "algo-5", "algo-6", "algo-7", "algo-8",
-        "algo-9",
-    ];
+    let unsorted =
+        ["algo-7", "algo-2", "algo-10", "algo-1", "algo-5", "algo-9", "algo-3", "algo-8", "algo-4", "algo-6"];
+    let sorted = ["algo-1", "algo-10", "algo-2", "algo-3", "algo-4", "algo-5", "algo-6", "algo-7", "algo-8", "algo-9"];
     for (index, current) in sorted.iter().enumerate() {
         tree.write_config("resourceconfig.json", &resource_config(current, &unsorted));
         let p = plan(&tree.env(&[]));
         assert_eq!(p.topology.hosts, sorted);
-        assert_eq!(
-            ranks(&p.topology),
-            (index, 10, 0, 1, index, 10),
-            "{current}"
-        );
+        assert_eq!(ranks(&p.topology), (index, 10, 0, 1, index, 10), "{current}");
         assert_eq!(p.topology.master_addr, "algo-1");
     }
 }
@@ -551,10 +428,7 @@ fn hetero_config(current: &str) -> String {
 #[test]
 fn sagemaker_heterogeneous_distribution_group_starting_at_algo3() {
     let tree = SmTree::new();
-    tree.write_config(
-        "hyperparameters.json",
-        r#"{"sagemaker_distribution_instance_groups":"[\"train\"]"}"#,
-    );
+    tree.write_config("hyperparameters.json", r#"{"sagemaker_distribution_instance_groups":"[\"train\"]"}"#);
     for (current, rank) in [("algo-3", 0), ("algo-4", 1)] {
         tree.write_config("resourceconfig.json", &hetero_config(current));
         let p = plan(&tree.env(&[]));
@@ -574,20 +448,11 @@ fn sagemaker_host_outside_the_distribution_group_trains_alone() {
     let tree = SmTree::new();
     tree.write_config("resourceconfig.json", &hetero_config("algo-1"));
     // The toolkit's way of saying the same thing, and its MASTER_ADDR for the group, which must not be followed.
-    let p = plan(&tree.env(&[
-        ("SM_DISTRIBUTION_INSTANCE_GROUPS", r#"["train"]"#),
-        ("MASTER_ADDR", "algo-3"),
-    ]));
+    let p = plan(&tree.env(&[("SM_DISTRIBUTION_INSTANCE_GROUPS", r#"["train"]"#), ("MASTER_ADDR", "algo-3")]));
     assert_eq!(ranks(&p.topology), (0, 1, 0, 1, 0, 1));
     assert_eq!(p.topology.master_addr, "127.0.0.1");
     assert_eq!(p.topology.hosts, ["algo-1"]);
-    assert!(
-        p.notes
-            .iter()
-            .any(|n| n.contains("outside the distribution instance groups")),
-        "{:?}",
-        p.notes
-    );
+    assert!(p.notes.iter().any(|n| n.contains("outside the distribution instance groups")), "{:?}", p.notes);
     assert_eq!(p.nproc_per_node_hint(), None);
 }
 
@@ -607,57 +472,35 @@ fn sagemaker_torchrun_launched_by_the_toolkit_uses_master_port_7777() {
     vars.extend(torchrun_worker(5, 1, 8, 4, "algo-1", 7777));
     let borrowed: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let p = plan(&tree.env(&borrowed));
-    assert_eq!(
-        (p.platform, p.launcher),
-        (Platform::Sagemaker, Launcher::Torchrun)
-    );
+    assert_eq!((p.platform, p.launcher), (Platform::Sagemaker, Launcher::Torchrun));
     assert_eq!(ranks(&p.topology), (5, 8, 1, 4, 1, 2));
     assert_eq!(p.topology.master_endpoint(), "algo-1:7777");
-    assert_eq!(
-        p.sagemaker.as_ref().unwrap().distribution,
-        Distribution::TorchDistributed
-    );
+    assert_eq!(p.sagemaker.as_ref().unwrap().distribution, Distribution::TorchDistributed);
     assert_eq!(p.nproc_per_node_hint(), Some(4));
 }
 
 #[test]
 fn sagemaker_mpi_processes_per_host_is_the_nproc_hint() {
     let tree = SmTree::new();
-    tree.write_config(
-        "resourceconfig.json",
-        &resource_config("algo-1", &["algo-1", "algo-2"]),
-    )
-    .write_config(
+    tree.write_config("resourceconfig.json", &resource_config("algo-1", &["algo-1", "algo-2"])).write_config(
         "hyperparameters.json",
         r#"{"sagemaker_mpi_enabled":"true","sagemaker_mpi_num_of_processes_per_host":"3"}"#,
     );
     let p = plan(&tree.env(&[]));
-    assert_eq!(
-        p.sagemaker.as_ref().unwrap().distribution,
-        Distribution::Mpi
-    );
+    assert_eq!(p.sagemaker.as_ref().unwrap().distribution, Distribution::Mpi);
     assert_eq!(p.nproc_per_node_hint(), Some(3));
 }
 
 #[test]
 fn sagemaker_hytrain_launch_children_on_the_second_host() {
     let tree = SmTree::new();
-    tree.write_config(
-        "resourceconfig.json",
-        &resource_config("algo-2", &["algo-1", "algo-2"]),
-    );
+    tree.write_config("resourceconfig.json", &resource_config("algo-2", &["algo-1", "algo-2"]));
     let host = tree.env(&[]);
     for local_rank in 0..3 {
         let c = plan(&child_env(&host, 3, local_rank));
-        assert_eq!(
-            (c.platform, c.launcher),
-            (Platform::Sagemaker, Launcher::HytrainLaunch)
-        );
+        assert_eq!((c.platform, c.launcher), (Platform::Sagemaker, Launcher::HytrainLaunch));
         assert_eq!(ranks(&c.topology), (3 + local_rank, 6, local_rank, 3, 1, 2));
-        assert_eq!(
-            c.topology.master_endpoint(),
-            format!("algo-1:{SAGEMAKER_DEFAULT_MASTER_PORT}")
-        );
+        assert_eq!(c.topology.master_endpoint(), format!("algo-1:{SAGEMAKER_DEFAULT_MASTER_PORT}"));
     }
 }
 
@@ -671,10 +514,7 @@ fn local_process_is_rank_zero_of_one_with_default_paths() {
     assert_eq!(p.topology.master_endpoint(), "127.0.0.1:29500");
     assert_eq!(p.topology.hosts, ["laptop"]);
     assert_eq!(p.paths.model_dir.to_str(), Some("hytrain-out/model"));
-    assert_eq!(
-        p.paths.checkpoint_dir.as_deref().and_then(|c| c.to_str()),
-        Some("hytrain-out/checkpoints")
-    );
+    assert_eq!(p.paths.checkpoint_dir.as_deref().and_then(|c| c.to_str()), Some("hytrain-out/checkpoints"));
     assert_eq!(p.paths.output_dir.to_str(), Some("hytrain-out/output"));
     assert_eq!(p.paths.failure_file, None);
     assert_eq!(plan(&env(&[])).topology.current_host, "localhost");
@@ -682,45 +522,23 @@ fn local_process_is_rank_zero_of_one_with_default_paths() {
 
 #[test]
 fn local_honours_master_addr_forms_and_port() {
-    for (addr, expect) in [
-        ("[::1]", "::1"),
-        ("10.1.2.3", "10.1.2.3"),
-        ("head-node", "head-node"),
-    ] {
+    for (addr, expect) in [("[::1]", "::1"), ("10.1.2.3", "10.1.2.3"), ("head-node", "head-node")] {
         let p = plan(&env(&[("MASTER_ADDR", addr), ("MASTER_PORT", "1234")]));
-        assert_eq!(
-            (p.topology.master_addr.as_str(), p.topology.master_port),
-            (expect, 1234)
-        );
+        assert_eq!((p.topology.master_addr.as_str(), p.topology.master_port), (expect, 1234));
     }
-    assert_eq!(
-        plan(&env(&[("MASTER_ADDR", "[::1]")]))
-            .topology
-            .master_endpoint(),
-        "[::1]:29500"
-    );
+    assert_eq!(plan(&env(&[("MASTER_ADDR", "[::1]")])).topology.master_endpoint(), "[::1]:29500");
 }
 
 #[test]
 fn local_env_style_rank_and_world_size_are_honoured() {
-    let p = plan(&env(&[
-        ("RANK", "1"),
-        ("WORLD_SIZE", "2"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", "29600"),
-    ]));
+    let p = plan(&env(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29600")]));
     assert_eq!((p.platform, p.launcher), (Platform::Local, Launcher::None));
     assert_eq!(ranks(&p.topology), (1, 2, 0, 1, 1, 2));
 }
 
 #[test]
 fn empty_variables_count_as_unset() {
-    let p = plan(&env(&[
-        ("RANK", ""),
-        ("WORLD_SIZE", ""),
-        ("MASTER_PORT", ""),
-        ("SM_HOSTS", ""),
-    ]));
+    let p = plan(&env(&[("RANK", ""), ("WORLD_SIZE", ""), ("MASTER_PORT", ""), ("SM_HOSTS", "")]));
     assert_eq!(p.platform, Platform::Local);
     assert_eq!(ranks(&p.topology), (0, 1, 0, 1, 0, 1));
 }
@@ -730,10 +548,7 @@ fn empty_variables_count_as_unset() {
 #[test]
 fn worker_env_round_trips_to_the_worker_topology_on_every_platform() {
     let tree = SmTree::new();
-    tree.write_config(
-        "resourceconfig.json",
-        &resource_config("algo-3", &["algo-1", "algo-2", "algo-3"]),
-    );
+    tree.write_config("resourceconfig.json", &resource_config("algo-3", &["algo-1", "algo-2", "algo-3"]));
     let parents = [
         env(&[("HOSTNAME", "laptop")]),
         env_of(&kubeflow_v1_pod("j", "worker", 1, 2, 3, "auto")),
@@ -754,11 +569,7 @@ fn worker_env_round_trips_to_the_worker_topology_on_every_platform() {
             for local_rank in 0..nproc {
                 let c = plan(&child_env(parent, nproc, local_rank));
                 let want = p.topology.worker(nproc, local_rank);
-                assert_eq!(
-                    c.topology, want,
-                    "{:?} nproc {nproc} local {local_rank}",
-                    p.platform
-                );
+                assert_eq!(c.topology, want, "{:?} nproc {nproc} local {local_rank}", p.platform);
                 assert_eq!(c.platform, p.platform);
                 assert_eq!(c.launcher, Launcher::HytrainLaunch);
                 assert_eq!(c.topology.rank, p.topology.node_rank * nproc + local_rank);
@@ -770,10 +581,7 @@ fn worker_env_round_trips_to_the_worker_topology_on_every_platform() {
 #[test]
 fn plan_json_has_platform_and_topology_fields_at_top_level() {
     let tree = SmTree::new();
-    tree.write_config(
-        "resourceconfig.json",
-        &resource_config("algo-2", &["algo-1", "algo-2"]),
-    );
+    tree.write_config("resourceconfig.json", &resource_config("algo-2", &["algo-1", "algo-2"]));
     let p = plan(&tree.env(&[]));
     let v = serde_json::to_value(&p).unwrap();
     assert_eq!(v["platform"], "sagemaker");
@@ -790,10 +598,7 @@ fn plan_json_has_platform_and_topology_fields_at_top_level() {
         "hosts",
         "current_host",
     ] {
-        assert!(
-            v["topology"].get(field).is_some(),
-            "topology.{field} missing in {v}"
-        );
+        assert!(v["topology"].get(field).is_some(), "topology.{field} missing in {v}");
     }
     assert_eq!(v["topology"]["rank"], 1);
     assert_eq!(v["topology"]["master_addr"], "algo-1");

@@ -8,9 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use hytrain_comm::{
-    init, Buffer, Collective, CommOptions, Membership, ReduceOp, Ring, Store, Transport,
-};
+use hytrain_comm::{init, Buffer, Collective, CommOptions, Membership, ReduceOp, Ring, Store, Transport};
 
 fn main() {
     let transport = match std::env::args().nth(1).as_deref() {
@@ -21,24 +19,11 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let arg = |i: usize, default: usize| {
-        std::env::args()
-            .nth(i)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or(default)
-    };
+    let arg = |i: usize, default: usize| std::env::args().nth(i).and_then(|a| a.parse().ok()).unwrap_or(default);
     let (ranks, mib, iters, seg_kib) = (arg(2, 2), arg(3, 64), arg(4, 10), arg(5, 512));
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port();
     let elems = mib * (1 << 20) / 4;
-    let opts = CommOptions {
-        rendezvous_timeout: Duration::from_secs(60),
-        transport,
-        ..CommOptions::default()
-    };
+    let opts = CommOptions { rendezvous_timeout: Duration::from_secs(60), transport, ..CommOptions::default() };
     let times: Vec<Duration> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..ranks)
             .map(|rank| {
@@ -63,15 +48,11 @@ fn main() {
                     };
                     assert_eq!(collective.backend(), transport.to_string());
                     let mut v = vec![1.0f32; elems];
-                    collective
-                        .allreduce(Buffer::F32(&mut v), ReduceOp::Sum)
-                        .unwrap(); // warm-up
+                    collective.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap(); // warm-up
                     collective.barrier().unwrap();
                     let t = Instant::now();
                     for _ in 0..iters {
-                        collective
-                            .allreduce(Buffer::F32(&mut v), ReduceOp::Sum)
-                            .unwrap();
+                        collective.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap();
                     }
                     t.elapsed() / iters as u32
                 })

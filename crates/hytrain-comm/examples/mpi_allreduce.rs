@@ -17,8 +17,7 @@ fn value(i: usize, rank: usize) -> f64 {
 fn main() {
     // The example plays the launcher's part (hytrain-cluster in the real binary) and reads mpirun's variables.
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
-    let (Some(rank), Some(world)) = (env("OMPI_COMM_WORLD_RANK"), env("OMPI_COMM_WORLD_SIZE"))
-    else {
+    let (Some(rank), Some(world)) = (env("OMPI_COMM_WORLD_RANK"), env("OMPI_COMM_WORLD_SIZE")) else {
         eprintln!("run me under mpirun: OMPI_COMM_WORLD_RANK / OMPI_COMM_WORLD_SIZE are not set");
         std::process::exit(2);
     };
@@ -44,10 +43,7 @@ fn main() {
         }
     };
     if comm.backend() != "mpi" {
-        check(
-            format!("backend is {} instead of mpi", comm.backend()),
-            false,
-        );
+        check(format!("backend is {} instead of mpi", comm.backend()), false);
     }
     let sum = |i: usize| (0..world).map(|r| value(i, r)).sum::<f64>();
     for len in [0usize, 1, 7, 1_000_003] {
@@ -75,32 +71,20 @@ fn main() {
             let r = comm.allreduce(Buffer::Bf16(&mut c), op);
             check(
                 format!("bf16 {op:?} len {len}: {r:?}"),
-                r.is_ok()
-                    && c.iter()
-                        .enumerate()
-                        .all(|(i, v)| *v == bf16::from_f64(expect(i))),
+                r.is_ok() && c.iter().enumerate().all(|(i, v)| *v == bf16::from_f64(expect(i))),
             );
         }
     }
     let root = world - 1;
-    let mut bytes: Vec<u8> = (0..1000)
-        .map(|i| if rank == root { (i % 251) as u8 } else { 0 })
-        .collect();
+    let mut bytes: Vec<u8> = (0..1000).map(|i| if rank == root { (i % 251) as u8 } else { 0 }).collect();
     let r = comm.broadcast(&mut bytes, root);
-    check(
-        format!("broadcast: {r:?}"),
-        r.is_ok() && bytes.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8),
-    );
+    check(format!("broadcast: {r:?}"), r.is_ok() && bytes.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
     let mine = [rank as u8; 5];
     let mut all = vec![0u8; 5 * world];
     let r = comm.allgather(&mine, &mut all);
     check(
         format!("allgather: {r:?}"),
-        r.is_ok()
-            && all
-                .chunks(5)
-                .enumerate()
-                .all(|(q, c)| c.iter().all(|b| *b as usize == q)),
+        r.is_ok() && all.chunks(5).enumerate().all(|(q, c)| c.iter().all(|b| *b as usize == q)),
     );
     let r = comm.barrier();
     check(format!("barrier: {r:?}"), r.is_ok());

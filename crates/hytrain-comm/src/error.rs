@@ -156,7 +156,9 @@ pub enum CommError {
     },
 
     /// A peer sent or accepted nothing for the collective timeout.
-    #[error("rank {rank} was silent for {secs} s during {during} (collective timeout; is that rank stuck or much slower?)")]
+    #[error(
+        "rank {rank} was silent for {secs} s during {during} (collective timeout; is that rank stuck or much slower?)"
+    )]
     Timeout {
         /// The rank this one was waiting on.
         rank: usize,
@@ -228,24 +230,14 @@ mod tests {
 
     #[test]
     fn rank_list_compresses_runs_and_sorts() {
-        assert_eq!(
-            RankList(vec![9, 1, 2, 3, 7, 10]).to_string(),
-            "1-3, 7, 9-10"
-        );
+        assert_eq!(RankList(vec![9, 1, 2, 3, 7, 10]).to_string(), "1-3, 7, 9-10");
         assert_eq!(RankList(vec![4]).to_string(), "4");
         assert_eq!(RankList(vec![]).to_string(), "none");
     }
 
     #[test]
     fn peer_lost_message_names_the_rank_and_the_collective() {
-        let e = CommError::PeerLost {
-            rank: 2,
-            during: "allreduce",
-            cause: "connection closed".into(),
-        };
-        assert_eq!(
-            e.to_string(),
-            "lost rank 2 (connection closed during allreduce)"
-        );
+        let e = CommError::PeerLost { rank: 2, during: "allreduce", cause: "connection closed".into() };
+        assert_eq!(e.to_string(), "lost rank 2 (connection closed during allreduce)");
     }
 }

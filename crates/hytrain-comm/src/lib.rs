@@ -50,9 +50,7 @@
 #![deny(missing_docs)]
 
 #[cfg(target_endian = "big")]
-compile_error!(
-    "hytrain-comm sends values in the host's byte order and supports little-endian hosts only"
-);
+compile_error!("hytrain-comm sends values in the host's byte order and supports little-endian hosts only");
 
 use std::time::Duration;
 
@@ -109,10 +107,7 @@ impl Membership {
             return bad("world_size is 0; it must count at least this process".into());
         }
         if self.rank >= self.world_size {
-            return bad(format!(
-                "rank {} is not below world_size {}",
-                self.rank, self.world_size
-            ));
+            return bad(format!("rank {} is not below world_size {}", self.rank, self.world_size));
         }
         if self.local_world_size == 0 || self.local_world_size > self.world_size {
             return bad(format!(
@@ -127,15 +122,10 @@ impl Membership {
             ));
         }
         if self.master_addr.trim().is_empty() {
-            return bad(
-                "master_addr is empty; set it to the host name or address of rank 0".into(),
-            );
+            return bad("master_addr is empty; set it to the host name or address of rank 0".into());
         }
         if self.master_port == 0 {
-            return bad(
-                "master_port is 0; pick a fixed port that every rank can reach on the master"
-                    .into(),
-            );
+            return bad("master_port is 0; pick a fixed port that every rank can reach on the master".into());
         }
         Ok(())
     }
@@ -173,9 +163,7 @@ impl CommOptions {
             ("peer_timeout", self.peer_timeout),
         ] {
             if value.is_zero() {
-                return Err(CommError::InvalidOptions(format!(
-                    "{name} is 0; give a positive number of seconds"
-                )));
+                return Err(CommError::InvalidOptions(format!("{name} is 0; give a positive number of seconds")));
             }
         }
         Ok(())
@@ -183,9 +171,7 @@ impl CommOptions {
 
     /// The token connections are authenticated with: `job_token`, else the default derived from `job_id`.
     pub fn token(&self) -> JobToken {
-        self.job_token
-            .clone()
-            .unwrap_or_else(|| JobToken::unconfigured(&self.job_id))
+        self.job_token.clone().unwrap_or_else(|| JobToken::unconfigured(&self.job_id))
     }
 }
 
@@ -277,11 +263,7 @@ pub trait Collective: Send {
 /// from `OMPI_COMM_WORLD_SIZE`) and the `mpi` feature is built, otherwise a rendezvous through the [`Store`] and
 /// the transport [`CommOptions::transport`] selects: shared memory inside each node ("shm", hierarchical across
 /// nodes) or a TCP [`Ring`] ("ring").
-pub fn init(
-    m: &Membership,
-    launched_by_mpirun: bool,
-    opts: &CommOptions,
-) -> Result<Box<dyn Collective>, CommError> {
+pub fn init(m: &Membership, launched_by_mpirun: bool, opts: &CommOptions) -> Result<Box<dyn Collective>, CommError> {
     m.validate()?;
     if launched_by_mpirun {
         #[cfg(feature = "mpi")]
@@ -299,10 +281,7 @@ pub fn init(
             return Ok(Box::new(mpi));
         }
         #[cfg(not(feature = "mpi"))]
-        tracing::info!(
-            rank = m.rank,
-            "launched by mpirun but built without the `mpi` feature; using the TCP ring"
-        );
+        tracing::info!(rank = m.rank, "launched by mpirun but built without the `mpi` feature; using the TCP ring");
     }
     let store = Store::rendezvous(m, opts)?;
     connect(&store, m, opts)
@@ -315,11 +294,7 @@ pub(crate) mod testutil {
 
     /// A port nothing listens on right now.
     pub fn free_port() -> u16 {
-        TcpListener::bind(("127.0.0.1", 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
     }
 
     pub fn member(rank: usize, world_size: usize, port: u16) -> Membership {
@@ -355,10 +330,7 @@ pub(crate) mod testutil {
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("rank thread panicked"))
-                .collect()
+            handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
         })
     }
 }
@@ -378,31 +350,15 @@ mod tests {
     fn membership_rejects_empty_master_and_zero_port() {
         let mut m = testutil::member(0, 2, 29500);
         m.master_addr = " ".into();
-        assert!(m
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("master_addr is empty"));
+        assert!(m.validate().unwrap_err().to_string().contains("master_addr is empty"));
         let mut m = testutil::member(0, 2, 0);
         m.master_port = 0;
-        assert!(m
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("master_port is 0"));
+        assert!(m.validate().unwrap_err().to_string().contains("master_port is 0"));
         let mut m = testutil::member(0, 2, 1);
         m.local_rank = 2;
-        assert!(m
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("local_rank 2"));
+        assert!(m.validate().unwrap_err().to_string().contains("local_rank 2"));
         let m = testutil::member(0, 0, 1);
-        assert!(m
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("world_size is 0"));
+        assert!(m.validate().unwrap_err().to_string().contains("world_size is 0"));
     }
 
     #[test]

@@ -35,12 +35,7 @@ pub struct FailingCollective {
 impl FailingCollective {
     /// Wraps `inner`; `fail_at == usize::MAX` never fails (to count the calls a run makes).
     pub fn new(inner: Box<dyn Collective>, fail_at: usize, fault: Fault) -> Self {
-        FailingCollective {
-            inner,
-            fail_at,
-            calls: Arc::default(),
-            fault,
-        }
+        FailingCollective { inner, fail_at, calls: Arc::default(), fault }
     }
 
     /// The count of collective calls made so far (failed ones included), readable after the collective has been
@@ -60,11 +55,7 @@ impl FailingCollective {
                 host: "127.0.0.1".into(),
                 cause: format!("injected by FailingCollective at call {call} ({op})"),
             }),
-            Fault::Timeout { rank } => CommError::Timeout {
-                rank,
-                during: op,
-                secs: 0,
-            },
+            Fault::Timeout { rank } => CommError::Timeout { rank, during: op, secs: 0 },
         })
     }
 }

@@ -36,9 +36,7 @@ impl std::str::FromStr for Transport {
             "auto" => Ok(Transport::Auto),
             "ring" => Ok(Transport::Ring),
             "shm" => Ok(Transport::Shm),
-            other => Err(format!(
-                "unknown transport '{other}'; use auto, ring or shm"
-            )),
+            other => Err(format!("unknown transport '{other}'; use auto, ring or shm")),
         }
     }
 }
@@ -46,11 +44,7 @@ impl std::str::FromStr for Transport {
 /// The collective over a store every rank has already joined: the TCP ring, with shared memory between the ranks
 /// of one node when [`CommOptions::transport`] allows. For callers that keep the store for more (a GPU job passes
 /// NCCL's unique id through it); [`init`](crate::init) does both steps.
-pub fn connect(
-    store: &Store,
-    m: &Membership,
-    opts: &CommOptions,
-) -> Result<Box<dyn Collective>, CommError> {
+pub fn connect(store: &Store, m: &Membership, opts: &CommOptions) -> Result<Box<dyn Collective>, CommError> {
     m.validate()?;
     connect_with(store, m, opts, None)
 }

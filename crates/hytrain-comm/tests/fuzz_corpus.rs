@@ -15,10 +15,7 @@ fn every_seed_of_the_store_wire_corpus_decodes_without_panicking() {
     assert!(seeds.len() >= 8, "the seed corpus is missing");
     let decoded: usize = seeds.iter().map(|(_, b)| store_wire(b)).sum();
     // The corpus holds well-formed request streams, not only garbage: the decoder must accept them.
-    assert!(
-        decoded >= 6,
-        "only {decoded} requests decoded from the seeds"
-    );
+    assert!(decoded >= 6, "only {decoded} requests decoded from the seeds");
 }
 
 proptest! {

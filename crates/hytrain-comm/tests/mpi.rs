@@ -15,12 +15,7 @@ use std::time::{Duration, Instant};
 fn example() -> PathBuf {
     // target/<profile>/deps/mpi-<hash> -> target/<profile>/examples/mpi_allreduce
     let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("examples")
-        .join("mpi_allreduce");
+    let path = exe.parent().and_then(|d| d.parent()).unwrap().join("examples").join("mpi_allreduce");
     assert!(
         path.exists(),
         "{} is missing; run the tests with `cargo test -p hytrain-comm --features mpi`",
@@ -38,9 +33,7 @@ fn run_under_mpirun(n: usize) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot start mpirun ({e}); install openmpi-bin (cargo xtask setup)")
-        });
+        .unwrap_or_else(|e| panic!("cannot start mpirun ({e}); install openmpi-bin (cargo xtask setup)"));
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         if child.try_wait().unwrap().is_some() {
@@ -61,10 +54,7 @@ fn run_under_mpirun(n: usize) {
         String::from_utf8_lossy(&out.stderr)
     );
     for rank in 0..n {
-        assert!(
-            stdout.contains(&format!("rank {rank}/{n}: all MPI checks passed")),
-            "{stdout}"
-        );
+        assert!(stdout.contains(&format!("rank {rank}/{n}: all MPI checks passed")), "{stdout}");
     }
 }
 

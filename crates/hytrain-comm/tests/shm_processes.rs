@@ -16,13 +16,7 @@ fn child() -> Option<(usize, usize, usize, u16)> {
     Some((f[0], f[1], f[2], f[3] as u16))
 }
 
-fn connect(
-    rank: usize,
-    world: usize,
-    local: usize,
-    port: u16,
-    collective_s: u64,
-) -> Box<dyn Collective> {
+fn connect(rank: usize, world: usize, local: usize, port: u16, collective_s: u64) -> Box<dyn Collective> {
     let m = Membership {
         rank,
         world_size: world,
@@ -42,11 +36,7 @@ fn connect(
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
 }
 
 /// Starts `world` children running `test`; their stdout is piped.
@@ -56,10 +46,7 @@ fn spawn(test: &str, world: usize, local: usize) -> Vec<Child> {
         .map(|rank| {
             Command::new(std::env::current_exe().unwrap())
                 .args([test, "--exact", "--nocapture", "--test-threads=1"])
-                .env(
-                    "HYTRAIN_SHM_TEST_RANK",
-                    format!("{rank},{world},{local},{port}"),
-                )
+                .env("HYTRAIN_SHM_TEST_RANK", format!("{rank},{world},{local},{port}"))
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -94,18 +81,10 @@ fn exact_child(rank: usize, world: usize, local: usize, port: u16) {
     let sum = |i: usize| (0..world).map(|r| value(i, r)).sum::<f64>();
     for len in [0usize, 1, 7, 1_000_003] {
         for op in [ReduceOp::Sum, ReduceOp::Avg] {
-            let n = if op == ReduceOp::Avg {
-                world as f64
-            } else {
-                1.0
-            };
+            let n = if op == ReduceOp::Avg { world as f64 } else { 1.0 };
             let mut a: Vec<f32> = (0..len).map(|i| value(i, rank) as f32).collect();
             c.allreduce(Buffer::F32(&mut a), op).unwrap();
-            if !a
-                .iter()
-                .enumerate()
-                .all(|(i, v)| *v == sum(i) as f32 / n as f32)
-            {
+            if !a.iter().enumerate().all(|(i, v)| *v == sum(i) as f32 / n as f32) {
                 println!("RESULT wrong f32 {op:?} {len}");
             }
             let mut b: Vec<f64> = (0..len).map(|i| value(i, rank)).collect();
@@ -115,11 +94,7 @@ fn exact_child(rank: usize, world: usize, local: usize, port: u16) {
             }
             let mut h: Vec<bf16> = (0..len).map(|i| bf16::from_f64(value(i, rank))).collect();
             c.allreduce(Buffer::Bf16(&mut h), op).unwrap();
-            if !h
-                .iter()
-                .enumerate()
-                .all(|(i, v)| *v == bf16::from_f32(sum(i) as f32 / n as f32))
-            {
+            if !h.iter().enumerate().all(|(i, v)| *v == bf16::from_f32(sum(i) as f32 / n as f32)) {
                 println!("RESULT wrong bf16 {op:?} {len}");
             }
         }
@@ -130,11 +105,7 @@ fn exact_child(rank: usize, world: usize, local: usize, port: u16) {
 fn check_exact(test: &str, world: usize, local: usize) {
     let per_rank = results(spawn(test, world, local));
     for (rank, lines) in per_rank.iter().enumerate() {
-        assert_eq!(
-            lines,
-            &["backend shm".to_string(), "done".to_string()],
-            "world {world} local {local} rank {rank}"
-        );
+        assert_eq!(lines, &["backend shm".to_string(), "done".to_string()], "world {world} local {local} rank {rank}");
     }
 }
 
@@ -160,8 +131,7 @@ fn two_nodes_of_two_processes_allreduce_hierarchically_to_the_exact_sum() {
 
 #[test]
 fn a_process_killed_mid_allreduce_makes_the_others_fail_naming_it_within_the_deadline() {
-    const NAME: &str =
-        "a_process_killed_mid_allreduce_makes_the_others_fail_naming_it_within_the_deadline";
+    const NAME: &str = "a_process_killed_mid_allreduce_makes_the_others_fail_naming_it_within_the_deadline";
     if let Some((rank, world, local, port)) = child() {
         // A collective timeout far beyond the test's bound: the failure must be noticed from the dead process,
         // not from silence.
@@ -181,27 +151,19 @@ fn a_process_killed_mid_allreduce_makes_the_others_fail_naming_it_within_the_dea
     let mut children = spawn(NAME, 3, 3);
     let mut victim = children.remove(1);
     let mut lines = BufReader::new(victim.stdout.take().unwrap()).lines();
-    assert!(
-        lines.any(|l| l.unwrap().contains("RESULT looping")),
-        "rank 1 ended before its allreduces got going"
-    );
+    assert!(lines.any(|l| l.unwrap().contains("RESULT looping")), "rank 1 ended before its allreduces got going");
     let killed = Instant::now();
     victim.kill().unwrap();
     victim.wait().unwrap();
     let survivors = results(children);
-    assert!(
-        killed.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        killed.elapsed()
-    );
+    assert!(killed.elapsed() < Duration::from_secs(30), "took {:?}", killed.elapsed());
     for (i, lines) in survivors.iter().enumerate() {
         assert_eq!(lines.len(), 1, "survivor {i}: {lines:?}");
         // The store's liveness verdict ("lost rank 1 on HOST: ...") when it comes within a few seconds, else the
         // shared-memory wait's own finding ("lost rank 1 (process exited during allreduce)"), possibly as a local
         // peer recorded it first in the segment ("rank 0 failed first: lost rank 1 ...").
         assert!(
-            lines[0].starts_with("lost rank 1 ")
-                || lines[0].contains(" failed first: lost rank 1 "),
+            lines[0].starts_with("lost rank 1 ") || lines[0].contains(" failed first: lost rank 1 "),
             "survivor {i}: {}",
             lines[0]
         );

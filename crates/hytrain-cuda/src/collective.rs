@@ -106,12 +106,7 @@ impl<'a> DeviceSlice<'a> {
     /// `address` must be a device allocation of the collective's GPU holding at least `count` elements of
     /// `dtype`, not freed and not used by anything else on another stream while `'a` lasts.
     pub unsafe fn from_raw(address: u64, dtype: DType, count: usize) -> DeviceSlice<'a> {
-        DeviceSlice {
-            address,
-            dtype,
-            count,
-            _owner: PhantomData,
-        }
+        DeviceSlice { address, dtype, count, _owner: PhantomData }
     }
 
     /// The device address.
@@ -150,11 +145,7 @@ pub trait DeviceCollective: Send {
     /// Copies rank `root`'s `buf` into every rank's.
     fn broadcast(&mut self, buf: DeviceSlice<'_>, root: usize) -> Result<(), CudaError>;
     /// Concatenates every rank's `input` in rank order into `output` (`world_size` times as long).
-    fn allgather(
-        &mut self,
-        input: DeviceSlice<'_>,
-        output: DeviceSlice<'_>,
-    ) -> Result<(), CudaError>;
+    fn allgather(&mut self, input: DeviceSlice<'_>, output: DeviceSlice<'_>) -> Result<(), CudaError>;
     /// Whether the addresses this collective takes are host memory rather than GPU memory: `false` for NCCL.
     /// A stand-in for NCCL in tests on machines without a GPU says `true`, so the engine's GPU path (buckets,
     /// buffers and their collectives) runs there on CPU tensors.
@@ -172,12 +163,9 @@ struct RawUniqueId([u8; UNIQUE_ID_BYTES]);
 type CommInitRank = unsafe extern "C" fn(*mut Comm, c_int, RawUniqueId, c_int) -> c_int;
 type CommOnly = unsafe extern "C" fn(Comm) -> c_int;
 type CommAsyncError = unsafe extern "C" fn(Comm, *mut c_int) -> c_int;
-type AllReduce =
-    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
-type Broadcast =
-    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
-type AllGather =
-    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> c_int;
+type AllReduce = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
+type Broadcast = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
+type AllGather = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> c_int;
 
 const NCCL_NEED: &str = "hytrain needs NCCL 2.18 or newer (pip install nvidia-nccl-cu13)";
 /// `CUDA_ERROR_NOT_READY`: the event has not fired yet.
@@ -266,9 +254,7 @@ impl NcclCollective {
         timeout: Duration,
     ) -> Result<NcclCollective, CudaError> {
         if rank >= world_size {
-            return Err(CudaError::Shape(format!(
-                "NCCL rank {rank} is not below world size {world_size}"
-            )));
+            return Err(CudaError::Shape(format!("NCCL rank {rank} is not below world size {world_size}")));
         }
         let n = nccl.loaded();
         // SAFETY: the signatures are the driver API's (cuda.h; the _v2 names are what its macros call) and NCCL's
@@ -301,12 +287,7 @@ impl NcclCollective {
         let started = Instant::now();
         // SAFETY: writes one communicator handle; the id goes by value, as nccl.h declares.
         let result = unsafe {
-            (this.api.init_rank)(
-                &mut this.comm,
-                world_size as c_int,
-                RawUniqueId(*id.as_bytes()),
-                rank as c_int,
-            )
+            (this.api.init_rank)(&mut this.comm, world_size as c_int, RawUniqueId(*id.as_bytes()), rank as c_int)
         };
         if result != 0 {
             this.comm = std::ptr::null_mut();
@@ -365,11 +346,7 @@ impl NcclCollective {
         nccl_call: &'static str,
     ) -> Result<(), CudaError> {
         if let Some(reason) = &self.aborted {
-            return Err(CudaError::CommunicatorAborted {
-                rank: self.rank,
-                op: op.to_string(),
-                reason: reason.clone(),
-            });
+            return Err(CudaError::CommunicatorAborted { rank: self.rank, op: op.to_string(), reason: reason.clone() });
         }
         if op.count == 0 {
             return Ok(());
@@ -382,10 +359,7 @@ impl NcclCollective {
         // set_compute_stream); the buffers the call reads are borrowed until `watch` returns.
         unsafe {
             d.check("cuEventRecord", (cuda.event_record)(ready, compute))?;
-            d.check(
-                "cuStreamWaitEvent",
-                (cuda.stream_wait)(comm_stream, ready, 0),
-            )?;
+            d.check("cuStreamWaitEvent", (cuda.stream_wait)(comm_stream, ready, 0))?;
         }
         let result = call(&self.api, self.comm, comm_stream);
         if result != 0 && result != NCCL_IN_PROGRESS {
@@ -428,28 +402,16 @@ impl NcclCollective {
             let mut state: c_int = 0;
             // SAFETY: writes one ncclResult_t.
             let result = unsafe { (self.api.async_error)(self.comm, &mut state) };
-            let (call, code) = if result != 0 {
-                ("ncclCommGetAsyncError", result)
-            } else {
-                ("ncclCommGetAsyncError", state)
-            };
+            let (call, code) =
+                if result != 0 { ("ncclCommGetAsyncError", result) } else { ("ncclCommGetAsyncError", state) };
             if code != 0 && code != NCCL_IN_PROGRESS {
                 let message = self.nccl.error_string(code);
                 self.abort(format!("{op} failed asynchronously: {message}"));
-                return Err(CudaError::CollectiveFailed {
-                    rank: self.rank,
-                    op: op.to_string(),
-                    call,
-                    code,
-                    message,
-                });
+                return Err(CudaError::CollectiveFailed { rank: self.rank, op: op.to_string(), call, code, message });
             }
             let now = Instant::now();
             if now >= deadline {
-                self.abort(format!(
-                    "{op} did not finish within {} s",
-                    self.timeout.as_secs_f64()
-                ));
+                self.abort(format!("{op} did not finish within {} s", self.timeout.as_secs_f64()));
                 return Err(CudaError::CollectiveTimeout {
                     rank: self.rank,
                     op: op.to_string(),
@@ -471,11 +433,7 @@ impl NcclCollective {
         // SAFETY: the communicator is live and aborted once; abort also frees it.
         let result = unsafe { (self.api.abort)(self.comm) };
         if result != 0 {
-            tracing::warn!(
-                rank = self.rank,
-                "ncclCommAbort failed: {}",
-                self.nccl.error_string(result)
-            );
+            tracing::warn!(rank = self.rank, "ncclCommAbort failed: {}", self.nccl.error_string(result));
         }
         self.comm = std::ptr::null_mut();
         self.aborted = Some(reason);
@@ -528,11 +486,7 @@ impl DeviceCollective for NcclCollective {
             )));
         }
         self.run(
-            Op {
-                name: "broadcast",
-                dtype,
-                count,
-            },
+            Op { name: "broadcast", dtype, count },
             // SAFETY: in place on `count` elements the caller lent for the call.
             |api, comm, stream| unsafe {
                 (api.broadcast)(
@@ -549,17 +503,9 @@ impl DeviceCollective for NcclCollective {
         )
     }
 
-    fn allgather(
-        &mut self,
-        input: DeviceSlice<'_>,
-        output: DeviceSlice<'_>,
-    ) -> Result<(), CudaError> {
+    fn allgather(&mut self, input: DeviceSlice<'_>, output: DeviceSlice<'_>) -> Result<(), CudaError> {
         let (send, dtype, count) = (input.address, input.dtype, input.count);
-        let op = Op {
-            name: "allgather",
-            dtype,
-            count,
-        };
+        let op = Op { name: "allgather", dtype, count };
         if output.dtype != dtype {
             return Err(CudaError::Shape(format!(
                 "NCCL {op}: the output holds {} elements, not {dtype}",
@@ -579,14 +525,7 @@ impl DeviceCollective for NcclCollective {
             op,
             // SAFETY: reads `count` elements and writes `count * world_size`, both lent for the call.
             |api, comm, stream| unsafe {
-                (api.all_gather)(
-                    send as *const c_void,
-                    recv as *mut c_void,
-                    count,
-                    dtype.nccl(),
-                    comm,
-                    stream,
-                )
+                (api.all_gather)(send as *const c_void, recv as *mut c_void, count, dtype.nccl(), comm, stream)
             },
             "ncclAllGather",
         )

@@ -89,15 +89,8 @@ impl CudaDriver {
         let device = self.device_handle(ordinal)?;
         let mut context: Context = std::ptr::null_mut();
         // SAFETY: writes one context handle.
-        self.check("cuDevicePrimaryCtxRetain", unsafe {
-            (api.retain)(&mut context, device)
-        })?;
-        let gpu = Gpu {
-            driver: self,
-            api,
-            ordinal: device,
-            context,
-        };
+        self.check("cuDevicePrimaryCtxRetain", unsafe { (api.retain)(&mut context, device) })?;
+        let gpu = Gpu { driver: self, api, ordinal: device, context };
         gpu.make_current()?;
         Ok(gpu)
     }
@@ -122,17 +115,9 @@ impl<'d> Gpu<'d> {
         // SAFETY: allocates `bytes` (at least 1, since cuMemAlloc refuses 0) and copies exactly `bytes` from `values`.
         unsafe {
             self.check("cuMemAlloc", (self.api.alloc)(&mut ptr, bytes.max(1)))?;
-            let buffer = DeviceBuffer {
-                gpu: self,
-                ptr,
-                len: values.len(),
-                _type: PhantomData,
-            };
+            let buffer = DeviceBuffer { gpu: self, ptr, len: values.len(), _type: PhantomData };
             if bytes > 0 {
-                self.check(
-                    "cuMemcpyHtoD",
-                    (self.api.htod)(ptr, values.as_ptr().cast(), bytes),
-                )?;
+                self.check("cuMemcpyHtoD", (self.api.htod)(ptr, values.as_ptr().cast(), bytes))?;
             }
             Ok(buffer)
         }
@@ -147,18 +132,14 @@ impl<'d> Gpu<'d> {
         })?;
         let mut module: Module = std::ptr::null_mut();
         // SAFETY: the image is NUL-terminated PTX text.
-        self.check("cuModuleLoadData", unsafe {
-            (self.api.load)(&mut module, text.as_ptr().cast())
-        })?;
+        self.check("cuModuleLoadData", unsafe { (self.api.load)(&mut module, text.as_ptr().cast()) })?;
         Ok(LoadedModule { gpu: self, module })
     }
 
     /// Makes this context current on the calling thread (CUDA's current context is per thread).
     pub fn make_current(&self) -> Result<(), CudaError> {
         // SAFETY: the context is retained while `self` lives.
-        self.check("cuCtxSetCurrent", unsafe {
-            (self.api.set_current)(self.context)
-        })
+        self.check("cuCtxSetCurrent", unsafe { (self.api.set_current)(self.context) })
     }
 
     /// Waits for all work on this context.
@@ -198,9 +179,7 @@ impl<T: Copy + Default> DeviceBuffer<'_, '_, T> {
         let bytes = std::mem::size_of_val(out.as_slice());
         if bytes > 0 {
             // SAFETY: copies exactly the buffer's bytes into `out`, which has that size.
-            self.gpu.check("cuMemcpyDtoH", unsafe {
-                (self.gpu.api.dtoh)(out.as_mut_ptr().cast(), self.ptr, bytes)
-            })?;
+            self.gpu.check("cuMemcpyDtoH", unsafe { (self.gpu.api.dtoh)(out.as_mut_ptr().cast(), self.ptr, bytes) })?;
         }
         Ok(out)
     }
@@ -234,13 +213,7 @@ pub enum KernelArg {
 
 impl LoadedModule<'_, '_> {
     /// Launches kernel `name` with `grid` blocks of `block` threads on the default stream.
-    pub fn launch(
-        &self,
-        name: &str,
-        grid: u32,
-        block: u32,
-        args: &[KernelArg],
-    ) -> Result<(), CudaError> {
+    pub fn launch(&self, name: &str, grid: u32, block: u32, args: &[KernelArg]) -> Result<(), CudaError> {
         let c_name = CString::new(name).map_err(|_| CudaError::Driver {
             call: "cuModuleGetFunction",
             code_name: "NUL in name".into(),

@@ -17,8 +17,7 @@ type DeviceGet = unsafe extern "C" fn(*mut c_int, c_int) -> c_int;
 type DeviceAttribute = unsafe extern "C" fn(*mut c_int, c_int, c_int) -> c_int;
 type DeviceName = unsafe extern "C" fn(*mut c_char, c_int, c_int) -> c_int;
 
-const NEED: &str =
-    "the NVIDIA driver is too old or damaged; install a driver for CUDA 13 (580 or newer)";
+const NEED: &str = "the NVIDIA driver is too old or damaged; install a driver for CUDA 13 (580 or newer)";
 const ATTRIBUTE_CC_MAJOR: c_int = 75;
 const ATTRIBUTE_CC_MINOR: c_int = 76;
 
@@ -82,9 +81,7 @@ impl CudaDriver {
         let (init, driver_version, device_count) = unsafe {
             (
                 driver.loaded.function::<Init>("cuInit", NEED)?,
-                driver
-                    .loaded
-                    .function::<GetInt>("cuDriverGetVersion", NEED)?,
+                driver.loaded.function::<GetInt>("cuDriverGetVersion", NEED)?,
                 driver.loaded.function::<GetInt>("cuDeviceGetCount", NEED)?,
             )
         };
@@ -146,9 +143,7 @@ impl CudaDriver {
     pub(crate) fn device_handle(&self, ordinal: u32) -> Result<c_int, CudaError> {
         let mut device = 0;
         // SAFETY: writes one device handle.
-        self.check("cuDeviceGet", unsafe {
-            (self.device_get)(&mut device, ordinal as c_int)
-        })?;
+        self.check("cuDeviceGet", unsafe { (self.device_get)(&mut device, ordinal as c_int) })?;
         Ok(device)
     }
 
@@ -160,30 +155,16 @@ impl CudaDriver {
         let mut name = [0 as c_char; 256];
         // SAFETY: each call writes into the buffer given, `name` with its length.
         unsafe {
-            self.check(
-                "cuDeviceGetAttribute",
-                (self.attribute)(&mut major, ATTRIBUTE_CC_MAJOR, device),
-            )?;
-            self.check(
-                "cuDeviceGetAttribute",
-                (self.attribute)(&mut minor, ATTRIBUTE_CC_MINOR, device),
-            )?;
-            self.check(
-                "cuDeviceGetName",
-                (self.name)(name.as_mut_ptr(), name.len() as c_int, device),
-            )?;
+            self.check("cuDeviceGetAttribute", (self.attribute)(&mut major, ATTRIBUTE_CC_MAJOR, device))?;
+            self.check("cuDeviceGetAttribute", (self.attribute)(&mut minor, ATTRIBUTE_CC_MINOR, device))?;
+            self.check("cuDeviceGetName", (self.name)(name.as_mut_ptr(), name.len() as c_int, device))?;
         }
         // SAFETY: cuDeviceGetName NUL-terminates within the length given.
-        let name = unsafe { CStr::from_ptr(name.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
+        let name = unsafe { CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned();
         Ok(Device {
             ordinal,
             name,
-            capability: ComputeCapability {
-                major: major.max(0) as u32,
-                minor: minor.max(0) as u32,
-            },
+            capability: ComputeCapability { major: major.max(0) as u32, minor: minor.max(0) as u32 },
         })
     }
 

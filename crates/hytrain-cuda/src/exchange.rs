@@ -30,14 +30,12 @@ pub fn exchange_unique_id<S: IdStore>(
 ) -> Result<UniqueId, CudaError> {
     if rank == root {
         let id = nccl.unique_id()?;
-        store
-            .set(key, id.as_bytes())
-            .map_err(|e| CudaError::IdExchange {
-                rank,
-                action: "publish",
-                key: key.into(),
-                source: Box::new(e),
-            })?;
+        store.set(key, id.as_bytes()).map_err(|e| CudaError::IdExchange {
+            rank,
+            action: "publish",
+            key: key.into(),
+            source: Box::new(e),
+        })?;
         return Ok(id);
     }
     let bytes = store.get(key).map_err(|e| CudaError::IdExchange {

@@ -35,10 +35,7 @@ pub const COMPILE_OPTIONS: [&str; 2] = ["--fmad=false", "--std=c++17"];
 
 /// Compiles every kernel file for `arch`, in [`KERNEL_FILES`] order.
 pub fn compile_all(nvrtc: &Nvrtc, arch: ComputeCapability) -> Result<Vec<Ptx>, CudaError> {
-    KERNEL_FILES
-        .iter()
-        .map(|file| nvrtc.compile(file.name, file.source, arch, &COMPILE_OPTIONS))
-        .collect()
+    KERNEL_FILES.iter().map(|file| nvrtc.compile(file.name, file.source, arch, &COMPILE_OPTIONS)).collect()
 }
 
 #[cfg(test)]
@@ -51,10 +48,7 @@ mod tests {
         let mut rest = source;
         while let Some(at) = rest.find("extern \"C\" __global__ void ") {
             rest = &rest[at + "extern \"C\" __global__ void ".len()..];
-            let name: String = rest
-                .chars()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect();
+            let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
             names.push(name);
         }
         names
@@ -63,12 +57,7 @@ mod tests {
     #[test]
     fn the_table_lists_every_kernel_each_source_declares() {
         for file in KERNEL_FILES {
-            assert_eq!(
-                declared_kernels(file.source),
-                file.entry_points,
-                "{}",
-                file.name
-            );
+            assert_eq!(declared_kernels(file.source), file.entry_points, "{}", file.name);
         }
     }
 }

@@ -62,12 +62,8 @@ pub use driver::{CudaDriver, Device};
 pub use error::CudaError;
 pub use exchange::{exchange_unique_id, IdStore};
 pub use library::{NvidiaLibrary, Origin, Search};
-pub use nccl::{
-    Communicator, Nccl, NcclVersion, UniqueId, MIN_NCCL, NCCL_FUNCTIONS, UNIQUE_ID_BYTES,
-};
+pub use nccl::{Communicator, Nccl, NcclVersion, UniqueId, MIN_NCCL, NCCL_FUNCTIONS, UNIQUE_ID_BYTES};
 pub use nvrtc::{ComputeCapability, Nvrtc, Ptx};
 pub use side_stream::{Entered, SideStream, StreamHandle};
 pub use stream::TorchStreams;
-pub use torch_cuda::{
-    device_for_local_rank, load_torch_cuda, set_current_device, TorchCuda, TORCH_CUDA_LIBRARY,
-};
+pub use torch_cuda::{device_for_local_rank, load_torch_cuda, set_current_device, TorchCuda, TORCH_CUDA_LIBRARY};

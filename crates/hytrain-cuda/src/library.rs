@@ -127,11 +127,8 @@ impl Search {
     pub fn for_process(library: NvidiaLibrary) -> Search {
         let mut search = Search::new().already_loaded(true);
         if library != NvidiaLibrary::Driver {
-            let libtorch = loaded_libtorch().or_else(|| {
-                std::env::var_os("LIBTORCH")
-                    .filter(|v| !v.is_empty())
-                    .map(PathBuf::from)
-            });
+            let libtorch =
+                loaded_libtorch().or_else(|| std::env::var_os("LIBTORCH").filter(|v| !v.is_empty()).map(PathBuf::from));
             match libtorch {
                 Some(root) => search = search.beside_libtorch(&root),
                 None => search.libtorch_unknown = true,
@@ -210,10 +207,7 @@ impl Search {
             parts.push(Origin::AlreadyLoaded.to_string());
         }
         if self.libtorch_unknown {
-            parts.push(
-                "no folders beside libtorch (no libtorch_cpu.so is loaded and LIBTORCH is unset)"
-                    .into(),
-            );
+            parts.push("no folders beside libtorch (no libtorch_cpu.so is loaded and LIBTORCH is unset)".into());
         }
         let mut i = 0;
         while i < self.folders.len() {
@@ -247,10 +241,7 @@ pub struct Loaded {
 
 impl fmt::Debug for Loaded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Loaded")
-            .field("path", &self.path)
-            .field("origin", &self.origin)
-            .finish()
+        f.debug_struct("Loaded").field("path", &self.path).field("origin", &self.origin).finish()
     }
 }
 
@@ -259,19 +250,11 @@ impl Loaded {
     ///
     /// # Safety
     /// `F` must be the function's true C signature.
-    pub(crate) unsafe fn function<F: Copy>(
-        &self,
-        symbol: &'static str,
-        hint: &'static str,
-    ) -> Result<F, CudaError> {
+    pub(crate) unsafe fn function<F: Copy>(&self, symbol: &'static str, hint: &'static str) -> Result<F, CudaError> {
         let name = format!("{symbol}\0");
         match unsafe { self.library.get::<F>(name.as_bytes()) } {
             Ok(f) => Ok(*f),
-            Err(_) => Err(CudaError::MissingSymbol {
-                path: self.path.clone(),
-                symbol,
-                hint,
-            }),
+            Err(_) => Err(CudaError::MissingSymbol { path: self.path.clone(), symbol, hint }),
         }
     }
 }
@@ -287,11 +270,7 @@ pub fn open(library: NvidiaLibrary, search: &Search) -> Result<Loaded, CudaError
     if search.already_loaded {
         if let Ok(handle) = dlopen(OsStr::new(name), LOAD_FLAGS | libc::RTLD_NOLOAD) {
             let path = file_of(&handle, library).unwrap_or_else(|| PathBuf::from(name));
-            return Ok(Loaded {
-                library: handle,
-                path,
-                origin: Origin::AlreadyLoaded,
-            });
+            return Ok(Loaded { library: handle, path, origin: Origin::AlreadyLoaded });
         }
     }
     let mut failures = Vec::new();
@@ -303,11 +282,7 @@ pub fn open(library: NvidiaLibrary, search: &Search) -> Result<Loaded, CudaError
         match dlopen(candidate.as_os_str(), LOAD_FLAGS) {
             Ok(handle) => {
                 let path = file_of(&handle, library).unwrap_or(candidate);
-                return Ok(Loaded {
-                    library: handle,
-                    path,
-                    origin: *origin,
-                });
+                return Ok(Loaded { library: handle, path, origin: *origin });
             }
             Err(e) => failures.push(format!(
                 "found {} but it did not load: {}",
@@ -319,26 +294,15 @@ pub fn open(library: NvidiaLibrary, search: &Search) -> Result<Loaded, CudaError
     if search.dynamic_loader {
         if let Ok(handle) = dlopen(OsStr::new(name), LOAD_FLAGS) {
             let path = file_of(&handle, library).unwrap_or_else(|| PathBuf::from(name));
-            return Ok(Loaded {
-                library: handle,
-                path,
-                origin: Origin::DynamicLoader,
-            });
+            return Ok(Loaded { library: handle, path, origin: Origin::DynamicLoader });
         }
     }
     let searched = search.describe();
     let failures: String = failures.iter().map(|f| format!("; {f}")).collect();
     if library == NvidiaLibrary::Driver {
-        return Err(CudaError::NoDriver {
-            searched: format!("{searched}{failures}"),
-        });
+        return Err(CudaError::NoDriver { searched: format!("{searched}{failures}") });
     }
-    Err(CudaError::LibraryNotFound {
-        library: name,
-        searched,
-        failures,
-        hint: library.hint(),
-    })
+    Err(CudaError::LibraryNotFound { library: name, searched, failures, hint: library.hint() })
 }
 
 fn dlopen(name: &OsStr, flags: libc::c_int) -> Result<libloading::Library, libloading::Error> {
@@ -349,8 +313,7 @@ fn dlopen(name: &OsStr, flags: libc::c_int) -> Result<libloading::Library, liblo
 /// The file a handle was opened from, found through the address of the library's probe symbol.
 fn file_of(handle: &libloading::Library, library: NvidiaLibrary) -> Option<PathBuf> {
     // SAFETY: only the symbol's address is used, never called.
-    let symbol =
-        unsafe { handle.get::<*const c_void>(library.probe_symbol().to_bytes_with_nul()) }.ok()?;
+    let symbol = unsafe { handle.get::<*const c_void>(library.probe_symbol().to_bytes_with_nul()) }.ok()?;
     let address: *const c_void = *symbol;
     let mut info = libc::Dl_info {
         dli_fname: std::ptr::null(),
@@ -431,21 +394,14 @@ mod tests {
             other => panic!("unexpected origin {other}"),
         };
         let ranks: Vec<u8> = search.folders().iter().map(|(_, o)| rank(o)).collect();
-        assert!(
-            ranks.windows(2).all(|w| w[0] <= w[1]),
-            "{:?}",
-            search.folders()
-        );
+        assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{:?}", search.folders());
         assert!(ranks.contains(&2));
     }
 
     #[test]
     fn the_driver_is_never_looked_for_beside_libtorch() {
         let search = Search::for_process(NvidiaLibrary::Driver);
-        assert!(search
-            .folders()
-            .iter()
-            .all(|(_, o)| *o != Origin::BesideLibtorch));
+        assert!(search.folders().iter().all(|(_, o)| *o != Origin::BesideLibtorch));
     }
 
     #[test]
@@ -455,35 +411,19 @@ mod tests {
 7f02-7f03 r-xp 00000000 08:01 2 /opt/my torch/lib/libtorch_cpu.so
 7f04-7f05 rw-p 00000000 00:00 0 
 ";
-        assert_eq!(
-            libtorch_from_maps(maps),
-            Some(PathBuf::from("/opt/my torch"))
-        );
-        assert_eq!(
-            libtorch_from_maps("7f00-7f01 r--p 0 08:01 1 /lib/libc.so.6\n"),
-            None
-        );
+        assert_eq!(libtorch_from_maps(maps), Some(PathBuf::from("/opt/my torch")));
+        assert_eq!(libtorch_from_maps("7f00-7f01 r--p 0 08:01 1 /lib/libc.so.6\n"), None);
     }
 
     #[test]
     fn nothing_found_lists_every_place_searched_and_what_to_install() {
         let dir = tempfile::tempdir().unwrap();
-        let search = Search::new()
-            .beside_libtorch(&dir.path().join("torch"))
-            .ld_library_path(OsStr::new("/nonexistent/ld"));
+        let search =
+            Search::new().beside_libtorch(&dir.path().join("torch")).ld_library_path(OsStr::new("/nonexistent/ld"));
         let error = open(NvidiaLibrary::Nccl, &search).unwrap_err().to_string();
-        assert!(
-            error.starts_with("libnccl.so.2 not found; searched beside libtorch: "),
-            "{error}"
-        );
-        assert!(
-            error.contains(&format!("{}/nvidia/nccl/lib", dir.path().display())),
-            "{error}"
-        );
-        assert!(
-            error.contains("LD_LIBRARY_PATH: /nonexistent/ld"),
-            "{error}"
-        );
+        assert!(error.starts_with("libnccl.so.2 not found; searched beside libtorch: "), "{error}");
+        assert!(error.contains(&format!("{}/nvidia/nccl/lib", dir.path().display())), "{error}");
+        assert!(error.contains("LD_LIBRARY_PATH: /nonexistent/ld"), "{error}");
         assert!(error.contains("pip install nvidia-nccl-cu13"), "{error}");
         assert!(!error.contains('\n'));
     }
@@ -491,18 +431,11 @@ mod tests {
     #[test]
     fn a_file_that_is_not_a_library_is_reported_with_the_loader_error() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("libnvrtc.so.13"),
-            b"<html>proxy error</html>",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("libnvrtc.so.13"), b"<html>proxy error</html>").unwrap();
         let search = Search::new().folder(dir.path(), Origin::Explicit);
         let error = open(NvidiaLibrary::Nvrtc, &search).unwrap_err().to_string();
         assert!(
-            error.contains(&format!(
-                "found {}/libnvrtc.so.13 but it did not load: ",
-                dir.path().display()
-            )),
+            error.contains(&format!("found {}/libnvrtc.so.13 but it did not load: ", dir.path().display())),
             "{error}"
         );
         assert!(error.contains("named by the caller: "), "{error}");
@@ -510,12 +443,7 @@ mod tests {
 
     #[test]
     fn an_empty_search_says_so() {
-        let error = open(NvidiaLibrary::Nccl, &Search::new())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("searched nowhere (the search was empty)"),
-            "{error}"
-        );
+        let error = open(NvidiaLibrary::Nccl, &Search::new()).unwrap_err().to_string();
+        assert!(error.contains("searched nowhere (the search was empty)"), "{error}");
     }
 }

@@ -9,11 +9,7 @@ use crate::CudaError;
 
 /// The oldest NCCL hytrain accepts: non-blocking communicators with `ncclCommInitRankConfig`, abort and async
 /// errors as the collective timeout needs them, and bf16.
-pub const MIN_NCCL: NcclVersion = NcclVersion {
-    major: 2,
-    minor: 18,
-    patch: 0,
-};
+pub const MIN_NCCL: NcclVersion = NcclVersion { major: 2, minor: 18, patch: 0 };
 
 /// Functions the NCCL backend calls; a library lacking any is refused when it loads rather than mid-job.
 pub const NCCL_FUNCTIONS: [&str; 14] = [
@@ -51,17 +47,9 @@ impl NcclVersion {
     /// before.
     pub fn from_code(code: u32) -> NcclVersion {
         if code >= 10000 {
-            NcclVersion {
-                major: code / 10000,
-                minor: code % 10000 / 100,
-                patch: code % 100,
-            }
+            NcclVersion { major: code / 10000, minor: code % 10000 / 100, patch: code % 100 }
         } else {
-            NcclVersion {
-                major: code / 1000,
-                minor: code % 1000 / 100,
-                patch: code % 100,
-            }
+            NcclVersion { major: code / 1000, minor: code % 1000 / 100, patch: code % 100 }
         }
     }
 }
@@ -89,10 +77,7 @@ impl UniqueId {
     /// Takes bytes read from the store under `key`; anything but 128 bytes is an error naming the key.
     pub fn from_bytes(bytes: &[u8], key: &str) -> Result<UniqueId, CudaError> {
         let array: [u8; UNIQUE_ID_BYTES] =
-            bytes.try_into().map_err(|_| CudaError::BadUniqueId {
-                key: key.into(),
-                len: bytes.len(),
-            })?;
+            bytes.try_into().map_err(|_| CudaError::BadUniqueId { key: key.into(), len: bytes.len() })?;
         Ok(UniqueId(array))
     }
 }
@@ -114,15 +99,8 @@ struct RawUniqueId([u8; UNIQUE_ID_BYTES]);
 
 type CommInitRank = unsafe extern "C" fn(*mut *mut c_void, c_int, RawUniqueId, c_int) -> c_int;
 type CommDestroy = unsafe extern "C" fn(*mut c_void) -> c_int;
-type AllReduce = unsafe extern "C" fn(
-    *const c_void,
-    *mut c_void,
-    usize,
-    c_int,
-    c_int,
-    *mut c_void,
-    *mut c_void,
-) -> c_int;
+type AllReduce =
+    unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, *mut c_void, *mut c_void) -> c_int;
 
 /// `ncclFloat32` and `ncclSum` from nccl.h.
 const NCCL_FLOAT32: c_int = 7;
@@ -143,50 +121,27 @@ pub struct Communicator<'n> {
 impl Nccl {
     /// Joins the communicator of `world_size` ranks named by `id` as `rank` (`ncclCommInitRank`); blocks until
     /// every rank has joined.
-    pub fn communicator(
-        &self,
-        id: &UniqueId,
-        world_size: usize,
-        rank: usize,
-    ) -> Result<Communicator<'_>, CudaError> {
+    pub fn communicator(&self, id: &UniqueId, world_size: usize, rank: usize) -> Result<Communicator<'_>, CudaError> {
         // SAFETY: the signatures are NCCL's, from nccl.h; their presence was checked at load.
         let (init, all_reduce, destroy) = unsafe {
             (
-                self.loaded
-                    .function::<CommInitRank>("ncclCommInitRank", NEED)?,
+                self.loaded.function::<CommInitRank>("ncclCommInitRank", NEED)?,
                 self.loaded.function::<AllReduce>("ncclAllReduce", NEED)?,
-                self.loaded
-                    .function::<CommDestroy>("ncclCommDestroy", NEED)?,
+                self.loaded.function::<CommDestroy>("ncclCommDestroy", NEED)?,
             )
         };
         let mut comm: *mut c_void = std::ptr::null_mut();
         // SAFETY: writes one communicator handle; the id is passed by value as nccl.h declares.
-        let result = unsafe {
-            init(
-                &mut comm,
-                world_size as c_int,
-                RawUniqueId(id.0),
-                rank as c_int,
-            )
-        };
+        let result = unsafe { init(&mut comm, world_size as c_int, RawUniqueId(id.0), rank as c_int) };
         self.check("ncclCommInitRank", result)?;
-        Ok(Communicator {
-            nccl: self,
-            comm,
-            all_reduce,
-            destroy,
-        })
+        Ok(Communicator { nccl: self, comm, all_reduce, destroy })
     }
 
     fn check(&self, call: &'static str, code: c_int) -> Result<(), CudaError> {
         if code == 0 {
             return Ok(());
         }
-        Err(CudaError::Nccl {
-            call,
-            code,
-            message: self.error_string(code),
-        })
+        Err(CudaError::Nccl { call, code, message: self.error_string(code) })
     }
 }
 
@@ -283,12 +238,7 @@ impl Nccl {
             loaded.path.display(),
             loaded.origin
         );
-        Ok(Nccl {
-            loaded,
-            version,
-            get_unique_id,
-            get_error_string,
-        })
+        Ok(Nccl { loaded, version, get_unique_id, get_error_string })
     }
 
     pub(crate) fn loaded(&self) -> &Loaded {
@@ -356,13 +306,8 @@ mod tests {
 
     #[test]
     fn a_unique_id_of_the_wrong_length_names_the_key() {
-        let error = UniqueId::from_bytes(&[0; 64], "nccl/0/id")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.starts_with("the NCCL unique id under key 'nccl/0/id' is 64 bytes, not 128"),
-            "{error}"
-        );
+        let error = UniqueId::from_bytes(&[0; 64], "nccl/0/id").unwrap_err().to_string();
+        assert!(error.starts_with("the NCCL unique id under key 'nccl/0/id' is 64 bytes, not 128"), "{error}");
         let id = UniqueId::from_bytes(&[7; 128], "k").unwrap();
         assert_eq!(id.as_bytes(), &[7; 128]);
     }

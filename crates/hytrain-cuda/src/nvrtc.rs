@@ -121,11 +121,7 @@ impl Nvrtc {
             let version: Version = loaded.function("nvrtcVersion", NEED)?;
             let error_string: ErrorString = loaded.function("nvrtcGetErrorString", NEED)?;
             let (mut major, mut minor) = (0, 0);
-            check(
-                error_string,
-                "nvrtcVersion",
-                version(&mut major, &mut minor),
-            )?;
+            check(error_string, "nvrtcVersion", version(&mut major, &mut minor))?;
             let version = (major.max(0) as u32, minor.max(0) as u32);
             let builtins = open_builtins(&loaded.path, version)?;
             Nvrtc {
@@ -174,23 +170,12 @@ impl Nvrtc {
         let mut count: c_int = 0;
         // SAFETY: writes one int, then `count` ints.
         unsafe {
-            check(
-                self.error_string,
-                "nvrtcGetNumSupportedArchs",
-                (self.num_archs)(&mut count),
-            )?;
+            check(self.error_string, "nvrtcGetNumSupportedArchs", (self.num_archs)(&mut count))?;
             let mut archs = vec![0 as c_int; count.max(0) as usize];
-            check(
-                self.error_string,
-                "nvrtcGetSupportedArchs",
-                (self.archs)(archs.as_mut_ptr()),
-            )?;
+            check(self.error_string, "nvrtcGetSupportedArchs", (self.archs)(archs.as_mut_ptr()))?;
             Ok(archs
                 .into_iter()
-                .map(|a| ComputeCapability {
-                    major: a.max(0) as u32 / 10,
-                    minor: a.max(0) as u32 % 10,
-                })
+                .map(|a| ComputeCapability { major: a.max(0) as u32 / 10, minor: a.max(0) as u32 % 10 })
                 .collect())
         }
     }
@@ -213,10 +198,7 @@ impl Nvrtc {
         };
         let c_source = text(source, "source")?;
         let c_name = text(program, "program name")?;
-        let mut c_options = vec![text(
-            &format!("--gpu-architecture={}", arch.virtual_arch()),
-            "option",
-        )?];
+        let mut c_options = vec![text(&format!("--gpu-architecture={}", arch.virtual_arch()), "option")?];
         for option in options {
             c_options.push(text(option, "option")?);
         }
@@ -228,75 +210,33 @@ impl Nvrtc {
             check(
                 self.error_string,
                 "nvrtcCreateProgram",
-                (self.create)(
-                    &mut handle,
-                    c_source.as_ptr(),
-                    c_name.as_ptr(),
-                    0,
-                    std::ptr::null(),
-                    std::ptr::null(),
-                ),
+                (self.create)(&mut handle, c_source.as_ptr(), c_name.as_ptr(), 0, std::ptr::null(), std::ptr::null()),
             )?;
         }
-        let program_guard = ProgramGuard {
-            handle,
-            destroy: self.destroy,
-        };
+        let program_guard = ProgramGuard { handle, destroy: self.destroy };
         // SAFETY: the handle is live; option pointers outlive the call.
-        let result = unsafe {
-            (self.compile)(
-                program_guard.handle,
-                option_ptrs.len() as c_int,
-                option_ptrs.as_ptr(),
-            )
-        };
+        let result = unsafe { (self.compile)(program_guard.handle, option_ptrs.len() as c_int, option_ptrs.as_ptr()) };
         if result != 0 {
-            let log = self.read(
-                program_guard.handle,
-                self.log_size,
-                self.log,
-                "nvrtcGetProgramLog",
-            )?;
+            let log = self.read(program_guard.handle, self.log_size, self.log, "nvrtcGetProgramLog")?;
             let log = library::one_line(&log);
             let log = if log.is_empty() {
-                format!(
-                    "{} (nvrtcResult {result}) with an empty log",
-                    describe(self.error_string, result)
-                )
+                format!("{} (nvrtcResult {result}) with an empty log", describe(self.error_string, result))
             } else {
                 log
             };
-            return Err(CudaError::Compile {
-                program: program.into(),
-                arch: arch.virtual_arch(),
-                log,
-            });
+            return Err(CudaError::Compile { program: program.into(), arch: arch.virtual_arch(), log });
         }
         let text = self.read(program_guard.handle, self.ptx_size, self.ptx, "nvrtcGetPTX")?;
-        Ok(Ptx {
-            program: program.into(),
-            arch,
-            text,
-        })
+        Ok(Ptx { program: program.into(), arch, text })
     }
 
-    fn read(
-        &self,
-        handle: *mut c_void,
-        size: GetSize,
-        get: GetText,
-        call: &'static str,
-    ) -> Result<String, CudaError> {
+    fn read(&self, handle: *mut c_void, size: GetSize, get: GetText, call: &'static str) -> Result<String, CudaError> {
         let mut len = 0usize;
         // SAFETY: the handle is live; the buffer has the size NVRTC reported (which counts the NUL).
         unsafe {
             check(self.error_string, call, size(handle, &mut len))?;
             let mut buffer = vec![0u8; len.max(1)];
-            check(
-                self.error_string,
-                call,
-                get(handle, buffer.as_mut_ptr().cast()),
-            )?;
+            check(self.error_string, call, get(handle, buffer.as_mut_ptr().cast()))?;
             let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
             buffer.truncate(end);
             Ok(String::from_utf8_lossy(&buffer).into_owned())
@@ -322,9 +262,7 @@ fn describe(error_string: ErrorString, code: c_int) -> String {
     if text.is_null() {
         format!("unknown NVRTC error {code}")
     } else {
-        unsafe { CStr::from_ptr(text) }
-            .to_string_lossy()
-            .into_owned()
+        unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()
     }
 }
 
@@ -332,35 +270,24 @@ fn check(error_string: ErrorString, call: &'static str, code: c_int) -> Result<(
     if code == 0 {
         Ok(())
     } else {
-        Err(CudaError::Nvrtc {
-            call,
-            code,
-            message: describe(error_string, code),
-        })
+        Err(CudaError::Nvrtc { call, code, message: describe(error_string, code) })
     }
 }
 
 /// Opens `libnvrtc-builtins.so.MAJOR.MINOR` from beside `nvrtc` by full path; when it is not there, accepts one
 /// the loader already has or finds by itself (a system CUDA toolkit), and otherwise fails naming the file.
-fn open_builtins(
-    nvrtc: &Path,
-    (major, minor): (u32, u32),
-) -> Result<Option<libloading::Library>, CudaError> {
+fn open_builtins(nvrtc: &Path, (major, minor): (u32, u32)) -> Result<Option<libloading::Library>, CudaError> {
     let name = format!("libnvrtc-builtins.so.{major}.{minor}");
     let beside = nvrtc.parent().map(|dir| dir.join(&name));
     if let Some(path) = beside.as_ref().filter(|p| p.is_file()) {
         // SAFETY: NVIDIA's library; loading it runs no initialisers that depend on us.
-        let library =
-            unsafe { libloading::os::unix::Library::open(Some(path), library::LOAD_FLAGS) }
-                .map_err(|e| CudaError::Nvrtc {
-                    call: "dlopen",
-                    code: -1,
-                    message: format!(
-                        "{} did not load: {}",
-                        path.display(),
-                        library::one_line(&e.to_string())
-                    ),
-                })?;
+        let library = unsafe { libloading::os::unix::Library::open(Some(path), library::LOAD_FLAGS) }.map_err(|e| {
+            CudaError::Nvrtc {
+                call: "dlopen",
+                code: -1,
+                message: format!("{} did not load: {}", path.display(), library::one_line(&e.to_string())),
+            }
+        })?;
         return Ok(Some(library.into()));
     }
     // SAFETY: as above.
@@ -392,22 +319,14 @@ mod tests {
     #[test]
     fn missing_builtins_name_the_file_and_the_wheel() {
         let dir = tempfile::tempdir().unwrap();
-        let error = open_builtins(&dir.path().join("libnvrtc.so.13"), (99, 7))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("needs libnvrtc-builtins.so.99.7 in the same folder"),
-            "{error}"
-        );
+        let error = open_builtins(&dir.path().join("libnvrtc.so.13"), (99, 7)).unwrap_err().to_string();
+        assert!(error.contains("needs libnvrtc-builtins.so.99.7 in the same folder"), "{error}");
         assert!(error.contains("nvidia-cuda-nvrtc wheel"), "{error}");
     }
 
     #[test]
     fn virtual_arch_names_follow_nvcc() {
-        assert_eq!(
-            ComputeCapability { major: 9, minor: 0 }.virtual_arch(),
-            "compute_90"
-        );
+        assert_eq!(ComputeCapability { major: 9, minor: 0 }.virtual_arch(), "compute_90");
         assert_eq!(ComputeCapability { major: 7, minor: 5 }.to_string(), "7.5");
     }
 }

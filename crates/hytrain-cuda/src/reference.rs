@@ -91,12 +91,7 @@ impl BucketLayout {
 }
 
 /// `hytrain_pack_scaled`: copies every gradient into its place in `bucket`, multiplied by `scale`.
-pub fn pack(
-    layout: &BucketLayout,
-    grads: &[&[f32]],
-    scale: f32,
-    bucket: &mut [f32],
-) -> Result<(), CudaError> {
+pub fn pack(layout: &BucketLayout, grads: &[&[f32]], scale: f32, bucket: &mut [f32]) -> Result<(), CudaError> {
     layout.check(grads.iter().map(|g| g.len()), bucket.len())?;
     for (i, out) in bucket.iter_mut().enumerate() {
         let t = layout.tensor_of(i);
@@ -106,12 +101,7 @@ pub fn pack(
 }
 
 /// `hytrain_unpack_scaled`: copies `bucket`, multiplied by `scale`, back into the gradients.
-pub fn unpack(
-    layout: &BucketLayout,
-    bucket: &[f32],
-    scale: f32,
-    grads: &mut [&mut [f32]],
-) -> Result<(), CudaError> {
+pub fn unpack(layout: &BucketLayout, bucket: &[f32], scale: f32, grads: &mut [&mut [f32]]) -> Result<(), CudaError> {
     layout.check(grads.iter().map(|g| g.len()), bucket.len())?;
     for (i, value) in bucket.iter().enumerate() {
         let t = layout.tensor_of(i);
@@ -139,9 +129,7 @@ impl SgdConfig {
     /// The kernel's float arguments for one step; `first_step` starts the momentum buffers. Refuses the
     /// combinations torch.optim.SGD refuses.
     pub fn args(&self, first_step: bool) -> Result<SgdArgs, CudaError> {
-        let finite = [self.lr, self.momentum, self.dampening, self.weight_decay]
-            .iter()
-            .all(|v| v.is_finite());
+        let finite = [self.lr, self.momentum, self.dampening, self.weight_decay].iter().all(|v| v.is_finite());
         if !finite || self.lr < 0.0 || self.momentum < 0.0 || self.weight_decay < 0.0 {
             return Err(CudaError::Shape(format!(
                 "SGD needs finite lr, momentum and weight_decay >= 0 (got lr {}, momentum {}, weight_decay {})",
@@ -189,14 +177,7 @@ pub fn sgd_momentum_step(
     grads: &[f32],
     momentum_buf: &mut [f32],
 ) -> Result<(), CudaError> {
-    same_lengths(
-        "SGD",
-        &[
-            ("params", params.len()),
-            ("grads", grads.len()),
-            ("momentum_buf", momentum_buf.len()),
-        ],
-    )?;
+    same_lengths("SGD", &[("params", params.len()), ("grads", grads.len()), ("momentum_buf", momentum_buf.len())])?;
     for i in 0..params.len() {
         let p = params[i];
         let mut g = grads[i];
@@ -204,17 +185,9 @@ pub fn sgd_momentum_step(
             g += args.weight_decay * p;
         }
         if args.momentum != 0.0 {
-            let b = if args.first_step {
-                g
-            } else {
-                args.momentum * momentum_buf[i] + (1.0 - args.dampening) * g
-            };
+            let b = if args.first_step { g } else { args.momentum * momentum_buf[i] + (1.0 - args.dampening) * g };
             momentum_buf[i] = b;
-            g = if args.nesterov {
-                g + args.momentum * b
-            } else {
-                b
-            };
+            g = if args.nesterov { g + args.momentum * b } else { b };
         }
         params[i] = p - args.lr * g;
     }
@@ -239,13 +212,7 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// torch.optim.AdamW's defaults.
     fn default() -> AdamWConfig {
-        AdamWConfig {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 1e-2,
-        }
+        AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 }
     }
 }
 
@@ -254,9 +221,7 @@ impl AdamWConfig {
     /// as PyTorch computes them from Python floats.
     pub fn args(&self, step: u64) -> Result<AdamWArgs, CudaError> {
         if step == 0 {
-            return Err(CudaError::Shape(
-                "AdamW steps are counted from 1; step 0 has no bias correction".into(),
-            ));
+            return Err(CudaError::Shape("AdamW steps are counted from 1; step 0 has no bias correction".into()));
         }
         let valid = self.lr.is_finite()
             && self.lr >= 0.0
@@ -361,9 +326,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(t, &len)| {
-                (0..len)
-                    .map(|i| ((seed as f32 + t as f32 * 31.0 + i as f32 * 0.37).sin()) * 3.0)
-                    .collect()
+                (0..len).map(|i| ((seed as f32 + t as f32 * 31.0 + i as f32 * 0.37).sin()) * 3.0).collect()
             })
             .collect()
     }
@@ -425,22 +388,13 @@ mod tests {
         let layout = BucketLayout::new([2, 3]);
         let (a, b) = ([1.0f32; 2], [1.0f32; 4]);
         let mut bucket = [0.0f32; 5];
-        let error = pack(&layout, &[&a, &b], 1.0, &mut bucket)
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            error,
-            "tensor 1 has 4 elements but the bucket layout gives it 3"
-        );
-        let error = pack(&layout, &[&a], 1.0, &mut bucket)
-            .unwrap_err()
-            .to_string();
+        let error = pack(&layout, &[&a, &b], 1.0, &mut bucket).unwrap_err().to_string();
+        assert_eq!(error, "tensor 1 has 4 elements but the bucket layout gives it 3");
+        let error = pack(&layout, &[&a], 1.0, &mut bucket).unwrap_err().to_string();
         assert_eq!(error, "the bucket layout has 2 tensors but 1 were given");
         let short = [0.0f32; 4];
         let (mut x, mut y) = ([0.0f32; 2], [0.0f32; 3]);
-        let error = unpack(&layout, &short, 1.0, &mut [&mut x, &mut y])
-            .unwrap_err()
-            .to_string();
+        let error = unpack(&layout, &short, 1.0, &mut [&mut x, &mut y]).unwrap_err().to_string();
         assert_eq!(error, "the bucket has 4 elements but its layout needs 5");
     }
 
@@ -457,16 +411,8 @@ mod tests {
                 for i in 0..p.len() {
                     let mut g = grads_at(step, t, i) + cfg.weight_decay * p[i];
                     if cfg.momentum != 0.0 {
-                        bufs[t][i] = if step == 0 {
-                            g
-                        } else {
-                            cfg.momentum * bufs[t][i] + (1.0 - cfg.dampening) * g
-                        };
-                        g = if cfg.nesterov {
-                            g + cfg.momentum * bufs[t][i]
-                        } else {
-                            bufs[t][i]
-                        };
+                        bufs[t][i] = if step == 0 { g } else { cfg.momentum * bufs[t][i] + (1.0 - cfg.dampening) * g };
+                        g = if cfg.nesterov { g + cfg.momentum * bufs[t][i] } else { bufs[t][i] };
                     }
                     p[i] -= cfg.lr * g;
                 }
@@ -495,20 +441,10 @@ mod tests {
             .enumerate()
             .map(|(t, &l)| (0..l).map(|i| 1.0 + (t * 3 + i) as f64 * 0.1).collect())
             .collect();
-        let variants = [
-            (0.0, 0.0, 0.0, false),
-            (0.9, 0.0, 0.0, false),
-            (0.9, 0.1, 1e-4, false),
-            (0.9, 0.0, 5e-4, true),
-        ];
+        let variants =
+            [(0.0, 0.0, 0.0, false), (0.9, 0.0, 0.0, false), (0.9, 0.1, 1e-4, false), (0.9, 0.0, 5e-4, true)];
         for (momentum, dampening, weight_decay, nesterov) in variants {
-            let cfg = SgdConfig {
-                lr: 0.05,
-                momentum,
-                dampening,
-                weight_decay,
-                nesterov,
-            };
+            let cfg = SgdConfig { lr: 0.05, momentum, dampening, weight_decay, nesterov };
             let layout = BucketLayout::new(lengths);
             let mut params: Vec<f32> = start.iter().flatten().map(|&x| x as f32).collect();
             let mut buf = vec![0.0f32; layout.len()];
@@ -519,8 +455,7 @@ mod tests {
                         grad_at(step, t, i - layout.offsets()[t]) as f32
                     })
                     .collect();
-                sgd_momentum_step(&cfg.args(step == 0).unwrap(), &mut params, &grads, &mut buf)
-                    .unwrap();
+                sgd_momentum_step(&cfg.args(step == 0).unwrap(), &mut params, &grads, &mut buf).unwrap();
             }
             let mut expected = start.clone();
             sgd_per_tensor(&cfg, 6, &mut expected, grad_at);
@@ -556,16 +491,9 @@ mod tests {
             .map(|(t, &l)| (0..l).map(|i| 0.5 - (t * 5 + i) as f64 * 0.07).collect())
             .collect();
         // The defaults, and a beta1 below 0.5, which takes torch.lerp's other form.
-        for cfg in [
-            AdamWConfig::default(),
-            AdamWConfig {
-                lr: 3e-3,
-                beta1: 0.3,
-                beta2: 0.99,
-                eps: 1e-6,
-                weight_decay: 0.1,
-            },
-        ] {
+        for cfg in
+            [AdamWConfig::default(), AdamWConfig { lr: 3e-3, beta1: 0.3, beta2: 0.99, eps: 1e-6, weight_decay: 0.1 }]
+        {
             let layout = BucketLayout::new(lengths);
             let mut params: Vec<f32> = start.iter().flatten().map(|&x| x as f32).collect();
             let mut exp_avg = vec![0.0f32; layout.len()];
@@ -577,14 +505,7 @@ mod tests {
                         grad_at(step as usize - 1, t, i - layout.offsets()[t]) as f32
                     })
                     .collect();
-                adamw_step(
-                    &cfg.args(step).unwrap(),
-                    &mut params,
-                    &grads,
-                    &mut exp_avg,
-                    &mut exp_avg_sq,
-                )
-                .unwrap();
+                adamw_step(&cfg.args(step).unwrap(), &mut params, &grads, &mut exp_avg, &mut exp_avg_sq).unwrap();
             }
             let mut expected = start.clone();
             adamw_per_tensor(&cfg, 8, &mut expected);
@@ -595,67 +516,23 @@ mod tests {
     #[test]
     fn optimizer_steps_refuse_buffers_of_different_lengths_and_bad_hyperparameters() {
         let args = AdamWConfig::default().args(1).unwrap();
-        let error = adamw_step(
-            &args,
-            &mut [0.0; 3],
-            &[0.0; 3],
-            &mut [0.0; 2],
-            &mut [0.0; 3],
-        )
-        .unwrap_err()
-        .to_string();
-        assert_eq!(
-            error,
-            "AdamW buffers differ in length: params has 3 elements, exp_avg has 2"
-        );
-        let sgd = SgdConfig {
-            lr: 0.1,
-            momentum: 0.9,
-            dampening: 0.0,
-            weight_decay: 0.0,
-            nesterov: false,
-        };
-        let error = sgd_momentum_step(
-            &sgd.args(true).unwrap(),
-            &mut [0.0; 2],
-            &[0.0; 3],
-            &mut [0.0; 2],
-        )
-        .unwrap_err()
-        .to_string();
-        assert_eq!(
-            error,
-            "SGD buffers differ in length: params has 2 elements, grads has 3"
-        );
-        let nesterov = SgdConfig {
-            nesterov: true,
-            dampening: 0.1,
-            ..sgd
-        };
+        let error = adamw_step(&args, &mut [0.0; 3], &[0.0; 3], &mut [0.0; 2], &mut [0.0; 3]).unwrap_err().to_string();
+        assert_eq!(error, "AdamW buffers differ in length: params has 3 elements, exp_avg has 2");
+        let sgd = SgdConfig { lr: 0.1, momentum: 0.9, dampening: 0.0, weight_decay: 0.0, nesterov: false };
+        let error = sgd_momentum_step(&sgd.args(true).unwrap(), &mut [0.0; 2], &[0.0; 3], &mut [0.0; 2])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(error, "SGD buffers differ in length: params has 2 elements, grads has 3");
+        let nesterov = SgdConfig { nesterov: true, dampening: 0.1, ..sgd };
         assert!(nesterov
             .args(false)
             .unwrap_err()
             .to_string()
             .starts_with("Nesterov momentum needs momentum > 0 and dampening 0"));
-        assert!(AdamWConfig::default()
-            .args(0)
-            .unwrap_err()
-            .to_string()
-            .contains("counted from 1"));
-        let bad = AdamWConfig {
-            beta2: 1.0,
-            ..AdamWConfig::default()
-        };
-        assert!(bad
-            .args(1)
-            .unwrap_err()
-            .to_string()
-            .starts_with("AdamW needs"));
+        assert!(AdamWConfig::default().args(0).unwrap_err().to_string().contains("counted from 1"));
+        let bad = AdamWConfig { beta2: 1.0, ..AdamWConfig::default() };
+        assert!(bad.args(1).unwrap_err().to_string().starts_with("AdamW needs"));
         let negative = SgdConfig { lr: -1.0, ..sgd };
-        assert!(negative
-            .args(true)
-            .unwrap_err()
-            .to_string()
-            .starts_with("SGD needs"));
+        assert!(negative.args(true).unwrap_err().to_string().starts_with("SGD needs"));
     }
 }

@@ -36,8 +36,7 @@ type EventDestroy = unsafe extern "C" fn(Event) -> c_int;
 type EventRecord = unsafe extern "C" fn(Event, Stream) -> c_int;
 type EventQuery = unsafe extern "C" fn(Event) -> c_int;
 
-const DRIVER_NEED: &str =
-    "the NVIDIA driver is too old; install a driver for CUDA 13 (580 or newer)";
+const DRIVER_NEED: &str = "the NVIDIA driver is too old; install a driver for CUDA 13 (580 or newer)";
 /// `CU_STREAM_NON_BLOCKING`: the stream does not synchronise implicitly with stream 0.
 const STREAM_NON_BLOCKING: c_uint = 1;
 /// `CU_EVENT_DISABLE_TIMING`: the cheapest event, all ordering needs.
@@ -97,9 +96,7 @@ impl OwnedStream {
         let device = driver.device_handle(gpu)?;
         let mut context: Context = std::ptr::null_mut();
         // SAFETY: writes one context handle.
-        driver.check("cuDevicePrimaryCtxRetain", unsafe {
-            (api.retain)(&mut context, device)
-        })?;
+        driver.check("cuDevicePrimaryCtxRetain", unsafe { (api.retain)(&mut context, device) })?;
         // From here on Drop releases what was made, so an error below leaks nothing.
         let mut this = OwnedStream {
             driver,
@@ -113,15 +110,9 @@ impl OwnedStream {
         let (api, driver) = (&this.api, &this.driver);
         // SAFETY: each call writes one handle.
         unsafe {
-            driver.check(
-                "cuStreamCreate",
-                (api.stream_create)(&mut this.stream, STREAM_NON_BLOCKING),
-            )?;
+            driver.check("cuStreamCreate", (api.stream_create)(&mut this.stream, STREAM_NON_BLOCKING))?;
             for event in &mut this.events {
-                driver.check(
-                    "cuEventCreate",
-                    (api.event_create)(event, EVENT_DISABLE_TIMING),
-                )?;
+                driver.check("cuEventCreate", (api.event_create)(event, EVENT_DISABLE_TIMING))?;
             }
         }
         Ok(this)
@@ -130,9 +121,7 @@ impl OwnedStream {
     /// Makes the context current on the calling thread, as every driver call on these handles needs.
     pub(crate) fn make_current(&self) -> Result<(), CudaError> {
         // SAFETY: the context is retained while `self` lives.
-        self.driver.check("cuCtxSetCurrent", unsafe {
-            (self.api.set_current)(self.context)
-        })
+        self.driver.check("cuCtxSetCurrent", unsafe { (self.api.set_current)(self.context) })
     }
 }
 
@@ -184,34 +173,20 @@ unsafe impl Sync for SideStream {}
 
 impl fmt::Debug for SideStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SideStream")
-            .field("gpu", &self.gpu)
-            .field("stream", &self.own.stream)
-            .finish_non_exhaustive()
+        f.debug_struct("SideStream").field("gpu", &self.gpu).field("stream", &self.own.stream).finish_non_exhaustive()
     }
 }
 
 impl SideStream {
     /// Creates the stream on GPU `gpu` (its index after CUDA_VISIBLE_DEVICES, as in `cuda:N`). `streams` reads and
     /// sets libtorch's current stream, so libtorch's CUDA backend must be loaded.
-    pub fn new(
-        driver: CudaDriver,
-        gpu: u32,
-        streams: TorchStreams,
-    ) -> Result<SideStream, CudaError> {
-        Ok(SideStream {
-            own: OwnedStream::new(driver, gpu)?,
-            streams,
-            gpu,
-            ordering: Mutex::new(()),
-        })
+    pub fn new(driver: CudaDriver, gpu: u32, streams: TorchStreams) -> Result<SideStream, CudaError> {
+        Ok(SideStream { own: OwnedStream::new(driver, gpu)?, streams, gpu, ordering: Mutex::new(()) })
     }
 
     /// libtorch's current stream of this GPU on the calling thread: the compute stream to order against.
     pub fn current_stream(&self) -> Result<StreamHandle, CudaError> {
-        Ok(StreamHandle(
-            self.streams.current(self.gpu as usize)? as usize
-        ))
+        Ok(StreamHandle(self.streams.current(self.gpu as usize)? as usize))
     }
 
     /// Makes the side stream wait for all work queued on `compute` so far, from any thread.
@@ -229,10 +204,7 @@ impl SideStream {
     pub fn enter(&self) -> Result<Entered<'_>, CudaError> {
         let before = self.current_stream()?;
         // SAFETY: the stream lives as long as `self`, which the guard borrows.
-        unsafe {
-            self.streams
-                .set_current(self.gpu as usize, self.own.stream)?
-        };
+        unsafe { self.streams.set_current(self.gpu as usize, self.own.stream)? };
         Ok(Entered { side: self, before })
     }
 
@@ -260,16 +232,9 @@ pub struct Entered<'a> {
 impl Drop for Entered<'_> {
     fn drop(&mut self) {
         // SAFETY: the stream was current before, so it is libtorch's and live.
-        let restored = unsafe {
-            self.side
-                .streams
-                .set_current(self.side.gpu as usize, self.before.raw())
-        };
+        let restored = unsafe { self.side.streams.set_current(self.side.gpu as usize, self.before.raw()) };
         if let Err(e) = restored {
-            tracing::warn!(
-                gpu = self.side.gpu,
-                "the side stream stays current on this thread: {e}"
-            );
+            tracing::warn!(gpu = self.side.gpu, "the side stream stays current on this thread: {e}");
         }
     }
 }

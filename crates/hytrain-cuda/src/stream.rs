@@ -55,26 +55,18 @@ impl TorchStreams {
         let file = in_memory_file(SHIM)?;
         let path = format!("/proc/self/fd/{}", file.as_raw_fd());
         // SAFETY: the shim has no initialisers of its own; its c10 symbols resolve against the loaded libc10_cuda.
-        let library = unsafe {
-            libloading::os::unix::Library::open(Some(&path), libc::RTLD_NOW | libc::RTLD_LOCAL)
-        }
-        .map_err(|e| CudaError::StreamShim {
-            reason: format!("the stream shim did not load: {}", one_line(&e.to_string())),
-        })?;
+        let library = unsafe { libloading::os::unix::Library::open(Some(&path), libc::RTLD_NOW | libc::RTLD_LOCAL) }
+            .map_err(|e| CudaError::StreamShim {
+                reason: format!("the stream shim did not load: {}", one_line(&e.to_string())),
+            })?;
         // The mapping keeps the shim alive; the descriptor is no longer needed.
         drop(file);
         // SAFETY: the signatures are those of shim/stream.cpp's extern "C" functions.
         let (current, set_current) = unsafe {
             let symbol = |name: &'static [u8]| {
-                library
-                    .get::<*mut c_void>(name)
-                    .map(|s| *s)
-                    .map_err(|e| CudaError::StreamShim {
-                        reason: format!(
-                            "the stream shim lacks a function: {}",
-                            one_line(&e.to_string())
-                        ),
-                    })
+                library.get::<*mut c_void>(name).map(|s| *s).map_err(|e| CudaError::StreamShim {
+                    reason: format!("the stream shim lacks a function: {}", one_line(&e.to_string())),
+                })
             };
             let current = symbol(b"hytrain_current_stream\0")?;
             let set_current = symbol(b"hytrain_set_current_stream\0")?;
@@ -83,11 +75,7 @@ impl TorchStreams {
                 std::mem::transmute::<*mut c_void, SetCurrentStream>(set_current),
             )
         };
-        Ok(TorchStreams {
-            current,
-            set_current,
-            _library: library,
-        })
+        Ok(TorchStreams { current, set_current, _library: library })
     }
 
     /// The `cudaStream_t` of GPU `device`'s current stream on this thread (null for the legacy default stream,
@@ -119,39 +107,19 @@ impl TorchStreams {
 fn device_index(device: usize, call: &'static str) -> Result<c_int, CudaError> {
     match i8::try_from(device) {
         Ok(index) => Ok(c_int::from(index)),
-        Err(_) => Err(CudaError::Stream {
-            call,
-            device,
-            message: "libtorch numbers GPUs up to 127".into(),
-        }),
+        Err(_) => Err(CudaError::Stream { call, device, message: "libtorch numbers GPUs up to 127".into() }),
     }
 }
 
-fn check(
-    code: c_int,
-    error: &[c_char],
-    call: &'static str,
-    device: usize,
-) -> Result<(), CudaError> {
+fn check(code: c_int, error: &[c_char], call: &'static str, device: usize) -> Result<(), CudaError> {
     if code == 0 {
         return Ok(());
     }
-    let bytes: Vec<u8> = error
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
+    let bytes: Vec<u8> = error.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     let text = String::from_utf8_lossy(&bytes);
     // c10's messages carry a backtrace after the first line.
-    let first = text
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("no reason given");
-    Err(CudaError::Stream {
-        call,
-        device,
-        message: first.trim().to_string(),
-    })
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("no reason given");
+    Err(CudaError::Stream { call, device, message: first.trim().to_string() })
 }
 
 /// An anonymous in-memory file holding `bytes`.
@@ -200,13 +168,8 @@ mod tests {
 
     #[test]
     fn a_gpu_index_beyond_what_c10_numbers_is_refused() {
-        let error = device_index(128, "getCurrentCUDAStream")
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            error,
-            "getCurrentCUDAStream for cuda:128 failed: libtorch numbers GPUs up to 127"
-        );
+        let error = device_index(128, "getCurrentCUDAStream").unwrap_err().to_string();
+        assert_eq!(error, "getCurrentCUDAStream for cuda:128 failed: libtorch numbers GPUs up to 127");
         assert_eq!(device_index(127, "x").unwrap(), 127);
     }
 

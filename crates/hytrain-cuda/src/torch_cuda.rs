@@ -30,19 +30,15 @@ pub struct TorchCuda {
 pub fn load_torch_cuda(lib_dir: &Path) -> Result<TorchCuda, CudaError> {
     let path = lib_dir.join(TORCH_CUDA_LIBRARY);
     if !path.is_file() {
-        return Err(CudaError::TorchCudaNotFound {
-            dir: lib_dir.to_path_buf(),
-        });
+        return Err(CudaError::TorchCudaNotFound { dir: lib_dir.to_path_buf() });
     }
     // NODELETE: libtorch keeps pointers into it (registered kernels, hooks) for the life of the process.
     let flags = libc::RTLD_NOW | libc::RTLD_GLOBAL | libc::RTLD_NODELETE;
     // SAFETY: loading libtorch_cuda runs its registration initialisers, which is the point; it needs the
     // libtorch_cpu this process already has.
     let handle = unsafe { libloading::os::unix::Library::open(Some(&path), flags) };
-    let handle = handle.map_err(|e| CudaError::TorchCudaLoad {
-        path: path.clone(),
-        reason: one_line(&e.to_string()),
-    })?;
+    let handle =
+        handle.map_err(|e| CudaError::TorchCudaLoad { path: path.clone(), reason: one_line(&e.to_string()) })?;
     // The handle may close: NODELETE keeps the library mapped.
     drop(handle);
     let version = torch_version(lib_dir);
@@ -93,17 +89,11 @@ pub fn device_for_local_rank(
     if visible == 1 && cuda_visible_devices.is_some_and(|v| !v.trim().is_empty()) {
         return Ok(0);
     }
-    Err(CudaError::NotEnoughGpus {
-        local_rank,
-        visible,
-        shown: shown(cuda_visible_devices),
-    })
+    Err(CudaError::NotEnoughGpus { local_rank, visible, shown: shown(cuda_visible_devices) })
 }
 
 fn shown(cuda_visible_devices: Option<&str>) -> String {
-    cuda_visible_devices
-        .map(|v| format!(" (CUDA_VISIBLE_DEVICES={v})"))
-        .unwrap_or_default()
+    cuda_visible_devices.map(|v| format!(" (CUDA_VISIBLE_DEVICES={v})")).unwrap_or_default()
 }
 
 /// `cudaSetDevice(index)` on the calling thread, through the CUDA runtime libtorch_cuda.so brought into the
@@ -116,23 +106,14 @@ pub fn set_current_device(
     index: usize,
     cuda_visible_devices: Option<&str>,
 ) -> Result<(), CudaError> {
-    let error = |reason: String| CudaError::SetDevice {
-        local_rank,
-        index,
-        shown: shown(cuda_visible_devices),
-        reason,
-    };
+    let error = |reason: String| CudaError::SetDevice { local_rank, index, shown: shown(cuda_visible_devices), reason };
     type SetDevice = unsafe extern "C" fn(std::ffi::c_int) -> std::ffi::c_int;
     type ErrorName = unsafe extern "C" fn(std::ffi::c_int) -> *const std::ffi::c_char;
     let this = libloading::os::unix::Library::this();
     // SAFETY: cudaSetDevice and cudaGetErrorName have these signatures in every CUDA runtime (cuda_runtime_api.h).
-    let set = unsafe { this.get::<SetDevice>(b"cudaSetDevice\0") }.map_err(|_| {
-        error(
-            "no CUDA runtime (cudaSetDevice) is loaded; load libtorch's CUDA backend first".into(),
-        )
-    })?;
-    let index_c =
-        std::ffi::c_int::try_from(index).map_err(|_| error("GPU index out of range".into()))?;
+    let set = unsafe { this.get::<SetDevice>(b"cudaSetDevice\0") }
+        .map_err(|_| error("no CUDA runtime (cudaSetDevice) is loaded; load libtorch's CUDA backend first".into()))?;
+    let index_c = std::ffi::c_int::try_from(index).map_err(|_| error("GPU index out of range".into()))?;
     // SAFETY: a plain call with an int argument.
     let code = unsafe { set(index_c) };
     if code == 0 {
@@ -143,15 +124,9 @@ pub fn set_current_device(
         .ok()
         .map(|f| unsafe { f(code) })
         .filter(|p| !p.is_null())
-        .map(|p| {
-            unsafe { std::ffi::CStr::from_ptr(p) }
-                .to_string_lossy()
-                .into_owned()
-        })
+        .map(|p| unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
         .unwrap_or_else(|| "unknown error".into());
-    Err(error(format!(
-        "cudaSetDevice({index}) failed: {name} ({code})"
-    )))
+    Err(error(format!("cudaSetDevice({index}) failed: {name} ({code})")))
 }
 
 #[cfg(test)]
@@ -161,17 +136,12 @@ mod tests {
     #[test]
     fn each_local_rank_takes_the_gpu_of_its_index() {
         assert_eq!(device_for_local_rank(0, 1, None).unwrap(), 0);
-        assert_eq!(
-            device_for_local_rank(3, 8, Some("0,1,2,3,4,5,6,7")).unwrap(),
-            3
-        );
+        assert_eq!(device_for_local_rank(3, 8, Some("0,1,2,3,4,5,6,7")).unwrap(), 3);
     }
 
     #[test]
     fn a_local_rank_beyond_the_visible_gpus_names_both_counts_and_cuda_visible_devices() {
-        let error = device_for_local_rank(2, 2, Some("4,5"))
-            .unwrap_err()
-            .to_string();
+        let error = device_for_local_rank(2, 2, Some("4,5")).unwrap_err().to_string();
         assert_eq!(
             error,
             "local rank 2 needs GPU cuda:2 but only 2 GPU(s) are visible (CUDA_VISIBLE_DEVICES=4,5); start at most \
@@ -180,10 +150,7 @@ mod tests {
         );
         let error = device_for_local_rank(1, 1, None).unwrap_err().to_string();
         assert!(error.contains("only 1 GPU(s) are visible; "), "{error}");
-        assert!(
-            error.contains("CUDA_VISIBLE_DEVICES (it then uses cuda:0)"),
-            "{error}"
-        );
+        assert!(error.contains("CUDA_VISIBLE_DEVICES (it then uses cuda:0)"), "{error}");
     }
 
     #[test]
@@ -192,10 +159,11 @@ mod tests {
             assert_eq!(device_for_local_rank(local_rank, 1, Some("3")).unwrap(), 0);
         }
         // Two visible for local rank 3 is neither layout.
-        let error = device_for_local_rank(3, 2, Some("3,7"))
-            .unwrap_err()
-            .to_string();
-        assert!(error.starts_with("local rank 3 needs GPU cuda:3 but only 2 GPU(s) are visible (CUDA_VISIBLE_DEVICES=3,7)"), "{error}");
+        let error = device_for_local_rank(3, 2, Some("3,7")).unwrap_err().to_string();
+        assert!(
+            error.starts_with("local rank 3 needs GPU cuda:3 but only 2 GPU(s) are visible (CUDA_VISIBLE_DEVICES=3,7)"),
+            "{error}"
+        );
         // An empty CUDA_VISIBLE_DEVICES hides every GPU; one visible anyway is not a per-process GPU.
         assert!(device_for_local_rank(1, 1, Some("")).is_err());
     }
@@ -205,9 +173,7 @@ mod tests {
         // This machine has no GPU: either no CUDA runtime is loaded, or the one libtorch_cpu brings fails.
         let error = set_current_device(2, 0, Some("5")).unwrap_err().to_string();
         assert!(
-            error.starts_with(
-                "local rank 2 could not make cuda:0 its current device (CUDA_VISIBLE_DEVICES=5): "
-            ),
+            error.starts_with("local rank 2 could not make cuda:0 its current device (CUDA_VISIBLE_DEVICES=5): "),
             "{error}"
         );
     }
@@ -248,13 +214,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(TORCH_CUDA_LIBRARY), b"not an ELF file").unwrap();
         let error = load_torch_cuda(dir.path()).unwrap_err().to_string();
-        assert!(
-            error.starts_with(&format!(
-                "{}/libtorch_cuda.so did not load: ",
-                dir.path().display()
-            )),
-            "{error}"
-        );
+        assert!(error.starts_with(&format!("{}/libtorch_cuda.so did not load: ", dir.path().display())), "{error}");
         assert!(error.ends_with("or use --device cpu"), "{error}");
     }
 }

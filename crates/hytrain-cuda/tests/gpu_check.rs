@@ -31,11 +31,7 @@ fn python() -> PathBuf {
 fn the_cpu_references_agree_with_torch_optim_through_the_peer_script() {
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("dump");
-    let status = check_binary()
-        .args(["--cpu-only", "--dump"])
-        .arg(&dump)
-        .status()
-        .unwrap();
+    let status = check_binary().args(["--cpu-only", "--dump"]).arg(&dump).status().unwrap();
     assert!(status.success());
     let json = dir.path().join("peer.json");
     let output = Command::new(python())
@@ -48,16 +44,9 @@ fn the_cpu_references_agree_with_torch_optim_through_the_peer_script() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{text}\n{}", String::from_utf8_lossy(&output.stderr));
     for name in ["sgd_nesterov", "sgd_dampened", "adamw"] {
-        assert!(
-            text.contains(&format!("parity: {name}: ")),
-            "{name} was not replayed: {text}"
-        );
+        assert!(text.contains(&format!("parity: {name}: ")), "{name} was not replayed: {text}");
     }
     let report = std::fs::read_to_string(&json).unwrap();
     assert!(report.contains("\"passed\": true"), "{report}");
@@ -80,11 +69,7 @@ fn system_has_libcuda() -> bool {
 fn without_a_driver_the_check_exits_2_with_the_reason_in_its_json() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("kernels.json");
-    let output = check_binary()
-        .args(["--bench-elements", "0", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
+    let output = check_binary().args(["--bench-elements", "0", "--json"]).arg(&json).output().unwrap();
     if system_has_libcuda() {
         // A machine with a driver runs the real check; whatever it finds, the reason is not a missing driver.
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -94,35 +79,21 @@ fn without_a_driver_the_check_exits_2_with_the_reason_in_its_json() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.starts_with(
-            "hytrain-gpu-check: CUDA was requested but no NVIDIA driver / libcuda.so.1 found"
-        ),
+        stderr.starts_with("hytrain-gpu-check: CUDA was requested but no NVIDIA driver / libcuda.so.1 found"),
         "{stderr}"
     );
     let report = std::fs::read_to_string(&json).unwrap();
-    assert!(
-        report.contains("\"error\": \"CUDA was requested but no NVIDIA driver"),
-        "{report}"
-    );
+    assert!(report.contains("\"error\": \"CUDA was requested but no NVIDIA driver"), "{report}");
     assert!(report.contains("\"passed\": false"), "{report}");
 }
 
 #[test]
 fn bad_arguments_exit_2_with_one_line_saying_what_is_wrong() {
     for (args, message) in [
-        (
-            &["--bogus"][..],
-            "hytrain-gpu-check: unknown argument '--bogus'; see --help\n",
-        ),
-        (
-            &["--bench-elements", "many"][..],
-            "hytrain-gpu-check: --bench-elements takes a whole number, got 'many'\n",
-        ),
+        (&["--bogus"][..], "hytrain-gpu-check: unknown argument '--bogus'; see --help\n"),
+        (&["--bench-elements", "many"][..], "hytrain-gpu-check: --bench-elements takes a whole number, got 'many'\n"),
         (&["--json"][..], "hytrain-gpu-check: --json needs a value\n"),
-        (
-            &["--cpu-only"][..],
-            "hytrain-gpu-check: --cpu-only only writes the optimizer dumps; give --dump DIR\n",
-        ),
+        (&["--cpu-only"][..], "hytrain-gpu-check: --cpu-only only writes the optimizer dumps; give --dump DIR\n"),
     ] {
         let output = check_binary().args(args).output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}");
@@ -154,10 +125,7 @@ fn write_safetensors(path: &Path, tensors: &[(&str, &[f32])]) {
 fn the_peer_script_compares_two_runs_weights_and_fails_when_they_are_apart() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.safetensors");
-    write_safetensors(
-        &base,
-        &[("fc.weight", &[1.0, -2.0, 4.0]), ("fc.bias", &[0.5])],
-    );
+    write_safetensors(&base, &[("fc.weight", &[1.0, -2.0, 4.0]), ("fc.bias", &[0.5])]);
     let compare = |other: &[(&str, &[f32])]| {
         let path = dir.path().join("other.safetensors");
         write_safetensors(&path, other);
@@ -169,8 +137,7 @@ fn the_peer_script_compares_two_runs_weights_and_fails_when_they_are_apart() {
             .arg(dir.path().join("overlap.json"))
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&output.stdout).into_owned()
-            + &String::from_utf8_lossy(&output.stderr);
+        let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
         (output.status.code(), text)
     };
     let same = compare(&[("fc.bias", &[0.5]), ("fc.weight", &[1.0, -2.0, 4.0])]);
@@ -179,12 +146,8 @@ fn the_peer_script_compares_two_runs_weights_and_fails_when_they_are_apart() {
     let close = compare(&[("fc.weight", &[1.0, -2.0, 4.000004]), ("fc.bias", &[0.5])]);
     assert_eq!(close.0, Some(0), "{}", close.1);
     assert!(
-        close
-            .1
-            .starts_with("overlap: 2 tensors differ by at most 9.5")
-            && close
-                .1
-                .ends_with("e-07 of the largest weight (fc.weight)\n"),
+        close.1.starts_with("overlap: 2 tensors differ by at most 9.5")
+            && close.1.ends_with("e-07 of the largest weight (fc.weight)\n"),
         "{}",
         close.1
     );
@@ -193,11 +156,5 @@ fn the_peer_script_compares_two_runs_weights_and_fails_when_they_are_apart() {
     assert!(apart.1.contains("(fc.bias): FAILED"), "{}", apart.1);
     let renamed = compare(&[("fc.weight", &[1.0, -2.0, 4.0]), ("head.bias", &[0.5])]);
     assert_eq!(renamed.0, Some(1), "{}", renamed.1);
-    assert!(
-        renamed
-            .1
-            .contains("hold different tensors: ['fc.bias', 'head.bias']"),
-        "{}",
-        renamed.1
-    );
+    assert!(renamed.1.contains("hold different tensors: ['fc.bias', 'head.bias']"), "{}", renamed.1);
 }

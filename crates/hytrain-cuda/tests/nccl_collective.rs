@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hytrain_cuda::{
-    exchange_unique_id, CudaDriver, CudaError, DType, DeviceCollective, DeviceReduceOp,
-    DeviceSlice, Nccl, NcclCollective, Origin, Search, SideStream, TorchStreams, UniqueId,
+    exchange_unique_id, CudaDriver, CudaError, DType, DeviceCollective, DeviceReduceOp, DeviceSlice, Nccl,
+    NcclCollective, Origin, Search, SideStream, TorchStreams, UniqueId,
 };
 
 mod stand_in_c10_cuda;
@@ -27,9 +27,7 @@ fn build(dir: &Path, name: &str, source: &str) -> PathBuf {
         .arg(&out)
         .arg(&c)
         .status()
-        .unwrap_or_else(|e| {
-            panic!("these tests build stand-in libraries with a C compiler ({cc}): {e}")
-        });
+        .unwrap_or_else(|e| panic!("these tests build stand-in libraries with a C compiler ({cc}): {e}"));
     assert!(status.success(), "{cc} failed on {}", c.display());
     out
 }
@@ -165,22 +163,11 @@ impl StandIns {
         let cuda = build(dir.path(), "libcuda.so.1", DRIVER);
         let nccl = build(dir.path(), "libnccl.so.2", NCCL);
         // SAFETY: the stand-ins have no initialisers; these handles share the copies hytrain-cuda opens by path.
-        let (cuda, nccl) = unsafe {
-            (
-                libloading::Library::new(&cuda).unwrap(),
-                libloading::Library::new(&nccl).unwrap(),
-            )
-        };
-        let s = StandIns {
-            search: Search::new().folder(dir.path(), Origin::Explicit),
-            _dir: dir,
-            cuda,
-            nccl,
-        };
+        let (cuda, nccl) =
+            unsafe { (libloading::Library::new(&cuda).unwrap(), libloading::Library::new(&nccl).unwrap()) };
+        let s = StandIns { search: Search::new().folder(dir.path(), Origin::Explicit), _dir: dir, cuda, nccl };
         let trace: extern "C" fn(*const c_char) = *s.hook(&s.cuda, b"standin_trace\0");
-        s.call::<extern "C" fn(extern "C" fn(*const c_char))>(&s.nccl, b"standin_set_trace\0")(
-            trace,
-        );
+        s.call::<extern "C" fn(extern "C" fn(*const c_char))>(&s.nccl, b"standin_set_trace\0")(trace);
         s
     }
 
@@ -202,20 +189,16 @@ impl StandIns {
     }
 
     fn trace(&self) -> String {
-        let text =
-            self.call::<extern "C" fn() -> *const c_char>(&self.cuda, b"standin_trace_text\0")();
+        let text = self.call::<extern "C" fn() -> *const c_char>(&self.cuda, b"standin_trace_text\0")();
         // SAFETY: a NUL-terminated static buffer of the stand-in.
-        unsafe { CStr::from_ptr(text) }
-            .to_string_lossy()
-            .into_owned()
+        unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()
     }
 
     fn last(&self) -> (c_int, c_int, usize, c_int) {
         let (mut dtype, mut op, mut count, mut root) = (0, 0, 0usize, 0);
-        self.call::<extern "C" fn(*mut c_int, *mut c_int, *mut usize, *mut c_int)>(
-            &self.nccl,
-            b"standin_last\0",
-        )(&mut dtype, &mut op, &mut count, &mut root);
+        self.call::<extern "C" fn(*mut c_int, *mut c_int, *mut usize, *mut c_int)>(&self.nccl, b"standin_last\0")(
+            &mut dtype, &mut op, &mut count, &mut root,
+        );
         (dtype, op, count, root)
     }
 
@@ -226,10 +209,7 @@ impl StandIns {
     }
 
     fn load(&self) -> (CudaDriver, Nccl) {
-        (
-            CudaDriver::load_from(&self.search).unwrap(),
-            Nccl::load_from(&self.search).unwrap(),
-        )
+        (CudaDriver::load_from(&self.search).unwrap(), Nccl::load_from(&self.search).unwrap())
     }
 
     /// A side stream on GPU `gpu` through these stand-ins and the stand-in libc10_cuda.
@@ -257,8 +237,7 @@ fn collectives_run_on_the_communication_stream_between_events_in_every_dtype() {
     let mut c = s.collective(0, 1, Duration::from_secs(30));
     assert_eq!(s.trace(), "init");
     let mut f32s = vec![1.5f32; 1000];
-    c.allreduce(slice(&mut f32s, DType::F32), DeviceReduceOp::Avg)
-        .unwrap();
+    c.allreduce(slice(&mut f32s, DType::F32), DeviceReduceOp::Avg).unwrap();
     assert_eq!(
         s.trace(),
         "init record:compute wait:comm allreduce:comm record:comm wait:compute",
@@ -267,12 +246,10 @@ fn collectives_run_on_the_communication_stream_between_events_in_every_dtype() {
     // ncclFloat32 = 7, ncclAvg = 4 (nccl.h).
     assert_eq!(s.last(), (7, 4, 1000, -1));
     let mut bf16s = vec![0u16; 17];
-    c.allreduce(slice(&mut bf16s, DType::Bf16), DeviceReduceOp::Sum)
-        .unwrap();
+    c.allreduce(slice(&mut bf16s, DType::Bf16), DeviceReduceOp::Sum).unwrap();
     assert_eq!(s.last(), (9, 0, 17, -1));
     let mut f16s = vec![0u16; 3];
-    c.allreduce(slice(&mut f16s, DType::F16), DeviceReduceOp::Sum)
-        .unwrap();
+    c.allreduce(slice(&mut f16s, DType::F16), DeviceReduceOp::Sum).unwrap();
     assert_eq!(s.last(), (6, 0, 3, -1));
     c.broadcast(slice(&mut f16s, DType::F16), 0).unwrap();
     assert_eq!(s.last(), (6, -1, 3, 0));
@@ -281,8 +258,7 @@ fn collectives_run_on_the_communication_stream_between_events_in_every_dtype() {
 }
 
 #[test]
-fn following_libtorchs_current_stream_orders_each_collective_against_the_stream_current_at_its_call(
-) {
+fn following_libtorchs_current_stream_orders_each_collective_against_the_stream_current_at_its_call() {
     stand_in_c10_cuda::load();
     let s = StandIns::new();
     // On GPU 1, as `collective` makes it.
@@ -292,12 +268,10 @@ fn following_libtorchs_current_stream_orders_each_collective_against_the_stream_
     unsafe { torch.set_current(1, 0x2000 as *mut std::ffi::c_void) }.unwrap();
     c.follow_current_stream(TorchStreams::load().unwrap());
     let mut values = vec![1.0f32; 8];
-    c.allreduce(slice(&mut values, DType::F32), DeviceReduceOp::Sum)
-        .unwrap();
+    c.allreduce(slice(&mut values, DType::F32), DeviceReduceOp::Sum).unwrap();
     // SAFETY: as above.
     unsafe { torch.set_current(1, 0x3000 as *mut std::ffi::c_void) }.unwrap();
-    c.allreduce(slice(&mut values, DType::F32), DeviceReduceOp::Sum)
-        .unwrap();
+    c.allreduce(slice(&mut values, DType::F32), DeviceReduceOp::Sum).unwrap();
     let comm = 0x1001; // the stand-in's non-blocking stream
     assert_eq!(
         s.streams(b"standin_recorded\0", 4),
@@ -336,14 +310,9 @@ fn work_on_the_side_stream_waits_for_the_compute_stream_and_the_compute_stream_f
                 assert_eq!(torch.current(1).unwrap() as usize, side_stream);
                 side.wait_for(training).unwrap();
                 let mut values = vec![1.0f32; 8];
-                c.allreduce(slice(&mut values, DType::F32), DeviceReduceOp::Avg)
-                    .unwrap();
+                c.allreduce(slice(&mut values, DType::F32), DeviceReduceOp::Avg).unwrap();
                 drop(entered);
-                assert_eq!(
-                    torch.current(1).unwrap() as usize,
-                    0,
-                    "leaving restores the stream"
-                );
+                assert_eq!(torch.current(1).unwrap() as usize, 0, "leaving restores the stream");
             })
             .join()
             .unwrap();
@@ -379,10 +348,7 @@ fn a_side_stream_the_driver_refuses_is_an_error_naming_the_call_and_leaves_nothi
     // CUDA_ERROR_OUT_OF_MEMORY.
     s.set(&s.cuda, b"standin_stream_create_result\0", 2);
     let error = s.side_stream(0).unwrap_err().to_string();
-    assert_eq!(
-        error,
-        "cuStreamCreate failed: CUDA_ERROR_STAND_IN (stand-in)"
-    );
+    assert_eq!(error, "cuStreamCreate failed: CUDA_ERROR_STAND_IN (stand-in)");
     // The retained context is released again.
     assert_eq!(s.count(&s.cuda, b"standin_live\0"), 0);
 }
@@ -393,10 +359,7 @@ fn entering_a_side_stream_on_a_gpu_libtorch_lacks_fails_with_libtorchs_reason() 
     // The stand-in libc10_cuda has GPUs 0 to 7.
     let side = s.side_stream(9).unwrap();
     let error = side.enter().unwrap_err().to_string();
-    assert_eq!(
-        error,
-        "getCurrentCUDAStream for cuda:9 failed: stand-in: no GPU 9"
-    );
+    assert_eq!(error, "getCurrentCUDAStream for cuda:9 failed: stand-in: no GPU 9");
 }
 
 #[test]
@@ -405,25 +368,12 @@ fn allgather_concatenates_every_ranks_part_and_checks_the_output_size() {
     let mut c = s.collective(1, 3, Duration::from_secs(30));
     let mut input = vec![1.0f32, 2.0];
     let mut output = vec![0.0f32; 6];
-    c.allgather(
-        slice(&mut input, DType::F32),
-        slice(&mut output, DType::F32),
-    )
-    .unwrap();
+    c.allgather(slice(&mut input, DType::F32), slice(&mut output, DType::F32)).unwrap();
     assert_eq!(output, [1.0, 2.0, 1.0, 2.0, 1.0, 2.0]);
     let mut short = vec![0.0f32; 5];
-    let error = c
-        .allgather(slice(&mut input, DType::F32), slice(&mut short, DType::F32))
-        .unwrap_err()
-        .to_string();
-    assert_eq!(
-        error,
-        "NCCL allgather of 2 f32 elements: the output holds 5 elements, not 6 (2 for each of 3 ranks)"
-    );
-    let error = c
-        .broadcast(slice(&mut input, DType::F32), 3)
-        .unwrap_err()
-        .to_string();
+    let error = c.allgather(slice(&mut input, DType::F32), slice(&mut short, DType::F32)).unwrap_err().to_string();
+    assert_eq!(error, "NCCL allgather of 2 f32 elements: the output holds 5 elements, not 6 (2 for each of 3 ranks)");
+    let error = c.broadcast(slice(&mut input, DType::F32), 3).unwrap_err().to_string();
     assert_eq!(error, "NCCL broadcast from rank 3, but the job has 3 ranks");
 }
 
@@ -434,17 +384,9 @@ fn an_allreduce_that_never_completes_aborts_the_communicator_within_the_timeout(
     s.set(&s.cuda, b"standin_hang\0", 1);
     let mut grads = vec![0.0f32; 1024];
     let started = Instant::now();
-    let error = c
-        .allreduce(slice(&mut grads, DType::F32), DeviceReduceOp::Avg)
-        .unwrap_err();
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "the watchdog must end the wait"
-    );
-    assert!(
-        matches!(error, CudaError::CollectiveTimeout { rank: 2, .. }),
-        "{error:?}"
-    );
+    let error = c.allreduce(slice(&mut grads, DType::F32), DeviceReduceOp::Avg).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(20), "the watchdog must end the wait");
+    assert!(matches!(error, CudaError::CollectiveTimeout { rank: 2, .. }), "{error:?}");
     assert_eq!(
         error.to_string(),
         "NCCL allreduce (avg) of 1024 f32 elements on rank 2 did not finish within 0.3 s (--collective-timeout); \
@@ -452,17 +394,10 @@ fn an_allreduce_that_never_completes_aborts_the_communicator_within_the_timeout(
          other ranks' logs (NCCL_DEBUG=INFO shows NCCL's view)"
     );
     assert_eq!(s.count(&s.nccl, b"standin_aborts\0"), 1);
-    assert!(
-        s.trace().ends_with("record:comm wait:compute abort"),
-        "{}",
-        s.trace()
-    );
+    assert!(s.trace().ends_with("record:comm wait:compute abort"), "{}", s.trace());
     // Nothing more is sent into an aborted communicator.
     s.set(&s.cuda, b"standin_hang\0", 0);
-    let error = c
-        .broadcast(slice(&mut grads, DType::F32), 0)
-        .unwrap_err()
-        .to_string();
+    let error = c.broadcast(slice(&mut grads, DType::F32), 0).unwrap_err().to_string();
     assert_eq!(
         error,
         "NCCL broadcast of 1024 f32 elements on rank 2 refused: the communicator was aborted earlier (allreduce \
@@ -484,14 +419,8 @@ fn an_asynchronous_nccl_error_during_a_collective_aborts_and_names_the_op() {
     s.set(&s.nccl, b"standin_async_error\0", 6);
     let mut grads = vec![0u16; 8];
     let started = Instant::now();
-    let error = c
-        .allreduce(slice(&mut grads, DType::Bf16), DeviceReduceOp::Avg)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "the error must end the wait before the timeout"
-    );
+    let error = c.allreduce(slice(&mut grads, DType::Bf16), DeviceReduceOp::Avg).unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(30), "the error must end the wait before the timeout");
     assert_eq!(
         error,
         "NCCL allreduce (avg) of 8 bf16 elements on rank 0 failed: remote process exited or there was a network \
@@ -506,10 +435,7 @@ fn a_collective_nccl_refuses_aborts_and_reports_nccls_text() {
     let mut c = s.collective(1, 2, Duration::from_secs(60));
     s.set(&s.nccl, b"standin_call_result\0", 5);
     let mut values = vec![0.0f64; 4];
-    let error = c
-        .allreduce(slice(&mut values, DType::F64), DeviceReduceOp::Sum)
-        .unwrap_err()
-        .to_string();
+    let error = c.allreduce(slice(&mut values, DType::F64), DeviceReduceOp::Sum).unwrap_err().to_string();
     assert_eq!(
         error,
         "NCCL allreduce (sum) of 4 f64 elements on rank 1 failed: invalid usage (run with NCCL_DEBUG=WARN for \
@@ -524,9 +450,7 @@ fn a_failed_init_reports_nccls_text_and_releases_the_stream_events_and_context()
     let (driver, nccl) = s.load();
     let id = nccl.unique_id().unwrap();
     s.set(&s.nccl, b"standin_init_result\0", 2);
-    let error = NcclCollective::new(driver, nccl, 0, &id, 0, 2, Duration::from_secs(5))
-        .unwrap_err()
-        .to_string();
+    let error = NcclCollective::new(driver, nccl, 0, &id, 0, 2, Duration::from_secs(5)).unwrap_err().to_string();
     assert_eq!(
         error,
         "ncclCommInitRank failed: unhandled system error (run with NCCL_DEBUG=INFO for details) (ncclResult 2)"
@@ -552,9 +476,7 @@ fn a_rank_not_below_the_world_size_is_refused() {
     let s = StandIns::new();
     let (driver, nccl) = s.load();
     let id = UniqueId::from_bytes(&[1; 128], "k").unwrap();
-    let error = NcclCollective::new(driver, nccl, 0, &id, 2, 2, Duration::from_secs(5))
-        .unwrap_err()
-        .to_string();
+    let error = NcclCollective::new(driver, nccl, 0, &id, 2, 2, Duration::from_secs(5)).unwrap_err().to_string();
     assert_eq!(error, "NCCL rank 2 is not below world size 2");
 }
 
@@ -570,11 +492,7 @@ fn member(rank: usize, world: usize, port: u16) -> hytrain_comm::Membership {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
 }
 
 fn options(rendezvous: Duration) -> hytrain_comm::CommOptions {
@@ -597,11 +515,9 @@ fn every_rank_gets_rank_0s_unique_id_through_the_rendezvous_store() {
             .map(|rank| {
                 let nccl = &nccl;
                 scope.spawn(move || {
-                    let store = hytrain_comm::Store::rendezvous(
-                        &member(rank, 3, port),
-                        &options(Duration::from_secs(30)),
-                    )
-                    .unwrap();
+                    let store =
+                        hytrain_comm::Store::rendezvous(&member(rank, 3, port), &options(Duration::from_secs(30)))
+                            .unwrap();
                     let id = exchange_unique_id(nccl, &store, rank, 0, "nccl/0/id").unwrap();
                     // Rank 0 hosts the store: it stays until every rank has read the id.
                     store.barrier("id read").unwrap();
@@ -625,21 +541,15 @@ fn a_rank_whose_id_never_comes_fails_naming_its_rank_and_the_key() {
             .map(|rank| {
                 let nccl = &nccl;
                 scope.spawn(move || {
-                    let store = hytrain_comm::Store::rendezvous(
-                        &member(rank, 2, port),
-                        &options(Duration::from_secs(2)),
-                    )
-                    .unwrap();
+                    let store =
+                        hytrain_comm::Store::rendezvous(&member(rank, 2, port), &options(Duration::from_secs(2)))
+                            .unwrap();
                     let result = if rank == 0 {
                         // Rank 0 never publishes; it keeps the store up until rank 1 gave up.
-                        store
-                            .barrier_timeout("gave up", Duration::from_secs(60))
-                            .map(|_| None)
+                        store.barrier_timeout("gave up", Duration::from_secs(60)).map(|_| None)
                     } else {
                         let e = exchange_unique_id(nccl, &store, rank, 0, "nccl/0/id").unwrap_err();
-                        store
-                            .barrier_timeout("gave up", Duration::from_secs(60))
-                            .unwrap();
+                        store.barrier_timeout("gave up", Duration::from_secs(60)).unwrap();
                         Ok(Some(e.to_string()))
                     };
                     result.unwrap()
@@ -650,9 +560,7 @@ fn a_rank_whose_id_never_comes_fails_naming_its_rank_and_the_key() {
     });
     let error = errors[1].as_deref().unwrap();
     assert!(
-        error.starts_with(
-            "rank 1 could not fetch the NCCL unique id under key 'nccl/0/id' in the rendezvous store: "
-        ),
+        error.starts_with("rank 1 could not fetch the NCCL unique id under key 'nccl/0/id' in the rendezvous store: "),
         "{error}"
     );
 }

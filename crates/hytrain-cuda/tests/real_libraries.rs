@@ -9,8 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use hytrain_cuda::{
-    exchange_unique_id, kernels, ComputeCapability, CudaDriver, CudaError, IdStore, Nccl, Nvrtc,
-    Origin, Search,
+    exchange_unique_id, kernels, ComputeCapability, CudaDriver, CudaError, IdStore, Nccl, Nvrtc, Origin, Search,
 };
 
 fn repo() -> PathBuf {
@@ -37,8 +36,7 @@ fn wheel_library(relative: &str) -> PathBuf {
 
 /// The version pinned for `name` in the requirements file setup downloads from.
 fn pinned_version(name: &str) -> String {
-    let text =
-        std::fs::read_to_string(repo().join("crates/xtask/libtorch-requirements.txt")).unwrap();
+    let text = std::fs::read_to_string(repo().join("crates/xtask/libtorch-requirements.txt")).unwrap();
     text.lines()
         .find_map(|line| line.trim().strip_prefix(&format!("{name}==")))
         .map(|rest| rest.trim_end_matches(['\\', ' ']).to_string())
@@ -60,10 +58,7 @@ fn nccl_from_the_pinned_wheel_loads_beside_libtorch_and_reports_the_pinned_versi
     let nccl = Nccl::load_from(&beside_libtorch()).unwrap();
     assert!(same_file(nccl.path(), &expected), "{nccl:?}");
     assert_eq!(nccl.origin(), Origin::BesideLibtorch);
-    assert_eq!(
-        nccl.version().to_string(),
-        pinned_version("nvidia-nccl-cu13")
-    );
+    assert_eq!(nccl.version().to_string(), pinned_version("nvidia-nccl-cu13"));
 }
 
 #[test]
@@ -83,14 +78,8 @@ fn nccl_is_found_in_pip_layout_beside_site_packages_torch() {
 fn ld_library_path_is_searched_when_nothing_is_beside_libtorch() {
     let real = wheel_library("nvidia/nccl/lib/libnccl.so.2");
     let empty = tempfile::tempdir().unwrap();
-    let path = std::env::join_paths([
-        "/nonexistent/nccl",
-        real.parent().unwrap().to_str().unwrap(),
-    ])
-    .unwrap();
-    let search = Search::new()
-        .beside_libtorch(empty.path())
-        .ld_library_path(&path);
+    let path = std::env::join_paths(["/nonexistent/nccl", real.parent().unwrap().to_str().unwrap()]).unwrap();
+    let search = Search::new().beside_libtorch(empty.path()).ld_library_path(&path);
     let nccl = Nccl::load_from(&search).unwrap();
     assert_eq!(nccl.origin(), Origin::LdLibraryPath);
     assert!(same_file(nccl.path(), &real));
@@ -127,10 +116,7 @@ impl std::error::Error for StoreError {}
 
 impl MemoryStore {
     fn with_timeout(timeout: Duration) -> MemoryStore {
-        MemoryStore {
-            timeout,
-            ..MemoryStore::default()
-        }
+        MemoryStore { timeout, ..MemoryStore::default() }
     }
 }
 
@@ -141,10 +127,7 @@ impl IdStore for MemoryStore {
         if self.refuse_writes {
             return Err(StoreError("connection to the store was closed".into()));
         }
-        self.values
-            .lock()
-            .unwrap()
-            .insert(key.into(), value.to_vec());
+        self.values.lock().unwrap().insert(key.into(), value.to_vec());
         self.changed.notify_all();
         Ok(())
     }
@@ -158,10 +141,7 @@ impl IdStore for MemoryStore {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(StoreError(format!(
-                    "key '{key}' was not set within {} ms",
-                    self.timeout.as_millis()
-                )));
+                return Err(StoreError(format!("key '{key}' was not set within {} ms", self.timeout.as_millis())));
             }
             values = self.changed.wait_timeout(values, left).unwrap().0;
         }
@@ -178,9 +158,7 @@ fn every_rank_gets_rank_zeros_unique_id_through_the_store() {
         .rev()
         .map(|rank| {
             let (nccl, store) = (nccl.clone(), store.clone());
-            std::thread::spawn(move || {
-                exchange_unique_id(&nccl, &*store, rank, 0, "nccl/world/id").unwrap()
-            })
+            std::thread::spawn(move || exchange_unique_id(&nccl, &*store, rank, 0, "nccl/world/id").unwrap())
         })
         .collect::<Vec<_>>()
         .into_iter()
@@ -196,9 +174,7 @@ fn every_rank_gets_rank_zeros_unique_id_through_the_store() {
 fn a_rank_whose_store_times_out_names_itself_the_key_and_the_store_error() {
     let nccl = Nccl::load_from(&beside_libtorch()).unwrap();
     let store = MemoryStore::with_timeout(Duration::from_millis(100));
-    let error = exchange_unique_id(&nccl, &store, 3, 0, "nccl/job/id")
-        .unwrap_err()
-        .to_string();
+    let error = exchange_unique_id(&nccl, &store, 3, 0, "nccl/job/id").unwrap_err().to_string();
     assert_eq!(
         error,
         "rank 3 could not fetch the NCCL unique id under key 'nccl/job/id' in the rendezvous store: key \
@@ -209,13 +185,8 @@ fn a_rank_whose_store_times_out_names_itself_the_key_and_the_store_error() {
 #[test]
 fn a_store_refusing_the_id_fails_the_root_rank_with_the_reason() {
     let nccl = Nccl::load_from(&beside_libtorch()).unwrap();
-    let store = MemoryStore {
-        refuse_writes: true,
-        ..MemoryStore::default()
-    };
-    let error = exchange_unique_id(&nccl, &store, 0, 0, "nccl/id")
-        .unwrap_err()
-        .to_string();
+    let store = MemoryStore { refuse_writes: true, ..MemoryStore::default() };
+    let error = exchange_unique_id(&nccl, &store, 0, 0, "nccl/id").unwrap_err().to_string();
     assert_eq!(
         error,
         "rank 0 could not publish the NCCL unique id under key 'nccl/id' in the rendezvous store: connection to \
@@ -229,10 +200,7 @@ fn a_truncated_id_in_the_store_is_refused_not_passed_to_nccl() {
     let store = MemoryStore::with_timeout(Duration::from_secs(5));
     store.set("nccl/id", &[1; 100]).unwrap();
     let error = exchange_unique_id(&nccl, &store, 1, 0, "nccl/id").unwrap_err();
-    assert!(
-        matches!(error, CudaError::BadUniqueId { len: 100, .. }),
-        "{error}"
-    );
+    assert!(matches!(error, CudaError::BadUniqueId { len: 100, .. }), "{error}");
 }
 
 fn nvrtc() -> Nvrtc {
@@ -247,10 +215,7 @@ fn nvrtc_from_the_pinned_wheel_reports_the_pinned_cuda_release() {
     let nvrtc = nvrtc();
     let (major, minor) = nvrtc.version();
     let pinned = pinned_version("nvidia-cuda-nvrtc");
-    assert!(
-        pinned.starts_with(&format!("{major}.{minor}.")),
-        "NVRTC {major}.{minor}, pinned {pinned}"
-    );
+    assert!(pinned.starts_with(&format!("{major}.{minor}.")), "NVRTC {major}.{minor}, pinned {pinned}");
 }
 
 #[test]
@@ -287,10 +252,7 @@ fn a_kernel_that_does_not_compile_returns_nvrtcs_log() {
         )
         .unwrap_err()
         .to_string();
-    assert!(
-        error.starts_with("NVRTC could not compile broken.cu for compute_90: "),
-        "{error}"
-    );
+    assert!(error.starts_with("NVRTC could not compile broken.cu for compute_90: "), "{error}");
     assert!(error.contains("no_such_name"), "{error}");
     assert!(!error.contains('\n'), "{error}");
 }
@@ -320,19 +282,13 @@ fn asking_for_cuda_without_a_driver_says_no_nvidia_driver_was_found() {
         Ok(driver) if system_has_libcuda() => eprintln!("this machine has a GPU: {driver:?}"),
         other => panic!(
             "CudaDriver::load() gave {other:?} although the system {} libcuda.so.1",
-            if system_has_libcuda() {
-                "has"
-            } else {
-                "has no"
-            }
+            if system_has_libcuda() { "has" } else { "has no" }
         ),
     }
     if !system_has_libcuda() {
         let error = CudaDriver::load().unwrap_err().to_string();
         assert!(
-            error.starts_with(
-                "CUDA was requested but no NVIDIA driver / libcuda.so.1 found (searched "
-            ),
+            error.starts_with("CUDA was requested but no NVIDIA driver / libcuda.so.1 found (searched "),
             "{error}"
         );
         assert!(error.contains("/usr/lib/x86_64-linux-gnu"), "{error}");

@@ -19,9 +19,7 @@ fn stand_in(dir: &Path, name: &str, source: &str) -> PathBuf {
         .arg(&out)
         .arg(&c)
         .status()
-        .unwrap_or_else(|e| {
-            panic!("these tests build stand-in libraries with a C compiler ({cc}): {e}")
-        });
+        .unwrap_or_else(|e| panic!("these tests build stand-in libraries with a C compiler ({cc}): {e}"));
     assert!(status.success(), "{cc} failed on {}", c.display());
     out
 }
@@ -43,9 +41,7 @@ int cuDeviceGetName(char *s, int n, int d) { (void)n; (void)d; s[0] = 0; return 
 fn a_driver_that_sees_no_gpu_reports_cuinit_and_what_to_check() {
     let dir = tempfile::tempdir().unwrap();
     let path = stand_in(dir.path(), "libcuda.so.1", DRIVER_WITHOUT_GPU);
-    let error = CudaDriver::load_from(&Search::new().folder(dir.path(), Origin::Explicit))
-        .unwrap_err()
-        .to_string();
+    let error = CudaDriver::load_from(&Search::new().folder(dir.path(), Origin::Explicit)).unwrap_err().to_string();
     assert_eq!(
         error,
         format!(
@@ -59,13 +55,8 @@ fn a_driver_that_sees_no_gpu_reports_cuinit_and_what_to_check() {
 #[test]
 fn a_driver_missing_a_function_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let path = stand_in(
-        dir.path(),
-        "libcuda.so.1",
-        "int cuInit(unsigned f) { (void)f; return 0; }\n",
-    );
-    let error =
-        CudaDriver::load_from(&Search::new().folder(dir.path(), Origin::Explicit)).unwrap_err();
+    let path = stand_in(dir.path(), "libcuda.so.1", "int cuInit(unsigned f) { (void)f; return 0; }\n");
+    let error = CudaDriver::load_from(&Search::new().folder(dir.path(), Origin::Explicit)).unwrap_err();
     assert!(
         matches!(&error, CudaError::MissingSymbol { symbol: "cuGetErrorName", path: p, .. } if *p == path),
         "{error}"
@@ -84,9 +75,7 @@ fn nccl_reporting(code: u32, extra: &str) -> String {
 fn an_nccl_older_than_supported_is_refused_with_both_versions() {
     let dir = tempfile::tempdir().unwrap();
     let path = stand_in(dir.path(), "libnccl.so.2", &nccl_reporting(21505, ""));
-    let error = Nccl::load_from(&Search::new().folder(dir.path(), Origin::Explicit))
-        .unwrap_err()
-        .to_string();
+    let error = Nccl::load_from(&Search::new().folder(dir.path(), Origin::Explicit)).unwrap_err().to_string();
     assert_eq!(
         error,
         format!(
@@ -102,9 +91,7 @@ fn an_nccl_lacking_a_collective_is_refused_when_it_loads() {
     let dir = tempfile::tempdir().unwrap();
     // New enough by its version, but without the communicator functions the backend calls.
     let path = stand_in(dir.path(), "libnccl.so.2", &nccl_reporting(22809, ""));
-    let error = Nccl::load_from(&Search::new().folder(dir.path(), Origin::Explicit))
-        .unwrap_err()
-        .to_string();
+    let error = Nccl::load_from(&Search::new().folder(dir.path(), Origin::Explicit)).unwrap_err().to_string();
     assert_eq!(
         error,
         format!(
@@ -143,11 +130,8 @@ fn libtorch_cuda_beside_libtorch_cpu_loads_and_reports_its_file_and_version() {
     std::fs::create_dir(&lib).unwrap();
     std::fs::write(root.path().join("build-version"), "2.11.0+cu130\n").unwrap();
     // A stand-in: what matters here is that the file is found beside libtorch_cpu and loads.
-    let path = stand_in(
-        &lib,
-        hytrain_cuda::TORCH_CUDA_LIBRARY,
-        "int hytrain_stand_in_torch_cuda(void) { return 1; }\n",
-    );
+    let path =
+        stand_in(&lib, hytrain_cuda::TORCH_CUDA_LIBRARY, "int hytrain_stand_in_torch_cuda(void) { return 1; }\n");
     let loaded = hytrain_cuda::load_torch_cuda(&lib).unwrap();
     assert_eq!(loaded.path, path);
     assert_eq!(loaded.version.as_deref(), Some("2.11.0+cu130"));

@@ -17,19 +17,11 @@ fn stream(n: usize) -> *mut c_void {
 fn the_current_stream_starts_as_the_default_and_follows_what_is_set() {
     stand_in_c10_cuda::load();
     let streams = TorchStreams::load().unwrap();
-    assert_eq!(
-        streams.current(1).unwrap(),
-        std::ptr::null_mut(),
-        "the legacy default stream"
-    );
+    assert_eq!(streams.current(1).unwrap(), std::ptr::null_mut(), "the legacy default stream");
     // SAFETY: the stand-in takes any number as a stream.
     unsafe { streams.set_current(1, stream(0x2000)).unwrap() };
     assert_eq!(streams.current(1).unwrap(), stream(0x2000));
-    assert_eq!(
-        streams.current(0).unwrap(),
-        std::ptr::null_mut(),
-        "other GPUs keep theirs"
-    );
+    assert_eq!(streams.current(0).unwrap(), std::ptr::null_mut(), "other GPUs keep theirs");
     // SAFETY: as above.
     unsafe { streams.set_current(1, std::ptr::null_mut()).unwrap() };
     assert_eq!(streams.current(1).unwrap(), std::ptr::null_mut());
@@ -57,14 +49,8 @@ fn libtorchs_refusal_comes_back_as_its_first_line_naming_the_call_and_gpu() {
     let streams = TorchStreams::load().unwrap();
     let error = streams.current(9).unwrap_err();
     assert!(matches!(error, CudaError::Stream { .. }));
-    assert_eq!(
-        error.to_string(),
-        "getCurrentCUDAStream for cuda:9 failed: stand-in: no GPU 9"
-    );
+    assert_eq!(error.to_string(), "getCurrentCUDAStream for cuda:9 failed: stand-in: no GPU 9");
     // SAFETY: refused before any stream is used.
     let error = unsafe { streams.set_current(12, stream(0x1)) }.unwrap_err();
-    assert_eq!(
-        error.to_string(),
-        "setCurrentCUDAStream for cuda:12 failed: stand-in: no GPU 12"
-    );
+    assert_eq!(error.to_string(), "setCurrentCUDAStream for cuda:12 failed: stand-in: no GPU 12");
 }

@@ -39,11 +39,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let spec = spec.ok_or("usage: read_source SPEC [options]")?;
     if let (Some(access_key_id), Some(secret_access_key)) = (access_key, secret_key) {
-        opts.s3.credentials = Some(S3Credentials {
-            access_key_id,
-            secret_access_key,
-            session_token: None,
-        });
+        opts.s3.credentials = Some(S3Credentials { access_key_id, secret_access_key, session_token: None });
     }
     let source = source::open(&spec, &opts)?;
     for _ in 0..repeat {

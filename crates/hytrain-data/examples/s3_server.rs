@@ -19,19 +19,15 @@ fn main() {
     let (mut port, mut threads) = (0u16, 4usize);
     while let Some(arg) = args.next() {
         let mut value = |what: &str| {
-            args.next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or_else(|| {
-                    eprintln!("s3_server: {what} needs a number");
-                    std::process::exit(2)
-                })
+            args.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or_else(|| {
+                eprintln!("s3_server: {what} needs a number");
+                std::process::exit(2)
+            })
         };
         match arg.as_str() {
             "--port" => port = value("--port") as u16,
             "--threads" => threads = value("--threads") as usize,
-            _ if root.is_none() && !arg.starts_with('-') => {
-                root = Some(std::path::PathBuf::from(arg))
-            }
+            _ if root.is_none() && !arg.starts_with('-') => root = Some(std::path::PathBuf::from(arg)),
             _ => {
                 eprintln!("usage: s3_server ROOT [--port N] [--threads N]");
                 std::process::exit(2)
@@ -47,12 +43,7 @@ fn main() {
         std::process::exit(1)
     }
     let server = support::LocalS3::start_on(&root, &format!("127.0.0.1:{port}"), threads.max(1));
-    println!(
-        "endpoint={} access_key={} secret_key={}",
-        server.endpoint(),
-        support::ACCESS_KEY,
-        support::SECRET_KEY
-    );
+    println!("endpoint={} access_key={} secret_key={}", server.endpoint(), support::ACCESS_KEY, support::SECRET_KEY);
     std::io::stdout().flush().ok();
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);

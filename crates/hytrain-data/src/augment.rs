@@ -43,8 +43,7 @@ pub const MNIST_MEAN: [f32; 1] = [0.1307];
 pub const MNIST_STD: [f32; 1] = [0.3081];
 
 /// The syntax `--normalize` takes, for error messages.
-pub const NORMALIZE_SYNTAX: &str =
-    "auto, none, or one mean and one std per channel as MEAN,MEAN,MEAN/STD,STD,STD \
+pub const NORMALIZE_SYNTAX: &str = "auto, none, or one mean and one std per channel as MEAN,MEAN,MEAN/STD,STD,STD \
      (ImageNet's: 0.485,0.456,0.406/0.229,0.224,0.225; one channel: 0.1307/0.3081)";
 
 impl FromStr for Normalize {
@@ -58,9 +57,7 @@ impl FromStr for Normalize {
             "none" | "off" => return Ok(Normalize::Off),
             _ => {}
         }
-        let (mean, std) = s
-            .split_once('/')
-            .ok_or_else(|| refuse("not auto, none or MEANS/STDS"))?;
+        let (mean, std) = s.split_once('/').ok_or_else(|| refuse("not auto, none or MEANS/STDS"))?;
         let numbers = |part: &str| -> Result<Vec<f32>, String> {
             part.split(',')
                 .map(|v| {
@@ -74,11 +71,7 @@ impl FromStr for Normalize {
         };
         let (mean, std) = (numbers(mean)?, numbers(std)?);
         if mean.len() != std.len() {
-            return Err(refuse(&format!(
-                "{} means but {} stds",
-                mean.len(),
-                std.len()
-            )));
+            return Err(refuse(&format!("{} means but {} stds", mean.len(), std.len())));
         }
         if let Some(bad) = std.iter().find(|v| **v <= 0.0) {
             return Err(refuse(&format!("a std must be above 0, not {bad}")));
@@ -106,11 +99,7 @@ impl Normalize {
             Normalize::Off => (vec![0.0; channels], vec![1.0; channels]),
             Normalize::Auto if channels == 3 => (CIFAR10_MEAN.to_vec(), CIFAR10_STD.to_vec()),
             Normalize::Auto if channels == 1 => (MNIST_MEAN.to_vec(), MNIST_STD.to_vec()),
-            Normalize::Auto => {
-                return Err(format!(
-                    "no default normalization for {channels}-channel images"
-                ))
-            }
+            Normalize::Auto => return Err(format!("no default normalization for {channels}-channel images")),
             Normalize::MeanStd { mean, std } => (mean.clone(), std.clone()),
         };
         if mean.len() != channels || std.len() != channels {
@@ -149,24 +138,14 @@ pub struct Transform {
 
 impl Default for Transform {
     fn default() -> Self {
-        Transform {
-            augment: false,
-            crop_padding: 4,
-            flip: true,
-            normalize: Normalize::Auto,
-            resize: None,
-            crop: None,
-        }
+        Transform { augment: false, crop_padding: 4, flip: true, normalize: Normalize::Auto, resize: None, crop: None }
     }
 }
 
 impl Transform {
     /// The reference sample's training transforms (crop with padding 4, flip, CIFAR-10 normalization).
     pub fn reference_train() -> Transform {
-        Transform {
-            augment: true,
-            ..Transform::default()
-        }
+        Transform { augment: true, ..Transform::default() }
     }
 
     /// The (height, width) of what [`Transform::apply`] makes of an image of `height x width`.
@@ -179,13 +158,7 @@ impl Transform {
     }
 
     /// Turns an HWC image into normalized CHW `f32`, with the random choices of (seed, epoch, position).
-    pub fn apply(
-        &self,
-        image: &Image,
-        seed: u64,
-        epoch: u64,
-        position: u64,
-    ) -> Result<Vec<f32>, String> {
+    pub fn apply(&self, image: &Image, seed: u64, epoch: u64, position: u64) -> Result<Vec<f32>, String> {
         let resized;
         let image = match self.resize {
             Some(n) => {
@@ -239,17 +212,15 @@ impl Transform {
         let list = |v: &[f32]| v.iter().map(f32::to_string).collect::<Vec<_>>().join(", ");
         let mut steps = Vec::new();
         if let Some(n) = self.resize {
-            steps.push(format!("transforms.Resize({n}, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)"));
+            steps.push(format!(
+                "transforms.Resize({n}, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)"
+            ));
         }
         if let Some(n) = self.crop {
             steps.push(format!("transforms.CenterCrop({n})"));
         }
         steps.push("transforms.ToTensor()".into());
-        steps.push(format!(
-            "transforms.Normalize([{}], [{}])",
-            list(&mean),
-            list(&std)
-        ));
+        steps.push(format!("transforms.Normalize([{}], [{}])", list(&mean), list(&std)));
         Ok(serde_json::json!({
             "resize": self.resize,
             "interpolation": "bilinear, antialiased",
@@ -282,32 +253,21 @@ fn center_offset(size: usize, crop: usize) -> isize {
     }
     let d = size - crop;
     let half = d / 2;
-    (if d % 2 == 1 && half % 2 == 1 {
-        half + 1
-    } else {
-        half
-    }) as isize
+    (if d % 2 == 1 && half % 2 == 1 { half + 1 } else { half }) as isize
 }
 
 /// torchvision's `Resize(n)` of an HWC image: bilinear (the triangle filter), antialiased when shrinking.
 fn resize(image: &Image, n: usize) -> Result<Image, String> {
     use image::imageops::{self, FilterType};
     if image.height == 0 || image.width == 0 {
-        return Err(format!(
-            "cannot resize an empty {}x{} image",
-            image.width, image.height
-        ));
+        return Err(format!("cannot resize an empty {}x{} image", image.width, image.height));
     }
     let (h, w) = resized_size(image.height, image.width, n);
     if (h, w) == (image.height, image.width) {
         return Ok(image.clone());
     }
-    let bad = || {
-        format!(
-            "{}x{} image with {} channels has the wrong pixel count",
-            image.width, image.height, image.channels
-        )
-    };
+    let bad =
+        || format!("{}x{} image with {} channels has the wrong pixel count", image.width, image.height, image.channels);
     let (iw, ih, ow, oh) = (image.width as u32, image.height as u32, w as u32, h as u32);
     let pixels = match image.channels {
         1 => {
@@ -320,12 +280,7 @@ fn resize(image: &Image, n: usize) -> Result<Image, String> {
         }
         c => return Err(format!("cannot resize a {c}-channel image")),
     };
-    Ok(Image {
-        height: h,
-        width: w,
-        channels: image.channels,
-        pixels,
-    })
+    Ok(Image { height: h, width: w, channels: image.channels, pixels })
 }
 
 #[cfg(test)]
@@ -333,26 +288,15 @@ mod tests {
     use super::*;
 
     fn image() -> Image {
-        Image {
-            height: 4,
-            width: 5,
-            channels: 3,
-            pixels: (0..60).map(|i| (i * 4) as u8).collect(),
-        }
+        Image { height: 4, width: 5, channels: 3, pixels: (0..60).map(|i| (i * 4) as u8).collect() }
     }
 
     #[test]
     fn without_augmentation_it_is_to_tensor_and_normalize() {
-        let t = Transform {
-            normalize: Normalize::Off,
-            ..Transform::default()
-        };
+        let t = Transform { normalize: Normalize::Off, ..Transform::default() };
         let out = t.apply(&image(), 1, 2, 3).unwrap();
         // CHW: channel 1, row 2, column 3 comes from HWC pixel (2*5+3)*3+1.
-        assert_eq!(
-            out[(4 + 2) * 5 + 3],
-            f32::from(((2 * 5 + 3) * 3 + 1) as u8 * 4) / 255.0
-        );
+        assert_eq!(out[(4 + 2) * 5 + 3], f32::from(((2 * 5 + 3) * 3 + 1) as u8 * 4) / 255.0);
         let n = Transform::default().apply(&image(), 1, 2, 3).unwrap();
         assert!((n[0] - (0.0 - CIFAR10_MEAN[0]) / CIFAR10_STD[0]).abs() < 1e-6);
     }
@@ -362,29 +306,15 @@ mod tests {
         let t = Transform::reference_train();
         let a = t.apply(&image(), 7, 1, 42).unwrap();
         assert_eq!(a, t.apply(&image(), 7, 1, 42).unwrap());
-        let others: Vec<_> = (0..20)
-            .map(|p| t.apply(&image(), 7, 1, p).unwrap())
-            .collect();
-        assert!(
-            others.iter().any(|o| *o != a),
-            "positions draw different crops"
-        );
+        let others: Vec<_> = (0..20).map(|p| t.apply(&image(), 7, 1, p).unwrap()).collect();
+        assert!(others.iter().any(|o| *o != a), "positions draw different crops");
     }
 
     #[test]
     fn crops_are_shifts_with_zero_padding_and_flips_mirror() {
-        let t = Transform {
-            augment: true,
-            normalize: Normalize::Off,
-            ..Transform::default()
-        };
+        let t = Transform { augment: true, normalize: Normalize::Off, ..Transform::default() };
         let img = image();
-        let plain = Transform {
-            normalize: Normalize::Off,
-            ..Transform::default()
-        }
-        .apply(&img, 0, 0, 0)
-        .unwrap();
+        let plain = Transform { normalize: Normalize::Off, ..Transform::default() }.apply(&img, 0, 0, 0).unwrap();
         for position in 0..50 {
             let out = t.apply(&img, 3, 0, position).unwrap();
             // Every output value is either padding (0) or one of the image's own values of that channel.
@@ -399,13 +329,7 @@ mod tests {
 
     #[test]
     fn wrong_channel_count_for_normalization_is_an_error() {
-        let t = Transform {
-            normalize: Normalize::MeanStd {
-                mean: vec![0.5],
-                std: vec![0.5],
-            },
-            ..Transform::default()
-        };
+        let t = Transform { normalize: Normalize::MeanStd { mean: vec![0.5], std: vec![0.5] }, ..Transform::default() };
         assert!(t.apply(&image(), 0, 0, 0).unwrap_err().contains("1 means"));
     }
 
@@ -415,10 +339,7 @@ mod tests {
         assert_eq!("none".parse::<Normalize>().unwrap(), Normalize::Off);
         assert_eq!(
             "0.5, 0.4,0.3/0.2,0.2,0.1".parse::<Normalize>().unwrap(),
-            Normalize::MeanStd {
-                mean: vec![0.5, 0.4, 0.3],
-                std: vec![0.2, 0.2, 0.1]
-            }
+            Normalize::MeanStd { mean: vec![0.5, 0.4, 0.3], std: vec![0.2, 0.2, 0.1] }
         );
         for (bad, why) in [
             ("imagenet", "not auto, none or MEANS/STDS"),
@@ -428,10 +349,7 @@ mod tests {
             ("0.5/-0.2", "above 0"),
         ] {
             let e = bad.parse::<Normalize>().unwrap_err();
-            assert!(
-                e.contains(why) && e.contains(NORMALIZE_SYNTAX) && e.contains(bad),
-                "{bad}: {e}"
-            );
+            assert!(e.contains(why) && e.contains(NORMALIZE_SYNTAX) && e.contains(bad), "{bad}: {e}");
         }
     }
 
@@ -451,10 +369,7 @@ mod tests {
     #[test]
     fn center_crops_start_where_torchvision_rounds_half_to_even() {
         // round((size - crop) / 2) in Python: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, 3.5 -> 4.
-        let starts: Vec<isize> = [1, 3, 5, 7, 4]
-            .iter()
-            .map(|d| center_offset(10 + d, 10))
-            .collect();
+        let starts: Vec<isize> = [1, 3, 5, 7, 4].iter().map(|d| center_offset(10 + d, 10)).collect();
         assert_eq!(starts, vec![0, 2, 2, 4, 2]);
         // A side shorter than the crop is padded, (crop - size) // 2 before it.
         assert_eq!((center_offset(7, 10), center_offset(6, 10)), (-1, -2));
@@ -462,18 +377,11 @@ mod tests {
 
     #[test]
     fn resize_keeps_the_aspect_ratio_as_torchvision_floors_it() {
-        let t = Transform {
-            resize: Some(10),
-            ..Transform::default()
-        };
+        let t = Transform { resize: Some(10), ..Transform::default() };
         assert_eq!(t.output_size(20, 30), (10, 15));
         assert_eq!(t.output_size(31, 12), (25, 10), "floor(10 * 31 / 12) = 25");
         assert_eq!(t.output_size(7, 7), (10, 10));
-        let t = Transform {
-            resize: Some(10),
-            crop: Some(8),
-            ..Transform::default()
-        };
+        let t = Transform { resize: Some(10), crop: Some(8), ..Transform::default() };
         assert_eq!(t.output_size(31, 12), (8, 8));
         let out = t.apply(&image(), 0, 0, 0).unwrap();
         assert_eq!(out.len(), 3 * 8 * 8);
@@ -490,12 +398,7 @@ mod tests {
             normalize: Normalize::Off,
             ..Transform::default()
         };
-        let whole = Transform {
-            normalize: Normalize::Off,
-            ..Transform::default()
-        }
-        .apply(&img, 0, 0, 0)
-        .unwrap();
+        let whole = Transform { normalize: Normalize::Off, ..Transform::default() }.apply(&img, 0, 0, 0).unwrap();
         let padded = |ch: usize, y: isize, x: isize| {
             if y < 0 || x < 0 || y >= 4 || x >= 5 {
                 0.0
@@ -508,18 +411,13 @@ mod tests {
             let out = t.apply(&img, 9, 0, position).unwrap();
             assert_eq!(out.len(), 3 * 3 * 3);
             // The window's top-left corner in the padded image: one of 4 rows x 5 columns.
-            let found = (-1..=2isize)
-                .flat_map(|dy| (-1..=3isize).map(move |dx| (dy, dx)))
-                .find(|&(dy, dx)| {
-                    (0..3).all(|ch| {
-                        (0..3).all(|y| {
-                            (0..3).all(|x| {
-                                out[(ch * 3 + y) * 3 + x]
-                                    == padded(ch, y as isize + dy, x as isize + dx)
-                            })
-                        })
+            let found = (-1..=2isize).flat_map(|dy| (-1..=3isize).map(move |dx| (dy, dx))).find(|&(dy, dx)| {
+                (0..3).all(|ch| {
+                    (0..3).all(|y| {
+                        (0..3).all(|x| out[(ch * 3 + y) * 3 + x] == padded(ch, y as isize + dy, x as isize + dx))
                     })
-                });
+                })
+            });
             windows.insert(found.expect("the crop is a window of the padded image"));
         }
         assert!(windows.len() > 5, "crops land in many places: {windows:?}");
@@ -527,19 +425,11 @@ mod tests {
 
     #[test]
     fn the_record_resolves_auto_and_spells_the_torchvision_transforms() {
-        let t = Transform {
-            resize: Some(36),
-            crop: Some(32),
-            ..Transform::reference_train()
-        };
+        let t = Transform { resize: Some(36), crop: Some(32), ..Transform::reference_train() };
         let r = t.record(3).unwrap();
         assert_eq!(r["mean"], serde_json::json!(CIFAR10_MEAN));
         assert_eq!(
-            (
-                r["resize"].as_u64(),
-                r["crop"].as_u64(),
-                r["normalize"].as_str()
-            ),
+            (r["resize"].as_u64(), r["crop"].as_u64(), r["normalize"].as_str()),
             (Some(36), Some(32), Some("auto"))
         );
         let code = r["torchvision"].as_str().unwrap();
@@ -548,42 +438,17 @@ mod tests {
                 && code.contains("transforms.CenterCrop(32)"),
             "{code}"
         );
-        assert!(Transform::default()
-            .record(2)
-            .unwrap_err()
-            .contains("2-channel"));
+        assert!(Transform::default().record(2).unwrap_err().contains("2-channel"));
     }
 
     #[test]
     fn images_that_cannot_be_resized_are_errors_not_panics() {
-        let t = Transform {
-            resize: Some(3),
-            ..Transform::default()
-        };
-        let empty = Image {
-            height: 0,
-            width: 5,
-            channels: 3,
-            pixels: vec![],
-        };
-        assert!(t
-            .apply(&empty, 0, 0, 0)
-            .unwrap_err()
-            .contains("empty 5x0 image"));
-        let two = Image {
-            height: 4,
-            width: 5,
-            channels: 2,
-            pixels: vec![0; 40],
-        };
+        let t = Transform { resize: Some(3), ..Transform::default() };
+        let empty = Image { height: 0, width: 5, channels: 3, pixels: vec![] };
+        assert!(t.apply(&empty, 0, 0, 0).unwrap_err().contains("empty 5x0 image"));
+        let two = Image { height: 4, width: 5, channels: 2, pixels: vec![0; 40] };
         assert!(t.apply(&two, 0, 0, 0).unwrap_err().contains("2-channel"));
-        let short = Image {
-            pixels: vec![0; 10],
-            ..image()
-        };
-        assert!(t
-            .apply(&short, 0, 0, 0)
-            .unwrap_err()
-            .contains("wrong pixel count"));
+        let short = Image { pixels: vec![0; 10], ..image() };
+        assert!(t.apply(&short, 0, 0, 0).unwrap_err().contains("wrong pixel count"));
     }
 }

@@ -126,12 +126,8 @@ impl BatchHasher {
         }
         let mut buf = Vec::with_capacity(batch.inputs.len() * 8);
         match &batch.inputs {
-            Inputs::Float(values) => values
-                .iter()
-                .for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
-            Inputs::Tokens(ids) => ids
-                .iter()
-                .for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
+            Inputs::Float(values) => values.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
+            Inputs::Tokens(ids) => ids.iter().for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
         }
         self.sha.update(&buf);
         for l in &batch.targets {
@@ -153,11 +149,7 @@ impl BatchHasher {
 
     /// The SHA-256, lowercase hex.
     pub fn finish(self) -> String {
-        self.sha
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        self.sha.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -166,11 +158,7 @@ pub fn digest(source: SharedSource, args: &DigestArgs) -> Result<String, Error> 
     let options = OpenOptions {
         split: args.split,
         skip_bad_samples: args.skip_bad_samples,
-        tokens: TokenOptions {
-            context_length: args.context_length,
-            dtype: args.token_dtype,
-            vocab_size: None,
-        },
+        tokens: TokenOptions { context_length: args.context_length, dtype: args.token_dtype, vocab_size: None },
     };
     let dataset = Arc::new(Dataset::open(source, &options)?);
     digest_dataset(dataset, args)

@@ -32,27 +32,15 @@ impl ShardSink for Count {
 pub fn webdataset_shard(bytes: &[u8]) -> usize {
     let mut splitter = TarSplitter::new();
     let mut sink = Count::default();
-    if bytes
-        .chunks(777)
-        .try_for_each(|piece| splitter.push(piece, &mut sink))
-        .is_ok()
-    {
+    if bytes.chunks(777).try_for_each(|piece| splitter.push(piece, &mut sink)).is_ok() {
         let _ = splitter.finish(&mut sink);
     }
     // The splitter passes bytes through; it never invents any.
-    assert!(
-        sink.bytes <= bytes.len(),
-        "the splitter wrote {} of {} bytes",
-        sink.bytes,
-        bytes.len()
-    );
+    assert!(sink.bytes <= bytes.len(), "the splitter wrote {} of {} bytes", sink.bytes, bytes.len());
     let mut decoded = 0;
     for skip_bad in [false, true] {
         if let Ok((samples, _)) = tar::parse(bytes, "fuzz", "shard.tar", skip_bad) {
-            decoded += samples
-                .iter()
-                .filter(|s| s.decode("fuzz", "shard.tar").is_ok())
-                .count();
+            decoded += samples.iter().filter(|s| s.decode("fuzz", "shard.tar").is_ok()).count();
         }
     }
     decoded

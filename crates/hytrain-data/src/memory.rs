@@ -16,10 +16,7 @@ pub struct MemorySource {
 impl MemorySource {
     /// An empty source; `name` is what [`Source::describe`] returns (e.g. `embedded:cifar10-sample`).
     pub fn new(name: impl Into<String>) -> MemorySource {
-        MemorySource {
-            name: name.into(),
-            objects: BTreeMap::new(),
-        }
+        MemorySource { name: name.into(), objects: BTreeMap::new() }
     }
 
     /// Adds (or replaces) an object; `name` is `/`-separated, relative to the source root.
@@ -41,14 +38,7 @@ impl Source for MemorySource {
     }
 
     fn list(&self) -> Result<Vec<Object>, Error> {
-        Ok(self
-            .objects
-            .iter()
-            .map(|(k, v)| Object {
-                name: k.clone(),
-                size: v.len() as u64,
-            })
-            .collect())
+        Ok(self.objects.iter().map(|(k, v)| Object { name: k.clone(), size: v.len() as u64 }).collect())
     }
 
     fn read(&self, name: &str) -> Result<Vec<u8>, Error> {

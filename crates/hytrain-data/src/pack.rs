@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::format::{
-    decode, Dataset, Format, ImageKind, IndexEntry, OpenOptions, Payload, RawSample, ShardIndex,
-    Split, TokenOptions, CLASSES_FILE, INDEX_FILE,
+    decode, Dataset, Format, ImageKind, IndexEntry, OpenOptions, Payload, RawSample, ShardIndex, Split, TokenOptions,
+    CLASSES_FILE, INDEX_FILE,
 };
 use crate::source::SharedSource;
 use crate::Error;
@@ -80,12 +80,7 @@ impl fmt::Display for PackReport {
         for (split, shards) in &self.splits {
             let samples: usize = shards.iter().map(|s| s.samples).sum();
             let bytes: u64 = shards.iter().map(|s| s.bytes).sum();
-            writeln!(
-                f,
-                "{split}: {samples} samples in {} shards ({})",
-                shards.len(),
-                human(bytes)
-            )?;
+            writeln!(f, "{split}: {samples} samples in {} shards ({})", shards.len(), human(bytes))?;
         }
         if let Some(c) = &self.classes {
             writeln!(f, "classes: {} (written to {CLASSES_FILE})", c.len())?;
@@ -111,22 +106,13 @@ fn member_size(len: usize) -> u64 {
 }
 
 fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |io| Error::Write {
-        path: path.to_path_buf(),
-        io,
-    }
+    move |io| Error::Write { path: path.to_path_buf(), io }
 }
 
 impl ShardWriter {
     fn new(dir: PathBuf, target: u64) -> Result<ShardWriter, Error> {
         fs::create_dir_all(&dir).map_err(write_err(&dir))?;
-        Ok(ShardWriter {
-            dir,
-            target,
-            current: None,
-            written: Vec::new(),
-            next_key: 0,
-        })
+        Ok(ShardWriter { dir, target, current: None, written: Vec::new(), next_key: 0 })
     }
 
     fn add(&mut self, ext: &str, input: &[u8], label: i64) -> Result<(), Error> {
@@ -139,13 +125,8 @@ impl ShardWriter {
                 self.close()?;
             }
         }
-        let (builder, samples) = self
-            .current
-            .get_or_insert_with(|| (tar::Builder::new(Vec::new()), 0));
-        for (name, data) in [
-            (format!("{key}.{ext}"), input),
-            (format!("{key}.cls"), label.as_bytes()),
-        ] {
+        let (builder, samples) = self.current.get_or_insert_with(|| (tar::Builder::new(Vec::new()), 0));
+        for (name, data) in [(format!("{key}.{ext}"), input), (format!("{key}.cls"), label.as_bytes())] {
             let mut header = tar::Header::new_ustar();
             header.set_size(data.len() as u64);
             header.set_mode(0o644);
@@ -155,10 +136,7 @@ impl ShardWriter {
             header.set_entry_type(tar::EntryType::Regular);
             builder
                 .append_data(&mut header, &name, data)
-                .map_err(|io| Error::Write {
-                    path: self.dir.join(&name),
-                    io,
-                })?;
+                .map_err(|io| Error::Write { path: self.dir.join(&name), io })?;
         }
         *samples += 1;
         Ok(())
@@ -168,16 +146,10 @@ impl ShardWriter {
         let Some((builder, samples)) = self.current.take() else {
             return Ok(());
         };
-        let path = self
-            .dir
-            .join(format!("shard-{:06}.tar", self.written.len()));
+        let path = self.dir.join(format!("shard-{:06}.tar", self.written.len()));
         let bytes = builder.into_inner().map_err(write_err(&path))?;
         write_atomically(&path, &bytes)?;
-        self.written.push(PackedShard {
-            path,
-            bytes: bytes.len() as u64,
-            samples,
-        });
+        self.written.push(PackedShard { path, bytes: bytes.len() as u64, samples });
         Ok(())
     }
 
@@ -191,9 +163,7 @@ impl ShardWriter {
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let tmp = path.with_extension("tar.partial");
     let mut f = fs::File::create(&tmp).map_err(write_err(&tmp))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(write_err(&tmp))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(write_err(&tmp))?;
     fs::rename(&tmp, path).map_err(write_err(path))
 }
 
@@ -210,16 +180,9 @@ fn payload_member(raw: &RawSample) -> Result<(&'static str, Vec<u8>), String> {
 /// Converts the dataset on `source` into tar shards under `options.out_dir`.
 pub fn pack(source: SharedSource, options: &PackOptions) -> Result<PackReport, Error> {
     if options.target_shard_bytes == 0 {
-        return Err(Error::Config(
-            "target shard size must be more than 0 bytes".into(),
-        ));
+        return Err(Error::Config("target shard size must be more than 0 bytes".into()));
     }
-    let mut report = PackReport {
-        out_dir: options.out_dir.clone(),
-        splits: Vec::new(),
-        classes: None,
-        skipped: 0,
-    };
+    let mut report = PackReport { out_dir: options.out_dir.clone(), splits: Vec::new(), classes: None, skipped: 0 };
     match options.input {
         PackInput::Detect => pack_dataset(source, options, &mut report)?,
         PackInput::ImageFolder => pack_image_folder(source, options, &mut report)?,
@@ -230,12 +193,7 @@ pub fn pack(source: SharedSource, options: &PackOptions) -> Result<PackReport, E
             .iter()
             .flat_map(|(_, shards)| shards)
             .map(|s| IndexEntry {
-                name: s
-                    .path
-                    .strip_prefix(&options.out_dir)
-                    .unwrap_or(&s.path)
-                    .to_string_lossy()
-                    .replace('\\', "/"),
+                name: s.path.strip_prefix(&options.out_dir).unwrap_or(&s.path).to_string_lossy().replace('\\', "/"),
                 bytes: s.bytes,
                 samples: s.samples,
             })
@@ -252,11 +210,7 @@ pub fn pack(source: SharedSource, options: &PackOptions) -> Result<PackReport, E
     Ok(report)
 }
 
-fn pack_dataset(
-    source: SharedSource,
-    options: &PackOptions,
-    report: &mut PackReport,
-) -> Result<(), Error> {
+fn pack_dataset(source: SharedSource, options: &PackOptions, report: &mut PackReport) -> Result<(), Error> {
     if crate::format::detect(&source.list()?) == Some(Format::Tokens) {
         return Err(Error::Config(format!(
             "{} holds token files (.bin): hytrain trains on them as they are (give --context-length), there is \
@@ -265,11 +219,7 @@ fn pack_dataset(
         )));
     }
     for split in [Split::Train, Split::Test] {
-        let open = OpenOptions {
-            split,
-            skip_bad_samples: options.skip_bad_samples,
-            ..OpenOptions::default()
-        };
+        let open = OpenOptions { split, skip_bad_samples: options.skip_bad_samples, ..OpenOptions::default() };
         let dataset = match Dataset::open(source.clone(), &open) {
             Ok(d) => d,
             Err(Error::NoSplit { .. }) if split == Split::Test => continue,
@@ -279,10 +229,7 @@ fn pack_dataset(
         if report.classes.is_none() {
             report.classes = dataset.classes().map(<[String]>::to_vec);
         }
-        let mut writer = ShardWriter::new(
-            options.out_dir.join(split.to_string()),
-            options.target_shard_bytes,
-        )?;
+        let mut writer = ShardWriter::new(options.out_dir.join(split.to_string()), options.target_shard_bytes)?;
         let shard_ids = (0..dataset.shards().len()).collect();
         for (index, read) in dataset.read_shards(shard_ids) {
             let shard = dataset.shards()[index].label();
@@ -323,11 +270,7 @@ fn image_kind(name: &str) -> Option<ImageKind> {
     }
 }
 
-fn pack_image_folder(
-    source: SharedSource,
-    options: &PackOptions,
-    report: &mut PackReport,
-) -> Result<(), Error> {
+fn pack_image_folder(source: SharedSource, options: &PackOptions, report: &mut PackReport) -> Result<(), Error> {
     let desc = source.describe();
     let objects = source.list()?;
     if objects.is_empty() {
@@ -339,9 +282,7 @@ fn pack_image_folder(
         _ => None,
     };
     // (split, class, object name) of every image; with split folders, classes sit one level down.
-    let nested = objects
-        .iter()
-        .any(|o| o.name.split('/').next().and_then(split_dir).is_some());
+    let nested = objects.iter().any(|o| o.name.split('/').next().and_then(split_dir).is_some());
     let mut images: Vec<(Split, String, String)> = Vec::new();
     for o in &objects {
         if image_kind(&o.name).is_none() {
@@ -358,11 +299,7 @@ fn pack_image_folder(
         };
         images.push((split, class.to_string(), o.name.clone()));
     }
-    let mut classes: Vec<String> = images
-        .iter()
-        .filter(|i| i.0 == Split::Train)
-        .map(|i| i.1.clone())
-        .collect();
+    let mut classes: Vec<String> = images.iter().filter(|i| i.0 == Split::Train).map(|i| i.1.clone()).collect();
     classes.sort();
     classes.dedup();
     if classes.is_empty() {
@@ -372,17 +309,13 @@ fn pack_image_folder(
         });
     }
     for split in [Split::Train, Split::Test] {
-        let mut chosen: Vec<&(Split, String, String)> =
-            images.iter().filter(|i| i.0 == split).collect();
+        let mut chosen: Vec<&(Split, String, String)> = images.iter().filter(|i| i.0 == split).collect();
         if chosen.is_empty() {
             continue;
         }
         // Class, then file name: labels are the sorted class index, and the order does not depend on the source.
         chosen.sort_by(|a, b| (&a.1, &a.2).cmp(&(&b.1, &b.2)));
-        let mut writer = ShardWriter::new(
-            options.out_dir.join(split.to_string()),
-            options.target_shard_bytes,
-        )?;
+        let mut writer = ShardWriter::new(options.out_dir.join(split.to_string()), options.target_shard_bytes)?;
         let names = chosen.iter().map(|i| i.2.clone()).collect();
         for (item, read) in chosen.iter().zip(source.read_many(names)) {
             let (_, bytes) = read?;
@@ -393,10 +326,7 @@ fn pack_image_folder(
                 reason,
             };
             let Some(label) = classes.iter().position(|c| *c == item.1) else {
-                return Err(bad(format!(
-                    "class folder {} of the {split} split has no training folder",
-                    item.1
-                )));
+                return Err(bad(format!("class folder {} of the {split} split has no training folder", item.1)));
             };
             let kind = image_kind(&item.2).expect("filtered above");
             match decode::image(&bytes, kind) {
@@ -405,11 +335,7 @@ fn pack_image_folder(
                     writer.add(ext, &bytes, label as i64)?;
                 }
                 Err(_) if options.skip_bad_samples => report.skipped += 1,
-                Err(e) => {
-                    return Err(bad(format!(
-                        "image does not decode ({e}); fix it or pass --skip-bad-samples"
-                    )))
-                }
+                Err(e) => return Err(bad(format!("image does not decode ({e}); fix it or pass --skip-bad-samples"))),
             }
         }
         report.splits.push((split, writer.finish()?));
@@ -448,11 +374,7 @@ pub fn inspect(source: SharedSource, tokens: &TokenOptions) -> Result<InspectRep
     for split in [Split::Train, Split::Test] {
         let dataset = match Dataset::open(
             source.clone(),
-            &OpenOptions {
-                split,
-                skip_bad_samples: false,
-                tokens: tokens.clone(),
-            },
+            &OpenOptions { split, skip_bad_samples: false, tokens: tokens.clone() },
         ) {
             Ok(d) => Arc::new(d),
             Err(Error::NoSplit { .. }) => continue,
@@ -467,11 +389,7 @@ pub fn inspect(source: SharedSource, tokens: &TokenOptions) -> Result<InspectRep
         let shards = dataset
             .shards()
             .iter()
-            .map(|s| ShardReport {
-                name: s.label(),
-                bytes: s.bytes,
-                samples: s.samples,
-            })
+            .map(|s| ShardReport { name: s.label(), bytes: s.bytes, samples: s.samples })
             .collect();
         r.splits.push((split, shards));
     }
@@ -508,9 +426,7 @@ impl fmt::Display for InspectReport {
                 let more = if c.len() > head.len() { ", ..." } else { "" };
                 writeln!(f, "classes: {} ({}{more})", c.len(), head.join(", "))?;
             }
-            None if self.format == Format::Tokens => {
-                writeln!(f, "targets: each input position's next token id")?
-            }
+            None if self.format == Format::Tokens => writeln!(f, "targets: each input position's next token id")?,
             None => writeln!(f, "classes: not named (labels are class indices)")?,
         }
         for (split, shards) in &self.splits {
@@ -524,20 +440,9 @@ impl fmt::Display for InspectReport {
                 shards.len(),
                 human(bytes)
             )?;
-            let width = shards
-                .iter()
-                .take(SHOWN)
-                .map(|s| s.name.len())
-                .max()
-                .unwrap_or(0);
+            let width = shards.iter().take(SHOWN).map(|s| s.name.len()).max().unwrap_or(0);
             for s in shards.iter().take(SHOWN) {
-                writeln!(
-                    f,
-                    "  {:width$}  {:>10}  {:>7} samples",
-                    s.name,
-                    human(s.bytes),
-                    s.samples
-                )?;
+                writeln!(f, "  {:width$}  {:>10}  {:>7} samples", s.name, human(s.bytes), s.samples)?;
             }
             if shards.len() > SHOWN {
                 writeln!(f, "  ... and {} more shards", shards.len() - SHOWN)?;

@@ -43,9 +43,7 @@ impl Default for LoaderConfig {
     fn default() -> Self {
         LoaderConfig {
             batch_size: 64,
-            workers: std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .min(8),
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()).min(8),
             prefetch_bytes: 256 << 20,
             transform: Transform::default(),
             sampler: SamplerConfig::default(),
@@ -140,20 +138,11 @@ impl Loader {
             return Err(Error::Config("batch size must be at least 1".into()));
         }
         let sampler = Sampler::new(dataset.shard_sizes(), config.sampler.clone())?;
-        Ok(Loader {
-            dataset,
-            sampler,
-            config,
-            stats: Arc::new(Stats::default()),
-        })
+        Ok(Loader { dataset, sampler, config, stats: Arc::new(Stats::default()) })
     }
 
     /// Opens the dataset on `source` and makes a loader over it.
-    pub fn open(
-        source: SharedSource,
-        options: &OpenOptions,
-        config: LoaderConfig,
-    ) -> Result<Loader, Error> {
+    pub fn open(source: SharedSource, options: &OpenOptions, config: LoaderConfig) -> Result<Loader, Error> {
         Loader::new(Arc::new(Dataset::open(source, options)?), config)
     }
 
@@ -301,9 +290,7 @@ fn settle(items: Vec<Option<Item>>, skip_bad: bool, last_good: &mut Option<Item>
             Some(item) => out.push(item),
             None => {
                 let previous = out.last().or(last_good.as_ref());
-                let fill = previous
-                    .or_else(|| items[i + 1..].iter().flatten().next())
-                    .cloned();
+                let fill = previous.or_else(|| items[i + 1..].iter().flatten().next()).cloned();
                 out.extend(fill);
             }
         }
@@ -316,10 +303,7 @@ fn settle(items: Vec<Option<Item>>, skip_bad: bool, last_good: &mut Option<Item>
 
 impl std::fmt::Debug for Epoch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Epoch")
-            .field("epoch", &self.epoch)
-            .field("position", &self.position())
-            .finish()
+        f.debug_struct("Epoch").field("epoch", &self.epoch).field("position", &self.position()).finish()
     }
 }
 
@@ -347,13 +331,10 @@ impl Epoch {
         }
         let mut wanted: HashMap<usize, Vec<bool>> = HashMap::new();
         for &(s, i) in uses.keys() {
-            wanted
-                .entry(s)
-                .or_insert_with(|| vec![false; dataset.shards()[s].samples])[i] = true;
+            wanted.entry(s).or_insert_with(|| vec![false; dataset.shards()[s].samples])[i] = true;
         }
 
-        let (shard_tx, shard_rx) =
-            unbounded::<(usize, u64, Result<Vec<(usize, RawSample)>, Error>)>();
+        let (shard_tx, shard_rx) = unbounded::<(usize, u64, Result<Vec<(usize, RawSample)>, Error>)>();
         {
             let dataset = dataset.clone();
             let budget = budget.clone();
@@ -363,11 +344,7 @@ impl Epoch {
                     let size = dataset.shards()[s].bytes;
                     let keep = &wanted[&s];
                     let read = read.map(|samples| {
-                        samples
-                            .into_iter()
-                            .enumerate()
-                            .filter(|(i, _)| keep.get(*i) == Some(&true))
-                            .collect()
+                        samples.into_iter().enumerate().filter(|(i, _)| keep.get(*i) == Some(&true)).collect()
                     });
                     let failed = read.is_err();
                     if shard_tx.send((s, size, read)).is_err() || failed {
@@ -408,19 +385,8 @@ impl Epoch {
                     let key = (r.shard, r.index);
                     let entry = pending.get_mut(&key).expect("checked above");
                     entry.1 -= 1;
-                    let raw = if entry.1 == 0 {
-                        pending.remove(&key).expect("present").0
-                    } else {
-                        entry.0.clone()
-                    };
-                    if jobs_tx
-                        .send(Job {
-                            slot,
-                            sample: r,
-                            raw,
-                        })
-                        .is_err()
-                    {
+                    let raw = if entry.1 == 0 { pending.remove(&key).expect("present").0 } else { entry.0.clone() };
+                    if jobs_tx.send(Job { slot, sample: r, raw }).is_err() {
                         return;
                     }
                 }
@@ -437,14 +403,13 @@ impl Epoch {
                 while let Ok(job) = jobs_rx.recv() {
                     let shard = dataset.shards()[job.sample.shard].label();
                     let member = job.raw.member.clone();
-                    let outcome = catch_unwind(AssertUnwindSafe(|| {
-                        decode(&dataset, &shard, &job, &transform, seed, epoch)
-                    }))
-                    .unwrap_or_else(|_| {
-                        Outcome::Fatal(Error::Pipeline(format!(
-                            "a decoder panicked on shard {shard}, member {member}"
-                        )))
-                    });
+                    let outcome =
+                        catch_unwind(AssertUnwindSafe(|| decode(&dataset, &shard, &job, &transform, seed, epoch)))
+                            .unwrap_or_else(|_| {
+                                Outcome::Fatal(Error::Pipeline(format!(
+                                    "a decoder panicked on shard {shard}, member {member}"
+                                )))
+                            });
                     if results_tx.send((job.slot, outcome)).is_err() {
                         return;
                     }
@@ -472,10 +437,7 @@ impl Epoch {
 
     /// This rank's position: the epoch and the samples of it consumed so far.
     pub fn position(&self) -> Position {
-        Position {
-            epoch: self.epoch,
-            samples: self.start + self.next_slot as u64,
-        }
+        Position { epoch: self.epoch, samples: self.start + self.next_slot as u64 }
     }
 
     fn next_outcome(&mut self) -> Outcome {
@@ -487,9 +449,7 @@ impl Epoch {
             }
             let waited = Instant::now();
             let got = self.results.recv();
-            self.stats
-                .wait_nanos
-                .fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.stats.wait_nanos.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
             match got {
                 Ok((slot, o)) => {
                     self.reorder.insert(slot, o);
@@ -530,12 +490,8 @@ impl Epoch {
         }
         let shape = items[0].shape.clone();
         let mut inputs = match items[0].inputs {
-            Inputs::Float(_) => {
-                Inputs::Float(Vec::with_capacity(n * shape.iter().product::<usize>()))
-            }
-            Inputs::Tokens(_) => {
-                Inputs::Tokens(Vec::with_capacity(n * shape.iter().product::<usize>()))
-            }
+            Inputs::Float(_) => Inputs::Float(Vec::with_capacity(n * shape.iter().product::<usize>())),
+            Inputs::Tokens(_) => Inputs::Tokens(Vec::with_capacity(n * shape.iter().product::<usize>())),
         };
         let target_len = items[0].targets.len();
         let mut targets = Vec::with_capacity(n * target_len);
@@ -554,11 +510,7 @@ impl Epoch {
             match (&mut inputs, &item.inputs) {
                 (Inputs::Float(all), Inputs::Float(one)) => all.extend_from_slice(one),
                 (Inputs::Tokens(all), Inputs::Tokens(one)) => all.extend_from_slice(one),
-                _ => {
-                    return Err(Error::Pipeline(
-                        "a batch mixes token and float samples".into(),
-                    ))
-                }
+                _ => return Err(Error::Pipeline("a batch mixes token and float samples".into())),
             }
             targets.extend_from_slice(&item.targets);
         }
@@ -568,13 +520,7 @@ impl Epoch {
             Inputs::Tokens(_) => vec![n, target_len],
             Inputs::Float(_) => vec![n],
         };
-        Ok(Batch {
-            inputs,
-            shape: full_shape,
-            targets,
-            target_shape,
-            position: Epoch::position(self),
-        })
+        Ok(Batch { inputs, shape: full_shape, targets, target_shape, position: Epoch::position(self) })
     }
 }
 
@@ -604,20 +550,10 @@ impl Drop for Epoch {
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
-    std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(f)
-        .expect("cannot start a data loader thread");
+    std::thread::Builder::new().name(name.to_string()).spawn(f).expect("cannot start a data loader thread");
 }
 
-fn decode(
-    dataset: &Dataset,
-    shard: &str,
-    job: &Job,
-    transform: &Transform,
-    seed: u64,
-    epoch: u64,
-) -> Outcome {
+fn decode(dataset: &Dataset, shard: &str, job: &Job, transform: &Transform, seed: u64, epoch: u64) -> Outcome {
     let bad = |reason: String| {
         Outcome::Bad(Error::BadMember {
             source_desc: dataset.source_desc().to_string(),
@@ -634,35 +570,17 @@ fn decode(
         Input::Image(img) => match transform.apply(img, seed, epoch, job.sample.position) {
             Ok(v) => {
                 let (height, width) = transform.output_size(img.height, img.width);
-                (
-                    Inputs::Float(v),
-                    vec![img.channels, height, width],
-                    vec![sample.label],
-                )
+                (Inputs::Float(v), vec![img.channels, height, width], vec![sample.label])
             }
             Err(reason) => return bad(reason),
         },
-        Input::Tensor(t) => (
-            Inputs::Float(t.to_f32()),
-            t.shape.clone(),
-            vec![sample.label],
-        ),
+        Input::Tensor(t) => (Inputs::Float(t.to_f32()), t.shape.clone(), vec![sample.label]),
         Input::Tokens(ids) => {
             let context = ids.len().saturating_sub(1);
-            (
-                Inputs::Tokens(ids[..context].to_vec()),
-                vec![context],
-                ids[1..].to_vec(),
-            )
+            (Inputs::Tokens(ids[..context].to_vec()), vec![context], ids[1..].to_vec())
         }
     };
-    Outcome::Item(Item {
-        inputs,
-        shape,
-        targets,
-        member: job.raw.member.clone(),
-        shard: shard.to_string(),
-    })
+    Outcome::Item(Item { inputs, shape, targets, member: job.raw.member.clone(), shard: shard.to_string() })
 }
 
 #[cfg(all(test, feature = "tch"))]
@@ -736,11 +654,7 @@ mod tests {
     fn without_skip_bad_samples_a_batch_clones_no_sample() {
         let mut last_good = None;
         let before = clones();
-        let batch = settle(
-            (0..64).map(|i| Some(item(i))).collect(),
-            false,
-            &mut last_good,
-        );
+        let batch = settle((0..64).map(|i| Some(item(i))).collect(), false, &mut last_good);
         assert_eq!(ids(&batch), (0..64).collect::<Vec<_>>());
         assert_eq!(clones() - before, 0);
         assert!(last_good.is_none());
@@ -750,11 +664,7 @@ mod tests {
     fn with_skip_bad_samples_a_batch_clones_one_sample_to_carry_over() {
         let mut last_good = None;
         let before = clones();
-        settle(
-            (0..64).map(|i| Some(item(i))).collect(),
-            true,
-            &mut last_good,
-        );
+        settle((0..64).map(|i| Some(item(i))).collect(), true, &mut last_good);
         assert_eq!(clones() - before, 1);
         assert_eq!(last_good.map(|i| i.targets[0]), Some(63));
     }
@@ -763,11 +673,7 @@ mod tests {
     fn bad_samples_repeat_the_previous_good_one_or_the_next_at_the_start_of_an_epoch() {
         let mut last_good = None;
         // Leading bad samples of the epoch take the first good one; later ones the previous good one.
-        let batch = settle(
-            vec![None, None, Some(item(5)), None, Some(item(6))],
-            true,
-            &mut last_good,
-        );
+        let batch = settle(vec![None, None, Some(item(5)), None, Some(item(6))], true, &mut last_good);
         assert_eq!(ids(&batch), vec![5, 5, 5, 5, 6]);
         // The next batch starts bad: the previous batch's last sample fills in.
         let batch = settle(vec![None, Some(item(7))], true, &mut last_good);

@@ -180,19 +180,10 @@ impl Sampler {
             return Err(Error::Config(format!(
                 "{total} samples cannot give each of {} ranks at least one{}",
                 config.world_size,
-                if total > 0 {
-                    "; use fewer ranks or --remainder pad"
-                } else {
-                    ""
-                }
+                if total > 0 { "; use fewer ranks or --remainder pad" } else { "" }
             )));
         }
-        Ok(Sampler {
-            shard_sizes,
-            config,
-            total,
-            per_rank,
-        })
+        Ok(Sampler { shard_sizes, config, total, per_rank })
     }
 
     /// Samples every rank reads per epoch.
@@ -217,9 +208,7 @@ impl Sampler {
         if self.config.shuffle {
             Rng::derive(&[seed, epoch, PURPOSE_SHARDS]).shuffle(&mut shards);
         }
-        let stream = shards
-            .iter()
-            .flat_map(|&s| (0..self.shard_sizes[s]).map(move |i| (s, i)));
+        let stream = shards.iter().flat_map(|&s| (0..self.shard_sizes[s]).map(move |i| (s, i)));
         let mut out = Vec::with_capacity(self.total);
         let cap = self.config.shuffle_buffer;
         if !self.config.shuffle || cap <= 1 {
@@ -253,11 +242,7 @@ impl Sampler {
         (start..start + self.per_rank)
             .map(|p| {
                 let (shard, index) = global[p % global.len()];
-                SampleRef {
-                    shard,
-                    index,
-                    position: p as u64,
-                }
+                SampleRef { shard, index, position: p as u64 }
             })
             .collect()
     }
@@ -265,9 +250,7 @@ impl Sampler {
     /// This rank's remaining samples after `position` (a resumed epoch continues where it stopped).
     pub fn resume(&self, position: Position) -> Vec<SampleRef> {
         let mut refs = self.epoch(position.epoch);
-        let done = usize::try_from(position.samples)
-            .unwrap_or(usize::MAX)
-            .min(refs.len());
+        let done = usize::try_from(position.samples).unwrap_or(usize::MAX).min(refs.len());
         refs.drain(..done);
         refs
     }
@@ -281,22 +264,8 @@ mod tests {
 
     use super::*;
 
-    fn config(
-        seed: u64,
-        world_size: usize,
-        rank: usize,
-        buffer: usize,
-        remainder: Remainder,
-    ) -> SamplerConfig {
-        SamplerConfig {
-            seed,
-            world_size,
-            rank,
-            shuffle: true,
-            shuffle_buffer: buffer,
-            remainder,
-            max_samples: None,
-        }
+    fn config(seed: u64, world_size: usize, rank: usize, buffer: usize, remainder: Remainder) -> SamplerConfig {
+        SamplerConfig { seed, world_size, rank, shuffle: true, shuffle_buffer: buffer, remainder, max_samples: None }
     }
 
     #[test]
@@ -309,10 +278,7 @@ mod tests {
     #[test]
     fn rank_outside_world_is_an_error() {
         let e = Sampler::new(vec![10], config(0, 2, 2, 4, Remainder::Pad)).unwrap_err();
-        assert!(
-            e.to_string().contains("rank 2 is outside a world of 2"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("rank 2 is outside a world of 2"), "{e}");
         let e = Sampler::new(vec![1], config(0, 2, 0, 4, Remainder::Drop)).unwrap_err();
         assert!(e.to_string().contains("cannot give each of 2 ranks"), "{e}");
     }

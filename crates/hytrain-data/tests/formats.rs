@@ -11,14 +11,7 @@ use hytrain_data::source::SharedSource;
 use hytrain_data::{pack, Error, Inputs, Loader, LoaderConfig, MemorySource, PackInput, PackOptions};
 
 fn open(source: SharedSource, split: Split) -> Result<Dataset, Error> {
-    Dataset::open(
-        source,
-        &OpenOptions {
-            split,
-            skip_bad_samples: false,
-            ..OpenOptions::default()
-        },
-    )
+    Dataset::open(source, &OpenOptions { split, skip_bad_samples: false, ..OpenOptions::default() })
 }
 
 /// All samples of a dataset in shard order, decoded.
@@ -26,10 +19,7 @@ fn samples(ds: &Dataset) -> Vec<Sample> {
     (0..ds.shards().len())
         .flat_map(|i| {
             let label = ds.shards()[i].label();
-            ds.read_shard(i)
-                .unwrap()
-                .into_iter()
-                .map(move |r| r.decode("test", &label).unwrap())
+            ds.read_shard(i).unwrap().into_iter().map(move |r| r.decode("test", &label).unwrap())
         })
         .collect()
 }
@@ -41,13 +31,7 @@ fn image(s: &Sample) -> &hytrain_data::format::Image {
     }
 }
 
-const CIFAR_LAYOUTS: [&str; 5] = [
-    "cifar-py2",
-    "cifar-py3",
-    "cifar-py3-bytes",
-    "cifar-py3-proto5",
-    "cifar-bin",
-];
+const CIFAR_LAYOUTS: [&str; 5] = ["cifar-py2", "cifar-py3", "cifar-py3-bytes", "cifar-py3-proto5", "cifar-bin"];
 
 #[test]
 fn cifar_python2_python3_and_binary_files_decode_to_the_same_pixels_and_labels() {
@@ -56,11 +40,7 @@ fn cifar_python2_python3_and_binary_files_decode_to_the_same_pixels_and_labels()
         assert_eq!(reference.len(), if split == Split::Train { 7 } else { 3 });
         for layout in CIFAR_LAYOUTS {
             let ds = open(fixture(layout), split).unwrap();
-            let expected = if layout == "cifar-bin" {
-                Format::CifarBin
-            } else {
-                Format::CifarPy
-            };
+            let expected = if layout == "cifar-bin" { Format::CifarBin } else { Format::CifarPy };
             assert_eq!(ds.format(), expected, "{layout}");
             let got = samples(&ds);
             assert_eq!(got.len(), reference.len(), "{layout} {split}");
@@ -74,8 +54,7 @@ fn cifar_python2_python3_and_binary_files_decode_to_the_same_pixels_and_labels()
 
 #[test]
 fn cifar_binary_record_becomes_an_hwc_image_with_its_label() {
-    let raw =
-        std::fs::read(fixtures().join("cifar-bin/cifar-10-batches-bin/data_batch_2.bin")).unwrap();
+    let raw = std::fs::read(fixtures().join("cifar-bin/cifar-10-batches-bin/data_batch_2.bin")).unwrap();
     let ds = open(fixture("cifar-bin"), Split::Train).unwrap();
     let all = samples(&ds);
     // data_batch_2 is the second shard; its record 1 follows data_batch_1's 4 samples.
@@ -86,27 +65,13 @@ fn cifar_binary_record_becomes_an_hwc_image_with_its_label() {
     let img = image(s);
     assert_eq!((img.height, img.width, img.channels), (32, 32, 3));
     for (c, y, x) in [(0, 0, 0), (1, 5, 7), (2, 31, 31)] {
-        assert_eq!(
-            img.pixels[(y * 32 + x) * 3 + c],
-            rec[1 + c * 1024 + y * 32 + x]
-        );
+        assert_eq!(img.pixels[(y * 32 + x) * 3 + c], rec[1 + c * 1024 + y * 32 + x]);
     }
 }
 
 #[test]
 fn cifar_class_names_come_from_batches_meta() {
-    let names = [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ];
+    let names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
     for layout in CIFAR_LAYOUTS {
         let ds = open(fixture(layout), Split::Train).unwrap();
         assert_eq!(ds.classes().unwrap(), names, "{layout}");
@@ -120,20 +85,14 @@ fn cifar_truncated_pickle_is_an_error_naming_the_batch() {
     let bytes = std::fs::read(fixtures().join("cifar-py2").join(path)).unwrap();
     m.insert(path, bytes[..bytes.len() / 2].to_vec());
     let e = open(Arc::new(m), Split::Train).unwrap_err().to_string();
-    assert!(
-        e.contains("data_batch_2") && e.contains("truncated pickle"),
-        "{e}"
-    );
+    assert!(e.contains("data_batch_2") && e.contains("truncated pickle"), "{e}");
 }
 
 #[test]
 fn cifar_binary_batch_of_a_wrong_size_is_an_error() {
     let m = MemorySource::new("mem").with("data_batch_1.bin", vec![0; 3073 * 2 + 5]);
     let e = open(Arc::new(m), Split::Train).unwrap_err().to_string();
-    assert!(
-        e.contains("data_batch_1.bin") && e.contains("not a multiple of 3073"),
-        "{e}"
-    );
+    assert!(e.contains("data_batch_1.bin") && e.contains("not a multiple of 3073"), "{e}");
 }
 
 #[test]
@@ -195,21 +154,11 @@ fn one_shard(name: &str, bytes: Vec<u8>) -> SharedSource {
 }
 
 fn good_members() -> Vec<(String, Vec<u8>)> {
-    (0..3)
-        .flat_map(|i| {
-            [
-                (format!("k{i}.png"), common::png(i, 4)),
-                (format!("k{i}.cls"), b"1".to_vec()),
-            ]
-        })
-        .collect()
+    (0..3).flat_map(|i| [(format!("k{i}.png"), common::png(i, 4)), (format!("k{i}.cls"), b"1".to_vec())]).collect()
 }
 
 fn build(members: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let refs: Vec<(&str, &[u8])> = members
-        .iter()
-        .map(|(n, d)| (n.as_str(), d.as_slice()))
-        .collect();
+    let refs: Vec<(&str, &[u8])> = members.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
     tar(&refs)
 }
 
@@ -223,14 +172,8 @@ fn truncated_tar_names_the_shard_and_the_cut_member() {
     // Cut inside the data of the second png (header of member 3 is at 512 + padded size of member 1, ...).
     let cut = full.len() / 2 + 100;
     let e = open_err(one_shard("train-0.tar", full[..cut].to_vec()));
-    assert!(
-        e.contains("mem:bad") && e.contains("train-0.tar") && e.contains("truncated"),
-        "{e}"
-    );
-    assert!(
-        e.contains(".png") || e.contains(".cls"),
-        "names the member: {e}"
-    );
+    assert!(e.contains("mem:bad") && e.contains("train-0.tar") && e.contains("truncated"), "{e}");
+    assert!(e.contains(".png") || e.contains(".cls"), "names the member: {e}");
 }
 
 #[test]
@@ -240,10 +183,7 @@ fn tar_cut_at_a_member_boundary_is_truncated_not_short() {
     let end = full.iter().rposition(|&b| b != 0).unwrap() + 1;
     let end = end.div_ceil(512) * 512;
     let e = open_err(one_shard("s.tar", full[..end].to_vec()));
-    assert!(
-        e.contains("s.tar") && e.contains("truncated") && e.contains("k2.cls"),
-        "{e}"
-    );
+    assert!(e.contains("s.tar") && e.contains("truncated") && e.contains("k2.cls"), "{e}");
 }
 
 #[test]
@@ -252,10 +192,7 @@ fn member_path_with_dotdot_is_an_error_naming_shard_and_member() {
     members.insert(2, ("../evil.png".into(), common::png(9, 4)));
     members.insert(3, ("../evil.cls".into(), b"2".to_vec()));
     let e = open_err(one_shard("shard-7.tar", build(&members)));
-    assert!(
-        e.contains("shard-7.tar") && e.contains("../evil.png") && e.contains("'..'"),
-        "{e}"
-    );
+    assert!(e.contains("shard-7.tar") && e.contains("../evil.png") && e.contains("'..'"), "{e}");
 }
 
 #[test]
@@ -263,27 +200,15 @@ fn absolute_member_path_is_an_error_naming_shard_and_member() {
     let mut members = good_members();
     members.push(("/etc/passwd.png".into(), common::png(9, 4)));
     let e = open_err(one_shard("shard-8.tar", build(&members)));
-    assert!(
-        e.contains("shard-8.tar") && e.contains("/etc/passwd.png") && e.contains("absolute"),
-        "{e}"
-    );
+    assert!(e.contains("shard-8.tar") && e.contains("/etc/passwd.png") && e.contains("absolute"), "{e}");
 }
 
 #[test]
 fn file_that_is_not_a_tar_is_an_error() {
-    let garbage: Vec<u8> = (0..4096u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    for bytes in [
-        garbage,
-        b"just some text, not an archive\n".to_vec(),
-        vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3],
-    ] {
+    let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    for bytes in [garbage, b"just some text, not an archive\n".to_vec(), vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3]] {
         let e = open_err(one_shard("fake.tar", bytes));
-        assert!(
-            e.contains("fake.tar") && e.contains("not a tar file"),
-            "{e}"
-        );
+        assert!(e.contains("fake.tar") && e.contains("not a tar file"), "{e}");
     }
 }
 
@@ -298,10 +223,7 @@ fn sample_without_label_is_an_error_naming_shard_and_member() {
     let mut members = good_members();
     members.retain(|(n, _)| n != "k1.cls");
     let e = open_err(one_shard("nolabel.tar", build(&members)));
-    assert!(
-        e.contains("nolabel.tar") && e.contains("k1.png") && e.contains("no label"),
-        "{e}"
-    );
+    assert!(e.contains("nolabel.tar") && e.contains("k1.png") && e.contains("no label"), "{e}");
 }
 
 #[test]
@@ -309,10 +231,7 @@ fn non_integer_label_is_an_error_naming_the_label_member() {
     let mut members = good_members();
     members[1].1 = b"cat".to_vec();
     let e = open_err(one_shard("l.tar", build(&members)));
-    assert!(
-        e.contains("l.tar") && e.contains("k0.cls") && e.contains("not an integer"),
-        "{e}"
-    );
+    assert!(e.contains("l.tar") && e.contains("k0.cls") && e.contains("not an integer"), "{e}");
 }
 
 #[test]
@@ -321,15 +240,9 @@ fn image_that_does_not_decode_is_an_error_naming_shard_and_member() {
     members[2].1 = b"\x89PNG\r\n\x1a\nthis is no png".to_vec();
     let ds = open(one_shard("img.tar", build(&members)), Split::Train).unwrap();
     let raw = ds.read_shard(0).unwrap();
-    let e = raw[1]
-        .decode(ds.source_desc(), "img.tar")
-        .unwrap_err()
-        .to_string();
+    let e = raw[1].decode(ds.source_desc(), "img.tar").unwrap_err().to_string();
     assert!(
-        e.contains("mem:bad")
-            && e.contains("img.tar")
-            && e.contains("k1.png")
-            && e.contains("does not decode"),
+        e.contains("mem:bad") && e.contains("img.tar") && e.contains("k1.png") && e.contains("does not decode"),
         "{e}"
     );
 }
@@ -348,24 +261,16 @@ fn tar_with_no_samples_is_an_error() {
 
 #[test]
 fn unknown_layout_lists_what_was_found() {
-    let m = MemorySource::new("mem:odd")
-        .with("notes.txt", b"x".to_vec())
-        .with("data.csv", b"y".to_vec());
+    let m = MemorySource::new("mem:odd").with("notes.txt", b"x".to_vec()).with("data.csv", b"y".to_vec());
     let e = open_err(Arc::new(m));
-    assert!(
-        e.contains("mem:odd") && e.contains("notes.txt") && e.contains("expected WebDataset"),
-        "{e}"
-    );
+    assert!(e.contains("mem:odd") && e.contains("notes.txt") && e.contains("expected WebDataset"), "{e}");
 }
 
 #[test]
 fn compressed_archive_alone_says_to_extract_it() {
     let m = MemorySource::new("mem:dl").with("cifar-10-python.tar.gz", vec![0x1f, 0x8b, 8, 0]);
     let e = open_err(Arc::new(m));
-    assert!(
-        e.contains("cifar-10-python.tar.gz") && e.contains("extracted first"),
-        "{e}"
-    );
+    assert!(e.contains("cifar-10-python.tar.gz") && e.contains("extracted first"), "{e}");
 }
 
 #[test]
@@ -376,25 +281,11 @@ fn tar_splits_follow_train_and_val_folders() {
     m.insert("val/c.tar", build(&good_members()));
     let m: SharedSource = Arc::new(m);
     let train = open(m.clone(), Split::Train).unwrap();
-    assert_eq!(
-        train
-            .shards()
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect::<Vec<_>>(),
-        ["train/a.tar", "train/b.tar"]
-    );
+    assert_eq!(train.shards().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["train/a.tar", "train/b.tar"]);
     let test = open(m, Split::Test).unwrap();
     assert_eq!(test.shards().len(), 1);
-    assert_eq!(
-        open(one_shard("only.tar", build(&good_members())), Split::Train)
-            .unwrap()
-            .len(),
-        3
-    );
-    let e = open(one_shard("only.tar", build(&good_members())), Split::Test)
-        .unwrap_err()
-        .to_string();
+    assert_eq!(open(one_shard("only.tar", build(&good_members())), Split::Train).unwrap().len(), 3);
+    let e = open(one_shard("only.tar", build(&good_members())), Split::Test).unwrap_err().to_string();
     assert!(e.contains("no test split") && e.contains("val/"), "{e}");
 }
 
@@ -408,21 +299,12 @@ fn skip_bad_samples_leaves_out_bad_ones_and_counts_them() {
     members.push(("../k4.cls".into(), b"1".to_vec()));
     let ds = Dataset::open(
         one_shard("mixed.tar", build(&members)),
-        &OpenOptions {
-            split: Split::Train,
-            skip_bad_samples: true,
-            ..OpenOptions::default()
-        },
+        &OpenOptions { split: Split::Train, skip_bad_samples: true, ..OpenOptions::default() },
     )
     .unwrap();
     assert_eq!(ds.len(), 2, "k0 and k2 are good");
     assert_eq!(ds.skipped_at_open(), 3);
-    let keys: Vec<String> = ds
-        .read_shard(0)
-        .unwrap()
-        .into_iter()
-        .map(|r| r.key)
-        .collect();
+    let keys: Vec<String> = ds.read_shard(0).unwrap().into_iter().map(|r| r.key).collect();
     assert_eq!(keys, ["k0", "k2"]);
 }
 
@@ -432,11 +314,7 @@ fn skip_bad_samples_keeps_the_samples_before_a_truncation() {
     let cut = full.len() / 2 + 100;
     let ds = Dataset::open(
         one_shard("t.tar", full[..cut].to_vec()),
-        &OpenOptions {
-            split: Split::Train,
-            skip_bad_samples: true,
-            ..OpenOptions::default()
-        },
+        &OpenOptions { split: Split::Train, skip_bad_samples: true, ..OpenOptions::default() },
     )
     .unwrap();
     assert!(!ds.is_empty() && ds.len() < 3, "{}", ds.len());
@@ -467,7 +345,12 @@ fn token_source(files: Vec<(&str, Vec<u8>)>) -> SharedSource {
     Arc::new(m)
 }
 
-fn open_tokens(source: SharedSource, split: Split, context_length: Option<usize>, vocab_size: Option<usize>) -> Result<Dataset, Error> {
+fn open_tokens(
+    source: SharedSource,
+    split: Split,
+    context_length: Option<usize>,
+    vocab_size: Option<usize>,
+) -> Result<Dataset, Error> {
     let tokens = TokenOptions { context_length, vocab_size, ..TokenOptions::default() };
     Dataset::open(source, &OpenOptions { split, tokens, ..OpenOptions::default() })
 }

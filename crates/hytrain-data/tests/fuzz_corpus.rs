@@ -15,36 +15,21 @@ fn every_webdataset_seed_parses_or_fails_cleanly_and_the_good_ones_decode() {
     assert!(seeds.len() >= 10, "the seed corpus is missing");
     let decoded: Vec<(String, usize)> = seeds
         .iter()
-        .map(|(p, b)| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                fuzzing::webdataset_shard(b),
-            )
-        })
+        .map(|(p, b)| (p.file_name().unwrap().to_string_lossy().into_owned(), fuzzing::webdataset_shard(b)))
         .collect();
     // Strict and skipping parses each decode both samples of the good png shard.
     assert!(decoded.contains(&("png_cls".to_string(), 4)), "{decoded:?}");
-    assert!(
-        decoded.contains(&("npy_json".to_string(), 2)),
-        "{decoded:?}"
-    );
+    assert!(decoded.contains(&("npy_json".to_string(), 2)), "{decoded:?}");
 }
 
 #[test]
 fn every_npy_and_cifar_seed_parses_or_fails_cleanly() {
     let npy = corpus("npy");
     let parsed = npy.iter().filter(|(_, b)| fuzzing::npy(b)).count();
-    assert!(
-        parsed >= 5 && parsed < npy.len(),
-        "{parsed} of {} npy seeds parsed",
-        npy.len()
-    );
+    assert!(parsed >= 5 && parsed < npy.len(), "{parsed} of {} npy seeds parsed", npy.len());
     let cifar = corpus("cifar");
     let with_samples = cifar.iter().filter(|(_, b)| fuzzing::cifar(b) > 0).count();
-    assert!(
-        with_samples >= 4,
-        "only {with_samples} CIFAR seeds held samples"
-    );
+    assert!(with_samples >= 4, "only {with_samples} CIFAR seeds held samples");
 }
 
 proptest! {

@@ -35,7 +35,16 @@ fn shards() -> tempfile::TempDir {
 }
 
 fn args(world_size: usize, rank: usize, augment: bool) -> DigestArgs {
-    DigestArgs { world_size, rank, epochs: EPOCHS, batch_size: 2, seed: 11, augment, workers: 2, ..DigestArgs::default() }
+    DigestArgs {
+        world_size,
+        rank,
+        epochs: EPOCHS,
+        batch_size: 2,
+        seed: 11,
+        augment,
+        workers: 2,
+        ..DigestArgs::default()
+    }
 }
 
 /// Digest through a Pipe channel: a writer thread plays SageMaker, streaming the folder's shards concatenated in
@@ -106,7 +115,13 @@ fn ranks_see_disjoint_samples_within_an_epoch() {
         for epoch in 0..EPOCHS {
             let mut seen = BTreeSet::new();
             for rank in 0..world {
-                let config = SamplerConfig { seed: 11, world_size: world, rank, remainder: Remainder::Drop, ..SamplerConfig::default() };
+                let config = SamplerConfig {
+                    seed: 11,
+                    world_size: world,
+                    rank,
+                    remainder: Remainder::Drop,
+                    ..SamplerConfig::default()
+                };
                 for s in Sampler::new(sizes.clone(), config).unwrap().epoch(epoch) {
                     assert!(seen.insert((s.shard, s.index)), "sample {s:?} seen twice in epoch {epoch}, world {world}");
                 }

@@ -5,29 +5,16 @@ mod common;
 use std::sync::Arc;
 
 use common::{fixture, load_dir};
-use hytrain_data::format::{
-    decode, Dataset, Format, Image, ImageKind, Input, OpenOptions, Sample, Split,
-};
+use hytrain_data::format::{decode, Dataset, Format, Image, ImageKind, Input, OpenOptions, Sample, Split};
 use hytrain_data::source::SharedSource;
 use hytrain_data::{inspect, pack, MemorySource, PackInput, PackOptions, TokenOptions};
 
 fn samples(source: SharedSource, split: Split) -> Vec<Sample> {
-    let ds = Dataset::open(
-        source,
-        &OpenOptions {
-            split,
-            skip_bad_samples: false,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let ds = Dataset::open(source, &OpenOptions { split, skip_bad_samples: false, ..OpenOptions::default() }).unwrap();
     (0..ds.shards().len())
         .flat_map(|i| {
             let name = ds.shards()[i].label();
-            ds.read_shard(i)
-                .unwrap()
-                .into_iter()
-                .map(move |r| r.decode("t", &name).unwrap())
+            ds.read_shard(i).unwrap().into_iter().map(move |r| r.decode("t", &name).unwrap())
         })
         .collect()
 }
@@ -55,17 +42,9 @@ fn packed_cifar_reads_back_as_the_original_samples_in_several_shards() {
     // About three samples per shard: a CIFAR png is ~3 KiB.
     let report = pack(fixture("cifar-py2"), &options(out.path(), 10_000)).unwrap();
     let packed: SharedSource = Arc::new(load_dir(out.path()));
-    assert_eq!(
-        Dataset::open(packed.clone(), &OpenOptions::default())
-            .unwrap()
-            .format(),
-        Format::Tar
-    );
+    assert_eq!(Dataset::open(packed.clone(), &OpenOptions::default()).unwrap().format(), Format::Tar);
     for split in [Split::Train, Split::Test] {
-        same_content(
-            &samples(packed.clone(), split),
-            &samples(fixture("cifar-py2"), split),
-        );
+        same_content(&samples(packed.clone(), split), &samples(fixture("cifar-py2"), split));
     }
     let train = &report.splits[0];
     assert_eq!(train.0, Split::Train);
@@ -74,13 +53,7 @@ fn packed_cifar_reads_back_as_the_original_samples_in_several_shards() {
     let classes: Vec<String> =
         serde_json::from_slice(&std::fs::read(out.path().join("classes.json")).unwrap()).unwrap();
     assert_eq!(classes[0], "airplane");
-    assert_eq!(
-        Dataset::open(packed, &OpenOptions::default())
-            .unwrap()
-            .classes()
-            .unwrap(),
-        classes
-    );
+    assert_eq!(Dataset::open(packed, &OpenOptions::default()).unwrap().classes().unwrap(), classes);
 }
 
 #[test]
@@ -89,10 +62,7 @@ fn packed_mnist_reads_back_as_the_original_samples() {
     pack(fixture("mnist"), &options(out.path(), 1 << 20)).unwrap();
     let packed: SharedSource = Arc::new(load_dir(out.path()));
     for split in [Split::Train, Split::Test] {
-        same_content(
-            &samples(packed.clone(), split),
-            &samples(fixture("mnist"), split),
-        );
+        same_content(&samples(packed.clone(), split), &samples(fixture("mnist"), split));
     }
 }
 
@@ -105,18 +75,11 @@ fn packing_twice_writes_identical_bytes() {
     let (a, b) = (load_dir(a.path()), load_dir(b.path()));
     let names = |m: &MemorySource| {
         use hytrain_data::source::Source;
-        m.list()
-            .unwrap()
-            .into_iter()
-            .map(|o| (o.name.clone(), m.read(&o.name).unwrap()))
-            .collect::<Vec<_>>()
+        m.list().unwrap().into_iter().map(|o| (o.name.clone(), m.read(&o.name).unwrap())).collect::<Vec<_>>()
     };
     assert_eq!(names(&a), names(&b));
     // Re-packing tar shards keeps jpeg bytes and npy tensors as they were.
-    same_content(
-        &samples(Arc::new(a), Split::Train),
-        &samples(fixture("wds"), Split::Train),
-    );
+    same_content(&samples(Arc::new(a), Split::Train), &samples(fixture("wds"), Split::Train));
 }
 
 #[test]
@@ -148,39 +111,24 @@ fn image_folder_packs_one_label_per_sorted_class_keeping_jpeg_bytes() {
         .with("train/cat/readme.txt", b"not an image".to_vec())
         .with("val/dog/c.png", decode::png(&img(3)).unwrap());
     let out = tempfile::tempdir().unwrap();
-    let report = pack(
-        Arc::new(source),
-        &PackOptions {
-            input: PackInput::ImageFolder,
-            ..options(out.path(), 1 << 20)
-        },
-    )
-    .unwrap();
+    let report =
+        pack(Arc::new(source), &PackOptions { input: PackInput::ImageFolder, ..options(out.path(), 1 << 20) }).unwrap();
     assert_eq!(report.classes.as_deref().unwrap(), ["cat", "dog"]);
     let packed: SharedSource = Arc::new(load_dir(out.path()));
     let train = samples(packed.clone(), Split::Train);
     let labels: Vec<i64> = train.iter().map(|s| s.label).collect();
     assert_eq!(labels, [0, 0, 1], "cat/a, cat/z, dog/b");
     assert_eq!(train[0].input, Input::Image(img(2)));
-    assert_eq!(
-        train[1].input,
-        Input::Image(decode::image(&jpg_bytes, ImageKind::Jpeg).unwrap())
-    );
+    assert_eq!(train[1].input, Input::Image(decode::image(&jpg_bytes, ImageKind::Jpeg).unwrap()));
     let test = samples(packed, Split::Test);
     assert_eq!(test.len(), 1);
     assert_eq!((test[0].label, &test[0].input), (1, &Input::Image(img(3))));
     let member_names: Vec<String> = {
         let bytes = std::fs::read(out.path().join("train/shard-000000.tar")).unwrap();
         let mut a = tar::Archive::new(&bytes[..]);
-        a.entries()
-            .unwrap()
-            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
-            .collect()
+        a.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned()).collect()
     };
-    assert!(
-        member_names.contains(&"00000001.jpg".to_string()),
-        "{member_names:?}"
-    );
+    assert!(member_names.contains(&"00000001.jpg".to_string()), "{member_names:?}");
 }
 
 #[test]
@@ -191,28 +139,12 @@ fn image_folder_with_a_broken_image_names_it_or_skips_it() {
             .with("cat/b.png", b"\x89PNG\r\n\x1a\nbroken".to_vec()),
     );
     let out = tempfile::tempdir().unwrap();
-    let opts = PackOptions {
-        input: PackInput::ImageFolder,
-        ..options(out.path(), 1 << 20)
-    };
+    let opts = PackOptions { input: PackInput::ImageFolder, ..options(out.path(), 1 << 20) };
     let e = pack(source.clone(), &opts).unwrap_err().to_string();
-    assert!(
-        e.contains("cat/b.png") && e.contains("does not decode"),
-        "{e}"
-    );
-    let report = pack(
-        source,
-        &PackOptions {
-            skip_bad_samples: true,
-            ..opts
-        },
-    )
-    .unwrap();
+    assert!(e.contains("cat/b.png") && e.contains("does not decode"), "{e}");
+    let report = pack(source, &PackOptions { skip_bad_samples: true, ..opts }).unwrap();
     assert_eq!(report.skipped, 1);
-    assert_eq!(
-        report.splits[0].1.iter().map(|s| s.samples).sum::<usize>(),
-        1
-    );
+    assert_eq!(report.splits[0].1.iter().map(|s| s.samples).sum::<usize>(), 1);
 }
 
 #[test]
@@ -220,22 +152,13 @@ fn inspect_reports_samples_classes_and_shards_of_each_split() {
     let report = inspect(fixture("cifar-bin"), &TokenOptions::default()).unwrap();
     assert_eq!(report.format, Format::CifarBin);
     assert_eq!(report.splits.len(), 2);
-    assert_eq!(
-        report.splits[0]
-            .1
-            .iter()
-            .map(|s| s.samples)
-            .collect::<Vec<_>>(),
-        [4, 3]
-    );
+    assert_eq!(report.splits[0].1.iter().map(|s| s.samples).collect::<Vec<_>>(), [4, 3]);
     assert_eq!(report.splits[1].1[0].bytes, 3 * 3073);
     let text = report.to_string();
     assert!(text.contains("train: 7 samples in 2 shards"), "{text}");
     assert!(text.contains("test: 3 samples in 1 shards"), "{text}");
     assert!(text.contains("classes: 10 (airplane"), "{text}");
-    let e = inspect(Arc::new(MemorySource::new("mem:void")), &TokenOptions::default())
-        .unwrap_err()
-        .to_string();
+    let e = inspect(Arc::new(MemorySource::new("mem:void")), &TokenOptions::default()).unwrap_err().to_string();
     assert!(e.contains("empty"), "{e}");
 }
 
@@ -266,10 +189,7 @@ fn opening_packed_shards_takes_counts_from_the_index_without_reading_shards() {
     let ds = Dataset::open(counting.clone(), &OpenOptions::default()).unwrap();
     assert_eq!(counting.1.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(ds.len(), 7);
-    same_content(
-        &samples(counting, Split::Train),
-        &samples(fixture("cifar-bin"), Split::Train),
-    );
+    same_content(&samples(counting, Split::Train), &samples(fixture("cifar-bin"), Split::Train));
 }
 
 #[test]
@@ -289,10 +209,5 @@ fn a_stale_index_is_ignored_and_the_shards_are_counted() {
 fn report_first_shard_samples(out: &std::path::Path) -> usize {
     let index: hytrain_data::format::ShardIndex =
         serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
-    index
-        .shards
-        .iter()
-        .find(|e| e.name == "train/shard-000000.tar")
-        .unwrap()
-        .samples
+    index.shards.iter().find(|e| e.name == "train/shard-000000.tar").unwrap().samples
 }

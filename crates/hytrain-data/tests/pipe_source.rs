@@ -18,17 +18,13 @@ fn shard(index: usize, samples: usize, pad_to_record: bool) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for s in 0..samples {
         let key = format!("{index:03}{s:04}");
-        let data: Vec<u8> = (0..(s * 131 + index * 7) % 3000)
-            .map(|i| (i * 31 + s + index) as u8)
-            .collect();
+        let data: Vec<u8> = (0..(s * 131 + index * 7) % 3000).map(|i| (i * 31 + s + index) as u8).collect();
         for (ext, bytes) in [("bin", data), ("cls", format!("{}", s % 10).into_bytes())] {
             let mut header = tar::Header::new_ustar();
             header.set_size(bytes.len() as u64);
             header.set_mode(0o644);
             header.set_cksum();
-            builder
-                .append_data(&mut header, format!("{key}.{ext}"), bytes.as_slice())
-                .unwrap();
+            builder.append_data(&mut header, format!("{key}.{ext}"), bytes.as_slice()).unwrap();
         }
     }
     let mut bytes = builder.into_inner().unwrap();
@@ -78,10 +74,7 @@ fn each_epoch_fifo_delivers_the_folders_shards_byte_identical_in_order() {
     let base = channel.path().join("training");
     let dir = Dir::new(data.path()).unwrap();
     let dir_objects = dir.list().unwrap();
-    let stream: Vec<u8> = dir_objects
-        .iter()
-        .flat_map(|o| dir.read(&o.name).unwrap())
-        .collect();
+    let stream: Vec<u8> = dir_objects.iter().flat_map(|o| dir.read(&o.name).unwrap()).collect();
     assert_eq!(stream, shards.concat());
     let pipe = Pipe::new(&base, &fast(spool.path()));
     for epoch in 0..2u64 {
@@ -117,46 +110,29 @@ fn listing_before_the_first_epoch_reads_fifo_0_and_the_first_epoch_adopts_it() {
     let fifo = channel.path().join("train_0");
     mkfifo(&fifo);
     let writer = deliver(fifo, shards.concat());
-    let opts = PipeOptions {
-        open_timeout: Duration::from_millis(300),
-        ..fast(spool.path())
-    };
+    let opts = PipeOptions { open_timeout: Duration::from_millis(300), ..fast(spool.path()) };
     let pipe = Pipe::new(channel.path().join("train"), &opts);
     assert_eq!(pipe.list().unwrap().len(), 6);
     writer.join().unwrap();
     // A resumed job's first epoch may be 7: it still uses what FIFO 0 delivered, and opens no FIFO.
     pipe.begin_epoch(7).unwrap();
-    assert_eq!(
-        pipe.read("pipe-000005.tar").unwrap(),
-        std::fs::read(data.path().join("train-0005.tar")).unwrap()
-    );
+    assert_eq!(pipe.read("pipe-000005.tar").unwrap(), std::fs::read(data.path().join("train-0005.tar")).unwrap());
     // The next epoch needs train_1, which never comes.
     let err = pipe.begin_epoch(8).unwrap_err().to_string();
-    assert!(
-        err.contains("train_1") && err.contains("did not appear"),
-        "{err}"
-    );
+    assert!(err.contains("train_1") && err.contains("did not appear"), "{err}");
 }
 
 #[test]
 fn a_missing_fifo_times_out_with_an_error_naming_it() {
     let channel = tempfile::tempdir().unwrap();
-    let opts = PipeOptions {
-        open_timeout: Duration::from_millis(400),
-        ..PipeOptions::default()
-    };
+    let opts = PipeOptions { open_timeout: Duration::from_millis(400), ..PipeOptions::default() };
     let pipe = Pipe::new(channel.path().join("training"), &opts);
     let started = Instant::now();
     let err = pipe.begin_epoch(0).unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(30));
     assert!(matches!(err, Error::Path { .. }), "{err:?}");
     let text = err.to_string();
-    assert!(
-        text.contains("training_0")
-            && text.contains("did not appear within")
-            && text.contains("Pipe"),
-        "{text}"
-    );
+    assert!(text.contains("training_0") && text.contains("did not appear within") && text.contains("Pipe"), "{text}");
 }
 
 #[test]
@@ -164,20 +140,11 @@ fn a_fifo_no_one_writes_to_stalls_into_a_clear_error() {
     let channel = tempfile::tempdir().unwrap();
     let spool = tempfile::tempdir().unwrap();
     mkfifo(&channel.path().join("training_0"));
-    let opts = PipeOptions {
-        stall_timeout: Duration::from_millis(400),
-        ..fast(spool.path())
-    };
+    let opts = PipeOptions { stall_timeout: Duration::from_millis(400), ..fast(spool.path()) };
     let started = Instant::now();
-    let err = Pipe::new(channel.path().join("training"), &opts)
-        .list()
-        .unwrap_err()
-        .to_string();
+    let err = Pipe::new(channel.path().join("training"), &opts).list().unwrap_err().to_string();
     assert!(started.elapsed() < Duration::from_secs(30));
-    assert!(
-        err.contains("training_0") && err.contains("no data from the Pipe FIFO"),
-        "{err}"
-    );
+    assert!(err.contains("training_0") && err.contains("no data from the Pipe FIFO"), "{err}");
 }
 
 #[test]
@@ -186,19 +153,10 @@ fn a_stream_that_is_not_tar_shards_is_refused() {
     let spool = tempfile::tempdir().unwrap();
     let fifo = channel.path().join("training_0");
     mkfifo(&fifo);
-    let writer = deliver(
-        fifo,
-        b"\x80\x02}q\x00(X\x05\x00\x00\x00cifar pickle, not tar".repeat(100),
-    );
-    let err = Pipe::new(channel.path().join("training"), &fast(spool.path()))
-        .list()
-        .unwrap_err()
-        .to_string();
+    let writer = deliver(fifo, b"\x80\x02}q\x00(X\x05\x00\x00\x00cifar pickle, not tar".repeat(100));
+    let err = Pipe::new(channel.path().join("training"), &fast(spool.path())).list().unwrap_err().to_string();
     writer.join().unwrap();
-    assert!(
-        err.contains("training_0") && err.contains("tar shards only"),
-        "{err}"
-    );
+    assert!(err.contains("training_0") && err.contains("tar shards only"), "{err}");
 }
 
 #[test]
@@ -210,15 +168,9 @@ fn a_stream_cut_inside_a_shard_is_reported_as_truncated() {
     mkfifo(&fifo);
     let stream = shards.concat();
     let writer = deliver(fifo, stream[..shards[0].len() + 1000].to_vec());
-    let err = Pipe::new(channel.path().join("training"), &fast(spool.path()))
-        .list()
-        .unwrap_err()
-        .to_string();
+    let err = Pipe::new(channel.path().join("training"), &fast(spool.path())).list().unwrap_err().to_string();
     writer.join().unwrap();
-    assert!(
-        err.contains("shard 1") && err.contains("truncated"),
-        "{err}"
-    );
+    assert!(err.contains("shard 1") && err.contains("truncated"), "{err}");
 }
 
 #[test]
@@ -236,14 +188,8 @@ fn an_epoch_larger_than_the_spool_limit_fails_naming_the_limit() {
             let _ = file.write_all(&stream);
         }
     });
-    let opts = PipeOptions {
-        max_spool_bytes: Some(20_000),
-        ..fast(spool.path())
-    };
-    let err = Pipe::new(channel.path().join("training"), &opts)
-        .list()
-        .unwrap_err()
-        .to_string();
+    let opts = PipeOptions { max_spool_bytes: Some(20_000), ..fast(spool.path()) };
+    let err = Pipe::new(channel.path().join("training"), &opts).list().unwrap_err().to_string();
     writer.join().unwrap();
     assert!(err.contains("spool limit of 20000 bytes"), "{err}");
 }
@@ -255,9 +201,7 @@ fn an_empty_stream_is_an_empty_source() {
     let fifo = channel.path().join("training_0");
     mkfifo(&fifo);
     let writer = deliver(fifo, Vec::new());
-    let err = Pipe::new(channel.path().join("training"), &fast(spool.path()))
-        .list()
-        .unwrap_err();
+    let err = Pipe::new(channel.path().join("training"), &fast(spool.path())).list().unwrap_err();
     writer.join().unwrap();
     assert!(matches!(err, Error::Empty(_)), "{err:?}");
     assert!(err.to_string().contains("training_0"), "{err}");

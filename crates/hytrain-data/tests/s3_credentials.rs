@@ -26,27 +26,12 @@ fn credential_process_profile(dir: &Path) {
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let config = dir.join("config");
-    std::fs::write(
-        &config,
-        format!(
-            "[profile hytrain-test]\ncredential_process = {}\n",
-            script.display()
-        ),
-    )
-    .unwrap();
-    for var in [
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-    ] {
+    std::fs::write(&config, format!("[profile hytrain-test]\ncredential_process = {}\n", script.display())).unwrap();
+    for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_WEB_IDENTITY_TOKEN_FILE"] {
         std::env::remove_var(var);
     }
     std::env::set_var("AWS_CONFIG_FILE", &config);
-    std::env::set_var(
-        "AWS_SHARED_CREDENTIALS_FILE",
-        dir.join("no-credentials-file"),
-    );
+    std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", dir.join("no-credentials-file"));
     std::env::set_var("AWS_PROFILE", "hytrain-test");
     std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
 }
@@ -62,60 +47,31 @@ fn an_expired_token_is_renewed_through_the_credential_chain_and_the_request_retr
     let root = tempfile::tempdir().unwrap();
     let server = LocalS3::start(root.path());
     server.put("bkt", "ds/a.tar", b"hello");
-    let opts = S3Options {
-        credentials: None,
-        ..server.options()
-    };
+    let opts = S3Options { credentials: None, ..server.options() };
     let source = S3::new("s3://bkt/ds", &opts).unwrap();
     source.list().unwrap();
-    assert_eq!(
-        runs(dir.path()),
-        1,
-        "the chain's credentials were fetched once"
-    );
+    assert_eq!(runs(dir.path()), 1, "the chain's credentials were fetched once");
 
     server.faults.inject("GetObject", Fault::ExpiredToken, 1);
     assert_eq!(source.read("a.tar").unwrap(), b"hello");
     assert_eq!(server.faults.count("GetObject"), 2);
-    assert_eq!(
-        runs(dir.path()),
-        2,
-        "the chain was not asked for new credentials"
-    );
+    assert_eq!(runs(dir.path()), 2, "the chain was not asked for new credentials");
 
     // Uploads (checkpoints and models sent to S3) renew the same way.
     server.faults.reset();
     server.faults.inject("PutObject", Fault::ExpiredToken, 1);
-    source
-        .put("ckpt/meta.json", bytes::Bytes::from_static(b"{}"))
-        .unwrap();
+    source.put("ckpt/meta.json", bytes::Bytes::from_static(b"{}")).unwrap();
     assert_eq!(server.faults.count("PutObject"), 2);
-    assert_eq!(
-        runs(dir.path()),
-        3,
-        "the upload did not renew the credentials"
-    );
-    assert_eq!(
-        std::fs::read(root.path().join("bkt/ds/ckpt/meta.json")).unwrap(),
-        b"{}"
-    );
+    assert_eq!(runs(dir.path()), 3, "the upload did not renew the credentials");
+    assert_eq!(std::fs::read(root.path().join("bkt/ds/ckpt/meta.json")).unwrap(), b"{}");
 
     // A token that S3 still calls expired after the renewal ends the read with what to check, after one renewal.
     server.faults.reset();
-    server
-        .faults
-        .inject("GetObject", Fault::ExpiredToken, usize::MAX);
+    server.faults.inject("GetObject", Fault::ExpiredToken, usize::MAX);
     let err = source.read("a.tar").unwrap_err();
     assert_eq!(server.faults.count("GetObject"), 2, "{err}");
     assert_eq!(runs(dir.path()), 4);
-    let Error::AccessDenied {
-        ref code,
-        ref message,
-        ..
-    } = err
-    else {
-        panic!("{err:?}")
-    };
+    let Error::AccessDenied { ref code, ref message, .. } = err else { panic!("{err:?}") };
     assert_eq!(code, "ExpiredToken");
     assert!(message.contains("renewed"), "{message}");
 }

@@ -20,11 +20,7 @@ fn setup() -> (tempfile::TempDir, LocalS3, Vec<u8>, S3) {
     let data = pseudo_random(4 * PART as usize + 777, 9);
     server.put("bkt", "ds/shard-000.tar", &data);
     server.put("bkt", "ds/shard-001.tar", b"small");
-    let opts = S3Options {
-        part_size: PART,
-        max_in_flight: 2,
-        ..server.options()
-    };
+    let opts = S3Options { part_size: PART, max_in_flight: 2, ..server.options() };
     let source = S3::new("s3://bkt/ds", &opts).unwrap();
     (root, server, data, source)
 }
@@ -33,13 +29,7 @@ fn setup() -> (tempfile::TempDir, LocalS3, Vec<u8>, S3) {
 fn transient_faults_on_ranged_gets_are_retried_and_bytes_stay_exact() {
     let (_root, server, data, source) = setup();
     source.list().unwrap();
-    for fault in [
-        Fault::SlowDown,
-        Fault::Internal,
-        Fault::Reset,
-        Fault::Truncate,
-        Fault::Short,
-    ] {
+    for fault in [Fault::SlowDown, Fault::Internal, Fault::Reset, Fault::Truncate, Fault::Short] {
         server.faults.reset();
         server.faults.inject("GetObject", fault, 3);
         assert_eq!(source.read("shard-000.tar").unwrap(), data, "{fault:?}");
@@ -75,28 +65,15 @@ fn throttled_and_failing_listings_are_retried() {
 fn permanent_throttling_ends_in_a_clear_error_within_the_budget() {
     let (_root, server, _data, source) = setup();
     source.list().unwrap();
-    server
-        .faults
-        .inject("GetObject", Fault::SlowDown, usize::MAX);
+    server.faults.inject("GetObject", Fault::SlowDown, usize::MAX);
     let started = Instant::now();
     let err = source.read("shard-000.tar").unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(30));
-    let Error::RetriesExhausted {
-        attempts,
-        ref last,
-        ref op,
-        ..
-    } = err
-    else {
-        panic!("{err:?}")
-    };
+    let Error::RetriesExhausted { attempts, ref last, ref op, .. } = err else { panic!("{err:?}") };
     assert_eq!((attempts, op.as_str()), (6, "GetObject"));
     assert!(last.contains("503") && last.contains("SlowDown"), "{last}");
     let text = err.to_string();
-    assert!(
-        text.contains("s3://bkt/ds/shard-000.tar") && text.contains("6 attempts"),
-        "{text}"
-    );
+    assert!(text.contains("s3://bkt/ds/shard-000.tar") && text.contains("6 attempts"), "{text}");
 }
 
 #[test]
@@ -105,9 +82,7 @@ fn permanent_truncation_ends_in_a_clear_error() {
     source.list().unwrap();
     server.faults.inject("GetObject", Fault::Short, usize::MAX);
     let err = source.read("shard-000.tar").unwrap_err();
-    let Error::RetriesExhausted { ref last, .. } = err else {
-        panic!("{err:?}")
-    };
+    let Error::RetriesExhausted { ref last, .. } = err else { panic!("{err:?}") };
     assert!(last.contains("short body"), "{last}");
 }
 
@@ -118,14 +93,10 @@ fn an_endless_body_is_cut_off_at_the_expected_size_not_collected() {
     // A server (or proxy) that never ends a chunked body must not grow the worker's memory without bound.
     server.faults.inject("GetObject", Fault::Endless, usize::MAX);
     let err = source.read("shard-001.tar").unwrap_err();
-    let Error::RetriesExhausted { ref last, .. } = err else {
-        panic!("{err:?}")
-    };
+    let Error::RetriesExhausted { ref last, .. } = err else { panic!("{err:?}") };
     assert!(last.contains("ran past the 5 bytes expected"), "{last}");
     let err = source.read("shard-000.tar").unwrap_err();
-    let Error::RetriesExhausted { ref last, .. } = err else {
-        panic!("{err:?}")
-    };
+    let Error::RetriesExhausted { ref last, .. } = err else { panic!("{err:?}") };
     // Ranged parts: a whole part, or the 777-byte tail, whichever failed first.
     assert!(
         last.contains(&format!("ran past the {PART} bytes expected"))
@@ -144,22 +115,12 @@ fn the_elapsed_budget_stops_retries_before_the_attempt_limit() {
     opts.retry.initial_backoff = Duration::from_millis(50);
     opts.retry.max_backoff = Duration::from_millis(100);
     opts.retry.max_elapsed = Duration::from_millis(600);
-    server
-        .faults
-        .inject("ListObjectsV2", Fault::Internal, usize::MAX);
+    server.faults.inject("ListObjectsV2", Fault::Internal, usize::MAX);
     let started = Instant::now();
     let err = S3::new("s3://bkt/ds", &opts).unwrap().list().unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(30));
-    let Error::RetriesExhausted {
-        attempts, seconds, ..
-    } = err
-    else {
-        panic!("{err:?}")
-    };
-    assert!(
-        attempts < 1000 && seconds <= 0.6 + 5.0,
-        "{attempts} attempts, {seconds} s"
-    );
+    let Error::RetriesExhausted { attempts, seconds, .. } = err else { panic!("{err:?}") };
+    assert!(attempts < 1000 && seconds <= 0.6 + 5.0, "{attempts} attempts, {seconds} s");
 }
 
 #[test]
@@ -168,11 +129,7 @@ fn a_stalled_body_times_out_and_the_retry_reads_exact_bytes() {
     let server = LocalS3::start(root.path());
     let data = pseudo_random(3 * PART as usize, 4);
     server.put("bkt", "ds/a.tar", &data);
-    let opts = S3Options {
-        part_size: PART,
-        request_timeout: Duration::from_millis(500),
-        ..server.options()
-    };
+    let opts = S3Options { part_size: PART, request_timeout: Duration::from_millis(500), ..server.options() };
     let source = S3::new("s3://bkt/ds", &opts).unwrap();
     source.list().unwrap();
     server.faults.inject("GetObject", Fault::Stall, 2);
@@ -265,12 +222,7 @@ fn a_range_past_the_end_of_a_shrunk_object_fails_at_once_naming_both_sizes() {
     server.faults.reset();
     // S3 refuses a range that starts past the object's end (416) without the object's size: a HEAD finds it.
     let err = source.read_range("shard-000.tar", 3 * PART, 100).unwrap_err();
-    let Error::ObjectChanged { ref location, listed: said, now } = err else {
-        panic!("{err:?}")
-    };
-    assert_eq!(
-        (location.as_str(), said, now),
-        ("s3://bkt/ds/shard-000.tar", listed, Some(PART))
-    );
+    let Error::ObjectChanged { ref location, listed: said, now } = err else { panic!("{err:?}") };
+    assert_eq!((location.as_str(), said, now), ("s3://bkt/ds/shard-000.tar", listed, Some(PART)));
     assert_eq!(server.faults.count("GetObject"), 1, "{err}");
 }

@@ -18,11 +18,7 @@ fn setup() -> (tempfile::TempDir, LocalS3, S3) {
     let root = tempfile::tempdir().unwrap();
     let server = LocalS3::start(root.path());
     std::fs::create_dir_all(root.path().join("bkt")).unwrap();
-    let opts = S3Options {
-        part_size: PART,
-        max_in_flight: 4,
-        ..server.options()
-    };
+    let opts = S3Options { part_size: PART, max_in_flight: 4, ..server.options() };
     let s3 = S3::new("s3://bkt/ckpt", &opts).unwrap();
     (root, server, s3)
 }
@@ -39,8 +35,7 @@ fn stored(server: &LocalS3, name: &str) -> Option<Vec<u8>> {
 #[test]
 fn small_and_multipart_objects_arrive_byte_exact_with_parts_in_parallel() {
     let (_root, server, s3) = setup();
-    s3.put("ckpt-1/meta.json", Bytes::from_static(b"{\"step\": 1}"))
-        .unwrap();
+    s3.put("ckpt-1/meta.json", Bytes::from_static(b"{\"step\": 1}")).unwrap();
     assert_eq!(server.faults.count("PutObject"), 1);
     assert_eq!(server.faults.count("CreateMultipartUpload"), 0);
 
@@ -49,9 +44,7 @@ fn small_and_multipart_objects_arrive_byte_exact_with_parts_in_parallel() {
     server.faults.inject("UploadPart", Fault::Hold, usize::MAX);
     std::thread::scope(|scope| {
         let upload = scope.spawn(|| s3.put("ckpt-1/model.safetensors", data.clone()));
-        let arrived = server
-            .faults
-            .wait_for("UploadPart", 3, Duration::from_secs(30));
+        let arrived = server.faults.wait_for("UploadPart", 3, Duration::from_secs(30));
         server.faults.open_held();
         assert_eq!(arrived, 3, "the parts were not sent in parallel");
         upload.join().unwrap().unwrap();
@@ -61,18 +54,10 @@ fn small_and_multipart_objects_arrive_byte_exact_with_parts_in_parallel() {
     assert_eq!(server.faults.count("CompleteMultipartUpload"), 1);
     assert!(server.incomplete_uploads().is_empty());
 
-    let names: Vec<(String, u64)> = s3
-        .list_all()
-        .unwrap()
-        .into_iter()
-        .map(|o| (o.name, o.size))
-        .collect();
+    let names: Vec<(String, u64)> = s3.list_all().unwrap().into_iter().map(|o| (o.name, o.size)).collect();
     assert_eq!(
         names,
-        [
-            ("ckpt-1/meta.json".to_owned(), 11),
-            ("ckpt-1/model.safetensors".to_owned(), data.len() as u64)
-        ]
+        [("ckpt-1/meta.json".to_owned(), 11), ("ckpt-1/model.safetensors".to_owned(), data.len() as u64)]
     );
 }
 
@@ -80,26 +65,13 @@ fn small_and_multipart_objects_arrive_byte_exact_with_parts_in_parallel() {
 fn transient_faults_while_uploading_are_retried_and_bytes_stay_exact() {
     let (_root, server, s3) = setup();
     let data = three_parts();
-    for fault in [
-        Fault::SlowDown,
-        Fault::Internal,
-        Fault::Reset,
-        Fault::Corrupt,
-    ] {
+    for fault in [Fault::SlowDown, Fault::Internal, Fault::Reset, Fault::Corrupt] {
         server.faults.reset();
         server.faults.inject("UploadPart", fault, 2);
-        server
-            .faults
-            .inject("CreateMultipartUpload", Fault::SlowDown, 1);
-        server
-            .faults
-            .inject("CompleteMultipartUpload", Fault::Reset, 1);
+        server.faults.inject("CreateMultipartUpload", Fault::SlowDown, 1);
+        server.faults.inject("CompleteMultipartUpload", Fault::Reset, 1);
         s3.put("model.safetensors", data.clone()).unwrap();
-        assert_eq!(
-            stored(&server, "model.safetensors").unwrap(),
-            data,
-            "{fault:?}"
-        );
+        assert_eq!(stored(&server, "model.safetensors").unwrap(), data, "{fault:?}");
         assert_eq!(server.faults.count("UploadPart"), 3 + 2, "{fault:?}");
         assert_eq!(server.faults.count("CompleteMultipartUpload"), 2);
         assert!(server.incomplete_uploads().is_empty(), "{fault:?}");
@@ -117,11 +89,8 @@ fn a_completion_whose_answer_was_lost_is_not_mistaken_for_a_failure() {
     let (_root, server, s3) = setup();
     let data = three_parts();
     // The server completes the upload, but the answer breaks off: the retry finds the upload gone.
-    server
-        .faults
-        .inject("CompleteMultipartUpload", Fault::Truncate, 1);
-    s3.put("model.safetensors", data.clone())
-        .unwrap_or_else(|e| panic!("{e}"));
+    server.faults.inject("CompleteMultipartUpload", Fault::Truncate, 1);
+    s3.put("model.safetensors", data.clone()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(server.faults.count("CompleteMultipartUpload"), 2);
     assert_eq!(stored(&server, "model.safetensors").unwrap(), data);
 }
@@ -131,17 +100,10 @@ fn a_retried_completion_that_finds_no_upload_and_no_object_of_it_fails() {
     let (_root, server, s3) = setup();
     // The first completion never reaches the server; the retry hears the upload is unknown, yet no object of
     // these parts is there.
-    server
-        .faults
-        .inject("CompleteMultipartUpload", Fault::Reset, 1);
-    server
-        .faults
-        .inject("CompleteMultipartUpload", Fault::NoSuchUpload, 1);
+    server.faults.inject("CompleteMultipartUpload", Fault::Reset, 1);
+    server.faults.inject("CompleteMultipartUpload", Fault::NoSuchUpload, 1);
     let err = s3.put("model.safetensors", three_parts()).unwrap_err();
-    assert!(
-        err.to_string().contains("NoSuchUpload") && err.to_string().contains("not this upload's"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("NoSuchUpload") && err.to_string().contains("not this upload's"), "{err}");
     assert!(stored(&server, "model.safetensors").is_none());
     assert!(server.incomplete_uploads().is_empty());
 }
@@ -151,47 +113,26 @@ fn a_failed_upload_is_aborted_and_leaves_the_previous_object_whole() {
     let (_root, server, s3) = setup();
     let old = three_parts();
     s3.put("model.safetensors", old.clone()).unwrap();
-    server
-        .faults
-        .inject("UploadPart", Fault::SlowDown, usize::MAX);
-    let err = s3
-        .put(
-            "model.safetensors",
-            Bytes::from(pseudo_random(3 * PART as usize, 5)),
-        )
-        .unwrap_err();
-    let Error::RetriesExhausted { ref op, .. } = err else {
-        panic!("{err:?}")
-    };
+    server.faults.inject("UploadPart", Fault::SlowDown, usize::MAX);
+    let err = s3.put("model.safetensors", Bytes::from(pseudo_random(3 * PART as usize, 5))).unwrap_err();
+    let Error::RetriesExhausted { ref op, .. } = err else { panic!("{err:?}") };
     assert_eq!(op, "UploadPart");
     assert!(err.to_string().contains("SlowDown"), "{err}");
     assert!(server.faults.count("AbortMultipartUpload") >= 1);
-    assert!(
-        server.incomplete_uploads().is_empty(),
-        "an upload was left: {:?}",
-        server.incomplete_uploads()
-    );
+    assert!(server.incomplete_uploads().is_empty(), "an upload was left: {:?}", server.incomplete_uploads());
     assert_eq!(stored(&server, "model.safetensors").unwrap(), old);
 }
 
 #[test]
 fn a_refused_upload_fails_at_once_with_what_s3_said() {
     let (_root, server, s3) = setup();
-    let mut opts = S3Options {
-        part_size: PART,
-        ..server.options()
-    };
+    let mut opts = S3Options { part_size: PART, ..server.options() };
     if let Some(c) = opts.credentials.as_mut() {
         c.secret_access_key = "not-the-secret".into();
     }
     let refused = S3::new("s3://bkt/ckpt", &opts).unwrap();
-    let err = refused
-        .put("meta.json", Bytes::from_static(b"{}"))
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::AccessDenied { ref code, .. } if code == "SignatureDoesNotMatch"),
-        "{err:?}"
-    );
+    let err = refused.put("meta.json", Bytes::from_static(b"{}")).unwrap_err();
+    assert!(matches!(err, Error::AccessDenied { ref code, .. } if code == "SignatureDoesNotMatch"), "{err:?}");
     assert_eq!(server.faults.count("PutObject"), 1, "a refusal was retried");
     let err = s3.put("../escape", Bytes::new()).unwrap_err();
     assert!(err.to_string().contains("not an object name"), "{err}");
@@ -205,8 +146,7 @@ fn listing_an_empty_prefix_gives_nothing_and_deletes_remove_what_they_name() {
     for name in ["ckpt-1/a", "ckpt-1/b", "ckpt-2/a"] {
         s3.put(name, Bytes::from_static(b"x")).unwrap();
     }
-    s3.delete(&["ckpt-1/a".into(), "ckpt-1/b".into(), "ckpt-9/never".into()])
-        .unwrap();
+    s3.delete(&["ckpt-1/a".into(), "ckpt-1/b".into(), "ckpt-9/never".into()]).unwrap();
     let left: Vec<String> = s3.list_all().unwrap().into_iter().map(|o| o.name).collect();
     assert_eq!(left, ["ckpt-2/a"]);
     assert!(stored(&server, "ckpt-1/a").is_none());

@@ -98,9 +98,7 @@ fn counts_that_do_not_fit_a_shard_are_not_trusted_and_that_shard_is_counted() {
     counts.shards.remove(1);
     let ds = Dataset::open_with_counts(source, &options, &counts).unwrap();
     assert_eq!(ds.shard_sizes(), vec![5, 5, 5]);
-    let lied = ShardIndex {
-        shards: vec![format::IndexEntry { samples: 4, ..reference.counts().shards[2].clone() }],
-    };
+    let lied = ShardIndex { shards: vec![format::IndexEntry { samples: 4, ..reference.counts().shards[2].clone() }] };
     let ds = Dataset::open_with_counts(Arc::new(common::numbered_dataset(3, 5)), &options, &lied).unwrap();
     assert_eq!(ds.shard_sizes(), vec![5, 5, 4]);
     // A count another process got wrong is caught when the shard is read, as for a shard rewritten mid-job.
@@ -111,7 +109,10 @@ fn counts_that_do_not_fit_a_shard_are_not_trusted_and_that_shard_is_counted() {
 #[test]
 fn shared_counts_with_skip_bad_samples_match_what_reading_the_shard_skips() {
     let mut m = common::numbered_dataset(2, 4);
-    m.insert("shard-000002.tar", common::tar(&[("x.png", b"no label"), ("y.png", &common::png(1, 8)), ("y.cls", b"1")]));
+    m.insert(
+        "shard-000002.tar",
+        common::tar(&[("x.png", b"no label"), ("y.png", &common::png(1, 8)), ("y.cls", b"1")]),
+    );
     let source: SharedSource = Arc::new(m);
     let options = DatasetOptions { split: Split::Train, skip_bad_samples: true, ..DatasetOptions::default() };
     let counted = Dataset::open(source.clone(), &options).unwrap();
@@ -124,9 +125,7 @@ fn shared_counts_with_skip_bad_samples_match_what_reading_the_shard_skips() {
 #[test]
 fn an_index_is_written_whole_beside_the_data_and_a_folder_that_cannot_take_it_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let index = ShardIndex {
-        shards: vec![format::IndexEntry { name: "train/a.tar".into(), bytes: 1024, samples: 3 }],
-    };
+    let index = ShardIndex { shards: vec![format::IndexEntry { name: "train/a.tar".into(), bytes: 1024, samples: 3 }] };
     format::write_index(dir.path(), &index).unwrap();
     let written: ShardIndex = serde_json::from_slice(&std::fs::read(dir.path().join(INDEX_FILE)).unwrap()).unwrap();
     assert_eq!(written, index);

@@ -23,7 +23,8 @@ fn photo(width: usize, height: usize, channels: usize) -> Image {
     for y in 0..height {
         for x in 0..width {
             for c in 0..channels {
-                let v = 30.0 + 180.0 * (x as f64 / width as f64) * (1.0 - c as f64 * 0.3)
+                let v = 30.0
+                    + 180.0 * (x as f64 / width as f64) * (1.0 - c as f64 * 0.3)
                     + 40.0 * ((y * 7 + c * 3) as f64 / 5.0).sin()
                     + ((x * 13 + y * 29 + c * 7) % 17) as f64;
                 pixels.push(v.clamp(0.0, 255.0) as u8);
@@ -34,7 +35,13 @@ fn photo(width: usize, height: usize, channels: usize) -> Image {
 }
 
 /// torchvision's transforms of the png at `path`, CHW floats.
-fn torchvision(path: &std::path::Path, resize: Option<usize>, crop: Option<usize>, mean: &[f32], std: &[f32]) -> Vec<f32> {
+fn torchvision(
+    path: &std::path::Path,
+    resize: Option<usize>,
+    crop: Option<usize>,
+    mean: &[f32],
+    std: &[f32],
+) -> Vec<f32> {
     let script = r#"
 import json, sys
 from PIL import Image
@@ -77,11 +84,7 @@ fn largest_difference(image: &Image, resize: Option<usize>, crop: Option<usize>,
     assert_eq!(ours.len(), image.channels * h * w);
     assert_eq!(ours.len(), reference.len(), "torchvision makes another size than {}x{h}x{w}", image.channels);
     let plane = h * w;
-    ours.iter()
-        .zip(&reference)
-        .enumerate()
-        .map(|(i, (a, b))| (a - b).abs() * std[i / plane])
-        .fold(0.0, f32::max)
+    ours.iter().zip(&reference).enumerate().map(|(i, (a, b))| (a - b).abs() * std[i / plane]).fold(0.0, f32::max)
 }
 
 /// One level of 8 bits (1/255 in `[0, 1]`, plus float rounding): PIL rounds to 8 bits between its horizontal and

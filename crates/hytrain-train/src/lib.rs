@@ -41,10 +41,10 @@ pub mod loader;
 pub mod model;
 pub mod optim;
 mod overlap;
-pub mod precision;
-pub mod schedule;
 mod position;
+pub mod precision;
 mod rng;
+pub mod schedule;
 mod shim;
 pub mod trainer;
 

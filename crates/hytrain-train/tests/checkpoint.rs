@@ -214,7 +214,12 @@ fn a_meta_file_over_the_size_limit_is_refused_before_it_is_read() {
     let dir = tempfile::tempdir().unwrap();
     store_with(dir.path(), 5, &[3]);
     // Sparse: no disk used, but the size a hostile or broken file system could report.
-    std::fs::OpenOptions::new().write(true).open(dir.path().join("ckpt-3/meta.json")).unwrap().set_len(64 << 20).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("ckpt-3/meta.json"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
     let e = read_checkpoint(&dir.path().join("ckpt-3")).unwrap_err().to_string();
     assert!(e.contains(&format!("meta.json is {} bytes, over the limit of 16 MiB", 64 << 20)), "{e}");
     assert!(latest_valid(dir.path()).unwrap().is_none());

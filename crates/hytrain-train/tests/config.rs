@@ -100,7 +100,10 @@ fn an_initial_loss_scale_below_one_or_beyond_float32_is_refused_naming_the_flag(
         let mut config = TrainConfig::default();
         config.apply_hyperparameter("init_loss_scale", value).unwrap();
         let msg = config.validate().unwrap_err().to_string();
-        assert!(msg.contains("--init-loss-scale") && msg.contains("from 1 to") && !msg.contains('\n'), "{value}: {msg}");
+        assert!(
+            msg.contains("--init-loss-scale") && msg.contains("from 1 to") && !msg.contains('\n'),
+            "{value}: {msg}"
+        );
     }
     let mut config = TrainConfig::default();
     config.apply_hyperparameter("init-loss-scale", "4294967296").unwrap();

@@ -3,9 +3,7 @@
 
 mod common;
 
-use common::{
-    deep_copy, identical, max_relative_difference, max_relative_l2_difference, on_ranks, seeded, TinyBn,
-};
+use common::{deep_copy, identical, max_relative_difference, max_relative_l2_difference, on_ranks, seeded, TinyBn};
 use hytrain_train::model::{self, LayerBuilder, Model};
 use hytrain_train::{AdamWConfig, Ddp, DdpOptions, OptimizerConfig, SgdConfig, TrainError};
 use tch::{Device, Kind, TchError, Tensor};

@@ -68,8 +68,7 @@ pub fn digits(root: &Path) -> Result<PathBuf> {
     }
     let wheel = setup::fetch_wheel(root, REQUIREMENTS, &pin, "the demo's digits data")?;
     let text = read_csv_gz(&wheel)?;
-    let digits = parse_csv(&text)
-        .with_context(|| format!("{CSV_MEMBER} in {} is malformed", wheel.display()))?;
+    let digits = parse_csv(&text).with_context(|| format!("{CSV_MEMBER} in {} is malformed", wheel.display()))?;
 
     let scratch = target.with_file_name("digits.partial");
     remove_dir_if_present(&scratch)?;
@@ -77,11 +76,9 @@ pub fn digits(root: &Path) -> Result<PathBuf> {
     let old = target.with_file_name("digits.old");
     remove_dir_if_present(&old)?;
     if target.exists() {
-        fs::rename(&target, &old)
-            .with_context(|| format!("cannot move the old {} aside", target.display()))?;
+        fs::rename(&target, &old).with_context(|| format!("cannot move the old {} aside", target.display()))?;
     }
-    fs::rename(&scratch, &target)
-        .with_context(|| format!("cannot move the digits to {}", target.display()))?;
+    fs::rename(&scratch, &target).with_context(|| format!("cannot move the digits to {}", target.display()))?;
     remove_dir_if_present(&old)?;
     println!(
         "demo data: {train} train and {test} test digits (8x8) from {} {} in {}",
@@ -95,10 +92,8 @@ pub fn digits(root: &Path) -> Result<PathBuf> {
 /// The one pin of [`REQUIREMENTS`]: scikit-learn.
 fn pin(root: &Path) -> Result<Pin> {
     let path = root.join(REQUIREMENTS);
-    let text =
-        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let pins =
-        requirements::parse(&text).with_context(|| format!("{} is malformed", path.display()))?;
+    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let pins = requirements::parse(&text).with_context(|| format!("{} is malformed", path.display()))?;
     match pins.as_slice() {
         [pin] if requirements::normalize(&pin.name) == "scikit-learn" => Ok(pin.clone()),
         _ => bail!(
@@ -107,10 +102,7 @@ fn pin(root: &Path) -> Result<Pin> {
             if pins.is_empty() {
                 "nothing".to_string()
             } else {
-                pins.iter()
-                    .map(|p| format!("{}=={}", p.name, p.version))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                pins.iter().map(|p| format!("{}=={}", p.name, p.version)).collect::<Vec<_>>().join(", ")
             }
         ),
     }
@@ -162,19 +154,12 @@ fn read_csv_gz(wheel: &Path) -> Result<String> {
             "{} has no {CSV_MEMBER}; the pin in {REQUIREMENTS} must be a scikit-learn wheel that ships the digits data",
             wheel.display()
         ),
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot read {CSV_MEMBER} in {}", wheel.display()))
-        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {CSV_MEMBER} in {}", wheel.display())),
     };
     let mut text = String::new();
     flate2::read::GzDecoder::new(member)
         .read_to_string(&mut text)
-        .with_context(|| {
-            format!(
-                "{CSV_MEMBER} in {} is not gzip-compressed text",
-                wheel.display()
-            )
-        })?;
+        .with_context(|| format!("{CSV_MEMBER} in {} is not gzip-compressed text", wheel.display()))?;
     Ok(text)
 }
 
@@ -186,24 +171,13 @@ fn parse_csv(text: &str) -> Result<Vec<Digit>> {
         let row = index + 1;
         let fields: Vec<&str> = line.trim_end_matches('\r').split(',').collect();
         if fields.len() != PIXELS + 1 {
-            bail!(
-                "row {row} has {} values; a row is {PIXELS} pixels and the label",
-                fields.len()
-            );
+            bail!("row {row} has {} values; a row is {PIXELS} pixels and the label", fields.len());
         }
         let mut pixels = [0.0f32; PIXELS];
         for (column, (field, pixel)) in fields.iter().zip(&mut pixels).enumerate() {
-            *pixel = field
-                .trim()
-                .parse::<f32>()
-                .ok()
-                .filter(|v| (0.0..=MAX_PIXEL).contains(v))
-                .with_context(|| {
-                    format!(
-                        "row {row}, column {}: pixel {field:?} is not a number from 0 to 16",
-                        column + 1
-                    )
-                })?;
+            *pixel = field.trim().parse::<f32>().ok().filter(|v| (0.0..=MAX_PIXEL).contains(v)).with_context(|| {
+                format!("row {row}, column {}: pixel {field:?} is not a number from 0 to 16", column + 1)
+            })?;
         }
         let field = fields[PIXELS];
         let label = field
@@ -211,12 +185,7 @@ fn parse_csv(text: &str) -> Result<Vec<Digit>> {
             .parse::<u8>()
             .ok()
             .filter(|&l| l < CLASSES)
-            .with_context(|| {
-                format!(
-                    "row {row}: label {field:?} is not a class from 0 to {}",
-                    CLASSES - 1
-                )
-            })?;
+            .with_context(|| format!("row {row}: label {field:?} is not a class from 0 to {}", CLASSES - 1))?;
         digits.push(Digit { pixels, label });
     }
     if digits.is_empty() {
@@ -237,9 +206,7 @@ fn split(n: usize) -> (Vec<usize>, Vec<usize>) {
 
 /// `n` items cut into `shards` contiguous ranges whose sizes differ by at most one.
 fn shard_ranges(n: usize, shards: usize) -> Vec<Range<usize>> {
-    (0..shards)
-        .map(|s| s * n / shards..(s + 1) * n / shards)
-        .collect()
+    (0..shards).map(|s| s * n / shards..(s + 1) * n / shards).collect()
 }
 
 /// A numpy `.npy` file (format version 1.0) holding `values` as little-endian float32 of shape `shape`, C order.
@@ -297,17 +264,10 @@ fn shard(digits: &[Digit], indices: &[usize]) -> Result<Vec<u8>> {
 
 /// Writes the shards, `index.json`, `classes.json` and, last, the stamp into `dir`; returns the (train, test)
 /// sample counts.
-fn write_dataset(
-    digits: &[Digit],
-    dir: &Path,
-    stamp: &serde_json::Value,
-) -> Result<(usize, usize)> {
+fn write_dataset(digits: &[Digit], dir: &Path, stamp: &serde_json::Value) -> Result<(usize, usize)> {
     let (train, test) = split(digits.len());
     let mut index = Vec::new();
-    for (name, indices, shards) in [
-        ("train", &train, TRAIN_SHARDS),
-        ("test", &test, TEST_SHARDS),
-    ] {
+    for (name, indices, shards) in [("train", &train, TRAIN_SHARDS), ("test", &test, TEST_SHARDS)] {
         if indices.len() < shards {
             bail!(
                 "{} digits give {} {name} samples, too few for {shards} {name} shard(s)",
@@ -316,8 +276,7 @@ fn write_dataset(
             );
         }
         let folder = dir.join(name);
-        fs::create_dir_all(&folder)
-            .with_context(|| format!("cannot create {}", folder.display()))?;
+        fs::create_dir_all(&folder).with_context(|| format!("cannot create {}", folder.display()))?;
         for (number, range) in shard_ranges(indices.len(), shards).into_iter().enumerate() {
             let relative = format!("{name}/shard-{number:06}.tar");
             let bytes = shard(digits, &indices[range.clone()])?;
@@ -327,11 +286,9 @@ fn write_dataset(
         }
     }
     let classes: Vec<String> = (0..CLASSES).map(|c| c.to_string()).collect();
-    for (name, value) in [
-        ("index.json", json!({ "shards": index })),
-        ("classes.json", json!(classes)),
-        (STAMP, stamp.clone()),
-    ] {
+    for (name, value) in
+        [("index.json", json!({ "shards": index })), ("classes.json", json!(classes)), (STAMP, stamp.clone())]
+    {
         let path = dir.join(name);
         fs::write(&path, serde_json::to_string_pretty(&value)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -373,10 +330,7 @@ mod tests {
         let (header, read) = parse_npy(&bytes);
         assert_eq!((10 + header.len()) % 64, 0, "{header:?}");
         assert!(header.ends_with('\n'), "{header:?}");
-        assert_eq!(
-            header.trim_end(),
-            "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 8, 8), }"
-        );
+        assert_eq!(header.trim_end(), "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 8, 8), }");
         assert_eq!(bytes.len(), 10 + header.len() + 64 * 4);
         assert_eq!(read, values);
     }
@@ -398,11 +352,7 @@ mod tests {
 
     #[test]
     fn csv_rows_parse_into_pixels_and_labels_with_integer_or_float_values() {
-        let text = format!(
-            "{}\n{}\r\n",
-            row(|i| (i % 17).to_string(), "7"),
-            row(|_| "16.0".to_string(), "0")
-        );
+        let text = format!("{}\n{}\r\n", row(|i| (i % 17).to_string(), "7"), row(|_| "16.0".to_string(), "0"));
         let digits = parse_csv(&text).unwrap();
         assert_eq!(digits.len(), 2);
         assert_eq!(digits[0].label, 7);
@@ -423,34 +373,16 @@ mod tests {
                 row(|i| if i == 9 { "x".into() } else { "1".into() }, "3"),
                 "row 3, column 10: pixel \"x\" is not a number from 0 to 16",
             ),
-            (
-                row(|i| if i == 0 { "17".into() } else { "1".into() }, "3"),
-                "row 3, column 1: pixel \"17\"",
-            ),
-            (
-                row(|_| "-1".to_string(), "3"),
-                "row 3, column 1: pixel \"-1\"",
-            ),
-            (
-                row(|_| "NaN".to_string(), "3"),
-                "row 3, column 1: pixel \"NaN\"",
-            ),
-            (
-                row(|_| "1".to_string(), "10"),
-                "row 3: label \"10\" is not a class from 0 to 9",
-            ),
-            (
-                row(|_| "1".to_string(), "2.5"),
-                "row 3: label \"2.5\" is not a class",
-            ),
+            (row(|i| if i == 0 { "17".into() } else { "1".into() }, "3"), "row 3, column 1: pixel \"17\""),
+            (row(|_| "-1".to_string(), "3"), "row 3, column 1: pixel \"-1\""),
+            (row(|_| "NaN".to_string(), "3"), "row 3, column 1: pixel \"NaN\""),
+            (row(|_| "1".to_string(), "10"), "row 3: label \"10\" is not a class from 0 to 9"),
+            (row(|_| "1".to_string(), "2.5"), "row 3: label \"2.5\" is not a class"),
         ];
         for (bad, expected) in cases {
             let text = format!("{good}\n{good}\n{bad}\n{good}\n");
             let error = format!("{:#}", parse_csv(&text).unwrap_err());
-            assert!(
-                error.contains(expected),
-                "{bad:?}: got `{error}`, expected `{expected}`"
-            );
+            assert!(error.contains(expected), "{bad:?}: got `{error}`, expected `{expected}`");
         }
         let error = format!("{:#}", parse_csv("").unwrap_err());
         assert!(error.contains("holds no rows"), "{error}");
@@ -479,10 +411,7 @@ mod tests {
             assert_eq!(ranges.last().unwrap().end, n);
             assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
             let sizes: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
-            assert!(
-                sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
-                "{sizes:?}"
-            );
+            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{sizes:?}");
         }
     }
 
@@ -494,10 +423,7 @@ mod tests {
                 for (p, value) in pixels.iter_mut().enumerate() {
                     *value = ((i + p) % 17) as f32;
                 }
-                Digit {
-                    pixels,
-                    label: (i % 10) as u8,
-                }
+                Digit { pixels, label: (i % 10) as u8 }
             })
             .collect()
     }
@@ -530,10 +456,7 @@ mod tests {
         let index: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(out.join("index.json")).unwrap()).unwrap();
         let entries = index["shards"].as_array().unwrap();
-        let names: Vec<&str> = entries
-            .iter()
-            .map(|e| e["name"].as_str().unwrap())
-            .collect();
+        let names: Vec<&str> = entries.iter().map(|e| e["name"].as_str().unwrap()).collect();
         assert_eq!(
             names,
             [
@@ -548,28 +471,17 @@ mod tests {
             let name = entry["name"].as_str().unwrap();
             let split = name.split('/').next().unwrap();
             let path = out.join(name);
-            assert_eq!(
-                entry["bytes"].as_u64().unwrap(),
-                fs::metadata(&path).unwrap().len()
-            );
+            assert_eq!(entry["bytes"].as_u64().unwrap(), fs::metadata(&path).unwrap().len());
             let members = members(&path);
-            assert_eq!(
-                members.len(),
-                2 * entry["samples"].as_u64().unwrap() as usize
-            );
+            assert_eq!(members.len(), 2 * entry["samples"].as_u64().unwrap() as usize);
             for pair in members.chunks(2) {
-                let [(npy_name, npy), (cls_name, cls)] = pair else {
-                    unreachable!()
-                };
+                let [(npy_name, npy), (cls_name, cls)] = pair else { unreachable!() };
                 let key = npy_name.strip_suffix(".npy").expect("input first");
                 assert_eq!(cls_name, &format!("{key}.cls"));
                 let i: usize = key.strip_prefix("digit-").unwrap().parse().unwrap();
                 assert!(seen.insert(i, split).is_none(), "digit {i} written twice");
                 assert_eq!(split == "test", i % 5 == 4, "digit {i} is in {split}");
-                assert_eq!(
-                    std::str::from_utf8(cls).unwrap(),
-                    digits[i].label.to_string()
-                );
+                assert_eq!(std::str::from_utf8(cls).unwrap(), digits[i].label.to_string());
                 let (header, values) = parse_npy(npy);
                 assert!(header.contains("'shape': (1, 8, 8)"), "{header}");
                 let expected: Vec<f32> = digits[i].pixels.iter().map(|p| p / 16.0).collect();
@@ -586,39 +498,23 @@ mod tests {
     #[test]
     fn the_same_digits_give_the_same_shard_bytes() {
         let digits = numbered_digits(12);
-        assert_eq!(
-            shard(&digits, &[0, 3, 7]).unwrap(),
-            shard(&digits, &[0, 3, 7]).unwrap()
-        );
+        assert_eq!(shard(&digits, &[0, 3, 7]).unwrap(), shard(&digits, &[0, 3, 7]).unwrap());
     }
 
     #[test]
     fn too_few_digits_for_the_shards_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let error = format!(
-            "{:#}",
-            write_dataset(&numbered_digits(3), dir.path(), &json!({})).unwrap_err()
-        );
-        assert!(
-            error.contains("3 digits give 3 train samples, too few for 4 train shard(s)"),
-            "{error}"
-        );
-        let error = format!(
-            "{:#}",
-            write_dataset(&numbered_digits(4), dir.path(), &json!({})).unwrap_err()
-        );
-        assert!(
-            error.contains("4 digits give 0 test samples, too few for 1 test shard(s)"),
-            "{error}"
-        );
+        let error = format!("{:#}", write_dataset(&numbered_digits(3), dir.path(), &json!({})).unwrap_err());
+        assert!(error.contains("3 digits give 3 train samples, too few for 4 train shard(s)"), "{error}");
+        let error = format!("{:#}", write_dataset(&numbered_digits(4), dir.path(), &json!({})).unwrap_err());
+        assert!(error.contains("4 digits give 0 test samples, too few for 1 test shard(s)"), "{error}");
     }
 
     /// A wheel holding `members` (name, bytes), stored as pip would leave it in `.cache/wheels`.
     fn write_zip(path: &Path, members: &[(&str, &[u8])]) {
         let mut zip = zip::ZipWriter::new(File::create(path).unwrap());
         for (name, data) in members {
-            zip.start_file(*name, zip::write::SimpleFileOptions::default())
-                .unwrap();
+            zip.start_file(*name, zip::write::SimpleFileOptions::default()).unwrap();
             zip.write_all(data).unwrap();
         }
         zip.finish().unwrap();
@@ -647,10 +543,7 @@ mod tests {
         let wheel = dir.path().join("w.whl");
         write_zip(&wheel, &[("sklearn/__init__.py", b"")]);
         let error = format!("{:#}", read_csv_gz(&wheel).unwrap_err());
-        assert!(
-            error.contains("has no sklearn/datasets/data/digits.csv.gz"),
-            "{error}"
-        );
+        assert!(error.contains("has no sklearn/datasets/data/digits.csv.gz"), "{error}");
         write_zip(&wheel, &[(CSV_MEMBER, b"0,1,2 not gzip")]);
         let error = format!("{:#}", read_csv_gz(&wheel).unwrap_err());
         assert!(error.contains("is not gzip-compressed text"), "{error}");
@@ -666,23 +559,14 @@ mod tests {
         write_zip(&wheel, &[(CSV_MEMBER, &gzip(&csv_of(digits)))]);
         let sha256 = crate::wheel::sha256_file(&wheel).unwrap();
         fs::create_dir_all(root.path().join("crates/xtask")).unwrap();
-        fs::write(
-            root.path().join(REQUIREMENTS),
-            format!("scikit-learn==1.7.2 --hash=sha256:{sha256}\n"),
-        )
-        .unwrap();
+        fs::write(root.path().join(REQUIREMENTS), format!("scikit-learn==1.7.2 --hash=sha256:{sha256}\n")).unwrap();
         root
     }
 
     fn sample_count(dir: &Path) -> u64 {
         let index: serde_json::Value =
             serde_json::from_str(&fs::read_to_string(dir.join("index.json")).unwrap()).unwrap();
-        index["shards"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["samples"].as_u64().unwrap())
-            .sum()
+        index["shards"].as_array().unwrap().iter().map(|s| s["samples"].as_u64().unwrap()).sum()
     }
 
     #[test]
@@ -735,24 +619,15 @@ mod tests {
     #[test]
     fn a_malformed_csv_in_the_wheel_names_the_wheel_and_the_row() {
         let root = root_with_wheel(&numbered_digits(10));
-        let wheel = root
-            .path()
-            .join(".cache/wheels/scikit_learn-1.7.2-cp311-cp311-manylinux_2_17_x86_64.whl");
+        let wheel = root.path().join(".cache/wheels/scikit_learn-1.7.2-cp311-cp311-manylinux_2_17_x86_64.whl");
         let mut csv = csv_of(&numbered_digits(10));
         csv.push_str("1,2,3\n");
         write_zip(&wheel, &[(CSV_MEMBER, &gzip(&csv))]);
         let sha256 = crate::wheel::sha256_file(&wheel).unwrap();
-        fs::write(
-            root.path().join(REQUIREMENTS),
-            format!("scikit-learn==1.7.2 --hash=sha256:{sha256}\n"),
-        )
-        .unwrap();
+        fs::write(root.path().join(REQUIREMENTS), format!("scikit-learn==1.7.2 --hash=sha256:{sha256}\n")).unwrap();
         let error = format!("{:#}", digits(root.path()).unwrap_err());
         assert!(error.contains("digits.csv.gz in "), "{error}");
-        assert!(
-            error.contains("is malformed: row 11 has 3 values"),
-            "{error}"
-        );
+        assert!(error.contains("is malformed: row 11 has 3 values"), "{error}");
         assert!(!root.path().join(DIGITS_DIR).exists());
     }
 
@@ -761,11 +636,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         fs::create_dir_all(root.path().join("crates/xtask")).unwrap();
         let hash = "0".repeat(64);
-        fs::write(
-            root.path().join(REQUIREMENTS),
-            format!("numpy==2.0.0 --hash=sha256:{hash}\n"),
-        )
-        .unwrap();
+        fs::write(root.path().join(REQUIREMENTS), format!("numpy==2.0.0 --hash=sha256:{hash}\n")).unwrap();
         let error = format!("{:#}", digits(root.path()).unwrap_err());
         assert!(
             error.contains("must pin exactly one wheel, scikit-learn (the digits come from it); it pins numpy==2.0.0"),

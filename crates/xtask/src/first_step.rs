@@ -24,9 +24,7 @@ pub fn time_to_marker(command: &mut Command, marker: &str, limit: Duration) -> R
         // Its own process group, so a timeout can end the launcher and every worker it started.
         .process_group(0);
     let started = Instant::now();
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("cannot run `{shown}`"))?;
+    let mut child = command.spawn().with_context(|| format!("cannot run `{shown}`"))?;
     let stdout = child.stdout.take().context("no stdout pipe")?;
     let mut stderr = child.stderr.take().context("no stderr pipe")?;
     let (tx, rx) = mpsc::channel();
@@ -51,9 +49,7 @@ pub fn time_to_marker(command: &mut Command, marker: &str, limit: Duration) -> R
             break Some(status);
         }
         if Instant::now() >= deadline {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
             let _ = child.wait();
             break None;
         }
@@ -61,21 +57,13 @@ pub fn time_to_marker(command: &mut Command, marker: &str, limit: Duration) -> R
     };
     let _ = reader.join();
     let stderr = errors.join().unwrap_or_default();
-    let last = stderr
-        .lines()
-        .last()
-        .unwrap_or("(nothing on stderr)")
-        .to_string();
+    let last = stderr.lines().last().unwrap_or("(nothing on stderr)").to_string();
     match (seen, status) {
         (Some(t), Some(s)) if s.success() => Ok(t),
-        (_, None) => bail!(
-            "`{shown}` still ran after {} s; last stderr line: {last}",
-            limit.as_secs()
-        ),
-        (None, Some(s)) => bail!(
-            "`{shown}` exited ({s}) without printing '{}'; last stderr line: {last}",
-            marker.trim()
-        ),
+        (_, None) => bail!("`{shown}` still ran after {} s; last stderr line: {last}", limit.as_secs()),
+        (None, Some(s)) => {
+            bail!("`{shown}` exited ({s}) without printing '{}'; last stderr line: {last}", marker.trim())
+        }
         (Some(_), Some(s)) => {
             bail!("`{shown}` failed ({s}) after its first step; last stderr line: {last}")
         }
@@ -100,10 +88,7 @@ mod tests {
     #[test]
     fn the_clock_stops_at_the_marker_line_not_at_exit() {
         let t = time_to_marker(
-            Command::new("sh").args([
-                "-c",
-                "echo warming up; echo 'epoch=1 step=1 train_loss=2.3'; sleep 1",
-            ]),
+            Command::new("sh").args(["-c", "echo warming up; echo 'epoch=1 step=1 train_loss=2.3'; sleep 1"]),
             MARKER,
             Duration::from_secs(30),
         )
@@ -120,10 +105,7 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(
-            e.contains("without printing 'epoch=1 step=1'") && e.contains("no data"),
-            "{e}"
-        );
+        assert!(e.contains("without printing 'epoch=1 step=1'") && e.contains("no data"), "{e}");
         let e = time_to_marker(
             Command::new("sh").args(["-c", "echo 'epoch=1 step=1 x'; echo boom >&2; exit 3"]),
             MARKER,
@@ -137,13 +119,10 @@ mod tests {
     #[test]
     fn a_run_past_the_limit_is_killed_with_its_children() {
         let started = Instant::now();
-        let e = time_to_marker(
-            Command::new("sh").args(["-c", "sleep 30 & sleep 30"]),
-            MARKER,
-            Duration::from_millis(300),
-        )
-        .unwrap_err()
-        .to_string();
+        let e =
+            time_to_marker(Command::new("sh").args(["-c", "sleep 30 & sleep 30"]), MARKER, Duration::from_millis(300))
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("still ran after"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(20));
     }

@@ -18,14 +18,7 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Each target's run time unless `--seconds` says otherwise.
 const DEFAULT_SECONDS: u64 = 60;
 /// The fuzz targets, in the order they run (the names of `fuzz/fuzz_targets/*.rs`).
-pub const TARGETS: [&str; 6] = [
-    "launcher_env",
-    "train_config",
-    "store_wire",
-    "webdataset_shard",
-    "npy",
-    "cifar",
-];
+pub const TARGETS: [&str; 6] = ["launcher_env", "train_config", "store_wire", "webdataset_shard", "npy", "cifar"];
 /// libFuzzer's limits: a single allocation above `MALLOC_LIMIT_MB` or a process above `RSS_LIMIT_MB` is a
 /// finding (inputs are a few KiB; the largest allocation the readers allow is an image decode of 256 MiB), and so
 /// is an input that takes over `TIMEOUT_S` seconds (a hang).
@@ -61,24 +54,11 @@ pub fn fuzz(root: &Path, args: &[OsString]) -> Result<u8> {
     for target in targets {
         outcomes.push(run_target(root, &target_dir, &work, target, seconds)?);
     }
-    println!(
-        "\nfuzz summary ({seconds} s per target; corpus and findings under {}):",
-        work.display()
-    );
-    println!(
-        "{:<18} {:>12} {:>10} {:>8} {:>8}",
-        "target", "runs", "execs/s", "corpus", "crashes"
-    );
+    println!("\nfuzz summary ({seconds} s per target; corpus and findings under {}):", work.display());
+    println!("{:<18} {:>12} {:>10} {:>8} {:>8}", "target", "runs", "execs/s", "corpus", "crashes");
     let mut failed = false;
     for o in &outcomes {
-        println!(
-            "{:<18} {:>12} {:>10} {:>8} {:>8}",
-            o.target,
-            o.runs,
-            o.execs_per_s,
-            o.corpus,
-            o.findings.len()
-        );
+        println!("{:<18} {:>12} {:>10} {:>8} {:>8}", o.target, o.runs, o.execs_per_s, o.corpus, o.findings.len());
         for f in &o.findings {
             println!(
                 "    finding: {} (replay: cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run {} {})",
@@ -102,20 +82,16 @@ fn parse_args(args: &[OsString]) -> Result<(u64, Vec<&'static str>)> {
     while let Some(arg) = it.next() {
         let arg = arg.to_str().context("arguments must be UTF-8")?;
         if arg == "--seconds" {
-            let n = it
-                .next()
-                .and_then(|s| s.to_str())
-                .context("--seconds needs a number")?;
-            seconds = n.parse().ok().filter(|&s| s > 0).with_context(|| {
-                format!("--seconds {n}: expected a whole number of seconds >= 1")
-            })?;
+            let n = it.next().and_then(|s| s.to_str()).context("--seconds needs a number")?;
+            seconds = n
+                .parse()
+                .ok()
+                .filter(|&s| s > 0)
+                .with_context(|| format!("--seconds {n}: expected a whole number of seconds >= 1"))?;
         } else if let Some(t) = TARGETS.iter().find(|t| **t == arg) {
             chosen.push(*t);
         } else {
-            bail!(
-                "unknown fuzz target or option `{arg}`; targets: {}",
-                TARGETS.join(", ")
-            );
+            bail!("unknown fuzz target or option `{arg}`; targets: {}", TARGETS.join(", "));
         }
     }
     if chosen.is_empty() {
@@ -134,10 +110,7 @@ fn ensure_cargo_fuzz() -> Result<()> {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-    if installed
-        .as_deref()
-        .is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_FUZZ_VERSION))
-    {
+    if installed.as_deref().is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_FUZZ_VERSION)) {
         return Ok(());
     }
     eprintln!(
@@ -145,13 +118,7 @@ fn ensure_cargo_fuzz() -> Result<()> {
         installed.as_deref().unwrap_or("none").trim()
     );
     let status = Command::new(&cargo)
-        .args([
-            "install",
-            "cargo-fuzz",
-            "--locked",
-            "--version",
-            CARGO_FUZZ_VERSION,
-        ])
+        .args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION])
         .status()
         .context("running cargo install cargo-fuzz")?;
     if !status.success() {
@@ -177,13 +144,7 @@ fn cargo_fuzz(root: &Path, target_dir: &Path) -> Command {
     c
 }
 
-fn run_target(
-    root: &Path,
-    target_dir: &Path,
-    work: &Path,
-    target: &'static str,
-    seconds: u64,
-) -> Result<Outcome> {
+fn run_target(root: &Path, target_dir: &Path, work: &Path, target: &'static str, seconds: u64) -> Result<Outcome> {
     let corpus = work.join("corpus").join(target);
     let artifacts = work.join("artifacts").join(target);
     fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
@@ -209,9 +170,7 @@ fn run_target(
         .arg("-detect_leaks=0")
         .stdout(log_file.try_clone()?)
         .stderr(log_file);
-    let status = c
-        .status()
-        .with_context(|| format!("running cargo fuzz run {target}"))?;
+    let status = c.status().with_context(|| format!("running cargo fuzz run {target}"))?;
     let text = fs::read_to_string(&log).unwrap_or_default();
     let stat = |name: &str| {
         text.lines()
@@ -220,17 +179,12 @@ fn run_target(
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0)
     };
-    let mut findings: Vec<PathBuf> = fs::read_dir(&artifacts)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
+    let mut findings: Vec<PathBuf> = fs::read_dir(&artifacts)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     findings.sort();
     let corpus_size = fs::read_dir(&corpus)?.count();
     if !status.success() {
         let tail: Vec<&str> = text.lines().rev().take(30).collect();
-        eprintln!(
-            "xtask: {target} failed ({status}); last lines of {}:",
-            log.display()
-        );
+        eprintln!("xtask: {target} failed ({status}); last lines of {}:", log.display());
         for l in tail.iter().rev() {
             eprintln!("    {l}");
         }
@@ -254,13 +208,8 @@ mod tests {
     fn every_target_listed_has_a_source_file_and_a_seed_corpus() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         for t in TARGETS {
-            assert!(
-                root.join(format!("fuzz/fuzz_targets/{t}.rs")).is_file(),
-                "{t}"
-            );
-            let seeds = fs::read_dir(root.join("fuzz/corpus").join(t))
-                .map(|d| d.count())
-                .unwrap_or(0);
+            assert!(root.join(format!("fuzz/fuzz_targets/{t}.rs")).is_file(), "{t}");
+            let seeds = fs::read_dir(root.join("fuzz/corpus").join(t)).map(|d| d.count()).unwrap_or(0);
             assert!(seeds >= 5, "{t} has {seeds} seeds");
         }
     }
@@ -270,15 +219,9 @@ mod tests {
         let a = |v: &[&str]| parse_args(&v.iter().map(OsString::from).collect::<Vec<_>>());
         assert_eq!(a(&[]).unwrap(), (DEFAULT_SECONDS, TARGETS.to_vec()));
         assert_eq!(a(&["--seconds", "5", "npy"]).unwrap(), (5, vec!["npy"]));
-        assert!(a(&["--seconds", "0"])
-            .unwrap_err()
-            .to_string()
-            .contains(">= 1"));
+        assert!(a(&["--seconds", "0"]).unwrap_err().to_string().contains(">= 1"));
         assert!(a(&["--seconds"]).is_err());
         let e = a(&["tar"]).unwrap_err().to_string();
-        assert!(
-            e.contains("unknown fuzz target or option `tar`") && e.contains("webdataset_shard"),
-            "{e}"
-        );
+        assert!(e.contains("unknown fuzz target or option `tar`") && e.contains("webdataset_shard"), "{e}");
     }
 }

@@ -20,10 +20,7 @@ pub const LIMIT_BYTES: u64 = 64 << 20;
 /// The scripts packed beside the binaries: repository path, name in the pack.
 const SCRIPTS: [(&str, &str); 3] = [
     ("crates/hytrain-cuda/gpu-check/run.sh", "run.sh"),
-    (
-        "crates/hytrain-cuda/gpu-check/torch_peer.py",
-        "torch_peer.py",
-    ),
+    ("crates/hytrain-cuda/gpu-check/torch_peer.py", "torch_peer.py"),
     // torch_peer.py trains the models of the step-time benchmark's PyTorch side, which match hytrain's.
     ("benches/ddp_step.py", "ddp_step.py"),
 ];
@@ -50,12 +47,7 @@ const SYSTEM_LIBRARIES: [&str; 8] = [
     "ld-linux-x86-64.so.2",
 ];
 /// Libraries pip's torch has in `torch/lib`, which run.sh puts on LD_LIBRARY_PATH.
-const TORCH_LIBRARIES: [&str; 4] = [
-    "libtorch.so",
-    "libtorch_cpu.so",
-    "libc10.so",
-    "libgomp.so.1",
-];
+const TORCH_LIBRARIES: [&str; 4] = ["libtorch.so", "libtorch_cpu.so", "libc10.so", "libgomp.so.1"];
 
 /// One file of the pack.
 #[derive(Debug, Clone)]
@@ -74,29 +66,13 @@ pub fn gpu_check(root: &Path) -> Result<u8> {
     println!("gpu-check: building {CHECK} and {HYTRAIN} (release)");
     let (check, hytrain) = build(root)?;
     let linkage = Linkage::read(&hytrain)?;
-    println!(
-        "gpu-check: {HYTRAIN} needs {} (runpath {})",
-        linkage.needed.join(", "),
-        linkage.runpath.join(":")
-    );
+    println!("gpu-check: {HYTRAIN} needs {} (runpath {})", linkage.needed.join(", "), linkage.runpath.join(":"));
     let mut files = vec![
-        Packed {
-            from: check,
-            to: CHECK.into(),
-            strip: false,
-        },
-        Packed {
-            from: hytrain,
-            to: HYTRAIN.into(),
-            strip: true,
-        },
+        Packed { from: check, to: CHECK.into(), strip: false },
+        Packed { from: hytrain, to: HYTRAIN.into(), strip: true },
     ];
     linkage.check_for_gpu_machine()?;
-    files.extend(SCRIPTS.iter().map(|(from, to)| Packed {
-        from: root.join(from),
-        to: to.into(),
-        strip: false,
-    }));
+    files.extend(SCRIPTS.iter().map(|(from, to)| Packed { from: root.join(from), to: to.into(), strip: false }));
     files.extend(python_files(root)?);
     let dir = root.join(PACK_DIR);
     let bytes = pack(&dir, &files, LIMIT_BYTES)?;
@@ -105,11 +81,7 @@ pub fn gpu_check(root: &Path) -> Result<u8> {
         dir.display(),
         mib(bytes),
         LIMIT_BYTES >> 20,
-        files
-            .iter()
-            .map(|f| f.to.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        files.iter().map(|f| f.to.display().to_string()).collect::<Vec<_>>().join(", ")
     );
     rehearse(root, &dir)?;
     println!(
@@ -132,27 +104,16 @@ fn python_files(root: &Path) -> Result<Vec<Packed>> {
     modules.retain(|path| path.extension().is_some_and(|e| e == "py"));
     modules.sort();
     if !modules.iter().any(|m| m.ends_with("__main__.py")) {
-        bail!(
-            "{} has no __main__.py: it is not the exporter `python -m hytrain_export` runs",
-            dir.display()
-        );
+        bail!("{} has no __main__.py: it is not the exporter `python -m hytrain_export` runs", dir.display());
     }
     let mut files: Vec<Packed> = modules
         .into_iter()
         .map(|from| {
             let to = Path::new(EXPORTER).join(from.file_name().expect("a listed file has a name"));
-            Packed {
-                from,
-                to,
-                strip: false,
-            }
+            Packed { from, to, strip: false }
         })
         .collect();
-    files.push(Packed {
-        from: root.join(EXAMPLE),
-        to: EXAMPLE.into(),
-        strip: false,
-    });
+    files.push(Packed { from: root.join(EXAMPLE), to: EXAMPLE.into(), strip: false });
     Ok(files)
 }
 
@@ -202,11 +163,7 @@ impl Linkage {
             .output()
             .context("cannot run readelf: install binutils (apt-get install binutils)")?;
         if !output.status.success() {
-            bail!(
-                "readelf -d {} failed: {}",
-                file.display(),
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
+            bail!("readelf -d {} failed: {}", file.display(), String::from_utf8_lossy(&output.stderr).trim());
         }
         Ok(Linkage::parse(&String::from_utf8_lossy(&output.stdout)))
     }
@@ -224,9 +181,7 @@ impl Linkage {
                 linkage.needed.extend(bracketed(line));
             } else if line.contains("(RUNPATH)") || line.contains("(RPATH)") {
                 if let Some(paths) = bracketed(line) {
-                    linkage
-                        .runpath
-                        .extend(paths.split(':').filter(|p| !p.is_empty()).map(String::from));
+                    linkage.runpath.extend(paths.split(':').filter(|p| !p.is_empty()).map(String::from));
                 }
             }
         }
@@ -258,8 +213,7 @@ impl Linkage {
 /// and then nothing is left behind.
 pub fn pack(dir: &Path, files: &[Packed], limit: u64) -> Result<u64> {
     if dir.exists() {
-        fs::remove_dir_all(dir)
-            .with_context(|| format!("cannot remove the old {}", dir.display()))?;
+        fs::remove_dir_all(dir).with_context(|| format!("cannot remove the old {}", dir.display()))?;
     }
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let result = (|| {
@@ -267,38 +221,21 @@ pub fn pack(dir: &Path, files: &[Packed], limit: u64) -> Result<u64> {
         for file in files {
             let target = dir.join(&file.to);
             if let Some(parent) = target.parent() {
-                fs::create_dir_all(parent)
-                    .with_context(|| format!("cannot create {}", parent.display()))?;
+                fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
             }
             if file.strip {
                 // Line tables (the release profile keeps them for backtraces) are most of the binary's size.
-                crate::run(
-                    Command::new("strip")
-                        .arg("--strip-all")
-                        .arg("-o")
-                        .arg(&target)
-                        .arg(&file.from),
-                )
-                .with_context(|| {
-                    format!(
-                        "cannot strip {} (is binutils installed?)",
-                        file.from.display()
-                    )
-                })?;
+                crate::run(Command::new("strip").arg("--strip-all").arg("-o").arg(&target).arg(&file.from))
+                    .with_context(|| format!("cannot strip {} (is binutils installed?)", file.from.display()))?;
             } else {
-                fs::copy(&file.from, &target).with_context(|| {
-                    format!("cannot copy {} into {}", file.from.display(), dir.display())
-                })?;
+                fs::copy(&file.from, &target)
+                    .with_context(|| format!("cannot copy {} into {}", file.from.display(), dir.display()))?;
             }
             fs::set_permissions(&target, fs::Permissions::from_mode(0o755))?;
             total += fs::metadata(&target)?.len();
         }
         if total > limit {
-            bail!(
-                "the GPU check packs {:.1} MiB, more than the {:.0} MiB a GPU machine takes",
-                mib(total),
-                mib(limit)
-            );
+            bail!("the GPU check packs {:.1} MiB, more than the {:.0} MiB a GPU machine takes", mib(total), mib(limit));
         }
         Ok(total)
     })();
@@ -335,27 +272,21 @@ fn rehearse(root: &Path, dir: &Path) -> Result<()> {
         .env("OUT", &out)
         .env("MASTER_PORT", port.to_string())
         .env_remove("LD_LIBRARY_PATH");
-    crate::run(&mut command)
-        .context("the CPU rehearsal of the GPU check failed (its output is above)")?;
+    crate::run(&mut command).context("the CPU rehearsal of the GPU check failed (its output is above)")?;
     for model in ["lenet", "resnet18"] {
         let path = out.join(format!("train_{model}.json"));
         let report: serde_json::Value = serde_json::from_str(
-            &fs::read_to_string(&path)
-                .with_context(|| format!("the rehearsal wrote no {}", path.display()))?,
+            &fs::read_to_string(&path).with_context(|| format!("the rehearsal wrote no {}", path.display()))?,
         )
         .with_context(|| format!("{} is not JSON", path.display()))?;
         let rate = report["hytrain"]["samples_per_sec"].as_f64().unwrap_or(0.0);
         if report["passed"] != true || rate <= 0.0 {
-            bail!(
-                "the rehearsal's {} reports no hytrain training: {report}",
-                path.display()
-            );
+            bail!("the rehearsal's {} reports no hytrain training: {report}", path.display());
         }
     }
     let exported = out.join("exported.json");
     let report: serde_json::Value = serde_json::from_str(
-        &fs::read_to_string(&exported)
-            .with_context(|| format!("the rehearsal wrote no {}", exported.display()))?,
+        &fs::read_to_string(&exported).with_context(|| format!("the rehearsal wrote no {}", exported.display()))?,
     )
     .with_context(|| format!("{} is not JSON", exported.display()))?;
     if report["passed"] != true {
@@ -366,8 +297,7 @@ fn rehearse(root: &Path, dir: &Path) -> Result<()> {
         );
     }
     let probe = out.join("cuda_probe.log");
-    let log = fs::read_to_string(&probe)
-        .with_context(|| format!("the rehearsal wrote no {}", probe.display()))?;
+    let log = fs::read_to_string(&probe).with_context(|| format!("the rehearsal wrote no {}", probe.display()))?;
     if !log.contains("libtorch CUDA backend loaded from") {
         bail!(
             "the packed {HYTRAIN} did not load the venv torch's libtorch_cuda.so with --device cuda; its log ({}):\n{log}",
@@ -375,8 +305,7 @@ fn rehearse(root: &Path, dir: &Path) -> Result<()> {
         );
     }
     let refusal = out.join("export_nogpu.log");
-    let log = fs::read_to_string(&refusal)
-        .with_context(|| format!("the rehearsal wrote no {}", refusal.display()))?;
+    let log = fs::read_to_string(&refusal).with_context(|| format!("the rehearsal wrote no {}", refusal.display()))?;
     if !log.contains(NO_GPU_REFUSAL) {
         bail!(
             "the packed exporter asked for cuda without a GPU did not refuse with \"{NO_GPU_REFUSAL}\"; its log \
@@ -394,9 +323,7 @@ fn rehearse(root: &Path, dir: &Path) -> Result<()> {
         "gpu-check: rehearsal passed: the exported ResNet-18 and both built-in models trained on the CPU (the \
          exported one {:.1e} off PyTorch float32, {:.1e} allowed), --device cuda loaded libtorch_cuda.so, the \
          export for cuda without a GPU refused\n{export_line}",
-        weights["hytrain_off_pytorch_float32"]
-            .as_f64()
-            .unwrap_or(f64::NAN),
+        weights["hytrain_off_pytorch_float32"].as_f64().unwrap_or(f64::NAN),
         weights["allowed"].as_f64().unwrap_or(f64::NAN),
     );
     Ok(())
@@ -411,14 +338,7 @@ mod tests {
     }
 
     fn scripts() -> Vec<Packed> {
-        SCRIPTS
-            .iter()
-            .map(|(from, to)| Packed {
-                from: root().join(from),
-                to: to.into(),
-                strip: false,
-            })
-            .collect()
+        SCRIPTS.iter().map(|(from, to)| Packed { from: root().join(from), to: to.into(), strip: false }).collect()
     }
 
     #[test]
@@ -431,33 +351,18 @@ mod tests {
         fs::write(pack_dir.join("stale.txt"), b"old").unwrap();
         let mut files = scripts();
         files.extend(python_files(&root()).unwrap());
-        files.push(Packed {
-            from: binary,
-            to: CHECK.into(),
-            strip: false,
-        });
+        files.push(Packed { from: binary, to: CHECK.into(), strip: false });
         let bytes = pack(&pack_dir, &files, LIMIT_BYTES).unwrap();
-        let mut names: Vec<String> = fs::read_dir(&pack_dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut names: Vec<String> =
+            fs::read_dir(&pack_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
-        assert_eq!(
-            names,
-            ["ddp_step.py", CHECK, "python", "run.sh", "torch_peer.py"]
-        );
+        assert_eq!(names, ["ddp_step.py", CHECK, "python", "run.sh", "torch_peer.py"]);
         assert!(pack_dir.join(EXPORTER).join("__main__.py").is_file());
         assert!(pack_dir.join(EXAMPLE).is_file());
-        let sizes: u64 = files
-            .iter()
-            .map(|f| fs::metadata(pack_dir.join(&f.to)).unwrap().len())
-            .sum();
+        let sizes: u64 = files.iter().map(|f| fs::metadata(pack_dir.join(&f.to)).unwrap().len()).sum();
         assert_eq!(bytes, sizes);
         for file in &files {
-            let mode = fs::metadata(pack_dir.join(&file.to))
-                .unwrap()
-                .permissions()
-                .mode();
+            let mode = fs::metadata(pack_dir.join(&file.to)).unwrap().permissions().mode();
             assert_eq!(mode & 0o111, 0o111, "{} is executable", file.to.display());
         }
     }
@@ -465,11 +370,7 @@ mod tests {
     /// `python -m hytrain_export` on the GPU machine needs every module of the package, however many it grows to.
     #[test]
     fn every_module_of_the_exporter_and_the_example_are_packed_under_their_repository_paths() {
-        let packed: Vec<PathBuf> = python_files(&root())
-            .unwrap()
-            .into_iter()
-            .map(|f| f.to)
-            .collect();
+        let packed: Vec<PathBuf> = python_files(&root()).unwrap().into_iter().map(|f| f.to).collect();
         let mut modules: Vec<PathBuf> = fs::read_dir(root().join(EXPORTER))
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -480,10 +381,7 @@ mod tests {
         modules.push(EXAMPLE.into());
         assert_eq!(packed, modules);
         for module in ["__init__.py", "__main__.py", "_export.py"] {
-            assert!(
-                packed.contains(&Path::new(EXPORTER).join(module)),
-                "{module}"
-            );
+            assert!(packed.contains(&Path::new(EXPORTER).join(module)), "{module}");
         }
     }
 
@@ -509,23 +407,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let own = std::env::current_exe().unwrap();
         let pack_dir = dir.path().join("pack");
-        let bytes = pack(
-            &pack_dir,
-            &[Packed {
-                from: own.clone(),
-                to: "x".into(),
-                strip: true,
-            }],
-            LIMIT_BYTES,
-        )
-        .unwrap();
+        let bytes = pack(&pack_dir, &[Packed { from: own.clone(), to: "x".into(), strip: true }], LIMIT_BYTES).unwrap();
         assert!(bytes < fs::metadata(&own).unwrap().len());
         let packed = fs::read(pack_dir.join("x")).unwrap();
         assert_eq!(&packed[..4], b"\x7fELF");
-        assert!(!Linkage::read(&pack_dir.join("x"))
-            .unwrap()
-            .needed
-            .is_empty());
+        assert!(!Linkage::read(&pack_dir.join("x")).unwrap().needed.is_empty());
     }
 
     #[test]
@@ -534,16 +420,9 @@ mod tests {
         let binary = dir.path().join(CHECK);
         fs::write(&binary, vec![0u8; 2048]).unwrap();
         let pack_dir = dir.path().join("pack");
-        let files = [Packed {
-            from: binary,
-            to: CHECK.into(),
-            strip: false,
-        }];
+        let files = [Packed { from: binary, to: CHECK.into(), strip: false }];
         let error = format!("{:#}", pack(&pack_dir, &files, 1024).unwrap_err());
-        assert!(
-            error.contains("more than the 0 MiB a GPU machine takes"),
-            "{error}"
-        );
+        assert!(error.contains("more than the 0 MiB a GPU machine takes"), "{error}");
         assert!(!pack_dir.exists());
     }
 
@@ -551,16 +430,9 @@ mod tests {
     fn a_missing_script_is_named_and_nothing_is_left_behind() {
         let dir = tempfile::tempdir().unwrap();
         let pack_dir = dir.path().join("pack");
-        let files = [Packed {
-            from: dir.path().join("run.sh"),
-            to: "run.sh".into(),
-            strip: false,
-        }];
+        let files = [Packed { from: dir.path().join("run.sh"), to: "run.sh".into(), strip: false }];
         let error = format!("{:#}", pack(&pack_dir, &files, LIMIT_BYTES).unwrap_err());
-        assert!(
-            error.contains("cannot copy") && error.contains("run.sh"),
-            "{error}"
-        );
+        assert!(error.contains("cannot copy") && error.contains("run.sh"), "{error}");
         assert!(!pack_dir.exists());
     }
 
@@ -581,31 +453,17 @@ Dynamic section at offset 0x1 contains 3 entries:
     #[test]
     fn a_library_the_gpu_machine_lacks_is_refused_by_name() {
         let linkage = Linkage {
-            needed: vec![
-                "libc10.so".into(),
-                "libopenblas.so.0".into(),
-                "libc.so.6".into(),
-            ],
+            needed: vec!["libc10.so".into(), "libopenblas.so.0".into(), "libc.so.6".into()],
             runpath: vec![],
         };
         let error = linkage.check_for_gpu_machine().unwrap_err().to_string();
-        assert!(
-            error.starts_with("hytrain needs libopenblas.so.0, which neither"),
-            "{error}"
-        );
+        assert!(error.starts_with("hytrain needs libopenblas.so.0, which neither"), "{error}");
     }
 
     #[test]
     fn a_binary_needing_only_glibc_and_torch_lib_passes() {
         let linkage = Linkage {
-            needed: [
-                "libstdc++.so.6",
-                "libtorch_cpu.so",
-                "libc10.so",
-                "libc.so.6",
-            ]
-            .map(String::from)
-            .to_vec(),
+            needed: ["libstdc++.so.6", "libtorch_cpu.so", "libc10.so", "libc.so.6"].map(String::from).to_vec(),
             runpath: vec!["/work/main/.libtorch/lib".into()],
         };
         linkage.check_for_gpu_machine().unwrap();
@@ -645,10 +503,8 @@ Dynamic section at offset 0x1 contains 3 entries:
     /// then count as whichever is longer. Blocks that run only in the rehearsal count nothing.
     fn gpu_budget(script: &str) -> u64 {
         // `20` or `$((20 * S))` (S is 1 on the GPU machine); a variable counts where the function is called.
-        let number = |word: Option<&str>| {
-            word.and_then(|w| w.trim_start_matches("$((").parse::<u64>().ok())
-                .unwrap_or(0)
-        };
+        let number =
+            |word: Option<&str>| word.and_then(|w| w.trim_start_matches("$((").parse::<u64>().ok()).unwrap_or(0);
         let (mut total, mut background, mut beside): (u64, u64, Option<u64>) = (0, 0, None);
         let mut rehearsal_only = false;
         for raw in script.lines() {
@@ -668,17 +524,11 @@ Dynamic section at offset 0x1 contains 3 entries:
             let words: Vec<&str> = line.split_whitespace().collect();
             match words.first().copied() {
                 // train MODEL BATCH_WARMUP_STEPS HYTRAIN_TIMEOUT PEER_TIMEOUT
-                Some("train") => {
-                    seconds += number(words.get(3).copied()) + number(words.get(4).copied())
-                }
+                Some("train") => seconds += number(words.get(3).copied()) + number(words.get(4).copied()),
                 // overlap_check RUN_TIMEOUT COMPARE_TIMEOUT: two runs, then the comparison
-                Some("overlap_check") => {
-                    seconds += 2 * number(words.get(1).copied()) + number(words.get(2).copied())
-                }
+                Some("overlap_check") => seconds += 2 * number(words.get(1).copied()) + number(words.get(2).copied()),
                 // exported_check HYTRAIN_TIMEOUT PEER_TIMEOUT
-                Some("exported_check") => {
-                    seconds += number(words.get(1).copied()) + number(words.get(2).copied())
-                }
+                Some("exported_check") => seconds += number(words.get(1).copied()) + number(words.get(2).copied()),
                 Some("export_model") if line.ends_with('&') => {
                     background = number(words.get(1).copied());
                     beside = Some(0);

@@ -89,10 +89,7 @@ fn main() -> ExitCode {
             Ok(0)
         }
         Some("setup" | "demo" | "demo-data" | "gpu-check") => {
-            eprintln!(
-                "xtask: {} takes no arguments\n\n{USAGE}",
-                task.unwrap().to_string_lossy()
-            );
+            eprintln!("xtask: {} takes no arguments\n\n{USAGE}", task.unwrap().to_string_lossy());
             Ok(2)
         }
         Some(other) => {
@@ -153,9 +150,7 @@ fn test(args: &[OsString]) -> Result<u8> {
         .env("HYTRAIN_DEMO_DATA", &digits);
     if setup::is_root() {
         // Open MPI refuses to start as root without both of these; containers and CI machines often run as root.
-        command
-            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        command.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     }
     println!("test: {}", show(&command));
     let code = status_code(&mut command)?;
@@ -182,10 +177,7 @@ fn demo_steps(hytrain: &Path, digits: &Path, run: &Path) -> Vec<Step> {
     let under = |name: &str| run.join(name).into_os_string();
     let (model, checkpoints, output) = (under("model"), under("checkpoints"), under("output"));
     vec![
-        Step {
-            title: "how hytrain understands this job",
-            args: args(&["explain".as_ref()]),
-        },
+        Step { title: "how hytrain understands this job", args: args(&["explain".as_ref()]) },
         Step {
             title: "2 local workers train an MLP on the handwritten digits (1438 train, 359 test)",
             args: args(&[
@@ -223,8 +215,7 @@ fn demo_steps(hytrain: &Path, digits: &Path, run: &Path) -> Vec<Step> {
 
 /// The validation accuracy of the last evaluation in a run's `metrics.jsonl`.
 fn last_accuracy(metrics: &Path) -> Result<f64> {
-    let text = fs::read_to_string(metrics)
-        .with_context(|| format!("cannot read {}", metrics.display()))?;
+    let text = fs::read_to_string(metrics).with_context(|| format!("cannot read {}", metrics.display()))?;
     text.lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter_map(|record| record["val_accuracy"].as_f64())
@@ -243,24 +234,11 @@ fn demo() -> Result<u8> {
     let steps = demo_steps(&hytrain, &digits, &run);
     for (i, step) in steps.iter().enumerate() {
         let mut command = Command::new(&hytrain);
-        command
-            .args(&step.args)
-            .current_dir(&root)
-            .env("OMP_NUM_THREADS", "1");
-        println!(
-            "\ndemo: [{}/{}] {}\ndemo: $ {}",
-            i + 1,
-            steps.len(),
-            step.title,
-            show(&command)
-        );
+        command.args(&step.args).current_dir(&root).env("OMP_NUM_THREADS", "1");
+        println!("\ndemo: [{}/{}] {}\ndemo: $ {}", i + 1, steps.len(), step.title, show(&command));
         let code = status_code(&mut command)?;
         if code != 0 {
-            eprintln!(
-                "demo: step {} ({}) failed with exit code {code}",
-                i + 1,
-                step.title
-            );
+            eprintln!("demo: step {} ({}) failed with exit code {code}", i + 1, step.title);
             return Ok(code);
         }
     }
@@ -289,10 +267,7 @@ fn build_binary(root: &Path, name: &str) -> Result<PathBuf> {
 /// `cargo build ARGS`; returns (target name, executable) of every executable it built.
 fn build(root: &Path, args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
     let mut command = cargo(root);
-    command
-        .arg("build")
-        .args(args)
-        .arg("--message-format=json-render-diagnostics");
+    command.arg("build").args(args).arg("--message-format=json-render-diagnostics");
     command.stderr(std::process::Stdio::inherit());
     let output = command.output().context("cannot run cargo")?;
     if !output.status.success() {
@@ -304,10 +279,7 @@ fn build(root: &Path, args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
         .filter(|m| m["reason"] == "compiler-artifact")
         .filter_map(|m| {
             let exe = m["executable"].as_str()?;
-            Some((
-                m["target"]["name"].as_str()?.to_string(),
-                PathBuf::from(exe),
-            ))
+            Some((m["target"]["name"].as_str()?.to_string(), PathBuf::from(exe)))
         })
         .collect())
 }
@@ -322,25 +294,15 @@ fn bench_parts(args: &[OsString]) -> Result<(Vec<&'static str>, Vec<OsString>)> 
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--only" {
-            let list = it
-                .next()
-                .and_then(|l| l.to_str())
-                .context("--only needs a list such as allreduce,launch")?;
-            parts = list
-                .split(',')
-                .map(|p| {
-                    BENCH_PARTS
-                        .iter()
-                        .find(|known| **known == p.trim())
-                        .copied()
-                        .with_context(|| {
-                            format!(
-                                "unknown bench part '{p}'; the parts are {}",
-                                BENCH_PARTS.join(", ")
-                            )
+            let list = it.next().and_then(|l| l.to_str()).context("--only needs a list such as allreduce,launch")?;
+            parts =
+                list.split(',')
+                    .map(|p| {
+                        BENCH_PARTS.iter().find(|known| **known == p.trim()).copied().with_context(|| {
+                            format!("unknown bench part '{p}'; the parts are {}", BENCH_PARTS.join(", "))
                         })
-                })
-                .collect::<Result<_>>()?;
+                    })
+                    .collect::<Result<_>>()?;
         } else {
             rest.push(a.clone());
         }
@@ -435,10 +397,7 @@ fn s3_peers(python: &Path) -> Result<()> {
             .is_ok_and(|s| s.success())
     };
     if !has_peers() {
-        println!(
-            "bench: installing boto3 and s3torchconnector into {}",
-            venv::BENCH_VENV
-        );
+        println!("bench: installing boto3 and s3torchconnector into {}", venv::BENCH_VENV);
         // torch stays the pinned one: s3torchconnector would otherwise pull the newest.
         run(Command::new(python).args([
             "-m",
@@ -474,8 +433,7 @@ fn s3_read(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
         .arg(&json);
     println!("bench: {}", show(&command));
     run(&mut command)?;
-    let text =
-        fs::read_to_string(&json).with_context(|| format!("cannot read {}", json.display()))?;
+    let text = fs::read_to_string(&json).with_context(|| format!("cannot read {}", json.display()))?;
     let _ = fs::remove_file(&json);
     let v: serde_json::Value = serde_json::from_str(&text).context("s3_read.py wrote bad JSON")?;
     let mb = |reader: &str| {
@@ -489,11 +447,7 @@ fn s3_read(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
     for (peer, target) in [("s3torchconnector", ">=1"), ("boto3, 8 threads", "")] {
         // Without the high-level package the script measures the connector's client directly.
         let theirs = mb(peer)
-            .or_else(|| {
-                (peer == "s3torchconnector")
-                    .then(|| mb("s3torchconnectorclient"))
-                    .flatten()
-            })
+            .or_else(|| (peer == "s3torchconnector").then(|| mb("s3torchconnectorclient")).flatten())
             .with_context(|| format!("s3_read.py measured no '{peer}'"))?;
         summarize(
             summary_file,
@@ -512,10 +466,7 @@ fn s3_read(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
 fn checkpoint(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
     s3_peers(python)?;
     let mut examples = Vec::new();
-    for (package, example) in [
-        ("hytrain-data", "s3_server"),
-        ("hytrain-train", "checkpoint_bench"),
-    ] {
+    for (package, example) in [("hytrain-data", "s3_server"), ("hytrain-train", "checkpoint_bench")] {
         let built = build(root, &["--release", "-p", package, "--example", example])?;
         let exe = built
             .into_iter()
@@ -525,10 +476,7 @@ fn checkpoint(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
     }
     // Both land in the same profile's examples folder, where the script looks for them.
     let folder = examples[0].parent().context("an example has no folder")?;
-    let json = env::temp_dir().join(format!(
-        "hytrain-checkpoint-bench-{}.json",
-        std::process::id()
-    ));
+    let json = env::temp_dir().join(format!("hytrain-checkpoint-bench-{}.json", std::process::id()));
     let runs = env::var("HYTRAIN_CHECKPOINT_BENCH_RUNS").unwrap_or_else(|_| "3".into());
     let mut command = Command::new(python);
     command
@@ -539,11 +487,9 @@ fn checkpoint(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
         .arg(&json);
     println!("bench: {}", show(&command));
     run(&mut command)?;
-    let text =
-        fs::read_to_string(&json).with_context(|| format!("cannot read {}", json.display()))?;
+    let text = fs::read_to_string(&json).with_context(|| format!("cannot read {}", json.display()))?;
     let _ = fs::remove_file(&json);
-    let v: serde_json::Value =
-        serde_json::from_str(&text).context("checkpoint.py wrote bad JSON")?;
+    let v: serde_json::Value = serde_json::from_str(&text).context("checkpoint.py wrote bad JSON")?;
     for row in checkpoint_rows(&v)? {
         summarize(summary_file, row)?;
     }
@@ -553,23 +499,15 @@ fn checkpoint(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
 /// The summary rows of checkpoint.py's JSON: save and load MB/s against each peer (issue 16: at least 2x
 /// s3torchconnector's `S3Checkpoint`), and the stall of a background save over a synchronous one (at most 0.1x).
 fn checkpoint_rows(v: &serde_json::Value) -> Result<Vec<serde_json::Value>> {
-    let mib = v["bytes"]
-        .as_f64()
-        .context("checkpoint.py wrote no 'bytes'")?
-        / (1u64 << 20) as f64;
+    let mib = v["bytes"].as_f64().context("checkpoint.py wrote no 'bytes'")? / (1u64 << 20) as f64;
     let figure = |side: &str, key: &str| {
-        v["results"][side][key]
-            .as_f64()
-            .with_context(|| format!("checkpoint.py measured no '{key}' for '{side}'"))
+        v["results"][side][key].as_f64().with_context(|| format!("checkpoint.py measured no '{key}' for '{side}'"))
     };
     let mut rows = Vec::new();
     for (op, way) in [("save", "to"), ("load", "from")] {
         let key = format!("{op}_mb_per_s");
         let ours = figure("hytrain", &key)?;
-        for (peer, target) in [
-            ("s3torchconnector S3Checkpoint", ">=2"),
-            ("DCP + S3StorageWriter/Reader", ""),
-        ] {
+        for (peer, target) in [("s3torchconnector S3Checkpoint", ">=2"), ("DCP + S3StorageWriter/Reader", "")] {
             rows.push(serde_json::json!({
                 "comparison": format!("checkpoint {op} {way} S3, {mib:.0} MiB state dict (local s3s-fs)"),
                 "unit": "MB/s", "higher_is_better": true, "hytrain": ours, "peer_name": peer,
@@ -605,11 +543,7 @@ fn launch_to_first_step(root: &Path, python: &Path, summary_file: &Path) -> Resu
         .context("cargo built no hytrain executable")?;
     let torchrun = python.with_file_name("torchrun");
     let script = root.join("benches/first_step.py");
-    let rounds: usize = env::var("HYTRAIN_FIRST_STEP_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(5)
-        .max(1);
+    let rounds: usize = env::var("HYTRAIN_FIRST_STEP_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(5).max(1);
     let limit = std::time::Duration::from_secs(300);
     let scratch = env::temp_dir().join(format!("hytrain-first-step-{}", std::process::id()));
     let ours = |round: usize| {
@@ -620,22 +554,8 @@ fn launch_to_first_step(root: &Path, python: &Path, summary_file: &Path) -> Resu
             .arg(&hytrain)
             .args(["train", "--model", "mlp", "--data"])
             .arg(&digits)
-            .args([
-                "--max-steps",
-                "1",
-                "--log-interval",
-                "1",
-                "--batch-size",
-                "32",
-            ])
-            .args([
-                "--lr",
-                "0.01",
-                "--momentum",
-                "0.5",
-                "--no-resume",
-                "--model-dir",
-            ])
+            .args(["--max-steps", "1", "--log-interval", "1", "--batch-size", "32"])
+            .args(["--lr", "0.01", "--momentum", "0.5", "--no-resume", "--model-dir"])
             .arg(under("model"))
             .arg("--checkpoint-dir")
             .arg(under("checkpoints"))
@@ -675,16 +595,10 @@ fn launch_to_first_step(root: &Path, python: &Path, summary_file: &Path) -> Resu
         }
         let _ = fs::remove_dir_all(&scratch);
         if round == 0 {
-            println!(
-                "bench:   warm-up: hytrain {:.2} s, torchrun {:.2} s",
-                pair[0], pair[1]
-            );
+            println!("bench:   warm-up: hytrain {:.2} s, torchrun {:.2} s", pair[0], pair[1]);
             continue;
         }
-        println!(
-            "bench:   round {round}: hytrain {:.2} s, torchrun {:.2} s",
-            pair[0], pair[1]
-        );
+        println!("bench:   round {round}: hytrain {:.2} s, torchrun {:.2} s", pair[0], pair[1]);
         a.push(pair[0]);
         b.push(pair[1]);
     }
@@ -726,24 +640,15 @@ fn scale_sim_args(args: &[OsString]) -> Result<(Option<PathBuf>, Vec<String>)> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--hytrain" {
-            let path = PathBuf::from(
-                it.next()
-                    .context("--hytrain needs the path of a hytrain binary")?,
-            );
+            let path = PathBuf::from(it.next().context("--hytrain needs the path of a hytrain binary")?);
             if !path.is_file() {
                 bail!("--hytrain {}: no such file", path.display());
             }
             hytrain = Some(path);
         } else if a == "--" {
-            return Ok((
-                hytrain,
-                it.map(|a| a.to_string_lossy().into_owned()).collect(),
-            ));
+            return Ok((hytrain, it.map(|a| a.to_string_lossy().into_owned()).collect()));
         } else {
-            bail!(
-                "scale-sim takes [--hytrain PATH] [-- TRAIN ARGS], not `{}`",
-                a.to_string_lossy()
-            );
+            bail!("scale-sim takes [--hytrain PATH] [-- TRAIN ARGS], not `{}`", a.to_string_lossy());
         }
     }
     Ok((hytrain, Vec::new()))
@@ -753,10 +658,7 @@ fn scale_sim_args(args: &[OsString]) -> Result<(Option<PathBuf>, Vec<String>)> {
 fn gloo_peer(root: &Path) -> Result<PathBuf> {
     let peer = root.join("benches/gloo_allreduce.py");
     if !peer.is_file() {
-        bail!(
-            "{} is missing; it is the gloo peer the allreduce bench compares against",
-            peer.display()
-        );
+        bail!("{} is missing; it is the gloo peer the allreduce bench compares against", peer.display());
     }
     Ok(peer)
 }
@@ -772,11 +674,7 @@ pub(crate) fn run(command: &mut Command) -> Result<()> {
 /// Runs a command and returns its exit code (a death by signal counts as 128 + the signal, as shells report it).
 fn status_code(command: &mut Command) -> Result<u8> {
     let status = command.status().with_context(|| {
-        format!(
-            "cannot run `{}`: is {} installed?",
-            show(command),
-            command.get_program().to_string_lossy()
-        )
+        format!("cannot run `{}`: is {} installed?", show(command), command.get_program().to_string_lossy())
     })?;
     if let Some(code) = status.code() {
         return Ok(u8::try_from(code).unwrap_or(1));
@@ -791,8 +689,7 @@ pub(crate) fn on_path(program: impl AsRef<OsStr>) -> bool {
     if program.components().count() > 1 {
         return program.is_file();
     }
-    env::var_os("PATH")
-        .is_some_and(|path| env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+    env::var_os("PATH").is_some_and(|path| env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 fn show(command: &Command) -> String {
@@ -814,21 +711,9 @@ mod tests {
 
     #[test]
     fn demo_runs_explain_then_trains_two_local_workers_on_the_digits() {
-        let steps = demo_steps(
-            Path::new("/t/hytrain"),
-            Path::new("/d/digits"),
-            Path::new("/r"),
-        );
-        let lines: Vec<String> = steps
-            .iter()
-            .map(|s| {
-                s.args
-                    .iter()
-                    .map(|a| a.to_string_lossy())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .collect();
+        let steps = demo_steps(Path::new("/t/hytrain"), Path::new("/d/digits"), Path::new("/r"));
+        let lines: Vec<String> =
+            steps.iter().map(|s| s.args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")).collect();
         assert_eq!(
             lines,
             [
@@ -851,83 +736,48 @@ mod tests {
         .unwrap();
         assert_eq!(last_accuracy(&metrics).unwrap(), 0.97);
         fs::write(&metrics, "{\"step\":3,\"train_loss\":0.1}\n").unwrap();
-        assert!(last_accuracy(&metrics)
-            .unwrap_err()
-            .to_string()
-            .contains("no val_accuracy"));
+        assert!(last_accuracy(&metrics).unwrap_err().to_string().contains("no val_accuracy"));
         assert!(last_accuracy(&dir.path().join("missing")).is_err());
     }
 
     #[test]
     fn a_failing_command_reports_its_exit_code() {
-        assert_eq!(
-            status_code(Command::new("sh").args(["-c", "exit 3"])).unwrap(),
-            3
-        );
-        let error = format!(
-            "{:#}",
-            run(Command::new("sh").args(["-c", "exit 3"])).unwrap_err()
-        );
-        assert!(
-            error.contains("`sh -c exit 3` exited with code 3"),
-            "{error}"
-        );
+        assert_eq!(status_code(Command::new("sh").args(["-c", "exit 3"])).unwrap(), 3);
+        let error = format!("{:#}", run(Command::new("sh").args(["-c", "exit 3"])).unwrap_err());
+        assert!(error.contains("`sh -c exit 3` exited with code 3"), "{error}");
     }
 
     #[test]
     fn a_missing_program_is_named_in_the_error() {
-        let error = format!(
-            "{:#}",
-            run(&mut Command::new("hytrain-no-such-program")).unwrap_err()
-        );
-        assert!(
-            error.contains("is hytrain-no-such-program installed?"),
-            "{error}"
-        );
+        let error = format!("{:#}", run(&mut Command::new("hytrain-no-such-program")).unwrap_err());
+        assert!(error.contains("is hytrain-no-such-program installed?"), "{error}");
     }
 
     #[test]
     fn bench_without_its_gloo_peer_script_says_which_file_is_missing() {
         let dir = tempfile::tempdir().unwrap();
         let error = format!("{:#}", gloo_peer(dir.path()).unwrap_err());
-        assert!(
-            error.contains("benches/gloo_allreduce.py is missing"),
-            "{error}"
-        );
+        assert!(error.contains("benches/gloo_allreduce.py is missing"), "{error}");
         std::fs::create_dir(dir.path().join("benches")).unwrap();
         std::fs::write(dir.path().join("benches/gloo_allreduce.py"), "").unwrap();
-        assert_eq!(
-            gloo_peer(dir.path()).unwrap(),
-            dir.path().join("benches/gloo_allreduce.py")
-        );
+        assert_eq!(gloo_peer(dir.path()).unwrap(), dir.path().join("benches/gloo_allreduce.py"));
     }
 
     #[test]
     fn bench_parts_are_picked_by_name_and_the_rest_goes_to_criterion() {
-        let args: Vec<OsString> = [
-            "--only",
-            "launch,allreduce,checkpoint",
-            "--warm-up-time",
-            "1",
-        ]
-        .iter()
-        .map(OsString::from)
-        .collect();
+        let args: Vec<OsString> =
+            ["--only", "launch,allreduce,checkpoint", "--warm-up-time", "1"].iter().map(OsString::from).collect();
         let (parts, rest) = bench_parts(&args).unwrap();
         assert_eq!(parts, ["launch", "allreduce", "checkpoint"]);
         assert_eq!(rest, ["--warm-up-time", "1"]);
         let (all, _) = bench_parts(&[]).unwrap();
         assert_eq!(all, BENCH_PARTS);
         let e = bench_parts(&[OsString::from("--only"), OsString::from("gpu")]).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "unknown bench part 'gpu'; the parts are allreduce, step, s3, launch, checkpoint"
-        );
+        assert_eq!(e.to_string(), "unknown bench part 'gpu'; the parts are allreduce, step, s3, launch, checkpoint");
     }
 
     #[test]
-    fn checkpoint_rows_compare_save_and_load_with_each_peer_and_the_stall_with_a_synchronous_save()
-    {
+    fn checkpoint_rows_compare_save_and_load_with_each_peer_and_the_stall_with_a_synchronous_save() {
         let v = serde_json::json!({
             "bytes": 536870912u64,
             "results": {
@@ -947,17 +797,8 @@ mod tests {
             summarize(&file, row.clone()).unwrap();
         }
         let read = summary::read(&file).unwrap();
-        let got: Vec<(String, &str, f64, String)> = read
-            .iter()
-            .map(|r| {
-                (
-                    r.peer_name.clone(),
-                    r.unit.as_str(),
-                    r.ratio(),
-                    r.target.clone(),
-                )
-            })
-            .collect();
+        let got: Vec<(String, &str, f64, String)> =
+            read.iter().map(|r| (r.peer_name.clone(), r.unit.as_str(), r.ratio(), r.target.clone())).collect();
         let want = [
             ("s3torchconnector S3Checkpoint", "MB/s", 4.0, ">=2"),
             ("DCP + S3StorageWriter/Reader", "MB/s", 2.0, ""),
@@ -971,36 +812,24 @@ mod tests {
             assert_eq!((g.0.as_str(), g.1, g.3.as_str()), (w.0, w.1, w.3));
             assert!((g.2 - w.2).abs() < 1e-12, "{g:?} against {w:?}");
         }
-        assert!(read[0]
-            .comparison
-            .starts_with("checkpoint save to S3, 512 MiB"));
-        assert!(read[2]
-            .comparison
-            .starts_with("checkpoint load from S3, 512 MiB"));
+        assert!(read[0].comparison.starts_with("checkpoint save to S3, 512 MiB"));
+        assert!(read[2].comparison.starts_with("checkpoint load from S3, 512 MiB"));
         assert!(read[4].comparison.contains("stall to S3"));
         assert!(!read[4].higher_is_better);
         let e = checkpoint_rows(&serde_json::json!({"bytes": 1, "results": {}})).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "checkpoint.py measured no 'save_mb_per_s' for 'hytrain'"
-        );
+        assert_eq!(e.to_string(), "checkpoint.py measured no 'save_mb_per_s' for 'hytrain'");
     }
 
     #[test]
     fn scale_sim_takes_a_binary_and_train_args_and_refuses_anything_else() {
         let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        let (bin, extra) =
-            scale_sim_args(&os(&["--hytrain", "/bin/sh", "--", "--bucket-mb", "5"])).unwrap();
+        let (bin, extra) = scale_sim_args(&os(&["--hytrain", "/bin/sh", "--", "--bucket-mb", "5"])).unwrap();
         assert_eq!(bin, Some(PathBuf::from("/bin/sh")));
         assert_eq!(extra, ["--bucket-mb", "5"]);
         assert_eq!(scale_sim_args(&[]).unwrap(), (None, vec![]));
-        let e = scale_sim_args(&os(&["--nodes", "8"]))
-            .unwrap_err()
-            .to_string();
+        let e = scale_sim_args(&os(&["--nodes", "8"])).unwrap_err().to_string();
         assert!(e.contains("not `--nodes`"), "{e}");
-        let e = scale_sim_args(&os(&["--hytrain", "/nonexistent/hytrain"]))
-            .unwrap_err()
-            .to_string();
+        let e = scale_sim_args(&os(&["--hytrain", "/nonexistent/hytrain"])).unwrap_err().to_string();
         assert!(e.contains("no such file"), "{e}");
     }
 

@@ -23,9 +23,7 @@ impl Pin {
         };
         let mut parts = stem.split('-');
         match (parts.next(), parts.next()) {
-            (Some(name), Some(version)) => {
-                normalize(name) == normalize(&self.name) && version == self.version
-            }
+            (Some(name), Some(version)) => normalize(name) == normalize(&self.name) && version == self.version,
             _ => false,
         }
     }
@@ -58,18 +56,12 @@ pub fn parse(text: &str) -> Result<Vec<Pin>> {
         let Some(spec) = words.next() else { continue };
         let (name, version) = spec
             .split_once("==")
-            .filter(|(n, v)| {
-                !n.is_empty() && !v.is_empty() && !v.contains(['=', '<', '>', ',', '*'])
-            })
-            .with_context(|| {
-                format!("line {number}: `{spec}` is not pinned; write it as name==version")
-            })?;
+            .filter(|(n, v)| !n.is_empty() && !v.is_empty() && !v.contains(['=', '<', '>', ',', '*']))
+            .with_context(|| format!("line {number}: `{spec}` is not pinned; write it as name==version"))?;
         let mut sha256 = None;
         for word in words {
             let Some(hash) = word.strip_prefix("--hash=") else {
-                bail!(
-                    "line {number}: unexpected `{word}`; only --hash=sha256:HEX may follow the pin"
-                );
+                bail!("line {number}: unexpected `{word}`; only --hash=sha256:HEX may follow the pin");
             };
             let Some(hex) = hash.strip_prefix("sha256:") else {
                 bail!("line {number}: `{word}` is not a sha256 hash; write --hash=sha256:HEX");
@@ -81,16 +73,11 @@ pub fn parse(text: &str) -> Result<Vec<Pin>> {
                 bail!("line {number}: {name} has more than one hash; pin exactly one wheel");
             }
         }
-        let sha256 =
-            sha256.with_context(|| format!("line {number}: {name} has no --hash=sha256:HEX"))?;
+        let sha256 = sha256.with_context(|| format!("line {number}: {name} has no --hash=sha256:HEX"))?;
         if pins.iter().any(|p| normalize(&p.name) == normalize(name)) {
             bail!("line {number}: {name} is pinned twice");
         }
-        pins.push(Pin {
-            name: name.to_string(),
-            version: version.to_string(),
-            sha256,
-        });
+        pins.push(Pin { name: name.to_string(), version: version.to_string(), sha256 });
     }
     Ok(pins)
 }
@@ -140,14 +127,7 @@ mod tests {
         let text = format!("# header\n\ntorch==2.11.0 \\\n    --hash=sha256:{A}  # the big one\nnvidia_cuda.runtime==13.0.96 --hash=sha256:{}\n", A.to_uppercase());
         let pins = parse(&text).unwrap();
         assert_eq!(pins.len(), 2);
-        assert_eq!(
-            pins[0],
-            Pin {
-                name: "torch".into(),
-                version: "2.11.0".into(),
-                sha256: A.into()
-            }
-        );
+        assert_eq!(pins[0], Pin { name: "torch".into(), version: "2.11.0".into(), sha256: A.into() });
         assert_eq!(pins[1].name, "nvidia_cuda.runtime");
         assert_eq!(pins[1].sha256, A, "hashes are lowercased");
     }
@@ -155,66 +135,37 @@ mod tests {
     #[test]
     fn unpinned_or_unhashed_requirements_are_refused_with_their_line() {
         let cases = [
-            (
-                format!("torch>=2.11 --hash=sha256:{A}"),
-                "line 1: `torch>=2.11` is not pinned",
-            ),
+            (format!("torch>=2.11 --hash=sha256:{A}"), "line 1: `torch>=2.11` is not pinned"),
             ("\ntorch==2.11.0".to_string(), "line 2: torch has no --hash"),
-            (
-                format!("torch==2.11.0 --hash=md5:{A}"),
-                "is not a sha256 hash",
-            ),
-            (
-                "torch==2.11.0 --hash=sha256:abc".to_string(),
-                "is not 64 hex digits",
-            ),
-            (
-                format!("torch==2.11.0 --hash=sha256:{A} --hash=sha256:{A}"),
-                "more than one hash",
-            ),
+            (format!("torch==2.11.0 --hash=md5:{A}"), "is not a sha256 hash"),
+            ("torch==2.11.0 --hash=sha256:abc".to_string(), "is not 64 hex digits"),
+            (format!("torch==2.11.0 --hash=sha256:{A} --hash=sha256:{A}"), "more than one hash"),
             (
                 format!("torch==2.11.0 --hash=sha256:{A}\nTorch==2.11.0 --hash=sha256:{A}"),
                 "line 2: Torch is pinned twice",
             ),
-            (
-                format!("torch==2.11.0 --no-deps --hash=sha256:{A}"),
-                "unexpected `--no-deps`",
-            ),
+            (format!("torch==2.11.0 --no-deps --hash=sha256:{A}"), "unexpected `--no-deps`"),
         ];
         for (text, expected) in cases {
             let error = format!("{:#}", parse(&text).unwrap_err());
-            assert!(
-                error.contains(expected),
-                "{text:?}: got `{error}`, expected `{expected}`"
-            );
+            assert!(error.contains(expected), "{text:?}: got `{error}`, expected `{expected}`");
         }
     }
 
     #[test]
     fn wheel_file_names_match_their_pin_only() {
-        let pin = Pin {
-            name: "nvidia-cuda-runtime".into(),
-            version: "13.0.96".into(),
-            sha256: A.into(),
-        };
-        assert!(pin.matches_wheel_file(
-            "nvidia_cuda_runtime-13.0.96-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl"
-        ));
-        assert!(!pin
-            .matches_wheel_file("nvidia_cuda_runtime-13.5.37-py3-none-manylinux2014_x86_64.whl"));
-        assert!(
-            !pin.matches_wheel_file("nvidia_cuda_cupti-13.0.96-py3-none-manylinux_2_25_x86_64.whl")
-        );
+        let pin = Pin { name: "nvidia-cuda-runtime".into(), version: "13.0.96".into(), sha256: A.into() };
+        assert!(pin
+            .matches_wheel_file("nvidia_cuda_runtime-13.0.96-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl"));
+        assert!(!pin.matches_wheel_file("nvidia_cuda_runtime-13.5.37-py3-none-manylinux2014_x86_64.whl"));
+        assert!(!pin.matches_wheel_file("nvidia_cuda_cupti-13.0.96-py3-none-manylinux_2_25_x86_64.whl"));
         assert!(!pin.matches_wheel_file("nvidia_cuda_runtime-13.0.96-py3-none-any.tar.gz"));
     }
 
     #[test]
     fn the_committed_requirements_pin_torch_for_tch_0_24() {
         let pins = parse(include_str!("../libtorch-requirements.txt")).unwrap();
-        let torch = pins
-            .iter()
-            .find(|p| p.name == "torch")
-            .expect("torch is pinned");
+        let torch = pins.iter().find(|p| p.name == "torch").expect("torch is pinned");
         assert_eq!(torch.version, crate::wheel::TORCH_VERSION);
     }
 }

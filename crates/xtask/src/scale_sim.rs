@@ -38,11 +38,7 @@ fn sh(program: &str, args: &[&str]) -> Result<()> {
         .output()
         .with_context(|| format!("cannot run {program}: is iproute2 installed?"))?;
     if !out.status.success() {
-        bail!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -70,23 +66,13 @@ impl Network {
     }
 
     fn create(nodes: usize) -> Result<Network> {
-        let mut net = Network {
-            prefix: format!("hys{}", std::process::id()),
-            nodes,
-            created: Vec::new(),
-        };
+        let mut net = Network { prefix: format!("hys{}", std::process::id()), nodes, created: Vec::new() };
         let br = net.bridge();
-        net.step(
-            &["link", "add", &br, "type", "bridge"],
-            vec!["link".into(), "del".into(), br.clone()],
-        )?;
+        net.step(&["link", "add", &br, "type", "bridge"], vec!["link".into(), "del".into(), br.clone()])?;
         net.step(&["link", "set", &br, "up"], vec![])?;
         for i in 0..nodes {
             let (ns, host, node) = (net.namespace(i), net.host_end(i), net.node_end(i));
-            net.step(
-                &["netns", "add", &ns],
-                vec!["netns".into(), "del".into(), ns.clone()],
-            )?;
+            net.step(&["netns", "add", &ns], vec!["netns".into(), "del".into(), ns.clone()])?;
             net.step(
                 &["link", "add", &host, "type", "veth", "peer", "name", &node],
                 vec!["link".into(), "del".into(), host.clone()],
@@ -115,18 +101,15 @@ impl Network {
     fn limit(&self, on: bool) -> Result<()> {
         for i in 0..self.nodes {
             let ns = self.namespace(i);
-            for (netns, dev) in [
-                (None, self.host_end(i)),
-                (Some(ns.as_str()), self.node_end(i)),
-            ] {
+            for (netns, dev) in [(None, self.host_end(i)), (Some(ns.as_str()), self.node_end(i))] {
                 let mut args: Vec<&str> = Vec::new();
                 if let Some(n) = netns {
                     args.extend(["netns", "exec", n, "tc"]);
                 }
                 let tail: &[&str] = if on {
                     &[
-                        "qdisc", "replace", "dev", &dev, "root", "tbf", "rate", "1gbit", "burst",
-                        "512kb", "latency", "20ms",
+                        "qdisc", "replace", "dev", &dev, "root", "tbf", "rate", "1gbit", "burst", "512kb", "latency",
+                        "20ms",
                     ]
                 } else {
                     &["qdisc", "del", "dev", &dev, "root"]
@@ -160,11 +143,7 @@ impl Drop for Network {
 /// Removes namespaces and links of earlier runs whose process is gone (a run killed before its cleanup).
 fn remove_leftovers() {
     let alive = |name: &str| {
-        let digits: String = name
-            .trim_start_matches("hys")
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
+        let digits: String = name.trim_start_matches("hys").chars().take_while(char::is_ascii_digit).collect();
         !digits.is_empty() && Path::new(&format!("/proc/{digits}")).exists()
     };
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
@@ -209,10 +188,7 @@ fn random_cifar(dir: &Path) -> Result<()> {
         }
         out
     };
-    fs::write(
-        dir.join("data_batch_1.bin"),
-        records(TRAIN_RECORDS, &mut bytes),
-    )?;
+    fs::write(dir.join("data_batch_1.bin"), records(TRAIN_RECORDS, &mut bytes))?;
     fs::write(dir.join("test_batch.bin"), records(64, &mut bytes))?;
     Ok(())
 }
@@ -240,12 +216,7 @@ fn run_job(
                 .args(["train", "--model", "resnet18", "--data"])
                 .arg(data)
                 .args(["--validation", "none", "--no-resume", "--log-interval", "1"])
-                .args([
-                    "--max-steps",
-                    &steps.to_string(),
-                    "--batch-size",
-                    &batch.to_string(),
-                ])
+                .args(["--max-steps", &steps.to_string(), "--batch-size", &batch.to_string()])
                 .args(["--lr", "0.01", "--momentum", "0.5", "--num-classes", "10"])
                 .arg("--model-dir")
                 .arg(out.join("model"))
@@ -269,16 +240,9 @@ fn run_job(
                 .env("HYTRAIN_COLLECTIVE_TIMEOUT", "120")
                 .env("OMP_NUM_THREADS", "1")
                 .stdin(Stdio::null())
-                .stdout(if rank == 0 {
-                    Stdio::piped()
-                } else {
-                    Stdio::null()
-                })
+                .stdout(if rank == 0 { Stdio::piped() } else { Stdio::null() })
                 .stderr(Stdio::piped());
-            children.push(
-                c.spawn()
-                    .context("cannot start `ip netns exec ... hytrain train`")?,
-            );
+            children.push(c.spawn().context("cannot start `ip netns exec ... hytrain train`")?);
         }
         let stdout = children[0].stdout.take().context("no stdout pipe")?;
         let (tx, rx) = mpsc::channel();
@@ -302,10 +266,7 @@ fn run_job(
         }
         // The first steps build the graph and fill caches; the rest are the steady state.
         let warm = 2.min(steps - 2);
-        let gaps: Vec<f64> = stamps[warm..]
-            .windows(2)
-            .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
-            .collect();
+        let gaps: Vec<f64> = stamps[warm..].windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
         Ok(median(&gaps))
     })();
     let mut failures = Vec::new();
@@ -326,10 +287,7 @@ fn run_job(
             if let Some(mut e) = c.stderr.take() {
                 let _ = e.read_to_string(&mut err);
             }
-            failures.push(format!(
-                "rank {rank} ({status}): {}",
-                err.lines().last().unwrap_or("(no stderr)")
-            ));
+            failures.push(format!("rank {rank} ({status}): {}", err.lines().last().unwrap_or("(no stderr)")));
         }
     }
     match result {
@@ -354,12 +312,8 @@ pub fn scale_sim(hytrain: &Path, extra: &[String]) -> Result<u8> {
         bail!("scale-sim needs root for network namespaces (ip netns); run it as root");
     }
     remove_leftovers();
-    let env_usize = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
+    let env_usize =
+        |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let steps = env_usize("HYTRAIN_SCALE_SIM_STEPS", 8).max(4);
     let batch = env_usize("HYTRAIN_SCALE_SIM_BATCH", 16).max(1);
     let scratch = std::env::temp_dir().join(format!("hytrain-scale-sim-{}", std::process::id()));
@@ -378,11 +332,7 @@ pub fn scale_sim(hytrain: &Path, extra: &[String]) -> Result<u8> {
     let result = (|| -> Result<()> {
         for limited in [false, true] {
             net.limit(limited)?;
-            let link = if limited {
-                "1 Gbit/s (tbf)"
-            } else {
-                "unlimited"
-            };
+            let link = if limited { "1 Gbit/s (tbf)" } else { "unlimited" };
             for overlap in [true, false] {
                 for nodes in [1, 2, 4] {
                     let run_dir = scratch.join(format!("{nodes}-{limited}-{overlap}"));
@@ -390,10 +340,7 @@ pub fn scale_sim(hytrain: &Path, extra: &[String]) -> Result<u8> {
                     args.extend(extra.iter().cloned());
                     let ms = run_job(&net, hytrain, &data, &run_dir, nodes, steps, batch, &args)?;
                     let _ = fs::remove_dir_all(&run_dir);
-                    println!(
-                        "scale-sim: {nodes} node(s), {link}, overlap {}: {ms:.0} ms per step",
-                        on_off(overlap)
-                    );
+                    println!("scale-sim: {nodes} node(s), {link}, overlap {}: {ms:.0} ms per step", on_off(overlap));
                     rows.push((nodes, link, overlap, ms));
                 }
             }
@@ -406,23 +353,14 @@ pub fn scale_sim(hytrain: &Path, extra: &[String]) -> Result<u8> {
     result?;
     println!("\n| nodes | link | overlap | step ms | scaling efficiency |\n|---:|---|---|---:|---:|");
     let find = |nodes: usize, link: &str, overlap: bool| {
-        rows.iter()
-            .find(|r| r.0 == nodes && r.1 == link && r.2 == overlap)
-            .map(|r| r.3)
+        rows.iter().find(|r| r.0 == nodes && r.1 == link && r.2 == overlap).map(|r| r.3)
     };
     for (nodes, link, overlap, ms) in &rows {
         let one = find(1, link, *overlap).unwrap_or(f64::NAN);
-        println!(
-            "| {nodes} | {link} | {} | {ms:.0} | {:.0}% |",
-            on_off(*overlap),
-            one / ms * 100.0
-        );
+        println!("| {nodes} | {link} | {} | {ms:.0} | {:.0}% |", on_off(*overlap), one / ms * 100.0);
     }
     for overlap in [true, false] {
-        if let (Some(limited), Some(free)) = (
-            find(4, "1 Gbit/s (tbf)", overlap),
-            find(4, "unlimited", overlap),
-        ) {
+        if let (Some(limited), Some(free)) = (find(4, "1 Gbit/s (tbf)", overlap), find(4, "unlimited", overlap)) {
             println!(
                 "4 nodes, overlap {}: limited / unlimited step time {:.2}x (issue 8's target with overlap: <= 1.2x)",
                 on_off(overlap),

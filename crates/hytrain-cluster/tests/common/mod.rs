@@ -51,9 +51,7 @@ pub struct SmTree {
 
 impl SmTree {
     pub fn new() -> SmTree {
-        SmTree {
-            dir: tempfile::tempdir().expect("temporary folder"),
-        }
+        SmTree { dir: tempfile::tempdir().expect("temporary folder") }
     }
 
     pub fn root(&self) -> &Path {

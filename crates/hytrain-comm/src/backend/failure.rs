@@ -16,11 +16,7 @@ fn static_op(name: &str) -> &'static str {
 /// One line per field: `reporter`, kind, then the kind's fields.
 pub(crate) fn encode_failure(reporter: usize, e: &CommError) -> String {
     match e {
-        CommError::PeerLost {
-            rank,
-            during,
-            cause,
-        } => format!("{reporter}\nlost\n{rank}\n{during}\n{cause}"),
+        CommError::PeerLost { rank, during, cause } => format!("{reporter}\nlost\n{rank}\n{during}\n{cause}"),
         CommError::Timeout { rank, during, secs } => {
             format!("{reporter}\ntimeout\n{rank}\n{during}\n{secs}")
         }
@@ -43,10 +39,7 @@ pub(crate) fn decode_failure(b: &[u8]) -> Option<CommError> {
             during: static_op(f.next()?),
             secs: f.next()?.parse().ok()?,
         }),
-        "other" => Some(CommError::Remote {
-            rank: reporter,
-            message: s.splitn(3, '\n').nth(2)?.to_string(),
-        }),
+        "other" => Some(CommError::Remote { rank: reporter, message: s.splitn(3, '\n').nth(2)?.to_string() }),
         _ => None,
     }
 }

@@ -30,10 +30,7 @@ unsafe impl Send for Mpi {}
 
 impl std::fmt::Debug for Mpi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mpi")
-            .field("rank", &self.rank)
-            .field("world_size", &self.size)
-            .finish()
+        f.debug_struct("Mpi").field("rank", &self.rank).field("world_size", &self.size).finish()
     }
 }
 
@@ -68,10 +65,7 @@ fn check_count(op: &'static str, len: usize) -> Result<(), CommError> {
     if len > i32::MAX as usize {
         return Err(CommError::InvalidArgument {
             op,
-            detail: format!(
-                "{len} elements exceed MPI's count limit of {}; split the buffer",
-                i32::MAX
-            ),
+            detail: format!("{len} elements exceed MPI's count limit of {}; split the buffer", i32::MAX),
         });
     }
     Ok(())
@@ -98,8 +92,7 @@ impl Collective for Mpi {
             Buffer::F32(b) => {
                 self.send_f32.clear();
                 self.send_f32.extend_from_slice(b);
-                self.world
-                    .all_reduce_into(&self.send_f32[..], b, SystemOperation::sum());
+                self.world.all_reduce_into(&self.send_f32[..], b, SystemOperation::sum());
                 if op == ReduceOp::Avg {
                     b.iter_mut().for_each(|x| *x /= n as f32);
                 }
@@ -107,8 +100,7 @@ impl Collective for Mpi {
             Buffer::F64(b) => {
                 self.send_f64.clear();
                 self.send_f64.extend_from_slice(b);
-                self.world
-                    .all_reduce_into(&self.send_f64[..], b, SystemOperation::sum());
+                self.world.all_reduce_into(&self.send_f64[..], b, SystemOperation::sum());
                 if op == ReduceOp::Avg {
                     b.iter_mut().for_each(|x| *x /= n as f64);
                 }
@@ -119,11 +111,7 @@ impl Collective for Mpi {
                 self.send_f32.extend(b.iter().map(|x| x.to_f32()));
                 self.recv_f32.clear();
                 self.recv_f32.resize(b.len(), 0.0);
-                self.world.all_reduce_into(
-                    &self.send_f32[..],
-                    &mut self.recv_f32[..],
-                    SystemOperation::sum(),
-                );
+                self.world.all_reduce_into(&self.send_f32[..], &mut self.recv_f32[..], SystemOperation::sum());
                 let scale = if op == ReduceOp::Avg { n as f32 } else { 1.0 };
                 for (d, s) in b.iter_mut().zip(&self.recv_f32) {
                     *d = bf16::from_f32(*s / scale);
@@ -141,9 +129,7 @@ impl Collective for Mpi {
             });
         }
         check_count("broadcast", bytes.len())?;
-        self.world
-            .process_at_rank(root as i32)
-            .broadcast_into(bytes);
+        self.world.process_at_rank(root as i32).broadcast_into(bytes);
         Ok(())
     }
 

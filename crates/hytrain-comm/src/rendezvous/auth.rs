@@ -66,10 +66,7 @@ impl JobToken {
                 "the job token is empty; give every rank the same non-empty secret".into(),
             ));
         }
-        Ok(JobToken {
-            key: secret.into(),
-            configured: true,
-        })
+        Ok(JobToken { key: secret.into(), configured: true })
     }
 
     /// The default token of a job without a configured secret, derived from `identity` (a job id or run id that
@@ -77,10 +74,7 @@ impl JobToken {
     pub fn unconfigured(identity: &str) -> JobToken {
         let mut key = UNCONFIGURED.to_vec();
         key.extend_from_slice(identity.as_bytes());
-        JobToken {
-            key: key.into(),
-            configured: false,
-        }
+        JobToken { key: key.into(), configured: false }
     }
 
     /// Whether this token is a configured secret rather than the default derived from the job's identity.
@@ -101,10 +95,7 @@ impl JobToken {
     }
 
     fn prove(&self, label: &[u8], context: &[u8], ni: &[u8], nr: &[u8]) -> [u8; PROOF_LEN] {
-        self.mac(label, context, ni, nr)
-            .finalize()
-            .into_bytes()
-            .into()
+        self.mac(label, context, ni, nr).finalize().into_bytes().into()
     }
 
     /// Checks a proof in constant time.
@@ -115,11 +106,7 @@ impl JobToken {
 
 impl std::fmt::Debug for JobToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.configured {
-            "JobToken(configured, redacted)"
-        } else {
-            "JobToken(unconfigured default)"
-        })
+        f.write_str(if self.configured { "JobToken(configured, redacted)" } else { "JobToken(unconfigured default)" })
     }
 }
 
@@ -137,11 +124,8 @@ impl Eq for JobToken {}
 /// A fresh nonce from the operating system's random source.
 pub(crate) fn nonce() -> io::Result<[u8; NONCE_LEN]> {
     let mut n = [0u8; NONCE_LEN];
-    getrandom::getrandom(&mut n).map_err(|e| {
-        io::Error::other(format!(
-            "the operating system gave no random bytes for a nonce: {e}"
-        ))
-    })?;
+    getrandom::getrandom(&mut n)
+        .map_err(|e| io::Error::other(format!("the operating system gave no random bytes for a nonce: {e}")))?;
     Ok(n)
 }
 
@@ -176,9 +160,7 @@ pub(crate) fn initiate(
         ACCEPTED => {}
         REFUSED => {
             let reason = get_bytes_max(s, MAX_REASON)?;
-            return Err(Handshake::Refused(
-                String::from_utf8_lossy(&reason).into_owned(),
-            ));
+            return Err(Handshake::Refused(String::from_utf8_lossy(&reason).into_owned()));
         }
         other => {
             return Err(Handshake::Io(io::Error::new(
@@ -283,10 +265,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     /// One handshake over a real loopback connection: the responder's and the initiator's outcomes.
-    fn handshake(
-        initiator: &JobToken,
-        responder: &JobToken,
-    ) -> (Result<(), Handshake>, Result<(), Handshake>) {
+    fn handshake(initiator: &JobToken, responder: &JobToken) -> (Result<(), Handshake>, Result<(), Handshake>) {
         let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
         let addr = listener.local_addr().unwrap();
         let responder = responder.clone();
@@ -314,10 +293,7 @@ mod tests {
 
     #[test]
     fn different_tokens_are_refused_by_the_responder() {
-        let (server, client) = handshake(
-            &JobToken::new("token-a").unwrap(),
-            &JobToken::new("token-b").unwrap(),
-        );
+        let (server, client) = handshake(&JobToken::new("token-a").unwrap(), &JobToken::new("token-b").unwrap());
         assert!(matches!(server, Err(Handshake::BadProof)), "{server:?}");
         assert!(matches!(client, Err(Handshake::ProofRefused)), "{client:?}");
     }
@@ -339,9 +315,7 @@ mod tests {
         assert!(!t.check(INITIATOR, b"d", b"n1", b"n2", &base));
         assert!(!t.check(INITIATOR, b"c", b"n3", b"n2", &base));
         assert!(!t.check(INITIATOR, b"c", b"n1", b"n3", &base));
-        assert!(!JobToken::new("k2")
-            .unwrap()
-            .check(INITIATOR, b"c", b"n1", b"n2", &base));
+        assert!(!JobToken::new("k2").unwrap().check(INITIATOR, b"c", b"n1", b"n2", &base));
     }
 
     #[test]

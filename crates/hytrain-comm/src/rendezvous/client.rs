@@ -62,10 +62,7 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("rank", &self.inner.rank)
-            .field(
-                "master",
-                &format_args!("{}:{}", self.inner.host, self.inner.port),
-            )
+            .field("master", &format_args!("{}:{}", self.inner.host, self.inner.port))
             .field("job_id", &self.inner.job_id)
             .finish()
     }
@@ -89,13 +86,7 @@ impl Store {
             if m.world_size > 1 && !token.is_configured() {
                 warn_unconfigured_once();
             }
-            Some(Server::start(
-                listen_only_on(m),
-                m.master_port,
-                &opts.job_id,
-                m.world_size,
-                token,
-            )?)
+            Some(Server::start(listen_only_on(m), m.master_port, &opts.job_id, m.world_size, token)?)
         } else {
             None
         };
@@ -129,20 +120,11 @@ impl Store {
             op: "connect",
             detail: e.to_string(),
         })?;
-        let local_ip = stream
-            .local_addr()
-            .map(|a| a.ip())
-            .unwrap_or(Ipv4Addr::UNSPECIFIED.into());
-        let master_ip = stream
-            .peer_addr()
-            .map(|a| a.ip())
-            .unwrap_or(Ipv4Addr::UNSPECIFIED.into());
+        let local_ip = stream.local_addr().map(|a| a.ip()).unwrap_or(Ipv4Addr::UNSPECIFIED.into());
+        let master_ip = stream.peer_addr().map(|a| a.ip()).unwrap_or(Ipv4Addr::UNSPECIFIED.into());
         let store = Store {
             inner: Arc::new(Inner {
-                conn: Mutex::new(Conn {
-                    stream,
-                    broken: None,
-                }),
+                conn: Mutex::new(Conn { stream, broken: None }),
                 rank: m.rank,
                 world_size: m.world_size,
                 host: m.master_addr.clone(),
@@ -165,9 +147,7 @@ impl Store {
             });
             let mut inner = Arc::into_inner(store.inner).expect("the store is not shared yet");
             inner.liveness = Some((live, registration));
-            Store {
-                inner: Arc::new(inner),
-            }
+            Store { inner: Arc::new(inner) }
         } else {
             store
         };
@@ -190,27 +170,14 @@ impl Store {
         put_bytes(&mut frame, i.job_id.as_bytes());
         put_u64(&mut frame, i.rank as u64);
         put_u64(&mut frame, i.world_size as u64);
-        let status = self.call(
-            "rendezvous",
-            &frame,
-            i.opts.collective_timeout,
-            |st, r| match st {
-                ST_OK => Ok(Ok(())),
-                _ => Ok(Err(String::from_utf8_lossy(&get_bytes(r)?).into_owned())),
-            },
-        )?;
+        let status = self.call("rendezvous", &frame, i.opts.collective_timeout, |st, r| match st {
+            ST_OK => Ok(Ok(())),
+            _ => Ok(Err(String::from_utf8_lossy(&get_bytes(r)?).into_owned())),
+        })?;
         if let Err(detail) = status {
-            return Err(CommError::Rejected {
-                rank: i.rank,
-                host: i.host.clone(),
-                port: i.port,
-                detail,
-            });
+            return Err(CommError::Rejected { rank: i.rank, host: i.host.clone(), port: i.port, detail });
         }
-        tracing::debug!(
-            rank = i.rank,
-            "joined the rendezvous; waiting for the other ranks"
-        );
+        tracing::debug!(rank = i.rank, "joined the rendezvous; waiting for the other ranks");
         Ok(())
     }
 
@@ -230,35 +197,22 @@ impl Store {
             CommError::RankLost(LostRank {
                 rank: 0,
                 host: endpoint(&i.host, i.port),
-                cause: format!(
-                    "the rendezvous store it hosts stopped answering during the rendezvous ({e})"
-                ),
+                cause: format!("the rendezvous store it hosts stopped answering during the rendezvous ({e})"),
             })
         })?;
         let failed = |detail: String| self.store_error("watch", detail);
         let answer = (|| -> io::Result<Result<(), String>> {
-            stream
-                .set_read_timeout(Some(i.opts.collective_timeout.min(Duration::from_secs(60))))?;
+            stream.set_read_timeout(Some(i.opts.collective_timeout.min(Duration::from_secs(60))))?;
             stream.write_all(&watch_request(i.rank, i.opts.peer_timeout))?;
             Ok(match get_u8(&mut stream)? {
                 ST_OK => Ok(()),
-                _ => Err(
-                    String::from_utf8_lossy(&get_bytes_max(&mut stream, auth::MAX_REASON)?)
-                        .into_owned(),
-                ),
+                _ => Err(String::from_utf8_lossy(&get_bytes_max(&mut stream, auth::MAX_REASON)?).into_owned()),
             })
         })()
         .map_err(|e| failed(describe_io(&e, i.opts.collective_timeout)))?;
         answer.map_err(failed)?;
-        Liveness::start(
-            stream,
-            i.rank,
-            i.world_size,
-            i.opts.peer_timeout,
-            endpoint(&i.host, i.port),
-            server,
-        )
-        .map_err(|e| failed(format!("cannot start the watch: {e}")))
+        Liveness::start(stream, i.rank, i.world_size, i.opts.peer_timeout, endpoint(&i.host, i.port), server)
+            .map_err(|e| failed(format!("cannot start the watch: {e}")))
     }
 
     /// Waits until every rank has registered.
@@ -268,29 +222,18 @@ impl Store {
         let mut frame = Vec::new();
         put_u8(&mut frame, OP_AWAIT_JOINED);
         put_u64(&mut frame, remaining.as_millis() as u64);
-        let (complete, missing, note) =
-            self.call("rendezvous", &frame, remaining + ANSWER_SLACK, |st, r| {
-                let missing = get_u64_list(r)?;
-                let note = get_bytes_max(r, auth::MAX_REASON)?;
-                Ok((
-                    st == ST_OK,
-                    missing,
-                    String::from_utf8_lossy(&note).into_owned(),
-                ))
-            })?;
+        let (complete, missing, note) = self.call("rendezvous", &frame, remaining + ANSWER_SLACK, |st, r| {
+            let missing = get_u64_list(r)?;
+            let note = get_bytes_max(r, auth::MAX_REASON)?;
+            Ok((st == ST_OK, missing, String::from_utf8_lossy(&note).into_owned()))
+        })?;
         if complete {
             return Ok(());
         }
         let missing = RankList(missing.into_iter().map(|r| r as usize).collect());
         let secs = started.elapsed().as_secs_f64().round() as u64;
         Err(if i.rank == 0 {
-            CommError::RanksMissing {
-                host: i.host.clone(),
-                port: i.port,
-                secs,
-                missing,
-                note,
-            }
+            CommError::RanksMissing { host: i.host.clone(), port: i.port, secs, missing, note }
         } else {
             CommError::Unreachable {
                 rank: i.rank,
@@ -308,9 +251,7 @@ impl Store {
         put_u8(&mut frame, OP_SET);
         put_bytes(&mut frame, self.key(key).as_bytes());
         put_bytes(&mut frame, value);
-        self.call("set", &frame, self.inner.opts.collective_timeout, |_, _| {
-            Ok(())
-        })
+        self.call("set", &frame, self.inner.opts.collective_timeout, |_, _| Ok(()))
     }
 
     /// Stores `value` under `key` unless the key exists; returns the value the key holds afterwards (the first
@@ -320,9 +261,7 @@ impl Store {
         put_u8(&mut frame, OP_SET_IF_ABSENT);
         put_bytes(&mut frame, self.key(key).as_bytes());
         put_bytes(&mut frame, value);
-        self.call("set", &frame, self.inner.opts.collective_timeout, |_, r| {
-            get_bytes(r)
-        })
+        self.call("set", &frame, self.inner.opts.collective_timeout, |_, r| get_bytes(r))
     }
 
     /// [`Store::set_if_absent`] that gives up after `answer_within` (used on failure paths, where the master may be
@@ -364,15 +303,10 @@ impl Store {
         put_u8(&mut frame, OP_ADD);
         put_bytes(&mut frame, self.key(key).as_bytes());
         put_u64(&mut frame, delta as u64);
-        let v = self.call(
-            "add",
-            &frame,
-            self.inner.opts.collective_timeout,
-            |st, r| match st {
-                ST_OK => Ok(Ok(get_u64(r)? as i64)),
-                _ => Ok(Err(String::from_utf8_lossy(&get_bytes(r)?).into_owned())),
-            },
-        )?;
+        let v = self.call("add", &frame, self.inner.opts.collective_timeout, |st, r| match st {
+            ST_OK => Ok(Ok(get_u64(r)? as i64)),
+            _ => Ok(Err(String::from_utf8_lossy(&get_bytes(r)?).into_owned())),
+        })?;
         v.map_err(|detail| self.store_error("add", detail))
     }
 
@@ -383,14 +317,7 @@ impl Store {
         if missing.is_empty() {
             Ok(())
         } else {
-            let what = format!(
-                "keys {}",
-                missing
-                    .iter()
-                    .map(|k| format!("'{k}'"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            let what = format!("keys {}", missing.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", "));
             Err(self.timeout_error(self.inner.opts.rendezvous_timeout, what))
         }
     }
@@ -409,15 +336,10 @@ impl Store {
                 return Ok(Vec::new());
             }
             let n = get_u64(r)? as usize;
-            (0..n)
-                .map(|_| get_string(r))
-                .collect::<io::Result<Vec<_>>>()
+            (0..n).map(|_| get_string(r)).collect::<io::Result<Vec<_>>>()
         })?;
         let prefix = format!("{}/", self.inner.job_id);
-        Ok(missing
-            .into_iter()
-            .map(|k| k.strip_prefix(&prefix).map(str::to_string).unwrap_or(k))
-            .collect())
+        Ok(missing.into_iter().map(|k| k.strip_prefix(&prefix).map(str::to_string).unwrap_or(k)).collect())
     }
 
     /// Waits until all `world_size` ranks have called `barrier` with this `name` (at most `rendezvous_timeout`).
@@ -439,21 +361,11 @@ impl Store {
         if self.wait_for(&[&done], timeout)?.is_empty() {
             return Ok(());
         }
-        let arrived: Vec<String> = (0..self.inner.world_size)
-            .map(|r| format!("{base}/arrived/{r}"))
-            .collect();
+        let arrived: Vec<String> = (0..self.inner.world_size).map(|r| format!("{base}/arrived/{r}")).collect();
         let arrived: Vec<&str> = arrived.iter().map(String::as_str).collect();
         let missing = self.wait_for(&arrived, Duration::ZERO)?;
-        let ranks = RankList(
-            missing
-                .iter()
-                .filter_map(|k| k.rsplit('/').next()?.parse().ok())
-                .collect(),
-        );
-        Err(self.timeout_error(
-            timeout,
-            format!("barrier '{name}' (ranks still missing: {ranks})"),
-        ))
+        let ranks = RankList(missing.iter().filter_map(|k| k.rsplit('/').next()?.parse().ok()).collect());
+        Err(self.timeout_error(timeout, format!("barrier '{name}' (ranks still missing: {ranks})")))
     }
 
     /// This rank.
@@ -489,11 +401,7 @@ impl Store {
 
     /// Counts how often `name` was used on this rank, starting at 0.
     pub(crate) fn next_generation(&self, name: &str) -> u64 {
-        let mut g = self
-            .inner
-            .generations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut g = self.inner.generations.lock().unwrap_or_else(|p| p.into_inner());
         let e = g.entry(name.to_string()).or_insert(0);
         let v = *e;
         *e += 1;
@@ -506,24 +414,12 @@ impl Store {
 
     fn store_error(&self, op: &'static str, detail: String) -> CommError {
         let i = &self.inner;
-        CommError::Store {
-            rank: i.rank,
-            host: i.host.clone(),
-            port: i.port,
-            op,
-            detail,
-        }
+        CommError::Store { rank: i.rank, host: i.host.clone(), port: i.port, op, detail }
     }
 
     fn timeout_error(&self, waited: Duration, what: String) -> CommError {
         let i = &self.inner;
-        CommError::StoreTimeout {
-            rank: i.rank,
-            host: i.host.clone(),
-            port: i.port,
-            secs: waited.as_secs(),
-            what,
-        }
+        CommError::StoreTimeout { rank: i.rank, host: i.host.clone(), port: i.port, secs: waited.as_secs(), what }
     }
 
     /// Sends one request and parses its answer with `parse(status, reader)` while holding the connection.
@@ -536,14 +432,10 @@ impl Store {
     ) -> Result<T, CommError> {
         let mut conn = self.inner.conn.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(why) = &conn.broken {
-            return Err(self.store_error(
-                op,
-                format!("connection unusable after an earlier failure: {why}"),
-            ));
+            return Err(self.store_error(op, format!("connection unusable after an earlier failure: {why}")));
         }
         let result = (|| {
-            conn.stream
-                .set_read_timeout(Some(answer_within.max(Duration::from_millis(1))))?;
+            conn.stream.set_read_timeout(Some(answer_within.max(Duration::from_millis(1))))?;
             conn.stream.write_all(frame)?;
             let status = get_u8(&mut conn.stream)?;
             if status == ST_LOST {
@@ -558,10 +450,7 @@ impl Store {
                 let detail = describe_io(&e, answer_within);
                 conn.broken = Some(detail.clone());
                 // The watch may already know why the connection broke.
-                match self
-                    .liveness()
-                    .and_then(|l| l.wait_lost(Some(VERDICT_WAIT)))
-                {
+                match self.liveness().and_then(|l| l.wait_lost(Some(VERDICT_WAIT))) {
                     Some(lost) => Err(CommError::RankLost(lost)),
                     None => Err(self.store_error(op, detail)),
                 }
@@ -575,9 +464,7 @@ fn describe_io(e: &io::Error, waited: Duration) -> String {
         io::ErrorKind::UnexpectedEof
         | io::ErrorKind::ConnectionReset
         | io::ErrorKind::ConnectionAborted
-        | io::ErrorKind::BrokenPipe => {
-            "connection closed by the master (lost rank 0: it exited or was killed)".into()
-        }
+        | io::ErrorKind::BrokenPipe => "connection closed by the master (lost rank 0: it exited or was killed)".into(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
             format!("no answer within {} s (is rank 0 stuck?)", waited.as_secs())
         }
@@ -592,10 +479,7 @@ pub(super) fn listen_only_on(m: &Membership) -> Option<IpAddr> {
         return Some(Ipv4Addr::LOCALHOST.into());
     }
     let addr = m.master_addr.trim();
-    let addr = addr
-        .strip_prefix('[')
-        .and_then(|a| a.strip_suffix(']'))
-        .unwrap_or(addr);
+    let addr = addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')).unwrap_or(addr);
     addr.parse::<IpAddr>().ok().filter(IpAddr::is_loopback)
 }
 
@@ -636,13 +520,7 @@ pub(super) fn connect_with_retry(
         let last = match try_connect(hosts, m.master_port, deadline, &opts.job_id, &opts.token()) {
             Ok(s) => {
                 if attempts > 1 {
-                    tracing::info!(
-                        rank = m.rank,
-                        attempts,
-                        "reached master {}:{}",
-                        m.master_addr,
-                        m.master_port
-                    );
+                    tracing::info!(rank = m.rank, attempts, "reached master {}:{}", m.master_addr, m.master_port);
                 }
                 return Ok(s);
             }
@@ -728,9 +606,7 @@ fn try_connect(
         last = format!("{} resolved to no address", hosts.join(", "));
     }
     for addr in addrs {
-        let remaining = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(10));
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
         match TcpStream::connect_timeout(&addr, remaining.min(Duration::from_secs(10))) {
             Ok(s) => return greet(s, remaining.min(Duration::from_secs(30)), job_id, token),
             Err(e) => last = format!("{addr}: {e}"),
@@ -739,12 +615,7 @@ fn try_connect(
     Err(Attempt::Retry(last))
 }
 
-fn greet(
-    mut s: TcpStream,
-    within: Duration,
-    job_id: &str,
-    token: &JobToken,
-) -> Result<TcpStream, Attempt> {
+fn greet(mut s: TcpStream, within: Duration, job_id: &str, token: &JobToken) -> Result<TcpStream, Attempt> {
     let io = |e: io::Error| Attempt::Retry(format!("connected but the greeting failed: {e}"));
     s.set_nodelay(true).map_err(io)?;
     s.set_read_timeout(Some(within)).map_err(io)?;

@@ -41,10 +41,7 @@ pub(crate) fn read_hello(r: &mut impl Read) -> io::Result<(Vec<u8>, [u8; NONCE_L
     let mut hello = [0u8; 8];
     r.read_exact(&mut hello)?;
     if &hello != HELLO {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "client did not greet as a hytrain store client",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "client did not greet as a hytrain store client"));
     }
     let job = get_bytes_max(r, MAX_JOB_ID)?;
     let mut nonce = [0u8; NONCE_LEN];
@@ -98,50 +95,19 @@ pub(crate) fn read_request(r: &mut impl Read) -> io::Result<Option<Request>> {
         Err(e) => return Err(e),
     };
     Ok(Some(match op {
-        OP_SET => Request::Set {
-            key: get_string(r)?,
-            value: get_bytes(r)?,
-        },
-        OP_SET_IF_ABSENT => Request::SetIfAbsent {
-            key: get_string(r)?,
-            value: get_bytes(r)?,
-        },
-        OP_GET => Request::Get {
-            key: get_string(r)?,
-            timeout_ms: get_u64(r)?,
-        },
-        OP_ADD => Request::Add {
-            key: get_string(r)?,
-            delta: get_u64(r)? as i64,
-        },
+        OP_SET => Request::Set { key: get_string(r)?, value: get_bytes(r)? },
+        OP_SET_IF_ABSENT => Request::SetIfAbsent { key: get_string(r)?, value: get_bytes(r)? },
+        OP_GET => Request::Get { key: get_string(r)?, timeout_ms: get_u64(r)? },
+        OP_ADD => Request::Add { key: get_string(r)?, delta: get_u64(r)? as i64 },
         OP_WAIT => {
             let n = get_count(r, MAX_WAIT_KEYS, "keys")?;
-            let keys = (0..n)
-                .map(|_| get_string(r))
-                .collect::<io::Result<Vec<_>>>()?;
-            Request::Wait {
-                keys,
-                timeout_ms: get_u64(r)?,
-            }
+            let keys = (0..n).map(|_| get_string(r)).collect::<io::Result<Vec<_>>>()?;
+            Request::Wait { keys, timeout_ms: get_u64(r)? }
         }
-        OP_JOIN => Request::Join {
-            job: get_string(r)?,
-            rank: get_u64(r)? as usize,
-            world: get_u64(r)? as usize,
-        },
-        OP_AWAIT_JOINED => Request::AwaitJoined {
-            timeout_ms: get_u64(r)?,
-        },
-        OP_WATCH => Request::Watch {
-            rank: get_u64(r)? as usize,
-            timeout_ms: get_u64(r)?,
-        },
-        other => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unknown store request {other}"),
-            ))
-        }
+        OP_JOIN => Request::Join { job: get_string(r)?, rank: get_u64(r)? as usize, world: get_u64(r)? as usize },
+        OP_AWAIT_JOINED => Request::AwaitJoined { timeout_ms: get_u64(r)? },
+        OP_WATCH => Request::Watch { rank: get_u64(r)? as usize, timeout_ms: get_u64(r)? },
+        other => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unknown store request {other}"))),
     }))
 }
 
@@ -202,14 +168,7 @@ mod tests {
         assert!(
             matches!(read_request(&mut r).unwrap(), Some(Request::Wait { keys, timeout_ms: 1500 }) if keys == ["a", "b"])
         );
-        assert!(matches!(
-            read_request(&mut r).unwrap(),
-            Some(Request::Join {
-                rank: 3,
-                world: 4,
-                ..
-            })
-        ));
+        assert!(matches!(read_request(&mut r).unwrap(), Some(Request::Join { rank: 3, world: 4, .. })));
         assert!(read_request(&mut r).unwrap().is_none());
         assert_eq!(decode_stream(&f), 3);
     }
@@ -220,11 +179,7 @@ mod tests {
         put_u64(&mut f, MAX_WAIT_KEYS as u64 + 1);
         let e = read_request(&mut &f[..]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
-        assert!(
-            e.to_string()
-                .contains(&format!("exceed the protocol limit of {MAX_WAIT_KEYS}")),
-            "{e}"
-        );
+        assert!(e.to_string().contains(&format!("exceed the protocol limit of {MAX_WAIT_KEYS}")), "{e}");
     }
 
     #[test]
@@ -232,11 +187,7 @@ mod tests {
         let mut f = HELLO.to_vec();
         put_u64(&mut f, MAX_JOB_ID as u64 + 1);
         let e = read_hello(&mut &f[..]).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains(&format!("exceeds the protocol limit of {MAX_JOB_ID} bytes")),
-            "{e}"
-        );
+        assert!(e.to_string().contains(&format!("exceeds the protocol limit of {MAX_JOB_ID} bytes")), "{e}");
         let e = read_request(&mut &[42u8][..]).unwrap_err();
         assert!(e.to_string().contains("unknown store request 42"), "{e}");
     }

@@ -69,11 +69,7 @@ impl Shared {
             if now >= deadline {
                 return false;
             }
-            st = self
-                .changed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
@@ -115,12 +111,8 @@ impl Server {
             None => bind_any(port),
         }
         .map_err(|source| CommError::Bind { port, source })?;
-        let local = listener
-            .local_addr()
-            .map_err(|source| CommError::Bind { port, source })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|source| CommError::Bind { port, source })?;
+        let local = listener.local_addr().map_err(|source| CommError::Bind { port, source })?;
+        listener.set_nonblocking(true).map_err(|source| CommError::Bind { port, source })?;
         let shared = Arc::new(Shared {
             state: Mutex::new(ServerState {
                 kv: HashMap::new(),
@@ -142,11 +134,7 @@ impl Server {
             .spawn(move || accept_loop(listener, shared2, stop2))
             .map_err(|source| CommError::Bind { port, source })?;
         tracing::debug!(port = local.port(), "rendezvous store listening");
-        Ok(Server {
-            stop,
-            accept: Some(accept),
-            shared,
-        })
+        Ok(Server { stop, accept: Some(accept), shared })
     }
 
     /// The store's liveness state, for rank 0's own [`Liveness`](crate::Liveness): it waits there for the other
@@ -175,13 +163,11 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
                     continue;
                 }
                 let shared = shared.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("hytrain-store-conn".into())
-                    .spawn(move || {
-                        if let Err(e) = serve(stream, peer, &shared) {
-                            tracing::debug!(%peer, error = %e, "store connection ended");
-                        }
-                    });
+                let spawned = std::thread::Builder::new().name("hytrain-store-conn".into()).spawn(move || {
+                    if let Err(e) = serve(stream, peer, &shared) {
+                        tracing::debug!(%peer, error = %e, "store connection ended");
+                    }
+                });
                 if let Err(e) = spawned {
                     tracing::warn!(%peer, error = %e, "store could not start a connection thread");
                 }
@@ -247,10 +233,7 @@ fn admit(mut s: &TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<boo
         }
         Err(Handshake::Io(e)) => return Err(e),
         Err(other) => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("handshake ended with {other:?}"),
-            ))
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("handshake ended with {other:?}")))
         }
     }
     // Authenticated clients may block on a request for as long as their deadline says.
@@ -292,12 +275,7 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
 }
 
 /// Answers requests on an admitted connection; `joined` is set to the rank that joined on it.
-fn serve_requests(
-    stream: TcpStream,
-    peer: SocketAddr,
-    shared: &Shared,
-    joined: &mut Option<usize>,
-) -> io::Result<()> {
+fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: &mut Option<usize>) -> io::Result<()> {
     let stream_for_watch = stream.try_clone()?;
     let mut r = BufReader::new(stream.try_clone()?);
     let mut w = BufWriter::new(stream);
@@ -318,9 +296,7 @@ fn serve_requests(
             }
             Request::Get { key, timeout_ms } => {
                 let deadline = deadline_from(timeout_ms);
-                shared.wait_until(deadline, |st| {
-                    st.kv.contains_key(&key) || st.watches.lost().is_some()
-                });
+                shared.wait_until(deadline, |st| st.kv.contains_key(&key) || st.watches.lost().is_some());
                 let st = shared.lock();
                 if let Some(v) = st.kv.get(&key) {
                     put_u8(&mut out, ST_OK);
@@ -335,9 +311,7 @@ fn serve_requests(
                 let mut st = shared.lock();
                 let current = match st.kv.get(&key) {
                     None => Some(0),
-                    Some(v) => std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|s| s.parse::<i64>().ok()),
+                    Some(v) => std::str::from_utf8(v).ok().and_then(|s| s.parse::<i64>().ok()),
                 };
                 match current {
                     Some(c) => {
@@ -351,10 +325,7 @@ fn serve_requests(
                     None => {
                         drop(st);
                         put_u8(&mut out, ST_ERR);
-                        put_bytes(
-                            &mut out,
-                            format!("key {key} holds a value that is not an integer").as_bytes(),
-                        );
+                        put_bytes(&mut out, format!("key {key} holds a value that is not an integer").as_bytes());
                     }
                 }
             }
@@ -369,8 +340,7 @@ fn serve_requests(
                     put_lost(&mut out, &lost);
                 } else {
                     let st = shared.lock();
-                    let missing: Vec<&String> =
-                        keys.iter().filter(|k| !st.kv.contains_key(*k)).collect();
+                    let missing: Vec<&String> = keys.iter().filter(|k| !st.kv.contains_key(*k)).collect();
                     put_u8(&mut out, ST_TIMEOUT);
                     put_u64(&mut out, missing.len() as u64);
                     for k in missing {
@@ -391,9 +361,7 @@ fn serve_requests(
                         st.world_size
                     ))
                 } else if !st.joined.insert(rank) {
-                    Some(format!(
-                        "rank {rank} already joined; two workers were started with the same rank"
-                    ))
+                    Some(format!("rank {rank} already joined; two workers were started with the same rank"))
                 } else {
                     None
                 };
@@ -422,10 +390,8 @@ fn serve_requests(
                     continue;
                 }
                 let complete = complete(&st);
-                let missing: Vec<u64> = (0..st.world_size)
-                    .filter(|r| !st.joined.contains(r))
-                    .map(|r| r as u64)
-                    .collect();
+                let missing: Vec<u64> =
+                    (0..st.world_size).filter(|r| !st.joined.contains(r)).map(|r| r as u64).collect();
                 // A rank given the wrong token fails on its own side at once; this tells rank 0 why it waited.
                 let note = match (st.refused, st.last_refused) {
                     (0, _) | (_, None) => String::new(),

@@ -22,10 +22,7 @@ fn set_get_add_wait_and_barrier_work_across_four_ranks() {
         store.add("total", rank as i64 + 1)?;
         let keys: Vec<String> = (0..4).map(|r| format!("name/{r}")).collect();
         store.wait(&keys.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let names = keys
-            .iter()
-            .map(|k| store.get(k))
-            .collect::<Result<Vec<_>, _>>()?;
+        let names = keys.iter().map(|k| store.get(k)).collect::<Result<Vec<_>, _>>()?;
         store.barrier("after-add")?;
         let total = store.add("total", 0)?;
         // The same barrier name twice: the second round must not see the first round's arrivals.
@@ -97,16 +94,10 @@ fn unreachable_master_fails_within_the_timeout_naming_rank_host_and_port() {
     let port = free_port();
     let started = Instant::now();
     let err = Store::rendezvous(&member(3, 4, port), &opts(3, 3)).unwrap_err();
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
     let msg = err.to_string();
     assert!(
-        msg.starts_with(&format!(
-            "rank 3 could not reach master 127.0.0.1:{port} after 3 s (not connected: "
-        )),
+        msg.starts_with(&format!("rank 3 could not reach master 127.0.0.1:{port} after 3 s (not connected: ")),
         "{msg}"
     );
     assert!(matches!(err, CommError::Unreachable { rank: 3, .. }));
@@ -118,37 +109,22 @@ fn unresolvable_master_host_fails_naming_the_host() {
     m.master_addr = "no-such-host.invalid".into();
     let started = Instant::now();
     let msg = Store::rendezvous(&m, &opts(2, 2)).unwrap_err().to_string();
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        started.elapsed()
-    );
-    assert!(
-        msg.contains("rank 1 could not reach master no-such-host.invalid:7777"),
-        "{msg}"
-    );
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(msg.contains("rank 1 could not reach master no-such-host.invalid:7777"), "{msg}");
     assert!(msg.contains("cannot resolve no-such-host.invalid"), "{msg}");
 }
 
 #[test]
 fn rendezvous_timeout_names_the_ranks_that_never_joined() {
     let port = free_port();
-    let results = on_ranks(2, |rank| {
-        Store::rendezvous(&member(rank, 4, port), &opts(3, 3)).map(|_| ())
-    });
+    let results = on_ranks(2, |rank| Store::rendezvous(&member(rank, 4, port), &opts(3, 3)).map(|_| ()));
     let master = results[0].as_ref().unwrap_err();
     assert!(matches!(master, CommError::RanksMissing { .. }), "{master}");
-    assert!(
-        master
-            .to_string()
-            .contains(&format!("127.0.0.1:{port} (ranks still missing: 2-3)")),
-        "{master}"
-    );
+    assert!(master.to_string().contains(&format!("127.0.0.1:{port} (ranks still missing: 2-3)")), "{master}");
     let worker = results[1].as_ref().unwrap_err().to_string();
     assert!(
-        worker.contains(&format!(
-            "rank 1 could not reach master 127.0.0.1:{port} after"
-        )) && worker.contains("(ranks still missing: 2-3)"),
+        worker.contains(&format!("rank 1 could not reach master 127.0.0.1:{port} after"))
+            && worker.contains("(ranks still missing: 2-3)"),
         "{worker}"
     );
 }
@@ -159,10 +135,7 @@ fn master_port_already_in_use_is_reported_with_the_port() {
     let port = taken.local_addr().unwrap().port();
     let err = Store::rendezvous(&member(0, 2, port), &opts(3, 3)).unwrap_err();
     assert!(matches!(err, CommError::Bind { .. }));
-    assert!(
-        err.to_string().contains(&format!("on port {port}")),
-        "{err}"
-    );
+    assert!(err.to_string().contains(&format!("on port {port}")), "{err}");
 }
 
 #[test]
@@ -170,53 +143,28 @@ fn a_rank_of_another_job_on_the_same_port_is_refused() {
     let port = free_port();
     let results = on_ranks(2, |rank| {
         let mut o = opts(3, 3);
-        o.job_id = if rank == 0 {
-            "job-a".into()
-        } else {
-            "job-b".into()
-        };
+        o.job_id = if rank == 0 { "job-a".into() } else { "job-b".into() };
         Store::rendezvous(&member(rank, 2, port), &o).map(|_| ())
     });
     let refused = results[1].as_ref().unwrap_err().to_string();
-    assert!(
-        refused.contains("refused") && refused.contains("'job-a'") && refused.contains("'job-b'"),
-        "{refused}"
-    );
-    assert!(results[0]
-        .as_ref()
-        .unwrap_err()
-        .to_string()
-        .contains("ranks still missing: 1"));
+    assert!(refused.contains("refused") && refused.contains("'job-a'") && refused.contains("'job-b'"), "{refused}");
+    assert!(results[0].as_ref().unwrap_err().to_string().contains("ranks still missing: 1"));
 }
 
 #[test]
 fn a_rank_with_a_different_world_size_is_refused() {
     let port = free_port();
-    let results = on_ranks(2, |rank| {
-        Store::rendezvous(&member(rank, 2 + rank, port), &opts(3, 3)).map(|_| ())
-    });
+    let results = on_ranks(2, |rank| Store::rendezvous(&member(rank, 2 + rank, port), &opts(3, 3)).map(|_| ()));
     let refused = results[1].as_ref().unwrap_err().to_string();
-    assert!(
-        refused.contains("world_size 3 but rank 0 has 2"),
-        "{refused}"
-    );
+    assert!(refused.contains("world_size 3 but rank 0 has 2"), "{refused}");
 }
 
 #[test]
 fn two_workers_with_the_same_rank_are_refused() {
     let port = free_port();
-    let results = on_ranks(3, |i| {
-        Store::rendezvous(&member(i.min(1), 3, port), &opts(3, 3)).map(|_| ())
-    });
-    let errors: Vec<String> = results
-        .iter()
-        .filter_map(|r| r.as_ref().err())
-        .map(|e| e.to_string())
-        .collect();
-    assert!(
-        errors.iter().any(|e| e.contains("rank 1 already joined")),
-        "{errors:?}"
-    );
+    let results = on_ranks(3, |i| Store::rendezvous(&member(i.min(1), 3, port), &opts(3, 3)).map(|_| ()));
+    let errors: Vec<String> = results.iter().filter_map(|r| r.as_ref().err()).map(|e| e.to_string()).collect();
+    assert!(errors.iter().any(|e| e.contains("rank 1 already joined")), "{errors:?}");
 }
 
 #[test]
@@ -230,18 +178,9 @@ fn a_port_held_by_another_service_fails_at_once_instead_of_retrying() {
         }
     });
     let started = Instant::now();
-    let err = Store::rendezvous(&member(1, 2, port), &opts(60, 60))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        started.elapsed()
-    );
-    assert!(
-        err.contains("not a hytrain rendezvous store") && err.contains(&format!(":{port}")),
-        "{err}"
-    );
+    let err = Store::rendezvous(&member(1, 2, port), &opts(60, 60)).unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(err.contains("not a hytrain rendezvous store") && err.contains(&format!(":{port}")), "{err}");
 }
 
 #[test]
@@ -249,15 +188,9 @@ fn wait_timeout_names_only_the_missing_keys() {
     let store = Store::rendezvous(&member(0, 1, free_port()), &opts(1, 5)).unwrap();
     store.set("present", b"").unwrap();
     let err = store.wait(&["present", "absent"]).unwrap_err().to_string();
-    assert!(
-        err.contains("'absent'") && !err.contains("'present'"),
-        "{err}"
-    );
+    assert!(err.contains("'absent'") && !err.contains("'present'"), "{err}");
     let err = store.get("absent").unwrap_err().to_string();
-    assert!(
-        err.contains("rank 0 waited 1 s") && err.contains("key 'absent'"),
-        "{err}"
-    );
+    assert!(err.contains("rank 0 waited 1 s") && err.contains("key 'absent'"), "{err}");
 }
 
 #[test]
@@ -279,10 +212,7 @@ fn barrier_timeout_names_the_ranks_that_did_not_arrive() {
         result
     });
     let err = results[0].as_ref().unwrap_err().to_string();
-    assert!(
-        err.contains("barrier 'sync' (ranks still missing: 2)"),
-        "{err}"
-    );
+    assert!(err.contains("barrier 'sync' (ranks still missing: 2)"), "{err}");
     assert!(results[1].is_err());
 }
 
@@ -291,10 +221,7 @@ fn add_to_a_non_integer_value_fails_naming_the_key() {
     let store = Store::rendezvous(&member(0, 1, free_port()), &opts(5, 5)).unwrap();
     store.set("text", b"hello").unwrap();
     let err = store.add("text", 1).unwrap_err().to_string();
-    assert!(
-        err.contains("key test/text holds a value that is not an integer"),
-        "{err}"
-    );
+    assert!(err.contains("key test/text holds a value that is not an integer"), "{err}");
 }
 
 #[test]
@@ -331,13 +258,10 @@ fn a_master_that_hangs_up_mid_request_is_reported_as_a_closed_connection() {
             let _ = get_u8(&mut s);
         }
     });
-    let err = Store::rendezvous(&member(2, 3, port), &o)
-        .unwrap_err()
-        .to_string();
+    let err = Store::rendezvous(&member(2, 3, port), &o).unwrap_err().to_string();
     assert!(
-        err.contains(&format!(
-            "rank 2: rendezvous store at 127.0.0.1:{port} failed during rendezvous"
-        )) && err.contains("connection closed by the master"),
+        err.contains(&format!("rank 2: rendezvous store at 127.0.0.1:{port} failed during rendezvous"))
+            && err.contains("connection closed by the master"),
         "{err}"
     );
 }
@@ -367,20 +291,14 @@ fn a_rank_with_the_wrong_token_fails_at_once_naming_the_master() {
     let started = Instant::now();
     let results = on_ranks(2, |rank| {
         // Rank 0 waits only briefly; rank 1 would retry for a minute if a mismatch were worth retrying.
-        let (o, secret) = if rank == 0 {
-            (opts(4, 4), "the-right-secret-0123")
-        } else {
-            (opts(60, 60), "a-wrong-secret-456789")
-        };
+        let (o, secret) =
+            if rank == 0 { (opts(4, 4), "the-right-secret-0123") } else { (opts(60, 60), "a-wrong-secret-456789") };
         let r = Store::rendezvous(&member(rank, 2, port), &with_token(o, secret)).map(|_| ());
         (r, started.elapsed())
     });
     let (worker, worker_took) = &results[1];
     let worker = worker.as_ref().unwrap_err();
-    assert!(
-        matches!(worker, CommError::TokenMismatch { rank: 1, .. }),
-        "{worker}"
-    );
+    assert!(matches!(worker, CommError::TokenMismatch { rank: 1, .. }), "{worker}");
     let msg = worker.to_string();
     assert!(
         msg.starts_with(&format!(
@@ -388,13 +306,12 @@ fn a_rank_with_the_wrong_token_fails_at_once_naming_the_master() {
         )),
         "{msg}"
     );
-    assert!(
-        *worker_took < Duration::from_secs(30),
-        "the mismatched rank took {worker_took:?}"
-    );
+    assert!(*worker_took < Duration::from_secs(30), "the mismatched rank took {worker_took:?}");
     let master = results[0].0.as_ref().unwrap_err().to_string();
     assert!(
-        master.contains("ranks still missing: 1; refused 1 connection that failed the job token check, the last from 127.0.0.1:"),
+        master.contains(
+            "ranks still missing: 1; refused 1 connection that failed the job token check, the last from 127.0.0.1:"
+        ),
         "{master}"
     );
     for m in [&msg, &master] {
@@ -482,13 +399,7 @@ fn garbage_huge_lengths_and_bad_proofs_are_dropped_without_disturbing_the_job() 
         let mut silent = connect_when_listening(port);
 
         let mut garbage = connect_when_listening(port);
-        garbage
-            .write_all(
-                &(0..1024u32)
-                    .map(|i| (i * 7919 % 251) as u8)
-                    .collect::<Vec<_>>(),
-            )
-            .unwrap();
+        garbage.write_all(&(0..1024u32).map(|i| (i * 7919 % 251) as u8).collect::<Vec<_>>()).unwrap();
         let (_, closed) = drain(&mut garbage, Duration::from_secs(15));
         assert!(closed, "garbage was not dropped");
 
@@ -522,10 +433,7 @@ fn garbage_huge_lengths_and_bad_proofs_are_dropped_without_disturbing_the_job() 
         assert!(reply.is_empty(), "the forger got: {reply:?}");
 
         drop(go);
-        let sums: Vec<i64> = ranks
-            .into_iter()
-            .map(|h| h.join().unwrap().unwrap())
-            .collect();
+        let sums: Vec<i64> = ranks.into_iter().map(|h| h.join().unwrap().unwrap()).collect();
         assert_eq!(sums, [6, 6, 6]);
         // The silent client is dropped once its handshake time is up.
         let (_, closed) = drain(&mut silent, HANDSHAKE_TIMEOUT + Duration::from_secs(10));
@@ -548,9 +456,7 @@ fn a_replayed_handshake_is_refused_and_the_job_goes_on() {
             std::thread::spawn(move || {
                 while let Ok((c, _)) = proxy.accept() {
                     let s = connect_when_listening(port);
-                    for (mut from, mut to) in
-                        [(c.try_clone().unwrap(), s.try_clone().unwrap()), (s, c)]
-                    {
+                    for (mut from, mut to) in [(c.try_clone().unwrap(), s.try_clone().unwrap()), (s, c)] {
                         std::thread::spawn(move || {
                             let _ = io::copy(&mut from, &mut to);
                             let _ = to.shutdown(std::net::Shutdown::Write);
@@ -593,28 +499,16 @@ fn a_replayed_handshake_is_refused_and_the_job_goes_on() {
             replay.read_exact(&mut head).unwrap();
             assert_eq!(&head[..8], HELLO);
             assert_eq!(head[8], auth::ACCEPTED);
-            replay
-                .write_all(&captured[hello_len..hello_len + 32])
-                .unwrap();
+            replay.write_all(&captured[hello_len..hello_len + 32]).unwrap();
             let mut status = [9u8; 1];
             replay.read_exact(&mut status).unwrap();
-            assert_eq!(
-                status[0],
-                auth::REFUSED,
-                "the replay got past the token check"
-            );
+            assert_eq!(status[0], auth::REFUSED, "the replay got past the token check");
             let _ = replay.write_all(&captured[hello_len + 32..]);
             let (reply, closed) = drain(&mut replay, Duration::from_secs(15));
-            assert!(
-                closed && reply.is_empty(),
-                "the replay was answered: {reply:?}"
-            );
+            assert!(closed && reply.is_empty(), "the replay was answered: {reply:?}");
             let _ = replayed.send(());
         } else {
-            let _ = replay_done
-                .lock()
-                .unwrap()
-                .recv_timeout(Duration::from_secs(60));
+            let _ = replay_done.lock().unwrap().recv_timeout(Duration::from_secs(60));
         }
         store.barrier("after-replay")
     });
@@ -640,27 +534,18 @@ fn a_rank_that_dies_is_named_to_every_other_rank_and_ends_their_blocking_request
             return None;
         }
         // Blocked on a key nobody will set; the loss ends the wait long before its deadline.
-        let e = store
-            .get_timeout("never", Duration::from_secs(60))
-            .unwrap_err();
+        let e = store.get_timeout("never", Duration::from_secs(60)).unwrap_err();
         // The store's answer to the request and its verdict on the watch travel on two connections; either
         // may arrive first.
         Some((live.wait_lost(Some(Duration::from_secs(10))), e))
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
     for r in [0, 1] {
         let (lost, e) = results[r].as_ref().unwrap();
         let lost = lost.as_ref().expect("a verdict");
         assert_eq!(lost.rank, 2);
         assert_eq!(lost.host, "127.0.0.1");
-        assert!(
-            matches!(e, CommError::RankLost(l) if l.rank == 2),
-            "rank {r}: {e}"
-        );
+        assert!(matches!(e, CommError::RankLost(l) if l.rank == 2), "rank {r}: {e}");
     }
 }
 
@@ -686,11 +571,7 @@ fn ranks_that_leave_are_not_lost_and_rank_0_waits_for_them() {
     for (rank, (lost, _)) in results.iter().enumerate() {
         assert_eq!(lost, &None, "rank {rank}");
     }
-    assert!(
-        results[0].1 >= Duration::from_millis(500),
-        "rank 0 left after {:?}",
-        results[0].1
-    );
+    assert!(results[0].1 >= Duration::from_millis(500), "rank 0 left after {:?}", results[0].1);
 }
 
 #[test]
@@ -703,10 +584,7 @@ fn a_rank_that_stops_sending_heartbeats_is_lost_after_the_peer_timeout() {
         move || {
             let store = Store::rendezvous(&member(0, 2, port), &o)?;
             let t = Instant::now();
-            let lost = store
-                .liveness()
-                .unwrap()
-                .wait_lost(Some(Duration::from_secs(20)));
+            let lost = store.liveness().unwrap().wait_lost(Some(Duration::from_secs(20)));
             Ok::<_, CommError>((lost, t.elapsed()))
         }
     });
@@ -738,25 +616,14 @@ fn a_rank_that_stops_sending_heartbeats_is_lost_after_the_peer_timeout() {
 fn zero_deadlines_are_refused_naming_the_option() {
     let mut o = opts(30, 30);
     o.peer_timeout = Duration::ZERO;
-    let e = Store::rendezvous(&member(0, 1, free_port()), &o)
-        .unwrap_err()
-        .to_string();
-    assert_eq!(
-        e,
-        "invalid options: peer_timeout is 0; give a positive number of seconds"
-    );
+    let e = Store::rendezvous(&member(0, 1, free_port()), &o).unwrap_err().to_string();
+    assert_eq!(e, "invalid options: peer_timeout is 0; give a positive number of seconds");
 }
 
 #[test]
 fn a_single_rank_job_listens_on_loopback_only() {
-    assert_eq!(
-        listen_only_on(&member(0, 1, 1)),
-        Some(Ipv4Addr::LOCALHOST.into())
-    );
-    assert_eq!(
-        listen_only_on(&member(0, 2, 1)),
-        Some(Ipv4Addr::LOCALHOST.into())
-    );
+    assert_eq!(listen_only_on(&member(0, 1, 1)), Some(Ipv4Addr::LOCALHOST.into()));
+    assert_eq!(listen_only_on(&member(0, 2, 1)), Some(Ipv4Addr::LOCALHOST.into()));
     let mut m = member(0, 2, 1);
     m.master_addr = "[::1]".into();
     assert_eq!(listen_only_on(&m), Some(Ipv6Addr::LOCALHOST.into()));
@@ -771,14 +638,7 @@ fn a_store_started_on_its_own_serves_a_job_whose_ranks_all_join_as_clients() {
     // What a standalone store needs: the server without any rank around it, and clients that do not host it.
     let port = free_port();
     let o = opts(30, 30);
-    let server = Server::start(
-        Some(Ipv4Addr::LOCALHOST.into()),
-        port,
-        &o.job_id,
-        3,
-        o.token(),
-    )
-    .unwrap();
+    let server = Server::start(Some(Ipv4Addr::LOCALHOST.into()), port, &o.job_id, 3, o.token()).unwrap();
     let results = on_ranks(3, |rank| -> Result<Vec<u8>, CommError> {
         let store = Store::join(&member(rank, 3, port), &o, None, Instant::now())?;
         store.set(&format!("k/{rank}"), &[rank as u8])?;

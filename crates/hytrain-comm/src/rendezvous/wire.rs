@@ -51,10 +51,7 @@ pub(crate) fn get_bytes_max(r: &mut impl Read, max: usize) -> io::Result<Vec<u8>
     let mut v = Vec::with_capacity(n.min(64 << 10));
     r.take(n as u64).read_to_end(&mut v)?;
     if v.len() < n {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed in the middle of a field",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in the middle of a field"));
     }
     Ok(v)
 }

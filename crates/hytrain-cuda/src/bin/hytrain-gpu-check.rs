@@ -30,12 +30,7 @@ struct Options {
 }
 
 fn options() -> Result<Options, String> {
-    let mut options = Options {
-        json: None,
-        dump: None,
-        bench_elements: 64 << 20,
-        cpu_only: false,
-    };
+    let mut options = Options { json: None, dump: None, bench_elements: 64 << 20, cpu_only: false };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
@@ -45,14 +40,12 @@ fn options() -> Result<Options, String> {
             "--cpu-only" => options.cpu_only = true,
             "--bench-elements" => {
                 let text = value()?;
-                options.bench_elements = text
-                    .parse()
-                    .map_err(|_| format!("--bench-elements takes a whole number, got '{text}'"))?;
+                options.bench_elements =
+                    text.parse().map_err(|_| format!("--bench-elements takes a whole number, got '{text}'"))?;
             }
             "-h" | "--help" => {
                 return Err(
-                    "usage: hytrain-gpu-check [--json FILE] [--dump DIR] [--bench-elements N] [--cpu-only]"
-                        .into(),
+                    "usage: hytrain-gpu-check [--json FILE] [--dump DIR] [--bench-elements N] [--cpu-only]".into()
                 )
             }
             other => return Err(format!("unknown argument '{other}'; see --help")),
@@ -195,27 +188,14 @@ fn run(options: &Options, report: &mut Report) -> Result<bool, Failure> {
     report.number("cuda_driver_version", driver.version() as f64);
 
     let nccl = Nccl::load()?;
-    println!(
-        "nccl: {} from {} ({})",
-        nccl.version(),
-        nccl.path().display(),
-        nccl.origin()
-    );
+    println!("nccl: {} from {} ({})", nccl.version(), nccl.path().display(), nccl.origin());
     report.text("nccl_version", &nccl.version().to_string());
     report.text("nccl_path", &nccl.path().display().to_string());
 
     let nvrtc = Nvrtc::load()?;
-    let arch = nvrtc
-        .supported_archs()?
-        .into_iter()
-        .filter(|a| *a <= device.capability)
-        .max()
-        .ok_or_else(|| {
-            format!(
-                "NVRTC {:?} supports no architecture up to {}",
-                nvrtc.version(),
-                device.capability
-            )
+    let arch =
+        nvrtc.supported_archs()?.into_iter().filter(|a| *a <= device.capability).max().ok_or_else(|| {
+            format!("NVRTC {:?} supports no architecture up to {}", nvrtc.version(), device.capability)
         })?;
     println!(
         "nvrtc: {}.{} from {}; compiling for {}",
@@ -252,10 +232,7 @@ fn check_pack_unpack(
     let lengths = [0usize, 1, 7, 1000, 65_537, 3, 262_144, 5];
     let layout = BucketLayout::new(lengths);
     let grads: Vec<Vec<f32>> = lengths.iter().map(|&n| numbers.take(n)).collect();
-    let device_grads = grads
-        .iter()
-        .map(|g| gpu.upload(g))
-        .collect::<Result<Vec<_>, _>>()?;
+    let device_grads = grads.iter().map(|g| gpu.upload(g)).collect::<Result<Vec<_>, _>>()?;
     let addresses: Vec<u64> = device_grads.iter().map(|b| b.address()).collect();
     let device_addresses = gpu.upload(&addresses)?;
     let offsets: Vec<i64> = layout.offsets().iter().map(|&o| o as i64).collect();
@@ -283,10 +260,7 @@ fn check_pack_unpack(
 
     let reduced = numbers.take(layout.len());
     let device_reduced = gpu.upload(&reduced)?;
-    let outs = lengths
-        .iter()
-        .map(|&n| gpu.upload(&vec![f32::NAN; n]))
-        .collect::<Result<Vec<_>, _>>()?;
+    let outs = lengths.iter().map(|&n| gpu.upload(&vec![f32::NAN; n])).collect::<Result<Vec<_>, _>>()?;
     let out_addresses: Vec<u64> = outs.iter().map(|b| b.address()).collect();
     let device_out_addresses = gpu.upload(&out_addresses)?;
     let unscale = 1.0 / 7.0;
@@ -330,35 +304,11 @@ fn optimizer_elements(options: &Options) -> usize {
 
 /// Two SGD variants between them cover Nesterov, weight decay and dampening.
 const SGD_VARIANTS: [(&str, SgdConfig); 2] = [
-    (
-        "sgd_nesterov",
-        SgdConfig {
-            lr: 0.05,
-            momentum: 0.9,
-            dampening: 0.0,
-            weight_decay: 1e-4,
-            nesterov: true,
-        },
-    ),
-    (
-        "sgd_dampened",
-        SgdConfig {
-            lr: 0.1,
-            momentum: 0.8,
-            dampening: 0.1,
-            weight_decay: 0.0,
-            nesterov: false,
-        },
-    ),
+    ("sgd_nesterov", SgdConfig { lr: 0.05, momentum: 0.9, dampening: 0.0, weight_decay: 1e-4, nesterov: true }),
+    ("sgd_dampened", SgdConfig { lr: 0.1, momentum: 0.8, dampening: 0.1, weight_decay: 0.0, nesterov: false }),
 ];
 
-const ADAMW: AdamWConfig = AdamWConfig {
-    lr: 1e-3,
-    beta1: 0.9,
-    beta2: 0.999,
-    eps: 1e-8,
-    weight_decay: 1e-2,
-};
+const ADAMW: AdamWConfig = AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 1e-2 };
 
 /// What the PyTorch peer needs to replay the optimizer checks: sizes and hyperparameters.
 fn dump_meta(options: &Options) -> Result<(), Failure> {
@@ -409,12 +359,7 @@ fn dump_cpu_references(options: &Options) -> Result<(), Failure> {
         let mut all_grads = Vec::new();
         for step in 0..STEPS {
             let grads = numbers.take(n);
-            reference::sgd_momentum_step(
-                &cfg.args(step == 0)?,
-                &mut params,
-                &grads,
-                &mut momentum,
-            )?;
+            reference::sgd_momentum_step(&cfg.args(step == 0)?, &mut params, &grads, &mut momentum)?;
             all_grads.extend(grads);
         }
         dump(options, &format!("{name}_grads"), &all_grads)?;
@@ -426,13 +371,7 @@ fn dump_cpu_references(options: &Options) -> Result<(), Failure> {
     let mut all_grads = Vec::new();
     for step in 1..=STEPS as u64 {
         let grads = numbers.take(n);
-        reference::adamw_step(
-            &ADAMW.args(step)?,
-            &mut params,
-            &grads,
-            &mut exp_avg,
-            &mut exp_avg_sq,
-        )?;
+        reference::adamw_step(&ADAMW.args(step)?, &mut params, &grads, &mut exp_avg, &mut exp_avg_sq)?;
         all_grads.extend(grads);
     }
     dump(options, "adamw_grads", &all_grads)?;
@@ -487,12 +426,7 @@ fn check_sgd(
         dump(options, &format!("{name}_grads"), &all_grads)?;
         dump(options, &format!("{name}_hytrain_params"), &got)?;
         ok &= compare(&format!("{name}_params"), &got, &params, report);
-        ok &= compare(
-            &format!("{name}_momentum"),
-            &device_momentum.download()?,
-            &momentum,
-            report,
-        );
+        ok &= compare(&format!("{name}_momentum"), &device_momentum.download()?, &momentum, report);
     }
     Ok(ok)
 }
@@ -523,14 +457,7 @@ fn check_adamw(
             "hytrain_adamw",
             grid(n),
             BLOCK,
-            &adamw_args(
-                &device_params,
-                &device_grads,
-                &device_avg,
-                &device_avg_sq,
-                n,
-                &args,
-            ),
+            &adamw_args(&device_params, &device_grads, &device_avg, &device_avg_sq, n, &args),
         )?;
         gpu.synchronize()?;
         reference::adamw_step(&args, &mut params, &grads, &mut exp_avg, &mut exp_avg_sq)?;
@@ -541,12 +468,7 @@ fn check_adamw(
     dump(options, "adamw_hytrain_params", &got)?;
     let mut ok = compare("adamw_params", &got, &params, report);
     ok &= compare("adamw_exp_avg", &device_avg.download()?, &exp_avg, report);
-    ok &= compare(
-        "adamw_exp_avg_sq",
-        &device_avg_sq.download()?,
-        &exp_avg_sq,
-        report,
-    );
+    ok &= compare("adamw_exp_avg_sq", &device_avg_sq.download()?, &exp_avg_sq, report);
     Ok(ok)
 }
 
@@ -574,12 +496,7 @@ fn adamw_args<T: Copy + Default>(
     ]
 }
 
-fn check_nccl(
-    gpu: &Gpu<'_>,
-    nccl: &Nccl,
-    numbers: &mut Numbers,
-    report: &mut Report,
-) -> Result<bool, Failure> {
+fn check_nccl(gpu: &Gpu<'_>, nccl: &Nccl, numbers: &mut Numbers, report: &mut Report) -> Result<bool, Failure> {
     let id = nccl.unique_id()?;
     let comm = nccl.communicator(&id, 1, 0)?;
     let values = numbers.take(1 << 20);
@@ -589,18 +506,8 @@ fn check_nccl(
     comm.allreduce_sum_f32(send.address(), send.address(), values.len())?;
     gpu.synchronize()?;
     // One rank: the sum is the rank's own values, out of place and in place.
-    let mut ok = compare(
-        "nccl_allreduce_out_of_place",
-        &recv.download()?,
-        &values,
-        report,
-    );
-    ok &= compare(
-        "nccl_allreduce_in_place",
-        &send.download()?,
-        &values,
-        report,
-    );
+    let mut ok = compare("nccl_allreduce_out_of_place", &recv.download()?, &values, report);
+    ok &= compare("nccl_allreduce_in_place", &send.download()?, &values, report);
     Ok(ok)
 }
 
@@ -643,15 +550,10 @@ fn bench(
     let v = gpu.upload(&zeros)?;
     let args = AdamWConfig::default().args(10)?;
     let launch_args = adamw_args(&p, &g, &m, &v, n, &args);
-    let seconds = time(gpu, 3, 21, || {
-        optim.launch("hytrain_adamw", grid(n), BLOCK, &launch_args)
-    })?;
+    let seconds = time(gpu, 3, 21, || optim.launch("hytrain_adamw", grid(n), BLOCK, &launch_args))?;
     // Reads params, grads and both moments; writes params and both moments.
     let gbps = (7 * 4 * n) as f64 / seconds / 1e9;
-    println!(
-        "bench: hytrain_adamw over {n} elements: {:.3} ms, {gbps:.0} GB/s",
-        seconds * 1e3
-    );
+    println!("bench: hytrain_adamw over {n} elements: {:.3} ms, {gbps:.0} GB/s", seconds * 1e3);
     report.number("bench_elements", n as f64);
     report.number("bench_adamw_ms", seconds * 1e3);
     report.number("bench_adamw_gbps", gbps);
@@ -660,9 +562,7 @@ fn bench(
     let tensors = 160;
     let each = (25 << 20) / 4 / tensors;
     let layout = BucketLayout::new(vec![each; tensors]);
-    let sources = (0..tensors)
-        .map(|_| gpu.upload(&vec![0.5f32; each]))
-        .collect::<Result<Vec<_>, _>>()?;
+    let sources = (0..tensors).map(|_| gpu.upload(&vec![0.5f32; each])).collect::<Result<Vec<_>, _>>()?;
     let addresses: Vec<u64> = sources.iter().map(|b| b.address()).collect();
     let device_addresses = gpu.upload(&addresses)?;
     let offsets: Vec<i64> = layout.offsets().iter().map(|&o| o as i64).collect();
@@ -675,9 +575,7 @@ fn bench(
         KernelArg::F32(0.5),
         KernelArg::Pointer(out.address()),
     ];
-    let seconds = time(gpu, 3, 21, || {
-        bucket.launch("hytrain_pack_scaled", grid(layout.len()), BLOCK, &pack_args)
-    })?;
+    let seconds = time(gpu, 3, 21, || bucket.launch("hytrain_pack_scaled", grid(layout.len()), BLOCK, &pack_args))?;
     let gbps = (2 * 4 * layout.len()) as f64 / seconds / 1e9;
     println!(
         "bench: hytrain_pack_scaled of {tensors} tensors into a 25 MB bucket: {:.1} us, {gbps:.0} GB/s",
@@ -694,35 +592,28 @@ mod tests {
 
     fn python_reads(path: &std::path::Path) -> String {
         let output = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "import json, sys; print(json.dumps(json.load(open(sys.argv[1])), sort_keys=True))",
-            ])
+            .args(["-c", "import json, sys; print(json.dumps(json.load(open(sys.argv[1])), sort_keys=True))"])
             .arg(path)
             .output()
             .expect("python3 reads the JSON the PyTorch peer reads");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8(output.stdout).unwrap()
     }
 
     #[test]
     fn the_peers_meta_json_parses_and_carries_every_hyperparameter() {
         let dir = tempfile::tempdir().unwrap();
-        let options = Options {
-            json: None,
-            dump: Some(dir.path().to_path_buf()),
-            bench_elements: 0,
-            cpu_only: true,
-        };
+        let options = Options { json: None, dump: Some(dir.path().to_path_buf()), bench_elements: 0, cpu_only: true };
         dump_meta(&options).unwrap();
         let parsed = python_reads(&dir.path().join("meta.json"));
         assert!(parsed.contains("\"elements\": 65537"), "{parsed}");
         assert!(parsed.contains("\"sgd_nesterov\": {\"dampening\": 0, \"lr\": 0.05, \"momentum\": 0.9, \"nesterov\": true, \"weight_decay\": 0.0001}"), "{parsed}");
-        assert!(parsed.contains("\"adamw\": {\"beta1\": 0.9, \"beta2\": 0.999, \"eps\": 1e-08, \"lr\": 0.001, \"weight_decay\": 0.01}"), "{parsed}");
+        assert!(
+            parsed.contains(
+                "\"adamw\": {\"beta1\": 0.9, \"beta2\": 0.999, \"eps\": 1e-08, \"lr\": 0.001, \"weight_decay\": 0.01}"
+            ),
+            "{parsed}"
+        );
     }
 
     #[test]

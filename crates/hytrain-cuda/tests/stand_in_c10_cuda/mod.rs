@@ -64,18 +64,11 @@ pub fn load() -> &'static PathBuf {
             .arg(env!("HYTRAIN_SHIM_CUDA_INCLUDE"))
             .arg("-Wl,-soname,libc10_cuda.so")
             .status()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "these tests build a stand-in libc10_cuda.so with a C++ compiler ({cxx}): {e}"
-                )
-            });
+            .unwrap_or_else(|e| panic!("these tests build a stand-in libc10_cuda.so with a C++ compiler ({cxx}): {e}"));
         assert!(status.success(), "{cxx} failed on {}", source.display());
         // SAFETY: the stand-in has no initialisers beyond its thread-local table; it stays loaded for the process.
         let library = unsafe {
-            libloading::os::unix::Library::open(
-                Some(&out),
-                libc::RTLD_NOW | libc::RTLD_GLOBAL | libc::RTLD_NODELETE,
-            )
+            libloading::os::unix::Library::open(Some(&out), libc::RTLD_NOW | libc::RTLD_GLOBAL | libc::RTLD_NODELETE)
         }
         .unwrap();
         std::mem::forget(library);

@@ -34,11 +34,7 @@ fn basename(name: &str) -> &str {
     name.rsplit('/').next().unwrap_or(name)
 }
 
-fn chosen<'a>(
-    ds: &Dataset,
-    objects: &'a [Object],
-    which: fn(&str) -> Option<(Split, u32)>,
-) -> Vec<&'a Object> {
+fn chosen<'a>(ds: &Dataset, objects: &'a [Object], which: fn(&str) -> Option<(Split, u32)>) -> Vec<&'a Object> {
     let mut v: Vec<(&str, u32, &Object)> = objects
         .iter()
         .filter_map(|o| {
@@ -68,20 +64,12 @@ pub(crate) fn index_py(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error
         return Err(missing_split(ds, ""));
     }
     let known = ds.known_counts(objects, &batches);
-    let counts = ds.count_samples(&batches, known, |ds, o, bytes| {
-        Ok(parse_py(bytes, &ds.source_desc, &o.name)?.len())
-    })?;
+    let counts =
+        ds.count_samples(&batches, known, |ds, o, bytes| Ok(parse_py(bytes, &ds.source_desc, &o.name)?.len()))?;
     for (o, samples) in batches.iter().zip(counts) {
-        ds.shards.push(Shard {
-            name: o.name.clone(),
-            bytes: o.size,
-            samples,
-            kind: ShardKind::Object,
-        });
+        ds.shards.push(Shard { name: o.name.clone(), bytes: o.size, samples, kind: ShardKind::Object });
     }
-    let meta = objects
-        .iter()
-        .find(|o| matches!(basename(&o.name), "batches.meta" | "meta"));
+    let meta = objects.iter().find(|o| matches!(basename(&o.name), "batches.meta" | "meta"));
     if let Some(meta) = meta {
         let bytes = ds.source.read(&meta.name)?;
         let value = pickle::load(&bytes).map_err(|reason| Error::BadShard {
@@ -89,12 +77,8 @@ pub(crate) fn index_py(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error
             shard: meta.name.clone(),
             reason: format!("{reason}; re-copy batches.meta"),
         })?;
-        let names = value
-            .get("label_names")
-            .or_else(|| value.get("fine_label_names"));
-        ds.classes = names
-            .and_then(|n| n.items())
-            .map(|items| items.iter().filter_map(Value::as_text).collect());
+        let names = value.get("label_names").or_else(|| value.get("fine_label_names"));
+        ds.classes = names.and_then(|n| n.items()).map(|items| items.iter().filter_map(Value::as_text).collect());
     }
     Ok(())
 }
@@ -117,24 +101,12 @@ pub(crate) fn index_bin(ds: &mut Dataset, objects: &[Object]) -> Result<(), Erro
             });
         }
         let samples = (o.size / RECORD as u64) as usize;
-        ds.shards.push(Shard {
-            name: o.name.clone(),
-            bytes: o.size,
-            samples,
-            kind: ShardKind::Object,
-        });
+        ds.shards.push(Shard { name: o.name.clone(), bytes: o.size, samples, kind: ShardKind::Object });
     }
-    if let Some(meta) = objects
-        .iter()
-        .find(|o| basename(&o.name) == "batches.meta.txt")
-    {
+    if let Some(meta) = objects.iter().find(|o| basename(&o.name) == "batches.meta.txt") {
         let text = ds.source.read(&meta.name)?;
-        let names = String::from_utf8_lossy(&text)
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect();
+        let names =
+            String::from_utf8_lossy(&text).lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
         ds.classes = Some(names);
     }
     Ok(())
@@ -150,23 +122,16 @@ pub fn parse_py(bytes: &[u8], source_desc: &str, shard: &str) -> Result<Vec<RawS
     let bad = |reason: String| Error::BadShard {
         source_desc: source_desc.to_string(),
         shard: shard.to_string(),
-        reason: format!(
-            "{reason}; is this a CIFAR python batch? re-copy it from the original archive"
-        ),
+        reason: format!("{reason}; is this a CIFAR python batch? re-copy it from the original archive"),
     };
     let value = pickle::load(bytes).map_err(bad)?;
-    let data = value
-        .get("data")
-        .ok_or_else(|| bad("the pickle has no 'data' entry".into()))?;
+    let data = value.get("data").ok_or_else(|| bad("the pickle has no 'data' entry".into()))?;
     let Value::Array(array) = data else {
         return Err(bad("'data' is not a numpy array".into()));
     };
     let array = array.borrow();
     if !matches!(array.dtype.as_str(), "u1" | "|u1" | "<u1" | "uint8") {
-        return Err(bad(format!(
-            "'data' has dtype {}, expected uint8",
-            array.dtype
-        )));
+        return Err(bad(format!("'data' has dtype {}, expected uint8", array.dtype)));
     }
     let rows = match array.shape.as_slice() {
         [n, p] if *p == PIXELS => *n,
@@ -194,11 +159,7 @@ pub fn parse_py(bytes: &[u8], source_desc: &str, shard: &str) -> Result<Vec<RawS
                 "i2" => 2,
                 "i4" => 4,
                 "i8" => 8,
-                d => {
-                    return Err(bad(format!(
-                        "'labels' has dtype {d}, expected an integer type"
-                    )))
-                }
+                d => return Err(bad(format!("'labels' has dtype {d}, expected an integer type"))),
             };
             a.data
                 .chunks_exact(width)
@@ -228,12 +189,7 @@ pub fn parse_py(bytes: &[u8], source_desc: &str, shard: &str) -> Result<Vec<RawS
         .map(|(i, &label)| {
             let key = key(shard, i);
             let image = Image::from_chw(3, SIDE, SIDE, &array.data[i * PIXELS..(i + 1) * PIXELS]);
-            RawSample {
-                member: key.clone(),
-                key,
-                payload: Payload::Pixels(image),
-                label,
-            }
+            RawSample { member: key.clone(), key, payload: Payload::Pixels(image), label }
         })
         .collect())
 }
@@ -244,10 +200,7 @@ pub fn parse_bin(bytes: &[u8], source_desc: &str, shard: &str) -> Result<Vec<Raw
         return Err(Error::BadShard {
             source_desc: source_desc.to_string(),
             shard: shard.to_string(),
-            reason: format!(
-                "has {} bytes, not a multiple of {RECORD}: truncated? re-copy it",
-                bytes.len()
-            ),
+            reason: format!("has {} bytes, not a multiple of {RECORD}: truncated? re-copy it", bytes.len()),
         });
     }
     Ok(bytes
@@ -256,12 +209,7 @@ pub fn parse_bin(bytes: &[u8], source_desc: &str, shard: &str) -> Result<Vec<Raw
         .map(|(i, rec)| {
             let key = key(shard, i);
             let image = Image::from_chw(3, SIDE, SIDE, &rec[1..]);
-            RawSample {
-                member: key.clone(),
-                key,
-                payload: Payload::Pixels(image),
-                label: i64::from(rec[0]),
-            }
+            RawSample { member: key.clone(), key, payload: Payload::Pixels(image), label: i64::from(rec[0]) }
         })
         .collect())
 }

@@ -34,27 +34,14 @@ pub fn image(bytes: &[u8], kind: ImageKind) -> Result<Image, String> {
     let img = reader.decode().map_err(|e| e.to_string())?;
     let gray = matches!(
         img.color(),
-        image::ColorType::L8
-            | image::ColorType::La8
-            | image::ColorType::L16
-            | image::ColorType::La16
+        image::ColorType::L8 | image::ColorType::La8 | image::ColorType::L16 | image::ColorType::La16
     );
     Ok(if gray {
         let g = img.into_luma8();
-        Image {
-            height: g.height() as usize,
-            width: g.width() as usize,
-            channels: 1,
-            pixels: g.into_raw(),
-        }
+        Image { height: g.height() as usize, width: g.width() as usize, channels: 1, pixels: g.into_raw() }
     } else {
         let c = img.into_rgb8();
-        Image {
-            height: c.height() as usize,
-            width: c.width() as usize,
-            channels: 3,
-            pixels: c.into_raw(),
-        }
+        Image { height: c.height() as usize, width: c.width() as usize, channels: 3, pixels: c.into_raw() }
     })
 }
 
@@ -80,15 +67,8 @@ mod tests {
     #[test]
     fn png_roundtrip_keeps_pixels_for_rgb_and_gray() {
         for channels in [1, 3] {
-            let pixels: Vec<u8> = (0..5 * 7 * channels)
-                .map(|i| (i * 37 % 256) as u8)
-                .collect();
-            let img = Image {
-                height: 5,
-                width: 7,
-                channels,
-                pixels,
-            };
+            let pixels: Vec<u8> = (0..5 * 7 * channels).map(|i| (i * 37 % 256) as u8).collect();
+            let img = Image { height: 5, width: 7, channels, pixels };
             let back = image(&png(&img).unwrap(), ImageKind::Png).unwrap();
             assert_eq!(back, img);
         }
@@ -109,17 +89,16 @@ mod tests {
         ihdr.extend_from_slice(&side.to_be_bytes());
         ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
         let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-        for (len, chunk) in [
-            (13u32, ihdr),
-            (2, b"IDAT\x78\x9c".to_vec()),
-            (0, b"IEND".to_vec()),
-        ] {
+        for (len, chunk) in [(13u32, ihdr), (2, b"IDAT\x78\x9c".to_vec()), (0, b"IEND".to_vec())] {
             png.extend_from_slice(&len.to_be_bytes());
             png.extend_from_slice(&chunk);
             png.extend_from_slice(&crc32(&chunk).to_be_bytes());
         }
         let e = image(&png, ImageKind::Png).unwrap_err();
-        assert_eq!(e, format!("image is {side} x {side} pixels, larger than the limit of {MAX_IMAGE_SIDE} pixels a side"));
+        assert_eq!(
+            e,
+            format!("image is {side} x {side} pixels, larger than the limit of {MAX_IMAGE_SIDE} pixels a side")
+        );
     }
 
     fn crc32(bytes: &[u8]) -> u32 {
@@ -127,11 +106,7 @@ mod tests {
         for &b in bytes {
             crc ^= u32::from(b);
             for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
             }
         }
         !crc

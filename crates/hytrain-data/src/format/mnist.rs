@@ -41,10 +41,7 @@ fn basename(name: &str) -> &str {
 
 /// The file for (split, role), preferring an uncompressed copy (torchvision keeps both in `raw/`).
 fn find(objects: &[Object], split: Split, want: Role) -> Option<&Object> {
-    let mut found: Vec<&Object> = objects
-        .iter()
-        .filter(|o| role(basename(&o.name)) == Some((split, want)))
-        .collect();
+    let mut found: Vec<&Object> = objects.iter().filter(|o| role(basename(&o.name)) == Some((split, want))).collect();
     found.sort_by_key(|o| (o.name.ends_with(".gz"), o.name.clone()));
     found.first().copied()
 }
@@ -84,17 +81,10 @@ fn gunzip(bytes: &[u8], limit: u64) -> Result<Vec<u8>, String> {
 
 /// Checks an IDX header and returns its dimensions.
 fn header(ds: &Dataset, name: &str, bytes: &[u8], dims: usize) -> Result<Vec<usize>, Error> {
-    let bad = |reason: String| Error::BadShard {
-        source_desc: ds.source_desc.clone(),
-        shard: name.to_string(),
-        reason,
-    };
+    let bad = |reason: String| Error::BadShard { source_desc: ds.source_desc.clone(), shard: name.to_string(), reason };
     let head = 4 + 4 * dims;
     if bytes.len() < head {
-        return Err(bad(format!(
-            "is too short for an IDX header ({} bytes); re-copy it",
-            bytes.len()
-        )));
+        return Err(bad(format!("is too short for an IDX header ({} bytes); re-copy it", bytes.len())));
     }
     let magic = u32::from_be_bytes(bytes[..4].try_into().unwrap());
     if magic != 0x0800 | dims as u32 {
@@ -103,14 +93,10 @@ fn header(ds: &Dataset, name: &str, bytes: &[u8], dims: usize) -> Result<Vec<usi
             0x0800 | dims
         )));
     }
-    let shape: Vec<usize> = (0..dims)
-        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
-        .collect();
+    let shape: Vec<usize> =
+        (0..dims).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
     // Three u32 dimensions can multiply past usize: compare without overflowing.
-    let need = shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .and_then(|n| n.checked_add(head));
+    let need = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).and_then(|n| n.checked_add(head));
     if need != Some(bytes.len()) {
         let need = need.map_or_else(|| format!("more than {}", usize::MAX), |n| n.to_string());
         return Err(bad(format!(
@@ -123,17 +109,13 @@ fn header(ds: &Dataset, name: &str, bytes: &[u8], dims: usize) -> Result<Vec<usi
 
 /// Indexes the split: reads both files once (kept in the dataset's cache) and cuts them into slices.
 pub(crate) fn index(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
-    let which = if ds.split == Split::Train {
-        "train"
-    } else {
-        "t10k"
-    };
+    let which = if ds.split == Split::Train { "train" } else { "t10k" };
     let images = find(objects, ds.split, Role::Images);
     let labels = find(objects, ds.split, Role::Labels);
     let (Some(images), Some(labels)) = (images, labels) else {
-        return Err(ds.no_split(&format!(
-            "need both {which}-images-idx3-ubyte[.gz] and {which}-labels-idx1-ubyte[.gz]"
-        )));
+        return Err(
+            ds.no_split(&format!("need both {which}-images-idx3-ubyte[.gz] and {which}-labels-idx1-ubyte[.gz]"))
+        );
     };
     let (n, rows, cols) = {
         let img = ds.read_cached(&images.name, |b| unzip(ds, &images.name, b))?;
@@ -144,10 +126,7 @@ pub(crate) fn index(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
             return Err(Error::BadShard {
                 source_desc: ds.source_desc.clone(),
                 shard: labels.name.clone(),
-                reason: format!(
-                    "has {count} labels but {} has {} images",
-                    images.name, shape[0]
-                ),
+                reason: format!("has {count} labels but {} has {} images", images.name, shape[0]),
             });
         }
         (shape[0], shape[1], shape[2])
@@ -158,10 +137,7 @@ pub(crate) fn index(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
             name: images.name.clone(),
             bytes: images.size,
             samples: SLICE.min(n - start),
-            kind: ShardKind::MnistSlice {
-                labels: labels.name.clone(),
-                start,
-            },
+            kind: ShardKind::MnistSlice { labels: labels.name.clone(), start },
         });
     }
     ds.classes = Some((0..10).map(|d| d.to_string()).collect());
@@ -178,11 +154,7 @@ pub(crate) fn read_slice(ds: &Dataset, shard: &Shard) -> Result<Vec<RawSample>, 
     let shape = header(ds, &shard.name, &img, 3)?;
     header(ds, labels, &lab, 1)?;
     let (rows, cols) = (shape[1], shape[2]);
-    let which = if basename(&shard.name).starts_with("train") {
-        "train"
-    } else {
-        "t10k"
-    };
+    let which = if basename(&shard.name).starts_with("train") { "train" } else { "t10k" };
     let end = (*start + shard.samples).min(shape[0]);
     Ok((*start..end)
         .map(|i| {
@@ -221,10 +193,7 @@ mod tests {
         assert_eq!(gunzip(&bomb, 3 << 20).unwrap().len(), 3 << 20);
         let e = gunzip(&bomb, 2 << 20).unwrap_err();
         assert!(e.contains("unzips to more than the limit of 2 MiB"), "{e}");
-        assert!(
-            e.contains(&format!("({} compressed bytes)", bomb.len())),
-            "{e}"
-        );
+        assert!(e.contains(&format!("({} compressed bytes)", bomb.len())), "{e}");
     }
 
     #[test]
@@ -236,16 +205,9 @@ mod tests {
         let mut labels = vec![0, 0, 8, 1];
         labels.extend_from_slice(&1u32.to_be_bytes());
         labels.push(0);
-        let source = MemorySource::new("mem")
-            .with("train-images-idx3-ubyte", images)
-            .with("train-labels-idx1-ubyte", labels);
-        let e = Dataset::open(std::sync::Arc::new(source), &DatasetOptions::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("train-images-idx3-ubyte")
-                && e.contains(&format!("needs more than {}", usize::MAX)),
-            "{e}"
-        );
+        let source =
+            MemorySource::new("mem").with("train-images-idx3-ubyte", images).with("train-labels-idx1-ubyte", labels);
+        let e = Dataset::open(std::sync::Arc::new(source), &DatasetOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("train-images-idx3-ubyte") && e.contains(&format!("needs more than {}", usize::MAX)), "{e}");
     }
 }

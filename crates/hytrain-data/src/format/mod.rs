@@ -45,12 +45,7 @@ impl Image {
                 pixels[i * channels + c] = chw[c * plane + i];
             }
         }
-        Image {
-            height,
-            width,
-            channels,
-            pixels,
-        }
+        Image { height, width, channels, pixels }
     }
 }
 
@@ -199,16 +194,12 @@ impl RawSample {
                 bad(format!("image does not decode ({e}); re-encode it as png/jpeg or pass --skip-bad-samples"))
             })?),
             Payload::Pixels(img) => Input::Image(img.clone()),
-            Payload::Npy(bytes) => Input::Tensor(
-                npy::parse(bytes).map_err(|e| bad(format!("{e}; or pass --skip-bad-samples")))?,
-            ),
+            Payload::Npy(bytes) => {
+                Input::Tensor(npy::parse(bytes).map_err(|e| bad(format!("{e}; or pass --skip-bad-samples")))?)
+            }
             Payload::Tokens(ids) => Input::Tokens(ids.clone()),
         };
-        Ok(Sample {
-            key: self.key.clone(),
-            input,
-            label: self.label,
-        })
+        Ok(Sample { key: self.key.clone(), input, label: self.label })
     }
 }
 
@@ -267,11 +258,7 @@ pub(crate) enum ShardKind {
     /// Samples `start..start + samples` of an MNIST image file and its label file.
     MnistSlice { labels: String, start: usize },
     /// Windows `start..start + samples` of a token file whose ids start at byte `offset`.
-    TokenSlice {
-        start: usize,
-        offset: u64,
-        dtype: TokenDtype,
-    },
+    TokenSlice { start: usize, offset: u64, dtype: TokenDtype },
 }
 
 /// The unit the sampler shuffles: a tar file, a CIFAR batch file, or a slice of an MNIST file.
@@ -329,8 +316,7 @@ pub struct Dataset {
 }
 
 /// Shards read in order by [`Dataset::read_shards`]: (shard index, its samples).
-pub type ShardReads<'a> =
-    Box<dyn Iterator<Item = (usize, Result<Vec<RawSample>, Error>)> + Send + 'a>;
+pub type ShardReads<'a> = Box<dyn Iterator<Item = (usize, Result<Vec<RawSample>, Error>)> + Send + 'a>;
 
 /// Name of the shard index `pack` writes at the output's root: `{"shards": [{"name": "train/shard-000000.tar",
 /// "bytes": 123, "samples": 45}, ...]}`. When every shard of the split is listed with its current size, `open`
@@ -367,15 +353,10 @@ pub fn write_index(dir: &std::path::Path, index: &ShardIndex) -> Result<(), Erro
         let path = path.to_path_buf();
         move |io| Error::Write { path, io }
     };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&partial)
-        .map_err(write_err(&partial))?;
-    let text = serde_json::to_vec_pretty(index).map_err(|e| Error::Write {
-        path: partial.clone(),
-        io: std::io::Error::other(e),
-    })?;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create_new(true).open(&partial).map_err(write_err(&partial))?;
+    let text = serde_json::to_vec_pretty(index)
+        .map_err(|e| Error::Write { path: partial.clone(), io: std::io::Error::other(e) })?;
     let written = file
         .write_all(&text)
         .and_then(|()| file.sync_all())
@@ -416,10 +397,8 @@ impl Dataset {
         if objects.is_empty() {
             return Err(Error::Empty(source_desc));
         }
-        let format = detect(&objects).ok_or_else(|| Error::UnknownFormat {
-            source_desc: source_desc.clone(),
-            found: summarize(&objects),
-        })?;
+        let format = detect(&objects)
+            .ok_or_else(|| Error::UnknownFormat { source_desc: source_desc.clone(), found: summarize(&objects) })?;
         let mut ds = Dataset {
             source,
             source_desc,
@@ -431,11 +410,7 @@ impl Dataset {
             tokens: options.tokens.clone(),
             skipped_at_open: 0,
             first_skip: None,
-            given: counts
-                .shards
-                .iter()
-                .map(|e| (e.name.clone(), e.clone()))
-                .collect(),
+            given: counts.shards.iter().map(|e| (e.name.clone(), e.clone())).collect(),
             cache: Mutex::new(HashMap::new()),
         };
         match format {
@@ -521,11 +496,7 @@ impl Dataset {
                 .shards
                 .iter()
                 .filter(|s| s.kind == ShardKind::Object)
-                .map(|s| IndexEntry {
-                    name: s.name.clone(),
-                    bytes: s.bytes,
-                    samples: s.samples,
-                })
+                .map(|s| IndexEntry { name: s.name.clone(), bytes: s.bytes, samples: s.samples })
                 .collect(),
         }
     }
@@ -533,12 +504,10 @@ impl Dataset {
     /// Reads shard `index` into raw samples, in the shard's order. With `skip_bad_samples` bad ones are left out,
     /// exactly as at `open`, so the count matches [`Shard::samples`].
     pub fn read_shard(&self, index: usize) -> Result<Vec<RawSample>, Error> {
-        let shard = self.shards.get(index).ok_or_else(|| {
-            Error::Config(format!(
-                "shard {index} out of range ({} shards)",
-                self.shards.len()
-            ))
-        })?;
+        let shard = self
+            .shards
+            .get(index)
+            .ok_or_else(|| Error::Config(format!("shard {index} out of range ({} shards)", self.shards.len())))?;
         match self.format {
             Format::Mnist => return self.checked(shard, mnist::read_slice(self, shard)?),
             Format::Tokens => return self.checked(shard, tokens::read_slice(self, shard)?),
@@ -556,19 +525,11 @@ impl Dataset {
 
     /// [`Dataset::read_shards`] within `budget`: each shard's [`Shard::bytes`] are held in it from before its read
     /// starts until the consumer releases them ([`Source::read_ahead`](crate::source::Source::read_ahead)).
-    pub fn read_shards_within(
-        &self,
-        indices: Vec<usize>,
-        budget: Arc<ReadBudget>,
-    ) -> ShardReads<'_> {
+    pub fn read_shards_within(&self, indices: Vec<usize>, budget: Arc<ReadBudget>) -> ShardReads<'_> {
         self.read_shards_in(indices, Some(budget))
     }
 
-    fn read_shards_in(
-        &self,
-        indices: Vec<usize>,
-        budget: Option<Arc<ReadBudget>>,
-    ) -> ShardReads<'_> {
+    fn read_shards_in(&self, indices: Vec<usize>, budget: Option<Arc<ReadBudget>>) -> ShardReads<'_> {
         let sliced = matches!(self.format, Format::Mnist | Format::Tokens);
         if sliced || indices.iter().any(|&i| i >= self.shards.len()) {
             return Box::new(indices.into_iter().map_while(move |i| {
@@ -579,17 +540,11 @@ impl Dataset {
         }
         let objects = match budget {
             Some(budget) => {
-                let sized = indices
-                    .iter()
-                    .map(|&i| (self.shards[i].name.clone(), self.shards[i].bytes))
-                    .collect();
+                let sized = indices.iter().map(|&i| (self.shards[i].name.clone(), self.shards[i].bytes)).collect();
                 self.source.read_ahead(sized, budget)
             }
             None => {
-                let names = indices
-                    .iter()
-                    .map(|&i| self.shards[i].name.clone())
-                    .collect();
+                let names = indices.iter().map(|&i| self.shards[i].name.clone()).collect();
                 self.source.read_many(names)
             }
         };
@@ -605,15 +560,11 @@ impl Dataset {
     fn parse_shard(&self, index: usize, bytes: &[u8]) -> Result<Vec<RawSample>, Error> {
         let shard = &self.shards[index];
         let samples = match self.format {
-            Format::Tar => {
-                tar::parse(bytes, &self.source_desc, &shard.name, self.skip_bad_samples)?.0
-            }
+            Format::Tar => tar::parse(bytes, &self.source_desc, &shard.name, self.skip_bad_samples)?.0,
             Format::CifarPy => cifar::parse_py(bytes, &self.source_desc, &shard.name)?,
             Format::CifarBin => cifar::parse_bin(bytes, &self.source_desc, &shard.name)?,
             Format::Mnist | Format::Tokens => {
-                return Err(Error::Pipeline(
-                    "a slice of a file parsed as a whole object".into(),
-                ))
+                return Err(Error::Pipeline("a slice of a file parsed as a whole object".into()))
             }
         };
         self.checked(shard, samples)
@@ -643,11 +594,8 @@ impl Dataset {
         } else {
             self.read_index(objects)
         };
-        let from_index: HashMap<&str, &IndexEntry> = index
-            .iter()
-            .flat_map(|i| &i.shards)
-            .map(|e| (e.name.as_str(), e))
-            .collect();
+        let from_index: HashMap<&str, &IndexEntry> =
+            index.iter().flat_map(|i| &i.shards).map(|e| (e.name.as_str(), e)).collect();
         chosen
             .iter()
             .map(|o| {
@@ -684,12 +632,7 @@ impl Dataset {
         known: Vec<Option<usize>>,
         mut count: impl FnMut(&mut Dataset, &Object, &[u8]) -> Result<usize, Error>,
     ) -> Result<Vec<usize>, Error> {
-        let unknown: Vec<&Object> = chosen
-            .iter()
-            .zip(&known)
-            .filter(|(_, k)| k.is_none())
-            .map(|(o, _)| *o)
-            .collect();
+        let unknown: Vec<&Object> = chosen.iter().zip(&known).filter(|(_, k)| k.is_none()).map(|(o, _)| *o).collect();
         let mut counted = HashMap::new();
         if !unknown.is_empty() {
             tracing::info!(
@@ -706,11 +649,7 @@ impl Dataset {
                 counted.insert(o.name.clone(), n);
             }
         }
-        Ok(chosen
-            .iter()
-            .zip(known)
-            .map(|(o, k)| k.unwrap_or_else(|| counted[&o.name]))
-            .collect())
+        Ok(chosen.iter().zip(known).map(|(o, k)| k.unwrap_or_else(|| counted[&o.name])).collect())
     }
 
     fn note_skip(&mut self, e: &Error) {
@@ -726,28 +665,16 @@ impl Dataset {
         name: &str,
         transform: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, Error>,
     ) -> Result<Arc<Vec<u8>>, Error> {
-        if let Some(b) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-        {
+        if let Some(b) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
             return Ok(b.clone());
         }
         let bytes = Arc::new(transform(self.source.read(name)?)?);
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), bytes.clone());
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), bytes.clone());
         Ok(bytes)
     }
 
     fn no_split(&self, hint: &str) -> Error {
-        Error::NoSplit {
-            source_desc: self.source_desc.clone(),
-            split: self.split.to_string(),
-            hint: hint.to_string(),
-        }
+        Error::NoSplit { source_desc: self.source_desc.clone(), split: self.split.to_string(), hint: hint.to_string() }
     }
 }
 
@@ -775,18 +702,11 @@ fn summarize(objects: &[Object]) -> String {
     let shown: Vec<&str> = objects.iter().take(5).map(|o| o.name.as_str()).collect();
     let more = objects.len().saturating_sub(shown.len());
     let mut found = if more > 0 {
-        format!(
-            "{} objects: {}, ... and {more} more",
-            objects.len(),
-            shown.join(", ")
-        )
+        format!("{} objects: {}, ... and {more} more", objects.len(), shown.join(", "))
     } else {
         format!("{} object(s): {}", objects.len(), shown.join(", "))
     };
-    if objects
-        .iter()
-        .any(|o| o.name.ends_with(".tar.gz") || o.name.ends_with(".tgz"))
-    {
+    if objects.iter().any(|o| o.name.ends_with(".tar.gz") || o.name.ends_with(".tgz")) {
         found.push_str("; compressed archives (.tar.gz, .tgz) must be extracted first");
     }
     found

@@ -58,10 +58,7 @@ impl Value {
             return None;
         };
         let items = items.borrow();
-        items
-            .iter()
-            .find(|(k, _)| k.as_text().as_deref() == Some(key))
-            .map(|(_, v)| v.clone())
+        items.iter().find(|(k, _)| k.as_text().as_deref() == Some(key)).map(|(_, v)| v.clone())
     }
 
     /// The items of a list or tuple.
@@ -132,10 +129,7 @@ impl<'a> Reader<'a> {
     }
     fn line(&mut self) -> Result<&'a str, String> {
         let rest = &self.data[self.pos..];
-        let end = rest
-            .iter()
-            .position(|&c| c == b'\n')
-            .ok_or("truncated pickle: unterminated text line")?;
+        let end = rest.iter().position(|&c| c == b'\n').ok_or("truncated pickle: unterminated text line")?;
         self.pos += end + 1;
         std::str::from_utf8(&rest[..end]).map_err(|_| "pickle text line is not UTF-8".to_string())
     }
@@ -209,20 +203,13 @@ impl Machine {
         Ok(())
     }
     fn pop(&mut self) -> Result<Value, String> {
-        self.stack
-            .pop()
-            .ok_or_else(|| "pickle stack underflow".to_string())
+        self.stack.pop().ok_or_else(|| "pickle stack underflow".to_string())
     }
     fn top(&self) -> Result<&Value, String> {
-        self.stack
-            .last()
-            .ok_or_else(|| "pickle stack underflow".to_string())
+        self.stack.last().ok_or_else(|| "pickle stack underflow".to_string())
     }
     fn pop_mark(&mut self) -> Result<Vec<Value>, String> {
-        let m = self
-            .marks
-            .pop()
-            .ok_or("pickle pops a MARK that was never set")?;
+        let m = self.marks.pop().ok_or("pickle pops a MARK that was never set")?;
         if m > self.stack.len() {
             return Err("pickle MARK below the stack".into());
         }
@@ -237,19 +224,13 @@ impl Machine {
         Ok(())
     }
     fn memo_get(&mut self, idx: u64) -> Result<(), String> {
-        let v = self
-            .memo
-            .get(&idx)
-            .cloned()
-            .ok_or_else(|| format!("pickle refers to memo {idx}, never stored"))?;
+        let v = self.memo.get(&idx).cloned().ok_or_else(|| format!("pickle refers to memo {idx}, never stored"))?;
         self.push(v)
     }
 }
 
 fn latin1(s: &str) -> Result<Vec<u8>, String> {
-    s.chars()
-        .map(|c| u8::try_from(u32::from(c)).map_err(|_| format!("character {c:?} is not latin-1")))
-        .collect()
+    s.chars().map(|c| u8::try_from(u32::from(c)).map_err(|_| format!("character {c:?} is not latin-1"))).collect()
 }
 
 fn bytes_of(v: &Value) -> Result<Rc<Vec<u8>>, String> {
@@ -262,9 +243,7 @@ fn bytes_of(v: &Value) -> Result<Rc<Vec<u8>>, String> {
 }
 
 fn shape_of(v: &Value) -> Result<Vec<usize>, String> {
-    let items = v
-        .items()
-        .ok_or_else(|| format!("array shape is a {}, not a tuple", v.kind()))?;
+    let items = v.items().ok_or_else(|| format!("array shape is a {}, not a tuple", v.kind()))?;
     items
         .iter()
         .map(|d| match d {
@@ -277,19 +256,14 @@ fn shape_of(v: &Value) -> Result<Vec<usize>, String> {
 fn dtype_of(v: &Value) -> Result<String, String> {
     match v {
         Value::Dtype(d) => Ok(d.borrow().clone()),
-        other => other
-            .as_text()
-            .ok_or_else(|| format!("expected a numpy dtype, found {}", other.kind())),
+        other => other.as_text().ok_or_else(|| format!("expected a numpy dtype, found {}", other.kind())),
     }
 }
 
 /// Calls one of the few globals CIFAR pickles use.
 fn call(global: &(String, String), args: &[Value]) -> Result<Value, String> {
     let (module, name) = (global.0.as_str(), global.1.as_str());
-    let arg = |i: usize| {
-        args.get(i)
-            .ok_or_else(|| format!("{module}.{name} called with too few arguments"))
-    };
+    let arg = |i: usize| args.get(i).ok_or_else(|| format!("{module}.{name} called with too few arguments"));
     match (module, name) {
         (m, "_reconstruct") if m.ends_with("multiarray") => {
             // `_reconstruct(ndarray, (0,), b'b')` makes an empty array that BUILD then fills.
@@ -307,21 +281,12 @@ fn call(global: &(String, String), args: &[Value]) -> Result<Value, String> {
             let shape = shape_of(arg(2)?)?;
             if let Some(order) = args.get(3).and_then(Value::as_text) {
                 if order == "F" {
-                    return Err(
-                        "Fortran-ordered arrays are not supported; re-save the array in C order"
-                            .into(),
-                    );
+                    return Err("Fortran-ordered arrays are not supported; re-save the array in C order".into());
                 }
             }
-            Ok(Value::Array(Rc::new(RefCell::new(Array {
-                dtype,
-                shape,
-                data,
-            }))))
+            Ok(Value::Array(Rc::new(RefCell::new(Array { dtype, shape, data }))))
         }
-        _ => Err(format!(
-            "pickle calls {module}.{name}, which a CIFAR batch never uses"
-        )),
+        _ => Err(format!("pickle calls {module}.{name}, which a CIFAR batch never uses")),
     }
 }
 
@@ -337,9 +302,7 @@ fn build(obj: &Value, state: &Value) -> Result<(), String> {
                 n => return Err(format!("ndarray state has {n} fields, expected 4 or 5")),
             };
             if matches!(fortran, Value::Bool(true) | Value::Int(1)) {
-                return Err(
-                    "Fortran-ordered arrays are not supported; re-save the array in C order".into(),
-                );
+                return Err("Fortran-ordered arrays are not supported; re-save the array in C order".into());
             }
             let mut a = a.borrow_mut();
             a.shape = shape_of(shape)?;
@@ -358,26 +321,17 @@ fn build(obj: &Value, state: &Value) -> Result<(), String> {
             }
             Ok(())
         }
-        other => Err(format!(
-            "pickle sets the state of a {}, which a CIFAR batch never does",
-            other.kind()
-        )),
+        other => Err(format!("pickle sets the state of a {}, which a CIFAR batch never does", other.kind())),
     }
 }
 
 /// Runs a pickle and returns the object it builds.
 pub(crate) fn load(data: &[u8]) -> Result<Pickled, String> {
     let mut r = Reader { data, pos: 0 };
-    let mut m = Machine {
-        stack: Vec::new(),
-        marks: Vec::new(),
-        memo: HashMap::new(),
-    };
+    let mut m = Machine { stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() };
     loop {
         let at = r.pos;
-        let op = r
-            .u8()
-            .map_err(|_| "truncated pickle: ends before STOP".to_string())?;
+        let op = r.u8().map_err(|_| "truncated pickle: ends before STOP".to_string())?;
         match op {
             0x80 => {
                 let proto = r.u8()?;
@@ -578,8 +532,8 @@ pub(crate) fn load(data: &[u8]) -> Result<Pickled, String> {
             }
             _ => {
                 return Err(format!(
-                    "pickle opcode 0x{op:02x} at offset {at} is not one a CIFAR batch uses (or the file is not a pickle)"
-                ))
+                "pickle opcode 0x{op:02x} at offset {at} is not one a CIFAR batch uses (or the file is not a pickle)"
+            ))
             }
         }
     }
@@ -625,11 +579,7 @@ mod tests {
         let list = Rc::new(RefCell::new(Vec::new()));
         list.borrow_mut().push(Value::List(list.clone()));
         let weak = Rc::downgrade(&list);
-        drop(Machine {
-            stack: vec![Value::List(list)],
-            marks: Vec::new(),
-            memo: HashMap::new(),
-        });
+        drop(Machine { stack: vec![Value::List(list)], marks: Vec::new(), memo: HashMap::new() });
         assert!(weak.upgrade().is_none(), "a machine dropped on error leaked its cycle");
     }
 

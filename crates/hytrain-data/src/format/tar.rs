@@ -25,28 +25,13 @@ fn split_of(name: &str) -> Option<Split> {
 /// Chooses the split's `*.tar` objects and counts each shard's samples (reading every shard whose count is not
 /// known already).
 pub(crate) fn index(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
-    let tars: Vec<&Object> = objects
-        .iter()
-        .filter(|o| o.name.ends_with(".tar"))
-        .collect();
+    let tars: Vec<&Object> = objects.iter().filter(|o| o.name.ends_with(".tar")).collect();
     let has_test = tars.iter().any(|o| split_of(&o.name) == Some(Split::Test));
     let has_train = tars.iter().any(|o| split_of(&o.name) == Some(Split::Train));
     let chosen: Vec<&Object> = match ds.split {
-        Split::Test => tars
-            .iter()
-            .copied()
-            .filter(|o| split_of(&o.name) == Some(Split::Test))
-            .collect(),
-        Split::Train if has_train => tars
-            .iter()
-            .copied()
-            .filter(|o| split_of(&o.name) == Some(Split::Train))
-            .collect(),
-        Split::Train => tars
-            .iter()
-            .copied()
-            .filter(|o| !has_test || split_of(&o.name).is_none())
-            .collect(),
+        Split::Test => tars.iter().copied().filter(|o| split_of(&o.name) == Some(Split::Test)).collect(),
+        Split::Train if has_train => tars.iter().copied().filter(|o| split_of(&o.name) == Some(Split::Train)).collect(),
+        Split::Train => tars.iter().copied().filter(|o| !has_test || split_of(&o.name).is_none()).collect(),
     };
     if chosen.is_empty() {
         return Err(ds.no_split(match ds.split {
@@ -63,21 +48,13 @@ pub(crate) fn index(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
         Ok(samples.len())
     })?;
     for (o, samples) in chosen.iter().zip(counts) {
-        ds.shards.push(Shard {
-            name: o.name.clone(),
-            bytes: o.size,
-            samples,
-            kind: ShardKind::Object,
-        });
+        ds.shards.push(Shard { name: o.name.clone(), bytes: o.size, samples, kind: ShardKind::Object });
     }
     read_classes(ds, objects)
 }
 
 fn read_classes(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
-    let classes = objects
-        .iter()
-        .find(|o| o.name == super::CLASSES_FILE)
-        .map(|o| o.name.clone());
+    let classes = objects.iter().find(|o| o.name == super::CLASSES_FILE).map(|o| o.name.clone());
     if let Some(name) = classes {
         let bytes = ds.source.read(&name)?;
         let names: Vec<String> = serde_json::from_slice(&bytes).map_err(|e| Error::BadShard {
@@ -107,11 +84,8 @@ pub(crate) fn parse(
     shard: &str,
     skip_bad: bool,
 ) -> Result<(Vec<RawSample>, Vec<Error>), Error> {
-    let bad_shard = |reason: String| Error::BadShard {
-        source_desc: source_desc.to_string(),
-        shard: shard.to_string(),
-        reason,
-    };
+    let bad_shard =
+        |reason: String| Error::BadShard { source_desc: source_desc.to_string(), shard: shard.to_string(), reason };
     let bad_member = |member: &str, reason: String| Error::BadMember {
         source_desc: source_desc.to_string(),
         shard: shard.to_string(),
@@ -119,18 +93,13 @@ pub(crate) fn parse(
         reason,
     };
     if bytes.is_empty() {
-        return Err(bad_shard(
-            "is empty (0 bytes); re-copy or re-pack it".into(),
-        ));
+        return Err(bad_shard("is empty (0 bytes); re-copy or re-pack it".into()));
     }
     let mut samples = Vec::new();
     let mut skipped = Vec::new();
     let mut group = Group::default();
     // Ends the current group; a bad group is an error, or skipped and returned with `skip_bad`.
-    let finish = |group: Group,
-                  samples: &mut Vec<RawSample>,
-                  skipped: &mut Vec<Error>|
-     -> Result<(), Error> {
+    let finish = |group: Group, samples: &mut Vec<RawSample>, skipped: &mut Vec<Error>| -> Result<(), Error> {
         if group.key.is_empty() {
             return Ok(());
         }
@@ -139,35 +108,20 @@ pub(crate) fn parse(
                 return Err(bad_member(&member, reason));
             }
             let Some((member, payload)) = group.input else {
-                let member = group
-                    .label
-                    .map(|l| l.0)
-                    .unwrap_or_else(|| group.key.clone());
+                let member = group.label.map(|l| l.0).unwrap_or_else(|| group.key.clone());
                 return Err(bad_member(
                     &member,
-                    format!(
-                        "sample {} has no input member ({}.png, .jpg, .jpeg or .npy)",
-                        group.key, group.key
-                    ),
+                    format!("sample {} has no input member ({}.png, .jpg, .jpeg or .npy)", group.key, group.key),
                 ));
             };
             let Some((label_member, label_bytes)) = group.label else {
                 return Err(bad_member(
                     &member,
-                    format!(
-                        "sample {} has no label ({}.cls or {}.json member)",
-                        group.key, group.key, group.key
-                    ),
+                    format!("sample {} has no label ({}.cls or {}.json member)", group.key, group.key, group.key),
                 ));
             };
-            let label = parse_label(&label_member, &label_bytes)
-                .map_err(|r| bad_member(&label_member, r))?;
-            Ok(RawSample {
-                key: group.key,
-                member,
-                payload,
-                label,
-            })
+            let label = parse_label(&label_member, &label_bytes).map_err(|r| bad_member(&label_member, r))?;
+            Ok(RawSample { key: group.key, member, payload, label })
         })();
         match result {
             Ok(s) => samples.push(s),
@@ -178,9 +132,7 @@ pub(crate) fn parse(
     };
 
     let mut archive = tar::Archive::new(bytes);
-    let entries = archive
-        .entries()
-        .map_err(|e| bad_shard(format!("is not a tar file ({e})")))?;
+    let entries = archive.entries().map_err(|e| bad_shard(format!("is not a tar file ({e})")))?;
     let mut end: u64 = 0;
     let mut last_member = String::new();
     let mut count = 0usize;
@@ -188,12 +140,12 @@ pub(crate) fn parse(
         let mut entry = match entry {
             Ok(e) => e,
             Err(e) if count == 0 => {
-                return Err(bad_shard(format!(
-                    "is not a tar file ({e}); shards must be plain, uncompressed tar"
-                )))
+                return Err(bad_shard(format!("is not a tar file ({e}); shards must be plain, uncompressed tar")))
             }
             Err(e) => {
-                let err = bad_shard(format!("is truncated or corrupt after member {last_member} ({e}); re-copy or re-pack it"));
+                let err = bad_shard(format!(
+                    "is truncated or corrupt after member {last_member} ({e}); re-copy or re-pack it"
+                ));
                 if skip_bad {
                     skipped.push(err);
                     finish(std::mem::take(&mut group), &mut samples, &mut skipped)?;
@@ -206,9 +158,7 @@ pub(crate) fn parse(
         let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let size = entry.size();
         // The size is the header's claim (up to 2^64 - 1 in base-256): no overflow on the way to "truncated".
-        end = entry
-            .raw_file_position()
-            .saturating_add(size.div_ceil(BLOCK).saturating_mul(BLOCK));
+        end = entry.raw_file_position().saturating_add(size.div_ceil(BLOCK).saturating_mul(BLOCK));
         last_member = path.clone();
         let kind = entry.header().entry_type();
         if kind.is_dir() {
@@ -217,9 +167,7 @@ pub(crate) fn parse(
         let path = path.strip_prefix("./").unwrap_or(&path).to_string();
         let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(bytes.len()));
         if let Err(e) = entry.read_to_end(&mut data) {
-            return Err(bad_shard(format!(
-                "member {path} cannot be read ({e}); the shard is truncated or corrupt"
-            )));
+            return Err(bad_shard(format!("member {path} cannot be read ({e}); the shard is truncated or corrupt")));
         }
         if (data.len() as u64) < size {
             let err = bad_shard(format!(
@@ -236,14 +184,9 @@ pub(crate) fn parse(
         let member_error = if path.starts_with('/') {
             Some("has an absolute path; shard members must be relative (key.ext)".to_string())
         } else if path.split('/').any(|c| c == "..") {
-            Some(
-                "has a '..' component; shard members must stay inside the shard (key.ext)"
-                    .to_string(),
-            )
+            Some("has a '..' component; shard members must stay inside the shard (key.ext)".to_string())
         } else if !(kind.is_file() || kind.is_contiguous()) {
-            Some(format!(
-                "is a {kind:?} entry, not a regular file; shards hold regular files only"
-            ))
+            Some(format!("is a {kind:?} entry, not a regular file; shards hold regular files only"))
         } else {
             None
         };
@@ -270,10 +213,7 @@ pub(crate) fn parse(
             "npy" => Some(Payload::Npy(data)),
             "cls" | "json" => {
                 if group.label.is_some() {
-                    group.error.get_or_insert((
-                        path.clone(),
-                        format!("sample {} has two labels", group.key),
-                    ));
+                    group.error.get_or_insert((path.clone(), format!("sample {} has two labels", group.key)));
                 } else {
                     group.label = Some((path.clone(), data));
                 }
@@ -283,10 +223,7 @@ pub(crate) fn parse(
         };
         if let Some(p) = payload {
             if let Some((first, _)) = &group.input {
-                let reason = format!(
-                    "sample {} has two inputs ({first} and this one); keep one per key",
-                    group.key
-                );
+                let reason = format!("sample {} has two inputs ({first} and this one); keep one per key", group.key);
                 group.error.get_or_insert((path, reason));
             } else {
                 group.input = Some((path, p));
@@ -296,12 +233,11 @@ pub(crate) fn parse(
     finish(std::mem::take(&mut group), &mut samples, &mut skipped)?;
     // A tar ends with zero blocks; a file that stops right after a member's data was cut at a block boundary.
     let end = usize::try_from(end).unwrap_or(usize::MAX);
-    let marker_ok = bytes.len() >= end.saturating_add(BLOCK as usize)
-        && bytes[end..end + BLOCK as usize].iter().all(|&b| b == 0);
+    let marker_ok =
+        bytes.len() >= end.saturating_add(BLOCK as usize) && bytes[end..end + BLOCK as usize].iter().all(|&b| b == 0);
     if !marker_ok {
         let err = bad_shard(if count == 0 {
-            "is not a tar file (no tar header found); shards must be plain, uncompressed tar"
-                .to_string()
+            "is not a tar file (no tar header found); shards must be plain, uncompressed tar".to_string()
         } else {
             format!("is truncated: it ends after member {last_member} without the end-of-archive marker; re-copy or re-pack it")
         });
@@ -315,12 +251,10 @@ pub(crate) fn parse(
 }
 
 fn parse_label(member: &str, bytes: &[u8]) -> Result<i64, String> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| "label is not UTF-8 text".to_string())?
-        .trim();
+    let text = std::str::from_utf8(bytes).map_err(|_| "label is not UTF-8 text".to_string())?.trim();
     let value = if member.to_ascii_lowercase().ends_with(".json") {
-        let v: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| format!("label is not JSON ({e}); write {{\"label\": 3}} or 3"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("label is not JSON ({e}); write {{\"label\": 3}} or 3"))?;
         match v {
             serde_json::Value::Object(map) => map.get("label").and_then(serde_json::Value::as_i64),
             other => other.as_i64(),

@@ -58,9 +58,7 @@ impl std::str::FromStr for TokenDtype {
         match s {
             "uint16" | "u16" => Ok(TokenDtype::Uint16),
             "uint32" | "u32" => Ok(TokenDtype::Uint32),
-            other => Err(format!(
-                "token dtype {other:?} is not one of uint16, uint32"
-            )),
+            other => Err(format!("token dtype {other:?} is not one of uint16, uint32")),
         }
     }
 }
@@ -86,9 +84,7 @@ pub struct TokenOptions {
 }
 
 fn split_of(name: &str) -> Split {
-    let test = name
-        .split(['/', '_', '-', '.'])
-        .any(|w| matches!(w, "val" | "valid" | "validation" | "test"));
+    let test = name.split(['/', '_', '-', '.']).any(|w| matches!(w, "val" | "valid" | "validation" | "test"));
     if test {
         Split::Test
     } else {
@@ -108,9 +104,7 @@ fn layout(ds: &Dataset, object: &Object) -> Result<(u64, TokenDtype), Error> {
         };
         if let Some(dtype) = dtype {
             let count = u64::try_from(word(2)).unwrap_or(u64::MAX);
-            if HEADER_BYTES.checked_add(count.saturating_mul(dtype.size() as u64))
-                == Some(object.size)
-            {
+            if HEADER_BYTES.checked_add(count.saturating_mul(dtype.size() as u64)) == Some(object.size) {
                 return Ok((HEADER_BYTES, dtype));
             }
             return Err(Error::BadShard {
@@ -149,13 +143,13 @@ pub(crate) fn index(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
             ds.source_desc
         )));
     };
-    let chosen: Vec<&Object> = objects
-        .iter()
-        .filter(|o| o.name.ends_with(".bin") && split_of(&o.name) == ds.split)
-        .collect();
+    let chosen: Vec<&Object> =
+        objects.iter().filter(|o| o.name.ends_with(".bin") && split_of(&o.name) == ds.split).collect();
     if chosen.is_empty() {
         return Err(ds.no_split(match ds.split {
-            Split::Test => "name the validation file val.bin (nanoGPT) or *_val_*.bin (llm.c), or give it as --validation",
+            Split::Test => {
+                "name the validation file val.bin (nanoGPT) or *_val_*.bin (llm.c), or give it as --validation"
+            }
             Split::Train => "name the training file train.bin (nanoGPT) or *_train_*.bin (llm.c)",
         }));
     }
@@ -169,11 +163,7 @@ pub(crate) fn index(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
                 name: object.name.clone(),
                 bytes: object.size,
                 samples: per_slice.min(samples - start),
-                kind: ShardKind::TokenSlice {
-                    start,
-                    offset,
-                    dtype,
-                },
+                kind: ShardKind::TokenSlice { start, offset, dtype },
             });
         }
         if samples == 0 {
@@ -190,22 +180,13 @@ pub(crate) fn index(ds: &mut Dataset, objects: &[Object]) -> Result<(), Error> {
 
 /// Reads the windows of one slice with one ranged read.
 pub(crate) fn read_slice(ds: &Dataset, shard: &Shard) -> Result<Vec<RawSample>, Error> {
-    let ShardKind::TokenSlice {
-        start,
-        offset,
-        dtype,
-    } = shard.kind
-    else {
+    let ShardKind::TokenSlice { start, offset, dtype } = shard.kind else {
         return Err(Error::Pipeline("a token shard without its slice".into()));
     };
     let context = ds.tokens.context_length.unwrap_or(0);
     let width = dtype.size();
     let ids = shard.samples * context + 1;
-    let bytes = ds.source.read_range(
-        &shard.name,
-        offset + (start * context * width) as u64,
-        (ids * width) as u64,
-    )?;
+    let bytes = ds.source.read_range(&shard.name, offset + (start * context * width) as u64, (ids * width) as u64)?;
     if bytes.len() != ids * width {
         return Err(Error::BadShard {
             source_desc: ds.source_desc.clone(),
@@ -218,14 +199,10 @@ pub(crate) fn read_slice(ds: &Dataset, shard: &Shard) -> Result<Vec<RawSample>, 
         });
     }
     let ids: Vec<i64> = match dtype {
-        TokenDtype::Uint16 => bytes
-            .chunks_exact(2)
-            .map(|b| i64::from(u16::from_le_bytes([b[0], b[1]])))
-            .collect(),
-        TokenDtype::Uint32 => bytes
-            .chunks_exact(4)
-            .map(|b| i64::from(u32::from_le_bytes(b.try_into().unwrap())))
-            .collect(),
+        TokenDtype::Uint16 => bytes.chunks_exact(2).map(|b| i64::from(u16::from_le_bytes([b[0], b[1]]))).collect(),
+        TokenDtype::Uint32 => {
+            bytes.chunks_exact(4).map(|b| i64::from(u32::from_le_bytes(b.try_into().unwrap()))).collect()
+        }
     };
     if let Some(vocab) = ds.tokens.vocab_size {
         if let Some(at) = ids.iter().position(|&id| id >= vocab as i64) {
@@ -261,20 +238,10 @@ mod tests {
 
     #[test]
     fn split_words_pick_the_test_files() {
-        for name in [
-            "val.bin",
-            "data/val.bin",
-            "fineweb_val_000000.bin",
-            "tiny-shakespeare-test.bin",
-        ] {
+        for name in ["val.bin", "data/val.bin", "fineweb_val_000000.bin", "tiny-shakespeare-test.bin"] {
             assert_eq!(split_of(name), Split::Test, "{name}");
         }
-        for name in [
-            "train.bin",
-            "fineweb_train_000001.bin",
-            "interval.bin",
-            "latest.bin",
-        ] {
+        for name in ["train.bin", "fineweb_train_000001.bin", "interval.bin", "latest.bin"] {
             assert_eq!(split_of(name), Split::Train, "{name}");
         }
     }
@@ -283,9 +250,6 @@ mod tests {
     fn token_dtype_parses_and_refuses_others() {
         assert_eq!("uint32".parse::<TokenDtype>(), Ok(TokenDtype::Uint32));
         assert_eq!("u16".parse::<TokenDtype>(), Ok(TokenDtype::Uint16));
-        assert!("int64"
-            .parse::<TokenDtype>()
-            .unwrap_err()
-            .contains("uint16, uint32"));
+        assert!("int64".parse::<TokenDtype>().unwrap_err().contains("uint16, uint32"));
     }
 }

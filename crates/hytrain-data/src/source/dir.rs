@@ -36,11 +36,7 @@ impl Dir {
             },
             path: root.clone(),
         })?;
-        Ok(Self {
-            single_file: !meta.is_dir(),
-            root,
-            sharded_by_host: false,
-        })
+        Ok(Self { single_file: !meta.is_dir(), root, sharded_by_host: false })
     }
 
     /// Marks this folder as holding only this host's part of the dataset (a `ShardedByS3Key` channel).
@@ -66,11 +62,7 @@ impl Dir {
     }
 
     fn read_error(&self, name: &str, io: std::io::Error) -> Error {
-        Error::Read {
-            source_desc: self.describe(),
-            name: name.to_owned(),
-            io,
-        }
+        Error::Read { source_desc: self.describe(), name: name.to_owned(), io }
     }
 
     /// Walks `dir` (whose name relative to the root is `prefix`), following links, guarding against loops with the
@@ -82,10 +74,8 @@ impl Dir {
         ancestors: &mut HashSet<(u64, u64)>,
         out: &mut Vec<Object>,
     ) -> Result<(), Error> {
-        let cannot_list = |io: std::io::Error| Error::Path {
-            path: dir.to_path_buf(),
-            reason: format!("cannot list: {io}"),
-        };
+        let cannot_list =
+            |io: std::io::Error| Error::Path { path: dir.to_path_buf(), reason: format!("cannot list: {io}") };
         for entry in fs::read_dir(dir).map_err(cannot_list)? {
             let entry = entry.map_err(cannot_list)?;
             let path = entry.path();
@@ -93,8 +83,7 @@ impl Dir {
             let Some(file_name) = file_name.to_str() else {
                 return Err(Error::Path {
                     path,
-                    reason: "file name is not UTF-8; rename it (object names must match S3 keys)"
-                        .to_owned(),
+                    reason: "file name is not UTF-8; rename it (object names must match S3 keys)".to_owned(),
                 });
             };
             // fs::metadata follows symbolic links, so a link is listed as what it points to.
@@ -106,11 +95,7 @@ impl Dir {
                 },
                 path: path.clone(),
             })?;
-            let name = if prefix.is_empty() {
-                file_name.to_owned()
-            } else {
-                format!("{prefix}/{file_name}")
-            };
+            let name = if prefix.is_empty() { file_name.to_owned() } else { format!("{prefix}/{file_name}") };
             if meta.is_dir() {
                 let id = (meta.dev(), meta.ino());
                 if !ancestors.insert(id) {
@@ -120,10 +105,7 @@ impl Dir {
                 self.walk(&path, &name, ancestors, out)?;
                 ancestors.remove(&id);
             } else if meta.is_file() {
-                out.push(Object {
-                    name,
-                    size: meta.len(),
-                });
+                out.push(Object { name, size: meta.len() });
             } else {
                 tracing::warn!(path = %path.display(), "skipping a FIFO, socket or device file in a dataset folder");
             }
@@ -140,27 +122,16 @@ impl Source for Dir {
     fn list(&self) -> Result<Vec<Object>, Error> {
         let mut objects = Vec::new();
         if self.single_file {
-            let name = self
-                .root
-                .file_name()
-                .and_then(|n| n.to_str())
-                .ok_or_else(|| Error::Path {
-                    path: self.root.clone(),
-                    reason: "file name is not UTF-8; rename it".to_owned(),
-                })?;
-            let meta = fs::metadata(&self.root).map_err(|io| Error::Path {
+            let name = self.root.file_name().and_then(|n| n.to_str()).ok_or_else(|| Error::Path {
                 path: self.root.clone(),
-                reason: format!("cannot stat: {io}"),
+                reason: "file name is not UTF-8; rename it".to_owned(),
             })?;
-            objects.push(Object {
-                name: name.to_owned(),
-                size: meta.len(),
-            });
+            let meta = fs::metadata(&self.root)
+                .map_err(|io| Error::Path { path: self.root.clone(), reason: format!("cannot stat: {io}") })?;
+            objects.push(Object { name: name.to_owned(), size: meta.len() });
         } else {
-            let root_meta = fs::metadata(&self.root).map_err(|io| Error::Path {
-                path: self.root.clone(),
-                reason: format!("cannot stat: {io}"),
-            })?;
+            let root_meta = fs::metadata(&self.root)
+                .map_err(|io| Error::Path { path: self.root.clone(), reason: format!("cannot stat: {io}") })?;
             let mut ancestors = HashSet::from([(root_meta.dev(), root_meta.ino())]);
             self.walk(&self.root, "", &mut ancestors, &mut objects)?;
         }
@@ -179,12 +150,9 @@ impl Source for Dir {
     fn read_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
         let path = self.path_of(name)?;
         let mut file = fs::File::open(&path).map_err(|io| self.read_error(name, io))?;
-        file.seek(SeekFrom::Start(offset))
-            .map_err(|io| self.read_error(name, io))?;
+        file.seek(SeekFrom::Start(offset)).map_err(|io| self.read_error(name, io))?;
         let mut out = Vec::new();
-        file.take(len)
-            .read_to_end(&mut out)
-            .map_err(|io| self.read_error(name, io))?;
+        file.take(len).read_to_end(&mut out).map_err(|io| self.read_error(name, io))?;
         Ok(out)
     }
 
@@ -212,14 +180,8 @@ mod tests {
         let source = Dir::new(dir.path()).unwrap();
         let objects = source.list().unwrap();
         // Bytewise order of the names, as S3 lists keys: '-' (0x2d) sorts before '/' (0x2f).
-        assert_eq!(
-            names(&objects),
-            ["train-x.tar", "train/a.tar", "train/b/2.tar"]
-        );
-        assert_eq!(
-            objects.iter().map(|o| o.size).collect::<Vec<_>>(),
-            [3, 1, 2]
-        );
+        assert_eq!(names(&objects), ["train-x.tar", "train/a.tar", "train/b/2.tar"]);
+        assert_eq!(objects.iter().map(|o| o.size).collect::<Vec<_>>(), [3, 1, 2]);
         assert_eq!(source.read("train/b/2.tar").unwrap(), b"22");
         assert_eq!(source.read_range("train-x.tar", 1, 10).unwrap(), b"33");
     }
@@ -239,26 +201,14 @@ mod tests {
     fn broken_symlink_error_names_the_path() {
         let dir = tempfile::tempdir().unwrap();
         symlink(dir.path().join("gone"), dir.path().join("dangling.tar")).unwrap();
-        let err = Dir::new(dir.path())
-            .unwrap()
-            .list()
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("dangling.tar") && err.contains("broken symbolic link"),
-            "{err}"
-        );
+        let err = Dir::new(dir.path()).unwrap().list().unwrap_err().to_string();
+        assert!(err.contains("dangling.tar") && err.contains("broken symbolic link"), "{err}");
     }
 
     #[test]
     fn missing_folder_error_names_the_path() {
-        let err = Dir::new("/nonexistent/hytrain-data")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("/nonexistent/hytrain-data") && err.contains("no such file or folder"),
-            "{err}"
-        );
+        let err = Dir::new("/nonexistent/hytrain-data").unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/hytrain-data") && err.contains("no such file or folder"), "{err}");
     }
 
     #[test]
@@ -276,13 +226,7 @@ mod tests {
         let file = dir.path().join("only.tar");
         fs::write(&file, b"abc").unwrap();
         let source = Dir::new(&file).unwrap();
-        assert_eq!(
-            source.list().unwrap(),
-            [Object {
-                name: "only.tar".into(),
-                size: 3
-            }]
-        );
+        assert_eq!(source.list().unwrap(), [Object { name: "only.tar".into(), size: 3 }]);
         assert_eq!(source.read("only.tar").unwrap(), b"abc");
         assert!(source.read("other.tar").is_err());
     }
@@ -291,20 +235,9 @@ mod tests {
     fn read_of_a_missing_object_names_source_and_object() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("a"), b"").unwrap();
-        let err = Dir::new(dir.path())
-            .unwrap()
-            .read("b.tar")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(&dir.path().display().to_string()) && err.contains("b.tar"),
-            "{err}"
-        );
-        let err = Dir::new(dir.path())
-            .unwrap()
-            .read("../a")
-            .unwrap_err()
-            .to_string();
+        let err = Dir::new(dir.path()).unwrap().read("b.tar").unwrap_err().to_string();
+        assert!(err.contains(&dir.path().display().to_string()) && err.contains("b.tar"), "{err}");
+        let err = Dir::new(dir.path()).unwrap().read("../a").unwrap_err().to_string();
         assert!(err.contains("not an object name"), "{err}");
     }
 
@@ -312,18 +245,9 @@ mod tests {
     fn fifos_in_a_dataset_folder_are_skipped_not_read() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("a.tar"), b"a").unwrap();
-        let fifo = std::ffi::CString::new(
-            dir.path()
-                .join("training_0")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )
-        .unwrap();
+        let fifo = std::ffi::CString::new(dir.path().join("training_0").into_os_string().into_encoded_bytes()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
-        assert_eq!(
-            names(&Dir::new(dir.path()).unwrap().list().unwrap()),
-            ["a.tar"]
-        );
+        assert_eq!(names(&Dir::new(dir.path()).unwrap().list().unwrap()), ["a.tar"]);
     }
 }

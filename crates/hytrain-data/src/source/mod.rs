@@ -74,11 +74,7 @@ pub(crate) fn check_object_size(source_desc: &str, name: &str, size: u64) -> Res
 
 /// Reads a whole file of a source after checking its size against [`MAX_OBJECT_BYTES`].
 pub(crate) fn read_file(source_desc: &str, name: &str, path: &std::path::Path) -> Result<Vec<u8>, Error> {
-    let read_error = |io| Error::Read {
-        source_desc: source_desc.to_owned(),
-        name: name.to_owned(),
-        io,
-    };
+    let read_error = |io| Error::Read { source_desc: source_desc.to_owned(), name: name.to_owned(), io };
     let size = std::fs::metadata(path).map_err(read_error)?.len();
     check_object_size(source_desc, name, size)?;
     std::fs::read(path).map_err(read_error)
@@ -101,11 +97,7 @@ pub struct ReadBudget {
 impl ReadBudget {
     /// A budget of `cap` bytes.
     pub fn new(cap: u64) -> ReadBudget {
-        ReadBudget {
-            cap,
-            state: Mutex::new((0, false)),
-            changed: Condvar::new(),
-        }
+        ReadBudget { cap, state: Mutex::new((0, false)), changed: Condvar::new() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (u64, bool)> {
@@ -173,23 +165,15 @@ pub trait Source: Send + Sync + std::fmt::Debug {
     /// `len` bytes of one object from `offset` on (fewer at the object's end).
     fn read_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
         let whole = self.read(name)?;
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(whole.len());
-        let end = start
-            .saturating_add(usize::try_from(len).unwrap_or(usize::MAX))
-            .min(whole.len());
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(whole.len());
+        let end = start.saturating_add(usize::try_from(len).unwrap_or(usize::MAX)).min(whole.len());
         Ok(whole[start..end].to_vec())
     }
 
     /// Reads several objects, yielding them in the order of `names`. Sources where a read waits on the network
     /// ([`S3`]) keep several objects in flight ahead of the consumer; the default reads one after another.
     fn read_many(&self, names: Vec<String>) -> Objects<'_> {
-        Box::new(
-            names
-                .into_iter()
-                .map(move |name| self.read(&name).map(|bytes| (name, bytes))),
-        )
+        Box::new(names.into_iter().map(move |name| self.read(&name).map(|bytes| (name, bytes))))
     }
 
     /// [`Source::read_many`] within `budget`: each object, given with the bytes to count for it, is reserved in
@@ -198,11 +182,11 @@ pub trait Source: Send + Sync + std::fmt::Debug {
     /// release from another thread, or before asking for the next object, or a full budget waits for ever. The
     /// default reads one object after another; [`S3`] starts as many as fit.
     fn read_ahead(&self, objects: Vec<(String, u64)>, budget: Arc<ReadBudget>) -> Objects<'_> {
-        Box::new(objects.into_iter().map_while(move |(name, bytes)| {
-            budget
-                .reserve(bytes)
-                .then(|| self.read(&name).map(|data| (name, data)))
-        }))
+        Box::new(
+            objects.into_iter().map_while(move |(name, bytes)| {
+                budget.reserve(bytes).then(|| self.read(&name).map(|data| (name, data)))
+            }),
+        )
     }
 
     /// Called by the data loader before each epoch. A [`Pipe`] opens the next FIFO of its channel here (SageMaker
@@ -297,15 +281,9 @@ pub fn open(spec: &str, opts: &OpenOptions) -> Result<SharedSource, Error> {
                  them); pass a folder or s3:// URL instead"
                     .to_owned()
             } else {
-                format!(
-                    "no such channel; this job's channels are: {}",
-                    known.join(", ")
-                )
+                format!("no such channel; this job's channels are: {}", known.join(", "))
             };
-            return Err(Error::Spec {
-                spec: spec.to_owned(),
-                reason,
-            });
+            return Err(Error::Spec { spec: spec.to_owned(), reason });
         };
         return open_channel(channel, opts);
     }
@@ -313,16 +291,13 @@ pub fn open(spec: &str, opts: &OpenOptions) -> Result<SharedSource, Error> {
     if path.is_empty() {
         return Err(Error::Spec {
             spec: spec.to_owned(),
-            reason: "empty; give a folder, s3://bucket/prefix, pipe:/path or channel:NAME"
-                .to_owned(),
+            reason: "empty; give a folder, s3://bucket/prefix, pipe:/path or channel:NAME".to_owned(),
         });
     }
     if let Some((scheme, _)) = path.split_once("://") {
         return Err(Error::Spec {
             spec: spec.to_owned(),
-            reason: format!(
-                "unsupported scheme {scheme}://; hytrain reads folders, s3://, pipe: and channel:"
-            ),
+            reason: format!("unsupported scheme {scheme}://; hytrain reads folders, s3://, pipe: and channel:"),
         });
     }
     Ok(Arc::new(Dir::new(path)?))
@@ -335,9 +310,9 @@ pub fn open_channel(channel: &Channel, opts: &OpenOptions) -> Result<SharedSourc
         InputMode::File | InputMode::FastFile => {
             Arc::new(Dir::new(&channel.path)?.with_sharded_by_host(channel.sharded_by_s3_key))
         }
-        InputMode::Pipe => Arc::new(
-            Pipe::new(&channel.path, &opts.pipe).with_sharded_by_host(channel.sharded_by_s3_key),
-        ),
+        InputMode::Pipe => {
+            Arc::new(Pipe::new(&channel.path, &opts.pipe).with_sharded_by_host(channel.sharded_by_s3_key))
+        }
     })
 }
 
@@ -347,9 +322,7 @@ fn check_name(source_desc: &str, name: &str) -> Result<(), Error> {
         || name.starts_with('/')
         || name.contains('\\')
         || name.contains('\0')
-        || name
-            .split('/')
-            .any(|part| part.is_empty() || part == "." || part == "..");
+        || name.split('/').any(|part| part.is_empty() || part == "." || part == "..");
     if bad {
         return Err(Error::Read {
             source_desc: source_desc.to_owned(),
@@ -375,10 +348,7 @@ mod tests {
     #[test]
     fn a_read_budget_holds_what_fits_and_always_one_object() {
         let budget = ReadBudget::new(100);
-        assert!(
-            budget.try_reserve(150),
-            "one object larger than the cap, with nothing held"
-        );
+        assert!(budget.try_reserve(150), "one object larger than the cap, with nothing held");
         assert!(!budget.try_reserve(1));
         budget.release(150);
         assert!(budget.try_reserve(60) && budget.try_reserve(40) && !budget.try_reserve(1));
@@ -387,9 +357,7 @@ mod tests {
 
     #[test]
     fn a_stopped_read_budget_ends_the_wait_and_the_default_read_ahead() {
-        let source = crate::MemorySource::new("mem")
-            .with("a", vec![1; 10])
-            .with("b", vec![2; 10]);
+        let source = crate::MemorySource::new("mem").with("a", vec![1; 10]).with("b", vec![2; 10]);
         let budget = Arc::new(ReadBudget::new(10));
         let mut reads = source.read_ahead(vec![("a".into(), 10), ("b".into(), 10)], budget.clone());
         assert_eq!(reads.next().unwrap().unwrap().1, vec![1; 10]);
@@ -406,78 +374,41 @@ mod tests {
         let mut opts = OpenOptions::default();
         opts.channels.insert(
             "training".into(),
-            Channel {
-                path: "/nonexistent".into(),
-                input_mode: InputMode::File,
-                sharded_by_s3_key: false,
-            },
+            Channel { path: "/nonexistent".into(), input_mode: InputMode::File, sharded_by_s3_key: false },
         );
         let err = open("channel:validation", &opts).unwrap_err().to_string();
-        assert!(
-            err.contains("channel:validation") && err.contains("training"),
-            "{err}"
-        );
-        let err = open("channel:training", &OpenOptions::default())
-            .unwrap_err()
-            .to_string();
+        assert!(err.contains("channel:validation") && err.contains("training"), "{err}");
+        let err = open("channel:training", &OpenOptions::default()).unwrap_err().to_string();
         assert!(err.contains("no input channels"), "{err}");
     }
 
     #[test]
     fn unsupported_scheme_and_empty_spec_are_rejected_with_the_value() {
-        let err = open("gs://bucket/x", &OpenOptions::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("gs://bucket/x") && err.contains("unsupported scheme"),
-            "{err}"
-        );
-        assert!(open("", &OpenOptions::default())
-            .unwrap_err()
-            .to_string()
-            .contains("empty"));
-        assert!(open("pipe:", &OpenOptions::default())
-            .unwrap_err()
-            .to_string()
-            .contains("FIFOs' stem"));
+        let err = open("gs://bucket/x", &OpenOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("gs://bucket/x") && err.contains("unsupported scheme"), "{err}");
+        assert!(open("", &OpenOptions::default()).unwrap_err().to_string().contains("empty"));
+        assert!(open("pipe:", &OpenOptions::default()).unwrap_err().to_string().contains("FIFOs' stem"));
     }
 
     #[test]
     fn input_mode_parses_sagemaker_spellings() {
         assert_eq!("File".parse::<InputMode>().unwrap(), InputMode::File);
-        assert_eq!(
-            "FastFile".parse::<InputMode>().unwrap(),
-            InputMode::FastFile
-        );
+        assert_eq!("FastFile".parse::<InputMode>().unwrap(), InputMode::FastFile);
         assert_eq!("Pipe".parse::<InputMode>().unwrap(), InputMode::Pipe);
-        assert!("Stream"
-            .parse::<InputMode>()
-            .unwrap_err()
-            .to_string()
-            .contains("File, FastFile or Pipe"));
+        assert!("Stream".parse::<InputMode>().unwrap_err().to_string().contains("File, FastFile or Pipe"));
     }
 
     #[test]
     fn sharded_by_s3_key_channel_reports_host_sharding() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.tar"), b"x").unwrap();
-        let mut channel = Channel {
-            path: dir.path().into(),
-            input_mode: InputMode::FastFile,
-            sharded_by_s3_key: true,
-        };
-        assert!(open_channel(&channel, &OpenOptions::default())
-            .unwrap()
-            .already_sharded_by_host());
+        let mut channel = Channel { path: dir.path().into(), input_mode: InputMode::FastFile, sharded_by_s3_key: true };
+        assert!(open_channel(&channel, &OpenOptions::default()).unwrap().already_sharded_by_host());
         channel.sharded_by_s3_key = false;
-        assert!(!open_channel(&channel, &OpenOptions::default())
-            .unwrap()
-            .already_sharded_by_host());
+        assert!(!open_channel(&channel, &OpenOptions::default()).unwrap().already_sharded_by_host());
         channel.input_mode = InputMode::Pipe;
         channel.sharded_by_s3_key = true;
-        assert!(open_channel(&channel, &OpenOptions::default())
-            .unwrap()
-            .already_sharded_by_host());
+        assert!(open_channel(&channel, &OpenOptions::default()).unwrap().already_sharded_by_host());
     }
 
     #[test]
@@ -491,9 +422,7 @@ mod tests {
     #[test]
     fn an_object_over_the_size_limit_is_refused_naming_it_its_size_and_the_limit() {
         assert!(check_object_size("s3://b/ds", "train/shard-0.tar", MAX_OBJECT_BYTES).is_ok());
-        let e = check_object_size("s3://b/ds", "train/shard-0.tar", MAX_OBJECT_BYTES + 1)
-            .unwrap_err()
-            .to_string();
+        let e = check_object_size("s3://b/ds", "train/shard-0.tar", MAX_OBJECT_BYTES + 1).unwrap_err().to_string();
         assert!(e.contains("s3://b/ds") && e.contains("train/shard-0.tar"), "{e}");
         assert!(e.contains(&format!("is {} bytes, over the limit of 4 GiB", MAX_OBJECT_BYTES + 1)), "{e}");
     }

@@ -79,12 +79,7 @@ pub struct Pipe {
 impl Pipe {
     /// The channel whose FIFOs are `<base>_0`, `<base>_1`, ... (nothing is opened yet).
     pub fn new(base: impl AsRef<Path>, opts: &PipeOptions) -> Self {
-        Self {
-            base: base.as_ref().to_path_buf(),
-            opts: opts.clone(),
-            sharded_by_host: false,
-            state: Mutex::default(),
-        }
+        Self { base: base.as_ref().to_path_buf(), opts: opts.clone(), sharded_by_host: false, state: Mutex::default() }
     }
 
     /// Marks this channel as holding only this host's part of the dataset (a `ShardedByS3Key` channel).
@@ -101,9 +96,7 @@ impl Pipe {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while loading leaves `loaded` false, so the state is still consistent.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn ensure_loaded(&self, state: &mut State) -> Result<(), Error> {
@@ -134,26 +127,18 @@ impl Pipe {
         })?;
         let mut sink = Spool::new(spool.path(), self.opts.max_spool_bytes);
         let mut splitter = TarSplitter::new();
-        let fail = |reason: String| Error::Path {
-            path: path.clone(),
-            reason,
-        };
+        let fail = |reason: String| Error::Path { path: path.clone(), reason };
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
         loop {
-            let got =
-                read_with_stall_timeout(&file, &mut buf, self.opts.stall_timeout).map_err(fail)?;
+            let got = read_with_stall_timeout(&file, &mut buf, self.opts.stall_timeout).map_err(fail)?;
             if got == 0 {
                 break;
             }
             total += got as u64;
-            splitter
-                .push(&buf[..got], &mut sink)
-                .map_err(|e| fail(sink.explain(e)))?;
+            splitter.push(&buf[..got], &mut sink).map_err(|e| fail(sink.explain(e)))?;
         }
-        splitter
-            .finish(&mut sink)
-            .map_err(|e| fail(sink.explain(e)))?;
+        splitter.finish(&mut sink).map_err(|e| fail(sink.explain(e)))?;
         tracing::info!(
             fifo = %path.display(), shards = sink.shards.len(), bytes = total,
             seconds = started.elapsed().as_secs_f64(), "read one pass of the Pipe channel"
@@ -181,17 +166,11 @@ impl Pipe {
                         .read(true)
                         .custom_flags(libc::O_NONBLOCK)
                         .open(path)
-                        .map_err(|io| Error::Path {
-                            path: path.to_path_buf(),
-                            reason: format!("cannot open: {io}"),
-                        });
+                        .map_err(|io| Error::Path { path: path.to_path_buf(), reason: format!("cannot open: {io}") });
                 }
                 Err(io) if io.kind() == std::io::ErrorKind::NotFound => {}
                 Err(io) => {
-                    return Err(Error::Path {
-                        path: path.to_path_buf(),
-                        reason: format!("cannot stat: {io}"),
-                    });
+                    return Err(Error::Path { path: path.to_path_buf(), reason: format!("cannot stat: {io}") });
                 }
             }
             let now = Instant::now();
@@ -212,11 +191,7 @@ impl Pipe {
 }
 
 /// Reads what is available, waiting up to `stall` for data. Returns 0 at the end of the stream.
-fn read_with_stall_timeout(
-    file: &fs::File,
-    buf: &mut [u8],
-    stall: Duration,
-) -> Result<usize, String> {
+fn read_with_stall_timeout(file: &fs::File, buf: &mut [u8], stall: Duration) -> Result<usize, String> {
     let deadline = Instant::now() + stall;
     loop {
         match (&*file).read(buf) {
@@ -226,9 +201,7 @@ fn read_with_stall_timeout(
                 // state before the writer opens. poll() tells them apart on Linux: POLLHUP is only reported after a
                 // writer has connected.
             }
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(format!("read failed: {e}")),
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -239,11 +212,7 @@ fn read_with_stall_timeout(
                 stall.as_secs_f64()
             ));
         }
-        let mut pfd = libc::pollfd {
-            fd: file.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let wait_ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
         // SAFETY: one valid pollfd for the duration of the call.
         let rc = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
@@ -278,13 +247,7 @@ struct Spool<'a> {
 
 impl<'a> Spool<'a> {
     fn new(dir: &'a Path, limit: Option<u64>) -> Self {
-        Self {
-            dir,
-            limit,
-            written: 0,
-            current: None,
-            shards: Vec::new(),
-        }
+        Self { dir, limit, written: 0, current: None, shards: Vec::new() }
     }
 
     fn explain(&self, err: SplitError) -> String {
@@ -318,10 +281,7 @@ impl ShardSink for Spool<'_> {
                 "one pass of the channel exceeds the spool limit of {limit} bytes"
             )));
         }
-        let (file, _, size) = self
-            .current
-            .as_mut()
-            .ok_or_else(|| std::io::Error::other("no shard open"))?;
+        let (file, _, size) = self.current.as_mut().ok_or_else(|| std::io::Error::other("no shard open"))?;
         *size += bytes.len() as u64;
         file.write_all(bytes)
     }
@@ -356,11 +316,7 @@ impl Source for Pipe {
     fn read(&self, name: &str) -> Result<Vec<u8>, Error> {
         let mut state = self.lock();
         self.ensure_loaded(&mut state)?;
-        let read_error = |io| Error::Read {
-            source_desc: self.describe(),
-            name: name.to_owned(),
-            io,
-        };
+        let read_error = |io| Error::Read { source_desc: self.describe(), name: name.to_owned(), io };
         if !state.shards.iter().any(|o| o.name == name) {
             return Err(read_error(std::io::Error::new(
                 std::io::ErrorKind::NotFound,

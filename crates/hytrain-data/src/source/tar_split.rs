@@ -61,21 +61,11 @@ pub(crate) struct TarSplitter {
 
 impl TarSplitter {
     pub(crate) fn new() -> Self {
-        Self {
-            state: State::Start,
-            block: [0; BLOCK],
-            filled: 0,
-            shards: 0,
-            offset: 0,
-        }
+        Self { state: State::Start, block: [0; BLOCK], filled: 0, shards: 0, offset: 0 }
     }
 
     /// Feeds the next bytes of the stream.
-    pub(crate) fn push(
-        &mut self,
-        mut bytes: &[u8],
-        sink: &mut impl ShardSink,
-    ) -> Result<(), SplitError> {
+    pub(crate) fn push(&mut self, mut bytes: &[u8], sink: &mut impl ShardSink) -> Result<(), SplitError> {
         while !bytes.is_empty() {
             // Whole data blocks go straight through, without copying them block by block.
             if let (State::Data(n), 0) = (self.state, self.filled) {
@@ -85,11 +75,7 @@ impl TarSplitter {
                     sink.write(&bytes[..len])?;
                     self.offset += len as u64;
                     let left = n - whole as u64;
-                    self.state = if left == 0 {
-                        State::Header
-                    } else {
-                        State::Data(left)
-                    };
+                    self.state = if left == 0 { State::Header } else { State::Data(left) };
                     bytes = &bytes[len..];
                     continue;
                 }
@@ -112,20 +98,12 @@ impl TarSplitter {
         match self.state {
             State::Data(n) => {
                 sink.write(&self.block)?;
-                self.state = if n == 1 {
-                    State::Header
-                } else {
-                    State::Data(n - 1)
-                };
+                self.state = if n == 1 { State::Header } else { State::Data(n - 1) };
             }
             State::Start if zero => {}
             State::Header | State::OneZero if zero => {
                 sink.write(&self.block)?;
-                self.state = if self.state == State::Header {
-                    State::OneZero
-                } else {
-                    State::Ended
-                };
+                self.state = if self.state == State::Header { State::OneZero } else { State::Ended };
             }
             State::Ended if zero => sink.write(&self.block)?,
             State::Start | State::Ended | State::Header | State::OneZero => {
@@ -145,11 +123,7 @@ impl TarSplitter {
                     self.shards += 1;
                 }
                 sink.write(&self.block)?;
-                self.state = if data_blocks == 0 {
-                    State::Header
-                } else {
-                    State::Data(data_blocks)
-                };
+                self.state = if data_blocks == 0 { State::Header } else { State::Data(data_blocks) };
             }
         }
         Ok(())
@@ -179,28 +153,10 @@ impl TarSplitter {
 /// The number of data blocks after a valid tar header, or `None` when `block` is not a tar header.
 fn header_data_blocks(block: &[u8; BLOCK]) -> Option<u64> {
     let stored = parse_octal(&block[148..156])?;
-    let unsigned: u64 = block
-        .iter()
-        .enumerate()
-        .map(|(i, &b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                u64::from(b)
-            }
-        })
-        .sum();
-    let signed: i64 = block
-        .iter()
-        .enumerate()
-        .map(|(i, &b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                i64::from(b as i8)
-            }
-        })
-        .sum();
+    let unsigned: u64 =
+        block.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) }).sum();
+    let signed: i64 =
+        block.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { i64::from(b as i8) }).sum();
     if stored != unsigned && i64::try_from(stored).ok() != Some(signed) {
         return None;
     }
@@ -210,9 +166,7 @@ fn header_data_blocks(block: &[u8; BLOCK]) -> Option<u64> {
     }
     let size = if block[124] & 0x80 != 0 {
         // GNU base-256 for sizes of 8 GiB and more.
-        block[125..136]
-            .iter()
-            .fold(0u64, |acc, &b| acc.saturating_mul(256) | u64::from(b))
+        block[125..136].iter().fold(0u64, |acc, &b| acc.saturating_mul(256) | u64::from(b))
     } else {
         parse_octal(&block[124..136])?
     };
@@ -220,11 +174,7 @@ fn header_data_blocks(block: &[u8; BLOCK]) -> Option<u64> {
 }
 
 fn parse_octal(field: &[u8]) -> Option<u64> {
-    let text = field
-        .iter()
-        .take_while(|&&b| b != 0)
-        .copied()
-        .collect::<Vec<u8>>();
+    let text = field.iter().take_while(|&&b| b != 0).copied().collect::<Vec<u8>>();
     let text = std::str::from_utf8(&text).ok()?.trim();
     if text.is_empty() {
         return Some(0);
@@ -271,9 +221,7 @@ mod tests {
             header.set_size(data.len() as u64);
             header.set_mode(0o644);
             header.set_cksum();
-            builder
-                .append_data(&mut header, name, data.as_slice())
-                .unwrap();
+            builder.append_data(&mut header, name, data.as_slice()).unwrap();
         }
         let mut bytes = builder.into_inner().unwrap();
         bytes.resize(bytes.len() + pad * BLOCK, 0);
@@ -293,10 +241,7 @@ mod tests {
 
     fn member() -> impl Strategy<Value = (String, Vec<u8>)> {
         // Data made mostly of zero bytes, so whole zero blocks inside members are common.
-        (
-            "[a-z]{1,8}\\.(cls|png)",
-            prop::collection::vec(prop_oneof![3 => Just(0u8), 1 => any::<u8>()], 0..2000),
-        )
+        ("[a-z]{1,8}\\.(cls|png)", prop::collection::vec(prop_oneof![3 => Just(0u8), 1 => any::<u8>()], 0..2000))
     }
 
     proptest! {
@@ -314,50 +259,29 @@ mod tests {
 
     #[test]
     fn a_member_of_zero_blocks_is_not_taken_for_the_end_marker() {
-        let a = archive(
-            &[
-                ("zeros.npy".into(), vec![0; 4096]),
-                ("x.cls".into(), b"3".to_vec()),
-            ],
-            0,
-        );
+        let a = archive(&[("zeros.npy".into(), vec![0; 4096]), ("x.cls".into(), b"3".to_vec())], 0);
         let b = archive(&[("y.cls".into(), b"4".to_vec())], 18);
-        assert_eq!(
-            split(&[a.clone(), b.clone()].concat(), 512).unwrap(),
-            [a, b]
-        );
+        assert_eq!(split(&[a.clone(), b.clone()].concat(), 512).unwrap(), [a, b]);
     }
 
     #[test]
     fn a_stream_that_is_not_tar_is_refused_naming_pipe_mode_limits() {
-        let Err(SplitError::Format(msg)) = split(&[b'P'; 4096], 700) else {
-            panic!("accepted non-tar")
-        };
-        assert!(
-            msg.contains("byte 0") && msg.contains("tar shards only"),
-            "{msg}"
-        );
+        let Err(SplitError::Format(msg)) = split(&[b'P'; 4096], 700) else { panic!("accepted non-tar") };
+        assert!(msg.contains("byte 0") && msg.contains("tar shards only"), "{msg}");
     }
 
     #[test]
     fn garbage_between_archives_names_the_shard_before_it() {
         let a = archive(&[("x.cls".into(), b"1".to_vec())], 0);
-        let Err(SplitError::Format(msg)) = split(&[a.clone(), vec![7; 512]].concat(), 512) else {
-            panic!()
-        };
-        assert!(
-            msg.contains(&format!("byte {}", a.len())) && msg.contains("after shard 0"),
-            "{msg}"
-        );
+        let Err(SplitError::Format(msg)) = split(&[a.clone(), vec![7; 512]].concat(), 512) else { panic!() };
+        assert!(msg.contains(&format!("byte {}", a.len())) && msg.contains("after shard 0"), "{msg}");
     }
 
     #[test]
     fn a_stream_cut_inside_a_member_is_reported_as_truncated() {
         let a = archive(&[("big.npy".into(), vec![1; 5000])], 0);
         for cut in [700, 1024, 2000] {
-            let Err(SplitError::Format(msg)) = split(&a[..cut], 512) else {
-                panic!("accepted cut at {cut}")
-            };
+            let Err(SplitError::Format(msg)) = split(&a[..cut], 512) else { panic!("accepted cut at {cut}") };
             assert!(msg.contains("cut off or a shard is truncated"), "{msg}");
         }
     }

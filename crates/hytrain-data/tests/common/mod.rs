@@ -15,20 +15,13 @@ pub fn fixtures() -> PathBuf {
 /// Every file under `dir`, named relative to it with `/`.
 pub fn load_dir(dir: &Path) -> MemorySource {
     fn walk(root: &Path, dir: &Path, into: &mut MemorySource) {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
         entries.sort();
         for p in entries {
             if p.is_dir() {
                 walk(root, &p, into);
             } else {
-                let name = p
-                    .strip_prefix(root)
-                    .unwrap()
-                    .to_string_lossy()
-                    .replace('\\', "/");
+                let name = p.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
                 into.insert(name, std::fs::read(&p).unwrap());
             }
         }
@@ -61,16 +54,8 @@ pub fn tar(members: &[(&str, &[u8])]) -> Vec<u8> {
 
 /// A small png whose pixels encode `seed`.
 pub fn png(seed: u8, side: usize) -> Vec<u8> {
-    let pixels = (0..side * side * 3)
-        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
-        .collect();
-    decode::png(&Image {
-        height: side,
-        width: side,
-        channels: 3,
-        pixels,
-    })
-    .unwrap()
+    let pixels = (0..side * side * 3).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)).collect();
+    decode::png(&Image { height: side, width: side, channels: 3, pixels }).unwrap()
 }
 
 /// A source of tar shards: `shards[i]` holds `(key, label)` samples with 8x8 png inputs.
@@ -82,10 +67,7 @@ pub fn tar_dataset(shards: &[Vec<(String, i64)>]) -> MemorySource {
             members.push((format!("{key}.png"), png(*label as u8, 8)));
             members.push((format!("{key}.cls"), label.to_string().into_bytes()));
         }
-        let refs: Vec<(&str, &[u8])> = members
-            .iter()
-            .map(|(n, d)| (n.as_str(), d.as_slice()))
-            .collect();
+        let refs: Vec<(&str, &[u8])> = members.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
         m.insert(format!("shard-{i:06}.tar"), tar(&refs));
     }
     m
@@ -94,11 +76,7 @@ pub fn tar_dataset(shards: &[Vec<(String, i64)>]) -> MemorySource {
 /// `shards` shards of `per_shard` samples; labels are the global sample numbers, so they identify samples.
 pub fn numbered_dataset(shards: usize, per_shard: usize) -> MemorySource {
     let spec: Vec<Vec<(String, i64)>> = (0..shards)
-        .map(|s| {
-            (0..per_shard)
-                .map(|i| (format!("s{s}-{i:04}"), (s * per_shard + i) as i64))
-                .collect()
-        })
+        .map(|s| (0..per_shard).map(|i| (format!("s{s}-{i:04}"), (s * per_shard + i) as i64)).collect())
         .collect();
     tar_dataset(&spec)
 }

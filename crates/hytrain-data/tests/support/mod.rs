@@ -88,21 +88,15 @@ impl Faults {
     /// Waits until `n` requests of `op` have arrived, or `within` has passed; returns the count then.
     pub fn wait_for(&self, op: &str, n: usize, within: Duration) -> usize {
         let counts = self.counts.lock().unwrap();
-        let (counts, _) = self
-            .arrived
-            .wait_timeout_while(counts, within, |c| c.get(op).copied().unwrap_or(0) < n)
-            .unwrap();
+        let (counts, _) =
+            self.arrived.wait_timeout_while(counts, within, |c| c.get(op).copied().unwrap_or(0) < n).unwrap();
         counts.get(op).copied().unwrap_or(0)
     }
 
     /// The most requests of `op` that were being answered at once since the start or the last reset: arrived, and
     /// the last byte of the answer's body not yet produced.
     pub fn most_outstanding(&self, op: &str) -> usize {
-        self.outstanding
-            .lock()
-            .unwrap()
-            .get(op)
-            .map_or(0, |&(_, most)| most)
+        self.outstanding.lock().unwrap().get(op).map_or(0, |&(_, most)| most)
     }
 
     /// Answers the requests [`Fault::Hold`] keeps waiting, and those it would hold from now on.
@@ -140,18 +134,9 @@ impl Faults {
 }
 
 fn operation(req: &http::Request<hyper::body::Incoming>) -> &'static str {
-    let has_key = req
-        .uri()
-        .path()
-        .trim_start_matches('/')
-        .split_once('/')
-        .is_some_and(|(_, key)| !key.is_empty());
+    let has_key = req.uri().path().trim_start_matches('/').split_once('/').is_some_and(|(_, key)| !key.is_empty());
     let query = req.uri().query().unwrap_or("");
-    let has = |param: &str| {
-        query
-            .split('&')
-            .any(|p| p == param || p.starts_with(&format!("{param}=")))
-    };
+    let has = |param: &str| query.split('&').any(|p| p == param || p.starts_with(&format!("{param}=")));
     match *req.method() {
         http::Method::GET if query.contains("list-type=2") => "ListObjectsV2",
         http::Method::GET if has_key => "GetObject",
@@ -174,11 +159,7 @@ fn xml_error(status: u16, code: &str, message: &str) -> http::Response<BoxBody> 
     http::Response::builder()
         .status(status)
         .header("content-type", "application/xml")
-        .body(
-            http_body_util::Full::new(Bytes::from(body))
-                .map_err(|e| match e {})
-                .boxed_unsync(),
-        )
+        .body(http_body_util::Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed_unsync())
         .unwrap()
 }
 
@@ -302,9 +283,7 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for FaultServ
             let req = match fault {
                 // The request's body is read before the fault answers, as S3 does: an answer before the body is
                 // in makes the client see a broken connection instead of the answer.
-                Some(
-                    Fault::SlowDown | Fault::Internal | Fault::ExpiredToken | Fault::NoSuchUpload,
-                ) => {
+                Some(Fault::SlowDown | Fault::Internal | Fault::ExpiredToken | Fault::NoSuchUpload) => {
                     let (parts, body) = req.into_parts();
                     let bytes = body.collect().await?.to_bytes();
                     http::Request::from_parts(parts, s3s::Body::from(bytes))
@@ -321,13 +300,8 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for FaultServ
                 _ => req.map(s3s::Body::from),
             };
             let real = async move {
-                let response = s3
-                    .call(req)
-                    .await
-                    .map_err(|e| -> BoxError { format!("{e:?}").into() })?;
-                Ok::<_, BoxError>(
-                    response.map(|body| body.map_err(|e| -> BoxError { e }).boxed_unsync()),
-                )
+                let response = s3.call(req).await.map_err(|e| -> BoxError { format!("{e:?}").into() })?;
+                Ok::<_, BoxError>(response.map(|body| body.map_err(|e| -> BoxError { e }).boxed_unsync()))
             };
             match fault {
                 None | Some(Fault::Corrupt) => real.await,
@@ -335,75 +309,40 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for FaultServ
                     faults.wait_until_open().await;
                     real.await
                 }
-                Some(Fault::ExpiredToken) => Ok(xml_error(
-                    400,
-                    "ExpiredToken",
-                    "The provided token has expired.",
-                )),
-                Some(Fault::SlowDown) => Ok(xml_error(
-                    503,
-                    "SlowDown",
-                    "Please reduce your request rate.",
-                )),
-                Some(Fault::NoSuchUpload) => Ok(xml_error(
-                    404,
-                    "NoSuchUpload",
-                    "The specified upload does not exist.",
-                )),
-                Some(Fault::Internal) => Ok(xml_error(
-                    500,
-                    "InternalError",
-                    "We encountered an internal error.",
-                )),
+                Some(Fault::ExpiredToken) => Ok(xml_error(400, "ExpiredToken", "The provided token has expired.")),
+                Some(Fault::SlowDown) => Ok(xml_error(503, "SlowDown", "Please reduce your request rate.")),
+                Some(Fault::NoSuchUpload) => Ok(xml_error(404, "NoSuchUpload", "The specified upload does not exist.")),
+                Some(Fault::Internal) => Ok(xml_error(500, "InternalError", "We encountered an internal error.")),
                 Some(Fault::Reset) => Err("injected connection reset".into()),
                 Some(fault @ (Fault::Truncate | Fault::Stall)) => {
                     let (parts, body) = real.await?.into_parts();
                     let bytes = body.collect().await?.to_bytes();
                     let half = bytes.slice(..bytes.len() / 2);
-                    Ok(http::Response::from_parts(
-                        parts,
-                        CutBody(Some(half), fault == Fault::Stall).boxed_unsync(),
-                    ))
+                    Ok(http::Response::from_parts(parts, CutBody(Some(half), fault == Fault::Stall).boxed_unsync()))
                 }
                 Some(Fault::Endless) => {
                     let (mut parts, body) = real.await?.into_parts();
                     let bytes = body.collect().await?.to_bytes();
                     parts.headers.remove(http::header::CONTENT_LENGTH);
-                    Ok(http::Response::from_parts(
-                        parts,
-                        EndlessBody(bytes).boxed_unsync(),
-                    ))
+                    Ok(http::Response::from_parts(parts, EndlessBody(bytes).boxed_unsync()))
                 }
                 Some(Fault::Short) => {
                     let (mut parts, body) = real.await?.into_parts();
                     let bytes = body.collect().await?.to_bytes();
                     let half = bytes.slice(..bytes.len() / 2);
-                    parts
-                        .headers
-                        .insert(http::header::CONTENT_LENGTH, half.len().into());
+                    parts.headers.insert(http::header::CONTENT_LENGTH, half.len().into());
                     Ok(http::Response::from_parts(
                         parts,
-                        http_body_util::Full::new(half)
-                            .map_err(|e| match e {})
-                            .boxed_unsync(),
+                        http_body_util::Full::new(half).map_err(|e| match e {}).boxed_unsync(),
                     ))
                 }
             }
         };
         Box::pin(async move {
             let response: http::Response<BoxBody> = answer.await?;
-            let remaining = response
-                .headers()
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse().ok());
-            Ok(response.map(|inner| {
-                TrackedBody {
-                    inner,
-                    remaining,
-                    outstanding: Some(outstanding),
-                }
-                .boxed_unsync()
-            }))
+            let remaining =
+                response.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+            Ok(response.map(|inner| TrackedBody { inner, remaining, outstanding: Some(outstanding) }.boxed_unsync()))
         })
     }
 }
@@ -437,13 +376,8 @@ impl LocalS3 {
         let mut builder = s3s::service::S3ServiceBuilder::new(fs);
         builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
         let faults = Arc::new(Faults::default());
-        let service = FaultService {
-            s3: builder.build(),
-            faults: faults.clone(),
-        };
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(bind))
-            .expect("bind the S3 test server");
+        let service = FaultService { s3: builder.build(), faults: faults.clone() };
+        let listener = runtime.block_on(tokio::net::TcpListener::bind(bind)).expect("bind the S3 test server");
         let addr = listener.local_addr().unwrap();
         runtime.spawn(async move {
             loop {
@@ -452,21 +386,12 @@ impl LocalS3 {
                 };
                 let service = service.clone();
                 tokio::spawn(async move {
-                    let builder = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    );
-                    let _ = builder
-                        .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(socket), service).await;
                 });
             }
         });
-        Self {
-            root: root.to_path_buf(),
-            addr,
-            faults,
-            runtime: Some(runtime),
-        }
+        Self { root: root.to_path_buf(), addr, faults, runtime: Some(runtime) }
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -556,10 +481,5 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 pub fn mkfifo(path: &Path) {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid NUL-terminated path.
-    assert_eq!(
-        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
-        0,
-        "mkfifo {}",
-        path.display()
-    );
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
 }

@@ -63,12 +63,7 @@ impl Drop for Links {
     }
 }
 
-pub(super) fn link(
-    store: &Store,
-    m: &Membership,
-    opts: &CommOptions,
-    generation: u64,
-) -> Result<Links, CommError> {
+pub(super) fn link(store: &Store, m: &Membership, opts: &CommOptions, generation: u64) -> Result<Links, CommError> {
     let (rank, world) = (m.rank, m.world_size);
     let next_rank = (rank + 1) % world;
     let prev_rank = (rank + world - 1) % world;
@@ -81,84 +76,41 @@ pub(super) fn link(
     };
 
     let token = opts.token();
-    let listener = ring_listener(store, m)
-        .map_err(|e| setup(prev_rank, &"*:0", format!("cannot listen: {e}")))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| setup(prev_rank, &"*:0", e.to_string()))?
-        .port();
+    let listener = ring_listener(store, m).map_err(|e| setup(prev_rank, &"*:0", format!("cannot listen: {e}")))?;
+    let port = listener.local_addr().map_err(|e| setup(prev_rank, &"*:0", e.to_string()))?.port();
     let me = SocketAddr::new(store.local_ip(), port);
-    store.set(
-        &format!("ring/{generation}/addr/{rank}"),
-        me.to_string().as_bytes(),
-    )?;
+    store.set(&format!("ring/{generation}/addr/{rank}"), me.to_string().as_bytes())?;
 
     // Accepting runs beside connecting: rank - 1 finishes its handshake only once this rank answers it, while
     // this rank may be waiting for rank + 1 to answer its own.
     let stop = Arc::new(AtomicBool::new(false));
     // A rank lost while the ring is being built (the next rank died before it answered) ends the set-up at once.
     let liveness = store.liveness();
-    let verdict = || {
-        liveness
-            .as_ref()
-            .and_then(Liveness::lost)
-            .map(CommError::RankLost)
-    };
+    let verdict = || liveness.as_ref().and_then(Liveness::lost).map(CommError::RankLost);
     let _stop_on_loss = liveness.as_ref().map(|live| {
         let stop = stop.clone();
         live.on_lost(move || stop.store(true, Ordering::SeqCst))
     });
     let acceptor = {
-        let expect = Expected {
-            job_id: opts.job_id.clone(),
-            generation,
-            prev_rank,
-            rank,
-            world,
-        };
+        let expect = Expected { job_id: opts.job_id.clone(), generation, prev_rank, rank, world };
         let (token, stop) = (token.clone(), stop.clone());
         std::thread::Builder::new()
             .name(format!("hytrain-ring-accept-{rank}"))
             .spawn(move || accept_prev(listener, expect, &token, deadline, &stop))
-            .map_err(|e| {
-                setup(
-                    prev_rank,
-                    &format!("port {port}"),
-                    format!("cannot start the accepting thread: {e}"),
-                )
-            })?
+            .map_err(|e| setup(prev_rank, &format!("port {port}"), format!("cannot start the accepting thread: {e}")))?
     };
     let connected = (|| {
         let published = store.get(&format!("ring/{generation}/addr/{next_rank}"))?;
         let published = String::from_utf8_lossy(&published).into_owned();
-        let parsed: SocketAddr = published.parse().map_err(|_| {
-            setup(
-                next_rank,
-                &published,
-                "published address does not parse".into(),
-            )
-        })?;
+        let parsed: SocketAddr =
+            published.parse().map_err(|_| setup(next_rank, &published, "published address does not parse".into()))?;
         // Rank 0 publishes the loopback address it used for its own store; everyone else reaches rank 0's host at
         // the address they reached the master at.
-        let next_addr = if next_rank == 0 {
-            SocketAddr::new(store.master_ip(), parsed.port())
-        } else {
-            parsed
-        };
-        let mut next = connect_with_retry(next_addr, deadline, &stop)
-            .map_err(|e| setup(next_rank, &next_addr, e))?;
-        let hello = Hello {
-            job_id: &opts.job_id,
-            generation,
-            from_rank: rank,
-            world,
-        };
+        let next_addr = if next_rank == 0 { SocketAddr::new(store.master_ip(), parsed.port()) } else { parsed };
+        let mut next = connect_with_retry(next_addr, deadline, &stop).map_err(|e| setup(next_rank, &next_addr, e))?;
+        let hello = Hello { job_id: &opts.job_id, generation, from_rank: rank, world };
         introduce(&mut next, &hello, &token, deadline).map_err(|f| match f {
-            Handshake::Refused(reason) => setup(
-                next_rank,
-                &next_addr,
-                format!("it refused our handshake: {reason}"),
-            ),
+            Handshake::Refused(reason) => setup(next_rank, &next_addr, format!("it refused our handshake: {reason}")),
             Handshake::ProofRefused => CommError::TokenMismatch {
                 rank,
                 peer: format!("rank {next_rank}"),
@@ -200,21 +152,15 @@ pub(super) fn link(
     }
 
     let sync = Arc::new(Handoff {
-        progress: Mutex::new(Progress {
-            done: 0,
-            abort: false,
-            sender_failed: false,
-        }),
+        progress: Mutex::new(Progress { done: 0, abort: false, sender_failed: false }),
         cv: Condvar::new(),
     });
     let liveness = store.liveness();
     let on_lost = match &liveness {
         Some(live) => {
             let (next, prev, sync) = (
-                next.try_clone()
-                    .map_err(|e| setup(next_rank, &next_addr, e.to_string()))?,
-                prev.try_clone()
-                    .map_err(|e| setup(prev_rank, &"socket", e.to_string()))?,
+                next.try_clone().map_err(|e| setup(next_rank, &next_addr, e.to_string()))?,
+                prev.try_clone().map_err(|e| setup(prev_rank, &"socket", e.to_string()))?,
                 sync.clone(),
             );
             Some(live.on_lost(move || {
@@ -226,22 +172,14 @@ pub(super) fn link(
         }
         None => None,
     };
-    let reporter = Arc::new(Reporter {
-        store: store.clone(),
-        liveness,
-        key: format!("ring/{generation}/failure"),
-        rank,
-    });
+    let reporter =
+        Arc::new(Reporter { store: store.clone(), liveness, key: format!("ring/{generation}/failure"), rank });
     let timeout_secs = opts.collective_timeout.as_secs();
     let (job_tx, job_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
     let sender = {
-        let next = next
-            .try_clone()
-            .map_err(|e| setup(next_rank, &next_addr, e.to_string()))?;
-        let prev = prev
-            .try_clone()
-            .map_err(|e| setup(prev_rank, &"socket", e.to_string()))?;
+        let next = next.try_clone().map_err(|e| setup(next_rank, &next_addr, e.to_string()))?;
+        let prev = prev.try_clone().map_err(|e| setup(prev_rank, &"socket", e.to_string()))?;
         let (sync, reporter) = (sync.clone(), reporter.clone());
         std::thread::Builder::new()
             .name(format!("hytrain-ring-send-{rank}"))
@@ -257,13 +195,7 @@ pub(super) fn link(
                     timeout_secs,
                 })
             })
-            .map_err(|e| {
-                setup(
-                    next_rank,
-                    &next_addr,
-                    format!("cannot start the sender thread: {e}"),
-                )
-            })?
+            .map_err(|e| setup(next_rank, &next_addr, format!("cannot start the sender thread: {e}")))?
     };
     tracing::debug!(rank, next = next_rank, %next_addr, "ring connected");
     Ok(Links {
@@ -282,25 +214,16 @@ pub(super) fn link(
     })
 }
 
-pub(super) fn connect_with_retry(
-    addr: SocketAddr,
-    deadline: Instant,
-    stop: &AtomicBool,
-) -> Result<TcpStream, String> {
+pub(super) fn connect_with_retry(addr: SocketAddr, deadline: Instant, stop: &AtomicBool) -> Result<TcpStream, String> {
     let mut backoff = Duration::from_millis(20);
     loop {
         if stop.load(Ordering::SeqCst) {
             return Err("stopped: the job lost a rank".into());
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
-        match TcpStream::connect_timeout(
-            &addr,
-            remaining.clamp(Duration::from_millis(10), Duration::from_secs(10)),
-        ) {
+        match TcpStream::connect_timeout(&addr, remaining.clamp(Duration::from_millis(10), Duration::from_secs(10))) {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() + backoff >= deadline => {
-                return Err(format!("cannot connect: {e}"))
-            }
+            Err(e) if Instant::now() + backoff >= deadline => return Err(format!("cannot connect: {e}")),
             Err(_) => {
                 std::thread::sleep(backoff.mul_f64(0.5 + fastrand::f64()));
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -316,10 +239,7 @@ pub(super) fn connect_with_retry(
 pub(super) fn ring_listener(store: &Store, m: &Membership) -> io::Result<TcpListener> {
     let only: Option<IpAddr> = if m.rank == 0 {
         let addr = m.master_addr.trim();
-        let addr = addr
-            .strip_prefix('[')
-            .and_then(|a| a.strip_suffix(']'))
-            .unwrap_or(addr);
+        let addr = addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')).unwrap_or(addr);
         addr.parse::<IpAddr>().ok().filter(IpAddr::is_loopback)
     } else {
         Some(store.local_ip()).filter(|ip| !ip.is_unspecified())
@@ -361,9 +281,7 @@ pub(super) fn introduce(
     token: &JobToken,
     deadline: Instant,
 ) -> Result<(), Handshake> {
-    let remaining = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
+    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
     next.set_read_timeout(Some(remaining))?;
     next.set_write_timeout(Some(remaining))?;
     let nonce = auth::nonce()?;
@@ -389,12 +307,7 @@ pub(super) struct Expected {
 
 /// The accepting side's handshake with one connection: its hello must name `prev_rank` of this job and ring
 /// generation, and it must prove it holds the job token.
-pub(super) fn admit(
-    s: &mut TcpStream,
-    expect: &Expected,
-    token: &JobToken,
-    within: Duration,
-) -> Result<(), String> {
+pub(super) fn admit(s: &mut TcpStream, expect: &Expected, token: &JobToken, within: Duration) -> Result<(), String> {
     let io = |e: io::Error| format!("no valid handshake: {e}");
     s.set_nonblocking(false).map_err(io)?;
     s.set_read_timeout(Some(within)).map_err(io)?;
@@ -405,11 +318,7 @@ pub(super) fn admit(
         return Err("it did not greet as a hytrain ring peer".into());
     }
     let job = get_bytes_max(s, MAX_JOB_ID).map_err(io)?;
-    let (generation, from_rank, world) = (
-        get_u64(s).map_err(io)?,
-        get_u64(s).map_err(io)?,
-        get_u64(s).map_err(io)?,
-    );
+    let (generation, from_rank, world) = (get_u64(s).map_err(io)?, get_u64(s).map_err(io)?, get_u64(s).map_err(io)?);
     let mut nonce = [0u8; NONCE_LEN];
     s.read_exact(&mut nonce).map_err(io)?;
     if job != expect.job_id.as_bytes()
@@ -424,22 +333,12 @@ pub(super) fn admit(
                 expect.rank, expect.generation, expect.world, expect.prev_rank
             ),
         );
-        return Err(format!(
-            "it is not rank {} of this job and ring generation",
-            expect.prev_rank
-        ));
+        return Err(format!("it is not rank {} of this job and ring generation", expect.prev_rank));
     }
-    let hello = Hello {
-        job_id: &expect.job_id,
-        generation,
-        from_rank: expect.prev_rank,
-        world: expect.world,
-    };
+    let hello = Hello { job_id: &expect.job_id, generation, from_rank: expect.prev_rank, world: expect.world };
     match auth::respond(s, token, &hello.context(), &nonce) {
         Ok(()) => Ok(()),
-        Err(Handshake::BadProof) => {
-            Err("job token mismatch (it did not prove it holds this job's token)".into())
-        }
+        Err(Handshake::BadProof) => Err("job token mismatch (it did not prove it holds this job's token)".into()),
         Err(Handshake::Io(e)) => Err(io(e)),
         Err(other) => Err(format!("no valid handshake: {other:?}")),
     }
@@ -484,15 +383,12 @@ pub(super) fn accept_prev(
                 let within = deadline
                     .saturating_duration_since(Instant::now())
                     .clamp(Duration::from_millis(10), HANDSHAKE_TIMEOUT);
-                let (expect, token, tx, counted) =
-                    (expect.clone(), token.clone(), tx.clone(), in_flight.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("hytrain-ring-admit".into())
-                    .spawn(move || {
-                        let outcome = admit(&mut s, &expect, &token, within).map(|()| s);
-                        counted.fetch_sub(1, Ordering::SeqCst);
-                        let _ = tx.send((from, outcome));
-                    });
+                let (expect, token, tx, counted) = (expect.clone(), token.clone(), tx.clone(), in_flight.clone());
+                let spawned = std::thread::Builder::new().name("hytrain-ring-admit".into()).spawn(move || {
+                    let outcome = admit(&mut s, &expect, &token, within).map(|()| s);
+                    counted.fetch_sub(1, Ordering::SeqCst);
+                    let _ = tx.send((from, outcome));
+                });
                 if spawned.is_err() {
                     in_flight.fetch_sub(1, Ordering::SeqCst);
                     refused += 1;

@@ -64,10 +64,7 @@ pub struct Ring {
 
 impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ring")
-            .field("rank", &self.rank)
-            .field("world_size", &self.world)
-            .finish()
+        f.debug_struct("Ring").field("rank", &self.rank).field("world_size", &self.world).finish()
     }
 }
 
@@ -120,11 +117,7 @@ impl Ring {
     /// this rank's place in the subset, whose rank 0 must be the job's rank 0 (it hosts the store). Every member
     /// of the subset must call this the same number of times; generations are counted apart from [`Ring::connect`]
     /// and offset so that their store keys and handshakes never match a whole-job ring's.
-    pub(crate) fn connect_group(
-        store: &Store,
-        m: &Membership,
-        opts: &CommOptions,
-    ) -> Result<Ring, CommError> {
+    pub(crate) fn connect_group(store: &Store, m: &Membership, opts: &CommOptions) -> Result<Ring, CommError> {
         m.validate()?;
         let mut ring = Ring::unlinked(m);
         if m.world_size > 1 {
@@ -159,13 +152,7 @@ impl Ring {
         reduce: fn(&mut [T], &[T]),
     ) -> Result<(), CommError> {
         self.usable()?;
-        let header = Header {
-            op,
-            dtype,
-            seq: self.seq,
-            len: buf.len() as u64,
-            aux,
-        };
+        let header = Header { op, dtype, seq: self.seq, len: buf.len() as u64, aux };
         self.seq += 1;
         let outcome = self.exchange(during, header, buf, reduce);
         if let Err(e) = &outcome {
@@ -186,18 +173,7 @@ impl Ring {
             return Ok(());
         }
         schedule::allreduce(buf.len(), self.world, self.rank, &mut self.steps);
-        self.run(
-            if op == OP_BARRIER {
-                "barrier"
-            } else {
-                "allreduce"
-            },
-            op,
-            dtype,
-            0,
-            buf,
-            reduce,
-        )
+        self.run(if op == OP_BARRIER { "barrier" } else { "allreduce" }, op, dtype, 0, buf, reduce)
     }
 }
 
@@ -277,14 +253,7 @@ impl Collective for Ring {
             return Ok(());
         }
         schedule::broadcast(bytes.len(), self.world, self.rank, root, &mut self.steps);
-        self.run(
-            "broadcast",
-            OP_BROADCAST,
-            DT_U8,
-            root as u64,
-            bytes,
-            copy_only,
-        )
+        self.run("broadcast", OP_BROADCAST, DT_U8, root as u64, bytes, copy_only)
     }
 
     fn allgather(&mut self, input: &[u8], output: &mut [u8]) -> Result<(), CommError> {
@@ -310,9 +279,7 @@ impl Collective for Ring {
     }
 
     fn liveness(&self) -> Option<Liveness> {
-        self.links
-            .as_ref()
-            .and_then(|l| l.reporter.liveness.clone())
+        self.links.as_ref().and_then(|l| l.reporter.liveness.clone())
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {
@@ -320,10 +287,7 @@ impl Collective for Ring {
         let mut one = [1.0f32];
         self.allreduce_typed(&mut one, OP_BARRIER, DT_F32, add_f32)?;
         if one[0] != self.world as f32 {
-            return Err(CommError::Mismatch(format!(
-                "barrier counted {} ranks instead of {}",
-                one[0], self.world
-            )));
+            return Err(CommError::Mismatch(format!("barrier counted {} ranks instead of {}", one[0], self.world)));
         }
         Ok(())
     }

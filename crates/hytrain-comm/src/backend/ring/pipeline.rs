@@ -44,8 +44,7 @@ impl Header {
     }
 
     pub(super) fn decode(b: &[u8; 32]) -> Option<Header> {
-        let word =
-            |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().unwrap_or_default());
+        let word = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().unwrap_or_default());
         (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == HEADER_MAGIC).then(|| Header {
             op: b[4],
             dtype: b[5],
@@ -115,29 +114,22 @@ impl Reporter {
             return e;
         }
         let mine = encode_failure(self.rank, &local);
-        let reported =
-            match self
-                .store
-                .set_if_absent_within(&self.key, mine.as_bytes(), FAILURE_REPORT_WITHIN)
-            {
-                Ok(first) if first != mine.as_bytes() => {
-                    match decode_failure(&first) {
-                        // This rank is alive, so a record naming it describes the effect of its own failure, not a cause.
-                        Some(
-                            CommError::PeerLost { rank, .. } | CommError::Timeout { rank, .. },
-                        ) if rank == self.rank => local,
-                        Some(root) => {
-                            tracing::warn!(
-                                rank = self.rank,
-                                "saw {local}; the first failure in the ring was: {root}"
-                            );
-                            root
-                        }
-                        None => local,
+        let reported = match self.store.set_if_absent_within(&self.key, mine.as_bytes(), FAILURE_REPORT_WITHIN) {
+            Ok(first) if first != mine.as_bytes() => {
+                match decode_failure(&first) {
+                    // This rank is alive, so a record naming it describes the effect of its own failure, not a cause.
+                    Some(CommError::PeerLost { rank, .. } | CommError::Timeout { rank, .. }) if rank == self.rank => {
+                        local
                     }
+                    Some(root) => {
+                        tracing::warn!(rank = self.rank, "saw {local}; the first failure in the ring was: {root}");
+                        root
+                    }
+                    None => local,
                 }
-                _ => local,
-            };
+            }
+            _ => local,
+        };
         tracing::error!(rank = self.rank, "{reported}");
         reported
     }
@@ -186,13 +178,7 @@ impl Ring {
         let gone = || CommError::Broken("the ring's sender thread is gone".into());
         let esize = std::mem::size_of::<T>();
         let seg = (self.segment_bytes / esize).max(1);
-        let Ring {
-            links,
-            steps,
-            send_steps,
-            scratch,
-            ..
-        } = self;
+        let Ring { links, steps, send_steps, scratch, .. } = self;
         let links = links.as_mut().ok_or_else(gone)?;
         let jobs = links.jobs.as_ref().ok_or_else(gone)?;
         send_steps.clear();
@@ -213,21 +199,9 @@ impl Ring {
             during,
         };
         jobs.send(job).map_err(|_| gone())?;
-        let mut flight = InFlight {
-            links,
-            finished: false,
-        };
+        let mut flight = InFlight { links, finished: false };
 
-        let received = receive(
-            flight.links,
-            &header,
-            base,
-            buf.len(),
-            steps,
-            seg,
-            scratch,
-            reduce,
-        );
+        let received = receive(flight.links, &header, base, buf.len(), steps, seg, scratch, reduce);
         let recv_error = match received {
             Ok(()) => None,
             Err(f) => {
@@ -363,12 +337,7 @@ pub(super) fn receive<T: Pod>(
             match step.action {
                 Action::Copy => {
                     // SAFETY: `r` lies within the buffer, and the sender is not reading it now (module comment).
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            base.add(r.start) as *mut u8,
-                            r.len() * esize,
-                        )
-                    };
+                    let dst = unsafe { std::slice::from_raw_parts_mut(base.add(r.start) as *mut u8, r.len() * esize) };
                     links.prev.read_exact(dst).map_err(Failure::Recv)?;
                 }
                 Action::Reduce => {
@@ -400,16 +369,7 @@ pub(super) struct SenderThread {
 }
 
 pub(super) fn sender_main(t: SenderThread) {
-    let SenderThread {
-        mut next,
-        prev,
-        jobs,
-        done,
-        sync,
-        reporter,
-        next_rank,
-        timeout_secs,
-    } = t;
+    let SenderThread { mut next, prev, jobs, done, sync, reporter, next_rank, timeout_secs } = t;
     while let Ok(job) = jobs.recv() {
         let result = send_job(&mut next, &job, &sync).map_err(|e| {
             {
@@ -424,13 +384,7 @@ pub(super) fn sender_main(t: SenderThread) {
             let _ = prev.shutdown(Shutdown::Both);
             Some(reported)
         });
-        if done
-            .send(SendDone {
-                steps: job.steps,
-                result,
-            })
-            .is_err()
-        {
+        if done.send(SendDone { steps: job.steps, result }).is_err() {
             break;
         }
     }
@@ -448,17 +402,12 @@ pub(super) fn send_job(next: &mut TcpStream, job: &SendJob, sync: &Handoff) -> i
                     p = sync.cv.wait(p).unwrap_or_else(|e| e.into_inner());
                 }
                 if p.abort {
-                    return Err(io::Error::new(
-                        io::ErrorKind::Interrupted,
-                        "collective aborted",
-                    ));
+                    return Err(io::Error::new(io::ErrorKind::Interrupted, "collective aborted"));
                 }
             }
             let r = segment(&step.send, job.seg, j);
             // SAFETY: `r` lies within the caller's buffer, which outlives this job, and no thread writes it now.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(job.base.0.add(r.start * job.esize), r.len() * job.esize)
-            };
+            let bytes = unsafe { std::slice::from_raw_parts(job.base.0.add(r.start * job.esize), r.len() * job.esize) };
             next.write_all(bytes)?;
         }
         if t > 0 {
@@ -468,30 +417,13 @@ pub(super) fn send_job(next: &mut TcpStream, job: &SendJob, sync: &Handoff) -> i
     Ok(())
 }
 
-pub(super) fn io_error(
-    peer: usize,
-    during: &'static str,
-    timeout_secs: u64,
-    e: &io::Error,
-) -> CommError {
+pub(super) fn io_error(peer: usize, during: &'static str, timeout_secs: u64, e: &io::Error) -> CommError {
     use io::ErrorKind::*;
     match e.kind() {
-        WouldBlock | TimedOut => CommError::Timeout {
-            rank: peer,
-            during,
-            secs: timeout_secs,
-        },
+        WouldBlock | TimedOut => CommError::Timeout { rank: peer, during, secs: timeout_secs },
         UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected => {
-            CommError::PeerLost {
-                rank: peer,
-                during,
-                cause: "connection closed".into(),
-            }
+            CommError::PeerLost { rank: peer, during, cause: "connection closed".into() }
         }
-        _ => CommError::PeerLost {
-            rank: peer,
-            during,
-            cause: e.to_string(),
-        },
+        _ => CommError::PeerLost { rank: peer, during, cause: e.to_string() },
     }
 }

@@ -89,20 +89,12 @@ pub(crate) fn broadcast(len: usize, world: usize, rank: usize, root: usize, out:
     let all = 0..len;
     let none = 0..0;
     out.push(Step {
-        send: if pos == 0 && world > 1 {
-            all.clone()
-        } else {
-            none.clone()
-        },
+        send: if pos == 0 && world > 1 { all.clone() } else { none.clone() },
         recv: if pos == 0 { none.clone() } else { all.clone() },
         action: Action::Copy,
     });
     out.push(Step {
-        send: if pos > 0 && pos < world - 1 {
-            all
-        } else {
-            none.clone()
-        },
+        send: if pos > 0 && pos < world - 1 { all } else { none.clone() },
         recv: none,
         action: Action::Copy,
     });
@@ -137,21 +129,14 @@ mod tests {
                     prop_assert_eq!(&p[t].send, &p[t - 1].recv, "pipelining invariant");
                 }
             }
-            let mut it = Items {
-                sends: Vec::new(),
-                recvs: Vec::new(),
-            };
+            let mut it = Items { sends: Vec::new(), recvs: Vec::new() };
             let mut recv_before = vec![0usize; p.len() + 1];
             for (t, s) in p.iter().enumerate() {
                 recv_before[t + 1] = recv_before[t] + segment_count(&s.recv, seg);
             }
             for (t, s) in p.iter().enumerate() {
                 for j in 0..segment_count(&s.send, seg) {
-                    let need = if t == 0 {
-                        0
-                    } else {
-                        recv_before[t - 1] + j + 1
-                    };
+                    let need = if t == 0 { 0 } else { recv_before[t - 1] + j + 1 };
                     it.sends.push((segment(&s.send, seg, j), need));
                 }
                 for j in 0..segment_count(&s.recv, seg) {
@@ -177,13 +162,7 @@ mod tests {
                         break;
                     };
                     let (range, action) = items[r].recvs[recvd[r]].clone();
-                    prop_assert_eq!(
-                        data.len(),
-                        range.len(),
-                        "segment length from rank {} to rank {}",
-                        prev,
-                        r
-                    );
+                    prop_assert_eq!(data.len(), range.len(), "segment length from rank {} to rank {}", prev, r);
                     for (k, v) in range.zip(data) {
                         match action {
                             Action::Reduce => bufs[r][k] += v,
@@ -201,20 +180,12 @@ mod tests {
         for r in 0..world {
             prop_assert_eq!(sent[r], items[r].sends.len(), "rank {} stuck sending", r);
             prop_assert_eq!(recvd[r], items[r].recvs.len(), "rank {} stuck receiving", r);
-            prop_assert!(
-                links[r].is_empty(),
-                "rank {} sent more than rank {} received",
-                r,
-                (r + 1) % world
-            );
+            prop_assert!(links[r].is_empty(), "rank {} sent more than rank {} received", r, (r + 1) % world);
         }
         Ok(bufs)
     }
 
-    fn covers_exactly_once(
-        ranges: impl Iterator<Item = Range<usize>>,
-        len: usize,
-    ) -> Result<(), TestCaseError> {
+    fn covers_exactly_once(ranges: impl Iterator<Item = Range<usize>>, len: usize) -> Result<(), TestCaseError> {
         let mut seen = vec![0u32; len];
         for r in ranges {
             prop_assert!(r.end <= len);

@@ -14,11 +14,7 @@ use crate::rendezvous::auth::{self, Handshake, JobToken, NONCE_LEN};
 use crate::testutil::{free_port, member, on_ranks, opts};
 
 /// Rendezvous plus ring for `world` threads, then `f(rank, ring)` on each.
-fn with_rings<T: Send>(
-    world: usize,
-    o: CommOptions,
-    f: impl Fn(usize, &mut Ring) -> T + Sync,
-) -> Vec<T> {
+fn with_rings<T: Send>(world: usize, o: CommOptions, f: impl Fn(usize, &mut Ring) -> T + Sync) -> Vec<T> {
     let port = free_port();
     let linked = std::sync::Barrier::new(world);
     on_ranks(world, |rank| {
@@ -48,35 +44,22 @@ fn check_allreduce_exact(world: usize, segment_bytes: usize, lens: &[usize]) {
                 let n = world as f64;
                 let mut a: Vec<f32> = (0..len).map(|i| value(i, rank) as f32).collect();
                 ring.allreduce(Buffer::F32(&mut a), op).unwrap();
-                let ok = a.iter().enumerate().all(|(i, v)| {
-                    *v == if op == ReduceOp::Avg {
-                        sum(i) as f32 / n as f32
-                    } else {
-                        sum(i) as f32
-                    }
-                });
+                let ok = a
+                    .iter()
+                    .enumerate()
+                    .all(|(i, v)| *v == if op == ReduceOp::Avg { sum(i) as f32 / n as f32 } else { sum(i) as f32 });
                 if !ok {
                     bad.push(format!("f32 {op:?} len {len}"));
                 }
                 let mut b: Vec<f64> = (0..len).map(|i| value(i, rank)).collect();
                 ring.allreduce(Buffer::F64(&mut b), op).unwrap();
-                if !b.iter().enumerate().all(|(i, v)| {
-                    *v == if op == ReduceOp::Avg {
-                        sum(i) / n
-                    } else {
-                        sum(i)
-                    }
-                }) {
+                if !b.iter().enumerate().all(|(i, v)| *v == if op == ReduceOp::Avg { sum(i) / n } else { sum(i) }) {
                     bad.push(format!("f64 {op:?} len {len}"));
                 }
                 let mut c: Vec<bf16> = (0..len).map(|i| bf16::from_f64(value(i, rank))).collect();
                 ring.allreduce(Buffer::Bf16(&mut c), op).unwrap();
                 let ok = c.iter().enumerate().all(|(i, v)| {
-                    *v == bf16::from_f32(if op == ReduceOp::Avg {
-                        sum(i) as f32 / n as f32
-                    } else {
-                        sum(i) as f32
-                    })
+                    *v == bf16::from_f32(if op == ReduceOp::Avg { sum(i) as f32 / n as f32 } else { sum(i) as f32 })
                 });
                 if !ok {
                     bad.push(format!("bf16 {op:?} len {len}"));
@@ -86,10 +69,7 @@ fn check_allreduce_exact(world: usize, segment_bytes: usize, lens: &[usize]) {
         bad
     });
     for (rank, bad) in results.iter().enumerate() {
-        assert!(
-            bad.is_empty(),
-            "world {world} rank {rank} wrong results: {bad:?}"
-        );
+        assert!(bad.is_empty(), "world {world} rank {rank} wrong results: {bad:?}");
     }
 }
 
@@ -123,20 +103,10 @@ fn broadcast_delivers_the_roots_bytes_from_every_root() {
         let mut ok = true;
         for root in 0..world {
             for len in [0usize, 1, 7, 100_003] {
-                let mut b: Vec<u8> = (0..len)
-                    .map(|i| {
-                        if rank == root {
-                            (i * 31 + root) as u8
-                        } else {
-                            0xEE
-                        }
-                    })
-                    .collect();
+                let mut b: Vec<u8> =
+                    (0..len).map(|i| if rank == root { (i * 31 + root) as u8 } else { 0xEE }).collect();
                 ring.broadcast(&mut b, root).unwrap();
-                ok &= b
-                    .iter()
-                    .enumerate()
-                    .all(|(i, v)| *v == (i * 31 + root) as u8);
+                ok &= b.iter().enumerate().all(|(i, v)| *v == (i * 31 + root) as u8);
             }
         }
         ok
@@ -154,15 +124,8 @@ fn allgather_concatenates_every_ranks_input_in_rank_order() {
             let input: Vec<u8> = (0..len).map(|i| (i + rank * 100) as u8).collect();
             let mut out = vec![0u8; len * world];
             ring.allgather(&input, &mut out).unwrap();
-            for (r, block) in
-                out.chunks(len.max(1))
-                    .enumerate()
-                    .take(if len == 0 { 0 } else { world })
-            {
-                ok &= block
-                    .iter()
-                    .enumerate()
-                    .all(|(i, v)| *v == (i + r * 100) as u8);
+            for (r, block) in out.chunks(len.max(1)).enumerate().take(if len == 0 { 0 } else { world }) {
+                ok &= block.iter().enumerate().all(|(i, v)| *v == (i + r * 100) as u8);
             }
         }
         ok
@@ -207,23 +170,14 @@ fn two_rings_from_one_store_do_not_mix() {
 fn bad_arguments_are_refused_without_breaking_the_ring() {
     let results = with_rings(2, opts(60, 60), |_, ring| {
         let root = ring.broadcast(&mut [0u8; 4], 2).unwrap_err().to_string();
-        let gather = ring
-            .allgather(&[1, 2, 3], &mut [0u8; 5])
-            .unwrap_err()
-            .to_string();
+        let gather = ring.allgather(&[1, 2, 3], &mut [0u8; 5]).unwrap_err().to_string();
         let mut v = [1.0f32; 3];
         ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap();
         (root, gather, v)
     });
     for (root, gather, v) in results {
-        assert!(
-            root.contains("root 2 is not a rank (world_size 2)"),
-            "{root}"
-        );
-        assert!(
-            gather.contains("output has 5 bytes but must hold 2 ranks x 3 input bytes"),
-            "{gather}"
-        );
+        assert!(root.contains("root 2 is not a rank (world_size 2)"), "{root}");
+        assert!(gather.contains("output has 5 bytes but must hold 2 ranks x 3 input bytes"), "{gather}");
         assert_eq!(v, [2.0; 3]);
     }
 }
@@ -232,22 +186,16 @@ fn bad_arguments_are_refused_without_breaking_the_ring() {
 fn ranks_calling_different_collectives_fail_naming_both_calls() {
     let results = with_rings(2, opts(60, 60), |rank, ring| {
         let mut v = vec![1.0f32; 10 + rank];
-        let first = ring
-            .allreduce(Buffer::F32(&mut v), ReduceOp::Sum)
-            .unwrap_err();
+        let first = ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap_err();
         let again = ring.barrier().unwrap_err();
         (first.to_string(), again.to_string())
     });
     for (rank, (first, again)) in results.iter().enumerate() {
         assert!(
-            first.contains("allreduce of 10 f32 values")
-                && first.contains("allreduce of 11 f32 values"),
+            first.contains("allreduce of 10 f32 values") && first.contains("allreduce of 11 f32 values"),
             "rank {rank}: {first}"
         );
-        assert!(
-            again.contains("unusable after an earlier failure"),
-            "rank {rank}: {again}"
-        );
+        assert!(again.contains("unusable after an earlier failure"), "rank {rank}: {again}");
     }
 }
 
@@ -262,26 +210,13 @@ fn a_rank_that_exits_mid_allreduce_makes_the_others_fail_naming_it() {
             return None;
         }
         let mut v = vec![1.0f32; 1_000_003];
-        Some(
-            ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum)
-                .unwrap_err(),
-        )
+        Some(ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap_err())
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(25),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(25), "took {:?}", started.elapsed());
     for r in [0, 2] {
         let e = results[r].as_ref().unwrap();
-        assert!(
-            matches!(e, CommError::PeerLost { rank: 1, .. }),
-            "rank {r}: {e}"
-        );
-        assert_eq!(
-            e.to_string(),
-            "lost rank 1 (connection closed during allreduce)"
-        );
+        assert!(matches!(e, CommError::PeerLost { rank: 1, .. }), "rank {r}: {e}");
+        assert_eq!(e.to_string(), "lost rank 1 (connection closed during allreduce)");
     }
 }
 
@@ -294,26 +229,16 @@ fn a_rank_that_drops_its_connections_mid_stream_makes_the_others_fail_naming_it(
             ring.links.as_mut().unwrap().sever_after = Some(5);
         }
         let mut v = vec![1.0f32; 200_000];
-        ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum)
-            .unwrap_err()
+        ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap_err()
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(25),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(25), "took {:?}", started.elapsed());
     for r in [0, 1, 3] {
         let e = &results[r];
         // Every rank names rank 2, the one that died, whichever link it saw break first: the liveness watch's
         // verdict, not a neighbour that only failed because of rank 2.
+        assert!(matches!(e, CommError::RankLost(lost) if lost.rank == 2), "rank {r}: {e}");
         assert!(
-            matches!(e, CommError::RankLost(lost) if lost.rank == 2),
-            "rank {r}: {e}"
-        );
-        assert!(
-            e.to_string().starts_with(
-                "lost rank 2 on 127.0.0.1: its connection to the rendezvous store closed"
-            ),
+            e.to_string().starts_with("lost rank 2 on 127.0.0.1: its connection to the rendezvous store closed"),
             "{e}"
         );
     }
@@ -337,28 +262,16 @@ fn a_rank_lost_between_collectives_breaks_the_ring_of_every_other_rank_at_once()
             return None;
         }
         tx.lock().unwrap().send(()).unwrap();
-        let lost = ring
-            .liveness()
-            .unwrap()
-            .wait_lost(Some(Duration::from_secs(20)));
+        let lost = ring.liveness().unwrap().wait_lost(Some(Duration::from_secs(20)));
         // The ring was aborted by the verdict: the next collective fails at once, naming rank 1.
-        let e = ring
-            .allreduce(Buffer::F32(&mut v), ReduceOp::Sum)
-            .unwrap_err();
+        let e = ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap_err();
         Some((lost, e))
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(25),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(25), "took {:?}", started.elapsed());
     for r in [0, 2] {
         let (lost, e) = results[r].as_ref().unwrap();
         assert_eq!(lost.as_ref().map(|l| l.rank), Some(1), "rank {r}");
-        assert!(
-            matches!(e, CommError::RankLost(l) if l.rank == 1),
-            "rank {r}: {e}"
-        );
+        assert!(matches!(e, CommError::RankLost(l) if l.rank == 1), "rank {r}: {e}");
     }
 }
 
@@ -373,10 +286,7 @@ fn a_collective_stopped_by_the_liveness_verdict_alone_names_the_lost_rank() {
             ring.liveness().unwrap().sever();
             return None;
         }
-        ring.liveness()
-            .unwrap()
-            .wait_lost(Some(Duration::from_secs(20)))
-            .expect("the watch reports rank 1 lost");
+        ring.liveness().unwrap().wait_lost(Some(Duration::from_secs(20))).expect("the watch reports rank 1 lost");
         let reporter = &ring.links.as_ref().unwrap().reporter;
         let after = outcome(None, Err(None), reporter, "allreduce").unwrap_err();
         let consequence = outcome(Some(None), Err(None), reporter, "allreduce").unwrap_err();
@@ -389,10 +299,7 @@ fn a_collective_stopped_by_the_liveness_verdict_alone_names_the_lost_rank() {
             "rank {r}: {before}"
         );
         for e in [after, consequence] {
-            assert!(
-                matches!(e, CommError::RankLost(l) if l.rank == 1),
-                "rank {r}: {e}"
-            );
+            assert!(matches!(e, CommError::RankLost(l) if l.rank == 1), "rank {r}: {e}");
         }
     }
 }
@@ -410,13 +317,8 @@ fn a_rank_whose_store_connection_drops_mid_collective_is_named_by_every_other_ra
         (0..20).find_map(|_| ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).err())
     });
     for r in [0, 1] {
-        let e = results[r]
-            .as_ref()
-            .unwrap_or_else(|| panic!("rank {r} never failed"));
-        assert!(
-            matches!(e, CommError::RankLost(l) if l.rank == 2),
-            "rank {r}: {e}"
-        );
+        let e = results[r].as_ref().unwrap_or_else(|| panic!("rank {r} never failed"));
+        assert!(matches!(e, CommError::RankLost(l) if l.rank == 2), "rank {r}: {e}");
     }
 }
 
@@ -436,34 +338,14 @@ fn a_silent_rank_makes_its_successor_time_out_naming_it() {
             return None;
         }
         let mut v = vec![1.0f64; 1000];
-        let e = ring
-            .allreduce(Buffer::F64(&mut v), ReduceOp::Sum)
-            .unwrap_err();
+        let e = ring.allreduce(Buffer::F64(&mut v), ReduceOp::Sum).unwrap_err();
         let _ = tx.lock().unwrap().send(());
         Some(e)
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(25),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(25), "took {:?}", started.elapsed());
     let e = results[2].as_ref().unwrap();
-    assert!(
-        matches!(
-            e,
-            CommError::Timeout {
-                rank: 1,
-                secs: 2,
-                ..
-            }
-        ),
-        "{e}"
-    );
-    assert!(
-        e.to_string()
-            .contains("rank 1 was silent for 2 s during allreduce"),
-        "{e}"
-    );
+    assert!(matches!(e, CommError::Timeout { rank: 1, secs: 2, .. }), "{e}");
+    assert!(e.to_string().contains("rank 1 was silent for 2 s during allreduce"), "{e}");
     assert!(results[0].is_some());
 }
 
@@ -481,29 +363,15 @@ fn ring_setup_fails_naming_the_store_key_when_a_rank_never_links() {
         Ring::connect(&store, &m, &o).map(|_| ())
     });
     let e = results[0].as_ref().unwrap_err().to_string();
-    assert!(
-        e.contains("rank 0 waited 3 s") && e.contains("ring/0/addr/1"),
-        "{e}"
-    );
+    assert!(e.contains("rank 0 waited 3 s") && e.contains("ring/0/addr/1"), "{e}");
 }
 
 fn expected() -> Expected {
-    Expected {
-        job_id: "test".into(),
-        generation: 0,
-        prev_rank: 1,
-        rank: 2,
-        world: 3,
-    }
+    Expected { job_id: "test".into(), generation: 0, prev_rank: 1, rank: 2, world: 3 }
 }
 
 fn hello(job_id: &str) -> Hello<'_> {
-    Hello {
-        job_id,
-        generation: 0,
-        from_rank: 1,
-        world: 3,
-    }
+    Hello { job_id, generation: 0, from_rank: 1, world: 3 }
 }
 
 #[test]
@@ -517,8 +385,7 @@ fn strays_silent_clients_and_wrong_tokens_are_refused_and_the_real_peer_accepted
         // Connects and says nothing: must not hold up the others.
         let silent = TcpStream::connect(addr).unwrap();
         let mut other_job = TcpStream::connect(addr).unwrap();
-        let refused =
-            introduce(&mut other_job, &hello("other-job"), &peer_token, deadline).unwrap_err();
+        let refused = introduce(&mut other_job, &hello("other-job"), &peer_token, deadline).unwrap_err();
         let mut forger = TcpStream::connect(addr).unwrap();
         let wrong = JobToken::new("not-the-ring-secret").unwrap();
         let forged = introduce(&mut forger, &hello("test"), &wrong, deadline).unwrap_err();
@@ -527,34 +394,20 @@ fn strays_silent_clients_and_wrong_tokens_are_refused_and_the_real_peer_accepted
         real.write_all(b"data").unwrap();
         (silent, refused, forged, real)
     });
-    let accepted = accept_prev(
-        listener,
-        expected(),
-        &token,
-        deadline,
-        &AtomicBool::new(false),
-    );
+    let accepted = accept_prev(listener, expected(), &token, deadline, &AtomicBool::new(false));
     let (mut silent, refused, forged, _real) = peers.join().unwrap();
     let mut got = [0u8; 4];
     accepted.unwrap().read_exact(&mut got).unwrap();
     assert_eq!(&got, b"data");
-    assert!(
-        matches!(&refused, Handshake::Refused(why) if why.contains("waiting for rank 1")),
-        "{refused:?}"
-    );
+    assert!(matches!(&refused, Handshake::Refused(why) if why.contains("waiting for rank 1")), "{refused:?}");
     assert!(matches!(forged, Handshake::ProofRefused), "{forged:?}");
     // The real peer got in while the silent one was still being waited on.
-    silent
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    silent.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let still_open = matches!(
         silent.read(&mut [0u8; 1]),
         Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
     );
-    assert!(
-        still_open,
-        "the silent client was dropped before the real peer was accepted"
-    );
+    assert!(still_open, "the silent client was dropped before the real peer was accepted");
 }
 
 #[test]
@@ -569,13 +422,7 @@ fn a_ring_peer_that_cannot_prove_the_token_is_not_trusted() {
     });
     let mut s = TcpStream::connect(addr).unwrap();
     let token = JobToken::new("ring-secret").unwrap();
-    let e = introduce(
-        &mut s,
-        &hello("test"),
-        &token,
-        Instant::now() + Duration::from_secs(20),
-    )
-    .unwrap_err();
+    let e = introduce(&mut s, &hello("test"), &token, Instant::now() + Duration::from_secs(20)).unwrap_err();
     assert!(matches!(e, Handshake::BadProof), "{e:?}");
 }
 
@@ -594,41 +441,18 @@ fn ranks_with_a_configured_token_link_the_ring_and_reduce() {
 #[test]
 fn failure_records_round_trip_through_the_store_encoding() {
     for e in [
-        CommError::PeerLost {
-            rank: 5,
-            during: "broadcast",
-            cause: "connection closed".into(),
-        },
-        CommError::Timeout {
-            rank: 1,
-            during: "barrier",
-            secs: 300,
-        },
+        CommError::PeerLost { rank: 5, during: "broadcast", cause: "connection closed".into() },
+        CommError::Timeout { rank: 1, during: "barrier", secs: 300 },
     ] {
-        assert_eq!(
-            decode_failure(encode_failure(0, &e).as_bytes())
-                .unwrap()
-                .to_string(),
-            e.to_string()
-        );
+        assert_eq!(decode_failure(encode_failure(0, &e).as_bytes()).unwrap().to_string(), e.to_string());
     }
-    let other =
-        decode_failure(encode_failure(3, &CommError::Mismatch("x\ny".into())).as_bytes()).unwrap();
-    assert_eq!(
-        other.to_string(),
-        "rank 3 failed first: collective mismatch: x\ny"
-    );
+    let other = decode_failure(encode_failure(3, &CommError::Mismatch("x\ny".into())).as_bytes()).unwrap();
+    assert_eq!(other.to_string(), "rank 3 failed first: collective mismatch: x\ny");
 }
 
 #[test]
 fn headers_decode_what_they_encode_and_refuse_data() {
-    let h = Header {
-        op: OP_BROADCAST,
-        dtype: DT_U8,
-        seq: 7,
-        len: 12,
-        aux: 3,
-    };
+    let h = Header { op: OP_BROADCAST, dtype: DT_U8, seq: 7, len: 12, aux: 3 };
     assert_eq!(Header::decode(&h.encode()), Some(h));
     assert_eq!(Header::decode(&[0u8; 32]), None);
     assert_eq!(h.describe(), "broadcast of 12 bytes from rank 3");

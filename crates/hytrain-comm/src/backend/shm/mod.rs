@@ -28,10 +28,7 @@ use half::bf16;
 
 use crate::backend::failure::{decode_failure, encode_failure};
 use crate::rendezvous::liveness::VERDICT_WAIT;
-use crate::{
-    Buffer, Collective, CommError, CommOptions, Liveness, Membership, ReduceOp, Ring, Store,
-    Transport,
-};
+use crate::{Buffer, Collective, CommError, CommOptions, Liveness, Membership, ReduceOp, Ring, Store, Transport};
 use reduce::{sum_into, Elem};
 use segment::{process_gone, wait_while, wake, Segment};
 
@@ -85,9 +82,7 @@ pub(crate) fn over_ring(
     let local = match agree_on_topology(&mut flat, m)? {
         Ok(local) => local,
         Err(why) if forced => {
-            return Err(CommError::InvalidMembership(format!(
-                "the shm transport cannot be used: {why}"
-            )))
+            return Err(CommError::InvalidMembership(format!("the shm transport cannot be used: {why}")))
         }
         Err(why) => {
             tracing::debug!(rank = m.rank, "using the TCP ring: {why}");
@@ -95,25 +90,18 @@ pub(crate) fn over_ring(
         }
     };
     if local == 1 {
-        tracing::debug!(
-            rank = m.rank,
-            "one process per node: nothing to share, using the TCP ring"
-        );
+        tracing::debug!(rank = m.rank, "one process per node: nothing to share, using the TCP ring");
         return Ok(Box::new(flat));
     }
-    let slot_bytes = slot_bytes
-        .unwrap_or((SEGMENT_BUDGET / (2 * local)).clamp(MIN_SLOT, MAX_SLOT))
-        .next_multiple_of(64);
+    let slot_bytes =
+        slot_bytes.unwrap_or((SEGMENT_BUDGET / (2 * local)).clamp(MIN_SLOT, MAX_SLOT)).next_multiple_of(64);
     let local_rank = m.rank % local;
     let node = m.rank / local;
     let generation = store.next_generation("shm");
     let key = format!("shm/{generation}/node/{node}");
     let mapped: Result<Segment, String> = if local_rank == 0 {
         let nonce = random_u64();
-        let path = format!(
-            "/dev/shm/hytrain-{}-{node}-{nonce:016x}",
-            sanitize(&opts.job_id)
-        );
+        let path = format!("/dev/shm/hytrain-{}-{node}-{nonce:016x}", sanitize(&opts.job_id));
         match Segment::create(&path, local, slot_bytes, nonce) {
             Ok(seg) => {
                 store.set(&key, format!("ok {nonce} {path}").as_bytes())?;
@@ -135,13 +123,10 @@ pub(crate) fn over_ring(
                     Err(_) => Err(format!("local rank 0 published a bad nonce: {published}")),
                 }
             }
-            (Some("err"), ..) => Err(format!(
-                "local rank 0 could not create the segment: {}",
-                &published[4.min(published.len())..]
-            )),
-            _ => Err(format!(
-                "local rank 0 published an unreadable segment name: {published}"
-            )),
+            (Some("err"), ..) => {
+                Err(format!("local rank 0 could not create the segment: {}", &published[4.min(published.len())..]))
+            }
+            _ => Err(format!("local rank 0 published an unreadable segment name: {published}")),
         }
     };
     // Every rank learns whether every node mapped its segment before anyone commits to it.
@@ -152,10 +137,9 @@ pub(crate) fn over_ring(
         outcome => {
             let why = match outcome {
                 Err(why) => why,
-                Ok(_) => format!(
-                    "{} rank(s) of the job could not map their node's segment (see their logs)",
-                    failures[0]
-                ),
+                Ok(_) => {
+                    format!("{} rank(s) of the job could not map their node's segment (see their logs)", failures[0])
+                }
             };
             if forced {
                 return Err(CommError::InvalidMembership(format!(
@@ -163,19 +147,13 @@ pub(crate) fn over_ring(
                     m.rank
                 )));
             }
-            tracing::warn!(
-                rank = m.rank,
-                "shared memory unavailable, using the TCP ring: {why}"
-            );
+            tracing::warn!(rank = m.rank, "shared memory unavailable, using the TCP ring: {why}");
             return Ok(Box::new(flat));
         }
     };
     // Every local rank has mapped it (the vote above waited for all); the name is no longer needed.
     seg.unlink();
-    seg.pid(local_rank).store(
-        std::process::id() as u64,
-        std::sync::atomic::Ordering::Release,
-    );
+    seg.pid(local_rank).store(std::process::id() as u64, std::sync::atomic::Ordering::Release);
     let nodes = m.world_size / local;
     let leaders = if nodes > 1 && local_rank == 0 {
         let me = Membership {
@@ -214,13 +192,7 @@ pub(crate) fn over_ring(
     for r in 0..local {
         shm.pids[r] = shm.seg.pid(r).load(std::sync::atomic::Ordering::Acquire);
     }
-    tracing::debug!(
-        rank = m.rank,
-        local,
-        nodes,
-        slot_bytes,
-        "shared-memory transport ready"
-    );
+    tracing::debug!(rank = m.rank, local, nodes, slot_bytes, "shared-memory transport ready");
     Ok(Box::new(shm))
 }
 
@@ -253,10 +225,7 @@ fn agree_on_topology(flat: &mut Ring, m: &Membership) -> Result<Result<usize, St
         }
     }
     if m.world_size % local != 0 {
-        return Ok(Err(format!(
-            "world_size {} is not a multiple of local_world_size {local}",
-            m.world_size
-        )));
+        return Ok(Err(format!("world_size {} is not a multiple of local_world_size {local}", m.world_size)));
     }
     Ok(Ok(local))
 }
@@ -271,40 +240,15 @@ fn random_u64() -> u64 {
 
 /// The job id as a file-name part: letters, digits, '-' and '_' only, at most 32 characters.
 fn sanitize(job_id: &str) -> String {
-    job_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(32)
-        .collect()
+    job_id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).take(32).collect()
 }
 
 /// A leaders' ring numbers nodes; errors name the node's local rank 0, the job rank a user can find.
 fn remap(e: CommError, local: usize) -> CommError {
     match e {
-        CommError::PeerLost {
-            rank,
-            during,
-            cause,
-        } => CommError::PeerLost {
-            rank: rank * local,
-            during,
-            cause,
-        },
-        CommError::Timeout { rank, during, secs } => CommError::Timeout {
-            rank: rank * local,
-            during,
-            secs,
-        },
-        CommError::Remote { rank, message } => CommError::Remote {
-            rank: rank * local,
-            message,
-        },
+        CommError::PeerLost { rank, during, cause } => CommError::PeerLost { rank: rank * local, during, cause },
+        CommError::Timeout { rank, during, secs } => CommError::Timeout { rank: rank * local, during, secs },
+        CommError::Remote { rank, message } => CommError::Remote { rank: rank * local, message },
         other => other,
     }
 }
@@ -352,8 +296,7 @@ impl Shm {
     /// Marks the backend unusable and tells the node's other ranks, so that they stop waiting for this one.
     fn fail(&mut self, e: CommError) -> CommError {
         if !matches!(e, CommError::Broken(_)) {
-            self.seg
-                .record_failure(self.local_rank, &encode_failure(self.rank, &e));
+            self.seg.record_failure(self.local_rank, &encode_failure(self.rank, &e));
             self.broken = Some(e.to_string());
         }
         e
@@ -371,15 +314,9 @@ impl Shm {
                 return match decode_failure(message.as_bytes()) {
                     Some(e @ (CommError::PeerLost { .. } | CommError::Timeout { .. })) => e,
                     Some(CommError::Remote { message, .. }) | Some(CommError::Broken(message)) => {
-                        CommError::Remote {
-                            rank: self.global(by),
-                            message,
-                        }
+                        CommError::Remote { rank: self.global(by), message }
                     }
-                    _ => CommError::Remote {
-                        rank: self.global(by),
-                        message,
-                    },
+                    _ => CommError::Remote { rank: self.global(by), message },
                 };
             }
             if Instant::now() >= until {
@@ -429,29 +366,17 @@ impl Shm {
                 deadline = now + self.timeout;
             }
             if now >= deadline {
-                return Err(CommError::Timeout {
-                    rank: self.global(r),
-                    during,
-                    secs: self.timeout.as_secs(),
-                });
+                return Err(CommError::Timeout { rank: self.global(r), during, secs: self.timeout.as_secs() });
             }
             if now >= next_liveness {
                 let pid = self.pids.get(r).copied().filter(|p| *p != 0);
                 let pid = pid.unwrap_or_else(|| self.seg.pid(r).load(Acquire));
                 if process_gone(pid) {
                     // The store's verdict, where there is one, is what every rank of the job reports.
-                    if let Some(lost) = self
-                        .liveness
-                        .as_ref()
-                        .and_then(|l| l.wait_lost(Some(VERDICT_WAIT)))
-                    {
+                    if let Some(lost) = self.liveness.as_ref().and_then(|l| l.wait_lost(Some(VERDICT_WAIT))) {
                         return Err(CommError::RankLost(lost));
                     }
-                    return Err(CommError::PeerLost {
-                        rank: self.global(r),
-                        during,
-                        cause: "process exited".into(),
-                    });
+                    return Err(CommError::PeerLost { rank: self.global(r), during, cause: "process exited".into() });
                 }
                 next_liveness = now + Duration::from_millis(20);
             }
@@ -481,9 +406,7 @@ impl Shm {
     fn check_call(&mut self, desc: [u64; 3]) -> Result<(), CommError> {
         use std::sync::atomic::Ordering::Relaxed;
         for (i, w) in desc.iter().enumerate() {
-            self.seg
-                .desc(self.local_rank, self.seq, i)
-                .store(*w, Relaxed);
+            self.seg.desc(self.local_rank, self.seq, i).store(*w, Relaxed);
         }
         self.barrier_local("allreduce")?;
         for r in 0..self.local {
@@ -538,25 +461,17 @@ impl Shm {
             let s = slice(c, local, me);
             others.clear();
             for j in (0..local).filter(|j| *j != me) {
-                others.push(unsafe {
-                    std::slice::from_raw_parts(self.slot::<T>(bank, j, c).add(s.start), s.len())
-                });
+                others.push(unsafe { std::slice::from_raw_parts(self.slot::<T>(bank, j, c).add(s.start), s.len()) });
             }
             let my_slot = unsafe { std::slice::from_raw_parts_mut(mine, c) };
-            sum_into(
-                &mut chunk[s.clone()],
-                &others,
-                Some(&mut my_slot[s.clone()]),
-                avg_over,
-            );
+            sum_into(&mut chunk[s.clone()], &others, Some(&mut my_slot[s.clone()]), avg_over);
             others.clear();
             self.barrier_local("allreduce")?;
             if !leader_only || me == 0 {
                 for j in (0..local).filter(|j| *j != me) {
                     let s = slice(c, local, j);
-                    let theirs = unsafe {
-                        std::slice::from_raw_parts(self.slot::<T>(bank, j, c).add(s.start), s.len())
-                    };
+                    let theirs =
+                        unsafe { std::slice::from_raw_parts(self.slot::<T>(bank, j, c).add(s.start), s.len()) };
                     chunk[s].copy_from_slice(theirs);
                 }
             }
@@ -581,8 +496,7 @@ impl Shm {
                     self.wait_for(r, self.epoch, "allreduce")?;
                 }
                 // SAFETY: a bank holds `local` contiguous slots, so `cap` elements, and no reader reads it now.
-                unsafe { std::slice::from_raw_parts_mut(region, c) }
-                    .copy_from_slice(&buf[off..off + c]);
+                unsafe { std::slice::from_raw_parts_mut(region, c) }.copy_from_slice(&buf[off..off + c]);
             }
             self.arrive();
             if self.local_rank != 0 {
@@ -597,11 +511,7 @@ impl Shm {
         self.barrier_local("allreduce")
     }
 
-    fn allreduce_typed<T: RingElem>(
-        &mut self,
-        buf: &mut [T],
-        op: ReduceOp,
-    ) -> Result<(), CommError> {
+    fn allreduce_typed<T: RingElem>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<(), CommError> {
         let avg = (op == ReduceOp::Avg).then_some(self.world);
         if self.nodes == 1 {
             return self.reduce_node(buf, false, avg);
@@ -610,11 +520,8 @@ impl Shm {
         if let Some(ring) = self.leaders.as_mut() {
             let piece = (LEADER_PIECE / std::mem::size_of::<T>()).max(1);
             for part in buf.chunks_mut(piece) {
-                ring.allreduce(T::buffer(part), ReduceOp::Sum)
-                    .map_err(|e| remap(e, self.local))?;
-                self.seg
-                    .progress(0)
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                ring.allreduce(T::buffer(part), ReduceOp::Sum).map_err(|e| remap(e, self.local))?;
+                self.seg.progress(0).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             if let Some(n) = avg {
                 let d = T::count(n);
@@ -650,11 +557,7 @@ impl Shm {
                 wide.extend(b.iter().map(|x| x.to_f32()));
                 let result = self.allreduce_typed(&mut wide, ReduceOp::Sum);
                 if result.is_ok() {
-                    let n = if op == ReduceOp::Avg {
-                        self.world as f32
-                    } else {
-                        1.0
-                    };
+                    let n = if op == ReduceOp::Avg { self.world as f32 } else { 1.0 };
                     for (d, s) in b.iter_mut().zip(&wide) {
                         *d = bf16::from_f32(*s / n);
                     }

@@ -70,12 +70,7 @@ impl Elem for bf16 {
 
 /// `inout[i] = inout[i] + sum_j others[j][i]` (divided by `avg_over` when given), the result also written to
 /// `copy` when given. Every slice has `inout`'s length.
-pub(crate) fn sum_into<T: Elem>(
-    inout: &mut [T],
-    others: &[&[T]],
-    mut copy: Option<&mut [T]>,
-    avg_over: Option<usize>,
-) {
+pub(crate) fn sum_into<T: Elem>(inout: &mut [T], others: &[&[T]], mut copy: Option<&mut [T]>, avg_over: Option<usize>) {
     let n = inout.len();
     debug_assert!(others.iter().all(|o| o.len() == n));
     let div = avg_over.map(T::count);

@@ -56,12 +56,7 @@ fn errno(what: &str, path: &str) -> io::Error {
 impl Segment {
     /// Creates the file `path` (which must not exist), reserves its memory and maps it; `nonce` is written into
     /// it so that attaching ranks can check they opened the segment the store named.
-    pub(crate) fn create(
-        path: &str,
-        local: usize,
-        slot_bytes: usize,
-        nonce: u64,
-    ) -> io::Result<Segment> {
+    pub(crate) fn create(path: &str, local: usize, slot_bytes: usize, nonce: u64) -> io::Result<Segment> {
         let (_, size) = layout(local, slot_bytes);
         let c = CString::new(path).map_err(|_| io::Error::other("NUL in segment path"))?;
         // SAFETY: plain system calls on a path we own; every result is checked.
@@ -92,8 +87,7 @@ impl Segment {
             })?;
             seg.path = Some(c);
             seg.word(OFF_LOCAL).store(local as u64, Ordering::Relaxed);
-            seg.word(OFF_SLOT)
-                .store(slot_bytes as u64, Ordering::Relaxed);
+            seg.word(OFF_SLOT).store(slot_bytes as u64, Ordering::Relaxed);
             seg.word(OFF_NONCE).store(nonce, Ordering::Relaxed);
             seg.word(OFF_MAGIC).store(MAGIC, Ordering::Release);
             Ok(seg)
@@ -101,29 +95,19 @@ impl Segment {
     }
 
     /// Maps the segment local rank 0 created at `path` and checks it is the one with `nonce` and this geometry.
-    pub(crate) fn attach(
-        path: &str,
-        local: usize,
-        slot_bytes: usize,
-        nonce: u64,
-    ) -> io::Result<Segment> {
+    pub(crate) fn attach(path: &str, local: usize, slot_bytes: usize, nonce: u64) -> io::Result<Segment> {
         let (_, size) = layout(local, slot_bytes);
         let c = CString::new(path).map_err(|_| io::Error::other("NUL in segment path"))?;
         // SAFETY: as in `create`.
         let seg = unsafe {
-            let fd = libc::open(
-                c.as_ptr(),
-                libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            );
+            let fd = libc::open(c.as_ptr(), libc::O_RDWR | libc::O_NOFOLLOW | libc::O_CLOEXEC);
             if fd < 0 {
                 return Err(errno("cannot open", path));
             }
             let mut st: libc::stat = std::mem::zeroed();
             if libc::fstat(fd, &mut st) != 0 || st.st_size as usize != size {
                 libc::close(fd);
-                return Err(io::Error::other(format!(
-                    "{path} is not the expected {size}-byte segment"
-                )));
+                return Err(io::Error::other(format!("{path} is not the expected {size}-byte segment")));
             }
             let seg = Segment::map(fd, size, local, slot_bytes, path);
             libc::close(fd);
@@ -134,40 +118,19 @@ impl Segment {
             && seg.word(OFF_SLOT).load(Ordering::Relaxed) == slot_bytes as u64
             && seg.word(OFF_NONCE).load(Ordering::Relaxed) == nonce;
         if !ok {
-            return Err(io::Error::other(format!(
-                "{path} does not hold this node's segment (wrong header)"
-            )));
+            return Err(io::Error::other(format!("{path} does not hold this node's segment (wrong header)")));
         }
         Ok(seg)
     }
 
     /// # Safety
     /// `fd` must be an open descriptor of a file of at least `size` bytes.
-    unsafe fn map(
-        fd: i32,
-        size: usize,
-        local: usize,
-        slot_bytes: usize,
-        path: &str,
-    ) -> io::Result<Segment> {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        );
+    unsafe fn map(fd: i32, size: usize, local: usize, slot_bytes: usize, path: &str) -> io::Result<Segment> {
+        let p = libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
         if p == libc::MAP_FAILED {
             return Err(errno("cannot map", path));
         }
-        Ok(Segment {
-            base: p as *mut u8,
-            size,
-            local,
-            slot_bytes,
-            path: None,
-        })
+        Ok(Segment { base: p as *mut u8, size, local, slot_bytes, path: None })
     }
 
     /// Removes the file name; the mapping stays valid for every process that has it.
@@ -224,15 +187,7 @@ impl Segment {
 
     /// Records the first failure of the node; returns false when another rank recorded one first.
     pub(crate) fn record_failure(&self, local_rank: usize, message: &str) -> bool {
-        if self
-            .word(OFF_ABORT)
-            .compare_exchange(
-                0,
-                local_rank as u64 + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_err()
+        if self.word(OFF_ABORT).compare_exchange(0, local_rank as u64 + 1, Ordering::AcqRel, Ordering::Acquire).is_err()
         {
             return false;
         }
@@ -241,8 +196,7 @@ impl Segment {
         unsafe {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(OFF_MSG), bytes.len());
         }
-        self.word(OFF_MSG_LEN)
-            .store(bytes.len() as u64, Ordering::Relaxed);
+        self.word(OFF_MSG_LEN).store(bytes.len() as u64, Ordering::Relaxed);
         self.word(OFF_MSG_READY).store(1, Ordering::Release);
         true
     }
@@ -282,10 +236,8 @@ impl Drop for Segment {
 /// A futex on the word's low half (little-endian hosts only, which lib.rs enforces): waiting ranks leave the CPU
 /// to the rank they wait for, which matters when ranks outnumber free cores.
 pub(crate) fn wait_while(word: &AtomicU64, seen: u64, timeout: std::time::Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
+    let ts =
+        libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
     // SAFETY: the address is a live, aligned word of the shared mapping; FUTEX_WAIT only reads it. Not the
     // PRIVATE variant: the waker is another process.
     unsafe {
@@ -303,12 +255,7 @@ pub(crate) fn wait_while(word: &AtomicU64, seen: u64, timeout: std::time::Durati
 pub(crate) fn wake(word: &AtomicU64) {
     // SAFETY: as in `wait_while`.
     unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr() as *const u32,
-            libc::FUTEX_WAKE,
-            i32::MAX,
-        );
+        libc::syscall(libc::SYS_futex, word.as_ptr() as *const u32, libc::FUTEX_WAKE, i32::MAX);
     }
 }
 
@@ -324,9 +271,7 @@ pub(crate) fn process_gone(pid: u64) -> bool {
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name, which may itself contain spaces or parentheses.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
         Err(_) => false,
     }
 }
@@ -337,39 +282,22 @@ mod tests {
 
     #[test]
     fn an_attaching_rank_refuses_a_segment_with_another_nonce_or_geometry() {
-        let path = format!(
-            "/dev/shm/hytrain-test-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        );
+        let path = format!("/dev/shm/hytrain-test-{}-{}", std::process::id(), fastrand::u64(..));
         let mut seg = Segment::create(&path, 2, 4096, 7).unwrap();
         assert!(Segment::attach(&path, 2, 4096, 7).is_ok());
-        let e = Segment::attach(&path, 2, 4096, 8)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = Segment::attach(&path, 2, 4096, 8).err().unwrap().to_string();
         assert!(e.contains("wrong header"), "{e}");
-        let e = Segment::attach(&path, 3, 4096, 7)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = Segment::attach(&path, 3, 4096, 7).err().unwrap().to_string();
         assert!(e.contains("not the expected"), "{e}");
         seg.unlink();
         assert!(!std::path::Path::new(&path).exists());
-        let e = Segment::attach(&path, 2, 4096, 7)
-            .err()
-            .unwrap()
-            .to_string();
+        let e = Segment::attach(&path, 2, 4096, 7).err().unwrap().to_string();
         assert!(e.contains("cannot open"), "{e}");
     }
 
     #[test]
     fn the_first_recorded_failure_wins() {
-        let path = format!(
-            "/dev/shm/hytrain-test-{}-{}",
-            std::process::id(),
-            fastrand::u64(..)
-        );
+        let path = format!("/dev/shm/hytrain-test-{}-{}", std::process::id(), fastrand::u64(..));
         let seg = Segment::create(&path, 2, 4096, 1).unwrap();
         assert_eq!(seg.failed_rank(), None);
         assert!(seg.record_failure(1, "first"));

@@ -42,18 +42,10 @@ fn exact_cases(c: &mut dyn Collective, lens: &[usize]) -> Vec<String> {
     let mut bad = Vec::new();
     for &len in lens {
         for op in [ReduceOp::Sum, ReduceOp::Avg] {
-            let n = if op == ReduceOp::Avg {
-                world as f64
-            } else {
-                1.0
-            };
+            let n = if op == ReduceOp::Avg { world as f64 } else { 1.0 };
             let mut a: Vec<f32> = (0..len).map(|i| value(i, rank) as f32).collect();
             c.allreduce(Buffer::F32(&mut a), op).unwrap();
-            if !a
-                .iter()
-                .enumerate()
-                .all(|(i, v)| *v == sum(i) as f32 / n as f32)
-            {
+            if !a.iter().enumerate().all(|(i, v)| *v == sum(i) as f32 / n as f32) {
                 bad.push(format!("f32 {op:?} len {len}"));
             }
             let mut b: Vec<f64> = (0..len).map(|i| value(i, rank)).collect();
@@ -63,11 +55,7 @@ fn exact_cases(c: &mut dyn Collective, lens: &[usize]) -> Vec<String> {
             }
             let mut h: Vec<bf16> = (0..len).map(|i| bf16::from_f64(value(i, rank))).collect();
             c.allreduce(Buffer::Bf16(&mut h), op).unwrap();
-            if !h
-                .iter()
-                .enumerate()
-                .all(|(i, v)| *v == bf16::from_f32(sum(i) as f32 / n as f32))
-            {
+            if !h.iter().enumerate().all(|(i, v)| *v == bf16::from_f32(sum(i) as f32 / n as f32)) {
                 bad.push(format!("bf16 {op:?} len {len}"));
             }
         }
@@ -82,10 +70,7 @@ fn check_exact(world: usize, local: usize, slot_bytes: Option<usize>, lens: &[us
         exact_cases(c.as_mut(), lens)
     });
     for (rank, bad) in results.iter().enumerate() {
-        assert!(
-            bad.is_empty(),
-            "world {world} local {local} rank {rank}: {bad:?}"
-        );
+        assert!(bad.is_empty(), "world {world} local {local} rank {rank}: {bad:?}");
     }
 }
 
@@ -123,14 +108,10 @@ fn ranks_calling_different_allreduces_fail_naming_both_calls() {
     });
     for (rank, (first, again)) in results.iter().enumerate() {
         assert!(
-            first.contains("allreduce of 10 f32 values")
-                && first.contains("allreduce of 11 f32 values"),
+            first.contains("allreduce of 10 f32 values") && first.contains("allreduce of 11 f32 values"),
             "rank {rank}: {first}"
         );
-        assert!(
-            again.contains("unusable after an earlier failure"),
-            "rank {rank}: {again}"
-        );
+        assert!(again.contains("unusable after an earlier failure"), "rank {rank}: {again}");
     }
 }
 
@@ -154,24 +135,10 @@ fn a_silent_local_rank_makes_the_others_time_out_naming_it() {
         let _ = tx.lock().unwrap().send(());
         Some(e)
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(25),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(25), "took {:?}", started.elapsed());
     for r in [0, 2] {
         let e = results[r].as_ref().unwrap();
-        assert!(
-            matches!(
-                e,
-                CommError::Timeout {
-                    rank: 1,
-                    secs: 2,
-                    ..
-                }
-            ),
-            "rank {r}: {e}"
-        );
+        assert!(matches!(e, CommError::Timeout { rank: 1, secs: 2, .. }), "rank {r}: {e}");
     }
 }
 
@@ -205,9 +172,7 @@ fn a_topology_that_is_not_whole_nodes_falls_back_to_the_ring_or_is_refused_when_
         (c.backend(), v[0])
     });
     assert!(auto.iter().all(|r| *r == ("ring", 3.0)), "{auto:?}");
-    let forced = with_backends(3, 2, Transport::Shm, None, 60, |_, c| {
-        c.err().map(|e| e.to_string())
-    });
+    let forced = with_backends(3, 2, Transport::Shm, None, 60, |_, c| c.err().map(|e| e.to_string()));
     for e in forced {
         let e = e.expect("forced shm must fail");
         assert!(
@@ -231,10 +196,7 @@ fn transports_parse_by_name_and_refuse_others() {
     assert_eq!("auto".parse::<Transport>(), Ok(Transport::Auto));
     assert_eq!(" SHM ".parse::<Transport>(), Ok(Transport::Shm));
     assert_eq!("ring".parse::<Transport>(), Ok(Transport::Ring));
-    assert_eq!(
-        "nccl".parse::<Transport>().unwrap_err(),
-        "unknown transport 'nccl'; use auto, ring or shm"
-    );
+    assert_eq!("nccl".parse::<Transport>().unwrap_err(), "unknown transport 'nccl'; use auto, ring or shm");
     assert_eq!(Transport::Shm.to_string(), "shm");
 }
 

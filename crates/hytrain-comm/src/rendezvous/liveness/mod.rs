@@ -66,11 +66,7 @@ pub struct LostRank {
 
 impl std::fmt::Display for LostRank {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "lost rank {} on {}: {}",
-            self.rank, self.host, self.cause
-        )
+        write!(f, "lost rank {} on {}: {}", self.rank, self.host, self.cause)
     }
 }
 
@@ -154,14 +150,7 @@ pub(crate) fn declare_lost(host: &dyn WatchHost, lost: LostRank) {
         }
         tracing::error!(rank = lost.rank, host = %lost.host, "{lost}");
         watches.lost = Some(lost.clone());
-        Some(
-            watches
-                .members
-                .values()
-                .filter(|m| !m.left)
-                .map(|m| m.writer.clone())
-                .collect(),
-        )
+        Some(watches.members.values().filter(|m| !m.left).map(|m| m.writer.clone()).collect())
     });
     let Some(writers) = writers else {
         return;
@@ -193,13 +182,7 @@ pub(crate) fn serve_watch(
         if rank >= world || taken {
             return Err(world);
         }
-        watches.members.insert(
-            rank,
-            Member {
-                left: false,
-                writer: writer.clone(),
-            },
-        );
+        watches.members.insert(rank, Member { left: false, writer: writer.clone() });
         Ok(watches.lost.clone())
     });
     let lost_already = match registered {
@@ -208,8 +191,7 @@ pub(crate) fn serve_watch(
             let mut frame = vec![ST_ERR];
             put_bytes(
                 &mut frame,
-                format!("rank {rank} cannot be watched (world_size {world}, or already watched)")
-                    .as_bytes(),
+                format!("rank {rank} cannot be watched (world_size {world}, or already watched)").as_bytes(),
             );
             return lock(&writer).write_all(&frame);
         }
@@ -220,16 +202,7 @@ pub(crate) fn serve_watch(
         encode_lost(&mut frame, &lost);
         let _ = lock(&writer).write_all(&frame);
     }
-    let lose = |cause: String| {
-        declare_lost(
-            shared,
-            LostRank {
-                rank,
-                host: host.clone(),
-                cause,
-            },
-        )
-    };
+    let lose = |cause: String| declare_lost(shared, LostRank { rank, host: host.clone(), cause });
     watch_loop(stream, shared, rank, peer_timeout, &writer, &lose);
     // Closing the store's end tells a rank that said goodbye that it was heard, and ends its watch thread.
     let _ = lock(&writer).shutdown(Shutdown::Both);
@@ -269,11 +242,7 @@ fn watch_loop(
                 lose(format!("its watch connection sent nonsense ({other})"));
                 return;
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
             Err(_) => {
                 lose("its connection to the rendezvous store closed (the process exited or was killed)".into());
                 return;
@@ -326,12 +295,7 @@ impl Core {
             *v = Some(lost);
         }
         self.changed.notify_all();
-        for (_, abort) in self
-            .aborters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        for (_, abort) in self.aborters.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             abort();
         }
     }
@@ -359,12 +323,7 @@ impl Handle {
         }
         let sent = self.core.say(message);
         // Half-close: the store reads the goodbye, then closes its end, which ends the watch thread.
-        let _ = self
-            .core
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .shutdown(Shutdown::Write);
+        let _ = self.core.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown(Shutdown::Write);
         self.core.changed.notify_all();
         if sent.is_ok() {
             if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -389,10 +348,7 @@ pub struct Liveness {
 
 impl std::fmt::Debug for Liveness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Liveness")
-            .field("rank", &self.handle.rank)
-            .field("lost", &self.lost())
-            .finish()
+        f.debug_struct("Liveness").field("rank", &self.handle.rank).field("lost", &self.lost()).finish()
     }
 }
 
@@ -404,11 +360,7 @@ pub(crate) struct AbortRegistration {
 
 impl Drop for AbortRegistration {
     fn drop(&mut self) {
-        self.core
-            .aborters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(id, _)| *id != self.id);
+        self.core.aborters.lock().unwrap_or_else(|p| p.into_inner()).retain(|(id, _)| *id != self.id);
     }
 }
 
@@ -440,14 +392,7 @@ impl Liveness {
                 .spawn(move || watch(stream, &core, peer_timeout, &master))?
         };
         Ok(Liveness {
-            handle: Arc::new(Handle {
-                core,
-                rank,
-                world_size,
-                peer_timeout,
-                server,
-                thread: Mutex::new(Some(thread)),
-            }),
+            handle: Arc::new(Handle { core, rank, world_size, peer_timeout, server, thread: Mutex::new(Some(thread)) }),
         })
     }
 
@@ -477,11 +422,7 @@ impl Liveness {
                 // Rechecks `left` now and then; a goodbye also notifies.
                 None => Duration::from_secs(1),
             };
-            v = core
-                .changed
-                .wait_timeout(v, wait)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            v = core.changed.wait_timeout(v, wait).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -493,9 +434,7 @@ impl Liveness {
         if let Some(server) = &self.handle.server {
             let deadline = Instant::now() + self.handle.peer_timeout;
             let world = self.handle.world_size;
-            let done = server.wait_watches(deadline, &mut |watches| {
-                watches.all_left(world) || watches.lost.is_some()
-            });
+            let done = server.wait_watches(deadline, &mut |watches| watches.all_left(world) || watches.lost.is_some());
             if !done {
                 tracing::warn!(
                     rank = self.handle.rank,
@@ -514,40 +453,23 @@ impl Liveness {
     pub(crate) fn on_lost(&self, abort: impl Fn() + Send + Sync + 'static) -> AbortRegistration {
         let core = &self.handle.core;
         let id = core.next_aborter.fetch_add(1, Ordering::SeqCst);
-        core.aborters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((id, Box::new(abort)));
+        core.aborters.lock().unwrap_or_else(|p| p.into_inner()).push((id, Box::new(abort)));
         if core.verdict().is_some() {
             abort_all(core);
         }
-        AbortRegistration {
-            core: core.clone(),
-            id,
-        }
+        AbortRegistration { core: core.clone(), id }
     }
 
     /// Test hook: the watch closes without a goodbye, as when the process is killed.
     #[cfg(test)]
     pub(crate) fn sever(&self) {
         self.handle.core.left.store(true, Ordering::SeqCst);
-        let _ = self
-            .handle
-            .core
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .shutdown(Shutdown::Both);
+        let _ = self.handle.core.writer.lock().unwrap_or_else(|p| p.into_inner()).shutdown(Shutdown::Both);
     }
 }
 
 fn abort_all(core: &Core) {
-    for (_, abort) in core
-        .aborters
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-    {
+    for (_, abort) in core.aborters.lock().unwrap_or_else(|p| p.into_inner()).iter() {
         abort();
     }
 }
@@ -555,11 +477,7 @@ fn abort_all(core: &Core) {
 /// The watch thread: beats to the store, reads its beats and loss notices, and records a verdict.
 fn watch(mut stream: TcpStream, core: &Core, peer_timeout: Duration, master: &str) {
     let beat = beat_interval(peer_timeout);
-    let store_lost = |cause: String| LostRank {
-        rank: 0,
-        host: master.to_string(),
-        cause,
-    };
+    let store_lost = |cause: String| LostRank { rank: 0, host: master.to_string(), cause };
     let mut last_heard = Instant::now();
     let mut last_beat: Option<Instant> = None;
     loop {
@@ -579,24 +497,15 @@ fn watch(mut stream: TcpStream, core: &Core, peer_timeout: Duration, master: &st
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                 match decode_lost(&mut stream) {
                     Ok(lost) => core.record(lost),
-                    Err(e) => core.record(store_lost(format!(
-                        "the rendezvous store sent a broken loss notice: {e}"
-                    ))),
+                    Err(e) => core.record(store_lost(format!("the rendezvous store sent a broken loss notice: {e}"))),
                 }
                 return;
             }
             Ok(other) => {
-                core.record(store_lost(format!(
-                    "the rendezvous store sent nonsense on the watch ({other})"
-                )));
+                core.record(store_lost(format!("the rendezvous store sent nonsense on the watch ({other})")));
                 return;
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 if core.left.load(Ordering::SeqCst) {
                     // Said goodbye; the store closes its end soon, but nothing more is needed from it.
                     if last_heard.elapsed() > peer_timeout {

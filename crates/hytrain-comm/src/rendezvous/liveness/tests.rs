@@ -23,11 +23,7 @@ struct Board {
 
 impl Board {
     fn new(world: usize) -> Arc<Board> {
-        Arc::new(Board {
-            watches: Mutex::new(Watches::default()),
-            changed: Condvar::new(),
-            world,
-        })
+        Arc::new(Board { watches: Mutex::new(Watches::default()), changed: Condvar::new(), world })
     }
 
     fn lost(&self) -> Option<LostRank> {
@@ -36,10 +32,7 @@ impl Board {
 
     /// Waits until the board records a loss.
     fn wait_lost(&self) -> LostRank {
-        assert!(
-            self.wait_watches(Instant::now() + PATIENCE, &mut |w| w.lost().is_some()),
-            "no loss recorded"
-        );
+        assert!(self.wait_watches(Instant::now() + PATIENCE, &mut |w| w.lost().is_some()), "no loss recorded");
         self.lost().unwrap()
     }
 }
@@ -77,12 +70,7 @@ fn socket_pair() -> (TcpStream, TcpStream, SocketAddr) {
 }
 
 /// Serves the store's end of a watch for `rank` on its own thread, as the server does after `OP_WATCH`.
-fn serve(
-    board: &Arc<Board>,
-    store_end: TcpStream,
-    peer: SocketAddr,
-    rank: usize,
-) -> JoinHandle<()> {
+fn serve(board: &Arc<Board>, store_end: TcpStream, peer: SocketAddr, rank: usize) -> JoinHandle<()> {
     let board = board.clone();
     std::thread::spawn(move || {
         let _ = serve_watch(store_end, peer, &*board, rank, PEER_TIMEOUT);
@@ -94,21 +82,9 @@ fn watch(board: &Arc<Board>, rank: usize, hosts_store: bool) -> Liveness {
     let (mut rank_end, store_end, peer) = socket_pair();
     serve(board, store_end, peer, rank);
     rank_end.set_read_timeout(Some(PATIENCE)).unwrap();
-    assert_eq!(
-        get_u8(&mut rank_end).unwrap(),
-        ST_OK,
-        "watch of rank {rank} refused"
-    );
+    assert_eq!(get_u8(&mut rank_end).unwrap(), ST_OK, "watch of rank {rank} refused");
     let server = hosts_store.then(|| board.clone() as Arc<dyn WatchHost>);
-    Liveness::start(
-        rank_end,
-        rank,
-        board.world,
-        PEER_TIMEOUT,
-        "master:29500".into(),
-        server,
-    )
-    .unwrap()
+    Liveness::start(rank_end, rank, board.world, PEER_TIMEOUT, "master:29500".into(), server).unwrap()
 }
 
 #[test]
@@ -121,11 +97,7 @@ fn a_rank_whose_watch_closes_without_a_goodbye_is_lost_and_every_other_rank_lear
     assert_eq!(lost.host, "127.0.0.1");
     assert!(lost.cause.contains("closed"), "{}", lost.cause);
     for r in [0, 2] {
-        assert_eq!(
-            ranks[r].wait_lost(Some(PATIENCE)),
-            Some(lost.clone()),
-            "rank {r}"
-        );
+        assert_eq!(ranks[r].wait_lost(Some(PATIENCE)), Some(lost.clone()), "rank {r}");
     }
 }
 
@@ -134,9 +106,7 @@ fn only_the_first_loss_is_kept_so_ranks_failing_because_of_it_are_not_blamed() {
     let board = Board::new(3);
     let ranks: Vec<Liveness> = (0..3).map(|r| watch(&board, r, r == 0)).collect();
     ranks[1].sever();
-    let first = ranks[0]
-        .wait_lost(Some(PATIENCE))
-        .expect("rank 0 hears of the loss");
+    let first = ranks[0].wait_lost(Some(PATIENCE)).expect("rank 0 hears of the loss");
     assert_eq!(first.rank, 1);
     // Rank 2 gives up because of it, and its watch closes: neither replaces the first loss.
     ranks[2].abandon();
@@ -153,11 +123,7 @@ fn a_rank_that_abandons_is_lost_at_once_naming_its_own_error() {
     let started = Instant::now();
     rank1.abandon();
     let lost = rank0.wait_lost(Some(PATIENCE)).expect("rank 0 hears of it");
-    assert!(
-        started.elapsed() < PEER_TIMEOUT,
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < PEER_TIMEOUT, "took {:?}", started.elapsed());
     assert_eq!(lost.rank, 1);
     assert!(lost.cause.contains("error of its own"), "{}", lost.cause);
     // The rank that gave up gets the same verdict as every other rank (its watch is not closed until the store
@@ -175,11 +141,7 @@ fn a_goodbye_is_no_loss_and_rank_0_leaves_once_every_rank_has() {
     drop(rank2); // dropping the last handle says goodbye too
     let started = Instant::now();
     rank0.leave();
-    assert!(
-        started.elapsed() < PEER_TIMEOUT,
-        "rank 0 waited {:?} although every rank had left",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < PEER_TIMEOUT, "rank 0 waited {:?} although every rank had left", started.elapsed());
     // Several peer timeouts later still nobody counts as lost: the closed watches were goodbyes.
     std::thread::sleep(PEER_TIMEOUT * 2);
     assert_eq!(board.lost(), None);
@@ -198,10 +160,7 @@ fn rank_0_leaving_waits_for_a_rank_still_at_work_at_most_the_peer_timeout() {
     let started = Instant::now();
     rank0.leave();
     let waited = started.elapsed();
-    assert!(
-        waited >= PEER_TIMEOUT,
-        "rank 0 left after {waited:?}, before rank 1"
-    );
+    assert!(waited >= PEER_TIMEOUT, "rank 0 left after {waited:?}, before rank 1");
     assert!(waited < PATIENCE, "rank 0 waited {waited:?}");
     // Rank 1 beats on, so it is still not lost.
     assert_eq!(board.lost(), None);
@@ -221,10 +180,7 @@ fn a_rank_silent_past_the_peer_timeout_is_lost_though_its_connection_stays_open(
     assert_eq!(lost.rank, 1);
     assert!(lost.cause.contains("no heartbeat"), "{}", lost.cause);
     assert!(waited >= PEER_TIMEOUT, "declared lost after {waited:?}");
-    assert!(
-        waited < PEER_TIMEOUT * 10,
-        "declared lost only after {waited:?}"
-    );
+    assert!(waited < PEER_TIMEOUT * 10, "declared lost only after {waited:?}");
     drop(silent);
 }
 
@@ -244,9 +200,7 @@ fn a_store_silent_past_the_peer_timeout_is_rank_0_lost() {
     let (rank_end, _silent_store, _) = socket_pair();
     let started = Instant::now();
     let live = Liveness::start(rank_end, 1, 2, PEER_TIMEOUT, "algo-1:7777".into(), None).unwrap();
-    let lost = live
-        .wait_lost(Some(PATIENCE))
-        .expect("the silent store is noticed");
+    let lost = live.wait_lost(Some(PATIENCE)).expect("the silent store is noticed");
     let waited = started.elapsed();
     assert_eq!((lost.rank, lost.host.as_str()), (0, "algo-1:7777"));
     assert!(lost.cause.contains("sent nothing"), "{}", lost.cause);
@@ -259,20 +213,10 @@ fn a_store_that_closes_the_watch_is_rank_0_lost_at_once() {
     let live = Liveness::start(rank_end, 1, 2, PEER_TIMEOUT, "algo-1:7777".into(), None).unwrap();
     let started = Instant::now();
     drop(store_end);
-    let lost = live
-        .wait_lost(Some(PATIENCE))
-        .expect("the closed store is noticed");
-    assert!(
-        started.elapsed() < PEER_TIMEOUT,
-        "took {:?}",
-        started.elapsed()
-    );
+    let lost = live.wait_lost(Some(PATIENCE)).expect("the closed store is noticed");
+    assert!(started.elapsed() < PEER_TIMEOUT, "took {:?}", started.elapsed());
     assert_eq!(lost.rank, 0);
-    assert!(
-        lost.cause.contains("closed") || lost.cause.contains("broke"),
-        "{}",
-        lost.cause
-    );
+    assert!(lost.cause.contains("closed") || lost.cause.contains("broke"), "{}", lost.cause);
 }
 
 #[test]
@@ -300,25 +244,17 @@ fn a_loss_runs_every_abort_and_wakes_every_waiter() {
         .collect();
     std::thread::sleep(Duration::from_millis(50));
     rank1.sever();
-    abort_seen
-        .recv_timeout(PATIENCE)
-        .expect("the abort ran on the loss");
+    abort_seen.recv_timeout(PATIENCE).expect("the abort ran on the loss");
     for w in waiters {
         assert_eq!(w.join().unwrap().map(|l| l.rank), Some(1));
     }
-    assert_eq!(
-        dropped_runs.load(Ordering::SeqCst),
-        0,
-        "a dropped registration ran"
-    );
+    assert_eq!(dropped_runs.load(Ordering::SeqCst), 0, "a dropped registration ran");
     // Registered after the verdict: runs at once.
     let (late, late_seen) = mpsc::channel();
     let _late = rank0.on_lost(move || {
         let _ = late.send(());
     });
-    late_seen
-        .recv_timeout(Duration::from_millis(100))
-        .expect("an abort registered after the loss runs at once");
+    late_seen.recv_timeout(Duration::from_millis(100)).expect("an abort registered after the loss runs at once");
 }
 
 #[test]
@@ -331,37 +267,21 @@ fn a_watch_for_a_rank_outside_the_job_or_watched_already_is_refused() {
         rank_end.set_read_timeout(Some(PATIENCE)).unwrap();
         assert_eq!(get_u8(&mut rank_end).unwrap(), ST_ERR, "rank {rank}");
         let why = String::from_utf8(get_bytes_max(&mut rank_end, MAX_TEXT).unwrap()).unwrap();
-        assert!(
-            why.contains(&format!("rank {rank} cannot be watched")),
-            "{why}"
-        );
+        assert!(why.contains(&format!("rank {rank} cannot be watched")), "{why}");
     }
     assert_eq!(board.lost(), None, "a refused watch is no loss");
 }
 
 #[test]
 fn beats_go_out_several_times_per_peer_timeout_but_at_least_once_a_second() {
-    assert_eq!(
-        beat_interval(Duration::from_secs(30)),
-        Duration::from_secs(1)
-    );
-    assert_eq!(
-        beat_interval(Duration::from_millis(500)),
-        Duration::from_millis(100)
-    );
-    assert_eq!(
-        beat_interval(Duration::from_millis(10)),
-        Duration::from_millis(20)
-    );
+    assert_eq!(beat_interval(Duration::from_secs(30)), Duration::from_secs(1));
+    assert_eq!(beat_interval(Duration::from_millis(500)), Duration::from_millis(100));
+    assert_eq!(beat_interval(Duration::from_millis(10)), Duration::from_millis(20));
 }
 
 #[test]
 fn loss_notices_decode_what_they_encode() {
-    let lost = LostRank {
-        rank: 7,
-        host: "10.0.0.7".into(),
-        cause: "no heartbeat for 30 s".into(),
-    };
+    let lost = LostRank { rank: 7, host: "10.0.0.7".into(), cause: "no heartbeat for 30 s".into() };
     let mut frame = Vec::new();
     encode_lost(&mut frame, &lost);
     assert_eq!(decode_lost(&mut frame.as_slice()).unwrap(), lost);

@@ -21,9 +21,7 @@ pub struct S3Credentials {
 impl std::fmt::Debug for S3Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print secrets, even in debug output.
-        f.debug_struct("S3Credentials")
-            .field("access_key_id", &"** redacted **")
-            .finish_non_exhaustive()
+        f.debug_struct("S3Credentials").field("access_key_id", &"** redacted **").finish_non_exhaustive()
     }
 }
 
@@ -114,19 +112,14 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 
 impl Renewable {
     fn new(chain: aws_sdk_s3::config::SharedCredentialsProvider) -> Self {
-        Self(Arc::new(RenewableState {
-            chain,
-            cached: tokio::sync::Mutex::new(None),
-        }))
+        Self(Arc::new(RenewableState { chain, cached: tokio::sync::Mutex::new(None) }))
     }
 
     async fn current(&self) -> credentials::Result {
         // Held while the chain answers, so concurrent requests wait for one fetch instead of each starting one.
         let mut cached = self.0.cached.lock().await;
-        let fresh = |c: &aws_sdk_s3::config::Credentials| {
-            c.expiry()
-                .is_none_or(|at| at > SystemTime::now() + EXPIRY_MARGIN)
-        };
+        let fresh =
+            |c: &aws_sdk_s3::config::Credentials| c.expiry().is_none_or(|at| at > SystemTime::now() + EXPIRY_MARGIN);
         if let Some(c) = cached.as_ref().filter(|c| fresh(c)) {
             return Ok(c.clone());
         }
@@ -150,18 +143,9 @@ impl ProvideCredentials for Renewable {
     }
 }
 
-pub(super) async fn build_client(
-    opts: &S3Options,
-) -> (
-    aws_sdk_s3::Client,
-    String,
-    Option<String>,
-    Option<Renewable>,
-) {
+pub(super) async fn build_client(opts: &S3Options) -> (aws_sdk_s3::Client, String, Option<String>, Option<Renewable>) {
     use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(Provider::Rustls(CryptoMode::Ring))
-        .build_https();
+    let http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
     if let Some(region) = &opts.region {
         loader = loader.region(aws_config::Region::new(region.clone()));
@@ -176,14 +160,8 @@ pub(super) async fn build_client(
         ));
     }
     let sdk = loader.load().await;
-    let region = sdk
-        .region()
-        .cloned()
-        .unwrap_or_else(|| aws_config::Region::from_static("us-east-1"));
-    let endpoint = opts
-        .endpoint
-        .clone()
-        .or_else(|| sdk.endpoint_url().map(str::to_owned));
+    let region = sdk.region().cloned().unwrap_or_else(|| aws_config::Region::from_static("us-east-1"));
+    let endpoint = opts.endpoint.clone().or_else(|| sdk.endpoint_url().map(str::to_owned));
     let credentials = sdk.credentials_provider().map(Renewable::new);
     let mut config = aws_sdk_s3::config::Builder::from(&sdk)
         .region(region.clone())
@@ -192,9 +170,7 @@ pub(super) async fn build_client(
         // local server); `request_timeout` bounds a stalled request instead, and the retry then reconnects.
         .stalled_stream_protection(aws_sdk_s3::config::StalledStreamProtectionConfig::disabled())
         .timeout_config(
-            aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-                .connect_timeout(opts.connect_timeout)
-                .build(),
+            aws_sdk_s3::config::timeout::TimeoutConfig::builder().connect_timeout(opts.connect_timeout).build(),
         );
     if let Some(endpoint) = &endpoint {
         // S3-compatible stores rarely resolve bucket.host names; path-style works everywhere.
@@ -206,12 +182,7 @@ pub(super) async fn build_client(
             .identity_cache(aws_sdk_s3::config::IdentityCache::no_cache());
     }
     let shown = endpoint.as_deref().map(strip_userinfo);
-    (
-        aws_sdk_s3::Client::from_conf(config.build()),
-        region.to_string(),
-        shown,
-        credentials,
-    )
+    (aws_sdk_s3::Client::from_conf(config.build()), region.to_string(), shown, credentials)
 }
 
 /// `scheme://user:pass@host/...` without `user:pass@`, so an endpoint can appear in messages.
@@ -219,9 +190,7 @@ pub(super) fn strip_userinfo(url: &str) -> String {
     match url.split_once("://") {
         Some((scheme, rest)) => {
             let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            let host = authority
-                .rsplit_once('@')
-                .map_or(authority, |(_, host)| host);
+            let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
             format!("{scheme}://{host}{path}")
         }
         None => url.to_owned(),
@@ -234,13 +203,7 @@ mod tests {
 
     #[test]
     fn endpoint_userinfo_is_stripped_for_messages() {
-        assert_eq!(
-            strip_userinfo("http://user:pw@host:9000/path"),
-            "http://host:9000/path"
-        );
-        assert_eq!(
-            strip_userinfo("https://s3.example.com"),
-            "https://s3.example.com"
-        );
+        assert_eq!(strip_userinfo("http://user:pw@host:9000/path"), "http://host:9000/path");
+        assert_eq!(strip_userinfo("https://s3.example.com"), "https://s3.example.com");
     }
 }

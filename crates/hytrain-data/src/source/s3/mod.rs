@@ -47,10 +47,7 @@ pub struct S3 {
 
 impl std::fmt::Debug for S3 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3")
-            .field("location", &self.inner.location)
-            .field("opts", &self.inner.opts)
-            .finish()
+        f.debug_struct("S3").field("location", &self.inner.location).field("opts", &self.inner.opts).finish()
     }
 }
 
@@ -88,30 +85,17 @@ impl S3 {
     /// A source for `url` (`s3://bucket` or `s3://bucket/prefix`). Builds the client (resolving the region) but
     /// sends no request to S3 yet.
     pub fn new(url: &str, opts: &S3Options) -> Result<Self, Error> {
-        let spec_error = |reason: &str| Error::Spec {
-            spec: url.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let rest = url
-            .strip_prefix("s3://")
-            .ok_or_else(|| spec_error("expected s3://bucket/prefix"))?;
+        let spec_error = |reason: &str| Error::Spec { spec: url.to_owned(), reason: reason.to_owned() };
+        let rest = url.strip_prefix("s3://").ok_or_else(|| spec_error("expected s3://bucket/prefix"))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             return Err(spec_error("no bucket; expected s3://bucket/prefix"));
         }
-        if opts.max_in_flight == 0
-            || opts.part_size == 0
-            || opts.prefetch == 0
-            || opts.retry.max_attempts == 0
-        {
-            return Err(spec_error(
-                "S3 max in flight, part size, prefetch and retry attempts must be at least 1",
-            ));
+        if opts.max_in_flight == 0 || opts.part_size == 0 || opts.prefetch == 0 || opts.retry.max_attempts == 0 {
+            return Err(spec_error("S3 max in flight, part size, prefetch and retry attempts must be at least 1"));
         }
         let threads = match opts.runtime_threads {
-            0 => std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .clamp(2, 4),
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 4),
             n => n,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -134,15 +118,10 @@ impl S3 {
         let (client, region, endpoint, credentials) = rx.recv().map_err(|_| Error::S3 {
             location: url.to_owned(),
             op: "start".into(),
-            detail: "setting up the S3 client failed unexpectedly; this is a bug in hytrain-data"
-                .into(),
+            detail: "setting up the S3 client failed unexpectedly; this is a bug in hytrain-data".into(),
         })?;
         let prefix = prefix.trim_start_matches('/').to_owned();
-        let base = if prefix.is_empty() || prefix.ends_with('/') {
-            prefix.clone()
-        } else {
-            format!("{prefix}/")
-        };
+        let base = if prefix.is_empty() || prefix.ends_with('/') { prefix.clone() } else { format!("{prefix}/") };
         let inner = Inner {
             client,
             location: format!("s3://{bucket}/{prefix}"),
@@ -156,25 +135,17 @@ impl S3 {
             sizes: Mutex::default(),
             credentials,
         };
-        Ok(Self {
-            inner: Arc::new(inner),
-            runtime: Some(runtime),
-            handle,
-        })
+        Ok(Self { inner: Arc::new(inner), runtime: Some(runtime), handle })
     }
 
     /// Runs `fut` on the source's runtime and waits for it. Unlike `block_on` this also works when the caller is
     /// itself inside a tokio runtime.
-    fn run<T: Send + 'static>(
-        &self,
-        fut: impl Future<Output = Result<T, Error>> + Send + 'static,
-    ) -> Result<T, Error> {
+    fn run<T: Send + 'static>(&self, fut: impl Future<Output = Result<T, Error>> + Send + 'static) -> Result<T, Error> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.handle.spawn(async move {
             let _ = tx.send(fut.await);
         });
-        rx.recv()
-            .unwrap_or_else(|_| Err(self.inner.bug("a read task ended without an answer")))
+        rx.recv().unwrap_or_else(|_| Err(self.inner.bug("a read task ended without an answer")))
     }
 }
 
@@ -196,10 +167,7 @@ fn random() -> u64 {
 
 impl Inner {
     fn key_of(&self, name: &str) -> String {
-        format!(
-            "{}{name}",
-            self.base.lock().unwrap_or_else(|p| p.into_inner())
-        )
+        format!("{}{name}", self.base.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn object_location(&self, key: &str) -> String {
@@ -227,11 +195,7 @@ impl Inner {
         loop {
             attempts += 1;
             let result = {
-                let _permit = self
-                    .permits
-                    .acquire()
-                    .await
-                    .map_err(|_| self.bug("request permits closed"))?;
+                let _permit = self.permits.acquire().await.map_err(|_| self.bug("request permits closed"))?;
                 match tokio::time::timeout(self.opts.request_timeout, attempt()).await {
                     Ok(result) => result,
                     Err(_) => Err(Failure::Retry(format!(
@@ -245,16 +209,10 @@ impl Inner {
                 Err(Failure::Fatal(err)) => return Err(err),
                 Err(Failure::Expired(err)) if renewed => {
                     return Err(match err {
-                        Error::AccessDenied {
+                        Error::AccessDenied { location, code, message } => Error::AccessDenied {
                             location,
                             code,
-                            message,
-                        } => Error::AccessDenied {
-                            location,
-                            code,
-                            message: format!(
-                                "{message} (refused again after the credentials were renewed)"
-                            ),
+                            message: format!("{message} (refused again after the credentials were renewed)"),
                         },
                         other => other,
                     })
@@ -274,10 +232,7 @@ impl Inner {
                 Err(Failure::Retry(reason)) => reason,
             };
             let exponent = attempts.saturating_sub(1).min(30);
-            let ceiling = policy
-                .initial_backoff
-                .saturating_mul(1 << exponent)
-                .min(policy.max_backoff);
+            let ceiling = policy.initial_backoff.saturating_mul(1 << exponent).min(policy.max_backoff);
             let wait = Duration::from_nanos(random() % (ceiling.as_nanos() as u64).max(1));
             if attempts >= policy.max_attempts || started.elapsed() + wait > policy.max_elapsed {
                 return Err(Error::RetriesExhausted {
@@ -298,28 +253,15 @@ impl Inner {
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        let fatal = |detail: String| {
-            Failure::Fatal(Error::S3 {
-                location: location.to_owned(),
-                op: op.to_owned(),
-                detail,
-            })
-        };
+        let fatal =
+            |detail: String| Failure::Fatal(Error::S3 { location: location.to_owned(), op: op.to_owned(), detail });
         match &err {
             SdkError::ServiceError(ctx) => {
                 let status = ctx.raw().status().as_u16();
                 let code = ctx.err().code().unwrap_or("").to_owned();
                 let message = ctx.err().message().unwrap_or("").to_owned();
-                let said = if code.is_empty() {
-                    format!("HTTP {status}")
-                } else {
-                    format!("HTTP {status} {code}")
-                };
-                let said = if message.is_empty() {
-                    said
-                } else {
-                    format!("{said}: {message}")
-                };
+                let said = if code.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status} {code}") };
+                let said = if message.is_empty() { said } else { format!("{said}: {message}") };
                 match (status, code.as_str()) {
                     (_, "NoSuchBucket") => Failure::Fatal(Error::NoSuchBucket {
                         bucket: self.bucket.clone(),
@@ -397,10 +339,7 @@ impl Inner {
             }
             SdkError::DispatchFailure(failure) if !failure.is_user() => {
                 let to = self.endpoint.as_deref().unwrap_or("S3");
-                Failure::Retry(format!(
-                    "connection to {to} failed: {}",
-                    DisplayErrorContext(&err)
-                ))
+                Failure::Retry(format!("connection to {to} failed: {}", DisplayErrorContext(&err)))
             }
             _ => {
                 let text = DisplayErrorContext(&err).to_string();
@@ -431,18 +370,12 @@ impl Inner {
                     Some((parent, name)) => (format!("{parent}/"), name),
                     None => (String::new(), self.prefix.as_str()),
                 };
-                objects.push(Object {
-                    name: name.to_owned(),
-                    size,
-                });
+                objects.push(Object { name: name.to_owned(), size });
                 base = parent;
             }
         }
         if objects.is_empty() {
-            return Err(Error::Empty(format!(
-                "{} (no objects under {base})",
-                self.location
-            )));
+            return Err(Error::Empty(format!("{} (no objects under {base})", self.location)));
         }
         objects.sort();
         *self.base.lock().unwrap_or_else(|p| p.into_inner()) = base;
@@ -467,12 +400,7 @@ impl Inner {
                         .prefix(dir_base)
                         .set_continuation_token(token.clone())
                         .set_max_keys(self.opts.list_page_size);
-                    async move {
-                        request
-                            .send()
-                            .await
-                            .map_err(|e| self.classify("ListObjectsV2", &self.location, e))
-                    }
+                    async move { request.send().await.map_err(|e| self.classify("ListObjectsV2", &self.location, e)) }
                 })
                 .await?;
             for object in page.contents() {
@@ -483,10 +411,7 @@ impl Inner {
                     continue;
                 }
                 let size = u64::try_from(object.size().unwrap_or(0)).unwrap_or(0);
-                objects.push(Object {
-                    name: name.to_owned(),
-                    size,
-                });
+                objects.push(Object { name: name.to_owned(), size });
             }
             token = page.next_continuation_token().map(str::to_owned);
             if !page.is_truncated().unwrap_or(false) || token.is_none() {
@@ -504,9 +429,7 @@ impl Inner {
             let location = location.clone();
             async move {
                 match request.send().await {
-                    Ok(out) => Ok(Some(
-                        u64::try_from(out.content_length().unwrap_or(0)).unwrap_or(0),
-                    )),
+                    Ok(out) => Ok(Some(u64::try_from(out.content_length().unwrap_or(0)).unwrap_or(0))),
                     Err(SdkError::ServiceError(ctx)) if ctx.raw().status().as_u16() == 404 => {
                         if ctx.err().code() == Some("NoSuchBucket") {
                             return Err(Failure::Fatal(Error::NoSuchBucket {
@@ -524,11 +447,7 @@ impl Inner {
     }
 
     fn size_from_list(&self, name: &str) -> Option<u64> {
-        self.sizes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .copied()
+        self.sizes.lock().unwrap_or_else(|p| p.into_inner()).get(name).copied()
     }
 
     fn not_found(&self, name: &str) -> Error {
@@ -541,20 +460,12 @@ impl Inner {
 
     /// `len` bytes of `name` from `offset` (the whole object for `None`), as parallel ranged GETs of part size.
     /// `capped`: a read over [`super::MAX_OBJECT_BYTES`] (a dataset shard) is refused before anything is allocated.
-    async fn read(
-        self: Arc<Self>,
-        name: String,
-        range: Option<(u64, u64)>,
-        capped: bool,
-    ) -> Result<Vec<u8>, Error> {
+    async fn read(self: Arc<Self>, name: String, range: Option<(u64, u64)>, capped: bool) -> Result<Vec<u8>, Error> {
         check_name(&self.location, &name)?;
         let key = self.key_of(&name);
         let size = match self.size_from_list(&name) {
             Some(size) => size,
-            None => self
-                .head(&key)
-                .await?
-                .ok_or_else(|| self.not_found(&name))?,
+            None => self.head(&key).await?.ok_or_else(|| self.not_found(&name))?,
         };
         let (start, end) = match range {
             None => (0, size),
@@ -582,15 +493,10 @@ impl Inner {
             tasks.spawn(async move { (at, me.get(&name, &key, (at, stop), size).await) });
             at = stop;
         }
-        let mut out = vec![
-            0u8;
-            usize::try_from(end - start)
-                .map_err(|_| self.bug("object larger than memory"))?
-        ];
+        let mut out = vec![0u8; usize::try_from(end - start).map_err(|_| self.bug("object larger than memory"))?];
         let mut etag: Option<String> = None;
         while let Some(joined) = tasks.join_next().await {
-            let (at, result) =
-                joined.map_err(|e| self.bug(&format!("a ranged GET task failed: {e}")))?;
+            let (at, result) = joined.map_err(|e| self.bug(&format!("a ranged GET task failed: {e}")))?;
             let (bytes, part_etag) = result?;
             if let (Some(first), Some(this)) = (&etag, &part_etag) {
                 if first != this {
@@ -621,37 +527,22 @@ impl Inner {
         size: u64,
     ) -> Result<(Vec<u8>, Option<String>), Error> {
         let location = self.object_location(key);
-        let changed = |now: Option<u64>| {
-            Failure::Fatal(Error::ObjectChanged {
-                location: location.clone(),
-                listed: size,
-                now,
-            })
-        };
+        let changed =
+            |now: Option<u64>| Failure::Fatal(Error::ObjectChanged { location: location.clone(), listed: size, now });
         let got = self
             .retry("GetObject", &location, || {
-                let request = self
-                    .client
-                    .get_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .range(format!("bytes={start}-{}", stop - 1));
+                let request =
+                    self.client.get_object().bucket(&self.bucket).key(key).range(format!("bytes={start}-{}", stop - 1));
                 let location = location.clone();
                 async move {
                     let out = match request.send().await {
                         Ok(out) => out,
-                        Err(SdkError::ServiceError(ctx))
-                            if ctx.err().code() == Some("NoSuchKey") =>
-                        {
+                        Err(SdkError::ServiceError(ctx)) if ctx.err().code() == Some("NoSuchKey") => {
                             return Err(Failure::Fatal(self.not_found(name)));
                         }
                         // 416: the range starts past the object's end, so the object is shorter than listed.
                         Err(SdkError::ServiceError(ctx)) if ctx.raw().status().as_u16() == 416 => {
-                            let now = ctx
-                                .raw()
-                                .headers()
-                                .get("content-range")
-                                .and_then(object_size);
+                            let now = ctx.raw().headers().get("content-range").and_then(object_size);
                             return Err(changed(now));
                         }
                         Err(e) => return Err(self.classify("GetObject", &location, e)),
@@ -667,15 +558,9 @@ impl Inner {
             .await;
         match got {
             // S3 refused the range without saying the size: ask once, for the message.
-            Err(Error::ObjectChanged {
-                location,
-                listed,
-                now: None,
-            }) => Err(Error::ObjectChanged {
-                now: self.head(key).await.ok().flatten(),
-                location,
-                listed,
-            }),
+            Err(Error::ObjectChanged { location, listed, now: None }) => {
+                Err(Error::ObjectChanged { now: self.head(key).await.ok().flatten(), location, listed })
+            }
             got => got,
         }
     }
@@ -699,9 +584,7 @@ async fn read_body(
     let mut stream = out.body;
     let mut body = Vec::with_capacity(usize::try_from(limit.min(64 << 20)).unwrap_or(0));
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            Failure::Retry(format!("the body broke off: {}", DisplayErrorContext(&e)))
-        })?;
+        let chunk = chunk.map_err(|e| Failure::Retry(format!("the body broke off: {}", DisplayErrorContext(&e))))?;
         body.extend_from_slice(&chunk);
         if body.len() as u64 > limit {
             return Err(Failure::Retry(format!(
@@ -711,15 +594,10 @@ async fn read_body(
     }
     let got = body.len() as u64;
     if let Some(declared) = declared.filter(|&d| d != got) {
-        return Err(Failure::Retry(format!(
-            "truncated body: {got} of the {declared} bytes announced"
-        )));
+        return Err(Failure::Retry(format!("truncated body: {got} of the {declared} bytes announced")));
     }
     if stop - start != got {
-        return Err(Failure::Retry(format!(
-            "short body: {got} bytes for the range {start}-{}",
-            stop - 1
-        )));
+        return Err(Failure::Retry(format!("short body: {got} bytes for the range {start}-{}", stop - 1)));
     }
     Ok((body, etag))
 }
@@ -734,27 +612,15 @@ impl Source for S3 {
     }
 
     fn read(&self, name: &str) -> Result<Vec<u8>, Error> {
-        self.run(
-            self.inner
-                .clone()
-                .read(name.to_owned(), None, true),
-        )
+        self.run(self.inner.clone().read(name.to_owned(), None, true))
     }
 
     fn read_range(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>, Error> {
-        self.run(
-            self.inner
-                .clone()
-                .read(name.to_owned(), Some((offset, len)), true),
-        )
+        self.run(self.inner.clone().read(name.to_owned(), Some((offset, len)), true))
     }
 
     fn read_many(&self, names: Vec<String>) -> Objects<'_> {
-        Box::new(Prefetch::new(
-            self,
-            names.into_iter().map(|name| (name, 0)).collect(),
-            None,
-        ))
+        Box::new(Prefetch::new(self, names.into_iter().map(|name| (name, 0)).collect(), None))
     }
 
     fn read_ahead(&self, objects: Vec<(String, u64)>, budget: Arc<ReadBudget>) -> Objects<'_> {
@@ -768,9 +634,7 @@ mod tests {
 
     #[test]
     fn url_without_bucket_is_refused() {
-        let err = S3::new("s3:///x", &S3Options::default())
-            .unwrap_err()
-            .to_string();
+        let err = S3::new("s3:///x", &S3Options::default()).unwrap_err().to_string();
         assert!(err.contains("no bucket"), "{err}");
     }
 
@@ -785,10 +649,6 @@ mod tests {
             ..S3Options::default()
         };
         let shown = format!("{opts:?}");
-        assert!(
-            !shown.contains("very-secret")
-                && !shown.contains("AKIAEXAMPLEKEY")
-                && !shown.contains("token-xyz")
-        );
+        assert!(!shown.contains("very-secret") && !shown.contains("AKIAEXAMPLEKEY") && !shown.contains("token-xyz"));
     }
 }

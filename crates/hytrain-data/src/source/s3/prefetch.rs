@@ -8,11 +8,7 @@ use crate::source::ReadBudget;
 use crate::Error;
 
 /// One object being read ahead: its name, where its bytes will arrive, and the task to cancel.
-type InFlight = (
-    String,
-    mpsc::Receiver<Result<Vec<u8>, Error>>,
-    tokio::task::AbortHandle,
-);
+type InFlight = (String, mpsc::Receiver<Result<Vec<u8>, Error>>, tokio::task::AbortHandle);
 
 /// [`Source::read_many`] and [`Source::read_ahead`] for S3: keeps up to [`S3Options::prefetch`] objects in
 /// flight, and within a budget only as many as it holds.
@@ -26,17 +22,8 @@ pub(super) struct Prefetch<'a> {
 
 impl<'a> Prefetch<'a> {
     /// Reads `objects` (name, bytes to reserve in `budget`) from `s3`, in order.
-    pub(super) fn new(
-        s3: &'a S3,
-        objects: Vec<(String, u64)>,
-        budget: Option<Arc<ReadBudget>>,
-    ) -> Self {
-        Prefetch {
-            s3,
-            pending: objects.into(),
-            in_flight: VecDeque::new(),
-            budget,
-        }
+    pub(super) fn new(s3: &'a S3, objects: Vec<(String, u64)>, budget: Option<Arc<ReadBudget>>) -> Self {
+        Prefetch { s3, pending: objects.into(), in_flight: VecDeque::new(), budget }
     }
 }
 
@@ -51,11 +38,8 @@ impl Iterator for Prefetch<'_> {
             if let Some(budget) = &self.budget {
                 // With reads in flight, start only what fits now and wait on the oldest read, whose release by
                 // the consumer makes room; with none, wait for room (the consumer is releasing what it holds).
-                let reserved = if self.in_flight.is_empty() {
-                    budget.reserve(bytes)
-                } else {
-                    budget.try_reserve(bytes)
-                };
+                let reserved =
+                    if self.in_flight.is_empty() { budget.reserve(bytes) } else { budget.try_reserve(bytes) };
                 if !reserved {
                     break;
                 }
@@ -72,9 +56,7 @@ impl Iterator for Prefetch<'_> {
             self.in_flight.push_back((name, rx, task.abort_handle()));
         }
         let (name, rx, _) = self.in_flight.pop_front()?;
-        let result = rx
-            .recv()
-            .unwrap_or_else(|_| Err(self.s3.inner.bug("a prefetch task ended without an answer")));
+        let result = rx.recv().unwrap_or_else(|_| Err(self.s3.inner.bug("a prefetch task ended without an answer")));
         Some(result.map(|bytes| (name, bytes)))
     }
 }

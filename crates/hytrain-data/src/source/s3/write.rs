@@ -71,47 +71,24 @@ impl Inner {
         if body.len() as u64 <= part {
             return me
                 .retry("PutObject", &location, || {
-                    let request = me
-                        .client
-                        .put_object()
-                        .bucket(&self.bucket)
-                        .key(&key)
-                        .body(ByteStream::from(body.clone()));
+                    let request =
+                        me.client.put_object().bucket(&self.bucket).key(&key).body(ByteStream::from(body.clone()));
                     let location = location.clone();
-                    async move {
-                        request
-                            .send()
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| me.classify("PutObject", &location, e))
-                    }
+                    async move { request.send().await.map(|_| ()).map_err(|e| me.classify("PutObject", &location, e)) }
                 })
                 .await;
         }
         let created = me
             .retry("CreateMultipartUpload", &location, || {
-                let request = me
-                    .client
-                    .create_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(&key);
+                let request = me.client.create_multipart_upload().bucket(&self.bucket).key(&key);
                 let location = location.clone();
-                async move {
-                    request
-                        .send()
-                        .await
-                        .map_err(|e| me.classify("CreateMultipartUpload", &location, e))
-                }
+                async move { request.send().await.map_err(|e| me.classify("CreateMultipartUpload", &location, e)) }
             })
             .await?;
         let Some(upload_id) = created.upload_id().map(str::to_owned) else {
             return Err(self.bug("CreateMultipartUpload answered without an upload id"));
         };
-        let uploaded = match self
-            .clone()
-            .upload_parts(&key, &upload_id, body.clone(), part)
-            .await
-        {
+        let uploaded = match self.clone().upload_parts(&key, &upload_id, body.clone(), part).await {
             Ok(parts) => self.complete(&key, &upload_id, parts).await,
             Err(e) => Err(e),
         };
@@ -151,13 +128,7 @@ impl Inner {
         Ok(parts)
     }
 
-    async fn upload_part(
-        &self,
-        key: &str,
-        upload_id: &str,
-        number: i32,
-        slice: Bytes,
-    ) -> Result<CompletedPart, Error> {
+    async fn upload_part(&self, key: &str, upload_id: &str, number: i32, slice: Bytes) -> Result<CompletedPart, Error> {
         let location = self.object_location(key);
         let e_tag = self
             .retry("UploadPart", &location, || {
@@ -171,34 +142,21 @@ impl Inner {
                     .body(ByteStream::from(slice.clone()));
                 let location = location.clone();
                 async move {
-                    let out = request
-                        .send()
-                        .await
-                        .map_err(|e| self.classify("UploadPart", &location, e))?;
+                    let out = request.send().await.map_err(|e| self.classify("UploadPart", &location, e))?;
                     Ok(out.e_tag().map(str::to_owned))
                 }
             })
             .await?;
-        Ok(CompletedPart::builder()
-            .part_number(number)
-            .set_e_tag(e_tag)
-            .build())
+        Ok(CompletedPart::builder().part_number(number).set_e_tag(e_tag).build())
     }
 
     /// Completes the upload. A retry of a Complete whose answer was lost finds the upload gone (S3 says
     /// `NoSuchUpload`, some S3-compatible stores another refusal): the object is then checked to be this upload's
     /// by its ETag, which S3 computes from the parts' ETags.
-    async fn complete(
-        &self,
-        key: &str,
-        upload_id: &str,
-        parts: Vec<CompletedPart>,
-    ) -> Result<(), Error> {
+    async fn complete(&self, key: &str, upload_id: &str, parts: Vec<CompletedPart>) -> Result<(), Error> {
         let location = self.object_location(key);
         let expected = multipart_e_tag(&parts);
-        let upload = CompletedMultipartUpload::builder()
-            .set_parts(Some(parts))
-            .build();
+        let upload = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
         let mut attempts = 0u32;
         let refused = self
             .retry("CompleteMultipartUpload", &location, || {
@@ -215,9 +173,7 @@ impl Inner {
                 async move {
                     match request.send().await {
                         Ok(_) => Ok(None),
-                        Err(SdkError::ServiceError(ctx))
-                            if retried && ctx.raw().status().is_client_error() =>
-                        {
+                        Err(SdkError::ServiceError(ctx)) if retried && ctx.raw().status().is_client_error() => {
                             let said = ctx.err().meta().code().unwrap_or("refused").to_owned();
                             Ok(Some(said))
                         }
@@ -254,9 +210,7 @@ impl Inner {
             async move {
                 match request.send().await {
                     Ok(out) => Ok(out.e_tag().map(|t| t.trim_matches('"').to_owned())),
-                    Err(SdkError::ServiceError(ctx)) if ctx.raw().status().as_u16() == 404 => {
-                        Ok(None)
-                    }
+                    Err(SdkError::ServiceError(ctx)) if ctx.raw().status().as_u16() == 404 => Ok(None),
                     Err(e) => Err(self.classify("HeadObject", &location, e)),
                 }
             }
@@ -269,21 +223,12 @@ impl Inner {
         let location = self.object_location(key);
         let aborted = self
             .retry("AbortMultipartUpload", &location, || {
-                let request = self
-                    .client
-                    .abort_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .upload_id(upload_id);
+                let request = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(upload_id);
                 let location = location.clone();
                 async move {
                     match request.send().await {
                         Ok(_) => Ok(()),
-                        Err(SdkError::ServiceError(ctx))
-                            if ctx.err().meta().code() == Some("NoSuchUpload") =>
-                        {
-                            Ok(())
-                        }
+                        Err(SdkError::ServiceError(ctx)) if ctx.err().meta().code() == Some("NoSuchUpload") => Ok(()),
                         Err(e) => Err(self.classify("AbortMultipartUpload", &location, e)),
                     }
                 }
@@ -320,17 +265,8 @@ impl Inner {
                 .map_err(|e| self.bug(&format!("building a delete request: {e}")))?;
             let out = self
                 .retry("DeleteObjects", &self.location, || {
-                    let request = me
-                        .client
-                        .delete_objects()
-                        .bucket(&me.bucket)
-                        .delete(delete.clone());
-                    async move {
-                        request
-                            .send()
-                            .await
-                            .map_err(|e| me.classify("DeleteObjects", &me.location, e))
-                    }
+                    let request = me.client.delete_objects().bucket(&me.bucket).delete(delete.clone());
+                    async move { request.send().await.map_err(|e| me.classify("DeleteObjects", &me.location, e)) }
                 })
                 .await?;
             if let Some(failed) = out.errors().first() {
