@@ -67,8 +67,9 @@ enum Command {
     Train {
         #[command(flatten)]
         job: TrainJobArgs,
+        // Boxed: the training flags outweigh every other command's (clippy::large_enum_variant).
         #[command(flatten)]
-        config: train::ConfigFlags,
+        config: Box<train::ConfigFlags>,
         #[command(flatten)]
         comm: CommArgs,
     },
@@ -383,7 +384,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Train { job, config, comm } => {
-            let args = train::TrainArgs { config, job: job.flags(), comm: comm.options(&plan) };
+            let args = train::TrainArgs { config: *config, job: job.flags(), comm: comm.options(&plan) };
             run_train(&plan, &env, &args)
         }
         Command::Data(command) => run_data(&plan, command),

@@ -19,8 +19,11 @@ pub(crate) fn corrupted_checkpoint(dir: &Path, rng: &mut Rng) -> Result<Outcome,
     if newest_valid(&ckpt)? != Some(10) {
         return Err(format!("the run did not checkpoint step 10:\n{}", job.logs()));
     }
-    let file =
-        ckpt.join("ckpt-10").join(if rng.next() % 2 == 0 { "model.safetensors" } else { "optimizer.safetensors" });
+    let file = ckpt.join("ckpt-10").join(if rng.next().is_multiple_of(2) {
+        "model.safetensors"
+    } else {
+        "optimizer.safetensors"
+    });
     let mut bytes = fs::read(&file).unwrap();
     let at = bytes.len() / 2 + rng.pick(0, 100) as usize;
     bytes[at] ^= 0x5A;

@@ -388,8 +388,8 @@ impl NcclCollective {
         let deadline = started + self.timeout;
         let mut pause = Duration::from_micros(1);
         loop {
-            // SAFETY: the event is this collective's own.
             let done = self.own.events[1];
+            // SAFETY: the event is this collective's own, created with it and destroyed only when it drops.
             match unsafe { (self.own.api.event_query)(done) } {
                 0 => return Ok(()),
                 NOT_READY => {}

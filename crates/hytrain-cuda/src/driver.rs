@@ -174,6 +174,7 @@ impl CudaDriver {
         if unsafe { get(code, &mut text) } != 0 || text.is_null() {
             return format!("CUresult {code}");
         }
+        // SAFETY: checked non-null above; the driver's error strings are static and NUL-terminated.
         library::one_line(&unsafe { CStr::from_ptr(text) }.to_string_lossy())
     }
 

@@ -41,8 +41,6 @@
 //! # Ok(()) }
 //! ```
 
-#![deny(missing_docs)]
-
 mod collective;
 pub mod device;
 mod driver;

@@ -252,6 +252,8 @@ impl Loaded {
     /// `F` must be the function's true C signature.
     pub(crate) unsafe fn function<F: Copy>(&self, symbol: &'static str, hint: &'static str) -> Result<F, CudaError> {
         let name = format!("{symbol}\0");
+        // SAFETY: the caller guarantees `F` is the symbol's true signature (this function's contract); the name is
+        // NUL-terminated.
         match unsafe { self.library.get::<F>(name.as_bytes()) } {
             Ok(f) => Ok(*f),
             Err(_) => Err(CudaError::MissingSymbol { path: self.path.clone(), symbol, hint }),

@@ -288,6 +288,7 @@ fn error_string(get: GetErrorString, code: c_int) -> String {
     if text.is_null() {
         return format!("unknown NCCL error {code}");
     }
+    // SAFETY: checked non-null above; NCCL's error strings are static and NUL-terminated.
     library::one_line(&unsafe { CStr::from_ptr(text) }.to_string_lossy())
 }
 

@@ -262,6 +262,7 @@ fn describe(error_string: ErrorString, code: c_int) -> String {
     if text.is_null() {
         format!("unknown NVRTC error {code}")
     } else {
+        // SAFETY: non-null; NVRTC's error strings are static and NUL-terminated.
         unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()
     }
 }

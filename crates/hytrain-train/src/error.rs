@@ -107,7 +107,7 @@ pub enum TrainError {
     /// The checkpoint directory ran out of room (or hit a file-size or quota limit) while a checkpoint was written;
     /// the partial write was removed and earlier checkpoints are untouched.
     #[error(
-        "no room for the checkpoint of step {step} in {dir}: {reason} (it needs about {needed}{free}); {previous}; \
+        "no room for the checkpoint of step {step} in {dir}: {reason} (it needs {room}); {previous}; \
          free space there, lower --keep, or give --checkpoint-dir on a larger volume"
     )]
     DiskFull {
@@ -117,10 +117,8 @@ pub enum TrainError {
         step: u64,
         /// What the operating system said ("No space left on device", "File too large", "Disk quota exceeded").
         reason: String,
-        /// The checkpoint's approximate size, e.g. "137 KiB".
-        needed: String,
-        /// ", 61 KiB are free" when known, else empty.
-        free: String,
+        /// The checkpoint's approximate size and, when known, the room left: "about 137 KiB, 61 KiB are free".
+        room: String,
         /// Which earlier checkpoint a restart resumes from, or that there is none.
         previous: String,
     },

@@ -24,8 +24,6 @@
 //! # Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
-
 pub mod batches;
 mod bucket;
 pub mod checkpoint;

@@ -38,7 +38,10 @@ tasks:
   setup           build the CPU libtorch in .libtorch (torch 2.11.0 wheel from PyPI) and install Open MPI and
                   libclang for the tests if missing; a second run does nothing
   demo            setup, build hytrain, run the demo job with 2 local workers
-  test [ARGS]     setup, then `cargo test --workspace --features mpi [ARGS]`
+  test [ARGS]     setup, then the lint gate (`cargo fmt --all --check`, `cargo clippy --workspace --all-targets
+                  --features mpi -- -D warnings`), then `cargo test --workspace --features mpi [ARGS]`; fails if
+                  either fails (the tests run even when a lint fails, so one run reports both)
+  lint            setup, then the lint gate alone
   bench [--only PARTS] [ARGS]
                   setup, then every comparison with a peer, in one run, ending in one table of ratios:
                   allreduce  `cargo bench --bench allreduce [ARGS]`: ring and shm beside PyTorch's gloo
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Some("setup") if rest.is_empty() => setup_all().map(|()| 0),
         Some("demo") if rest.is_empty() => demo(),
         Some("test") => test(&rest),
+        Some("lint") if rest.is_empty() => lint_alone(),
         Some("bench") => bench(&rest),
         Some("gpu-check") if rest.is_empty() => gpu_check::gpu_check(&root()),
         Some("fuzz") => fuzz::fuzz(&root(), &rest),
@@ -142,6 +146,7 @@ fn test(args: &[OsString]) -> Result<u8> {
     let python = venv::bench_venv(&root)?;
     // Tests that train on real data read the demo's digits from here.
     let digits = demo_data::digits(&root)?;
+    let linted = lint(&root)?;
     let mut command = cargo(&root);
     command
         .args(["test", "--workspace", "--features", "mpi", "--no-fail-fast"])
@@ -155,7 +160,41 @@ fn test(args: &[OsString]) -> Result<u8> {
     println!("test: {}", show(&command));
     let code = status_code(&mut command)?;
     println!("test: finished in {} (exit code {code})", elapsed(started));
+    if linted != 0 {
+        println!("test: the lint gate failed (see `lint:` above); `cargo xtask lint` runs it alone");
+        return Ok(if code == 0 { linted } else { code });
+    }
     Ok(code)
+}
+
+/// `cargo xtask lint`: the set-up clippy needs (libtorch for torch-sys, Open MPI for the `mpi` feature), then the gate.
+fn lint_alone() -> Result<u8> {
+    let root = root();
+    setup::libtorch(&root)?;
+    setup::test_tools()?;
+    lint(&root)
+}
+
+/// The lint gate: the workspace formatted with the root rustfmt.toml and clippy clean on every target with
+/// warnings denied (the workspace's `[workspace.lints]` add `missing_docs` and `clippy::undocumented_unsafe_blocks`).
+/// Returns the first failing step's exit code, or 0.
+fn lint(root: &Path) -> Result<u8> {
+    let started = Instant::now();
+    let mut fmt = cargo(root);
+    fmt.args(["fmt", "--all", "--check"]);
+    let mut clippy = cargo(root);
+    clippy.args(["clippy", "--workspace", "--all-targets", "--features", "mpi", "--", "-D", "warnings"]);
+    let mut failed = 0;
+    for mut command in [fmt, clippy] {
+        println!("lint: {}", show(&command));
+        let code = status_code(&mut command)?;
+        if code != 0 {
+            println!("lint: failed (exit code {code}): {}", show(&command));
+            failed = if failed == 0 { code } else { failed };
+        }
+    }
+    println!("lint: finished in {} ({})", elapsed(started), if failed == 0 { "clean" } else { "failed" });
+    Ok(failed)
 }
 
 /// One step of the demo: what it shows and the hytrain arguments that show it. Later work swaps the job for real
@@ -219,7 +258,7 @@ fn last_accuracy(metrics: &Path) -> Result<f64> {
     text.lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter_map(|record| record["val_accuracy"].as_f64())
-        .last()
+        .next_back()
         .with_context(|| format!("{} holds no val_accuracy record", metrics.display()))
 }
 

@@ -184,11 +184,7 @@ fn teardown(roots: impl Iterator<Item = Value>) {
                     pending.push(v);
                 }
             }
-            Value::Tuple(items) => {
-                if seen_tuples.insert(Rc::as_ptr(&items)) {
-                    pending.extend(items.iter().cloned());
-                }
-            }
+            Value::Tuple(items) if seen_tuples.insert(Rc::as_ptr(&items)) => pending.extend(items.iter().cloned()),
             _ => {}
         }
     }

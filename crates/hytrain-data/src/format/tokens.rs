@@ -120,7 +120,7 @@ fn layout(ds: &Dataset, object: &Object) -> Result<(u64, TokenDtype), Error> {
         }
     }
     let dtype = ds.tokens.dtype;
-    if object.size % dtype.size() as u64 != 0 {
+    if !object.size.is_multiple_of(dtype.size() as u64) {
         return Err(Error::BadShard {
             source_desc: ds.source_desc.clone(),
             shard: object.name.clone(),

@@ -116,8 +116,11 @@ fn disk_full(dir: &Path, encoded: &Encoded, reason: &str) -> TrainError {
         dir: dir.to_path_buf(),
         step: encoded.step,
         reason: reason.to_string(),
-        needed: human_bytes(encoded.size()),
-        free: free_bytes(dir).map(|f| format!(", {} are free", human_bytes(f))).unwrap_or_default(),
+        room: format!(
+            "about {}{}",
+            human_bytes(encoded.size()),
+            free_bytes(dir).map(|f| format!(", {} are free", human_bytes(f))).unwrap_or_default()
+        ),
         previous,
     }
 }
@@ -217,6 +220,7 @@ fn out_of_space(e: &TrainError) -> Option<&'static str> {
 fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is a plain C struct of integers, for which all-zero bytes are a valid value.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `path` is a valid C string and `s` a writable statvfs for the call to fill.
     if unsafe { libc::statvfs(path.as_ptr(), &mut s) } != 0 {

@@ -185,7 +185,8 @@ impl AsyncCheckpointer {
             meta: ckpt.meta.clone(),
         };
         let step = ckpt.meta.step;
-        if !self.jobs.as_ref().is_some_and(|jobs| jobs.send(copy).is_ok()) {
+        let handed_over = self.jobs.as_ref().is_some_and(|jobs| jobs.send(copy).is_ok());
+        if !handed_over {
             return Err(TrainError::Checkpoint {
                 path: self.store.dir().to_path_buf(),
                 detail: format!("the checkpoint writer thread is not running, so step {step} cannot be written"),

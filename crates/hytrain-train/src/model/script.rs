@@ -61,7 +61,9 @@ extern "C" fn push_named(ctx: *mut c_void, name: *const c_char, tensor: *mut c_v
     // SAFETY: `ctx` is the Vec that `Module::named` passed for this call; `name` is NUL-terminated for the call's
     // duration; `tensor` is a new `torch::Tensor*` whose ownership `from_ptr` takes.
     let out = unsafe { &mut *(ctx as *mut Vec<(String, Tensor)>) };
+    // SAFETY: as above, `name` is a NUL-terminated string live for the call.
     let name = unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned();
+    // SAFETY: as above, `tensor` is a new `torch::Tensor*` handed to us to own.
     out.push((name, unsafe { Tensor::from_ptr(tensor.cast()) }));
 }
 
@@ -107,6 +109,7 @@ impl Module {
         // SAFETY: the module and the input tensor are live for the call; on success `out` is a new `torch::Tensor*`
         // whose ownership `from_ptr` takes.
         shim(|err, len| unsafe { hyt_script_forward(self.0, handle(xs), &mut out, err, len) })?;
+        // SAFETY: the call succeeded, so `out` is the new tensor described above.
         Ok(unsafe { Tensor::from_ptr(out.cast()) })
     }
 

@@ -10,10 +10,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use hytrain_cluster::JobToken;
+
 use super::pipeline::*;
 use super::*;
 use crate::net::bind_any;
-use crate::rendezvous::auth::{self, Handshake, JobToken, NONCE_LEN};
+use crate::rendezvous::auth::{self, Handshake, NONCE_LEN};
 use crate::rendezvous::liveness::AbortRegistration;
 use crate::rendezvous::wire::{get_bytes_max, get_u64, put_bytes, put_u64};
 

@@ -6,11 +6,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use hytrain_cluster::{JobToken, TokenSource};
+
 use super::links::*;
 use super::pipeline::*;
 use super::*;
 use crate::backend::failure::{decode_failure, encode_failure};
-use crate::rendezvous::auth::{self, Handshake, JobToken, NONCE_LEN};
+use crate::rendezvous::auth::{self, Handshake, NONCE_LEN};
 use crate::testutil::{free_port, member, on_ranks, opts};
 
 /// Rendezvous plus ring for `world` threads, then `f(rank, ring)` on each.
@@ -378,7 +380,7 @@ fn hello(job_id: &str) -> Hello<'_> {
 fn strays_silent_clients_and_wrong_tokens_are_refused_and_the_real_peer_accepted() {
     let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
     let addr = listener.local_addr().unwrap();
-    let token = JobToken::new("ring-secret").unwrap();
+    let token = JobToken::new(TokenSource::Env, "ring-secret");
     let deadline = Instant::now() + Duration::from_secs(60);
     let peer_token = token.clone();
     let peers = std::thread::spawn(move || {
@@ -387,7 +389,7 @@ fn strays_silent_clients_and_wrong_tokens_are_refused_and_the_real_peer_accepted
         let mut other_job = TcpStream::connect(addr).unwrap();
         let refused = introduce(&mut other_job, &hello("other-job"), &peer_token, deadline).unwrap_err();
         let mut forger = TcpStream::connect(addr).unwrap();
-        let wrong = JobToken::new("not-the-ring-secret").unwrap();
+        let wrong = JobToken::new(TokenSource::Env, "not-the-ring-secret");
         let forged = introduce(&mut forger, &hello("test"), &wrong, deadline).unwrap_err();
         let mut real = TcpStream::connect(addr).unwrap();
         introduce(&mut real, &hello("test"), &peer_token, deadline).unwrap();
@@ -421,7 +423,7 @@ fn a_ring_peer_that_cannot_prove_the_token_is_not_trusted() {
         let _ = auth::respond_without_token(&mut s);
     });
     let mut s = TcpStream::connect(addr).unwrap();
-    let token = JobToken::new("ring-secret").unwrap();
+    let token = JobToken::new(TokenSource::Env, "ring-secret");
     let e = introduce(&mut s, &hello("test"), &token, Instant::now() + Duration::from_secs(20)).unwrap_err();
     assert!(matches!(e, Handshake::BadProof), "{e:?}");
 }
@@ -429,7 +431,7 @@ fn a_ring_peer_that_cannot_prove_the_token_is_not_trusted() {
 #[test]
 fn ranks_with_a_configured_token_link_the_ring_and_reduce() {
     let mut o = opts(60, 60);
-    o.job_token = Some(JobToken::new("configured-ring-secret").unwrap());
+    o.job_token = Some(JobToken::new(TokenSource::Env, "configured-ring-secret"));
     let results = with_rings(3, o, |rank, ring| {
         let mut v = vec![rank as f32 + 1.0; 1000];
         ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap();

@@ -224,7 +224,7 @@ fn agree_on_topology(flat: &mut Ring, m: &Membership) -> Result<Result<usize, St
             )));
         }
     }
-    if m.world_size % local != 0 {
+    if !m.world_size.is_multiple_of(local) {
         return Ok(Err(format!("world_size {} is not a multiple of local_world_size {local}", m.world_size)));
     }
     Ok(Ok(local))
@@ -450,8 +450,8 @@ impl Shm {
             self.round += 1;
             let chunk = &mut buf[off..off + c];
             let mine = self.slot::<T>(bank, me, c);
-            // SAFETY (all slot slices below): the barriers give each slot range one writer per phase (module
-            // docs), and `c` elements fit in a slot.
+            // SAFETY: `c` elements fit in a slot (`cap`), and in this phase (up to the barrier) only this rank
+            // touches its own slot: the barriers give each slot range one writer per phase (module docs).
             let my_slot = unsafe { std::slice::from_raw_parts_mut(mine, c) };
             for j in (0..local).filter(|j| *j != me) {
                 let s = slice(c, local, j);
@@ -461,8 +461,12 @@ impl Shm {
             let s = slice(c, local, me);
             others.clear();
             for j in (0..local).filter(|j| *j != me) {
+                // SAFETY: after the barrier rank j's slot is written and no longer changes in this phase; `s` lies
+                // inside the `c` elements it wrote, so this range is only read (by the rank that owns `s`).
                 others.push(unsafe { std::slice::from_raw_parts(self.slot::<T>(bank, j, c).add(s.start), s.len()) });
             }
+            // SAFETY: this rank is the one writer of range `s` of every slot in this phase, and only `s` of its own
+            // slot is written through this slice (the other ranks read their own ranges of it, disjoint from `s`).
             let my_slot = unsafe { std::slice::from_raw_parts_mut(mine, c) };
             sum_into(&mut chunk[s.clone()], &others, Some(&mut my_slot[s.clone()]), avg_over);
             others.clear();
@@ -470,6 +474,8 @@ impl Shm {
             if !leader_only || me == 0 {
                 for j in (0..local).filter(|j| *j != me) {
                     let s = slice(c, local, j);
+                    // SAFETY: after the second barrier rank j's range `s` holds its reduced values and nobody
+                    // writes the bank until the next round (which alternates banks).
                     let theirs =
                         unsafe { std::slice::from_raw_parts(self.slot::<T>(bank, j, c).add(s.start), s.len()) };
                     chunk[s].copy_from_slice(theirs);
