@@ -89,34 +89,53 @@
 //! Paths off SageMaker default to `./hytrain-out/{model,checkpoints,output}`; the CLI overrides them. An empty
 //! variable counts as unset. Bad or inconsistent input is a [`DetectError`] whose message is one line naming the
 //! variable or file and the expected form; detection never panics.
-
-#![warn(missing_docs)]
+//!
+//! ## Layout
+//!
+//! Dependencies between the files point one way, down this list:
+//! - `lib.rs`: [`detect`] / [`detect_from`], the one entry point: launcher, platform, that platform's planner,
+//!   then the token.
+//! - `launch.rs`: what `hytrain launch` gives its workers ([`worker_env`], [`launch_token_env`]).
+//! - `platform/`: which [`Platform`] runs the job (`platform::detect`) and one planner per platform,
+//!   `platform::{kubeflow, sagemaker, local}::plan` (`local` also covers torchrun and mpirun outside a cluster).
+//! - `plan.rs`: the [`Plan`] and the descriptions only it holds ([`Paths`], [`SageMaker`], ...).
+//! - `token.rs`: the [`JobToken`] and where it comes from (`token::detect`).
+//! - `launcher.rs`: which [`Launcher`] started this process (`launcher::detect`) and the counts its variables give.
+//! - `channel.rs`, `topology.rs`, `parse.rs`, `env.rs`, `error.rs`: the leaves.
+//!
+//! ## Types other crates share
+//!
+//! [`JobToken`] (hytrain-comm authenticates connections with it) and [`Channel`] with [`InputMode`] and
+//! [`S3Distribution`] (hytrain-data opens channels) are defined here and nowhere else: this crate finds them, it
+//! is the bottom of the dependency graph (serde, thiserror and getrandom only, no libtorch, no network), so
+//! depending on it costs the other crates nothing, and the plan's values reach them as they are, with no second
+//! definition and no conversion to keep in step.
 
 use std::path::PathBuf;
 
-mod detect;
+mod channel;
 mod env;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+mod launch;
+mod launcher;
 mod parse;
 mod plan;
-mod sagemaker;
+mod platform;
 mod token;
 mod topology;
 
-pub use detect::{DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, DEFAULT_SM_ROOT, LOCAL_OUT_DIR};
+pub use channel::{Channel, InputMode, S3Distribution};
 pub use env::Env;
 pub use error::DetectError;
-pub use plan::{
-    Channel, Distribution, InputMode, InstanceGroup, Launcher, Paths, Plan, Platform, S3Distribution, SageMaker,
-};
-pub use sagemaker::SAGEMAKER_DEFAULT_MASTER_PORT;
-pub use token::{
-    launch_token_env, JobToken, TokenSource, LAUNCH_ORIGIN, MIN_TOKEN_BYTES, TOKEN_FILE_VAR, TOKEN_ORIGIN_VAR,
-    TOKEN_VAR,
-};
-pub use topology::{worker_env, Topology, HYTRAIN_LAUNCH_MARK};
+pub use launch::{launch_token_env, worker_env};
+pub use launcher::{Launcher, HYTRAIN_LAUNCH_MARK};
+pub use plan::{Distribution, InstanceGroup, Paths, Plan, SageMaker};
+pub use platform::sagemaker::SAGEMAKER_DEFAULT_MASTER_PORT;
+pub use platform::{Platform, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, DEFAULT_SM_ROOT, LOCAL_OUT_DIR};
+pub use token::{JobToken, TokenSource, LAUNCH_ORIGIN, MIN_TOKEN_BYTES, TOKEN_FILE_VAR, TOKEN_ORIGIN_VAR, TOKEN_VAR};
+pub use topology::Topology;
 
 /// Detects the plan of this process from its real environment; the SageMaker root is `$HYTRAIN_SM_ROOT` or
 /// /opt/ml.
@@ -128,9 +147,9 @@ pub fn detect() -> Result<Plan, DetectError> {
 /// (`$SM_OUTPUT_DIR/failure`, else `<root>/output/failure`) when the markers say SageMaker, else `None`. A failed
 /// detection then still shows up as the training job's `FailureReason` instead of a bare "AlgorithmError".
 pub fn failure_file(env: &Env) -> Option<PathBuf> {
-    let root = detect::sm_root(env);
-    match detect::platform(env, &root, detect::launcher(env)) {
-        Ok(Platform::Sagemaker) => Some(sagemaker::failure_file(env, &root)),
+    let root = platform::sm_root(env);
+    match platform::detect(env, &root, launcher::detect(env)) {
+        Ok(Platform::Sagemaker) => Some(platform::sagemaker::failure_file(env, &root)),
         _ => None,
     }
 }
@@ -138,13 +157,16 @@ pub fn failure_file(env: &Env) -> Option<PathBuf> {
 /// Detects the plan from `env` (and the SageMaker files under `env["HYTRAIN_SM_ROOT"]`, else /opt/ml), following
 /// the precedence in the crate documentation.
 pub fn detect_from(env: &Env) -> Result<Plan, DetectError> {
-    let root = detect::sm_root(env);
-    let launcher = detect::launcher(env);
-    let mut plan = match detect::platform(env, &root, launcher)? {
-        Platform::Sagemaker => sagemaker::plan(env, &root, launcher)?,
-        platform => detect::plan(env, platform, launcher)?,
+    let root = platform::sm_root(env);
+    let launcher = launcher::detect(env);
+    let platform = platform::detect(env, &root, launcher)?;
+    let mut plan = match platform {
+        Platform::Sagemaker => platform::sagemaker::plan(env, &root, launcher)?,
+        Platform::KubeflowPytorchjob | Platform::KubeflowTrainjob => platform::kubeflow::plan(env, platform, launcher)?,
+        Platform::Torchrun | Platform::Mpi | Platform::Local => platform::local::plan(env, platform, launcher)?,
     };
     plan.host_aliases = parse::host_aliases(env)?;
-    plan.job_token = token::detect(env, &plan)?;
+    let job_arn = plan.sagemaker.as_ref().and_then(|s| s.job_arn.as_deref());
+    plan.job_token = token::detect(env, launcher, job_arn)?;
     Ok(plan)
 }

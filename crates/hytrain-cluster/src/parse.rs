@@ -23,6 +23,26 @@ pub(crate) fn opt_number(env: &Env, var: &str, expected: &str) -> Result<Option<
     env.value(var).map(|v| number(var, v, expected)).transpose()
 }
 
+/// What a rank variable should hold, for error messages.
+pub(crate) const RANK_EXPECTED: &str = "a whole number such as 0, 1, 2";
+/// What a count variable should hold, for error messages.
+pub(crate) const COUNT_EXPECTED: &str = "a whole number of at least 1 such as 1, 2, 8";
+
+/// Checks that rank `name` = `value` is below the size `limit_name` = `limit` it indexes.
+pub(crate) fn below(name: &str, value: usize, limit_name: &str, limit: usize) -> Result<(), DetectError> {
+    if value < limit {
+        Ok(())
+    } else {
+        Err(DetectError::OutOfRange { name: name.to_owned(), value, limit_name: limit_name.to_owned(), limit })
+    }
+}
+
+/// `a * b` as a process count, or an error naming `what` when it does not fit.
+pub(crate) fn product(a: usize, b: usize, what: &str) -> Result<usize, DetectError> {
+    a.checked_mul(b)
+        .ok_or_else(|| DetectError::Inconsistent(format!("{what} = {a} x {b} is too large to be a process count")))
+}
+
 /// `var` as a count that must be at least 1, when it is set.
 pub(crate) fn opt_count(env: &Env, var: &str, expected: &str) -> Result<Option<usize>, DetectError> {
     match opt_number(env, var, expected)? {

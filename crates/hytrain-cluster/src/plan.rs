@@ -1,12 +1,15 @@
-//! The [`Plan`]: what detection found, in the launchers' own words.
+//! The [`Plan`]: what detection found, in the launchers' own words. Only descriptions live here; each platform's
+//! planner (`platform/`) fills them in.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::channel::Channel;
+use crate::launcher::Launcher;
+use crate::platform::Platform;
 use crate::token::JobToken;
 use crate::topology::Topology;
 
@@ -61,95 +64,6 @@ impl Plan {
     }
 }
 
-/// The outer system that runs the job. torchrun and mpi are the platform only when neither Kubeflow nor SageMaker
-/// is detected around them.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "kebab-case")]
-pub enum Platform {
-    /// Kubeflow Training Operator v1 `PyTorchJob`.
-    KubeflowPytorchjob,
-    /// Kubeflow Trainer v2 `TrainJob` with the torch runtime.
-    KubeflowTrainjob,
-    /// An Amazon SageMaker training job, with or without the training toolkit.
-    Sagemaker,
-    /// torchrun (torch.distributed.run) outside any cluster platform.
-    Torchrun,
-    /// mpirun outside any cluster platform.
-    Mpi,
-    /// Nothing detected: a laptop or a plain container.
-    Local,
-}
-
-impl Platform {
-    /// Every platform, in the order of [`Platform::as_str`]'s documentation.
-    pub const ALL: [Platform; 6] = [
-        Platform::KubeflowPytorchjob,
-        Platform::KubeflowTrainjob,
-        Platform::Sagemaker,
-        Platform::Torchrun,
-        Platform::Mpi,
-        Platform::Local,
-    ];
-
-    /// The kebab-case name used in JSON and in `HYTRAIN_PLATFORM`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Platform::KubeflowPytorchjob => "kubeflow-pytorchjob",
-            Platform::KubeflowTrainjob => "kubeflow-trainjob",
-            Platform::Sagemaker => "sagemaker",
-            Platform::Torchrun => "torchrun",
-            Platform::Mpi => "mpi",
-            Platform::Local => "local",
-        }
-    }
-}
-
-impl fmt::Display for Platform {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Platform {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Platform::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| format!("'{s}' is not a platform"))
-    }
-}
-
-/// Who started this process.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "kebab-case")]
-pub enum Launcher {
-    /// Nobody in particular: the platform ran it directly (a pod's command, SageMaker's `train`, a shell).
-    None,
-    /// torchrun; `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE` are global (torchrun semantics).
-    Torchrun,
-    /// mpirun (Open MPI); ranks come from `OMPI_COMM_WORLD_*`.
-    Mpirun,
-    /// `hytrain launch`; same variables and meaning as torchrun.
-    HytrainLaunch,
-}
-
-impl Launcher {
-    /// The kebab-case name used in JSON.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Launcher::None => "none",
-            Launcher::Torchrun => "torchrun",
-            Launcher::Mpirun => "mpirun",
-            Launcher::HytrainLaunch => "hytrain-launch",
-        }
-    }
-}
-
-impl fmt::Display for Launcher {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// Where input data is and where results go.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Paths {
@@ -165,41 +79,6 @@ pub struct Paths {
     pub output_data_dir: PathBuf,
     /// Where a failure reason goes (SageMaker's `FailureReason` is its first 1024 characters).
     pub failure_file: Option<PathBuf>,
-}
-
-/// One SageMaker input channel.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Channel {
-    /// The channel directory; in Pipe mode the base path whose `_<epoch>` siblings are the FIFOs.
-    pub path: PathBuf,
-    /// How SageMaker delivers the data.
-    pub input_mode: InputMode,
-    /// Whether every host sees all objects or a shard of them.
-    pub s3_distribution: S3Distribution,
-    /// The channel's `ContentType`, if given.
-    pub content_type: Option<String>,
-    /// The channel's `RecordWrapperType` (`None` or `RecordIO`), if given.
-    pub record_wrapper_type: Option<String>,
-}
-
-/// SageMaker's `TrainingInputMode`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
-pub enum InputMode {
-    /// Objects are copied to the channel directory before training starts.
-    File,
-    /// Objects are streamed on demand through a read-only mount at the channel directory.
-    FastFile,
-    /// Objects are streamed through FIFOs `<channel>_<epoch>`, each read once, in order.
-    Pipe,
-}
-
-/// SageMaker's `S3DistributionType`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
-pub enum S3Distribution {
-    /// Every host gets every object.
-    FullyReplicated,
-    /// Each host gets a disjoint subset of the objects.
-    ShardedByS3Key,
 }
 
 /// Facts only a SageMaker job has.
@@ -335,20 +214,5 @@ impl fmt::Display for Plan {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn platform_names_round_trip_through_from_str_and_json() {
-        for p in Platform::ALL {
-            assert_eq!(p.as_str().parse::<Platform>().unwrap(), p);
-            assert_eq!(serde_json::to_value(p).unwrap(), serde_json::json!(p.as_str()));
-        }
-        assert!("kubeflow".parse::<Platform>().is_err());
-        assert_eq!(serde_json::to_value(Launcher::HytrainLaunch).unwrap(), serde_json::json!("hytrain-launch"));
     }
 }

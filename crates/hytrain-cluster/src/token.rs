@@ -1,21 +1,24 @@
-//! Where the job token comes from: the secret every rank proves it holds before the rendezvous store or a ring
-//! peer lets it in (hytrain-comm does the proving).
+//! The job token: the secret every rank proves it holds before the rendezvous store or a ring peer lets it in.
+//! [`JobToken`] is defined here, where the token is found, and hytrain-comm takes the same type for its handshake
+//! (`CommOptions::job_token`), so the plan's token goes to the communication layer as it is.
 //!
-//! In order: `HYTRAIN_JOB_TOKEN`; the file `HYTRAIN_JOB_TOKEN_FILE` names (a mounted Kubernetes or Docker secret);
-//! on SageMaker, a value derived from `TRAINING_JOB_ARN`; otherwise a default derived from the job's identity.
-//! `hytrain launch` on a single node gives its workers a fresh random token when none was configured (see
-//! [`launch_token_env`]). The [`Plan`](crate::Plan) carries the token, but serializes and displays only its
-//! source, so `hytrain explain` never prints it.
+//! Where it comes from, in order: `HYTRAIN_JOB_TOKEN`; the file `HYTRAIN_JOB_TOKEN_FILE` names (a mounted
+//! Kubernetes or Docker secret); on SageMaker, a value derived from `TRAINING_JOB_ARN`; otherwise a default derived
+//! from the job's identity ([`detect`] is this module's one entry point). `hytrain launch` on a single node gives
+//! its workers a fresh random token when none was configured ([`launch_token_env`](crate::launch_token_env)). The
+//! [`Plan`](crate::Plan) carries the token, but serializes and displays only its source, so `hytrain explain` never
+//! prints it.
 
 use std::fmt;
 use std::io::Read;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::env::Env;
 use crate::error::{shown, DetectError};
-use crate::plan::{Launcher, Plan};
+use crate::launcher::Launcher;
 
 /// The variable holding the job token itself.
 pub const TOKEN_VAR: &str = "HYTRAIN_JOB_TOKEN";
@@ -84,22 +87,48 @@ impl fmt::Display for TokenSource {
 
 /// The job token: its source, and the secret, which is neither serialized nor displayed nor shown by `Debug`.
 ///
-/// A token read back from JSON has its source but no secret: detect the plan again to use it. Likewise equality
-/// compares sources only, since the secret is not part of what a plan says; compare [`JobToken::secret`] to ask
-/// whether two tokens would let each other in.
+/// Detection gives every plan one ([`Plan::job_token`](crate::Plan::job_token)); hytrain-comm authenticates every
+/// connection with it. A program that drives hytrain-comm itself makes one with [`JobToken::new`] from the secret
+/// it was given, or [`JobToken::default_for`] the job's identity when it has none.
+///
+/// A token read back from JSON has its source but no secret: detect the plan again to use it (until then it counts
+/// as the default, see [`JobToken::is_default`]). Likewise equality compares sources only, since the secret is not
+/// part of what a plan says; whether two tokens let each other in is for the handshake to find out.
 #[derive(Clone, Default, Serialize, Deserialize)]
 pub struct JobToken {
     /// Where the token came from.
     #[serde(flatten)]
     pub source: TokenSource,
     #[serde(skip)]
-    secret: Vec<u8>,
+    secret: Arc<[u8]>,
 }
 
 impl JobToken {
-    /// The secret bytes every rank must hold the same of. Give them only to the communication layer.
+    /// A token holding `secret`, said to come from `source` (a program handing over a secret of its own usually
+    /// says [`TokenSource::Env`]). Detection has checked a configured secret's length by then; this takes any
+    /// bytes, and an empty secret counts as none ([`JobToken::is_default`]).
+    pub fn new(source: TokenSource, secret: impl AsRef<[u8]>) -> JobToken {
+        JobToken { source, secret: secret.as_ref().into() }
+    }
+
+    /// The default token of a job without a configured secret ([`TokenSource::Default`]), derived from `identity`
+    /// (a job id or run id that every rank of the job shares). It keeps other jobs and stray clients out by
+    /// accident, not attackers who know the identity.
+    pub fn default_for(identity: &str) -> JobToken {
+        JobToken::new(TokenSource::Default, identity)
+    }
+
+    /// The secret bytes every rank must hold the same of (for the default, the identity it derives from). Give
+    /// them only to the communication layer.
     pub fn secret(&self) -> &[u8] {
         &self.secret
+    }
+
+    /// Whether this token is the default derived from the job's identity, or holds no secret at all (read back
+    /// from JSON): hytrain-comm then keys its handshake on that identity, and rank 0 warns that the job has no
+    /// real secret. A SageMaker job ARN is not the default: it keeps other jobs out by design.
+    pub fn is_default(&self) -> bool {
+        self.source == TokenSource::Default || self.secret.is_empty()
     }
 }
 
@@ -117,27 +146,24 @@ impl fmt::Debug for JobToken {
     }
 }
 
-/// The token of `plan`, detected from `env` (see the module documentation for the order).
-pub(crate) fn detect(env: &Env, plan: &Plan) -> Result<JobToken, DetectError> {
+/// The token of a process that `launcher` started, detected from `env` (see the module documentation for the
+/// order); `job_arn` is SageMaker's `TRAINING_JOB_ARN` when the plan has one.
+pub(crate) fn detect(env: &Env, launcher: Launcher, job_arn: Option<&str>) -> Result<JobToken, DetectError> {
     match (env.value(TOKEN_VAR), env.value(TOKEN_FILE_VAR)) {
         (Some(_), Some(_)) => Err(DetectError::Inconsistent(format!(
             "both {TOKEN_VAR} and {TOKEN_FILE_VAR} are set; set only one of them"
         ))),
         (Some(value), None) => {
             let secret = checked(TOKEN_VAR, value.trim().as_bytes())?;
-            let launched =
-                plan.launcher == Launcher::HytrainLaunch && env.value(TOKEN_ORIGIN_VAR) == Some(LAUNCH_ORIGIN);
-            Ok(JobToken { source: if launched { TokenSource::Launch } else { TokenSource::Env }, secret })
+            let launched = launcher == Launcher::HytrainLaunch && env.value(TOKEN_ORIGIN_VAR) == Some(LAUNCH_ORIGIN);
+            Ok(JobToken::new(if launched { TokenSource::Launch } else { TokenSource::Env }, secret))
         }
         (None, Some(path)) => {
-            Ok(JobToken { secret: read_token_file(path)?, source: TokenSource::File { path: PathBuf::from(path) } })
+            Ok(JobToken::new(TokenSource::File { path: PathBuf::from(path) }, read_token_file(path)?))
         }
-        (None, None) => match plan.sagemaker.as_ref().and_then(|s| s.job_arn.as_deref()) {
-            Some(arn) => Ok(JobToken {
-                source: TokenSource::SagemakerJobArn,
-                secret: format!("sagemaker-training-job:{arn}").into_bytes(),
-            }),
-            None => Ok(JobToken { source: TokenSource::Default, secret: default_identity(env).into_bytes() }),
+        (None, None) => match job_arn {
+            Some(arn) => Ok(JobToken::new(TokenSource::SagemakerJobArn, format!("sagemaker-training-job:{arn}"))),
+            None => Ok(JobToken::default_for(&default_identity(env))),
         },
     }
 }
@@ -187,33 +213,18 @@ fn read_token_file(path: &str) -> Result<Vec<u8>, DetectError> {
     checked(&origin, bytes.trim_ascii())
 }
 
-/// The variables `hytrain launch` adds for its workers: a fresh random token, when the job runs on this one node
-/// only (so every rank is a child of this launcher) and no secret was configured; nothing otherwise. A job that
-/// spans nodes cannot share a random value this way, so it keeps its configured or derived token.
-pub fn launch_token_env(plan: &Plan) -> Result<Vec<(String, String)>, std::io::Error> {
-    if plan.job_token.source.is_secret() || plan.topology.nnodes != 1 {
-        return Ok(Vec::new());
-    }
-    let mut bytes = [0u8; 32];
-    getrandom::getrandom(&mut bytes).map_err(|e| {
-        std::io::Error::other(format!("the operating system gave no random bytes for the job token: {e}"))
-    })?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(vec![(TOKEN_VAR.to_owned(), hex), (TOKEN_ORIGIN_VAR.to_owned(), LAUNCH_ORIGIN.to_owned())])
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::detect_from;
+    use crate::{detect_from, Plan};
 
-    fn plan_of(pairs: &[(&str, &str)]) -> Result<Plan, DetectError> {
+    pub(crate) fn plan_of(pairs: &[(&str, &str)]) -> Result<Plan, DetectError> {
         let mut env = Env::from_pairs([("HYTRAIN_SM_ROOT", "/nonexistent/hytrain-token-tests")]);
         env.extend(pairs.iter().copied());
         detect_from(&env)
     }
 
-    const SECRET: &str = "0123456789abcdef-secret";
+    pub(crate) const SECRET: &str = "0123456789abcdef-secret";
 
     #[test]
     fn the_token_variable_is_taken_trimmed_and_never_shown() {
@@ -316,26 +327,6 @@ mod tests {
     }
 
     #[test]
-    fn launch_generates_a_fresh_token_for_a_single_node_without_one() {
-        let plan = plan_of(&[]).unwrap();
-        let a = launch_token_env(&plan).unwrap();
-        let b = launch_token_env(&plan).unwrap();
-        assert_eq!(a[0].0, TOKEN_VAR);
-        assert_eq!(a[0].1.len(), 64);
-        assert_ne!(a[0].1, b[0].1, "two launches got the same token");
-        assert_eq!(a[1], (TOKEN_ORIGIN_VAR.to_owned(), LAUNCH_ORIGIN.to_owned()));
-    }
-
-    #[test]
-    fn launch_keeps_a_configured_token_and_multi_node_jobs_keep_theirs() {
-        let configured = plan_of(&[(TOKEN_VAR, SECRET)]).unwrap();
-        assert!(launch_token_env(&configured).unwrap().is_empty());
-        let multi_node =
-            plan_of(&[("PET_NNODES", "2"), ("PET_NODE_RANK", "1"), ("PET_MASTER_ADDR", "job-node-0-0.job")]).unwrap();
-        assert!(launch_token_env(&multi_node).unwrap().is_empty());
-    }
-
-    #[test]
     fn a_worker_of_hytrain_launch_names_the_launcher_as_the_source() {
         let plan = plan_of(&[
             ("HYTRAIN_LAUNCHER", "hytrain-launch"),
@@ -349,5 +340,16 @@ mod tests {
         .unwrap();
         assert_eq!(plan.job_token.source, TokenSource::Launch);
         assert!(!plan.to_string().contains(SECRET));
+    }
+
+    #[test]
+    fn a_token_read_back_from_json_keeps_its_source_and_counts_as_the_default() {
+        let plan = plan_of(&[(TOKEN_VAR, SECRET)]).unwrap();
+        assert!(!plan.job_token.is_default());
+        let back: JobToken = serde_json::from_str(&serde_json::to_string(&plan.job_token).unwrap()).unwrap();
+        assert_eq!(back, plan.job_token);
+        assert!(back.secret().is_empty() && back.is_default());
+        assert!(JobToken::default_for("run-7").is_default());
+        assert!(!JobToken::new(TokenSource::SagemakerJobArn, "arn").is_default());
     }
 }

@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::detect::{self, Counts};
+use crate::channel::{Channel, InputMode, S3Distribution};
 use crate::env::Env;
 use crate::error::{shown, DetectError};
+use crate::launcher::{self, Launcher};
 use crate::parse;
-use crate::plan::{
-    Channel, Distribution, InputMode, InstanceGroup, Launcher, Paths, Plan, Platform, S3Distribution, SageMaker,
-};
+use crate::plan::{Distribution, InstanceGroup, Paths, Plan, SageMaker};
+use crate::platform::{Platform, DEFAULT_MASTER_ADDR};
+use crate::topology::Counts;
 
 /// The master port hytrain uses on SageMaker when no toolkit set MASTER_PORT. Not 7777: the SageMaker
 /// training toolkits give that port to their own launchers (torchrun, mpirun) as MASTER_PORT. Not 7592: SMDDP
@@ -136,10 +137,7 @@ fn valid_channel_name(name: &str) -> bool {
 fn input_mode(origin: &str, channel: &str, v: Option<&str>) -> Result<InputMode, DetectError> {
     match v {
         None => Ok(InputMode::File),
-        Some(m) if m.eq_ignore_ascii_case("File") => Ok(InputMode::File),
-        Some(m) if m.eq_ignore_ascii_case("FastFile") => Ok(InputMode::FastFile),
-        Some(m) if m.eq_ignore_ascii_case("Pipe") => Ok(InputMode::Pipe),
-        Some(m) => Err(DetectError::Malformed {
+        Some(m) => m.parse().map_err(|_: String| DetectError::Malformed {
             origin: origin.into(),
             problem: format!("channel \"{channel}\" has TrainingInputMode \"{}\"", shown(m)),
             expected: "File, FastFile or Pipe".into(),
@@ -437,13 +435,13 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
                 "host {current_host} is outside the distribution instance groups {}; it runs alone (rank 0 of 1)",
                 json_list(&dist_groups)
             ));
-            (Counts::SINGLE, vec![current_host.clone()], detect::DEFAULT_MASTER_ADDR.to_owned())
+            (Counts::SINGLE, vec![current_host.clone()], DEFAULT_MASTER_ADDR.to_owned())
         }
         (_, index) => {
             let counts = if launcher == Launcher::Mpirun {
-                detect::mpi_counts(env, &mut notes)?
+                launcher::mpi_counts(env, &mut notes)?
             } else {
-                detect::torchrun_counts(env)?
+                launcher::torchrun_counts(env)?
             };
             match index {
                 Some(i) => {
@@ -458,7 +456,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
                     }
                     (counts, dist_hosts.clone(), dist_hosts[0].clone())
                 }
-                None => (counts, vec![current_host.clone()], detect::DEFAULT_MASTER_ADDR.to_owned()),
+                None => (counts, vec![current_host.clone()], DEFAULT_MASTER_ADDR.to_owned()),
             }
         }
     };
