@@ -38,19 +38,6 @@ pub fn membership(plan: &cluster::Plan) -> comm::Membership {
     }
 }
 
-/// The job token the communication layer authenticates every connection with, from the plan: a configured
-/// secret (HYTRAIN_JOB_TOKEN, a token file, one `hytrain launch` generated, or SageMaker's job ARN), else the
-/// default derived from the job's identity, which guards against accidents only (rank 0 warns about it).
-pub fn job_token(plan: &cluster::Plan) -> comm::JobToken {
-    let t = &plan.job_token;
-    match t.source {
-        cluster::TokenSource::Default => comm::JobToken::unconfigured(&String::from_utf8_lossy(t.secret())),
-        // Only a plan read back from JSON lacks its secret; it then falls back to the default like no token at all.
-        _ => comm::JobToken::new(t.secret())
-            .unwrap_or_else(|_| comm::JobToken::unconfigured(&String::from_utf8_lossy(t.secret()))),
-    }
-}
-
 /// Whether mpirun started this process, so its ranks come from MPI rather than the rendezvous store.
 pub fn launched_by_mpirun(plan: &cluster::Plan) -> bool {
     plan.launcher == cluster::Launcher::Mpirun

@@ -323,7 +323,7 @@ impl CommArgs {
             rendezvous_timeout: self.rendezvous_timeout,
             collective_timeout: self.collective_timeout,
             peer_timeout: self.peer_timeout,
-            job_token: Some(hytrain::job_token(plan)),
+            job_token: Some(plan.job_token.clone()),
             transport: self.comm_transport,
             ..CommOptions::default()
         }

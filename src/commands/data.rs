@@ -5,33 +5,15 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::cluster::{InputMode as PlatformInputMode, Plan, S3Distribution};
-use crate::data::source::{self, Channel, InputMode, OpenOptions, S3Options};
+use crate::cluster::Plan;
+use crate::data::source::{self, OpenOptions, S3Options};
 use crate::data::{DigestArgs, PackInput, PackOptions, Remainder, Split};
 
 /// How to reach a source: the job's channels (for `channel:NAME`) and the S3 settings.
 pub fn open_options(plan: &Plan, s3_endpoint: Option<String>, s3_region: Option<String>) -> OpenOptions {
-    let channels = plan
-        .paths
-        .channels
-        .iter()
-        .map(|(name, c)| {
-            let input_mode = match c.input_mode {
-                PlatformInputMode::File => InputMode::File,
-                PlatformInputMode::FastFile => InputMode::FastFile,
-                PlatformInputMode::Pipe => InputMode::Pipe,
-            };
-            let channel = Channel {
-                path: c.path.clone(),
-                input_mode,
-                sharded_by_s3_key: c.s3_distribution == S3Distribution::ShardedByS3Key,
-            };
-            (name.clone(), channel)
-        })
-        .collect();
     OpenOptions {
         s3: S3Options { endpoint: s3_endpoint, region: s3_region, ..S3Options::default() },
-        channels,
+        channels: plan.paths.channels.clone(),
         ..OpenOptions::default()
     }
 }

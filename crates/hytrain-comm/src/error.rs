@@ -71,10 +71,6 @@ pub enum CommError {
         note: String,
     },
 
-    /// The job token given to this process cannot be used.
-    #[error("invalid job token: {0}")]
-    InvalidToken(String),
-
     /// The other end of a connection does not hold the same job token as this rank.
     #[error("rank {rank}: job token mismatch with {peer} at {addr}: {detail}")]
     TokenMismatch {

@@ -13,7 +13,7 @@
 //! [`Membership`].
 //!
 //! Every connection, to the store and between ring peers, starts with a challenge-response over the job's secret
-//! ([`CommOptions::job_token`], see [`JobToken`]), in both directions, so a process that does not hold the secret
+//! ([`CommOptions::job_token`], a [`JobToken`]), in both directions, so a process that does not hold the secret
 //! can neither join the job nor feed data into a collective.
 //!
 //! Every rank also keeps a liveness watch on the store (see [`Liveness`]): when a rank dies, stops or is cut off,
@@ -25,8 +25,8 @@
 //!
 //! - `rendezvous/`: finding each other. `protocol.rs` (the store's requests as bytes), `server.rs` (the store rank 0
 //!   hosts; it knows no client), `client.rs` ([`Store`] and the rendezvous), `liveness/` ([`Liveness`], both ends of
-//!   the watch; it sees the store only through a small interface), `auth.rs` ([`JobToken`] and the handshake every
-//!   connection opens with), `wire.rs` (the byte encoding).
+//!   the watch; it sees the store only through a small interface), `auth.rs` (the handshake every connection opens
+//!   with, keyed on the [`JobToken`]), `wire.rs` (the byte encoding).
 //! - `backend/`: the [`Collective`] implementations. `ring/` (the TCP [`Ring`]: `links.rs` connects it,
 //!   `schedule.rs` plans a collective, `pipeline.rs` runs the plan), `shm/` (shared memory inside a node), `mpi.rs`
 //!   (feature `mpi`), `failure.rs` (how a backend records its failure for the other ranks).
@@ -47,12 +47,12 @@
 //! # Ok(()) }
 //! ```
 
-#![deny(missing_docs)]
-
 #[cfg(target_endian = "big")]
 compile_error!("hytrain-comm sends values in the host's byte order and supports little-endian hosts only");
 
 use std::time::Duration;
+
+use hytrain_cluster::JobToken;
 
 mod backend;
 mod error;
@@ -66,7 +66,6 @@ mod transport;
 pub use backend::mpi::Mpi;
 pub use backend::ring::{Ring, DEFAULT_SEGMENT_BYTES};
 pub use error::{CommError, RankList};
-pub use rendezvous::auth::JobToken;
 pub use rendezvous::client::Store;
 pub use rendezvous::liveness::{Liveness, LostRank};
 pub use transport::{connect, Transport};
@@ -146,8 +145,9 @@ pub struct CommOptions {
     /// port cannot mix. Default "hytrain".
     pub job_id: String,
     /// The secret every rank proves it holds when it connects to the store or to a ring peer; every rank must get
-    /// the same. `None` (the default): [`JobToken::unconfigured`] of `job_id`, which keeps other jobs and stray
-    /// clients out by accident but not by design, and makes rank 0 warn once.
+    /// the same: the plan's token as hytrain-cluster found it, or [`JobToken::new`] of a secret of the program's
+    /// own. `None` (the default): [`JobToken::default_for`] `job_id`, which keeps other jobs and stray clients out
+    /// by accident but not by design, and makes rank 0 warn once.
     pub job_token: Option<JobToken>,
     /// How ranks exchange data: by default ([`Transport::Auto`]) through shared memory between the processes of
     /// a node (and a ring among the nodes' local rank 0s) whenever ranks share a node, else the TCP ring.
@@ -171,7 +171,7 @@ impl CommOptions {
 
     /// The token connections are authenticated with: `job_token`, else the default derived from `job_id`.
     pub fn token(&self) -> JobToken {
-        self.job_token.clone().unwrap_or_else(|| JobToken::unconfigured(&self.job_id))
+        self.job_token.clone().unwrap_or_else(|| JobToken::default_for(&self.job_id))
     }
 }
 

@@ -1,6 +1,7 @@
-//! The job token and the challenge-response every connection of a job starts with.
+//! The challenge-response every connection of a job starts with, keyed on the job token.
 //!
-//! Both ends hold the job's secret. The side that connects (the initiator) sends a fresh random nonce with its
+//! The token is hytrain-cluster's [`JobToken`], the one the plan carries: it is found where the launcher's
+//! environment is read, and this crate only proves it. Both ends hold the job's secret. The side that connects (the initiator) sends a fresh random nonce with its
 //! hello; the side that accepts (the responder) answers with its own nonce; the initiator proves it holds the
 //! secret with HMAC-SHA256 over a label, the connection's context (protocol, job, ranks) and both nonces; only
 //! then does the responder prove the same with a different label. So:
@@ -14,10 +15,11 @@
 //! start of a connection only: what follows is neither encrypted nor integrity-protected, so an attacker who
 //! controls the network path itself is out of scope (run jobs on a private network).
 
+use std::borrow::Cow;
 use std::io::{self, Read, Write};
-use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
+use hytrain_cluster::JobToken;
 use sha2::Sha256;
 
 use super::wire::{get_bytes_max, put_bytes};
@@ -38,88 +40,42 @@ pub(crate) const MAX_REASON: usize = 4096;
 const DOMAIN: &[u8] = b"hytrain-job-token-handshake-v1\0";
 const INITIATOR: &[u8] = b"initiator\0";
 const RESPONDER: &[u8] = b"responder\0";
-/// Prefix of the key derived for a job without a configured secret.
+/// Prefix of the key derived for a job without a configured secret (the default token).
 const UNCONFIGURED: &[u8] = b"hytrain-unconfigured-job-token-v1\0";
 
-/// The per-job secret every rank proves it holds before the store or a ring peer accepts its connection.
-///
-/// [`JobToken::new`] takes a real secret (what `HYTRAIN_JOB_TOKEN` or a mounted secret file gives).
-/// [`JobToken::unconfigured`] derives one from the job's identity for jobs where nobody configured a secret: every
-/// rank computes the same value, so ranks of other jobs and stray clients are kept out, but anyone who knows the
-/// identity can compute it too. It guards against accidents, not attackers, and rank 0 logs a warning once when a
-/// multi-rank job runs with it.
-///
-/// `Debug` shows only whether a secret was configured; the secret cannot be printed.
-#[derive(Clone)]
-pub struct JobToken {
-    key: Arc<[u8]>,
-    configured: bool,
-}
-
-impl JobToken {
-    /// A token from a configured secret (any bytes, at least one). Surrounding whitespace is the caller's business:
-    /// every rank must pass exactly the same bytes.
-    pub fn new(secret: impl AsRef<[u8]>) -> Result<JobToken, crate::CommError> {
-        let secret = secret.as_ref();
-        if secret.is_empty() {
-            return Err(crate::CommError::InvalidToken(
-                "the job token is empty; give every rank the same non-empty secret".into(),
-            ));
-        }
-        Ok(JobToken { key: secret.into(), configured: true })
-    }
-
-    /// The default token of a job without a configured secret, derived from `identity` (a job id or run id that
-    /// every rank of the job shares). Protects against accidents only: see the type's documentation.
-    pub fn unconfigured(identity: &str) -> JobToken {
+/// The HMAC key of `token`: the secret itself, or for the default token (and a token without a secret) the
+/// identity it derives from, behind a prefix of its own so that it does not meet a configured secret by accident.
+/// Rank 0 warns once when a job of several ranks runs on the default (see `Store::rendezvous`).
+fn key(token: &JobToken) -> Cow<'_, [u8]> {
+    if token.is_default() {
         let mut key = UNCONFIGURED.to_vec();
-        key.extend_from_slice(identity.as_bytes());
-        JobToken { key: key.into(), configured: false }
-    }
-
-    /// Whether this token is a configured secret rather than the default derived from the job's identity.
-    pub fn is_configured(&self) -> bool {
-        self.configured
-    }
-
-    fn mac(&self, label: &[u8], context: &[u8], initiator: &[u8], responder: &[u8]) -> HmacSha256 {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.key).expect("HMAC takes any key");
-        mac.update(DOMAIN);
-        mac.update(label);
-        mac.update(&(context.len() as u64).to_le_bytes());
-        mac.update(context);
-        mac.update(initiator);
-        mac.update(responder);
-        mac
-    }
-
-    fn prove(&self, label: &[u8], context: &[u8], ni: &[u8], nr: &[u8]) -> [u8; PROOF_LEN] {
-        self.mac(label, context, ni, nr).finalize().into_bytes().into()
-    }
-
-    /// Checks a proof in constant time.
-    fn check(&self, label: &[u8], context: &[u8], ni: &[u8], nr: &[u8], proof: &[u8]) -> bool {
-        self.mac(label, context, ni, nr).verify_slice(proof).is_ok()
+        key.extend_from_slice(token.secret());
+        Cow::Owned(key)
+    } else {
+        Cow::Borrowed(token.secret())
     }
 }
 
-impl std::fmt::Debug for JobToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.configured { "JobToken(configured, redacted)" } else { "JobToken(unconfigured default)" })
-    }
+fn mac(token: &JobToken, label: &[u8], context: &[u8], initiator: &[u8], responder: &[u8]) -> HmacSha256 {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac = <HmacSha256 as Mac>::new_from_slice(&key(token)).expect("HMAC takes any key");
+    mac.update(DOMAIN);
+    mac.update(label);
+    mac.update(&(context.len() as u64).to_le_bytes());
+    mac.update(context);
+    mac.update(initiator);
+    mac.update(responder);
+    mac
 }
 
-impl PartialEq for JobToken {
-    fn eq(&self, other: &Self) -> bool {
-        // Compared through MACs so that equality takes the same time however many leading bytes agree.
-        self.configured == other.configured
-            && self.key.len() == other.key.len()
-            && self.prove(b"eq", b"", b"", b"") == other.prove(b"eq", b"", b"", b"")
-    }
+fn prove(token: &JobToken, label: &[u8], context: &[u8], ni: &[u8], nr: &[u8]) -> [u8; PROOF_LEN] {
+    mac(token, label, context, ni, nr).finalize().into_bytes().into()
 }
 
-impl Eq for JobToken {}
+/// Checks a proof in constant time.
+fn check(token: &JobToken, label: &[u8], context: &[u8], ni: &[u8], nr: &[u8], proof: &[u8]) -> bool {
+    mac(token, label, context, ni, nr).verify_slice(proof).is_ok()
+}
 
 /// A fresh nonce from the operating system's random source.
 pub(crate) fn nonce() -> io::Result<[u8; NONCE_LEN]> {
@@ -171,7 +127,7 @@ pub(crate) fn initiate(
     }
     let mut theirs = [0u8; NONCE_LEN];
     s.read_exact(&mut theirs)?;
-    s.write_all(&token.prove(INITIATOR, context, mine, &theirs))?;
+    s.write_all(&prove(token, INITIATOR, context, mine, &theirs))?;
     s.flush()?;
     match read_u8(s)? {
         ACCEPTED => {}
@@ -185,7 +141,7 @@ pub(crate) fn initiate(
     }
     let mut proof = [0u8; PROOF_LEN];
     s.read_exact(&mut proof)?;
-    if token.check(RESPONDER, context, mine, &theirs, &proof) {
+    if check(token, RESPONDER, context, mine, &theirs, &proof) {
         Ok(())
     } else {
         Err(Handshake::BadProof)
@@ -208,14 +164,14 @@ pub(crate) fn respond(
     s.flush()?;
     let mut proof = [0u8; PROOF_LEN];
     s.read_exact(&mut proof)?;
-    if !token.check(INITIATOR, context, theirs, &mine, &proof) {
+    if !check(token, INITIATOR, context, theirs, &mine, &proof) {
         let _ = s.write_all(&[REFUSED]);
         let _ = s.flush();
         return Err(Handshake::BadProof);
     }
     let mut out = Vec::with_capacity(1 + PROOF_LEN);
     out.push(ACCEPTED);
-    out.extend_from_slice(&token.prove(RESPONDER, context, theirs, &mine));
+    out.extend_from_slice(&prove(token, RESPONDER, context, theirs, &mine));
     s.write_all(&out)?;
     s.flush()?;
     Ok(())
@@ -262,7 +218,13 @@ pub(crate) fn respond_without_token(s: &mut (impl Read + Write)) -> io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hytrain_cluster::TokenSource;
     use std::net::{TcpListener, TcpStream};
+
+    /// A token holding a configured secret, as `HYTRAIN_JOB_TOKEN` gives one.
+    fn configured(secret: &str) -> JobToken {
+        JobToken::new(TokenSource::Env, secret)
+    }
 
     /// One handshake over a real loopback connection: the responder's and the initiator's outcomes.
     fn handshake(initiator: &JobToken, responder: &JobToken) -> (Result<(), Handshake>, Result<(), Handshake>) {
@@ -285,7 +247,7 @@ mod tests {
 
     #[test]
     fn equal_tokens_complete_the_handshake_both_ways() {
-        let t = JobToken::new("s3cret-token-of-the-job").unwrap();
+        let t = configured("s3cret-token-of-the-job");
         let (server, client) = handshake(&t, &t);
         assert!(server.is_ok(), "{server:?}");
         assert!(client.is_ok(), "{client:?}");
@@ -293,7 +255,7 @@ mod tests {
 
     #[test]
     fn different_tokens_are_refused_by_the_responder() {
-        let (server, client) = handshake(&JobToken::new("token-a").unwrap(), &JobToken::new("token-b").unwrap());
+        let (server, client) = handshake(&configured("token-a"), &configured("token-b"));
         assert!(matches!(server, Err(Handshake::BadProof)), "{server:?}");
         assert!(matches!(client, Err(Handshake::ProofRefused)), "{client:?}");
     }
@@ -308,36 +270,43 @@ mod tests {
 
     #[test]
     fn a_proof_depends_on_label_context_and_both_nonces() {
-        let t = JobToken::new("k").unwrap();
-        let base = t.prove(INITIATOR, b"c", b"n1", b"n2");
-        assert!(t.check(INITIATOR, b"c", b"n1", b"n2", &base));
-        assert!(!t.check(RESPONDER, b"c", b"n1", b"n2", &base));
-        assert!(!t.check(INITIATOR, b"d", b"n1", b"n2", &base));
-        assert!(!t.check(INITIATOR, b"c", b"n3", b"n2", &base));
-        assert!(!t.check(INITIATOR, b"c", b"n1", b"n3", &base));
-        assert!(!JobToken::new("k2").unwrap().check(INITIATOR, b"c", b"n1", b"n2", &base));
+        let t = configured("k");
+        let base = prove(&t, INITIATOR, b"c", b"n1", b"n2");
+        assert!(check(&t, INITIATOR, b"c", b"n1", b"n2", &base));
+        assert!(!check(&t, RESPONDER, b"c", b"n1", b"n2", &base));
+        assert!(!check(&t, INITIATOR, b"d", b"n1", b"n2", &base));
+        assert!(!check(&t, INITIATOR, b"c", b"n3", b"n2", &base));
+        assert!(!check(&t, INITIATOR, b"c", b"n1", b"n3", &base));
+        assert!(!check(&configured("k2"), INITIATOR, b"c", b"n1", b"n2", &base));
     }
 
     #[test]
     fn debug_never_shows_the_secret() {
-        let t = JobToken::new("very-secret-value").unwrap();
-        let shown = format!("{t:?} {:?}", JobToken::unconfigured("job-identity"));
+        let t = configured("very-secret-value");
+        let shown = format!("{t:?} {:?}", JobToken::default_for("job-identity"));
         assert!(!shown.contains("very-secret-value"), "{shown}");
         assert!(!shown.contains("job-identity"), "{shown}");
         assert!(shown.contains("redacted"), "{shown}");
     }
 
     #[test]
-    fn an_empty_secret_is_refused() {
-        let e = JobToken::new("").unwrap_err().to_string();
-        assert!(e.contains("job token is empty"), "{e}");
+    fn an_empty_secret_counts_as_the_default() {
+        // A plan read back from JSON has a source but no secret; it must not pass for a configured token.
+        let empty = configured("");
+        assert!(empty.is_default());
+        let (server, client) = handshake(&empty, &JobToken::default_for(""));
+        assert!(server.is_ok() && client.is_ok(), "{server:?} {client:?}");
+        let (server, _) = handshake(&empty, &configured("a-real-secret"));
+        assert!(matches!(server, Err(Handshake::BadProof)), "{server:?}");
     }
 
     #[test]
-    fn tokens_compare_by_secret_and_kind() {
-        assert_eq!(JobToken::new("a").unwrap(), JobToken::new("a").unwrap());
-        assert_ne!(JobToken::new("a").unwrap(), JobToken::new("b").unwrap());
-        assert_eq!(JobToken::unconfigured("j"), JobToken::unconfigured("j"));
-        assert_ne!(JobToken::unconfigured("j"), JobToken::unconfigured("k"));
+    fn tokens_key_by_secret_and_kind() {
+        let accepts = |a: &JobToken, b: &JobToken| handshake(a, b).0.is_ok();
+        assert!(accepts(&configured("a"), &configured("a")));
+        assert!(!accepts(&configured("a"), &configured("b")));
+        assert!(accepts(&JobToken::default_for("j"), &JobToken::default_for("j")));
+        assert!(!accepts(&JobToken::default_for("j"), &JobToken::default_for("k")));
+        assert!(!accepts(&JobToken::default_for("j"), &configured("j")));
     }
 }

@@ -10,7 +10,9 @@ use std::net::{IpAddr, Ipv4Addr, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::auth::{self, Handshake, JobToken};
+use hytrain_cluster::JobToken;
+
+use super::auth::{self, Handshake};
 use super::liveness::{self, Liveness, LostRank, WatchHost, VERDICT_WAIT};
 use super::protocol::*;
 use super::server::Server;
@@ -83,7 +85,7 @@ impl Store {
         let started = Instant::now();
         let server = if m.rank == 0 {
             let token = opts.token();
-            if m.world_size > 1 && !token.is_configured() {
+            if m.world_size > 1 && token.is_default() {
                 warn_unconfigured_once();
             }
             Some(Server::start(listen_only_on(m), m.master_port, &opts.job_id, m.world_size, token)?)

@@ -16,7 +16,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::auth::{self, Handshake, JobToken};
+use hytrain_cluster::JobToken;
+
+use super::auth::{self, Handshake};
 use super::liveness::{self, LostRank, WatchHost, Watches};
 use super::protocol::*;
 use super::wire::*;

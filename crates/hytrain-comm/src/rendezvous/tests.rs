@@ -5,6 +5,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hytrain_cluster::{JobToken, TokenSource};
+
 use super::auth::{self, NONCE_LEN};
 use super::client::*;
 use super::protocol::*;
@@ -267,7 +269,7 @@ fn a_master_that_hangs_up_mid_request_is_reported_as_a_closed_connection() {
 }
 
 fn with_token(mut o: CommOptions, secret: &str) -> CommOptions {
-    o.job_token = Some(JobToken::new(secret).unwrap());
+    o.job_token = Some(JobToken::new(TokenSource::Env, secret));
     o
 }
 

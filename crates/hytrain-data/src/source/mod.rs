@@ -32,8 +32,10 @@ mod s3;
 pub(crate) mod tar_split;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
+
+use hytrain_cluster::{Channel, InputMode, S3Distribution};
 
 pub use dir::Dir;
 pub use pipe::{Pipe, PipeOptions};
@@ -208,45 +210,6 @@ pub trait Source: Send + Sync + std::fmt::Debug {
 /// A shared handle to any source.
 pub type SharedSource = Arc<dyn Source>;
 
-/// How SageMaker delivers a channel (`TrainingInputMode` in inputdataconfig.json).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InputMode {
-    /// Copied to the channel folder before the job starts.
-    File,
-    /// Mounted read-only at the channel folder, fetched from S3 on demand.
-    FastFile,
-    /// Streamed through FIFOs `<channel folder>_<epoch>`.
-    Pipe,
-}
-
-impl std::str::FromStr for InputMode {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self, Error> {
-        match s.to_ascii_lowercase().as_str() {
-            "file" => Ok(Self::File),
-            "fastfile" => Ok(Self::FastFile),
-            "pipe" => Ok(Self::Pipe),
-            _ => Err(Error::Spec {
-                spec: s.to_owned(),
-                reason: "unknown TrainingInputMode; expected File, FastFile or Pipe".to_owned(),
-            }),
-        }
-    }
-}
-
-/// One input channel of the job, as the platform describes it (on SageMaker: `SM_CHANNEL_<NAME>` or
-/// `/opt/ml/input/data/<name>`, with inputdataconfig.json's `TrainingInputMode` and `S3DistributionType`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Channel {
-    /// The channel folder, e.g. `/opt/ml/input/data/training`; in Pipe mode the FIFOs' common stem.
-    pub path: PathBuf,
-    /// How the platform delivers it.
-    pub input_mode: InputMode,
-    /// `S3DistributionType: ShardedByS3Key`: this host holds only its own part of the dataset.
-    pub sharded_by_s3_key: bool,
-}
-
 /// Settings for [`open`]: one value for every kind of source, so a command line can fill it once.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
@@ -254,7 +217,7 @@ pub struct OpenOptions {
     pub s3: S3Options,
     /// For Pipe channels.
     pub pipe: PipeOptions,
-    /// The job's channels by name, for `channel:<name>` (filled by the caller from the platform's plan).
+    /// The job's channels by name, for `channel:<name>`: the plan's `paths.channels` as hytrain-cluster found them.
     pub channels: BTreeMap<String, Channel>,
 }
 
@@ -303,16 +266,14 @@ pub fn open(spec: &str, opts: &OpenOptions) -> Result<SharedSource, Error> {
     Ok(Arc::new(Dir::new(path)?))
 }
 
-/// Opens a platform channel: a File or FastFile channel is a folder ([`Dir`]), a Pipe channel is a series of FIFOs
-/// ([`Pipe`]). A `ShardedByS3Key` channel reports [`Source::already_sharded_by_host`].
+/// Opens a platform channel (hytrain-cluster's [`Channel`], as the plan lists them): a File or FastFile channel is
+/// a folder ([`Dir`]), a Pipe channel is a series of FIFOs ([`Pipe`]). A `ShardedByS3Key` channel reports
+/// [`Source::already_sharded_by_host`].
 pub fn open_channel(channel: &Channel, opts: &OpenOptions) -> Result<SharedSource, Error> {
+    let sharded = channel.s3_distribution == S3Distribution::ShardedByS3Key;
     Ok(match channel.input_mode {
-        InputMode::File | InputMode::FastFile => {
-            Arc::new(Dir::new(&channel.path)?.with_sharded_by_host(channel.sharded_by_s3_key))
-        }
-        InputMode::Pipe => {
-            Arc::new(Pipe::new(&channel.path, &opts.pipe).with_sharded_by_host(channel.sharded_by_s3_key))
-        }
+        InputMode::File | InputMode::FastFile => Arc::new(Dir::new(&channel.path)?.with_sharded_by_host(sharded)),
+        InputMode::Pipe => Arc::new(Pipe::new(&channel.path, &opts.pipe).with_sharded_by_host(sharded)),
     })
 }
 
@@ -345,6 +306,10 @@ fn show(path: &Path) -> String {
 mod tests {
     use super::*;
 
+    fn channel(path: impl Into<std::path::PathBuf>, input_mode: InputMode, s3_distribution: S3Distribution) -> Channel {
+        Channel { path: path.into(), input_mode, s3_distribution, content_type: None, record_wrapper_type: None }
+    }
+
     #[test]
     fn a_read_budget_holds_what_fits_and_always_one_object() {
         let budget = ReadBudget::new(100);
@@ -372,10 +337,8 @@ mod tests {
     #[test]
     fn unknown_channel_error_lists_the_jobs_channels() {
         let mut opts = OpenOptions::default();
-        opts.channels.insert(
-            "training".into(),
-            Channel { path: "/nonexistent".into(), input_mode: InputMode::File, sharded_by_s3_key: false },
-        );
+        opts.channels
+            .insert("training".into(), channel("/nonexistent", InputMode::File, S3Distribution::FullyReplicated));
         let err = open("channel:validation", &opts).unwrap_err().to_string();
         assert!(err.contains("channel:validation") && err.contains("training"), "{err}");
         let err = open("channel:training", &OpenOptions::default()).unwrap_err().to_string();
@@ -391,23 +354,15 @@ mod tests {
     }
 
     #[test]
-    fn input_mode_parses_sagemaker_spellings() {
-        assert_eq!("File".parse::<InputMode>().unwrap(), InputMode::File);
-        assert_eq!("FastFile".parse::<InputMode>().unwrap(), InputMode::FastFile);
-        assert_eq!("Pipe".parse::<InputMode>().unwrap(), InputMode::Pipe);
-        assert!("Stream".parse::<InputMode>().unwrap_err().to_string().contains("File, FastFile or Pipe"));
-    }
-
-    #[test]
     fn sharded_by_s3_key_channel_reports_host_sharding() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.tar"), b"x").unwrap();
-        let mut channel = Channel { path: dir.path().into(), input_mode: InputMode::FastFile, sharded_by_s3_key: true };
+        let mut channel = channel(dir.path(), InputMode::FastFile, S3Distribution::ShardedByS3Key);
         assert!(open_channel(&channel, &OpenOptions::default()).unwrap().already_sharded_by_host());
-        channel.sharded_by_s3_key = false;
+        channel.s3_distribution = S3Distribution::FullyReplicated;
         assert!(!open_channel(&channel, &OpenOptions::default()).unwrap().already_sharded_by_host());
         channel.input_mode = InputMode::Pipe;
-        channel.sharded_by_s3_key = true;
+        channel.s3_distribution = S3Distribution::ShardedByS3Key;
         assert!(open_channel(&channel, &OpenOptions::default()).unwrap().already_sharded_by_host());
     }
 
