@@ -1,0 +1,208 @@
+//! The SageMaker Pipe source against real FIFOs: writer threads play SageMaker, delivering the channel's tar shards
+//! concatenated in key order, once per epoch through `training_0`, `training_1`, ...
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::support;
+
+use hytrain_data::source::{Dir, Pipe, PipeOptions, Source};
+use hytrain_data::Error;
+use support::mkfifo;
+
+/// A tar shard of `samples` samples (`{key}.bin` + `{key}.cls`), as Python's tarfile writes it (padded to 10 KiB)
+/// when `pad_to_record`, else as the tar crate writes it (end marker only).
+fn shard(index: usize, samples: usize, pad_to_record: bool) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for s in 0..samples {
+        let key = format!("{index:03}{s:04}");
+        let data: Vec<u8> = (0..(s * 131 + index * 7) % 3000).map(|i| (i * 31 + s + index) as u8).collect();
+        for (ext, bytes) in [("bin", data), ("cls", format!("{}", s % 10).into_bytes())] {
+            let mut header = tar::Header::new_ustar();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, format!("{key}.{ext}"), bytes.as_slice()).unwrap();
+        }
+    }
+    let mut bytes = builder.into_inner().unwrap();
+    if pad_to_record {
+        bytes.resize(bytes.len().div_ceil(10240) * 10240, 0);
+    }
+    bytes
+}
+
+/// A dataset folder of tar shards; returns it with the shards' bytes in name order.
+fn dataset() -> (tempfile::TempDir, Vec<Vec<u8>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shards = Vec::new();
+    for i in 0..6 {
+        let bytes = shard(i, 3 + i * 5, i % 2 == 0);
+        std::fs::write(dir.path().join(format!("train-{i:04}.tar")), &bytes).unwrap();
+        shards.push(bytes);
+    }
+    (dir, shards)
+}
+
+/// Plays SageMaker for one epoch: opens the FIFO for writing (blocking until the reader opens it) and writes
+/// `stream` in uneven pieces.
+fn deliver(fifo: PathBuf, stream: Vec<u8>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut file = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        for piece in stream.chunks(7001) {
+            file.write_all(piece).unwrap();
+        }
+    })
+}
+
+fn fast(spool: &Path) -> PipeOptions {
+    PipeOptions {
+        open_timeout: Duration::from_secs(20),
+        stall_timeout: Duration::from_secs(20),
+        spool_dir: Some(spool.to_path_buf()),
+        max_spool_bytes: None,
+    }
+}
+
+#[test]
+fn each_epoch_fifo_delivers_the_folders_shards_byte_identical_in_order() {
+    let (data, shards) = dataset();
+    let channel = tempfile::tempdir().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let base = channel.path().join("training");
+    let dir = Dir::new(data.path()).unwrap();
+    let dir_objects = dir.list().unwrap();
+    let stream: Vec<u8> = dir_objects.iter().flat_map(|o| dir.read(&o.name).unwrap()).collect();
+    assert_eq!(stream, shards.concat());
+    let pipe = Pipe::new(&base, &fast(spool.path()));
+    for epoch in 0..2u64 {
+        let fifo = channel.path().join(format!("training_{epoch}"));
+        mkfifo(&fifo);
+        let writer = deliver(fifo, stream.clone());
+        pipe.begin_epoch(epoch).unwrap();
+        writer.join().unwrap();
+        let objects = pipe.list().unwrap();
+        assert_eq!(objects.len(), dir_objects.len());
+        for (i, (from_pipe, from_dir)) in objects.iter().zip(&dir_objects).enumerate() {
+            assert_eq!(from_pipe.name, format!("pipe-{i:06}.tar"));
+            assert_eq!(from_pipe.size, from_dir.size);
+            assert_eq!(
+                pipe.read(&from_pipe.name).unwrap(),
+                dir.read(&from_dir.name).unwrap(),
+                "epoch {epoch} shard {i}"
+            );
+        }
+        // Beginning the same epoch again reads nothing new.
+        pipe.begin_epoch(epoch).unwrap();
+        // One epoch spooled at a time: the previous epoch's folder is gone.
+        assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 1);
+    }
+    assert!(pipe.read("train-0000.tar").is_err());
+}
+
+#[test]
+fn listing_before_the_first_epoch_reads_fifo_0_and_the_first_epoch_adopts_it() {
+    let (data, shards) = dataset();
+    let channel = tempfile::tempdir().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let fifo = channel.path().join("train_0");
+    mkfifo(&fifo);
+    let writer = deliver(fifo, shards.concat());
+    let opts = PipeOptions { open_timeout: Duration::from_millis(300), ..fast(spool.path()) };
+    let pipe = Pipe::new(channel.path().join("train"), &opts);
+    assert_eq!(pipe.list().unwrap().len(), 6);
+    writer.join().unwrap();
+    // A resumed job's first epoch may be 7: it still uses what FIFO 0 delivered, and opens no FIFO.
+    pipe.begin_epoch(7).unwrap();
+    assert_eq!(pipe.read("pipe-000005.tar").unwrap(), std::fs::read(data.path().join("train-0005.tar")).unwrap());
+    // The next epoch needs train_1, which never comes.
+    let err = pipe.begin_epoch(8).unwrap_err().to_string();
+    assert!(err.contains("train_1") && err.contains("did not appear"), "{err}");
+}
+
+#[test]
+fn a_missing_fifo_times_out_with_an_error_naming_it() {
+    let channel = tempfile::tempdir().unwrap();
+    let opts = PipeOptions { open_timeout: Duration::from_millis(400), ..PipeOptions::default() };
+    let pipe = Pipe::new(channel.path().join("training"), &opts);
+    let started = Instant::now();
+    let err = pipe.begin_epoch(0).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(matches!(err, Error::Path { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("training_0") && text.contains("did not appear within") && text.contains("Pipe"), "{text}");
+}
+
+#[test]
+fn a_fifo_no_one_writes_to_stalls_into_a_clear_error() {
+    let channel = tempfile::tempdir().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    mkfifo(&channel.path().join("training_0"));
+    let opts = PipeOptions { stall_timeout: Duration::from_millis(400), ..fast(spool.path()) };
+    let started = Instant::now();
+    let err = Pipe::new(channel.path().join("training"), &opts).list().unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(err.contains("training_0") && err.contains("no data from the Pipe FIFO"), "{err}");
+}
+
+#[test]
+fn a_stream_that_is_not_tar_shards_is_refused() {
+    let channel = tempfile::tempdir().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let fifo = channel.path().join("training_0");
+    mkfifo(&fifo);
+    let writer = deliver(fifo, b"\x80\x02}q\x00(X\x05\x00\x00\x00cifar pickle, not tar".repeat(100));
+    let err = Pipe::new(channel.path().join("training"), &fast(spool.path())).list().unwrap_err().to_string();
+    writer.join().unwrap();
+    assert!(err.contains("training_0") && err.contains("tar shards only"), "{err}");
+}
+
+#[test]
+fn a_stream_cut_inside_a_shard_is_reported_as_truncated() {
+    let (_data, shards) = dataset();
+    let channel = tempfile::tempdir().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let fifo = channel.path().join("training_0");
+    mkfifo(&fifo);
+    let stream = shards.concat();
+    let writer = deliver(fifo, stream[..shards[0].len() + 1000].to_vec());
+    let err = Pipe::new(channel.path().join("training"), &fast(spool.path())).list().unwrap_err().to_string();
+    writer.join().unwrap();
+    assert!(err.contains("shard 1") && err.contains("truncated"), "{err}");
+}
+
+#[test]
+fn an_epoch_larger_than_the_spool_limit_fails_naming_the_limit() {
+    let (_data, shards) = dataset();
+    let channel = tempfile::tempdir().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let fifo = channel.path().join("training_0");
+    mkfifo(&fifo);
+    let writer = std::thread::spawn({
+        let stream = shards.concat();
+        // The reader stops early; a broken pipe on this side is expected.
+        move || {
+            let mut file = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            let _ = file.write_all(&stream);
+        }
+    });
+    let opts = PipeOptions { max_spool_bytes: Some(20_000), ..fast(spool.path()) };
+    let err = Pipe::new(channel.path().join("training"), &opts).list().unwrap_err().to_string();
+    writer.join().unwrap();
+    assert!(err.contains("spool limit of 20000 bytes"), "{err}");
+}
+
+#[test]
+fn an_empty_stream_is_an_empty_source() {
+    let channel = tempfile::tempdir().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let fifo = channel.path().join("training_0");
+    mkfifo(&fifo);
+    let writer = deliver(fifo, Vec::new());
+    let err = Pipe::new(channel.path().join("training"), &fast(spool.path())).list().unwrap_err();
+    writer.join().unwrap();
+    assert!(matches!(err, Error::Empty(_)), "{err:?}");
+    assert!(err.to_string().contains("training_0"), "{err}");
+}
