@@ -54,6 +54,11 @@ compile_error!("hytrain-comm sends values in the host's byte order and supports 
 
 use std::time::Duration;
 
+// Lets the conformance cases (tests/conformance/cases.rs), which name this crate as `hytrain_comm`, run in its unit
+// tests too.
+#[cfg(test)]
+extern crate self as hytrain_comm;
+
 mod backend;
 mod error;
 mod net;

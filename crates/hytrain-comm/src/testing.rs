@@ -455,3 +455,109 @@ impl Collective for InProcess {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group_run<T: Send>(world: usize, timeout_s: u64, f: impl Fn(usize, &mut InProcess) -> T + Sync) -> Vec<T> {
+        let ranks = InProcess::group(world, Duration::from_secs(timeout_s));
+        std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .into_iter()
+                .enumerate()
+                .map(|(r, mut c)| {
+                    let f = &f;
+                    s.spawn(move || f(r, &mut c))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn in_process_ranks_calling_different_collectives_fail_naming_both_and_stay_failed() {
+        let results = group_run(2, 30, |rank, c| {
+            let mut v = vec![1.0f32; 4];
+            let first = match rank {
+                0 => c.reduce_scatter(Buffer::F32(&mut v), ReduceOp::Sum).unwrap_err(),
+                _ => c.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap_err(),
+            };
+            (first.to_string(), c.barrier().unwrap_err().to_string())
+        });
+        for (rank, (first, again)) in results.iter().enumerate() {
+            assert!(
+                first.contains("reduce_scatter of 4 f32 values") && first.contains("allreduce of 4 f32 values"),
+                "rank {rank}: {first}"
+            );
+            assert!(again.contains("unusable after an earlier failure"), "rank {rank}: {again}");
+        }
+    }
+
+    #[test]
+    fn an_in_process_rank_that_is_dropped_is_reported_lost_to_the_ranks_waiting_for_it() {
+        let results = group_run(3, 30, |rank, c| {
+            c.barrier().unwrap();
+            if rank == 1 {
+                return None;
+            }
+            let mut v = vec![1.0f64; 3];
+            Some(c.allreduce(Buffer::F64(&mut v), ReduceOp::Sum).unwrap_err())
+        });
+        for r in [0, 2] {
+            let e = results[r].as_ref().unwrap();
+            assert!(matches!(e, CommError::PeerLost { rank: 1, during: "allreduce", .. }), "rank {r}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_silent_in_process_rank_makes_the_others_time_out_naming_it() {
+        let done = std::sync::Barrier::new(2);
+        let results = group_run(2, 1, |rank, c| {
+            if rank == 1 {
+                // Alive but silent until rank 0 has given up.
+                done.wait();
+                return None;
+            }
+            let mut v = vec![bf16::ONE; 2];
+            let e = c.allgather_blocks(Buffer::Bf16(&mut v)).unwrap_err();
+            done.wait();
+            Some(e)
+        });
+        let e = results[0].as_ref().unwrap();
+        assert!(matches!(e, CommError::Timeout { rank: 1, during: "allgather_blocks", secs: 1 }), "{e}");
+    }
+
+    #[test]
+    fn failing_collective_fails_the_chosen_allreduce_whatever_other_calls_came_before() {
+        let inner = InProcess::group(1, Duration::from_secs(5)).pop().unwrap();
+        let mut c = FailingCollective::nth(Box::new(inner), Op::Allreduce, 2, Fault::RankLost { rank: 1 });
+        let calls = c.calls();
+        let mut v = [1.0f32; 1];
+        for _ in 0..2 {
+            c.barrier().unwrap();
+            c.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap();
+            c.reduce_scatter(Buffer::F32(&mut v), ReduceOp::Sum).unwrap();
+            c.allgather_blocks(Buffer::F32(&mut v)).unwrap();
+        }
+        c.broadcast(&mut [0u8; 2], 0).unwrap();
+        let e = c.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap_err();
+        assert!(e.to_string().contains("injected by FailingCollective at call 9 (allreduce)"), "{e}");
+        // A lost rank does not come back: every later call fails, whatever its kind.
+        let later = c.reduce_scatter(Buffer::F32(&mut v), ReduceOp::Sum).unwrap_err();
+        assert!(matches!(later, CommError::RankLost(ref l) if l.rank == 1), "{later}");
+        let later = c.allgather_blocks(Buffer::F32(&mut v)).unwrap_err();
+        assert!(later.to_string().contains("(allgather_blocks)"), "{later}");
+        assert_eq!(calls.load(Ordering::SeqCst), 12);
+    }
+
+    #[test]
+    fn failing_collective_counts_reduce_scatter_and_allgather_blocks_as_calls() {
+        let inner = InProcess::group(1, Duration::from_secs(5)).pop().unwrap();
+        let mut c = FailingCollective::new(Box::new(inner), 1, Fault::Timeout { rank: 0 });
+        let mut v = [1.0f64; 1];
+        c.reduce_scatter(Buffer::F64(&mut v), ReduceOp::Avg).unwrap();
+        let e = c.allgather_blocks(Buffer::F64(&mut v)).unwrap_err();
+        assert!(matches!(e, CommError::Timeout { rank: 0, during: "allgather_blocks", .. }), "{e}");
+    }
+}

@@ -34,6 +34,7 @@ use crate::{
 };
 use links::{link, Links};
 use pipeline::Header;
+pub(crate) use schedule::chunk;
 use schedule::Step;
 
 /// Default segment: large enough that per-segment overhead (a syscall, a lock) is noise, small enough that the next
@@ -50,7 +51,7 @@ const OP_ALLGATHER_BLOCKS: u8 = 6;
 const DT_U8: u8 = 0;
 pub(crate) const DT_F32: u8 = 1;
 pub(crate) const DT_F64: u8 = 2;
-const DT_BF16: u8 = 3;
+pub(crate) const DT_BF16: u8 = 3;
 
 /// TCP ring collectives for CPU buffers (see the crate docs). Built with [`Ring::connect`] after a rendezvous.
 pub struct Ring {
