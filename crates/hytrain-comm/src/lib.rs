@@ -3,8 +3,9 @@
 //! Every rank calls [`Store::rendezvous`]: global rank 0 hosts a small key-value store at `master_addr:master_port`
 //! in a background thread, every rank connects to it (retrying DNS and connection until `rendezvous_timeout`) and
 //! waits until all `world_size` ranks have joined. On top of the store, [`Ring`] links the ranks in a TCP ring and
-//! implements the [`Collective`] operations (allreduce, broadcast, allgather, barrier) on plain slices, chunked and
-//! pipelined so that a large allreduce runs near link bandwidth. When several ranks share a node, [`init`] by
+//! implements the [`Collective`] operations (allreduce, broadcast, allgather, barrier, and the sharded optimizer's
+//! in-place reduce_scatter and allgather_blocks) on plain slices, chunked and pipelined so that a large allreduce
+//! runs near link bandwidth. When several ranks share a node, [`init`] by
 //! default reduces between them through a shared-memory segment instead, and across nodes through a ring of the
 //! nodes' local rank 0s ([`Transport`]). With the `mpi` feature and a job started by `mpirun`, [`init`] picks the
 //! MPI backend instead.
@@ -32,6 +33,9 @@
 //!   (feature `mpi`), `failure.rs` (how a backend records its failure for the other ranks).
 //! - `transport.rs`: which backend a job gets ([`Transport`]) and [`connect`]ing it over a joined store.
 //! - `error.rs`: [`CommError`]; `net.rs`: socket helpers.
+//! - `testing.rs` (feature `testing`, and this crate's own tests): `InProcess`, N exact ranks as threads of one
+//!   process; `FailingCollective`, which fails a chosen call; `free_port` and `on_ranks`.
+//! - `tests/conformance/`: one set of exactness cases (`cases.rs`) run over every backend.
 //!
 //! ```no_run
 //! use hytrain_comm::{init, Buffer, CommOptions, Membership, ReduceOp};
@@ -60,6 +64,10 @@ use std::time::Duration;
 extern crate self as hytrain_comm;
 
 mod backend;
+/// The conformance cases of tests/conformance, run by the backends' unit tests with tiny segments and slots.
+#[cfg(test)]
+#[path = "../tests/conformance/cases.rs"]
+mod conformance;
 mod error;
 mod net;
 mod rendezvous;
@@ -324,7 +332,7 @@ pub fn block_range(len: usize, world_size: usize, rank: usize) -> std::ops::Rang
 /// Refuses a buffer that does not split into `world` equal blocks, naming the padded length the caller needs.
 pub(crate) fn check_blocks(op: &'static str, buf: &Buffer<'_>, world: usize) -> Result<(), CommError> {
     let len = buf.len();
-    if world == 0 || len % world != 0 {
+    if world == 0 || !len.is_multiple_of(world) {
         return Err(CommError::InvalidArgument {
             op,
             detail: format!(

@@ -149,7 +149,7 @@ impl<'a> DeviceSlice<'a> {
 /// Refuses a slice that does not split into `world` equal blocks, naming the padded length the caller needs (as
 /// hytrain-comm's collectives do).
 pub(crate) fn check_blocks(op: &str, buf: &DeviceSlice<'_>, world: usize) -> Result<(), CudaError> {
-    if world == 0 || buf.count % world != 0 {
+    if world == 0 || !buf.count.is_multiple_of(world) {
         return Err(CudaError::Shape(format!(
             "{op} of {} {} elements: they do not split into {world} equal blocks (one per rank); the caller pads \
              the buffer to a multiple of world_size ({} elements)",

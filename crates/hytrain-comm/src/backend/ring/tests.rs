@@ -10,11 +10,9 @@ use super::links::*;
 use super::pipeline::*;
 use super::*;
 use crate::backend::failure::{decode_failure, encode_failure};
+use crate::conformance;
 use crate::rendezvous::auth::{self, Handshake, JobToken, NONCE_LEN};
 use crate::testutil::{free_port, member, on_ranks, opts};
-
-#[path = "../../../tests/conformance/cases.rs"]
-mod conformance;
 
 /// Rendezvous plus ring for `world` threads, then `f(rank, ring)` on each.
 fn with_rings<T: Send>(world: usize, o: CommOptions, f: impl Fn(usize, &mut Ring) -> T + Sync) -> Vec<T> {

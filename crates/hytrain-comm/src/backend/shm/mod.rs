@@ -236,7 +236,7 @@ fn agree_on_topology(flat: &mut Ring, m: &Membership) -> Result<Result<usize, St
             )));
         }
     }
-    if m.world_size % local != 0 {
+    if !m.world_size.is_multiple_of(local) {
         return Ok(Err(format!("world_size {} is not a multiple of local_world_size {local}", m.world_size)));
     }
     Ok(Ok(local))

@@ -159,8 +159,8 @@ mod tests {
         let mut out = a.clone();
         let mut copy = vec![0.0; n];
         sum_into(&mut out, &[&b, &c], 0, Some(&mut copy), Some(3));
-        for i in 0..n {
-            assert_eq!(out[i], (3.0 * i as f64 + 3.0) / 3.0);
+        for (i, v) in out.iter().enumerate() {
+            assert_eq!(*v, (3.0 * i as f64 + 3.0) / 3.0);
         }
         assert_eq!(out, copy);
     }

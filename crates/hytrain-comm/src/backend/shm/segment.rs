@@ -144,7 +144,7 @@ impl Segment {
     }
 
     fn word(&self, offset: usize) -> &AtomicU64 {
-        debug_assert!(offset % 8 == 0 && offset + 8 <= self.size);
+        debug_assert!(offset.is_multiple_of(8) && offset + 8 <= self.size);
         // SAFETY: aligned (the mapping is page-aligned), inside the mapping, and only ever accessed atomically.
         unsafe { &*(self.base.add(offset) as *const AtomicU64) }
     }

@@ -6,11 +6,9 @@ use std::time::{Duration, Instant};
 use half::bf16;
 
 use super::*;
+use crate::conformance;
 use crate::testutil::{free_port, member, on_ranks, opts};
 use crate::transport::{connect, connect_with};
-
-#[path = "../../../tests/conformance/cases.rs"]
-mod conformance;
 
 /// Rendezvous plus the backend `transport` picks for `world` threads laid out as nodes of `local` ranks.
 fn with_backends<T: Send>(
