@@ -3,8 +3,9 @@
 //! Every rank calls [`Store::rendezvous`]: global rank 0 hosts a small key-value store at `master_addr:master_port`
 //! in a background thread, every rank connects to it (retrying DNS and connection until `rendezvous_timeout`) and
 //! waits until all `world_size` ranks have joined. On top of the store, [`Ring`] links the ranks in a TCP ring and
-//! implements the [`Collective`] operations (allreduce, broadcast, allgather, barrier) on plain slices, chunked and
-//! pipelined so that a large allreduce runs near link bandwidth. When several ranks share a node, [`init`] by
+//! implements the [`Collective`] operations (allreduce, broadcast, allgather, barrier, and the sharded optimizer's
+//! in-place reduce_scatter and allgather_blocks) on plain slices, chunked and pipelined so that a large allreduce
+//! runs near link bandwidth. When several ranks share a node, [`init`] by
 //! default reduces between them through a shared-memory segment instead, and across nodes through a ring of the
 //! nodes' local rank 0s ([`Transport`]). With the `mpi` feature and a job started by `mpirun`, [`init`] picks the
 //! MPI backend instead.
@@ -32,6 +33,9 @@
 //!   (feature `mpi`), `failure.rs` (how a backend records its failure for the other ranks).
 //! - `transport.rs`: which backend a job gets ([`Transport`]) and [`connect`]ing it over a joined store.
 //! - `error.rs`: [`CommError`]; `net.rs`: socket helpers.
+//! - `testing.rs` (feature `testing`, and this crate's own tests): `InProcess`, N exact ranks as threads of one
+//!   process; `FailingCollective`, which fails a chosen call; `free_port` and `on_ranks`.
+//! - `tests/conformance/`: one set of exactness cases (`cases.rs`) run over every backend.
 //!
 //! ```no_run
 //! use hytrain_comm::{init, Buffer, CommOptions, Membership, ReduceOp};
@@ -54,11 +58,20 @@ use std::time::Duration;
 
 use hytrain_cluster::JobToken;
 
+// Lets the conformance cases (tests/conformance/cases.rs), which name this crate as `hytrain_comm`, run in its unit
+// tests too.
+#[cfg(test)]
+extern crate self as hytrain_comm;
+
 mod backend;
+/// The conformance cases of tests/conformance, run by the backends' unit tests with tiny segments and slots.
+#[cfg(test)]
+#[path = "../tests/conformance/cases.rs"]
+mod conformance;
 mod error;
 mod net;
 mod rendezvous;
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod transport;
 
@@ -231,6 +244,15 @@ impl Buffer<'_> {
             Buffer::Bf16(_) => "bf16",
         }
     }
+
+    /// The elements' bytes, for collectives that only move data.
+    pub(crate) fn as_bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Buffer::F32(b) => bytemuck::cast_slice_mut(b),
+            Buffer::F64(b) => bytemuck::cast_slice_mut(b),
+            Buffer::Bf16(b) => bytemuck::cast_slice_mut(b),
+        }
+    }
 }
 
 /// Collective operations over all ranks of the job. Every rank must call the same operations in the same order
@@ -242,7 +264,7 @@ pub trait Collective: Send {
     fn rank(&self) -> usize;
     /// Number of ranks.
     fn world_size(&self) -> usize;
-    /// "ring" or "mpi".
+    /// "ring", "shm", "mpi" or "in-process".
     fn backend(&self) -> &'static str;
     /// Combines `buf` element-wise across all ranks; every rank ends with the result.
     fn allreduce(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError>;
@@ -257,6 +279,71 @@ pub trait Collective: Send {
     fn liveness(&self) -> Option<Liveness> {
         None
     }
+
+    /// Reduces `buf` across all ranks, in place, and leaves each rank only its own block reduced: afterwards rank
+    /// `r`'s block ([`block_range`]`(buf.len(), world_size, r)`) holds the same values, bit for bit, that
+    /// [`allreduce`](Collective::allreduce) with the same `op` on the same buffers would leave there (the same
+    /// additions in the same order, the same division for [`ReduceOp::Avg`], bf16 summed in f32 and rounded once).
+    /// What the rest of `buf` holds afterwards is unspecified (partial sums, the input, or the full result).
+    ///
+    /// `buf.len()` must be a multiple of `world_size` (the caller pads); otherwise the call fails with
+    /// [`CommError::InvalidArgument`] before any data moves, and the backend stays usable. Failures of the job
+    /// (a lost or silent rank, mismatched calls) are reported as for `allreduce`.
+    ///
+    /// The default runs `allreduce`, which is correct but moves twice the data of a ring reduce-scatter; the
+    /// job's backends (ring, shm, MPI) implement it natively.
+    fn reduce_scatter(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
+        check_blocks("reduce_scatter", &buf, self.world_size())?;
+        self.allreduce(buf, op)
+    }
+
+    /// The in-place allgather of equal blocks, the counterpart of [`reduce_scatter`](Collective::reduce_scatter):
+    /// each rank `r` contributes its block [`block_range`]`(buf.len(), world_size, r)` of `buf`, and afterwards
+    /// every rank's `buf` holds every rank's block. Only bits move, so a 2-byte type other than bf16 (IEEE half)
+    /// can be gathered as [`Buffer::Bf16`] through `bytemuck::cast_slice_mut`.
+    ///
+    /// `buf.len()` must be a multiple of `world_size` (the caller pads), as for `reduce_scatter`.
+    ///
+    /// The default broadcasts each block from its owner (correct, with the same bytes on the wire as a ring
+    /// allgather but `world_size` rounds of latency); the job's backends implement it natively.
+    fn allgather_blocks(&mut self, buf: Buffer<'_>) -> Result<(), CommError> {
+        check_blocks("allgather_blocks", &buf, self.world_size())?;
+        let world = self.world_size();
+        let mut buf = buf;
+        let bytes = buf.as_bytes_mut();
+        let block = bytes.len() / world;
+        if block > 0 {
+            for (root, part) in bytes.chunks_exact_mut(block).enumerate() {
+                self.broadcast(part, root)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The elements of rank `rank`'s block when `len` elements (a multiple of `world_size`) are split into
+/// `world_size` equal blocks in rank order: what [`Collective::reduce_scatter`] leaves reduced on that rank and
+/// what it contributes to [`Collective::allgather_blocks`].
+pub fn block_range(len: usize, world_size: usize, rank: usize) -> std::ops::Range<usize> {
+    let block = len / world_size.max(1);
+    rank * block..(rank + 1) * block
+}
+
+/// Refuses a buffer that does not split into `world` equal blocks, naming the padded length the caller needs.
+pub(crate) fn check_blocks(op: &'static str, buf: &Buffer<'_>, world: usize) -> Result<(), CommError> {
+    let len = buf.len();
+    if world == 0 || !len.is_multiple_of(world) {
+        return Err(CommError::InvalidArgument {
+            op,
+            detail: format!(
+                "{len} {} elements do not split into {world} equal blocks (one per rank); the caller pads the \
+                 buffer to a multiple of world_size ({} elements)",
+                buf.dtype(),
+                len.next_multiple_of(world.max(1))
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Starts this rank's collective backend: MPI when the process was launched by `mpirun` (the caller decides, e.g.
@@ -290,12 +377,8 @@ pub fn init(m: &Membership, launched_by_mpirun: bool, opts: &CommOptions) -> Res
 #[cfg(test)]
 pub(crate) mod testutil {
     use super::*;
-    use std::net::TcpListener;
 
-    /// A port nothing listens on right now.
-    pub fn free_port() -> u16 {
-        TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
-    }
+    pub use crate::testing::{free_port, on_ranks};
 
     pub fn member(rank: usize, world_size: usize, port: u16) -> Membership {
         Membership {
@@ -317,21 +400,6 @@ pub(crate) mod testutil {
             job_token: None,
             transport: Transport::Auto,
         }
-    }
-
-    /// Runs `f(rank)` on `world` threads and returns their results in rank order.
-    pub fn on_ranks<T: Send>(world: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..world)
-                .map(|r| {
-                    s.spawn({
-                        let f = &f;
-                        move || f(r)
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
-        })
     }
 }
 

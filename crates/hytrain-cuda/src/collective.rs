@@ -128,6 +128,37 @@ impl<'a> DeviceSlice<'a> {
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
+
+    /// Elements `range` of this slice, borrowed from it.
+    pub fn part(&mut self, range: std::ops::Range<usize>) -> Result<DeviceSlice<'_>, CudaError> {
+        if range.start > range.end || range.end > self.count {
+            return Err(CudaError::Shape(format!(
+                "elements {range:?} are not inside a slice of {} {} elements",
+                self.count, self.dtype
+            )));
+        }
+        Ok(DeviceSlice {
+            address: self.address + (range.start * self.dtype.size()) as u64,
+            dtype: self.dtype,
+            count: range.len(),
+            _owner: PhantomData,
+        })
+    }
+}
+
+/// Refuses a slice that does not split into `world` equal blocks, naming the padded length the caller needs (as
+/// hytrain-comm's collectives do).
+pub(crate) fn check_blocks(op: &str, buf: &DeviceSlice<'_>, world: usize) -> Result<(), CudaError> {
+    if world == 0 || !buf.count.is_multiple_of(world) {
+        return Err(CudaError::Shape(format!(
+            "{op} of {} {} elements: they do not split into {world} equal blocks (one per rank); the caller pads \
+             the buffer to a multiple of world_size ({} elements)",
+            buf.count,
+            buf.dtype,
+            buf.count.next_multiple_of(world.max(1))
+        )));
+    }
+    Ok(())
 }
 
 /// Collective operations over all ranks on GPU memory. Like hytrain-comm's `Collective`, every rank must call the
@@ -152,6 +183,33 @@ pub trait DeviceCollective: Send {
     fn host_memory(&self) -> bool {
         false
     }
+
+    /// Reduces `buf` across ranks in place and leaves rank `r` its block reduced: elements `[r * n / w, (r + 1) *
+    /// n / w)` of the `n` elements, `w` the world size. The rest of `buf` is unspecified afterwards. `n` must be a
+    /// multiple of the world size (the caller pads), else [`CudaError::Shape`] before anything runs.
+    ///
+    /// The default runs [`allreduce`](DeviceCollective::allreduce) (correct, twice a reduce-scatter's traffic),
+    /// for test doubles; NCCL implements it with `ncclReduceScatter`.
+    fn reduce_scatter(&mut self, buf: DeviceSlice<'_>, op: DeviceReduceOp) -> Result<(), CudaError> {
+        check_blocks("reduce_scatter", &buf, self.world_size())?;
+        self.allreduce(buf, op)
+    }
+
+    /// The in-place allgather of equal blocks: rank `r` contributes its block `[r * n / w, (r + 1) * n / w)` of
+    /// `buf` and every rank ends with every block. `n` must be a multiple of the world size, as for
+    /// [`reduce_scatter`](DeviceCollective::reduce_scatter).
+    ///
+    /// The default broadcasts each block from its owner (correct, `world_size` calls), for test doubles; NCCL
+    /// implements it with an in-place `ncclAllGather`.
+    fn allgather_blocks(&mut self, mut buf: DeviceSlice<'_>) -> Result<(), CudaError> {
+        let world = self.world_size();
+        check_blocks("allgather_blocks", &buf, world)?;
+        let block = buf.len() / world;
+        for root in 0..world {
+            self.broadcast(buf.part(root * block..(root + 1) * block)?, root)?;
+        }
+        Ok(())
+    }
 }
 
 type Comm = *mut c_void;
@@ -166,6 +224,7 @@ type CommAsyncError = unsafe extern "C" fn(Comm, *mut c_int) -> c_int;
 type AllReduce = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
 type Broadcast = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
 type AllGather = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> c_int;
+type ReduceScatter = unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> c_int;
 
 const NCCL_NEED: &str = "hytrain needs NCCL 2.18 or newer (pip install nvidia-nccl-cu13)";
 /// `CUDA_ERROR_NOT_READY`: the event has not fired yet.
@@ -182,6 +241,7 @@ struct Api {
     all_reduce: AllReduce,
     broadcast: Broadcast,
     all_gather: AllGather,
+    reduce_scatter: ReduceScatter,
 }
 
 /// What the backend is doing, for errors.
@@ -268,6 +328,7 @@ impl NcclCollective {
                 all_reduce: n.function("ncclAllReduce", NCCL_NEED)?,
                 broadcast: n.function("ncclBroadcast", NCCL_NEED)?,
                 all_gather: n.function("ncclAllGather", NCCL_NEED)?,
+                reduce_scatter: n.function("ncclReduceScatter", NCCL_NEED)?,
             }
         };
         // From here on the stream's and the collective's Drop release what was made, so an error below leaks
@@ -503,6 +564,50 @@ impl DeviceCollective for NcclCollective {
         )
     }
 
+    /// `ncclReduceScatter` in place (the result block at `buf + rank * block`, as NCCL's in-place form asks),
+    /// with `ncclAvg` for averages as in allreduce. NCCL picks its algorithm per call, so the blocks equal an
+    /// allreduce's within rounding, not necessarily bit for bit.
+    fn reduce_scatter(&mut self, buf: DeviceSlice<'_>, op: DeviceReduceOp) -> Result<(), CudaError> {
+        let (address, dtype, count) = (buf.address, buf.dtype, buf.count);
+        let (recv, block) = self.own_block("reduce_scatter", &buf)?;
+        let name = match op {
+            DeviceReduceOp::Sum => "reduce_scatter (sum)",
+            DeviceReduceOp::Avg => "reduce_scatter (avg)",
+        };
+        self.run(
+            Op { name, dtype, count },
+            // SAFETY: reads the `count` elements the caller lent for the call and writes `block` of them, this
+            // rank's block, inside the same buffer.
+            |api, comm, stream| unsafe {
+                (api.reduce_scatter)(
+                    address as *const c_void,
+                    recv as *mut c_void,
+                    block,
+                    dtype.nccl(),
+                    op.nccl(),
+                    comm,
+                    stream,
+                )
+            },
+            "ncclReduceScatter",
+        )
+    }
+
+    /// `ncclAllGather` in place: this rank's block (at `buf + rank * block`) is the input, the whole buffer the
+    /// output.
+    fn allgather_blocks(&mut self, buf: DeviceSlice<'_>) -> Result<(), CudaError> {
+        let (address, dtype, count) = (buf.address, buf.dtype, buf.count);
+        let (send, block) = self.own_block("allgather_blocks", &buf)?;
+        self.run(
+            Op { name: "allgather_blocks", dtype, count },
+            // SAFETY: reads this rank's block and writes the `count` elements around it, all lent for the call.
+            |api, comm, stream| unsafe {
+                (api.all_gather)(send as *const c_void, address as *mut c_void, block, dtype.nccl(), comm, stream)
+            },
+            "ncclAllGather",
+        )
+    }
+
     fn allgather(&mut self, input: DeviceSlice<'_>, output: DeviceSlice<'_>) -> Result<(), CudaError> {
         let (send, dtype, count) = (input.address, input.dtype, input.count);
         let op = Op { name: "allgather", dtype, count };
@@ -529,6 +634,16 @@ impl DeviceCollective for NcclCollective {
             },
             "ncclAllGather",
         )
+    }
+}
+
+impl NcclCollective {
+    /// Where this rank's block of `buf` starts, and its length: NCCL's in-place reduce-scatter and allgather take
+    /// the whole buffer on one side and this block of it on the other.
+    fn own_block(&self, op: &str, buf: &DeviceSlice<'_>) -> Result<(u64, usize), CudaError> {
+        check_blocks(&format!("NCCL {op}"), buf, self.world_size)?;
+        let block = buf.count / self.world_size;
+        Ok((buf.address + (self.rank * block * buf.dtype.size()) as u64, block))
     }
 }
 

@@ -267,4 +267,8 @@ pub enum CudaError {
     /// Buffers handed to a bucket or optimizer routine do not fit together.
     #[error("{0}")]
     Shape(String),
+
+    /// A host collective under [`crate::HostCollective`] failed (its own message: the rank lost, the timeout).
+    #[error(transparent)]
+    Host(#[from] hytrain_comm::CommError),
 }

@@ -11,9 +11,11 @@
 //! - [`reference`]: the same kernels on the CPU, operation for operation.
 //! - [`load_torch_cuda`]: libtorch's CUDA backend (`libtorch_cuda.so` beside `libtorch_cpu.so`) opened at run time,
 //!   so a binary linked against the CPU libtorch trains on `cuda:LOCAL_RANK` ([`device_for_local_rank`]).
-//! - [`NcclCollective`], a [`DeviceCollective`]: allreduce, broadcast and allgather of GPU memory in f32, f16, bf16
-//!   and f64 on a communication stream ordered by events with the compute stream, watched by a timeout that
-//!   aborts the communicator. The unique id comes from rank 0 through hytrain-comm's rendezvous `Store`.
+//! - [`NcclCollective`], a [`DeviceCollective`]: allreduce, broadcast, allgather, and the sharded optimizer's
+//!   in-place reduce_scatter and allgather_blocks, of GPU memory in f32, f16, bf16 and f64 on a communication
+//!   stream ordered by events with the compute stream, watched by a timeout that aborts the communicator. The
+//!   unique id comes from rank 0 through hytrain-comm's rendezvous `Store`. [`HostCollective`] is the same trait
+//!   on host memory through a hytrain-comm `Collective`.
 //! - [`TorchStreams`]: libtorch's current CUDA stream, read and set through a C++ shim built against libtorch's
 //!   c10/cuda headers and opened at run time after libtorch_cuda.so, so the NCCL backend orders its work against
 //!   the stream libtorch really computes on.
@@ -46,6 +48,7 @@ pub mod device;
 mod driver;
 mod error;
 mod exchange;
+mod host_collective;
 pub mod kernels;
 pub mod library;
 mod nccl;
@@ -59,6 +62,7 @@ pub use collective::{DType, DeviceCollective, DeviceReduceOp, DeviceSlice, NcclC
 pub use driver::{CudaDriver, Device};
 pub use error::CudaError;
 pub use exchange::{exchange_unique_id, IdStore};
+pub use host_collective::HostCollective;
 pub use library::{NvidiaLibrary, Origin, Search};
 pub use nccl::{Communicator, Nccl, NcclVersion, UniqueId, MIN_NCCL, NCCL_FUNCTIONS, UNIQUE_ID_BYTES};
 pub use nvrtc::{ComputeCapability, Nvrtc, Ptx};

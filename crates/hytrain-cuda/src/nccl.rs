@@ -12,7 +12,7 @@ use crate::CudaError;
 pub const MIN_NCCL: NcclVersion = NcclVersion { major: 2, minor: 18, patch: 0 };
 
 /// Functions the NCCL backend calls; a library lacking any is refused when it loads rather than mid-job.
-pub const NCCL_FUNCTIONS: [&str; 14] = [
+pub const NCCL_FUNCTIONS: [&str; 15] = [
     "ncclGetVersion",
     "ncclGetUniqueId",
     "ncclGetErrorString",
@@ -25,6 +25,7 @@ pub const NCCL_FUNCTIONS: [&str; 14] = [
     "ncclAllReduce",
     "ncclBroadcast",
     "ncclAllGather",
+    "ncclReduceScatter",
     "ncclGroupStart",
     "ncclGroupEnd",
 ];

@@ -140,10 +140,22 @@ int ncclBroadcast(const void *s, void *r, size_t n, int dt, int root, void *c, v
     if (s != r) memcpy(r, s, n * size_of(dt));
     return note("broadcast:comm", st, n, dt, -1, root);
 }
+static const void *last_send = 0;
+static void *last_recv = 0;
+void standin_last_buffers(const void **s, void **r) { *s = last_send; *r = last_recv; }
+/* In place (NCCL's in-place form: s == r + rank * n) every rank's part is already where it goes. */
 int ncclAllGather(const void *s, void *r, size_t n, int dt, void *c, void *st) {
     (void)c;
-    for (int i = 0; i < nranks; i++) memcpy((char *)r + i * n * size_of(dt), s, n * size_of(dt));
+    last_send = s; last_recv = r;
+    for (int i = 0; i < nranks; i++)
+        if ((char *)r + i * n * size_of(dt) != (const char *)s) memcpy((char *)r + i * n * size_of(dt), s, n * size_of(dt));
     return note("allgather:comm", st, n, dt, -1, -1);
+}
+/* One rank's data stands for every rank's: the result block is the input's block at the receive address. */
+int ncclReduceScatter(const void *s, void *r, size_t n, int dt, int op, void *c, void *st) {
+    (void)c;
+    last_send = s; last_recv = r;
+    return note("reduce_scatter:comm", st, n, dt, op, -1);
 }
 int ncclGroupStart(void) { return 0; }
 int ncclGroupEnd(void) { return 0; }
@@ -375,6 +387,83 @@ fn allgather_concatenates_every_ranks_part_and_checks_the_output_size() {
     assert_eq!(error, "NCCL allgather of 2 f32 elements: the output holds 5 elements, not 6 (2 for each of 3 ranks)");
     let error = c.broadcast(slice(&mut input, DType::F32), 3).unwrap_err().to_string();
     assert_eq!(error, "NCCL broadcast from rank 3, but the job has 3 ranks");
+}
+
+impl StandIns {
+    /// The send and receive addresses of the last ncclAllGather or ncclReduceScatter.
+    fn last_buffers(&self) -> (usize, usize) {
+        let (mut send, mut recv) = (0usize, 0usize);
+        self.call::<extern "C" fn(*mut usize, *mut usize)>(&self.nccl, b"standin_last_buffers\0")(&mut send, &mut recv);
+        (send, recv)
+    }
+}
+
+#[test]
+fn reduce_scatter_and_allgather_blocks_use_nccls_in_place_forms_on_the_own_block() {
+    let s = StandIns::new();
+    let mut c = s.collective(2, 4, Duration::from_secs(30));
+    let mut values = vec![0.0f32; 12];
+    let base = values.as_ptr() as usize;
+    c.reduce_scatter(slice(&mut values, DType::F32), DeviceReduceOp::Avg).unwrap();
+    // ncclFloat32 = 7, ncclAvg = 4; 3 elements per rank, the result at rank 2's block.
+    assert_eq!(s.last(), (7, 4, 3, -1));
+    assert_eq!(s.last_buffers(), (base, base + 2 * 3 * 4));
+    let mut halves = vec![0u16; 8];
+    let base = halves.as_ptr() as usize;
+    c.reduce_scatter(slice(&mut halves, DType::F16), DeviceReduceOp::Sum).unwrap();
+    assert_eq!(s.last(), (6, 0, 2, -1));
+    assert_eq!(s.last_buffers(), (base, base + 2 * 2 * 2));
+    let mut blocks: Vec<f64> = (0..8).map(|i| if i / 2 == 2 { i as f64 } else { -1.0 }).collect();
+    let base = blocks.as_ptr() as usize;
+    c.allgather_blocks(slice(&mut blocks, DType::F64)).unwrap();
+    // The input is rank 2's block inside the output, as NCCL's in-place allgather asks.
+    assert_eq!(s.last(), (8, -1, 2, -1));
+    assert_eq!(s.last_buffers(), (base + 2 * 2 * 8, base));
+    assert_eq!(blocks, [4.0, 5.0, 4.0, 5.0, 4.0, 5.0, 4.0, 5.0]);
+    assert!(
+        s.trace().contains("record:compute wait:comm reduce_scatter:comm record:comm wait:compute"),
+        "{}",
+        s.trace()
+    );
+    assert!(!s.trace().contains("nccl-on-stream-0"), "{}", s.trace());
+}
+
+#[test]
+fn reduce_scatter_and_allgather_blocks_refuse_a_buffer_that_is_not_whole_blocks_before_calling_nccl() {
+    let s = StandIns::new();
+    let mut c = s.collective(0, 3, Duration::from_secs(30));
+    let before = s.trace();
+    let mut values = vec![0.0f32; 10];
+    let error = c.reduce_scatter(slice(&mut values, DType::F32), DeviceReduceOp::Sum).unwrap_err().to_string();
+    assert_eq!(
+        error,
+        "NCCL reduce_scatter of 10 f32 elements: they do not split into 3 equal blocks (one per rank); the caller \
+         pads the buffer to a multiple of world_size (12 elements)"
+    );
+    let error = c.allgather_blocks(slice(&mut values, DType::F32)).unwrap_err().to_string();
+    assert!(error.starts_with("NCCL allgather_blocks of 10 f32 elements: they do not split into 3"), "{error}");
+    assert_eq!(s.trace(), before, "nothing may reach NCCL");
+    // The communicator was not aborted: a padded buffer goes through.
+    let mut padded = vec![0.0f32; 12];
+    c.reduce_scatter(slice(&mut padded, DType::F32), DeviceReduceOp::Sum).unwrap();
+    assert_eq!(s.count(&s.nccl, b"standin_aborts\0"), 0);
+}
+
+#[test]
+fn a_reduce_scatter_that_never_completes_aborts_the_communicator_and_later_calls_fail() {
+    let s = StandIns::new();
+    let mut c = s.collective(0, 2, Duration::from_millis(300));
+    s.set(&s.cuda, b"standin_hang\0", 1);
+    let mut values = vec![0.0f32; 4];
+    let error = c.reduce_scatter(slice(&mut values, DType::F32), DeviceReduceOp::Sum).unwrap_err();
+    assert!(
+        matches!(&error, CudaError::CollectiveTimeout { rank: 0, op, .. } if op == "reduce_scatter (sum) of 4 f32 elements"),
+        "{error}"
+    );
+    assert_eq!(s.count(&s.nccl, b"standin_aborts\0"), 1);
+    s.set(&s.cuda, b"standin_hang\0", 0);
+    let later = c.allgather_blocks(slice(&mut values, DType::F32)).unwrap_err();
+    assert!(matches!(later, CudaError::CommunicatorAborted { .. }), "{later}");
 }
 
 #[test]

@@ -9,6 +9,8 @@ fn static_op(name: &str) -> &'static str {
         "broadcast" => "broadcast",
         "allgather" => "allgather",
         "barrier" => "barrier",
+        "reduce_scatter" => "reduce_scatter",
+        "allgather_blocks" => "allgather_blocks",
         _ => "a collective",
     }
 }

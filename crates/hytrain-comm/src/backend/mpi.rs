@@ -10,7 +10,7 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use mpi::Threading;
 
-use crate::{Buffer, Collective, CommError, ReduceOp};
+use crate::{block_range, check_blocks, Buffer, Collective, CommError, ReduceOp};
 
 /// Collectives over `MPI_COMM_WORLD` (Open MPI). Finalizes MPI when dropped.
 pub struct Mpi {
@@ -20,6 +20,7 @@ pub struct Mpi {
     send_f32: Vec<f32>,
     recv_f32: Vec<f32>,
     send_f64: Vec<f64>,
+    recv_f64: Vec<f64>,
     // Declared last so MPI is finalized after the communicator above is dropped.
     _universe: Universe,
 }
@@ -56,6 +57,7 @@ impl Mpi {
             send_f32: Vec::new(),
             recv_f32: Vec::new(),
             send_f64: Vec::new(),
+            recv_f64: Vec::new(),
             _universe: universe,
         })
     }
@@ -129,6 +131,10 @@ impl Collective for Mpi {
             });
         }
         check_count("broadcast", bytes.len())?;
+        // Open MPI refuses (and aborts the job on) a broadcast of zero bytes; every rank passes the same length.
+        if bytes.is_empty() {
+            return Ok(());
+        }
         self.world.process_at_rank(root as i32).broadcast_into(bytes);
         Ok(())
     }
@@ -146,12 +152,93 @@ impl Collective for Mpi {
             });
         }
         check_count("allgather", output.len())?;
+        if output.is_empty() {
+            return Ok(());
+        }
         self.world.all_gather_into(input, output);
         Ok(())
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {
         self.world.barrier();
+        Ok(())
+    }
+
+    /// `MPI_Reduce_scatter_block` into a block-sized buffer kept between calls, copied into this rank's block (an
+    /// in-place `MPI_IN_PLACE` reduce-scatter would leave the result at the start of the buffer, not at the block).
+    /// bf16 is widened to f32 as in allreduce. Open MPI picks the order of the additions for each collective, so
+    /// the blocks equal allreduce's within rounding, not necessarily bit for bit. Outside this rank's block `buf`
+    /// keeps its input.
+    fn reduce_scatter(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
+        check_blocks("reduce_scatter", &buf, self.size)?;
+        check_count("reduce_scatter", buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let n = self.size;
+        let mine = block_range(buf.len(), n, self.rank);
+        match buf {
+            Buffer::F32(b) => {
+                self.recv_f32.clear();
+                self.recv_f32.resize(mine.len(), 0.0);
+                self.world.reduce_scatter_block_into(&b[..], &mut self.recv_f32[..], SystemOperation::sum());
+                for (d, s) in b[mine].iter_mut().zip(&self.recv_f32) {
+                    *d = if op == ReduceOp::Avg { *s / n as f32 } else { *s };
+                }
+            }
+            Buffer::F64(b) => {
+                self.recv_f64.clear();
+                self.recv_f64.resize(mine.len(), 0.0);
+                self.world.reduce_scatter_block_into(&b[..], &mut self.recv_f64[..], SystemOperation::sum());
+                for (d, s) in b[mine].iter_mut().zip(&self.recv_f64) {
+                    *d = if op == ReduceOp::Avg { *s / n as f64 } else { *s };
+                }
+            }
+            Buffer::Bf16(b) => {
+                self.send_f32.clear();
+                self.send_f32.extend(b.iter().map(|x| x.to_f32()));
+                self.recv_f32.clear();
+                self.recv_f32.resize(mine.len(), 0.0);
+                self.world.reduce_scatter_block_into(
+                    &self.send_f32[..],
+                    &mut self.recv_f32[..],
+                    SystemOperation::sum(),
+                );
+                let scale = if op == ReduceOp::Avg { n as f32 } else { 1.0 };
+                for (d, s) in b[mine].iter_mut().zip(&self.recv_f32) {
+                    *d = bf16::from_f32(*s / scale);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `MPI_Allgather` of this rank's block, copied out first (rsmpi offers no `MPI_IN_PLACE`), into the whole
+    /// buffer; bf16 travels as its 16 bits.
+    fn allgather_blocks(&mut self, buf: Buffer<'_>) -> Result<(), CommError> {
+        check_blocks("allgather_blocks", &buf, self.size)?;
+        check_count("allgather_blocks", buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let mine = block_range(buf.len(), self.size, self.rank);
+        match buf {
+            Buffer::F32(b) => {
+                self.send_f32.clear();
+                self.send_f32.extend_from_slice(&b[mine]);
+                self.world.all_gather_into(&self.send_f32[..], b);
+            }
+            Buffer::F64(b) => {
+                self.send_f64.clear();
+                self.send_f64.extend_from_slice(&b[mine]);
+                self.world.all_gather_into(&self.send_f64[..], b);
+            }
+            Buffer::Bf16(b) => {
+                let bits: &mut [u16] = bytemuck::cast_slice_mut(b);
+                let own: Vec<u16> = bits[mine].to_vec();
+                self.world.all_gather_into(&own[..], bits);
+            }
+        }
         Ok(())
     }
 }

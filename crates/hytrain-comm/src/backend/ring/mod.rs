@@ -29,9 +29,12 @@ mod tests;
 use bytemuck::Pod;
 use half::bf16;
 
-use crate::{Buffer, Collective, CommError, CommOptions, Liveness, Membership, ReduceOp, Store};
+use crate::{
+    block_range, check_blocks, Buffer, Collective, CommError, CommOptions, Liveness, Membership, ReduceOp, Store,
+};
 use links::{link, Links};
 use pipeline::Header;
+pub(crate) use schedule::chunk;
 use schedule::Step;
 
 /// Default segment: large enough that per-segment overhead (a syscall, a lock) is noise, small enough that the next
@@ -42,11 +45,13 @@ const OP_ALLREDUCE: u8 = 1;
 const OP_BROADCAST: u8 = 2;
 const OP_ALLGATHER: u8 = 3;
 const OP_BARRIER: u8 = 4;
+const OP_REDUCE_SCATTER: u8 = 5;
+const OP_ALLGATHER_BLOCKS: u8 = 6;
 
 const DT_U8: u8 = 0;
-const DT_F32: u8 = 1;
-const DT_F64: u8 = 2;
-const DT_BF16: u8 = 3;
+pub(crate) const DT_F32: u8 = 1;
+pub(crate) const DT_F64: u8 = 2;
+pub(crate) const DT_BF16: u8 = 3;
 
 /// TCP ring collectives for CPU buffers (see the crate docs). Built with [`Ring::connect`] after a rendezvous.
 pub struct Ring {
@@ -175,21 +180,94 @@ impl Ring {
         schedule::allreduce(buf.len(), self.world, self.rank, &mut self.steps);
         self.run(if op == OP_BARRIER { "barrier" } else { "allreduce" }, op, dtype, 0, buf, reduce)
     }
+
+    /// The reduce-scatter half of the allreduce plan: this rank's block of `buf` ends reduced. With a length that
+    /// splits into equal blocks, the allreduce's chunks are these blocks, so the block sums are the allreduce's.
+    fn reduce_scatter_typed<T: Pod>(
+        &mut self,
+        buf: &mut [T],
+        dtype: u8,
+        reduce: fn(&mut [T], &[T]),
+    ) -> Result<(), CommError> {
+        self.usable()?;
+        if self.world == 1 {
+            return Ok(());
+        }
+        let block = buf.len() / self.world;
+        schedule::reduce_scatter_chunks(self.world, self.rank, |c| c * block..(c + 1) * block, &mut self.steps);
+        self.run("reduce_scatter", OP_REDUCE_SCATTER, dtype, 0, buf, reduce)
+    }
+
+    fn allgather_blocks_typed<T: Pod>(&mut self, buf: &mut [T], dtype: u8) -> Result<(), CommError> {
+        self.usable()?;
+        if self.world == 1 {
+            return Ok(());
+        }
+        schedule::allgather(buf.len() / self.world, self.world, self.rank, &mut self.steps);
+        self.run("allgather_blocks", OP_ALLGATHER_BLOCKS, dtype, 0, buf, copy_only)
+    }
+
+    /// Sums `buf` over the ring where the plan's chunk `c` is `chunk(c)` (disjoint ranges, one per rank; elements
+    /// outside every chunk are left alone): with `scatter_only` rank `r` ends with chunk `r` summed (the
+    /// reduce-scatter half), else every rank with every chunk. For the node leaders of the shared-memory
+    /// transport, whose pieces are slices of every node's region; `piece` goes into the header so that ranks on
+    /// different pieces fail as a mismatch.
+    pub(crate) fn sum_chunks<T: Pod>(
+        &mut self,
+        buf: &mut [T],
+        dtype: u8,
+        reduce: fn(&mut [T], &[T]),
+        scatter_only: bool,
+        piece: u64,
+        chunk: impl Fn(usize) -> std::ops::Range<usize>,
+    ) -> Result<(), CommError> {
+        self.usable()?;
+        if self.world == 1 {
+            return Ok(());
+        }
+        let (during, op) = match scatter_only {
+            true => {
+                schedule::reduce_scatter_chunks(self.world, self.rank, chunk, &mut self.steps);
+                ("reduce_scatter", OP_REDUCE_SCATTER)
+            }
+            false => {
+                schedule::allreduce_chunks(self.world, self.rank, chunk, &mut self.steps);
+                ("allreduce", OP_ALLREDUCE)
+            }
+        };
+        self.run(during, op, dtype, piece, buf, reduce)
+    }
+
+    /// Gathers chunk `c = chunk(c)` of `buf` from rank `c` to every rank (see [`Ring::sum_chunks`]).
+    pub(crate) fn gather_chunks<T: Pod>(
+        &mut self,
+        buf: &mut [T],
+        dtype: u8,
+        piece: u64,
+        chunk: impl Fn(usize) -> std::ops::Range<usize>,
+    ) -> Result<(), CommError> {
+        self.usable()?;
+        if self.world == 1 {
+            return Ok(());
+        }
+        schedule::allgather_chunks(self.world, self.rank, chunk, &mut self.steps);
+        self.run("allgather_blocks", OP_ALLGATHER_BLOCKS, dtype, piece, buf, copy_only)
+    }
 }
 
-fn add_f32(dst: &mut [f32], src: &[f32]) {
+pub(crate) fn add_f32(dst: &mut [f32], src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d += *s;
     }
 }
 
-fn add_f64(dst: &mut [f64], src: &[f64]) {
+pub(crate) fn add_f64(dst: &mut [f64], src: &[f64]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d += *s;
     }
 }
 
-fn copy_only(_: &mut [u8], _: &[u8]) {}
+fn copy_only<T>(_: &mut [T], _: &[T]) {}
 
 impl Collective for Ring {
     fn rank(&self) -> usize {
@@ -280,6 +358,58 @@ impl Collective for Ring {
 
     fn liveness(&self) -> Option<Liveness> {
         self.links.as_ref().and_then(|l| l.reporter.liveness.clone())
+    }
+
+    /// The first half of the ring allreduce (`world - 1` steps of `len / world` elements), so each block is summed
+    /// exactly as [`allreduce`](Collective::allreduce) sums it; Avg divides the own block as allreduce does, bf16
+    /// travels as f32 and is rounded once. Outside the own block `buf` holds partial sums afterwards (f32 and
+    /// f64) or its input (bf16).
+    fn reduce_scatter(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
+        check_blocks("reduce_scatter", &buf, self.world)?;
+        let (n, mine) = (self.world, block_range(buf.len(), self.world, self.rank));
+        match buf {
+            Buffer::F32(b) => {
+                self.reduce_scatter_typed(b, DT_F32, add_f32)?;
+                if op == ReduceOp::Avg && n > 1 {
+                    b[mine].iter_mut().for_each(|x| *x /= n as f32);
+                }
+            }
+            Buffer::F64(b) => {
+                self.reduce_scatter_typed(b, DT_F64, add_f64)?;
+                if op == ReduceOp::Avg && n > 1 {
+                    b[mine].iter_mut().for_each(|x| *x /= n as f64);
+                }
+            }
+            Buffer::Bf16(b) => {
+                if n == 1 {
+                    return self.usable();
+                }
+                let mut wide = std::mem::take(&mut self.widened);
+                wide.clear();
+                wide.extend(b.iter().map(|x| x.to_f32()));
+                let result = self.reduce_scatter_typed(&mut wide, DT_BF16, add_f32);
+                if result.is_ok() {
+                    let scale = if op == ReduceOp::Avg { n as f32 } else { 1.0 };
+                    for (d, s) in b[mine.clone()].iter_mut().zip(&wide[mine]) {
+                        *d = bf16::from_f32(*s / scale);
+                    }
+                }
+                self.widened = wide;
+                result?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The second half of the ring allreduce: `world - 1` steps passing blocks on, the same bytes as
+    /// [`allgather`](Collective::allgather) without its copy into a separate output.
+    fn allgather_blocks(&mut self, buf: Buffer<'_>) -> Result<(), CommError> {
+        check_blocks("allgather_blocks", &buf, self.world)?;
+        match buf {
+            Buffer::F32(b) => self.allgather_blocks_typed(b, DT_F32),
+            Buffer::F64(b) => self.allgather_blocks_typed(b, DT_F64),
+            Buffer::Bf16(b) => self.allgather_blocks_typed(b, DT_BF16),
+        }
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {

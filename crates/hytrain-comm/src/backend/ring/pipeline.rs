@@ -66,6 +66,8 @@ impl Header {
             OP_BROADCAST => format!("broadcast of {} bytes from rank {}", self.len, self.aux),
             OP_ALLGATHER => format!("allgather of {} bytes per rank", self.len),
             OP_BARRIER => "barrier".into(),
+            OP_REDUCE_SCATTER => format!("reduce_scatter of {} {dtype} values", self.len),
+            OP_ALLGATHER_BLOCKS => format!("allgather_blocks of {} {dtype} values", self.len),
             other => format!("unknown collective {other}"),
         }
     }

@@ -49,37 +49,65 @@ fn ring_index(rank: usize, back: usize, world: usize) -> usize {
     (rank + world - back % world) % world
 }
 
-/// Reduce-scatter then allgather: after `2 (world - 1)` steps every rank holds the reduction of every chunk.
-pub(crate) fn allreduce(len: usize, world: usize, rank: usize, out: &mut Vec<Step>) {
-    out.clear();
+/// The reduce-scatter half of a ring allreduce over the chunks `chunk(0..world)` (disjoint element ranges):
+/// after `world - 1` steps rank `r` holds chunk `r` reduced over all ranks. Chunk `c` starts at rank `c + 1`
+/// and gathers one rank's values per step, so its sum is `x[c+1] + x[c+2] + ... + x[c]` in that order on every
+/// plan that uses these steps: a reduce-scatter leaves exactly the values an allreduce computes for that chunk.
+fn reduce_scatter_steps(world: usize, rank: usize, chunk: impl Fn(usize) -> Range<usize>, out: &mut Vec<Step>) {
     for t in 0..world - 1 {
         out.push(Step {
-            send: chunk(len, world, ring_index(rank, t, world)),
-            recv: chunk(len, world, ring_index(rank, t + 1, world)),
+            send: chunk(ring_index(rank, t + 1, world)),
+            recv: chunk(ring_index(rank, t + 2, world)),
             action: Action::Reduce,
         });
     }
-    // After reduce-scatter this rank owns the reduced chunk rank + 1 and passes it on.
+}
+
+/// The allgather half: rank `r` starts with chunk `r` and passes on what it received, so after `world - 1` steps
+/// every rank holds every chunk. Its first send is the chunk the reduce-scatter half received last, which keeps
+/// the pipelining invariant across the two halves.
+fn allgather_steps(world: usize, rank: usize, chunk: impl Fn(usize) -> Range<usize>, out: &mut Vec<Step>) {
     for t in 0..world - 1 {
         out.push(Step {
-            send: chunk(len, world, ring_index(rank + 1, t, world)),
-            recv: chunk(len, world, ring_index(rank, t, world)),
+            send: chunk(ring_index(rank, t, world)),
+            recv: chunk(ring_index(rank, t + 1, world)),
             action: Action::Copy,
         });
     }
 }
 
+/// Reduce-scatter then allgather: after `2 (world - 1)` steps every rank holds the reduction of every chunk.
+pub(crate) fn allreduce(len: usize, world: usize, rank: usize, out: &mut Vec<Step>) {
+    allreduce_chunks(world, rank, |c| chunk(len, world, c), out);
+}
+
+/// [`allreduce`] over chunks of the caller's choosing (disjoint ranges, one per rank).
+pub(crate) fn allreduce_chunks(world: usize, rank: usize, chunk: impl Fn(usize) -> Range<usize>, out: &mut Vec<Step>) {
+    out.clear();
+    reduce_scatter_steps(world, rank, &chunk, out);
+    allgather_steps(world, rank, &chunk, out);
+}
+
+/// The first half of [`allreduce_chunks`] alone: rank `r` ends with chunk `r` reduced.
+pub(crate) fn reduce_scatter_chunks(
+    world: usize,
+    rank: usize,
+    chunk: impl Fn(usize) -> Range<usize>,
+    out: &mut Vec<Step>,
+) {
+    out.clear();
+    reduce_scatter_steps(world, rank, chunk, out);
+}
+
+/// The second half of [`allreduce_chunks`] alone: every rank contributes chunk `rank` and receives the others.
+pub(crate) fn allgather_chunks(world: usize, rank: usize, chunk: impl Fn(usize) -> Range<usize>, out: &mut Vec<Step>) {
+    out.clear();
+    allgather_steps(world, rank, chunk, out);
+}
+
 /// Every rank contributes block `rank` (of `block` elements) and receives the others' blocks.
 pub(crate) fn allgather(block: usize, world: usize, rank: usize, out: &mut Vec<Step>) {
-    out.clear();
-    let range = |b: usize| b * block..(b + 1) * block;
-    for t in 0..world - 1 {
-        out.push(Step {
-            send: range(ring_index(rank, t, world)),
-            recv: range(ring_index(rank, t + 1, world)),
-            action: Action::Copy,
-        });
-    }
+    allgather_chunks(world, rank, |b| b * block..(b + 1) * block, out);
 }
 
 /// The root's buffer travels around the ring, each rank forwarding segments as they arrive.
@@ -109,11 +137,12 @@ mod tests {
     /// sends follow its plan order and wait on the same dependency the sender thread waits on (segment `j` of step
     /// `t` after receiving segment `j` of step `t - 1`), receives take segments off the link in plan order and
     /// check their length. Fails on a deadlock or a length mismatch; returns every rank's final buffer.
-    fn simulate(
-        mut bufs: Vec<Vec<i64>>,
+    fn simulate<T: Clone + PartialEq + std::fmt::Debug>(
+        mut bufs: Vec<Vec<T>>,
         seg: usize,
         plan: impl Fn(usize, &mut Vec<Step>),
-    ) -> Result<Vec<Vec<i64>>, TestCaseError> {
+        add: fn(&T, &T) -> T,
+    ) -> Result<Vec<Vec<T>>, TestCaseError> {
         use std::collections::VecDeque;
         let world = bufs.len();
         struct Items {
@@ -145,7 +174,7 @@ mod tests {
             }
             items.push(it);
         }
-        let mut links: Vec<VecDeque<Vec<i64>>> = vec![VecDeque::new(); world]; // links[r]: r -> r + 1
+        let mut links: Vec<VecDeque<Vec<T>>> = vec![VecDeque::new(); world]; // links[r]: r -> r + 1
         let (mut sent, mut recvd) = (vec![0usize; world], vec![0usize; world]);
         loop {
             let mut progress = false;
@@ -165,7 +194,7 @@ mod tests {
                     prop_assert_eq!(data.len(), range.len(), "segment length from rank {} to rank {}", prev, r);
                     for (k, v) in range.zip(data) {
                         match action {
-                            Action::Reduce => bufs[r][k] += v,
+                            Action::Reduce => bufs[r][k] = add(&bufs[r][k], &v),
                             Action::Copy => bufs[r][k] = v,
                         }
                     }
@@ -183,6 +212,16 @@ mod tests {
             prop_assert!(links[r].is_empty(), "rank {} sent more than rank {} received", r, (r + 1) % world);
         }
         Ok(bufs)
+    }
+
+    fn add(a: &i64, b: &i64) -> i64 {
+        a + b
+    }
+
+    /// The sum as an expression, local value first as the ring's reduction computes it, so two plans give the
+    /// same string only if they add the same values in the same order (float results then agree bit for bit).
+    fn add_expr(local: &String, received: &String) -> String {
+        format!("({local}+{received})")
     }
 
     fn covers_exactly_once(ranges: impl Iterator<Item = Range<usize>>, len: usize) -> Result<(), TestCaseError> {
@@ -216,7 +255,7 @@ mod tests {
         fn ring_allreduce_plan_gives_every_rank_the_sum(len in 0usize..300, world in 1usize..9, seg in 1usize..40) {
             let bufs: Vec<Vec<i64>> = (0..world).map(|r| (0..len).map(|i| (i * 31 + r * 7) as i64 % 101).collect()).collect();
             let expect: Vec<i64> = (0..len).map(|i| bufs.iter().map(|b| b[i]).sum()).collect();
-            let out = simulate(bufs, seg, |r, v| allreduce(len, world, r, v))?;
+            let out = simulate(bufs, seg, |r, v| allreduce(len, world, r, v), add)?;
             for b in out {
                 prop_assert_eq!(&b, &expect);
             }
@@ -228,10 +267,52 @@ mod tests {
                 .map(|r| (0..block * world).map(|i| if i / block.max(1) == r { (r * 1000 + i) as i64 } else { -1 }).collect())
                 .collect();
             let expect: Vec<i64> = (0..block * world).map(|i| ((i / block.max(1)) * 1000 + i) as i64).collect();
-            let out = simulate(bufs, seg, |r, v| allgather(block, world, r, v))?;
+            let out = simulate(bufs, seg, |r, v| allgather(block, world, r, v), add)?;
             for b in out {
                 prop_assert_eq!(&b, &expect);
             }
+        }
+
+        #[test]
+        fn ring_reduce_scatter_plan_leaves_each_rank_its_blocks_sum(block in 0usize..60, world in 1usize..9, seg in 1usize..25) {
+            let len = block * world;
+            let bufs: Vec<Vec<i64>> = (0..world).map(|r| (0..len).map(|i| (i * 31 + r * 7) as i64 % 101).collect()).collect();
+            let expect: Vec<i64> = (0..len).map(|i| bufs.iter().map(|b| b[i]).sum()).collect();
+            let out = simulate(bufs, seg, |r, v| reduce_scatter_chunks(world, r, |c| c * block..(c + 1) * block, v), add)?;
+            for (r, b) in out.iter().enumerate() {
+                let mine = r * block..(r + 1) * block;
+                prop_assert_eq!(&b[mine.clone()], &expect[mine]);
+            }
+        }
+
+        #[test]
+        fn ring_reduce_scatter_adds_each_block_in_the_order_allreduce_does(block in 0usize..12, world in 1usize..8, seg in 1usize..7) {
+            let len = block * world;
+            let bufs: Vec<Vec<String>> = (0..world).map(|r| (0..len).map(|i| format!("x{r}_{i}")).collect()).collect();
+            let all = simulate(bufs.clone(), seg, |r, v| allreduce(len, world, r, v), add_expr)?;
+            let scattered = simulate(bufs, seg, |r, v| reduce_scatter_chunks(world, r, |c| chunk(len, world, c), v), add_expr)?;
+            for r in 0..world {
+                let mine = r * block..(r + 1) * block;
+                prop_assert_eq!(chunk(len, world, r), mine.clone());
+                prop_assert_eq!(&scattered[r][mine.clone()], &all[r][mine]);
+            }
+        }
+
+        #[test]
+        fn ring_allreduce_over_chosen_chunks_reduces_every_chunk(world in 1usize..7, sizes in proptest::collection::vec(0usize..20, 7), gap in 0usize..3, seg in 1usize..9) {
+            // Chunks of unequal sizes with untouched gaps between them, as the node leaders' pieces are.
+            let starts: Vec<usize> = sizes.iter().take(world).scan(0, |at, n| { let s = *at; *at += n + gap; Some(s) }).collect();
+            let chunk_of = |c: usize| starts[c]..starts[c] + sizes[c];
+            let len = starts[world - 1] + sizes[world - 1] + gap;
+            let bufs: Vec<Vec<i64>> = (0..world).map(|r| (0..len).map(|i| (i * 13 + r * 5) as i64 % 97).collect()).collect();
+            let inside = |i: usize| (0..world).any(|c| chunk_of(c).contains(&i));
+            let expect: Vec<Vec<i64>> = (0..world)
+                .map(|r| (0..len).map(|i| if inside(i) { bufs.iter().map(|b| b[i]).sum() } else { bufs[r][i] }).collect())
+                .collect();
+            let out = simulate(bufs.clone(), seg, |r, v| allreduce_chunks(world, r, chunk_of, v), add)?;
+            prop_assert_eq!(&out, &expect);
+            let gathered = simulate(out, seg, |r, v| allgather_chunks(world, r, chunk_of, v), add)?;
+            prop_assert_eq!(gathered, expect);
         }
 
         #[test]
@@ -239,7 +320,7 @@ mod tests {
             let root = root_pick % world;
             let bufs: Vec<Vec<i64>> = (0..world).map(|r| (0..len).map(|i| (r * 1000 + i) as i64).collect()).collect();
             let expect = bufs[root].clone();
-            let out = simulate(bufs, seg, |r, v| broadcast(len, world, r, root, v))?;
+            let out = simulate(bufs, seg, |r, v| broadcast(len, world, r, root, v), add)?;
             for b in out {
                 prop_assert_eq!(&b, &expect);
             }

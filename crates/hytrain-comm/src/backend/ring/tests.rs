@@ -12,6 +12,7 @@ use super::links::*;
 use super::pipeline::*;
 use super::*;
 use crate::backend::failure::{decode_failure, encode_failure};
+use crate::conformance;
 use crate::rendezvous::auth::{self, Handshake, NONCE_LEN};
 use crate::testutil::{free_port, member, on_ranks, opts};
 
@@ -31,108 +32,19 @@ fn with_rings<T: Send>(world: usize, o: CommOptions, f: impl Fn(usize, &mut Ring
     })
 }
 
-/// Small integers, so sums and averages are exact in f32, f64 and bf16.
-fn value(i: usize, rank: usize) -> f64 {
-    ((i * 7 + rank * 3) % 17) as f64
-}
-
-fn check_allreduce_exact(world: usize, segment_bytes: usize, lens: &[usize]) {
-    let results = with_rings(world, opts(60, 60), |rank, ring| {
-        ring.set_segment_bytes(segment_bytes);
-        let mut bad = Vec::new();
-        for &len in lens {
-            for op in [ReduceOp::Sum, ReduceOp::Avg] {
-                let sum = |i: usize| (0..world).map(|r| value(i, r)).sum::<f64>();
-                let n = world as f64;
-                let mut a: Vec<f32> = (0..len).map(|i| value(i, rank) as f32).collect();
-                ring.allreduce(Buffer::F32(&mut a), op).unwrap();
-                let ok = a
-                    .iter()
-                    .enumerate()
-                    .all(|(i, v)| *v == if op == ReduceOp::Avg { sum(i) as f32 / n as f32 } else { sum(i) as f32 });
-                if !ok {
-                    bad.push(format!("f32 {op:?} len {len}"));
-                }
-                let mut b: Vec<f64> = (0..len).map(|i| value(i, rank)).collect();
-                ring.allreduce(Buffer::F64(&mut b), op).unwrap();
-                if !b.iter().enumerate().all(|(i, v)| *v == if op == ReduceOp::Avg { sum(i) / n } else { sum(i) }) {
-                    bad.push(format!("f64 {op:?} len {len}"));
-                }
-                let mut c: Vec<bf16> = (0..len).map(|i| bf16::from_f64(value(i, rank))).collect();
-                ring.allreduce(Buffer::Bf16(&mut c), op).unwrap();
-                let ok = c.iter().enumerate().all(|(i, v)| {
-                    *v == bf16::from_f32(if op == ReduceOp::Avg { sum(i) as f32 / n as f32 } else { sum(i) as f32 })
-                });
-                if !ok {
-                    bad.push(format!("bf16 {op:?} len {len}"));
-                }
-            }
+/// The conformance cases (tests/conformance/cases.rs) with segments small enough that every chunk is many
+/// segments, the pipelining under test; the suite itself runs them at the default segment size.
+#[test]
+fn tiny_segments_pass_every_conformance_case() {
+    for world in [2, 3] {
+        let failures = with_rings(world, opts(60, 60), |_, ring| {
+            ring.set_segment_bytes(1000);
+            conformance::run(ring, conformance::Order::SameAsAllreduce, conformance::SMALL)
+        });
+        for (rank, bad) in failures.iter().enumerate() {
+            assert!(bad.is_empty(), "world {world} rank {rank}: {bad:?}");
         }
-        bad
-    });
-    for (rank, bad) in results.iter().enumerate() {
-        assert!(bad.is_empty(), "world {world} rank {rank} wrong results: {bad:?}");
     }
-}
-
-const LENS: &[usize] = &[0, 1, 7, 1_000_003];
-
-#[test]
-fn two_ranks_allreduce_to_the_exact_sum_and_average() {
-    check_allreduce_exact(2, DEFAULT_SEGMENT_BYTES, LENS);
-}
-
-#[test]
-fn three_ranks_allreduce_to_the_exact_sum_and_average() {
-    check_allreduce_exact(3, DEFAULT_SEGMENT_BYTES, LENS);
-}
-
-#[test]
-fn four_ranks_allreduce_to_the_exact_sum_and_average() {
-    check_allreduce_exact(4, DEFAULT_SEGMENT_BYTES, LENS);
-}
-
-#[test]
-fn tiny_segments_pipeline_many_segments_per_chunk_correctly() {
-    check_allreduce_exact(3, 40, &[0, 1, 7, 1000, 10_007]);
-}
-
-#[test]
-fn broadcast_delivers_the_roots_bytes_from_every_root() {
-    let world = 4;
-    let results = with_rings(world, opts(60, 60), |rank, ring| {
-        ring.set_segment_bytes(1000);
-        let mut ok = true;
-        for root in 0..world {
-            for len in [0usize, 1, 7, 100_003] {
-                let mut b: Vec<u8> =
-                    (0..len).map(|i| if rank == root { (i * 31 + root) as u8 } else { 0xEE }).collect();
-                ring.broadcast(&mut b, root).unwrap();
-                ok &= b.iter().enumerate().all(|(i, v)| *v == (i * 31 + root) as u8);
-            }
-        }
-        ok
-    });
-    assert!(results.iter().all(|ok| *ok), "{results:?}");
-}
-
-#[test]
-fn allgather_concatenates_every_ranks_input_in_rank_order() {
-    let world = 3;
-    let results = with_rings(world, opts(60, 60), |rank, ring| {
-        ring.set_segment_bytes(4096);
-        let mut ok = true;
-        for len in [0usize, 1, 7, 100_003] {
-            let input: Vec<u8> = (0..len).map(|i| (i + rank * 100) as u8).collect();
-            let mut out = vec![0u8; len * world];
-            ring.allgather(&input, &mut out).unwrap();
-            for (r, block) in out.chunks(len.max(1)).enumerate().take(if len == 0 { 0 } else { world }) {
-                ok &= block.iter().enumerate().all(|(i, v)| *v == (i + r * 100) as u8);
-            }
-        }
-        ok
-    });
-    assert!(results.iter().all(|ok| *ok), "{results:?}");
 }
 
 #[test]
@@ -199,6 +111,81 @@ fn ranks_calling_different_collectives_fail_naming_both_calls() {
         );
         assert!(again.contains("unusable after an earlier failure"), "rank {rank}: {again}");
     }
+}
+
+#[test]
+fn ranks_calling_reduce_scatter_against_allreduce_or_allgather_blocks_fail_naming_both_calls() {
+    let results = with_rings(2, opts(60, 60), |rank, ring| {
+        let mut v = vec![1.0f32; 10];
+        let first = match rank {
+            0 => ring.reduce_scatter(Buffer::F32(&mut v), ReduceOp::Sum).unwrap_err(),
+            _ => ring.allreduce(Buffer::F32(&mut v), ReduceOp::Sum).unwrap_err(),
+        };
+        let again = ring.allgather_blocks(Buffer::F32(&mut v)).unwrap_err();
+        (first.to_string(), again.to_string())
+    });
+    for (rank, (first, again)) in results.iter().enumerate() {
+        assert!(
+            first.contains("reduce_scatter of 10 f32 values") && first.contains("allreduce of 10 f32 values"),
+            "rank {rank}: {first}"
+        );
+        assert!(again.contains("unusable after an earlier failure"), "rank {rank}: {again}");
+    }
+    let results = with_rings(2, opts(60, 60), |rank, ring| {
+        let mut v = vec![bf16::ONE; 4];
+        match rank {
+            0 => ring.allgather_blocks(Buffer::Bf16(&mut v)).unwrap_err().to_string(),
+            _ => ring.reduce_scatter(Buffer::Bf16(&mut v), ReduceOp::Avg).unwrap_err().to_string(),
+        }
+    });
+    for (rank, e) in results.iter().enumerate() {
+        assert!(
+            e.contains("allgather_blocks of 4 bf16 values") && e.contains("reduce_scatter of 4 bf16 values"),
+            "rank {rank}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_rank_that_drops_its_connections_mid_reduce_scatter_or_allgather_blocks_is_named_by_every_other_rank() {
+    for gather in [false, true] {
+        let results = with_rings(4, opts(60, 30), |rank, ring| {
+            ring.set_segment_bytes(4096);
+            if rank == 2 {
+                ring.links.as_mut().unwrap().sever_after = Some(3);
+            }
+            let mut v = vec![1.0f32; 400_000];
+            match gather {
+                false => ring.reduce_scatter(Buffer::F32(&mut v), ReduceOp::Avg).unwrap_err(),
+                true => ring.allgather_blocks(Buffer::F32(&mut v)).unwrap_err(),
+            }
+        });
+        for r in [0, 1, 3] {
+            let e = &results[r];
+            assert!(matches!(e, CommError::RankLost(lost) if lost.rank == 2), "gather {gather} rank {r}: {e}");
+        }
+    }
+}
+
+#[test]
+fn a_silent_rank_makes_reduce_scatter_time_out_naming_it() {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (tx, rx) = (Mutex::new(tx), Mutex::new(rx));
+    let results = with_rings(3, opts(60, 2), |rank, ring| {
+        if rank == 1 {
+            let rx = rx.lock().unwrap();
+            for _ in 0..2 {
+                let _ = rx.recv_timeout(Duration::from_secs(30));
+            }
+            return None;
+        }
+        let mut v = vec![1.0f64; 999];
+        let e = ring.reduce_scatter(Buffer::F64(&mut v), ReduceOp::Sum).unwrap_err();
+        let _ = tx.lock().unwrap().send(());
+        Some(e)
+    });
+    let e = results[2].as_ref().unwrap();
+    assert!(e.to_string().contains("rank 1 was silent for 2 s during reduce_scatter"), "{e}");
 }
 
 #[test]

@@ -13,6 +13,12 @@
 //! the rank it waits for still exists (`kill(pid, 0)`, and not a zombie), and whether the collective timeout has
 //! passed without that rank making progress; each ends the wait with an error naming the rank.
 //!
+//! Reduce-scatter and the allgather of equal blocks (the sharded optimizer's collectives) use the same slots:
+//! inside a node each rank reduces, or publishes, only its own block; across nodes the leaders' ring carries only
+//! the node regions. Every rank adds a node's values in rank order, whichever rank reduces an element, and the
+//! leaders' ring carries an element in the same piece and chunk in an allreduce and a reduce-scatter, so a
+//! reduce-scatter leaves each block exactly the allreduce's values.
+//!
 //! Broadcast, allgather and barrier, which move little data in training, use the whole-job TCP [`Ring`] that
 //! [`transport`](crate::transport) links first and hands to [`over_ring`]; it also carries the set-up's own exchanges.
 //!
@@ -27,8 +33,12 @@ use std::time::{Duration, Instant};
 use half::bf16;
 
 use crate::backend::failure::{decode_failure, encode_failure};
+use crate::backend::ring::{add_f32, add_f64, chunk, DT_BF16 as RING_BF16, DT_F32 as RING_F32, DT_F64 as RING_F64};
 use crate::rendezvous::liveness::VERDICT_WAIT;
-use crate::{Buffer, Collective, CommError, CommOptions, Liveness, Membership, ReduceOp, Ring, Store, Transport};
+use crate::{
+    block_range, check_blocks, Buffer, Collective, CommError, CommOptions, Liveness, Membership, ReduceOp, Ring, Store,
+    Transport,
+};
 use reduce::{sum_into, Elem};
 use segment::{process_gone, wait_while, wake, Segment};
 
@@ -43,6 +53,8 @@ const MIN_SLOT: usize = 64 << 10;
 const LEADER_PIECE: usize = 16 << 20;
 
 const OP_ALLREDUCE: u64 = 1;
+const OP_REDUCE_SCATTER: u64 = 2;
+const OP_ALLGATHER_BLOCKS: u64 = 3;
 const DT_F32: u64 = 1;
 const DT_F64: u64 = 2;
 const DT_BF16: u64 = 3;
@@ -260,7 +272,21 @@ fn describe(desc: [u64; 3]) -> String {
         DT_BF16 => "bf16",
         _ => "unknown",
     };
-    format!("allreduce of {} {dtype} values", desc[2])
+    let op = match desc[0] & 0xff {
+        OP_ALLREDUCE => "allreduce",
+        OP_REDUCE_SCATTER => "reduce_scatter",
+        OP_ALLGATHER_BLOCKS => "allgather_blocks",
+        _ => "an unknown collective",
+    };
+    format!("{op} of {} {dtype} values", desc[2])
+}
+
+fn dtype_code(buf: &Buffer<'_>) -> u64 {
+    match buf {
+        Buffer::F32(_) => DT_F32,
+        Buffer::F64(_) => DT_F64,
+        Buffer::Bf16(_) => DT_BF16,
+    }
 }
 
 /// Splits `c` elements into `parts` nearly equal slices; slice `i`.
@@ -268,21 +294,33 @@ fn slice(c: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
     c * i / parts..c * (i + 1) / parts
 }
 
-/// How a typed buffer reaches the leaders' ring.
+/// How a typed buffer crosses the leaders' ring: its header type and its sum (bf16 crosses as f32).
 trait RingElem: Elem {
-    fn buffer(s: &mut [Self]) -> Buffer<'_>;
+    const RING_DTYPE: u8;
+    fn add(dst: &mut [Self], src: &[Self]);
 }
 
 impl RingElem for f32 {
-    fn buffer(s: &mut [f32]) -> Buffer<'_> {
-        Buffer::F32(s)
+    const RING_DTYPE: u8 = RING_F32;
+    fn add(dst: &mut [f32], src: &[f32]) {
+        add_f32(dst, src)
     }
 }
 
 impl RingElem for f64 {
-    fn buffer(s: &mut [f64]) -> Buffer<'_> {
-        Buffer::F64(s)
+    const RING_DTYPE: u8 = RING_F64;
+    fn add(dst: &mut [f64], src: &[f64]) {
+        add_f64(dst, src)
     }
+}
+
+/// Piece `p` of node `c`'s region when `len` elements are split into `nodes` regions (the ring's chunks) and each
+/// region into pieces of `q`: the leaders' ring moves one piece of every region per collective, so a slow
+/// inter-node step shows progress, and element `i` is summed by the same leaders in the same order whether an
+/// allreduce or a reduce-scatter carries it.
+fn piece(len: usize, nodes: usize, q: usize, p: usize, c: usize) -> std::ops::Range<usize> {
+    let r = chunk(len, nodes, c);
+    (r.start + p * q).min(r.end)..(r.start + (p + 1) * q).min(r.end)
 }
 
 impl Shm {
@@ -403,12 +441,12 @@ impl Shm {
     }
 
     /// Publishes this collective's description and checks every local rank called the same one.
-    fn check_call(&mut self, desc: [u64; 3]) -> Result<(), CommError> {
+    fn check_call(&mut self, during: &'static str, desc: [u64; 3]) -> Result<(), CommError> {
         use std::sync::atomic::Ordering::Relaxed;
         for (i, w) in desc.iter().enumerate() {
             self.seg.desc(self.local_rank, self.seq, i).store(*w, Relaxed);
         }
-        self.barrier_local("allreduce")?;
+        self.barrier_local(during)?;
         for r in 0..self.local {
             let theirs = [0, 1, 2].map(|i| self.seg.desc(r, self.seq, i).load(Relaxed));
             if theirs != desc {
@@ -468,7 +506,7 @@ impl Shm {
             // SAFETY: this rank is the one writer of range `s` of every slot in this phase, and only `s` of its own
             // slot is written through this slice (the other ranks read their own ranges of it, disjoint from `s`).
             let my_slot = unsafe { std::slice::from_raw_parts_mut(mine, c) };
-            sum_into(&mut chunk[s.clone()], &others, Some(&mut my_slot[s.clone()]), avg_over);
+            sum_into(&mut chunk[s.clone()], &others, me, Some(&mut my_slot[s.clone()]), avg_over);
             others.clear();
             self.barrier_local("allreduce")?;
             if !leader_only || me == 0 {
@@ -517,18 +555,30 @@ impl Shm {
         self.barrier_local("allreduce")
     }
 
+    /// Sums this node's region pieces across the nodes' leaders (see [`piece`]): every region on every leader, or
+    /// with `scatter_only` only this node's region on its leader. Nothing on ranks that are not leaders.
+    fn leaders_sum<T: RingElem>(&mut self, buf: &mut [T], scatter_only: bool) -> Result<(), CommError> {
+        let Some(ring) = self.leaders.as_mut() else {
+            return Ok(());
+        };
+        let (len, nodes) = (buf.len(), self.nodes);
+        let q = (LEADER_PIECE / std::mem::size_of::<T>() / nodes).max(1);
+        for p in 0..chunk(len, nodes, 0).len().div_ceil(q) {
+            ring.sum_chunks(buf, T::RING_DTYPE, T::add, scatter_only, p as u64, |c| piece(len, nodes, q, p, c))
+                .map_err(|e| remap(e, self.local))?;
+            self.seg.progress(0).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     fn allreduce_typed<T: RingElem>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<(), CommError> {
         let avg = (op == ReduceOp::Avg).then_some(self.world);
         if self.nodes == 1 {
             return self.reduce_node(buf, false, avg);
         }
         self.reduce_node(buf, true, None)?;
-        if let Some(ring) = self.leaders.as_mut() {
-            let piece = (LEADER_PIECE / std::mem::size_of::<T>()).max(1);
-            for part in buf.chunks_mut(piece) {
-                ring.allreduce(T::buffer(part), ReduceOp::Sum).map_err(|e| remap(e, self.local))?;
-                self.seg.progress(0).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
+        if self.leaders.is_some() {
+            self.leaders_sum(buf, false)?;
             if let Some(n) = avg {
                 let d = T::count(n);
                 for x in buf.iter_mut() {
@@ -539,16 +589,114 @@ impl Shm {
         self.broadcast_node(buf)
     }
 
-    fn allreduce_any(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
-        let (dtype, len) = match &buf {
-            Buffer::F32(b) => (DT_F32, b.len()),
-            Buffer::F64(b) => (DT_F64, b.len()),
-            Buffer::Bf16(b) => (DT_BF16, b.len()),
-        };
+    /// Reduce-scatter across nodes: the node's sum on its leader, the leaders' reduce-scatter of the node regions,
+    /// then the node's region from its leader to the node's ranks (each needs only its block of it).
+    fn reduce_scatter_nodes<T: RingElem>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<(), CommError> {
+        self.reduce_node(buf, true, None)?;
+        let region = chunk(buf.len(), self.nodes, self.rank / self.local);
+        if self.leaders.is_some() {
+            self.leaders_sum(buf, true)?;
+            if op == ReduceOp::Avg {
+                let d = T::count(self.world);
+                for x in buf[region.clone()].iter_mut() {
+                    *x = T::narrow(x.widen() / d);
+                }
+            }
+        }
+        self.broadcast_node(&mut buf[region])
+    }
+
+    /// Reduce-scatter inside the node: in each round every rank copies a piece of each other rank's block into
+    /// its slot, then sums its own block's piece from everyone's slots, in rank order as `reduce_node` does. The
+    /// slots alternate between two banks, so one barrier per round suffices: a bank is written again only after
+    /// every rank has passed the next round's barrier, which it enters after reading. Blocks outside this rank's
+    /// keep its input.
+    fn reduce_scatter_node<T: Elem>(&mut self, buf: &mut [T], avg_over: Option<usize>) -> Result<(), CommError> {
+        let cap = self.seg.slot_bytes() / std::mem::size_of::<T>();
+        let (me, local) = (self.local_rank, self.local);
+        let q = cap / local;
+        if q == 0 {
+            // A slot too small to hold one element per rank (only tests choose such slots): reduce everything.
+            return self.reduce_node(buf, false, avg_over);
+        }
+        let b = buf.len() / local;
+        let mut others: Vec<&[T]> = Vec::with_capacity(local - 1);
+        for k in 0..b.div_ceil(q) {
+            let part = k * q..((k + 1) * q).min(b);
+            let bank = (self.round % 2) as usize;
+            self.round += 1;
+            // SAFETY: `local * q <= cap` elements fit in a slot, and the barriers give each slot range one writer per
+            // phase (see above): before the barrier only this rank touches its own slot.
+            let my_slot = unsafe { std::slice::from_raw_parts_mut(self.slot::<T>(bank, me, cap), cap) };
+            for j in (0..local).filter(|j| *j != me) {
+                my_slot[j * q..j * q + part.len()].copy_from_slice(&buf[j * b + part.start..j * b + part.end]);
+            }
+            self.barrier_local("reduce_scatter")?;
+            others.clear();
+            for j in (0..local).filter(|j| *j != me) {
+                // SAFETY: rank `j` wrote this piece of its slot before the barrier just passed and writes that bank
+                // again only after this rank has entered the next barrier.
+                let theirs =
+                    unsafe { std::slice::from_raw_parts(self.slot::<T>(bank, j, cap).add(me * q), part.len()) };
+                others.push(theirs);
+            }
+            sum_into(&mut buf[me * b + part.start..me * b + part.end], &others, me, None, avg_over);
+            others.clear();
+        }
+        Ok(())
+    }
+
+    /// Allgather inside the node: in each round every rank copies a piece of its own block into its slot and,
+    /// after one barrier, the others' pieces out of theirs (two banks, as in `reduce_scatter_node`).
+    fn allgather_node<T: Elem>(&mut self, buf: &mut [T]) -> Result<(), CommError> {
+        let cap = self.seg.slot_bytes() / std::mem::size_of::<T>();
+        let (me, local) = (self.local_rank, self.local);
+        let b = buf.len() / local;
+        for k in 0..b.div_ceil(cap) {
+            let part = k * cap..((k + 1) * cap).min(b);
+            let bank = (self.round % 2) as usize;
+            self.round += 1;
+            // SAFETY: `part.len() <= cap` elements fit in a slot; this rank's slot is written only by it, before the
+            // barrier, and read by the others only after it.
+            let my_slot = unsafe { std::slice::from_raw_parts_mut(self.slot::<T>(bank, me, part.len()), part.len()) };
+            my_slot.copy_from_slice(&buf[me * b + part.start..me * b + part.end]);
+            self.barrier_local("allgather_blocks")?;
+            for j in (0..local).filter(|j| *j != me) {
+                // SAFETY: as above; rank `j` wrote this slot before the barrier just passed.
+                let theirs = unsafe { std::slice::from_raw_parts(self.slot::<T>(bank, j, part.len()), part.len()) };
+                buf[j * b + part.start..j * b + part.end].copy_from_slice(theirs);
+            }
+        }
+        Ok(())
+    }
+
+    /// Allgather across nodes: the node's region gathered inside the node, the leaders' allgather of the regions
+    /// (in pieces, see [`piece`]), then the whole buffer from the leader to the node's ranks.
+    fn allgather_nodes<T: Elem>(&mut self, buf: &mut [T], dtype: u8) -> Result<(), CommError> {
+        let (len, nodes) = (buf.len(), self.nodes);
+        let region = chunk(len, nodes, self.rank / self.local);
+        self.allgather_node(&mut buf[region])?;
+        if let Some(ring) = self.leaders.as_mut() {
+            let q = (LEADER_PIECE / std::mem::size_of::<T>() / nodes).max(1);
+            for p in 0..chunk(len, nodes, 0).len().div_ceil(q) {
+                ring.gather_chunks(buf, dtype, p as u64, |c| piece(len, nodes, q, p, c))
+                    .map_err(|e| remap(e, self.local))?;
+                self.seg.progress(0).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        self.broadcast_node(buf)
+    }
+
+    /// Publishes the call and checks every local rank made the same one; counts it either way.
+    fn begin(&mut self, during: &'static str, op: u64, buf: &Buffer<'_>) -> Result<(), CommError> {
         let seq = self.seq;
-        let checked = self.check_call([OP_ALLREDUCE | (dtype << 8), seq, len as u64]);
+        let checked = self.check_call(during, [op | (dtype_code(buf) << 8), seq, buf.len() as u64]);
         self.seq += 1;
-        checked?;
+        checked
+    }
+
+    fn allreduce_any(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
+        self.begin("allreduce", OP_ALLREDUCE, &buf)?;
         match buf {
             Buffer::F32(b) => self.allreduce_typed(b, op),
             Buffer::F64(b) => self.allreduce_typed(b, op),
@@ -573,6 +721,46 @@ impl Shm {
             }
         }
     }
+
+    fn reduce_scatter_any(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
+        self.begin("reduce_scatter", OP_REDUCE_SCATTER, &buf)?;
+        let avg = (op == ReduceOp::Avg).then_some(self.world);
+        let mine = block_range(buf.len(), self.world, self.rank);
+        match buf {
+            Buffer::F32(b) if self.nodes == 1 => self.reduce_scatter_node(b, avg),
+            Buffer::F64(b) if self.nodes == 1 => self.reduce_scatter_node(b, avg),
+            Buffer::Bf16(b) if self.nodes == 1 => self.reduce_scatter_node(b, avg),
+            Buffer::F32(b) => self.reduce_scatter_nodes(b, op),
+            Buffer::F64(b) => self.reduce_scatter_nodes(b, op),
+            Buffer::Bf16(b) => {
+                // As in allreduce: f32 across nodes, one rounding of this rank's block at the end.
+                let mut wide = std::mem::take(&mut self.widened);
+                wide.clear();
+                wide.extend(b.iter().map(|x| x.to_f32()));
+                let result = self.reduce_scatter_nodes(&mut wide, ReduceOp::Sum);
+                if result.is_ok() {
+                    let n = if op == ReduceOp::Avg { self.world as f32 } else { 1.0 };
+                    for (d, s) in b[mine.clone()].iter_mut().zip(&wide[mine]) {
+                        *d = bf16::from_f32(*s / n);
+                    }
+                }
+                self.widened = wide;
+                result
+            }
+        }
+    }
+
+    fn allgather_blocks_any(&mut self, buf: Buffer<'_>) -> Result<(), CommError> {
+        self.begin("allgather_blocks", OP_ALLGATHER_BLOCKS, &buf)?;
+        match buf {
+            Buffer::F32(b) if self.nodes == 1 => self.allgather_node(b),
+            Buffer::F64(b) if self.nodes == 1 => self.allgather_node(b),
+            Buffer::Bf16(b) if self.nodes == 1 => self.allgather_node(b),
+            Buffer::F32(b) => self.allgather_nodes(b, RING_F32),
+            Buffer::F64(b) => self.allgather_nodes(b, RING_F64),
+            Buffer::Bf16(b) => self.allgather_nodes(b, RING_BF16),
+        }
+    }
 }
 
 impl Collective for Shm {
@@ -591,6 +779,26 @@ impl Collective for Shm {
     fn allreduce(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
         self.usable()?;
         self.allreduce_any(buf, op).map_err(|e| self.fail(e))
+    }
+
+    /// Inside a node, each rank reduces its own block across the node's slots (`local_world_size` rounds of one
+    /// barrier per slot of data), summing in rank order as the shared-memory allreduce does, so its block holds the
+    /// allreduce's bits. Across nodes: the node's sum on its leader, the leaders' ring reduce-scatter of the node
+    /// regions (half the inter-node data of an allreduce), the region back to the node's ranks. Outside this
+    /// rank's block `buf` holds its input (one node) or the node's partial sums.
+    fn reduce_scatter(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
+        check_blocks("reduce_scatter", &buf, self.world)?;
+        self.usable()?;
+        self.reduce_scatter_any(buf, op).map_err(|e| self.fail(e))
+    }
+
+    /// Inside a node, each rank publishes its block through its slot and copies the others' out; across nodes,
+    /// the node's region is gathered inside the node, the leaders' ring gathers the regions, and the whole
+    /// buffer goes from the leader to the node's ranks.
+    fn allgather_blocks(&mut self, buf: Buffer<'_>) -> Result<(), CommError> {
+        check_blocks("allgather_blocks", &buf, self.world)?;
+        self.usable()?;
+        self.allgather_blocks_any(buf).map_err(|e| self.fail(e))
     }
 
     fn broadcast(&mut self, bytes: &mut [u8], root: usize) -> Result<(), CommError> {

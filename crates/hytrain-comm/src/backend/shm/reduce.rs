@@ -68,11 +68,19 @@ impl Elem for bf16 {
     }
 }
 
-/// `inout[i] = inout[i] + sum_j others[j][i]` (divided by `avg_over` when given), the result also written to
+/// `inout[i]` becomes the sum over the node's ranks of their values, added in rank order: `others[..at]` (ranks
+/// below this one), then `inout` (this rank's), then `others[at..]`, so whichever rank reduces an element, and in
+/// whichever collective, it gets the same bits. Divided by `avg_over` when given; the result is also written to
 /// `copy` when given. Every slice has `inout`'s length.
-pub(crate) fn sum_into<T: Elem>(inout: &mut [T], others: &[&[T]], mut copy: Option<&mut [T]>, avg_over: Option<usize>) {
+pub(crate) fn sum_into<T: Elem>(
+    inout: &mut [T],
+    others: &[&[T]],
+    at: usize,
+    mut copy: Option<&mut [T]>,
+    avg_over: Option<usize>,
+) {
     let n = inout.len();
-    debug_assert!(others.iter().all(|o| o.len() == n));
+    debug_assert!(others.iter().all(|o| o.len() == n) && at <= others.len());
     let div = avg_over.map(T::count);
     let mut acc = [T::Acc::default(); BLOCK];
     let mut start = 0;
@@ -80,10 +88,29 @@ pub(crate) fn sum_into<T: Elem>(inout: &mut [T], others: &[&[T]], mut copy: Opti
         let len = BLOCK.min(n - start);
         let acc = &mut acc[..len];
         let block = &mut inout[start..start + len];
-        for (a, m) in acc.iter_mut().zip(block.iter()) {
-            *a = m.widen();
+        let (below, above) = others.split_at(at);
+        let mut sources = below.iter().map(|o| &o[start..start + len]);
+        match sources.next() {
+            Some(first) => {
+                for (a, x) in acc.iter_mut().zip(first) {
+                    *a = x.widen();
+                }
+                for o in sources {
+                    for (a, x) in acc.iter_mut().zip(o) {
+                        *a = *a + x.widen();
+                    }
+                }
+                for (a, m) in acc.iter_mut().zip(block.iter()) {
+                    *a = *a + m.widen();
+                }
+            }
+            None => {
+                for (a, m) in acc.iter_mut().zip(block.iter()) {
+                    *a = m.widen();
+                }
+            }
         }
-        for o in others {
+        for o in above {
             for (a, x) in acc.iter_mut().zip(&o[start..start + len]) {
                 *a = *a + x.widen();
             }
@@ -131,10 +158,27 @@ mod tests {
         let c: Vec<f64> = (0..n).map(|_| 3.0).collect();
         let mut out = a.clone();
         let mut copy = vec![0.0; n];
-        sum_into(&mut out, &[&b, &c], Some(&mut copy), Some(3));
+        sum_into(&mut out, &[&b, &c], 0, Some(&mut copy), Some(3));
         for (i, v) in out.iter().enumerate() {
             assert_eq!(*v, (3.0 * i as f64 + 3.0) / 3.0);
         }
         assert_eq!(out, copy);
+    }
+
+    proptest! {
+        #[test]
+        fn every_rank_adds_in_rank_order_whichever_owns_the_element(
+            values in proptest::collection::vec(proptest::collection::vec(-1e6f32..1e6, 5), 1..6),
+        ) {
+            // Sums of arbitrary floats are not associative, so only one order gives the reference's bits.
+            let reference: Vec<f32> = (0..5).map(|i| values[1..].iter().fold(values[0][i], |a, v| a + v[i])).collect();
+            for at in 0..values.len() {
+                let mut mine = values[at].clone();
+                let others: Vec<&[f32]> =
+                    values.iter().enumerate().filter(|(r, _)| *r != at).map(|(_, v)| v.as_slice()).collect();
+                sum_into(&mut mine, &others, at, None, None);
+                prop_assert_eq!(&mine, &reference);
+            }
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use half::bf16;
 
 use super::*;
+use crate::conformance;
 use crate::testutil::{free_port, member, on_ranks, opts};
 use crate::transport::{connect, connect_with};
 
@@ -30,71 +31,33 @@ fn with_backends<T: Send>(
     })
 }
 
-/// Small integers, so sums and averages are exact in f32, f64 and bf16.
-fn value(i: usize, rank: usize) -> f64 {
-    ((i * 7 + rank * 3) % 17) as f64
-}
-
-/// Every dtype and op over `lens`; returns the failing cases.
-fn exact_cases(c: &mut dyn Collective, lens: &[usize]) -> Vec<String> {
-    let (rank, world) = (c.rank(), c.world_size());
-    let sum = |i: usize| (0..world).map(|r| value(i, r)).sum::<f64>();
-    let mut bad = Vec::new();
-    for &len in lens {
-        for op in [ReduceOp::Sum, ReduceOp::Avg] {
-            let n = if op == ReduceOp::Avg { world as f64 } else { 1.0 };
-            let mut a: Vec<f32> = (0..len).map(|i| value(i, rank) as f32).collect();
-            c.allreduce(Buffer::F32(&mut a), op).unwrap();
-            if !a.iter().enumerate().all(|(i, v)| *v == sum(i) as f32 / n as f32) {
-                bad.push(format!("f32 {op:?} len {len}"));
-            }
-            let mut b: Vec<f64> = (0..len).map(|i| value(i, rank)).collect();
-            c.allreduce(Buffer::F64(&mut b), op).unwrap();
-            if !b.iter().enumerate().all(|(i, v)| *v == sum(i) / n) {
-                bad.push(format!("f64 {op:?} len {len}"));
-            }
-            let mut h: Vec<bf16> = (0..len).map(|i| bf16::from_f64(value(i, rank))).collect();
-            c.allreduce(Buffer::Bf16(&mut h), op).unwrap();
-            if !h.iter().enumerate().all(|(i, v)| *v == bf16::from_f32(sum(i) as f32 / n as f32)) {
-                bad.push(format!("bf16 {op:?} len {len}"));
-            }
-        }
-    }
-    bad
-}
-
-fn check_exact(world: usize, local: usize, slot_bytes: Option<usize>, lens: &[usize]) {
-    let results = with_backends(world, local, Transport::Shm, slot_bytes, 60, |_, c| {
+/// The conformance cases (tests/conformance/cases.rs) with slots small enough that every collective crosses many
+/// rounds and both banks; the suite itself runs them with the default slots.
+fn check_cases(world: usize, local: usize, slot_bytes: usize) {
+    let results = with_backends(world, local, Transport::Shm, Some(slot_bytes), 60, |_, c| {
         let mut c = c.expect("shm backend");
-        assert_eq!(c.backend(), if local > 1 { "shm" } else { "ring" });
-        exact_cases(c.as_mut(), lens)
+        assert_eq!(c.backend(), "shm");
+        conformance::run(c.as_mut(), conformance::Order::SameAsAllreduce, conformance::SMALL)
     });
     for (rank, bad) in results.iter().enumerate() {
-        assert!(bad.is_empty(), "world {world} local {local} rank {rank}: {bad:?}");
+        assert!(bad.is_empty(), "world {world} local {local} slot {slot_bytes} rank {rank}: {bad:?}");
     }
 }
 
-const LENS: &[usize] = &[0, 1, 7, 1_000_003];
-
 #[test]
-fn two_local_ranks_allreduce_to_the_exact_sum_and_average() {
-    check_exact(2, 2, None, LENS);
+fn three_local_ranks_with_tiny_slots_pass_every_conformance_case() {
+    check_cases(3, 3, 192);
 }
 
 #[test]
-fn three_local_ranks_with_tiny_slots_cross_many_rounds_exactly() {
-    check_exact(3, 3, Some(192), &[0, 1, 7, 1000, 10_007]);
+fn three_nodes_of_two_ranks_with_tiny_slots_pass_every_conformance_case() {
+    check_cases(6, 2, 256);
 }
 
 #[test]
-fn four_local_ranks_allreduce_to_the_exact_sum_and_average() {
-    check_exact(4, 4, None, LENS);
-}
-
-#[test]
-fn two_nodes_of_two_ranks_reduce_hierarchically_to_the_exact_sum() {
-    check_exact(4, 2, None, LENS);
-    check_exact(6, 2, Some(256), &[0, 1, 7, 10_007]);
+fn slots_too_small_for_a_piece_per_rank_still_reduce_scatter_exactly() {
+    // 64 bytes hold 8 f64 values: fewer than one per rank of nine, so reduce_scatter reduces everything.
+    check_cases(9, 9, 64);
 }
 
 #[test]
@@ -112,6 +75,57 @@ fn ranks_calling_different_allreduces_fail_naming_both_calls() {
             "rank {rank}: {first}"
         );
         assert!(again.contains("unusable after an earlier failure"), "rank {rank}: {again}");
+    }
+}
+
+#[test]
+fn ranks_calling_reduce_scatter_against_allgather_blocks_fail_naming_both_calls() {
+    let results = with_backends(2, 2, Transport::Shm, None, 60, |rank, c| {
+        let mut c = c.unwrap();
+        let mut v = vec![1.0f64; 6];
+        let first = match rank {
+            0 => c.reduce_scatter(Buffer::F64(&mut v), ReduceOp::Sum).unwrap_err(),
+            _ => c.allgather_blocks(Buffer::F64(&mut v)).unwrap_err(),
+        };
+        let again = c.reduce_scatter(Buffer::F64(&mut v), ReduceOp::Sum).unwrap_err();
+        (first.to_string(), again.to_string())
+    });
+    for (rank, (first, again)) in results.iter().enumerate() {
+        assert!(
+            first.contains("reduce_scatter of 6 f64 values") && first.contains("allgather_blocks of 6 f64 values"),
+            "rank {rank}: {first}"
+        );
+        assert!(again.contains("unusable after an earlier failure"), "rank {rank}: {again}");
+    }
+}
+
+#[test]
+fn a_silent_local_rank_makes_reduce_scatter_and_allgather_blocks_time_out_naming_it() {
+    for gather in [false, true] {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (tx, rx) = (std::sync::Mutex::new(tx), std::sync::Mutex::new(rx));
+        let results = with_backends(3, 3, Transport::Shm, None, 2, |rank, c| {
+            let mut c = c.unwrap();
+            if rank == 1 {
+                let rx = rx.lock().unwrap();
+                for _ in 0..2 {
+                    let _ = rx.recv_timeout(Duration::from_secs(30));
+                }
+                return None;
+            }
+            let mut v = vec![bf16::ONE; 999];
+            let e = match gather {
+                false => c.reduce_scatter(Buffer::Bf16(&mut v), ReduceOp::Avg).unwrap_err(),
+                true => c.allgather_blocks(Buffer::Bf16(&mut v)).unwrap_err(),
+            };
+            let _ = tx.lock().unwrap().send(());
+            Some(e)
+        });
+        let during = if gather { "allgather_blocks" } else { "reduce_scatter" };
+        for r in [0, 2] {
+            let e = results[r].as_ref().unwrap();
+            assert!(e.to_string().contains(&format!("rank 1 was silent for 2 s during {during}")), "rank {r}: {e}");
+        }
     }
 }
 

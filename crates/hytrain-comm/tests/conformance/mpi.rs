@@ -2,10 +2,9 @@
 //!
 //! Needs Open MPI: `apt-get install -y libopenmpi-dev openmpi-bin libclang-dev` (`cargo xtask setup` does it) so
 //! that the crate builds and `mpirun` is on PATH. The test runs the `mpi_allreduce` example, which `cargo test`
-//! builds beside the test binary, with 2 and 3 processes; the example checks exact allreduce results for f32, f64
-//! and bf16 at lengths 0, 1, 7 and 1,000,003, plus broadcast, allgather and barrier, and exits non-zero on any
-//! mismatch. Open MPI refuses to run as root unless OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM) are set; the test sets them
-//! for its child only.
+//! builds beside the test binary, with 1 to 4 processes; the example runs the conformance cases (`cases.rs`) and
+//! exits non-zero on any failure. Open MPI refuses to run as root unless OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM) are
+//! set; the test sets them for its child only.
 #![cfg(feature = "mpi")]
 
 use std::path::PathBuf;
@@ -59,11 +58,13 @@ fn run_under_mpirun(n: usize) {
 }
 
 #[test]
-fn mpi_backend_allreduces_exactly_with_two_processes() {
+fn the_mpi_backend_passes_every_case_with_one_and_two_processes() {
+    run_under_mpirun(1);
     run_under_mpirun(2);
 }
 
 #[test]
-fn mpi_backend_allreduces_exactly_with_three_processes() {
+fn the_mpi_backend_passes_every_case_with_three_and_four_processes() {
     run_under_mpirun(3);
+    run_under_mpirun(4);
 }

@@ -1,13 +1,15 @@
 //! The shared-memory transport between real processes: each test re-runs this test binary once per rank (the
 //! child runs the same test with HYTRAIN_SHM_TEST_RANK set and acts as that rank), so ranks share nothing but the
-//! rendezvous store and the /dev/shm segment.
+//! rendezvous store and the /dev/shm segment. The children run the conformance cases.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use half::bf16;
+use hytrain_comm::testing::free_port;
 use hytrain_comm::{init, Buffer, Collective, CommOptions, Membership, ReduceOp, Transport};
+
+use crate::cases::{self, Order};
 
 /// This process's rank when it is a child, with the job's world size, local_world_size and port.
 fn child() -> Option<(usize, usize, usize, u16)> {
@@ -33,10 +35,6 @@ fn connect(rank: usize, world: usize, local: usize, port: u16, collective_s: u64
         ..CommOptions::default()
     };
     init(&m, false, &o).expect("init")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
 }
 
 /// Starts `world` children running `test`; their stdout is piped.
@@ -70,34 +68,12 @@ fn results(children: Vec<Child>) -> Vec<Vec<String>> {
         .collect()
 }
 
-fn value(i: usize, rank: usize) -> f64 {
-    ((i * 7 + rank * 3) % 17) as f64
-}
-
 /// Child side of the exactness tests: prints the backend and every failing case.
 fn exact_child(rank: usize, world: usize, local: usize, port: u16) {
     let mut c = connect(rank, world, local, port, 60);
     println!("RESULT backend {}", c.backend());
-    let sum = |i: usize| (0..world).map(|r| value(i, r)).sum::<f64>();
-    for len in [0usize, 1, 7, 1_000_003] {
-        for op in [ReduceOp::Sum, ReduceOp::Avg] {
-            let n = if op == ReduceOp::Avg { world as f64 } else { 1.0 };
-            let mut a: Vec<f32> = (0..len).map(|i| value(i, rank) as f32).collect();
-            c.allreduce(Buffer::F32(&mut a), op).unwrap();
-            if !a.iter().enumerate().all(|(i, v)| *v == sum(i) as f32 / n as f32) {
-                println!("RESULT wrong f32 {op:?} {len}");
-            }
-            let mut b: Vec<f64> = (0..len).map(|i| value(i, rank)).collect();
-            c.allreduce(Buffer::F64(&mut b), op).unwrap();
-            if !b.iter().enumerate().all(|(i, v)| *v == sum(i) / n) {
-                println!("RESULT wrong f64 {op:?} {len}");
-            }
-            let mut h: Vec<bf16> = (0..len).map(|i| bf16::from_f64(value(i, rank))).collect();
-            c.allreduce(Buffer::Bf16(&mut h), op).unwrap();
-            if !h.iter().enumerate().all(|(i, v)| *v == bf16::from_f32(sum(i) as f32 / n as f32)) {
-                println!("RESULT wrong bf16 {op:?} {len}");
-            }
-        }
+    for failure in cases::run(c.as_mut(), Order::SameAsAllreduce, cases::FULL) {
+        println!("RESULT wrong {failure}");
     }
     println!("RESULT done");
 }
@@ -110,8 +86,8 @@ fn check_exact(test: &str, world: usize, local: usize) {
 }
 
 #[test]
-fn two_three_and_four_processes_allreduce_to_the_exact_sum_and_average() {
-    const NAME: &str = "two_three_and_four_processes_allreduce_to_the_exact_sum_and_average";
+fn two_three_and_four_processes_pass_every_case() {
+    const NAME: &str = "shm_processes::two_three_and_four_processes_pass_every_case";
     if let Some((rank, world, local, port)) = child() {
         return exact_child(rank, world, local, port);
     }
@@ -121,8 +97,8 @@ fn two_three_and_four_processes_allreduce_to_the_exact_sum_and_average() {
 }
 
 #[test]
-fn two_nodes_of_two_processes_allreduce_hierarchically_to_the_exact_sum() {
-    const NAME: &str = "two_nodes_of_two_processes_allreduce_hierarchically_to_the_exact_sum";
+fn two_nodes_of_two_processes_pass_every_case_hierarchically() {
+    const NAME: &str = "shm_processes::two_nodes_of_two_processes_pass_every_case_hierarchically";
     if let Some((rank, world, local, port)) = child() {
         return exact_child(rank, world, local, port);
     }
@@ -131,7 +107,8 @@ fn two_nodes_of_two_processes_allreduce_hierarchically_to_the_exact_sum() {
 
 #[test]
 fn a_process_killed_mid_allreduce_makes_the_others_fail_naming_it_within_the_deadline() {
-    const NAME: &str = "a_process_killed_mid_allreduce_makes_the_others_fail_naming_it_within_the_deadline";
+    const NAME: &str =
+        "shm_processes::a_process_killed_mid_allreduce_makes_the_others_fail_naming_it_within_the_deadline";
     if let Some((rank, world, local, port)) = child() {
         // A collective timeout far beyond the test's bound: the failure must be noticed from the dead process,
         // not from silence.
