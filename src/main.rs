@@ -19,6 +19,17 @@ struct Cli {
     command: Command,
 }
 
+/// `hytrain train`'s flags: the job's (data, paths), the training configuration's, the collectives'.
+#[derive(Args)]
+struct TrainCommand {
+    #[command(flatten)]
+    job: TrainJobArgs,
+    #[command(flatten)]
+    config: train::ConfigFlags,
+    #[command(flatten)]
+    comm: CommArgs,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print what hytrain detected: platform, launcher, ranks, master, paths, hyperparameters.
@@ -64,15 +75,8 @@ enum Command {
     ///
     /// Every training flag can also come from `HYTRAIN_<FLAG>` (HYTRAIN_BATCH_SIZE), SageMaker hyperparameters or
     /// SM_HP_<FLAG>; precedence: flag > HYTRAIN_* > hyperparameters.json > SM_HP_* > default.
-    Train {
-        #[command(flatten)]
-        job: TrainJobArgs,
-        // Boxed: the training flags outweigh every other command's (clippy::large_enum_variant).
-        #[command(flatten)]
-        config: Box<train::ConfigFlags>,
-        #[command(flatten)]
-        comm: CommArgs,
-    },
+    // Boxed: the training flags outweigh every other command's (clippy::large_enum_variant).
+    Train(Box<TrainCommand>),
     /// Datasets: pack into shards, inspect, digest the exact batches a rank would see.
     #[command(subcommand)]
     Data(DataCommand),
@@ -383,8 +387,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Train { job, config, comm } => {
-            let args = train::TrainArgs { config: *config, job: job.flags(), comm: comm.options(&plan) };
+        Command::Train(train) => {
+            let TrainCommand { job, config, comm } = *train;
+            let args = train::TrainArgs { config, job: job.flags(), comm: comm.options(&plan) };
             run_train(&plan, &env, &args)
         }
         Command::Data(command) => run_data(&plan, command),

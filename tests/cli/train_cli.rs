@@ -93,6 +93,7 @@ fn a_job_killed_mid_epoch_and_restarted_ends_with_the_weights_of_an_uninterrupte
         std::thread::sleep(Duration::from_millis(5));
     };
     // SIGKILL to the launcher's group; its workers die with it (PDEATHSIG) as on a lost node.
+    // SAFETY: kill(2) takes plain integers and touches no memory of this process.
     unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
     assert!(!child.wait().unwrap().success());
     assert!(
@@ -118,6 +119,7 @@ fn sigterm_checkpoints_and_exits_143_and_the_next_run_resumes() {
     let child = digits_job(dir.path(), 2, &["--epochs", "200", "--validation", "none"]).spawn().unwrap();
     let checkpoints = dir.path().join("hytrain-out/checkpoints");
     std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: kill(2) takes plain integers and touches no memory of this process.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = wait(child, Duration::from_secs(120), "stopping run");
     assert_eq!(out.status.code(), Some(143), "stderr:\n{}", stderr(&out));

@@ -216,6 +216,7 @@ pub(crate) fn kill_rank0_while_replacing_a_checkpoint(dir: &Path, _rng: &mut Rng
     start_rank0_killed_at_second_rename(&mut job, &resumed)?;
     job.wait_for("rank 0's first log line", RUN_LIMIT, |j| !j.stderr(0).is_empty())?;
     let rank0 = tracee(job.pid(0))?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of this process.
     unsafe { libc::kill(rank0, libc::SIGTERM) };
     job.start(1, &resumed, PEER_TIMEOUT, None);
     job.start(2, &resumed, PEER_TIMEOUT, None);

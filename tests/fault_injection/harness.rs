@@ -147,6 +147,7 @@ impl Job {
     }
 
     pub(crate) fn signal(&self, rank: usize, signal: i32) {
+        // SAFETY: kill(2) takes plain integers and touches no memory of this process.
         unsafe { libc::kill(self.pid(rank), signal) };
     }
 

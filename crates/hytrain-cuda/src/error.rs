@@ -269,6 +269,13 @@ pub enum CudaError {
     Shape(String),
 
     /// A host collective under [`crate::HostCollective`] failed (its own message: the rank lost, the timeout).
+    /// Boxed so this error, and the errors that carry it, stay small on the success path.
     #[error(transparent)]
-    Host(#[from] hytrain_comm::CommError),
+    Host(Box<hytrain_comm::CommError>),
+}
+
+impl From<hytrain_comm::CommError> for CudaError {
+    fn from(e: hytrain_comm::CommError) -> Self {
+        CudaError::Host(Box::new(e))
+    }
 }

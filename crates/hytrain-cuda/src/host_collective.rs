@@ -299,7 +299,7 @@ mod tests {
                 0 => c.reduce_scatter(slice(&mut v, DType::F32), DeviceReduceOp::Sum).unwrap_err(),
                 _ => c.allgather_blocks(slice(&mut v, DType::F32)).unwrap_err(),
             };
-            (matches!(e, CudaError::Host(hytrain_comm::CommError::Mismatch(_))), e.to_string())
+            (matches!(&e, CudaError::Host(h) if matches!(**h, hytrain_comm::CommError::Mismatch(_))), e.to_string())
         });
         for (host, message) in results {
             assert!(host, "{message}");
