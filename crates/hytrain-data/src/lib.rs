@@ -26,6 +26,8 @@ pub mod pack;
 pub mod pipeline;
 pub mod sampler;
 pub mod source;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use digest::{digest, DigestArgs};
 pub use error::Error;

@@ -78,6 +78,9 @@ pub struct Summary {
     pub exported_to: Option<PathBuf>,
     /// Optimizer steps of this run skipped because the fp16 gradients overflowed.
     pub skipped_steps: u64,
+    /// Each rank's peak resident host memory in bytes over its whole process so far (the kernel's high-water mark,
+    /// `ru_maxrss`), in rank order; empty where the kernel does not report it.
+    pub peak_host_bytes: Vec<u64>,
     /// The fp16 loss scale at the end (`None` for fp32 and bf16).
     pub loss_scale: Option<f64>,
 }
@@ -106,6 +109,11 @@ impl std::fmt::Display for Summary {
         writeln!(f, "data wait        {:>9.2} s  {:5.1}%", self.data_wait_secs, pct(self.data_wait_secs))?;
         writeln!(f, "compute          {:>9.2} s  {:5.1}%", self.compute_secs, pct(self.compute_secs))?;
         writeln!(f, "allreduce        {:>9.2} s  {:5.1}%", self.allreduce_secs, pct(self.allreduce_secs))?;
+        if let Some((rank, peak)) = self.peak_host_bytes.iter().enumerate().max_by_key(|(_, b)| **b) {
+            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+            let all: Vec<String> = self.peak_host_bytes.iter().map(|b| format!("{:.0}", mib(*b))).collect();
+            writeln!(f, "peak host memory {:>9.1} MiB on rank {rank} (MiB by rank: {})", mib(*peak), all.join(" "))?;
+        }
         if let Some(path) = &self.last_checkpoint {
             writeln!(
                 f,
@@ -456,6 +464,7 @@ impl Trainer {
         let mut samples = [samples_local as f64];
         run.ddp.allreduce_f64(&mut samples, ReduceOp::Sum)?;
         let samples = samples[0] as u64;
+        let peak_host_bytes = peak_host_by_rank(run.ddp)?;
         let mut summary = Summary {
             steps: step,
             steps_run: step - first_step,
@@ -476,6 +485,7 @@ impl Trainer {
             checkpoint_secs,
             exported_to: None,
             skipped_steps: run.skipped_steps,
+            peak_host_bytes,
             loss_scale: run.ddp.grad_scaler().map(GradScaler::scale),
         };
         if rank == 0 && !stopped {
@@ -888,4 +898,25 @@ impl Run<'_> {
         let samples = xs.size().first().copied().unwrap_or(0);
         Ok((loss_correct, ys.size()[0] as f64, samples as f64))
     }
+}
+
+/// Every rank's peak resident host memory (`peak_host_bytes`), in rank order, through one allreduce (each rank's
+/// value in its own slot); empty when a rank's kernel does not report it.
+fn peak_host_by_rank(ddp: &mut Ddp) -> Result<Vec<u64>> {
+    let mut slots = vec![0.0f64; ddp.world_size()];
+    slots[ddp.rank()] = peak_host_bytes().map_or(-1.0, |b| b as f64);
+    ddp.allreduce_f64(&mut slots, ReduceOp::Sum)?;
+    Ok(if slots.iter().any(|b| *b < 0.0) { Vec::new() } else { slots.iter().map(|b| *b as u64).collect() })
+}
+
+/// This process's peak resident set in bytes (`getrusage`'s `ru_maxrss`, which Linux gives in KiB), or `None` if
+/// the call fails.
+fn peak_host_bytes() -> Option<u64> {
+    // SAFETY: rusage is a plain C struct of integers (all-zero is valid) that getrusage fills.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    u64::try_from(usage.ru_maxrss).ok().map(|kib| kib * 1024)
 }

@@ -163,3 +163,17 @@ impl Model for TinyBn {
         self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
     }
 }
+
+/// The handwritten digits `cargo xtask test` packs into shards (and names in HYTRAIN_DEMO_DATA): `train/` and
+/// `test/`, 8x8 grey images of 10 classes.
+pub fn digits() -> PathBuf {
+    let path = std::env::var_os("HYTRAIN_DEMO_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/demo/digits"));
+    assert!(
+        path.join("train").is_dir() && path.join("test").is_dir(),
+        "{} holds no digits shards: run the tests through `cargo xtask test`, which packs them",
+        path.display()
+    );
+    path
+}

@@ -205,6 +205,14 @@ fn two_rank_training_on_separable_data_reaches_high_accuracy() {
     }
     assert_eq!(outcomes[0].summary.val_accuracy, outcomes[1].summary.val_accuracy);
     assert!(identical(&outcomes[0].weights, &outcomes[1].weights));
+    // Each rank's peak host memory, in rank order, on every rank; the ranks here are threads of one process that
+    // holds libtorch, so both slots carry that process's high-water mark, tens of MiB at least.
+    let peaks = &outcomes[0].summary.peak_host_bytes;
+    assert_eq!(peaks, &outcomes[1].summary.peak_host_bytes);
+    assert_eq!(peaks.len(), 2);
+    assert!(peaks.iter().all(|b| *b > 20 << 20), "implausible peaks {peaks:?}");
+    let text = outcomes[0].summary.to_string();
+    assert!(text.contains("peak host memory") && text.contains("MiB by rank:"), "{text}");
 
     let lines = jsonl(dir.path());
     let vals: Vec<_> = lines.iter().filter(|l| l.get("val_accuracy").is_some()).collect();
@@ -644,4 +652,106 @@ fn a_rank_lost_at_any_collective_fails_every_rank_and_a_restart_ends_as_an_unbro
             );
         }
     }
+}
+
+/// Where [`a_read_failing_mid_way`] makes a read fail: in the second epoch, after a whole epoch of steps and an
+/// evaluation.
+#[derive(Clone, Copy, Debug)]
+enum FailingRead {
+    /// Rank 1's training data: the second shard read of epoch 2.
+    Training,
+    /// Rank 0's validation data: the evaluation after epoch 2.
+    Validation,
+}
+
+/// The digits of `split` on `rank` of 2 through a [`FailingSource`] whose read `reads_after_open` after the
+/// dataset is open fails, counted in epochs' worth of reads (`None`: never); each epoch reads every shard once, one
+/// at a time.
+fn digits_loader(split: &str, rank: usize, fail_after: Option<f64>, training: bool) -> hytrain_train::LoaderBatches {
+    use hytrain_data::testing::{FailingSource, ReadFault};
+    use hytrain_data::{Dataset, DatasetOptions, Loader, LoaderConfig, SamplerConfig};
+    let dir: hytrain_data::source::SharedSource =
+        Arc::new(hytrain_data::source::Dir::new(common::digits().join(split)).unwrap());
+    // How many reads opening the dataset takes (the index, any shard it must count), so the fault lands after it.
+    let counting = Arc::new(FailingSource::new(dir.clone(), usize::MAX, ReadFault::Io));
+    Dataset::open(counting.clone(), &DatasetOptions::default()).unwrap();
+    let opening = counting.reads().load(Ordering::SeqCst);
+    let per_epoch = dir.list().unwrap().len() as f64;
+    let fail_at = fail_after.map_or(usize::MAX, |epochs| opening + (epochs * per_epoch).round() as usize);
+    let source = Arc::new(FailingSource::new(dir, fail_at, ReadFault::Io));
+    let dataset = Arc::new(Dataset::open(source, &DatasetOptions::default()).unwrap());
+    let config = LoaderConfig {
+        batch_size: 32,
+        workers: 1,
+        // One shard read at a time, as the batches need it, so a failing read comes mid-epoch.
+        prefetch_bytes: 1,
+        sampler: SamplerConfig { seed: 5, world_size: 2, rank, ..SamplerConfig::default() },
+        ..LoaderConfig::default()
+    };
+    if training {
+        hytrain_train::LoaderBatches::training(Loader::new(dataset, config).unwrap(), 32)
+    } else {
+        hytrain_train::LoaderBatches::evaluation(dataset, config).unwrap()
+    }
+}
+
+/// A read failing mid-way (a lost mount) on one rank: every rank stops with an error, the failing rank's naming
+/// the object and the cause and the other's naming the rank whose data failed, and no rank applied an optimizer
+/// step the other did not (the weights stay equal), so a restart from the last checkpoint is the whole recovery.
+fn a_read_failing_mid_way(at: FailingRead) {
+    let config = TrainConfig { epochs: 2, batch_size: 32, test_batch_size: 32, lr: 0.05, ..config() };
+    let results = on_ranks(2, |rank, comm| {
+        let net = seeded(1, || model::build("mlp:16", 10, &[1, 8, 8], Device::Cpu)).unwrap();
+        let mut ddp = Ddp::new(net, comm, config.ddp_options()).unwrap();
+        let mut opt = config.optimizer_config().build(ddp.parameters()).unwrap();
+        let (train_fault, val_fault) = match at {
+            // Training: 4 shards, so 1.25 epochs' reads is epoch 2's second; validation: 1 shard, so epoch 2's.
+            FailingRead::Training if rank == 1 => (Some(1.25), None),
+            FailingRead::Validation if rank == 0 => (None, Some(1.0)),
+            _ => (None, None),
+        };
+        let mut train = digits_loader("train", rank, train_fault, true);
+        let mut val = digits_loader("test", rank, val_fault, false);
+        let stop = AtomicBool::new(false);
+        let mut trainer = Trainer::new().with_progress_bar(false);
+        let paths = RunPaths::default();
+        let result = trainer.run(
+            &mut ddp,
+            opt.as_mut(),
+            &hytrain_train::Schedule::Constant,
+            &config,
+            &mut train,
+            Some(&mut val),
+            &paths,
+            &stop,
+        );
+        (result.map(|_| ()).map_err(|e| e.to_string()), deep_copy(ddp.parameters()))
+    });
+    let (failing, other) = match at {
+        FailingRead::Training => (1, 0),
+        FailingRead::Validation => (0, 1),
+    };
+    let failed = results[failing].0.as_ref().expect_err("the rank whose read failed must fail");
+    assert!(
+        failed.contains("cannot read shard-") && failed.contains("injected by FailingSource"),
+        "the failing rank names the object and the cause: {failed}"
+    );
+    let when = match at {
+        FailingRead::Training => "training batch 1 of epoch 2",
+        FailingRead::Validation => "validation batch 1",
+    };
+    assert!(failed.starts_with(when), "the failure comes where it was injected ({when}): {failed}");
+    let told = results[other].0.as_ref().expect_err("the other rank must fail too, not hang or go on alone");
+    assert!(told.contains("another rank"), "the other rank says a peer's data failed: {told}");
+    assert!(identical(&results[0].1, &results[1].1), "a rank stepped alone after the failure ({at:?})");
+}
+
+#[test]
+fn a_training_read_failing_mid_run_stops_every_rank_with_equal_weights() {
+    a_read_failing_mid_way(FailingRead::Training);
+}
+
+#[test]
+fn a_validation_read_failing_stops_every_rank_with_equal_weights() {
+    a_read_failing_mid_way(FailingRead::Validation);
 }
