@@ -7,7 +7,7 @@ use std::ffi::{c_char, c_int, c_void};
 
 use tch::{Device, Kind, Tensor};
 
-use super::{torch, AdamState, AdamWConfig, SgdConfig};
+use super::{torch, AdamState, AdamWConfig, Gradients, SgdConfig};
 use crate::shim::{handle, shim};
 use crate::Result;
 
@@ -44,10 +44,14 @@ extern "C" {
 }
 
 /// Indices of the parameters with a gradient, grouped by `key` in order of first appearance.
-fn groups<K: PartialEq>(params: &[(String, Tensor)], key: impl Fn(usize, &Tensor) -> K) -> Vec<Vec<usize>> {
+fn groups<K: PartialEq>(
+    params: &[(String, Tensor)],
+    grads: &Gradients,
+    key: impl Fn(usize, &Tensor) -> K,
+) -> Vec<Vec<usize>> {
     let mut out: Vec<(K, Vec<usize>)> = Vec::new();
     for (i, (_, p)) in params.iter().enumerate() {
-        if !p.grad().defined() {
+        if !grads.of(params, i).defined() {
             continue;
         }
         let k = key(i, p);
@@ -71,13 +75,14 @@ fn group_name(params: &[(String, Tensor)], members: &[usize]) -> String {
 /// parameters whose buffers exist already and one of those without are two calls).
 pub(super) fn sgd_step(
     params: &[(String, Tensor)],
+    grads: &Gradients,
     buffers: &mut [Option<Tensor>],
     c: SgdConfig,
     lr: f64,
 ) -> Result<()> {
     let momentum = c.momentum != 0.0;
     let by = |i: usize, p: &Tensor| (p.device(), p.kind(), momentum && buffers[i].is_none());
-    for members in groups(params, by) {
+    for members in groups(params, grads, by) {
         let name = group_name(params, &members);
         let e = torch(&name);
         let is_first_step = momentum && buffers[members[0]].is_none();
@@ -86,7 +91,7 @@ pub(super) fn sgd_step(
                 buffers[i] = Some(params[i].1.f_empty_like().map_err(&e)?);
             }
         }
-        let grads: Vec<Tensor> = members.iter().map(|&i| params[i].1.grad()).collect();
+        let grads: Vec<Tensor> = members.iter().map(|&i| grads.of(params, i)).collect();
         let ps: Vec<*mut c_void> = members.iter().map(|&i| handle(&params[i].1)).collect();
         let gs: Vec<*mut c_void> = grads.iter().map(handle).collect();
         let bs: Vec<*mut c_void> = if momentum {
@@ -129,12 +134,13 @@ pub(super) fn sgd_step(
 /// from the count kept in [`AdamState::step`] when missing, after a restore), incremented by the shim.
 pub(super) fn adamw_step(
     params: &[(String, Tensor)],
+    grads: &Gradients,
     state: &mut [Option<AdamState>],
     c: AdamWConfig,
     lr: f64,
 ) -> Result<()> {
     let (beta1, beta2) = c.betas;
-    for members in groups(params, |_, p: &Tensor| (p.device(), p.kind())) {
+    for members in groups(params, grads, |_, p: &Tensor| (p.device(), p.kind())) {
         let name = group_name(params, &members);
         let e = torch(&name);
         for &i in &members {
@@ -152,7 +158,7 @@ pub(super) fn adamw_step(
                 st.step_count = Some(Tensor::f_full([], st.step, (Kind::Float, p.device())).map_err(&e)?);
             }
         }
-        let grads: Vec<Tensor> = members.iter().map(|&i| params[i].1.grad()).collect();
+        let grads: Vec<Tensor> = members.iter().map(|&i| grads.of(params, i)).collect();
         let st = |i: usize| state[i].as_ref().expect("made above");
         let ps: Vec<*mut c_void> = members.iter().map(|&i| handle(&params[i].1)).collect();
         let gs: Vec<*mut c_void> = grads.iter().map(handle).collect();

@@ -49,6 +49,9 @@ pub trait Optimizer: Send {
     /// One update of every parameter that has a gradient, with learning rate `lr`.
     fn step(&mut self, lr: f64) -> Result<()>;
 
+    /// The names of the tensors it updates, in order (the model's parameters, or a sharded engine's shards).
+    fn parameter_names(&self) -> Vec<&str>;
+
     /// The state as named tensors (`<param>.momentum_buffer`, `<param>.exp_avg`, `<param>.exp_avg_sq`,
     /// `<param>.step`), for checkpoints.
     fn state(&self) -> Vec<(String, Tensor)>;
@@ -121,6 +124,62 @@ impl OptimizerConfig {
             OptimizerConfig::Sgd(c) => Box::new(Sgd::new(params, *c)?.with_implementation(implementation)),
             OptimizerConfig::AdamW(c) => Box::new(AdamW::new(params, *c)?.with_implementation(implementation)),
         })
+    }
+
+    /// Builds the optimizer over `(name, tensor, gradient)` triples: each step updates `tensor` from `gradient`
+    /// as it holds then, not from `tensor.grad()`. Sharded training ([`crate::ShardMode`]) steps views of a flat
+    /// parameter buffer this way, with views of the reduced gradient block as their gradients.
+    pub fn build_over_gradients(&self, targets: &[(String, Tensor, Tensor)]) -> Result<Box<dyn Optimizer>> {
+        let params: Vec<(String, Tensor)> = targets.iter().map(|(n, t, _)| (n.clone(), t.shallow_clone())).collect();
+        let grads: Vec<Tensor> = targets.iter().map(|(_, _, g)| g.shallow_clone()).collect();
+        let implementation = Implementation::for_parameters(&params);
+        Ok(match self {
+            OptimizerConfig::Sgd(c) => {
+                Box::new(Sgd::new(&params, *c)?.with_implementation(implementation).with_gradients(grads)?)
+            }
+            OptimizerConfig::AdamW(c) => {
+                Box::new(AdamW::new(&params, *c)?.with_implementation(implementation).with_gradients(grads)?)
+            }
+        })
+    }
+}
+
+/// Where an optimizer reads its parameters' gradients: each parameter's `.grad`, or tensors given at build time.
+#[derive(Debug, Default)]
+struct Gradients(Option<Vec<Tensor>>);
+
+impl Gradients {
+    /// The gradient of parameter `i` (undefined when it has none).
+    fn of(&self, params: &[(String, Tensor)], i: usize) -> Tensor {
+        match &self.0 {
+            Some(grads) => grads[i].shallow_clone(),
+            None => params[i].1.grad(),
+        }
+    }
+
+    /// Explicit gradients for `params`, one per parameter, each of its parameter's shape, dtype and device.
+    fn explicit(params: &[(String, Tensor)], grads: Vec<Tensor>) -> Result<Self> {
+        if grads.len() != params.len() {
+            return Err(TrainError::OptimizerState(format!(
+                "{} gradients given for {} parameters",
+                grads.len(),
+                params.len()
+            )));
+        }
+        for ((name, p), g) in params.iter().zip(&grads) {
+            if g.size() != p.size() || g.kind() != p.kind() || g.device() != p.device() {
+                return Err(TrainError::OptimizerState(format!(
+                    "the gradient given for {name} is {:?} {:?} on {:?}, the parameter {:?} {:?} on {:?}",
+                    g.size(),
+                    g.kind(),
+                    g.device(),
+                    p.size(),
+                    p.kind(),
+                    p.device()
+                )));
+            }
+        }
+        Ok(Gradients(Some(grads)))
     }
 }
 
@@ -232,6 +291,7 @@ pub struct Sgd {
     params: Vec<(String, Tensor)>,
     config: SgdConfig,
     momentum_buffers: Vec<Option<Tensor>>,
+    grads: Gradients,
     scratch: Scratch,
     implementation: Implementation,
 }
@@ -249,6 +309,7 @@ impl Sgd {
             params: shallow(params),
             config,
             momentum_buffers: (0..params.len()).map(|_| None).collect(),
+            grads: Gradients::default(),
             scratch: Scratch::default(),
             implementation: Implementation::for_parameters(params),
         })
@@ -264,6 +325,13 @@ impl Sgd {
     pub fn implementation(&self) -> Implementation {
         self.implementation
     }
+
+    /// The same optimizer reading each parameter's gradient from `grads` (one per parameter, in order, each of
+    /// its parameter's shape, dtype and device) instead of its `.grad`.
+    pub fn with_gradients(mut self, grads: Vec<Tensor>) -> Result<Self> {
+        self.grads = Gradients::explicit(&self.params, grads)?;
+        Ok(self)
+    }
 }
 
 impl Optimizer for Sgd {
@@ -271,13 +339,17 @@ impl Optimizer for Sgd {
         "sgd"
     }
 
+    fn parameter_names(&self) -> Vec<&str> {
+        self.params.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
     fn step(&mut self, lr: f64) -> Result<()> {
         let c = self.config;
         if self.implementation == Implementation::Fused {
-            return fused::sgd_step(&self.params, &mut self.momentum_buffers, c, lr);
+            return fused::sgd_step(&self.params, &self.grads, &mut self.momentum_buffers, c, lr);
         }
-        for ((name, param), buf) in self.params.iter().zip(self.momentum_buffers.iter_mut()) {
-            let grad = param.grad();
+        for (i, ((name, param), buf)) in self.params.iter().zip(self.momentum_buffers.iter_mut()).enumerate() {
+            let grad = self.grads.of(&self.params, i);
             if !grad.defined() {
                 continue;
             }
@@ -359,6 +431,7 @@ pub struct AdamW {
     params: Vec<(String, Tensor)>,
     config: AdamWConfig,
     state: Vec<Option<AdamState>>,
+    grads: Gradients,
     scratch: Scratch,
     implementation: Implementation,
 }
@@ -376,6 +449,7 @@ impl AdamW {
             params: shallow(params),
             config,
             state: (0..params.len()).map(|_| None).collect(),
+            grads: Gradients::default(),
             scratch: Scratch::default(),
             implementation: Implementation::for_parameters(params),
         })
@@ -391,6 +465,13 @@ impl AdamW {
     pub fn implementation(&self) -> Implementation {
         self.implementation
     }
+
+    /// The same optimizer reading each parameter's gradient from `grads` (one per parameter, in order, each of
+    /// its parameter's shape, dtype and device) instead of its `.grad`.
+    pub fn with_gradients(mut self, grads: Vec<Tensor>) -> Result<Self> {
+        self.grads = Gradients::explicit(&self.params, grads)?;
+        Ok(self)
+    }
 }
 
 impl Optimizer for AdamW {
@@ -398,14 +479,18 @@ impl Optimizer for AdamW {
         "adamw"
     }
 
+    fn parameter_names(&self) -> Vec<&str> {
+        self.params.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
     fn step(&mut self, lr: f64) -> Result<()> {
         let c = self.config;
         if self.implementation == Implementation::Fused {
-            return fused::adamw_step(&self.params, &mut self.state, c, lr);
+            return fused::adamw_step(&self.params, &self.grads, &mut self.state, c, lr);
         }
         let (beta1, beta2) = c.betas;
-        for ((name, param), slot) in self.params.iter().zip(self.state.iter_mut()) {
-            let grad = param.grad();
+        for (i, ((name, param), slot)) in self.params.iter().zip(self.state.iter_mut()).enumerate() {
+            let grad = self.grads.of(&self.params, i);
             if !grad.defined() {
                 continue;
             }
@@ -749,6 +834,66 @@ mod tests {
                 assert!((x - y).abs().max().double_value(&[]) / scale <= 1e-6, "{cfg:?}: state {n} differs");
             }
         }
+    }
+
+    #[test]
+    fn explicit_gradients_update_exactly_as_the_parameters_own() {
+        let configs = [
+            OptimizerConfig::Sgd(SgdConfig { momentum: 0.9, nesterov: true, weight_decay: 1e-2, ..Default::default() }),
+            OptimizerConfig::AdamW(AdamWConfig::default()),
+        ];
+        for cfg in configs {
+            for implementation in [Implementation::SingleTensor, Implementation::Fused] {
+                let own = mixed_params();
+                let mut by_grad = cfg.build_with(&own, implementation).unwrap();
+                // The explicit targets are plain tensors (no autograd) with gradients kept beside them.
+                let targets: Vec<(String, Tensor, Tensor)> =
+                    own.iter().map(|(n, p)| (n.clone(), p.detach().copy(), p.detach().zeros_like())).collect();
+                let mut explicit = match implementation {
+                    Implementation::SingleTensor => cfg.build_over_gradients(&targets).unwrap(),
+                    Implementation::Fused => {
+                        let params: Vec<(String, Tensor)> =
+                            targets.iter().map(|(n, t, _)| (n.clone(), t.shallow_clone())).collect();
+                        let grads = targets.iter().map(|(_, _, g)| g.shallow_clone()).collect();
+                        match cfg {
+                            OptimizerConfig::Sgd(c) => Box::new(
+                                Sgd::new(&params, c)
+                                    .unwrap()
+                                    .with_implementation(implementation)
+                                    .with_gradients(grads)
+                                    .unwrap(),
+                            ) as Box<dyn Optimizer>,
+                            OptimizerConfig::AdamW(c) => Box::new(
+                                AdamW::new(&params, c)
+                                    .unwrap()
+                                    .with_implementation(implementation)
+                                    .with_gradients(grads)
+                                    .unwrap(),
+                            ),
+                        }
+                    }
+                };
+                for step in 0..4 {
+                    let g: Vec<Tensor> =
+                        own.iter().map(|(_, p)| spread(&p.size(), p.kind(), f64::from(step) + 0.5)).collect();
+                    give_gradients(&own, &g);
+                    for ((_, _, grad), g) in targets.iter().zip(&g) {
+                        grad.shallow_clone().copy_(g);
+                    }
+                    by_grad.step(0.05).unwrap();
+                    explicit.step(0.05).unwrap();
+                }
+                for ((name, p), (_, t, _)) in own.iter().zip(&targets) {
+                    assert!(p.detach().equal(t), "{cfg:?} {implementation:?}: {name} differs");
+                }
+                assert_eq!(explicit.parameter_names(), vec!["a", "b", "c", "unused"]);
+            }
+        }
+        let p = param(&[1.0, 2.0]);
+        let e = Sgd::new(&p, SgdConfig::default())
+            .unwrap()
+            .with_gradients(vec![Tensor::zeros([3], (Kind::Float, Device::Cpu))]);
+        assert!(e.unwrap_err().to_string().contains("the gradient given for w is [3]"));
     }
 
     #[test]
