@@ -7,6 +7,8 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use hytrain_comm::testing::free_port;
+
 const RIGHT: &str = "right-token-0f3a9c51e7d2b864";
 const WRONG: &str = "wrong-token-7c1e5a93d0b2f468";
 /// Every process here must end well within this, or the test fails instead of hanging.
@@ -43,10 +45,6 @@ fn wait(mut child: Child, what: &str) -> Output {
 
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
 }
 
 fn connect_when_listening(port: u16) -> TcpStream {

@@ -25,10 +25,7 @@ pub fn command(args: &[&str], env: &[(&str, String)]) -> Command {
     c
 }
 
-/// A TCP port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
-}
+pub use hytrain_comm::testing::free_port;
 
 /// Waits for a child with a deadline; a child still running then is killed and the test fails, so no test hangs.
 pub fn wait(mut child: Child, limit: Duration, what: &str) -> Output {

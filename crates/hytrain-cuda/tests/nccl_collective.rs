@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use hytrain_comm::testing::free_port;
 use hytrain_cuda::{
     exchange_unique_id, CudaDriver, CudaError, DType, DeviceCollective, DeviceReduceOp, DeviceSlice, Nccl,
     NcclCollective, Origin, Search, SideStream, TorchStreams, UniqueId,
@@ -578,10 +579,6 @@ fn member(rank: usize, world: usize, port: u16) -> hytrain_comm::Membership {
         master_addr: "127.0.0.1".into(),
         master_port: port,
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
 }
 
 fn options(rendezvous: Duration) -> hytrain_comm::CommOptions {

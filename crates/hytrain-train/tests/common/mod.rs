@@ -15,33 +15,25 @@ use tch::{Device, Kind, TchError, Tensor};
 /// Runs `f(rank, collective)` on one thread per rank, each rank joined to the others through hytrain-comm's real
 /// rendezvous store and TCP ring on loopback; results in rank order.
 pub fn on_ranks<T: Send>(world: usize, f: impl Fn(usize, Box<dyn Collective>) -> T + Sync) -> Vec<T> {
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port();
+    let port = hytrain_comm::testing::free_port();
     let opts = CommOptions {
         rendezvous_timeout: Duration::from_secs(60),
         collective_timeout: Duration::from_secs(60),
         job_id: format!("hytrain-train-test-{port}"),
         ..CommOptions::default()
     };
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..world)
-            .map(|rank| {
-                let (f, opts) = (&f, &opts);
-                s.spawn(move || {
-                    tch::set_num_threads(1);
-                    let me = Membership {
-                        rank,
-                        world_size: world,
-                        local_rank: rank,
-                        local_world_size: world,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
-                    let comm = hytrain_comm::init(&me, false, opts).expect("ranks connect over loopback");
-                    f(rank, comm)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+    hytrain_comm::testing::on_ranks(world, |rank| {
+        tch::set_num_threads(1);
+        let me = Membership {
+            rank,
+            world_size: world,
+            local_rank: rank,
+            local_world_size: world,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        };
+        let comm = hytrain_comm::init(&me, false, &opts).expect("ranks connect over loopback");
+        f(rank, comm)
     })
 }
 
