@@ -43,7 +43,7 @@ pub struct Report {
     pub allreduce_checks: Vec<AllreduceCheck>,
     /// Whether a broadcast from the last rank arrived intact everywhere.
     pub broadcast_ok: bool,
-    /// Measured bandwidth per size.
+    /// Measured bandwidth per collective and size (every allreduce row, then reduce_scatter, then allgather).
     pub sizes: Vec<Bandwidth>,
     /// Ranks on which at least one check failed.
     pub failed_ranks: Vec<usize>,
@@ -86,16 +86,24 @@ pub struct AllreduceCheck {
     pub last: Option<f64>,
 }
 
-/// Allreduce bandwidth at one size.
+/// The collectives whose bandwidth doctor measures: the allreduce DDP runs, and the reduce-scatter and allgather
+/// that sharded training (`--shard`) runs instead.
+pub const MEASURED_OPS: [&str; 3] = ["allreduce", "reduce_scatter", "allgather"];
+
+/// One collective's bandwidth at one size.
 #[derive(Debug, Clone, Serialize)]
 pub struct Bandwidth {
-    /// Message size in bytes (f32 elements).
+    /// The collective: `allreduce`, `reduce_scatter` or `allgather` (in place, one block per rank).
+    pub op: &'static str,
+    /// Size of the whole buffer in bytes (f32 elements; for reduce_scatter and allgather a multiple of the world
+    /// size, each rank's block being 1/world of it).
     pub bytes: usize,
-    /// Mean time of one allreduce, averaged over ranks, in milliseconds.
+    /// Mean time of one call, averaged over ranks, in milliseconds.
     pub time_ms: f64,
     /// Algorithm bandwidth: bytes / time, GB/s (1e9).
     pub algbw_gbps: f64,
-    /// Bus bandwidth: algbw * 2(n-1)/n, the figure comparable across world sizes (as nccl-tests report it).
+    /// Bus bandwidth, the figure comparable across world sizes, as nccl-tests report it: algbw * 2(n-1)/n for
+    /// allreduce, algbw * (n-1)/n for reduce_scatter and allgather (each moves half of what an allreduce does).
     pub busbw_gbps: f64,
 }
 
@@ -254,29 +262,41 @@ fn check_broadcast(collective: &mut dyn Collective) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
+/// Times every collective of [`MEASURED_OPS`] at every size, all allreduces first.
 fn measure(collective: &mut dyn Collective, sizes: &[usize], iters: usize) -> anyhow::Result<Vec<Bandwidth>> {
     let world = collective.world_size();
-    let mut out = Vec::with_capacity(sizes.len());
-    for &bytes in sizes {
-        let mut buf = vec![1.0f32; bytes / 4];
-        let iters = if iters > 0 { iters } else { (256 << 20) / bytes.max(1 << 20) }.clamp(1, 50);
-        for _ in 0..2 {
-            collective.allreduce(Buffer::F32(&mut buf), ReduceOp::Sum)?;
+    let mut out = Vec::with_capacity(sizes.len() * MEASURED_OPS.len());
+    for op in MEASURED_OPS {
+        for &bytes in sizes {
+            // reduce_scatter and allgather split the buffer into one equal block per rank.
+            let len = if op == "allreduce" { bytes / 4 } else { bytes / 4 / world * world };
+            let mut buf = vec![1.0f32; len];
+            let iters = if iters > 0 { iters } else { (256 << 20) / bytes.max(1 << 20) }.clamp(1, 50);
+            let mut call = |buf: &mut [f32]| match op {
+                "allreduce" => collective.allreduce(Buffer::F32(buf), ReduceOp::Sum),
+                "reduce_scatter" => collective.reduce_scatter(Buffer::F32(buf), ReduceOp::Sum),
+                _ => collective.allgather_blocks(Buffer::F32(buf)),
+            };
+            for _ in 0..2 {
+                call(&mut buf)?;
+            }
+            let start = Instant::now();
+            for _ in 0..iters {
+                call(&mut buf)?;
+            }
+            let mut seconds = [start.elapsed().as_secs_f64() / iters as f64];
+            collective.allreduce(Buffer::F64(&mut seconds), ReduceOp::Avg)?;
+            let algbw = if seconds[0] > 0.0 { (len * 4) as f64 / seconds[0] / 1e9 } else { 0.0 };
+            let moved = if op == "allreduce" { 2.0 } else { 1.0 };
+            let factor = if world > 1 { moved * (world - 1) as f64 / world as f64 } else { 0.0 };
+            out.push(Bandwidth {
+                op,
+                bytes: len * 4,
+                time_ms: seconds[0] * 1e3,
+                algbw_gbps: algbw,
+                busbw_gbps: algbw * factor,
+            });
         }
-        let start = Instant::now();
-        for _ in 0..iters {
-            collective.allreduce(Buffer::F32(&mut buf), ReduceOp::Sum)?;
-        }
-        let mut seconds = [start.elapsed().as_secs_f64() / iters as f64];
-        collective.allreduce(Buffer::F64(&mut seconds), ReduceOp::Avg)?;
-        let algbw = if seconds[0] > 0.0 { (buf.len() * 4) as f64 / seconds[0] / 1e9 } else { 0.0 };
-        let factor = if world > 1 { 2.0 * (world - 1) as f64 / world as f64 } else { 0.0 };
-        out.push(Bandwidth {
-            bytes: buf.len() * 4,
-            time_ms: seconds[0] * 1e3,
-            algbw_gbps: algbw,
-            busbw_gbps: algbw * factor,
-        });
     }
     Ok(out)
 }
@@ -299,11 +319,16 @@ impl std::fmt::Display for Report {
         );
         let _ = writeln!(s, "  broadcast: {}", verdict(self.broadcast_ok));
         if !self.sizes.is_empty() {
-            let _ = writeln!(s, "  {:>10} {:>12} {:>14} {:>14}", "size", "time (ms)", "algbw (GB/s)", "busbw (GB/s)");
+            let _ = writeln!(
+                s,
+                "  {:<15} {:>10} {:>12} {:>14} {:>14}",
+                "collective", "size", "time (ms)", "algbw (GB/s)", "busbw (GB/s)"
+            );
             for b in &self.sizes {
                 let _ = writeln!(
                     s,
-                    "  {:>10} {:>12.3} {:>14.3} {:>14.3}",
+                    "  {:<15} {:>10} {:>12.3} {:>14.3} {:>14.3}",
+                    b.op,
                     super::format_size(b.bytes),
                     b.time_ms,
                     b.algbw_gbps,

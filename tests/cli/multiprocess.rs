@@ -64,6 +64,25 @@ fn assert_exact_sums(report: &Value, world: usize) {
     }
     let peers: Vec<u64> = report["peers"].as_array().unwrap().iter().map(|p| p["rank"].as_u64().unwrap()).collect();
     assert_eq!(peers, (0..world as u64).collect::<Vec<_>>());
+    assert_every_collective_measured(report, world);
+}
+
+/// The bandwidth table has one row per collective (allreduce, then reduce_scatter and allgather, which sharded
+/// training runs) for the one size asked (64 KiB), with the block-splitting ones cut to whole blocks per rank and
+/// bus bandwidth as nccl-tests define it (2(n-1)/n of algbw for allreduce, (n-1)/n for the others).
+fn assert_every_collective_measured(report: &Value, world: usize) {
+    let rows = report["sizes"].as_array().unwrap();
+    let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["allreduce", "reduce_scatter", "allgather"], "{report}");
+    for r in rows {
+        let bytes = r["bytes"].as_u64().unwrap() as usize;
+        let (moved, whole) = if r["op"] == "allreduce" { (2.0, 65536) } else { (1.0, 65536 / 4 / world * world * 4) };
+        assert_eq!(bytes, whole, "{r}");
+        let (algbw, busbw) = (r["algbw_gbps"].as_f64().unwrap(), r["busbw_gbps"].as_f64().unwrap());
+        assert!(algbw > 0.0, "{r}");
+        let factor = if world > 1 { moved * (world - 1) as f64 / world as f64 } else { 0.0 };
+        assert!((busbw - algbw * factor).abs() <= 1e-9 * algbw.max(1.0), "{r}");
+    }
 }
 
 fn kubeflow_env(rank: usize, world: usize, port: u16) -> Vec<(&'static str, String)> {
