@@ -706,7 +706,7 @@ pub fn run(plan: &Plan, env: &crate::cluster::Env, args: &TrainArgs, stop: &Atom
         };
         ddp = ddp.with_device_collective(Box::new(nccl), side)?;
     }
-    let mut optimizer = cfg.optimizer_config().build(ddp.parameters())?;
+    let mut optimizer = ddp.build_optimizer(&cfg.optimizer_config())?;
     let steps_per_epoch = crate::train::BatchSource::batches_per_epoch(&train) / cfg.grad_accum as u64;
     let schedule = cfg.schedule_for(cfg.total_steps(steps_per_epoch))?;
     if t.rank == 0 {

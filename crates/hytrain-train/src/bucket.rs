@@ -9,6 +9,9 @@
 //! and pack and unpack copy nothing. They still copy a gradient that is not its view (one replaced by someone
 //! else), so the result is the same either way.
 
+use std::ops::Range;
+
+use hytrain_cuda::{CudaError, DType, DeviceCollective, DeviceReduceOp, DeviceSlice};
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::{Buffer, Collective, CommError, ReduceOp};
@@ -65,9 +68,55 @@ pub struct Bucket {
     members: Vec<usize>,
     offsets: Vec<i64>,
     numel: usize,
+    /// Elements of the flat buffers: `numel`, padded to a multiple of the world size when sharded.
+    padded: usize,
     kind: Kind,
     // Host memory: the collectives work on byte slices (a device bucket would be staged through here).
     flat: Tensor,
+    /// The sharded layout (ZeRO), when the engine shards.
+    shard: Option<Sharding>,
+}
+
+/// A sharded bucket (ZeRO): its parameters are views of one flat parameter buffer, and this rank owns one block
+/// of it and of the averaged gradient.
+#[derive(Debug)]
+struct Sharding {
+    /// This rank's elements of the flat buffers.
+    block: Range<usize>,
+    /// The flat parameter buffer (padding zero), on the parameters' device; the members are views of it.
+    params: Tensor,
+    /// ZeRO-2: this rank's block of the averaged gradient, kept while the full gradient buffer is released between
+    /// reductions. ZeRO-1 reads the block in the gradient buffer itself.
+    grad: Option<Tensor>,
+}
+
+/// `t` (contiguous, `n` elements of the reducible `kind`, in host memory) as a collective's buffer.
+///
+/// # Safety
+/// Nothing else may read or write `t`'s memory while the slice lives.
+pub(crate) unsafe fn host_buffer<'a>(t: &'a Tensor, kind: Kind, n: usize) -> Buffer<'a> {
+    let ptr = t.data_ptr();
+    // SAFETY: the caller's promise; `t` holds `n` elements of `kind` from `ptr`. half::bf16 is a transparent
+    // u16, libtorch's BFloat16 layout.
+    unsafe {
+        match kind {
+            Kind::Float => Buffer::F32(std::slice::from_raw_parts_mut(ptr.cast::<f32>(), n)),
+            Kind::Double => Buffer::F64(std::slice::from_raw_parts_mut(ptr.cast::<f64>(), n)),
+            Kind::BFloat16 => Buffer::Bf16(std::slice::from_raw_parts_mut(ptr.cast::<half::bf16>(), n)),
+            other => unreachable!("bucket of non-reducible kind {other:?} (Ddp::new checks kinds)"),
+        }
+    }
+}
+
+/// The device collective's dtype of a bucket's kind.
+pub(crate) fn device_dtype(kind: Kind) -> DType {
+    match kind {
+        Kind::Float => DType::F32,
+        Kind::Double => DType::F64,
+        Kind::BFloat16 => DType::Bf16,
+        Kind::Half => DType::F16,
+        other => unreachable!("bucket of non-reducible kind {other:?} (Ddp::new checks kinds)"),
+    }
 }
 
 impl Bucket {
@@ -81,7 +130,72 @@ impl Bucket {
             numel += params[m].1.numel();
         }
         let flat = Tensor::f_zeros([numel as i64], (kind, Device::Cpu))?;
-        Ok(Bucket { members, offsets, numel, kind, flat })
+        Ok(Bucket { members, offsets, numel, padded: numel, kind, flat, shard: None })
+    }
+
+    /// Shards this bucket over `world` ranks as rank `rank` (ZeRO): the flat buffers are padded to a multiple of
+    /// `world`, and the members become views of one flat parameter buffer on their device, holding their values,
+    /// so that [`Bucket::allgather_parameters`] updates the model in place. With `release` (ZeRO-2) the full
+    /// gradient buffer exists only from [`Bucket::pack`] until [`Bucket::finish`]; the members' gradients are
+    /// then libtorch's own until packed, and undefined after.
+    pub(crate) fn shard(
+        &mut self,
+        params: &[(String, Tensor)],
+        rank: usize,
+        world: usize,
+        release: bool,
+    ) -> Result<(), TchError> {
+        let padded = self.numel.div_ceil(world) * world;
+        let device = params[self.members[0]].1.device();
+        let flat_params = Tensor::f_zeros([padded as i64], (self.kind, device))?;
+        for (&m, &off) in self.members.iter().zip(&self.offsets) {
+            let p = &params[m].1;
+            let view = flat_params.f_narrow(0, off, p.numel() as i64)?.f_view(p.size().as_slice())?;
+            tch::no_grad(|| view.shallow_clone().f_copy_(p))?;
+            // Every handle on the parameter (the model's own included) shares its TensorImpl: all see the view.
+            p.shallow_clone().f_set_data(&view)?;
+        }
+        let block = hytrain_comm::block_range(padded, world, rank);
+        let grad = if release { Some(Tensor::f_zeros([block.len() as i64], (self.kind, device))?) } else { None };
+        self.padded = padded;
+        self.flat = Tensor::f_zeros([if release { 0 } else { padded as i64 }], (self.kind, self.flat.device()))?;
+        self.shard = Some(Sharding { block, params: flat_params, grad });
+        Ok(())
+    }
+
+    /// Whether the full gradient buffer is released between reductions (ZeRO-2).
+    pub(crate) fn releases_gradients(&self) -> bool {
+        self.shard.as_ref().is_some_and(|s| s.grad.is_some())
+    }
+
+    /// A sharded bucket's block of the parameters and of the averaged gradient (views), the pair the optimizer
+    /// steps; `None` unsharded.
+    pub(crate) fn shard_pair(&self) -> Result<Option<(Tensor, Tensor)>, TchError> {
+        let Some(shard) = &self.shard else {
+            return Ok(None);
+        };
+        let (start, len) = (shard.block.start as i64, shard.block.len() as i64);
+        let params = shard.params.f_narrow(0, start, len)?;
+        let grad = match &shard.grad {
+            Some(grad) => grad.shallow_clone(),
+            None => self.flat.f_narrow(0, start, len)?,
+        };
+        Ok(Some((params, grad)))
+    }
+
+    /// Elements of the flat buffers (padding included).
+    pub(crate) fn padded_numel(&self) -> usize {
+        self.padded
+    }
+
+    /// Where each member's values sit in the flat buffers: `(member, offset)`.
+    pub(crate) fn layout(&self) -> impl Iterator<Item = (usize, i64)> + '_ {
+        self.members.iter().copied().zip(self.offsets.iter().copied())
+    }
+
+    /// This rank's block of the flat buffers, when sharded.
+    pub(crate) fn block(&self) -> Option<Range<usize>> {
+        self.shard.as_ref().map(|s| s.block.clone())
     }
 
     /// Indices of the parameters in this bucket, in the order their gradients sit in the buffer.
@@ -99,14 +213,19 @@ impl Bucket {
         }
     }
 
-    /// Size of the flat buffer in bytes.
+    /// Size of the flat buffer in bytes (padding included when sharded).
     pub fn bytes(&self) -> usize {
-        self.numel * self.kind.elt_size_in_bytes()
+        self.padded * self.kind.elt_size_in_bytes()
     }
 
     /// Makes each member's `.grad` a view of its place in the flat buffer, holding the gradient it had (zeros when
     /// it had none). Call again after the buffer moves ([`Bucket::to_device`]).
+    ///
+    /// A bucket that releases its gradients between reductions (ZeRO-2) has no buffer to view: nothing is done.
     pub fn view_gradients(&self, params: &[(String, Tensor)]) -> Result<(), TchError> {
+        if self.releases_gradients() {
+            return Ok(());
+        }
         for (&m, &off) in self.members.iter().zip(&self.offsets) {
             let p = &params[m].1;
             let view = self.flat.f_narrow(0, off, p.numel() as i64)?.f_view(p.size().as_slice())?;
@@ -134,10 +253,21 @@ impl Bucket {
 
     /// Copies the members' gradients into the flat buffer, except those that are its views already. Returns the
     /// name of a member without a gradient.
+    ///
+    /// A bucket that releases its gradients (ZeRO-2) allocates its buffer here, takes an undefined gradient as
+    /// zeros (the engine checks separately that every parameter got one at some step, as with views), and
+    /// undefines the members' gradients once copied.
     pub fn pack(&mut self, params: &[(String, Tensor)]) -> Result<Result<(), String>, TchError> {
+        let release = self.releases_gradients();
+        if release {
+            self.flat = Tensor::f_zeros([self.padded as i64], (self.kind, self.flat.device()))?;
+        }
         for (&m, &off) in self.members.iter().zip(&self.offsets) {
             let (name, p) = &params[m];
             let grad = p.grad();
+            if !grad.defined() && release {
+                continue;
+            }
             if !grad.defined() {
                 return Ok(Err(name.clone()));
             }
@@ -148,7 +278,83 @@ impl Bucket {
             let mut dst = self.flat.f_narrow(0, off, n)?;
             tch::no_grad(|| dst.f_copy_(&grad.f_reshape([n])?))?;
         }
+        if release {
+            for &m in &self.members {
+                // Backward has finished with these gradients (their hooks fired, or it returned): only the
+                // bucket's copy is needed now.
+                crate::shim::set_grad(&params[m].1, &Tensor::new())?;
+            }
+        }
         Ok(Ok(()))
+    }
+
+    /// Averages the packed buffer over all ranks: one allreduce unsharded; sharded, one reduce-scatter that leaves
+    /// this rank's block averaged (bit for bit what the allreduce of the same padded buffer gives there).
+    pub(crate) fn reduce(&mut self, comm: &mut dyn Collective) -> Result<(), CommError> {
+        if self.shard.is_none() {
+            return self.allreduce(comm);
+        }
+        // SAFETY: as in `allreduce`: `flat` is this bucket's contiguous host buffer of `padded` elements, and no
+        // one touches it while it is reduced.
+        let buf = unsafe { host_buffer(&self.flat, self.kind, self.padded) };
+        comm.reduce_scatter(buf, ReduceOp::Avg)
+    }
+
+    /// [`Bucket::reduce`] through a device collective, with the buffer on its GPU.
+    pub(crate) fn reduce_on_device(&mut self, comm: &mut dyn DeviceCollective) -> Result<(), CudaError> {
+        if self.shard.is_none() {
+            return self.allreduce_on_device(comm);
+        }
+        if self.flat.device() == Device::Cpu && !comm.host_memory() {
+            return Err(CudaError::Shape(
+                "a gradient bucket in host memory was handed to a GPU collective; move the model to the GPU first"
+                    .into(),
+            ));
+        }
+        // SAFETY: `flat` is a contiguous buffer of `padded` elements of `kind` on the collective's device, owned by
+        // this bucket and borrowed mutably for the call, which returns once the collective is queued in order.
+        let slice = unsafe { DeviceSlice::from_raw(self.flat.data_ptr() as u64, device_dtype(self.kind), self.padded) };
+        comm.reduce_scatter(slice, DeviceReduceOp::Avg)
+    }
+
+    /// After [`Bucket::reduce`]: unsharded, the averages go back into gradients that are not views
+    /// ([`Bucket::unpack`]); sharded, nothing but this rank's block is meaningful, and ZeRO-2 keeps that block and
+    /// releases the full buffer.
+    pub(crate) fn finish(&mut self, params: &[(String, Tensor)]) -> Result<(), TchError> {
+        let Some(shard) = &self.shard else {
+            return self.unpack(params);
+        };
+        if let Some(grad) = &shard.grad {
+            let block = self.flat.f_narrow(0, shard.block.start as i64, shard.block.len() as i64)?;
+            tch::no_grad(|| grad.shallow_clone().f_copy_(&block))?;
+            self.flat = Tensor::f_zeros([0], (self.kind, self.flat.device()))?;
+        }
+        Ok(())
+    }
+
+    /// Copies every rank's block of the flat parameter buffer to every rank (after each rank stepped its own):
+    /// the members, views of it, then hold the updated parameters.
+    pub(crate) fn allgather_parameters(&mut self, comm: &mut dyn Collective) -> Result<(), CommError> {
+        let shard = self.shard.as_ref().expect("called for sharded buckets");
+        // SAFETY: the flat parameter buffer is contiguous host memory of `padded` elements owned by this bucket;
+        // nothing reads or writes the parameters while the step's allgather runs on this thread.
+        let buf = unsafe { host_buffer(&shard.params, self.kind, self.padded) };
+        comm.allgather_blocks(buf)
+    }
+
+    /// [`Bucket::allgather_parameters`] through a device collective, the parameters on its GPU.
+    pub(crate) fn allgather_parameters_on_device(&mut self, comm: &mut dyn DeviceCollective) -> Result<(), CudaError> {
+        let shard = self.shard.as_ref().expect("called for sharded buckets");
+        if shard.params.device() == Device::Cpu && !comm.host_memory() {
+            return Err(CudaError::Shape(
+                "the model's parameters are in host memory; move the model to the GPU first".into(),
+            ));
+        }
+        // SAFETY: the flat parameter buffer is a contiguous buffer of `padded` elements of `kind` on the
+        // collective's device, owned by this bucket, and nothing else writes it during the call.
+        let slice =
+            unsafe { DeviceSlice::from_raw(shard.params.data_ptr() as u64, device_dtype(self.kind), self.padded) };
+        comm.allgather_blocks(slice)
     }
 
     /// Averages the flat buffer over all ranks with one allreduce.
@@ -156,22 +362,11 @@ impl Bucket {
         if self.numel == 0 {
             return Ok(());
         }
-        let ptr = self.flat.data_ptr();
         // SAFETY: `flat` is a contiguous CPU tensor of exactly `numel` elements of `kind`, created and owned by this
         // bucket; the only other handles on its memory are its members' gradients (views), which nothing reads or
         // writes while their bucket is reduced (backward is done with them), so the slice (borrowing `self`) is
         // the only access while it lives.
-        // half::bf16 is a transparent u16, libtorch's BFloat16 layout.
-        let buf = unsafe {
-            match self.kind {
-                Kind::Float => Buffer::F32(std::slice::from_raw_parts_mut(ptr.cast::<f32>(), self.numel)),
-                Kind::Double => Buffer::F64(std::slice::from_raw_parts_mut(ptr.cast::<f64>(), self.numel)),
-                Kind::BFloat16 => Buffer::Bf16(std::slice::from_raw_parts_mut(ptr.cast::<half::bf16>(), self.numel)),
-                other => {
-                    unreachable!("bucket of non-reducible kind {other:?} (Ddp::new checks kinds)")
-                }
-            }
-        };
+        let buf = unsafe { host_buffer(&self.flat, self.kind, self.numel) };
         comm.allreduce(buf, ReduceOp::Avg)
     }
 
@@ -183,20 +378,10 @@ impl Bucket {
 
     /// Averages the flat buffer, which must be on the collective's GPU (see [`Bucket::to_device`]), over all ranks
     /// with one device allreduce.
-    pub fn allreduce_on_device(
-        &mut self,
-        comm: &mut dyn hytrain_cuda::DeviceCollective,
-    ) -> Result<(), hytrain_cuda::CudaError> {
-        use hytrain_cuda::{DType, DeviceReduceOp, DeviceSlice};
-        let dtype = match self.kind {
-            Kind::Float => DType::F32,
-            Kind::Double => DType::F64,
-            Kind::BFloat16 => DType::Bf16,
-            Kind::Half => DType::F16,
-            other => unreachable!("bucket of non-reducible kind {other:?} (Ddp::new checks kinds)"),
-        };
+    pub fn allreduce_on_device(&mut self, comm: &mut dyn DeviceCollective) -> Result<(), CudaError> {
+        let dtype = device_dtype(self.kind);
         if self.flat.device() == Device::Cpu && !comm.host_memory() {
-            return Err(hytrain_cuda::CudaError::Shape(
+            return Err(CudaError::Shape(
                 "a gradient bucket in host memory was handed to a GPU collective; move the model to the GPU first"
                     .into(),
             ));

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use crate::optim::{AdamWConfig, OptimizerConfig, SgdConfig};
 use crate::precision::Precision;
 use crate::schedule::Schedule;
-use crate::{DdpOptions, Result, TrainError};
+use crate::{DdpOptions, Result, ShardMode, TrainError};
 
 /// Which optimizer a run uses (`--optimizer`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -65,6 +65,8 @@ pub struct TrainConfig {
     pub precision: Precision,
     /// The fp16 loss scale to start from.
     pub init_loss_scale: f64,
+    /// What data parallelism shards across ranks: `none` (DDP), `optimizer` (ZeRO-1) or `gradients` (ZeRO-2).
+    pub shard: ShardMode,
     /// Seed of weights and data order.
     pub seed: u64,
     /// Optimizer steps between metrics lines.
@@ -108,6 +110,7 @@ impl Default for TrainConfig {
             overlap: true,
             precision: Precision::Fp32,
             init_loss_scale: DdpOptions::default().init_loss_scale,
+            shard: ShardMode::None,
             seed: 1,
             log_interval: 10,
             checkpoint_every: None,
@@ -139,6 +142,7 @@ pub const KEYS: &[&str] = &[
     "overlap",
     "precision",
     "init_loss_scale",
+    "shard",
     "seed",
     "log_interval",
     "checkpoint_every",
@@ -171,6 +175,10 @@ pub fn help(key: &str) -> &'static str {
             "fp32, bf16 (autocast, fp32 master weights) or fp16 (autocast and dynamic loss scaling) [default: fp32]"
         }
         "init_loss_scale" => "fp16 only: the loss scale to start from, as GradScaler's init_scale [default: 65536]",
+        "shard" => {
+            "none (DDP), optimizer (ZeRO-1: each rank keeps 1/N of the optimizer state) or gradients (ZeRO-2: and \
+             frees each bucket's gradients once its slice is averaged) [default: none]"
+        }
         "seed" => "Seed of the initial weights and of the data order [default: 1]",
         "log_interval" => "Optimizer steps between metrics lines [default: 10]",
         "checkpoint_every" => "Optimizer steps between checkpoints (one is also written at each epoch end)",
@@ -301,6 +309,7 @@ impl TrainConfig {
             "overlap" => self.overlap = parse_bool(key, &v)?,
             "precision" => self.precision = v.parse().map_err(|detail: String| bad(key, detail))?,
             "init_loss_scale" => self.init_loss_scale = parse_f64(key, &v)?,
+            "shard" => self.shard = v.parse().map_err(|detail: String| bad(key, detail))?,
             "seed" => self.seed = parse_u64(key, &v)?,
             "log_interval" => self.log_interval = parse_positive(key, &v)?,
             "checkpoint_every" => self.checkpoint_every = optional(&v, |v| parse_positive(key, v))?,
@@ -358,6 +367,7 @@ impl TrainConfig {
             overlap: self.overlap,
             precision: self.precision,
             init_loss_scale: self.init_loss_scale,
+            shard: self.shard,
             ..Default::default()
         }
     }

@@ -14,6 +14,9 @@ use crate::precision::{Autocast, GradScaler, GradScalerState, Precision};
 use crate::{Buffer, Collective, ReduceOp, Result, TrainError};
 
 mod replicas;
+mod shard;
+
+pub use shard::ShardMode;
 
 /// How [`Ddp`] splits and synchronises gradients.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -41,6 +44,11 @@ pub struct DdpOptions {
     /// The fp16 loss scale to start from (`--init-loss-scale`; torch.amp.GradScaler's `init_scale`, 2^16).
     #[serde(default = "init_loss_scale_by_default")]
     pub init_loss_scale: f64,
+    /// What is sharded across ranks (`--shard`): nothing (DDP), the optimizer state (ZeRO-1) or the optimizer
+    /// state and the gradients (ZeRO-2); see [`ShardMode`]. A sharded engine is driven by [`Ddp::train_step`]
+    /// with an optimizer from [`Ddp::build_optimizer`].
+    #[serde(default)]
+    pub shard: ShardMode,
 }
 
 fn init_loss_scale_by_default() -> f64 {
@@ -62,6 +70,7 @@ impl Default for DdpOptions {
             overlap: true,
             precision: Precision::Fp32,
             init_loss_scale: init_loss_scale_by_default(),
+            shard: ShardMode::None,
         }
     }
 }
@@ -171,8 +180,11 @@ pub struct Ddp {
     scaler: Option<GradScaler>,
     /// The last synchronisation found inf or NaN in the fp16 gradients.
     overflowed: bool,
-    /// Gradients are views of the buckets, always defined: whether a parameter got one is read from the graph.
+    /// Gradients are views of the buckets, always defined, or released between steps (ZeRO-2): whether a
+    /// parameter got one is read from the graph.
     grads_are_views: bool,
+    /// What is sharded across ranks: the option, or nothing alone.
+    shard: ShardMode,
     /// Parameters some backward has reached since the engine started (with `grads_are_views`).
     reached: Vec<u8>,
 }
@@ -236,6 +248,7 @@ impl Ddp {
             overflowed: false,
             grads_are_views: false,
             reached: Vec::new(),
+            shard: ShardMode::None,
         };
         if ddp.options.precision == Precision::Fp16 {
             ddp.scaler = Some(GradScaler::from_state(GradScalerState {
@@ -265,6 +278,10 @@ impl Ddp {
             .map(|members| Bucket::new(members, &ddp.params))
             .collect::<Result<_, _>>()
             .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
+        // Alone there is nothing to shard: the engine runs as DDP does.
+        if ddp.world_size() > 1 && ddp.options.shard != ShardMode::None {
+            ddp.shard_buckets()?;
+        }
         let on_cpu = ddp.params.iter().all(|(_, p)| p.device() == Device::Cpu);
         // Buckets are in host memory here; a model on a GPU gets its gradient views once they move there. Alone,
         // nothing is reduced: gradients stay libtorch's own, and one no backward reaches stays undefined.
@@ -284,6 +301,27 @@ impl Ddp {
             "gradient buckets ready"
         );
         Ok(ddp)
+    }
+
+    /// Makes every bucket sharded (see [`ShardMode`]): the parameters become views of flat per-bucket buffers.
+    fn shard_buckets(&mut self) -> Result<()> {
+        let mode = self.options.shard;
+        if self.options.precision == Precision::Fp16 {
+            return Err(TrainError::option(
+                "--shard",
+                format!(
+                    "is {mode}, which is not implemented with --precision fp16 (each rank would check only its own                      gradient blocks for overflow); use --precision bf16 or fp32, or --shard none"
+                ),
+            ));
+        }
+        let (rank, world) = (self.rank(), self.world_size());
+        for (i, bucket) in self.buckets.iter_mut().enumerate() {
+            bucket
+                .shard(&self.params, rank, world, mode == ShardMode::Gradients)
+                .map_err(|e| TrainError::torch(format!("sharding gradient bucket {i} (--shard {mode})"), e))?;
+        }
+        self.shard = mode;
+        Ok(())
     }
 
     /// Gradient hooks on every parameter for overlapped allreduces (see [`crate::overlap`]).
@@ -315,6 +353,13 @@ impl Ddp {
                     self.rank(),
                     self.world_size()
                 ),
+            ));
+        }
+        if self.shard == ShardMode::Gradients {
+            return Err(TrainError::option(
+                "--shard",
+                "is gradients, which is not implemented with a device collective yet (the gradient buffers it \
+                 frees are used on the overlap's side stream); use --shard optimizer on GPUs",
             ));
         }
         let device = crate::model::device_of(self.model.as_ref());
@@ -446,6 +491,9 @@ impl Ddp {
     /// before this returns `true`; then [`Ddp::overflowed`] tells whether they held an inf or NaN, in which case
     /// the optimizer step must be skipped ([`Ddp::train_step`] does so). The check runs on the averaged gradients,
     /// which are the same on every rank, so every rank decides alike.
+    ///
+    /// Sharded ([`ShardMode`]), only this rank's blocks are averaged afterwards, and the step that follows must
+    /// allgather the parameters: drive a sharded engine with [`Ddp::train_step`].
     pub fn backward(&mut self, loss: &Tensor) -> Result<bool> {
         let k = self.options.grad_accum;
         let scaled = if k > 1 { loss.f_div_scalar(k as f64) } else { Ok(loss.shallow_clone()) };
@@ -551,7 +599,8 @@ impl Ddp {
         }
     }
 
-    /// Averages every parameter's gradient over all ranks, one allreduce per bucket, in bucket order.
+    /// Averages every parameter's gradient over all ranks, one allreduce per bucket, in bucket order. Sharded, one
+    /// reduce-scatter per bucket instead: this rank's block of each bucket is averaged (see [`ShardMode`]).
     pub fn sync_gradients(&mut self) -> Result<()> {
         self.stats.syncs += 1;
         if self.world_size() == 1 {
@@ -567,11 +616,11 @@ impl Ddp {
             let during = || allreduce_of(i, bytes);
             match self.device_comm.as_mut() {
                 Some(device_comm) => bucket
-                    .allreduce_on_device(device_comm.as_mut())
+                    .reduce_on_device(device_comm.as_mut())
                     .map_err(|source| TrainError::DeviceComm { during: during(), source })?,
-                None => bucket.allreduce(self.comm.as_mut()).map_err(comm_err(during()))?,
+                None => bucket.reduce(self.comm.as_mut()).map_err(comm_err(during()))?,
             }
-            bucket.unpack(&self.params).map_err(torch)?;
+            bucket.finish(&self.params).map_err(torch)?;
             self.stats.allreduce_bytes += bucket.bytes() as u64;
         }
         let secs = started.elapsed().as_secs_f64();
@@ -584,7 +633,13 @@ impl Ddp {
     /// with `foreach`: one `_foreach_norm` per dtype, the norm of their stack, and every gradient multiplied by
     /// `min(1, max_norm / (norm + 1e-6))` on the device, so nothing is read back. Returns the norm before clipping
     /// (0-dim, on the gradients' device). Call after [`Ddp::sync_gradients`], so every rank clips alike.
+    ///
+    /// Sharded, the norm is that of all ranks' averaged blocks (one allreduce) and only this rank's blocks are
+    /// scaled: call it on every rank.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<Tensor> {
+        if self.shard != ShardMode::None {
+            return self.clip_shards(max_norm);
+        }
         let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
         crate::coalesced::clip_grad_norm(&grads, max_norm).map_err(|e| TrainError::torch("gradient clipping", e))
     }
@@ -653,6 +708,7 @@ impl Ddp {
                 format!("called after {} unsynchronised backward() calls; finish that step first", self.micro_step),
             ));
         }
+        self.check_optimizer(optimizer)?;
         if self.model.compiled_step().is_some() {
             return self.compiled_train_step(micro_batches, optimizer, lr);
         }
@@ -694,6 +750,9 @@ impl Ddp {
             None => None,
         };
         optimizer.step(lr)?;
+        if self.shard != ShardMode::None {
+            self.gather_parameters()?;
+        }
         self.zero_grad();
         Ok(StepOutput { loss, grad_norm, samples, skipped: false })
     }

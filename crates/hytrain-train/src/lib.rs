@@ -52,7 +52,7 @@ pub use checkpoint::{
     latest_valid, AsyncCheckpointer, Checkpoint, CheckpointMeta, CheckpointStore, Resume, RngState, Skipped,
 };
 pub use config::{layer, ConfigSources, Layered, OptimizerKind, Origin, TrainConfig};
-pub use ddp::{cross_entropy, BucketLayout, Ddp, DdpOptions, DdpStats, StepOutput};
+pub use ddp::{cross_entropy, BucketLayout, Ddp, DdpOptions, DdpStats, ShardMode, StepOutput};
 pub use error::{Result, TrainError};
 pub use export::{export, ExportMetadata};
 /// The collective operations the engine averages gradients and broadcasts weights with.

@@ -275,7 +275,8 @@ fn communicate(
     failed.map_or(Ok(reduced), Err)
 }
 
-/// Packs bucket `b`, averages it over all ranks and unpacks it into the gradients.
+/// Packs bucket `b`, averages it over all ranks (reduce-scatters it when sharded) and unpacks it into the
+/// gradients (keeps this rank's block when sharded).
 fn reduce(
     reducer: &mut Reducer<'_>,
     on_device: Option<(&SideStream, StreamHandle)>,
@@ -292,10 +293,10 @@ fn reduce(
         Ok(Ok(())) => {}
     }
     match reducer {
-        Reducer::Host(comm) => bucket.allreduce(*comm).map_err(|e| RoundError::Comm(b, e))?,
-        Reducer::Device(comm) => bucket.allreduce_on_device(*comm).map_err(|e| RoundError::Device(b, e))?,
+        Reducer::Host(comm) => bucket.reduce(*comm).map_err(|e| RoundError::Comm(b, e))?,
+        Reducer::Device(comm) => bucket.reduce_on_device(*comm).map_err(|e| RoundError::Device(b, e))?,
     }
-    bucket.unpack(params).map_err(|e| RoundError::Torch(b, e))
+    bucket.finish(params).map_err(|e| RoundError::Torch(b, e))
 }
 
 impl Drop for Overlap {

@@ -17,7 +17,7 @@ use crate::optim::Optimizer;
 use crate::position::{self, Shape};
 use crate::precision::GradScaler;
 use crate::schedule::Schedule;
-use crate::{Ddp, ReduceOp, Result, TrainError};
+use crate::{Ddp, ReduceOp, Result, ShardMode, TrainError};
 
 /// Where a run reads and writes.
 #[derive(Debug, Clone, Default)]
@@ -208,6 +208,8 @@ struct Run<'a> {
     shape: Shape,
     /// Steps of this run skipped on fp16 overflow.
     skipped_steps: u64,
+    /// The run writes checkpoints (rank 0 does; every rank knows, for the collective parts of a save).
+    checkpointing: bool,
 }
 
 impl Trainer {
@@ -308,6 +310,7 @@ impl Trainer {
             batches_per_epoch: steps_per_epoch * accum,
             shape,
             skipped_steps: 0,
+            checkpointing: paths.checkpoint_dir.is_some(),
         };
 
         let resumed = run.resume(paths)?;
@@ -668,7 +671,7 @@ impl Run<'_> {
             }
             self.ddp.broadcast_tensors(&optimizer_state, "optimizer state broadcast from rank 0")?;
             if rank != 0 {
-                self.optimizer.load_state(&optimizer_state)?;
+                self.ddp.load_optimizer_state(self.optimizer, &optimizer_state)?;
             }
         }
         tracing::info!(
@@ -693,7 +696,7 @@ impl Run<'_> {
         };
         let ckpt = resume.checkpoint;
         model::load_state_tensors(self.ddp.model(), &ckpt.model)?;
-        self.optimizer.load_state(&ckpt.optimizer)?;
+        self.ddp.load_optimizer_state(self.optimizer, &ckpt.optimizer)?;
         Ok(Some((resume.path, ckpt.meta, ckpt.optimizer)))
     }
 
@@ -727,8 +730,13 @@ impl Run<'_> {
     }
 
     /// Rank 0 copies the state at `step`, with the data position, and writes it in the background; other ranks do
-    /// nothing.
+    /// nothing, except that a sharded engine's ranks all take part in gathering the optimizer state.
     fn save(&mut self, step: u64, epoch: u64, consumed: u64) -> Result<()> {
+        let gathered = match self.ddp.shard_mode() {
+            ShardMode::None => None,
+            _ if !self.checkpointing => return Ok(()),
+            _ => Some(self.ddp.optimizer_state(self.optimizer)?),
+        };
         let Some(checkpoints) = self.checkpoints.as_mut() else {
             return Ok(());
         };
@@ -742,7 +750,7 @@ impl Run<'_> {
         })?;
         let ckpt = Checkpoint {
             model: model::state_tensors(self.ddp.model()),
-            optimizer: self.optimizer.state(),
+            optimizer: gathered.unwrap_or_else(|| self.optimizer.state()),
             meta: CheckpointMeta {
                 step,
                 epoch,

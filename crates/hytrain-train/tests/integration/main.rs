@@ -20,3 +20,4 @@ mod parity_pytorch;
 mod precision;
 mod torchscript;
 mod trainer;
+mod zero;
