@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use common::{deep_copy, identical, on_ranks, seeded};
 use hytrain_comm::testing::{FailingCollective, Fault};
 use hytrain_train::{
-    model, BatchError, BatchSource, Batches, Collective, Ddp, Precision, RunPaths, Summary, TensorBatches, TrainConfig,
-    TrainError, Trainer,
+    model, BatchError, BatchSource, Batches, Collective, Ddp, Precision, RunPaths, ShardMode, Summary, TensorBatches,
+    TrainConfig, TrainError, Trainer,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -112,7 +112,7 @@ fn run_rank(job: &Job, rank: usize, world: usize, comm: Option<Box<dyn Collectiv
         Some(c) => Ddp::new(net, c, job.config.ddp_options())?,
         None => Ddp::single(net, job.config.ddp_options())?,
     };
-    let mut optimizer = job.config.optimizer_config().build(ddp.parameters())?;
+    let mut optimizer = ddp.build_optimizer(&job.config.optimizer_config())?;
     let (xs, ys) = copy(&job.train);
     let train = TensorBatches::training(xs, ys, job.config.batch_size, rank, world, job.config.seed)?;
     let (vx, vy) = copy(&job.val);
@@ -263,7 +263,11 @@ fn validation_counts_every_sample_exactly_once() {
 }
 
 fn interrupted_and_resumed_matches_uninterrupted(world: usize) {
-    let base = TrainConfig { checkpoint_every: Some(4), ..config() };
+    interrupted_and_resumed_matches_uninterrupted_with(world, ShardMode::None);
+}
+
+fn interrupted_and_resumed_matches_uninterrupted_with(world: usize, shard: ShardMode) {
+    let base = TrainConfig { checkpoint_every: Some(4), shard, ..config() };
     let make = |dir: &Path, stop: Option<u64>, model_seed: i64| Job {
         config: base.clone(),
         train: blobs(320, 6),
@@ -301,6 +305,14 @@ fn interrupted_and_resumed_matches_uninterrupted(world: usize) {
 fn interrupted_and_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
     interrupted_and_resumed_matches_uninterrupted(1);
     interrupted_and_resumed_matches_uninterrupted(2);
+}
+
+/// Every rank takes part in gathering a sharded optimizer's state at each checkpoint; rank 0 writes it in DDP's
+/// format, and a resumed sharded run cuts its blocks from it again.
+#[test]
+fn a_sharded_run_interrupted_and_resumed_ends_with_the_same_weights_as_an_uninterrupted_one() {
+    interrupted_and_resumed_matches_uninterrupted_with(2, ShardMode::Gradients);
+    interrupted_and_resumed_matches_uninterrupted_with(3, ShardMode::Optimizer);
 }
 
 #[test]
