@@ -1,6 +1,6 @@
 //! Every launcher shape of platform-contract.md, as the launcher really sets it up, through `detect_from`.
 
-mod common;
+use crate::common;
 
 use common::{child_env, env, plan, resource_config, SmTree};
 use hytrain_cluster::{

@@ -1,7 +1,7 @@
 //! Properties over many inputs: detection never panics, errors stay one line, and well-formed launcher
 //! environments always give a consistent topology.
 
-mod common;
+use crate::common;
 
 use common::{env, SmTree, NO_SM_ROOT};
 use hytrain_cluster::{detect_from, worker_env, Env, Launcher, Plan};

@@ -6,7 +6,7 @@
 use hytrain_cluster::fuzzing::detect_sectioned;
 use proptest::prelude::*;
 
-#[path = "../../../fuzz/seeds.rs"]
+#[path = "../../../../fuzz/seeds.rs"]
 mod seeds;
 use seeds::{corpus, mutate};
 

@@ -1,6 +1,6 @@
 //! Bad or inconsistent launcher input: each gives one line naming the variable or file and the expected form.
 
-mod common;
+use crate::common;
 
 use common::{env, error, resource_config, SmTree};
 
