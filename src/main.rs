@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hytrain::cluster::{self, Env};
 use hytrain::comm::CommOptions;
-use hytrain::commands::{data, doctor, explain, launch, parse_deadline, parse_seconds, parse_size, train};
+use hytrain::commands::{checkpoint, data, doctor, explain, launch, parse_deadline, parse_seconds, parse_size, train};
 
 #[derive(Parser)]
 #[command(name = "hytrain", version, about = "Data-parallel training on libtorch for Kubeflow, SageMaker and laptops")]
@@ -80,6 +80,32 @@ enum Command {
     /// Datasets: pack into shards, inspect, digest the exact batches a rank would see.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Checkpoints: consolidate a sharded one into one file.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    /// Write a checkpoint (sharded by --shard or not) as one safetensors file: the model's tensors under their
+    /// names and the per-parameter optimizer state under `optimizer.` (`optimizer.fc.weight.exp_avg`).
+    Consolidate {
+        /// The checkpoint folder or s3://bucket/prefix the run wrote (its --checkpoint-dir).
+        #[arg(long)]
+        checkpoint_dir: std::path::PathBuf,
+        /// The step to consolidate (default: the newest valid checkpoint).
+        #[arg(long)]
+        step: Option<u64>,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// S3-compatible endpoint URL for an s3:// --checkpoint-dir (MinIO, LocalStack).
+        #[arg(long, env = "HYTRAIN_S3_ENDPOINT")]
+        s3_endpoint: Option<String>,
+        /// AWS region for an s3:// --checkpoint-dir.
+        #[arg(long, env = "HYTRAIN_S3_REGION")]
+        s3_region: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -393,6 +419,21 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             run_train(&plan, &env, &args)
         }
         Command::Data(command) => run_data(&plan, command),
+        Command::Checkpoint(CheckpointCommand::Consolidate { checkpoint_dir, step, out, s3_endpoint, s3_region }) => {
+            let s3 = data::open_options(&plan, s3_endpoint, s3_region).s3;
+            let args = checkpoint::ConsolidateArgs { checkpoint_dir, step, out, s3 };
+            let done = checkpoint::consolidate(&args)?;
+            println!(
+                "consolidated step {} of {} into {}: {} model tensors, {} optimizer state entries, {} bytes",
+                done.step,
+                done.from.display(),
+                args.out.display(),
+                done.model,
+                done.optimizer,
+                done.bytes
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The subcommands of the `hytrain` binary, as library functions so examples and tests can call them too.
 
+pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod doctor;

@@ -10,6 +10,7 @@ mod jobs;
 #[path = "../../crates/hytrain-data/tests/support/mod.rs"]
 mod support;
 
+mod checkpoint_cli;
 mod comm_transport;
 mod data_cli;
 mod data_index;

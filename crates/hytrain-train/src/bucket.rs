@@ -183,7 +183,12 @@ impl Bucket {
         Ok(Some((params, grad)))
     }
 
-    /// Elements of the flat buffers (padding included).
+    /// Elements of the flat buffers without padding: the members' elements.
+    pub(crate) fn numel(&self) -> usize {
+        self.numel
+    }
+
+    /// Elements of the flat buffers with padding (a multiple of the world size when sharded).
     pub(crate) fn padded_numel(&self) -> usize {
         self.padded
     }

@@ -49,7 +49,8 @@ pub mod trainer;
 pub use batches::{Batch, BatchError, BatchSource, Batches, TensorBatches};
 pub use bucket::{assign_buckets, Bucket, MB};
 pub use checkpoint::{
-    latest_valid, AsyncCheckpointer, Checkpoint, CheckpointMeta, CheckpointStore, Resume, RngState, Skipped,
+    consolidate, latest_valid, AsyncCheckpointer, Checkpoint, CheckpointMeta, CheckpointStore, Consolidated, Resume,
+    RngState, Skipped,
 };
 pub use config::{layer, ConfigSources, Layered, OptimizerKind, Origin, TrainConfig};
 pub use ddp::{cross_entropy, BucketLayout, Ddp, DdpOptions, DdpStats, ShardMode, StepOutput};

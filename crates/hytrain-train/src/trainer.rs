@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -71,7 +71,8 @@ pub struct Summary {
     /// The last checkpoint this run wrote (rank 0 only).
     pub last_checkpoint: Option<PathBuf>,
     /// Seconds the step loop was held by checkpoints: host copies of the state, and waits for a previous
-    /// background write still running (rank 0 only; the other ranks never wait for a checkpoint).
+    /// background write still running (rank 0 only; the other ranks never wait for a checkpoint). With `--shard`,
+    /// the whole synchronous sharded write, which every rank waits for.
     pub checkpoint_secs: f64,
     /// Where the model was exported (rank 0 only): the model folder, or for an `s3://` one the local folder to
     /// upload from.
@@ -208,8 +209,10 @@ struct Run<'a> {
     shape: Shape,
     /// Steps of this run skipped on fp16 overflow.
     skipped_steps: u64,
-    /// The run writes checkpoints (rank 0 does; every rank knows, for the collective parts of a save).
-    checkpointing: bool,
+    /// With a sharded engine, every rank's view of the checkpoint location: each writes and reads its own shards.
+    shard_store: Option<CheckpointStore>,
+    /// Rank 0: the last sharded checkpoint written, and the seconds sharded saves held the step loop.
+    sharded_written: (Option<PathBuf>, f64),
 }
 
 impl Trainer {
@@ -239,6 +242,10 @@ impl Trainer {
     /// on every rank having its batches, so they stop at the same step and a rank whose data fails makes every
     /// rank fail instead of hang. Rank 0 prints metrics lines, appends `metrics.jsonl`, writes checkpoints every
     /// `config.checkpoint_every` steps, at each epoch end and when stopping, and exports the model at the end.
+    ///
+    /// With a sharded engine (`--shard`) every rank writes and reads its own optimizer shards
+    /// ([`crate::checkpoint::sharded`]): a checkpoint folder must then be shared by every rank, or be an `s3://`
+    /// prefix.
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         &mut self,
@@ -310,8 +317,13 @@ impl Trainer {
             batches_per_epoch: steps_per_epoch * accum,
             shape,
             skipped_steps: 0,
-            checkpointing: paths.checkpoint_dir.is_some(),
+            shard_store: None,
+            sharded_written: (None, 0.0),
         };
+        if let (Some(dir), ShardMode::Optimizer | ShardMode::Gradients) = (&paths.checkpoint_dir, run.ddp.shard_mode())
+        {
+            run.shard_store = Some(CheckpointStore::at(dir, &paths.s3, config.keep)?);
+        }
 
         let resumed = run.resume(paths)?;
         let (mut step, mut epoch, mut start_batch) = match &resumed {
@@ -578,7 +590,7 @@ struct ResumeHeader {
     optimizer: Vec<(String, Vec<i64>, String)>,
 }
 
-fn kind_from_name(name: &str) -> Option<Kind> {
+pub(crate) fn kind_from_name(name: &str) -> Option<Kind> {
     Some(match name {
         "Float" => Kind::Float,
         "Double" => Kind::Double,
@@ -598,6 +610,26 @@ impl Run<'_> {
     /// Rank 0 finds and loads the newest valid checkpoint, then broadcasts its step, position, weights and
     /// optimizer state, so every rank continues from it whether or not it can see the directory.
     fn resume(&mut self, paths: &RunPaths) -> Result<Option<(PathBuf, CheckpointMeta)>> {
+        if let Some(store) = &self.shard_store {
+            // Every rank reads its own optimizer shards; rank 0 the model, broadcast.
+            if self.config.no_resume {
+                return Ok(None);
+            }
+            let Some(found) = store.resume_sharded(self.ddp, self.optimizer)? else {
+                return Ok(None);
+            };
+            self.restore_generators(&found.path, &found.meta)?;
+            tracing::info!(
+                rank = self.ddp.rank(),
+                path = %found.path.display(),
+                step = found.meta.step,
+                epoch = found.meta.epoch + 1,
+                position = %found.meta.data_position,
+                shards = ?found.read,
+                "resuming from checkpoint"
+            );
+            return Ok(Some((found.path, found.meta)));
+        }
         let rank = self.ddp.rank();
         let mut header = ResumeHeader { error: None, path: None, meta: None, optimizer: Vec::new() };
         let mut optimizer_state = Vec::new();
@@ -635,21 +667,7 @@ impl Run<'_> {
         let (Some(path), Some(meta)) = (header.path, header.meta) else {
             return Ok(None);
         };
-        // Every rank has the header, so every rank's scaler continues alike. A checkpoint of another precision
-        // (or from before fp16 existed) has no scaler state: the scaler then starts afresh.
-        if let (Some(state), Some(scaler)) = (&meta.grad_scaler, self.ddp.grad_scaler_mut()) {
-            *scaler = GradScaler::from_state(state.clone());
-        }
-        // Rank 0's generators are every rank's (all seed and draw alike), so dropout continues as if uninterrupted.
-        crate::rng::restore(model::device_of(self.ddp.model()), &meta.rng.state).map_err(|e| {
-            TrainError::Checkpoint {
-                path: path.clone(),
-                detail: format!(
-                    "libtorch's random generator state does not load: {e} (written by another libtorch?); resume \
-                     with the libtorch that wrote it, or start afresh with --no-resume"
-                ),
-            }
-        })?;
+        self.restore_generators(&path, &meta)?;
         if self.ddp.world_size() > 1 {
             let weights = model::state_tensors(self.ddp.model());
             self.ddp.broadcast_tensors(&weights, "checkpoint weights broadcast from rank 0")?;
@@ -685,6 +703,23 @@ impl Run<'_> {
         Ok(Some((path, meta)))
     }
 
+    /// The loss scaler and the random generators as `meta` recorded them.
+    fn restore_generators(&mut self, path: &Path, meta: &CheckpointMeta) -> Result<()> {
+        // Every rank has the header, so every rank's scaler continues alike. A checkpoint of another precision
+        // (or from before fp16 existed) has no scaler state: the scaler then starts afresh.
+        if let (Some(state), Some(scaler)) = (&meta.grad_scaler, self.ddp.grad_scaler_mut()) {
+            *scaler = GradScaler::from_state(state.clone());
+        }
+        // Rank 0's generators are every rank's (all seed and draw alike), so dropout continues as if uninterrupted.
+        crate::rng::restore(model::device_of(self.ddp.model()), &meta.rng.state).map_err(|e| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            detail: format!(
+                "libtorch's random generator state does not load: {e} (written by another libtorch?); resume \
+                     with the libtorch that wrote it, or start afresh with --no-resume"
+            ),
+        })
+    }
+
     /// Rank 0: the newest valid checkpoint loaded into the model and optimizer.
     #[allow(clippy::type_complexity)]
     fn load_latest(&mut self) -> Result<Option<(PathBuf, CheckpointMeta, Vec<(String, Tensor)>)>> {
@@ -704,6 +739,9 @@ impl Run<'_> {
     /// (the platform's grace period is running); the last checkpoint written and the seconds checkpoints held the
     /// step loop.
     fn finish_checkpoints(&mut self, stopped: bool) -> Result<(Option<PathBuf>, f64)> {
+        if self.shard_store.is_some() {
+            return Ok(std::mem::take(&mut self.sharded_written));
+        }
         let Some(checkpoints) = self.checkpoints.as_mut() else {
             return Ok((None, 0.0));
         };
@@ -730,14 +768,13 @@ impl Run<'_> {
     }
 
     /// Rank 0 copies the state at `step`, with the data position, and writes it in the background; other ranks do
-    /// nothing, except that a sharded engine's ranks all take part in gathering the optimizer state.
+    /// nothing. With a sharded engine every rank writes its optimizer shard, and rank 0 the model and the manifest
+    /// once all are written (synchronously: the step loop waits for the write).
     fn save(&mut self, step: u64, epoch: u64, consumed: u64) -> Result<()> {
-        let gathered = match self.ddp.shard_mode() {
-            ShardMode::None => None,
-            _ if !self.checkpointing => return Ok(()),
-            _ => Some(self.ddp.optimizer_state(self.optimizer)?),
-        };
-        let Some(checkpoints) = self.checkpoints.as_mut() else {
+        let Some(checkpoints) = self.checkpoints.as_ref() else {
+            if let Some(store) = &self.shard_store {
+                store.save_sharded(self.ddp, &*self.optimizer, None, step)?;
+            }
             return Ok(());
         };
         let mut position = serde_json::Map::new();
@@ -748,9 +785,10 @@ impl Run<'_> {
             path: checkpoints.location().to_path_buf(),
             detail: format!("cannot read libtorch's random generator state for step {step}: {e}"),
         })?;
+        let sharded = self.shard_store.is_some();
         let ckpt = Checkpoint {
             model: model::state_tensors(self.ddp.model()),
-            optimizer: gathered.unwrap_or_else(|| self.optimizer.state()),
+            optimizer: if sharded { Vec::new() } else { self.optimizer.state() },
             meta: CheckpointMeta {
                 step,
                 epoch,
@@ -762,6 +800,16 @@ impl Run<'_> {
                 optimizer: self.optimizer.name().to_string(),
                 grad_scaler: self.ddp.grad_scaler().map(|s| s.state().clone()),
             },
+        };
+        if let Some(store) = &self.shard_store {
+            let held = Instant::now();
+            let path = store.save_sharded(self.ddp, &*self.optimizer, Some(&ckpt), step)?;
+            self.sharded_written.0 = path;
+            self.sharded_written.1 += held.elapsed().as_secs_f64();
+            return Ok(());
+        }
+        let Some(checkpoints) = self.checkpoints.as_mut() else {
+            return Ok(());
         };
         checkpoints.save(&ckpt)
     }

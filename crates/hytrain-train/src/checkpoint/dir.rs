@@ -9,9 +9,12 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use tch::Tensor;
+
+use super::sharded::{read_all, ShardedCheckpoint};
 use super::{
-    decode_tensors, human_bytes, newest_valid, parse_manifest, Checkpoint, Encoded, Resume, META_FILE, MODEL_FILE,
-    OPTIMIZER_FILE,
+    decode_tensors, human_bytes, newest_valid, parse_manifest, Checkpoint, Encoded, MetaFile, Resume, META_FILE,
+    MODEL_FILE, OPTIMIZER_FILE,
 };
 use crate::{Result, TrainError};
 
@@ -230,8 +233,19 @@ fn free_bytes(dir: &Path) -> Option<u64> {
 }
 
 /// Reads and verifies one checkpoint directory: known format, files present with the sizes and SHA-256 of its
-/// manifest, tensors parse, and the step in `meta.json` matches the directory name.
+/// manifest, tensors parse, and the step in `meta.json` matches the directory name. A sharded checkpoint's shards
+/// are all read and its optimizer state assembled per parameter (`fc.weight.exp_avg`).
 pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
+    let (mut ckpt, shards) = read_model(path)?;
+    if let Some(shards) = shards {
+        ckpt.optimizer = read_all(&shards, |q| read_shard(&shards, q))?;
+    }
+    Ok(ckpt)
+}
+
+/// [`read_checkpoint`] but for a sharded checkpoint's shards: its optimizer state is left empty and its shard
+/// records returned.
+pub(super) fn read_model(path: &Path) -> Result<(Checkpoint, Option<ShardedCheckpoint>)> {
     let bad = |detail: String| TrainError::Checkpoint { path: path.to_path_buf(), detail };
     let meta_path = path.join(META_FILE);
     let size = fs::metadata(&meta_path).map_err(|e| bad(format!("cannot read {META_FILE}: {e}")))?.len();
@@ -244,8 +258,10 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     let text = fs::read(&meta_path).map_err(|e| bad(format!("cannot read {META_FILE}: {e}")))?;
     let dir_step = path.file_name().and_then(|n| n.to_str()).and_then(step_of);
     let meta = parse_manifest(&text, dir_step).map_err(bad)?;
+    let shards = ShardedCheckpoint::from_manifest(path, &meta).map_err(bad)?;
+    let files: &[&str] = if shards.is_some() { &[MODEL_FILE] } else { &[MODEL_FILE, OPTIMIZER_FILE] };
     let mut tensors = Vec::new();
-    for file in [MODEL_FILE, OPTIMIZER_FILE] {
+    for file in files {
         let file_path = path.join(file);
         if !file_path.is_file() {
             return Err(bad(format!("{file} is missing")));
@@ -253,9 +269,90 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
         let bytes = fs::read(&file_path).map_err(io("read", &file_path))?;
         tensors.push(decode_tensors(&meta, file, &bytes).map_err(bad)?);
     }
-    let optimizer = tensors.pop().expect("two files");
-    let model = tensors.pop().expect("two files");
-    Ok(Checkpoint { model, optimizer, meta: meta.meta })
+    let optimizer = if shards.is_some() { Vec::new() } else { tensors.pop().expect("two files") };
+    let model = tensors.pop().expect("the model file");
+    Ok((Checkpoint { model, optimizer, meta: meta.meta }, shards))
+}
+
+/// Old rank `rank`'s shard of a sharded checkpoint in a folder, verified against its manifest.
+pub(super) fn read_shard(shards: &ShardedCheckpoint, rank: usize) -> Result<Vec<(String, Tensor)>> {
+    let bad = |detail: String| TrainError::Checkpoint { path: shards.path.clone(), detail };
+    let file = &shards.shards[rank].0;
+    let file_path = shards.path.join(file);
+    let bytes = match fs::read(&file_path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(bad(format!("{file} is missing"))),
+        Err(e) => return Err(TrainError::io("read", &file_path, e)),
+    };
+    shards.decode(rank, &bytes).map_err(bad)
+}
+
+/// The folder a sharded write of `step` collects its files in before it is renamed into place.
+fn sharded_aside(dir: &Path, step: u64, write: &str) -> PathBuf {
+    dir.join(format!(".tmp-ckpt-{step}-{write}"))
+}
+
+/// Writes one rank's optimizer shard into the folder of the sharded write `write` of `step`.
+pub(super) fn put_shard(dir: &Path, step: u64, write: &str, file: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = sharded_aside(dir, step, write);
+    fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
+    let path = tmp.join(file);
+    write_file(&path, bytes).inspect_err(|_| {
+        let _ = fs::remove_file(&path);
+    })
+}
+
+/// Completes the sharded write `write` of `step` once every rank wrote its shard: checks that every shard is in
+/// this rank's view of the folder (the folder must be shared), writes the model and the manifest, and renames the
+/// folder into place as [`save`] does.
+pub(super) fn commit_sharded(
+    dir: &Path,
+    step: u64,
+    write: &str,
+    model: &[u8],
+    meta: MetaFile,
+    keep: usize,
+) -> Result<PathBuf> {
+    let tmp = sharded_aside(dir, step, write);
+    for (file, size) in meta.sizes.iter().filter(|(f, _)| f.as_str() != MODEL_FILE) {
+        let found = fs::metadata(tmp.join(file)).map(|m| m.len()).ok();
+        if found != Some(*size) {
+            return Err(TrainError::Checkpoint {
+                path: dir.to_path_buf(),
+                detail: format!(
+                    "the optimizer shard {file} another rank wrote is not in rank 0's view of {} ({}): with --shard, \
+                     every rank must see the same checkpoint folder (a shared file system), or give an s3:// \
+                     --checkpoint-dir",
+                    tmp.display(),
+                    match found {
+                        Some(n) => format!("{n} bytes instead of {size}"),
+                        None => "missing".into(),
+                    }
+                ),
+            });
+        }
+    }
+    write_file(&tmp.join(MODEL_FILE), model)?;
+    let manifest = serde_json::to_vec_pretty(&meta).expect("checkpoint metadata serialises");
+    write_file(&tmp.join(META_FILE), &manifest)?;
+    fsync(&tmp)?;
+    let dest = publish(dir, step, &tmp)?;
+    prune(dir, keep)?;
+    Ok(dest)
+}
+
+/// Removes what the failed sharded write `write` of `step` left.
+pub(super) fn abandon(dir: &Path, step: u64, write: &str) {
+    let _ = fs::remove_dir_all(sharded_aside(dir, step, write));
+}
+
+/// Every checkpoint of `dir` with a name of one, newest first, those renamed aside after their step's.
+pub(super) fn candidates(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut candidates = list_checkpoints(dir)?;
+    candidates.extend(list_displaced(dir)?);
+    // Newest step first; for one step `ckpt-<step>` before a displaced copy ("." sorts before "c").
+    candidates.sort_by(|(a, pa), (b, pb)| b.cmp(a).then(pb.cmp(pa)));
+    Ok(candidates.into_iter().map(|(_, path)| path).collect())
 }
 
 /// The newest checkpoint in `dir` that verifies ([`read_checkpoint`]); newer ones that do not are skipped with a
@@ -263,11 +360,7 @@ pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
 /// (`.old-ckpt-<step>-<pid>`, see [`save`]) stands in for a `ckpt-<step>` that is missing or
 /// invalid. `None` when the directory has no valid checkpoint (or does not exist).
 pub fn latest_valid(dir: &Path) -> Result<Option<Resume>> {
-    let mut candidates = list_checkpoints(dir)?;
-    candidates.extend(list_displaced(dir)?);
-    // Newest step first; for one step `ckpt-<step>` before a displaced copy ("." sorts before "c").
-    candidates.sort_by(|(a, pa), (b, pb)| b.cmp(a).then(pb.cmp(pa)));
-    newest_valid(candidates.into_iter().map(|(_, path)| path), read_checkpoint)
+    newest_valid(candidates(dir)?, read_checkpoint)
 }
 
 /// Checkpoints renamed aside by an interrupted replace (`.old-ckpt-<step>-<pid>` directories) in `dir`.

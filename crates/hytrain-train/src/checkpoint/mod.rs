@@ -10,9 +10,14 @@
 //!
 //! [`CheckpointStore::save`] writes one synchronously; [`AsyncCheckpointer`] takes a host copy at the step
 //! boundary and writes it in the background while training goes on.
+//!
+//! A sharded engine (`--shard`) writes sharded checkpoints ([`sharded`]): `optimizer-shard-<r>-of-<w>.safetensors`
+//! from every rank instead of `optimizer.safetensors`, and a manifest that also records the bucket layout, so
+//! they resume at any world size and consolidate into one file ([`consolidate`]).
 
 mod dir;
 mod s3;
+pub(crate) mod sharded;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -28,6 +33,7 @@ use crate::schedule::Schedule;
 use crate::{Result, TrainError};
 
 pub use dir::{latest_valid, list_checkpoints, read_checkpoint};
+pub use sharded::{shard_file, ShardBucket, ShardLayout, ShardParam, ShardedCheckpoint, ShardedResume};
 pub use writer::AsyncCheckpointer;
 
 /// The `format` field of `meta.json`; a checkpoint of another format is skipped.
@@ -91,6 +97,10 @@ struct MetaFile {
     /// checkpoint being replaced stays whole until the new manifest replaces the old. Absent in folders.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     files_in: Option<String>,
+    /// A sharded checkpoint's optimizer layout: its state is in one `optimizer-shard-<r>-of-<w>.safetensors` per
+    /// rank (listed in `files`) instead of `optimizer.safetensors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sharded: Option<ShardLayout>,
 }
 
 /// A checkpoint's contents.
@@ -221,6 +231,7 @@ fn encode(ckpt: &Checkpoint) -> Result<Encoded> {
         files,
         sizes,
         files_in: None,
+        sharded: None,
     };
     Ok(Encoded { step: ckpt.meta.step, tensors, meta })
 }
@@ -247,13 +258,23 @@ fn parse_manifest(bytes: &[u8], step: Option<u64>) -> std::result::Result<MetaFi
 /// Checks a tensor file against the manifest and parses it.
 fn decode_tensors(meta: &MetaFile, file: &str, bytes: &[u8]) -> std::result::Result<Vec<(String, Tensor)>, String> {
     let want = meta.files.get(file).ok_or_else(|| format!("{META_FILE} lists no checksum for {file}"))?;
-    if let Some(&size) = meta.sizes.get(file) {
+    verify_and_parse(file, bytes, want, meta.sizes.get(file).copied())
+}
+
+/// Checks a tensor file's size (when recorded) and SHA-256 and parses it.
+fn verify_and_parse(
+    file: &str,
+    bytes: &[u8],
+    want: &str,
+    size: Option<u64>,
+) -> std::result::Result<Vec<(String, Tensor)>, String> {
+    if let Some(size) = size {
         if size != bytes.len() as u64 {
             return Err(format!("{file} is {} bytes, {META_FILE} recorded {size} (torn or replaced)", bytes.len()));
         }
     }
     let got = sha256_hex(bytes);
-    if &got != want {
+    if got != want {
         return Err(format!("{file} has SHA-256 {got}, {META_FILE} recorded {want} (corrupt or torn)"));
     }
     let parsed = safetensors::SafeTensors::deserialize(bytes).map_err(|e| format!("{file} does not parse: {e}"))?;
@@ -268,6 +289,12 @@ fn decode_tensors(meta: &MetaFile, file: &str, bytes: &[u8]) -> std::result::Res
                 .map_err(|e| format!("{file}: tensor {name} does not load: {e}"))
         })
         .collect()
+}
+
+/// A name for one write's folder, unique per process and moment.
+fn write_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}-{}", std::process::id())
 }
 
 /// The first of `candidates` (newest first) that reads and verifies; those before it that are torn, corrupt or
@@ -353,6 +380,70 @@ impl CheckpointStore {
         }
     }
 
+    /// Writes rank `file`'s optimizer shard of the sharded checkpoint of `step` being written as `write`.
+    fn put_shard(&self, step: u64, write: &str, file: &str, bytes: Bytes) -> Result<()> {
+        match &self.backend {
+            Backend::Dir(dir) => dir::put_shard(dir, step, write, file, &bytes),
+            Backend::S3(s3) => s3.put_shard(step, write, file, bytes),
+        }
+    }
+
+    /// Completes the sharded checkpoint of `step` whose shards are all written: the model, then the manifest.
+    fn commit_sharded(&self, step: u64, write: &str, model: Bytes, meta: MetaFile) -> Result<PathBuf> {
+        match &self.backend {
+            Backend::Dir(dir) => dir::commit_sharded(dir, step, write, &model, meta, self.keep),
+            Backend::S3(s3) => s3.commit_sharded(step, write, model, meta, self.keep),
+        }
+    }
+
+    /// Drops what a failed sharded write left (in a folder; on S3 the next write's pruning deletes it).
+    fn abandon(&self, step: u64, write: &str) {
+        if let Backend::Dir(dir) = &self.backend {
+            dir::abandon(dir, step, write);
+        }
+    }
+
+    /// The checkpoints with a manifest, newest first, not yet verified.
+    fn candidates(&self) -> Result<Vec<PathBuf>> {
+        match &self.backend {
+            Backend::Dir(dir) => dir::candidates(dir),
+            Backend::S3(s3) => s3.candidates(),
+        }
+    }
+
+    /// The checkpoint at `path` verified but for a sharded one's shards, which are left to each rank.
+    fn read_model(&self, path: &Path) -> Result<(Checkpoint, Option<ShardedCheckpoint>)> {
+        match &self.backend {
+            Backend::Dir(_) => dir::read_model(path),
+            Backend::S3(s3) => s3.read_model(path),
+        }
+    }
+
+    /// Old rank `rank`'s shard of `shards`, verified.
+    fn read_shard(&self, shards: &ShardedCheckpoint, rank: usize) -> Result<Vec<(String, Tensor)>> {
+        match &self.backend {
+            Backend::Dir(_) => dir::read_shard(shards, rank),
+            Backend::S3(s3) => s3.read_shard(shards, rank),
+        }
+    }
+
+    /// The checkpoint of `step`, verified (a sharded one's state assembled per parameter), or the newest valid one
+    /// when `step` is `None`. A missing or invalid checkpoint of `step` is an error saying why.
+    pub fn read_step(&self, step: Option<u64>) -> Result<Resume> {
+        let Some(step) = step else {
+            return self.latest_valid()?.ok_or_else(|| TrainError::Checkpoint {
+                path: self.dir().to_path_buf(),
+                detail: "holds no valid checkpoint (ckpt-<step> with a meta.json whose files verify)".into(),
+            });
+        };
+        let path = PathBuf::from(format!("{}/ckpt-{step}", self.dir().display()));
+        let checkpoint = match &self.backend {
+            Backend::Dir(_) => dir::read_checkpoint(&path)?,
+            Backend::S3(s3) => s3.read(&path)?,
+        };
+        Ok(Resume { checkpoint, path, skipped: Vec::new() })
+    }
+
     /// The newest valid checkpoint of this store; see [`latest_valid`]. `None` when there is none.
     pub fn latest_valid(&self) -> Result<Option<Resume>> {
         match &self.backend {
@@ -367,6 +458,48 @@ fn check_keep(keep: usize) -> Result<()> {
         return Err(TrainError::option("--keep", "must keep at least 1 checkpoint"));
     }
     Ok(())
+}
+
+/// What [`consolidate`] wrote.
+#[derive(Debug)]
+pub struct Consolidated {
+    /// The checkpoint read.
+    pub from: PathBuf,
+    /// Its step.
+    pub step: u64,
+    /// Model tensors written.
+    pub model: usize,
+    /// Optimizer state entries written (`optimizer.<param>.<state>`).
+    pub optimizer: usize,
+    /// Bytes of the file.
+    pub bytes: u64,
+}
+
+/// The prefix of optimizer state entries in a consolidated file.
+pub const CONSOLIDATED_OPTIMIZER_PREFIX: &str = "optimizer.";
+
+/// Writes the checkpoint of `step` (the newest valid one when `None`) of `store`, sharded or not, as one
+/// safetensors file `out`: the model's tensors under their names, and the per-parameter optimizer state
+/// (`fc.weight.exp_avg`, as an unsharded run saves it) under `optimizer.`. Written aside and renamed into place.
+pub fn consolidate(store: &CheckpointStore, step: Option<u64>, out: &Path) -> Result<Consolidated> {
+    let found = store.read_step(step)?;
+    let ckpt = found.checkpoint;
+    let mut tensors = ckpt.model;
+    let model = tensors.len();
+    let optimizer = ckpt.optimizer.len();
+    tensors.extend(ckpt.optimizer.into_iter().map(|(n, t)| (format!("{CONSOLIDATED_OPTIMIZER_PREFIX}{n}"), t)));
+    let name = out.display().to_string();
+    let bytes = to_safetensors(&name, &tensors)?;
+    let tmp = out.with_file_name(format!(
+        ".{}.tmp-{}",
+        out.file_name().and_then(|n| n.to_str()).unwrap_or("consolidated"),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, &bytes).and_then(|_| std::fs::rename(&tmp, out)).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        TrainError::io("write", out, e)
+    })?;
+    Ok(Consolidated { from: found.path, step: ckpt.meta.step, model, optimizer, bytes: bytes.len() as u64 })
 }
 
 /// `n` bytes for people: "137 KiB", "1.5 GiB".

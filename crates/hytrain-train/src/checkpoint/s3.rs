@@ -16,9 +16,13 @@ use std::path::{Path, PathBuf};
 use hytrain_data::source::{S3Options, S3};
 
 use super::dir::step_of;
+use bytes::Bytes;
+use tch::Tensor;
+
+use super::sharded::{read_all, ShardedCheckpoint};
 use super::{
-    decode_tensors, human_bytes, newest_valid, parse_manifest, Checkpoint, Encoded, MetaFile, Resume, META_FILE,
-    MODEL_FILE, OPTIMIZER_FILE,
+    decode_tensors, human_bytes, newest_valid, parse_manifest, write_id, Checkpoint, Encoded, MetaFile, Resume,
+    META_FILE, MODEL_FILE, OPTIMIZER_FILE,
 };
 use crate::{Result, TrainError};
 
@@ -116,9 +120,9 @@ impl S3Store {
                 Some(write) => format!("ckpt-{step}/{write}/"),
                 None => format!("ckpt-{step}/"),
             };
-            let wanted = |name: &str| {
-                name == manifest(*step) || [MODEL_FILE, OPTIMIZER_FILE].iter().any(|f| name == format!("{files_in}{f}"))
-            };
+            // A sharded checkpoint's files are its model and shards; an older manifest lists both tensor files.
+            let wanted =
+                |name: &str| name == manifest(*step) || meta.files.keys().any(|f| name == format!("{files_in}{f}"));
             doomed.extend(names.iter().filter(|n| !wanted(n)).cloned());
         }
         if doomed.is_empty() {
@@ -142,44 +146,105 @@ impl S3Store {
 
     /// The newest checkpoint whose manifest is there and whose files match it; see [`super::latest_valid`].
     pub(super) fn latest_valid(&self) -> Result<Option<Resume>> {
-        let steps = self.by_step()?;
-        let candidates = steps
-            .iter()
-            .rev()
-            .filter(|(step, names)| names.contains(&format!("ckpt-{step}/{META_FILE}")))
-            .map(|(step, _)| self.url(&format!("ckpt-{step}")));
-        newest_valid(candidates, |path| self.read(path))
+        newest_valid(self.candidates()?, |path| self.read(path))
     }
 
-    /// Reads and verifies the checkpoint at `path` (`s3://.../ckpt-<step>`).
-    fn read(&self, path: &Path) -> Result<Checkpoint> {
-        let bad = |detail: String| TrainError::Checkpoint { path: path.to_path_buf(), detail };
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
-        let step = step_of(&name);
-        let read = |object: &str| match self.s3.read_whole(object) {
+    /// Reads and verifies the checkpoint at `path` (`s3://.../ckpt-<step>`); a sharded one's shards are all read
+    /// and its optimizer state assembled per parameter.
+    pub(super) fn read(&self, path: &Path) -> Result<Checkpoint> {
+        let (mut ckpt, shards) = self.read_model(path)?;
+        if let Some(shards) = shards {
+            ckpt.optimizer = read_all(&shards, |q| self.read_shard(&shards, q))?;
+        }
+        Ok(ckpt)
+    }
+
+    /// An object's bytes, `None` when it does not exist.
+    fn read_object(&self, object: &str) -> Result<Option<Vec<u8>>> {
+        match self.s3.read_whole(object) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(hytrain_data::Error::Read { io, .. }) if io.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(s3_error(format!("reading {}", self.url(object).display()))(e)),
+        }
+    }
+
+    /// Old rank `rank`'s shard of a sharded checkpoint, verified against its manifest.
+    pub(super) fn read_shard(&self, shards: &ShardedCheckpoint, rank: usize) -> Result<Vec<(String, Tensor)>> {
+        let bad = |detail: String| TrainError::Checkpoint { path: shards.path.clone(), detail };
+        let name = shards.path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let files_in = match &shards.files_in {
+            Some(write) => format!("{name}/{write}"),
+            None => name.to_string(),
         };
+        let file = &shards.shards[rank].0;
+        let bytes =
+            self.read_object(&format!("{files_in}/{file}"))?.ok_or_else(|| bad(format!("{file} is missing")))?;
+        shards.decode(rank, &bytes).map_err(bad)
+    }
+
+    /// Uploads one rank's optimizer shard into the folder of the sharded write `write` of `step`.
+    pub(super) fn put_shard(&self, step: u64, write: &str, file: &str, bytes: Bytes) -> Result<()> {
+        let name = format!("ckpt-{step}/{write}/{file}");
+        self.s3
+            .put(&name, bytes)
+            .map_err(s3_error(format!("uploading the optimizer shard {file} of checkpoint step {step}")))
+    }
+
+    /// Completes the sharded write `write` of `step` once every rank uploaded its shard: the model, then the
+    /// manifest, then old checkpoints are pruned.
+    pub(super) fn commit_sharded(
+        &self,
+        step: u64,
+        write: &str,
+        model: Bytes,
+        mut meta: MetaFile,
+        keep: usize,
+    ) -> Result<PathBuf> {
+        let name = format!("ckpt-{step}/{write}/{MODEL_FILE}");
+        self.s3.put(&name, model).map_err(s3_error(format!("uploading checkpoint step {step}")))?;
+        meta.files_in = Some(write.to_string());
+        let manifest = serde_json::to_vec_pretty(&meta).expect("checkpoint metadata serialises");
+        self.s3
+            .put(&format!("ckpt-{step}/{META_FILE}"), manifest.into())
+            .map_err(s3_error(format!("uploading the manifest of checkpoint step {step}")))?;
+        let dest = self.url(&format!("ckpt-{step}"));
+        tracing::info!(path = %dest.display(), step, "sharded checkpoint written");
+        self.prune(keep)?;
+        Ok(dest)
+    }
+
+    /// The checkpoints with a manifest, newest first.
+    pub(super) fn candidates(&self) -> Result<Vec<PathBuf>> {
+        let steps = self.by_step()?;
+        Ok(steps
+            .iter()
+            .rev()
+            .filter(|(step, names)| names.contains(&format!("ckpt-{step}/{META_FILE}")))
+            .map(|(step, _)| self.url(&format!("ckpt-{step}")))
+            .collect())
+    }
+
+    /// [`S3Store::read`] but for a sharded checkpoint's shards, whose records are returned instead.
+    pub(super) fn read_model(&self, path: &Path) -> Result<(Checkpoint, Option<ShardedCheckpoint>)> {
+        let bad = |detail: String| TrainError::Checkpoint { path: path.to_path_buf(), detail };
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let step = step_of(&name);
+        let read = |object: &str| self.read_object(object);
         let manifest = read(&format!("{name}/{META_FILE}"))?.ok_or_else(|| bad(format!("{META_FILE} is missing")))?;
         let meta = parse_manifest(&manifest, step).map_err(bad)?;
+        let shards = ShardedCheckpoint::from_manifest(path, &meta).map_err(bad)?;
         let files_in = match &meta.files_in {
             Some(write) => format!("{name}/{write}"),
             None => name.clone(),
         };
+        let files: &[&str] = if shards.is_some() { &[MODEL_FILE] } else { &[MODEL_FILE, OPTIMIZER_FILE] };
         let mut tensors = Vec::new();
-        for file in [MODEL_FILE, OPTIMIZER_FILE] {
+        for file in files {
             let bytes = read(&format!("{files_in}/{file}"))?.ok_or_else(|| bad(format!("{file} is missing")))?;
             tensors.push(decode_tensors(&meta, file, &bytes).map_err(bad)?);
         }
-        let optimizer = tensors.pop().expect("two files");
-        let model = tensors.pop().expect("two files");
-        Ok(Checkpoint { model, optimizer, meta: meta.meta })
+        let optimizer = if shards.is_some() { Vec::new() } else { tensors.pop().expect("two files") };
+        let model = tensors.pop().expect("the model file");
+        Ok((Checkpoint { model, optimizer, meta: meta.meta }, shards))
     }
-}
-
-/// A name for one write's folder, unique per process and moment.
-fn write_id() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    format!("{nanos:x}-{}", std::process::id())
 }

@@ -7,16 +7,16 @@
 //! reduced, and the parameters' gradients are undefined between steps. The three updates (SGD with momentum,
 //! Nesterov and weight decay, AdamW) are elementwise, so stepping blocks of flat buffers gives DDP's weights.
 //!
-//! Checkpoints keep DDP's format: at a checkpoint every rank takes part in allgathering the state of the blocks,
-//! and it is written per parameter (`fc.weight.exp_avg`), so a sharded run resumes from a DDP checkpoint and the
-//! other way round, at any world size.
+//! Checkpoints are sharded too ([`crate::checkpoint::sharded`]): each rank writes its blocks' state, and the
+//! manifest records the bucket layout, so a sharded run resumes from a DDP checkpoint, a DDP run from a sharded
+//! one, and a sharded run from one written at another world size.
 
 use std::collections::HashMap;
 
 use tch::{Kind, Tensor};
 
 use super::{comm_err, Ddp};
-use crate::bucket::host_buffer;
+use crate::checkpoint::sharded::{assemble, cut, ShardBucket, ShardLayout, ShardParam};
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::{ReduceOp, Result, TrainError};
 
@@ -195,65 +195,8 @@ impl Ddp {
         Ok(())
     }
 
-    /// The optimizer state in the checkpoint format, per parameter (`<param>.exp_avg`, ...). Unsharded this is
-    /// [`Optimizer::state`]; sharded, every rank must call it at the same point: each state tensor of a block is
-    /// allgathered into its bucket's flat layout and cut into the parameters' shapes (so every rank gets the
-    /// whole state; the step counts, the same on every rank, are copied per parameter).
-    pub fn optimizer_state(&mut self, optimizer: &dyn Optimizer) -> Result<Vec<(String, Tensor)>> {
-        if self.shard == ShardMode::None {
-            return Ok(optimizer.state());
-        }
-        self.check_optimizer(optimizer)?;
-        let mut out = Vec::new();
-        for (key, t) in optimizer.state() {
-            let torch = |e| TrainError::torch(format!("gathering optimizer state {key}"), e);
-            let (b, suffix) = key
-                .strip_prefix("zero.bucket")
-                .and_then(|rest| rest.split_once('.'))
-                .and_then(|(b, suffix)| Some((b.parse::<usize>().ok()?, suffix)))
-                .filter(|(b, _)| *b < self.buckets.len())
-                .ok_or_else(|| TrainError::OptimizerState(format!("entry {key} belongs to no shard of this engine")))?;
-            let bucket = &self.buckets[b];
-            if suffix == "step" {
-                for (m, _) in bucket.layout() {
-                    out.push((format!("{}.{suffix}", self.params[m].0), t.copy()));
-                }
-                continue;
-            }
-            let block = bucket.block().expect("sharded");
-            let full = Tensor::f_zeros([bucket.padded_numel() as i64], (t.kind(), t.device())).map_err(torch)?;
-            tch::no_grad(|| full.f_narrow(0, block.start as i64, block.len() as i64)?.f_copy_(&t)).map_err(torch)?;
-            let during = || format!("optimizer state allgather of {key}");
-            match self.device_comm.as_mut() {
-                Some(device_comm) => {
-                    let dtype = crate::bucket::device_dtype(full.kind());
-                    // SAFETY: `full` is a contiguous tensor of `padded` elements on the collective's device, made
-                    // here and touched by nothing else during the call.
-                    let slice = unsafe {
-                        hytrain_cuda::DeviceSlice::from_raw(full.data_ptr() as u64, dtype, bucket.padded_numel())
-                    };
-                    device_comm
-                        .allgather_blocks(slice)
-                        .map_err(|source| TrainError::DeviceComm { during: during(), source })?
-                }
-                None => {
-                    // SAFETY: `full` is a contiguous host tensor of `padded` elements of its (reducible, a
-                    // parameter's) kind, made here and touched by nothing else while the slice lives.
-                    let buf = unsafe { host_buffer(&full, full.kind(), bucket.padded_numel()) };
-                    self.comm.allgather_blocks(buf).map_err(comm_err(during()))?
-                }
-            }
-            for (m, off) in bucket.layout() {
-                let (name, p) = &self.params[m];
-                let part = full.f_narrow(0, off, p.numel() as i64).and_then(|v| v.f_view(p.size().as_slice()));
-                out.push((format!("{name}.{suffix}"), part.map_err(torch)?));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Loads optimizer state in the checkpoint format (per parameter, as [`Ddp::optimizer_state`] gives it) into
-    /// `optimizer`: unsharded [`Optimizer::load_state`]; sharded, each bucket's state is laid out flat and this
+    /// Loads optimizer state in DDP's checkpoint format (per parameter, `<param>.exp_avg`, as an unsharded run
+    /// saves it and a sharded checkpoint is assembled) into `optimizer`: unsharded [`Optimizer::load_state`]; sharded, each bucket's state is laid out flat and this
     /// rank's block kept, whatever world size wrote it. Needs no other rank.
     pub fn load_optimizer_state(&self, optimizer: &mut dyn Optimizer, state: &[(String, Tensor)]) -> Result<()> {
         if self.shard == ShardMode::None {
@@ -326,5 +269,59 @@ impl Ddp {
             }
         }
         optimizer.load_state(&shards)
+    }
+}
+
+impl Ddp {
+    /// The layout of this engine's sharded optimizer state, as a sharded checkpoint's manifest records it.
+    pub(crate) fn shard_layout(&self, optimizer: &dyn Optimizer) -> Result<ShardLayout> {
+        self.check_optimizer(optimizer)?;
+        let names: Vec<String> = optimizer.state().into_iter().map(|(n, _)| n).collect();
+        let buckets = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(b, bucket)| {
+                let prefix = format!("{}.", shard_name(b));
+                ShardBucket {
+                    params: bucket
+                        .layout()
+                        .map(|(m, offset)| ShardParam {
+                            name: self.params[m].0.clone(),
+                            shape: self.params[m].1.size(),
+                            offset,
+                        })
+                        .collect(),
+                    numel: bucket.numel(),
+                    padded: bucket.padded_numel(),
+                    state: names.iter().filter_map(|n| n.strip_prefix(&prefix)).map(str::to_string).collect(),
+                }
+            })
+            .collect();
+        Ok(ShardLayout { world_size: self.world_size(), mode: self.shard, buckets })
+    }
+
+    /// This rank's optimizer state from a sharded checkpoint of `layout`, not loaded yet: `read(q)` gives old
+    /// rank `q`'s shard. Where this engine's buckets are laid out as the checkpoint's, each block is cut from the
+    /// shards it overlaps (`false`: load it with [`Optimizer::load_state`]); otherwise every shard is read and the
+    /// state assembled per parameter (`true`: load it with [`Ddp::load_optimizer_state`]).
+    pub(crate) fn prepare_sharded_state(
+        &self,
+        optimizer: &dyn Optimizer,
+        layout: &ShardLayout,
+        read: &mut dyn FnMut(usize) -> Result<Vec<(String, Tensor)>>,
+    ) -> Result<(Vec<(String, Tensor)>, bool)> {
+        if self.shard != ShardMode::None {
+            let own = self.shard_layout(optimizer)?;
+            let same = layout.buckets.len() == own.buckets.len()
+                && layout.buckets.iter().zip(&own.buckets).all(|(a, b)| a.params == b.params && a.numel == b.numel);
+            if same {
+                let blocks: Vec<_> = self.buckets.iter().map(|b| b.block().expect("sharded")).collect();
+                return Ok((cut(layout, &blocks, read)?, false));
+            }
+        }
+        let all = (0..layout.world_size).map(read).collect::<Result<Vec<_>>>()?;
+        let state = assemble(layout, &all).map_err(TrainError::OptimizerState)?;
+        Ok((state, true))
     }
 }

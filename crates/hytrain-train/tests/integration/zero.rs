@@ -9,9 +9,11 @@ use std::time::Duration;
 use crate::common::{deep_copy, on_ranks, seeded};
 use hytrain_comm::testing::InProcess;
 use hytrain_cuda::HostCollective;
+use hytrain_train::checkpoint::shard_file;
 use hytrain_train::model::{self, BatchNorm2d, Conv2d, ConvConfig, LayerBuilder, Linear, Model};
 use hytrain_train::{
-    AdamWConfig, Ddp, DdpOptions, Optimizer, OptimizerConfig, Precision, SgdConfig, ShardMode, TrainError,
+    AdamWConfig, Checkpoint, CheckpointMeta, CheckpointStore, Ddp, DdpOptions, Optimizer, OptimizerConfig, Precision,
+    RngState, Schedule, SgdConfig, ShardMode, TrainError,
 };
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -315,71 +317,6 @@ fn zero2_holds_no_full_gradients_after_a_step_and_state_is_one_nth() {
     }
 }
 
-/// The gathered state of a sharded run is DDP's checkpoint state (names, shapes, values), and loaded at another
-/// world size it continues as DDP does from the same state.
-#[test]
-fn sharded_state_gathers_to_ddp_format_and_loads_at_another_world_size() {
-    let init = initial();
-    let opt = optimizers()[3];
-    let case = Case { opt, accum: 1, clip: None, overlap: true };
-    // 10 steps on 4 ranks, sharded (ZeRO-2) and not: weights and the per-parameter state.
-    let run4 = |shard: ShardMode| {
-        let init = Mutex::new(deep_copy(&init));
-        on_ranks(4, |rank, comm| {
-            let data = data(4, 10);
-            let init = deep_copy(&init.lock().unwrap());
-            let mut ddp = Ddp::new(net(rank, &init), comm, options(case, shard)).unwrap();
-            let mut optimizer = ddp.build_optimizer(&opt).unwrap();
-            for micro in share(&data, rank, 1) {
-                ddp.train_step(&micro, optimizer.as_mut(), lr_of(&opt)).unwrap();
-            }
-            let state = deep_copy(&ddp.optimizer_state(optimizer.as_ref()).unwrap());
-            (deep_copy(&model::state_tensors(ddp.model())), state)
-        })
-    };
-    let plain = run4(ShardMode::None);
-    let sharded = run4(ShardMode::Gradients);
-    let sorted = |mut v: Vec<(String, Tensor)>| {
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    };
-    let want = sorted(deep_copy(&plain[0].1));
-    for (rank, (_, state)) in sharded.iter().enumerate() {
-        let got = sorted(deep_copy(state));
-        let names = |v: &[(String, Tensor)]| v.iter().map(|(n, t)| (n.clone(), t.size())).collect::<Vec<_>>();
-        assert_eq!(names(&got), names(&want), "rank {rank}: gathered state names and shapes");
-        for ((n, x), (_, y)) in got.iter().zip(&want) {
-            let scale = y.abs().max().double_value(&[]).max(1e-12);
-            let d = (x - y).abs().max().double_value(&[]) / scale;
-            assert!(d <= 1e-5, "rank {rank}: {n} differs from DDP's by {d:e}");
-        }
-    }
-    // Resume both at 3 ranks from the sharded run's weights and state: ZeRO-1 and DDP continue alike.
-    let (weights, state) = (deep_copy(&sharded[0].0), deep_copy(&sharded[0].1));
-    let run3 = |shard: ShardMode| {
-        let shared = Mutex::new((deep_copy(&weights), deep_copy(&state)));
-        on_ranks(3, |rank, comm| {
-            let data = data(3, 10);
-            let (weights, state) = {
-                let s = shared.lock().unwrap();
-                (deep_copy(&s.0), deep_copy(&s.1))
-            };
-            let mut ddp = Ddp::new(net(0, &weights), comm, options(case, shard)).unwrap();
-            let mut optimizer = ddp.build_optimizer(&opt).unwrap();
-            ddp.load_optimizer_state(optimizer.as_mut(), &state).unwrap();
-            for micro in share(&data, rank, 1) {
-                ddp.train_step(&micro, optimizer.as_mut(), lr_of(&opt)).unwrap();
-            }
-            deep_copy(&model::state_tensors(ddp.model()))
-        })
-    };
-    let ddp = run3(ShardMode::None);
-    let zero1 = run3(ShardMode::Optimizer);
-    let d = difference(&zero1[0], &ddp[0]);
-    assert!(d <= 1e-6, "resumed at 3 ranks: ZeRO-1 differs from DDP by {d:e}");
-    assert!(difference(&ddp[0], &weights) > 1e-4, "the resumed runs trained");
-}
-
 fn refused(e: TrainError, needle: &str) {
     let text = e.to_string();
     assert!(matches!(e, TrainError::InvalidOption { ref option, .. } if option == "--shard"), "{text}");
@@ -434,9 +371,6 @@ fn zero1_through_a_device_collective_equals_ddp_and_zero2_is_refused() {
             for micro in share(&data, rank, case.accum) {
                 ddp.train_step(&micro, optimizer.as_mut(), lr_of(&case.opt)).unwrap();
             }
-            // The checkpoint state goes through the device collective too.
-            let state = ddp.optimizer_state(optimizer.as_ref()).unwrap();
-            assert!(state.iter().any(|(n, _)| n == "fc1.weight.exp_avg"));
             Ok::<_, TrainError>(deep_copy(&model::state_tensors(ddp.model())))
         })
     };
@@ -484,4 +418,426 @@ fn shard_flag_parses_and_refuses_other_values() {
     assert_eq!(config.shard, ShardMode::Optimizer);
     let e = config.apply_hyperparameter("--shard", "everything").unwrap_err().to_string();
     assert!(e.contains("shard") && e.contains("must be none, optimizer or gradients, got 'everything'"), "{e}");
+}
+
+fn meta(step: u64) -> CheckpointMeta {
+    CheckpointMeta {
+        step,
+        epoch: 0,
+        data_position: serde_json::Value::Null,
+        rng: RngState::default(),
+        config: serde_json::Value::Null,
+        schedule: Schedule::Constant,
+        model: "zero-net".into(),
+        optimizer: "adamw".into(),
+        grad_scaler: None,
+    }
+}
+
+/// Every rank saves a sharded checkpoint of `step` into `store` (rank 0 with the model).
+fn save_sharded(
+    store: &CheckpointStore,
+    ddp: &mut Ddp,
+    optimizer: &dyn Optimizer,
+    step: u64,
+) -> Result<(), TrainError> {
+    let model = (ddp.rank() == 0).then(|| Checkpoint {
+        model: model::state_tensors(ddp.model()),
+        optimizer: Vec::new(),
+        meta: meta(step),
+    });
+    store.save_sharded(ddp, optimizer, model.as_ref(), step).map(|_| ())
+}
+
+const ADAMW: Case = Case {
+    opt: OptimizerConfig::AdamW(AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.05 }),
+    accum: 1,
+    clip: None,
+    overlap: true,
+};
+
+/// 10 steps on 4 ranks in `shard` mode from the initial weights, with a sharded checkpoint after each of `steps`
+/// into `store(rank, step)`: every rank's results of its saves.
+fn four_ranks_then_save(
+    shard: ShardMode,
+    steps: &[u64],
+    store: &(dyn Fn(usize, u64) -> CheckpointStore + Sync),
+) -> Vec<Vec<Result<(), TrainError>>> {
+    let init = Mutex::new(initial());
+    on_ranks(4, |rank, comm| {
+        let data = data(4, 10);
+        let init = deep_copy(&init.lock().unwrap());
+        let mut ddp = Ddp::new(net(rank, &init), comm, options(ADAMW, shard)).unwrap();
+        let mut optimizer = ddp.build_optimizer(&ADAMW.opt).unwrap();
+        let mut results = Vec::new();
+        for (i, micro) in share(&data, rank, 1).into_iter().enumerate() {
+            ddp.train_step(&micro, optimizer.as_mut(), lr_of(&ADAMW.opt)).unwrap();
+            let step = i as u64 + 1;
+            if steps.contains(&step) {
+                results.push(save_sharded(&store(rank, step), &mut ddp, optimizer.as_ref(), step));
+            }
+        }
+        results
+    })
+}
+
+/// A rank's weights after resuming and training, the checkpoint it resumed from and the shard files it read.
+type Resumed = (Vec<(String, Tensor)>, std::path::PathBuf, Vec<String>);
+
+/// Resumes `world` ranks in `shard` mode from the sharded checkpoints of `dir` (a sharded engine through
+/// `resume_sharded`, an unsharded one through `latest_valid` as the training loop does) and trains 10 more steps:
+/// every rank's weights, the checkpoint it resumed from and the shard files it read.
+fn resume_and_train(dir: &std::path::Path, world: usize, shard: ShardMode) -> Vec<Resumed> {
+    on_ranks(world, |rank, comm| {
+        let data = data(world, 10);
+        let mut ddp = Ddp::new(net(rank, &initial()), comm, options(ADAMW, shard)).unwrap();
+        let mut optimizer = ddp.build_optimizer(&ADAMW.opt).unwrap();
+        let store = CheckpointStore::new(dir, 3).unwrap();
+        let (path, read) = if shard == ShardMode::None {
+            let resume = store.latest_valid().unwrap().expect("a checkpoint");
+            model::load_state_tensors(ddp.model(), &resume.checkpoint.model).unwrap();
+            ddp.load_optimizer_state(optimizer.as_mut(), &resume.checkpoint.optimizer).unwrap();
+            (resume.path, Vec::new())
+        } else {
+            let resume = store.resume_sharded(&mut ddp, optimizer.as_mut()).unwrap().expect("a checkpoint");
+            (resume.path, resume.read)
+        };
+        for micro in share(&data, rank, 1) {
+            ddp.train_step(&micro, optimizer.as_mut(), lr_of(&ADAMW.opt)).unwrap();
+        }
+        (deep_copy(&model::state_tensors(ddp.model())), path, read)
+    })
+}
+
+/// DDP's weights (every rank's: the BatchNorm statistics are each rank's own) after 10 steps on 4 ranks, a
+/// per-parameter checkpoint, and 10 steps on `world` ranks.
+fn ddp_four_then(world: usize) -> Vec<Vec<(String, Tensor)>> {
+    let dir = tempfile::tempdir().unwrap();
+    let init = Mutex::new(initial());
+    on_ranks(4, |rank, comm| {
+        let data = data(4, 10);
+        let init = deep_copy(&init.lock().unwrap());
+        let mut ddp = Ddp::new(net(rank, &init), comm, options(ADAMW, ShardMode::None)).unwrap();
+        let mut optimizer = ddp.build_optimizer(&ADAMW.opt).unwrap();
+        for micro in share(&data, rank, 1) {
+            ddp.train_step(&micro, optimizer.as_mut(), lr_of(&ADAMW.opt)).unwrap();
+        }
+        if rank == 0 {
+            let ckpt =
+                Checkpoint { model: model::state_tensors(ddp.model()), optimizer: optimizer.state(), meta: meta(10) };
+            CheckpointStore::new(dir.path(), 1).unwrap().save(&ckpt).unwrap();
+        }
+    });
+    resume_and_train(dir.path(), world, ShardMode::None).into_iter().map(|r| r.0).collect()
+}
+
+fn shard_names(world: usize) -> Vec<String> {
+    (0..world).map(|r| shard_file(r, world)).collect()
+}
+
+/// Issue 17's resharding test: a ZeRO-2 run on 4 ranks writes one optimizer shard per rank (no rank holds the
+/// whole state); resumed on 4, 2 and 3 ranks (ZeRO-1 and ZeRO-2) and by an unsharded run, the weights after 10
+/// more steps equal those of a DDP run checkpointed and resumed alike within 1e-6. On 4 ranks each rank reads only
+/// its own shard; on fewer, only the shards its blocks overlap.
+#[test]
+fn a_sharded_checkpoint_of_four_ranks_resumes_on_four_two_and_three_as_ddp_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for r in four_ranks_then_save(ShardMode::Gradients, &[10], &|_, _| CheckpointStore::new(dir.path(), 3).unwrap()) {
+        r.into_iter().for_each(Result::unwrap);
+    }
+    let ckpt = dir.path().join("ckpt-10");
+    let mut files: Vec<String> =
+        std::fs::read_dir(&ckpt).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    let mut want = shard_names(4);
+    want.extend(["meta.json".to_string(), "model.safetensors".to_string()]);
+    want.sort();
+    assert_eq!(files, want, "a sharded checkpoint holds the model, the manifest and one shard per rank");
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(ckpt.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(manifest["sharded"]["world_size"], 4);
+    assert_eq!(manifest["sharded"]["mode"], "gradients");
+    assert_eq!(manifest["sharded"]["buckets"][1]["numel"], 1267);
+    assert_eq!(manifest["sharded"]["buckets"][1]["padded"], 1268);
+    for f in shard_names(4) {
+        assert_eq!(manifest["sizes"][&f].as_u64(), Some(std::fs::metadata(ckpt.join(&f)).unwrap().len()));
+        assert_eq!(manifest["files"][&f].as_str().map(str::len), Some(64), "{f} has a SHA-256 in the manifest");
+    }
+    for (world, shard) in
+        [(4, ShardMode::Gradients), (2, ShardMode::Optimizer), (3, ShardMode::Gradients), (3, ShardMode::None)]
+    {
+        let ddp = ddp_four_then(world);
+        let ranks = resume_and_train(dir.path(), world, shard);
+        for (rank, (weights, path, read)) in ranks.iter().enumerate() {
+            assert_eq!(path, &ckpt);
+            let d = difference(weights, &ddp[rank]);
+            println!("zero resharding: 4 ranks to {world} ({shard}): rank {rank} read {read:?}, max |w - w_ddp| / max |w_ddp| = {d:.3e}");
+            assert!(d <= 1e-6, "4 to {world} ranks ({shard}): rank {rank} differs from DDP by {d:e}");
+            if shard == ShardMode::None {
+                continue;
+            }
+            if world == 4 {
+                assert_eq!(read, &[shard_file(rank, 4)], "at the same world size a rank reads only its own shard");
+            } else {
+                assert!(!read.is_empty() && read.len() < 4, "rank {rank} of {world} read {read:?}");
+            }
+        }
+        assert!(difference(&ranks[0].0, &initial()) > 1e-3, "the resumed run trained");
+    }
+}
+
+/// A checkpoint with a shard missing, corrupt, or without its manifest does not count: every rank passes over it
+/// to the previous complete one, which a failed save never touches.
+#[test]
+fn a_sharded_checkpoint_with_a_shard_missing_or_corrupt_is_passed_over_for_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    for r in four_ranks_then_save(ShardMode::Optimizer, &[5, 10], &|_, _| CheckpointStore::new(dir.path(), 3).unwrap())
+    {
+        r.into_iter().for_each(Result::unwrap);
+    }
+    let (c5, c10) = (dir.path().join("ckpt-5"), dir.path().join("ckpt-10"));
+    let shard = c10.join(shard_file(2, 4));
+    let good = std::fs::read(&shard).unwrap();
+    let mut corrupt = good.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0x40;
+    type Damage<'a> = Box<dyn Fn() + 'a>;
+    let cases: Vec<(&str, Damage<'_>, Damage<'_>)> = vec![
+        (
+            "corrupt or torn",
+            Box::new(|| std::fs::write(&shard, &corrupt).unwrap()),
+            Box::new(|| std::fs::write(&shard, &good).unwrap()),
+        ),
+        (
+            "is missing",
+            Box::new(|| std::fs::remove_file(&shard).unwrap()),
+            Box::new(|| std::fs::write(&shard, &good).unwrap()),
+        ),
+    ];
+    for (reason, damage, repair) in cases {
+        damage();
+        let ranks = on_ranks(4, |rank, comm| {
+            let mut ddp = Ddp::new(net(rank, &initial()), comm, options(ADAMW, ShardMode::Optimizer)).unwrap();
+            let mut optimizer = ddp.build_optimizer(&ADAMW.opt).unwrap();
+            let store = CheckpointStore::new(dir.path(), 3).unwrap();
+            let resume = store.resume_sharded(&mut ddp, optimizer.as_mut()).unwrap().expect("a checkpoint");
+            (resume.path, resume.skipped)
+        });
+        for (rank, (path, skipped)) in ranks.iter().enumerate() {
+            assert_eq!(path, &c5, "rank {rank} resumed from the previous complete checkpoint ({reason})");
+            if rank == 0 {
+                assert_eq!(skipped.len(), 1);
+                assert_eq!(skipped[0].path, c10);
+            }
+        }
+        // An unsharded run, reading every shard, passes over it too, naming the shard.
+        let resume = CheckpointStore::new(dir.path(), 3).unwrap().latest_valid().unwrap().unwrap();
+        assert_eq!(resume.path, c5);
+        assert!(
+            resume.skipped[0].reason.contains(&shard_file(2, 4)) && resume.skipped[0].reason.contains(reason),
+            "{:?}",
+            resume.skipped
+        );
+        repair();
+    }
+    std::fs::remove_file(c10.join("meta.json")).unwrap();
+    assert_eq!(CheckpointStore::new(dir.path(), 3).unwrap().latest_valid().unwrap().unwrap().path, c5);
+}
+
+/// One rank that cannot write its shard fails every rank's save; so does a folder the ranks do not share (rank 0
+/// finds another rank's shard missing before it writes the manifest). Either way the earlier checkpoint stays
+/// the newest, untouched, and nothing of the failed write is left.
+#[test]
+fn a_rank_failing_to_write_its_shard_fails_every_rank_and_keeps_the_previous_checkpoint() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    for (unshared, rank0_says, others_say) in [
+        (
+            false,
+            "rank(s) [2] could not write their optimizer shard of step 10",
+            "could not write their optimizer shard",
+        ),
+        (true, "is not in rank 0's view", "rank 0 could not write the model and manifest of step 10"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let blocked = dir.path().join("blocked");
+        std::fs::write(&blocked, b"a file where a folder should be").unwrap();
+        let results = four_ranks_then_save(ShardMode::Gradients, &[5, 10], &|rank, step| {
+            let at = match (rank, step) {
+                (2, 10) if unshared => elsewhere.path().to_path_buf(),
+                (2, 10) => blocked.clone(),
+                _ => dir.path().to_path_buf(),
+            };
+            CheckpointStore::new(at, 3).unwrap()
+        });
+        for (rank, saves) in results.into_iter().enumerate() {
+            assert!(saves[0].is_ok(), "step 5 saved");
+            let e = saves[1].as_ref().expect_err("step 10 fails on every rank").to_string();
+            match (rank, unshared) {
+                (2, false) => assert!(e.contains("blocked"), "rank 2 reports its own error: {e}"),
+                (0, _) => assert!(e.contains(rank0_says), "{e}"),
+                (2, true) => {}
+                _ => assert!(e.contains(others_say), "rank {rank}: {e}"),
+            }
+        }
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.contains("-10")), "nothing of the failed write is left: {names:?}");
+        let resume = CheckpointStore::new(dir.path(), 3).unwrap().latest_valid().unwrap().unwrap();
+        assert_eq!(resume.path, dir.path().join("ckpt-5"));
+        assert!(resume.skipped.is_empty());
+    }
+}
+
+/// `hytrain checkpoint consolidate`'s library half: a ZeRO-2 checkpoint of 4 ranks becomes one safetensors file
+/// holding the model and DDP's per-parameter optimizer state (names, shapes, values of a DDP run's state).
+#[test]
+fn a_consolidated_sharded_checkpoint_holds_the_model_and_ddps_per_parameter_state() {
+    let dir = tempfile::tempdir().unwrap();
+    for r in four_ranks_then_save(ShardMode::Gradients, &[10], &|_, _| CheckpointStore::new(dir.path(), 3).unwrap()) {
+        r.into_iter().for_each(Result::unwrap);
+    }
+    let init = Mutex::new(initial());
+    let ddp_state = on_ranks(4, |rank, comm| {
+        let data = data(4, 10);
+        let init = deep_copy(&init.lock().unwrap());
+        let mut ddp = Ddp::new(net(rank, &init), comm, options(ADAMW, ShardMode::None)).unwrap();
+        let mut optimizer = ddp.build_optimizer(&ADAMW.opt).unwrap();
+        for micro in share(&data, rank, 1) {
+            ddp.train_step(&micro, optimizer.as_mut(), lr_of(&ADAMW.opt)).unwrap();
+        }
+        (deep_copy(&model::state_tensors(ddp.model())), deep_copy(&optimizer.state()))
+    })
+    .swap_remove(0);
+    let out = dir.path().join("consolidated.safetensors");
+    let store = CheckpointStore::new(dir.path(), 3).unwrap();
+    let done = hytrain_train::consolidate(&store, None, &out).unwrap();
+    assert_eq!((done.step, done.from.clone()), (10, dir.path().join("ckpt-10")));
+    assert_eq!(done.optimizer, ddp_state.1.len());
+    let file = Tensor::read_safetensors(&out).unwrap();
+    assert_eq!(file.len(), done.model + done.optimizer);
+    let get = |name: &str| file.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
+    for (name, want) in &ddp_state.1 {
+        let got = get(&format!("optimizer.{name}")).unwrap_or_else(|| panic!("optimizer.{name} is in the file"));
+        assert_eq!(got.size(), want.size(), "{name}");
+        let scale = want.abs().max().double_value(&[]).max(1e-12);
+        let d = (&got - want).abs().max().double_value(&[]) / scale;
+        assert!(d <= 1e-5, "{name} differs from DDP's by {d:e}");
+    }
+    let model = hytrain_train::checkpoint::read_checkpoint(&dir.path().join("ckpt-10")).unwrap().model;
+    for (name, want) in &model {
+        assert!(get(name).unwrap().equal(want), "{name} is the checkpoint's");
+    }
+    // A named step that is not there says so.
+    let e = hytrain_train::consolidate(&store, Some(7), &out).unwrap_err().to_string();
+    assert!(e.contains("ckpt-7") && e.contains("meta.json"), "{e}");
+}
+
+/// Sharded checkpoints go to S3 (the local S3 server) as to a folder: every rank uploads its shard, rank 0 the
+/// model and the manifest last; pruning to the newest one keeps its shards; 2 ranks resume from it as DDP does.
+#[test]
+fn a_sharded_checkpoint_on_s3_is_written_by_every_rank_and_resumes_on_two_ranks() {
+    let root = tempfile::tempdir().unwrap();
+    let server = crate::support::LocalS3::start(root.path());
+    std::fs::create_dir_all(root.path().join("bkt")).unwrap();
+    let url = "s3://bkt/run/ckpt";
+    let store = || CheckpointStore::s3(url, &server.options(), 1).unwrap();
+    for r in four_ranks_then_save(ShardMode::Optimizer, &[5, 10], &|_, _| store()) {
+        r.into_iter().for_each(Result::unwrap);
+    }
+    // The server keeps objects as files (and may leave emptied folders behind).
+    fn files(dir: &std::path::Path) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let mut out = Vec::new();
+        for e in entries.map(Result::unwrap) {
+            match e.file_type().unwrap().is_dir() {
+                true => out.extend(files(&e.path())),
+                false => out.push(e.file_name().to_string_lossy().into_owned()),
+            }
+        }
+        out.sort();
+        out
+    }
+    let prefix = root.path().join("bkt/run/ckpt");
+    assert!(
+        files(&prefix.join("ckpt-5")).is_empty(),
+        "keep 1 pruned step 5 whole: {:?}",
+        files(&prefix.join("ckpt-5"))
+    );
+    let mut want = shard_names(4);
+    want.extend(["meta.json".to_string(), "model.safetensors".to_string()]);
+    want.sort();
+    assert_eq!(files(&prefix.join("ckpt-10")), want);
+    let ddp = ddp_four_then(2);
+    let ranks = on_ranks(2, |rank, comm| {
+        let data = data(2, 10);
+        let mut ddp = Ddp::new(net(rank, &initial()), comm, options(ADAMW, ShardMode::Gradients)).unwrap();
+        let mut optimizer = ddp.build_optimizer(&ADAMW.opt).unwrap();
+        let resume = store().resume_sharded(&mut ddp, optimizer.as_mut()).unwrap().expect("a checkpoint on S3");
+        for micro in share(&data, rank, 1) {
+            ddp.train_step(&micro, optimizer.as_mut(), lr_of(&ADAMW.opt)).unwrap();
+        }
+        (deep_copy(&model::state_tensors(ddp.model())), resume.path, resume.read)
+    });
+    for (rank, (weights, path, read)) in ranks.iter().enumerate() {
+        assert_eq!(path, std::path::Path::new("s3://bkt/run/ckpt/ckpt-10"));
+        assert!(!read.is_empty() && read.len() < 4, "rank {rank} read {read:?}");
+        let d = difference(weights, &ddp[rank]);
+        assert!(d <= 1e-6, "resumed from S3 on 2 ranks: rank {rank} differs from DDP by {d:e}");
+    }
+    // An unsharded reader assembles it from S3 too.
+    let resume = store().latest_valid().unwrap().unwrap();
+    assert!(resume.checkpoint.optimizer.iter().any(|(n, _)| n == "fc1.weight.exp_avg_sq"));
+}
+
+/// Another `--bucket-mb` lays the buckets out otherwise than the checkpoint's: every rank then reads all shards
+/// and cuts its blocks from the per-parameter state, and continues as DDP does.
+#[test]
+fn a_sharded_checkpoint_resumes_with_another_bucket_layout_through_the_per_parameter_state() {
+    let dir = tempfile::tempdir().unwrap();
+    for r in four_ranks_then_save(ShardMode::Gradients, &[10], &|_, _| CheckpointStore::new(dir.path(), 3).unwrap()) {
+        r.into_iter().for_each(Result::unwrap);
+    }
+    let ddp = ddp_four_then(2);
+    let ranks = on_ranks(2, |rank, comm| {
+        let data = data(2, 10);
+        // One bucket for the whole model instead of three.
+        let options = DdpOptions { bucket_mb: 25.0, first_bucket_mb: 25.0, ..options(ADAMW, ShardMode::Optimizer) };
+        let mut ddp = Ddp::new(net(rank, &initial()), comm, options).unwrap();
+        assert_eq!(ddp.bucket_layout().len(), 1);
+        let mut optimizer = ddp.build_optimizer(&ADAMW.opt).unwrap();
+        let resume = CheckpointStore::new(dir.path(), 3)
+            .unwrap()
+            .resume_sharded(&mut ddp, optimizer.as_mut())
+            .unwrap()
+            .expect("a checkpoint");
+        for micro in share(&data, rank, 1) {
+            ddp.train_step(&micro, optimizer.as_mut(), lr_of(&ADAMW.opt)).unwrap();
+        }
+        (deep_copy(&model::state_tensors(ddp.model())), resume.read)
+    });
+    for (rank, (weights, read)) in ranks.iter().enumerate() {
+        assert_eq!(read, &shard_names(4), "rank {rank} needs every shard");
+        let d = difference(weights, &ddp[rank]);
+        assert!(d <= 1e-6, "another bucket layout: rank {rank} differs from DDP by {d:e}");
+    }
+}
+
+/// A sharded checkpoint of another model fails every rank with rank 0's reason (not passed over, not half
+/// loaded), naming the tensor that differs.
+#[test]
+fn a_sharded_checkpoint_of_another_model_fails_every_rank_with_rank_0s_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    for r in four_ranks_then_save(ShardMode::Gradients, &[10], &|_, _| CheckpointStore::new(dir.path(), 3).unwrap()) {
+        r.into_iter().for_each(Result::unwrap);
+    }
+    let errors = on_ranks(2, |_, comm| {
+        let other = seeded(5, || model::build("mlp:16", 3, &[3, 8, 8], Device::Cpu).unwrap());
+        let mut ddp = Ddp::new(other, comm, options(ADAMW, ShardMode::Optimizer)).unwrap();
+        let mut optimizer = ddp.build_optimizer(&ADAMW.opt).unwrap();
+        let store = CheckpointStore::new(dir.path(), 3).unwrap();
+        store.resume_sharded(&mut ddp, optimizer.as_mut()).unwrap_err().to_string()
+    });
+    assert_eq!(errors[0], errors[1], "every rank reports rank 0's reason");
+    assert!(errors[0].contains("the weights"), "{}", errors[0]);
 }
