@@ -17,7 +17,7 @@
 
 mod dir;
 mod s3;
-pub(crate) mod sharded;
+pub mod sharded;
 mod writer;
 
 use std::collections::BTreeMap;

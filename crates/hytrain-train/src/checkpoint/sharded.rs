@@ -389,8 +389,17 @@ impl CheckpointStore {
                 for path in candidates.by_ref() {
                     // A checkpoint of another model fails every rank with rank 0's reason rather than be skipped.
                     let read = self.read_model(&path).and_then(|found| {
-                        model::load_state_tensors(ddp.model(), &found.0.model)?;
-                        Ok(found)
+                        match model::load_state_tensors(ddp.model(), &found.0.model) {
+                            Ok(()) => Ok(found),
+                            Err(e) => Err(TrainError::ModelConfig {
+                                model: ddp.model().name().to_string(),
+                                detail: format!(
+                                    "{} holds another model's weights ({e}); resume with the model that wrote it, or \
+                                 start afresh with --no-resume or another --checkpoint-dir",
+                                    path.display()
+                                ),
+                            }),
+                        }
                     });
                     match read {
                         Ok((ckpt, None)) => {
