@@ -842,3 +842,89 @@ fn a_sharded_checkpoint_of_another_model_fails_every_rank_with_rank_0s_reason() 
     let e = &errors[0];
     assert!(e.contains("ckpt-10 holds another model's weights") && e.contains("--no-resume"), "{e}");
 }
+
+/// Every rank resumes from `dir` (ZeRO-1 on 4 ranks): each rank's result, as the checkpoint it resumed from and
+/// rank 0's skipped reasons, or its error.
+fn resume_four(dir: &std::path::Path) -> Vec<Result<(std::path::PathBuf, Vec<String>), String>> {
+    on_ranks(4, |rank, comm| {
+        let mut ddp = Ddp::new(net(rank, &initial()), comm, options(ADAMW, ShardMode::Optimizer)).unwrap();
+        let mut optimizer = ddp.build_optimizer(&ADAMW.opt).unwrap();
+        let store = CheckpointStore::new(dir, 3).unwrap();
+        match store.resume_sharded(&mut ddp, optimizer.as_mut()) {
+            Ok(found) => {
+                let found = found.expect("a checkpoint");
+                Ok((found.path, found.skipped.into_iter().map(|s| s.reason).collect()))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    })
+}
+
+/// A manifest that lists no checksum for a shard, and a shard that matches its checksum but lacks a tensor the
+/// layout names, make the checkpoint invalid: every rank passes over it to the previous one, saying why.
+#[test]
+fn a_manifest_or_shard_that_disagrees_with_the_layout_is_passed_over_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    for r in four_ranks_then_save(ShardMode::Optimizer, &[5, 10], &|_, _| CheckpointStore::new(dir.path(), 3).unwrap())
+    {
+        r.into_iter().for_each(Result::unwrap);
+    }
+    let c10 = dir.path().join("ckpt-10");
+    let manifest_path = c10.join("meta.json");
+    let manifest = std::fs::read(&manifest_path).unwrap();
+    let shard = c10.join(shard_file(1, 4));
+    let good = std::fs::read(&shard).unwrap();
+
+    let mut meta: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    meta["files"].as_object_mut().unwrap().remove(&shard_file(3, 4));
+    std::fs::write(&manifest_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    // Rank 0 reads the manifest itself: it passes over the checkpoint before offering it.
+    let resumed = resume_four(dir.path());
+    let (path, skipped) = resumed[0].clone().unwrap();
+    assert_eq!(path, dir.path().join("ckpt-5"));
+    assert!(skipped[0].contains("meta.json lists no checksum for optimizer-shard-3-of-4"), "{skipped:?}");
+
+    // Shard 1 without its exp_avg of bucket 0, its checksum and size recorded as they are.
+    let tensors: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(&shard).unwrap().into_iter().filter(|(n, _)| n != "zero.bucket0.exp_avg").collect();
+    Tensor::write_safetensors(&tensors, &shard).unwrap();
+    let bytes = std::fs::read(&shard).unwrap();
+    let mut meta: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    meta["files"][shard_file(1, 4)] = sha256(&bytes).into();
+    meta["sizes"][shard_file(1, 4)] = bytes.len().into();
+    std::fs::write(&manifest_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    for (rank, r) in resume_four(dir.path()).into_iter().enumerate() {
+        assert_eq!(r.unwrap().0, dir.path().join("ckpt-5"), "rank {rank}");
+    }
+    let resume = CheckpointStore::new(dir.path(), 3).unwrap().latest_valid().unwrap().unwrap();
+    assert!(resume.skipped[0].reason.contains("has no tensor zero.bucket0.exp_avg"), "{:?}", resume.skipped);
+    std::fs::write(&shard, good).unwrap();
+    std::fs::write(&manifest_path, manifest).unwrap();
+    assert_eq!(resume_four(dir.path())[0].clone().unwrap().0, c10, "repaired, it counts again");
+}
+
+/// A shard that is there but cannot be read (here a folder in its place; an unreachable S3 alike) is not a torn
+/// checkpoint: every rank fails, the rank that could not read saying why, instead of silently taking an older one.
+#[test]
+fn a_shard_that_cannot_be_read_fails_every_rank_instead_of_passing_over() {
+    let dir = tempfile::tempdir().unwrap();
+    for r in four_ranks_then_save(ShardMode::Optimizer, &[5, 10], &|_, _| CheckpointStore::new(dir.path(), 3).unwrap())
+    {
+        r.into_iter().for_each(Result::unwrap);
+    }
+    let shard = dir.path().join("ckpt-10").join(shard_file(2, 4));
+    std::fs::remove_file(&shard).unwrap();
+    std::fs::create_dir(&shard).unwrap();
+    for (rank, r) in resume_four(dir.path()).into_iter().enumerate() {
+        let e = r.unwrap_err();
+        match rank {
+            2 => assert!(e.contains(&shard_file(2, 4)), "rank 2 says what it could not read: {e}"),
+            _ => assert!(e.contains("another rank could not read its optimizer shard"), "rank {rank}: {e}"),
+        }
+    }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
