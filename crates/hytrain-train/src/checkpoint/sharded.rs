@@ -321,11 +321,12 @@ impl CheckpointStore {
         let mut outcome = vec![0u8];
         let mut path = None;
         if rank == 0 {
-            let model = model.ok_or_else(|| TrainError::Checkpoint {
-                path: self.dir().to_path_buf(),
-                detail: "rank 0 saved a sharded checkpoint without the model; this is a bug in hytrain".into(),
-            })?;
             let committed = (|| {
+                // Checked here, not before: the other ranks wait for the outcome either way.
+                let model = model.ok_or_else(|| TrainError::Checkpoint {
+                    path: self.dir().to_path_buf(),
+                    detail: "rank 0 saved a sharded checkpoint without the model; this is a bug in hytrain".into(),
+                })?;
                 let model_bytes = to_safetensors(MODEL_FILE, &model.model)?;
                 let mut files = BTreeMap::from([(MODEL_FILE.to_string(), sha256_hex(&model_bytes))]);
                 let mut sizes = BTreeMap::from([(MODEL_FILE.to_string(), model_bytes.len() as u64)]);
