@@ -22,6 +22,7 @@ mod setup;
 mod summary;
 mod venv;
 mod wheel;
+mod zero_bench;
 
 use std::env;
 use std::ffi::{OsStr, OsString};
@@ -52,6 +53,9 @@ tasks:
                   checkpoint crates/hytrain-train/benches/checkpoint.py: saving and loading a 512 MiB state
                              dict on S3 beside s3torchconnector's S3Checkpoint and DCP's S3StorageWriter/Reader,
                              and the stall of a background save against a synchronous one
+                  zero       `hytrain train --shard none|optimizer|gradients` (AdamW, 50.7M-parameter MLP) at 2
+                             and 4 ranks: peak host memory per rank and step time, beside PyTorch DDP and
+                             ZeroRedundancyOptimizer (benches/zero_memory.py)
                   --only allreduce,launch runs some of them
   fuzz [--seconds N] [TARGET...]
                   run each fuzz target (fuzz/fuzz_targets: launcher_env, train_config, store_wire,
@@ -324,7 +328,7 @@ fn build(root: &Path, args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
 }
 
 /// The comparisons `cargo xtask bench` runs, in order.
-const BENCH_PARTS: &[&str] = &["allreduce", "step", "s3", "launch", "checkpoint"];
+const BENCH_PARTS: &[&str] = &["allreduce", "step", "s3", "launch", "checkpoint", "zero"];
 
 /// Splits `--only a,b` off the bench's arguments; the rest go to criterion.
 fn bench_parts(args: &[OsString]) -> Result<(Vec<&'static str>, Vec<OsString>)> {
@@ -388,6 +392,7 @@ fn bench(args: &[OsString]) -> Result<u8> {
             }
             "s3" => s3_read(&root, &python, &summary_file).map(|()| 0),
             "checkpoint" => checkpoint(&root, &python, &summary_file).map(|()| 0),
+            "zero" => zero_bench::zero(&root, &python, &summary_file).map(|()| 0),
             _ => launch_to_first_step(&root, &python, &summary_file).map(|()| 0),
         };
         match outcome {
