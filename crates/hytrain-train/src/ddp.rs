@@ -310,7 +310,8 @@ impl Ddp {
             return Err(TrainError::option(
                 "--shard",
                 format!(
-                    "is {mode}, which is not implemented with --precision fp16 (each rank would check only its own                      gradient blocks for overflow); use --precision bf16 or fp32, or --shard none"
+                    "is {mode}, which is not implemented with --precision fp16 (each rank would check only its own \
+                     gradient blocks for overflow); use --precision bf16 or fp32, or --shard none"
                 ),
             ));
         }

@@ -335,7 +335,11 @@ fn fp16_and_an_optimizer_over_the_parameters_are_refused_naming_the_flag() {
         (rank, fp16)
     });
     for (_, e) in errors {
-        refused(e, "--precision fp16");
+        refused(
+            e,
+            "invalid --shard: is optimizer, which is not implemented with --precision fp16 (each rank would check \
+             only its own gradient blocks for overflow); use --precision bf16 or fp32, or --shard none",
+        );
     }
     let errors = on_ranks(2, |rank, comm| {
         let init = deep_copy(&init.lock().unwrap());
