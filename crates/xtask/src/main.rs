@@ -817,7 +817,10 @@ mod tests {
         let (all, _) = bench_parts(&[]).unwrap();
         assert_eq!(all, BENCH_PARTS);
         let e = bench_parts(&[OsString::from("--only"), OsString::from("gpu")]).unwrap_err();
-        assert_eq!(e.to_string(), "unknown bench part 'gpu'; the parts are allreduce, step, s3, launch, checkpoint");
+        assert_eq!(
+            e.to_string(),
+            "unknown bench part 'gpu'; the parts are allreduce, step, s3, launch, checkpoint, zero"
+        );
     }
 
     #[test]
