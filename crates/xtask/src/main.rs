@@ -39,10 +39,12 @@ tasks:
   setup           build the CPU libtorch in .libtorch (torch 2.11.0 wheel from PyPI) and install Open MPI and
                   libclang for the tests if missing; a second run does nothing
   demo            setup, build hytrain, run the demo job with 2 local workers
-  test [ARGS]     setup, then the lint gate (`cargo fmt --all --check`, `cargo clippy --workspace --all-targets
-                  --features mpi -- -D warnings`), then `cargo test --workspace --features mpi [ARGS]`; fails if
-                  either fails (the tests run even when a lint fails, so one run reports both)
-  lint            setup, then the lint gate alone
+  test [ARGS]     setup, `cargo fmt --all --check`, then one build of every target that is also the clippy gate
+                  (`cargo test --workspace --all-targets --features mpi --no-run` compiled by clippy-driver with
+                  warnings denied), then `cargo test --workspace --features mpi [ARGS]` on that build; a lint
+                  stops the run before the tests (`cargo xtask lint` shows the lints alone)
+  lint            setup, then the lint gate alone (`cargo fmt --all --check`, `cargo clippy --workspace
+                  --all-targets --features mpi -- -D warnings`)
   bench [--only PARTS] [ARGS]
                   setup, then every comparison with a peer, in one run, ending in one table of ratios:
                   allreduce  `cargo bench --bench allreduce [ARGS]`: ring and shm beside PyTorch's gloo
@@ -150,25 +152,75 @@ fn test(args: &[OsString]) -> Result<u8> {
     let python = venv::bench_venv(&root)?;
     // Tests that train on real data read the demo's digits from here.
     let digits = demo_data::digits(&root)?;
-    let linted = lint(&root)?;
+    let formatted = status_code(&mut fmt_check(&root))?;
+    if formatted != 0 {
+        println!("test: `cargo fmt --all --check` failed: `cargo fmt --all` formats the workspace");
+        return Ok(formatted);
+    }
+    // The lint gate and the test build are one compilation: clippy-driver compiles the workspace's crates (as
+    // `cargo clippy` does, but with code generation), so the dependencies are compiled once, not once checked for
+    // clippy and once built for the tests. Both cargo runs below get the same wrapper, so the second reuses the
+    // first's artifacts.
+    let clippy = clippy_driver()?;
+    let (cargo_args, test_args) = match args.iter().position(|a| a == "--") {
+        Some(at) => args.split_at(at),
+        None => (args, &[][..]),
+    };
+    let mut build = cargo(&root);
+    build.args(["test", "--workspace", "--all-targets", "--features", "mpi", "--no-run"]).args(cargo_args);
     let mut command = cargo(&root);
     command
         .args(["test", "--workspace", "--features", "mpi", "--no-fail-fast"])
-        .args(args)
+        .args(cargo_args)
+        .args(test_args)
         .env("HYTRAIN_TEST_PYTHON", &python)
         .env("HYTRAIN_DEMO_DATA", &digits);
+    for c in [&mut build, &mut command] {
+        c.env("RUSTC_WORKSPACE_WRAPPER", &clippy).env("CLIPPY_ARGS", CLIPPY_DENY_WARNINGS);
+    }
     if setup::is_root() {
         // Open MPI refuses to start as root without both of these; containers and CI machines often run as root.
         command.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
     }
+    println!("test: build and lint: {}", show(&build));
+    let built = status_code(&mut build)?;
+    println!("test: build and lint finished after {}", elapsed(started));
+    if built != 0 {
+        println!("test: the build failed on a compile error or a lint (warnings are denied); `cargo xtask lint` runs the gate alone");
+        return Ok(built);
+    }
     println!("test: {}", show(&command));
     let code = status_code(&mut command)?;
     println!("test: finished in {} (exit code {code})", elapsed(started));
-    if linted != 0 {
-        println!("test: the lint gate failed (see `lint:` above); `cargo xtask lint` runs it alone");
-        return Ok(if code == 0 { linted } else { code });
-    }
     Ok(code)
+}
+
+/// What `cargo clippy -- -D warnings` hands clippy-driver (its arguments, joined by `__CLIPPY_HACKERY__` when
+/// there are several): warnings, clippy's included, denied in the workspace's crates.
+const CLIPPY_DENY_WARNINGS: &str = "-Dwarnings";
+
+/// clippy-driver of the toolchain cargo builds with (`rustup component add clippy` installs it).
+fn clippy_driver() -> Result<PathBuf> {
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let output = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .with_context(|| format!("cannot run `{} --print sysroot`", rustc.to_string_lossy()))?;
+    if !output.status.success() {
+        bail!("`{} --print sysroot` failed: {}", rustc.to_string_lossy(), String::from_utf8_lossy(&output.stderr));
+    }
+    let driver = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()).join("bin/clippy-driver");
+    if !driver.is_file() {
+        bail!("{} is missing: the lint gate needs clippy (`rustup component add clippy`)", driver.display());
+    }
+    Ok(driver)
+}
+
+/// `cargo fmt --all --check`: the workspace formatted by the root rustfmt.toml.
+fn fmt_check(root: &Path) -> Command {
+    let mut fmt = cargo(root);
+    fmt.args(["fmt", "--all", "--check"]);
+    fmt
 }
 
 /// `cargo xtask lint`: the set-up clippy needs (libtorch for torch-sys, Open MPI for the `mpi` feature), then the gate.
@@ -179,13 +231,13 @@ fn lint_alone() -> Result<u8> {
     lint(&root)
 }
 
-/// The lint gate: the workspace formatted with the root rustfmt.toml and clippy clean on every target with
+/// The lint gate alone: the workspace formatted with the root rustfmt.toml and clippy clean on every target with
 /// warnings denied (the workspace's `[workspace.lints]` add `missing_docs` and `clippy::undocumented_unsafe_blocks`).
-/// Returns the first failing step's exit code, or 0.
+/// `cargo xtask test` applies the same lints in its test build instead. Returns the first failing step's exit
+/// code, or 0.
 fn lint(root: &Path) -> Result<u8> {
     let started = Instant::now();
-    let mut fmt = cargo(root);
-    fmt.args(["fmt", "--all", "--check"]);
+    let fmt = fmt_check(root);
     let mut clippy = cargo(root);
     clippy.args(["clippy", "--workspace", "--all-targets", "--features", "mpi", "--", "-D", "warnings"]);
     let mut failed = 0;
