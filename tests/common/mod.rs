@@ -14,23 +14,11 @@ pub fn hytrain() -> &'static str {
 }
 
 /// A command for the binary with an empty environment but PATH, so nothing of the test runner's own environment
-/// (a CI's RANK, say) leaks into detection.
-///
-/// A `train` given no launcher's or platform's variables is a lone local rank, which hosts its rendezvous store on
-/// MASTER_PORT, 29500 by default: it gets a free port instead, so that such runs of tests running at the same time
-/// in one test binary do not take each other's port.
+/// (a CI's RANK, say) leaks into detection. Lone local `train` runs of tests running at the same time share the
+/// default MASTER_PORT: a job of one rank hosts its store on a port the system picks.
 pub fn command(args: &[&str], env: &[(&str, String)]) -> Command {
     let mut c = Command::new(hytrain());
     c.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
-    let launched = env.iter().any(|(k, _)| {
-        ["MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "HYTRAIN_SM_ROOT"].contains(k)
-            || k.starts_with("PET_")
-            || k.starts_with("OMPI_")
-            || (k.starts_with("SM_") && !k.starts_with("SM_HP_"))
-    });
-    if args.first() == Some(&"train") && !launched {
-        c.env("MASTER_PORT", free_port().to_string());
-    }
     for (k, v) in env {
         c.env(k, v);
     }

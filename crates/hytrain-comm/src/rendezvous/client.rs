@@ -79,20 +79,29 @@ impl Store {
     /// different token fails at once with "job token mismatch", naming the master's host and port, and a client
     /// that cannot prove it holds the token is dropped before it can send a request. A job of one rank, or one
     /// whose `master_addr` is a loopback address, listens on loopback only.
+    ///
+    /// A job of one rank has no one to meet at `master_port`, so its store listens on a port the system picks:
+    /// two single-process jobs on one machine (two notebooks' runs, a test beside a job) never clash over the
+    /// default port 29500.
     pub fn rendezvous(m: &Membership, opts: &CommOptions) -> Result<Store, CommError> {
         m.validate()?;
         opts.validate()?;
         let started = Instant::now();
-        let server = if m.rank == 0 {
-            let token = opts.token();
-            if m.world_size > 1 && token.is_default() {
-                warn_unconfigured_once();
-            }
-            Some(Server::start(listen_only_on(m), m.master_port, &opts.job_id, m.world_size, token)?)
-        } else {
-            None
-        };
-        Store::join(m, opts, server, started)
+        if m.rank != 0 {
+            return Store::join(m, opts, None, started);
+        }
+        let token = opts.token();
+        if m.world_size > 1 && token.is_default() {
+            warn_unconfigured_once();
+        }
+        let alone = m.world_size == 1;
+        let server =
+            Server::start(listen_only_on(m), if alone { 0 } else { m.master_port }, &opts.job_id, m.world_size, token)?;
+        if alone {
+            let m = Membership { master_port: server.port(), ..m.clone() };
+            return Store::join(&m, opts, Some(server), started);
+        }
+        Store::join(m, opts, Some(server), started)
     }
 
     /// The rendezvous once the store listens: through `server` when this process hosts it (reached over loopback,

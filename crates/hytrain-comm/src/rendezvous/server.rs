@@ -95,6 +95,8 @@ impl WatchHost for Shared {
 /// The listening half, owned by rank 0's `Store`. Dropping it stops accepting new connections; connections already
 /// open keep being served until their clients hang up, so ranks still finishing a rendezvous are not cut off.
 pub(crate) struct Server {
+    /// The port it listens on (the one asked for, or the system's choice when asked for 0).
+    port: u16,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
@@ -136,7 +138,12 @@ impl Server {
             .spawn(move || accept_loop(listener, shared2, stop2))
             .map_err(|source| CommError::Bind { port, source })?;
         tracing::debug!(port = local.port(), "rendezvous store listening");
-        Ok(Server { stop, accept: Some(accept), shared })
+        Ok(Server { port: local.port(), stop, accept: Some(accept), shared })
+    }
+
+    /// The port it listens on.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
     }
 
     /// The store's liveness state, for rank 0's own [`Liveness`](crate::Liveness): it waits there for the other

@@ -141,6 +141,23 @@ fn master_port_already_in_use_is_reported_with_the_port() {
 }
 
 #[test]
+fn jobs_of_one_rank_share_a_master_port_without_clashing() {
+    // Two single-process jobs given the same MASTER_PORT (the default 29500 in practice), while a third process
+    // holds that port: each store listens where the system puts it, so all of them work.
+    let taken = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut jobs = Vec::new();
+    for job in ["first", "second"] {
+        let opts = CommOptions { job_id: job.into(), ..opts(5, 5) };
+        let store = Store::rendezvous(&member(0, 1, port), &opts).unwrap();
+        store.set("job", job.as_bytes()).unwrap();
+        jobs.push(store);
+    }
+    let seen: Vec<Vec<u8>> = jobs.iter().map(|s| s.get("job").unwrap()).collect();
+    assert_eq!(seen, [b"first".to_vec(), b"second".to_vec()], "each job has its own store");
+}
+
+#[test]
 fn a_rank_of_another_job_on_the_same_port_is_refused() {
     let port = free_port();
     let results = on_ranks(2, |rank| {
