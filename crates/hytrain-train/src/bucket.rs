@@ -22,10 +22,18 @@ pub const MB: usize = 1 << 20;
 /// Groups parameters into buckets the way PyTorch DDP does: walk them in reverse definition order (gradients of
 /// the last layers are ready first in backward), one open bucket per dtype, close a bucket once it holds at least
 /// its cap; the first bucket of each dtype has the small `first_cap_bytes` cap so communication starts early.
+/// With `alone_from_cap` (ZeRO-2), a parameter of at least `cap_bytes` closes the open bucket before it and gets
+/// one of its own, so that its gradient is reduced in its own memory ([`Bucket::pack`]); the values averaged are
+/// the same whatever the grouping.
 ///
 /// `tensors` gives `(numel, kind)` per parameter in definition order; the result lists parameter indices per
 /// bucket, buckets in the order they are filled.
-pub fn assign_buckets(tensors: &[(usize, Kind)], first_cap_bytes: usize, cap_bytes: usize) -> Vec<Vec<usize>> {
+pub fn assign_buckets(
+    tensors: &[(usize, Kind)],
+    first_cap_bytes: usize,
+    cap_bytes: usize,
+    alone_from_cap: bool,
+) -> Vec<Vec<usize>> {
     struct Open {
         kind: Kind,
         members: Vec<usize>,
@@ -44,8 +52,14 @@ pub fn assign_buckets(tensors: &[(usize, Kind)], first_cap_bytes: usize, cap_byt
             }
         };
         let o = &mut open[slot];
+        let bytes = numel * kind.elt_size_in_bytes();
+        if alone_from_cap && bytes >= cap_bytes && !o.members.is_empty() {
+            done.push(std::mem::take(&mut o.members));
+            o.bytes = 0;
+            o.closed_before += 1;
+        }
         o.members.push(index);
-        o.bytes += numel * kind.elt_size_in_bytes();
+        o.bytes += bytes;
         let cap = if o.closed_before == 0 { first_cap_bytes } else { cap_bytes };
         if o.bytes >= cap {
             done.push(std::mem::take(&mut o.members));
@@ -261,10 +275,16 @@ impl Bucket {
     ///
     /// A bucket that releases its gradients (ZeRO-2) allocates its buffer here, takes an undefined gradient as
     /// zeros (the engine checks separately that every parameter got one at some step, as with views), and
-    /// undefines the members' gradients once copied.
+    /// undefines the members' gradients once copied. Its one member's gradient, when it already has the buffer's
+    /// shape and layout (contiguous, no padding), becomes the buffer itself: nothing is allocated or copied.
     pub fn pack(&mut self, params: &[(String, Tensor)]) -> Result<Result<(), String>, TchError> {
         let release = self.releases_gradients();
         if release {
+            if let Some(grad) = self.reusable_gradient(params)? {
+                self.flat = grad;
+                crate::shim::set_grad(&params[self.members[0]].1, &Tensor::new())?;
+                return Ok(Ok(()));
+            }
             self.flat = Tensor::f_zeros([self.padded as i64], (self.kind, self.flat.device()))?;
         }
         for (&m, &off) in self.members.iter().zip(&self.offsets) {
@@ -291,6 +311,26 @@ impl Bucket {
             }
         }
         Ok(Ok(()))
+    }
+
+    /// The gradient of a one-member bucket as a flat buffer of `padded` elements, when its memory can be the
+    /// bucket's (ZeRO-2 averages it in place and then releases it): contiguous, of the bucket's kind and device,
+    /// with no padding to add. Backward made it for this parameter alone (libtorch's gradient accumulation steals
+    /// or copies what it is given), and the parameter lets go of it when packed.
+    fn reusable_gradient(&self, params: &[(String, Tensor)]) -> Result<Option<Tensor>, TchError> {
+        let [member] = self.members[..] else {
+            return Ok(None);
+        };
+        let grad = params[member].1.grad();
+        let fits = grad.defined()
+            && grad.is_contiguous()
+            && grad.numel() == self.padded
+            && grad.kind() == self.kind
+            && grad.device() == self.flat.device();
+        if !fits {
+            return Ok(None);
+        }
+        grad.f_view([self.padded as i64]).map(Some)
     }
 
     /// Averages the packed buffer over all ranks: one allreduce unsharded; sharded, one reduce-scatter that leaves
@@ -426,7 +466,7 @@ mod tests {
             (MB / 4, Kind::Float),
             (MB / 4, Kind::Float),
         ];
-        let b = assign_buckets(&p, MB, 3 * MB);
+        let b = assign_buckets(&p, MB, 3 * MB, false);
         assert_eq!(b, vec![vec![4], vec![3, 2, 1, 0]]);
     }
 
@@ -435,7 +475,7 @@ mod tests {
         let sizes: Vec<(usize, Kind)> = (1..200).map(|i| ((i * 7919) % 5000 + 1, Kind::Float)).collect();
         let cap = 64 * 1024;
         let first = 4 * 1024;
-        let buckets = assign_buckets(&sizes, first, cap);
+        let buckets = assign_buckets(&sizes, first, cap, false);
         let mut seen: Vec<usize> = buckets.iter().flatten().copied().collect();
         seen.sort_unstable();
         assert_eq!(seen, (0..sizes.len()).collect::<Vec<_>>());
@@ -451,9 +491,21 @@ mod tests {
     }
 
     #[test]
+    fn a_parameter_as_large_as_the_cap_gets_a_bucket_of_its_own() {
+        // Caps 1 MiB then 3 MiB; parameters in definition order: 2 MiB, a bias, 3 MiB, a bias, 4 bytes.
+        let p =
+            [(MB / 2, Kind::Float), (8, Kind::Float), (3 * MB / 4, Kind::Float), (8, Kind::Float), (1, Kind::Float)];
+        // Walking backwards: the two small ones, then the 3 MiB weight closes them and stands alone; the 2 MiB one
+        // (under the 3 MiB cap) shares with the bias before it.
+        assert_eq!(assign_buckets(&p, MB, 3 * MB, true), vec![vec![4, 3], vec![2], vec![1, 0]]);
+        // As PyTorch DDP groups them: the 3 MiB weight joins the small ones of the first bucket.
+        assert_eq!(assign_buckets(&p, MB, 3 * MB, false), vec![vec![4, 3, 2], vec![1, 0]]);
+    }
+
+    #[test]
     fn kinds_never_share_a_bucket() {
         let p = [(10, Kind::Float), (10, Kind::Double), (10, Kind::Float), (10, Kind::Double)];
-        let b = assign_buckets(&p, MB, MB);
+        let b = assign_buckets(&p, MB, MB, false);
         assert_eq!(b, vec![vec![3, 1], vec![2, 0]]);
     }
 
@@ -496,6 +548,32 @@ mod tests {
         crate::shim::set_grad(&b, &Tensor::full([4], 3.0, (Kind::Float, Device::Cpu))).unwrap();
         bucket.pack(&params).unwrap().unwrap();
         assert_eq!(Vec::<f32>::try_from(bucket.flat.narrow(0, 0, 4)).unwrap(), vec![3.0; 4]);
+    }
+
+    #[test]
+    fn zero2_packs_a_lone_gradient_in_place_and_copies_one_that_needs_padding() {
+        // World size 2: a 2x3 weight needs no padding, a 5-element one is padded to 6.
+        let w = Tensor::ones([2, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let v = Tensor::ones([5], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let params = vec![("w".to_string(), w.shallow_clone()), ("v".to_string(), v.shallow_clone())];
+        let mut lone = Bucket::new(vec![0], &params).unwrap();
+        let mut padded = Bucket::new(vec![1], &params).unwrap();
+        lone.shard(&params, 1, 2, true).unwrap();
+        padded.shard(&params, 1, 2, true).unwrap();
+        ((&w * 3.0).sum(Kind::Float) + (&v * 2.0).sum(Kind::Float)).backward();
+        let (w_grad, v_grad) = (w.grad().data_ptr() as usize, v.grad().data_ptr() as usize);
+        lone.pack(&params).unwrap().unwrap();
+        padded.pack(&params).unwrap().unwrap();
+        assert_eq!(lone.flat.data_ptr() as usize, w_grad, "the gradient's own memory is the bucket's buffer");
+        assert_ne!(padded.flat.data_ptr() as usize, v_grad, "a padded bucket gets a buffer of its own");
+        assert_eq!(Vec::<f32>::try_from(&lone.flat).unwrap(), vec![3.0; 6]);
+        assert_eq!(Vec::<f32>::try_from(&padded.flat).unwrap(), vec![2.0, 2.0, 2.0, 2.0, 2.0, 0.0]);
+        assert!(!w.grad().defined() && !v.grad().defined(), "packing releases the parameters' gradients");
+        // This rank's block (elements 3..6) is kept; the full buffer goes.
+        lone.finish(&params).unwrap();
+        assert_eq!(lone.flat.numel(), 0);
+        let (_, grad) = lone.shard_pair().unwrap().unwrap();
+        assert_eq!(Vec::<f32>::try_from(&grad).unwrap(), vec![3.0; 3]);
     }
 
     #[test]

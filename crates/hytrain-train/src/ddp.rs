@@ -17,6 +17,7 @@ mod replicas;
 mod shard;
 
 pub use shard::ShardMode;
+use shard::ZERO2_BUCKETS_IN_FLIGHT;
 
 /// How [`Ddp`] splits and synchronises gradients.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -273,11 +274,14 @@ impl Ddp {
         ddp.broadcast_tensors(&all, "parameter and buffer broadcast from rank 0")?;
         let sizes: Vec<(usize, Kind)> = ddp.params.iter().map(|(_, p)| (p.numel(), p.kind())).collect();
         let to_bytes = |mb: f64| ((mb * MB as f64) as usize).max(1);
-        ddp.buckets = assign_buckets(&sizes, to_bytes(ddp.options.first_bucket_mb), to_bytes(ddp.options.bucket_mb))
-            .into_iter()
-            .map(|members| Bucket::new(members, &ddp.params))
-            .collect::<Result<_, _>>()
-            .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
+        // ZeRO-2 gives each parameter of a bucket's size or more a bucket of its own (reduced in place).
+        let alone = ddp.world_size() > 1 && ddp.options.shard == ShardMode::Gradients;
+        ddp.buckets =
+            assign_buckets(&sizes, to_bytes(ddp.options.first_bucket_mb), to_bytes(ddp.options.bucket_mb), alone)
+                .into_iter()
+                .map(|members| Bucket::new(members, &ddp.params))
+                .collect::<Result<_, _>>()
+                .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
         // Alone there is nothing to shard: the engine runs as DDP does.
         if ddp.world_size() > 1 && ddp.options.shard != ShardMode::None {
             ddp.shard_buckets()?;
@@ -327,7 +331,10 @@ impl Ddp {
 
     /// Gradient hooks on every parameter for overlapped allreduces (see [`crate::overlap`]).
     fn hooks(&self, side: Option<hytrain_cuda::SideStream>) -> Result<Overlap> {
-        Overlap::new(&self.params, &self.buckets, side).map_err(|detail| TrainError::ModelConfig {
+        // ZeRO-2 keeps gradient memory to about one bucket: backward waits until the buckets it launched are
+        // reduced and released (see `Overlap::new`). Otherwise backward runs ahead, as PyTorch DDP's does.
+        let in_flight = (self.shard == ShardMode::Gradients).then_some(ZERO2_BUCKETS_IN_FLIGHT);
+        Overlap::new(&self.params, &self.buckets, side, in_flight).map_err(|detail| TrainError::ModelConfig {
             model: self.model.name().to_string(),
             detail: format!("{detail}; run with --overlap false to average gradients after backward instead"),
         })

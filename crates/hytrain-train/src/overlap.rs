@@ -15,7 +15,7 @@
 
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use hytrain_cuda::{CudaError, DeviceCollective, SideStream, StreamHandle};
@@ -47,7 +47,12 @@ struct Readiness {
     bucket_of: Vec<usize>,
     /// Number of parameters in each bucket.
     members: Vec<usize>,
+    /// At most this many launched buckets may still be unreduced when a hook returns: the hook that launched
+    /// one waits for the communication thread (see [`Overlap::new`]). `None`: no bound.
+    in_flight: Option<usize>,
     round: Mutex<Round>,
+    /// Signalled each time the communication thread finishes a bucket.
+    progress: Condvar,
 }
 
 /// One synchronising backward pass. Only an armed round reacts to hooks, so backward passes of non-final
@@ -58,6 +63,10 @@ struct Round {
     pending: Vec<usize>,
     /// The next bucket to launch; all before it are queued.
     next: usize,
+    /// How many of the queued buckets the communication thread has finished (reduced, or skipped after a failure).
+    finished: usize,
+    /// The communication thread has ended (a panic included): nothing more will finish.
+    closed: bool,
 }
 
 impl Readiness {
@@ -78,6 +87,31 @@ impl Readiness {
             let _ = tx.send(round.next);
             round.next += 1;
         }
+        if let Some(limit) = self.in_flight {
+            // Backward waits here, so no further gradient is computed while more buckets than the bound are being
+            // reduced. The communication thread counts every bucket it is sent, even after a failure, and says when
+            // it ends, so this ends.
+            let _round = self
+                .progress
+                .wait_while(round, |r| !r.closed && r.next > r.finished + limit)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The communication thread finished one more bucket.
+    fn finished_one(&self) {
+        self.lock().finished += 1;
+        self.progress.notify_all();
+    }
+}
+
+/// Held by the communication thread: when it ends, normally or by a panic, hooks stop waiting for it.
+struct Closes<'a>(&'a Readiness);
+
+impl Drop for Closes<'_> {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.progress.notify_all();
     }
 }
 
@@ -148,10 +182,17 @@ impl Overlap {
     /// Installs a grad-ready hook on every parameter that requires a gradient. `buckets` lists parameter indices
     /// per bucket in launch order. Parameters that require no gradient are left unhooked: their buckets are
     /// launched after backward. A model on a GPU comes with the side stream its buckets are reduced on.
+    ///
+    /// With `in_flight`, a hook that launches a bucket returns only once at most that many launched buckets are
+    /// still being reduced, so backward does not run ahead of the communication thread: at `Some(0)` each
+    /// bucket's gradients are reduced (and, under ZeRO-2, released) before backward computes the next bucket's,
+    /// which bounds the gradient memory alive at once to about one bucket, at the cost of computing and
+    /// communicating in turn. `None` lets backward run ahead (PyTorch DDP's reducer does the same).
     pub(crate) fn new(
         params: &[(String, Tensor)],
         buckets: &[Bucket],
         side: Option<SideStream>,
+        in_flight: Option<usize>,
     ) -> Result<Self, String> {
         let mut bucket_of = vec![usize::MAX; params.len()];
         for (b, bucket) in buckets.iter().enumerate() {
@@ -162,7 +203,16 @@ impl Overlap {
         let readiness = Arc::new(Readiness {
             bucket_of,
             members: buckets.iter().map(|b| b.members().len()).collect(),
-            round: Mutex::new(Round { armed: None, seen: vec![false; params.len()], pending: Vec::new(), next: 0 }),
+            in_flight,
+            round: Mutex::new(Round {
+                armed: None,
+                seen: vec![false; params.len()],
+                pending: Vec::new(),
+                next: 0,
+                finished: 0,
+                closed: false,
+            }),
+            progress: Condvar::new(),
         });
         let mut overlap = Overlap { readiness, hooked: Vec::new(), side };
         for (index, (name, p)) in params.iter().enumerate() {
@@ -208,11 +258,14 @@ impl Overlap {
             round.seen.iter_mut().for_each(|s| *s = false);
             round.pending = self.readiness.members.clone();
             round.next = 0;
+            round.finished = 0;
+            round.closed = false;
             round.armed = Some(tx);
         }
         let mut launched_in_backward = 0;
+        let readiness = &*self.readiness;
         std::thread::scope(|scope| {
-            let worker = scope.spawn(move || communicate(reducer, on_device, buckets, params, rx));
+            let worker = scope.spawn(move || communicate(reducer, on_device, buckets, params, rx, readiness));
             let backward_result = backward();
             let tx = {
                 let mut round = self.readiness.lock();
@@ -248,29 +301,31 @@ fn communicate(
     buckets: &mut [Bucket],
     params: &mut [(String, Tensor)],
     rx: Receiver<usize>,
+    readiness: &Readiness,
 ) -> Result<Reduced, RoundError> {
+    let _closes = Closes(readiness);
     let mut reduced = Reduced::default();
     let mut failed = None;
     let _entered = match on_device.map(|(side, _)| side.enter()).transpose() {
         Ok(entered) => entered,
         Err(e) => {
             // Nothing is reduced; the receiver stays until the round ends, as the hooks expect.
-            rx.iter().for_each(drop);
+            rx.iter().for_each(|_| readiness.finished_one());
             return Err(RoundError::Stream("making the side stream current", e));
         }
     };
     for b in rx {
-        if failed.is_some() {
-            continue;
+        if failed.is_none() {
+            let started = Instant::now();
+            let bucket = &mut buckets[b];
+            let result = reduce(&mut reducer, on_device, bucket, b, params);
+            reduced.busy_secs += started.elapsed().as_secs_f64();
+            match result {
+                Ok(()) => reduced.bytes += bucket.bytes() as u64,
+                Err(e) => failed = Some(e),
+            }
         }
-        let started = Instant::now();
-        let bucket = &mut buckets[b];
-        let result = reduce(&mut reducer, on_device, bucket, b, params);
-        reduced.busy_secs += started.elapsed().as_secs_f64();
-        match result {
-            Ok(()) => reduced.bytes += bucket.bytes() as u64,
-            Err(e) => failed = Some(e),
-        }
+        readiness.finished_one();
     }
     failed.map_or(Ok(reduced), Err)
 }

@@ -4,7 +4,8 @@
 //!
 //! With [`ShardMode::Optimizer`] (ZeRO-1) the optimizer state exists only for this rank's blocks; with
 //! [`ShardMode::Gradients`] (ZeRO-2) the full gradient buffer of a bucket is released as soon as its block is
-//! reduced, and the parameters' gradients are undefined between steps. The three updates (SGD with momentum,
+//! reduced, the parameters' gradients are undefined between steps, and backward waits for each bucket's
+//! reduction before computing the next one's gradients ([`ZERO2_BUCKETS_IN_FLIGHT`]). The three updates (SGD with momentum,
 //! Nesterov and weight decay, AdamW) are elementwise, so stepping blocks of flat buffers gives DDP's weights.
 //!
 //! Checkpoints are sharded too ([`crate::checkpoint::sharded`]): each rank writes its blocks' state, and the
@@ -57,6 +58,13 @@ impl std::fmt::Display for ShardMode {
         })
     }
 }
+
+/// Under ZeRO-2 with overlap, how many launched buckets may still be reducing when backward goes on (see
+/// `Overlap::new`). Zero: backward waits in each bucket's last gradient hook until the bucket is reduced and its
+/// full gradients released, so at most one bucket's full gradients exist at a time (a bucket holds 25 MiB by
+/// default; a layer larger than that is a bucket of its own). One would let backward compute the next bucket's
+/// gradients meanwhile, for twice the gradient memory.
+pub(super) const ZERO2_BUCKETS_IN_FLIGHT: usize = 0;
 
 /// The optimizer's name for bucket `b`'s block.
 fn shard_name(b: usize) -> String {

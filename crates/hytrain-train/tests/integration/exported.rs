@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use common::{max_relative_difference, on_ranks, python};
 use hytrain_train::model::{self, ExportedModel, Model};
-use hytrain_train::{AdamWConfig, Ddp, DdpOptions, OptimizerConfig, Schedule, SgdConfig};
+use hytrain_train::{AdamWConfig, Ddp, DdpOptions, OptimizerConfig, Schedule, SgdConfig, ShardMode};
 use tch::{Device, Kind, Tensor};
 
 fn repo() -> PathBuf {
@@ -333,6 +333,52 @@ fn gpt_trained_on_two_ranks_with_adamw_and_a_cosine_schedule_learns_and_loads_ba
     assert_eq!(eager.size(), [16, 32, 64]);
     let diff = (eager - compiled).abs().max().double_value(&[]) / eager.abs().max().double_value(&[]);
     assert!(diff <= 1e-5, "forward.pt2 with the trained weights differs from the module by {diff:e}");
+}
+
+/// Each rank's state after 6 AdamW steps of `example` on 2 ranks with `--shard shard` (small buckets, so the
+/// model spans several and every one is padded or split), from the exported weights and the same batches.
+fn train_exported_sharded(example: Example, shard: ShardMode) -> Vec<Vec<(String, Tensor)>> {
+    let options = DdpOptions { bucket_mb: 0.002, first_bucket_mb: 0.0005, shard, ..DdpOptions::default() };
+    on_ranks(2, |rank, comm| {
+        let net = ExportedModel::load(example.folder(), Device::Cpu).unwrap();
+        let mut ddp = Ddp::new(Box::new(net), comm, options.clone()).unwrap();
+        assert!(ddp.bucket_layout().len() >= 3, "{example:?} spans only {} buckets", ddp.bucket_layout().len());
+        let mut opt = ddp.build_optimizer(&OptimizerConfig::AdamW(AdamWConfig::default())).unwrap();
+        for step in 0..6 {
+            let seed = 100 * step + rank as i64;
+            let batch = match example {
+                Example::DigitsCnn => common::seeded(seed, || {
+                    (
+                        Tensor::randn([8, 1, 8, 8], (Kind::Float, Device::Cpu)),
+                        Tensor::randint(10, [8], (Kind::Int64, Device::Cpu)),
+                    )
+                }),
+                Example::Gpt => counting_sequences(seed, 8),
+            };
+            ddp.train_step(&[batch], opt.as_mut(), 1e-2).unwrap();
+        }
+        model::state_tensors(ddp.model())
+    })
+}
+
+/// `--shard` on exported models (their gradients come from the compiled step, not autograd): bit for bit DDP's.
+#[test]
+fn sharded_training_of_exported_models_equals_ddp_tied_head_included() {
+    for example in [Example::DigitsCnn, Example::Gpt] {
+        let ddp = train_exported_sharded(example, ShardMode::None);
+        let initial = model::state_tensors(&ExportedModel::load(example.folder(), Device::Cpu).unwrap());
+        let moved = max_relative_difference(&ddp[0], &initial);
+        assert!(moved > 1e-3, "{example:?}: 6 steps moved the weights by only {moved:e}");
+        for shard in [ShardMode::Optimizer, ShardMode::Gradients] {
+            let sharded = train_exported_sharded(example, shard);
+            for rank in 0..2 {
+                let diff = max_relative_difference(&sharded[rank], &ddp[rank]);
+                eprintln!("{example:?}, --shard {shard}, rank {rank}: state vs DDP after 6 AdamW steps: {diff:e}");
+                // No clipping: every update is elementwise on the same averaged gradients, so bit for bit.
+                assert_eq!(diff, 0.0, "{example:?}, --shard {shard}, rank {rank}: differs from DDP by {diff:e}");
+            }
+        }
+    }
 }
 
 /// A copy of the exported folder with `edit` applied to its metadata JSON.

@@ -3,7 +3,7 @@
 //! the world size does not divide; ZeRO-2 holds no full gradients between steps; the optimizer state is 1/N per
 //! rank and converts to and from DDP's checkpoint format at any world size; what is not supported is refused.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::{deep_copy, on_ranks, seeded};
@@ -12,8 +12,8 @@ use hytrain_cuda::HostCollective;
 use hytrain_train::checkpoint::shard_file;
 use hytrain_train::model::{self, BatchNorm2d, Conv2d, ConvConfig, LayerBuilder, Linear, Model};
 use hytrain_train::{
-    AdamWConfig, Checkpoint, CheckpointMeta, CheckpointStore, Ddp, DdpOptions, Optimizer, OptimizerConfig, Precision,
-    RngState, Schedule, SgdConfig, ShardMode, TrainError,
+    AdamWConfig, Buffer, Checkpoint, CheckpointMeta, CheckpointStore, Collective, CommError, Ddp, DdpOptions,
+    Optimizer, OptimizerConfig, Precision, ReduceOp, RngState, Schedule, SgdConfig, ShardMode, TrainError,
 };
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -294,14 +294,17 @@ fn zero2_holds_no_full_gradients_after_a_step_and_state_is_one_nth() {
                 ddp.train_step(&micro, optimizer.as_mut(), 1e-3).unwrap();
             }
             let defined = ddp.parameters().iter().filter(|(_, p)| p.grad().defined()).count();
-            out.push((defined, ddp.parameters().len(), state_elements(optimizer.as_ref())));
+            // Sharded, each bucket's padded buffer (a multiple of the world size) splits into equal blocks.
+            let block: usize = ddp.bucket_layout().iter().map(|b| b.bytes / 4 / world).sum();
+            out.push((defined, ddp.parameters().len(), state_elements(optimizer.as_ref()), block as i64));
             comm = Some(ddp.into_parts().1);
         }
         out
     });
     let params: i64 = initial().iter().take(7).map(|(_, t)| t.numel() as i64).sum();
     for (rank, modes) in results.iter().enumerate() {
-        let [(ddp_grads, n, ddp_state), (zero1_grads, _, zero1_state), (zero2_grads, _, zero2_state)] = modes[..]
+        let [(ddp_grads, n, ddp_state, _), (zero1_grads, _, zero1_state, zero1_block), (zero2_grads, _, zero2_state, zero2_block)] =
+            modes[..]
         else {
             unreachable!()
         };
@@ -311,9 +314,87 @@ fn zero2_holds_no_full_gradients_after_a_step_and_state_is_one_nth() {
         // AdamW: two moments per element. Sharded: per bucket, ceil(numel / world) elements.
         assert_eq!(ddp_state, 2 * params);
         let padded: i64 = [24i64, 1267, 145].iter().map(|n| (n + world as i64 - 1) / world as i64).sum();
+        assert_eq!(zero1_block, padded, "rank {rank}: ZeRO-1 keeps DDP's buckets (of 24, 1267, 145 elements)");
         assert_eq!(zero1_state, 2 * padded, "rank {rank}: ZeRO-1 state");
-        assert_eq!(zero2_state, 2 * padded, "rank {rank}: ZeRO-2 state");
+        // ZeRO-2 gives every parameter over the 64-byte cap a bucket of its own: 6 buckets, as many blocks.
+        let alone: i64 = [3i64, 21, 7, 1260, 10, 135].iter().map(|n| (n + world as i64 - 1) / world as i64).sum();
+        assert_eq!(zero2_block, alone, "rank {rank}: ZeRO-2 buckets");
+        assert_eq!(zero2_state, 2 * alone, "rank {rank}: ZeRO-2 state");
         assert!((zero2_state as f64) < ddp_state as f64 / world as f64 + 8.0);
+    }
+}
+
+/// A rank's collective that, at each reduce-scatter (ZeRO's reduction of one bucket), counts the model's parameters
+/// whose full gradient exists then, and lingers so that a backward free to run ahead would.
+struct GradientCensus {
+    inner: Box<dyn Collective>,
+    params: Vec<Tensor>,
+    /// Most parameters with a gradient seen at one reduce-scatter, and how many reduce-scatters there were.
+    seen: Arc<Mutex<(usize, usize)>>,
+}
+
+impl Collective for GradientCensus {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn allreduce(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
+        self.inner.allreduce(buf, op)
+    }
+    fn broadcast(&mut self, bytes: &mut [u8], root: usize) -> Result<(), CommError> {
+        self.inner.broadcast(bytes, root)
+    }
+    fn allgather(&mut self, input: &[u8], output: &mut [u8]) -> Result<(), CommError> {
+        self.inner.allgather(input, output)
+    }
+    fn barrier(&mut self) -> Result<(), CommError> {
+        self.inner.barrier()
+    }
+    fn reduce_scatter(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
+        let alive = self.params.iter().filter(|p| p.grad().defined()).count();
+        {
+            let mut seen = self.seen.lock().unwrap();
+            *seen = (seen.0.max(alive), seen.1 + 1);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        self.inner.reduce_scatter(buf, op)
+    }
+    fn allgather_blocks(&mut self, buf: Buffer<'_>) -> Result<(), CommError> {
+        self.inner.allgather_blocks(buf)
+    }
+}
+
+#[test]
+fn zero2_backward_waits_for_each_bucket_so_one_buckets_gradients_exist_at_a_time() {
+    let world = 2;
+    let init = Mutex::new(initial());
+    let case = Case { opt: optimizers()[3], accum: 1, clip: None, overlap: true };
+    let results = on_ranks(world, |rank, comm| {
+        let init = deep_copy(&init.lock().unwrap());
+        let model = net(rank, &init);
+        let params = model.named_parameters().into_iter().map(|(_, p)| p).collect();
+        let seen = Arc::new(Mutex::new((0, 0)));
+        let census = GradientCensus { inner: comm, params, seen: Arc::clone(&seen) };
+        let mut ddp = Ddp::new(model, Box::new(census), options(case, ShardMode::Gradients)).unwrap();
+        let buckets = ddp.bucket_layout().len();
+        let mut optimizer = ddp.build_optimizer(&case.opt).unwrap();
+        for micro in share(&data(world, 3), rank, 1) {
+            ddp.train_step(&micro, optimizer.as_mut(), 1e-3).unwrap();
+        }
+        let seen = *seen.lock().unwrap();
+        (seen, buckets)
+    });
+    for (rank, ((most, reductions), buckets)) in results.into_iter().enumerate() {
+        assert_eq!(reductions, 3 * buckets, "rank {rank}: one reduce-scatter per bucket and step");
+        // While a bucket is reduced its members' gradients are already in its buffer (released), earlier buckets'
+        // are released, and backward has not computed later ones: no parameter holds a full gradient. A backward
+        // running ahead during the 20 ms of each reduction would have computed the next buckets' meanwhile.
+        assert_eq!(most, 0, "rank {rank}: {most} parameters held full gradients during a reduce-scatter");
     }
 }
 
@@ -560,15 +641,20 @@ fn a_sharded_checkpoint_of_four_ranks_resumes_on_four_two_and_three_as_ddp_does(
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(ckpt.join("meta.json")).unwrap()).unwrap();
     assert_eq!(manifest["sharded"]["world_size"], 4);
     assert_eq!(manifest["sharded"]["mode"], "gradients");
-    assert_eq!(manifest["sharded"]["buckets"][1]["numel"], 1267);
-    assert_eq!(manifest["sharded"]["buckets"][1]["padded"], 1268);
+    // ZeRO-2's buckets: every parameter over the 64-byte cap alone; fc2.weight's 21 elements padded to 24.
+    assert_eq!(manifest["sharded"]["buckets"][1]["numel"], 21);
+    assert_eq!(manifest["sharded"]["buckets"][1]["padded"], 24);
     for f in shard_names(4) {
         assert_eq!(manifest["sizes"][&f].as_u64(), Some(std::fs::metadata(ckpt.join(&f)).unwrap().len()));
         assert_eq!(manifest["files"][&f].as_str().map(str::len), Some(64), "{f} has a SHA-256 in the manifest");
     }
-    for (world, shard) in
-        [(4, ShardMode::Gradients), (2, ShardMode::Optimizer), (3, ShardMode::Gradients), (3, ShardMode::None)]
-    {
+    for (world, shard) in [
+        (4, ShardMode::Gradients),
+        (2, ShardMode::Gradients),
+        (2, ShardMode::Optimizer),
+        (3, ShardMode::Gradients),
+        (3, ShardMode::None),
+    ] {
         let ddp = ddp_four_then(world);
         let ranks = resume_and_train(dir.path(), world, shard);
         for (rank, (weights, path, read)) in ranks.iter().enumerate() {
@@ -579,7 +665,10 @@ fn a_sharded_checkpoint_of_four_ranks_resumes_on_four_two_and_three_as_ddp_does(
             if shard == ShardMode::None {
                 continue;
             }
-            if world == 4 {
+            if shard == ShardMode::Optimizer {
+                // ZeRO-1 keeps DDP's bucket layout, not ZeRO-2's: the blocks come from the per-parameter state.
+                assert_eq!(read.len(), 4, "rank {rank} of {world} ({shard}) read {read:?}");
+            } else if world == 4 {
                 assert_eq!(read, &[shard_file(rank, 4)], "at the same world size a rank reads only its own shard");
             } else {
                 assert!(!read.is_empty() && read.len() < 4, "rank {rank} of {world} read {read:?}");
@@ -775,7 +864,8 @@ fn a_sharded_checkpoint_on_s3_is_written_by_every_rank_and_resumes_on_two_ranks(
     let ddp = ddp_four_then(2);
     let ranks = on_ranks(2, |rank, comm| {
         let data = data(2, 10);
-        let mut ddp = Ddp::new(net(rank, &initial()), comm, options(ADAMW, ShardMode::Gradients)).unwrap();
+        // ZeRO-1 as written, so the bucket layout matches and each rank reads only the shards its blocks overlap.
+        let mut ddp = Ddp::new(net(rank, &initial()), comm, options(ADAMW, ShardMode::Optimizer)).unwrap();
         let mut optimizer = ddp.build_optimizer(&ADAMW.opt).unwrap();
         let resume = store().resume_sharded(&mut ddp, optimizer.as_mut()).unwrap().expect("a checkpoint on S3");
         for micro in share(&data, rank, 1) {
