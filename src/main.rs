@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hytrain::cluster::{self, Env};
+use hytrain::comm::recorder::FlightRecorder;
 use hytrain::comm::CommOptions;
 use hytrain::commands::{checkpoint, data, doctor, explain, launch, parse_deadline, parse_seconds, parse_size, train};
 
@@ -83,6 +84,12 @@ enum Command {
     /// Checkpoints: consolidate a sharded one into one file.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
+    /// Read the ranks' flight recorder dumps after a hang or a loss (`rank-N.json`, written to `flight-recorder/`
+    /// in the output folder) and name the collective each rank was in and the rank that was behind.
+    FlightRecorder {
+        /// The folder of dumps, or the output folder that holds `flight-recorder/`.
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -419,6 +426,19 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             run_train(&plan, &env, &args)
         }
         Command::Data(command) => run_data(&plan, command),
+        Command::FlightRecorder { dir } => {
+            let dir = if dir.join("flight-recorder").is_dir() { dir.join("flight-recorder") } else { dir };
+            let dumps = hytrain::comm::recorder::read_dumps(&dir).map_err(anyhow::Error::msg)?;
+            if dumps.is_empty() {
+                anyhow::bail!(
+                    "no flight recorder dumps (rank-N.json) in {}: give the folder `flight-recorder` inside the job's \
+                     output folder (--output-dir; on SageMaker /opt/ml/output/data, in output.tar.gz)",
+                    dir.display()
+                );
+            }
+            println!("{}", hytrain::comm::recorder::diagnose(&dumps));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Checkpoint(CheckpointCommand::Consolidate { checkpoint_dir, step, out, s3_endpoint, s3_region }) => {
             let s3 = data::open_options(&plan, s3_endpoint, s3_region).s3;
             let args = checkpoint::ConsolidateArgs { checkpoint_dir, step, out, s3 };
@@ -440,19 +460,28 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
 /// Runs `hytrain train`; SIGTERM or SIGINT asks the ranks to checkpoint and stop together, a second SIGINT ends
 /// the process at once. A stopped run exits 143 (SIGTERM's code), so Kubernetes' OnFailure restarts it and it
 /// resumes.
+///
+/// The collectives' flight recorder is dumped (once) on the first of: a signal, a lost rank (by the watchdog), a
+/// failed run that had reached the collectives.
 fn run_train(plan: &cluster::Plan, env: &Env, args: &train::TrainArgs) -> anyhow::Result<ExitCode> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t = &plan.topology;
+    let recorder = FlightRecorder::new(t.rank, t.world_size, hytrain::comm::recorder::DEFAULT_CAPACITY);
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())
             .context("cannot install the signal handler")?;
         signal_hook::flag::register(signal, stop.clone()).context("cannot install the signal handler")?;
     }
-    let result = train::run(plan, env, args, &stop);
+    dump_on_signals(&recorder)?;
+    let result = train::run(plan, env, args, &stop, &recorder);
     let summary = match result {
         Ok(summary) => summary,
         Err(e) => {
             if let Some(path) = &plan.paths.failure_file {
                 write_failure_reason(path, &e);
+            }
+            if recorder.calls() > 0 {
+                recorder.dump(&format!("failed: {e}"));
             }
             return Err(e);
         }
@@ -469,6 +498,25 @@ fn run_train(plan: &cluster::Plan, env: &Env, args: &train::TrainArgs) -> anyhow
         std::fs::write(&success, "").with_context(|| format!("cannot write {}", success.display()))?;
     }
     Ok(if summary.stopped { ExitCode::from(143) } else { ExitCode::SUCCESS })
+}
+
+/// Dumps `recorder` when SIGTERM or SIGINT arrives, from a thread of its own: a rank stuck in a collective never
+/// reaches the step boundary where the stop flag is read, and the platform's SIGKILL follows its grace period.
+fn dump_on_signals(recorder: &FlightRecorder) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("cannot install the signal handler")?;
+    let recorder = recorder.clone();
+    std::thread::Builder::new()
+        .name("hytrain-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let name = if signal == SIGTERM { "SIGTERM" } else { "SIGINT" };
+                recorder.dump(&format!("{name} received"));
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
 }
 
 /// Writes why the job failed where SageMaker shows it (the first 1024 characters become the job's

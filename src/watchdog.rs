@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::comm::recorder::FlightRecorder;
 use crate::comm::Liveness;
 
 /// How long the main thread gets to fail on its own (with its fuller error) before the watchdog ends the process.
@@ -20,15 +21,17 @@ pub struct Watchdog {
 
 impl Watchdog {
     /// Starts watching `live` (`None`, a job of one rank or an MPI job, watches nothing). On a loss the process
-    /// prints `hytrain: error: lost rank N on HOST: CAUSE`, writes it to `failure_file` (SageMaker's
-    /// FailureReason) and exits 1, unless the main thread ended it first.
-    pub fn start(live: Option<Liveness>, failure_file: Option<PathBuf>) -> Watchdog {
+    /// dumps `recorder` (the collectives it was in), prints `hytrain: error: lost rank N on HOST: CAUSE`, writes
+    /// it to `failure_file` (SageMaker's FailureReason) and exits 1, unless the main thread ended it first.
+    pub fn start(live: Option<Liveness>, failure_file: Option<PathBuf>, recorder: FlightRecorder) -> Watchdog {
         if let Some(live) = live.clone() {
             let spawned = std::thread::Builder::new().name("hytrain-watchdog".into()).spawn(move || {
                 let Some(lost) = live.wait_lost(None) else {
                     return;
                 };
                 tracing::error!("{lost}; stopping this rank");
+                // First, before anything can end the process: the dump is what tells a hang from a crash.
+                recorder.dump(&lost.to_string());
                 std::thread::sleep(GRACE);
                 eprintln!("hytrain: error: {lost}");
                 if let Some(path) = &failure_file {

@@ -129,8 +129,12 @@ pub fn modulus(dtype: &str) -> usize {
 /// Runs every check and measurement. Errors are communication failures; failed checks are in the report.
 pub fn run(plan: &Plan, args: &DoctorArgs) -> anyhow::Result<Report> {
     let membership = crate::membership(plan);
-    let mut collective = comm::init(&membership, crate::launched_by_mpirun(plan), &args.comm)?;
-    let watchdog = crate::watchdog::Watchdog::start(collective.liveness(), plan.paths.failure_file.clone());
+    let collective = comm::init(&membership, crate::launched_by_mpirun(plan), &args.comm)?;
+    // A hang or a loss during the checks leaves its account on stderr (the doctor writes no files).
+    let recorder = comm::recorder::FlightRecorder::new(membership.rank, membership.world_size, 64);
+    let mut collective: Box<dyn comm::Collective> =
+        Box::new(comm::recorder::Recorded::new(collective, recorder.clone()));
+    let watchdog = crate::watchdog::Watchdog::start(collective.liveness(), plan.paths.failure_file.clone(), recorder);
     let (rank, world) = (collective.rank(), collective.world_size());
     tracing::info!("doctor: {} backend up with {world} ranks", collective.backend());
 

@@ -13,6 +13,7 @@ use clap::{Arg, ArgMatches};
 
 use super::device::{self, DeviceRequest};
 use crate::cluster::{InputMode, Plan};
+use crate::comm::recorder::{FlightRecorder, Recorded};
 use crate::comm::{Collective, CommOptions, ReduceOp, Store};
 use crate::data::augment::{Normalize, Transform};
 use crate::data::format::{ShardIndex, INDEX_FILE};
@@ -560,9 +561,19 @@ fn min_over_ranks(comm: &mut dyn Collective, value: usize) -> anyhow::Result<usi
 }
 
 /// Runs the job on this rank; `stop` is set by SIGTERM/SIGINT.
-pub fn run(plan: &Plan, env: &crate::cluster::Env, args: &TrainArgs, stop: &AtomicBool) -> anyhow::Result<Summary> {
+///
+/// Every collective call is recorded in `recorder`, whose dumps go to `flight-recorder/` in the output folder.
+pub fn run(
+    plan: &Plan,
+    env: &crate::cluster::Env,
+    args: &TrainArgs,
+    stop: &AtomicBool,
+    recorder: &FlightRecorder,
+) -> anyhow::Result<Summary> {
     let layered = layered(plan, env, &args.config)?;
     let job = Job::settle(&args.job, &layered.unknown)?;
+    let output_dir = job.output_dir.clone().unwrap_or_else(|| plan.paths.output_data_dir.clone());
+    recorder.set_dump_dir(Some(output_dir.join("flight-recorder")));
     let cfg = &layered.config;
     let t = &plan.topology;
     for (key, origin) in layered.origins.iter().filter(|(_, o)| **o != Origin::Default) {
@@ -576,7 +587,7 @@ pub fn run(plan: &Plan, env: &crate::cluster::Env, args: &TrainArgs, stop: &Atom
     let membership = crate::membership(plan);
     // The ring's store stays at hand: a GPU job hands NCCL's unique id through it. Under mpirun (built with MPI)
     // there is no store.
-    let (mut comm, store): (Box<dyn Collective>, Option<Store>) =
+    let (comm, store): (Box<dyn Collective>, Option<Store>) =
         if crate::launched_by_mpirun(plan) && cfg!(feature = "mpi") {
             let comm = crate::comm::init(&membership, true, &args.comm).context("cannot join the other ranks")?;
             (comm, None)
@@ -585,8 +596,9 @@ pub fn run(plan: &Plan, env: &crate::cluster::Env, args: &TrainArgs, stop: &Atom
             let comm = crate::comm::connect(&store, &membership, &args.comm).context("cannot join the other ranks")?;
             (comm, Some(store))
         };
+    let mut comm: Box<dyn Collective> = Box::new(Recorded::new(comm, recorder.clone()));
     // From here on a lost rank ends this one too, and this rank failing ends the others.
-    let watchdog = crate::watchdog::Watchdog::start(comm.liveness(), plan.paths.failure_file.clone());
+    let watchdog = crate::watchdog::Watchdog::start(comm.liveness(), plan.paths.failure_file.clone(), recorder.clone());
     let device = device::select(job.device, t.local_rank, env.get("CUDA_VISIBLE_DEVICES"))?;
     check_backend(&cfg.backend, device, crate::launched_by_mpirun(plan))?;
     let options = super::data::open_options(plan, job.s3_endpoint.clone(), job.s3_region.clone());
@@ -728,7 +740,7 @@ pub fn run(plan: &Plan, env: &crate::cluster::Env, args: &TrainArgs, stop: &Atom
             None => plan.paths.checkpoint_dir.clone(),
         },
         model_dir: job.model_dir.clone().or_else(|| Some(plan.paths.model_dir.clone())),
-        output_dir: job.output_dir.clone().or_else(|| Some(plan.paths.output_data_dir.clone())),
+        output_dir: Some(output_dir),
         s3: options.s3.clone(),
     };
     let mut summary = Trainer::new().run(

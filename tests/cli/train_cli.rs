@@ -126,12 +126,54 @@ fn sigterm_checkpoints_and_exits_143_and_the_next_run_resumes() {
     let saved = hytrain::train::latest_valid(&checkpoints).unwrap().expect("a checkpoint written on SIGTERM");
     let step = saved.checkpoint.meta.step;
     assert!(step > 0);
+    // Each worker dumped its collectives' flight recorder on the signal; read back, no rank is missing.
+    let output = dir.path().join("hytrain-out/output/data");
+    let read = command(&["flight-recorder", output.to_str().unwrap()], &[]).output().unwrap();
+    let text = String::from_utf8_lossy(&read.stdout);
+    assert!(read.status.success(), "{text}{}", stderr(&read));
+    for rank in 0..2 {
+        assert!(text.contains(&format!("rank {rank} on ")) && text.contains("(SIGTERM received)"), "{text}");
+    }
+    assert!(!text.contains("no dump"), "{text}");
 
     let more = (step + 5).to_string();
     let out = finish(digits_job(dir.path(), 2, &["--max-steps", &more, "--validation", "none"]), "resumed run");
     assert_ok(&out);
     assert!(stdout(&out).contains("(5 this run)"), "{}", stdout(&out));
     assert_eq!(summary_value(&stdout(&out), "steps"), (step + 5) as f64);
+}
+
+#[test]
+fn flight_recorder_diagnoses_dumps_and_refuses_a_folder_without_any() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = command(&["flight-recorder", dir.path().to_str().unwrap()], &[]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no flight recorder dumps (rank-N.json)"), "{}", stderr(&out));
+    // Rank 0 waits in allreduce #12; rank 1 finished #11 and never called #12.
+    let dump = |rank: usize, running: bool| {
+        let record = |seq: u64, ended: bool| {
+            serde_json::json!({"seq": seq, "kind": "allreduce", "bytes": 1024, "started_ms": 1000,
+                "ended_ms": if ended { Some(1200) } else { None }, "error": null})
+        };
+        let records = if running { vec![record(11, true), record(12, false)] } else { vec![record(11, true)] };
+        serde_json::json!({"rank": rank, "world_size": 2, "host": format!("node-{rank}"), "pid": 7,
+            "reason": "SIGTERM received", "written_ms": 5000, "calls": if running { 13 } else { 12 }, "records": records})
+    };
+    let folder = dir.path().join("flight-recorder");
+    std::fs::create_dir(&folder).unwrap();
+    for (rank, running) in [(0, true), (1, false)] {
+        std::fs::write(folder.join(format!("rank-{rank}.json")), dump(rank, running).to_string()).unwrap();
+    }
+    // The output folder above `flight-recorder/` is accepted too.
+    let out = command(&["flight-recorder", dir.path().to_str().unwrap()], &[]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(text.contains("rank 0 on node-0 (SIGTERM received): in #12 allreduce"), "{text}");
+    assert!(text.contains("behind: rank 1 has not called collective #12, while rank 0 waits in #12"), "{text}");
+    std::fs::write(folder.join("rank-2.json"), "not json").unwrap();
+    let out = command(&["flight-recorder", folder.to_str().unwrap()], &[]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("rank-2.json is not a hytrain flight recorder dump"), "{}", stderr(&out));
 }
 
 #[test]

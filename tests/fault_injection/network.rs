@@ -87,11 +87,39 @@ pub(crate) fn stalled_peer(dir: &Path, rng: &mut Rng) -> Result<Outcome, String>
     if took < STALL_PEER_TIMEOUT.mul_f64(0.8) {
         return Err(format!("the stopped rank was declared lost after {took:?}, before the peer timeout"));
     }
+    flight_recorder_names(&job, dir, &survivors, victim)?;
     let state = state_intact(dir)?;
     Ok(Outcome {
         detail: format!("SIGSTOP rank {victim} at step {step} (peer timeout {STALL_PEER_TIMEOUT:?}); {state}"),
         detection: Some(took),
     })
+}
+
+/// The survivors dumped their flight recorders (stderr and `output/flight-recorder/rank-N.json`), and
+/// `hytrain flight-recorder` over the output folder names the stopped rank (which may have dumped too, woken by
+/// SIGCONT before its SIGKILL).
+fn flight_recorder_names(job: &Job, dir: &Path, survivors: &[usize], victim: usize) -> Result<(), String> {
+    for &s in survivors {
+        let stderr = job.stderr(s);
+        if !stderr.contains(&format!("flight recorder of rank {s} of {WORLD}")) {
+            return Err(format!("rank {s} printed no flight recorder account:\n{stderr}"));
+        }
+    }
+    let out = common::command(&["flight-recorder", dir.join("output").to_str().unwrap()], &[])
+        .output()
+        .map_err(|e| format!("cannot run hytrain flight-recorder: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The survivors' dumps were written for the liveness verdict, which names the stopped rank.
+    let verdict = text.lines().last().unwrap_or_default();
+    let named = verdict.starts_with(&format!("the job lost rank {victim} "))
+        && survivors.iter().all(|s| text.contains(&format!("rank {s} on ")));
+    if !out.status.success() || !named {
+        return Err(format!(
+            "hytrain flight-recorder did not name the stopped rank {victim}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the server closed `s` within 30 s.

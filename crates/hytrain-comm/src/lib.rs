@@ -32,6 +32,8 @@
 //!   `schedule.rs` plans a collective, `pipeline.rs` runs the plan), `shm/` (shared memory inside a node), `mpi.rs`
 //!   (feature `mpi`), `failure.rs` (how a backend records its failure for the other ranks).
 //! - `transport.rs`: which backend a job gets ([`Transport`]) and [`connect`]ing it over a joined store.
+//! - `recorder.rs`: the collective flight recorder ([`recorder::Recorded`] records every call; dumps and their
+//!   diagnosis after a hang or a loss).
 //! - `error.rs`: [`CommError`]; `net.rs`: socket helpers.
 //! - `testing.rs` (feature `testing`, and this crate's own tests): `InProcess`, N exact ranks as threads of one
 //!   process; `FailingCollective`, which fails a chosen call; `free_port` and `on_ranks`.
@@ -70,6 +72,7 @@ mod backend;
 mod conformance;
 mod error;
 mod net;
+pub mod recorder;
 mod rendezvous;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
