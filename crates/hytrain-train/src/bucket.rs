@@ -136,6 +136,14 @@ pub(crate) fn device_dtype(kind: Kind) -> DType {
 impl Bucket {
     /// A bucket for `members` (indices into `params`), all of one reducible kind.
     pub fn new(members: Vec<usize>, params: &[(String, Tensor)]) -> Result<Self, TchError> {
+        let mut bucket = Bucket::unallocated(members, params)?;
+        bucket.flat = Tensor::f_zeros([bucket.numel as i64], (bucket.kind, Device::Cpu))?;
+        Ok(bucket)
+    }
+
+    /// [`Bucket::new`] without its flat buffer, for a bucket that will be sharded with `release` (ZeRO-2), which
+    /// allocates one only from [`Bucket::pack`] to [`Bucket::finish`].
+    pub(crate) fn unallocated(members: Vec<usize>, params: &[(String, Tensor)]) -> Result<Self, TchError> {
         let kind = params[members[0]].1.kind();
         let mut offsets = Vec::with_capacity(members.len());
         let mut numel = 0usize;
@@ -143,7 +151,7 @@ impl Bucket {
             offsets.push(numel as i64);
             numel += params[m].1.numel();
         }
-        let flat = Tensor::f_zeros([numel as i64], (kind, Device::Cpu))?;
+        let flat = Tensor::f_zeros([0], (kind, Device::Cpu))?;
         Ok(Bucket { members, offsets, numel, padded: numel, kind, flat, shard: None })
     }
 

@@ -272,6 +272,9 @@ impl Ddp {
         let mut all: Vec<(String, Tensor)> = ddp.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         all.extend(ddp.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())));
         ddp.broadcast_tensors(&all, "parameter and buffer broadcast from rank 0")?;
+        // The broadcast's staging buffer held the largest chunk of the model (a whole layer when one outgrows the
+        // bucket cap); later broadcasts (BatchNorm buffers) need a fraction of it.
+        ddp.scratch = Vec::new();
         let sizes: Vec<(usize, Kind)> = ddp.params.iter().map(|(_, p)| (p.numel(), p.kind())).collect();
         let to_bytes = |mb: f64| ((mb * MB as f64) as usize).max(1);
         // ZeRO-2 gives each parameter of a bucket's size or more a bucket of its own (reduced in place).
@@ -279,7 +282,16 @@ impl Ddp {
         ddp.buckets =
             assign_buckets(&sizes, to_bytes(ddp.options.first_bucket_mb), to_bytes(ddp.options.bucket_mb), alone)
                 .into_iter()
-                .map(|members| Bucket::new(members, &ddp.params))
+                // ZeRO-2's buckets allocate their gradient buffer only while reducing: none is allocated up front.
+                .map(
+                    |members| {
+                        if alone {
+                            Bucket::unallocated(members, &ddp.params)
+                        } else {
+                            Bucket::new(members, &ddp.params)
+                        }
+                    },
+                )
                 .collect::<Result<_, _>>()
                 .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
         // Alone there is nothing to shard: the engine runs as DDP does.
