@@ -481,7 +481,7 @@ fn run_train(plan: &cluster::Plan, env: &Env, args: &train::TrainArgs) -> anyhow
                 write_failure_reason(path, &e);
             }
             if recorder.calls() > 0 {
-                recorder.dump(&format!("failed: {e}"));
+                recorder.dump(&format!("failed: {e:#}"));
             }
             return Err(e);
         }
