@@ -131,7 +131,8 @@ pub fn run(plan: &Plan, args: &DoctorArgs) -> anyhow::Result<Report> {
     let membership = crate::membership(plan);
     let collective = comm::init(&membership, crate::launched_by_mpirun(plan), &args.comm)?;
     // A hang or a loss during the checks leaves its account on stderr (the doctor writes no files).
-    let recorder = comm::recorder::FlightRecorder::new(membership.rank, membership.world_size, 64);
+    let recorder =
+        comm::recorder::FlightRecorder::new(membership.rank, membership.world_size, comm::recorder::DEFAULT_CAPACITY);
     let mut collective: Box<dyn comm::Collective> =
         Box::new(comm::recorder::Recorded::new(collective, recorder.clone()));
     let watchdog = crate::watchdog::Watchdog::start(collective.liveness(), plan.paths.failure_file.clone(), recorder);

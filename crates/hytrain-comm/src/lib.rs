@@ -234,6 +234,15 @@ impl Buffer<'_> {
         }
     }
 
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Buffer::F32(b) => std::mem::size_of_val(*b),
+            Buffer::F64(b) => std::mem::size_of_val(*b),
+            Buffer::Bf16(b) => std::mem::size_of_val(*b),
+        }
+    }
+
     /// Whether the buffer has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -10,6 +10,7 @@
 //! end the process, since a dump written after the abort is no dump: PyTorch's recorder loses that race,
 //! pytorch/pytorch#121055).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,8 +29,9 @@ pub struct Record {
     /// The call's number on this rank, from 0; every rank numbers the same calls the same way, since every rank
     /// must call the same collectives in the same order.
     pub seq: u64,
-    /// `allreduce`, `broadcast`, `allgather`, `barrier`, `reduce_scatter` or `allgather_blocks`.
-    pub kind: String,
+    /// `allreduce`, `broadcast`, `allgather`, `barrier`, `reduce_scatter` or `allgather_blocks` (borrowed while
+    /// recording, so a record allocates nothing; owned when read back from a dump).
+    pub kind: Cow<'static, str>,
     /// Bytes of this rank's buffer.
     pub bytes: u64,
     /// When it started, in milliseconds since the Unix epoch.
@@ -133,7 +135,7 @@ impl FlightRecorder {
     }
 
     /// Records the start of a collective; returns its number.
-    fn begin(&self, kind: &str, bytes: usize) -> u64 {
+    fn begin(&self, kind: &'static str, bytes: usize) -> u64 {
         let mut log = self.lock();
         let seq = log.calls;
         log.calls += 1;
@@ -142,7 +144,7 @@ impl FlightRecorder {
         }
         let record = Record {
             seq,
-            kind: kind.to_owned(),
+            kind: Cow::Borrowed(kind),
             bytes: bytes as u64,
             started_ms: now_ms(),
             ended_ms: None,
@@ -342,7 +344,7 @@ fn verdict(dumps: &[Dump], world: usize) -> String {
     };
     let lowest = lowest.0;
     let kinds: Vec<(usize, &str)> =
-        dumps.iter().filter_map(|d| d.running().map(|r| (d.rank, r.kind.as_str()))).collect();
+        dumps.iter().filter_map(|d| d.running().map(|r| (d.rank, r.kind.as_ref()))).collect();
     if kinds.windows(2).any(|w| w[0].1 != w[1].1) {
         let each: Vec<String> = kinds.iter().map(|(r, k)| format!("rank {r} {k}")).collect();
         return format!("the ranks disagree on collective #{lowest}: {}", each.join(", "));
@@ -383,7 +385,7 @@ impl Recorded {
 
     fn record(
         &mut self,
-        kind: &str,
+        kind: &'static str,
         bytes: usize,
         call: impl FnOnce(&mut dyn Collective) -> Result<(), CommError>,
     ) -> Result<(), CommError> {
@@ -392,16 +394,6 @@ impl Recorded {
         self.recorder.end(seq, &result);
         result
     }
-}
-
-/// Bytes of a buffer's elements.
-fn size_of(buf: &Buffer<'_>) -> usize {
-    buf.len()
-        * match buf {
-            Buffer::F32(_) => 4,
-            Buffer::F64(_) => 8,
-            Buffer::Bf16(_) => 2,
-        }
 }
 
 impl Collective for Recorded {
@@ -418,7 +410,7 @@ impl Collective for Recorded {
     }
 
     fn allreduce(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
-        self.record("allreduce", size_of(&buf), |c| c.allreduce(buf, op))
+        self.record("allreduce", buf.bytes(), |c| c.allreduce(buf, op))
     }
 
     fn broadcast(&mut self, bytes: &mut [u8], root: usize) -> Result<(), CommError> {
@@ -438,11 +430,11 @@ impl Collective for Recorded {
     }
 
     fn reduce_scatter(&mut self, buf: Buffer<'_>, op: ReduceOp) -> Result<(), CommError> {
-        self.record("reduce_scatter", size_of(&buf), |c| c.reduce_scatter(buf, op))
+        self.record("reduce_scatter", buf.bytes(), |c| c.reduce_scatter(buf, op))
     }
 
     fn allgather_blocks(&mut self, buf: Buffer<'_>) -> Result<(), CommError> {
-        self.record("allgather_blocks", size_of(&buf), |c| c.allgather_blocks(buf))
+        self.record("allgather_blocks", buf.bytes(), |c| c.allgather_blocks(buf))
     }
 }
 
@@ -455,7 +447,7 @@ mod tests {
         Box::new(InProcess::group(1, std::time::Duration::from_secs(5)).pop().unwrap())
     }
 
-    fn dump(rank: usize, world: usize, records: &[(u64, &str, bool)], calls: u64) -> Dump {
+    fn dump(rank: usize, world: usize, records: &[(u64, &'static str, bool)], calls: u64) -> Dump {
         Dump {
             rank,
             world_size: world,
@@ -489,7 +481,7 @@ mod tests {
         c.reduce_scatter(Buffer::F32(&mut xs), ReduceOp::Avg).unwrap();
         let d = recorder.snapshot("now");
         assert_eq!(d.calls, 4);
-        let kinds: Vec<(u64, &str, u64)> = d.records.iter().map(|r| (r.seq, r.kind.as_str(), r.bytes)).collect();
+        let kinds: Vec<(u64, &str, u64)> = d.records.iter().map(|r| (r.seq, r.kind.as_ref(), r.bytes)).collect();
         assert_eq!(kinds, [(1, "broadcast", 5), (2, "barrier", 0), (3, "reduce_scatter", 32)], "the last three");
         assert!(d.records.iter().all(|r| r.ended_ms.is_some() && r.error.is_none()));
 

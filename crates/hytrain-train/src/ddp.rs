@@ -279,19 +279,14 @@ impl Ddp {
         let to_bytes = |mb: f64| ((mb * MB as f64) as usize).max(1);
         // ZeRO-2 gives each parameter of a bucket's size or more a bucket of its own (reduced in place).
         let alone = ddp.world_size() > 1 && ddp.options.shard == ShardMode::Gradients;
+        // ZeRO-2's buckets allocate their gradient buffer only while reducing: none is allocated up front.
         ddp.buckets =
             assign_buckets(&sizes, to_bytes(ddp.options.first_bucket_mb), to_bytes(ddp.options.bucket_mb), alone)
                 .into_iter()
-                // ZeRO-2's buckets allocate their gradient buffer only while reducing: none is allocated up front.
-                .map(
-                    |members| {
-                        if alone {
-                            Bucket::unallocated(members, &ddp.params)
-                        } else {
-                            Bucket::new(members, &ddp.params)
-                        }
-                    },
-                )
+                .map(|members| match alone {
+                    true => Bucket::unallocated(members, &ddp.params),
+                    false => Bucket::new(members, &ddp.params),
+                })
                 .collect::<Result<_, _>>()
                 .map_err(|e| TrainError::torch("allocating gradient buckets", e))?;
         // Alone there is nothing to shard: the engine runs as DDP does.
