@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hytrain_data::source::{Dir, OpenOptions, Pipe, PipeOptions, SharedSource, Source, S3};
-use hytrain_data::{digest, pack, DigestArgs, PackInput, PackOptions, Remainder, Sampler, SamplerConfig};
+use hytrain_data::{
+    digest, pack, Batch, DatasetOptions, DigestArgs, Loader, LoaderConfig, PackInput, PackOptions, Remainder, Sampler,
+    SamplerConfig,
+};
 use support::{mkfifo, LocalS3};
 
 const EPOCHS: u64 = 2;
@@ -162,4 +165,51 @@ fn token_files_from_a_folder_and_from_s3_give_every_rank_identical_batches() {
         }
         assert_eq!(per_rank.len(), world, "ranks must not share a batch stream");
     }
+}
+
+/// After the first pass (which must arrive whole: it tells every shard's sample count), an epoch starts as soon as
+/// the shards it reads first have arrived: here the second pass holds back its last shard until the epoch's first
+/// batch is out, and the epoch still gives the first epoch's batches (no shuffling, no augmentation).
+#[test]
+fn an_epoch_after_the_first_trains_before_its_pass_has_arrived() {
+    let packed = shards();
+    let dir = Dir::new(packed.path().join("train")).unwrap();
+    let pieces: Vec<Vec<u8>> = dir.list().unwrap().iter().map(|o| dir.read(&o.name).unwrap()).collect();
+    let channel = tempfile::tempdir().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let fifos: Vec<PathBuf> = (0..2).map(|e| channel.path().join(format!("training_{e}"))).collect();
+    for fifo in &fifos {
+        mkfifo(fifo);
+    }
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        let (last, first) = pieces.split_last().unwrap();
+        std::fs::write(&fifos[0], pieces.concat()).unwrap();
+        let mut file = std::fs::OpenOptions::new().write(true).open(&fifos[1]).unwrap();
+        file.write_all(&first.concat()).unwrap();
+        let _ = held.recv_timeout(Duration::from_secs(30));
+        file.write_all(last).unwrap();
+    });
+    let options = PipeOptions {
+        open_timeout: Duration::from_secs(30),
+        stall_timeout: Duration::from_secs(5),
+        spool_dir: Some(spool.path().to_path_buf()),
+        max_spool_bytes: None,
+    };
+    let source: SharedSource = Arc::new(Pipe::new(channel.path().join("training"), &options));
+    let config = LoaderConfig {
+        batch_size: 2,
+        workers: 2,
+        sampler: SamplerConfig { shuffle: false, ..SamplerConfig::default() },
+        ..LoaderConfig::default()
+    };
+    let loader = Loader::open(source, &DatasetOptions::default(), config).unwrap();
+    let contents = |b: &Batch| (b.inputs.clone(), b.targets.clone());
+    let first: Vec<_> = loader.epoch(0).unwrap().map(|b| contents(&b.unwrap())).collect();
+    let mut second = loader.epoch(1).unwrap();
+    assert_eq!(contents(&second.next().unwrap().unwrap()), first[0], "the first batch, with the pass incomplete");
+    release.send(()).unwrap();
+    let rest: Vec<_> = second.map(|b| contents(&b.unwrap())).collect();
+    assert_eq!(rest, first[1..]);
+    writer.join().unwrap();
 }

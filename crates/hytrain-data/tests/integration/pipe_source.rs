@@ -206,3 +206,96 @@ fn an_empty_stream_is_an_empty_source() {
     assert!(matches!(err, Error::Empty(_)), "{err:?}");
     assert!(err.to_string().contains("training_0"), "{err}");
 }
+
+/// Plays SageMaker for one pass that holds back its last shard until `release` says so (or 30 s pass).
+fn deliver_held(fifo: PathBuf, shards: Vec<Vec<u8>>, release: std::sync::mpsc::Receiver<()>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut file = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        let (last, first) = shards.split_last().unwrap();
+        file.write_all(&first.concat()).unwrap();
+        let _ = release.recv_timeout(Duration::from_secs(30));
+        file.write_all(last).unwrap();
+    })
+}
+
+#[test]
+fn a_later_pass_serves_its_first_shards_while_the_rest_is_still_arriving() {
+    let (data, shards) = dataset();
+    let channel = tempfile::tempdir().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let base = channel.path().join("training");
+    let opts = PipeOptions { stall_timeout: Duration::from_secs(5), ..fast(spool.path()) };
+    let pipe = Pipe::new(&base, &opts);
+    mkfifo(&channel.path().join("training_0"));
+    let writer = deliver(channel.path().join("training_0"), shards.concat());
+    pipe.begin_epoch(0).unwrap();
+    assert_eq!(pipe.list().unwrap().len(), shards.len());
+    writer.join().unwrap();
+
+    mkfifo(&channel.path().join("training_1"));
+    let (release, held) = std::sync::mpsc::channel();
+    let writer = deliver_held(channel.path().join("training_1"), shards.clone(), held);
+    // The pass is not complete (its last shard is held back), yet the epoch starts and its first shards read.
+    pipe.begin_epoch(1).unwrap();
+    for (i, shard) in shards[..shards.len() - 2].iter().enumerate() {
+        let name = format!("pipe-{i:06}.tar");
+        assert_eq!(&pipe.read(&name).unwrap(), shard, "shard {i} while the pass is still arriving");
+    }
+    assert_eq!(pipe.list().unwrap().len(), shards.len(), "the listing is the first pass's");
+    release.send(()).unwrap();
+    let last = format!("pipe-{:06}.tar", shards.len() - 1);
+    assert_eq!(pipe.read(&last).unwrap(), std::fs::read(data.path().join("train-0005.tar")).unwrap());
+    writer.join().unwrap();
+    // Still one spool folder: the first pass's was deleted before the second filled.
+    assert_eq!(std::fs::read_dir(spool.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn a_later_pass_that_differs_from_the_first_fails_naming_the_shard() {
+    let (_data, shards) = dataset();
+    let channel = tempfile::tempdir().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let pipe = Pipe::new(channel.path().join("training"), &fast(spool.path()));
+    let mut changed = shards.clone();
+    changed[2] = shard(2, 4, true);
+    assert_ne!(changed[2].len(), shards[2].len());
+    let passes = [shards.concat(), changed.concat(), shards[..5].concat()];
+    for (n, stream) in passes.into_iter().enumerate() {
+        let fifo = channel.path().join(format!("training_{n}"));
+        mkfifo(&fifo);
+        let writer = std::thread::spawn(move || {
+            // The reader stops at the difference; a broken pipe on this side is expected.
+            let mut file = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            let _ = file.write_all(&stream);
+        });
+        let opened = pipe.begin_epoch(n as u64);
+        match n {
+            0 => {
+                opened.unwrap();
+                assert_eq!(pipe.read("pipe-000002.tar").unwrap(), shards[2]);
+            }
+            1 => {
+                opened.unwrap();
+                assert_eq!(pipe.read("pipe-000001.tar").unwrap(), shards[1], "shards before the difference serve");
+                let err = pipe.read("pipe-000002.tar").unwrap_err().to_string();
+                assert!(
+                    err.contains("training_1") && err.contains("shard 2 is") && err.contains("in the first"),
+                    "{err}"
+                );
+                assert!(err.contains("must deliver the same data"), "{err}");
+            }
+            _ => {
+                // Opening the next FIFO reports the previous pass's failure first; the one after that reads on.
+                let err = opened.unwrap_err().to_string();
+                assert!(err.contains("training_1") && err.contains("shard 2 is"), "{err}");
+                pipe.begin_epoch(n as u64).unwrap();
+                let err = pipe.read("pipe-000005.tar").unwrap_err().to_string();
+                assert!(
+                    err.contains("training_2") && err.contains("delivered 5 shards where the first delivered 6"),
+                    "{err}"
+                );
+            }
+        }
+        writer.join().unwrap();
+    }
+}
