@@ -8,17 +8,26 @@
 //! the S3 prefix, provided the shard keys sort in the order S3 lists them (bytewise; zero-padded numbers do).
 //! Do not set a `ShuffleConfig` on a Pipe channel: the loader shuffles, deterministically in (seed, epoch).
 //!
-//! An epoch's shards are spooled to a temporary folder on disk (not kept in memory: a channel can be far larger
-//! than RAM), because the sampler visits shards in a shuffled order while the pipe delivers them in key order.
-//! Memory use is one read buffer; disk use is one epoch of data, capped by [`PipeOptions::max_spool_bytes`]. The
-//! previous epoch's spool is deleted when the next FIFO is opened.
+//! A pass's shards are spooled to a temporary folder on disk (not kept in memory: a channel can be far larger than
+//! RAM), because the sampler visits shards in a shuffled order while the pipe delivers them in key order. A reader
+//! thread spools the pass while training runs: a shard can be read as soon as it is complete, so training starts on
+//! the first shards it needs while the rest of the pass arrives. Only the first pass a process reads is waited for
+//! whole, by [`Source::list`]: the sampler needs every shard's sample count before the first batch, and nothing
+//! but the stream itself tells them. Every later pass must deliver the same shards (same count, same sizes; a
+//! difference is an error naming the shard), since the epoch's sample order was planned from the first.
+//! Memory use is one read buffer; disk use is one pass of data, capped by [`PipeOptions::max_spool_bytes`]. The
+//! previous pass's spool is deleted when the next FIFO is opened, after its reader has drained it (SageMaker
+//! opens the next FIFO only once the previous one was read to its end).
 
 use std::fs;
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::tar_split::{ShardSink, SplitError, TarSplitter};
@@ -50,24 +59,84 @@ impl Default for PipeOptions {
     }
 }
 
-/// The shards of the epoch read last.
+/// How often a reader waiting for data checks whether its pass is still wanted.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// One pass over the channel (one FIFO), spooled by its reader thread.
+#[derive(Debug)]
+struct Pass {
+    /// The FIFO, for messages.
+    fifo: PathBuf,
+    spool: tempfile::TempDir,
+    progress: Mutex<Progress>,
+    arrived: Condvar,
+    /// Set when the pass is no longer wanted (the source is dropped): the reader stops.
+    stop: AtomicBool,
+}
+
+/// What a pass's reader has delivered so far.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The shards complete in the spool, in arrival order.
+    shards: Vec<Object>,
+    /// `None` while the reader runs; then whether the whole pass arrived, or why not.
+    end: Option<Result<(), String>>,
+}
+
+impl Pass {
+    fn lock(&self) -> MutexGuard<'_, Progress> {
+        // Every update is one push or one assignment, so a poisoned lock is still consistent.
+        self.progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits until `ready` holds or the reader has ended.
+    fn wait_until(&self, ready: impl Fn(&Progress) -> bool) -> MutexGuard<'_, Progress> {
+        let mut progress = self.lock();
+        while progress.end.is_none() && !ready(&progress) {
+            progress = self.arrived.wait(progress).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        progress
+    }
+
+    /// Waits for the whole pass: its shards, or why it did not arrive.
+    fn complete(&self) -> Result<Vec<Object>, Error> {
+        let progress = self.wait_until(|_| false);
+        match &progress.end {
+            Some(Err(reason)) => Err(Error::Path { path: self.fifo.clone(), reason: reason.clone() }),
+            _ => Ok(progress.shards.clone()),
+        }
+    }
+
+    fn arrive(&self, shard: Object) {
+        self.lock().shards.push(shard);
+        self.arrived.notify_all();
+    }
+
+    fn end(&self, end: Result<(), String>) {
+        self.lock().end.get_or_insert(end);
+        self.arrived.notify_all();
+    }
+}
+
+/// The pass being read (or read last) and what the channel delivers.
 #[derive(Debug, Default)]
 struct State {
     /// The next FIFO's number.
     next_fifo: u64,
-    /// The epoch the loaded data was requested for; `None` when it was loaded implicitly by `list` or `read`.
+    /// The epoch the current pass was requested for; `None` when it was opened implicitly by `list` or `read`.
     epoch: Option<u64>,
-    /// Data of one pass is loaded.
-    loaded: bool,
-    spool: Option<tempfile::TempDir>,
-    shards: Vec<Object>,
+    /// The current pass and its reader thread.
+    pass: Option<(Arc<Pass>, JoinHandle<()>)>,
+    /// The shards of the first complete pass: what every pass must deliver.
+    shards: Option<Vec<Object>>,
 }
 
 /// A SageMaker Pipe mode channel of tar shards (`pipe:/opt/ml/input/data/training` reads `training_0`, ...).
 ///
 /// [`Source::begin_epoch`] opens the next FIFO in order, whatever the epoch's number: a restarted SageMaker job
 /// starts its FIFOs at `_0` again while a resumed run continues at a later epoch, and every pass delivers the same
-/// data. `list` or `read` before any `begin_epoch` read the first FIFO, and the next `begin_epoch` adopts it.
+/// data. `list` or `read` before any `begin_epoch` open the first FIFO, and the next `begin_epoch` adopts it.
+/// [`Source::read`] of a shard that has not arrived yet waits for it (up to the stall timeout of the stream).
 #[derive(Debug)]
 pub struct Pipe {
     base: PathBuf,
@@ -94,28 +163,32 @@ impl Pipe {
         PathBuf::from(name)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while loading leaves `loaded` false, so the state is still consistent.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update leaves the state consistent (the pass is taken before the next is opened).
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn ensure_loaded(&self, state: &mut State) -> Result<(), Error> {
-        if !state.loaded {
-            self.load_next(state)?;
+    /// The current pass, opening the first FIFO if none is open.
+    fn current(&self, state: &mut State) -> Result<Arc<Pass>, Error> {
+        match &state.pass {
+            Some((pass, _)) => Ok(Arc::clone(pass)),
+            None => self.open_next(state),
         }
-        Ok(())
     }
 
-    /// Opens the next FIFO and spools its shards.
-    fn load_next(&self, state: &mut State) -> Result<(), Error> {
+    /// Lets the current pass's reader drain its FIFO, then opens the next FIFO and starts its reader.
+    fn open_next(&self, state: &mut State) -> Result<Arc<Pass>, Error> {
+        // SageMaker creates the next FIFO only after the previous one was read to its end, and the previous
+        // spool is deleted (when `previous` is dropped) before the next one fills.
+        if let Some((previous, reader)) = state.pass.take() {
+            // The reader catches its own panics and records them as the pass's end.
+            let _ = reader.join();
+            let shards = previous.complete()?;
+            state.shards.get_or_insert(shards);
+        }
         let n = state.next_fifo;
         state.next_fifo += 1;
-        state.loaded = false;
-        state.shards.clear();
-        // Free the previous epoch's disk before filling the next.
-        state.spool = None;
         let path = self.fifo_path(n);
-        let started = Instant::now();
         let file = self.open_fifo(&path)?;
         let spool = match &self.opts.spool_dir {
             Some(dir) => tempfile::Builder::new().prefix("hytrain-pipe-").tempdir_in(dir),
@@ -125,28 +198,26 @@ impl Pipe {
             path: self.opts.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
             reason: format!("cannot create a spool folder for the Pipe channel: {io}; set the Pipe spool folder"),
         })?;
-        let mut sink = Spool::new(spool.path(), self.opts.max_spool_bytes);
-        let mut splitter = TarSplitter::new();
-        let fail = |reason: String| Error::Path { path: path.clone(), reason };
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let got = read_with_stall_timeout(&file, &mut buf, self.opts.stall_timeout).map_err(fail)?;
-            if got == 0 {
-                break;
-            }
-            total += got as u64;
-            splitter.push(&buf[..got], &mut sink).map_err(|e| fail(sink.explain(e)))?;
-        }
-        splitter.finish(&mut sink).map_err(|e| fail(sink.explain(e)))?;
-        tracing::info!(
-            fifo = %path.display(), shards = sink.shards.len(), bytes = total,
-            seconds = started.elapsed().as_secs_f64(), "read one pass of the Pipe channel"
-        );
-        state.shards = std::mem::take(&mut sink.shards);
-        state.spool = Some(spool);
-        state.loaded = true;
-        Ok(())
+        let pass = Arc::new(Pass {
+            fifo: path.clone(),
+            spool,
+            progress: Mutex::default(),
+            arrived: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let reader = std::thread::Builder::new()
+            .name(format!("hytrain-pipe-{n}"))
+            .spawn({
+                let (pass, opts, expected) = (Arc::clone(&pass), self.opts.clone(), state.shards.clone());
+                move || {
+                    let end = catch_unwind(AssertUnwindSafe(|| read_pass(&pass, file, &opts, expected.as_deref())))
+                        .unwrap_or_else(|_| Err("the Pipe reader thread panicked".to_owned()));
+                    pass.end(end);
+                }
+            })
+            .map_err(|io| Error::Path { path, reason: format!("cannot start the Pipe reader thread: {io}") })?;
+        state.pass = Some((Arc::clone(&pass), reader));
+        Ok(pass)
     }
 
     /// Waits until the FIFO exists, then opens it without blocking on a writer (the stall timeout covers that).
@@ -190,8 +261,53 @@ impl Pipe {
     }
 }
 
-/// Reads what is available, waiting up to `stall` for data. Returns 0 at the end of the stream.
-fn read_with_stall_timeout(file: &fs::File, buf: &mut [u8], stall: Duration) -> Result<usize, String> {
+/// Reads one pass from `file` into the pass's spool, shard by shard. `expected` is the first pass's shards, which
+/// every later pass must repeat.
+fn read_pass(pass: &Pass, file: fs::File, opts: &PipeOptions, expected: Option<&[Object]>) -> Result<(), String> {
+    let started = Instant::now();
+    let mut sink = Spool::new(pass, opts.max_spool_bytes, expected);
+    let mut splitter = TarSplitter::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let got = read_with_stall_timeout(&file, &mut buf, opts.stall_timeout, &pass.stop)?;
+        if got == 0 {
+            break;
+        }
+        total += got as u64;
+        splitter.push(&buf[..got], &mut sink).map_err(|e| sink.explain(e))?;
+    }
+    splitter.finish(&mut sink).map_err(|e| sink.explain(e))?;
+    if let Some(expected) = expected.filter(|e| e.len() != sink.shards) {
+        return Err(different(format!(
+            "this pass delivered {} shards where the first delivered {}",
+            sink.shards,
+            expected.len()
+        )));
+    }
+    tracing::info!(
+        fifo = %pass.fifo.display(), shards = sink.shards, bytes = total,
+        seconds = started.elapsed().as_secs_f64(), "read one pass of the Pipe channel"
+    );
+    Ok(())
+}
+
+/// The message for a pass that differs from the first.
+fn different(what: String) -> String {
+    format!(
+        "{what}; every pass of a Pipe channel must deliver the same data, since the epoch's order was planned from \
+         the first (do not change the channel's S3 objects while the job runs, and set no ShuffleConfig)"
+    )
+}
+
+/// Reads what is available, waiting up to `stall` for data. Returns 0 at the end of the stream, and an error once
+/// `stop` is set.
+fn read_with_stall_timeout(
+    file: &fs::File,
+    buf: &mut [u8],
+    stall: Duration,
+    stop: &AtomicBool,
+) -> Result<usize, String> {
     let deadline = Instant::now() + stall;
     loop {
         match (&*file).read(buf) {
@@ -204,6 +320,9 @@ fn read_with_stall_timeout(file: &fs::File, buf: &mut [u8], stall: Duration) -> 
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(format!("read failed: {e}")),
         }
+        if stop.load(Ordering::Relaxed) {
+            return Err("the Pipe channel was closed while its pass was being read".to_owned());
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(format!(
@@ -213,7 +332,7 @@ fn read_with_stall_timeout(file: &fs::File, buf: &mut [u8], stall: Duration) -> 
             ));
         }
         let mut pfd = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let wait_ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+        let wait_ms = i32::try_from(left.min(STOP_POLL).as_millis()).unwrap_or(i32::MAX).max(1);
         // SAFETY: one valid pollfd for the duration of the call.
         let rc = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
         if rc < 0 {
@@ -236,28 +355,42 @@ fn read_with_stall_timeout(file: &fs::File, buf: &mut [u8], stall: Duration) -> 
     }
 }
 
-/// Writes each shard to its own file in the spool folder.
+/// Writes each shard to its own file in the pass's spool folder, and announces it once complete.
 struct Spool<'a> {
-    dir: &'a Path,
+    pass: &'a Pass,
     limit: Option<u64>,
+    /// The first pass's shards, which this pass must repeat.
+    expected: Option<&'a [Object]>,
     written: u64,
     current: Option<(BufWriter<fs::File>, String, u64)>,
-    shards: Vec<Object>,
+    /// Shards complete.
+    shards: usize,
+    /// How this pass differs from the first, once it does.
+    mismatch: Option<String>,
 }
 
 impl<'a> Spool<'a> {
-    fn new(dir: &'a Path, limit: Option<u64>) -> Self {
-        Self { dir, limit, written: 0, current: None, shards: Vec::new() }
+    fn new(pass: &'a Pass, limit: Option<u64>, expected: Option<&'a [Object]>) -> Self {
+        Self { pass, limit, expected, written: 0, current: None, shards: 0, mismatch: None }
     }
 
-    fn explain(&self, err: SplitError) -> String {
+    fn explain(&mut self, err: SplitError) -> String {
+        if let Some(mismatch) = self.mismatch.take() {
+            return mismatch;
+        }
         match err {
             SplitError::Format(msg) => msg,
             SplitError::Sink(io) => format!(
                 "cannot spool the Pipe channel to {}: {io}; point the Pipe spool folder at a larger volume",
-                self.dir.display()
+                self.pass.spool.path().display()
             ),
         }
+    }
+
+    /// Records how this pass differs from the first and fails the sink.
+    fn differs(&mut self, what: String) -> std::io::Error {
+        self.mismatch = Some(different(what));
+        std::io::Error::other("this pass differs from the first")
     }
 }
 
@@ -266,10 +399,21 @@ fn shard_name(index: usize) -> String {
     format!("pipe-{index:06}.tar")
 }
 
+/// The position of the shard named `name` (the inverse of [`shard_name`]).
+fn shard_index(name: &str) -> Option<usize> {
+    let index = name.strip_prefix("pipe-")?.strip_suffix(".tar")?.parse().ok()?;
+    (shard_name(index) == name).then_some(index)
+}
+
 impl ShardSink for Spool<'_> {
     fn start(&mut self, index: usize) -> std::io::Result<()> {
+        if let Some(expected) = self.expected.filter(|e| index >= e.len()) {
+            return Err(
+                self.differs(format!("this pass delivers more than the first pass's {} shards", expected.len()))
+            );
+        }
         let name = shard_name(index);
-        let file = fs::File::create(self.dir.join(&name))?;
+        let file = fs::File::create(self.pass.spool.path().join(&name))?;
         self.current = Some((BufWriter::with_capacity(1 << 20, file), name, 0));
         Ok(())
     }
@@ -287,10 +431,17 @@ impl ShardSink for Spool<'_> {
     }
 
     fn end(&mut self) -> std::io::Result<()> {
-        if let Some((file, name, size)) = self.current.take() {
-            file.into_inner().map_err(|e| e.into_error())?;
-            self.shards.push(Object { name, size });
+        let Some((file, name, size)) = self.current.take() else {
+            return Ok(());
+        };
+        file.into_inner().map_err(|e| e.into_error())?;
+        let first = self.expected.and_then(|e| e.get(self.shards)).map(|o| o.size);
+        if let Some(first) = first.filter(|&first| first != size) {
+            let index = self.shards;
+            return Err(self.differs(format!("shard {index} is {size} bytes in this pass and {first} in the first")));
         }
+        self.shards += 1;
+        self.pass.arrive(Object { name, size });
         Ok(())
     }
 }
@@ -301,50 +452,67 @@ impl Source for Pipe {
     }
 
     fn list(&self) -> Result<Vec<Object>, Error> {
-        let mut state = self.lock();
-        self.ensure_loaded(&mut state)?;
-        if state.shards.is_empty() {
-            return Err(Error::Empty(format!(
-                "{} (FIFO {})",
-                self.describe(),
-                self.fifo_path(state.next_fifo - 1).display()
-            )));
+        let pass = self.current(&mut self.lock())?;
+        let first = self.lock().shards.clone();
+        let shards = match first {
+            Some(shards) => shards,
+            None => {
+                // The first pass is waited for whole: nothing else tells how many samples the epoch has.
+                let shards = pass.complete()?;
+                self.lock().shards.get_or_insert(shards).clone()
+            }
+        };
+        if shards.is_empty() {
+            return Err(Error::Empty(format!("{} (FIFO {})", self.describe(), pass.fifo.display())));
         }
-        Ok(state.shards.clone())
+        Ok(shards)
     }
 
     fn read(&self, name: &str) -> Result<Vec<u8>, Error> {
-        let mut state = self.lock();
-        self.ensure_loaded(&mut state)?;
+        let pass = self.current(&mut self.lock())?;
         let read_error = |io| Error::Read { source_desc: self.describe(), name: name.to_owned(), io };
-        if !state.shards.iter().any(|o| o.name == name) {
-            return Err(read_error(std::io::Error::new(
+        let not_found = || {
+            read_error(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 "no such shard in this pass of the Pipe channel (shards are named pipe-NNNNNN.tar)",
-            )));
+            ))
+        };
+        let index = shard_index(name).ok_or_else(not_found)?;
+        // Training may ask for a shard before the pass brings it: wait (the reader's stall timeout bounds this).
+        let progress = pass.wait_until(|p| p.shards.len() > index);
+        if progress.shards.len() <= index {
+            return match &progress.end {
+                Some(Err(reason)) => Err(Error::Path { path: pass.fifo.clone(), reason: reason.clone() }),
+                _ => Err(not_found()),
+            };
         }
-        let spool = state.spool.as_ref().map(|s| s.path().join(name));
-        drop(state);
-        // Reading outside the lock lets several pipeline workers read shards at once.
-        let path = spool.ok_or_else(|| read_error(std::io::ErrorKind::NotFound.into()))?;
-        super::read_file(&self.describe(), name, &path)
+        drop(progress);
+        // Reading outside the locks lets several pipeline workers read shards at once.
+        super::read_file(&self.describe(), name, &pass.spool.path().join(name))
     }
 
     fn begin_epoch(&self, epoch: u64) -> Result<(), Error> {
         let mut state = self.lock();
-        if state.loaded && state.epoch.is_none() {
+        if state.pass.is_some() && (state.epoch.is_none() || state.epoch == Some(epoch)) {
             state.epoch = Some(epoch);
             return Ok(());
         }
-        if state.loaded && state.epoch == Some(epoch) {
-            return Ok(());
-        }
-        self.load_next(&mut state)?;
+        self.open_next(&mut state)?;
         state.epoch = Some(epoch);
         Ok(())
     }
 
     fn already_sharded_by_host(&self) -> bool {
         self.sharded_by_host
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((pass, reader)) = state.pass.take() {
+            pass.stop.store(true, Ordering::Relaxed);
+            let _ = reader.join();
+        }
     }
 }
