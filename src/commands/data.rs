@@ -68,6 +68,17 @@ pub fn remainder(drop_last: bool) -> Remainder {
     }
 }
 
+/// `--stream-window`: `off`, or the number of shards the shard shuffle may reach ahead of the stream (at least 1).
+pub fn parse_stream_window(text: &str) -> Result<Option<usize>, String> {
+    match text.trim() {
+        "off" | "none" => Ok(None),
+        n => match n.parse::<usize>() {
+            Ok(window) if window >= 1 => Ok(Some(window)),
+            _ => Err(format!("'{text}' is not a stream window; give a number of shards (at least 1) or off")),
+        },
+    }
+}
+
 /// Options of `hytrain data pack`.
 pub fn pack_options(out: PathBuf, image_folder: bool, shard_bytes: usize, skip_bad_samples: bool) -> PackOptions {
     PackOptions {

@@ -20,6 +20,7 @@ use crate::data::format::{ShardIndex, INDEX_FILE};
 use crate::data::source::{self, OpenOptions};
 use crate::data::{
     Dataset, DatasetOptions, Format, Loader, LoaderConfig, Remainder, SamplerConfig, Split, TokenDtype, TokenOptions,
+    DEFAULT_STREAM_WINDOW,
 };
 use crate::train::config::{self, ConfigSources, Layered, Origin};
 use crate::train::model::{self, DataSpec, ExportedMetadata};
@@ -90,6 +91,8 @@ pub struct JobFlags {
     pub drop_last: Option<String>,
     /// At most this many training samples per epoch.
     pub max_samples: Option<String>,
+    /// Streaming order's shard window, or `off`.
+    pub stream_window: Option<String>,
     /// Skip samples that do not decode.
     pub skip_bad_samples: Option<String>,
     /// Decode threads per rank.
@@ -126,6 +129,7 @@ const JOB_KEYS: &[(&str, &[&str])] = &[
     ("crop_padding", &["crop_padding"]),
     ("drop_last", &["drop_last"]),
     ("max_samples", &["max_samples"]),
+    ("stream_window", &["stream_window"]),
     ("skip_bad_samples", &["skip_bad_samples"]),
     ("workers", &["workers", "num_workers"]),
     ("model_dir", &["model_dir"]),
@@ -163,6 +167,8 @@ struct Job {
     crop_padding: usize,
     drop_last: bool,
     max_samples: Option<usize>,
+    /// `--stream-window` when given: `Some(None)` for `off`; `None` lets the source decide.
+    stream_window: Option<Option<usize>>,
     skip_bad_samples: bool,
     workers: Option<usize>,
     model_dir: Option<PathBuf>,
@@ -245,6 +251,9 @@ impl Job {
             crop_padding: count("crop_padding", &flags.crop_padding)?.unwrap_or(Transform::default().crop_padding),
             drop_last: switch("drop_last", &flags.drop_last)?,
             max_samples: count("max_samples", &flags.max_samples)?,
+            stream_window: pick("stream_window", &flags.stream_window)
+                .map(|(v, key)| super::data::parse_stream_window(&v).map_err(|e| anyhow::anyhow!("{key}: {e}")))
+                .transpose()?,
             skip_bad_samples: switch("skip_bad_samples", &flags.skip_bad_samples)?,
             workers: count("workers", &flags.workers)?,
             model_dir: location("model-dir", none_is_off(path("model_dir", &flags.model_dir)), true)?,
@@ -328,6 +337,12 @@ fn is_pipe(plan: &Plan, spec: &str) -> bool {
             .strip_prefix("channel:")
             .and_then(|name| plan.paths.channels.get(name))
             .is_some_and(|c| c.input_mode == InputMode::Pipe)
+}
+
+/// The sampler's stream window for the data `spec` names: `--stream-window` when given, else a Pipe channel's
+/// default (its shards arrive in order while the epoch runs), else none (all shards shuffled).
+fn stream_window(plan: &Plan, job: &Job, spec: &str) -> Option<usize> {
+    job.stream_window.unwrap_or_else(|| is_pipe(plan, spec).then_some(DEFAULT_STREAM_WINDOW))
 }
 
 /// Refuses a Pipe channel read by several processes of one host: SageMaker streams each pass through one FIFO per
@@ -622,6 +637,7 @@ pub fn run(
         keep_counts(plan, &job, &train_spec, &sets);
     }
     let train_set = Arc::new(train_set);
+    let eval_window = eval.as_ref().and_then(|(_, spec)| stream_window(plan, &job, spec));
     let eval_set = eval.map(|(ds, _)| Arc::new(ds));
 
     let (rank, world_size) =
@@ -651,6 +667,7 @@ pub fn run(
         rank,
         remainder: if job.drop_last { Remainder::Drop } else { Remainder::Pad },
         max_samples,
+        stream_window: stream_window(plan, &job, &train_spec),
         ..SamplerConfig::default()
     };
     let mut train = LoaderBatches::training(Loader::new(train_set.clone(), loader.clone())?, cfg.batch_size);
@@ -664,6 +681,7 @@ pub fn run(
                     rank: t.rank,
                     world_size: t.world_size,
                     max_samples: None,
+                    stream_window: eval_window,
                     ..loader.sampler.clone()
                 },
                 ..loader.clone()
@@ -826,5 +844,24 @@ mod tests {
         assert!(e.contains("resize (from") && e.contains("at least 1"), "{e}");
         let e = refused("crop", "big");
         assert!(e.contains("crop (from") && e.contains("whole number"), "{e}");
+    }
+
+    #[test]
+    fn a_pipe_channel_streams_unless_told_otherwise_and_bad_windows_are_refused() {
+        let plan = crate::cluster::detect_from(&crate::cluster::Env::from_pairs([("HOSTNAME", "laptop")])).unwrap();
+        let job = Job::settle(&JobFlags::default(), &[]).unwrap();
+        assert_eq!(stream_window(&plan, &job, "pipe:/opt/ml/input/data/training"), Some(DEFAULT_STREAM_WINDOW));
+        assert_eq!(stream_window(&plan, &job, "/mnt/efs/cifar10"), None);
+        assert_eq!(stream_window(&plan, &job, "s3://bucket/cifar10"), None);
+        let job = Job::settle(&JobFlags::default(), &hyperparameters(&[("stream_window", "4")])).unwrap();
+        assert_eq!(stream_window(&plan, &job, "s3://bucket/cifar10"), Some(4));
+        let flags = JobFlags { stream_window: Some("off".into()), ..JobFlags::default() };
+        let job = Job::settle(&flags, &hyperparameters(&[("stream_window", "4")])).unwrap();
+        assert_eq!(stream_window(&plan, &job, "pipe:/opt/ml/input/data/training"), None, "the flag wins");
+        for bad in ["0", "-1", "many"] {
+            let e = Job::settle(&JobFlags::default(), &hyperparameters(&[("stream_window", bad)])).unwrap_err();
+            let e = e.to_string();
+            assert!(e.contains("stream_window (from") && e.contains("at least 1") && e.contains("off"), "{e}");
+        }
     }
 }

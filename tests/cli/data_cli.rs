@@ -192,3 +192,28 @@ fn photos_of_different_sizes_digest_once_resized_and_cropped_and_bad_transforms_
     refused(&["--resize", "0", "--crop", "10"], &["--resize", "at least 1"]);
     refused(&["--resize", "12", "--crop", "0"], &["--crop", "at least 1"]);
 }
+
+#[test]
+fn digest_follows_the_stream_window_as_training_does_and_refuses_a_bad_one() {
+    let data = fixture("cifar-py2");
+    let digest = |extra: &[&str]| {
+        let mut args = vec!["data", "digest", "--data", &data, "--world-size", "3", "--batch-size", "4", "--seed", "3"];
+        args.extend_from_slice(extra);
+        run(&args, &[])
+    };
+    let hex = |extra: &[&str]| {
+        let out = digest(extra);
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let all_shuffled = hex(&[]);
+    assert_eq!(hex(&["--stream-window", "off"]), all_shuffled, "off is the default");
+    // Interleaved ranks read other samples than contiguous blocks.
+    assert_ne!(hex(&["--stream-window", "2"]), all_shuffled);
+    for bad in ["0", "two"] {
+        let out = digest(&["--stream-window", bad]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--stream-window {bad} was accepted");
+        assert!(stderr.contains("--stream-window") && stderr.contains("at least 1"), "{stderr}");
+    }
+}

@@ -44,6 +44,8 @@ pub struct DigestArgs {
     pub remainder: Remainder,
     /// At most this many samples per epoch.
     pub max_samples: Option<usize>,
+    /// Streaming order: shards shuffled within a window of this many, ranks interleaved (a Pipe channel's).
+    pub stream_window: Option<usize>,
     /// Skip bad samples instead of failing.
     pub skip_bad_samples: bool,
     /// Decode threads (does not change the digest).
@@ -72,6 +74,7 @@ impl Default for DigestArgs {
             shuffle_buffer: sampler.shuffle_buffer,
             remainder: sampler.remainder,
             max_samples: None,
+            stream_window: sampler.stream_window,
             skip_bad_samples: false,
             workers: LoaderConfig::default().workers,
             context_length: None,
@@ -102,6 +105,7 @@ impl DigestArgs {
                 shuffle_buffer: self.shuffle_buffer,
                 remainder: self.remainder,
                 max_samples: self.max_samples,
+                stream_window: self.stream_window,
             },
             ..LoaderConfig::default()
         }

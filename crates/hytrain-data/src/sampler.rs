@@ -7,6 +7,12 @@
 //! ([`Remainder::Drop`]) or filled by wrapping around to the stream's start ([`Remainder::Pad`], what PyTorch's
 //! `DistributedSampler` does). Contiguous blocks keep each rank on roughly `1/w` of the shards.
 //!
+//! A stream that delivers shards in list order and not all at once (a SageMaker Pipe channel) sets
+//! [`SamplerConfig::stream_window`]: shards are then shuffled only within a sliding window (a shard shuffle buffer,
+//! as WebDataset's `shardshuffle`), so the `k`th shard the epoch reads is among the first `k + window` delivered,
+//! and rank `r` takes every `w`th sample of the stream (positions `r`, `r + w`, ...), so every rank starts at the
+//! stream's start. An epoch can then begin as soon as its first shards arrive.
+//!
 //! Randomness comes from [`Rng`], a SplitMix64 written here, so an order never changes with a dependency's version.
 
 use serde::{Deserialize, Serialize};
@@ -64,6 +70,10 @@ pub(crate) const PURPOSE_SHARDS: u64 = 1;
 pub(crate) const PURPOSE_BUFFER: u64 = 2;
 pub(crate) const PURPOSE_AUGMENT: u64 = 3;
 
+/// The stream window a SageMaker Pipe channel's training data gets unless told otherwise: an epoch starts once
+/// its first 16 shards or so have arrived (4 GiB of `hytrain data pack`'s 256 MiB shards).
+pub const DEFAULT_STREAM_WINDOW: usize = 16;
+
 /// What to do with the samples left over when the dataset does not divide evenly among ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,6 +102,10 @@ pub struct SamplerConfig {
     pub remainder: Remainder,
     /// Use at most this many samples of the dataset per epoch (all ranks together).
     pub max_samples: Option<usize>,
+    /// Read the shards as a stream in list order: shuffle them only within a window of this many, and interleave
+    /// the ranks (see the module's documentation). `None`: shuffle all shards, contiguous blocks per rank.
+    #[serde(default)]
+    pub stream_window: Option<usize>,
 }
 
 impl Default for SamplerConfig {
@@ -104,6 +118,7 @@ impl Default for SamplerConfig {
             shuffle_buffer: 8192,
             remainder: Remainder::Pad,
             max_samples: None,
+            stream_window: None,
         }
     }
 }
@@ -206,7 +221,11 @@ impl Sampler {
         let seed = self.config.seed;
         let mut shards: Vec<usize> = (0..self.shard_sizes.len()).collect();
         if self.config.shuffle {
-            Rng::derive(&[seed, epoch, PURPOSE_SHARDS]).shuffle(&mut shards);
+            let mut rng = Rng::derive(&[seed, epoch, PURPOSE_SHARDS]);
+            match self.config.stream_window {
+                Some(window) => shards = window_shuffle(shards, window, &mut rng),
+                None => rng.shuffle(&mut shards),
+            }
         }
         let stream = shards.iter().flat_map(|&s| (0..self.shard_sizes[s]).map(move |i| (s, i)));
         let mut out = Vec::with_capacity(self.total);
@@ -238,9 +257,14 @@ impl Sampler {
     /// This rank's samples of `epoch`, in reading order.
     pub fn epoch(&self, epoch: u64) -> Vec<SampleRef> {
         let global = self.global(epoch);
-        let start = self.config.rank * self.per_rank;
-        (start..start + self.per_rank)
-            .map(|p| {
+        let (rank, world) = (self.config.rank, self.config.world_size);
+        let position = |i: usize| match self.config.stream_window {
+            Some(_) => rank + i * world,
+            None => rank * self.per_rank + i,
+        };
+        (0..self.per_rank)
+            .map(|i| {
+                let p = position(i);
                 let (shard, index) = global[p % global.len()];
                 SampleRef { shard, index, position: p as u64 }
             })
@@ -256,6 +280,27 @@ impl Sampler {
     }
 }
 
+/// The items in the order a shuffle buffer of `window` items gives them: each output is a random one of the next
+/// `window` not yet given, so the `k`th output is among the first `k + window` items.
+fn window_shuffle(items: Vec<usize>, window: usize, rng: &mut Rng) -> Vec<usize> {
+    let window = window.max(1);
+    let mut out = Vec::with_capacity(items.len());
+    let mut buffer = Vec::with_capacity(window.min(items.len()));
+    for item in items {
+        if buffer.len() < window {
+            buffer.push(item);
+            continue;
+        }
+        let j = rng.below(window as u64) as usize;
+        out.push(std::mem::replace(&mut buffer[j], item));
+    }
+    while !buffer.is_empty() {
+        let j = rng.below(buffer.len() as u64) as usize;
+        out.push(buffer.swap_remove(j));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -265,7 +310,16 @@ mod tests {
     use super::*;
 
     fn config(seed: u64, world_size: usize, rank: usize, buffer: usize, remainder: Remainder) -> SamplerConfig {
-        SamplerConfig { seed, world_size, rank, shuffle: true, shuffle_buffer: buffer, remainder, max_samples: None }
+        SamplerConfig {
+            seed,
+            world_size,
+            rank,
+            shuffle: true,
+            shuffle_buffer: buffer,
+            remainder,
+            max_samples: None,
+            stream_window: None,
+        }
     }
 
     #[test]
@@ -316,6 +370,7 @@ mod tests {
             buffer in 0usize..64,
             drop in any::<bool>(),
             max in proptest::option::of(1usize..200),
+            stream_window in proptest::option::of(1usize..5),
         ) {
             let total: usize = sizes.iter().sum::<usize>().min(max.unwrap_or(usize::MAX));
             let remainder = if drop { Remainder::Drop } else { Remainder::Pad };
@@ -326,6 +381,7 @@ mod tests {
             for rank in 0..world {
                 let mut c = config(seed, world, rank, buffer, remainder);
                 c.max_samples = max;
+                c.stream_window = stream_window;
                 let s = Sampler::new(sizes.clone(), c).unwrap();
                 let refs = s.epoch(epoch);
                 counts.push(refs.len());
@@ -345,6 +401,43 @@ mod tests {
             }
             if remainder == Remainder::Pad {
                 prop_assert_eq!(seen.len(), total, "every sample is read once per epoch");
+            }
+        }
+
+        #[test]
+        fn a_window_shuffle_permutes_and_never_reaches_further_than_the_window(
+            n in 0usize..60,
+            window in 0usize..10,
+            seed in any::<u64>(),
+        ) {
+            let out = window_shuffle((0..n).collect(), window, &mut super::Rng::derive(&[seed]));
+            let mut sorted = out.clone();
+            sorted.sort_unstable();
+            prop_assert_eq!(sorted, (0..n).collect::<Vec<_>>());
+            for (k, &item) in out.iter().enumerate() {
+                prop_assert!(item < k + window.max(1), "item {} as the {}th", item, k);
+            }
+        }
+
+        #[test]
+        fn with_a_stream_window_every_sample_comes_from_the_streams_first_position_plus_window_shards(
+            sizes in proptest::collection::vec(1usize..8, 1..30),
+            window in 1usize..6,
+            world in 1usize..5,
+            seed in any::<u64>(),
+        ) {
+            // Without sample mixing, the sample at stream position p lies in the k-th shard read with k <= p
+            // (every shard holds a sample), which is among the first k + window delivered. So every rank begins
+            // within the first `rank + window` shards, however large the dataset: no rank waits for the stream's
+            // middle, as contiguous blocks would.
+            prop_assume!(sizes.iter().sum::<usize>() >= world);
+            for rank in 0..world {
+                let mut c = config(seed, world, rank, 1, Remainder::Drop);
+                c.stream_window = Some(window);
+                for r in Sampler::new(sizes.clone(), c).unwrap().epoch(0) {
+                    prop_assert_eq!(r.position as usize % world, rank);
+                    prop_assert!(r.shard < r.position as usize + window, "shard {} at {}", r.shard, r.position);
+                }
             }
         }
 

@@ -25,6 +25,10 @@
 //! identical to the files; their names are not. Code that must give the same result from every source therefore
 //! depends on the *position* of a shard in [`Source::list`], never on its name, and the dataset's shard names must
 //! sort (bytewise) in the order S3 lists keys, which is what SageMaker delivers (zero-padded numbers do).
+//!
+//! A Pipe channel also delivers its shards one after another during the epoch: with the sampler's
+//! [`stream_window`](crate::SamplerConfig::stream_window) set, an epoch reads them in nearly that order and starts
+//! before the pass has arrived. The order is the sampler's, so the same setting gives the same batches from a folder.
 
 mod dir;
 mod pipe;

@@ -109,6 +109,16 @@ fn folder_s3_and_pipe_give_every_rank_identical_batches() {
             assert_eq!(distinct.len(), world, "ranks must not share a batch stream");
         }
     }
+    // Streaming order (Pipe mode's default) is a setting of the sampler, not of the source: the same from all.
+    let mut per_rank = BTreeSet::new();
+    for rank in 0..2 {
+        let a = DigestArgs { stream_window: Some(3), ..args(2, rank, true) };
+        let from_folder = digest(Arc::new(Dir::new(&folder).unwrap()), &a).unwrap();
+        assert_ne!(from_folder, digest(Arc::new(Dir::new(&folder).unwrap()), &args(2, rank, true)).unwrap());
+        assert_eq!(pipe_digest(&folder, &a), from_folder, "Pipe in streaming order, rank {rank}");
+        per_rank.insert(from_folder);
+    }
+    assert_eq!(per_rank.len(), 2, "ranks must not share a batch stream");
 }
 
 #[test]
@@ -167,14 +177,26 @@ fn token_files_from_a_folder_and_from_s3_give_every_rank_identical_batches() {
     }
 }
 
-/// After the first pass (which must arrive whole: it tells every shard's sample count), an epoch starts as soon as
-/// the shards it reads first have arrived: here the second pass holds back its last shard until the epoch's first
-/// batch is out, and the epoch still gives the first epoch's batches (no shuffling, no augmentation).
+/// After the first pass (which must arrive whole: it tells every shard's sample count), an epoch in streaming order
+/// (`stream_window`) starts as soon as the shards it reads first have arrived: here the second pass holds back its
+/// last shards until the epoch's first batch is out. The batches are those a folder gives with the same settings.
 #[test]
 fn an_epoch_after_the_first_trains_before_its_pass_has_arrived() {
     let packed = shards();
     let dir = Dir::new(packed.path().join("train")).unwrap();
     let pieces: Vec<Vec<u8>> = dir.list().unwrap().iter().map(|o| dir.read(&o.name).unwrap()).collect();
+    // One sample per shard and no sample mixing: the first batch's 2 samples are among the first 1 + 2 shards.
+    assert!(pieces.len() >= 6, "want 6 shards or more, got {}", pieces.len());
+    let config = LoaderConfig {
+        batch_size: 2,
+        workers: 2,
+        sampler: SamplerConfig { stream_window: Some(2), shuffle_buffer: 1, ..SamplerConfig::default() },
+        ..LoaderConfig::default()
+    };
+    let contents = |b: Batch| (b.inputs, b.targets);
+    let folder = Loader::open(Arc::new(dir), &DatasetOptions::default(), config.clone()).unwrap();
+    let expected: Vec<_> = folder.epoch(1).unwrap().map(|b| contents(b.unwrap())).collect();
+
     let channel = tempfile::tempdir().unwrap();
     let spool = tempfile::tempdir().unwrap();
     let fifos: Vec<PathBuf> = (0..2).map(|e| channel.path().join(format!("training_{e}"))).collect();
@@ -183,12 +205,12 @@ fn an_epoch_after_the_first_trains_before_its_pass_has_arrived() {
     }
     let (release, held) = std::sync::mpsc::channel::<()>();
     let writer = std::thread::spawn(move || {
-        let (last, first) = pieces.split_last().unwrap();
         std::fs::write(&fifos[0], pieces.concat()).unwrap();
         let mut file = std::fs::OpenOptions::new().write(true).open(&fifos[1]).unwrap();
-        file.write_all(&first.concat()).unwrap();
+        // Shard k is complete once shard k + 1 starts: shards 0..=2 are readable, the rest are not.
+        file.write_all(&pieces[..4].concat()).unwrap();
         let _ = held.recv_timeout(Duration::from_secs(30));
-        file.write_all(last).unwrap();
+        file.write_all(&pieces[4..].concat()).unwrap();
     });
     let options = PipeOptions {
         open_timeout: Duration::from_secs(30),
@@ -197,19 +219,12 @@ fn an_epoch_after_the_first_trains_before_its_pass_has_arrived() {
         max_spool_bytes: None,
     };
     let source: SharedSource = Arc::new(Pipe::new(channel.path().join("training"), &options));
-    let config = LoaderConfig {
-        batch_size: 2,
-        workers: 2,
-        sampler: SamplerConfig { shuffle: false, ..SamplerConfig::default() },
-        ..LoaderConfig::default()
-    };
     let loader = Loader::open(source, &DatasetOptions::default(), config).unwrap();
-    let contents = |b: &Batch| (b.inputs.clone(), b.targets.clone());
-    let first: Vec<_> = loader.epoch(0).unwrap().map(|b| contents(&b.unwrap())).collect();
+    assert!(loader.epoch(0).unwrap().all(|b| b.is_ok()));
     let mut second = loader.epoch(1).unwrap();
-    assert_eq!(contents(&second.next().unwrap().unwrap()), first[0], "the first batch, with the pass incomplete");
+    assert_eq!(contents(second.next().unwrap().unwrap()), expected[0], "the first batch, with the pass incomplete");
     release.send(()).unwrap();
-    let rest: Vec<_> = second.map(|b| contents(&b.unwrap())).collect();
-    assert_eq!(rest, first[1..]);
+    let rest: Vec<_> = second.map(|b| contents(b.unwrap())).collect();
+    assert_eq!(rest, expected[1..]);
     writer.join().unwrap();
 }
