@@ -27,6 +27,12 @@ pub trait BatchSource {
 
     /// Batches one full epoch yields on this rank.
     fn batches_per_epoch(&self) -> u64;
+
+    /// The sampler's stream window (shards shuffled within a window, ranks interleaved), which like the seed decides
+    /// which samples a rank reads; `None` for the full shuffle in contiguous blocks.
+    fn stream_window(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// SplitMix64: a tiny, well-mixed generator so the data order depends only on (seed, epoch), not on libtorch's

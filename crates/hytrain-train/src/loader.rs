@@ -84,4 +84,8 @@ impl BatchSource for LoaderBatches {
     fn batches_per_epoch(&self) -> u64 {
         self.samples.div_ceil(self.batch_size) as u64
     }
+
+    fn stream_window(&self) -> Option<usize> {
+        self.loader.sampler().config().stream_window
+    }
 }

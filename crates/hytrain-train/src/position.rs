@@ -1,8 +1,8 @@
 //! Where a resumed run continues: the checkpoint's data position (epoch, batches consumed) mapped onto this job's
 //! shape.
 //!
-//! The sampler gives each rank a contiguous block of the epoch's order, cut by the world size and drawn by the
-//! seed, and the loader cuts a rank's block into batches. So a mid-epoch position carries over exactly when the
+//! The sampler gives each rank a contiguous block of the epoch's order (or every world-size-th sample, with a stream
+//! window), cut by the world size and drawn by the seed and the stream window, and the loader cuts a rank's block into batches. So a mid-epoch position carries over exactly when the
 //! world size and seed are unchanged and a step takes as many samples per rank (`batch size x grad-accum`, hence
 //! the same global batch): the samples consumed are then a whole number of this job's batches. A position at the
 //! end of an epoch carries over to any shape (the next epoch starts from its beginning). Any other mid-epoch
@@ -20,6 +20,8 @@ pub(crate) struct Shape {
     pub batch_size: u64,
     pub grad_accum: u64,
     pub seed: u64,
+    /// The sampler's stream window, 0 for none.
+    pub stream_window: u64,
     /// Batches per rank and epoch that whole steps take.
     pub batches_per_epoch: u64,
 }
@@ -31,6 +33,7 @@ impl Shape {
         position.insert("batch_size".into(), self.batch_size.into());
         position.insert("grad_accum".into(), self.grad_accum.into());
         position.insert("batches_per_epoch".into(), self.batches_per_epoch.into());
+        position.insert("stream_window".into(), self.stream_window.into());
     }
 
     /// The shape a checkpoint was written by; `None` for one written before hytrain recorded it.
@@ -42,17 +45,21 @@ impl Shape {
             batch_size: get("batch_size")?,
             grad_accum: get("grad_accum")?,
             seed: meta.rng.seed,
+            // Checkpoints from before the stream window read their data in the full shuffle.
+            stream_window: get("stream_window").unwrap_or(0),
             batches_per_epoch: get("batches_per_epoch")?,
         })
     }
 
     /// What differs from `now`, as `world size 2, this job 1` items.
     fn changes(&self, now: &Shape) -> Vec<String> {
+        let window = |w: u64| if w == 0 { "off".to_owned() } else { w.to_string() };
         [
-            ("world size", self.world_size, now.world_size),
-            ("batch size", self.batch_size, now.batch_size),
-            ("grad-accum", self.grad_accum, now.grad_accum),
-            ("seed", self.seed, now.seed),
+            ("world size", self.world_size.to_string(), now.world_size.to_string()),
+            ("batch size", self.batch_size.to_string(), now.batch_size.to_string()),
+            ("grad-accum", self.grad_accum.to_string(), now.grad_accum.to_string()),
+            ("seed", self.seed.to_string(), now.seed.to_string()),
+            ("stream window", window(self.stream_window), window(now.stream_window)),
         ]
         .into_iter()
         .filter(|(_, was, is)| was != is)
@@ -104,6 +111,7 @@ pub(crate) fn continue_from(meta: &CheckpointMeta, path: &Path, now: &Shape, res
     let samples = batches * saved.batch_size;
     if saved.world_size == now.world_size
         && saved.seed == now.seed
+        && saved.stream_window == now.stream_window
         && same_step
         && samples.is_multiple_of(now.batch_size)
     {
@@ -132,9 +140,9 @@ pub(crate) fn continue_from(meta: &CheckpointMeta, path: &Path, now: &Shape, res
         path: path.to_path_buf(),
         detail: format!(
             "written by a job of another shape ({}) at {at}, a position that cannot be mapped onto this job (which \
-             samples a rank reads depends on the world size and seed, and a step must take as many samples per \
-             rank); run with the checkpoint's shape to continue exactly, pass --restart-epoch-on-change to start \
-             epoch {} over with this shape, or --no-resume to start afresh",
+             samples a rank reads depends on the world size, seed and stream window, and a step must take as many \
+             samples per rank); run with the checkpoint's shape to continue exactly, pass --restart-epoch-on-change \
+             to start epoch {} over with this shape, or --no-resume to start afresh",
             changes.join("; "),
             epoch + 1
         ),
@@ -148,7 +156,7 @@ mod tests {
     use crate::schedule::Schedule;
 
     fn shape(world_size: u64, batch_size: u64, grad_accum: u64, batches_per_epoch: u64) -> Shape {
-        Shape { world_size, batch_size, grad_accum, seed: 1, batches_per_epoch }
+        Shape { world_size, batch_size, grad_accum, seed: 1, stream_window: 0, batches_per_epoch }
     }
 
     fn meta(saved: &Shape, epoch: u64, batches: u64) -> CheckpointMeta {
@@ -202,6 +210,8 @@ mod tests {
         assert_eq!(at(&m, &shape(1, 64, 1, 23), true).unwrap(), Continue { step: 40, epoch: 3, start_batch: 0 });
         let reseeded = Shape { seed: 2, ..shape(2, 32, 1, 23) };
         assert!(at(&m, &reseeded, false).unwrap_err().to_string().contains("seed 1, this job 2"));
+        let streamed = Shape { stream_window: 16, ..shape(2, 32, 1, 23) };
+        assert!(at(&m, &streamed, false).unwrap_err().to_string().contains("stream window off, this job 16"));
     }
 
     #[test]

@@ -304,6 +304,7 @@ impl Trainer {
             batch_size: config.batch_size as u64,
             grad_accum: accum,
             seed: config.seed,
+            stream_window: train.stream_window().map_or(0, |w| w as u64),
             batches_per_epoch: steps_per_epoch * accum,
         };
         let mut run = Run {
