@@ -25,16 +25,18 @@ pub mod commands;
 pub mod logging;
 pub mod watchdog;
 
-/// What the communication layer needs to know of a plan: who this rank is and where the master's store listens.
+/// What the communication layer needs to know of a plan: who this rank is and where the rendezvous store listens
+/// (rank 0's, at the master, or an external one; [`comm::CommOptions::external_store`] says which).
 pub fn membership(plan: &cluster::Plan) -> comm::Membership {
     let t = &plan.topology;
+    let (store_addr, store_port) = plan.rendezvous.endpoint(t);
     comm::Membership {
         rank: t.rank,
         world_size: t.world_size,
         local_rank: t.local_rank,
         local_world_size: t.local_world_size,
-        master_addr: plan.address_of(&t.master_addr),
-        master_port: t.master_port,
+        master_addr: plan.address_of(store_addr),
+        master_port: store_port,
     }
 }
 

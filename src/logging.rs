@@ -37,6 +37,11 @@ pub fn set_node(node_rank: usize, nnodes: usize, host: &str) {
     let _ = WHO.set(format!("launch node {node_rank}/{nnodes} {host}"));
 }
 
+/// Tags every following log line of a standalone rendezvous store with the host it runs on.
+pub fn set_store(host: &str) {
+    let _ = WHO.set(format!("rendezvous store {host}"));
+}
+
 struct RankFormat;
 
 impl<S, N> FormatEvent<S, N> for RankFormat

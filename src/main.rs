@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use hytrain::cluster::{self, Env};
 use hytrain::comm::recorder::FlightRecorder;
 use hytrain::comm::CommOptions;
-use hytrain::commands::{checkpoint, data, doctor, explain, launch, parse_deadline, parse_seconds, parse_size, train};
+use hytrain::commands::{
+    checkpoint, data, doctor, explain, launch, parse_deadline, parse_seconds, parse_size, rendezvous, train,
+};
 
 #[derive(Parser)]
 #[command(name = "hytrain", version, about = "Data-parallel training on libtorch for Kubeflow, SageMaker and laptops")]
@@ -84,6 +86,12 @@ enum Command {
     /// Checkpoints: consolidate a sharded one into one file.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
+    /// Run the job's rendezvous store on its own (workers join it through --rendezvous-endpoint,
+    /// HYTRAIN_RENDEZVOUS_ENDPOINT or PET_RDZV_ENDPOINT), so that losing any worker, rank 0 included, leaves it
+    /// standing; it serves run after run of the job until SIGTERM or SIGINT. The job token comes from the same
+    /// variables as the workers' (HYTRAIN_JOB_TOKEN, HYTRAIN_JOB_TOKEN_FILE, TRAINING_JOB_ARN, or the run id
+    /// TORCHELASTIC_RUN_ID, PET_RDZV_ID, TRAINING_JOB_NAME).
+    Rendezvous(rendezvous::RendezvousArgs),
     /// Read the ranks' flight recorder dumps after a hang or a loss (`rank-N.json`, written to `flight-recorder/`
     /// in the output folder) and name the collective each rank was in and the rank that was behind.
     FlightRecorder {
@@ -150,10 +158,6 @@ enum DataCommand {
         /// At most this many samples per epoch.
         #[arg(long)]
         max_samples: Option<usize>,
-        /// Streaming order, as training uses for a Pipe channel: shards shuffled within a window of N, ranks
-        /// interleaved; `off` shuffles all shards [default: off].
-        #[arg(long, value_name = "N|off")]
-        stream_window: Option<String>,
         /// Skip samples that do not decode (counted) instead of failing.
         #[arg(long)]
         skip_bad_samples: bool,
@@ -277,11 +281,6 @@ struct TrainJobArgs {
     /// At most this many training samples per epoch, all ranks together.
     #[arg(long, env = "HYTRAIN_MAX_SAMPLES")]
     max_samples: Option<String>,
-    /// Read the training data in streaming order: shards shuffled only within a window of N (as WebDataset's
-    /// shardshuffle), ranks interleaved, so an epoch starts once its first shards arrive; `off` shuffles all
-    /// shards [default: 16 for a SageMaker Pipe channel, else off].
-    #[arg(long, value_name = "N|off", env = "HYTRAIN_STREAM_WINDOW")]
-    stream_window: Option<String>,
     /// Skip (and count) samples that do not decode instead of failing.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", env = "HYTRAIN_SKIP_BAD_SAMPLES")]
     skip_bad_samples: Option<String>,
@@ -331,7 +330,6 @@ impl TrainJobArgs {
             crop_padding: self.crop_padding,
             drop_last: self.drop_last,
             max_samples: self.max_samples,
-            stream_window: self.stream_window,
             skip_bad_samples: self.skip_bad_samples,
             workers: self.workers,
             model_dir: self.model_dir,
@@ -362,9 +360,23 @@ struct CommArgs {
     /// ring (TCP between all ranks) or shm (shared memory, failing at start-up if it cannot be set up).
     #[arg(long, env = "HYTRAIN_COMM_TRANSPORT", default_value = "auto")]
     comm_transport: hytrain::comm::Transport,
+    /// HOST:PORT of a standalone rendezvous store (`hytrain rendezvous`) that every rank, rank 0 included, joins
+    /// as a client, so that losing rank 0 no longer ends the job's view of its ranks [default:
+    /// HYTRAIN_RENDEZVOUS_ENDPOINT, else Kubeflow's PET_RDZV_ENDPOINT, else rank 0 hosts the store].
+    #[arg(long)]
+    rendezvous_endpoint: Option<String>,
 }
 
 impl CommArgs {
+    /// `plan` with the store --rendezvous-endpoint names, when given.
+    fn plan(&self, plan: &cluster::Plan) -> anyhow::Result<cluster::Plan> {
+        let mut plan = plan.clone();
+        if let Some(endpoint) = &self.rendezvous_endpoint {
+            plan.rendezvous = cluster::Rendezvous::external("--rendezvous-endpoint", endpoint)?;
+        }
+        Ok(plan)
+    }
+
     fn options(&self, plan: &cluster::Plan) -> CommOptions {
         CommOptions {
             rendezvous_timeout: self.rendezvous_timeout,
@@ -372,6 +384,7 @@ impl CommArgs {
             peer_timeout: self.peer_timeout,
             job_token: Some(plan.job_token.clone()),
             transport: self.comm_transport,
+            external_store: plan.rendezvous.is_external(),
             ..CommOptions::default()
         }
     }
@@ -395,6 +408,12 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     let env = Env::from_process();
+    if let Command::Rendezvous(args) = &command {
+        // The store is no worker: it has no plan of its own to detect.
+        hytrain::logging::set_store(env.get("HOSTNAME").unwrap_or("localhost"));
+        rendezvous::serve(&env, args)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let plan = match cluster::detect_from(&env) {
         Ok(plan) => plan,
         Err(e) => {
@@ -420,6 +439,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }
         Command::Doctor { sizes, iters, json, comm } => {
+            let plan = comm.plan(&plan)?;
             let report = doctor::run(&plan, &doctor::DoctorArgs { sizes, iters, comm: comm.options(&plan) })?;
             if plan.topology.rank == 0 {
                 if json {
@@ -432,10 +452,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Train(train) => {
             let TrainCommand { job, config, comm } = *train;
+            let plan = comm.plan(&plan)?;
             let args = train::TrainArgs { config, job: job.flags(), comm: comm.options(&plan) };
             run_train(&plan, &env, &args)
         }
         Command::Data(command) => run_data(&plan, command),
+        Command::Rendezvous(_) => unreachable!("the store is served before any plan is detected"),
         Command::FlightRecorder { dir } => {
             let dir = if dir.join("flight-recorder").is_dir() { dir.join("flight-recorder") } else { dir };
             let dumps = hytrain::comm::recorder::read_dumps(&dir).map_err(anyhow::Error::msg)?;
@@ -554,7 +576,6 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
             split,
             drop_last,
             max_samples,
-            stream_window,
             skip_bad_samples,
             tokens,
         } => {
@@ -572,12 +593,6 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
                 split,
                 remainder: data::remainder(drop_last),
                 max_samples,
-                stream_window: match stream_window {
-                    Some(text) => {
-                        data::parse_stream_window(&text).map_err(|e| anyhow::anyhow!("--stream-window: {e}"))?
-                    }
-                    None => None,
-                },
                 skip_bad_samples,
                 context_length: tokens.context_length,
                 token_dtype: tokens.token_dtype,

@@ -6,6 +6,7 @@ pub mod device;
 pub mod doctor;
 pub mod explain;
 pub mod launch;
+pub mod rendezvous;
 pub mod train;
 
 use std::time::Duration;

@@ -20,5 +20,6 @@ mod multiprocess;
 mod platform_contract;
 mod resume;
 mod security;
+mod standalone_store;
 mod train_cli;
 mod train_exported;

@@ -128,7 +128,7 @@ fn hostile_clients_at_the_rendezvous_port_change_nothing_and_no_log_shows_the_to
     garbage.write_all(&[0xAB; 4096]).unwrap();
     assert!(closed_by_server(&mut garbage), "garbage was not dropped");
     let mut huge = connect_when_listening(port);
-    let mut frame = b"HYTSTOR2".to_vec();
+    let mut frame = b"HYTSTOR3".to_vec();
     frame.extend_from_slice(&u64::MAX.to_le_bytes());
     huge.write_all(&frame).unwrap();
     assert!(closed_by_server(&mut huge), "a huge length prefix was not dropped");

@@ -149,7 +149,7 @@ pub(crate) fn unauthenticated_clients(dir: &Path, _rng: &mut Rng) -> Result<Outc
         return Err("garbage at the rendezvous port was not dropped".into());
     }
     let mut forger = TcpStream::connect(("127.0.0.1", job.port)).map_err(|e| e.to_string())?;
-    let mut hello = b"HYTSTOR2".to_vec();
+    let mut hello = b"HYTSTOR3".to_vec();
     hello.extend_from_slice(&7u64.to_le_bytes());
     hello.extend_from_slice(b"hytrain");
     hello.extend_from_slice(&[7u8; 32]);

@@ -46,9 +46,10 @@ pub fn worker_env(worker: &Topology, parent: &Env) -> Vec<(String, String)> {
 
 /// The variables `hytrain launch` adds for its workers: a fresh random token, when the job runs on this one node
 /// only (so every rank is a child of this launcher) and no secret was configured; nothing otherwise. A job that
-/// spans nodes cannot share a random value this way, so it keeps its configured or derived token.
+/// spans nodes cannot share a random value this way, so it keeps its configured or derived token; so does a job
+/// whose store runs outside (`hytrain rendezvous` could not know a token made up here).
 pub fn launch_token_env(plan: &Plan) -> Result<Vec<(String, String)>, std::io::Error> {
-    if plan.job_token.source.is_secret() || plan.topology.nnodes != 1 {
+    if plan.job_token.source.is_secret() || plan.topology.nnodes != 1 || plan.rendezvous.is_external() {
         return Ok(Vec::new());
     }
     let mut bytes = [0u8; 32];
@@ -125,5 +126,7 @@ mod tests {
         let multi_node =
             plan_of(&[("PET_NNODES", "2"), ("PET_NODE_RANK", "1"), ("PET_MASTER_ADDR", "job-node-0-0.job")]).unwrap();
         assert!(launch_token_env(&multi_node).unwrap().is_empty());
+        let external_store = plan_of(&[(crate::RENDEZVOUS_ENDPOINT_VAR, "127.0.0.1:29400")]).unwrap();
+        assert!(launch_token_env(&external_store).unwrap().is_empty());
     }
 }

@@ -123,6 +123,7 @@ mod launcher;
 mod parse;
 mod plan;
 mod platform;
+mod rendezvous;
 mod token;
 mod topology;
 
@@ -134,7 +135,10 @@ pub use launcher::{Launcher, HYTRAIN_LAUNCH_MARK};
 pub use plan::{Distribution, InstanceGroup, Paths, Plan, SageMaker};
 pub use platform::sagemaker::SAGEMAKER_DEFAULT_MASTER_PORT;
 pub use platform::{Platform, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, DEFAULT_SM_ROOT, LOCAL_OUT_DIR};
-pub use token::{JobToken, TokenSource, LAUNCH_ORIGIN, MIN_TOKEN_BYTES, TOKEN_FILE_VAR, TOKEN_ORIGIN_VAR, TOKEN_VAR};
+pub use rendezvous::{Rendezvous, DEFAULT_RENDEZVOUS_PORT, RENDEZVOUS_ENDPOINT_VAR};
+pub use token::{
+    store_token, JobToken, TokenSource, LAUNCH_ORIGIN, MIN_TOKEN_BYTES, TOKEN_FILE_VAR, TOKEN_ORIGIN_VAR, TOKEN_VAR,
+};
 pub use topology::Topology;
 
 /// Detects the plan of this process from its real environment; the SageMaker root is `$HYTRAIN_SM_ROOT` or
@@ -166,6 +170,7 @@ pub fn detect_from(env: &Env) -> Result<Plan, DetectError> {
         Platform::Torchrun | Platform::Mpi | Platform::Local => platform::local::plan(env, platform, launcher)?,
     };
     plan.host_aliases = parse::host_aliases(env)?;
+    plan.rendezvous = rendezvous::detect(env, platform, &plan.topology)?;
     let job_arn = plan.sagemaker.as_ref().and_then(|s| s.job_arn.as_deref());
     plan.job_token = token::detect(env, launcher, job_arn)?;
     Ok(plan)

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::channel::Channel;
 use crate::launcher::Launcher;
 use crate::platform::Platform;
+use crate::rendezvous::Rendezvous;
 use crate::token::JobToken;
 use crate::topology::Topology;
 
@@ -39,6 +40,9 @@ pub struct Plan {
     /// The secret ranks authenticate each other with; serialized and displayed as its source only.
     #[serde(default)]
     pub job_token: JobToken,
+    /// Where the rendezvous store runs: in global rank 0, or outside at an endpoint every rank joins.
+    #[serde(default)]
+    pub rendezvous: Rendezvous,
 }
 
 impl Plan {
@@ -147,6 +151,7 @@ impl fmt::Display for Plan {
             t.rank, t.world_size, t.local_rank, t.local_world_size, t.node_rank, t.nnodes
         )?;
         writeln!(f, "master:          {}", t.master_endpoint())?;
+        writeln!(f, "rendezvous:      {}", self.rendezvous)?;
         writeln!(f, "job token:       {}", self.job_token.source)?;
         writeln!(f, "current host:    {}", t.current_host)?;
         if !t.hosts.is_empty() {

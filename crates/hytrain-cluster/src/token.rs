@@ -168,14 +168,34 @@ pub(crate) fn detect(env: &Env, launcher: Launcher, job_arn: Option<&str>) -> Re
     }
 }
 
+/// The token a standalone rendezvous store (`hytrain rendezvous`) must hold to let this job's workers in, found in
+/// `env` as the workers find theirs: `HYTRAIN_JOB_TOKEN`, the file `HYTRAIN_JOB_TOKEN_FILE` names, a value derived
+/// from SageMaker's `TRAINING_JOB_ARN`, else the default derived from the run id the workers share
+/// (`TORCHELASTIC_RUN_ID`, `PET_RDZV_ID` or `TRAINING_JOB_NAME`). With none of these the store could not hold the
+/// workers' token, so that is an error saying what to set.
+pub fn store_token(env: &Env) -> Result<JobToken, DetectError> {
+    let token = detect(env, Launcher::None, env.value("TRAINING_JOB_ARN"))?;
+    if token.source == TokenSource::Default && RUN_ID_VARS.iter().all(|v| env.value(v).is_none()) {
+        return Err(DetectError::Missing {
+            var: TOKEN_VAR.into(),
+            hint: format!(
+                "the rendezvous store must hold the workers' job token: give it the same {TOKEN_VAR} or \
+                 {TOKEN_FILE_VAR} as the workers, or the run id their default token derives from ({})",
+                RUN_ID_VARS.join(", ")
+            ),
+        });
+    }
+    Ok(token)
+}
+
+/// The run ids a default token derives from, first found first.
+const RUN_ID_VARS: [&str; 3] = ["TORCHELASTIC_RUN_ID", "PET_RDZV_ID", "TRAINING_JOB_NAME"];
+
 /// What every rank of a job without a configured token agrees on: the launcher's run id where there is one. Kept
 /// free of anything a misconfigured rank could disagree on (world size, master address), so that such a rank gets
 /// the error about that and not a token mismatch.
 fn default_identity(env: &Env) -> String {
-    let run = ["TORCHELASTIC_RUN_ID", "PET_RDZV_ID", "TRAINING_JOB_NAME"]
-        .iter()
-        .find_map(|v| env.value(v).map(|id| format!("{v}={id}")))
-        .unwrap_or_default();
+    let run = RUN_ID_VARS.iter().find_map(|v| env.value(v).map(|id| format!("{v}={id}"))).unwrap_or_default();
     format!("hytrain-default-job-token;{run}")
 }
 
@@ -340,6 +360,42 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(plan.job_token.source, TokenSource::Launch);
         assert!(!plan.to_string().contains(SECRET));
+    }
+
+    #[test]
+    fn a_standalone_store_derives_the_same_token_as_the_workers_from_the_same_variables() {
+        let worker = |pairs: &[(&str, &str)]| {
+            // A pod of a Kubeflow job, which reads as a torchrun worker once TORCHELASTIC_RUN_ID is set.
+            let mut env = vec![
+                ("PET_NNODES", "2"),
+                ("PET_NODE_RANK", "1"),
+                ("PET_MASTER_ADDR", "job-node-0-0.job"),
+                ("RANK", "1"),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_RANK", "0"),
+                ("LOCAL_WORLD_SIZE", "1"),
+                ("GROUP_RANK", "1"),
+            ];
+            env.extend_from_slice(pairs);
+            plan_of(&env).unwrap().job_token
+        };
+        for shared in [[(TOKEN_VAR, SECRET)], [("PET_RDZV_ID", "job-7")], [("TORCHELASTIC_RUN_ID", "run-3")]] {
+            let store = store_token(&Env::from_pairs(shared)).unwrap();
+            let theirs = worker(&shared);
+            assert_eq!((store.source.clone(), store.secret()), (theirs.source.clone(), theirs.secret()), "{shared:?}");
+        }
+    }
+
+    #[test]
+    fn a_standalone_store_without_a_token_or_run_id_refuses_to_start_saying_what_to_set() {
+        let e = store_token(&Env::default()).unwrap_err().to_string();
+        assert!(
+            e.starts_with("HYTRAIN_JOB_TOKEN is not set; the rendezvous store must hold the workers' job token"),
+            "{e}"
+        );
+        assert!(e.contains("TORCHELASTIC_RUN_ID, PET_RDZV_ID, TRAINING_JOB_NAME"), "{e}");
+        let e = store_token(&Env::from_pairs([(TOKEN_VAR, "short")])).unwrap_err().to_string();
+        assert!(e.contains("the job token holds only 5 bytes"), "{e}");
     }
 
     #[test]

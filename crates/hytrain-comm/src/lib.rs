@@ -84,6 +84,7 @@ pub use backend::ring::{Ring, DEFAULT_SEGMENT_BYTES};
 pub use error::{CommError, RankList};
 pub use rendezvous::client::Store;
 pub use rendezvous::liveness::{Liveness, LostRank};
+pub use rendezvous::standalone::StandaloneStore;
 pub use transport::{connect, Transport};
 
 /// Entry points for the fuzz targets (`fuzz/`) and the tests that replay their corpus: decoders run on arbitrary
@@ -168,6 +169,10 @@ pub struct CommOptions {
     /// How ranks exchange data: by default ([`Transport::Auto`]) through shared memory between the processes of
     /// a node (and a ring among the nodes' local rank 0s) whenever ranks share a node, else the TCP ring.
     pub transport: Transport,
+    /// Whether the store runs outside this job's ranks (a standalone `hytrain rendezvous`, or a pod of the job
+    /// other than this process's): every rank, rank 0 included, then joins it at `master_addr:master_port` as a
+    /// client, and losing rank 0 is a loss like any other. `false` (the default): global rank 0 hosts it.
+    pub external_store: bool,
 }
 
 impl CommOptions {
@@ -200,6 +205,7 @@ impl Default for CommOptions {
             job_id: "hytrain".into(),
             job_token: None,
             transport: Transport::Auto,
+            external_store: false,
         }
     }
 }
@@ -411,6 +417,7 @@ pub(crate) mod testutil {
             job_id: "test".into(),
             job_token: None,
             transport: Transport::Auto,
+            external_store: false,
         }
     }
 }

@@ -129,6 +129,7 @@ impl FailingCollective {
                 rank,
                 host: "127.0.0.1".into(),
                 cause: format!("injected by FailingCollective at call {call} ({name})"),
+                store: false,
             }),
             Fault::Timeout { rank } => CommError::Timeout { rank, during: name, secs: 0 },
         })

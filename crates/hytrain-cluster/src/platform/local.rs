@@ -99,5 +99,6 @@ pub(crate) fn assemble(
         notes,
         host_aliases: BTreeMap::new(),
         job_token: Default::default(),
+        rendezvous: Default::default(),
     }
 }

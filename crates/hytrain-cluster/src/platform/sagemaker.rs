@@ -579,6 +579,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
         notes,
         host_aliases: BTreeMap::new(),
         job_token: Default::default(),
+        rendezvous: Default::default(),
     })
 }
 

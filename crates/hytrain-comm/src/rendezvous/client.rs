@@ -2,20 +2,22 @@
 //!
 //! [`Store::rendezvous`] connects (retrying DNS and connection until the rendezvous timeout), proves the job token,
 //! registers the rank, opens the rank's liveness watch and waits until every rank has joined. Global rank 0 also
-//! starts the [`Server`] in its own process first and talks to it over loopback like any other rank.
+//! starts the [`Server`] in its own process first and talks to it over loopback like any other rank, unless the
+//! store runs outside ([`CommOptions::external_store`]), when rank 0 joins it as a client like the others.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hytrain_cluster::JobToken;
 
 use super::auth::{self, Handshake};
-use super::liveness::{self, Liveness, LostRank, WatchHost, VERDICT_WAIT};
+use super::liveness::{self, Liveness, StoreSide, WatchHost, VERDICT_WAIT};
 use super::protocol::*;
-use super::server::Server;
+use super::server::{Server, World};
 use super::wire::*;
 use crate::error::RankList;
 use crate::{CommError, CommOptions, Membership};
@@ -42,6 +44,8 @@ struct Inner {
     opts: CommOptions,
     local_ip: IpAddr,
     master_ip: IpAddr,
+    /// Whether global rank 0's process hosts the store, as the store said when this rank joined.
+    in_rank_zero: AtomicBool,
     /// How many times each named sequence (a barrier name, ring set-up) was used by this process; every rank uses
     /// them in the same order, so the count tells the ranks apart from earlier rounds without any coordination.
     generations: Mutex<HashMap<String, u64>>,
@@ -51,7 +55,7 @@ struct Inner {
     _server: Option<Server>,
 }
 
-/// A connection to the job's rendezvous store, hosted in-process by global rank 0.
+/// A connection to the job's rendezvous store, hosted in-process by global rank 0 or running on its own.
 ///
 /// Cheap to clone; clones share one connection, so requests from several threads are served one at a time (a
 /// blocking `get` holds the connection until it returns). Every key is prefixed with the job id.
@@ -83,11 +87,14 @@ impl Store {
     /// A job of one rank has no one to meet at `master_port`, so its store listens on a port the system picks:
     /// two single-process jobs on one machine (two notebooks' runs, a test beside a job) never clash over the
     /// default port 29500.
+    ///
+    /// With [`CommOptions::external_store`], no rank hosts the store: every rank, rank 0 included, joins the store
+    /// at `master_addr:master_port` (a standalone `hytrain rendezvous`), and losing rank 0 is a loss like any other.
     pub fn rendezvous(m: &Membership, opts: &CommOptions) -> Result<Store, CommError> {
         m.validate()?;
         opts.validate()?;
         let started = Instant::now();
-        if m.rank != 0 {
+        if m.rank != 0 || opts.external_store {
             return Store::join(m, opts, None, started);
         }
         let token = opts.token();
@@ -95,8 +102,8 @@ impl Store {
             warn_unconfigured_once();
         }
         let alone = m.world_size == 1;
-        let server =
-            Server::start(listen_only_on(m), if alone { 0 } else { m.master_port }, &opts.job_id, m.world_size, token)?;
+        let port = if alone { 0 } else { m.master_port };
+        let server = Server::start(listen_only_on(m), port, &opts.job_id, World::Fixed(m.world_size), token)?;
         if alone {
             let m = Membership { master_port: server.port(), ..m.clone() };
             return Store::join(&m, opts, Some(server), started);
@@ -144,6 +151,7 @@ impl Store {
                 opts: opts.clone(),
                 local_ip,
                 master_ip,
+                in_rank_zero: AtomicBool::new(true),
                 generations: Mutex::new(HashMap::new()),
                 liveness: None,
                 _server: server,
@@ -182,11 +190,14 @@ impl Store {
         put_u64(&mut frame, i.rank as u64);
         put_u64(&mut frame, i.world_size as u64);
         let status = self.call("rendezvous", &frame, i.opts.collective_timeout, |st, r| match st {
-            ST_OK => Ok(Ok(())),
+            ST_OK => Ok(Ok(get_u8(r)? != 0)),
             _ => Ok(Err(String::from_utf8_lossy(&get_bytes(r)?).into_owned())),
         })?;
-        if let Err(detail) = status {
-            return Err(CommError::Rejected { rank: i.rank, host: i.host.clone(), port: i.port, detail });
+        match status {
+            Ok(in_rank_zero) => i.in_rank_zero.store(in_rank_zero, Ordering::SeqCst),
+            Err(detail) => {
+                return Err(CommError::Rejected { rank: i.rank, host: i.host.clone(), port: i.port, detail });
+            }
         }
         tracing::debug!(rank = i.rank, "joined the rendezvous; waiting for the other ranks");
         Ok(())
@@ -204,12 +215,9 @@ impl Store {
         let i = &self.inner;
         // The master answered this rank's join a moment ago; if it cannot be reached now, it is gone.
         let deadline = deadline.min(Instant::now() + i.opts.peer_timeout / 2);
+        let side = self.store_side();
         let mut stream = connect_with_retry(m, &i.opts, hosts, started, deadline).map_err(|e| {
-            CommError::RankLost(LostRank {
-                rank: 0,
-                host: endpoint(&i.host, i.port),
-                cause: format!("the rendezvous store it hosts stopped answering during the rendezvous ({e})"),
-            })
+            CommError::RankLost(side.lost(&format!("stopped answering during the rendezvous ({e})"), None))
         })?;
         let failed = |detail: String| self.store_error("watch", detail);
         let answer = (|| -> io::Result<Result<(), String>> {
@@ -220,10 +228,21 @@ impl Store {
                 _ => Err(String::from_utf8_lossy(&get_bytes_max(&mut stream, auth::MAX_REASON)?).into_owned()),
             })
         })()
-        .map_err(|e| failed(describe_io(&e, i.opts.collective_timeout)))?;
+        .map_err(|e| failed(describe_io(&e, i.opts.collective_timeout, self.store_in_rank_zero())))?;
         answer.map_err(failed)?;
-        Liveness::start(stream, i.rank, i.world_size, i.opts.peer_timeout, endpoint(&i.host, i.port), server)
+        Liveness::start(stream, i.rank, i.world_size, i.opts.peer_timeout, side, server)
             .map_err(|e| failed(format!("cannot start the watch: {e}")))
+    }
+
+    /// Where the store runs, for the verdict when it goes away.
+    fn store_side(&self) -> StoreSide {
+        StoreSide { endpoint: endpoint(&self.inner.host, self.inner.port), in_rank_zero: self.store_in_rank_zero() }
+    }
+
+    /// Whether global rank 0's process hosts the store (else it runs on its own), as the store said when this
+    /// rank joined. Rank 0 then reached it over loopback, so its peers reach rank 0 at the master's address.
+    pub(crate) fn store_in_rank_zero(&self) -> bool {
+        self.inner.in_rank_zero.load(Ordering::SeqCst)
     }
 
     /// Waits until every rank has registered.
@@ -458,7 +477,7 @@ impl Store {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(lost)) => Err(CommError::RankLost(lost)),
             Err(e) => {
-                let detail = describe_io(&e, answer_within);
+                let detail = describe_io(&e, answer_within, self.store_in_rank_zero());
                 conn.broken = Some(detail.clone());
                 // The watch may already know why the connection broke.
                 match self.liveness().and_then(|l| l.wait_lost(Some(VERDICT_WAIT))) {
@@ -470,14 +489,22 @@ impl Store {
     }
 }
 
-fn describe_io(e: &io::Error, waited: Duration) -> String {
+/// What an I/O error on the store connection means; `in_rank_zero`: whether rank 0's process hosts the store.
+fn describe_io(e: &io::Error, waited: Duration, in_rank_zero: bool) -> String {
     match e.kind() {
         io::ErrorKind::UnexpectedEof
         | io::ErrorKind::ConnectionReset
         | io::ErrorKind::ConnectionAborted
-        | io::ErrorKind::BrokenPipe => "connection closed by the master (lost rank 0: it exited or was killed)".into(),
+        | io::ErrorKind::BrokenPipe => {
+            if in_rank_zero {
+                "connection closed by the master (lost rank 0: it exited or was killed)".into()
+            } else {
+                "connection closed by the rendezvous store (its process exited or was killed)".into()
+            }
+        }
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-            format!("no answer within {} s (is rank 0 stuck?)", waited.as_secs())
+            let who = if in_rank_zero { "rank 0" } else { "the rendezvous store" };
+            format!("no answer within {} s (is {who} stuck?)", waited.as_secs())
         }
         _ => e.to_string(),
     }

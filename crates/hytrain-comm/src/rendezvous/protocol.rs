@@ -12,8 +12,9 @@ use std::time::Duration;
 use super::auth::NONCE_LEN;
 use super::wire::*;
 
-/// Version 2 of the store protocol: every connection starts with the job-token handshake (see `auth`).
-pub(crate) const HELLO: &[u8; 8] = b"HYTSTOR2";
+/// Version 3 of the store protocol: every connection starts with the job-token handshake (see `auth`); a join
+/// is answered with whether rank 0's process hosts the store, and a loss notice says whether the store was lost.
+pub(crate) const HELLO: &[u8; 8] = b"HYTSTOR3";
 /// Longest job id a client may send before it has authenticated.
 pub(crate) const MAX_JOB_ID: usize = 4096;
 /// Most keys one wait request may name: a rank waits for one key per rank at most.
@@ -24,6 +25,7 @@ pub(crate) const OP_GET: u8 = 2;
 pub(crate) const OP_ADD: u8 = 3;
 pub(crate) const OP_WAIT: u8 = 4;
 pub(crate) const OP_SET_IF_ABSENT: u8 = 5;
+/// Registers a rank; answered `ST_OK` and one byte, 1 when global rank 0's process hosts the store.
 pub(crate) const OP_JOIN: u8 = 6;
 pub(crate) const OP_AWAIT_JOINED: u8 = 7;
 /// Turns the connection into a liveness watch of one rank (see `liveness`).

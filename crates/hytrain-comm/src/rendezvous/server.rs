@@ -5,8 +5,14 @@
 //! soon as the condition holds, the client's deadline passes or the job loses a rank, so no rank polls. Nothing a
 //! client sends is acted on before it has proved it holds the job token.
 //!
-//! The server knows nothing of the client: it is started with [`Server::start`] and serves whoever connects, so a
-//! store that runs on its own (outside any rank) needs only a binary around it.
+//! The server knows nothing of the client: it is started with [`Server::start`] and serves whoever connects. Rank
+//! 0 hosts it for one run of its job, of a world size it knows ([`World::Fixed`]). A store that runs on its own
+//! (`hytrain rendezvous`, [`World::FromJoiners`]) outlives the runs it serves, so it serves them in *rounds*: the
+//! first rank to join a round sets its world size (the others must say the same), and the first join after a
+//! round is over (a rank was lost, or every rank left) begins the next one with an empty key space. Each
+//! connection belongs to the round its rank joined; once that round is over, its requests are answered with the
+//! round's loss, and its liveness watch can no longer touch the new round, so nothing of an old run leaks into a
+//! new one.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, BufReader, BufWriter, Write};
@@ -22,6 +28,7 @@ use super::auth::{self, Handshake};
 use super::liveness::{self, LostRank, WatchHost, Watches};
 use super::protocol::*;
 use super::wire::*;
+use crate::error::RankList;
 use crate::net::bind_any;
 use crate::CommError;
 
@@ -33,9 +40,23 @@ const MAX_HANDSHAKES: usize = 256;
 /// How often the accept loop checks whether the store was dropped.
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 
+/// Where a round's world size comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum World {
+    /// Rank 0's store: one run of this many ranks.
+    Fixed(usize),
+    /// A store of its own: each round takes the world size of the first rank that joins it.
+    FromJoiners,
+}
+
 struct ServerState {
     kv: HashMap<String, Vec<u8>>,
     job_id: String,
+    world: World,
+    /// The current round (always 0 for a [`World::Fixed`] store).
+    round: u64,
+    /// How the previous round ended, for requests of its ranks that come late.
+    ended: Option<LostRank>,
     world_size: usize,
     joined: BTreeSet<usize>,
     /// Connections that failed the token check, and where the last one came from, for the rendezvous error.
@@ -51,6 +72,43 @@ struct Shared {
     token: JobToken,
     /// Connections now in the handshake.
     handshakes: AtomicUsize,
+}
+
+impl ServerState {
+    /// Whether the current round is over or not yet begun, so that the next join begins a new one.
+    fn round_over(&self) -> bool {
+        self.joined.is_empty() || self.watches.lost().is_some() || self.watches.all_left(self.world_size)
+    }
+
+    /// Begins the next round, of `world_size` ranks, forgetting everything of the one before.
+    fn begin_round(&mut self, world_size: usize) {
+        self.ended = self.watches.lost().cloned();
+        self.round += 1;
+        self.world_size = world_size;
+        self.kv.clear();
+        self.joined.clear();
+        self.watches = Watches::default();
+        tracing::info!(round = self.round, world_size, job = %self.job_id, "rendezvous store: a new round begins");
+    }
+
+    /// The answer to a request of a rank of round `round` after it is over.
+    fn stale(&self, rank: usize) -> LostRank {
+        self.ended.clone().unwrap_or_else(|| LostRank {
+            rank,
+            host: String::new(),
+            cause: "the store began a new round of this job (the workers of a new run joined); this rank belongs \
+                    to a run that is over"
+                .into(),
+            store: true,
+        })
+    }
+}
+
+/// A connection's rank and the round it joined.
+#[derive(Debug, Clone, Copy)]
+struct Joined {
+    rank: usize,
+    round: u64,
 }
 
 impl Shared {
@@ -92,11 +150,38 @@ impl WatchHost for Shared {
     }
 }
 
+/// The store as one round's liveness watches see it: once the round is over, they see ended watches
+/// ([`Watches::ended`]), so a late loss or goodbye of an old run is told to no one.
+struct InRound<'a> {
+    shared: &'a Shared,
+    round: u64,
+}
+
+impl WatchHost for InRound<'_> {
+    fn with_watches(&self, f: &mut dyn FnMut(&mut Watches, usize)) {
+        let mut st = self.shared.lock();
+        if st.round == self.round {
+            let world = st.world_size;
+            f(&mut st.watches, world);
+        } else {
+            f(&mut Watches::ended(), 0);
+        }
+    }
+
+    fn notify(&self) {
+        self.shared.changed.notify_all();
+    }
+
+    fn wait_watches(&self, deadline: Instant, ready: &mut dyn FnMut(&Watches) -> bool) -> bool {
+        self.shared.wait_until(deadline, |st| st.round != self.round || ready(&st.watches))
+    }
+}
+
 /// The listening half, owned by rank 0's `Store`. Dropping it stops accepting new connections; connections already
 /// open keep being served until their clients hang up, so ranks still finishing a rendezvous are not cut off.
 pub(crate) struct Server {
-    /// The port it listens on (the one asked for, or the system's choice when asked for 0).
-    port: u16,
+    /// The address it listens on (the port asked for, or the system's choice when asked for 0).
+    addr: SocketAddr,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
@@ -107,7 +192,7 @@ impl Server {
         only: Option<IpAddr>,
         port: u16,
         job_id: &str,
-        world_size: usize,
+        world: World,
         token: JobToken,
     ) -> Result<Server, CommError> {
         let listener = match only {
@@ -121,7 +206,13 @@ impl Server {
             state: Mutex::new(ServerState {
                 kv: HashMap::new(),
                 job_id: job_id.to_string(),
-                world_size,
+                world,
+                round: 0,
+                ended: None,
+                world_size: match world {
+                    World::Fixed(n) => n,
+                    World::FromJoiners => 0,
+                },
                 joined: BTreeSet::new(),
                 refused: 0,
                 last_refused: None,
@@ -138,12 +229,17 @@ impl Server {
             .spawn(move || accept_loop(listener, shared2, stop2))
             .map_err(|source| CommError::Bind { port, source })?;
         tracing::debug!(port = local.port(), "rendezvous store listening");
-        Ok(Server { port: local.port(), stop, accept: Some(accept), shared })
+        Ok(Server { addr: local, stop, accept: Some(accept), shared })
     }
 
     /// The port it listens on.
     pub(crate) fn port(&self) -> u16 {
-        self.port
+        self.addr.port()
+    }
+
+    /// The address it listens on.
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// The store's liveness state, for rank 0's own [`Liveness`](crate::Liveness): it waits there for the other
@@ -260,22 +356,22 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
     }
     let mut joined = None;
     let result = serve_requests(stream, peer, shared, &mut joined);
-    if let Some(rank) = joined {
+    if let Some(Joined { rank, round }) = joined {
         // A rank that joined dies before its liveness watch is up: only this connection can tell. A job of one
         // rank has no watch and nobody to tell: its connection closes when it ends.
-        let alone_or_watched = {
-            let st = shared.lock();
-            st.world_size == 1 || st.watches.is_watched(rank)
-        };
+        let round_host = InRound { shared, round };
+        let mut alone_or_watched = true;
+        round_host.with_watches(&mut |watches, world| alone_or_watched = world <= 1 || watches.is_watched(rank));
         if !alone_or_watched {
             liveness::declare_lost(
-                shared,
+                &round_host,
                 LostRank {
                     rank,
                     host: peer.ip().to_string(),
                     cause: "its connection to the rendezvous store closed during the rendezvous (the process \
                             exited or was killed)"
                         .into(),
+                    store: false,
                 },
             );
         }
@@ -283,14 +379,27 @@ fn serve(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> io::Result<()>
     result
 }
 
-/// Answers requests on an admitted connection; `joined` is set to the rank that joined on it.
-fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: &mut Option<usize>) -> io::Result<()> {
+/// Answers requests on an admitted connection; `joined` is set to the rank that joined on it, and its round.
+fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: &mut Option<Joined>) -> io::Result<()> {
     let stream_for_watch = stream.try_clone()?;
     let mut r = BufReader::new(stream.try_clone()?);
     let mut w = BufWriter::new(stream);
     let mut out = Vec::new();
     while let Some(request) = read_request(&mut r)? {
         out.clear();
+        // The round this connection's requests belong to: its rank's, else the current one.
+        let (round, stale) = {
+            let st = shared.lock();
+            let round = joined.map_or(st.round, |j| j.round);
+            (round, joined.filter(|j| j.round != st.round).map(|j| st.stale(j.rank)))
+        };
+        if let Some(lost) = stale.filter(|_| !matches!(request, Request::Watch { .. })) {
+            put_lost(&mut out, &lost);
+            send(&mut w, &out)?;
+            continue;
+        }
+        // A blocking request also ends when its round does.
+        let over = |st: &ServerState| st.round != round;
         match request {
             Request::Set { key, value } => {
                 shared.lock().kv.insert(key, value);
@@ -305,9 +414,11 @@ fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: 
             }
             Request::Get { key, timeout_ms } => {
                 let deadline = deadline_from(timeout_ms);
-                shared.wait_until(deadline, |st| st.kv.contains_key(&key) || st.watches.lost().is_some());
+                shared.wait_until(deadline, |st| over(st) || st.kv.contains_key(&key) || st.watches.lost().is_some());
                 let st = shared.lock();
-                if let Some(v) = st.kv.get(&key) {
+                if over(&st) {
+                    put_lost(&mut out, &st.stale(joined.map_or(0, |j| j.rank)));
+                } else if let Some(v) = st.kv.get(&key) {
                     put_u8(&mut out, ST_OK);
                     put_bytes(&mut out, v);
                 } else if let Some(lost) = st.watches.lost() {
@@ -341,9 +452,16 @@ fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: 
             Request::Wait { keys, timeout_ms } => {
                 let deadline = deadline_from(timeout_ms);
                 let all = |st: &ServerState| keys.iter().all(|k| st.kv.contains_key(k));
-                shared.wait_until(deadline, |st| all(st) || st.watches.lost().is_some());
-                let lost = shared.lock().watches.lost().cloned();
-                if all(&shared.lock()) {
+                shared.wait_until(deadline, |st| over(st) || all(st) || st.watches.lost().is_some());
+                let lost = {
+                    let st = shared.lock();
+                    if over(&st) {
+                        Some(st.stale(joined.map_or(0, |j| j.rank)))
+                    } else {
+                        st.watches.lost().cloned()
+                    }
+                };
+                if lost.is_none() && all(&shared.lock()) {
                     put_u8(&mut out, ST_OK);
                 } else if let Some(lost) = lost {
                     put_lost(&mut out, &lost);
@@ -359,27 +477,43 @@ fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: 
             }
             Request::Join { job, rank, world } => {
                 let mut st = shared.lock();
+                if st.world == World::FromJoiners && job == st.job_id && joined.is_none() && st.round_over() {
+                    st.begin_round(world);
+                }
                 let refusal = if job != st.job_id {
                     Some(format!(
                         "it hosts job '{}' but this rank belongs to job '{job}'; two jobs share this address and port",
                         st.job_id
                     ))
                 } else if world != st.world_size {
+                    let others = match st.world {
+                        World::Fixed(_) => "rank 0 has".to_string(),
+                        World::FromJoiners => {
+                            let (s, has) = if st.joined.len() == 1 { ("", "has") } else { ("s", "have") };
+                            let ranks = RankList(st.joined.iter().copied().collect());
+                            format!("the rank{s} that joined this round of the standalone store before it (rank{s} {ranks}) {has}")
+                        }
+                    };
                     Some(format!(
-                        "this rank has world_size {world} but rank 0 has {}; every worker must get the same WORLD_SIZE",
+                        "this rank has world_size {world} but {others} {}; every worker must get the same WORLD_SIZE",
                         st.world_size
                     ))
+                } else if rank >= st.world_size {
+                    Some(format!("rank {rank} is not below the world size {}", st.world_size))
                 } else if !st.joined.insert(rank) {
                     Some(format!("rank {rank} already joined; two workers were started with the same rank"))
                 } else {
                     None
                 };
+                let round = st.round;
+                let in_rank_zero = matches!(st.world, World::Fixed(_));
                 drop(st);
                 shared.changed.notify_all();
                 match refusal {
                     None => {
-                        *joined = Some(rank);
-                        put_u8(&mut out, ST_OK)
+                        *joined = Some(Joined { rank, round });
+                        put_u8(&mut out, ST_OK);
+                        put_u8(&mut out, in_rank_zero as u8);
                     }
                     Some(msg) => {
                         put_u8(&mut out, ST_ERR);
@@ -390,10 +524,12 @@ fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: 
             Request::AwaitJoined { timeout_ms } => {
                 let deadline = deadline_from(timeout_ms);
                 let complete = |st: &ServerState| st.joined.len() >= st.world_size;
-                shared.wait_until(deadline, |st| complete(st) || st.watches.lost().is_some());
+                shared.wait_until(deadline, |st| over(st) || complete(st) || st.watches.lost().is_some());
                 let st = shared.lock();
-                if let (false, Some(lost)) = (complete(&st), st.watches.lost()) {
-                    put_lost(&mut out, lost);
+                let lost =
+                    if over(&st) { Some(st.stale(joined.map_or(0, |j| j.rank))) } else { st.watches.lost().cloned() };
+                if let (false, Some(lost)) = (complete(&st), lost) {
+                    put_lost(&mut out, &lost);
                     drop(st);
                     send(&mut w, &out)?;
                     continue;
@@ -418,7 +554,8 @@ fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: 
                 let timeout = Duration::from_millis(timeout_ms.clamp(1, u32::MAX as u64));
                 drop((r, w));
                 *joined = None;
-                return liveness::serve_watch(stream_for_watch, peer, shared, rank, timeout);
+                let round = InRound { shared, round: shared.lock().round };
+                return liveness::serve_watch(stream_for_watch, peer, &round, rank, timeout);
             }
         }
         send(&mut w, &out)?;

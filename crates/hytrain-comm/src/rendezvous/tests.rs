@@ -10,7 +10,7 @@ use hytrain_cluster::{JobToken, TokenSource};
 use super::auth::{self, NONCE_LEN};
 use super::client::*;
 use super::protocol::*;
-use super::server::{Server, HANDSHAKE_TIMEOUT};
+use super::server::{Server, World, HANDSHAKE_TIMEOUT};
 use super::wire::*;
 use crate::testutil::{free_port, member, on_ranks, opts};
 use crate::*;
@@ -620,6 +620,7 @@ fn a_rank_that_stops_sending_heartbeats_is_lost_after_the_peer_timeout() {
     put_u64(&mut join, 2);
     main.write_all(&join).unwrap();
     assert_eq!(get_u8(&mut main).unwrap(), ST_OK);
+    assert_eq!(get_u8(&mut main).unwrap(), 1, "rank 0's process hosts this store");
     let mut watch = connect_with_retry(&m, &o, &hosts, started, deadline).unwrap();
     watch.write_all(&watch_request(1, o.peer_timeout)).unwrap();
     assert_eq!(get_u8(&mut watch).unwrap(), ST_OK);
@@ -657,7 +658,7 @@ fn a_store_started_on_its_own_serves_a_job_whose_ranks_all_join_as_clients() {
     // What a standalone store needs: the server without any rank around it, and clients that do not host it.
     let port = free_port();
     let o = opts(30, 30);
-    let server = Server::start(Some(Ipv4Addr::LOCALHOST.into()), port, &o.job_id, 3, o.token()).unwrap();
+    let server = Server::start(Some(Ipv4Addr::LOCALHOST.into()), port, &o.job_id, World::Fixed(3), o.token()).unwrap();
     let results = on_ranks(3, |rank| -> Result<Vec<u8>, CommError> {
         let store = Store::join(&member(rank, 3, port), &o, None, Instant::now())?;
         store.set(&format!("k/{rank}"), &[rank as u8])?;

@@ -106,9 +106,13 @@ pub(super) fn link(store: &Store, m: &Membership, opts: &CommOptions, generation
         let published = String::from_utf8_lossy(&published).into_owned();
         let parsed: SocketAddr =
             published.parse().map_err(|_| setup(next_rank, &published, "published address does not parse".into()))?;
-        // Rank 0 publishes the loopback address it used for its own store; everyone else reaches rank 0's host at
-        // the address they reached the master at.
-        let next_addr = if next_rank == 0 { SocketAddr::new(store.master_ip(), parsed.port()) } else { parsed };
+        // Rank 0 hosting the store publishes the loopback address it used for it; everyone else reaches rank 0's
+        // host at the address they reached the master at. With a store of its own, rank 0 is like any rank.
+        let next_addr = if next_rank == 0 && store.store_in_rank_zero() {
+            SocketAddr::new(store.master_ip(), parsed.port())
+        } else {
+            parsed
+        };
         let mut next = connect_with_retry(next_addr, deadline, &stop).map_err(|e| setup(next_rank, &next_addr, e))?;
         let hello = Hello { job_id: &opts.job_id, generation, from_rank: rank, world };
         introduce(&mut next, &hello, &token, deadline).map_err(|f| match f {
@@ -237,9 +241,9 @@ pub(super) fn connect_with_retry(addr: SocketAddr, deadline: Instant, stop: &Ato
 /// Where this rank's ring port listens. Peers other than rank 0 are reached at the address they published, the
 /// local address of their store connection, so they listen there only. Rank 0 is reached at whatever address the
 /// others reached the master at, which it cannot know, so it listens on every interface, unless the master
-/// address is a loopback address.
+/// address is a loopback address. With a store of its own, rank 0 reached it like any rank and listens like one.
 pub(super) fn ring_listener(store: &Store, m: &Membership) -> io::Result<TcpListener> {
-    let only: Option<IpAddr> = if m.rank == 0 {
+    let only: Option<IpAddr> = if m.rank == 0 && store.store_in_rank_zero() {
         let addr = m.master_addr.trim();
         let addr = addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')).unwrap_or(addr);
         addr.parse::<IpAddr>().ok().filter(IpAddr::is_loopback)

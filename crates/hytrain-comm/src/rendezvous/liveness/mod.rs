@@ -5,8 +5,9 @@
 //! declares its rank lost when the connection closes without a goodbye (the process exited or was killed: the
 //! kernel closes its sockets at once) or when no beat came for the peer timeout (the process is stopped or cut off
 //! from the network). Only the first loss is kept, so ranks that fail *because* of it are not blamed, and it is sent
-//! to every watch at once; blocking store requests end with it too. A rank's end of the watch declares rank 0 lost
-//! when the store (which lives in rank 0's process) closes the watch or falls silent for the peer timeout.
+//! to every watch at once; blocking store requests end with it too. A rank's end of the watch declares the store
+//! lost when it closes the watch or falls silent for the peer timeout: rank 0, when the store lives in rank 0's
+//! process, else the store itself (a standalone `hytrain rendezvous`, see [`StoreSide`]).
 //!
 //! On a verdict, a rank aborts what could block on the lost rank (its ring links, its store connection), so a
 //! collective in progress returns [`CommError::RankLost`](crate::CommError::RankLost) at once; a caller that is
@@ -28,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::protocol::{ST_ERR, ST_OK};
-use super::wire::{get_bytes_max, get_u64, get_u8, put_bytes, put_u64};
+use super::wire::{get_bytes_max, get_u64, get_u8, put_bytes, put_u64, put_u8};
 
 /// A beat: "still here".
 pub(crate) const BEAT: u8 = 1;
@@ -62,11 +63,18 @@ pub struct LostRank {
     /// How the loss was noticed, e.g. "its connection to the rendezvous store closed (the process exited or was
     /// killed)".
     pub cause: String,
+    /// Set when what the job lost is a rendezvous store that runs on its own (`hytrain rendezvous`), not a rank:
+    /// `rank` is then 0 and means nothing, and `host` is the store's `host:port`.
+    pub store: bool,
 }
 
 impl std::fmt::Display for LostRank {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "lost rank {} on {}: {}", self.rank, self.host, self.cause)
+        if self.store {
+            write!(f, "lost the rendezvous store at {}: {}", self.host, self.cause)
+        } else {
+            write!(f, "lost rank {} on {}: {}", self.rank, self.host, self.cause)
+        }
     }
 }
 
@@ -74,13 +82,39 @@ pub(crate) fn encode_lost(out: &mut Vec<u8>, lost: &LostRank) {
     put_u64(out, lost.rank as u64);
     put_bytes(out, lost.host.as_bytes());
     put_bytes(out, lost.cause.as_bytes());
+    put_u8(out, lost.store as u8);
 }
 
 pub(crate) fn decode_lost(r: &mut impl Read) -> io::Result<LostRank> {
     let rank = get_u64(r)? as usize;
     let host = String::from_utf8_lossy(&get_bytes_max(r, MAX_TEXT)?).into_owned();
     let cause = String::from_utf8_lossy(&get_bytes_max(r, MAX_TEXT)?).into_owned();
-    Ok(LostRank { rank, host, cause })
+    let store = get_u8(r)? != 0;
+    Ok(LostRank { rank, host, cause, store })
+}
+
+/// Where a rank's store runs, for the verdict when the store itself goes: in rank 0's process (its loss is rank
+/// 0's) or in a process of its own at `endpoint`.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreSide {
+    /// The store's `host:port`.
+    pub(crate) endpoint: String,
+    /// Whether global rank 0's process hosts it.
+    pub(crate) in_rank_zero: bool,
+}
+
+impl StoreSide {
+    /// The verdict when the store `event` ("closed the connection"); `why` says what that means of its process
+    /// ("exited or was killed").
+    pub(crate) fn lost(&self, event: &str, why: Option<&str>) -> LostRank {
+        let cause = match (self.in_rank_zero, why) {
+            (true, Some(why)) => format!("the rendezvous store it hosts {event} (rank 0 {why})"),
+            (true, None) => format!("the rendezvous store it hosts {event}"),
+            (false, Some(why)) => format!("the store {event} (its process {why})"),
+            (false, None) => format!("the store {event}"),
+        };
+        LostRank { rank: 0, host: self.endpoint.clone(), cause, store: !self.in_rank_zero }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -130,6 +164,13 @@ impl Watches {
     /// Whether `rank` has (or had) a watch.
     pub(crate) fn is_watched(&self, rank: usize) -> bool {
         self.members.contains_key(&rank)
+    }
+
+    /// The watches of a round of the store that is over: a loss is recorded already, so a late loss or goodbye
+    /// of that round's ranks changes nothing and is told to no one.
+    pub(crate) fn ended() -> Watches {
+        let over = LostRank { rank: 0, host: String::new(), cause: "the round is over".into(), store: false };
+        Watches { members: HashMap::new(), lost: Some(over) }
     }
 
     /// Whether every rank below `world_size` has left the job on purpose.
@@ -202,7 +243,7 @@ pub(crate) fn serve_watch(
         encode_lost(&mut frame, &lost);
         let _ = lock(&writer).write_all(&frame);
     }
-    let lose = |cause: String| declare_lost(shared, LostRank { rank, host: host.clone(), cause });
+    let lose = |cause: String| declare_lost(shared, LostRank { rank, host: host.clone(), cause, store: false });
     watch_loop(stream, shared, rank, peer_timeout, &writer, &lose);
     // Closing the store's end tells a rank that said goodbye that it was heard, and ends its watch thread.
     let _ = lock(&writer).shutdown(Shutdown::Both);
@@ -371,7 +412,7 @@ impl Liveness {
         rank: usize,
         world_size: usize,
         peer_timeout: Duration,
-        master: String,
+        store: StoreSide,
         server: Option<Arc<dyn WatchHost>>,
     ) -> io::Result<Liveness> {
         let beat = beat_interval(peer_timeout);
@@ -389,7 +430,7 @@ impl Liveness {
             let core = core.clone();
             std::thread::Builder::new()
                 .name(format!("hytrain-watch-{rank}"))
-                .spawn(move || watch(stream, &core, peer_timeout, &master))?
+                .spawn(move || watch(stream, &core, peer_timeout, &store))?
         };
         Ok(Liveness {
             handle: Arc::new(Handle { core, rank, world_size, peer_timeout, server, thread: Mutex::new(Some(thread)) }),
@@ -475,9 +516,9 @@ fn abort_all(core: &Core) {
 }
 
 /// The watch thread: beats to the store, reads its beats and loss notices, and records a verdict.
-fn watch(mut stream: TcpStream, core: &Core, peer_timeout: Duration, master: &str) {
+fn watch(mut stream: TcpStream, core: &Core, peer_timeout: Duration, store: &StoreSide) {
     let beat = beat_interval(peer_timeout);
-    let store_lost = |cause: String| LostRank { rank: 0, host: master.to_string(), cause };
+    const KILLED: Option<&str> = Some("exited or was killed");
     let mut last_heard = Instant::now();
     let mut last_beat: Option<Instant> = None;
     loop {
@@ -485,9 +526,7 @@ fn watch(mut stream: TcpStream, core: &Core, peer_timeout: Duration, master: &st
         if !left && last_beat.is_none_or(|t| t.elapsed() >= beat) {
             last_beat = Some(Instant::now());
             if core.say(BEAT).is_err() && !core.left.load(Ordering::SeqCst) {
-                core.record(store_lost(
-                    "the rendezvous store it hosts broke the connection (rank 0 exited or was killed)".into(),
-                ));
+                core.record(store.lost("broke the connection", KILLED));
                 return;
             }
         }
@@ -497,12 +536,12 @@ fn watch(mut stream: TcpStream, core: &Core, peer_timeout: Duration, master: &st
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                 match decode_lost(&mut stream) {
                     Ok(lost) => core.record(lost),
-                    Err(e) => core.record(store_lost(format!("the rendezvous store sent a broken loss notice: {e}"))),
+                    Err(e) => core.record(store.lost(&format!("sent a broken loss notice: {e}"), None)),
                 }
                 return;
             }
             Ok(other) => {
-                core.record(store_lost(format!("the rendezvous store sent nonsense on the watch ({other})")));
+                core.record(store.lost(&format!("sent nonsense on the watch ({other})"), None));
                 return;
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
@@ -512,19 +551,16 @@ fn watch(mut stream: TcpStream, core: &Core, peer_timeout: Duration, master: &st
                         return;
                     }
                 } else if last_heard.elapsed() > peer_timeout {
-                    core.record(store_lost(format!(
-                        "the rendezvous store it hosts sent nothing for {:.0} s, the peer timeout (rank 0 is stopped, \
-                         hung or cut off from the network)",
-                        peer_timeout.as_secs_f64()
-                    )));
+                    core.record(store.lost(
+                        &format!("sent nothing for {:.0} s, the peer timeout", peer_timeout.as_secs_f64()),
+                        Some("is stopped, hung or cut off from the network"),
+                    ));
                     return;
                 }
             }
             Err(_) => {
                 if !core.left.load(Ordering::SeqCst) {
-                    core.record(store_lost(
-                        "the rendezvous store it hosts closed the connection (rank 0 exited or was killed)".into(),
-                    ));
+                    core.record(store.lost("closed the connection", KILLED));
                 }
                 return;
             }

@@ -84,7 +84,7 @@ fn watch(board: &Arc<Board>, rank: usize, hosts_store: bool) -> Liveness {
     rank_end.set_read_timeout(Some(PATIENCE)).unwrap();
     assert_eq!(get_u8(&mut rank_end).unwrap(), ST_OK, "watch of rank {rank} refused");
     let server = hosts_store.then(|| board.clone() as Arc<dyn WatchHost>);
-    Liveness::start(rank_end, rank, board.world, PEER_TIMEOUT, "master:29500".into(), server).unwrap()
+    Liveness::start(rank_end, rank, board.world, PEER_TIMEOUT, in_rank_zero("master:29500"), server).unwrap()
 }
 
 #[test]
@@ -199,7 +199,7 @@ fn a_store_silent_past_the_peer_timeout_is_rank_0_lost() {
     // The fault: the store's process is stopped; its socket stays open and sends nothing.
     let (rank_end, _silent_store, _) = socket_pair();
     let started = Instant::now();
-    let live = Liveness::start(rank_end, 1, 2, PEER_TIMEOUT, "algo-1:7777".into(), None).unwrap();
+    let live = Liveness::start(rank_end, 1, 2, PEER_TIMEOUT, in_rank_zero("algo-1:7777"), None).unwrap();
     let lost = live.wait_lost(Some(PATIENCE)).expect("the silent store is noticed");
     let waited = started.elapsed();
     assert_eq!((lost.rank, lost.host.as_str()), (0, "algo-1:7777"));
@@ -210,7 +210,7 @@ fn a_store_silent_past_the_peer_timeout_is_rank_0_lost() {
 #[test]
 fn a_store_that_closes_the_watch_is_rank_0_lost_at_once() {
     let (rank_end, store_end, _) = socket_pair();
-    let live = Liveness::start(rank_end, 1, 2, PEER_TIMEOUT, "algo-1:7777".into(), None).unwrap();
+    let live = Liveness::start(rank_end, 1, 2, PEER_TIMEOUT, in_rank_zero("algo-1:7777"), None).unwrap();
     let started = Instant::now();
     drop(store_end);
     let lost = live.wait_lost(Some(PATIENCE)).expect("the closed store is noticed");
@@ -281,9 +281,26 @@ fn beats_go_out_several_times_per_peer_timeout_but_at_least_once_a_second() {
 
 #[test]
 fn loss_notices_decode_what_they_encode() {
-    let lost = LostRank { rank: 7, host: "10.0.0.7".into(), cause: "no heartbeat for 30 s".into() };
+    let lost = LostRank { rank: 7, host: "10.0.0.7".into(), cause: "no heartbeat for 30 s".into(), store: false };
     let mut frame = Vec::new();
     encode_lost(&mut frame, &lost);
     assert_eq!(decode_lost(&mut frame.as_slice()).unwrap(), lost);
     assert!(decode_lost(&mut &frame[..frame.len() - 1]).is_err());
+}
+
+fn in_rank_zero(endpoint: &str) -> StoreSide {
+    StoreSide { endpoint: endpoint.into(), in_rank_zero: true }
+}
+
+#[test]
+fn a_standalone_store_that_closes_the_watch_is_the_store_lost_not_rank_0() {
+    let (rank_end, store_end, _) = socket_pair();
+    let side = StoreSide { endpoint: "rdzv:29400".into(), in_rank_zero: false };
+    let live = Liveness::start(rank_end, 1, 2, PEER_TIMEOUT, side, None).unwrap();
+    drop(store_end);
+    let lost = live.wait_lost(Some(PATIENCE)).expect("the closed store is noticed");
+    assert!(lost.store, "{lost}");
+    let text = lost.to_string();
+    assert!(text.starts_with("lost the rendezvous store at rdzv:29400: the store "), "{text}");
+    assert!(text.contains("(its process exited or was killed)") && !text.contains("rank 0"), "{text}");
 }
