@@ -445,3 +445,39 @@ print(list(t(Image.new("RGB", (31, 12), (90, 60, 30))).shape))
         stderr(&out)
     );
 }
+
+#[test]
+fn a_pipe_channel_trains_epoch_after_epoch_from_its_fifos() {
+    // SageMaker Pipe mode as hytrain sees it: the channel's shards concatenated in key order, once per epoch through
+    // training_0, training_1, ...; here a thread plays SageMaker.
+    let dir = tempfile::tempdir().unwrap();
+    let data = digits();
+    let mut shards: Vec<_> = std::fs::read_dir(data.join("train")).unwrap().map(|e| e.unwrap().path()).collect();
+    shards.sort();
+    let stream: Vec<u8> = shards.iter().flat_map(|s| std::fs::read(s).unwrap()).collect();
+    let epochs = 3;
+    let fifos: Vec<_> = (0..epochs).map(|e| dir.path().join(format!("training_{e}"))).collect();
+    for fifo in &fifos {
+        assert!(Command::new("mkfifo").arg(fifo).status().unwrap().success());
+    }
+    let writer = std::thread::spawn(move || {
+        for fifo in fifos {
+            std::fs::write(&fifo, &stream).unwrap();
+        }
+    });
+    let spec = format!("pipe:{}", dir.path().join("training").display());
+    let validation = data.join("test");
+    let mut args = DIGITS_JOB.to_vec();
+    let epochs_text = epochs.to_string();
+    args.extend(["--data", &spec, "--validation", validation.to_str().unwrap(), "--epochs", &epochs_text]);
+    // A Pipe channel carries shards only: no classes.json comes with them.
+    args.extend(["--num-classes", "10"]);
+    let out = finish(launch_train(dir.path(), 1, &args), "training from a Pipe channel");
+    assert_ok(&out);
+    writer.join().unwrap();
+    let text = stdout(&out);
+    let accuracy = summary_value(&text, "val_accuracy");
+    assert!(accuracy >= 0.85, "validation accuracy {accuracy} below 0.85:\n{text}");
+    let passes = stderr(&out).matches("read one pass of the Pipe channel").count();
+    assert_eq!(passes, epochs, "one pass per epoch:\n{}", stderr(&out));
+}
