@@ -16,6 +16,7 @@ mod data_cli;
 mod data_index;
 mod device_cli;
 mod explain;
+mod kubeflow_manifests;
 mod multiprocess;
 mod platform_contract;
 mod resume;

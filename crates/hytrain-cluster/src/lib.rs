@@ -100,6 +100,7 @@
 //!   `platform::{kubeflow, sagemaker, local}::plan` (`local` also covers torchrun and mpirun outside a cluster).
 //! - `plan.rs`: the [`Plan`] and the descriptions only it holds ([`Paths`], [`SageMaker`], ...).
 //! - `token.rs`: the [`JobToken`] and where it comes from (`token::detect`).
+//! - `rendezvous.rs`: where the store runs ([`Rendezvous`]): in global rank 0, or outside at an endpoint.
 //! - `launcher.rs`: which [`Launcher`] started this process (`launcher::detect`) and the counts its variables give.
 //! - `channel.rs`, `topology.rs`, `parse.rs`, `env.rs`, `error.rs`: the leaves.
 //!
