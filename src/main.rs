@@ -158,6 +158,10 @@ enum DataCommand {
         /// At most this many samples per epoch.
         #[arg(long)]
         max_samples: Option<usize>,
+        /// Streaming order, as training uses for a Pipe channel: shards shuffled within a window of N, ranks
+        /// interleaved; `off` shuffles all shards [default: off].
+        #[arg(long, value_name = "N|off")]
+        stream_window: Option<String>,
         /// Skip samples that do not decode (counted) instead of failing.
         #[arg(long)]
         skip_bad_samples: bool,
@@ -256,6 +260,10 @@ struct TrainJobArgs {
     /// Validation data, or `none` [default: a validation/val/test channel, else the training data's test split].
     #[arg(long, env = "HYTRAIN_VALIDATION")]
     validation: Option<String>,
+    /// The index.json `hytrain data pack` wrote for the shards a SageMaker Pipe channel delivers (which the channel
+    /// cannot carry; e.g. from a small File channel): the first epoch then starts before the pass has arrived.
+    #[arg(long, env = "HYTRAIN_DATA_INDEX")]
+    data_index: Option<std::path::PathBuf>,
     /// Classes, when the dataset names none (no classes.json).
     #[arg(long, env = "HYTRAIN_NUM_CLASSES")]
     num_classes: Option<String>,
@@ -281,6 +289,11 @@ struct TrainJobArgs {
     /// At most this many training samples per epoch, all ranks together.
     #[arg(long, env = "HYTRAIN_MAX_SAMPLES")]
     max_samples: Option<String>,
+    /// Read the training data in streaming order: shards shuffled only within a window of N (as WebDataset's
+    /// shardshuffle), ranks interleaved, so an epoch starts once its first shards arrive; `off` shuffles all
+    /// shards [default: 16 for a SageMaker Pipe channel, else off].
+    #[arg(long, value_name = "N|off", env = "HYTRAIN_STREAM_WINDOW")]
+    stream_window: Option<String>,
     /// Skip (and count) samples that do not decode instead of failing.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", env = "HYTRAIN_SKIP_BAD_SAMPLES")]
     skip_bad_samples: Option<String>,
@@ -322,6 +335,7 @@ impl TrainJobArgs {
             model: self.model,
             data: self.data,
             validation: self.validation,
+            data_index: self.data_index,
             num_classes: self.num_classes,
             augment: self.augment,
             normalize: self.normalize,
@@ -330,6 +344,7 @@ impl TrainJobArgs {
             crop_padding: self.crop_padding,
             drop_last: self.drop_last,
             max_samples: self.max_samples,
+            stream_window: self.stream_window,
             skip_bad_samples: self.skip_bad_samples,
             workers: self.workers,
             model_dir: self.model_dir,
@@ -576,6 +591,7 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
             split,
             drop_last,
             max_samples,
+            stream_window,
             skip_bad_samples,
             tokens,
         } => {
@@ -593,6 +609,12 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
                 split,
                 remainder: data::remainder(drop_last),
                 max_samples,
+                stream_window: match stream_window {
+                    Some(text) => {
+                        data::parse_stream_window(&text).map_err(|e| anyhow::anyhow!("--stream-window: {e}"))?
+                    }
+                    None => None,
+                },
                 skip_bad_samples,
                 context_length: tokens.context_length,
                 token_dtype: tokens.token_dtype,

@@ -75,6 +75,8 @@ pub struct JobFlags {
     pub data: Option<String>,
     /// Validation data source, or `none`.
     pub validation: Option<String>,
+    /// The index of a Pipe channel's shards.
+    pub data_index: Option<PathBuf>,
     /// Class count when the dataset names none.
     pub num_classes: Option<String>,
     /// Random crop and flip on training images.
@@ -121,6 +123,7 @@ const JOB_KEYS: &[(&str, &[&str])] = &[
     ("model", &["model", "model_type", "arch"]),
     ("data", &["data", "data_dir", "efs_dir_path", "train_data"]),
     ("validation", &["validation", "val_data", "test_data"]),
+    ("data_index", &["data_index"]),
     ("num_classes", &["num_classes"]),
     ("augment", &["augment"]),
     ("normalize", &["normalize"]),
@@ -159,6 +162,7 @@ struct Job {
     model: String,
     data: Option<String>,
     validation: Option<String>,
+    data_index: Option<PathBuf>,
     num_classes: Option<i64>,
     augment: bool,
     normalize: Normalize,
@@ -240,6 +244,7 @@ impl Job {
             model: text("model", &flags.model).unwrap_or_else(|| "lenet".into()),
             data: text("data", &flags.data),
             validation: text("validation", &flags.validation),
+            data_index: path("data_index", &flags.data_index),
             num_classes,
             augment: switch("augment", &flags.augment)?,
             normalize: match pick("normalize", &flags.normalize) {
@@ -379,14 +384,69 @@ fn open_dataset(
     tokens: &TokenOptions,
     counts: &mut HostCounts<'_>,
 ) -> anyhow::Result<Dataset> {
+    open_indexed(spec, options, split, job, tokens, counts, None)
+}
+
+/// [`open_dataset`], also taking the sample counts `index` gives (a Pipe channel's, from `--data-index`).
+fn open_indexed(
+    spec: &str,
+    options: &OpenOptions,
+    split: Split,
+    job: &Job,
+    tokens: &TokenOptions,
+    counts: &mut HostCounts<'_>,
+    index: Option<&ShardIndex>,
+) -> anyhow::Result<Dataset> {
     counts.open(|given| {
         let source = source::open(spec, options).with_context(|| format!("cannot open {spec}"))?;
+        let mut known = given.clone();
+        known.shards.extend(index.iter().flat_map(|i| i.shards.iter().cloned()));
         Ok(Dataset::open_with_counts(
             source,
             &DatasetOptions { split, skip_bad_samples: job.skip_bad_samples, tokens: tokens.clone() },
-            given,
+            &known,
         )?)
     })
+}
+
+/// `--data-index FILE`: the index (`index.json`, as `hytrain data pack` writes it) of the shards a Pipe channel
+/// delivers, which the channel itself cannot carry. Its training shards (those under `train/` when it lists any,
+/// else all), in key order as SageMaker delivers them, become the Pipe's shards: their sizes let the first pass
+/// stream like the later ones, and their counts spare reading it whole before the first batch (not with
+/// `--skip-bad-samples`, whose counts leave out bad samples only a read finds).
+fn pipe_index(plan: &Plan, job: &Job, train_spec: &str) -> anyhow::Result<Option<ShardIndex>> {
+    let Some(path) = &job.data_index else {
+        return Ok(None);
+    };
+    if !is_pipe(plan, train_spec) {
+        bail!(
+            "--data-index {} names the index of a SageMaker Pipe channel, which cannot hold one; {train_spec} is not \
+             one (a folder or S3 prefix keeps its own {INDEX_FILE}, as `hytrain data pack` writes it)",
+            path.display()
+        );
+    }
+    let text = std::fs::read(path).with_context(|| format!("cannot read --data-index {}", path.display()))?;
+    let index: ShardIndex = serde_json::from_slice(&text).with_context(|| {
+        format!("--data-index {} is not a shard index as `hytrain data pack` writes it", path.display())
+    })?;
+    let mut shards = index.shards;
+    if shards.iter().any(|e| e.name.starts_with("train/")) {
+        shards.retain(|e| e.name.starts_with("train/"));
+    }
+    // SageMaker delivers a channel's objects in key order, bytewise.
+    shards.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
+    if shards.is_empty() {
+        bail!("--data-index {} lists no shards", path.display());
+    }
+    for (i, entry) in shards.iter_mut().enumerate() {
+        entry.name = source::Pipe::shard_name(i);
+    }
+    tracing::info!(
+        "{} shard(s) of {train_spec} known from --data-index {}: its first epoch starts before the pass has arrived",
+        shards.len(),
+        path.display()
+    );
+    Ok(Some(ShardIndex { shards }))
 }
 
 /// The processes of one host count a dataset's samples once between them: local rank 0 opens each dataset as
@@ -627,8 +687,13 @@ pub fn run(
         local_rank: t.local_rank,
         opened: 0,
     };
-    let train_set = open_dataset(&train_spec, &options, Split::Train, &job, &tokens, &mut counts)
-        .with_context(|| format!("cannot read the training data {train_spec}"))?;
+    let index = pipe_index(plan, &job, &train_spec)?;
+    let mut train_options = options.clone();
+    train_options.pipe.shard_sizes = index.as_ref().map(|i| i.shards.iter().map(|e| e.bytes).collect());
+    let counts_given = index.filter(|_| !job.skip_bad_samples);
+    let train_set =
+        open_indexed(&train_spec, &train_options, Split::Train, &job, &tokens, &mut counts, counts_given.as_ref())
+            .with_context(|| format!("cannot read the training data {train_spec}"))?;
     let sharded_by_host = train_set.source().already_sharded_by_host();
     let eval = validation_dataset(plan, &job, &train_spec, &options, &tokens, &mut counts)?;
     if t.local_rank == 0 {

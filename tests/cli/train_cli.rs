@@ -5,6 +5,7 @@
 use crate::common;
 use crate::jobs;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -446,38 +447,89 @@ print(list(t(Image.new("RGB", (31, 12), (90, 60, 30))).shape))
     );
 }
 
-#[test]
-fn a_pipe_channel_trains_epoch_after_epoch_from_its_fifos() {
-    // SageMaker Pipe mode as hytrain sees it: the channel's shards concatenated in key order, once per epoch through
-    // training_0, training_1, ...; here a thread plays SageMaker.
-    let dir = tempfile::tempdir().unwrap();
+/// A digits job reading its training data from a Pipe channel in `dir` for `epochs` epochs: a thread plays
+/// SageMaker, delivering the shards concatenated in key order through training_0, training_1, ... Returns the job's
+/// output once it ends.
+fn pipe_job(dir: &Path, epochs: usize, extra: &[&str]) -> std::process::Output {
     let data = digits();
     let mut shards: Vec<_> = std::fs::read_dir(data.join("train")).unwrap().map(|e| e.unwrap().path()).collect();
     shards.sort();
     let stream: Vec<u8> = shards.iter().flat_map(|s| std::fs::read(s).unwrap()).collect();
-    let epochs = 3;
-    let fifos: Vec<_> = (0..epochs).map(|e| dir.path().join(format!("training_{e}"))).collect();
+    let fifos: Vec<_> = (0..epochs).map(|e| dir.join(format!("training_{e}"))).collect();
     for fifo in &fifos {
         assert!(Command::new("mkfifo").arg(fifo).status().unwrap().success());
     }
     let writer = std::thread::spawn(move || {
         for fifo in fifos {
-            std::fs::write(&fifo, &stream).unwrap();
+            // A job that fails stops reading; the rest of the stream has nowhere to go.
+            let Ok(mut file) = std::fs::OpenOptions::new().write(true).open(&fifo) else { return };
+            if std::io::Write::write_all(&mut file, &stream).is_err() {
+                return;
+            }
         }
     });
-    let spec = format!("pipe:{}", dir.path().join("training").display());
+    let spec = format!("pipe:{}", dir.join("training").display());
     let validation = data.join("test");
-    let mut args = DIGITS_JOB.to_vec();
     let epochs_text = epochs.to_string();
+    let mut args = DIGITS_JOB.to_vec();
     args.extend(["--data", &spec, "--validation", validation.to_str().unwrap(), "--epochs", &epochs_text]);
     // A Pipe channel carries shards only: no classes.json comes with them.
     args.extend(["--num-classes", "10"]);
-    let out = finish(launch_train(dir.path(), 1, &args), "training from a Pipe channel");
-    assert_ok(&out);
+    args.extend(extra);
+    let mut job = launch_train(dir, 1, &args);
+    let out = wait(job.spawn().unwrap(), Duration::from_secs(120), "training from a Pipe channel");
+    if !out.status.success() {
+        // Unblock a writer still waiting for a reader (the job failed before opening every FIFO).
+        for e in 0..epochs {
+            let fifo = dir.join(format!("training_{e}"));
+            let _ = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(fifo);
+        }
+    }
     writer.join().unwrap();
+    out
+}
+
+#[test]
+fn a_pipe_channel_trains_epoch_after_epoch_from_its_fifos() {
+    let dir = tempfile::tempdir().unwrap();
+    let epochs = 3;
+    let out = pipe_job(dir.path(), epochs, &[]);
+    assert_ok(&out);
     let text = stdout(&out);
     let accuracy = summary_value(&text, "val_accuracy");
     assert!(accuracy >= 0.85, "validation accuracy {accuracy} below 0.85:\n{text}");
     let passes = stderr(&out).matches("read one pass of the Pipe channel").count();
     assert_eq!(passes, epochs, "one pass per epoch:\n{}", stderr(&out));
+    assert!(stderr(&out).contains("counted the samples of 4 of 4 shard(s) by reading them"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_pipe_channels_index_gives_its_counts_and_a_wrong_one_or_one_for_a_folder_is_refused() {
+    // The digits' index.json lists train/ and test/ shards: the train/ ones, in key order, are the channel's.
+    let index = digits().join("index.json");
+    let dir = tempfile::tempdir().unwrap();
+    let out = pipe_job(dir.path(), 2, &["--data-index", index.to_str().unwrap()]);
+    assert_ok(&out);
+    let e = stderr(&out);
+    assert!(e.contains("4 shard(s) of pipe:") && e.contains("known from --data-index"), "{e}");
+    assert!(!e.contains("counted the samples of 4 of 4"), "no shard read to count it:\n{e}");
+    assert!(summary_value(&stdout(&out), "val_accuracy") >= 0.8, "{}", stdout(&out));
+
+    // An index of other data: the first pass stops at the first shard that differs, naming it.
+    let text = std::fs::read_to_string(&index).unwrap();
+    let wrong = dir.path().join("wrong-index.json");
+    std::fs::write(&wrong, text.replacen("\"bytes\": 738304", "\"bytes\": 738816", 1)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = pipe_job(dir.path(), 1, &["--data-index", wrong.to_str().unwrap()]);
+    assert!(!out.status.success(), "trained with a wrong index");
+    let e = stderr(&out);
+    assert!(e.contains("shard 1 is 738304 bytes in this pass where 738816 were expected"), "{e}");
+
+    // A folder keeps its own index.
+    let data = digits();
+    let mut job = digits_job(dir.path(), 1, &["--data-index", index.to_str().unwrap(), "--max-steps", "1"]);
+    let out = wait(job.spawn().unwrap(), Duration::from_secs(60), "a folder with --data-index");
+    assert!(!out.status.success(), "a folder took --data-index");
+    let e = stderr(&out);
+    assert!(e.contains("--data-index") && e.contains("Pipe") && e.contains(data.to_str().unwrap()), "{e}");
 }

@@ -13,8 +13,10 @@
 //! thread spools the pass while training runs: a shard can be read as soon as it is complete, so training starts on
 //! the first shards it needs while the rest of the pass arrives. Only the first pass a process reads is waited for
 //! whole, by [`Source::list`]: the sampler needs every shard's sample count before the first batch, and nothing
-//! but the stream itself tells them. Every later pass must deliver the same shards (same count, same sizes; a
-//! difference is an error naming the shard), since the epoch's sample order was planned from the first.
+//! but the stream itself tells them, unless [`PipeOptions::shard_sizes`] says what the channel holds (from the
+//! dataset's index, whose counts then go to the dataset): then the first pass streams too. Every pass must
+//! deliver the same shards (same count, same sizes; a difference is an error naming the shard), since the epoch's
+//! sample order was planned from the first pass or the index.
 //! Memory use is one read buffer; disk use is one pass of data, capped by [`PipeOptions::max_spool_bytes`]. The
 //! previous pass's spool is deleted when the next FIFO is opened, after its reader has drained it (SageMaker
 //! opens the next FIFO only once the previous one was read to its end).
@@ -46,6 +48,9 @@ pub struct PipeOptions {
     pub spool_dir: Option<PathBuf>,
     /// The most bytes one epoch may spool; `None` for no limit but the disk's.
     pub max_spool_bytes: Option<u64>,
+    /// The sizes of the channel's shards in delivery order, when known beforehand (from the dataset's index):
+    /// [`Source::list`] then answers at once and every pass, the first included, is checked against them.
+    pub shard_sizes: Option<Vec<u64>>,
 }
 
 impl Default for PipeOptions {
@@ -55,6 +60,7 @@ impl Default for PipeOptions {
             stall_timeout: Duration::from_secs(600),
             spool_dir: None,
             max_spool_bytes: None,
+            shard_sizes: None,
         }
     }
 }
@@ -127,7 +133,8 @@ struct State {
     epoch: Option<u64>,
     /// The current pass and its reader thread.
     pass: Option<(Arc<Pass>, JoinHandle<()>)>,
-    /// The shards of the first complete pass: what every pass must deliver.
+    /// What every pass must deliver: the shards of the first complete pass, or those [`PipeOptions::shard_sizes`]
+    /// gives.
     shards: Option<Vec<Object>>,
 }
 
@@ -148,7 +155,17 @@ pub struct Pipe {
 impl Pipe {
     /// The channel whose FIFOs are `<base>_0`, `<base>_1`, ... (nothing is opened yet).
     pub fn new(base: impl AsRef<Path>, opts: &PipeOptions) -> Self {
-        Self { base: base.as_ref().to_path_buf(), opts: opts.clone(), sharded_by_host: false, state: Mutex::default() }
+        let shards = opts
+            .shard_sizes
+            .as_ref()
+            .map(|sizes| sizes.iter().enumerate().map(|(i, &size)| Object { name: shard_name(i), size }).collect());
+        let state = State { shards, ..State::default() };
+        Self { base: base.as_ref().to_path_buf(), opts: opts.clone(), sharded_by_host: false, state: Mutex::new(state) }
+    }
+
+    /// The name of the `index`th shard of a pass (`pipe-000000.tar`, ...): the channel carries no names.
+    pub fn shard_name(index: usize) -> String {
+        shard_name(index)
     }
 
     /// Marks this channel as holding only this host's part of the dataset (a `ShardedByS3Key` channel).
@@ -261,8 +278,8 @@ impl Pipe {
     }
 }
 
-/// Reads one pass from `file` into the pass's spool, shard by shard. `expected` is the first pass's shards, which
-/// every later pass must repeat.
+/// Reads one pass from `file` into the pass's spool, shard by shard. `expected` is what the pass must deliver (the
+/// first pass's shards, or those the index gave).
 fn read_pass(pass: &Pass, file: fs::File, opts: &PipeOptions, expected: Option<&[Object]>) -> Result<(), String> {
     let started = Instant::now();
     let mut sink = Spool::new(pass, opts.max_spool_bytes, expected);
@@ -280,7 +297,7 @@ fn read_pass(pass: &Pass, file: fs::File, opts: &PipeOptions, expected: Option<&
     splitter.finish(&mut sink).map_err(|e| sink.explain(e))?;
     if let Some(expected) = expected.filter(|e| e.len() != sink.shards) {
         return Err(different(format!(
-            "this pass delivered {} shards where the first delivered {}",
+            "this pass delivered {} shards where {} were expected",
             sink.shards,
             expected.len()
         )));
@@ -292,11 +309,12 @@ fn read_pass(pass: &Pass, file: fs::File, opts: &PipeOptions, expected: Option<&
     Ok(())
 }
 
-/// The message for a pass that differs from the first.
+/// The message for a pass that differs from what was expected (the first pass, or the dataset's index).
 fn different(what: String) -> String {
     format!(
-        "{what}; every pass of a Pipe channel must deliver the same data, since the epoch's order was planned from \
-         the first (do not change the channel's S3 objects while the job runs, and set no ShuffleConfig)"
+        "{what}; every pass of a Pipe channel must deliver the same shards, since the epoch's order was planned \
+         from the first pass or the index given (do not change the channel's S3 objects while the job runs, set no \
+         ShuffleConfig, and give the index of the data the channel holds)"
     )
 }
 
@@ -359,7 +377,7 @@ fn read_with_stall_timeout(
 struct Spool<'a> {
     pass: &'a Pass,
     limit: Option<u64>,
-    /// The first pass's shards, which this pass must repeat.
+    /// The shards this pass must deliver (the first pass's, or the index's).
     expected: Option<&'a [Object]>,
     written: u64,
     current: Option<(BufWriter<fs::File>, String, u64)>,
@@ -438,7 +456,7 @@ impl ShardSink for Spool<'_> {
         let first = self.expected.and_then(|e| e.get(self.shards)).map(|o| o.size);
         if let Some(first) = first.filter(|&first| first != size) {
             let index = self.shards;
-            return Err(self.differs(format!("shard {index} is {size} bytes in this pass and {first} in the first")));
+            return Err(self.differs(format!("shard {index} is {size} bytes in this pass where {first} were expected")));
         }
         self.shards += 1;
         self.pass.arrive(Object { name, size });
@@ -452,18 +470,19 @@ impl Source for Pipe {
     }
 
     fn list(&self) -> Result<Vec<Object>, Error> {
-        let pass = self.current(&mut self.lock())?;
-        let first = self.lock().shards.clone();
-        let shards = match first {
-            Some(shards) => shards,
+        let known = self.lock().shards.clone();
+        let (shards, fifo) = match known {
+            Some(shards) => (shards, None),
             None => {
                 // The first pass is waited for whole: nothing else tells how many samples the epoch has.
+                let pass = self.current(&mut self.lock())?;
                 let shards = pass.complete()?;
-                self.lock().shards.get_or_insert(shards).clone()
+                (self.lock().shards.get_or_insert(shards).clone(), Some(pass.fifo.clone()))
             }
         };
         if shards.is_empty() {
-            return Err(Error::Empty(format!("{} (FIFO {})", self.describe(), pass.fifo.display())));
+            let from = fifo.map_or_else(|| "its shard sizes given".to_owned(), |f| format!("FIFO {}", f.display()));
+            return Err(Error::Empty(format!("{} ({from})", self.describe())));
         }
         Ok(shards)
     }

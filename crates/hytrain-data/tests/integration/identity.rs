@@ -75,6 +75,7 @@ fn pipe_digest(folder: &Path, args: &DigestArgs) -> String {
         stall_timeout: Duration::from_secs(30),
         spool_dir: Some(spool.path().to_path_buf()),
         max_spool_bytes: None,
+        shard_sizes: None,
     };
     let hex = digest(Arc::new(Pipe::new(&base, &options)), args).unwrap();
     writer.join().unwrap();
@@ -217,6 +218,7 @@ fn an_epoch_after_the_first_trains_before_its_pass_has_arrived() {
         stall_timeout: Duration::from_secs(5),
         spool_dir: Some(spool.path().to_path_buf()),
         max_spool_bytes: None,
+        shard_sizes: None,
     };
     let source: SharedSource = Arc::new(Pipe::new(channel.path().join("training"), &options));
     let loader = Loader::open(source, &DatasetOptions::default(), config).unwrap();

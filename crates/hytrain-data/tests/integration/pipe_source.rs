@@ -63,6 +63,7 @@ fn fast(spool: &Path) -> PipeOptions {
         stall_timeout: Duration::from_secs(20),
         spool_dir: Some(spool.to_path_buf()),
         max_spool_bytes: None,
+        shard_sizes: None,
     }
 }
 
@@ -279,10 +280,10 @@ fn a_later_pass_that_differs_from_the_first_fails_naming_the_shard() {
                 assert_eq!(pipe.read("pipe-000001.tar").unwrap(), shards[1], "shards before the difference serve");
                 let err = pipe.read("pipe-000002.tar").unwrap_err().to_string();
                 assert!(
-                    err.contains("training_1") && err.contains("shard 2 is") && err.contains("in the first"),
+                    err.contains("training_1") && err.contains("shard 2 is") && err.contains("were expected"),
                     "{err}"
                 );
-                assert!(err.contains("must deliver the same data"), "{err}");
+                assert!(err.contains("must deliver the same shards"), "{err}");
             }
             _ => {
                 // Opening the next FIFO reports the previous pass's failure first; the one after that reads on.
@@ -291,11 +292,54 @@ fn a_later_pass_that_differs_from_the_first_fails_naming_the_shard() {
                 pipe.begin_epoch(n as u64).unwrap();
                 let err = pipe.read("pipe-000005.tar").unwrap_err().to_string();
                 assert!(
-                    err.contains("training_2") && err.contains("delivered 5 shards where the first delivered 6"),
+                    err.contains("training_2") && err.contains("delivered 5 shards where 6 were expected"),
                     "{err}"
                 );
             }
         }
         writer.join().unwrap();
     }
+}
+
+#[test]
+fn with_the_shard_sizes_known_the_first_pass_streams_too_and_is_checked_against_them() {
+    let (_data, shards) = dataset();
+    let channel = tempfile::tempdir().unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let sizes: Vec<u64> = shards.iter().map(|s| s.len() as u64).collect();
+    let opts =
+        PipeOptions { shard_sizes: Some(sizes.clone()), stall_timeout: Duration::from_secs(5), ..fast(spool.path()) };
+    let pipe = Pipe::new(channel.path().join("training"), &opts);
+    // Listed before any FIFO exists: nothing is waited for.
+    let listed = pipe.list().unwrap();
+    assert_eq!(listed.iter().map(|o| o.size).collect::<Vec<_>>(), sizes);
+    assert_eq!(listed[3].name, "pipe-000003.tar");
+
+    mkfifo(&channel.path().join("training_0"));
+    let (release, held) = std::sync::mpsc::channel();
+    let writer = deliver_held(channel.path().join("training_0"), shards.clone(), held);
+    pipe.begin_epoch(0).unwrap();
+    assert_eq!(pipe.read("pipe-000000.tar").unwrap(), shards[0], "the first pass's first shard, while it arrives");
+    release.send(()).unwrap();
+    assert_eq!(pipe.read("pipe-000005.tar").unwrap(), shards[5]);
+    writer.join().unwrap();
+
+    // Sizes that are not the channel's: the first pass fails naming the shard.
+    let mut wrong = sizes;
+    wrong[1] += 512;
+    let channel = tempfile::tempdir().unwrap();
+    let pipe =
+        Pipe::new(channel.path().join("training"), &PipeOptions { shard_sizes: Some(wrong), ..fast(spool.path()) });
+    mkfifo(&channel.path().join("training_0"));
+    let stream = shards.concat();
+    let fifo = channel.path().join("training_0");
+    let writer = std::thread::spawn(move || {
+        // The reader stops at the difference; a broken pipe on this side is expected.
+        let mut file = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        let _ = file.write_all(&stream);
+    });
+    pipe.begin_epoch(0).unwrap();
+    let err = pipe.read("pipe-000004.tar").unwrap_err().to_string();
+    writer.join().unwrap();
+    assert!(err.contains("training_0") && err.contains("shard 1 is") && err.contains("were expected"), "{err}");
 }
