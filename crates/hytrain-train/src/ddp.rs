@@ -317,15 +317,6 @@ impl Ddp {
     /// Makes every bucket sharded (see [`ShardMode`]): the parameters become views of flat per-bucket buffers.
     fn shard_buckets(&mut self) -> Result<()> {
         let mode = self.options.shard;
-        if self.options.precision == Precision::Fp16 {
-            return Err(TrainError::option(
-                "--shard",
-                format!(
-                    "is {mode}, which is not implemented with --precision fp16 (each rank would check only its own \
-                     gradient blocks for overflow); use --precision bf16 or fp32, or --shard none"
-                ),
-            ));
-        }
         let (rank, world) = (self.rank(), self.world_size());
         for (i, bucket) in self.buckets.iter_mut().enumerate() {
             bucket
@@ -539,13 +530,23 @@ impl Ddp {
     /// (updating before the optimizer step, not after as PyTorch's loop does, changes nothing: the step does not
     /// read the scale).
     fn unscale_gradients(&mut self) -> Result<()> {
-        let Some(scaler) = &mut self.scaler else {
+        let Some(scaler) = &self.scaler else {
             return Ok(());
         };
-        let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
-        self.overflowed = scaler.unscale(&grads)?;
-        scaler.update(self.overflowed);
-        if self.overflowed {
+        // Sharded, a rank holds (and its optimizer reads) only its blocks of the averaged gradients.
+        let sharded = self.shard != ShardMode::None;
+        let grads: Vec<Tensor> = match sharded {
+            true => self.shard_gradients()?,
+            false => self.params.iter().map(|(_, p)| p.grad()).collect(),
+        };
+        let mut overflowed = scaler.unscale(&grads)?;
+        if sharded {
+            overflowed = self.overflowed_on_any_rank(overflowed)?;
+        }
+        self.overflowed = overflowed;
+        let scaler = self.scaler.as_mut().expect("checked above");
+        scaler.update(overflowed);
+        if overflowed {
             tracing::debug!(rank = self.comm.rank(), scale = scaler.scale(), "fp16 gradients overflowed: step skipped");
         }
         Ok(())

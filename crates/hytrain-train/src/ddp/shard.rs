@@ -8,6 +8,9 @@
 //! reduction before computing the next one's gradients ([`ZERO2_BUCKETS_IN_FLIGHT`]). The three updates (SGD with momentum,
 //! Nesterov and weight decay, AdamW) are elementwise, so stepping blocks of flat buffers gives DDP's weights.
 //!
+//! fp16 loss scaling unscales this rank's blocks and skips a step when any rank's overflowed
+//! ([`Ddp::overflowed_on_any_rank`]), so every rank skips alike and the scale stays the same everywhere.
+//!
 //! Checkpoints are sharded too ([`crate::checkpoint::sharded`]): each rank writes its blocks' state, and the
 //! manifest records the bucket layout, so a sharded run resumes from a DDP checkpoint, a DDP run from a sharded
 //! one, and a sharded run from one written at another world size.
@@ -139,12 +142,7 @@ impl Ddp {
     /// multiplied by `min(1, max_norm / (norm + 1e-6))` as [`Ddp::clip_grad_norm`] does. Returns the norm.
     pub(super) fn clip_shards(&mut self, max_norm: f64) -> Result<Tensor> {
         let torch = |e| TrainError::torch("gradient clipping over shards", e);
-        let grads: Vec<Tensor> = self
-            .buckets
-            .iter()
-            .map(|b| b.shard_pair().map(|pair| pair.expect("sharded").1))
-            .collect::<Result<_, _>>()
-            .map_err(torch)?;
+        let grads = self.shard_gradients()?;
         let device = grads.first().map_or(tch::Device::Cpu, Tensor::device);
         let mut squares = Tensor::f_zeros([1], (Kind::Double, device)).map_err(torch)?;
         for g in &grads {
@@ -183,6 +181,43 @@ impl Ddp {
             let _ = tch::no_grad(|| g.shallow_clone().f_mul_(&c)).map_err(torch)?;
         }
         Ok(total)
+    }
+
+    /// This rank's averaged gradient block of every bucket: what its optimizer steps with.
+    pub(super) fn shard_gradients(&self) -> Result<Vec<Tensor>> {
+        self.buckets
+            .iter()
+            .map(|b| b.shard_pair().map(|pair| pair.expect("sharded").1))
+            .collect::<Result<_, _>>()
+            .map_err(|e| TrainError::torch("gradient blocks of the shards", e))
+    }
+
+    /// fp16 with sharding: whether any rank's gradient blocks overflowed (`local` is this rank's), so that every rank
+    /// skips the step together, as PyTorch's `ShardedGradScaler` does: one allreduce of one number.
+    pub(super) fn overflowed_on_any_rank(&mut self, local: bool) -> Result<bool> {
+        let during = "fp16 overflow check over shards";
+        let flag = if local { 1.0 } else { 0.0 };
+        let torch = |e| TrainError::torch(during, e);
+        match self.device_comm.as_mut() {
+            Some(device_comm) => {
+                let device = self.params.first().map_or(tch::Device::Cpu, |(_, p)| p.device());
+                let count = Tensor::f_full([1], flag, (Kind::Double, device)).map_err(torch)?;
+                // SAFETY: `count` is a contiguous f64 tensor of one element on the collective's device, owned here
+                // and not touched by anything else during the call.
+                let slice = unsafe {
+                    hytrain_cuda::DeviceSlice::from_raw(count.data_ptr() as u64, hytrain_cuda::DType::F64, 1)
+                };
+                device_comm
+                    .allreduce(slice, hytrain_cuda::DeviceReduceOp::Sum)
+                    .map_err(|source| TrainError::DeviceComm { during: during.into(), source })?;
+                Ok(count.f_double_value(&[0]).map_err(torch)? > 0.0)
+            }
+            None => {
+                let mut count = [flag];
+                self.comm.allreduce(crate::Buffer::F64(&mut count), ReduceOp::Sum).map_err(comm_err(during))?;
+                Ok(count[0] > 0.0)
+            }
+        }
     }
 
     /// After the optimizer stepped this rank's blocks: every bucket's flat parameter buffer allgathered, so every
