@@ -380,15 +380,30 @@ struct CommArgs {
     /// HYTRAIN_RENDEZVOUS_ENDPOINT, else Kubeflow's PET_RDZV_ENDPOINT, else rank 0 hosts the store].
     #[arg(long)]
     rendezvous_endpoint: Option<String>,
+    /// Nodes in the job, N or MIN:MAX: the standalone store (--rendezvous-endpoint) admits nodes up to MAX, begins
+    /// once MIN are in and the last call is over, and gives node ranks in the order nodes came; one process per
+    /// node [default: the platform's; Kubeflow's PET_NNODES=MIN:MAX works the same].
+    #[arg(long)]
+    nnodes: Option<String>,
+    /// Seconds the store waits for more nodes once MIN are in (torchrun's last_call_timeout).
+    #[arg(long, env = "HYTRAIN_LAST_CALL_TIMEOUT", default_value = "30", value_parser = parse_deadline)]
+    last_call_timeout: Duration,
 }
 
 impl CommArgs {
-    /// `plan` with the store --rendezvous-endpoint names, when given.
+    /// `plan` with the store --rendezvous-endpoint names and the node count --nnodes gives, when given, and with
+    /// this node's rank from the store when the node count is a range. Tags the log lines with the rank.
     fn plan(&self, plan: &cluster::Plan) -> anyhow::Result<cluster::Plan> {
         let mut plan = plan.clone();
         if let Some(endpoint) = &self.rendezvous_endpoint {
             plan.rendezvous = cluster::Rendezvous::external("--rendezvous-endpoint", endpoint)?;
         }
+        if let Some(nnodes) = &self.nnodes {
+            plan.set_nnodes("--nnodes", nnodes)?;
+        }
+        let plan = rendezvous::admit(&plan, &self.options(&plan), self.last_call_timeout)?;
+        let t = &plan.topology;
+        hytrain::logging::set_rank(t.rank, t.world_size, &t.current_host);
         Ok(plan)
     }
 
@@ -441,6 +456,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     let t = &plan.topology;
     match command {
         Command::Launch { .. } => hytrain::logging::set_node(t.node_rank, t.nnodes, &t.current_host),
+        // Their rank may come from the store (`CommArgs::plan`).
+        Command::Train(_) | Command::Doctor { .. } => {}
         _ => hytrain::logging::set_rank(t.rank, t.world_size, &t.current_host),
     }
     match command {

@@ -1,7 +1,8 @@
 //! `hytrain rendezvous`: the job's rendezvous store in a process of its own, so that losing any worker, global
 //! rank 0 included, leaves the store (and the other workers' view of the loss) intact. It serves run after run of
 //! the job: a restarted set of workers rendezvouses again on the same process (see
-//! [`StandaloneStore`](crate::comm::StandaloneStore)).
+//! [`StandaloneStore`](crate::comm::StandaloneStore)). A worker of a job whose node count is a range is admitted by
+//! it first ([`admit`]).
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::cluster::{self, Env};
-use crate::comm::{CommOptions, StandaloneStore};
+use crate::comm::{CommOptions, NodeRange, StandaloneStore, Store};
 
 /// `hytrain rendezvous`'s flags.
 #[derive(Debug, clap::Args)]
@@ -50,4 +51,26 @@ pub fn serve(env: &Env, args: &RendezvousArgs) -> anyhow::Result<()> {
     }
     tracing::info!("rendezvous store stopping on a signal");
     Ok(())
+}
+
+/// The plan of a process whose node count is a range (`--nnodes MIN:MAX`, `PET_NNODES=MIN:MAX`) once the
+/// standalone store has admitted its node: node rank and node count from the store, and its global rank and world
+/// size from them. A plan without a range is returned as it is.
+pub fn admit(plan: &cluster::Plan, opts: &CommOptions, last_call: Duration) -> anyhow::Result<cluster::Plan> {
+    let Some(range) = plan.nnodes_range else {
+        return Ok(plan.clone());
+    };
+    let t = &plan.topology;
+    // The host name alone could be shared (processes on one machine); the process id tells them apart.
+    let node = format!("{}#{}", t.current_host, std::process::id());
+    let nodes = NodeRange { min: range.min, max: range.max, last_call };
+    let admitted = Store::admit(&crate::membership(plan), opts, &node, &nodes)
+        .map_err(|e| anyhow::anyhow!("this node was not admitted to the job: {e}"))?;
+    let mut plan = plan.clone();
+    let t = &mut plan.topology;
+    t.node_rank = admitted.node_rank;
+    t.nnodes = admitted.nnodes;
+    t.rank = admitted.node_rank * t.local_world_size + t.local_rank;
+    t.world_size = admitted.nnodes * t.local_world_size;
+    Ok(plan)
 }

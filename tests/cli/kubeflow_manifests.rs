@@ -418,23 +418,19 @@ fn the_elastic_job_reaches_its_standalone_store_through_the_service_with_the_sam
     let policy = &job["spec"]["elasticPolicy"];
     assert_eq!(policy["rdzvHost"], service["metadata"]["name"]);
     assert_eq!(policy["rdzvPort"], service["spec"]["ports"][0]["port"]);
-    // Fixed-size until the store admits a range of nodes.
     let workers = &job["spec"]["pytorchReplicaSpecs"]["Worker"];
-    assert_eq!((&policy["minReplicas"], &policy["maxReplicas"]), (&workers["replicas"], &workers["replicas"]));
+    let (min, max) = (policy["minReplicas"].as_u64().unwrap(), policy["maxReplicas"].as_u64().unwrap());
+    assert!(min < max && workers["replicas"].as_u64() == Some(max), "{policy}");
     let worker = containers_of(job)[0];
     assert_eq!(env_of(worker, "HYTRAIN_JOB_TOKEN"), env_of(store, "HYTRAIN_JOB_TOKEN"), "one secret for both");
-    assert_eq!(
-        env_of(worker, "PET_NODE_RANK")["valueFrom"]["fieldRef"]["fieldPath"],
-        "metadata.labels['training.kubeflow.org/replica-index']"
-    );
-    // What hytrain makes of the variables the operator gives worker pods 0 and 1: both join the store as clients.
+    // What hytrain makes of the variables the operator gives worker pods (no node rank): both join the store as
+    // clients, and the store admits them as a range of nodes.
     let endpoint = format!("{}:{}", policy["rdzvHost"].as_str().unwrap(), policy["rdzvPort"]);
     for node in ["0", "1"] {
         let env = [
             ("PET_RDZV_ENDPOINT", endpoint.clone()),
-            ("PET_NNODES", "3:3".to_string()),
+            ("PET_NNODES", format!("{min}:{max}")),
             ("PET_MAX_RESTARTS", "3".to_string()),
-            ("PET_NODE_RANK", node.to_string()),
             ("HOSTNAME", format!("hytrain-cifar10-elastic-worker-{node}")),
         ];
         let out = common::run(&["explain", "--json"], &env);
@@ -444,5 +440,6 @@ fn the_elastic_job_reaches_its_standalone_store_through_the_service_with_the_sam
             json!({"store": "external", "host": "hytrain-rdzv", "port": 29400, "origin": "PET_RDZV_ENDPOINT"}),
             "pod {node}"
         );
+        assert_eq!(plan["nnodes_range"], json!({"min": min, "max": max}), "pod {node}");
     }
 }

@@ -1,6 +1,8 @@
 //! `hytrain rendezvous`: a 2-rank `hytrain train` job against a store in a process of its own. The store outlives a
 //! SIGKILLed global rank 0, the other rank exits naming rank 0 as lost (not the store as unreachable), and the next
-//! run of the job rendezvouses on the same store process and finishes.
+//! run of the job rendezvouses on the same store process and finishes. A job whose node count is a range
+//! (`--nnodes MIN:MAX`) is admitted by the store: node ranks in the order nodes came, or, below MIN, an error
+//! naming how many came.
 
 use std::fs;
 use std::path::Path;
@@ -140,6 +142,66 @@ fn a_standalone_store_outlives_rank_0_names_it_lost_to_the_other_rank_and_serves
     assert!(log.contains("lost rank 0"), "{log}");
 }
 
+/// A store process on a free loopback port, and its endpoint.
+fn store(dir: &Path) -> (Proc, String) {
+    let endpoint = format!("127.0.0.1:{}", common::free_port());
+    let env = [("HYTRAIN_JOB_TOKEN", TOKEN.to_string()), ("HOSTNAME", "rdzv".to_string())];
+    let mut store = Proc::spawn(common::command(&["rendezvous", "--listen", &endpoint], &env), dir, "store");
+    store.wait_for("the store listening", |p| p.stderr().contains(&format!("listening on {endpoint}")));
+    (store, endpoint)
+}
+
+/// A process the platform starts directly on host `host` (no rank given), with `extra` flags.
+fn node(dir: &Path, host: &str, extra: &[&str], env: &[(&str, String)]) -> Proc {
+    let data = digits();
+    let (model, output) = (dir.join(host).join("model"), dir.join(host).join("output"));
+    let mut args = vec!["train", "--model", "mlp", "--data", data.to_str().unwrap(), "--batch-size", "32"];
+    args.extend(["--validation", "none", "--checkpoint-dir", "none", "--epochs", "1", "--max-samples", "256"]);
+    args.extend(["--model-dir", model.to_str().unwrap(), "--output-dir", output.to_str().unwrap()]);
+    args.extend(extra);
+    let mut vars =
+        vec![("HOSTNAME", host.to_string()), ("HYTRAIN_JOB_TOKEN", TOKEN.into()), ("OMP_NUM_THREADS", "1".into())];
+    vars.extend(env.iter().cloned());
+    Proc::spawn(common::command(&args, &vars), dir, host)
+}
+
+#[test]
+fn nodes_of_a_range_are_admitted_in_the_order_they_came_and_train_as_one_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, endpoint) = store(dir.path());
+    let flags = ["--nnodes", "1:3", "--last-call-timeout", "3", "--rendezvous-endpoint", endpoint.as_str()];
+    let mut nodes = [node(dir.path(), "node-a", &flags, &[]), node(dir.path(), "node-b", &flags, &[])];
+    let mut ranks = Vec::new();
+    for p in nodes.iter_mut() {
+        let status = p.exit();
+        let err = p.stderr();
+        assert!(status.success(), "{}{err}", p.stdout());
+        assert!(err.contains("admitted to the rendezvous"), "{err}");
+        ranks.push(["rank 0/2 ", "rank 1/2 "].iter().position(|tag| err.contains(tag)).expect("a rank of 2"));
+    }
+    ranks.sort();
+    assert_eq!(ranks, [0, 1], "the two nodes took one rank each");
+    let exported = nodes.iter().filter(|p| p.stdout().contains("model written to")).count();
+    assert_eq!(exported, 1, "only rank 0 writes the model");
+}
+
+#[test]
+fn a_job_below_min_waits_out_the_rendezvous_timeout_and_names_how_many_nodes_came() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, endpoint) = store(dir.path());
+    let flags = ["--nnodes", "2:3", "--rendezvous-endpoint", endpoint.as_str()];
+    let mut alone = node(dir.path(), "node-a", &flags, &[("HYTRAIN_RENDEZVOUS_TIMEOUT", "2".into())]);
+    assert!(!alone.exit().success());
+    let err = alone.stderr();
+    assert!(
+        err.contains(&format!(
+            "hytrain: error: this node was not admitted to the job: only 1 of the at least 2 nodes the job needs \
+             (--nnodes 2:3) came to the rendezvous store at {endpoint} within 2 s; start more nodes or lower MIN"
+        )),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_standalone_store_without_the_workers_token_or_run_id_refuses_to_start() {
     let out = common::run(&["rendezvous", "--listen", "127.0.0.1:0"], &[]);
@@ -161,4 +223,10 @@ fn bad_store_addresses_are_refused_naming_the_flag() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.starts_with("hytrain: error: --rendezvous-endpoint='a:b:c' is not a host name"), "{err}");
+    let out = common::run(&["train", "--nnodes", "1:2", "--epochs", "1"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("hytrain: error: --nnodes=1:2: a range of nodes needs a standalone rendezvous store"),
+        "{err}"
+    );
 }

@@ -115,6 +115,7 @@
 use std::path::PathBuf;
 
 mod channel;
+mod elastic;
 mod env;
 mod error;
 #[doc(hidden)]
@@ -129,6 +130,7 @@ mod token;
 mod topology;
 
 pub use channel::{Channel, InputMode, S3Distribution};
+pub use elastic::NodeRange;
 pub use env::Env;
 pub use error::DetectError;
 pub use launch::{launch_token_env, worker_env};
@@ -172,6 +174,7 @@ pub fn detect_from(env: &Env) -> Result<Plan, DetectError> {
     };
     plan.host_aliases = parse::host_aliases(env)?;
     plan.rendezvous = rendezvous::detect(env, platform, &plan.topology)?;
+    elastic::settle(env, &mut plan)?;
     let job_arn = plan.sagemaker.as_ref().and_then(|s| s.job_arn.as_deref());
     plan.job_token = token::detect(env, launcher, job_arn)?;
     Ok(plan)

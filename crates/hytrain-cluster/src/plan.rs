@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::channel::Channel;
+use crate::elastic::NodeRange;
 use crate::launcher::Launcher;
 use crate::platform::Platform;
 use crate::rendezvous::Rendezvous;
@@ -43,6 +44,10 @@ pub struct Plan {
     /// Where the rendezvous store runs: in global rank 0, or outside at an endpoint every rank joins.
     #[serde(default)]
     pub rendezvous: Rendezvous,
+    /// A node count given as a range: the store admits the nodes and gives node ranks, and the topology's ranks and
+    /// sizes are placeholders (node 0 of MAX) until then. `None`: the topology is the job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nnodes_range: Option<NodeRange>,
 }
 
 impl Plan {
@@ -152,6 +157,9 @@ impl fmt::Display for Plan {
         )?;
         writeln!(f, "master:          {}", t.master_endpoint())?;
         writeln!(f, "rendezvous:      {}", self.rendezvous)?;
+        if let Some(range) = self.nnodes_range {
+            writeln!(f, "nodes:           {range}, admitted by the rendezvous store (node rank given there)")?;
+        }
         writeln!(f, "job token:       {}", self.job_token.source)?;
         writeln!(f, "current host:    {}", t.current_host)?;
         if !t.hosts.is_empty() {

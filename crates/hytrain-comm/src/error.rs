@@ -56,6 +56,27 @@ pub enum CommError {
         detail: String,
     },
 
+    /// A job whose node count is a range (`--nnodes MIN:MAX`) saw fewer than MIN nodes at the store before the
+    /// rendezvous deadline.
+    #[error(
+        "only {came} of the at least {needed} nodes the job needs (--nnodes {needed}:{max}) came to the rendezvous \
+         store at {host}:{port} within {secs} s; start more nodes or lower MIN"
+    )]
+    TooFewNodes {
+        /// Nodes at the store when this one gave up, itself included.
+        came: usize,
+        /// MIN.
+        needed: usize,
+        /// MAX.
+        max: usize,
+        /// The store's address.
+        host: String,
+        /// The store's port.
+        port: u16,
+        /// How long this node waited.
+        secs: u64,
+    },
+
     /// Rank 0 hosted the rendezvous but not every rank joined before the deadline.
     #[error("rank 0 timed out after {secs} s hosting the rendezvous at {host}:{port} (ranks still missing: {missing}{note})")]
     RanksMissing {

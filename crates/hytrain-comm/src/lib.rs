@@ -82,7 +82,7 @@ mod transport;
 pub use backend::mpi::Mpi;
 pub use backend::ring::{Ring, DEFAULT_SEGMENT_BYTES};
 pub use error::{CommError, RankList};
-pub use rendezvous::client::Store;
+pub use rendezvous::client::{Admitted, NodeRange, Store};
 pub use rendezvous::liveness::{Liveness, LostRank};
 pub use rendezvous::standalone::StandaloneStore;
 pub use transport::{connect, Transport};

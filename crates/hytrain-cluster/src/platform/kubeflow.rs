@@ -2,6 +2,7 @@
 //! torchrun or `hytrain launch`. Without a launcher, v1 puts the NODE rank in RANK and counts processes in
 //! WORLD_SIZE, v2 gives only PET_*; both mean rank = node_rank * nproc_per_node + local_rank.
 
+use crate::elastic::NodeRange;
 use crate::env::Env;
 use crate::error::{shown, DetectError};
 use crate::launcher::{self, Launcher};
@@ -13,13 +14,16 @@ use crate::topology::Counts;
 /// The plan of a process in a Kubeflow pod; `platform` is the version [`super::detect`] recognised.
 pub(crate) fn plan(env: &Env, platform: Platform, launcher: Launcher) -> Result<Plan, DetectError> {
     let mut notes = Vec::new();
-    let counts = match launcher::counts(env, launcher, &mut notes)? {
-        Some(counts) => counts,
+    let (counts, range) = match launcher::counts(env, launcher, &mut notes)? {
+        Some(counts) => (counts, None),
         None => counts(env, &mut notes)?,
     };
     let master = master(env, launcher, counts.nnodes, &mut notes)?;
     let nproc_per_node = pet_nproc(env)?;
-    Ok(local::assemble(env, platform, launcher, counts, master, nproc_per_node, notes))
+    let mut plan = local::assemble(env, platform, launcher, counts, master, nproc_per_node, notes);
+    // Settled once the store's place is known (`elastic::settle`).
+    plan.nnodes_range = range;
+    Ok(plan)
 }
 
 /// `PET_NNODES`: a node count, or `min:max` for an elastic job.
@@ -64,8 +68,9 @@ pub(crate) fn pet_nproc(env: &Env) -> Result<Option<usize>, DetectError> {
 }
 
 /// Counts for a process a Kubeflow pod runs directly (no launcher). v1 puts the NODE rank in RANK and counts
-/// processes in WORLD_SIZE; v2 gives only PET_*; both mean the same node_rank * nproc + local_rank.
-fn counts(env: &Env, notes: &mut Vec<String>) -> Result<Counts, DetectError> {
+/// processes in WORLD_SIZE; v2 gives only PET_*; both mean the same node_rank * nproc + local_rank. An elastic
+/// job's `PET_NNODES=MIN:MAX` comes back beside them; its node rank may be missing (node 0 stands in for it).
+fn counts(env: &Env, notes: &mut Vec<String>) -> Result<(Counts, Option<NodeRange>), DetectError> {
     let nproc = pet_nproc(env)?;
     let n = nproc.unwrap_or(1);
     let rank = parse::opt_number(env, "RANK", RANK_EXPECTED)?;
@@ -112,15 +117,13 @@ fn counts(env: &Env, notes: &mut Vec<String>) -> Result<Counts, DetectError> {
             })
         }
     };
-    if let Some(NNodes::Range(min, max)) = nnodes_env {
-        notes.push(format!(
-            "elastic PyTorchJob (PET_NNODES={min}:{max}): hytrain rendezvous is fixed-size and waits for {nnodes} \
-             nodes; give minReplicas = maxReplicas or run under torchrun"
-        ));
-    }
+    let range = match nnodes_env {
+        Some(NNodes::Range(min, max)) => Some(NodeRange { min, max }),
+        _ => None,
+    };
     let (node_rank, node_var) = match node {
         Some(n) => n,
-        None if nnodes == 1 => (0, "PET_NODE_RANK"),
+        None if nnodes == 1 || range.is_some() => (0, "PET_NODE_RANK"),
         None => {
             return Err(DetectError::Missing {
                 var: "PET_NODE_RANK".into(),
@@ -149,7 +152,7 @@ fn counts(env: &Env, notes: &mut Vec<String>) -> Result<Counts, DetectError> {
         );
     }
     let local_rank = local_rank.unwrap_or(0);
-    Ok(Counts {
+    let counts = Counts {
         rank: product(node_rank, n, "node rank x PET_NPROC_PER_NODE")?
             .checked_add(local_rank)
             .ok_or_else(|| DetectError::Inconsistent("global rank is too large".into()))?,
@@ -158,7 +161,8 @@ fn counts(env: &Env, notes: &mut Vec<String>) -> Result<Counts, DetectError> {
         local_world_size: n,
         node_rank,
         nnodes,
-    })
+    };
+    Ok((counts, range))
 }
 
 /// The master: MASTER_ADDR (v1), else PET_MASTER_ADDR, else the host of PET_RDZV_ENDPOINT; the port likewise. A

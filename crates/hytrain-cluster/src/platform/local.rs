@@ -100,5 +100,6 @@ pub(crate) fn assemble(
         host_aliases: BTreeMap::new(),
         job_token: Default::default(),
         rendezvous: Default::default(),
+        nnodes_range: None,
     }
 }

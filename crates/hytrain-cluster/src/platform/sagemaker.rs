@@ -580,6 +580,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
         host_aliases: BTreeMap::new(),
         job_token: Default::default(),
         rendezvous: Default::default(),
+        nnodes_range: None,
     })
 }
 

@@ -237,7 +237,9 @@ fn malformed_pet_nnodes_and_nproc_are_refused() {
 
 #[test]
 fn elastic_pod_without_node_rank_asks_for_torchrun() {
-    let msg = error(&env(&[("PET_RDZV_ENDPOINT", "e-worker-0:23456"), ("PET_NNODES", "1:4")]));
+    // The pod the endpoint names would host the store in rank 0, but it has no node rank to be rank 0 by.
+    let msg =
+        error(&env(&[("PET_RDZV_ENDPOINT", "e-worker-0:23456"), ("PET_NNODES", "1:4"), ("HOSTNAME", "e-worker-0")]));
     assert!(msg.starts_with("PET_NODE_RANK is not set; Kubeflow gave this pod no node rank"), "{msg}");
     assert!(msg.contains("torchrun"), "{msg}");
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use hytrain_cluster::JobToken;
 
+use super::admission::Ask;
 use super::auth::{self, Handshake};
 use super::liveness::{self, Liveness, StoreSide, WatchHost, VERDICT_WAIT};
 use super::protocol::*;
@@ -53,6 +54,27 @@ struct Inner {
     liveness: Option<(Liveness, liveness::AbortRegistration)>,
     // Last field: dropped after the connection above, so rank 0's own connection closes before the listener does.
     _server: Option<Server>,
+}
+
+/// A job's node count as a range: the store admits nodes up to `max`, and once `min` are in, closes the round after
+/// `last_call` (torchrun's `last_call_timeout`) or as soon as `max` are in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeRange {
+    /// Nodes the job needs at least (MIN).
+    pub min: usize,
+    /// Nodes the job takes at most (MAX).
+    pub max: usize,
+    /// How long the store waits for more nodes once `min` are in.
+    pub last_call: Duration,
+}
+
+/// A node's place in its round: its node rank (in the order nodes came) and the round's node count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// This node's rank, `0..nnodes`.
+    pub node_rank: usize,
+    /// Nodes in the round.
+    pub nnodes: usize,
 }
 
 /// A connection to the job's rendezvous store, hosted in-process by global rank 0 or running on its own.
@@ -179,6 +201,72 @@ impl Store {
             "rendezvous complete"
         );
         Ok(store)
+    }
+
+    /// Asks the standalone store at `m`'s master address to admit this node to the job's next round of
+    /// `nodes.min` to `nodes.max` nodes (see [`NodeRange`]), waiting at most the rendezvous timeout. Returns this
+    /// node's rank, given in the order nodes came, and the round's node count; the node's processes then rendezvous
+    /// with [`Store::rendezvous`] as ranks `node_rank * local_world_size + local_rank` of
+    /// `nnodes * local_world_size`. `node` tells this node from the others (its host name and process id).
+    pub fn admit(m: &Membership, opts: &CommOptions, node: &str, nodes: &NodeRange) -> Result<Admitted, CommError> {
+        opts.validate()?;
+        let started = Instant::now();
+        let deadline = started + opts.rendezvous_timeout;
+        let hosts = [m.master_addr.as_str()];
+        let mut stream = connect_with_retry(m, opts, &hosts, started, deadline)?;
+        let ask = Ask {
+            node: node.to_string(),
+            min: nodes.min,
+            max: nodes.max,
+            last_call: nodes.last_call,
+            local_world_size: m.local_world_size,
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let failed = |detail: String| CommError::Store {
+            rank: m.rank,
+            host: m.master_addr.clone(),
+            port: m.master_port,
+            op: "admission",
+            detail,
+        };
+        let answer = (|| -> io::Result<Result<Admitted, (u8, String, usize)>> {
+            stream.set_read_timeout(Some(remaining + ANSWER_SLACK))?;
+            stream.write_all(&admit_request(&opts.job_id, &ask, remaining))?;
+            Ok(match get_u8(&mut stream)? {
+                ST_OK => {
+                    Ok(Admitted { node_rank: get_u64(&mut stream)? as usize, nnodes: get_u64(&mut stream)? as usize })
+                }
+                ST_TIMEOUT => Err((ST_TIMEOUT, String::new(), get_u64(&mut stream)? as usize)),
+                _ => Err((
+                    ST_ERR,
+                    String::from_utf8_lossy(&get_bytes_max(&mut stream, auth::MAX_REASON)?).into_owned(),
+                    0,
+                )),
+            })
+        })()
+        .map_err(|e| failed(describe_io(&e, remaining, false)))?;
+        match answer {
+            Ok(admitted) => {
+                tracing::info!(
+                    node_rank = admitted.node_rank,
+                    nnodes = admitted.nnodes,
+                    secs = started.elapsed().as_secs_f64(),
+                    "admitted to the rendezvous"
+                );
+                Ok(admitted)
+            }
+            Err((ST_TIMEOUT, _, came)) => Err(CommError::TooFewNodes {
+                came,
+                needed: nodes.min,
+                max: nodes.max,
+                host: m.master_addr.clone(),
+                port: m.master_port,
+                secs: started.elapsed().as_secs_f64().round() as u64,
+            }),
+            Err((_, detail, _)) => {
+                Err(CommError::Rejected { rank: m.rank, host: m.master_addr.clone(), port: m.master_port, detail })
+            }
+        }
     }
 
     /// Registers this rank with the store.

@@ -3,6 +3,7 @@
 //!
 //! - `wire`: the byte encoding shared by every protocol of the crate (integers, length-prefixed bytes).
 //! - `auth`: the job token and the challenge-response handshake, used by the store and the ring's links alike.
+//! - `admission`: which nodes a round of a standalone store admits when the node count is a range.
 //! - `protocol`: the store's requests and answers as bytes.
 //! - `liveness`: the watch connection, both its store end and its rank end, and [`Liveness`](crate::Liveness).
 //! - `server`: the store itself, hosted by rank 0 or by a process of its own; it knows no client.
@@ -11,6 +12,7 @@
 //!
 //! Each file uses only those listed above it, so there is no cycle; `tests` holds the store's tests.
 
+pub(crate) mod admission;
 pub(crate) mod auth;
 pub(crate) mod client;
 pub(crate) mod liveness;

@@ -9,6 +9,7 @@
 use std::io::{self, Read};
 use std::time::Duration;
 
+use super::admission::Ask;
 use super::auth::NONCE_LEN;
 use super::wire::*;
 
@@ -30,6 +31,9 @@ pub(crate) const OP_JOIN: u8 = 6;
 pub(crate) const OP_AWAIT_JOINED: u8 = 7;
 /// Turns the connection into a liveness watch of one rank (see `liveness`).
 pub(crate) const OP_WATCH: u8 = 8;
+/// Asks a standalone store to admit this node to a round of MIN to MAX nodes (see `admission`); answered `ST_OK`
+/// with the node rank and node count, `ST_TIMEOUT` with how many nodes came and how many were needed, or `ST_ERR`.
+pub(crate) const OP_ADMIT: u8 = 9;
 
 pub(crate) const ST_OK: u8 = 0;
 pub(crate) const ST_TIMEOUT: u8 = 1;
@@ -87,6 +91,12 @@ pub(crate) enum Request {
         rank: usize,
         timeout_ms: u64,
     },
+    /// Admission of a node to a round (see [`admission`](super::admission)).
+    Admit {
+        job: String,
+        ask: Ask,
+        timeout_ms: u64,
+    },
 }
 
 /// The next request, or `None` when the client closed the connection between requests.
@@ -109,6 +119,14 @@ pub(crate) fn read_request(r: &mut impl Read) -> io::Result<Option<Request>> {
         OP_JOIN => Request::Join { job: get_string(r)?, rank: get_u64(r)? as usize, world: get_u64(r)? as usize },
         OP_AWAIT_JOINED => Request::AwaitJoined { timeout_ms: get_u64(r)? },
         OP_WATCH => Request::Watch { rank: get_u64(r)? as usize, timeout_ms: get_u64(r)? },
+        OP_ADMIT => {
+            let job = get_string(r)?;
+            let node = get_string(r)?;
+            let (min, max) = (get_u64(r)? as usize, get_u64(r)? as usize);
+            let last_call = Duration::from_millis(get_u64(r)?.min(u32::MAX as u64));
+            let local_world_size = get_u64(r)? as usize;
+            Request::Admit { job, ask: Ask { node, min, max, last_call, local_world_size }, timeout_ms: get_u64(r)? }
+        }
         other => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unknown store request {other}"))),
     }))
 }
@@ -125,6 +143,20 @@ pub(crate) fn decode_stream(bytes: &[u8]) -> usize {
         n += 1;
     }
     n
+}
+
+/// The `OP_ADMIT` request for `ask` in job `job`, waiting at most `timeout`.
+pub(crate) fn admit_request(job: &str, ask: &Ask, timeout: Duration) -> Vec<u8> {
+    let mut frame = Vec::new();
+    put_u8(&mut frame, OP_ADMIT);
+    put_bytes(&mut frame, job.as_bytes());
+    put_bytes(&mut frame, ask.node.as_bytes());
+    put_u64(&mut frame, ask.min as u64);
+    put_u64(&mut frame, ask.max as u64);
+    put_u64(&mut frame, ask.last_call.as_millis() as u64);
+    put_u64(&mut frame, ask.local_world_size as u64);
+    put_u64(&mut frame, timeout.as_millis() as u64);
+    frame
 }
 
 /// The `OP_WATCH` request: rank and peer timeout.
@@ -171,8 +203,13 @@ mod tests {
             matches!(read_request(&mut r).unwrap(), Some(Request::Wait { keys, timeout_ms: 1500 }) if keys == ["a", "b"])
         );
         assert!(matches!(read_request(&mut r).unwrap(), Some(Request::Join { rank: 3, world: 4, .. })));
-        assert!(read_request(&mut r).unwrap().is_none());
-        assert_eq!(decode_stream(&f), 3);
+        let ask = Ask { node: "n".into(), min: 1, max: 3, last_call: Duration::from_secs(2), local_world_size: 2 };
+        f.extend(admit_request("job-1", &ask, Duration::from_secs(9)));
+        let mut r = &f[f.len() - admit_request("job-1", &ask, Duration::from_secs(9)).len()..];
+        assert!(
+            matches!(read_request(&mut r).unwrap(), Some(Request::Admit { job, ask: a, timeout_ms: 9000 }) if job == "job-1" && a == ask)
+        );
+        assert_eq!(decode_stream(&f), 4);
     }
 
     #[test]

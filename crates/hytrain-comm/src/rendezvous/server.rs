@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use hytrain_cluster::JobToken;
 
+use super::admission::{Admission, Ask, Standing};
 use super::auth::{self, Handshake};
 use super::liveness::{self, LostRank, WatchHost, Watches};
 use super::protocol::*;
@@ -58,6 +59,8 @@ struct ServerState {
     /// How the previous round ended, for requests of its ranks that come late.
     ended: Option<LostRank>,
     world_size: usize,
+    /// The round's admission of nodes, when its node count is a range (standalone store only).
+    admission: Option<Admission>,
     joined: BTreeSet<usize>,
     /// Connections that failed the token check, and where the last one came from, for the rendezvous error.
     refused: usize,
@@ -75,9 +78,16 @@ struct Shared {
 }
 
 impl ServerState {
-    /// Whether the current round is over or not yet begun, so that the next join begins a new one.
+    /// Whether the current round is over or not yet begun (no rank joined and no node is being admitted), so that
+    /// the next join or admission begins a new one.
     fn round_over(&self) -> bool {
-        self.joined.is_empty() || self.watches.lost().is_some() || self.watches.all_left(self.world_size)
+        if self.watches.lost().is_some() {
+            return true;
+        }
+        if self.joined.is_empty() {
+            return self.admission.is_none();
+        }
+        self.watches.all_left(self.world_size)
     }
 
     /// Begins the next round, of `world_size` ranks, forgetting everything of the one before.
@@ -87,6 +97,7 @@ impl ServerState {
         self.world_size = world_size;
         self.kv.clear();
         self.joined.clear();
+        self.admission = None;
         self.watches = Watches::default();
         tracing::info!(round = self.round, world_size, job = %self.job_id, "rendezvous store: a new round begins");
     }
@@ -213,6 +224,7 @@ impl Server {
                     World::Fixed(n) => n,
                     World::FromJoiners => 0,
                 },
+                admission: None,
                 joined: BTreeSet::new(),
                 refused: 0,
                 last_refused: None,
@@ -480,7 +492,13 @@ fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: 
                 if st.world == World::FromJoiners && job == st.job_id && joined.is_none() && st.round_over() {
                     st.begin_round(world);
                 }
-                let refusal = if job != st.job_id {
+                let refusal = if st.admission.as_ref().is_some_and(|a| !a.closed()) {
+                    Some(
+                        "the round is still admitting nodes (--nnodes MIN:MAX); a rank joins after its node was \
+                          admitted"
+                            .to_string(),
+                    )
+                } else if job != st.job_id {
                     Some(format!(
                         "it hosts job '{}' but this rank belongs to job '{job}'; two jobs share this address and port",
                         st.job_id
@@ -550,6 +568,9 @@ fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: 
                 put_u64_list(&mut out, &missing);
                 put_bytes(&mut out, note.as_bytes());
             }
+            Request::Admit { job, ask, timeout_ms } => {
+                admit_node(shared, &job, &ask, deadline_from(timeout_ms), &mut out)
+            }
             Request::Watch { rank, timeout_ms } => {
                 let timeout = Duration::from_millis(timeout_ms.clamp(1, u32::MAX as u64));
                 drop((r, w));
@@ -561,6 +582,86 @@ fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: 
         send(&mut w, &out)?;
     }
     Ok(())
+}
+
+/// Admits `ask`'s node to the current round (beginning one when the last is over), waiting until the round's node
+/// count is settled or `deadline` passes, and writes the answer to `out`.
+fn admit_node(shared: &Shared, job: &str, ask: &Ask, deadline: Instant, out: &mut Vec<u8>) {
+    let mut st = shared.lock();
+    let refusal = if st.world != World::FromJoiners {
+        Some(
+            "this store is hosted by rank 0 for a job of a fixed size; a range of nodes needs a standalone store \
+              (hytrain rendezvous)"
+                .to_string(),
+        )
+    } else if job != st.job_id {
+        Some(format!("it serves job '{}' but this node belongs to job '{job}'", st.job_id))
+    } else if !(1..=ask.max).contains(&ask.min) || ask.local_world_size == 0 {
+        Some(format!("{}:{} nodes of {} process(es) is no valid range", ask.min, ask.max, ask.local_world_size))
+    } else {
+        None
+    };
+    if let Some(why) = refusal {
+        put_u8(out, ST_ERR);
+        put_bytes(out, why.as_bytes());
+        return;
+    }
+    if st.round_over() {
+        st.begin_round(0);
+        st.admission = Some(Admission::open(ask));
+    }
+    let round = st.round;
+    let Some(admission) = st.admission.as_mut() else {
+        put_u8(out, ST_ERR);
+        put_bytes(
+            out,
+            b"the round began without an admission of nodes (its ranks are joining with a fixed world size)",
+        );
+        return;
+    };
+    let mut standing = admission.arrive(ask, Instant::now());
+    loop {
+        match standing {
+            Standing::Admitted { node_rank, nnodes } => {
+                st.world_size = st.admission.as_ref().map_or(0, Admission::world_size);
+                drop(st);
+                shared.changed.notify_all();
+                put_u8(out, ST_OK);
+                put_u64(out, node_rank as u64);
+                put_u64(out, nnodes as u64);
+                return;
+            }
+            Standing::Refused(why) => {
+                put_u8(out, ST_ERR);
+                put_bytes(out, why.as_bytes());
+                return;
+            }
+            Standing::Waiting { until } => {
+                let now = Instant::now();
+                if now >= deadline {
+                    let (came, needed) = st.admission.as_mut().map_or((0, ask.min), |a| a.leave(&ask.node));
+                    drop(st);
+                    shared.changed.notify_all();
+                    put_u8(out, ST_TIMEOUT);
+                    put_u64(out, came as u64);
+                    put_u64(out, needed as u64);
+                    return;
+                }
+                // Woken by another node's arrival, or at the end of the last call or of this node's wait.
+                let wake = until.map_or(deadline, |u| u.min(deadline)).max(now);
+                st = shared.changed.wait_timeout(st, wake - now).unwrap_or_else(|p| p.into_inner()).0;
+                if st.round != round {
+                    put_u8(out, ST_ERR);
+                    put_bytes(out, b"the store began a new round while this node waited for admission");
+                    return;
+                }
+                standing = match st.admission.as_mut() {
+                    Some(a) => a.look(&ask.node, Instant::now()),
+                    None => Standing::Refused("the round's admission is gone".into()),
+                };
+            }
+        }
+    }
 }
 
 fn put_lost(out: &mut Vec<u8>, lost: &LostRank) {

@@ -127,6 +127,56 @@ mod tests {
     }
 
     #[test]
+    fn nodes_of_a_range_are_ranked_in_the_order_they_came_and_rendezvous_as_that_many() {
+        let (server, o) = start();
+        let port = server.local_addr().port();
+        let range = crate::NodeRange { min: 1, max: 3, last_call: Duration::from_millis(700) };
+        let results = on_ranks(2, |i| -> Result<(usize, usize), crate::CommError> {
+            // Node 1 comes a moment after node 0, inside the last call.
+            std::thread::sleep(Duration::from_millis(200 * i as u64));
+            let admitted = Store::admit(&member(0, 1, port), &o, &format!("node-{i}"), &range)?;
+            let store = Store::rendezvous(&member(admitted.node_rank, admitted.nnodes, port), &o)?;
+            store.barrier("admitted")?;
+            Ok((admitted.node_rank, admitted.nnodes))
+        });
+        let got: Vec<(usize, usize)> = results.into_iter().map(Result::unwrap).collect();
+        assert_eq!(got, [(0, 2), (1, 2)]);
+    }
+
+    #[test]
+    fn a_job_below_min_fails_after_the_rendezvous_timeout_naming_how_many_came_and_were_needed() {
+        let (server, o) = start();
+        let port = server.local_addr().port();
+        let o = CommOptions { rendezvous_timeout: Duration::from_secs(1), ..o };
+        let range = crate::NodeRange { min: 2, max: 3, last_call: Duration::from_millis(200) };
+        let e = Store::admit(&member(0, 1, port), &o, "alone", &range).unwrap_err();
+        assert!(matches!(e, crate::CommError::TooFewNodes { came: 1, needed: 2, .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "only 1 of the at least 2 nodes the job needs (--nnodes 2:3) came to the rendezvous store at 127.0.0.1:{port} within 1 s"
+            )),
+            "{text}"
+        );
+        // Having left, it no longer counts: two nodes that come later make a round of two.
+        let later = on_ranks(2, |i| Store::admit(&member(0, 1, port), &o, &format!("later-{i}"), &range));
+        for r in later {
+            assert_eq!(r.unwrap().nnodes, 2);
+        }
+    }
+
+    #[test]
+    fn a_store_hosted_by_rank_0_refuses_a_range_of_nodes() {
+        let port = crate::testutil::free_port();
+        let o = opts(5, 5);
+        let _rank0 = std::thread::spawn(move || Store::rendezvous(&member(0, 2, port), &opts(3, 3)));
+        std::thread::sleep(Duration::from_millis(300));
+        let range = crate::NodeRange { min: 1, max: 2, last_call: Duration::from_secs(1) };
+        let e = Store::admit(&member(0, 1, port), &o, "n", &range).unwrap_err().to_string();
+        assert!(e.contains("a range of nodes needs a standalone store (hytrain rendezvous)"), "{e}");
+    }
+
+    #[test]
     fn a_standalone_store_on_a_taken_port_fails_naming_the_port() {
         let taken = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let addr = taken.local_addr().unwrap();
