@@ -80,6 +80,14 @@
 //! - Local: rank 0 of 1, unless RANK/WORLD_SIZE are set by hand (env:// style); master MASTER_ADDR/MASTER_PORT
 //!   or 127.0.0.1:29500.
 //!
+//! **Rendezvous** ([`Rendezvous`], `rendezvous.rs`): `HYTRAIN_RENDEZVOUS_ENDPOINT` (any platform; the binary's
+//! `--rendezvous-endpoint` wins over it) names an external store every rank joins as a client; on Kubeflow,
+//! `PET_RDZV_ENDPOINT` follows torchrun's c10d rule (the pod it names hosts the store in global rank 0, on the
+//! endpoint's port, and must be node 0; other pods connect to it); otherwise global rank 0 hosts it at the master
+//! port. An elastic job's `PET_NNODES=MIN:MAX` with an external store and one process per pod becomes a
+//! [`NodeRange`] the store admits nodes by (node ranks from the store, in arrival order; the topology's node rank
+//! and sizes are placeholders until then); otherwise it keeps the fixed size of MAX with the pod's node rank.
+//!
 //! **Job token** (the secret ranks authenticate each other with, see hytrain-comm): `HYTRAIN_JOB_TOKEN`, else the
 //! file `HYTRAIN_JOB_TOKEN_FILE` names (setting both is an error; at least [`MIN_TOKEN_BYTES`] bytes, surrounding
 //! whitespace dropped), else on SageMaker a value derived from `TRAINING_JOB_ARN`, else a default derived from the
@@ -101,6 +109,7 @@
 //! - `plan.rs`: the [`Plan`] and the descriptions only it holds ([`Paths`], [`SageMaker`], ...).
 //! - `token.rs`: the [`JobToken`] and where it comes from (`token::detect`).
 //! - `rendezvous.rs`: where the store runs ([`Rendezvous`]): in global rank 0, or outside at an endpoint.
+//! - `elastic.rs`: a node count given as a range ([`NodeRange`], `Plan::set_nnodes`).
 //! - `launcher.rs`: which [`Launcher`] started this process (`launcher::detect`) and the counts its variables give.
 //! - `channel.rs`, `topology.rs`, `parse.rs`, `env.rs`, `error.rs`: the leaves.
 //!
