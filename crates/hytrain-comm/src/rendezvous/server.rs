@@ -569,7 +569,8 @@ fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: 
                 put_bytes(&mut out, note.as_bytes());
             }
             Request::Admit { job, ask, timeout_ms } => {
-                admit_node(shared, &job, &ask, deadline_from(timeout_ms), &mut out)
+                let gone = || hung_up(&stream_for_watch);
+                admit_node(shared, &job, &ask, deadline_from(timeout_ms), &gone, &mut out)
             }
             Request::Watch { rank, timeout_ms } => {
                 let timeout = Duration::from_millis(timeout_ms.clamp(1, u32::MAX as u64));
@@ -584,9 +585,24 @@ fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: 
     Ok(())
 }
 
+/// How often a node waiting for admission is checked for having hung up.
+const ADMISSION_CHECK: Duration = Duration::from_millis(200);
+
+/// Whether the client of `stream` closed its end: a node that died while waiting for admission must not count.
+/// Only called while the connection's own thread waits, so nothing else reads it.
+fn hung_up(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let closed = matches!(stream.peek(&mut [0u8; 1]), Ok(0));
+    let _ = stream.set_nonblocking(false);
+    closed
+}
+
 /// Admits `ask`'s node to the current round (beginning one when the last is over), waiting until the round's node
-/// count is settled or `deadline` passes, and writes the answer to `out`.
-fn admit_node(shared: &Shared, job: &str, ask: &Ask, deadline: Instant, out: &mut Vec<u8>) {
+/// count is settled or `deadline` passes, and writes the answer to `out`. A node whose connection closes while it
+/// waits (`gone`) leaves the admission.
+fn admit_node(shared: &Shared, job: &str, ask: &Ask, deadline: Instant, gone: &dyn Fn() -> bool, out: &mut Vec<u8>) {
     let mut st = shared.lock();
     let refusal = if st.world != World::FromJoiners {
         Some(
@@ -638,6 +654,13 @@ fn admit_node(shared: &Shared, job: &str, ask: &Ask, deadline: Instant, out: &mu
             }
             Standing::Waiting { until } => {
                 let now = Instant::now();
+                if gone() {
+                    if let Some(a) = st.admission.as_mut() {
+                        a.leave(&ask.node);
+                    }
+                    tracing::info!(node = %ask.node, "a node waiting for admission hung up; it no longer counts");
+                    return;
+                }
                 if now >= deadline {
                     let (came, needed) = st.admission.as_mut().map_or((0, ask.min), |a| a.leave(&ask.node));
                     drop(st);
@@ -648,7 +671,7 @@ fn admit_node(shared: &Shared, job: &str, ask: &Ask, deadline: Instant, out: &mu
                     return;
                 }
                 // Woken by another node's arrival, or at the end of the last call or of this node's wait.
-                let wake = until.map_or(deadline, |u| u.min(deadline)).max(now);
+                let wake = until.map_or(deadline, |u| u.min(deadline)).min(now + ADMISSION_CHECK).max(now);
                 st = shared.changed.wait_timeout(st, wake - now).unwrap_or_else(|p| p.into_inner()).0;
                 if st.round != round {
                     put_u8(out, ST_ERR);

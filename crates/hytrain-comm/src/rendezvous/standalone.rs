@@ -166,6 +166,38 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_dies_while_waiting_for_admission_no_longer_counts() {
+        let (server, o) = start();
+        let port = server.local_addr().port();
+        let range = crate::NodeRange { min: 2, max: 3, last_call: Duration::from_millis(500) };
+        // A node asks to be admitted, then its process dies (its connection closes) before MIN are in.
+        let m = member(0, 1, port);
+        let started = std::time::Instant::now();
+        let deadline = started + Duration::from_secs(10);
+        let mut dead = super::super::client::connect_with_retry(&m, &o, &["127.0.0.1"], started, deadline).unwrap();
+        let ask = super::super::admission::Ask {
+            node: "dead".into(),
+            min: range.min,
+            max: range.max,
+            last_call: range.last_call,
+            local_world_size: 1,
+        };
+        std::io::Write::write_all(
+            &mut dead,
+            &super::super::protocol::admit_request(&o.job_id, &ask, Duration::from_secs(10)),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(dead);
+        std::thread::sleep(Duration::from_millis(600));
+        // Two live nodes make a round of two: the dead one is not among them.
+        let live = on_ranks(2, |i| Store::admit(&m, &o, &format!("live-{i}"), &range));
+        for r in live {
+            assert_eq!(r.unwrap().nnodes, 2);
+        }
+    }
+
+    #[test]
     fn a_store_hosted_by_rank_0_refuses_a_range_of_nodes() {
         let port = crate::testutil::free_port();
         let o = opts(5, 5);
