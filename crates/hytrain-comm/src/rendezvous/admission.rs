@@ -70,7 +70,7 @@ impl Admission {
         if !self.nodes.contains(&ask.node) {
             if self.closed {
                 return Standing::Refused(format!(
-                    "the round already closed with {} node(s); this node came too late (it joins the next run)",
+                    "the round already closed with {} node(s); this node came too late (restarted, it joins the next run)",
                     self.nodes.len()
                 ));
             }
