@@ -50,7 +50,7 @@ pub use batches::{Batch, BatchError, BatchSource, Batches, TensorBatches};
 pub use bucket::{assign_buckets, Bucket, MB};
 pub use checkpoint::{
     consolidate, latest_valid, AsyncCheckpointer, Checkpoint, CheckpointMeta, CheckpointStore, Consolidated, Resume,
-    RngState, Skipped,
+    RngState, ShardedWriter, Skipped,
 };
 pub use config::{layer, ConfigSources, Layered, OptimizerKind, Origin, TrainConfig};
 pub use ddp::{cross_entropy, BucketLayout, Ddp, DdpOptions, DdpStats, ShardMode, StepOutput};

@@ -10,7 +10,7 @@ use std::time::Instant;
 use tch::{Kind, Reduction, Tensor};
 
 use crate::batches::{Batch, BatchError, BatchSource};
-use crate::checkpoint::{AsyncCheckpointer, Checkpoint, CheckpointMeta, CheckpointStore, RngState};
+use crate::checkpoint::{AsyncCheckpointer, Checkpoint, CheckpointMeta, CheckpointStore, RngState, ShardedWriter};
 use crate::config::TrainConfig;
 use crate::model;
 use crate::optim::Optimizer;
@@ -209,10 +209,8 @@ struct Run<'a> {
     shape: Shape,
     /// Steps of this run skipped on fp16 overflow.
     skipped_steps: u64,
-    /// With a sharded engine, every rank's view of the checkpoint location: each writes and reads its own shards.
-    shard_store: Option<CheckpointStore>,
-    /// Rank 0: the last sharded checkpoint written, and the seconds sharded saves held the step loop.
-    sharded_written: (Option<PathBuf>, f64),
+    /// With a sharded engine, every rank's writer of the checkpoint location: each writes and reads its own shards.
+    sharded: Option<ShardedWriter>,
 }
 
 impl Trainer {
@@ -318,12 +316,11 @@ impl Trainer {
             batches_per_epoch: steps_per_epoch * accum,
             shape,
             skipped_steps: 0,
-            shard_store: None,
-            sharded_written: (None, 0.0),
+            sharded: None,
         };
         if let (Some(dir), ShardMode::Optimizer | ShardMode::Gradients) = (&paths.checkpoint_dir, run.ddp.shard_mode())
         {
-            run.shard_store = Some(CheckpointStore::at(dir, &paths.s3, config.keep)?);
+            run.sharded = Some(ShardedWriter::new(CheckpointStore::at(dir, &paths.s3, config.keep)?));
         }
 
         let resumed = run.resume(paths)?;
@@ -400,9 +397,17 @@ impl Trainer {
                         }
                     }
                     data_wait += waited.elapsed().as_secs_f64();
-                    let mut flags =
-                        [f64::from(u8::from(stop.load(Ordering::SeqCst))), f64::from(u8::from(failure.is_some()))];
+                    // With them, whether this rank's sharded checkpoint shard is written: a checkpoint in flight
+                    // completes once every rank's is, and costs no collective of its own.
+                    let mut flags = [
+                        f64::from(u8::from(stop.load(Ordering::SeqCst))),
+                        f64::from(u8::from(failure.is_some())),
+                        run.sharded.as_ref().map_or(0.0, ShardedWriter::done_here),
+                    ];
                     run.ddp.allreduce_f64(&mut flags, ReduceOp::Sum)?;
+                    if let Some(sharded) = run.sharded.as_mut() {
+                        sharded.observe(run.ddp, flags[2])?;
+                    }
                     if let Some(e) = failure {
                         return Err(e);
                     }
@@ -611,7 +616,7 @@ impl Run<'_> {
     /// Rank 0 finds and loads the newest valid checkpoint, then broadcasts its step, position, weights and
     /// optimizer state, so every rank continues from it whether or not it can see the directory.
     fn resume(&mut self, paths: &RunPaths) -> Result<Option<(PathBuf, CheckpointMeta)>> {
-        if let Some(store) = &self.shard_store {
+        if let Some(store) = self.sharded.as_ref().map(ShardedWriter::store) {
             // Every rank reads its own optimizer shards; rank 0 the model, broadcast.
             if self.config.no_resume {
                 return Ok(None);
@@ -736,12 +741,20 @@ impl Run<'_> {
         Ok(Some((resume.path, ckpt.meta, ckpt.optimizer)))
     }
 
-    /// Rank 0: waits for the checkpoint being written in the background, saying so when the run was asked to stop
-    /// (the platform's grace period is running); the last checkpoint written and the seconds checkpoints held the
-    /// step loop.
+    /// Waits for the checkpoint being written in the background (rank 0; with sharding every rank), saying so when
+    /// the run was asked to stop (the platform's grace period is running); the last checkpoint written and the
+    /// seconds checkpoints held the step loop.
     fn finish_checkpoints(&mut self, stopped: bool) -> Result<(Option<PathBuf>, f64)> {
-        if self.shard_store.is_some() {
-            return Ok(std::mem::take(&mut self.sharded_written));
+        if let Some(sharded) = self.sharded.as_mut() {
+            if let (Some(step), true) = (sharded.writing(), stopped) {
+                tracing::warn!(
+                    step,
+                    location = %sharded.location().display(),
+                    "stop requested: finishing the sharded checkpoint of step {step} before exiting"
+                );
+            }
+            let last = sharded.finish(self.ddp)?;
+            return Ok((last, sharded.held_secs()));
         }
         let Some(checkpoints) = self.checkpoints.as_mut() else {
             return Ok((None, 0.0));
@@ -769,12 +782,12 @@ impl Run<'_> {
     }
 
     /// Rank 0 copies the state at `step`, with the data position, and writes it in the background; other ranks do
-    /// nothing. With a sharded engine every rank writes its optimizer shard, and rank 0 the model and the manifest
-    /// once all are written (synchronously: the step loop waits for the write).
+    /// nothing. With a sharded engine every rank copies its optimizer blocks and writes its shard in the background,
+    /// and rank 0 the model and the manifest once all are written (see [`ShardedWriter`]).
     fn save(&mut self, step: u64, epoch: u64, consumed: u64) -> Result<()> {
         let Some(checkpoints) = self.checkpoints.as_ref() else {
-            if let Some(store) = &self.shard_store {
-                store.save_sharded(self.ddp, &*self.optimizer, None, step)?;
+            if let Some(sharded) = self.sharded.as_mut() {
+                sharded.save(self.ddp, &*self.optimizer, None, step)?;
             }
             return Ok(());
         };
@@ -786,7 +799,7 @@ impl Run<'_> {
             path: checkpoints.location().to_path_buf(),
             detail: format!("cannot read libtorch's random generator state for step {step}: {e}"),
         })?;
-        let sharded = self.shard_store.is_some();
+        let sharded = self.sharded.is_some();
         let ckpt = Checkpoint {
             model: model::state_tensors(self.ddp.model()),
             optimizer: if sharded { Vec::new() } else { self.optimizer.state() },
@@ -802,12 +815,8 @@ impl Run<'_> {
                 grad_scaler: self.ddp.grad_scaler().map(|s| s.state().clone()),
             },
         };
-        if let Some(store) = &self.shard_store {
-            let held = Instant::now();
-            let path = store.save_sharded(self.ddp, &*self.optimizer, Some(&ckpt), step)?;
-            self.sharded_written.0 = path;
-            self.sharded_written.1 += held.elapsed().as_secs_f64();
-            return Ok(());
+        if let Some(writer) = self.sharded.as_mut() {
+            return writer.save(self.ddp, &*self.optimizer, Some(&ckpt), step);
         }
         let Some(checkpoints) = self.checkpoints.as_mut() else {
             return Ok(());

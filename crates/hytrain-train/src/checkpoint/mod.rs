@@ -18,6 +18,7 @@
 mod dir;
 mod s3;
 pub mod sharded;
+mod sharded_writer;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,7 @@ use crate::{Result, TrainError};
 
 pub use dir::{latest_valid, list_checkpoints, read_checkpoint};
 pub use sharded::{shard_file, ShardBucket, ShardLayout, ShardParam, ShardedCheckpoint, ShardedResume};
+pub use sharded_writer::ShardedWriter;
 pub use writer::AsyncCheckpointer;
 
 /// The `format` field of `meta.json`; a checkpoint of another format is skipped.

@@ -269,7 +269,14 @@ fn broadcast_bytes(ddp: &mut Ddp, bytes: &mut Vec<u8>, during: &str) -> Result<(
 }
 
 /// A shard's record in the allgather after writing: ok, size, SHA-256.
-const RECORD: usize = 1 + 8 + 32;
+pub(super) const RECORD: usize = 1 + 8 + 32;
+
+/// A fresh name for one write of a sharded checkpoint, rank 0's on every rank (every rank writes into it).
+pub(super) fn write_name(ddp: &mut Ddp) -> Result<String> {
+    let mut write = if ddp.rank() == 0 { super::write_id().into_bytes() } else { Vec::new() };
+    broadcast_bytes(ddp, &mut write, "checkpoint write name broadcast")?;
+    Ok(String::from_utf8_lossy(&write).into_owned())
+}
 
 impl CheckpointStore {
     /// Writes a sharded checkpoint of `step`: every rank of a sharded engine calls it at the same step. Each rank
@@ -286,71 +293,26 @@ impl CheckpointStore {
     ) -> Result<Option<PathBuf>> {
         let (rank, world) = (ddp.rank(), ddp.world_size());
         let layout = ddp.shard_layout(optimizer)?;
-        let mut write = if rank == 0 { super::write_id().into_bytes() } else { Vec::new() };
-        broadcast_bytes(ddp, &mut write, "checkpoint write name broadcast")?;
-        let write = String::from_utf8_lossy(&write).into_owned();
-        let file = shard_file(rank, world);
-        let written = to_safetensors(&file, &optimizer.state()).and_then(|bytes| {
-            self.put_shard(step, &write, &file, bytes.clone())?;
-            Ok(bytes)
-        });
-        let mut record = [0u8; RECORD];
-        if let Ok(bytes) = &written {
-            record[0] = 1;
-            record[1..9].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
-            record[9..]
-                .copy_from_slice(&sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(bytes)));
-        }
-        let mut records = vec![0u8; RECORD * world];
-        ddp.collective().allgather(&record, &mut records).map_err(comm("checkpoint shard records allgather"))?;
-        let failed: Vec<usize> = (0..world).filter(|&r| records[r * RECORD] == 0).collect();
-        if !failed.is_empty() {
-            if rank == 0 {
-                self.abandon(step, &write);
-            }
-            let own = written.err();
-            tracing::error!(rank, step, ranks = ?failed, "an optimizer shard could not be written; the checkpoint is dropped");
-            return Err(own.unwrap_or_else(|| TrainError::Checkpoint {
-                path: self.dir().to_path_buf(),
-                detail: format!(
-                    "rank(s) {failed:?} could not write their optimizer shard of step {step} (see their log); this \
-                     checkpoint does not count and the earlier ones are untouched"
-                ),
-            }));
-        }
+        let write = write_name(ddp)?;
+        let written = self.write_shard(step, &write, rank, world, &optimizer.state());
+        let records = self.exchange_records(ddp, step, &write, written)?;
         let mut outcome = vec![0u8];
         let mut path = None;
         if rank == 0 {
-            let committed = (|| {
-                // Checked here, not before: the other ranks wait for the outcome either way.
-                let model = model.ok_or_else(|| TrainError::Checkpoint {
-                    path: self.dir().to_path_buf(),
-                    detail: "rank 0 saved a sharded checkpoint without the model; this is a bug in hytrain".into(),
-                })?;
-                let model_bytes = to_safetensors(MODEL_FILE, &model.model)?;
-                let mut files = BTreeMap::from([(MODEL_FILE.to_string(), sha256_hex(&model_bytes))]);
-                let mut sizes = BTreeMap::from([(MODEL_FILE.to_string(), model_bytes.len() as u64)]);
-                for r in 0..world {
-                    let rec = &records[r * RECORD..(r + 1) * RECORD];
-                    let size = u64::from_le_bytes(rec[1..9].try_into().expect("8 bytes"));
-                    files.insert(shard_file(r, world), rec[9..].iter().map(|b| format!("{b:02x}")).collect());
-                    sizes.insert(shard_file(r, world), size);
+            // Checked here, not before: the other ranks wait for the outcome either way.
+            let committed = match model {
+                Some(model) => self.commit_records(step, &write, model, layout, &records),
+                None => {
+                    self.abandon(step, &write);
+                    Err(TrainError::Checkpoint {
+                        path: self.dir().to_path_buf(),
+                        detail: "rank 0 saved a sharded checkpoint without the model; this is a bug in hytrain".into(),
+                    })
                 }
-                let meta = MetaFile {
-                    format: FORMAT.into(),
-                    hytrain_version: env!("CARGO_PKG_VERSION").into(),
-                    meta: model.meta.clone(),
-                    files,
-                    sizes,
-                    files_in: None,
-                    sharded: Some(layout.clone()),
-                };
-                self.commit_sharded(step, &write, model_bytes, meta)
-            })();
+            };
             match committed {
                 Ok(p) => path = Some(p),
                 Err(e) => {
-                    self.abandon(step, &write);
                     outcome[0] = 1;
                     broadcast_bytes(ddp, &mut outcome, "checkpoint outcome broadcast")?;
                     return Err(e);
@@ -368,6 +330,93 @@ impl CheckpointStore {
             });
         }
         Ok(path)
+    }
+
+    /// Encodes `state` (host tensors, or device ones copied here) as rank `rank`'s shard of the write `write` of
+    /// `step` and writes it: the shard's record for the exchange.
+    pub(super) fn write_shard(
+        &self,
+        step: u64,
+        write: &str,
+        rank: usize,
+        world: usize,
+        state: &[(String, Tensor)],
+    ) -> Result<[u8; RECORD]> {
+        let file = shard_file(rank, world);
+        let bytes = to_safetensors(&file, state)?;
+        let mut record = [0u8; RECORD];
+        record[0] = 1;
+        record[1..9].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+        record[9..].copy_from_slice(&sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&bytes)));
+        self.put_shard(step, write, &file, bytes)?;
+        Ok(record)
+    }
+
+    /// Every rank: allgathers the shards' records of the write `write` (this rank's is `written`). If any rank's
+    /// write failed, rank 0 drops the write and every rank returns an error; else every rank's record, in rank order.
+    pub(super) fn exchange_records(
+        &self,
+        ddp: &mut Ddp,
+        step: u64,
+        write: &str,
+        written: Result<[u8; RECORD]>,
+    ) -> Result<Vec<u8>> {
+        let (rank, world) = (ddp.rank(), ddp.world_size());
+        let record = written.as_ref().map_or([0u8; RECORD], |r| *r);
+        let mut records = vec![0u8; RECORD * world];
+        ddp.collective().allgather(&record, &mut records).map_err(comm("checkpoint shard records allgather"))?;
+        let failed: Vec<usize> = (0..world).filter(|&r| records[r * RECORD] == 0).collect();
+        if failed.is_empty() {
+            return Ok(records);
+        }
+        if rank == 0 {
+            self.abandon(step, write);
+        }
+        tracing::error!(rank, step, ranks = ?failed, "an optimizer shard could not be written; the checkpoint is dropped");
+        Err(written.err().unwrap_or_else(|| TrainError::Checkpoint {
+            path: self.dir().to_path_buf(),
+            detail: format!(
+                "rank(s) {failed:?} could not write their optimizer shard of step {step} (see their log); this \
+                 checkpoint does not count and the earlier ones are untouched"
+            ),
+        }))
+    }
+
+    /// Rank 0, once every shard of the write `write` is written (`records`, in rank order): writes `model` and,
+    /// last, the manifest. On failure the write is dropped and the earlier checkpoints stay as they were.
+    pub(super) fn commit_records(
+        &self,
+        step: u64,
+        write: &str,
+        model: &Checkpoint,
+        layout: ShardLayout,
+        records: &[u8],
+    ) -> Result<PathBuf> {
+        let committed = (|| {
+            let model_bytes = to_safetensors(MODEL_FILE, &model.model)?;
+            let mut files = BTreeMap::from([(MODEL_FILE.to_string(), sha256_hex(&model_bytes))]);
+            let mut sizes = BTreeMap::from([(MODEL_FILE.to_string(), model_bytes.len() as u64)]);
+            for (r, rec) in records.chunks_exact(RECORD).enumerate() {
+                let file = shard_file(r, layout.world_size);
+                let size = u64::from_le_bytes(rec[1..9].try_into().expect("8 bytes"));
+                files.insert(file.clone(), rec[9..].iter().map(|b| format!("{b:02x}")).collect());
+                sizes.insert(file, size);
+            }
+            let meta = MetaFile {
+                format: FORMAT.into(),
+                hytrain_version: env!("CARGO_PKG_VERSION").into(),
+                meta: model.meta.clone(),
+                files,
+                sizes,
+                files_in: None,
+                sharded: Some(layout),
+            };
+            self.commit_sharded(step, write, model_bytes, meta)
+        })();
+        if committed.is_err() {
+            self.abandon(step, write);
+        }
+        committed
     }
 
     /// Resumes every rank of a sharded engine from the newest valid checkpoint of this store, sharded or not: the

@@ -47,7 +47,7 @@ struct InFlight {
 /// Host copies of `tensors`, taken now: into `spare`'s buffers where it holds a host tensor of the same name, shape
 /// and dtype for a host tensor, else fresh. Device tensors are copied asynchronously into pinned memory and waited
 /// for once per device, not once per tensor.
-fn snapshot(tensors: &[(String, Tensor)], spare: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
+pub(super) fn snapshot(tensors: &[(String, Tensor)], spare: Vec<(String, Tensor)>) -> Result<Vec<(String, Tensor)>> {
     let reusable = spare.len() == tensors.len()
         && spare.iter().zip(tensors).all(|((n1, a), (n2, b))| {
             n1 == n2 && a.size() == b.size() && a.kind() == b.kind() && b.device() == Device::Cpu
