@@ -376,19 +376,9 @@ fn check_pipe_readers(plan: &Plan, job: &Job, train_spec: &str) -> anyhow::Resul
     Ok(())
 }
 
+/// Opens the dataset `spec` names, with the sample counts the host's local rank 0 took (see [`HostCounts`]) and
+/// those `index` gives (a Pipe channel's, from `--data-index`).
 fn open_dataset(
-    spec: &str,
-    options: &OpenOptions,
-    split: Split,
-    job: &Job,
-    tokens: &TokenOptions,
-    counts: &mut HostCounts<'_>,
-) -> anyhow::Result<Dataset> {
-    open_indexed(spec, options, split, job, tokens, counts, None)
-}
-
-/// [`open_dataset`], also taking the sample counts `index` gives (a Pipe channel's, from `--data-index`).
-fn open_indexed(
     spec: &str,
     options: &OpenOptions,
     split: Split,
@@ -568,9 +558,9 @@ fn validation_dataset(
     counts: &mut HostCounts<'_>,
 ) -> anyhow::Result<Option<(Dataset, String)>> {
     let mut whole_or_test = |spec: &str| -> anyhow::Result<(Dataset, String)> {
-        match open_dataset(spec, options, Split::Test, job, tokens, counts) {
+        match open_dataset(spec, options, Split::Test, job, tokens, counts, None) {
             Err(e) if matches!(e.downcast_ref(), Some(crate::data::Error::NoSplit { .. })) => {
-                open_dataset(spec, options, Split::Train, job, tokens, counts)
+                open_dataset(spec, options, Split::Train, job, tokens, counts, None)
             }
             other => other,
         }
@@ -590,7 +580,7 @@ fn validation_dataset(
     if is_pipe(plan, train_spec) {
         return Ok(None);
     }
-    match open_dataset(train_spec, options, Split::Test, job, tokens, counts) {
+    match open_dataset(train_spec, options, Split::Test, job, tokens, counts, None) {
         Ok(ds) => Ok(Some((ds, train_spec.to_string()))),
         Err(e) if matches!(e.downcast_ref(), Some(crate::data::Error::NoSplit { .. })) => Ok(None),
         Err(e) => Err(e.context(format!("cannot open the test split of {train_spec}"))),
@@ -692,7 +682,7 @@ pub fn run(
     train_options.pipe.shard_sizes = index.as_ref().map(|i| i.shards.iter().map(|e| e.bytes).collect());
     let counts_given = index.filter(|_| !job.skip_bad_samples);
     let train_set =
-        open_indexed(&train_spec, &train_options, Split::Train, &job, &tokens, &mut counts, counts_given.as_ref())
+        open_dataset(&train_spec, &train_options, Split::Train, &job, &tokens, &mut counts, counts_given.as_ref())
             .with_context(|| format!("cannot read the training data {train_spec}"))?;
     let sharded_by_host = train_set.source().already_sharded_by_host();
     let eval = validation_dataset(plan, &job, &train_spec, &options, &tokens, &mut counts)?;
