@@ -261,3 +261,16 @@ fn malformed_json_file_is_refused_with_its_path() {
     let e = refused(&[("HYTRAIN_SM_ROOT", dir.path().display().to_string())]);
     assert!(e.contains("hyperparameters.json"), "{e}");
 }
+
+#[test]
+fn a_reader_that_went_away_ends_the_output_quietly_as_for_any_unix_tool() {
+    // `hytrain explain | head -1`: the reader closes its end before hytrain writes (here before it even starts).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    for args in [&["explain"][..], &["explain", "--json"]] {
+        let out = common::command(args, &[]).stdout(writer.try_clone().unwrap()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?} failed ({}): {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
