@@ -436,6 +436,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes `text` and a newline to stdout. A reader that went away (`hytrain explain | head -1`) is no error: the
+/// rest of the output is not wanted, as for any Unix tool (the process ignores SIGPIPE, so a write fails instead).
+fn say(text: impl std::fmt::Display) -> anyhow::Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => written.context("cannot write to standard output"),
+    }
+}
+
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     let env = Env::from_process();
     if let Command::Rendezvous(args) = &command {
@@ -462,7 +472,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
     match command {
         Command::Explain { json } => {
-            println!("{}", explain::render(&plan, &env, json));
+            say(explain::render(&plan, &env, json))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Launch { nproc_per_node, master_port, signal_grace, failure_grace, command } => {
@@ -475,9 +485,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let report = doctor::run(&plan, &doctor::DoctorArgs { sizes, iters, comm: comm.options(&plan) })?;
             if plan.topology.rank == 0 {
                 if json {
-                    println!("{}", serde_json::to_string(&report)?);
+                    say(serde_json::to_string(&report)?)?;
                 } else {
-                    println!("{report}");
+                    say(&report)?;
                 }
             }
             Ok(if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
@@ -500,14 +510,14 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     dir.display()
                 );
             }
-            println!("{}", hytrain::comm::recorder::diagnose(&dumps));
+            say(hytrain::comm::recorder::diagnose(&dumps))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Checkpoint(CheckpointCommand::Consolidate { checkpoint_dir, step, out, s3_endpoint, s3_region }) => {
             let s3 = data::open_options(&plan, s3_endpoint, s3_region).s3;
             let args = checkpoint::ConsolidateArgs { checkpoint_dir, step, out, s3 };
             let done = checkpoint::consolidate(&args)?;
-            println!(
+            say(format!(
                 "consolidated step {} of {} into {}: {} model tensors, {} optimizer state entries, {} bytes",
                 done.step,
                 done.from.display(),
@@ -515,7 +525,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 done.model,
                 done.optimizer,
                 done.bytes
-            );
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -551,9 +561,9 @@ fn run_train(plan: &cluster::Plan, env: &Env, args: &train::TrainArgs) -> anyhow
         }
     };
     if plan.topology.rank == 0 {
-        println!("{summary}");
+        say(&summary)?;
         if let Some(dir) = &summary.exported_to {
-            println!("model written to {}", dir.display());
+            say(format!("model written to {}", dir.display()))?;
         }
     }
     if let (Some(failure), false) = (&plan.paths.failure_file, summary.stopped) {
@@ -639,7 +649,7 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
             };
             let request = data::DigestRequest { data: source.data.clone(), rank, args };
             for (rank, hex) in data::digest(&options, &request)? {
-                println!("rank {rank}: {hex}");
+                say(format!("rank {rank}: {hex}"))?;
             }
         }
         DataCommand::Pack { source, out, image_folder, shard_size, skip_bad_samples } => {
@@ -647,7 +657,7 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
                 open(&source)?,
                 &data::pack_options(out, image_folder, shard_size, skip_bad_samples),
             )?;
-            println!("{report}");
+            say(&report)?;
         }
         DataCommand::Inspect { source, tokens } => {
             let tokens = hytrain::data::TokenOptions {
@@ -655,7 +665,7 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
                 dtype: tokens.token_dtype,
                 vocab_size: None,
             };
-            println!("{}", hytrain::data::inspect(open(&source)?, &tokens)?);
+            say(hytrain::data::inspect(open(&source)?, &tokens)?)?;
         }
     }
     Ok(ExitCode::SUCCESS)
