@@ -56,6 +56,10 @@ enum Command {
         /// Seconds the other workers get to exit after one worker fails, before SIGKILL.
         #[arg(long, default_value = "5", value_parser = parse_seconds)]
         failure_grace: Duration,
+        /// Times to start every worker of this node again after one fails, as torchrun's --max-restarts (a
+        /// training job rejoins and resumes from its last checkpoint) [default: Kubeflow's PET_MAX_RESTARTS, else 0].
+        #[arg(long, env = "HYTRAIN_MAX_RESTARTS")]
+        max_restarts: Option<usize>,
         /// The worker command.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -475,8 +479,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             say(explain::render(&plan, &env, json))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Launch { nproc_per_node, master_port, signal_grace, failure_grace, command } => {
-            let args = launch::LaunchArgs { nproc_per_node, master_port, signal_grace, failure_grace, command };
+        Command::Launch { nproc_per_node, master_port, signal_grace, failure_grace, max_restarts, command } => {
+            let args =
+                launch::LaunchArgs { nproc_per_node, master_port, signal_grace, failure_grace, max_restarts, command };
             let code = launch::run(&plan, &env, &args)?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }

@@ -3,7 +3,8 @@
 //! The launcher works as the command of a SageMaker host or a Kubeflow pod: the node rank, node count and master
 //! come from the detected plan, and each child gets torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, ...) so
 //! any torchrun-aware program runs under it. It forwards SIGTERM and SIGINT to the workers, and when one worker
-//! fails it stops the others and exits with that worker's code.
+//! fails it stops the others and, as torchrun's `--max-restarts`, starts them all again while restarts are left
+//! (a training job rejoins the others and resumes from its last checkpoint), else exits with that worker's code.
 
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus};
@@ -50,6 +51,9 @@ pub struct LaunchArgs {
     pub signal_grace: Duration,
     /// After one worker fails, how long the others get to exit after SIGTERM before SIGKILL.
     pub failure_grace: Duration,
+    /// How many times to start every worker again after one fails; `None`: the platform's (Kubeflow's
+    /// `PET_MAX_RESTARTS`), else none.
+    pub max_restarts: Option<usize>,
     /// The worker command and its arguments.
     pub command: Vec<String>,
 }
@@ -126,6 +130,41 @@ pub fn run(plan: &Plan, parent_env: &Env, args: &LaunchArgs) -> anyhow::Result<i
     let signal = Arc::new(AtomicI32::new(0));
     let _signals = forward_signals_to(&signal)?;
 
+    let max_restarts = args.max_restarts.or(plan.max_restarts).unwrap_or(0);
+    let mut restarts = 0;
+    loop {
+        let mut workers = start_workers(&node, nproc, parent_env, &token_env, program, program_args)?;
+        let ended = supervise(&mut workers, &signal, args);
+        match ended {
+            Ended::Failed(code) if restarts < max_restarts => {
+                restarts += 1;
+                tracing::warn!(
+                    "restarting the {nproc} workers of this node (restart {restarts} of {max_restarts}, \
+                     --max-restarts); a worker failed with exit code {code}"
+                );
+                if plan.platform == Platform::Local && node.nnodes == 1 && args.master_port.is_none() {
+                    // The old store's port may still be held by its connections' TIME_WAIT.
+                    node.master_port = free_port()?;
+                }
+            }
+            Ended::Failed(code) if max_restarts > 0 => {
+                tracing::error!("a worker failed after {restarts} restarts of {max_restarts}; giving up");
+                return Ok(code);
+            }
+            Ended::Failed(code) | Ended::Finished(code) => return Ok(code),
+        }
+    }
+}
+
+/// Starts one worker per local rank of `node`; on a failure to start one, kills those started.
+fn start_workers(
+    node: &cluster::Topology,
+    nproc: usize,
+    parent_env: &Env,
+    token_env: &[(String, String)],
+    program: &str,
+    program_args: &[String],
+) -> anyhow::Result<Vec<Worker>> {
     let mut workers = Vec::with_capacity(nproc);
     for local_rank in 0..nproc {
         let topology = node.worker(nproc, local_rank);
@@ -155,12 +194,22 @@ pub fn run(plan: &Plan, parent_env: &Env, args: &LaunchArgs) -> anyhow::Result<i
         };
         workers.push(Worker { rank: topology.rank, local_rank, child, status: None });
     }
-    Ok(supervise(&mut workers, &signal, args))
+    Ok(workers)
+}
+
+/// How a set of workers ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Every worker exited by itself, or the launcher was signalled and passed the signal on: the launcher's exit
+    /// code, which a restart must not replace.
+    Finished(i32),
+    /// A worker failed (the launcher stopped the others): that worker's exit code.
+    Failed(i32),
 }
 
 /// Waits for the workers, forwarding signals and stopping everyone when one fails.
-fn supervise(workers: &mut [Worker], signal: &AtomicI32, args: &LaunchArgs) -> i32 {
-    let mut verdict: Option<i32> = None;
+fn supervise(workers: &mut [Worker], signal: &AtomicI32, args: &LaunchArgs) -> Ended {
+    let mut verdict: Option<Ended> = None;
     // Once set, the workers still running at this instant get SIGKILL.
     let mut kill_at: Option<Instant> = None;
     let mut killed = false;
@@ -169,7 +218,7 @@ fn supervise(workers: &mut [Worker], signal: &AtomicI32, args: &LaunchArgs) -> i
         if received != 0 {
             tracing::warn!("received signal {received}; forwarding it to {} workers", alive(workers));
             signal_all(workers, received);
-            verdict.get_or_insert(128 + received);
+            verdict.get_or_insert(Ended::Finished(128 + received));
             kill_at.get_or_insert(Instant::now() + args.signal_grace);
         }
         let mut stop_others = false;
@@ -186,7 +235,7 @@ fn supervise(workers: &mut [Worker], signal: &AtomicI32, args: &LaunchArgs) -> i
                             w.child.id(),
                             describe(status)
                         );
-                        verdict = Some(code);
+                        verdict = Some(Ended::Failed(code));
                         kill_at = Some(Instant::now() + args.failure_grace);
                         stop_others = true;
                     }
@@ -199,7 +248,7 @@ fn supervise(workers: &mut [Worker], signal: &AtomicI32, args: &LaunchArgs) -> i
             signal_all(workers, libc::SIGTERM);
         }
         if alive(workers) == 0 {
-            return verdict.unwrap_or(0);
+            return verdict.unwrap_or(Ended::Finished(0));
         }
         if !killed && kill_at.is_some_and(|at| Instant::now() >= at) {
             tracing::warn!("{} workers still running after the grace period; killing them", alive(workers));

@@ -533,3 +533,39 @@ fn a_pipe_channels_index_gives_its_counts_and_a_wrong_one_or_one_for_a_folder_is
     let e = stderr(&out);
     assert!(e.contains("--data-index") && e.contains("Pipe") && e.contains(data.to_str().unwrap()), "{e}");
 }
+
+/// `hytrain launch --max-restarts N` with a worker that fails the first time it starts (a wrapper exits 3 before
+/// running hytrain train once; the marker file remembers): the launcher stops the other worker, starts both again
+/// and the job finishes; without restarts left the launcher exits with the worker's code.
+fn launch_with_a_worker_failing_once(dir: &Path, restarts: &str) -> std::process::Output {
+    let data = digits();
+    let marker = dir.join("failed-once");
+    let script = format!(
+        "if [ \"$LOCAL_RANK\" = 1 ] && [ ! -e '{marker}' ]; then touch '{marker}'; exit 3; fi; exec \"$0\" \"$@\"",
+        marker = marker.display()
+    );
+    let mut args: Vec<String> =
+        ["launch", "--nproc-per-node", "2", "--max-restarts", restarts, "--"].iter().map(|s| s.to_string()).collect();
+    args.extend(["sh", "-c", &script, common::hytrain(), "train"].iter().map(|s| s.to_string()));
+    args.extend(DIGITS_JOB.iter().map(|s| s.to_string()));
+    args.extend(["--data", data.to_str().unwrap(), "--max-steps", "6", "--validation", "none"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut job = command(&args, &[("OMP_NUM_THREADS", "1".into())]);
+    job.current_dir(dir);
+    wait(job.spawn().unwrap(), Duration::from_secs(120), "a launch with a worker failing once")
+}
+
+#[test]
+fn launch_restarts_its_workers_after_a_failure_while_restarts_are_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = launch_with_a_worker_failing_once(dir.path(), "1");
+    assert_ok(&out);
+    let e = stderr(&out);
+    assert!(e.contains("restarting the 2 workers of this node (restart 1 of 1"), "{e}");
+    assert_eq!(summary_value(&stdout(&out), "steps"), 6.0, "{}", stdout(&out));
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = launch_with_a_worker_failing_once(dir.path(), "0");
+    assert_eq!(out.status.code(), Some(3), "the launcher exits with the failed worker's code: {}", stderr(&out));
+    assert!(!stderr(&out).contains("restarting"), "{}", stderr(&out));
+}

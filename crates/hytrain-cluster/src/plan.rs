@@ -48,6 +48,11 @@ pub struct Plan {
     /// sizes are placeholders (node 0 of MAX) until then. `None`: the topology is the job's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nnodes_range: Option<NodeRange>,
+    /// How many times `hytrain launch` may restart this node's workers after one fails, as torchrun's
+    /// `--max-restarts`: Kubeflow's `PET_MAX_RESTARTS` (an elastic PyTorchJob's `maxRestarts`). `None` when the
+    /// platform does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_restarts: Option<usize>,
 }
 
 impl Plan {
@@ -168,6 +173,9 @@ impl fmt::Display for Plan {
         match self.nproc_per_node {
             Some(n) => writeln!(f, "nproc_per_node:  {n} (asked by the platform)")?,
             None => writeln!(f, "nproc_per_node:  not given (auto)")?,
+        }
+        if let Some(n) = self.max_restarts {
+            writeln!(f, "max restarts:    {n} (hytrain launch restarts this node's workers after a failure)")?;
         }
         let p = &self.paths;
         writeln!(f, "model dir:       {}", p.model_dir.display())?;

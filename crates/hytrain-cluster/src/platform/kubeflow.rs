@@ -23,6 +23,7 @@ pub(crate) fn plan(env: &Env, platform: Platform, launcher: Launcher) -> Result<
     let mut plan = local::assemble(env, platform, launcher, counts, master, nproc_per_node, notes);
     // Settled once the store's place is known (`elastic::settle`).
     plan.nnodes_range = range;
+    plan.max_restarts = parse::opt_number(env, "PET_MAX_RESTARTS", "a whole number of restarts such as 0 or 3")?;
     Ok(plan)
 }
 

@@ -101,5 +101,6 @@ pub(crate) fn assemble(
         job_token: Default::default(),
         rendezvous: Default::default(),
         nnodes_range: None,
+        max_restarts: None,
     }
 }

@@ -581,6 +581,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
         job_token: Default::default(),
         rendezvous: Default::default(),
         nnodes_range: None,
+        max_restarts: None,
     })
 }
 

@@ -41,6 +41,13 @@ fn non_numeric_ranks_and_sizes_name_the_variable() {
 }
 
 #[test]
+fn a_max_restarts_that_is_no_count_names_the_variable() {
+    let msg = error(&env(&[("PET_NNODES", "1"), ("PET_MAX_RESTARTS", "always")]));
+    assert!(msg.starts_with("PET_MAX_RESTARTS is not a whole number (got 'always')"), "{msg}");
+    assert!(msg.contains("restarts"), "{msg}");
+}
+
+#[test]
 fn zero_world_size_is_refused() {
     assert_eq!(
         error(&torchrun(&[("RANK", "0"), ("WORLD_SIZE", "0")])),

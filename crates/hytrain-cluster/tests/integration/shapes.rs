@@ -152,9 +152,11 @@ fn kubeflow_v1_elastic_lone_process_uses_rdzv_endpoint_and_max_nodes() {
         ("PET_RDZV_BACKEND", "c10d"),
         ("PET_NNODES", "1:4"),
         ("PET_NODE_RANK", "2"),
+        ("PET_MAX_RESTARTS", "3"),
     ]));
     assert_eq!(p.platform, Platform::KubeflowPytorchjob);
     assert_eq!(ranks(&p.topology), (2, 4, 0, 1, 2, 4));
+    assert_eq!(p.max_restarts, Some(3), "hytrain launch restarts the pod's workers up to maxRestarts times");
     assert_eq!((p.topology.master_addr.as_str(), p.topology.master_port), ("elastic-worker-0", 23456));
     assert!(p.notes.iter().any(|n| n.contains("elastic") && n.contains("1:4")), "{:?}", p.notes);
     assert!(p.notes.iter().any(|n| n.contains("PET_RDZV_ENDPOINT")), "{:?}", p.notes);
