@@ -190,6 +190,17 @@ struct Package {
 // come from the training thread; `Model` is `Send`, not `Sync`).
 unsafe impl Send for Package {}
 
+/// Held while a package is loaded or freed. libtorch's `AOTIModelPackageLoader` is not safe to construct or destroy
+/// from two threads at once (it extracts the package and dlopens its library; two ranks of one process loading
+/// together corrupted the heap, in `load_json_file`, in about half of the test runs). A process loads its model
+/// once, so the wait costs nothing outside tests, where several ranks share a process.
+static LOADER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn loader_lock() -> std::sync::MutexGuard<'static, ()> {
+    // The lock guards no data: a panic while it was held leaves nothing inconsistent.
+    LOADER.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl Package {
     fn load(path: &Path, device: Device) -> Result<Package, String> {
         let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "path holds a NUL byte")?;
@@ -198,6 +209,7 @@ impl Package {
             _ => -1,
         };
         let mut loader = std::ptr::null_mut();
+        let _one_at_a_time = loader_lock();
         // SAFETY: the path is NUL-terminated, `loader` is written only on success, the error buffer is the shim's.
         shim_message(|err, len| unsafe { hyt_aoti_load(c_path.as_ptr(), index, &mut loader, err, len) })?;
         Ok(Package { loader, path: path.to_path_buf() })
@@ -220,6 +232,7 @@ impl Package {
 
 impl Drop for Package {
     fn drop(&mut self) {
+        let _one_at_a_time = loader_lock();
         // SAFETY: the loader came from hyt_aoti_load and is freed once.
         unsafe { hyt_aoti_free(self.loader) }
     }
