@@ -13,6 +13,7 @@
 //! ```
 
 mod demo_data;
+mod disk;
 mod first_step;
 mod fuzz;
 mod gpu_check;
@@ -130,6 +131,7 @@ fn root() -> PathBuf {
 
 fn setup_all() -> Result<()> {
     let root = root();
+    disk::check(&root);
     setup::libtorch(&root)?;
     setup::test_tools()?;
     venv::bench_venv(&root)?;
@@ -146,6 +148,7 @@ fn cargo(root: &Path) -> Command {
 fn test(args: &[OsString]) -> Result<u8> {
     let started = Instant::now();
     let root = root();
+    disk::check(&root);
     setup::libtorch(&root)?;
     setup::test_tools()?;
     // Parity tests compare hytrain with PyTorch itself, run from this environment.
