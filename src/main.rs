@@ -166,6 +166,11 @@ enum DataCommand {
         /// interleaved; `off` shuffles all shards [default: off].
         #[arg(long, value_name = "N|off")]
         stream_window: Option<String>,
+        /// An epoch whose ranks changed part-way, as a job that lost a rank and carried on read it: EPOCH:WxB
+        /// says W ranks read B batches each of that epoch before --world-size ranks shared the rest (more sets of
+        /// earlier readers follow with commas: 0:4x5,3x2).
+        #[arg(long, value_name = "EPOCH:WxB[,WxB]")]
+        regroup: Option<String>,
         /// Skip samples that do not decode (counted) instead of failing.
         #[arg(long)]
         skip_bad_samples: bool,
@@ -624,9 +629,16 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
             drop_last,
             max_samples,
             stream_window,
+            regroup,
             skip_bad_samples,
             tokens,
         } => {
+            let regroup = match regroup {
+                Some(text) => {
+                    Some(data::parse_regroup(&text, batch_size).map_err(|e| anyhow::anyhow!("--regroup: {e}"))?)
+                }
+                None => None,
+            };
             let options = data::open_options(plan, source.s3_endpoint.clone(), source.s3_region.clone());
             let args = hytrain::data::DigestArgs {
                 world_size,
@@ -647,6 +659,7 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
                     }
                     None => None,
                 },
+                regroup,
                 skip_bad_samples,
                 context_length: tokens.context_length,
                 token_dtype: tokens.token_dtype,

@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use crate::cluster::Plan;
 use crate::data::source::{self, OpenOptions, S3Options};
-use crate::data::{DigestArgs, PackInput, PackOptions, Remainder, Split};
+use crate::data::{DigestArgs, PackInput, PackOptions, Readers, Regroup, Remainder, Split};
 
 /// How to reach a source: the job's channels (for `channel:NAME`) and the S3 settings.
 pub fn open_options(plan: &Plan, s3_endpoint: Option<String>, s3_region: Option<String>) -> OpenOptions {
@@ -79,6 +79,27 @@ pub fn parse_stream_window(text: &str) -> Result<Option<usize>, String> {
     }
 }
 
+/// `--regroup EPOCH:WxB[,WxB...]`: in EPOCH, W ranks read B batches of `batch_size` each, then the next set of
+/// readers took over.
+pub fn parse_regroup(text: &str, batch_size: usize) -> Result<Regroup, String> {
+    let form = "expected EPOCH:WxB[,WxB...] such as 0:4x5 (in epoch 0, 4 ranks read 5 batches each)";
+    let (epoch, sets) = text.split_once(':').ok_or_else(|| format!("'{text}' has no ':'; {form}"))?;
+    let epoch = epoch.trim().parse().map_err(|_| format!("'{epoch}' is not an epoch number; {form}"))?;
+    let before = sets
+        .split(',')
+        .map(|set| {
+            let (w, b) = set.split_once('x').ok_or_else(|| format!("'{set}' is not WxB; {form}"))?;
+            let world_size: usize = w.trim().parse().map_err(|_| format!("'{w}' is not a rank count; {form}"))?;
+            let batches: usize = b.trim().parse().map_err(|_| format!("'{b}' is not a batch count; {form}"))?;
+            if world_size == 0 {
+                return Err(format!("'{set}' names no ranks; {form}"));
+            }
+            Ok(Readers { world_size, consumed: batches * batch_size })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Regroup { epoch, before })
+}
+
 /// Options of `hytrain data pack`.
 pub fn pack_options(out: PathBuf, image_folder: bool, shard_bytes: usize, skip_bad_samples: bool) -> PackOptions {
     PackOptions {
@@ -86,5 +107,31 @@ pub fn pack_options(out: PathBuf, image_folder: bool, shard_bytes: usize, skip_b
         out_dir: out,
         target_shard_bytes: shard_bytes as u64,
         skip_bad_samples,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regroups_read_as_epoch_and_sets_of_readers_in_batches() {
+        let r = parse_regroup("2:4x5,3x1", 16).unwrap();
+        assert_eq!(r.epoch, 2);
+        assert_eq!(r.before, vec![Readers { world_size: 4, consumed: 80 }, Readers { world_size: 3, consumed: 16 }]);
+    }
+
+    #[test]
+    fn malformed_regroups_are_refused_naming_the_part_and_the_form() {
+        for (text, part) in [
+            ("4x5", "has no ':'"),
+            ("x:4x5", "'x' is not an epoch"),
+            ("0:4-5", "'4-5' is not WxB"),
+            ("0:0x5", "names no ranks"),
+            ("0:4xfive", "'five' is not a batch count"),
+        ] {
+            let e = parse_regroup(text, 8).unwrap_err();
+            assert!(e.contains(part) && e.contains("EPOCH:WxB"), "{text}: {e}");
+        }
     }
 }

@@ -217,3 +217,36 @@ fn digest_follows_the_stream_window_as_training_does_and_refuses_a_bad_one() {
         assert!(stderr.contains("--stream-window") && stderr.contains("at least 1"), "{stderr}");
     }
 }
+
+#[test]
+fn digest_of_a_regrouped_epoch_shares_what_the_earlier_ranks_left_and_refuses_a_bad_regroup() {
+    let data = fixture("cifar-py2");
+    let digest = |extra: &[&str]| {
+        let mut args = vec!["data", "digest", "--data", &data, "--world-size", "3", "--batch-size", "1", "--seed", "3"];
+        args.extend_from_slice(extra);
+        run(&args, &[])
+    };
+    let hex = |extra: &[&str]| {
+        let out = digest(extra);
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let plain = hex(&[]);
+    // Three ranks that read nothing before three others took over leave each its whole share, in order.
+    assert_eq!(hex(&["--regroup", "0:3x0"]), plain);
+    // Its 7 samples: after four ranks read one each of their 2, the three share the 4 left: other samples.
+    let regrouped = hex(&["--regroup", "0:4x1"]);
+    assert_ne!(regrouped, plain);
+    let nothing = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    assert!(!regrouped.contains(nothing), "a rank reads nothing: {regrouped}");
+    assert_ne!(hex(&["--regroup", "0:4x1"]), hex(&["--regroup", "0:4x1", "--stream-window", "2"]));
+    for (bad, says) in [
+        (&["--regroup", "0:4"][..], "--regroup: '4' is not WxB"),
+        (&["--regroup", "0:2x1000"][..], "more than their share"),
+    ] {
+        let out = digest(bad);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        assert!(stderr.contains(says), "{bad:?}: {stderr}");
+    }
+}

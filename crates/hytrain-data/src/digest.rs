@@ -9,7 +9,7 @@ use sha2::{Digest as _, Sha256};
 use crate::augment::{Normalize, Transform};
 use crate::format::{Dataset, OpenOptions, Split, TokenDtype, TokenOptions};
 use crate::pipeline::{Batch, Inputs, Loader, LoaderConfig};
-use crate::sampler::{Remainder, SamplerConfig};
+use crate::sampler::{Regroup, Remainder, SamplerConfig};
 use crate::source::SharedSource;
 use crate::Error;
 
@@ -46,6 +46,10 @@ pub struct DigestArgs {
     pub max_samples: Option<usize>,
     /// Streaming order: shards shuffled within a window of this many, ranks interleaved (a Pipe channel's).
     pub stream_window: Option<usize>,
+    /// An epoch whose readers changed part-way (a rank was lost): `world_size` ranks share what the earlier
+    /// readers left of it.
+    #[serde(default)]
+    pub regroup: Option<Regroup>,
     /// Skip bad samples instead of failing.
     pub skip_bad_samples: bool,
     /// Decode threads (does not change the digest).
@@ -75,6 +79,7 @@ impl Default for DigestArgs {
             remainder: sampler.remainder,
             max_samples: None,
             stream_window: sampler.stream_window,
+            regroup: None,
             skip_bad_samples: false,
             workers: LoaderConfig::default().workers,
             context_length: None,
@@ -106,6 +111,7 @@ impl DigestArgs {
                 remainder: self.remainder,
                 max_samples: self.max_samples,
                 stream_window: self.stream_window,
+                regroup: self.regroup.clone(),
             },
             ..LoaderConfig::default()
         }

@@ -35,4 +35,4 @@ pub use format::{Dataset, Format, OpenOptions as DatasetOptions, Sample, Split, 
 pub use memory::MemorySource;
 pub use pack::{inspect, pack, InspectReport, PackInput, PackOptions, PackReport};
 pub use pipeline::{Batch, Epoch, Inputs, Loader, LoaderConfig};
-pub use sampler::{Position, Remainder, Sampler, SamplerConfig, DEFAULT_STREAM_WINDOW};
+pub use sampler::{Position, Readers, Regroup, Remainder, Sampler, SamplerConfig, DEFAULT_STREAM_WINDOW};

@@ -184,7 +184,7 @@ impl Loader {
     pub fn resume(&self, position: Position) -> Result<Epoch, Error> {
         self.dataset.source().begin_epoch(position.epoch)?;
         let refs = self.sampler.resume(position);
-        let skip = position.samples.min(self.sampler.samples_per_rank() as u64);
+        let skip = position.samples.min(self.sampler.samples_in_epoch(position.epoch) as u64);
         Ok(Epoch::start(self, position.epoch, skip, refs))
     }
 }

@@ -13,6 +13,11 @@
 //! and rank `r` takes every `w`th sample of the stream (positions `r`, `r + w`, ...), so every rank starts at the
 //! stream's start. An epoch can then begin as soon as its first shards arrive.
 //!
+//! When the ranks reading an epoch change part-way (a rank is lost and the others carry on),
+//! [`SamplerConfig::regroup`] says who read the epoch before and how far: what those ranks had not yet read is
+//! listed in stream order (rank by rank for contiguous blocks, sample by sample for interleaved ones) and shared
+//! among the new ranks the same way a whole epoch is, so every sample of the epoch is still read once.
+//!
 //! Randomness comes from [`Rng`], a SplitMix64 written here, so an order never changes with a dependency's version.
 
 use serde::{Deserialize, Serialize};
@@ -106,6 +111,28 @@ pub struct SamplerConfig {
     /// the ranks (see the module's documentation). `None`: shuffle all shards, contiguous blocks per rank.
     #[serde(default)]
     pub stream_window: Option<usize>,
+    /// An epoch whose readers changed part-way: these ranks read only what its earlier readers left.
+    #[serde(default)]
+    pub regroup: Option<Regroup>,
+}
+
+/// A set of ranks that read an epoch for a while, and how far each got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Readers {
+    /// Ranks reading the epoch then.
+    pub world_size: usize,
+    /// Samples of its share each of them consumed (the same on every rank: ranks step together).
+    pub consumed: usize,
+}
+
+/// An epoch whose readers changed part-way (see the module's documentation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Regroup {
+    /// The epoch.
+    pub epoch: u64,
+    /// Each set of earlier readers in turn, from the epoch's start: the first read the whole epoch's shares, each
+    /// later one the shares of what its predecessors left.
+    pub before: Vec<Readers>,
 }
 
 impl Default for SamplerConfig {
@@ -119,6 +146,7 @@ impl Default for SamplerConfig {
             remainder: Remainder::Pad,
             max_samples: None,
             stream_window: None,
+            regroup: None,
         }
     }
 }
@@ -173,6 +201,8 @@ pub struct Sampler {
     config: SamplerConfig,
     total: usize,
     per_rank: usize,
+    /// This rank's share of the regrouped epoch, when there is one.
+    regrouped_per_rank: Option<usize>,
 }
 
 impl Sampler {
@@ -187,10 +217,7 @@ impl Sampler {
         }
         let all: usize = shard_sizes.iter().sum();
         let total = config.max_samples.map_or(all, |m| m.min(all));
-        let per_rank = match config.remainder {
-            Remainder::Drop => total / config.world_size,
-            Remainder::Pad => total.div_ceil(config.world_size),
-        };
+        let per_rank = share(total, config.world_size, config.remainder);
         if per_rank == 0 {
             return Err(Error::Config(format!(
                 "{total} samples cannot give each of {} ranks at least one{}",
@@ -198,12 +225,25 @@ impl Sampler {
                 if total > 0 { "; use fewer ranks or --remainder pad" } else { "" }
             )));
         }
-        Ok(Sampler { shard_sizes, config, total, per_rank })
+        let regrouped_per_rank = match &config.regroup {
+            Some(regroup) => Some(regrouped_share(total, regroup, &config)?),
+            None => None,
+        };
+        Ok(Sampler { shard_sizes, config, total, per_rank, regrouped_per_rank })
     }
 
     /// Samples every rank reads per epoch.
     pub fn samples_per_rank(&self) -> usize {
         self.per_rank
+    }
+
+    /// Samples this rank reads in `epoch`: its share of what is left in a regrouped epoch, else
+    /// [`Sampler::samples_per_rank`].
+    pub fn samples_in_epoch(&self, epoch: u64) -> usize {
+        match (&self.config.regroup, self.regrouped_per_rank) {
+            (Some(regroup), Some(n)) if regroup.epoch == epoch => n,
+            _ => self.per_rank,
+        }
     }
 
     /// Samples of the dataset used per epoch, all ranks together (before padding).
@@ -257,18 +297,32 @@ impl Sampler {
     /// This rank's samples of `epoch`, in reading order.
     pub fn epoch(&self, epoch: u64) -> Vec<SampleRef> {
         let global = self.global(epoch);
-        let (rank, world) = (self.config.rank, self.config.world_size);
-        let position = |i: usize| match self.config.stream_window {
-            Some(_) => rank + i * world,
-            None => rank * self.per_rank + i,
+        let at = |(p, position): (usize, u64)| {
+            let (shard, index) = global[p % global.len()];
+            SampleRef { shard, index, position }
         };
-        (0..self.per_rank)
-            .map(|i| {
-                let p = position(i);
-                let (shard, index) = global[p % global.len()];
-                SampleRef { shard, index, position: p as u64 }
-            })
-            .collect()
+        let (rank, world) = (self.config.rank, self.config.world_size);
+        let stream = self.config.stream_window.is_some();
+        match &self.config.regroup {
+            Some(regroup) if regroup.epoch == epoch => {
+                let left = left_by(regroup, self.total, self.config.remainder, stream);
+                let per_rank = self.samples_in_epoch(epoch);
+                (0..per_rank)
+                    .map(|i| {
+                        let j = slot(rank, i, world, per_rank, stream);
+                        // A repeat that pads the remainder gets a position of its own (its augmentation seed).
+                        let (p, position) = left[j % left.len()];
+                        at((p, if j < left.len() { position } else { repeat_position(regroup.before.len(), j) }))
+                    })
+                    .collect()
+            }
+            _ => (0..self.per_rank)
+                .map(|i| {
+                    let p = slot(rank, i, world, self.per_rank, stream);
+                    at((p, p as u64))
+                })
+                .collect(),
+        }
     }
 
     /// This rank's remaining samples after `position` (a resumed epoch continues where it stopped).
@@ -278,6 +332,88 @@ impl Sampler {
         refs.drain(..done);
         refs
     }
+}
+
+/// Each rank's share of `n` items among `world` ranks.
+fn share(n: usize, world: usize, remainder: Remainder) -> usize {
+    match remainder {
+        Remainder::Drop => n / world,
+        Remainder::Pad => n.div_ceil(world),
+    }
+}
+
+/// The index in the stream of rank `rank`'s `i`th item when `world` ranks take `per_rank` each: interleaved
+/// (`stream`) or in contiguous blocks. Indices past the stream's end wrap around (padding).
+fn slot(rank: usize, i: usize, world: usize, per_rank: usize, stream: bool) -> usize {
+    if stream {
+        rank + i * world
+    } else {
+        rank * per_rank + i
+    }
+}
+
+/// The position of a repeat that pads the share of a remainder after the `segment`th change of readers: above
+/// every position of a whole epoch's stream, and different for each slot.
+fn repeat_position(segment: usize, j: usize) -> u64 {
+    ((segment as u64) << 48) | j as u64
+}
+
+/// What an epoch's earlier readers left, in stream order: pairs (index in the epoch's global stream, position).
+/// The first readers share the whole epoch of `total` samples; each later one the previous one's leftovers.
+fn left_by(regroup: &Regroup, total: usize, remainder: Remainder, stream: bool) -> Vec<(usize, u64)> {
+    let mut left: Vec<(usize, u64)> = Vec::new();
+    for (segment, readers) in regroup.before.iter().enumerate() {
+        let n = if segment == 0 { total } else { left.len() };
+        let per_rank = share(n, readers.world_size, remainder);
+        let item = |r: usize, i: usize| {
+            let j = slot(r, i, readers.world_size, per_rank, stream);
+            match segment {
+                0 => (j, j as u64),
+                _ if j < left.len() => left[j],
+                _ => (left[j % left.len()].0, repeat_position(segment, j)),
+            }
+        };
+        let consumed = readers.consumed.min(per_rank);
+        let next: Vec<(usize, u64)> = if stream {
+            (consumed..per_rank)
+                .flat_map(|i| (0..readers.world_size).map(move |r| (r, i)))
+                .map(|(r, i)| item(r, i))
+                .collect()
+        } else {
+            (0..readers.world_size)
+                .flat_map(|r| (consumed..per_rank).map(move |i| (r, i)))
+                .map(|(r, i)| item(r, i))
+                .collect()
+        };
+        left = next;
+    }
+    left
+}
+
+/// This rank's share of what a regrouped epoch's earlier readers left, after checking that each set of readers
+/// read no more than its share.
+fn regrouped_share(total: usize, regroup: &Regroup, config: &SamplerConfig) -> Result<usize, Error> {
+    if regroup.before.is_empty() {
+        return Err(Error::Config(format!("epoch {}'s regroup names no earlier readers", regroup.epoch)));
+    }
+    let mut n = total;
+    for (k, readers) in regroup.before.iter().enumerate() {
+        if readers.world_size == 0 {
+            return Err(Error::Config(format!("epoch {}'s readers {} number no ranks", regroup.epoch, k + 1)));
+        }
+        let per_rank = share(n, readers.world_size, config.remainder);
+        if readers.consumed > per_rank {
+            return Err(Error::Config(format!(
+                "epoch {}'s readers {} ({} ranks) consumed {} samples each, more than their share of {per_rank}",
+                regroup.epoch,
+                k + 1,
+                readers.world_size,
+                readers.consumed
+            )));
+        }
+        n = (per_rank - readers.consumed) * readers.world_size;
+    }
+    Ok(share(n, config.world_size, config.remainder))
 }
 
 /// The items in the order a shuffle buffer of `window` items gives them: each output is a random one of the next
@@ -319,6 +455,7 @@ mod tests {
             remainder,
             max_samples: None,
             stream_window: None,
+            regroup: None,
         }
     }
 
@@ -327,6 +464,38 @@ mod tests {
         // SplitMix64's published first output for state 0 (after one increment).
         let mut r = Rng(0);
         assert_eq!(r.next_u64(), 0xe220_a839_7b1d_cdaf);
+    }
+
+    #[test]
+    fn a_regroup_whose_readers_read_more_than_their_share_is_an_error() {
+        let mut c = config(0, 2, 0, 4, Remainder::Pad);
+        c.regroup = Some(Regroup { epoch: 0, before: vec![Readers { world_size: 4, consumed: 4 }] });
+        // 10 samples among 4 ranks: shares of 3.
+        let e = Sampler::new(vec![10], c.clone()).unwrap_err();
+        assert!(e.to_string().contains("consumed 4 samples each, more than their share of 3"), "{e}");
+        c.regroup = Some(Regroup { epoch: 0, before: vec![] });
+        let e = Sampler::new(vec![10], c.clone()).unwrap_err();
+        assert!(e.to_string().contains("names no earlier readers"), "{e}");
+        c.regroup = Some(Regroup { epoch: 0, before: vec![Readers { world_size: 0, consumed: 0 }] });
+        let e = Sampler::new(vec![10], c).unwrap_err();
+        assert!(e.to_string().contains("number no ranks"), "{e}");
+    }
+
+    #[test]
+    fn a_regrouped_epoch_continues_the_stream_where_its_readers_stopped() {
+        // 12 samples, unshuffled: 4 ranks read 1 each (0, 3, 6, 9 in blocks of 3); 2 ranks share the 8 left.
+        let mut c = config(0, 2, 0, 1, Remainder::Pad);
+        c.shuffle = false;
+        c.regroup = Some(Regroup { epoch: 0, before: vec![Readers { world_size: 4, consumed: 1 }] });
+        let of = |c: &SamplerConfig| -> Vec<usize> {
+            Sampler::new(vec![12], c.clone()).unwrap().epoch(0).iter().map(|r| r.index).collect()
+        };
+        assert_eq!(of(&c), vec![1, 2, 4, 5]);
+        c.rank = 1;
+        assert_eq!(of(&c), vec![7, 8, 10, 11]);
+        // Interleaved: the 4 ranks read 0..4; the 2 ranks take turns from 4 on.
+        c.stream_window = Some(1);
+        assert_eq!(of(&c), vec![5, 7, 9, 11]);
     }
 
     #[test]
@@ -402,6 +571,59 @@ mod tests {
             if remainder == Remainder::Pad {
                 prop_assert_eq!(seen.len(), total, "every sample is read once per epoch");
             }
+        }
+
+        #[test]
+        fn a_regrouped_epoch_reads_every_sample_its_earlier_readers_left_once(
+            sizes in proptest::collection::vec(0usize..30, 1..6),
+            worlds in proptest::collection::vec(1usize..6, 2..5),
+            fractions in proptest::collection::vec(0.0f64..=1.0, 4),
+            seed in any::<u64>(),
+            drop in any::<bool>(),
+            stream in any::<bool>(),
+        ) {
+            let total: usize = sizes.iter().sum();
+            let remainder = if drop { Remainder::Drop } else { Remainder::Pad };
+            prop_assume!(total >= worlds[0]);
+            let epoch = 1;
+            let base = |world: usize, rank: usize, before: &[Readers]| {
+                let mut c = config(seed, world, rank, 8, remainder);
+                c.stream_window = stream.then_some(2);
+                c.regroup = (!before.is_empty()).then(|| Regroup { epoch, before: before.to_vec() });
+                Sampler::new(sizes.clone(), c).unwrap()
+            };
+            // Each set of readers but the last reads part of its share, then the next takes over.
+            let mut before: Vec<Readers> = Vec::new();
+            let mut read: Vec<SampleRef> = Vec::new();
+            for (k, &world) in worlds.iter().enumerate() {
+                let share = base(world, 0, &before).samples_in_epoch(epoch);
+                let last = k + 1 == worlds.len();
+                let consumed = if last { share } else { (share as f64 * fractions[k]) as usize };
+                for rank in 0..world {
+                    let s = base(world, rank, &before);
+                    prop_assert_eq!(s.samples_in_epoch(epoch), share, "every rank's share is the same");
+                    read.extend(s.epoch(epoch).into_iter().take(consumed));
+                }
+                before.push(Readers { world_size: world, consumed });
+            }
+            let mut positions = HashSet::new();
+            let mut once = HashSet::new();
+            for r in &read {
+                prop_assert!(r.index < sizes[r.shard]);
+                prop_assert!(positions.insert(r.position), "position {} twice", r.position);
+                if (r.position as usize) < total {
+                    prop_assert!(once.insert((r.shard, r.index)), "sample {:?} read twice", (r.shard, r.index));
+                }
+            }
+            let distinct: HashSet<(usize, usize)> = read.iter().map(|r| (r.shard, r.index)).collect();
+            if remainder == Remainder::Pad {
+                prop_assert_eq!(distinct.len(), total, "every sample of the epoch is read");
+            } else {
+                prop_assert_eq!(distinct.len(), read.len(), "dropping the remainder repeats nothing");
+            }
+            // Other epochs are not regrouped.
+            let plain = base(worlds[worlds.len() - 1], 0, &[]);
+            prop_assert_eq!(base(worlds[worlds.len() - 1], 0, &before).epoch(epoch + 1), plain.epoch(epoch + 1));
         }
 
         #[test]
