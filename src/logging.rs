@@ -5,7 +5,7 @@
 
 use std::fmt;
 use std::io::IsTerminal;
-use std::sync::OnceLock;
+use std::sync::RwLock;
 
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
@@ -14,7 +14,7 @@ use tracing_subscriber::fmt::{FmtContext, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
-static WHO: OnceLock<String> = OnceLock::new();
+static WHO: RwLock<String> = RwLock::new(String::new());
 
 /// Installs the global subscriber writing to stderr. `level` is used when `RUST_LOG` is not set.
 pub fn init(level: &str) {
@@ -29,17 +29,22 @@ pub fn init(level: &str) {
 
 /// Tags every following log line with this process's rank, world size and host.
 pub fn set_rank(rank: usize, world_size: usize, host: &str) {
-    let _ = WHO.set(format!("rank {rank}/{world_size} {host}"));
+    set_who(format!("rank {rank}/{world_size} {host}"));
 }
 
 /// Tags every following log line of a launcher process with the node it runs on.
 pub fn set_node(node_rank: usize, nnodes: usize, host: &str) {
-    let _ = WHO.set(format!("launch node {node_rank}/{nnodes} {host}"));
+    set_who(format!("launch node {node_rank}/{nnodes} {host}"));
 }
 
 /// Tags every following log line of a standalone rendezvous store with the host it runs on.
 pub fn set_store(host: &str) {
-    let _ = WHO.set(format!("rendezvous store {host}"));
+    set_who(format!("rendezvous store {host}"));
+}
+
+fn set_who(who: String) {
+    // A poisoned lock held a whole String: the tag is still whole.
+    *WHO.write().unwrap_or_else(|p| p.into_inner()) = who;
 }
 
 struct RankFormat;
@@ -51,7 +56,8 @@ where
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         SystemTime.format_time(&mut writer)?;
-        let who = WHO.get().map(String::as_str).unwrap_or("rank ?");
+        let who = WHO.read().unwrap_or_else(|p| p.into_inner());
+        let who = if who.is_empty() { "rank ?" } else { who.as_str() };
         write!(writer, " {:>5} [{who}] ", event.metadata().level())?;
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {

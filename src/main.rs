@@ -306,6 +306,10 @@ struct TrainJobArgs {
     /// Skip (and count) samples that do not decode instead of failing.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", env = "HYTRAIN_SKIP_BAD_SAMPLES")]
     skip_bad_samples: Option<String>,
+    /// Log the SHA-256 of the batch stream each rank trained on, as `hytrain data digest` computes it, when the
+    /// run ends and whenever the job's ranks change: proof of what was trained.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", env = "HYTRAIN_DIGEST_TRAINED")]
+    digest_trained: Option<String>,
     /// Decode threads per rank [default: the cores, at most 8].
     #[arg(long, env = "HYTRAIN_WORKERS")]
     workers: Option<String>,
@@ -355,6 +359,7 @@ impl TrainJobArgs {
             max_samples: self.max_samples,
             stream_window: self.stream_window,
             skip_bad_samples: self.skip_bad_samples,
+            digest_trained: self.digest_trained,
             workers: self.workers,
             model_dir: self.model_dir,
             checkpoint_dir: self.checkpoint_dir,
@@ -403,6 +408,15 @@ impl CommArgs {
     /// `plan` with the store --rendezvous-endpoint names and the node count --nnodes gives, when given, and with
     /// this node's rank from the store when the node count is a range. Tags the log lines with the rank.
     fn plan(&self, plan: &cluster::Plan) -> anyhow::Result<cluster::Plan> {
+        let plan = self.before_admission(plan)?;
+        let plan = rendezvous::admit(&plan, &self.options(&plan), self.last_call_timeout)?;
+        let t = &plan.topology;
+        hytrain::logging::set_rank(t.rank, t.world_size, &t.current_host);
+        Ok(plan)
+    }
+
+    /// `plan` with the store --rendezvous-endpoint names and the node count --nnodes gives, when given.
+    fn before_admission(&self, plan: &cluster::Plan) -> anyhow::Result<cluster::Plan> {
         let mut plan = plan.clone();
         if let Some(endpoint) = &self.rendezvous_endpoint {
             plan.rendezvous = cluster::Rendezvous::external("--rendezvous-endpoint", endpoint)?;
@@ -410,9 +424,6 @@ impl CommArgs {
         if let Some(nnodes) = &self.nnodes {
             plan.set_nnodes("--nnodes", nnodes)?;
         }
-        let plan = rendezvous::admit(&plan, &self.options(&plan), self.last_call_timeout)?;
-        let t = &plan.topology;
-        hytrain::logging::set_rank(t.rank, t.world_size, &t.current_host);
         Ok(plan)
     }
 
@@ -504,8 +515,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Train(train) => {
             let TrainCommand { job, config, comm } = *train;
+            let detected = comm.before_admission(&plan)?;
             let plan = comm.plan(&plan)?;
-            let args = train::TrainArgs { config, job: job.flags(), comm: comm.options(&plan) };
+            let rejoin = detected
+                .nnodes_range
+                .map(|_| train::Rejoin { plan: detected.clone(), last_call: comm.last_call_timeout });
+            let args = train::TrainArgs { config, job: job.flags(), comm: comm.options(&plan), rejoin };
             run_train(&plan, &env, &args)
         }
         Command::Data(command) => run_data(&plan, command),
@@ -558,8 +573,8 @@ fn run_train(plan: &cluster::Plan, env: &Env, args: &train::TrainArgs) -> anyhow
     }
     dump_on_signals(&recorder)?;
     let result = train::run(plan, env, args, &stop, &recorder);
-    let summary = match result {
-        Ok(summary) => summary,
+    let (summary, rank) = match result {
+        Ok(finished) => (finished.summary, finished.rank),
         Err(e) => {
             if let Some(path) = &plan.paths.failure_file {
                 write_failure_reason(path, &e);
@@ -570,7 +585,7 @@ fn run_train(plan: &cluster::Plan, env: &Env, args: &train::TrainArgs) -> anyhow
             return Err(e);
         }
     };
-    if plan.topology.rank == 0 {
+    if rank == 0 {
         say(&summary)?;
         if let Some(dir) = &summary.exported_to {
             say(format!("model written to {}", dir.display()))?;

@@ -22,13 +22,24 @@ pub struct Watchdog {
 impl Watchdog {
     /// Starts watching `live` (`None`, a job of one rank or an MPI job, watches nothing). On a loss the process
     /// dumps `recorder` (the collectives it was in), prints `hytrain: error: lost rank N on HOST: CAUSE`, writes
-    /// it to `failure_file` (SageMaker's FailureReason) and exits 1, unless the main thread ended it first.
-    pub fn start(live: Option<Liveness>, failure_file: Option<PathBuf>, recorder: FlightRecorder) -> Watchdog {
+    /// it to `failure_file` (SageMaker's FailureReason) and exits 1, unless the main thread ended it first. With
+    /// `carry_on` (the ranks left continue without the lost one) it only dumps the recorder: the loss reaches the
+    /// main thread at its next collective.
+    pub fn start(
+        live: Option<Liveness>,
+        failure_file: Option<PathBuf>,
+        recorder: FlightRecorder,
+        carry_on: bool,
+    ) -> Watchdog {
         if let Some(live) = live.clone() {
             let spawned = std::thread::Builder::new().name("hytrain-watchdog".into()).spawn(move || {
                 let Some(lost) = live.wait_lost(None) else {
                     return;
                 };
+                if carry_on {
+                    recorder.dump(&lost.to_string());
+                    return;
+                }
                 tracing::error!("{lost}; stopping this rank");
                 // First, before anything can end the process: the dump is what tells a hang from a crash.
                 recorder.dump(&lost.to_string());
@@ -47,6 +58,11 @@ impl Watchdog {
             }
         }
         Watchdog { live }
+    }
+
+    /// The ranks changed and this watch's round is over: stop watching it, telling the old round nothing.
+    pub fn forget(&mut self) {
+        self.live = None;
     }
 
     /// This rank is done: it says goodbye, so its exit is not taken for a loss (rank 0 waits for the others first).

@@ -135,7 +135,8 @@ pub fn run(plan: &Plan, args: &DoctorArgs) -> anyhow::Result<Report> {
         comm::recorder::FlightRecorder::new(membership.rank, membership.world_size, comm::recorder::DEFAULT_CAPACITY);
     let mut collective: Box<dyn comm::Collective> =
         Box::new(comm::recorder::Recorded::new(collective, recorder.clone()));
-    let watchdog = crate::watchdog::Watchdog::start(collective.liveness(), plan.paths.failure_file.clone(), recorder);
+    let watchdog =
+        crate::watchdog::Watchdog::start(collective.liveness(), plan.paths.failure_file.clone(), recorder, false);
     let (rank, world) = (collective.rank(), collective.world_size());
     tracing::info!("doctor: {} backend up with {world} ranks", collective.backend());
 

@@ -15,6 +15,7 @@ mod comm_transport;
 mod data_cli;
 mod data_index;
 mod device_cli;
+mod elastic;
 mod explain;
 mod kubeflow_manifests;
 mod multiprocess;

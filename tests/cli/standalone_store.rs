@@ -11,33 +11,33 @@ use std::time::{Duration, Instant};
 
 use crate::common::{self, digits};
 
-const TOKEN: &str = "standalone-store-test-token";
+pub(super) const TOKEN: &str = "standalone-store-test-token";
 const LIMIT: Duration = Duration::from_secs(90);
 
 /// A process whose stdout and stderr go to files in `dir`, killed if the test ends while it runs.
-struct Proc {
-    child: Child,
+pub(super) struct Proc {
+    pub(super) child: Child,
     out: std::path::PathBuf,
     err: std::path::PathBuf,
 }
 
 impl Proc {
-    fn spawn(mut c: Command, dir: &Path, name: &str) -> Proc {
+    pub(super) fn spawn(mut c: Command, dir: &Path, name: &str) -> Proc {
         let (out, err) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
         c.current_dir(dir).stdout(fs::File::create(&out).unwrap()).stderr(fs::File::create(&err).unwrap());
         Proc { child: c.spawn().unwrap(), out, err }
     }
 
-    fn stdout(&self) -> String {
+    pub(super) fn stdout(&self) -> String {
         fs::read_to_string(&self.out).unwrap_or_default()
     }
 
-    fn stderr(&self) -> String {
+    pub(super) fn stderr(&self) -> String {
         fs::read_to_string(&self.err).unwrap_or_default()
     }
 
     /// Waits until `ready` holds for the process's output; fails if it exits first or `LIMIT` passes.
-    fn wait_for(&mut self, what: &str, ready: impl Fn(&Proc) -> bool) {
+    pub(super) fn wait_for(&mut self, what: &str, ready: impl Fn(&Proc) -> bool) {
         let start = Instant::now();
         while !ready(self) {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -48,7 +48,7 @@ impl Proc {
         }
     }
 
-    fn exit(&mut self) -> ExitStatus {
+    pub(super) fn exit(&mut self) -> ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -143,7 +143,7 @@ fn a_standalone_store_outlives_rank_0_names_it_lost_to_the_other_rank_and_serves
 }
 
 /// A store process on a free loopback port, and its endpoint.
-fn store(dir: &Path) -> (Proc, String) {
+pub(super) fn store(dir: &Path) -> (Proc, String) {
     let endpoint = format!("127.0.0.1:{}", common::free_port());
     let env = [("HYTRAIN_JOB_TOKEN", TOKEN.to_string()), ("HOSTNAME", "rdzv".to_string())];
     let mut store = Proc::spawn(common::command(&["rendezvous", "--listen", &endpoint], &env), dir, "store");

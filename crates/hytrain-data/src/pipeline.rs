@@ -141,6 +141,14 @@ impl Loader {
         Ok(Loader { dataset, sampler, config, stats: Arc::new(Stats::default()) })
     }
 
+    /// The same loader for other readers: the ranks that read the dataset changed (a rank was lost, or the epoch was
+    /// regrouped). Its statistics carry on.
+    pub fn with_sampler(&self, sampler: SamplerConfig) -> Result<Loader, Error> {
+        let config = LoaderConfig { sampler, ..self.config.clone() };
+        let sampler = Sampler::new(self.dataset.shard_sizes(), config.sampler.clone())?;
+        Ok(Loader { dataset: self.dataset.clone(), sampler, config, stats: self.stats.clone() })
+    }
+
     /// Opens the dataset on `source` and makes a loader over it.
     pub fn open(source: SharedSource, options: &OpenOptions, config: LoaderConfig) -> Result<Loader, Error> {
         Loader::new(Arc::new(Dataset::open(source, options)?), config)

@@ -28,6 +28,21 @@ pub trait BatchSource {
     /// Batches one full epoch yields on this rank.
     fn batches_per_epoch(&self) -> u64;
 
+    /// Batches `epoch` yields on this rank: fewer than [`BatchSource::batches_per_epoch`] in an epoch regrouped
+    /// part-way ([`BatchSource::regroup`]).
+    fn batches_in_epoch(&self, _epoch: u64) -> u64 {
+        self.batches_per_epoch()
+    }
+
+    /// Reads only what `regroup`'s earlier readers left of its epoch (see [`hytrain_data::Regroup`]), or, with
+    /// `None`, whole epochs again. Sources without a sampler cannot.
+    fn regroup(&mut self, regroup: Option<hytrain_data::Regroup>) -> std::result::Result<(), BatchError> {
+        match regroup {
+            None => Ok(()),
+            Some(r) => Err(format!("this data source cannot continue epoch {} with other ranks", r.epoch + 1).into()),
+        }
+    }
+
     /// The sampler's stream window (shards shuffled within a window, ranks interleaved), which like the seed decides
     /// which samples a rank reads; `None` for the full shuffle in contiguous blocks.
     fn stream_window(&self) -> Option<usize> {

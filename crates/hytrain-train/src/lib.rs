@@ -30,6 +30,7 @@ pub mod checkpoint;
 mod coalesced;
 pub mod config;
 mod ddp;
+pub mod elastic;
 mod error;
 pub mod export;
 #[doc(hidden)]
@@ -63,4 +64,4 @@ pub use model::{Model, ScriptModel};
 pub use optim::{AdamW, AdamWConfig, Implementation, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use precision::{Autocast, GradScaler, GradScalerState, Precision};
 pub use schedule::Schedule;
-pub use trainer::{RunPaths, Summary, Trainer};
+pub use trainer::{Progress, RunPaths, Start, Summary, Trainer};

@@ -69,11 +69,13 @@ impl Shape {
 }
 
 /// Where to continue: steps done, the epoch (0-based) and the batch of it to start at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Continue {
     pub step: u64,
     pub epoch: u64,
     pub start_batch: u64,
+    /// The epoch's regroup, when the job that wrote the checkpoint had changed ranks part-way through it.
+    pub regroup: Option<hytrain_data::Regroup>,
 }
 
 /// Maps the position of the checkpoint at `path` onto the shape `now`; see the module documentation. Every rank
@@ -83,16 +85,39 @@ pub(crate) fn continue_from(meta: &CheckpointMeta, path: &Path, now: &Shape, res
     let epoch = pos.get("epoch").and_then(|v| v.as_u64()).unwrap_or(meta.epoch);
     let batches = pos.get("batches").and_then(|v| v.as_u64()).unwrap_or(0);
     let step = meta.step;
-    let next_epoch = Continue { step, epoch: epoch + 1, start_batch: 0 };
+    let next_epoch = Continue { step, epoch: epoch + 1, start_batch: 0, regroup: None };
+    let regroup: Option<hytrain_data::Regroup> = match pos.get("regroup") {
+        Some(value) => Some(serde_json::from_value(value.clone()).map_err(|e| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            detail: format!("its data position's regroup does not parse: {e}"),
+        })?),
+        None => None,
+    }
+    .filter(|r: &hytrain_data::Regroup| r.epoch == epoch);
     let Some(saved) = Shape::saved(meta) else {
         // Written before hytrain recorded the shape: trusted as it always was.
         return Ok(if batches >= now.batches_per_epoch {
             next_epoch
         } else {
-            Continue { step, epoch, start_batch: batches }
+            Continue { step, epoch, start_batch: batches, regroup: None }
         });
     };
     let changes = saved.changes(now);
+    if regroup.is_some() {
+        // The ranks changed part-way through this epoch: its samples are shared in a way only the same shape
+        // continues.
+        if changes.is_empty() {
+            return Ok(Continue { step, epoch, start_batch: batches, regroup });
+        }
+        return unmappable(
+            path,
+            step,
+            epoch,
+            &changes,
+            &format!("batch {batches} of what is left of epoch {}", epoch + 1),
+            restart_epoch,
+        );
+    }
     if batches >= saved.batches_per_epoch {
         if !changes.is_empty() {
             tracing::info!(
@@ -105,7 +130,7 @@ pub(crate) fn continue_from(meta: &CheckpointMeta, path: &Path, now: &Shape, res
         return Ok(next_epoch);
     }
     if changes.is_empty() || batches == 0 {
-        return Ok(Continue { step, epoch, start_batch: batches });
+        return Ok(Continue { step, epoch, start_batch: batches, regroup: None });
     }
     let same_step = saved.batch_size * saved.grad_accum == now.batch_size * now.grad_accum;
     let samples = batches * saved.batch_size;
@@ -123,9 +148,22 @@ pub(crate) fn continue_from(meta: &CheckpointMeta, path: &Path, now: &Shape, res
             epoch + 1,
             now.batches_per_epoch
         );
-        return Ok(Continue { step, epoch, start_batch });
+        return Ok(Continue { step, epoch, start_batch, regroup: None });
     }
     let at = format!("batch {batches} of {} in epoch {}", saved.batches_per_epoch, epoch + 1);
+    unmappable(path, step, epoch, &changes, &at, restart_epoch)
+}
+
+/// A mid-epoch position at `at` that this job's shape cannot continue: the epoch starts over with
+/// `--restart-epoch-on-change`, else an error says what changed and what to do.
+fn unmappable(
+    path: &Path,
+    step: u64,
+    epoch: u64,
+    changes: &[String],
+    at: &str,
+    restart_epoch: bool,
+) -> Result<Continue> {
     if restart_epoch {
         tracing::warn!(
             "the checkpoint's job differs ({}) and its position ({at}) cannot be mapped onto this job: starting \
@@ -134,7 +172,7 @@ pub(crate) fn continue_from(meta: &CheckpointMeta, path: &Path, now: &Shape, res
             changes.join("; "),
             epoch + 1
         );
-        return Ok(Continue { step, epoch, start_batch: 0 });
+        return Ok(Continue { step, epoch, start_batch: 0, regroup: None });
     }
     Err(TrainError::Checkpoint {
         path: path.to_path_buf(),
@@ -184,7 +222,10 @@ mod tests {
     #[test]
     fn the_same_shape_continues_where_it_stopped() {
         let s = shape(2, 32, 1, 23);
-        assert_eq!(at(&meta(&s, 1, 17), &s, false).unwrap(), Continue { step: 40, epoch: 1, start_batch: 17 });
+        assert_eq!(
+            at(&meta(&s, 1, 17), &s, false).unwrap(),
+            Continue { step: 40, epoch: 1, start_batch: 17, regroup: None }
+        );
     }
 
     #[test]
@@ -207,7 +248,10 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("--restart-epoch-on-change to start epoch 4 over") && e.contains("--no-resume"), "{e}");
-        assert_eq!(at(&m, &shape(1, 64, 1, 23), true).unwrap(), Continue { step: 40, epoch: 3, start_batch: 0 });
+        assert_eq!(
+            at(&m, &shape(1, 64, 1, 23), true).unwrap(),
+            Continue { step: 40, epoch: 3, start_batch: 0, regroup: None }
+        );
         let reseeded = Shape { seed: 2, ..shape(2, 32, 1, 23) };
         assert!(at(&m, &reseeded, false).unwrap_err().to_string().contains("seed 1, this job 2"));
         let streamed = Shape { stream_window: 16, ..shape(2, 32, 1, 23) };
@@ -217,9 +261,15 @@ mod tests {
     #[test]
     fn an_epoch_end_or_start_carries_over_to_any_shape() {
         let m = meta(&shape(2, 32, 1, 23), 0, 23);
-        assert_eq!(at(&m, &shape(1, 32, 1, 45), false).unwrap(), Continue { step: 40, epoch: 1, start_batch: 0 });
+        assert_eq!(
+            at(&m, &shape(1, 32, 1, 45), false).unwrap(),
+            Continue { step: 40, epoch: 1, start_batch: 0, regroup: None }
+        );
         let m = meta(&shape(2, 32, 1, 23), 2, 0);
-        assert_eq!(at(&m, &shape(3, 7, 3, 21), false).unwrap(), Continue { step: 40, epoch: 2, start_batch: 0 });
+        assert_eq!(
+            at(&m, &shape(3, 7, 3, 21), false).unwrap(),
+            Continue { step: 40, epoch: 2, start_batch: 0, regroup: None }
+        );
     }
 
     #[test]
@@ -227,5 +277,27 @@ mod tests {
         let mut m = meta(&shape(2, 32, 1, 23), 0, 5);
         m.data_position = serde_json::json!({ "epoch": 0, "batches": 5, "batches_per_epoch": 23 });
         assert_eq!(at(&m, &shape(1, 32, 1, 45), false).unwrap().start_batch, 5);
+    }
+
+    #[test]
+    fn a_regrouped_epoch_continues_only_with_the_same_shape() {
+        let s = shape(3, 16, 1, 20);
+        let mut m = meta(&s, 1, 4);
+        let regroup =
+            hytrain_data::Regroup { epoch: 1, before: vec![hytrain_data::Readers { world_size: 4, consumed: 80 }] };
+        m.data_position["regroup"] = serde_json::to_value(&regroup).unwrap();
+        let got = at(&m, &s, false).unwrap();
+        assert_eq!(got, Continue { step: 40, epoch: 1, start_batch: 4, regroup: Some(regroup.clone()) });
+        // Another world size cannot share what is left the same way, even with the same global batch.
+        let e = at(&m, &shape(2, 24, 1, 30), false).unwrap_err().to_string();
+        assert!(e.contains("batch 4 of what is left of epoch 2") && e.contains("--restart-epoch-on-change"), "{e}");
+        let restarted = at(&m, &shape(2, 24, 1, 30), true).unwrap();
+        assert_eq!(restarted, Continue { step: 40, epoch: 1, start_batch: 0, regroup: None });
+        // A regroup of an earlier epoch does not apply.
+        m.data_position["regroup"]["epoch"] = 0.into();
+        assert_eq!(at(&m, &s, false).unwrap().regroup, None);
+        m.data_position["regroup"] = "4x5".into();
+        let e = at(&m, &s, false).unwrap_err().to_string();
+        assert!(e.contains("its data position's regroup does not parse"), "{e}");
     }
 }

@@ -258,7 +258,7 @@ fn comm(during: &str) -> impl FnOnce(crate::CommError) -> TrainError + '_ {
 }
 
 /// Rank 0's `bytes` on every rank.
-fn broadcast_bytes(ddp: &mut Ddp, bytes: &mut Vec<u8>, during: &str) -> Result<()> {
+pub(crate) fn broadcast_bytes(ddp: &mut Ddp, bytes: &mut Vec<u8>, during: &str) -> Result<()> {
     if ddp.world_size() == 1 {
         return Ok(());
     }

@@ -11,6 +11,7 @@ mod checkpoint;
 mod config;
 mod ddp;
 mod device_collective;
+mod elastic;
 mod export;
 mod exported;
 mod fuzz_corpus;

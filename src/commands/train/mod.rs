@@ -3,7 +3,7 @@
 //! [`Trainer`](crate::train::Trainer) until done or stopped by SIGTERM/SIGINT.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -12,19 +12,21 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches};
 
 use super::device::{self, DeviceRequest};
-use crate::cluster::{InputMode, Plan};
+use crate::cluster::Plan;
 use crate::comm::recorder::{FlightRecorder, Recorded};
-use crate::comm::{Collective, CommOptions, ReduceOp, Store};
+use crate::comm::{Collective, CommOptions, ReduceOp};
 use crate::data::augment::{Normalize, Transform};
-use crate::data::format::{ShardIndex, INDEX_FILE};
-use crate::data::source::{self, OpenOptions};
-use crate::data::{
-    Dataset, DatasetOptions, Format, Loader, LoaderConfig, Remainder, SamplerConfig, Split, TokenDtype, TokenOptions,
-    DEFAULT_STREAM_WINDOW,
-};
+use crate::data::{Format, Loader, LoaderConfig, Remainder, SamplerConfig, Split, TokenDtype};
 use crate::train::config::{self, ConfigSources, Layered, Origin};
-use crate::train::model::{self, DataSpec, ExportedMetadata};
+use crate::train::model::{self, DataSpec};
 use crate::train::{Ddp, LoaderBatches, RunPaths, Summary, Trainer};
+
+mod carry_on;
+mod sources;
+
+use carry_on::Engine;
+pub use carry_on::Rejoin;
+use sources::*;
 
 /// The training knobs of [`TrainConfig`](crate::train::TrainConfig) as flags (`--batch-size 128`), one per
 /// configuration key; only those given on the command line are kept, so the environment and hyperparameters
@@ -97,6 +99,8 @@ pub struct JobFlags {
     pub stream_window: Option<String>,
     /// Skip samples that do not decode.
     pub skip_bad_samples: Option<String>,
+    /// Log the digest of the batches trained.
+    pub digest_trained: Option<String>,
     /// Decode threads per rank.
     pub workers: Option<String>,
     /// Export folder.
@@ -134,6 +138,7 @@ const JOB_KEYS: &[(&str, &[&str])] = &[
     ("max_samples", &["max_samples"]),
     ("stream_window", &["stream_window"]),
     ("skip_bad_samples", &["skip_bad_samples"]),
+    ("digest_trained", &["digest_trained"]),
     ("workers", &["workers", "num_workers"]),
     ("model_dir", &["model_dir"]),
     ("checkpoint_dir", &["checkpoint_dir"]),
@@ -154,6 +159,9 @@ pub struct TrainArgs {
     pub job: JobFlags,
     /// Rendezvous and collective deadlines.
     pub comm: CommOptions,
+    /// How to be admitted again when the job's node count is a range (`--nnodes MIN:MAX`): the ranks left after
+    /// a loss then carry on in memory.
+    pub rejoin: Option<Rejoin>,
 }
 
 /// The settled job: every value with its final meaning.
@@ -174,6 +182,7 @@ struct Job {
     /// `--stream-window` when given: `Some(None)` for `off`; `None` lets the source decide.
     stream_window: Option<Option<usize>>,
     skip_bad_samples: bool,
+    digest_trained: bool,
     workers: Option<usize>,
     model_dir: Option<PathBuf>,
     checkpoint_dir: Option<PathBuf>,
@@ -260,6 +269,7 @@ impl Job {
                 .map(|(v, key)| super::data::parse_stream_window(&v).map_err(|e| anyhow::anyhow!("{key}: {e}")))
                 .transpose()?,
             skip_bad_samples: switch("skip_bad_samples", &flags.skip_bad_samples)?,
+            digest_trained: switch("digest_trained", &flags.digest_trained)?,
             workers: count("workers", &flags.workers)?,
             model_dir: location("model-dir", none_is_off(path("model_dir", &flags.model_dir)), true)?,
             checkpoint_dir: location("checkpoint-dir", path("checkpoint_dir", &flags.checkpoint_dir), true)?,
@@ -315,278 +325,6 @@ pub fn layered(plan: &Plan, env: &crate::cluster::Env, cli: &ConfigFlags) -> any
     Ok(config::layer(&sources)?)
 }
 
-/// The training data: `--data`, else the platform's `train` or `training` channel.
-fn training_spec(plan: &Plan, job: &Job) -> anyhow::Result<String> {
-    if let Some(spec) = &job.data {
-        return Ok(spec.clone());
-    }
-    for name in ["train", "training"] {
-        if plan.paths.channels.contains_key(name) {
-            return Ok(format!("channel:{name}"));
-        }
-    }
-    let channels: Vec<&String> = plan.paths.channels.keys().collect();
-    if channels.is_empty() {
-        bail!("no training data: give --data with a folder, s3://bucket/prefix or channel:NAME (or HYTRAIN_DATA)");
-    }
-    bail!(
-        "no training data: this job's channels are {channels:?} but none is called train or training; give \
-         --data channel:NAME"
-    )
-}
-
-/// Whether `spec` reads a SageMaker Pipe channel (read once per epoch, so it cannot also serve a test split).
-fn is_pipe(plan: &Plan, spec: &str) -> bool {
-    spec.starts_with("pipe:")
-        || spec
-            .strip_prefix("channel:")
-            .and_then(|name| plan.paths.channels.get(name))
-            .is_some_and(|c| c.input_mode == InputMode::Pipe)
-}
-
-/// The sampler's stream window for the data `spec` names: `--stream-window` when given, else a Pipe channel's
-/// default (its shards arrive in order while the epoch runs), else none (all shards shuffled).
-fn stream_window(plan: &Plan, job: &Job, spec: &str) -> Option<usize> {
-    job.stream_window.unwrap_or_else(|| is_pipe(plan, spec).then_some(DEFAULT_STREAM_WINDOW))
-}
-
-/// Refuses a Pipe channel read by several processes of one host: SageMaker streams each pass through one FIFO per
-/// host, and two readers would split the stream between them (each opening `<channel>_0` and waiting or reading
-/// part of it).
-fn check_pipe_readers(plan: &Plan, job: &Job, train_spec: &str) -> anyhow::Result<()> {
-    let per_host = plan.topology.local_world_size;
-    if per_host <= 1 {
-        return Ok(());
-    }
-    let mut specs = vec![train_spec.to_string()];
-    specs.extend(job.validation.clone().filter(|v| v != "none"));
-    specs.extend(
-        ["validation", "val", "test"]
-            .iter()
-            .filter(|name| plan.paths.channels.contains_key(**name))
-            .map(|name| format!("channel:{name}")),
-    );
-    if let Some(spec) = specs.iter().find(|s| is_pipe(plan, s)) {
-        bail!(
-            "{spec} is read in SageMaker Pipe mode, which streams each pass through one FIFO per host that only one \
-             process can read, but this host runs {per_host} processes; give the channel File or FastFile input \
-             mode (TrainingInputMode, or the channel's InputMode), or run one process per host (--nproc-per-node 1)"
-        );
-    }
-    Ok(())
-}
-
-/// Opens the dataset `spec` names, with the sample counts the host's local rank 0 took (see [`HostCounts`]) and
-/// those `index` gives (a Pipe channel's, from `--data-index`).
-fn open_dataset(
-    spec: &str,
-    options: &OpenOptions,
-    split: Split,
-    job: &Job,
-    tokens: &TokenOptions,
-    counts: &mut HostCounts<'_>,
-    index: Option<&ShardIndex>,
-) -> anyhow::Result<Dataset> {
-    counts.open(|given| {
-        let source = source::open(spec, options).with_context(|| format!("cannot open {spec}"))?;
-        let mut known = given.clone();
-        known.shards.extend(index.iter().flat_map(|i| i.shards.iter().cloned()));
-        Ok(Dataset::open_with_counts(
-            source,
-            &DatasetOptions { split, skip_bad_samples: job.skip_bad_samples, tokens: tokens.clone() },
-            &known,
-        )?)
-    })
-}
-
-/// `--data-index FILE`: the index (`index.json`, as `hytrain data pack` writes it) of the shards a Pipe channel
-/// delivers, which the channel itself cannot carry. Its training shards (those under `train/` when it lists any,
-/// else all), in key order as SageMaker delivers them, become the Pipe's shards: their sizes let the first pass
-/// stream like the later ones, and their counts spare reading it whole before the first batch (not with
-/// `--skip-bad-samples`, whose counts leave out bad samples only a read finds).
-fn pipe_index(plan: &Plan, job: &Job, train_spec: &str) -> anyhow::Result<Option<ShardIndex>> {
-    let Some(path) = &job.data_index else {
-        return Ok(None);
-    };
-    if !is_pipe(plan, train_spec) {
-        bail!(
-            "--data-index {} names the index of a SageMaker Pipe channel, which cannot hold one; {train_spec} is not \
-             one (a folder or S3 prefix keeps its own {INDEX_FILE}, as `hytrain data pack` writes it)",
-            path.display()
-        );
-    }
-    let text = std::fs::read(path).with_context(|| format!("cannot read --data-index {}", path.display()))?;
-    let index: ShardIndex = serde_json::from_slice(&text).with_context(|| {
-        format!("--data-index {} is not a shard index as `hytrain data pack` writes it", path.display())
-    })?;
-    let mut shards = index.shards;
-    if shards.iter().any(|e| e.name.starts_with("train/")) {
-        shards.retain(|e| e.name.starts_with("train/"));
-    }
-    // SageMaker delivers a channel's objects in key order, bytewise.
-    shards.sort_by(|a, b| a.name.as_bytes().cmp(b.name.as_bytes()));
-    if shards.is_empty() {
-        bail!("--data-index {} lists no shards", path.display());
-    }
-    for (i, entry) in shards.iter_mut().enumerate() {
-        entry.name = source::Pipe::shard_name(i);
-    }
-    tracing::info!(
-        "{} shard(s) of {train_spec} known from --data-index {}: its first epoch starts before the pass has arrived",
-        shards.len(),
-        path.display()
-    );
-    Ok(Some(ShardIndex { shards }))
-}
-
-/// The processes of one host count a dataset's samples once between them: local rank 0 opens each dataset as
-/// usual (reading every shard that no index.json lists) and hands its counts to the host's other processes
-/// through the rendezvous store, which open with them instead of reading the shards again. One count per host,
-/// not per job, so hosts of a ShardedByS3Key channel, which hold different objects, each count their own. Under
-/// mpirun there is no store and every process counts.
-struct HostCounts<'a> {
-    store: Option<&'a Store>,
-    node_rank: usize,
-    local_rank: usize,
-    /// Datasets opened so far: every process of the host opens the same ones in the same order.
-    opened: usize,
-}
-
-impl HostCounts<'_> {
-    /// Opens a dataset with `open`, given the counts local rank 0 took (none on local rank 0 itself).
-    fn open(&mut self, open: impl FnOnce(&ShardIndex) -> anyhow::Result<Dataset>) -> anyhow::Result<Dataset> {
-        let key = format!("data-counts/{}/{}", self.node_rank, self.opened);
-        self.opened += 1;
-        let Some(store) = self.store else {
-            return open(&ShardIndex::default());
-        };
-        if self.local_rank == 0 {
-            let opened = open(&ShardIndex::default());
-            // A failure is published too (as no counts), so the others open by themselves and report it rather
-            // than wait for counts that never come.
-            let counts = opened.as_ref().map(Dataset::counts).unwrap_or_default();
-            let value = serde_json::to_vec(&counts).context("cannot encode the sample counts")?;
-            store.set(&key, &value).context("cannot hand the sample counts to this host's other processes")?;
-            return opened;
-        }
-        let value = store.get(&key).context("waiting for local rank 0 to count the dataset's samples")?;
-        // Counts that do not parse are no counts: this process then counts by itself.
-        let given: ShardIndex = serde_json::from_slice(&value).unwrap_or_default();
-        open(&given)
-    }
-}
-
-/// The local folder `spec` reads (a path, or a SageMaker File channel), where a sample index may be kept.
-fn local_data_folder(plan: &Plan, spec: &str) -> Option<PathBuf> {
-    if let Some(name) = spec.strip_prefix("channel:") {
-        let channel = plan.paths.channels.get(name)?;
-        return (channel.input_mode == InputMode::File).then(|| channel.path.clone());
-    }
-    if spec.starts_with("pipe:") || spec.contains("://") && !spec.starts_with("file://") {
-        return None;
-    }
-    let path = PathBuf::from(spec.strip_prefix("file://").unwrap_or(spec));
-    path.is_dir().then_some(path)
-}
-
-/// Keeps the sample counts this host read the shards for in an index.json beside the training data, so the next
-/// job reads none of them to count: only in a writable local folder without one, and not with
-/// `--skip-bad-samples`, whose counts leave bad samples out. A folder that cannot take it costs a warning.
-fn keep_counts(plan: &Plan, job: &Job, train_spec: &str, sets: &[(&Dataset, &str)]) {
-    if job.skip_bad_samples {
-        return;
-    }
-    let Some(folder) = local_data_folder(plan, train_spec) else {
-        return;
-    };
-    if folder.join(INDEX_FILE).exists() {
-        return;
-    }
-    // Only formats whose counts take reading the data; the others count from sizes and headers.
-    let read_to_count = |ds: &Dataset| matches!(ds.format(), Format::Tar | Format::CifarPy);
-    let mut shards = BTreeMap::new();
-    for (ds, spec) in sets {
-        if *spec == train_spec && read_to_count(ds) {
-            for entry in ds.counts().shards {
-                shards.insert(entry.name.clone(), entry);
-            }
-        }
-    }
-    if shards.is_empty() {
-        return;
-    }
-    let index = ShardIndex { shards: shards.into_values().collect() };
-    let path = folder.join(INDEX_FILE);
-    match crate::data::format::write_index(&folder, &index) {
-        Ok(()) => tracing::info!(
-            "kept the sample counts of {} shard(s) in {}: the next job reads no shard to count them",
-            index.shards.len(),
-            path.display()
-        ),
-        Err(e) => {
-            tracing::warn!("not keeping the sample counts in {} ({e}); the next job counts them again", path.display())
-        }
-    }
-}
-
-/// How to cut token data: `--context-length` and `--token-dtype`, the context length defaulting to the sequence
-/// length of an exported model that takes token ids, whose vocabulary then bounds the ids.
-fn token_options(job: &Job) -> anyhow::Result<TokenOptions> {
-    let exported =
-        if Path::new(&job.model).is_dir() { Some(ExportedMetadata::read(Path::new(&job.model))?) } else { None };
-    let model_context = exported.as_ref().and_then(ExportedMetadata::context_length);
-    Ok(TokenOptions {
-        context_length: job.context_length.or(model_context),
-        dtype: job.token_dtype,
-        vocab_size: exported
-            .as_ref()
-            .filter(|_| model_context.is_some())
-            .and_then(ExportedMetadata::classes)
-            .and_then(|v| usize::try_from(v).ok()),
-    })
-}
-
-/// The validation data: `--validation` (its test split when it has one, else all of it), else a `validation`,
-/// `val` or `test` channel, else the training data's own test split when it has one; `--validation none` turns
-/// evaluation off.
-fn validation_dataset(
-    plan: &Plan,
-    job: &Job,
-    train_spec: &str,
-    options: &OpenOptions,
-    tokens: &TokenOptions,
-    counts: &mut HostCounts<'_>,
-) -> anyhow::Result<Option<(Dataset, String)>> {
-    let mut whole_or_test = |spec: &str| -> anyhow::Result<(Dataset, String)> {
-        match open_dataset(spec, options, Split::Test, job, tokens, counts, None) {
-            Err(e) if matches!(e.downcast_ref(), Some(crate::data::Error::NoSplit { .. })) => {
-                open_dataset(spec, options, Split::Train, job, tokens, counts, None)
-            }
-            other => other,
-        }
-        .map(|ds| (ds, spec.to_string()))
-    };
-    if let Some(spec) = &job.validation {
-        if spec == "none" {
-            return Ok(None);
-        }
-        return whole_or_test(spec).map(Some).with_context(|| format!("cannot open the validation data {spec}"));
-    }
-    for name in ["validation", "val", "test"] {
-        if plan.paths.channels.contains_key(name) {
-            return whole_or_test(&format!("channel:{name}")).map(Some);
-        }
-    }
-    if is_pipe(plan, train_spec) {
-        return Ok(None);
-    }
-    match open_dataset(train_spec, options, Split::Test, job, tokens, counts, None) {
-        Ok(ds) => Ok(Some((ds, train_spec.to_string()))),
-        Err(e) if matches!(e.downcast_ref(), Some(crate::data::Error::NoSplit { .. })) => Ok(None),
-        Err(e) => Err(e.context(format!("cannot open the test split of {train_spec}"))),
-    }
-}
-
 /// What hytrain averages gradients with for `--backend` (one of `BACKENDS`).
 pub fn backend_use(backend: &str) -> &'static str {
     match backend {
@@ -625,6 +363,15 @@ fn min_over_ranks(comm: &mut dyn Collective, value: usize) -> anyhow::Result<usi
     Ok(slots.iter().fold(f64::INFINITY, |a, &b| a.min(b)) as usize)
 }
 
+/// What `hytrain train` did on this rank.
+#[derive(Debug)]
+pub struct Finished {
+    /// The run's summary.
+    pub summary: Summary,
+    /// This process's global rank at the end: another than it began with when the job's ranks changed.
+    pub rank: usize,
+}
+
 /// Runs the job on this rank; `stop` is set by SIGTERM/SIGINT.
 ///
 /// Every collective call is recorded in `recorder`, whose dumps go to `flight-recorder/` in the output folder.
@@ -634,7 +381,7 @@ pub fn run(
     args: &TrainArgs,
     stop: &AtomicBool,
     recorder: &FlightRecorder,
-) -> anyhow::Result<Summary> {
+) -> anyhow::Result<Finished> {
     let layered = layered(plan, env, &args.config)?;
     let job = Job::settle(&args.job, &layered.unknown)?;
     let output_dir = job.output_dir.clone().unwrap_or_else(|| plan.paths.output_data_dir.clone());
@@ -649,22 +396,18 @@ pub fn run(
     device::set_nccl_socket_ifname(plan.nccl_socket_ifname(), env.get("NCCL_SOCKET_IFNAME"));
     // Rendezvous first: a rank whose data fails to open then ends the job at once instead of leaving the others
     // waiting for it at the rendezvous.
-    let membership = crate::membership(plan);
-    // The ring's store stays at hand: a GPU job hands NCCL's unique id through it. Under mpirun (built with MPI)
-    // there is no store.
-    let (comm, store): (Box<dyn Collective>, Option<Store>) =
-        if crate::launched_by_mpirun(plan) && cfg!(feature = "mpi") {
-            let comm = crate::comm::init(&membership, true, &args.comm).context("cannot join the other ranks")?;
-            (comm, None)
-        } else {
-            let store = Store::rendezvous(&membership, &args.comm).context("cannot join the other ranks")?;
-            let comm = crate::comm::connect(&store, &membership, &args.comm).context("cannot join the other ranks")?;
-            (comm, Some(store))
-        };
-    let mut comm: Box<dyn Collective> = Box::new(Recorded::new(comm, recorder.clone()));
-    // From here on a lost rank ends this one too, and this rank failing ends the others.
-    let watchdog = crate::watchdog::Watchdog::start(comm.liveness(), plan.paths.failure_file.clone(), recorder.clone());
     let device = device::select(job.device, t.local_rank, env.get("CUDA_VISIBLE_DEVICES"))?;
+    let elastic = carry_on::elastic(plan, args, cfg, device);
+    let (comm, store) = carry_on::join(plan, args)?;
+    let mut comm: Box<dyn Collective> = Box::new(Recorded::new(comm, recorder.clone()));
+    // From here on a lost rank ends this one too (unless the ranks left carry on), and this rank failing ends
+    // the others.
+    let watchdog = crate::watchdog::Watchdog::start(
+        comm.liveness(),
+        plan.paths.failure_file.clone(),
+        recorder.clone(),
+        elastic.is_some(),
+    );
     check_backend(&cfg.backend, device, crate::launched_by_mpirun(plan))?;
     let options = super::data::open_options(plan, job.s3_endpoint.clone(), job.s3_region.clone());
     let train_spec = training_spec(plan, &job)?;
@@ -726,6 +469,9 @@ pub fn run(
         ..SamplerConfig::default()
     };
     let mut train = LoaderBatches::training(Loader::new(train_set.clone(), loader.clone())?, cfg.batch_size);
+    if job.digest_trained {
+        train = train.digesting();
+    }
     let mut eval = match &eval_set {
         Some(set) => {
             let config = LoaderConfig {
@@ -791,9 +537,8 @@ pub fn run(
         };
         ddp = ddp.with_device_collective(Box::new(nccl), side)?;
     }
-    let mut optimizer = ddp.build_optimizer(&cfg.optimizer_config())?;
     let steps_per_epoch = crate::train::BatchSource::batches_per_epoch(&train) / cfg.grad_accum as u64;
-    let schedule = cfg.schedule_for(cfg.total_steps(steps_per_epoch))?;
+    let mut schedule = cfg.schedule_for(cfg.total_steps(steps_per_epoch))?;
     if t.rank == 0 {
         tracing::info!(
             model = %job.model,
@@ -816,17 +561,63 @@ pub fn run(
         output_dir: Some(output_dir),
         s3: options.s3.clone(),
     };
-    let mut summary = Trainer::new().run(
-        &mut ddp,
-        optimizer.as_mut(),
-        &schedule,
-        cfg,
-        &mut train,
-        eval.as_mut().map(|e| e as &mut dyn crate::train::BatchSource),
-        &paths,
-        stop,
-    )?;
-    watchdog.finish();
+    let mut trainer = Trainer::new();
+    let optimizer = ddp.build_optimizer(&cfg.optimizer_config())?;
+    let mut engine = Engine { ddp, optimizer, store, watchdog };
+    let mut summary = loop {
+        let result = trainer.run(
+            &mut engine.ddp,
+            engine.optimizer.as_mut(),
+            &schedule,
+            cfg,
+            &mut train,
+            eval.as_mut().map(|e| e as &mut dyn crate::train::BatchSource),
+            &paths,
+            stop,
+        );
+        let error = match result {
+            Ok(summary) => break summary,
+            Err(error) => error,
+        };
+        let (Some(rejoin), Some(lost)) = (&elastic, carry_on::lost_rank(&mut engine.ddp)) else {
+            return Err(error.into());
+        };
+        let (old_rank, old_world) = (engine.ddp.rank(), engine.ddp.world_size());
+        let progress = trainer.progress().clone();
+        tracing::warn!(
+            "{lost}; carrying on without it (--nnodes {}): step {} of epoch {} was in flight ({error})",
+            rejoin.plan.nnodes_range.map_or_else(String::new, |r| r.to_string()),
+            progress.step + 1,
+            progress.epoch + 1
+        );
+        carry_on::log_trained_digest(&mut train, old_rank, old_world);
+        let (next, plan, start) = carry_on::rejoin(engine, &progress, rejoin, args, cfg, recorder)?;
+        engine = next;
+        // The data: the rest of the epoch shared among the ranks left (the run applies the regroup), then whole
+        // epochs at their number.
+        let t = &plan.topology;
+        let (rank, world_size) =
+            SamplerConfig::ranks_for(sharded_by_host, t.rank, t.world_size, t.local_rank, t.local_world_size);
+        train.rejoin(rank, world_size).context("cannot share the training data among the ranks left")?;
+        if let Some(eval) = eval.as_mut() {
+            eval.rejoin(t.rank, t.world_size).context("cannot share the validation data among the ranks left")?;
+        }
+        let steps_per_epoch = crate::train::BatchSource::batches_per_epoch(&train) / cfg.grad_accum as u64;
+        schedule = cfg.schedule_for(cfg.total_steps(steps_per_epoch))?;
+        tracing::warn!(
+            rank = t.rank,
+            was = old_rank,
+            world_size = t.world_size,
+            was_world_size = old_world,
+            step = start.step,
+            epoch = start.epoch + 1,
+            regroup = %start.regroup.as_ref().map_or_else(String::new, |r| carry_on::regroup_text(r, cfg.batch_size)),
+            "continuing with the ranks left, from rank 0's state"
+        );
+        trainer.continue_at(start);
+    };
+    carry_on::log_trained_digest(&mut train, engine.ddp.rank(), engine.ddp.world_size());
+    engine.watchdog.finish();
     if let (Some(dir), false) = (&summary.exported_to, train_set.format() == Format::Tokens) {
         // Inference must repeat what validation did to each image; the model folder says what that was.
         let channels = input_shape.first().copied().unwrap_or(0) as usize;
@@ -844,7 +635,7 @@ pub fn run(
         let _ = std::fs::remove_dir_all(&local);
         summary.exported_to = Some(PathBuf::from(url));
     }
-    Ok(summary)
+    Ok(Finished { summary, rank: engine.ddp.rank() })
 }
 
 /// The shape of one input sample, read from the first training batch.
@@ -905,7 +696,10 @@ mod tests {
     fn a_pipe_channel_streams_unless_told_otherwise_and_bad_windows_are_refused() {
         let plan = crate::cluster::detect_from(&crate::cluster::Env::from_pairs([("HOSTNAME", "laptop")])).unwrap();
         let job = Job::settle(&JobFlags::default(), &[]).unwrap();
-        assert_eq!(stream_window(&plan, &job, "pipe:/opt/ml/input/data/training"), Some(DEFAULT_STREAM_WINDOW));
+        assert_eq!(
+            stream_window(&plan, &job, "pipe:/opt/ml/input/data/training"),
+            Some(crate::data::DEFAULT_STREAM_WINDOW)
+        );
         assert_eq!(stream_window(&plan, &job, "/mnt/efs/cifar10"), None);
         assert_eq!(stream_window(&plan, &job, "s3://bucket/cifar10"), None);
         let job = Job::settle(&JobFlags::default(), &hyperparameters(&[("stream_window", "4")])).unwrap();

@@ -3,10 +3,12 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use hytrain_data::{Readers, Regroup};
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Reduction, Tensor};
 
 use crate::batches::{Batch, BatchError, BatchSource};
@@ -18,6 +20,12 @@ use crate::position::{self, Shape};
 use crate::precision::GradScaler;
 use crate::schedule::Schedule;
 use crate::{Ddp, ReduceOp, Result, ShardMode, TrainError};
+
+mod resume;
+mod summary;
+
+pub(crate) use resume::kind_from_name;
+pub use summary::Summary;
 
 /// Where a run reads and writes.
 #[derive(Debug, Clone, Default)]
@@ -33,115 +41,6 @@ pub struct RunPaths {
     pub output_dir: Option<PathBuf>,
     /// How `s3://` checkpoint and model locations are reached (endpoint, region, credentials).
     pub s3: hytrain_data::source::S3Options,
-}
-
-/// What a run did. Every rank gets the same numbers except the time split, which is this rank's.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Summary {
-    /// Optimizer steps completed, counting those before a resume.
-    pub steps: u64,
-    /// Optimizer steps taken by this run.
-    pub steps_run: u64,
-    /// Epochs completed, counting those before a resume.
-    pub epochs: u64,
-    /// Training samples processed by this run over all ranks.
-    pub samples: u64,
-    /// `samples` over the run's wall time.
-    pub samples_per_sec: f64,
-    /// Wall time of the run in seconds.
-    pub elapsed_secs: f64,
-    /// Seconds this rank waited for batches.
-    pub data_wait_secs: f64,
-    /// Seconds this rank spent in forward, backward and update, allreduce excluded.
-    pub compute_secs: f64,
-    /// Seconds this rank spent in gradient allreduces.
-    pub allreduce_secs: f64,
-    /// Mean training loss over all ranks of the last logging window.
-    pub train_loss: Option<f64>,
-    /// Mean validation cross-entropy of the last evaluation.
-    pub val_loss: Option<f64>,
-    /// Validation accuracy of the last evaluation, as a fraction.
-    pub val_accuracy: Option<f64>,
-    /// Validation samples counted in the last evaluation, over all ranks.
-    pub val_samples: u64,
-    /// The run stopped early on request (SIGTERM) after writing a checkpoint.
-    pub stopped: bool,
-    /// The checkpoint the run resumed from.
-    pub resumed_from: Option<PathBuf>,
-    /// The last checkpoint this run wrote (rank 0 only).
-    pub last_checkpoint: Option<PathBuf>,
-    /// Seconds the step loop was held by checkpoints: host copies of the state, and waits for a previous
-    /// background write still running (rank 0 only; the other ranks never wait for a checkpoint). With `--shard`,
-    /// the whole synchronous sharded write, which every rank waits for.
-    pub checkpoint_secs: f64,
-    /// Where the model was exported (rank 0 only): the model folder, or for an `s3://` one the local folder to
-    /// upload from.
-    pub exported_to: Option<PathBuf>,
-    /// Optimizer steps of this run skipped because the fp16 gradients overflowed.
-    pub skipped_steps: u64,
-    /// Each rank's peak resident host memory in bytes over its whole process so far (the kernel's high-water mark,
-    /// `ru_maxrss`), in rank order; empty where the kernel does not report it.
-    pub peak_host_bytes: Vec<u64>,
-    /// The fp16 loss scale at the end (`None` for fp32 and bf16).
-    pub loss_scale: Option<f64>,
-}
-
-fn opt(v: Option<f64>, digits: usize) -> String {
-    v.map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
-}
-
-impl std::fmt::Display for Summary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pct = |s: f64| if self.elapsed_secs > 0.0 { 100.0 * s / self.elapsed_secs } else { 0.0 };
-        writeln!(f, "steps            {} ({} this run), epochs {}", self.steps, self.steps_run, self.epochs)?;
-        if let Some(scale) = self.loss_scale {
-            writeln!(
-                f,
-                "fp16 loss scale  {} at the end, {} steps skipped on inf/NaN gradients",
-                Value::Lr(scale).text(),
-                self.skipped_steps
-            )?;
-        }
-        writeln!(
-            f,
-            "samples          {} at {:.1}/s over {:.1} s",
-            self.samples, self.samples_per_sec, self.elapsed_secs
-        )?;
-        writeln!(f, "data wait        {:>9.2} s  {:5.1}%", self.data_wait_secs, pct(self.data_wait_secs))?;
-        writeln!(f, "compute          {:>9.2} s  {:5.1}%", self.compute_secs, pct(self.compute_secs))?;
-        writeln!(f, "allreduce        {:>9.2} s  {:5.1}%", self.allreduce_secs, pct(self.allreduce_secs))?;
-        if let Some((rank, peak)) = self.peak_host_bytes.iter().enumerate().max_by_key(|(_, b)| **b) {
-            let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-            let all: Vec<String> = self.peak_host_bytes.iter().map(|b| format!("{:.0}", mib(*b))).collect();
-            writeln!(f, "peak host memory {:>9.1} MiB on rank {rank} (MiB by rank: {})", mib(*peak), all.join(" "))?;
-        }
-        if let Some(path) = &self.last_checkpoint {
-            writeln!(
-                f,
-                "checkpoints      {:>9.2} s  {:5.1}%  (training held for host copies and waits; last {})",
-                self.checkpoint_secs,
-                pct(self.checkpoint_secs),
-                path.display()
-            )?;
-        }
-        writeln!(
-            f,
-            "validation       loss {} accuracy {} on {} samples{}",
-            opt(self.val_loss, 4),
-            opt(self.val_accuracy, 4),
-            self.val_samples,
-            if self.stopped { " (stopped early)" } else { "" }
-        )?;
-        write!(
-            f,
-            "steps={} train_loss={} val_loss={} val_accuracy={} samples_per_sec={:.1}",
-            self.steps,
-            opt(self.train_loss, 4),
-            opt(self.val_loss, 4),
-            opt(self.val_accuracy, 4),
-            self.samples_per_sec
-        )
-    }
 }
 
 /// A metric value as written in a line and in JSON.
@@ -181,6 +80,53 @@ impl Value {
 pub struct Trainer {
     out: Box<dyn Write + Send>,
     progress: bool,
+    /// Where the next run starts instead of resuming from a checkpoint ([`Trainer::continue_at`]).
+    start: Option<Start>,
+    /// Where the last run stood after its last completed step.
+    at: Progress,
+}
+
+/// Where a run stood after its last completed step: what the ranks that carry on after a change of ranks continue
+/// from ([`Progress::next_start`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The epoch in progress.
+    pub epoch: u64,
+    /// Batches of the epoch this rank consumed (of its regrouped share, in a regrouped epoch).
+    pub batches: u64,
+    /// Batches the epoch has on this rank (those whole steps take).
+    pub epoch_batches: u64,
+    /// The epoch's regroup, when its ranks already changed part-way.
+    pub regroup: Option<Regroup>,
+}
+
+impl Progress {
+    /// Where the ranks continue once the `world_size` ranks that stood here (with `batch_size` samples a batch)
+    /// gave way to others: the epoch's remaining samples regrouped among them, or the next epoch when this one is
+    /// done.
+    pub fn next_start(&self, world_size: usize, batch_size: usize) -> Start {
+        if self.batches >= self.epoch_batches {
+            return Start { step: self.step, epoch: self.epoch + 1, regroup: None };
+        }
+        let mut before =
+            self.regroup.as_ref().filter(|r| r.epoch == self.epoch).map_or(Vec::new(), |r| r.before.clone());
+        before.push(Readers { world_size, consumed: self.batches as usize * batch_size });
+        Start { step: self.step, epoch: self.epoch, regroup: Some(Regroup { epoch: self.epoch, before }) }
+    }
+}
+
+/// Where a run starts when it continues a run in memory rather than from a checkpoint: after the job's ranks
+/// changed, every rank continues from global rank 0's [`Progress`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Start {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The epoch to continue, from its first batch (of what is left of it, when regrouped).
+    pub epoch: u64,
+    /// The epoch's regroup: the ranks read only what its earlier readers left.
+    pub regroup: Option<Regroup>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -204,7 +150,8 @@ struct Run<'a> {
     checkpoints: Option<AsyncCheckpointer>,
     jsonl: Option<(PathBuf, File)>,
     out: &'a mut (dyn Write + Send),
-    batches_per_epoch: u64,
+    /// The regroup of the epoch in progress, recorded with each checkpoint's position.
+    regroup: Option<Regroup>,
     /// What decides which samples a rank reads at which step, recorded with each checkpoint's position.
     shape: Shape,
     /// Steps of this run skipped on fp16 overflow.
@@ -216,7 +163,24 @@ struct Run<'a> {
 impl Trainer {
     /// Metrics lines go to stdout; a progress bar shows on rank 0 when stderr is a terminal.
     pub fn new() -> Self {
-        Trainer { out: Box::new(std::io::stdout()), progress: std::io::stderr().is_terminal() }
+        Trainer {
+            out: Box::new(std::io::stdout()),
+            progress: std::io::stderr().is_terminal(),
+            start: None,
+            at: Progress::default(),
+        }
+    }
+
+    /// The next [`Trainer::run`] starts at `start` instead of resuming from the checkpoint folder: the ranks
+    /// carry on in memory after the job's ranks changed. Its model and optimizer state must already be the same
+    /// on every rank.
+    pub fn continue_at(&mut self, start: Start) {
+        self.start = Some(start);
+    }
+
+    /// Where the last run stood after its last completed step (also after it failed).
+    pub fn progress(&self) -> &Progress {
+        &self.at
     }
 
     /// Metrics lines (rank 0's) go to `out` instead of stdout.
@@ -313,7 +277,7 @@ impl Trainer {
             checkpoints,
             jsonl,
             out: self.out.as_mut(),
-            batches_per_epoch: steps_per_epoch * accum,
+            regroup: None,
             shape,
             skipped_steps: 0,
             sharded: None,
@@ -323,15 +287,43 @@ impl Trainer {
             run.sharded = Some(ShardedWriter::new(CheckpointStore::at(dir, &paths.s3, config.keep)?));
         }
 
-        let resumed = run.resume(paths)?;
-        let (mut step, mut epoch, mut start_batch) = match &resumed {
-            Some((path, meta)) => {
-                let at = position::continue_from(meta, path, &shape, config.restart_epoch_on_change)?;
-                (at.step, at.epoch, at.start_batch)
+        let in_memory = self.start.is_some();
+        let (mut step, mut epoch, mut start_batch, resumed_from) = match self.start.take() {
+            Some(start) => {
+                run.regroup = start.regroup;
+                (start.step, start.epoch, 0, None)
             }
-            None => (0, 0, 0),
+            None => match run.resume(paths)? {
+                Some((path, meta)) => {
+                    let at = position::continue_from(&meta, &path, &shape, config.restart_epoch_on_change)?;
+                    run.regroup = at.regroup;
+                    (at.step, at.epoch, at.start_batch, Some(path))
+                }
+                None => (0, 0, 0, None),
+            },
         };
-        let resumed_from = resumed.map(|(p, _)| p);
+        // Whole steps of an epoch: a regrouped epoch's share may end in batches too few for a step.
+        let epoch_batches = |train: &dyn BatchSource, epoch: u64| train.batches_in_epoch(epoch) / accum * accum;
+        if let Some(regroup) = &run.regroup {
+            train.regroup(Some(regroup.clone())).map_err(|source| TrainError::Data {
+                during: format!("continuing epoch {} with this job's ranks", regroup.epoch + 1),
+                source,
+            })?;
+        }
+        let mut total = total;
+        if (in_memory || run.regroup.is_some()) && config.max_steps.is_none() {
+            // The steps so far were taken by other ranks, at another epoch length: this epoch's rest, then whole
+            // epochs of this job's shape.
+            let rest = epoch_batches(train, epoch).saturating_sub(start_batch) / accum;
+            total = step + rest + config.epochs.saturating_sub(epoch + 1) * steps_per_epoch;
+        }
+        self.at = Progress {
+            step,
+            epoch,
+            batches: start_batch,
+            epoch_batches: epoch_batches(train, epoch),
+            regroup: run.regroup.clone(),
+        };
         let first_step = step;
 
         let bar = if self.progress && rank == 0 {
@@ -360,6 +352,7 @@ impl Trainer {
 
         while step < total && !stopped {
             let mut consumed = start_batch;
+            let in_epoch = epoch_batches(train, epoch);
             {
                 let mut batches = train.epoch(epoch, start_batch).map_err(|source| TrainError::Data {
                     during: format!("starting epoch {} of the training data", epoch + 1),
@@ -369,7 +362,7 @@ impl Trainer {
                 if device != tch::Device::Cpu {
                     batches = crate::batches::one_ahead(batches, move |b| crate::batches::to_device_async(device, b));
                 }
-                while consumed < run.batches_per_epoch && step < total {
+                while consumed < in_epoch && step < total {
                     let waited = Instant::now();
                     let mut micro: Vec<Batch> = Vec::with_capacity(accum as usize);
                     let mut failure: Option<TrainError> = None;
@@ -387,7 +380,7 @@ impl Trainer {
                                 failure = Some(TrainError::Data {
                                     during: format!("training data of epoch {}", epoch + 1),
                                     source: format!(
-                                        "ended after {} batches, but the source announced {batches_per_epoch}",
+                                        "ended after {} batches, but the source announced {in_epoch}",
                                         consumed + i
                                     )
                                     .into(),
@@ -431,6 +424,13 @@ impl Trainer {
                     step_secs += computing.elapsed().as_secs_f64();
                     step += 1;
                     consumed += accum;
+                    self.at = Progress {
+                        step,
+                        epoch,
+                        batches: consumed,
+                        epoch_batches: in_epoch,
+                        regroup: run.regroup.clone(),
+                    };
                     run.skipped_steps += u64::from(out.skipped);
                     samples_local += out.samples as u64;
                     window.add(&out.loss, out.samples as u64)?;
@@ -446,7 +446,7 @@ impl Trainer {
                     }
                 }
             }
-            let epoch_done = consumed >= run.batches_per_epoch;
+            let epoch_done = consumed >= in_epoch;
             last_epoch = epoch;
             if epoch_done && config.eval_every_epoch {
                 if let Some(source) = eval.as_deref_mut() {
@@ -465,6 +465,15 @@ impl Trainer {
             if epoch_done {
                 epoch += 1;
                 start_batch = 0;
+                if run.regroup.take().is_some() {
+                    // A whole epoch again.
+                    train.regroup(None).map_err(|source| TrainError::Data {
+                        during: format!("starting epoch {}", epoch + 1),
+                        source,
+                    })?;
+                }
+                self.at =
+                    Progress { step, epoch, batches: 0, epoch_batches: epoch_batches(train, epoch), regroup: None };
             } else {
                 break;
             }
@@ -586,161 +595,7 @@ struct Eval {
     samples: u64,
 }
 
-/// What rank 0 tells the others about the checkpoint it resumes from.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct ResumeHeader {
-    error: Option<String>,
-    path: Option<PathBuf>,
-    meta: Option<CheckpointMeta>,
-    /// Optimizer state entries: name, shape, kind.
-    optimizer: Vec<(String, Vec<i64>, String)>,
-}
-
-pub(crate) fn kind_from_name(name: &str) -> Option<Kind> {
-    Some(match name {
-        "Float" => Kind::Float,
-        "Double" => Kind::Double,
-        "Half" => Kind::Half,
-        "BFloat16" => Kind::BFloat16,
-        "Int64" => Kind::Int64,
-        "Int" => Kind::Int,
-        "Int16" => Kind::Int16,
-        "Int8" => Kind::Int8,
-        "Uint8" => Kind::Uint8,
-        "Bool" => Kind::Bool,
-        _ => return None,
-    })
-}
-
 impl Run<'_> {
-    /// Rank 0 finds and loads the newest valid checkpoint, then broadcasts its step, position, weights and
-    /// optimizer state, so every rank continues from it whether or not it can see the directory.
-    fn resume(&mut self, paths: &RunPaths) -> Result<Option<(PathBuf, CheckpointMeta)>> {
-        if let Some(store) = self.sharded.as_ref().map(ShardedWriter::store) {
-            // Every rank reads its own optimizer shards; rank 0 the model, broadcast.
-            if self.config.no_resume {
-                return Ok(None);
-            }
-            let Some(found) = store.resume_sharded(self.ddp, self.optimizer)? else {
-                return Ok(None);
-            };
-            self.restore_generators(&found.path, &found.meta)?;
-            tracing::info!(
-                rank = self.ddp.rank(),
-                path = %found.path.display(),
-                step = found.meta.step,
-                epoch = found.meta.epoch + 1,
-                position = %found.meta.data_position,
-                shards = ?found.read,
-                "resuming from checkpoint"
-            );
-            return Ok(Some((found.path, found.meta)));
-        }
-        let rank = self.ddp.rank();
-        let mut header = ResumeHeader { error: None, path: None, meta: None, optimizer: Vec::new() };
-        let mut optimizer_state = Vec::new();
-        if rank == 0 && !self.config.no_resume {
-            match self.load_latest() {
-                Ok(Some((path, meta, state))) => {
-                    header.optimizer = state
-                        .iter()
-                        .map(|(n, t): &(String, Tensor)| (n.clone(), t.size(), format!("{:?}", t.kind())))
-                        .collect();
-                    header.path = Some(path);
-                    header.meta = Some(meta);
-                    optimizer_state = state;
-                }
-                Ok(None) => {}
-                Err(e) => header.error = Some(e.to_string()),
-            }
-        }
-        if self.ddp.world_size() > 1 {
-            let mut bytes =
-                if rank == 0 { serde_json::to_vec(&header).expect("header serialises") } else { Vec::new() };
-            let mut len = (bytes.len() as u64).to_le_bytes();
-            let comm = |e| TrainError::Comm { during: "resume decision broadcast".into(), source: e };
-            self.ddp.collective().broadcast(&mut len, 0).map_err(comm)?;
-            bytes.resize(u64::from_le_bytes(len) as usize, 0);
-            self.ddp.collective().broadcast(&mut bytes, 0).map_err(comm)?;
-            header = serde_json::from_slice(&bytes).map_err(|e| TrainError::Checkpoint {
-                path: paths.checkpoint_dir.clone().unwrap_or_default(),
-                detail: format!("resume header from rank 0 does not parse: {e}"),
-            })?;
-        }
-        if let Some(detail) = header.error {
-            return Err(TrainError::Checkpoint { path: paths.checkpoint_dir.clone().unwrap_or_default(), detail });
-        }
-        let (Some(path), Some(meta)) = (header.path, header.meta) else {
-            return Ok(None);
-        };
-        self.restore_generators(&path, &meta)?;
-        if self.ddp.world_size() > 1 {
-            let weights = model::state_tensors(self.ddp.model());
-            self.ddp.broadcast_tensors(&weights, "checkpoint weights broadcast from rank 0")?;
-            if rank != 0 {
-                optimizer_state = header
-                    .optimizer
-                    .iter()
-                    .map(|(name, shape, kind)| {
-                        let kind = kind_from_name(kind).ok_or_else(|| {
-                            TrainError::OptimizerState(format!(
-                                "entry {name} has dtype {kind}, which hytrain cannot load"
-                            ))
-                        })?;
-                        Tensor::f_zeros(shape.as_slice(), (kind, model::device_of(self.ddp.model())))
-                            .map(|t| (name.clone(), t))
-                            .map_err(|e| TrainError::torch("allocating optimizer state", e))
-                    })
-                    .collect::<Result<_>>()?;
-            }
-            self.ddp.broadcast_tensors(&optimizer_state, "optimizer state broadcast from rank 0")?;
-            if rank != 0 {
-                self.ddp.load_optimizer_state(self.optimizer, &optimizer_state)?;
-            }
-        }
-        tracing::info!(
-            rank,
-            path = %path.display(),
-            step = meta.step,
-            epoch = meta.epoch + 1,
-            position = %meta.data_position,
-            "resuming from checkpoint"
-        );
-        Ok(Some((path, meta)))
-    }
-
-    /// The loss scaler and the random generators as `meta` recorded them.
-    fn restore_generators(&mut self, path: &Path, meta: &CheckpointMeta) -> Result<()> {
-        // Every rank has the header, so every rank's scaler continues alike. A checkpoint of another precision
-        // (or from before fp16 existed) has no scaler state: the scaler then starts afresh.
-        if let (Some(state), Some(scaler)) = (&meta.grad_scaler, self.ddp.grad_scaler_mut()) {
-            *scaler = GradScaler::from_state(state.clone());
-        }
-        // Rank 0's generators are every rank's (all seed and draw alike), so dropout continues as if uninterrupted.
-        crate::rng::restore(model::device_of(self.ddp.model()), &meta.rng.state).map_err(|e| TrainError::Checkpoint {
-            path: path.to_path_buf(),
-            detail: format!(
-                "libtorch's random generator state does not load: {e} (written by another libtorch?); resume \
-                     with the libtorch that wrote it, or start afresh with --no-resume"
-            ),
-        })
-    }
-
-    /// Rank 0: the newest valid checkpoint loaded into the model and optimizer.
-    #[allow(clippy::type_complexity)]
-    fn load_latest(&mut self) -> Result<Option<(PathBuf, CheckpointMeta, Vec<(String, Tensor)>)>> {
-        let Some(checkpoints) = &self.checkpoints else {
-            return Ok(None);
-        };
-        let Some(resume) = checkpoints.store().latest_valid()? else {
-            return Ok(None);
-        };
-        let ckpt = resume.checkpoint;
-        model::load_state_tensors(self.ddp.model(), &ckpt.model)?;
-        self.ddp.load_optimizer_state(self.optimizer, &ckpt.optimizer)?;
-        Ok(Some((resume.path, ckpt.meta, ckpt.optimizer)))
-    }
-
     /// Waits for the checkpoint being written in the background (rank 0; with sharding every rank), saying so when
     /// the run was asked to stop (the platform's grace period is running); the last checkpoint written and the
     /// seconds checkpoints held the step loop.
@@ -795,6 +650,9 @@ impl Run<'_> {
         position.insert("epoch".into(), epoch.into());
         position.insert("batches".into(), consumed.into());
         self.shape.record(&mut position);
+        if let Some(regroup) = &self.regroup {
+            position.insert("regroup".into(), serde_json::to_value(regroup).expect("a regroup serialises"));
+        }
         let generators = crate::rng::state(model::device_of(self.ddp.model())).map_err(|e| TrainError::Checkpoint {
             path: checkpoints.location().to_path_buf(),
             detail: format!("cannot read libtorch's random generator state for step {step}: {e}"),

@@ -1,0 +1,164 @@
+//! A job whose node count is a range (`--nnodes MIN:MAX`) against a standalone store carries on when it loses a
+//! node: the nodes left meet again at the store, take global rank 0's state and share what is left of the epoch,
+//! in the same processes. Each is checked against what a user can see: exit codes, the log, the accuracy, and the
+//! digests of the batches each rank trained (`--digest-trained`) against `hytrain data digest --regroup`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::standalone_store::{store, Proc, TOKEN};
+use crate::common::{self, digits};
+
+const BATCH: &str = "8";
+const SEED: &str = "3";
+const EPOCHS: &str = "10";
+
+/// Node `host` of a job of 3 to 4 nodes on the store at `endpoint`, with `env` besides the job token.
+fn node(dir: &Path, host: &str, endpoint: &str, env: &[(&str, &str)]) -> Proc {
+    let data = digits();
+    let test = data.join("test");
+    let (model, output) = (dir.join(host).join("model"), dir.join(host).join("output"));
+    let mut args = vec!["train", "--model", "mlp", "--data", data.to_str().unwrap()];
+    args.extend(["--validation", test.to_str().unwrap(), "--batch-size", BATCH, "--seed", SEED]);
+    args.extend(["--epochs", EPOCHS, "--lr", "0.1", "--momentum", "0.9", "--log-interval", "1"]);
+    args.extend(["--checkpoint-dir", "none", "--digest-trained"]);
+    args.extend(["--model-dir", model.to_str().unwrap(), "--output-dir", output.to_str().unwrap()]);
+    args.extend(["--nnodes", "3:4", "--last-call-timeout", "2", "--rendezvous-endpoint", endpoint]);
+    let mut vars =
+        vec![("HOSTNAME", host.to_string()), ("HYTRAIN_JOB_TOKEN", TOKEN.into()), ("OMP_NUM_THREADS", "1".into())];
+    vars.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
+    Proc::spawn(common::command(&args, &vars), dir, host)
+}
+
+/// Starts `hosts` as nodes and waits until global rank `rank` is at step 10 (rank 0 prints the metrics; the others
+/// are timed by it); returns the nodes and the index of the one that is rank `rank`.
+fn at_step_10(dir: &Path, endpoint: &str, hosts: &[&str], env: &[(&str, &str)], rank: usize) -> (Vec<Proc>, usize) {
+    let mut nodes: Vec<Proc> = hosts.iter().map(|h| node(dir, h, endpoint, env)).collect();
+    let world = hosts.len();
+    let find =
+        |nodes: &[Proc], r: usize| nodes.iter().position(|p| p.stderr().contains(&format!("[rank {r}/{world} ")));
+    let (zero, which) = loop {
+        if let (Some(zero), Some(which)) = (find(&nodes, 0), find(&nodes, rank)) {
+            break (zero, which);
+        }
+        assert!(nodes.iter_mut().all(|p| p.child.try_wait().unwrap().is_none()), "a node exited before training");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    nodes[zero].wait_for("step 10", |p| p.stdout().contains(" step=10 "));
+    (nodes, which)
+}
+
+/// The value after `key=` in a log line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let start = line.find(&format!(" {key}=")).unwrap_or_else(|| panic!("no {key} in {line}")) + key.len() + 2;
+    line[start..].split_whitespace().next().unwrap()
+}
+
+#[test]
+fn a_job_that_loses_global_rank_0_mid_epoch_finishes_on_the_rest_having_trained_what_was_left_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, endpoint) = store(dir.path());
+    // Global rank 0 is killed at step 10 of the first epoch's 45.
+    let hosts = ["node-a", "node-b", "node-c", "node-d"];
+    let (mut nodes, zero) = at_step_10(dir.path(), &endpoint, &hosts, &[], 0);
+    nodes[zero].child.kill().unwrap();
+    nodes[zero].child.wait().unwrap();
+    let victim = nodes.remove(zero);
+
+    let mut regroups = Vec::new();
+    let mut trained: BTreeMap<usize, String> = BTreeMap::new();
+    for p in nodes.iter_mut() {
+        let status = p.exit();
+        let (out, err) = (p.stdout(), p.stderr());
+        assert!(status.success(), "a node left failed:\n{out}{err}");
+        assert!(err.contains("lost rank 0 on 127.0.0.1") && err.contains("carrying on without it"), "{err}");
+        let line =
+            err.lines().find(|l| l.contains("continuing with the ranks left")).unwrap_or_else(|| panic!("{err}"));
+        assert_eq!(field(line, "world_size"), "3", "{line}");
+        regroups.push(field(line, "regroup").to_string());
+        // The digest of what it trained after the loss: the last one it logged, as rank R of 3.
+        let digest = err.lines().rev().find(|l| l.contains("trained digest: rank ")).unwrap();
+        let rank: usize =
+            digest.split("trained digest: rank ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        assert!(digest.contains(&format!("rank {rank} of 3 trained ")), "{digest}");
+        trained.insert(rank, digest.rsplit(' ').next().unwrap().to_string());
+    }
+    assert!(regroups.iter().all(|r| *r == regroups[0]), "the ranks left disagree on the regroup: {regroups:?}");
+    assert!(regroups[0].starts_with("0:4x"), "the loss was not in the first epoch: {}", regroups[0]);
+    assert_eq!(trained.keys().copied().collect::<Vec<_>>(), [0, 1, 2], "the ranks left are 0, 1 and 2 of 3");
+    drop((victim, store));
+
+    // What each rank left trained is what the sampler shares out of what the four left of the epoch, and the
+    // epochs after it at three ranks.
+    let data = digits();
+    let args = ["data", "digest", "--data", data.to_str().unwrap(), "--world-size", "3", "--epochs", EPOCHS];
+    let mut args = args.to_vec();
+    args.extend(["--batch-size", BATCH, "--seed", SEED, "--regroup", regroups[0].as_str()]);
+    let out = common::run(&args, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected: BTreeMap<usize, String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (rank, hex) = l.strip_prefix("rank ").unwrap().split_once(": ").unwrap();
+            (rank.parse().unwrap(), hex.to_string())
+        })
+        .collect();
+    assert_eq!(trained, expected, "the batches trained after the loss are not the rest of the epoch, shared");
+
+    // One of them is rank 0 now: it reports and exports, with the demo's promised accuracy.
+    let reporters: Vec<&Proc> = nodes.iter().filter(|p| p.stdout().contains("model written to")).collect();
+    assert_eq!(reporters.len(), 1, "exactly the new rank 0 exports");
+    let summary = reporters[0].stdout();
+    let accuracy: f64 = summary
+        .lines()
+        .rev()
+        .find_map(|l| l.split("val_accuracy=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no val_accuracy:\n{summary}"));
+    assert!(accuracy >= 0.93, "accuracy {accuracy} after carrying on:\n{summary}");
+}
+
+#[test]
+fn a_stopped_rank_is_dropped_after_the_peer_timeout_and_the_rest_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, endpoint) = store(dir.path());
+    let hosts = ["node-a", "node-b", "node-c", "node-d"];
+    let (mut nodes, stopped) = at_step_10(dir.path(), &endpoint, &hosts, &[("HYTRAIN_PEER_TIMEOUT", "3")], 2);
+    // SAFETY: kill(2) takes plain integers and touches no memory of this process.
+    unsafe { libc::kill(nodes[stopped].child.id() as i32, libc::SIGSTOP) };
+    let frozen = nodes.remove(stopped);
+    for p in nodes.iter_mut() {
+        let status = p.exit();
+        let err = p.stderr();
+        assert!(status.success(), "a node left failed:\n{}{err}", p.stdout());
+        assert!(err.contains("lost rank 2 on 127.0.0.1: no heartbeat for 3 s"), "{err}");
+        assert!(err.contains("continuing with the ranks left") && err.contains(" world_size=3 "), "{err}");
+    }
+    assert_eq!(nodes.iter().filter(|p| p.stdout().contains("model written to")).count(), 1);
+    drop(frozen);
+}
+
+#[test]
+fn the_ranks_left_below_min_wait_out_the_rendezvous_timeout_and_fail_naming_how_many_came() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, endpoint) = store(dir.path());
+    let hosts = ["node-a", "node-b", "node-c"];
+    let (mut nodes, victim) = at_step_10(dir.path(), &endpoint, &hosts, &[("HYTRAIN_RENDEZVOUS_TIMEOUT", "6")], 1);
+    nodes[victim].child.kill().unwrap();
+    nodes[victim].child.wait().unwrap();
+    nodes.remove(victim);
+    for p in nodes.iter_mut() {
+        assert!(!p.exit().success(), "a node went on below MIN:\n{}", p.stderr());
+        let err = p.stderr();
+        let error = &err[err.find("hytrain: error:").unwrap_or_else(|| panic!("no error line:\n{err}"))..];
+        assert!(error.starts_with("hytrain: error: the ranks left could not meet again"), "{error}");
+        // Each counts the nodes still waiting when its own wait ended: 2, or 1 once the other gave up first.
+        let tail = format!(
+            " of the at least 3 nodes the job needs (--nnodes 3:4) came to the rendezvous store at {endpoint} within 6 s"
+        );
+        assert!(error.contains("only 2") || error.contains("only 1"), "{error}");
+        assert!(error.contains(&tail), "{error}");
+    }
+}
