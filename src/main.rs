@@ -130,53 +130,7 @@ enum CheckpointCommand {
 #[derive(Subcommand)]
 enum DataCommand {
     /// One SHA-256 per rank of the exact batch stream (inputs and labels) that rank would train on.
-    Digest {
-        #[command(flatten)]
-        source: SourceArgs,
-        /// Ranks in the job.
-        #[arg(long, default_value_t = 1)]
-        world_size: usize,
-        /// The rank to digest (default: every rank).
-        #[arg(long)]
-        rank: Option<usize>,
-        /// Epochs, from epoch 0.
-        #[arg(long, default_value_t = 1)]
-        epochs: u64,
-        /// Samples per batch per rank.
-        #[arg(long, default_value_t = 64)]
-        batch_size: usize,
-        /// Seed of shuffling and augmentation.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Apply the training augmentation (random crop with --crop-padding, horizontal flip).
-        #[arg(long)]
-        augment: bool,
-        #[command(flatten)]
-        transform: TransformArgs,
-        /// train or test.
-        #[arg(long, default_value = "train", value_parser = data::parse_split)]
-        split: hytrain::data::Split,
-        /// Drop the samples that do not divide evenly among ranks instead of padding with repeats.
-        #[arg(long)]
-        drop_last: bool,
-        /// At most this many samples per epoch.
-        #[arg(long)]
-        max_samples: Option<usize>,
-        /// Streaming order, as training uses for a Pipe channel: shards shuffled within a window of N, ranks
-        /// interleaved; `off` shuffles all shards [default: off].
-        #[arg(long, value_name = "N|off")]
-        stream_window: Option<String>,
-        /// An epoch whose ranks changed part-way, as a job that lost a rank and carried on read it: EPOCH:WxB
-        /// says W ranks read B batches each of that epoch before --world-size ranks shared the rest (more sets of
-        /// earlier readers follow with commas: 0:4x5,3x2).
-        #[arg(long, value_name = "EPOCH:WxB[,WxB]")]
-        regroup: Option<String>,
-        /// Skip samples that do not decode (counted) instead of failing.
-        #[arg(long)]
-        skip_bad_samples: bool,
-        #[command(flatten)]
-        tokens: TokenArgs,
-    },
+    Digest(Box<DigestCommand>),
     /// Convert CIFAR-10, MNIST or an image-folder tree into WebDataset tar shards.
     Pack {
         #[command(flatten)]
@@ -201,6 +155,60 @@ enum DataCommand {
         #[command(flatten)]
         tokens: TokenArgs,
     },
+}
+
+/// `hytrain data digest`'s flags.
+#[derive(clap::Args)]
+struct DigestCommand {
+    #[command(flatten)]
+    source: SourceArgs,
+    /// Ranks in the job.
+    #[arg(long, default_value_t = 1)]
+    world_size: usize,
+    /// The rank to digest (default: every rank).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Epochs, from --first-epoch.
+    #[arg(long, default_value_t = 1)]
+    epochs: u64,
+    /// The first epoch digested, from 1 (a job that carried on after its ranks changed digests from the epoch
+    /// of the change).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    first_epoch: u64,
+    /// Samples per batch per rank.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Seed of shuffling and augmentation.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Apply the training augmentation (random crop with --crop-padding, horizontal flip).
+    #[arg(long)]
+    augment: bool,
+    #[command(flatten)]
+    transform: TransformArgs,
+    /// train or test.
+    #[arg(long, default_value = "train", value_parser = data::parse_split)]
+    split: hytrain::data::Split,
+    /// Drop the samples that do not divide evenly among ranks instead of padding with repeats.
+    #[arg(long)]
+    drop_last: bool,
+    /// At most this many samples per epoch.
+    #[arg(long)]
+    max_samples: Option<usize>,
+    /// Streaming order, as training uses for a Pipe channel: shards shuffled within a window of N, ranks
+    /// interleaved; `off` shuffles all shards [default: off].
+    #[arg(long, value_name = "N|off")]
+    stream_window: Option<String>,
+    /// An epoch whose ranks changed part-way, as a job that lost a rank and carried on read it: EPOCH:WxB
+    /// says W ranks read B batches each of that epoch (from 1, as the training log counts) before
+    /// --world-size ranks shared the rest (more sets of earlier readers follow with commas: 1:4x5,3x2).
+    #[arg(long, value_name = "EPOCH:WxB[,WxB]")]
+    regroup: Option<String>,
+    /// Skip samples that do not decode (counted) instead of failing.
+    #[arg(long)]
+    skip_bad_samples: bool,
+    #[command(flatten)]
+    tokens: TokenArgs,
 }
 
 /// What happens to each image before the batch (`hytrain data digest`; `hytrain train` takes the same flags).
@@ -631,23 +639,25 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
         hytrain::data::source::open(&s.data, &options).with_context(|| format!("cannot open {}", s.data))
     };
     match command {
-        DataCommand::Digest {
-            source,
-            world_size,
-            rank,
-            epochs,
-            batch_size,
-            seed,
-            augment,
-            transform,
-            split,
-            drop_last,
-            max_samples,
-            stream_window,
-            regroup,
-            skip_bad_samples,
-            tokens,
-        } => {
+        DataCommand::Digest(digest) => {
+            let DigestCommand {
+                source,
+                world_size,
+                rank,
+                epochs,
+                first_epoch,
+                batch_size,
+                seed,
+                augment,
+                transform,
+                split,
+                drop_last,
+                max_samples,
+                stream_window,
+                regroup,
+                skip_bad_samples,
+                tokens,
+            } = *digest;
             let regroup = match regroup {
                 Some(text) => {
                     Some(data::parse_regroup(&text, batch_size).map_err(|e| anyhow::anyhow!("--regroup: {e}"))?)
@@ -658,6 +668,7 @@ fn run_data(plan: &cluster::Plan, command: DataCommand) -> anyhow::Result<ExitCo
             let args = hytrain::data::DigestArgs {
                 world_size,
                 epochs,
+                first_epoch: first_epoch - 1,
                 batch_size,
                 seed,
                 augment,

@@ -79,12 +79,15 @@ pub fn parse_stream_window(text: &str) -> Result<Option<usize>, String> {
     }
 }
 
-/// `--regroup EPOCH:WxB[,WxB...]`: in EPOCH, W ranks read B batches of `batch_size` each, then the next set of
-/// readers took over.
+/// `--regroup EPOCH:WxB[,WxB...]`: in EPOCH (from 1, as training logs count), W ranks read B batches of
+/// `batch_size` each, then the next set of readers took over.
 pub fn parse_regroup(text: &str, batch_size: usize) -> Result<Regroup, String> {
-    let form = "expected EPOCH:WxB[,WxB...] such as 0:4x5 (in epoch 0, 4 ranks read 5 batches each)";
+    let form = "expected EPOCH:WxB[,WxB...] such as 1:4x5 (in epoch 1, 4 ranks read 5 batches each)";
     let (epoch, sets) = text.split_once(':').ok_or_else(|| format!("'{text}' has no ':'; {form}"))?;
-    let epoch = epoch.trim().parse().map_err(|_| format!("'{epoch}' is not an epoch number; {form}"))?;
+    let epoch = match epoch.trim().parse::<u64>() {
+        Ok(n) if n >= 1 => n - 1,
+        _ => return Err(format!("'{epoch}' is not an epoch number (from 1); {form}")),
+    };
     let before = sets
         .split(',')
         .map(|set| {
@@ -117,7 +120,7 @@ mod tests {
     #[test]
     fn regroups_read_as_epoch_and_sets_of_readers_in_batches() {
         let r = parse_regroup("2:4x5,3x1", 16).unwrap();
-        assert_eq!(r.epoch, 2);
+        assert_eq!(r.epoch, 1, "epochs count from 1 on the command line");
         assert_eq!(r.before, vec![Readers { world_size: 4, consumed: 80 }, Readers { world_size: 3, consumed: 16 }]);
     }
 
@@ -126,9 +129,10 @@ mod tests {
         for (text, part) in [
             ("4x5", "has no ':'"),
             ("x:4x5", "'x' is not an epoch"),
-            ("0:4-5", "'4-5' is not WxB"),
-            ("0:0x5", "names no ranks"),
-            ("0:4xfive", "'five' is not a batch count"),
+            ("0:4x5", "'0' is not an epoch number (from 1)"),
+            ("1:4-5", "'4-5' is not WxB"),
+            ("1:0x5", "names no ranks"),
+            ("1:4xfive", "'five' is not a batch count"),
         ] {
             let e = parse_regroup(text, 8).unwrap_err();
             assert!(e.contains(part) && e.contains("EPOCH:WxB"), "{text}: {e}");

@@ -233,16 +233,16 @@ fn digest_of_a_regrouped_epoch_shares_what_the_earlier_ranks_left_and_refuses_a_
     };
     let plain = hex(&[]);
     // Three ranks that read nothing before three others took over leave each its whole share, in order.
-    assert_eq!(hex(&["--regroup", "0:3x0"]), plain);
+    assert_eq!(hex(&["--regroup", "1:3x0"]), plain);
     // Its 7 samples: after four ranks read one each of their 2, the three share the 4 left: other samples.
-    let regrouped = hex(&["--regroup", "0:4x1"]);
+    let regrouped = hex(&["--regroup", "1:4x1"]);
     assert_ne!(regrouped, plain);
     let nothing = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
     assert!(!regrouped.contains(nothing), "a rank reads nothing: {regrouped}");
-    assert_ne!(hex(&["--regroup", "0:4x1"]), hex(&["--regroup", "0:4x1", "--stream-window", "2"]));
+    assert_ne!(hex(&["--regroup", "1:4x1"]), hex(&["--regroup", "1:4x1", "--stream-window", "2"]));
     for (bad, says) in [
-        (&["--regroup", "0:4"][..], "--regroup: '4' is not WxB"),
-        (&["--regroup", "0:2x1000"][..], "more than their share"),
+        (&["--regroup", "1:4"][..], "--regroup: '4' is not WxB"),
+        (&["--regroup", "1:2x1000"][..], "more than their share"),
     ] {
         let out = digest(bad);
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -66,44 +66,26 @@ fn a_job_that_loses_global_rank_0_mid_epoch_finishes_on_the_rest_having_trained_
     let victim = nodes.remove(zero);
 
     let mut regroups = Vec::new();
-    let mut trained: BTreeMap<usize, String> = BTreeMap::new();
     for p in nodes.iter_mut() {
         let status = p.exit();
         let (out, err) = (p.stdout(), p.stderr());
         assert!(status.success(), "a node left failed:\n{out}{err}");
         assert!(err.contains("lost rank 0 on 127.0.0.1") && err.contains("carrying on without it"), "{err}");
-        let line =
-            err.lines().find(|l| l.contains("continuing with the ranks left")).unwrap_or_else(|| panic!("{err}"));
+        let line = err
+            .lines()
+            .find(|l| l.contains("continuing with the ranks of the new round"))
+            .unwrap_or_else(|| panic!("{err}"));
         assert_eq!(field(line, "world_size"), "3", "{line}");
         regroups.push(field(line, "regroup").to_string());
-        // The digest of what it trained after the loss: the last one it logged, as rank R of 3.
-        let digest = err.lines().rev().find(|l| l.contains("trained digest: rank ")).unwrap();
-        let rank: usize =
-            digest.split("trained digest: rank ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
-        assert!(digest.contains(&format!("rank {rank} of 3 trained ")), "{digest}");
-        trained.insert(rank, digest.rsplit(' ').next().unwrap().to_string());
     }
     assert!(regroups.iter().all(|r| *r == regroups[0]), "the ranks left disagree on the regroup: {regroups:?}");
-    assert!(regroups[0].starts_with("0:4x"), "the loss was not in the first epoch: {}", regroups[0]);
-    assert_eq!(trained.keys().copied().collect::<Vec<_>>(), [0, 1, 2], "the ranks left are 0, 1 and 2 of 3");
+    assert!(regroups[0].starts_with("1:4x"), "the loss was not in the first epoch: {}", regroups[0]);
     drop((victim, store));
-
-    // What each rank left trained is what the sampler shares out of what the four left of the epoch, and the
-    // epochs after it at three ranks.
-    let data = digits();
-    let args = ["data", "digest", "--data", data.to_str().unwrap(), "--world-size", "3", "--epochs", EPOCHS];
-    let mut args = args.to_vec();
-    args.extend(["--batch-size", BATCH, "--seed", SEED, "--regroup", regroups[0].as_str()]);
-    let out = common::run(&args, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let expected: BTreeMap<usize, String> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (rank, hex) = l.strip_prefix("rank ").unwrap().split_once(": ").unwrap();
-            (rank.parse().unwrap(), hex.to_string())
-        })
-        .collect();
+    // What each rank left trained after the loss (its last digest) is what the sampler shares out of what the four
+    // left of the epoch, and the epochs after it at three ranks.
+    let trained = last_digests(&nodes, 3);
+    assert_eq!(trained.keys().copied().collect::<Vec<_>>(), [0, 1, 2], "the ranks left are 0, 1 and 2 of 3");
+    let expected = expected_digests(3, &regroups[0], 1);
     assert_eq!(trained, expected, "the batches trained after the loss are not the rest of the epoch, shared");
 
     // One of them is rank 0 now: it reports and exports, with the demo's promised accuracy.
@@ -134,7 +116,7 @@ fn a_stopped_rank_is_dropped_after_the_peer_timeout_and_the_rest_finish() {
         let err = p.stderr();
         assert!(status.success(), "a node left failed:\n{}{err}", p.stdout());
         assert!(err.contains("lost rank 2 on 127.0.0.1: no heartbeat for 3 s"), "{err}");
-        assert!(err.contains("continuing with the ranks left") && err.contains(" world_size=3 "), "{err}");
+        assert!(err.contains("continuing with the ranks of the new round") && err.contains(" world_size=3 "), "{err}");
     }
     assert_eq!(nodes.iter().filter(|p| p.stdout().contains("model written to")).count(), 1);
     drop(frozen);
@@ -161,4 +143,74 @@ fn the_ranks_left_below_min_wait_out_the_rendezvous_timeout_and_fail_naming_how_
         assert!(error.contains("only 2") || error.contains("only 1"), "{error}");
         assert!(error.contains(&tail), "{error}");
     }
+}
+
+/// Each rank's digest of what it trained in the last round (its last `trained digest` line), by its rank in it.
+fn last_digests(nodes: &[Proc], world: usize) -> BTreeMap<usize, String> {
+    let mut trained = BTreeMap::new();
+    for p in nodes {
+        let err = p.stderr();
+        let line = err.lines().rev().find(|l| l.contains("trained digest: rank ")).unwrap_or_else(|| panic!("{err}"));
+        let rank: usize =
+            line.split("trained digest: rank ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        assert!(line.contains(&format!("rank {rank} of {world} trained ")), "{line}");
+        trained.insert(rank, line.rsplit(' ').next().unwrap().to_string());
+    }
+    trained
+}
+
+/// `hytrain data digest`'s digests of `world` ranks after `regroup`, in epoch `first` (from 1) and those after it,
+/// by rank.
+fn expected_digests(world: usize, regroup: &str, first: u64) -> BTreeMap<usize, String> {
+    let data = digits();
+    let world = world.to_string();
+    let epochs = (EPOCHS.parse::<u64>().unwrap() + 1 - first).to_string();
+    let first = first.to_string();
+    let mut args = vec!["data", "digest", "--data", data.to_str().unwrap(), "--world-size", world.as_str()];
+    args.extend(["--first-epoch", first.as_str(), "--epochs", epochs.as_str()]);
+    args.extend(["--batch-size", BATCH, "--seed", SEED, "--regroup", regroup]);
+    let out = common::run(&args, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (rank, hex) = l.strip_prefix("rank ").unwrap().split_once(": ").unwrap();
+            (rank.parse().unwrap(), hex.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn a_node_that_comes_mid_epoch_is_made_room_for_and_the_job_ends_on_four_having_trained_what_was_left_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, endpoint) = store(dir.path());
+    let (mut nodes, _) = at_step_10(dir.path(), &endpoint, &["node-a", "node-b", "node-c"], &[], 0);
+    nodes.push(node(dir.path(), "node-d", &endpoint, &[]));
+    let mut regroups = Vec::new();
+    for p in nodes.iter_mut() {
+        let status = p.exit();
+        let err = p.stderr();
+        assert!(status.success(), "a node failed:\n{}{err}", p.stdout());
+        let mark = if err.contains("[rank ? ]") || err.contains("joining the job in progress") {
+            "joining the job in progress"
+        } else {
+            assert!(err.contains("nodes wait to join (--nnodes 3:4): making room for them after step "), "{err}");
+            "continuing with the ranks of the new round"
+        };
+        let line = err.lines().find(|l| l.contains(mark)).unwrap_or_else(|| panic!("no '{mark}':\n{err}"));
+        regroups.push(field(line, "regroup").to_string());
+    }
+    assert!(nodes[3].stderr().contains("joining the job in progress"), "{}", nodes[3].stderr());
+    assert!(regroups.iter().all(|r| *r == regroups[0]), "the nodes disagree on the regroup: {regroups:?}");
+    // The newcomer starts (loading libtorch) while the three train on: the join lands in some epoch.
+    let (epoch, readers) = regroups[0].split_once(':').unwrap();
+    assert!(readers.starts_with("3x"), "{}", regroups[0]);
+    let trained = last_digests(&nodes, 4);
+    assert_eq!(trained.keys().copied().collect::<Vec<_>>(), [0, 1, 2, 3]);
+    let expected = expected_digests(4, &regroups[0], epoch.parse().unwrap());
+    assert_eq!(trained, expected, "the batches trained after the join are not the rest, shared");
+    let reporters: Vec<&Proc> = nodes.iter().filter(|p| p.stdout().contains("model written to")).collect();
+    assert_eq!(reporters.len(), 1, "exactly one rank 0 exports");
+    assert!(!nodes[3].stdout().contains("model written to"), "the newcomer became rank 0");
 }

@@ -20,8 +20,11 @@ pub struct DigestArgs {
     pub world_size: usize,
     /// The rank whose stream is hashed.
     pub rank: usize,
-    /// Epochs hashed, from epoch 0.
+    /// Epochs hashed, from `first_epoch`.
     pub epochs: u64,
+    /// The first epoch hashed (0-based).
+    #[serde(default)]
+    pub first_epoch: u64,
     /// Samples per batch.
     pub batch_size: usize,
     /// Seed of shuffling and augmentation.
@@ -67,6 +70,7 @@ impl Default for DigestArgs {
             world_size: 1,
             rank: 0,
             epochs: 1,
+            first_epoch: 0,
             batch_size: 64,
             seed: 0,
             augment: false,
@@ -163,7 +167,8 @@ impl BatchHasher {
     }
 }
 
-/// The SHA-256 (hex) of the batch stream rank `args.rank` of `args.world_size` reads in epochs `0..args.epochs`.
+/// The SHA-256 (hex) of the batch stream rank `args.rank` of `args.world_size` reads in `args.epochs` epochs from
+/// `args.first_epoch`.
 pub fn digest(source: SharedSource, args: &DigestArgs) -> Result<String, Error> {
     let options = OpenOptions {
         split: args.split,
@@ -178,7 +183,7 @@ pub fn digest(source: SharedSource, args: &DigestArgs) -> Result<String, Error> 
 pub fn digest_dataset(dataset: Arc<Dataset>, args: &DigestArgs) -> Result<String, Error> {
     let loader = Loader::new(dataset, args.loader_config())?;
     let mut hasher = BatchHasher::default();
-    for epoch in 0..args.epochs {
+    for epoch in args.first_epoch..args.first_epoch.saturating_add(args.epochs) {
         for batch in loader.epoch(epoch)? {
             hasher.update(&batch?);
         }

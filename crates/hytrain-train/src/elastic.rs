@@ -15,6 +15,48 @@ use crate::precision::{GradScaler, GradScalerState};
 use crate::trainer::{kind_from_name, Progress, Start};
 use crate::{model, Ddp, Optimizer, Result, ShardMode, TrainError};
 
+/// What a rank carries into a new set of ranks: its optimizer state, where its last run stood, and how many ranks
+/// that run had.
+#[derive(Debug, Clone, Copy)]
+pub struct Carried<'a> {
+    /// Its optimizer state from before the change.
+    pub state: &'a [(String, Tensor)],
+    /// Where its last run stood.
+    pub progress: &'a Progress,
+    /// The ranks of that run.
+    pub world_size: usize,
+}
+
+/// Where a rank of a new set of ranks continues: `Some` when any of them carried state over from the set before (a
+/// rank that was training, rather than one just started), and then every rank takes global rank 0's with
+/// [`take_rank0_state`] and continues from the returned [`Start`]; `None` when none did (the job's first round),
+/// and the run starts as usual (resuming from its checkpoint). `carried` is what this rank has, if anything. Every rank of the new set calls it at the same
+/// point; global rank 0 must be one that carried state whenever any did (the store ranks the nodes of the round
+/// before first).
+pub fn catch_up(
+    ddp: &mut Ddp,
+    optimizer: &mut dyn Optimizer,
+    carried: Option<Carried<'_>>,
+    batch_size: usize,
+) -> Result<Option<Start>> {
+    let mine = f64::from(u8::from(carried.is_some()));
+    let mut counts = [mine, if ddp.rank() == 0 { mine } else { 0.0 }];
+    ddp.allreduce_f64(&mut counts, crate::ReduceOp::Sum)?;
+    if counts[0] == 0.0 {
+        return Ok(None);
+    }
+    if counts[1] == 0.0 {
+        return Err(TrainError::OptimizerState(format!(
+            "{} rank(s) carried training state into this round but global rank 0 did not, so there is no state to \
+             share; the store ranks the nodes of the round before first, so this happens only when they left it",
+            counts[0]
+        )));
+    }
+    let fresh = Progress::default();
+    let c = carried.unwrap_or(Carried { state: &[], progress: &fresh, world_size: 1 });
+    take_rank0_state(ddp, optimizer, c.state, c.progress, c.world_size, batch_size).map(Some)
+}
+
 /// What global rank 0 tells the others.
 #[derive(Serialize, Deserialize)]
 struct Header {

@@ -63,6 +63,14 @@ pub enum TrainError {
     )]
     MissingGradient(String),
 
+    /// Nodes wait at the store to join the job (a job of a range of nodes): every rank stopped at the same step
+    /// boundary to make room for them, with no step in flight.
+    #[error("nodes wait to join the job: every rank stopped after step {step} to make room for them")]
+    NodesWaiting {
+        /// Steps completed.
+        step: u64,
+    },
+
     /// An option has a value the engine cannot use.
     #[error("invalid {option}: {detail}")]
     InvalidOption {

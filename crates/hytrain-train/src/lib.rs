@@ -64,4 +64,4 @@ pub use model::{Model, ScriptModel};
 pub use optim::{AdamW, AdamWConfig, Implementation, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use precision::{Autocast, GradScaler, GradScalerState, Precision};
 pub use schedule::Schedule;
-pub use trainer::{Progress, RunPaths, Start, Summary, Trainer};
+pub use trainer::{JoinWatch, Progress, RunPaths, Start, Summary, Trainer};

@@ -75,12 +75,22 @@ pub(super) fn lost_rank(ddp: &mut Ddp) -> Option<LostRank> {
     ddp.collective().liveness()?.wait_lost(Some(VERDICT_WAIT))
 }
 
-/// Meets the ranks left at the store in the job's next round and rebuilds `engine` over them: the step in flight
-/// is dropped, and every rank takes the new global rank 0's weights, buffers and optimizer state. Returns the new
-/// engine, this node's plan in the new round and where the next run starts (`progress` is where the last one
-/// stood on this rank).
+/// Why the ranks meet again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Why {
+    /// A rank was lost: the round is over, and the step in flight is dropped.
+    Lost,
+    /// Nodes wait to join: every rank stopped at the same step boundary and leaves the round, which ends it.
+    Joiners,
+}
+
+/// Meets the ranks left (and any node waiting to join) at the store in the job's next round and rebuilds `engine`
+/// over them: every rank takes the new global rank 0's weights, buffers and optimizer state
+/// ([`crate::train::elastic::catch_up`], which a node that joins calls at its start). Returns the new engine, this node's plan in the new round and where the
+/// next run starts (`progress` is where the last one stood on this rank).
 pub(super) fn rejoin(
     engine: Engine,
+    why: Why,
     progress: &Progress,
     rejoin: &Rejoin,
     args: &TrainArgs,
@@ -93,7 +103,12 @@ pub(super) fn rejoin(
     drop(optimizer);
     let (model, old_comm) = ddp.into_parts();
     drop(old_comm);
-    watchdog.forget();
+    match why {
+        // The loss ended the round already.
+        Why::Lost => watchdog.forget(),
+        // Every rank's goodbye ends it, and the next round can begin.
+        Why::Joiners => watchdog.finish(),
+    }
     drop(store);
     let plan = super::super::rendezvous::admit(&rejoin.plan, &args.comm, rejoin.last_call)
         .context("the ranks left could not meet again")?;
@@ -104,15 +119,27 @@ pub(super) fn rejoin(
     let watchdog = Watchdog::start(comm.liveness(), plan.paths.failure_file.clone(), recorder.clone(), true);
     let mut ddp = Ddp::new(model, comm, cfg.ddp_options())?;
     let mut optimizer = ddp.build_optimizer(&cfg.optimizer_config())?;
-    let start = crate::train::elastic::take_rank0_state(
-        &mut ddp,
-        optimizer.as_mut(),
-        &state,
-        progress,
-        old_world,
-        cfg.batch_size,
-    )?;
+    let carried = Some(crate::train::elastic::Carried { state: &state, progress, world_size: old_world });
+    let start = crate::train::elastic::catch_up(&mut ddp, optimizer.as_mut(), carried, cfg.batch_size)?
+        .expect("this rank carried state, so the ranks catch up");
     Ok((Engine { ddp, optimizer, store, watchdog }, plan, start))
+}
+
+/// Global rank 0's question at step boundaries: whether nodes wait at the store to join the job, while it runs
+/// below MAX nodes (at MAX a node waits for a loss to make room).
+pub(super) fn joiners_watch(plan: &Plan, store: Option<&Store>) -> Option<crate::train::JoinWatch> {
+    let max = plan.nnodes_range?.max;
+    let nodes = plan.topology.nnodes;
+    let store = store?.clone();
+    (plan.topology.rank == 0 && nodes < max).then(|| {
+        Box::new(move || match store.nodes_waiting() {
+            Ok(n) => n > 0,
+            Err(e) => {
+                tracing::warn!("cannot ask the store whether nodes wait to join: {e}");
+                false
+            }
+        }) as crate::train::JoinWatch
+    })
 }
 
 /// With --digest-trained: the batches this rank trained since the last such line, and their digest.
@@ -122,11 +149,12 @@ pub(super) fn log_trained_digest(train: &mut LoaderBatches, rank: usize, world_s
     }
 }
 
-/// A regroup as `hytrain data digest --regroup` takes it: `EPOCH:WxB,...`, in batches of `batch_size`.
+/// A regroup as `hytrain data digest --regroup` takes it: `EPOCH:WxB,...`, the epoch from 1, in batches of
+/// `batch_size`.
 pub(super) fn regroup_text(regroup: &crate::data::Regroup, batch_size: usize) -> String {
     let sets: Vec<String> =
         regroup.before.iter().map(|r| format!("{}x{}", r.world_size, r.consumed / batch_size.max(1))).collect();
-    format!("{}:{}", regroup.epoch, sets.join(","))
+    format!("{}:{}", regroup.epoch + 1, sets.join(","))
 }
 
 #[cfg(test)]

@@ -469,9 +469,7 @@ pub fn run(
         ..SamplerConfig::default()
     };
     let mut train = LoaderBatches::training(Loader::new(train_set.clone(), loader.clone())?, cfg.batch_size);
-    if job.digest_trained {
-        train = train.digesting();
-    }
+
     let mut eval = match &eval_set {
         Some(set) => {
             let config = LoaderConfig {
@@ -496,6 +494,10 @@ pub fn run(
     };
 
     let input_shape = first_input_shape(&mut train)?;
+    if job.digest_trained {
+        // From here on: the batch just read to learn the shape is read again by the first step.
+        train = train.digesting();
+    }
     let data_spec = if train_set.format() == Format::Tokens {
         let image_flags = [
             ("--augment", job.augment),
@@ -564,6 +566,21 @@ pub fn run(
     let mut trainer = Trainer::new();
     let optimizer = ddp.build_optimizer(&cfg.optimizer_config())?;
     let mut engine = Engine { ddp, optimizer, store, watchdog };
+    if elastic.is_some() {
+        // A node that joins a job in progress takes its state from global rank 0.
+        let carried =
+            crate::train::elastic::catch_up(&mut engine.ddp, engine.optimizer.as_mut(), None, cfg.batch_size)?;
+        if let Some(start) = carried {
+            tracing::info!(
+                step = start.step,
+                epoch = start.epoch + 1,
+                regroup = %start.regroup.as_ref().map_or_else(String::new, |r| carry_on::regroup_text(r, cfg.batch_size)),
+                "joining the job in progress, from rank 0's state"
+            );
+            trainer.continue_at(start);
+        }
+        trainer.watch_for_joiners(carry_on::joiners_watch(plan, engine.store.as_ref()));
+    }
     let mut summary = loop {
         let result = trainer.run(
             &mut engine.ddp,
@@ -579,20 +596,29 @@ pub fn run(
             Ok(summary) => break summary,
             Err(error) => error,
         };
-        let (Some(rejoin), Some(lost)) = (&elastic, carry_on::lost_rank(&mut engine.ddp)) else {
+        let Some(rejoin) = &elastic else {
+            return Err(error.into());
+        };
+        let progress = trainer.progress().clone();
+        let range = rejoin.plan.nnodes_range.map_or_else(String::new, |r| r.to_string());
+        let why = if let crate::train::TrainError::NodesWaiting { step } = &error {
+            tracing::info!("nodes wait to join (--nnodes {range}): making room for them after step {step}");
+            carry_on::Why::Joiners
+        } else if let Some(lost) = carry_on::lost_rank(&mut engine.ddp) {
+            tracing::warn!(
+                "{lost}; carrying on without it (--nnodes {range}): step {} of epoch {} was in flight ({error})",
+                progress.step + 1,
+                progress.epoch + 1
+            );
+            carry_on::Why::Lost
+        } else {
             return Err(error.into());
         };
         let (old_rank, old_world) = (engine.ddp.rank(), engine.ddp.world_size());
-        let progress = trainer.progress().clone();
-        tracing::warn!(
-            "{lost}; carrying on without it (--nnodes {}): step {} of epoch {} was in flight ({error})",
-            rejoin.plan.nnodes_range.map_or_else(String::new, |r| r.to_string()),
-            progress.step + 1,
-            progress.epoch + 1
-        );
         carry_on::log_trained_digest(&mut train, old_rank, old_world);
-        let (next, plan, start) = carry_on::rejoin(engine, &progress, rejoin, args, cfg, recorder)?;
+        let (next, plan, start) = carry_on::rejoin(engine, why, &progress, rejoin, args, cfg, recorder)?;
         engine = next;
+        trainer.watch_for_joiners(carry_on::joiners_watch(&plan, engine.store.as_ref()));
         // The data: the rest of the epoch shared among the ranks left (the run applies the regroup), then whole
         // epochs at their number.
         let t = &plan.topology;
@@ -612,7 +638,7 @@ pub fn run(
             step = start.step,
             epoch = start.epoch + 1,
             regroup = %start.regroup.as_ref().map_or_else(String::new, |r| carry_on::regroup_text(r, cfg.batch_size)),
-            "continuing with the ranks left, from rank 0's state"
+            "continuing with the ranks of the new round, from rank 0's state"
         );
         trainer.continue_at(start);
     };

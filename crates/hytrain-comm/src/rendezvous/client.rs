@@ -460,6 +460,12 @@ impl Store {
         Ok(missing.into_iter().map(|k| k.strip_prefix(&prefix).map(str::to_string).unwrap_or(k)).collect())
     }
 
+    /// How many nodes wait at the standalone store for this round to end so they can join the next (a job whose
+    /// node count is a range): the ranks make room for them at a step boundary. One small request.
+    pub fn nodes_waiting(&self) -> Result<usize, CommError> {
+        Ok(self.add(super::server::NODES_WAITING, 0)?.max(0) as usize)
+    }
+
     /// Waits until all `world_size` ranks have called `barrier` with this `name` (at most `rendezvous_timeout`).
     /// A name may be reused: the n-th call on each rank meets the n-th call on the others.
     pub fn barrier(&self, name: &str) -> Result<(), CommError> {

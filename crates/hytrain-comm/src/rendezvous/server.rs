@@ -61,6 +61,13 @@ struct ServerState {
     world_size: usize,
     /// The round's admission of nodes, when its node count is a range (standalone store only).
     admission: Option<Admission>,
+    /// The nodes of the last round that had an admission, in node-rank order: they come first in the next.
+    previous_nodes: Vec<String>,
+    /// The nodes known to come to the next round: the last round's but a lost one, and those that waited for it.
+    expected_nodes: Vec<String>,
+    /// Nodes waiting for the running round to end so they can join the next; their count is in the round's
+    /// key space at [`NODES_WAITING`], where the running ranks look.
+    waiting: BTreeSet<String>,
     joined: BTreeSet<usize>,
     /// Connections that failed the token check, and where the last one came from, for the rendezvous error.
     refused: usize,
@@ -97,9 +104,26 @@ impl ServerState {
         self.world_size = world_size;
         self.kv.clear();
         self.joined.clear();
-        self.admission = None;
+        if let Some(admission) = self.admission.take() {
+            self.previous_nodes = admission.nodes().to_vec();
+            let lost = self.ended.as_ref().map(|l| l.rank / admission.local_world_size().max(1));
+            self.expected_nodes = (admission.nodes().iter().enumerate())
+                .filter(|(node_rank, _)| Some(*node_rank) != lost)
+                .map(|(_, node)| node.clone())
+                .chain(self.waiting.iter().cloned())
+                .collect();
+        } else {
+            self.expected_nodes.clear();
+        }
+        self.waiting.clear();
         self.watches = Watches::default();
         tracing::info!(round = self.round, world_size, job = %self.job_id, "rendezvous store: a new round begins");
+    }
+
+    /// Publishes how many nodes wait for the next round, where the running round's ranks look.
+    fn publish_waiting(&mut self) {
+        let key = format!("{}/{NODES_WAITING}", self.job_id);
+        self.kv.insert(key, self.waiting.len().to_string().into_bytes());
     }
 
     /// The answer to a request of a rank of round `round` after it is over.
@@ -225,6 +249,9 @@ impl Server {
                     World::FromJoiners => 0,
                 },
                 admission: None,
+                previous_nodes: Vec::new(),
+                expected_nodes: Vec::new(),
+                waiting: BTreeSet::new(),
                 joined: BTreeSet::new(),
                 refused: 0,
                 last_refused: None,
@@ -588,6 +615,10 @@ fn serve_requests(stream: TcpStream, peer: SocketAddr, shared: &Shared, joined: 
 /// How often a node waiting for admission is checked for having hung up.
 const ADMISSION_CHECK: Duration = Duration::from_millis(200);
 
+/// The key (in a round's key space, under the job id) where the store counts the nodes waiting for the round to
+/// end; ranks read it with [`crate::Store::nodes_waiting`].
+pub(crate) const NODES_WAITING: &str = "hytrain/nodes-waiting";
+
 /// Whether the client of `stream` closed its end: a node that died while waiting for admission must not count.
 /// Only called while the connection's own thread waits, so nothing else reads it.
 fn hung_up(stream: &TcpStream) -> bool {
@@ -622,9 +653,50 @@ fn admit_node(shared: &Shared, job: &str, ask: &Ask, deadline: Instant, gone: &d
         put_bytes(out, why.as_bytes());
         return;
     }
-    if st.round_over() {
-        st.begin_round(0);
-        st.admission = Some(Admission::open(ask));
+    loop {
+        if st.round_over() {
+            st.begin_round(0);
+            let (previous, expected) = (st.previous_nodes.clone(), st.expected_nodes.clone());
+            st.admission = Some(Admission::open(ask, previous, expected));
+        }
+        let running = st.admission.as_ref().filter(|a| a.closed() && !a.nodes().contains(&ask.node));
+        let Some(running) = running else { break };
+        // The round began without this node: it waits for the next, which the running ranks begin at a step
+        // boundary once they see it waiting (a job that cannot, or one at MAX, makes it wait out its deadline).
+        let nodes = running.nodes().len();
+        let round = st.round;
+        st.waiting.insert(ask.node.clone());
+        st.publish_waiting();
+        tracing::info!(node = %ask.node, nodes, "a node waits for the running round of the job to end");
+        let ended = loop {
+            if st.round != round || st.round_over() {
+                break true;
+            }
+            let now = Instant::now();
+            if now >= deadline || gone() {
+                break false;
+            }
+            let wake = deadline.min(now + ADMISSION_CHECK);
+            st = shared.changed.wait_timeout(st, wake - now).unwrap_or_else(|p| p.into_inner()).0;
+        };
+        if st.round == round {
+            st.waiting.remove(&ask.node);
+            st.publish_waiting();
+        }
+        if !ended {
+            put_u8(out, ST_ERR);
+            put_bytes(
+                out,
+                format!(
+                    "the job's round of {nodes} node(s) (at most {}) was still running when this node's wait ended; \
+                     its ranks make room for a new node at a step boundary (a job of a range of nodes training on \
+                     the CPU), or it is at MAX",
+                    ask.max
+                )
+                .as_bytes(),
+            );
+            return;
+        }
     }
     let round = st.round;
     let Some(admission) = st.admission.as_mut() else {

@@ -144,6 +144,101 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_comes_while_a_round_runs_waits_for_the_next_and_comes_after_the_nodes_of_the_last() {
+        let (server, o) = start();
+        let port = server.local_addr().port();
+        let range = crate::NodeRange { min: 2, max: 3, last_call: Duration::from_millis(300) };
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let joiner = std::thread::spawn({
+            let o = o.clone();
+            move || {
+                rx.recv().unwrap();
+                let admitted = Store::admit(&member(0, 1, port), &o, "newcomer", &range)?;
+                let store = Store::rendezvous(&member(admitted.node_rank, admitted.nnodes, port), &o)?;
+                store.barrier("round 2")?;
+                Ok::<_, crate::CommError>((admitted.node_rank, admitted.nnodes))
+            }
+        });
+        let results = on_ranks(2, |i| -> Result<Vec<(usize, usize)>, crate::CommError> {
+            let node = format!("node-{i}");
+            // Round 1: two nodes; node-1 comes first, so it is node rank 0.
+            std::thread::sleep(Duration::from_millis(150 * (1 - i as u64)));
+            let admitted = Store::admit(&member(0, 1, port), &o, &node, &range)?;
+            let store = Store::rendezvous(&member(admitted.node_rank, admitted.nnodes, port), &o)?;
+            store.barrier("round 1")?;
+            if admitted.node_rank == 0 {
+                tx.send(()).unwrap();
+            }
+            // The running round's ranks see the newcomer wait, and make room: they leave, and come again.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while store.nodes_waiting()? == 0 {
+                assert!(std::time::Instant::now() < deadline, "the newcomer never showed as waiting");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            store.barrier("seen")?;
+            store.liveness().unwrap().leave();
+            drop(store);
+            let again = Store::admit(&member(0, 1, port), &o, &node, &range)?;
+            let store = Store::rendezvous(&member(again.node_rank, again.nnodes, port), &o)?;
+            store.barrier("round 2")?;
+            assert_eq!(store.nodes_waiting()?, 0, "nobody waits any more");
+            Ok(vec![(admitted.node_rank, admitted.nnodes), (again.node_rank, again.nnodes)])
+        });
+        let got: Vec<Vec<(usize, usize)>> = results.into_iter().map(Result::unwrap).collect();
+        // node-1 came first in round 1 and keeps its place; the newcomer comes after the old nodes.
+        assert_eq!(got, [vec![(1, 2), (1, 3)], vec![(0, 2), (0, 3)]]);
+        assert_eq!(joiner.join().unwrap().unwrap(), (2, 3));
+    }
+
+    #[test]
+    fn after_a_loss_the_nodes_left_are_admitted_as_soon_as_all_are_back_without_the_last_call() {
+        let (server, o) = start();
+        let port = server.local_addr().port();
+        // A last call far longer than the test: only the nodes known to come can close the round after the loss.
+        let range = crate::NodeRange { min: 2, max: 3, last_call: Duration::from_secs(60) };
+        let results = on_ranks(3, |i| -> Result<Option<(usize, usize, f64)>, crate::CommError> {
+            let node = format!("node-{i}");
+            std::thread::sleep(Duration::from_millis(100 * i as u64));
+            let admitted = Store::admit(&member(0, 1, port), &o, &node, &range)?;
+            let store = Store::rendezvous(&member(admitted.node_rank, admitted.nnodes, port), &o)?;
+            store.barrier("round 1")?;
+            let live = store.liveness().unwrap();
+            if admitted.node_rank == 1 {
+                // Once the others are out of the barrier, whose answer the loss would otherwise be.
+                std::thread::sleep(Duration::from_millis(300));
+                live.sever();
+                return Ok(None);
+            }
+            live.wait_lost(Some(Duration::from_secs(10))).expect("the loss is heard");
+            drop(store);
+            let started = std::time::Instant::now();
+            let again = Store::admit(&member(0, 1, port), &o, &node, &range)?;
+            let waited = started.elapsed().as_secs_f64();
+            let store = Store::rendezvous(&member(again.node_rank, again.nnodes, port), &o)?;
+            store.barrier("round 2")?;
+            Ok(Some((again.node_rank, again.nnodes, waited)))
+        });
+        let got: Vec<(usize, usize, f64)> = results.into_iter().filter_map(|r| r.unwrap()).collect();
+        assert_eq!(got.iter().map(|g| (g.0, g.1)).collect::<Vec<_>>(), [(0, 2), (1, 2)], "old order kept");
+        assert!(got.iter().all(|g| g.2 < 10.0), "the last call was waited out: {got:?}");
+    }
+
+    #[test]
+    fn a_node_whose_wait_for_the_running_round_ends_is_told_why() {
+        let (server, o) = start();
+        let port = server.local_addr().port();
+        let range = crate::NodeRange { min: 1, max: 2, last_call: Duration::from_millis(100) };
+        let admitted = Store::admit(&member(0, 1, port), &o, "running", &range).unwrap();
+        let _store = Store::rendezvous(&member(admitted.node_rank, admitted.nnodes, port), &o).unwrap();
+        let short = CommOptions { rendezvous_timeout: Duration::from_secs(1), ..o.clone() };
+        let e = Store::admit(&member(0, 1, port), &short, "late", &range).unwrap_err().to_string();
+        assert!(
+            e.contains("the job's round of 1 node(s) (at most 2) was still running when this node's wait ended"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_job_below_min_fails_after_the_rendezvous_timeout_naming_how_many_came_and_were_needed() {
         let (server, o) = start();
         let port = server.local_addr().port();

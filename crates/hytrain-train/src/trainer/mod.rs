@@ -84,7 +84,15 @@ pub struct Trainer {
     start: Option<Start>,
     /// Where the last run stood after its last completed step.
     at: Progress,
+    /// Asked on global rank 0 at step boundaries, at most every [`JOIN_CHECK`]: whether nodes wait to join.
+    join_watch: Option<JoinWatch>,
 }
+
+/// Whether nodes wait to join the job (see [`Trainer::watch_for_joiners`]).
+pub type JoinWatch = Box<dyn FnMut() -> bool + Send>;
+
+/// How often global rank 0 asks its [`JoinWatch`].
+const JOIN_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Where a run stood after its last completed step: what the ranks that carry on after a change of ranks continue
 /// from ([`Progress::next_start`]).
@@ -168,7 +176,15 @@ impl Trainer {
             progress: std::io::stderr().is_terminal(),
             start: None,
             at: Progress::default(),
+            join_watch: None,
         }
+    }
+
+    /// On global rank 0, `watch` is asked at step boundaries (about once a second) whether nodes wait to join the
+    /// job; when it says so, every rank stops at the same boundary and the run fails with
+    /// [`TrainError::NodesWaiting`], so the caller can make room for them and continue ([`Trainer::continue_at`]).
+    pub fn watch_for_joiners(&mut self, watch: Option<JoinWatch>) {
+        self.join_watch = watch;
     }
 
     /// The next [`Trainer::run`] starts at `start` instead of resuming from the checkpoint folder: the ranks
@@ -339,6 +355,7 @@ impl Trainer {
         };
 
         let started = Instant::now();
+        let mut join_checked = started;
         let allreduce_at_start = run.ddp.stats().allreduce_secs;
         let (mut data_wait, mut step_secs) = (0.0, 0.0);
         let (mut samples_local, mut window) = (0u64, Window::new());
@@ -392,10 +409,18 @@ impl Trainer {
                     data_wait += waited.elapsed().as_secs_f64();
                     // With them, whether this rank's sharded checkpoint shard is written: a checkpoint in flight
                     // completes once every rank's is, and costs no collective of its own.
+                    let joiners = match self.join_watch.as_mut() {
+                        Some(watch) if rank == 0 && join_checked.elapsed() >= JOIN_CHECK => {
+                            join_checked = Instant::now();
+                            watch()
+                        }
+                        _ => false,
+                    };
                     let mut flags = [
                         f64::from(u8::from(stop.load(Ordering::SeqCst))),
                         f64::from(u8::from(failure.is_some())),
                         run.sharded.as_ref().map_or(0.0, ShardedWriter::done_here),
+                        f64::from(u8::from(joiners)),
                     ];
                     run.ddp.allreduce_f64(&mut flags, ReduceOp::Sum)?;
                     if let Some(sharded) = run.sharded.as_mut() {
@@ -414,6 +439,10 @@ impl Trainer {
                         tracing::warn!(rank, step, "stop requested: writing a checkpoint and stopping");
                         stopped = true;
                         break;
+                    }
+                    if flags[3] > 0.0 {
+                        tracing::info!(rank, step, "nodes wait to join the job: stopping at this step boundary");
+                        return Err(TrainError::NodesWaiting { step });
                     }
                     if input.is_none() {
                         input = micro.first().map(|(xs, _)| (xs.size()[1..].to_vec(), xs.kind()));

@@ -112,7 +112,7 @@ impl Reporter {
         };
         if let Some(lost) = self.lost_within(wait) {
             let e = CommError::RankLost(lost);
-            tracing::error!(rank = self.rank, "{e} (this rank saw: {local})");
+            tracing::warn!(rank = self.rank, "{e} (this rank saw: {local})");
             return e;
         }
         let mine = encode_failure(self.rank, &local);
