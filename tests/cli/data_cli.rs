@@ -193,19 +193,24 @@ fn photos_of_different_sizes_digest_once_resized_and_cropped_and_bad_transforms_
     refused(&["--resize", "12", "--crop", "0"], &["--crop", "at least 1"]);
 }
 
+/// `hytrain data digest` of the 7-sample CIFAR fixture over 3 ranks, seed 3, `batch` samples a batch, plus `extra`.
+fn three_ranks(batch: &str, extra: &[&str]) -> std::process::Output {
+    let data = fixture("cifar-py2");
+    let mut args = vec!["data", "digest", "--data", &data, "--world-size", "3", "--batch-size", batch, "--seed", "3"];
+    args.extend_from_slice(extra);
+    run(&args, &[])
+}
+
+/// The stdout of a digest run with `extra` that must have succeeded.
+fn succeeded(extra: &[&str], out: std::process::Output) -> String {
+    assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn digest_follows_the_stream_window_as_training_does_and_refuses_a_bad_one() {
-    let data = fixture("cifar-py2");
-    let digest = |extra: &[&str]| {
-        let mut args = vec!["data", "digest", "--data", &data, "--world-size", "3", "--batch-size", "4", "--seed", "3"];
-        args.extend_from_slice(extra);
-        run(&args, &[])
-    };
-    let hex = |extra: &[&str]| {
-        let out = digest(extra);
-        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let digest = |extra: &[&str]| three_ranks("4", extra);
+    let hex = |extra: &[&str]| succeeded(extra, digest(extra));
     let all_shuffled = hex(&[]);
     assert_eq!(hex(&["--stream-window", "off"]), all_shuffled, "off is the default");
     // Interleaved ranks read other samples than contiguous blocks.
@@ -220,17 +225,8 @@ fn digest_follows_the_stream_window_as_training_does_and_refuses_a_bad_one() {
 
 #[test]
 fn digest_of_a_regrouped_epoch_shares_what_the_earlier_ranks_left_and_refuses_a_bad_regroup() {
-    let data = fixture("cifar-py2");
-    let digest = |extra: &[&str]| {
-        let mut args = vec!["data", "digest", "--data", &data, "--world-size", "3", "--batch-size", "1", "--seed", "3"];
-        args.extend_from_slice(extra);
-        run(&args, &[])
-    };
-    let hex = |extra: &[&str]| {
-        let out = digest(extra);
-        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let digest = |extra: &[&str]| three_ranks("1", extra);
+    let hex = |extra: &[&str]| succeeded(extra, digest(extra));
     let plain = hex(&[]);
     // Three ranks that read nothing before three others took over leave each its whole share, in order.
     assert_eq!(hex(&["--regroup", "1:3x0"]), plain);

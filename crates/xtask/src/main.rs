@@ -17,6 +17,7 @@ mod disk;
 mod first_step;
 mod fuzz;
 mod gpu_check;
+mod recovery;
 mod requirements;
 mod scale_sim;
 mod setup;
@@ -59,6 +60,9 @@ tasks:
                   zero       `hytrain train --shard none|optimizer|gradients` (AdamW, 50.7M-parameter MLP) at 2
                              and 4 ranks: peak host memory per rank and step time, beside PyTorch DDP and
                              ZeroRedundancyOptimizer (benches/zero_memory.py)
+                  recovery   a worker of 3 single-process nodes SIGKILLed at step 35: time to the job's next step,
+                             hytrain's nodes carrying on (--nnodes 2:3, standalone store) beside torchrun's elastic
+                             restart (--max-restarts 3) from a checkpoint (benches/recovery.py)
                   --only allreduce,launch runs some of them
   fuzz [--seconds N] [TARGET...]
                   run each fuzz target (fuzz/fuzz_targets: launcher_env, train_config, store_wire,
@@ -383,7 +387,7 @@ fn build(root: &Path, args: &[&str]) -> Result<Vec<(String, PathBuf)>> {
 }
 
 /// The comparisons `cargo xtask bench` runs, in order.
-const BENCH_PARTS: &[&str] = &["allreduce", "step", "s3", "launch", "checkpoint", "zero"];
+const BENCH_PARTS: &[&str] = &["allreduce", "step", "s3", "launch", "checkpoint", "zero", "recovery"];
 
 /// Splits `--only a,b` off the bench's arguments; the rest go to criterion.
 fn bench_parts(args: &[OsString]) -> Result<(Vec<&'static str>, Vec<OsString>)> {
@@ -448,6 +452,9 @@ fn bench(args: &[OsString]) -> Result<u8> {
             "s3" => s3_read(&root, &python, &summary_file).map(|()| 0),
             "checkpoint" => checkpoint(&root, &python, &summary_file).map(|()| 0),
             "zero" => zero_bench::zero(&root, &python, &summary_file).map(|()| 0),
+            "recovery" => release_hytrain(&root)
+                .and_then(|hytrain| recovery::recovery(&root, &python, &hytrain, &summary_file))
+                .map(|()| 0),
             _ => launch_to_first_step(&root, &python, &summary_file).map(|()| 0),
         };
         match outcome {
@@ -634,12 +641,7 @@ fn checkpoint_rows(v: &serde_json::Value) -> Result<Vec<serde_json::Value>> {
 /// (benches/first_step.py); median of several alternating rounds after one warm-up round each.
 fn launch_to_first_step(root: &Path, python: &Path, summary_file: &Path) -> Result<()> {
     let digits = demo_data::digits(root)?;
-    println!("bench: building hytrain (release) for launch to first step");
-    let built = build(root, &["--release", "--bin", "hytrain"])?;
-    let hytrain = built
-        .into_iter()
-        .find_map(|(name, exe)| (name == "hytrain").then_some(exe))
-        .context("cargo built no hytrain executable")?;
+    let hytrain = release_hytrain(root)?;
     let torchrun = python.with_file_name("torchrun");
     let script = root.join("benches/first_step.py");
     let rounds: usize = env::var("HYTRAIN_FIRST_STEP_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(5).max(1);
@@ -716,6 +718,15 @@ fn launch_to_first_step(root: &Path, python: &Path, summary_file: &Path) -> Resu
     )
 }
 
+/// Builds the `hytrain` binary in release mode and returns its path.
+fn release_hytrain(root: &Path) -> Result<PathBuf> {
+    println!("bench: building hytrain (release)");
+    build(root, &["--release", "--bin", "hytrain"])?
+        .into_iter()
+        .find_map(|(name, exe)| (name == "hytrain").then_some(exe))
+        .context("cargo built no hytrain executable")
+}
+
 fn scale_sim(args: &[OsString]) -> Result<u8> {
     let (given, extra) = scale_sim_args(args)?;
     let hytrain = match given {
@@ -723,11 +734,7 @@ fn scale_sim(args: &[OsString]) -> Result<u8> {
         None => {
             let root = root();
             setup::libtorch(&root)?;
-            println!("scale-sim: building hytrain (release)");
-            build(&root, &["--release", "--bin", "hytrain"])?
-                .into_iter()
-                .find_map(|(name, exe)| (name == "hytrain").then_some(exe))
-                .context("cargo built no hytrain executable")?
+            release_hytrain(&root)?
         }
     };
     scale_sim::scale_sim(&hytrain, &extra)
@@ -874,7 +881,7 @@ mod tests {
         let e = bench_parts(&[OsString::from("--only"), OsString::from("gpu")]).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unknown bench part 'gpu'; the parts are allreduce, step, s3, launch, checkpoint, zero"
+            "unknown bench part 'gpu'; the parts are allreduce, step, s3, launch, checkpoint, zero, recovery"
         );
     }
 
