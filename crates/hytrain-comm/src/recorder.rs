@@ -118,6 +118,14 @@ impl FlightRecorder {
         self.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The job's ranks changed and this process carries on as `rank` of `world_size` (a job of a range of nodes):
+    /// later dumps say so and go to that rank's file, and a later failure is dumped again, since the first dump
+    /// told of the old round's.
+    pub fn new_round(&self, rank: usize, world_size: usize) {
+        let mut log = self.lock();
+        (log.rank, log.world_size, log.dumped) = (rank, world_size, false);
+    }
+
     /// Writes dumps to `dir` from now on (`None`: to stderr only).
     pub fn set_dump_dir(&self, dir: Option<PathBuf>) {
         self.lock().dir = dir;
@@ -514,6 +522,23 @@ mod tests {
         std::fs::write(first.parent().unwrap().join("rank-3.json"), "{").unwrap();
         let e = read_dumps(first.parent().unwrap()).unwrap_err();
         assert!(e.contains("rank-3.json") && e.contains("not a hytrain flight recorder dump"), "{e}");
+    }
+
+    #[test]
+    fn after_a_new_round_a_failure_is_dumped_again_as_the_new_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = FlightRecorder::new(2, 4, 4);
+        recorder.set_dump_dir(Some(dir.path().to_path_buf()));
+        Recorded::new(alone(), recorder.clone()).barrier().unwrap();
+        assert_eq!(recorder.dump("lost rank 3").unwrap().file_name().unwrap(), "rank-2.json");
+        recorder.new_round(0, 3);
+        let second = recorder.dump("lost rank 1").expect("the new round's first failure is dumped");
+        assert_eq!(second.file_name().unwrap(), "rank-0.json");
+        let read = read_dumps(dir.path()).unwrap();
+        let mut seen: Vec<(usize, usize, String)> =
+            read.iter().map(|d| (d.rank, d.world_size, d.reason.clone())).collect();
+        seen.sort();
+        assert_eq!(seen, [(0, 3, "lost rank 1".to_string()), (2, 4, "lost rank 3".to_string())]);
     }
 
     #[test]

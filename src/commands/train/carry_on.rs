@@ -114,6 +114,7 @@ pub(super) fn rejoin(
         .context("the ranks left could not meet again")?;
     let t = &plan.topology;
     crate::logging::set_rank(t.rank, t.world_size, &t.current_host);
+    recorder.new_round(t.rank, t.world_size);
     let (comm, store) = join(&plan, args).context("the ranks left could not meet again")?;
     let comm: Box<dyn Collective> = Box::new(Recorded::new(comm, recorder.clone()));
     let watchdog = Watchdog::start(comm.liveness(), plan.paths.failure_file.clone(), recorder.clone(), true);
