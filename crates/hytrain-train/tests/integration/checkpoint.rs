@@ -145,7 +145,13 @@ fn warnings_during<T>(f: impl FnOnce() -> T) -> (T, String) {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    let out = tracing::subscriber::with_default(subscriber, f);
+    let out = tracing::subscriber::with_default(subscriber, || {
+        // With this the only registered dispatch, a test thread without a subscriber that reaches the warning's
+        // callsite first caches "never" for it, and the event is then dropped here too (tokio-rs/tracing#3611; the
+        // warning went missing in one CI run). Rebuilt from this thread, the interest is this subscriber's.
+        tracing::callsite::rebuild_interest_cache();
+        f()
+    });
     let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
     (out, text)
 }
