@@ -12,7 +12,7 @@ use tch::Tensor;
 
 use crate::checkpoint::sharded::broadcast_bytes;
 use crate::precision::{GradScaler, GradScalerState};
-use crate::trainer::{kind_from_name, Progress, Start};
+use crate::trainer::{state_layout, zeros_of_layout, Progress, Start};
 use crate::{model, Ddp, Optimizer, Result, ShardMode, TrainError};
 
 /// What a rank carries into a new set of ranks: its optimizer state, where its last run stood, and how many ranks
@@ -93,7 +93,7 @@ pub fn take_rank0_state(
     let mut bytes = if rank == 0 {
         let header = Header {
             start: progress.next_start(old_world, batch_size),
-            optimizer: state.iter().map(|(n, t)| (n.clone(), t.size(), format!("{:?}", t.kind()))).collect(),
+            optimizer: state_layout(state),
             grad_scaler: ddp.grad_scaler().map(|s| s.state().clone()),
         };
         serde_json::to_vec(&header).expect("the header serialises")
@@ -108,19 +108,7 @@ pub fn take_rank0_state(
     let state: Vec<(String, Tensor)> = if rank == 0 {
         state.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
     } else {
-        let device = model::device_of(ddp.model());
-        header
-            .optimizer
-            .iter()
-            .map(|(name, shape, kind)| {
-                let kind = kind_from_name(kind).ok_or_else(|| {
-                    TrainError::OptimizerState(format!("entry {name} has dtype {kind}, which hytrain cannot load"))
-                })?;
-                Tensor::f_zeros(shape.as_slice(), (kind, device))
-                    .map(|t| (name.clone(), t))
-                    .map_err(|e| TrainError::torch("allocating optimizer state", e))
-            })
-            .collect::<Result<_>>()?
+        zeros_of_layout(&header.optimizer, model::device_of(ddp.model()))?
     };
     ddp.broadcast_tensors(&state, "optimizer state broadcast from rank 0")?;
     ddp.load_optimizer_state(optimizer, &state)?;

@@ -453,11 +453,7 @@ impl CheckpointStore {
                     });
                     match read {
                         Ok((ckpt, None)) => {
-                            let optimizer = ckpt
-                                .optimizer
-                                .iter()
-                                .map(|(n, t)| (n.clone(), t.size(), format!("{:?}", t.kind())))
-                                .collect();
+                            let optimizer = crate::trainer::state_layout(&ckpt.optimizer);
                             offer =
                                 Offer::Unsharded { path: path.clone(), meta: Box::new(ckpt.meta.clone()), optimizer };
                             held = Some(ckpt);
@@ -492,19 +488,7 @@ impl CheckpointStore {
                     let device = model::device_of(ddp.model());
                     let state = match held {
                         Some(ckpt) => ckpt.optimizer,
-                        None => entries
-                            .iter()
-                            .map(|(name, shape, kind)| {
-                                let kind = crate::trainer::kind_from_name(kind).ok_or_else(|| {
-                                    TrainError::OptimizerState(format!(
-                                        "entry {name} has dtype {kind}, which hytrain cannot load"
-                                    ))
-                                })?;
-                                Tensor::f_zeros(shape.as_slice(), (kind, device))
-                                    .map(|t| (name.clone(), t))
-                                    .map_err(|e| TrainError::torch("allocating optimizer state", e))
-                            })
-                            .collect::<Result<_>>()?,
+                        None => crate::trainer::zeros_of_layout(&entries, device)?,
                     };
                     let weights = model::state_tensors(ddp.model());
                     ddp.broadcast_tensors(&weights, "checkpoint weights broadcast from rank 0")?;

@@ -24,7 +24,7 @@ use crate::{Ddp, ReduceOp, Result, ShardMode, TrainError};
 mod resume;
 mod summary;
 
-pub(crate) use resume::kind_from_name;
+pub(crate) use resume::{state_layout, zeros_of_layout};
 pub use summary::Summary;
 
 /// Where a run reads and writes.

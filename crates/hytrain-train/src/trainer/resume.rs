@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::{Run, RunPaths};
 use crate::checkpoint::{CheckpointMeta, ShardedWriter};
@@ -20,7 +20,27 @@ struct ResumeHeader {
     optimizer: Vec<(String, Vec<i64>, String)>,
 }
 
-pub(crate) fn kind_from_name(name: &str) -> Option<Kind> {
+/// An optimizer state's layout, which rank 0 sends ahead of the values: each entry's name, shape and kind.
+pub(crate) fn state_layout(state: &[(String, Tensor)]) -> Vec<(String, Vec<i64>, String)> {
+    state.iter().map(|(n, t)| (n.clone(), t.size(), format!("{:?}", t.kind()))).collect()
+}
+
+/// Zero tensors of `layout` on `device`, into which rank 0's optimizer state is broadcast.
+pub(crate) fn zeros_of_layout(layout: &[(String, Vec<i64>, String)], device: Device) -> Result<Vec<(String, Tensor)>> {
+    layout
+        .iter()
+        .map(|(name, shape, kind)| {
+            let kind = kind_from_name(kind).ok_or_else(|| {
+                TrainError::OptimizerState(format!("entry {name} has dtype {kind}, which hytrain cannot load"))
+            })?;
+            Tensor::f_zeros(shape.as_slice(), (kind, device))
+                .map(|t| (name.clone(), t))
+                .map_err(|e| TrainError::torch("allocating optimizer state", e))
+        })
+        .collect()
+}
+
+fn kind_from_name(name: &str) -> Option<Kind> {
     Some(match name {
         "Float" => Kind::Float,
         "Double" => Kind::Double,
@@ -66,10 +86,7 @@ impl Run<'_> {
         if rank == 0 && !self.config.no_resume {
             match self.load_latest() {
                 Ok(Some((path, meta, state))) => {
-                    header.optimizer = state
-                        .iter()
-                        .map(|(n, t): &(String, Tensor)| (n.clone(), t.size(), format!("{:?}", t.kind())))
-                        .collect();
+                    header.optimizer = state_layout(&state);
                     header.path = Some(path);
                     header.meta = Some(meta);
                     optimizer_state = state;
@@ -102,20 +119,7 @@ impl Run<'_> {
             let weights = model::state_tensors(self.ddp.model());
             self.ddp.broadcast_tensors(&weights, "checkpoint weights broadcast from rank 0")?;
             if rank != 0 {
-                optimizer_state = header
-                    .optimizer
-                    .iter()
-                    .map(|(name, shape, kind)| {
-                        let kind = kind_from_name(kind).ok_or_else(|| {
-                            TrainError::OptimizerState(format!(
-                                "entry {name} has dtype {kind}, which hytrain cannot load"
-                            ))
-                        })?;
-                        Tensor::f_zeros(shape.as_slice(), (kind, model::device_of(self.ddp.model())))
-                            .map(|t| (name.clone(), t))
-                            .map_err(|e| TrainError::torch("allocating optimizer state", e))
-                    })
-                    .collect::<Result<_>>()?;
+                optimizer_state = zeros_of_layout(&header.optimizer, model::device_of(self.ddp.model()))?;
             }
             self.ddp.broadcast_tensors(&optimizer_state, "optimizer state broadcast from rank 0")?;
             if rank != 0 {
