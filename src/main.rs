@@ -403,8 +403,9 @@ struct CommArgs {
     #[arg(long)]
     rendezvous_endpoint: Option<String>,
     /// Nodes in the job, N or MIN:MAX: the standalone store (--rendezvous-endpoint) admits nodes up to MAX, begins
-    /// once MIN are in and the last call is over, and gives node ranks in the order nodes came; one process per
-    /// node [default: the platform's; Kubeflow's PET_NNODES=MIN:MAX works the same].
+    /// once MIN are in and the last call is over, and gives node ranks in the order nodes came; a node is one
+    /// process, or the processes one `hytrain launch` starts [default: the platform's; Kubeflow's
+    /// PET_NNODES=MIN:MAX works the same].
     #[arg(long)]
     nnodes: Option<String>,
     /// Seconds the store waits for more nodes once MIN are in (torchrun's last_call_timeout).
@@ -431,6 +432,9 @@ impl CommArgs {
         }
         if let Some(nnodes) = &self.nnodes {
             plan.set_nnodes("--nnodes", nnodes)?;
+        }
+        if let (Some(range), Some(why)) = (plan.nnodes_range, plan.range_refusal()) {
+            anyhow::bail!("PET_NNODES={range}: {why}");
         }
         Ok(plan)
     }

@@ -112,14 +112,20 @@ pub fn run(plan: &Plan, parent_env: &Env, args: &LaunchArgs) -> anyhow::Result<i
         None if plan.platform == Platform::Local && node.nnodes == 1 => free_port()?,
         None => node.master_port,
     };
-    tracing::info!(
-        "starting {nproc} workers on node {} of {}, master {}:{}: {}",
-        node.node_rank,
-        node.nnodes,
-        node.master_addr,
-        node.master_port,
-        args.command.join(" ")
-    );
+    match plan.nnodes_range {
+        Some(range) => tracing::info!(
+            "starting {nproc} workers as one node of --nnodes {range} (the rendezvous store gives its node rank): {}",
+            args.command.join(" ")
+        ),
+        None => tracing::info!(
+            "starting {nproc} workers on node {} of {}, master {}:{}: {}",
+            node.node_rank,
+            node.nnodes,
+            node.master_addr,
+            node.master_port,
+            args.command.join(" ")
+        ),
+    }
 
     // Every worker of a single node is a child of this launcher, so they can share a secret nobody else knows.
     let token_env = cluster::launch_token_env(plan).context("cannot generate a job token")?;
@@ -133,7 +139,11 @@ pub fn run(plan: &Plan, parent_env: &Env, args: &LaunchArgs) -> anyhow::Result<i
     let max_restarts = args.max_restarts.or(plan.max_restarts).unwrap_or(0);
     let mut restarts = 0;
     loop {
-        let mut workers = start_workers(&node, nproc, parent_env, &token_env, program, program_args)?;
+        // The workers of one start are one node at the store; restarted, they are a new node that joins.
+        let node_id = format!("{}#{}.{restarts}", node.current_host, std::process::id());
+        let node_env = [(cluster::NODE_ID_VAR.to_owned(), node_id)];
+        let env: Vec<_> = token_env.iter().chain(&node_env).cloned().collect();
+        let mut workers = start_workers(&node, nproc, parent_env, &env, program, program_args)?;
         let ended = supervise(&mut workers, &signal, args);
         match ended {
             Ended::Failed(code) if restarts < max_restarts => {
@@ -161,7 +171,7 @@ fn start_workers(
     node: &cluster::Topology,
     nproc: usize,
     parent_env: &Env,
-    token_env: &[(String, String)],
+    extra_env: &[(String, String)],
     program: &str,
     program_args: &[String],
 ) -> anyhow::Result<Vec<Worker>> {
@@ -172,7 +182,7 @@ fn start_workers(
         command
             .args(program_args)
             .envs(cluster::worker_env(&topology, parent_env))
-            .envs(token_env.iter().map(|(k, v)| (k, v)));
+            .envs(extra_env.iter().map(|(k, v)| (k, v)));
         // Own process group: a terminal's Ctrl-C reaches only the launcher, which forwards it once.
         command.process_group(0);
         // SAFETY: prctl is async-signal-safe and touches only the child's own state after fork.

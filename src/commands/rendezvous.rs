@@ -55,14 +55,16 @@ pub fn serve(env: &Env, args: &RendezvousArgs) -> anyhow::Result<()> {
 
 /// The plan of a process whose node count is a range (`--nnodes MIN:MAX`, `PET_NNODES=MIN:MAX`) once the
 /// standalone store has admitted its node: node rank and node count from the store, and its global rank and world
-/// size from them. A plan without a range is returned as it is.
+/// size from them (the processes of a node asking apart, with one node identity). A plan without a range is
+/// returned as it is.
 pub fn admit(plan: &cluster::Plan, opts: &CommOptions, last_call: Duration) -> anyhow::Result<cluster::Plan> {
     let Some(range) = plan.nnodes_range else {
         return Ok(plan.clone());
     };
     let t = &plan.topology;
-    // The host name alone could be shared (processes on one machine); the process id tells them apart.
-    let node = format!("{}#{}", t.current_host, std::process::id());
+    // The processes one `hytrain launch` started share its node identity; a process started alone is a node of its
+    // own, told apart from others on its machine by its process id.
+    let node = plan.node_id.clone().unwrap_or_else(|| format!("{}#{}", t.current_host, std::process::id()));
     let nodes = NodeRange { min: range.min, max: range.max, last_call };
     let admitted = Store::admit(&crate::membership(plan), opts, &node, &nodes)
         .map_err(|e| anyhow::anyhow!("this node was not admitted to the job: {e}"))?;

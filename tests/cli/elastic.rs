@@ -214,3 +214,110 @@ fn a_node_that_comes_mid_epoch_is_made_room_for_and_the_job_ends_on_four_having_
     assert_eq!(reporters.len(), 1, "exactly one rank 0 exports");
     assert!(!nodes[3].stdout().contains("model written to"), "the newcomer became rank 0");
 }
+
+/// A node of two processes started by `hytrain launch` on host `host` (restarting them once), of a job of 1 to 2
+/// such nodes on the store at `endpoint`.
+fn launched_node(dir: &Path, host: &str, endpoint: &str) -> Proc {
+    let data = digits();
+    let test = data.join("test");
+    let (model, output) = (dir.join(host).join("model"), dir.join(host).join("output"));
+    let mut args = vec!["launch", "--nproc-per-node", "2", "--max-restarts", "1", "--", common::hytrain(), "train"];
+    args.extend(["--model", "mlp", "--data", data.to_str().unwrap()]);
+    args.extend(["--validation", test.to_str().unwrap(), "--batch-size", BATCH, "--seed", SEED]);
+    args.extend(["--epochs", EPOCHS, "--lr", "0.1", "--momentum", "0.9", "--log-interval", "1"]);
+    args.extend(["--checkpoint-dir", "none", "--digest-trained"]);
+    args.extend(["--model-dir", model.to_str().unwrap(), "--output-dir", output.to_str().unwrap()]);
+    // The first round closes as soon as both nodes are in (MAX), so the last call only matters if one is late.
+    args.extend(["--nnodes", "1:2", "--last-call-timeout", "30", "--rendezvous-endpoint", endpoint]);
+    let vars = [("HOSTNAME", host.to_string()), ("HYTRAIN_JOB_TOKEN", TOKEN.into())];
+    Proc::spawn(common::command(&args, &vars), dir, host)
+}
+
+/// The process id of the worker of `launcher` whose LOCAL_RANK is `local_rank`.
+fn worker_of(launcher: &Proc, local_rank: usize) -> i32 {
+    let pid = launcher.child.id();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let want = format!("LOCAL_RANK={local_rank}");
+    children
+        .split_whitespace()
+        .find(|c| {
+            let environ = std::fs::read(format!("/proc/{c}/environ")).unwrap_or_default();
+            environ.split(|b| *b == 0).any(|v| v == want.as_bytes())
+        })
+        .unwrap_or_else(|| panic!("launcher {pid} has no worker of local rank {local_rank}: {children}"))
+        .parse()
+        .unwrap()
+}
+
+/// The digest each rank of the job's last round of `world` ranks logged last, over every node's log (the lines
+/// begin with their time, so the latest of a rank wins wherever it ran).
+fn final_digests(nodes: &[Proc], world: usize) -> BTreeMap<usize, String> {
+    let mut latest: BTreeMap<usize, (String, String)> = BTreeMap::new();
+    for p in nodes {
+        for line in p.stderr().lines().filter(|l| l.contains(&format!(" of {world} trained "))) {
+            let Some(rest) = line.split("trained digest: rank ").nth(1) else { continue };
+            let rank: usize = rest.split(' ').next().unwrap().parse().unwrap();
+            let time = line.split_whitespace().next().unwrap().to_string();
+            let hex = line.rsplit(' ').next().unwrap().to_string();
+            if latest.get(&rank).is_none_or(|(t, _)| *t < time) {
+                latest.insert(rank, (time, hex));
+            }
+        }
+    }
+    latest.into_iter().map(|(rank, (_, hex))| (rank, hex)).collect()
+}
+
+#[test]
+fn nodes_of_two_processes_carry_on_when_one_loses_a_process_and_it_comes_back_whole_through_its_launcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, endpoint) = store(dir.path());
+    let mut nodes =
+        vec![launched_node(dir.path(), "node-a", &endpoint), launched_node(dir.path(), "node-b", &endpoint)];
+    // Wait for step 10 of the job of 4 ranks, then kill global rank 3, a process of node rank 1.
+    let (victim, survivor) = loop {
+        let at_10 = nodes.iter().any(|p| p.stdout().contains(" step=10 "));
+        let of_rank_3 = nodes.iter().position(|p| p.stderr().contains("[rank 3/4 "));
+        if let (true, Some(v)) = (at_10, of_rank_3) {
+            break (v, 1 - v);
+        }
+        assert!(nodes.iter_mut().all(|p| p.child.try_wait().unwrap().is_none()), "a node exited before step 10");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let worker = worker_of(&nodes[victim], 1);
+    // SAFETY: kill(2) takes plain integers and touches no memory of this process.
+    assert_eq!(unsafe { libc::kill(worker, libc::SIGKILL) }, 0);
+
+    for p in nodes.iter_mut() {
+        let status = p.exit();
+        assert!(status.success(), "a node failed:\n{}{}", p.stdout(), p.stderr());
+    }
+    let (left, back) = (nodes[survivor].stderr(), nodes[victim].stderr());
+    // The node that lost a process leaves whole, and its launcher starts both again as a new node that joins.
+    assert!(back.contains("lost rank 3 on 127.0.0.1") && back.contains("a process of this node"), "{back}");
+    assert!(back.contains("restarting the 2 workers of this node (restart 1 of 1"), "{back}");
+    assert_eq!(back.matches("joining the job in progress").count(), 2, "{back}");
+    // The other node's two processes carry on as a job of 2, through their own shared memory, then make room.
+    assert_eq!(left.matches("carrying on without it (--nnodes 1:2)").count(), 2, "{left}");
+    let rounds: Vec<&str> = left.lines().filter(|l| l.contains("continuing with the ranks of the new round")).collect();
+    assert_eq!(rounds.len(), 4, "two rounds of two ranks each:\n{left}");
+    assert!(rounds[..2].iter().all(|l| field(l, "world_size") == "2"), "{rounds:?}");
+    assert!(rounds[2..].iter().all(|l| field(l, "world_size") == "4"), "{rounds:?}");
+    // The ranks of the last round trained the rest of the epoch they met in, shared, and whole epochs after it.
+    let regroup = field(rounds[3], "regroup").to_string();
+    assert!(rounds.iter().skip(2).all(|l| field(l, "regroup") == regroup), "{rounds:?}");
+    let (epoch, readers) = regroup.split_once(':').unwrap();
+    // The newcomers start (libtorch loads) while the two train on: the join lands in some epoch, after two ranks.
+    assert!(readers.rsplit(',').next().unwrap().starts_with("2x"), "{regroup}");
+    let trained = final_digests(&nodes, 4);
+    assert_eq!(trained.keys().copied().collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert_eq!(trained, expected_digests(4, &regroup, epoch.parse().unwrap()), "not the rest of the epoch, shared");
+    let reporters: Vec<&Proc> = nodes.iter().filter(|p| p.stdout().contains("model written to")).collect();
+    assert_eq!(reporters.len(), 1, "exactly one rank 0 exports");
+    let accuracy: f64 = reporters[0]
+        .stdout()
+        .lines()
+        .rev()
+        .find_map(|l| l.split("val_accuracy=").nth(1).and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        .expect("a validation accuracy");
+    assert!(accuracy >= 0.93, "accuracy {accuracy} after a node lost a process and came back");
+}

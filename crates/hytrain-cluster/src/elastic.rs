@@ -3,9 +3,11 @@
 //! begins the run once MIN are in and its last call is over, giving node ranks in the order nodes came; the plan's
 //! topology holds placeholders (node rank 0 of MAX) until the store has said.
 //!
-//! A range needs a store that exists before any rank is known, so one outside the job; and one process per node,
-//! since the processes of a node started by a launcher get their ranks from it. An elastic PyTorchJob that does not
-//! meet that keeps today's behaviour: a fixed size of MAX nodes, with the node rank the pod was given.
+//! A range needs a store that exists before any rank is known, so one outside the job. A node is one process
+//! started directly, or the processes one `hytrain launch` started together, which share the node identity it
+//! gives them ([`crate::NODE_ID_VAR`]); torchrun and mpirun give their processes ranks of their own. An elastic
+//! PyTorchJob that does not meet that keeps today's behaviour: a fixed size of MAX nodes, with the node rank the
+//! pod was given.
 
 use std::fmt;
 
@@ -61,7 +63,8 @@ impl NodeRange {
 impl Plan {
     /// Gives this process's job the node count `value` (`--nnodes`, `N` or `MIN:MAX`): its node rank and node
     /// count then come from the standalone store at the rendezvous. Refused where that cannot work, with the
-    /// reason: on SageMaker, under a launcher, with several processes per node, or without an external store.
+    /// reason: on SageMaker, under torchrun or mpirun, with several processes per node not started by `hytrain
+    /// launch`, or without an external store.
     pub fn set_nnodes(&mut self, origin: &str, value: &str) -> Result<(), DetectError> {
         let range = NodeRange::parse(origin, value)?;
         let refuse = |why: String| Err(DetectError::Inconsistent(format!("{origin}={}: {why}", shown(value))));
@@ -72,15 +75,8 @@ impl Plan {
                     .into(),
             );
         }
-        if self.launcher != Launcher::None {
-            return refuse(format!(
-                "{} already gave this process its rank; a node count range is for processes the platform starts \
-                 directly, one per node",
-                self.launcher
-            ));
-        }
-        if self.topology.local_world_size > 1 {
-            return refuse("a range of nodes takes one process per node for now".into());
+        if let Some(why) = self.range_refusal() {
+            return refuse(why);
         }
         if !self.rendezvous.is_external() {
             return refuse(
@@ -92,6 +88,30 @@ impl Plan {
         self.nnodes_range = Some(range);
         Ok(())
     }
+
+    /// Why this process cannot be a node of a range (or one process of a node), if it cannot: its launcher gave it
+    /// a rank of its own, or the platform asks for several processes per node and no `hytrain launch` started
+    /// them as one.
+    pub fn range_refusal(&self) -> Option<String> {
+        match self.launcher {
+            Launcher::None if self.topology.local_world_size > 1 => Some(format!(
+                "the platform asks for {} processes per node, which must be started as one node by `hytrain launch` \
+                 (it gives them one node identity at the store); this process was started alone",
+                self.topology.local_world_size
+            )),
+            Launcher::None => None,
+            Launcher::HytrainLaunch if self.node_id.is_none() => Some(format!(
+                "the hytrain launch that started this process gave it no node identity ({}); start the workers with \
+                 a hytrain launch of this version",
+                crate::NODE_ID_VAR
+            )),
+            Launcher::HytrainLaunch => None,
+            other => Some(format!(
+                "{other} already gave this process its rank; a node count range is for processes the platform starts \
+                 directly or through hytrain launch"
+            )),
+        }
+    }
 }
 
 /// Settles an elastic PyTorchJob's `PET_NNODES=MIN:MAX` once the store's place is known: a range admitted by the
@@ -101,7 +121,10 @@ pub(crate) fn settle(env: &Env, plan: &mut Plan) -> Result<(), DetectError> {
         return Ok(());
     };
     let given = ["RANK", "PET_NODE_RANK"].iter().find(|v| env.value(v).is_some());
-    if plan.rendezvous.is_external() && plan.topology.local_world_size == 1 && plan.launcher == Launcher::None {
+    // A `hytrain launch` of several workers reads the range too (launcher none, several processes): it starts
+    // them, and they are admitted as one node.
+    let launching = plan.launcher == Launcher::None && plan.topology.local_world_size > 1;
+    if plan.rendezvous.is_external() && (launching || plan.range_refusal().is_none()) {
         plan.notes.push(format!(
             "elastic job (PET_NNODES={range}): the rendezvous store admits up to {} nodes and begins once {} are in \
              and its last call is over; node ranks come from the store in the order pods come{}",
@@ -122,8 +145,8 @@ pub(crate) fn settle(env: &Env, plan: &mut Plan) -> Result<(), DetectError> {
         });
     }
     plan.notes.push(format!(
-        "elastic PyTorchJob (PET_NNODES={range}): without a standalone rendezvous store (or with several processes \
-         per pod) hytrain's rendezvous is fixed-size and waits for {} nodes",
+        "elastic PyTorchJob (PET_NNODES={range}): without a standalone rendezvous store (or under torchrun or \
+         mpirun) hytrain's rendezvous is fixed-size and waits for {} nodes",
         range.max
     ));
     Ok(())
@@ -188,5 +211,55 @@ mod tests {
         let mut alone = plan_of(&[("HYTRAIN_RENDEZVOUS_ENDPOINT", "127.0.0.1:29400")]).unwrap();
         alone.set_nnodes("--nnodes", "1:4").unwrap();
         assert_eq!(alone.nnodes_range, Some(NodeRange { min: 1, max: 4 }));
+    }
+
+    /// A worker of `hytrain launch` (local rank 1 of 2) on a standalone store, with the launcher's node identity
+    /// when given.
+    fn launched(node_id: Option<&str>) -> Vec<(&str, &str)> {
+        let mut env = vec![
+            ("HYTRAIN_LAUNCHER", crate::HYTRAIN_LAUNCH_MARK),
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "1"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("HYTRAIN_RENDEZVOUS_ENDPOINT", "127.0.0.1:29400"),
+        ];
+        env.extend(node_id.map(|id| (crate::NODE_ID_VAR, id)));
+        env
+    }
+
+    #[test]
+    fn the_workers_of_one_hytrain_launch_are_one_node_of_a_range_by_the_identity_it_gives_them() {
+        let mut worker = plan_of(&launched(Some("node-a#41.0"))).unwrap();
+        worker.set_nnodes("--nnodes", "1:2").unwrap();
+        assert_eq!(worker.nnodes_range, Some(NodeRange { min: 1, max: 2 }));
+        assert_eq!(worker.node_id.as_deref(), Some("node-a#41.0"));
+        assert!(worker.to_string().contains("node id:         node-a#41.0 (shared by the workers"), "{worker}");
+        // Without the launcher's mark the variable means nothing: a process started alone is a node of its own.
+        let stray = plan_of(&[(crate::NODE_ID_VAR, "node-a#41.0")]).unwrap();
+        assert_eq!(stray.node_id, None);
+    }
+
+    #[test]
+    fn several_processes_per_node_not_grouped_by_hytrain_launch_are_refused_a_range_saying_what_works() {
+        let e = plan_of(&launched(None)).unwrap().set_nnodes("--nnodes", "1:2").unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "--nnodes=1:2: the hytrain launch that started this process gave it no node identity (HYTRAIN_NODE_ID)"
+            ),
+            "{e}"
+        );
+        // A pod asking for two processes per node, running one process without hytrain launch.
+        let mut pod = ELASTIC.to_vec();
+        pod.push(("PET_NPROC_PER_NODE", "2"));
+        let plan = plan_of(&pod).unwrap();
+        assert_eq!(plan.nnodes_range, Some(NodeRange { min: 1, max: 3 }), "hytrain launch reads the range too");
+        let why = plan.range_refusal().expect("a lone process of a two-process pod is no node");
+        assert!(
+            why.starts_with(
+                "the platform asks for 2 processes per node, which must be started as one node by `hytrain launch`"
+            ),
+            "{why}"
+        );
     }
 }

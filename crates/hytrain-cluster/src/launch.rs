@@ -8,6 +8,11 @@ use crate::platform;
 use crate::token::{LAUNCH_ORIGIN, TOKEN_ORIGIN_VAR, TOKEN_VAR};
 use crate::topology::Topology;
 
+/// The variable through which `hytrain launch` gives the workers it starts together one node identity (its host,
+/// its process id and how many times it restarted them), so that the standalone store admits them as one node of a
+/// job whose node count is a range.
+pub const NODE_ID_VAR: &str = "HYTRAIN_NODE_ID";
+
 /// Environment that a child started by `hytrain launch` gets, torchrun-compatible: RANK, LOCAL_RANK, WORLD_SIZE,
 /// LOCAL_WORLD_SIZE, GROUP_RANK, NODE_RANK, GROUP_WORLD_SIZE, ROLE_RANK, ROLE_WORLD_SIZE, ROLE_NAME, MASTER_ADDR,
 /// MASTER_PORT, plus `HYTRAIN_LAUNCHER=hytrain-launch` (marks the child so [`detect`](crate::detect) trusts RANK

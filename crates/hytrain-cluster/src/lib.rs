@@ -84,9 +84,10 @@
 //! `--rendezvous-endpoint` wins over it) names an external store every rank joins as a client; on Kubeflow,
 //! `PET_RDZV_ENDPOINT` follows torchrun's c10d rule (the pod it names hosts the store in global rank 0, on the
 //! endpoint's port, and must be node 0; other pods connect to it); otherwise global rank 0 hosts it at the master
-//! port. An elastic job's `PET_NNODES=MIN:MAX` with an external store and one process per pod becomes a
-//! [`NodeRange`] the store admits nodes by (node ranks from the store, in arrival order; the topology's node rank
-//! and sizes are placeholders until then); otherwise it keeps the fixed size of MAX with the pod's node rank.
+//! port. An elastic job's `PET_NNODES=MIN:MAX` with an external store, and a pod of one process or of the processes
+//! one `hytrain launch` started (which share its node identity, [`NODE_ID_VAR`]), becomes a [`NodeRange`] the store
+//! admits nodes by (node ranks from the store, in arrival order; the topology's node rank and sizes are
+//! placeholders until then); under torchrun or mpirun it keeps the fixed size of MAX with the pod's node rank.
 //!
 //! **Job token** (the secret ranks authenticate each other with, see hytrain-comm): `HYTRAIN_JOB_TOKEN`, else the
 //! file `HYTRAIN_JOB_TOKEN_FILE` names (setting both is an error; at least [`MIN_TOKEN_BYTES`] bytes, surrounding
@@ -142,7 +143,7 @@ pub use channel::{Channel, InputMode, S3Distribution};
 pub use elastic::NodeRange;
 pub use env::Env;
 pub use error::DetectError;
-pub use launch::{launch_token_env, worker_env};
+pub use launch::{launch_token_env, worker_env, NODE_ID_VAR};
 pub use launcher::{Launcher, HYTRAIN_LAUNCH_MARK};
 pub use plan::{Distribution, InstanceGroup, Paths, Plan, SageMaker};
 pub use platform::sagemaker::SAGEMAKER_DEFAULT_MASTER_PORT;
@@ -183,6 +184,9 @@ pub fn detect_from(env: &Env) -> Result<Plan, DetectError> {
     };
     plan.host_aliases = parse::host_aliases(env)?;
     plan.rendezvous = rendezvous::detect(env, platform, &plan.topology)?;
+    if launcher == Launcher::HytrainLaunch {
+        plan.node_id = env.value(NODE_ID_VAR).map(str::to_owned);
+    }
     elastic::settle(env, &mut plan)?;
     let job_arn = plan.sagemaker.as_ref().and_then(|s| s.job_arn.as_deref());
     plan.job_token = token::detect(env, launcher, job_arn)?;

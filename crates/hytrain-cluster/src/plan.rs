@@ -53,6 +53,11 @@ pub struct Plan {
     /// platform does not say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_restarts: Option<usize>,
+    /// What tells this process's node from the others at the standalone store, shared by the processes one
+    /// `hytrain launch` started together ([`NODE_ID_VAR`](crate::NODE_ID_VAR)); `None` for a process started
+    /// otherwise, which is a node of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
 }
 
 impl Plan {
@@ -164,6 +169,9 @@ impl fmt::Display for Plan {
         writeln!(f, "rendezvous:      {}", self.rendezvous)?;
         if let Some(range) = self.nnodes_range {
             writeln!(f, "nodes:           {range}, admitted by the rendezvous store (node rank given there)")?;
+        }
+        if let Some(id) = &self.node_id {
+            writeln!(f, "node id:         {id} (shared by the workers hytrain launch started together)")?;
         }
         writeln!(f, "job token:       {}", self.job_token.source)?;
         writeln!(f, "current host:    {}", t.current_host)?;

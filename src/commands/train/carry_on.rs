@@ -75,6 +75,12 @@ pub(super) fn lost_rank(ddp: &mut Ddp) -> Option<LostRank> {
     ddp.collective().liveness()?.wait_lost(Some(VERDICT_WAIT))
 }
 
+/// Whether `lost` ran on the same node as global rank `rank`, with `local` processes per node: the processes a
+/// `hytrain launch` started are one node at the store, and a node that lost one of them cannot be admitted whole.
+pub(super) fn of_this_node(lost: &LostRank, rank: usize, local: usize) -> bool {
+    !lost.store && local > 1 && lost.rank / local == rank / local
+}
+
 /// Why the ranks meet again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Why {
@@ -161,6 +167,17 @@ pub(super) fn regroup_text(regroup: &crate::data::Regroup, batch_size: usize) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_rank_is_of_this_node_when_it_shares_the_node_rank_and_nodes_have_several_processes() {
+        let lost = |rank| LostRank { rank, host: "10.0.0.2:4000".into(), cause: "killed".into(), store: false };
+        // Two processes per node: ranks 2 and 3 are node 1.
+        assert!(of_this_node(&lost(3), 2, 2));
+        assert!(!of_this_node(&lost(1), 2, 2));
+        assert!(!of_this_node(&lost(0), 0, 1), "a node of one process is never the lost one's sibling");
+        let store = LostRank { store: true, ..lost(0) };
+        assert!(!of_this_node(&store, 1, 2), "a lost store is no rank of any node");
+    }
 
     #[test]
     fn only_a_range_of_nodes_on_a_standalone_store_carries_on_and_not_on_a_gpu_or_with_shards() {

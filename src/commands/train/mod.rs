@@ -605,6 +605,14 @@ pub fn run(
             tracing::info!("nodes wait to join (--nnodes {range}): making room for them after step {step}");
             carry_on::Why::Joiners
         } else if let Some(lost) = carry_on::lost_rank(&mut engine.ddp) {
+            let local = plan.topology.local_world_size;
+            if carry_on::of_this_node(&lost, engine.ddp.rank(), local) {
+                return Err(anyhow::Error::new(error).context(format!(
+                    "{lost}, a process of this node (--nnodes {range}, {local} processes per node): the node leaves \
+                     the job, which the others carry on; hytrain launch --max-restarts starts its processes again, \
+                     and they join it as a new node"
+                )));
+            }
             tracing::warn!(
                 "{lost}; carrying on without it (--nnodes {range}): step {} of epoch {} was in flight ({error})",
                 progress.step + 1,

@@ -102,5 +102,6 @@ pub(crate) fn assemble(
         rendezvous: Default::default(),
         nnodes_range: None,
         max_restarts: None,
+        node_id: None,
     }
 }

@@ -582,6 +582,7 @@ pub(crate) fn plan(env: &Env, root: &Path, launcher: Launcher) -> Result<Plan, D
         rendezvous: Default::default(),
         nnodes_range: None,
         max_restarts: None,
+        node_id: None,
     })
 }
 
