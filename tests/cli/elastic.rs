@@ -321,3 +321,25 @@ fn nodes_of_two_processes_carry_on_when_one_loses_a_process_and_it_comes_back_wh
         .expect("a validation accuracy");
     assert!(accuracy >= 0.93, "accuracy {accuracy} after a node lost a process and came back");
 }
+
+#[test]
+fn a_lone_process_of_an_elastic_pod_that_asks_for_two_is_refused_before_it_asks_the_store() {
+    let data = digits();
+    let vars = [
+        ("PET_NNODES", "1:3".to_string()),
+        ("PET_RDZV_ENDPOINT", "hytrain-rdzv:29400".to_string()),
+        ("PET_NPROC_PER_NODE", "2".to_string()),
+        ("HOSTNAME", "job-worker-0".to_string()),
+        ("HYTRAIN_JOB_TOKEN", TOKEN.into()),
+    ];
+    let out = common::run(&["train", "--model", "mlp", "--data", data.to_str().unwrap()], &vars);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "hytrain: error: PET_NNODES=1:3: the platform asks for 2 processes per node, which must be started as one \
+             node by `hytrain launch`"
+        ),
+        "{err}"
+    );
+}
