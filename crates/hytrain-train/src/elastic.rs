@@ -13,7 +13,7 @@ use tch::Tensor;
 use crate::checkpoint::sharded::broadcast_bytes;
 use crate::precision::{GradScaler, GradScalerState};
 use crate::trainer::{state_layout, zeros_of_layout, Progress, Start};
-use crate::{model, Ddp, Optimizer, Result, ShardMode, TrainError};
+use crate::{model, Ddp, LrPlan, Optimizer, Result, ShardMode, TrainError};
 
 /// What a rank carries into a new set of ranks: its optimizer state, where its last run stood, and how many ranks
 /// that run had.
@@ -25,6 +25,8 @@ pub struct Carried<'a> {
     pub progress: &'a Progress,
     /// The ranks of that run.
     pub world_size: usize,
+    /// That run's learning-rate schedule and planned end ([`crate::Trainer::lr_plan`]).
+    pub lr: Option<&'a LrPlan>,
 }
 
 /// Where a rank of a new set of ranks continues: `Some` when any of them carried state over from the set before (a
@@ -53,8 +55,8 @@ pub fn catch_up(
         )));
     }
     let fresh = Progress::default();
-    let c = carried.unwrap_or(Carried { state: &[], progress: &fresh, world_size: 1 });
-    take_rank0_state(ddp, optimizer, c.state, c.progress, c.world_size, batch_size).map(Some)
+    let c = carried.unwrap_or(Carried { state: &[], progress: &fresh, world_size: 1, lr: None });
+    take_rank0_state(ddp, optimizer, c, batch_size).map(Some)
 }
 
 /// What global rank 0 tells the others.
@@ -68,17 +70,16 @@ struct Header {
 
 /// Makes every rank continue as global rank 0 of the new ranks does. `ddp` is the engine over the new ranks
 /// (whose construction already gave every rank rank 0's weights and buffers) and `optimizer` a fresh one built on
-/// it; `state` is this rank's optimizer state from before the change, `progress` where its last run stood and
-/// `old_world` the ranks it ran with (rank 0's are the ones that count). Returns where the next run starts
-/// ([`crate::Trainer::continue_at`]). Every rank of the new set calls it at the same point.
+/// it; `carried` is what this rank had before the change (rank 0's is what counts). Returns where the next run
+/// starts, with rank 0's learning-rate plan ([`crate::Trainer::continue_at`]). Every rank of the new set calls it
+/// at the same point.
 pub fn take_rank0_state(
     ddp: &mut Ddp,
     optimizer: &mut dyn Optimizer,
-    state: &[(String, Tensor)],
-    progress: &Progress,
-    old_world: usize,
+    carried: Carried<'_>,
     batch_size: usize,
 ) -> Result<Start> {
+    let Carried { state, progress, world_size: old_world, lr } = carried;
     if ddp.shard_mode() != ShardMode::None {
         return Err(TrainError::option(
             "shard",
@@ -92,7 +93,7 @@ pub fn take_rank0_state(
     let rank = ddp.rank();
     let mut bytes = if rank == 0 {
         let header = Header {
-            start: progress.next_start(old_world, batch_size),
+            start: Start { lr: lr.cloned(), ..progress.next_start(old_world, batch_size) },
             optimizer: state_layout(state),
             grad_scaler: ddp.grad_scaler().map(|s| s.state().clone()),
         };

@@ -63,5 +63,5 @@ pub use loader::LoaderBatches;
 pub use model::{Model, ScriptModel};
 pub use optim::{AdamW, AdamWConfig, Implementation, Optimizer, OptimizerConfig, Sgd, SgdConfig};
 pub use precision::{Autocast, GradScaler, GradScalerState, Precision};
-pub use schedule::Schedule;
+pub use schedule::{LrPlan, Schedule};
 pub use trainer::{JoinWatch, Progress, RunPaths, Start, Summary, Trainer};

@@ -33,11 +33,22 @@ pub enum Schedule {
         /// Decay factor.
         gamma: f64,
     },
+    /// `inner` up to update `from`, then stretched or squeezed: update `from + k` takes the factor `inner` gives at
+    /// `from + k * scale` (between whole updates, as its formula gives there). Made when a job's ranks change part-way
+    /// ([`LrPlan::continued`]), so that the rest of the run covers the rest of the schedule.
+    Rebased {
+        /// The schedule before the change.
+        inner: Box<Schedule>,
+        /// The update at which the ranks changed.
+        from: u64,
+        /// Updates of `inner` per update from `from` on.
+        scale: f64,
+    },
 }
 
-fn warmup(step: u64, warmup_steps: u64) -> f64 {
-    if step < warmup_steps {
-        (step + 1) as f64 / warmup_steps as f64
+fn warmup(step: f64, warmup_steps: u64) -> f64 {
+    if step < warmup_steps as f64 {
+        (step + 1.0) / warmup_steps as f64
     } else {
         1.0
     }
@@ -46,22 +57,33 @@ fn warmup(step: u64, warmup_steps: u64) -> f64 {
 impl Schedule {
     /// The learning-rate factor for update `step`.
     pub fn factor(&self, step: u64) -> f64 {
-        match *self {
+        self.factor_at(step as f64)
+    }
+
+    /// The factor at `step`, which a rebased schedule's inner schedule may be asked between whole updates.
+    fn factor_at(&self, step: f64) -> f64 {
+        match self {
             Schedule::Constant => 1.0,
-            Schedule::LinearWarmup { warmup_steps } => warmup(step, warmup_steps),
+            Schedule::LinearWarmup { warmup_steps } => warmup(step, *warmup_steps),
             Schedule::Cosine { warmup_steps, total_steps, min_factor } => {
-                if step < warmup_steps {
+                let (warmup_steps, min_factor) = (*warmup_steps, *min_factor);
+                if step < warmup_steps as f64 {
                     return warmup(step, warmup_steps);
                 }
                 let span = total_steps.saturating_sub(warmup_steps).max(1) as f64;
-                let progress = ((step - warmup_steps) as f64 / span).min(1.0);
+                let progress = ((step - warmup_steps as f64) / span).min(1.0);
                 min_factor + (1.0 - min_factor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
             }
             Schedule::Step { warmup_steps, every, gamma } => {
-                if step < warmup_steps {
-                    return warmup(step, warmup_steps);
+                if step < *warmup_steps as f64 {
+                    return warmup(step, *warmup_steps);
                 }
-                gamma.powi(((step - warmup_steps) / every.max(1)).min(i32::MAX as u64) as i32)
+                let decays = ((step - *warmup_steps as f64) / (*every).max(1) as f64).floor();
+                gamma.powi(decays.min(i32::MAX as f64) as i32)
+            }
+            Schedule::Rebased { inner, from, scale } => {
+                let from = *from as f64;
+                inner.factor_at(if step < from { step } else { from + (step - from) * scale })
             }
         }
     }
@@ -120,6 +142,13 @@ impl Schedule {
                     Ok(())
                 }
             }
+            Schedule::Rebased { ref inner, scale, .. } => {
+                if scale.is_finite() && scale > 0.0 {
+                    inner.validate()
+                } else {
+                    Err(bad(format!("a rebased schedule needs a positive scale, got {scale}")))
+                }
+            }
             Schedule::Step { every, gamma, .. } => {
                 if every == 0 {
                     Err(bad("step schedule needs every >= 1".into()))
@@ -133,9 +162,75 @@ impl Schedule {
     }
 }
 
+/// A run's learning-rate schedule and the update at which the run is planned to end. When the job's ranks change
+/// part-way through a run of epochs, an epoch takes another number of updates, and the plan is continued so that the
+/// rest of the run covers the rest of the schedule ([`LrPlan::continued`]): the learning rate stays a function of
+/// how far through its data the run is, with no jump at the change. Global rank 0's plan is every rank's after a
+/// change, a rank that joins included (see [`crate::elastic`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LrPlan {
+    /// The schedule.
+    pub schedule: Schedule,
+    /// The update at which the run is planned to end.
+    pub end: u64,
+}
+
+impl LrPlan {
+    /// This plan for a run whose ranks changed at update `from` and which is now planned to end at `end`: the
+    /// updates left are mapped onto what the schedule had left. Unchanged when nothing was left of either.
+    pub fn continued(&self, from: u64, end: u64) -> LrPlan {
+        let (left_before, left_now) = (self.end.saturating_sub(from), end.saturating_sub(from));
+        if left_before == 0 || left_now == 0 || left_before == left_now {
+            return LrPlan { schedule: self.schedule.clone(), end };
+        }
+        let schedule = Schedule::Rebased {
+            inner: Box::new(self.schedule.clone()),
+            from,
+            scale: left_before as f64 / left_now as f64,
+        };
+        LrPlan { schedule, end }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plan_continued_at_another_length_covers_the_rest_of_the_schedule_without_a_jump() {
+        let plan = LrPlan { schedule: Schedule::parse("cosine:400:20").unwrap(), end: 400 };
+        // Four ranks became three at update 100: the 300 updates left became 400.
+        let after = plan.continued(100, 500);
+        assert_eq!(after.end, 500);
+        for step in [0, 10, 99, 100] {
+            assert_eq!(after.schedule.factor(step), plan.schedule.factor(step), "before the change, at {step}");
+        }
+        assert!(close(after.schedule.factor(101), plan.schedule.factor_at(100.75)));
+        assert!(close(after.schedule.factor(300), plan.schedule.factor(250)), "half of what was left");
+        assert!(close(after.schedule.factor(500), plan.schedule.factor(400)), "the end at the new end");
+        // And again, back to four at update 300 (250 of the first plan's): 100 updates left of it.
+        let again = after.continued(300, 450);
+        assert!(close(again.schedule.factor(300), plan.schedule.factor(250)));
+        assert!(close(again.schedule.factor(375), after.schedule.factor(400)));
+        assert!(close(again.schedule.factor(450), plan.schedule.factor(400)));
+        again.schedule.validate().unwrap();
+        // Nothing to map: the same schedule.
+        assert_eq!(plan.continued(400, 500).schedule, plan.schedule);
+        assert_eq!(plan.continued(100, 400).schedule, plan.schedule);
+    }
+
+    #[test]
+    fn a_rebased_step_schedule_decays_at_the_same_share_of_the_run_and_round_trips_through_json() {
+        let plan = LrPlan { schedule: Schedule::parse("step:100:0.5").unwrap(), end: 400 };
+        // From update 200 on, the 200 updates left take 100: the decays every 100 come every 50.
+        let after = plan.continued(200, 300);
+        assert_eq!(after.schedule.factor(249), 0.25);
+        assert_eq!(after.schedule.factor(250), 0.125);
+        let json = serde_json::to_string(&after).unwrap();
+        assert_eq!(serde_json::from_str::<LrPlan>(&json).unwrap(), after);
+        let bad = Schedule::Rebased { inner: Box::new(Schedule::Constant), from: 1, scale: 0.0 };
+        assert!(bad.validate().unwrap_err().to_string().contains("needs a positive scale, got 0"));
+    }
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-12

@@ -10,7 +10,7 @@ use super::TrainArgs;
 use crate::cluster::Plan;
 use crate::comm::recorder::{FlightRecorder, Recorded};
 use crate::comm::{Collective, LostRank, Store};
-use crate::train::{Ddp, LoaderBatches, Optimizer, Progress, Start, TrainConfig};
+use crate::train::{Ddp, LoaderBatches, Optimizer, Start, TrainConfig, Trainer};
 use crate::watchdog::Watchdog;
 
 /// How long a failed run waits for the store's word that a rank was lost before taking the failure as its own.
@@ -92,12 +92,13 @@ pub(super) enum Why {
 
 /// Meets the ranks left (and any node waiting to join) at the store in the job's next round and rebuilds `engine`
 /// over them: every rank takes the new global rank 0's weights, buffers and optimizer state
-/// ([`crate::train::elastic::catch_up`], which a node that joins calls at its start). Returns the new engine, this node's plan in the new round and where the
-/// next run starts (`progress` is where the last one stood on this rank).
+/// ([`crate::train::elastic::catch_up`], which a node that joins calls at its start). Returns the new engine, this
+/// node's plan in the new round and where the next run starts (`trainer` ran the last one on this rank: where it
+/// stood and its learning-rate plan).
 pub(super) fn rejoin(
     engine: Engine,
     why: Why,
-    progress: &Progress,
+    trainer: &Trainer,
     rejoin: &Rejoin,
     args: &TrainArgs,
     cfg: &TrainConfig,
@@ -126,7 +127,8 @@ pub(super) fn rejoin(
     let watchdog = Watchdog::start(comm.liveness(), plan.paths.failure_file.clone(), recorder.clone(), true);
     let mut ddp = Ddp::new(model, comm, cfg.ddp_options())?;
     let mut optimizer = ddp.build_optimizer(&cfg.optimizer_config())?;
-    let carried = Some(crate::train::elastic::Carried { state: &state, progress, world_size: old_world });
+    let (progress, lr) = (trainer.progress(), trainer.lr_plan());
+    let carried = Some(crate::train::elastic::Carried { state: &state, progress, world_size: old_world, lr });
     let start = crate::train::elastic::catch_up(&mut ddp, optimizer.as_mut(), carried, cfg.batch_size)?
         .expect("this rank carried state, so the ranks catch up");
     Ok((Engine { ddp, optimizer, store, watchdog }, plan, start))

@@ -540,7 +540,7 @@ pub fn run(
         ddp = ddp.with_device_collective(Box::new(nccl), side)?;
     }
     let steps_per_epoch = crate::train::BatchSource::batches_per_epoch(&train) / cfg.grad_accum as u64;
-    let mut schedule = cfg.schedule_for(cfg.total_steps(steps_per_epoch))?;
+    let schedule = cfg.schedule_for(cfg.total_steps(steps_per_epoch))?;
     if t.rank == 0 {
         tracing::info!(
             model = %job.model,
@@ -624,7 +624,7 @@ pub fn run(
         };
         let (old_rank, old_world) = (engine.ddp.rank(), engine.ddp.world_size());
         carry_on::log_trained_digest(&mut train, old_rank, old_world);
-        let (next, plan, start) = carry_on::rejoin(engine, why, &progress, rejoin, args, cfg, recorder)?;
+        let (next, plan, start) = carry_on::rejoin(engine, why, &trainer, rejoin, args, cfg, recorder)?;
         engine = next;
         trainer.watch_for_joiners(carry_on::joiners_watch(&plan, engine.store.as_ref()));
         // The data: the rest of the epoch shared among the ranks left (the run applies the regroup), then whole
@@ -636,8 +636,7 @@ pub fn run(
         if let Some(eval) = eval.as_mut() {
             eval.rejoin(t.rank, t.world_size).context("cannot share the validation data among the ranks left")?;
         }
-        let steps_per_epoch = crate::train::BatchSource::batches_per_epoch(&train) / cfg.grad_accum as u64;
-        schedule = cfg.schedule_for(cfg.total_steps(steps_per_epoch))?;
+        // The run continues rank 0's learning-rate plan over what is left (`Start::lr`).
         tracing::warn!(
             rank = t.rank,
             was = old_rank,

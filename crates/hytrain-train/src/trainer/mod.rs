@@ -18,7 +18,7 @@ use crate::model;
 use crate::optim::Optimizer;
 use crate::position::{self, Shape};
 use crate::precision::GradScaler;
-use crate::schedule::Schedule;
+use crate::schedule::{LrPlan, Schedule};
 use crate::{Ddp, ReduceOp, Result, ShardMode, TrainError};
 
 mod resume;
@@ -84,6 +84,8 @@ pub struct Trainer {
     start: Option<Start>,
     /// Where the last run stood after its last completed step.
     at: Progress,
+    /// The last run's schedule and planned end.
+    lr: Option<LrPlan>,
     /// Asked on global rank 0 at step boundaries, at most every [`JOIN_CHECK`]: whether nodes wait to join.
     join_watch: Option<JoinWatch>,
 }
@@ -116,18 +118,18 @@ impl Progress {
     /// done.
     pub fn next_start(&self, world_size: usize, batch_size: usize) -> Start {
         if self.batches >= self.epoch_batches {
-            return Start { step: self.step, epoch: self.epoch + 1, regroup: None };
+            return Start { step: self.step, epoch: self.epoch + 1, regroup: None, lr: None };
         }
         let mut before =
             self.regroup.as_ref().filter(|r| r.epoch == self.epoch).map_or(Vec::new(), |r| r.before.clone());
         before.push(Readers { world_size, consumed: self.batches as usize * batch_size });
-        Start { step: self.step, epoch: self.epoch, regroup: Some(Regroup { epoch: self.epoch, before }) }
+        Start { step: self.step, epoch: self.epoch, regroup: Some(Regroup { epoch: self.epoch, before }), lr: None }
     }
 }
 
 /// Where a run starts when it continues a run in memory rather than from a checkpoint: after the job's ranks
-/// changed, every rank continues from global rank 0's [`Progress`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// changed, every rank continues from global rank 0's [`Progress`] and learning-rate plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Start {
     /// Optimizer steps completed.
     pub step: u64,
@@ -135,6 +137,10 @@ pub struct Start {
     pub epoch: u64,
     /// The epoch's regroup: the ranks read only what its earlier readers left.
     pub regroup: Option<Regroup>,
+    /// Global rank 0's schedule and planned end before the change, which the run continues
+    /// ([`LrPlan::continued`]); `None`: the caller's schedule.
+    #[serde(default)]
+    pub lr: Option<LrPlan>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -153,7 +159,8 @@ impl Default for Trainer {
 struct Run<'a> {
     ddp: &'a mut Ddp,
     optimizer: &'a mut dyn Optimizer,
-    schedule: &'a Schedule,
+    /// The run's schedule: the caller's, or global rank 0's continued after a change of ranks.
+    schedule: Schedule,
     config: &'a TrainConfig,
     checkpoints: Option<AsyncCheckpointer>,
     jsonl: Option<(PathBuf, File)>,
@@ -176,6 +183,7 @@ impl Trainer {
             progress: std::io::stderr().is_terminal(),
             start: None,
             at: Progress::default(),
+            lr: None,
             join_watch: None,
         }
     }
@@ -197,6 +205,12 @@ impl Trainer {
     /// Where the last run stood after its last completed step (also after it failed).
     pub fn progress(&self) -> &Progress {
         &self.at
+    }
+
+    /// The last run's learning-rate schedule and planned end, which the ranks take from global rank 0 after a
+    /// change of ranks ([`crate::elastic::Carried`]); `None` before any run.
+    pub fn lr_plan(&self) -> Option<&LrPlan> {
+        self.lr.as_ref()
     }
 
     /// Metrics lines (rank 0's) go to `out` instead of stdout.
@@ -288,7 +302,7 @@ impl Trainer {
         let mut run = Run {
             ddp,
             optimizer,
-            schedule,
+            schedule: schedule.clone(),
             config,
             checkpoints,
             jsonl,
@@ -304,9 +318,11 @@ impl Trainer {
         }
 
         let in_memory = self.start.is_some();
+        let mut carried_lr = None;
         let (mut step, mut epoch, mut start_batch, resumed_from) = match self.start.take() {
             Some(start) => {
                 run.regroup = start.regroup;
+                carried_lr = start.lr;
                 (start.step, start.epoch, 0, None)
             }
             None => match run.resume(paths)? {
@@ -332,7 +348,14 @@ impl Trainer {
             // epochs of this job's shape.
             let rest = epoch_batches(train, epoch).saturating_sub(start_batch) / accum;
             total = step + rest + config.epochs.saturating_sub(epoch + 1) * steps_per_epoch;
+            // The rest of the run covers the rest of rank 0's schedule (in updates with --max-steps: unchanged).
+            if let Some(plan) = &carried_lr {
+                run.schedule = plan.continued(step, total).schedule;
+            }
+        } else if let Some(plan) = carried_lr {
+            run.schedule = plan.schedule;
         }
+        self.lr = Some(LrPlan { schedule: run.schedule.clone(), end: total });
         self.at = Progress {
             step,
             epoch,

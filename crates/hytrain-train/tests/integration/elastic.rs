@@ -3,8 +3,10 @@
 
 use crate::common::{on_ranks, seeded};
 use hytrain_data::{Readers, Regroup};
-use hytrain_train::elastic::take_rank0_state;
-use hytrain_train::{model, AdamWConfig, Ddp, DdpOptions, OptimizerConfig, Progress, ShardMode, Start, TrainError};
+use hytrain_train::elastic::{take_rank0_state, Carried};
+use hytrain_train::{
+    model, AdamWConfig, Ddp, DdpOptions, LrPlan, OptimizerConfig, Progress, Schedule, ShardMode, Start, TrainError,
+};
 use tch::{Device, Kind, Tensor};
 
 fn ddp(comm: Box<dyn hytrain_train::Collective>, shard: ShardMode) -> Ddp {
@@ -35,8 +37,11 @@ fn every_rank_takes_rank_0s_optimizer_state_and_place_whatever_its_own() {
         }
         let progress =
             Progress { step: 7 + rank as u64, epoch: 2, batches: 5 + rank as u64, epoch_batches: 20, regroup: None };
+        // Each rank's own plan; rank 0's is the one every rank continues.
+        let lr = LrPlan { schedule: Schedule::parse(&format!("cosine:{}", 100 + rank)).unwrap(), end: 100 };
         let mut fresh = ddp.build_optimizer(&adamw()).unwrap();
-        let start = take_rank0_state(&mut ddp, fresh.as_mut(), &state, &progress, 4, 8).unwrap();
+        let carried = Carried { state: &state, progress: &progress, world_size: 4, lr: Some(&lr) };
+        let start = take_rank0_state(&mut ddp, fresh.as_mut(), carried, 8).unwrap();
         let values: Vec<(String, f64)> = fresh
             .state()
             .iter()
@@ -48,6 +53,7 @@ fn every_rank_takes_rank_0s_optimizer_state_and_place_whatever_its_own() {
         step: 7,
         epoch: 2,
         regroup: Some(Regroup { epoch: 2, before: vec![Readers { world_size: 4, consumed: 40 }] }),
+        lr: Some(LrPlan { schedule: Schedule::parse("cosine:100").unwrap(), end: 100 }),
     };
     for (rank, (start, values)) in results.iter().enumerate() {
         assert_eq!(*start, expected, "rank {rank} continues from rank 0's place");
@@ -63,7 +69,8 @@ fn a_sharded_engine_cannot_carry_on_its_lost_ranks_part_of_the_optimizer_state()
     let errors = on_ranks(2, |_, comm| {
         let mut ddp = ddp(comm, ShardMode::Optimizer);
         let mut optimizer = ddp.build_optimizer(&adamw()).unwrap();
-        take_rank0_state(&mut ddp, optimizer.as_mut(), &[], &Progress::default(), 3, 8).unwrap_err()
+        let carried = Carried { state: &[], progress: &Progress::default(), world_size: 3, lr: None };
+        take_rank0_state(&mut ddp, optimizer.as_mut(), carried, 8).unwrap_err()
     });
     for e in errors {
         let text = e.to_string();
@@ -78,7 +85,7 @@ fn the_next_start_regroups_an_unfinished_epoch_and_moves_past_a_finished_one() {
     let first = Readers { world_size: 4, consumed: 80 };
     assert_eq!(
         mid.next_start(4, 8),
-        Start { step: 30, epoch: 1, regroup: Some(Regroup { epoch: 1, before: vec![first] }) }
+        Start { step: 30, epoch: 1, regroup: Some(Regroup { epoch: 1, before: vec![first] }), lr: None }
     );
     // A second change in the same epoch adds the readers since the first.
     let again = Progress { batches: 3, regroup: Some(Regroup { epoch: 1, before: vec![first] }), ..mid.clone() };
@@ -88,5 +95,5 @@ fn the_next_start_regroups_an_unfinished_epoch_and_moves_past_a_finished_one() {
     let later = Progress { epoch: 2, regroup: Some(Regroup { epoch: 1, before: vec![first] }), ..mid.clone() };
     assert_eq!(later.next_start(4, 8).regroup.unwrap().before, vec![first]);
     let done = Progress { batches: 45, ..mid };
-    assert_eq!(done.next_start(4, 8), Start { step: 30, epoch: 2, regroup: None });
+    assert_eq!(done.next_start(4, 8), Start { step: 30, epoch: 2, regroup: None, lr: None });
 }
