@@ -302,6 +302,9 @@ fn nodes_of_two_processes_carry_on_when_one_loses_a_process_and_it_comes_back_wh
     assert_eq!(rounds.len(), 4, "two rounds of two ranks each:\n{left}");
     assert!(rounds[..2].iter().all(|l| field(l, "world_size") == "2"), "{rounds:?}");
     assert!(rounds[2..].iter().all(|l| field(l, "world_size") == "4"), "{rounds:?}");
+    let note = "the job's ranks changed 2 time(s) while this process trained: the summary's samples, rates and times \
+                are those of the last round, 4 rank(s) from step ";
+    assert_eq!(left.matches(note).count(), 2, "{left}");
     // The ranks of the last round trained the rest of the epoch they met in, shared, and whole epochs after it.
     let regroup = field(rounds[3], "regroup").to_string();
     assert!(rounds.iter().skip(2).all(|l| field(l, "regroup") == regroup), "{rounds:?}");

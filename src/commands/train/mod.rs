@@ -581,6 +581,8 @@ pub fn run(
         }
         trainer.watch_for_joiners(carry_on::joiners_watch(plan, engine.store.as_ref()));
     }
+    // Changes of ranks this process carried on through, and the step the last round began at.
+    let (mut changes, mut round_from) = (0, None::<u64>);
     let mut summary = loop {
         let result = trainer.run(
             &mut engine.ddp,
@@ -647,8 +649,16 @@ pub fn run(
             regroup = %start.regroup.as_ref().map_or_else(String::new, |r| carry_on::regroup_text(r, cfg.batch_size)),
             "continuing with the ranks of the new round, from rank 0's state"
         );
+        (changes, round_from) = (changes + 1, Some(start.step));
         trainer.continue_at(start);
     };
+    if let Some(from) = round_from {
+        tracing::info!(
+            "the job's ranks changed {changes} time(s) while this process trained: the summary's samples, rates and \
+             times are those of the last round, {} rank(s) from step {from}",
+            engine.ddp.world_size()
+        );
+    }
     carry_on::log_trained_digest(&mut train, engine.ddp.rank(), engine.ddp.world_size());
     engine.watchdog.finish();
     if let (Some(dir), false) = (&summary.exported_to, train_set.format() == Format::Tokens) {
