@@ -1,7 +1,8 @@
 //! Resuming a checkpoint with real `hytrain train` processes on the digits: a job whose shape (world size, batch
-//! size, `--grad-accum`) differs from the checkpoint's continues exactly where the sample position maps, starts the
-//! next epoch where the checkpoint ends one, and is refused mid-epoch otherwise unless `--restart-epoch-on-change`
-//! says to start the epoch over; libtorch's generator (dropout) continues as in an uninterrupted run; a job that
+//! size, `--grad-accum`) differs from the checkpoint's continues exactly where the sample position maps, shares
+//! what the checkpoint's ranks left of the epoch among its own under another world size (each sample once), starts
+//! the next epoch where the checkpoint ends one, and is refused mid-epoch under another seed or stream window
+//! unless `--restart-epoch-on-change` says to start the epoch over; libtorch's generator (dropout) continues as in an uninterrupted run; a job that
 //! checkpoints to S3 (a real S3 server) and is killed resumes from S3.
 
 use crate::jobs;
@@ -67,34 +68,65 @@ fn first_run(dir: &Path, nproc: usize, steps: u64, flags: &[&str]) {
     assert_ok(&finish(job(dir, nproc, &args), "first run"));
 }
 
+/// One rank resumes two ranks' checkpoint of step 5 (5 batches of 32 each into epoch 1): it trains the rest of the
+/// epoch, which is what `hytrain data digest` shares to one rank after two read 5 batches each.
 #[test]
-fn a_mid_epoch_checkpoint_of_two_ranks_is_refused_by_one_rank_naming_what_changed_and_the_flag() {
+fn a_mid_epoch_checkpoint_of_two_ranks_is_continued_by_one_rank_training_what_they_left_once() {
     let dir = tempfile::tempdir().unwrap();
     first_run(dir.path(), 2, 5, &["--batch-size", "32"]);
-    let out = finish(job(dir.path(), 1, &["--batch-size", "32", "--max-steps", "8"]), "resumed run");
+    let out = finish(job(dir.path(), 1, &["--batch-size", "32", "--epochs", "1", "--digest-trained"]), "resumed run");
+    assert_ok(&out);
     let err = stderr(&out);
-    assert!(!out.status.success(), "a job of another world size resumed mid-epoch:\n{err}");
+    assert!(
+        err.contains(
+            "the checkpoint's job differs (world size 2, this job 1); continuing epoch 1 after its position (batch 5 \
+             of 23 in epoch 1), this job's ranks sharing what the checkpoint's 2 left of it"
+        ),
+        "{err}"
+    );
+    let line =
+        err.lines().find(|l| l.contains("trained digest: rank 0 of 1 trained ")).unwrap_or_else(|| panic!("{err}"));
+    let data = digits();
+    let mut args = vec!["data", "digest", "--data", data.to_str().unwrap(), "--world-size", "1", "--batch-size"];
+    args.extend(["32", "--seed", "3", "--epochs", "1", "--regroup", "1:2x5"]);
+    let expected = crate::common::run(&args, &[]);
+    assert!(expected.status.success(), "{}", String::from_utf8_lossy(&expected.stderr));
+    let expected = String::from_utf8(expected.stdout).unwrap();
+    let hex = expected.strip_prefix("rank 0: ").unwrap_or_else(|| panic!("{expected}")).trim();
+    assert!(line.ends_with(hex), "trained {line}, data digest says {hex}");
+}
+
+#[test]
+fn a_mid_epoch_checkpoint_read_in_another_order_is_refused_naming_what_changed_and_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    first_run(dir.path(), 2, 5, &["--batch-size", "32"]);
+    let resumed = ["--batch-size", "32", "--max-steps", "8", "--stream-window", "16"];
+    let out = finish(job(dir.path(), 2, &resumed), "resumed run");
+    let err = stderr(&out);
+    assert!(!out.status.success(), "a job reading the epoch in another order resumed mid-epoch:\n{err}");
     let line = err.lines().find(|l| l.contains("hytrain: error:")).unwrap_or_else(|| panic!("no error in:\n{err}"));
-    for part in
-        ["ckpt-5", "world size 2, this job 1", "batch 5 of 23 in epoch 1", "--restart-epoch-on-change", "--no-resume"]
-    {
+    for part in [
+        "ckpt-5",
+        "stream window off, this job 16",
+        "batch 5 of 23 in epoch 1",
+        "--restart-epoch-on-change",
+        "--no-resume",
+    ] {
         assert!(line.contains(part), "'{part}' missing from: {line}");
     }
     assert!(!dir.path().join("hytrain-out/checkpoints/ckpt-6").exists(), "the refused job trained");
 }
 
 #[test]
-fn restart_epoch_on_change_starts_the_epoch_over_with_the_new_world_size_and_says_so() {
+fn restart_epoch_on_change_starts_the_epoch_over_in_the_new_order_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     first_run(dir.path(), 2, 5, &["--batch-size", "32"]);
-    let out = finish(
-        job(dir.path(), 1, &["--batch-size", "32", "--max-steps", "8", "--restart-epoch-on-change"]),
-        "resumed run",
-    );
+    let resumed = ["--batch-size", "32", "--max-steps", "8", "--stream-window", "16"];
+    let out = finish(job(dir.path(), 1, &[&resumed[..], &["--restart-epoch-on-change"]].concat()), "resumed run");
     assert_ok(&out);
     let err = stderr(&out);
     assert!(
-        err.contains("world size 2, this job 1")
+        err.contains("world size 2, this job 1; stream window off, this job 16")
             && err.contains("starting epoch 1 over from its first batch at step 5"),
         "the log does not say the epoch starts over:\n{err}"
     );
@@ -102,7 +134,7 @@ fn restart_epoch_on_change_starts_the_epoch_over_with_the_new_world_size_and_say
     // The same from the environment, as the other knobs.
     let again = tempfile::tempdir().unwrap();
     first_run(again.path(), 2, 5, &["--batch-size", "32"]);
-    let mut resumed = job(again.path(), 1, &["--batch-size", "32", "--max-steps", "8"]);
+    let mut resumed = job(again.path(), 1, &resumed);
     resumed.env("HYTRAIN_RESTART_EPOCH_ON_CHANGE", "true");
     assert_ok(&finish(resumed, "resumed run"));
 }

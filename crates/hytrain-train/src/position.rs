@@ -2,11 +2,15 @@
 //! shape.
 //!
 //! The sampler gives each rank a contiguous block of the epoch's order (or every world-size-th sample, with a stream
-//! window), cut by the world size and drawn by the seed and the stream window, and the loader cuts a rank's block into batches. So a mid-epoch position carries over exactly when the
-//! world size and seed are unchanged and a step takes as many samples per rank (`batch size x grad-accum`, hence
-//! the same global batch): the samples consumed are then a whole number of this job's batches. A position at the
-//! end of an epoch carries over to any shape (the next epoch starts from its beginning). Any other mid-epoch
-//! position is refused, unless `--restart-epoch-on-change` says to start that epoch over.
+//! window), cut by the world size and drawn by the seed and the stream window, and the loader cuts a rank's block
+//! into batches. So a mid-epoch position carries over as it is when the world size and seed are unchanged and a
+//! step takes as many samples per rank (`batch size x grad-accum`, hence the same global batch): the samples
+//! consumed are then a whole number of this job's batches. Under another world size or batch size (same seed and
+//! stream window) the epoch is regrouped, as when the ranks change in memory ([`hytrain_data::Regroup`]): the
+//! checkpoint's ranks are recorded as the epoch's earlier readers and this job's ranks share what they left. A
+//! position at the end of an epoch carries over to any shape (the next epoch starts from its beginning). A
+//! mid-epoch position under another seed or stream window (another order of the epoch) is refused, unless
+//! `--restart-epoch-on-change` says to start that epoch over.
 
 use std::path::Path;
 
@@ -103,20 +107,18 @@ pub(crate) fn continue_from(meta: &CheckpointMeta, path: &Path, now: &Shape, res
         });
     };
     let changes = saved.changes(now);
+    let same_order = saved.seed == now.seed && saved.stream_window == now.stream_window;
     if regroup.is_some() {
-        // The ranks changed part-way through this epoch: its samples are shared in a way only the same shape
-        // continues.
+        // The ranks changed part-way through this epoch: the same shape continues its share, another one regroups
+        // what is left once more.
         if changes.is_empty() {
             return Ok(Continue { step, epoch, start_batch: batches, regroup });
         }
-        return unmappable(
-            path,
-            step,
-            epoch,
-            &changes,
-            &format!("batch {batches} of what is left of epoch {}", epoch + 1),
-            restart_epoch,
-        );
+        let at = format!("batch {batches} of what is left of epoch {}", epoch + 1);
+        if same_order {
+            return Ok(regrouped(step, epoch, regroup, &saved, batches, &changes, &at));
+        }
+        return unmappable(path, step, epoch, &changes, &at, restart_epoch);
     }
     if batches >= saved.batches_per_epoch {
         if !changes.is_empty() {
@@ -151,7 +153,35 @@ pub(crate) fn continue_from(meta: &CheckpointMeta, path: &Path, now: &Shape, res
         return Ok(Continue { step, epoch, start_batch, regroup: None });
     }
     let at = format!("batch {batches} of {} in epoch {}", saved.batches_per_epoch, epoch + 1);
+    if same_order {
+        return Ok(regrouped(step, epoch, None, &saved, batches, &changes, &at));
+    }
     unmappable(path, step, epoch, &changes, &at, restart_epoch)
+}
+
+/// Continues epoch `epoch` regrouped: the checkpoint's `saved.world_size` ranks, `batches` batches into their
+/// share (after the readers of `earlier`, when the epoch was regrouped already), are its latest readers, and this
+/// job's ranks share what is left.
+fn regrouped(
+    step: u64,
+    epoch: u64,
+    earlier: Option<hytrain_data::Regroup>,
+    saved: &Shape,
+    batches: u64,
+    changes: &[String],
+    at: &str,
+) -> Continue {
+    let mut before = earlier.map_or(Vec::new(), |r| r.before);
+    let consumed = (batches * saved.batch_size) as usize;
+    before.push(hytrain_data::Readers { world_size: saved.world_size as usize, consumed });
+    tracing::info!(
+        "the checkpoint's job differs ({}); continuing epoch {} after its position ({at}), this job's ranks \
+         sharing what the checkpoint's {} left of it",
+        changes.join("; "),
+        epoch + 1,
+        saved.world_size
+    );
+    Continue { step, epoch, start_batch: 0, regroup: Some(hytrain_data::Regroup { epoch, before }) }
 }
 
 /// A mid-epoch position at `at` that this job's shape cannot continue: the epoch starts over with
@@ -177,10 +207,10 @@ fn unmappable(
     Err(TrainError::Checkpoint {
         path: path.to_path_buf(),
         detail: format!(
-            "written by a job of another shape ({}) at {at}, a position that cannot be mapped onto this job (which \
-             samples a rank reads depends on the world size, seed and stream window, and a step must take as many \
-             samples per rank); run with the checkpoint's shape to continue exactly, pass --restart-epoch-on-change \
-             to start epoch {} over with this shape, or --no-resume to start afresh",
+            "written by a job of another shape ({}) at {at}, a position that cannot be mapped onto this job (the seed \
+             and the stream window decide the epoch's order of samples); run with the checkpoint's seed and stream \
+             window to continue exactly, pass --restart-epoch-on-change to start epoch {} over with this shape, or \
+             --no-resume to start afresh",
             changes.join("; "),
             epoch + 1
         ),
@@ -232,28 +262,44 @@ mod tests {
     fn the_same_samples_per_step_map_to_this_jobs_batches() {
         let m = meta(&shape(2, 32, 1, 23), 0, 6);
         assert_eq!(at(&m, &shape(2, 16, 2, 44), false).unwrap().start_batch, 12);
-        let e = at(&m, &shape(2, 64, 1, 11), false).unwrap_err().to_string();
-        assert!(e.contains("batch size 32, this job 64"), "{e}");
+        // Twice the batch: the two ranks share what 6 batches of 32 each left.
+        let readers = vec![hytrain_data::Readers { world_size: 2, consumed: 192 }];
+        let regroup = Some(hytrain_data::Regroup { epoch: 0, before: readers });
+        assert_eq!(
+            at(&m, &shape(2, 64, 1, 11), false).unwrap(),
+            Continue { step: 40, epoch: 0, start_batch: 0, regroup }
+        );
         let m = meta(&shape(2, 8, 4, 88), 0, 8);
         assert_eq!(at(&m, &shape(2, 32, 1, 23), false).unwrap().start_batch, 2);
     }
 
     #[test]
-    fn a_changed_world_size_or_seed_mid_epoch_is_refused_or_restarts_the_epoch() {
+    fn a_changed_world_size_mid_epoch_regroups_what_the_checkpoints_ranks_left() {
         let m = meta(&shape(2, 32, 1, 23), 3, 5);
-        let e = at(&m, &shape(1, 64, 1, 23), false).unwrap_err().to_string();
+        let readers = vec![hytrain_data::Readers { world_size: 2, consumed: 160 }];
+        assert_eq!(
+            at(&m, &shape(3, 16, 1, 30), false).unwrap(),
+            Continue {
+                step: 40,
+                epoch: 3,
+                start_batch: 0,
+                regroup: Some(hytrain_data::Regroup { epoch: 3, before: readers })
+            }
+        );
+    }
+
+    #[test]
+    fn a_changed_seed_or_stream_window_mid_epoch_is_refused_or_restarts_the_epoch() {
+        let m = meta(&shape(2, 32, 1, 23), 3, 5);
+        let reseeded = Shape { seed: 2, ..shape(1, 64, 1, 23) };
+        let e = at(&m, &reseeded, false).unwrap_err().to_string();
         assert!(
-            e.contains("world size 2, this job 1; batch size 32, this job 64")
+            e.contains("world size 2, this job 1; batch size 32, this job 64; seed 1, this job 2")
                 && e.contains("batch 5 of 23 in epoch 4"),
             "{e}"
         );
         assert!(e.contains("--restart-epoch-on-change to start epoch 4 over") && e.contains("--no-resume"), "{e}");
-        assert_eq!(
-            at(&m, &shape(1, 64, 1, 23), true).unwrap(),
-            Continue { step: 40, epoch: 3, start_batch: 0, regroup: None }
-        );
-        let reseeded = Shape { seed: 2, ..shape(2, 32, 1, 23) };
-        assert!(at(&m, &reseeded, false).unwrap_err().to_string().contains("seed 1, this job 2"));
+        assert_eq!(at(&m, &reseeded, true).unwrap(), Continue { step: 40, epoch: 3, start_batch: 0, regroup: None });
         let streamed = Shape { stream_window: 16, ..shape(2, 32, 1, 23) };
         assert!(at(&m, &streamed, false).unwrap_err().to_string().contains("stream window off, this job 16"));
     }
@@ -280,7 +326,7 @@ mod tests {
     }
 
     #[test]
-    fn a_regrouped_epoch_continues_only_with_the_same_shape() {
+    fn a_regrouped_epoch_continues_its_share_with_the_same_shape_and_is_regrouped_again_with_another() {
         let s = shape(3, 16, 1, 20);
         let mut m = meta(&s, 1, 4);
         let regroup =
@@ -288,10 +334,16 @@ mod tests {
         m.data_position["regroup"] = serde_json::to_value(&regroup).unwrap();
         let got = at(&m, &s, false).unwrap();
         assert_eq!(got, Continue { step: 40, epoch: 1, start_batch: 4, regroup: Some(regroup.clone()) });
-        // Another world size cannot share what is left the same way, even with the same global batch.
-        let e = at(&m, &shape(2, 24, 1, 30), false).unwrap_err().to_string();
+        // Another world size: the checkpoint's three ranks, 4 batches of 16 into their share, read after the four.
+        let mut again = regroup.clone();
+        again.before.push(hytrain_data::Readers { world_size: 3, consumed: 64 });
+        let got = at(&m, &shape(2, 24, 1, 30), false).unwrap();
+        assert_eq!(got, Continue { step: 40, epoch: 1, start_batch: 0, regroup: Some(again) });
+        // Another seed cannot continue it: the epoch starts over with the flag, else an error.
+        let reseeded = Shape { seed: 9, ..shape(2, 24, 1, 30) };
+        let e = at(&m, &reseeded, false).unwrap_err().to_string();
         assert!(e.contains("batch 4 of what is left of epoch 2") && e.contains("--restart-epoch-on-change"), "{e}");
-        let restarted = at(&m, &shape(2, 24, 1, 30), true).unwrap();
+        let restarted = at(&m, &reseeded, true).unwrap();
         assert_eq!(restarted, Continue { step: 40, epoch: 1, start_batch: 0, regroup: None });
         // A regroup of an earlier epoch does not apply.
         m.data_position["regroup"]["epoch"] = 0.into();
