@@ -346,3 +346,70 @@ fn a_lone_process_of_an_elastic_pod_that_asks_for_two_is_refused_before_it_asks_
         "{err}"
     );
 }
+
+/// Node `host` of a sharded job (`--shard optimizer`) of 2 to 3 nodes on the store at `endpoint`, checkpointing
+/// every 7 steps into the folder `checkpoints` they share.
+fn sharded_node(dir: &Path, host: &str, endpoint: &str, checkpoints: &Path) -> Proc {
+    let data = digits();
+    let test = data.join("test");
+    let (model, output) = (dir.join(host).join("model"), dir.join(host).join("output"));
+    let mut args = vec!["train", "--model", "mlp", "--data", data.to_str().unwrap()];
+    args.extend(["--validation", test.to_str().unwrap(), "--batch-size", BATCH, "--seed", SEED]);
+    args.extend(["--epochs", EPOCHS, "--lr", "0.1", "--momentum", "0.9", "--log-interval", "1"]);
+    args.extend(["--shard", "optimizer", "--checkpoint-every", "7", "--checkpoint-dir", checkpoints.to_str().unwrap()]);
+    args.extend(["--model-dir", model.to_str().unwrap(), "--output-dir", output.to_str().unwrap()]);
+    args.extend(["--nnodes", "2:3", "--last-call-timeout", "2", "--rendezvous-endpoint", endpoint]);
+    let vars = [("HOSTNAME", host.to_string()), ("HYTRAIN_JOB_TOKEN", TOKEN.into()), ("OMP_NUM_THREADS", "1".into())];
+    Proc::spawn(common::command(&args, &vars), dir, host)
+}
+
+#[test]
+fn a_sharded_job_that_loses_a_node_continues_from_its_last_checkpoint_in_process_and_takes_in_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, endpoint) = store(dir.path());
+    let checkpoints = dir.path().join("checkpoints");
+    let mut nodes: Vec<Proc> =
+        ["node-a", "node-b", "node-c"].iter().map(|h| sharded_node(dir.path(), h, &endpoint, &checkpoints)).collect();
+    let (victim, _) = loop {
+        let at_10 = nodes.iter().any(|p| p.stdout().contains(" step=10 "));
+        if let (true, Some(v)) = (at_10, nodes.iter().position(|p| p.stderr().contains("[rank 2/3 "))) {
+            break (v, ());
+        }
+        assert!(nodes.iter_mut().all(|p| p.child.try_wait().unwrap().is_none()), "a node exited before step 10");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    nodes[victim].child.kill().unwrap();
+    nodes[victim].child.wait().unwrap();
+    nodes.remove(victim);
+    // A new node comes: admitted with the two left, or made room for at a step boundary after a checkpoint.
+    nodes.push(sharded_node(dir.path(), "node-d", &endpoint, &checkpoints));
+    for p in nodes.iter_mut() {
+        let status = p.exit();
+        assert!(status.success(), "a node failed:\n{}{}", p.stdout(), p.stderr());
+    }
+    let newcomer = nodes[2].stderr();
+    assert!(
+        newcomer.contains("joining the job in progress, from its last checkpoint (--shard optimizer)"),
+        "{newcomer}"
+    );
+    for p in &nodes[..2] {
+        let err = p.stderr();
+        assert!(err.contains("lost rank 2 on 127.0.0.1") && err.contains("carrying on without it"), "{err}");
+        let rounds: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains("continuing with the ranks of the new round, from the job's last checkpoint"))
+            .collect();
+        assert!(!rounds.is_empty() && field(rounds.last().unwrap(), "world_size") == "3", "{err}");
+        // The checkpoint read at another world size shares what its ranks left of the epoch.
+        assert!(err.contains("this job's ranks sharing what the checkpoint's "), "{err}");
+    }
+    let reporters: Vec<&Proc> = nodes.iter().filter(|p| p.stdout().contains("model written to")).collect();
+    assert_eq!(reporters.len(), 1, "exactly one rank 0 exports");
+    let accuracy: f64 = reporters[0]
+        .stdout()
+        .lines()
+        .rev()
+        .find_map(|l| l.split("val_accuracy=").nth(1).and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        .expect("a validation accuracy");
+    assert!(accuracy >= 0.93, "accuracy {accuracy} after continuing from checkpoints");
+}

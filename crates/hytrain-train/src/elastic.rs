@@ -2,6 +2,11 @@
 //! rank 0's weights, buffers, optimizer state, loss scale and place in the data, with no checkpoint and no
 //! restart.
 //!
+//! A sharded engine (`--shard`) cannot: each rank held only its part of the optimizer state, and a lost rank's part
+//! is gone. Its ranks all continue from the job's last checkpoint instead ([`CatchUp::FromCheckpoint`]), which
+//! they read at the new world size (sharded checkpoints reshard; the epoch is regrouped from the checkpoint's
+//! position), still in the same processes.
+//!
 //! A rank may have applied the step in flight when the loss came (it finished its allreduces before the lost rank
 //! stopped sending) while another had not; taking everything from one rank makes every rank the same whichever it
 //! was. That rank's step counter then says whether the step counts, and [`Progress::next_start`] where the epoch's
@@ -29,23 +34,38 @@ pub struct Carried<'a> {
     pub lr: Option<&'a LrPlan>,
 }
 
-/// Where a rank of a new set of ranks continues: `Some` when any of them carried state over from the set before (a
-/// rank that was training, rather than one just started), and then every rank takes global rank 0's with
-/// [`take_rank0_state`] and continues from the returned [`Start`]; `None` when none did (the job's first round),
-/// and the run starts as usual (resuming from its checkpoint). `carried` is what this rank has, if anything. Every rank of the new set calls it at the same
-/// point; global rank 0 must be one that carried state whenever any did (the store ranks the nodes of the round
-/// before first).
+/// How the ranks of a new set continue ([`catch_up`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum CatchUp {
+    /// None of them was training (the job's first round): the run starts as usual, resuming from its checkpoint.
+    Fresh,
+    /// Every rank took global rank 0's state and continues from this place.
+    Continue(Start),
+    /// A sharded engine's ranks were training: every rank continues from the job's last checkpoint, read at the new
+    /// world size (a run that resumes, even one started with `--no-resume`).
+    FromCheckpoint,
+}
+
+/// How a rank of a new set of ranks continues: when any of them carried state over from the set before (a rank
+/// that was training, rather than one just started), every rank takes global rank 0's with [`take_rank0_state`]
+/// and continues from the returned [`Start`], or with a sharded engine every rank reloads the last checkpoint;
+/// when none did (the job's first round), the run starts as usual. `carried` is what this rank has, if anything.
+/// Every rank of the new set calls it at the same point; global rank 0 must be one that carried state whenever any
+/// did (the store ranks the nodes of the round before first).
 pub fn catch_up(
     ddp: &mut Ddp,
     optimizer: &mut dyn Optimizer,
     carried: Option<Carried<'_>>,
     batch_size: usize,
-) -> Result<Option<Start>> {
+) -> Result<CatchUp> {
     let mine = f64::from(u8::from(carried.is_some()));
     let mut counts = [mine, if ddp.rank() == 0 { mine } else { 0.0 }];
     ddp.allreduce_f64(&mut counts, crate::ReduceOp::Sum)?;
     if counts[0] == 0.0 {
-        return Ok(None);
+        return Ok(CatchUp::Fresh);
+    }
+    if ddp.shard_mode() != ShardMode::None {
+        return Ok(CatchUp::FromCheckpoint);
     }
     if counts[1] == 0.0 {
         return Err(TrainError::OptimizerState(format!(
@@ -56,7 +76,7 @@ pub fn catch_up(
     }
     let fresh = Progress::default();
     let c = carried.unwrap_or(Carried { state: &[], progress: &fresh, world_size: 1, lr: None });
-    take_rank0_state(ddp, optimizer, c, batch_size).map(Some)
+    take_rank0_state(ddp, optimizer, c, batch_size).map(CatchUp::Continue)
 }
 
 /// What global rank 0 tells the others.
@@ -85,7 +105,7 @@ pub fn take_rank0_state(
             "shard",
             format!(
                 "is {}: each rank held only its part of the optimizer state, and a lost rank's part is gone; \
-                 sharded jobs restart from their checkpoint instead",
+                 sharded jobs continue from their checkpoint instead (catch_up)",
                 ddp.shard_mode()
             ),
         ));

@@ -10,7 +10,8 @@ use super::TrainArgs;
 use crate::cluster::Plan;
 use crate::comm::recorder::{FlightRecorder, Recorded};
 use crate::comm::{Collective, LostRank, Store};
-use crate::train::{Ddp, LoaderBatches, Optimizer, Start, TrainConfig, Trainer};
+use crate::train::elastic::CatchUp;
+use crate::train::{Ddp, LoaderBatches, Optimizer, TrainConfig, Trainer};
 use crate::watchdog::Watchdog;
 
 /// How long a failed run waits for the store's word that a rank was lost before taking the failure as its own.
@@ -36,16 +37,22 @@ pub(super) struct Engine {
 }
 
 /// Whether the ranks left after a loss carry on (the job's node count is a range and the store runs on its own),
-/// and how they meet again. Where they cannot (MPI, NCCL, a sharded optimizer), a loss ends the job as it does
-/// with a fixed node count, and the log says why.
-pub(super) fn elastic(plan: &Plan, args: &TrainArgs, cfg: &TrainConfig, device: tch::Device) -> Option<Rejoin> {
+/// and how they meet again. Where they cannot (MPI, NCCL, a sharded optimizer without checkpoints to continue
+/// from), a loss ends the job as it does with a fixed node count, and the log says why.
+pub(super) fn elastic(
+    plan: &Plan,
+    args: &TrainArgs,
+    cfg: &TrainConfig,
+    device: tch::Device,
+    checkpoints: bool,
+) -> Option<Rejoin> {
     let rejoin = args.rejoin.clone().filter(|r| r.plan.nnodes_range.is_some() && plan.rendezvous.is_external())?;
     let why_not = if crate::launched_by_mpirun(plan) {
         Some("MPI cannot shrink a communicator")
     } else if device != tch::Device::Cpu {
         Some("the NCCL backend is not rebuilt in process yet")
-    } else if cfg.shard != crate::train::ShardMode::None {
-        Some("with --shard each rank holds only its part of the optimizer state")
+    } else if cfg.shard != crate::train::ShardMode::None && !checkpoints {
+        Some("with --shard each rank holds only its part of the optimizer state, and there is no checkpoint folder to continue from")
     } else {
         None
     };
@@ -92,9 +99,9 @@ pub(super) enum Why {
 
 /// Meets the ranks left (and any node waiting to join) at the store in the job's next round and rebuilds `engine`
 /// over them: every rank takes the new global rank 0's weights, buffers and optimizer state
-/// ([`crate::train::elastic::catch_up`], which a node that joins calls at its start). Returns the new engine, this
-/// node's plan in the new round and where the next run starts (`trainer` ran the last one on this rank: where it
-/// stood and its learning-rate plan).
+/// ([`crate::train::elastic::catch_up`], which a node that joins calls at its start), or with a sharded engine
+/// reload the job's last checkpoint. Returns the new engine, this node's plan in the new round and how the next run
+/// starts (`trainer` ran the last one on this rank: where it stood and its learning-rate plan).
 pub(super) fn rejoin(
     engine: Engine,
     why: Why,
@@ -103,7 +110,7 @@ pub(super) fn rejoin(
     args: &TrainArgs,
     cfg: &TrainConfig,
     recorder: &FlightRecorder,
-) -> anyhow::Result<(Engine, Plan, Start)> {
+) -> anyhow::Result<(Engine, Plan, CatchUp)> {
     let Engine { ddp, optimizer, store, mut watchdog } = engine;
     let old_world = ddp.world_size();
     let state = optimizer.state();
@@ -129,9 +136,8 @@ pub(super) fn rejoin(
     let mut optimizer = ddp.build_optimizer(&cfg.optimizer_config())?;
     let (progress, lr) = (trainer.progress(), trainer.lr_plan());
     let carried = Some(crate::train::elastic::Carried { state: &state, progress, world_size: old_world, lr });
-    let start = crate::train::elastic::catch_up(&mut ddp, optimizer.as_mut(), carried, cfg.batch_size)?
-        .expect("this rank carried state, so the ranks catch up");
-    Ok((Engine { ddp, optimizer, store, watchdog }, plan, start))
+    let next = crate::train::elastic::catch_up(&mut ddp, optimizer.as_mut(), carried, cfg.batch_size)?;
+    Ok((Engine { ddp, optimizer, store, watchdog }, plan, next))
 }
 
 /// Global rank 0's question at step boundaries: whether nodes wait at the store to join the job, while it runs
@@ -182,7 +188,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_range_of_nodes_on_a_standalone_store_carries_on_and_not_on_a_gpu_or_with_shards() {
+    fn only_a_range_of_nodes_on_a_standalone_store_carries_on_and_not_on_a_gpu_or_with_shards_but_no_checkpoints() {
         let plan = crate::cluster::detect_from(&crate::cluster::Env::from_pairs([("HOSTNAME", "laptop")])).unwrap();
         let mut external = plan.clone();
         external.rendezvous = crate::cluster::Rendezvous::external("--rendezvous-endpoint", "10.0.0.9:29400").unwrap();
@@ -196,13 +202,14 @@ mod tests {
         };
         let cfg = crate::train::TrainConfig::default();
         let cpu = tch::Device::Cpu;
-        assert!(elastic(&external, &args(&external), &cfg, cpu).is_some());
-        assert!(elastic(&ranged, &args(&ranged), &cfg, cpu).is_none(), "rank 0's store goes with rank 0");
-        assert!(elastic(&plan, &args(&plan), &cfg, cpu).is_none(), "a fixed node count ends on a loss");
+        assert!(elastic(&external, &args(&external), &cfg, cpu, false).is_some());
+        assert!(elastic(&ranged, &args(&ranged), &cfg, cpu, false).is_none(), "rank 0's store goes with rank 0");
+        assert!(elastic(&plan, &args(&plan), &cfg, cpu, false).is_none(), "a fixed node count ends on a loss");
         let none = TrainArgs { rejoin: None, ..args(&external) };
-        assert!(elastic(&external, &none, &cfg, cpu).is_none());
-        assert!(elastic(&external, &args(&external), &cfg, tch::Device::Cuda(0)).is_none());
+        assert!(elastic(&external, &none, &cfg, cpu, false).is_none());
+        assert!(elastic(&external, &args(&external), &cfg, tch::Device::Cuda(0), false).is_none());
         let sharded = crate::train::TrainConfig { shard: crate::train::ShardMode::Optimizer, ..cfg.clone() };
-        assert!(elastic(&external, &args(&external), &sharded, cpu).is_none());
+        assert!(elastic(&external, &args(&external), &sharded, cpu, false).is_none(), "nothing to continue from");
+        assert!(elastic(&external, &args(&external), &sharded, cpu, true).is_some(), "its last checkpoint");
     }
 }

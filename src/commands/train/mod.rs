@@ -18,6 +18,7 @@ use crate::comm::{Collective, CommOptions, ReduceOp};
 use crate::data::augment::{Normalize, Transform};
 use crate::data::{Format, Loader, LoaderConfig, Remainder, SamplerConfig, Split, TokenDtype};
 use crate::train::config::{self, ConfigSources, Layered, Origin};
+use crate::train::elastic::CatchUp;
 use crate::train::model::{self, DataSpec};
 use crate::train::{Ddp, LoaderBatches, RunPaths, Summary, Trainer};
 
@@ -397,7 +398,12 @@ pub fn run(
     // Rendezvous first: a rank whose data fails to open then ends the job at once instead of leaving the others
     // waiting for it at the rendezvous.
     let device = device::select(job.device, t.local_rank, env.get("CUDA_VISIBLE_DEVICES"))?;
-    let elastic = carry_on::elastic(plan, args, cfg, device);
+    let checkpoint_dir = match &job.checkpoint_dir {
+        Some(dir) if dir.as_os_str() == "none" => None,
+        Some(dir) => Some(dir.clone()),
+        None => plan.paths.checkpoint_dir.clone(),
+    };
+    let elastic = carry_on::elastic(plan, args, cfg, device, checkpoint_dir.is_some());
     let (comm, store) = carry_on::join(plan, args)?;
     let mut comm: Box<dyn Collective> = Box::new(Recorded::new(comm, recorder.clone()));
     // From here on a lost rank ends this one too (unless the ranks left carry on), and this rank failing ends
@@ -540,7 +546,7 @@ pub fn run(
         ddp = ddp.with_device_collective(Box::new(nccl), side)?;
     }
     let steps_per_epoch = crate::train::BatchSource::batches_per_epoch(&train) / cfg.grad_accum as u64;
-    let schedule = cfg.schedule_for(cfg.total_steps(steps_per_epoch))?;
+    let mut schedule = cfg.schedule_for(cfg.total_steps(steps_per_epoch))?;
     if t.rank == 0 {
         tracing::info!(
             model = %job.model,
@@ -554,11 +560,7 @@ pub fn run(
         );
     }
     let paths = RunPaths {
-        checkpoint_dir: match &job.checkpoint_dir {
-            Some(dir) if dir.as_os_str() == "none" => None,
-            Some(dir) => Some(dir.clone()),
-            None => plan.paths.checkpoint_dir.clone(),
-        },
+        checkpoint_dir,
         model_dir: job.model_dir.clone().or_else(|| Some(plan.paths.model_dir.clone())),
         output_dir: Some(output_dir),
         s3: options.s3.clone(),
@@ -566,18 +568,26 @@ pub fn run(
     let mut trainer = Trainer::new();
     let optimizer = ddp.build_optimizer(&cfg.optimizer_config())?;
     let mut engine = Engine { ddp, optimizer, store, watchdog };
+    // The settings each run goes by: a sharded job that carries on reloads its checkpoint even if it began with
+    // --no-resume.
+    let mut run_cfg = cfg.clone();
     if elastic.is_some() {
-        // A node that joins a job in progress takes its state from global rank 0.
-        let carried =
-            crate::train::elastic::catch_up(&mut engine.ddp, engine.optimizer.as_mut(), None, cfg.batch_size)?;
-        if let Some(start) = carried {
-            tracing::info!(
-                step = start.step,
-                epoch = start.epoch + 1,
-                regroup = %start.regroup.as_ref().map_or_else(String::new, |r| carry_on::regroup_text(r, cfg.batch_size)),
-                "joining the job in progress, from rank 0's state"
-            );
-            trainer.continue_at(start);
+        // A node that joins a job in progress takes its state from global rank 0, or its checkpoint.
+        match crate::train::elastic::catch_up(&mut engine.ddp, engine.optimizer.as_mut(), None, cfg.batch_size)? {
+            CatchUp::Fresh => {}
+            CatchUp::Continue(start) => {
+                tracing::info!(
+                    step = start.step,
+                    epoch = start.epoch + 1,
+                    regroup = %start.regroup.as_ref().map_or_else(String::new, |r| carry_on::regroup_text(r, cfg.batch_size)),
+                    "joining the job in progress, from rank 0's state"
+                );
+                trainer.continue_at(start);
+            }
+            CatchUp::FromCheckpoint => {
+                tracing::info!("joining the job in progress, from its last checkpoint (--shard {})", cfg.shard);
+                run_cfg.no_resume = false;
+            }
         }
         trainer.watch_for_joiners(carry_on::joiners_watch(plan, engine.store.as_ref()));
     }
@@ -588,7 +598,7 @@ pub fn run(
             &mut engine.ddp,
             engine.optimizer.as_mut(),
             &schedule,
-            cfg,
+            &run_cfg,
             &mut train,
             eval.as_mut().map(|e| e as &mut dyn crate::train::BatchSource),
             &paths,
@@ -626,7 +636,7 @@ pub fn run(
         };
         let (old_rank, old_world) = (engine.ddp.rank(), engine.ddp.world_size());
         carry_on::log_trained_digest(&mut train, old_rank, old_world);
-        let (next, plan, start) = carry_on::rejoin(engine, why, &trainer, rejoin, args, cfg, recorder)?;
+        let (next, plan, caught_up) = carry_on::rejoin(engine, why, &trainer, rejoin, args, cfg, recorder)?;
         engine = next;
         trainer.watch_for_joiners(carry_on::joiners_watch(&plan, engine.store.as_ref()));
         // The data: the rest of the epoch shared among the ranks left (the run applies the regroup), then whole
@@ -638,24 +648,46 @@ pub fn run(
         if let Some(eval) = eval.as_mut() {
             eval.rejoin(t.rank, t.world_size).context("cannot share the validation data among the ranks left")?;
         }
-        // The run continues rank 0's learning-rate plan over what is left (`Start::lr`).
-        tracing::warn!(
-            rank = t.rank,
-            was = old_rank,
-            world_size = t.world_size,
-            was_world_size = old_world,
-            step = start.step,
-            epoch = start.epoch + 1,
-            regroup = %start.regroup.as_ref().map_or_else(String::new, |r| carry_on::regroup_text(r, cfg.batch_size)),
-            "continuing with the ranks of the new round, from rank 0's state"
-        );
-        (changes, round_from) = (changes + 1, Some(start.step));
-        trainer.continue_at(start);
+        changes += 1;
+        match caught_up {
+            // The run continues rank 0's learning-rate plan over what is left (`Start::lr`).
+            CatchUp::Continue(start) => {
+                tracing::warn!(
+                    rank = t.rank,
+                    was = old_rank,
+                    world_size = t.world_size,
+                    was_world_size = old_world,
+                    step = start.step,
+                    epoch = start.epoch + 1,
+                    regroup = %start.regroup.as_ref().map_or_else(String::new, |r| carry_on::regroup_text(r, cfg.batch_size)),
+                    "continuing with the ranks of the new round, from rank 0's state"
+                );
+                round_from = Some(start.step);
+                trainer.continue_at(start);
+            }
+            CatchUp::FromCheckpoint | CatchUp::Fresh => {
+                tracing::warn!(
+                    rank = t.rank,
+                    was = old_rank,
+                    world_size = t.world_size,
+                    was_world_size = old_world,
+                    "continuing with the ranks of the new round, from the job's last checkpoint (--shard {}: each \
+                     rank held only its part of the optimizer state)",
+                    cfg.shard
+                );
+                // As a restarted job would, and as a node that joins does.
+                let steps_per_epoch = crate::train::BatchSource::batches_per_epoch(&train) / cfg.grad_accum as u64;
+                schedule = cfg.schedule_for(cfg.total_steps(steps_per_epoch))?;
+                run_cfg.no_resume = false;
+                round_from = None;
+            }
+        }
     };
-    if let Some(from) = round_from {
+    if changes > 0 {
+        let from = round_from.map_or_else(|| "the job's last checkpoint".to_string(), |s| format!("step {s}"));
         tracing::info!(
             "the job's ranks changed {changes} time(s) while this process trained: the summary's samples, rates and \
-             times are those of the last round, {} rank(s) from step {from}",
+             times are those of the last round, {} rank(s) from {from}",
             engine.ddp.world_size()
         );
     }

@@ -465,6 +465,14 @@ impl Trainer {
                     }
                     if flags[3] > 0.0 {
                         tracing::info!(rank, step, "nodes wait to join the job: stopping at this step boundary");
+                        if run.sharded.is_some() {
+                            // Each rank holds only its part of the optimizer state: the next round's ranks take
+                            // it from a checkpoint of this step, which every rank finishes before leaving.
+                            if last_saved != Some(step) {
+                                run.save(step, epoch, consumed)?;
+                            }
+                            run.finish_checkpoints(false)?;
+                        }
                         return Err(TrainError::NodesWaiting { step });
                     }
                     if input.is_none() {

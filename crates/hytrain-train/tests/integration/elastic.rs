@@ -3,7 +3,7 @@
 
 use crate::common::{on_ranks, seeded};
 use hytrain_data::{Readers, Regroup};
-use hytrain_train::elastic::{take_rank0_state, Carried};
+use hytrain_train::elastic::{catch_up, take_rank0_state, Carried, CatchUp};
 use hytrain_train::{
     model, AdamWConfig, Ddp, DdpOptions, LrPlan, OptimizerConfig, Progress, Schedule, ShardMode, Start, TrainError,
 };
@@ -65,14 +65,18 @@ fn every_rank_takes_rank_0s_optimizer_state_and_place_whatever_its_own() {
 }
 
 #[test]
-fn a_sharded_engine_cannot_carry_on_its_lost_ranks_part_of_the_optimizer_state() {
-    let errors = on_ranks(2, |_, comm| {
+fn a_sharded_engine_cannot_carry_on_its_lost_ranks_part_of_the_optimizer_state_and_continues_from_its_checkpoint() {
+    let results = on_ranks(2, |rank, comm| {
         let mut ddp = ddp(comm, ShardMode::Optimizer);
         let mut optimizer = ddp.build_optimizer(&adamw()).unwrap();
-        let carried = Carried { state: &[], progress: &Progress::default(), world_size: 3, lr: None };
-        take_rank0_state(&mut ddp, optimizer.as_mut(), carried, 8).unwrap_err()
+        let progress = Progress::default();
+        let carried = Carried { state: &[], progress: &progress, world_size: 3, lr: None };
+        // Rank 1 is a node that joins: it carries nothing, and reloads the checkpoint like the rank that does.
+        let caught_up = catch_up(&mut ddp, optimizer.as_mut(), (rank == 0).then_some(carried), 8).unwrap();
+        (caught_up, take_rank0_state(&mut ddp, optimizer.as_mut(), carried, 8).unwrap_err())
     });
-    for e in errors {
+    for (caught_up, e) in results {
+        assert_eq!(caught_up, CatchUp::FromCheckpoint);
         let text = e.to_string();
         assert!(matches!(e, TrainError::InvalidOption { .. }), "{text}");
         assert!(text.contains("a lost rank's part is gone"), "{text}");
