@@ -13,17 +13,30 @@ const BATCH: &str = "8";
 const SEED: &str = "3";
 const EPOCHS: &str = "10";
 
+/// `hytrain train`'s flags for node `host` of a job of `nnodes` on the store at `endpoint`, with `extra`: the MLP on
+/// the digits, its model and output under `dir/host`.
+fn train_args(dir: &Path, host: &str, nnodes: &str, endpoint: &str, extra: &[&str]) -> Vec<String> {
+    let data = digits();
+    let (test, model, output) = (data.join("test"), dir.join(host).join("model"), dir.join(host).join("output"));
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let mut args: Vec<String> = ["train", "--model", "mlp", "--data"].map(String::from).to_vec();
+    args.extend([path(&data), "--validation".into(), path(&test), "--model-dir".into(), path(&model)]);
+    args.extend(["--output-dir".into(), path(&output)]);
+    let rest = ["--batch-size", BATCH, "--seed", SEED, "--epochs", EPOCHS, "--lr", "0.1", "--momentum", "0.9"];
+    args.extend(
+        rest.iter()
+            .chain(&["--log-interval", "1", "--nnodes", nnodes, "--rendezvous-endpoint", endpoint])
+            .map(|a| a.to_string()),
+    );
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 /// Node `host` of a job of 3 to 4 nodes on the store at `endpoint`, with `env` besides the job token.
 fn node(dir: &Path, host: &str, endpoint: &str, env: &[(&str, &str)]) -> Proc {
-    let data = digits();
-    let test = data.join("test");
-    let (model, output) = (dir.join(host).join("model"), dir.join(host).join("output"));
-    let mut args = vec!["train", "--model", "mlp", "--data", data.to_str().unwrap()];
-    args.extend(["--validation", test.to_str().unwrap(), "--batch-size", BATCH, "--seed", SEED]);
-    args.extend(["--epochs", EPOCHS, "--lr", "0.1", "--momentum", "0.9", "--log-interval", "1"]);
-    args.extend(["--checkpoint-dir", "none", "--digest-trained"]);
-    args.extend(["--model-dir", model.to_str().unwrap(), "--output-dir", output.to_str().unwrap()]);
-    args.extend(["--nnodes", "3:4", "--last-call-timeout", "2", "--rendezvous-endpoint", endpoint]);
+    let extra = ["--checkpoint-dir", "none", "--digest-trained", "--last-call-timeout", "2"];
+    let args = train_args(dir, host, "3:4", endpoint, &extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut vars =
         vec![("HOSTNAME", host.to_string()), ("HYTRAIN_JOB_TOKEN", TOKEN.into()), ("OMP_NUM_THREADS", "1".into())];
     vars.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
@@ -89,17 +102,8 @@ fn a_job_that_loses_global_rank_0_mid_epoch_finishes_on_the_rest_having_trained_
     assert_eq!(trained, expected, "the batches trained after the loss are not the rest of the epoch, shared");
 
     // One of them is rank 0 now: it reports and exports, with the demo's promised accuracy.
-    let reporters: Vec<&Proc> = nodes.iter().filter(|p| p.stdout().contains("model written to")).collect();
-    assert_eq!(reporters.len(), 1, "exactly the new rank 0 exports");
-    let summary = reporters[0].stdout();
-    let accuracy: f64 = summary
-        .lines()
-        .rev()
-        .find_map(|l| l.split("val_accuracy=").nth(1))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no val_accuracy:\n{summary}"));
-    assert!(accuracy >= 0.93, "accuracy {accuracy} after carrying on:\n{summary}");
+    let accuracy = exported_accuracy(&nodes);
+    assert!(accuracy >= 0.93, "accuracy {accuracy} after carrying on");
 }
 
 #[test]
@@ -218,17 +222,11 @@ fn a_node_that_comes_mid_epoch_is_made_room_for_and_the_job_ends_on_four_having_
 /// A node of two processes started by `hytrain launch` on host `host` (restarting them once), of a job of 1 to 2
 /// such nodes on the store at `endpoint`.
 fn launched_node(dir: &Path, host: &str, endpoint: &str) -> Proc {
-    let data = digits();
-    let test = data.join("test");
-    let (model, output) = (dir.join(host).join("model"), dir.join(host).join("output"));
-    let mut args = vec!["launch", "--nproc-per-node", "2", "--max-restarts", "1", "--", common::hytrain(), "train"];
-    args.extend(["--model", "mlp", "--data", data.to_str().unwrap()]);
-    args.extend(["--validation", test.to_str().unwrap(), "--batch-size", BATCH, "--seed", SEED]);
-    args.extend(["--epochs", EPOCHS, "--lr", "0.1", "--momentum", "0.9", "--log-interval", "1"]);
-    args.extend(["--checkpoint-dir", "none", "--digest-trained"]);
-    args.extend(["--model-dir", model.to_str().unwrap(), "--output-dir", output.to_str().unwrap()]);
     // The first round closes as soon as both nodes are in (MAX), so the last call only matters if one is late.
-    args.extend(["--nnodes", "1:2", "--last-call-timeout", "30", "--rendezvous-endpoint", endpoint]);
+    let extra = ["--checkpoint-dir", "none", "--digest-trained", "--last-call-timeout", "30"];
+    let train = train_args(dir, host, "1:2", endpoint, &extra);
+    let mut args = vec!["launch", "--nproc-per-node", "2", "--max-restarts", "1", "--", common::hytrain()];
+    args.extend(train.iter().map(String::as_str));
     let vars = [("HOSTNAME", host.to_string()), ("HYTRAIN_JOB_TOKEN", TOKEN.into())];
     Proc::spawn(common::command(&args, &vars), dir, host)
 }
@@ -314,14 +312,7 @@ fn nodes_of_two_processes_carry_on_when_one_loses_a_process_and_it_comes_back_wh
     let trained = final_digests(&nodes, 4);
     assert_eq!(trained.keys().copied().collect::<Vec<_>>(), [0, 1, 2, 3]);
     assert_eq!(trained, expected_digests(4, &regroup, epoch.parse().unwrap()), "not the rest of the epoch, shared");
-    let reporters: Vec<&Proc> = nodes.iter().filter(|p| p.stdout().contains("model written to")).collect();
-    assert_eq!(reporters.len(), 1, "exactly one rank 0 exports");
-    let accuracy: f64 = reporters[0]
-        .stdout()
-        .lines()
-        .rev()
-        .find_map(|l| l.split("val_accuracy=").nth(1).and_then(|v| v.split_whitespace().next()?.parse().ok()))
-        .expect("a validation accuracy");
+    let accuracy = exported_accuracy(&nodes);
     assert!(accuracy >= 0.93, "accuracy {accuracy} after a node lost a process and came back");
 }
 
@@ -350,15 +341,10 @@ fn a_lone_process_of_an_elastic_pod_that_asks_for_two_is_refused_before_it_asks_
 /// Node `host` of a sharded job (`--shard optimizer`) of 2 to 3 nodes on the store at `endpoint`, checkpointing
 /// every 7 steps into the folder `checkpoints` they share.
 fn sharded_node(dir: &Path, host: &str, endpoint: &str, checkpoints: &Path) -> Proc {
-    let data = digits();
-    let test = data.join("test");
-    let (model, output) = (dir.join(host).join("model"), dir.join(host).join("output"));
-    let mut args = vec!["train", "--model", "mlp", "--data", data.to_str().unwrap()];
-    args.extend(["--validation", test.to_str().unwrap(), "--batch-size", BATCH, "--seed", SEED]);
-    args.extend(["--epochs", EPOCHS, "--lr", "0.1", "--momentum", "0.9", "--log-interval", "1"]);
-    args.extend(["--shard", "optimizer", "--checkpoint-every", "7", "--checkpoint-dir", checkpoints.to_str().unwrap()]);
-    args.extend(["--model-dir", model.to_str().unwrap(), "--output-dir", output.to_str().unwrap()]);
-    args.extend(["--nnodes", "2:3", "--last-call-timeout", "2", "--rendezvous-endpoint", endpoint]);
+    let extra = ["--shard", "optimizer", "--checkpoint-every", "7", "--last-call-timeout", "2", "--checkpoint-dir"];
+    let mut args = train_args(dir, host, "2:3", endpoint, &extra);
+    args.push(checkpoints.to_str().unwrap().to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let vars = [("HOSTNAME", host.to_string()), ("HYTRAIN_JOB_TOKEN", TOKEN.into()), ("OMP_NUM_THREADS", "1".into())];
     Proc::spawn(common::command(&args, &vars), dir, host)
 }
@@ -403,13 +389,18 @@ fn a_sharded_job_that_loses_a_node_continues_from_its_last_checkpoint_in_process
         // The checkpoint read at another world size shares what its ranks left of the epoch.
         assert!(err.contains("this job's ranks sharing what the checkpoint's "), "{err}");
     }
+    let accuracy = exported_accuracy(&nodes);
+    assert!(accuracy >= 0.93, "accuracy {accuracy} after continuing from checkpoints");
+}
+
+/// The final validation accuracy of the one node whose rank 0 exported the model.
+fn exported_accuracy(nodes: &[Proc]) -> f64 {
     let reporters: Vec<&Proc> = nodes.iter().filter(|p| p.stdout().contains("model written to")).collect();
     assert_eq!(reporters.len(), 1, "exactly one rank 0 exports");
-    let accuracy: f64 = reporters[0]
-        .stdout()
+    let summary = reporters[0].stdout();
+    summary
         .lines()
         .rev()
         .find_map(|l| l.split("val_accuracy=").nth(1).and_then(|v| v.split_whitespace().next()?.parse().ok()))
-        .expect("a validation accuracy");
-    assert!(accuracy >= 0.93, "accuracy {accuracy} after continuing from checkpoints");
+        .unwrap_or_else(|| panic!("no val_accuracy:\n{summary}"))
 }
