@@ -15,7 +15,6 @@
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::checkpoint::sharded::broadcast_bytes;
 use crate::precision::{GradScaler, GradScalerState};
 use crate::trainer::{state_layout, zeros_of_layout, Progress, Start};
 use crate::{model, Ddp, LrPlan, Optimizer, Result, ShardMode, TrainError};
@@ -121,7 +120,7 @@ pub fn take_rank0_state(
     } else {
         Vec::new()
     };
-    broadcast_bytes(ddp, &mut bytes, "rank 0's place and optimizer layout broadcast")?;
+    ddp.broadcast_bytes(&mut bytes, "rank 0's place and optimizer layout broadcast")?;
     let header: Header = serde_json::from_slice(&bytes)
         .map_err(|e| TrainError::OptimizerState(format!("rank 0's header does not parse: {e}")))?;
     // Rank 0's own state, or room for it on the others (their own may lack entries rank 0 has: a rank that never

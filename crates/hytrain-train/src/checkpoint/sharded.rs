@@ -257,24 +257,13 @@ fn comm(during: &str) -> impl FnOnce(crate::CommError) -> TrainError + '_ {
     move |source| TrainError::Comm { during: during.into(), source }
 }
 
-/// Rank 0's `bytes` on every rank.
-pub(crate) fn broadcast_bytes(ddp: &mut Ddp, bytes: &mut Vec<u8>, during: &str) -> Result<()> {
-    if ddp.world_size() == 1 {
-        return Ok(());
-    }
-    let mut len = (bytes.len() as u64).to_le_bytes();
-    ddp.collective().broadcast(&mut len, 0).map_err(comm(during))?;
-    bytes.resize(u64::from_le_bytes(len) as usize, 0);
-    ddp.collective().broadcast(bytes, 0).map_err(comm(during))
-}
-
 /// A shard's record in the allgather after writing: ok, size, SHA-256.
 pub(super) const RECORD: usize = 1 + 8 + 32;
 
 /// A fresh name for one write of a sharded checkpoint, rank 0's on every rank (every rank writes into it).
 pub(super) fn write_name(ddp: &mut Ddp) -> Result<String> {
     let mut write = if ddp.rank() == 0 { super::write_id().into_bytes() } else { Vec::new() };
-    broadcast_bytes(ddp, &mut write, "checkpoint write name broadcast")?;
+    ddp.broadcast_bytes(&mut write, "checkpoint write name broadcast")?;
     Ok(String::from_utf8_lossy(&write).into_owned())
 }
 
@@ -314,12 +303,12 @@ impl CheckpointStore {
                 Ok(p) => path = Some(p),
                 Err(e) => {
                     outcome[0] = 1;
-                    broadcast_bytes(ddp, &mut outcome, "checkpoint outcome broadcast")?;
+                    ddp.broadcast_bytes(&mut outcome, "checkpoint outcome broadcast")?;
                     return Err(e);
                 }
             }
         }
-        broadcast_bytes(ddp, &mut outcome, "checkpoint outcome broadcast")?;
+        ddp.broadcast_bytes(&mut outcome, "checkpoint outcome broadcast")?;
         if outcome[0] != 0 {
             return Err(TrainError::Checkpoint {
                 path: self.dir().to_path_buf(),
@@ -476,7 +465,7 @@ impl CheckpointStore {
                 }
             }
             let mut bytes = if rank == 0 { serde_json::to_vec(&offer).expect("offer serialises") } else { Vec::new() };
-            broadcast_bytes(ddp, &mut bytes, "resume decision broadcast")?;
+            ddp.broadcast_bytes(&mut bytes, "resume decision broadcast")?;
             offer = serde_json::from_slice(&bytes).map_err(|e| TrainError::Checkpoint {
                 path: self.dir().to_path_buf(),
                 detail: format!("resume decision from rank 0 does not parse: {e}"),

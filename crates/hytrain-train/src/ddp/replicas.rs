@@ -76,6 +76,17 @@ impl Ddp {
         )))
     }
 
+    /// Rank 0's `bytes` on every rank (their length first), for what rank 0 alone decides.
+    pub(crate) fn broadcast_bytes(&mut self, bytes: &mut Vec<u8>, during: &str) -> Result<()> {
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        let mut len = (bytes.len() as u64).to_le_bytes();
+        self.collective().broadcast(&mut len, 0).map_err(comm_err(during))?;
+        bytes.resize(u64::from_le_bytes(len) as usize, 0);
+        self.collective().broadcast(bytes, 0).map_err(comm_err(during))
+    }
+
     /// Copies rank 0's values of `tensors` into every rank's, in chunks of at most one bucket.
     pub(crate) fn broadcast_tensors(&mut self, tensors: &[(String, Tensor)], during: &str) -> Result<()> {
         if self.world_size() == 1 || tensors.is_empty() {

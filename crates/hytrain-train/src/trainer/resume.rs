@@ -98,11 +98,7 @@ impl Run<'_> {
         if self.ddp.world_size() > 1 {
             let mut bytes =
                 if rank == 0 { serde_json::to_vec(&header).expect("header serialises") } else { Vec::new() };
-            let mut len = (bytes.len() as u64).to_le_bytes();
-            let comm = |e| TrainError::Comm { during: "resume decision broadcast".into(), source: e };
-            self.ddp.collective().broadcast(&mut len, 0).map_err(comm)?;
-            bytes.resize(u64::from_le_bytes(len) as usize, 0);
-            self.ddp.collective().broadcast(&mut bytes, 0).map_err(comm)?;
+            self.ddp.broadcast_bytes(&mut bytes, "resume decision broadcast")?;
             header = serde_json::from_slice(&bytes).map_err(|e| TrainError::Checkpoint {
                 path: paths.checkpoint_dir.clone().unwrap_or_default(),
                 detail: format!("resume header from rank 0 does not parse: {e}"),
