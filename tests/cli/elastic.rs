@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::standalone_store::{store, Proc, TOKEN};
+use super::standalone_store::{store, store_at, Proc, TOKEN};
 use crate::common::{self, digits};
 
 const BATCH: &str = "8";
@@ -124,6 +124,40 @@ fn a_stopped_rank_is_dropped_after_the_peer_timeout_and_the_rest_finish() {
     }
     assert_eq!(nodes.iter().filter(|p| p.stdout().contains("model written to")).count(), 1);
     drop(frozen);
+}
+
+#[test]
+fn a_job_whose_store_is_killed_waits_for_it_to_start_again_and_carries_on_in_its_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, endpoint) = store(dir.path());
+    let hosts = ["node-a", "node-b", "node-c", "node-d"];
+    let (mut nodes, _) = at_step_10(dir.path(), &endpoint, &hosts, &[], 0);
+    store.child.kill().unwrap();
+    store.child.wait().unwrap();
+    // The store's Deployment restarting its pod: a new, empty store at the same address.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let _again = store_at(dir.path(), &endpoint, "store-again");
+    let mut regroups = Vec::new();
+    for p in nodes.iter_mut() {
+        let status = p.exit();
+        let err = p.stderr();
+        assert!(status.success(), "a node failed:\n{}{err}", p.stdout());
+        assert!(err.contains(&format!("lost the rendezvous store at {endpoint}")), "{err}");
+        assert!(err.contains("waiting for it to come back at the same address"), "{err}");
+        let line = err
+            .lines()
+            .find(|l| l.contains("continuing with the ranks of the new round"))
+            .unwrap_or_else(|| panic!("{err}"));
+        assert_eq!(field(line, "world_size"), "4", "{line}");
+        regroups.push(field(line, "regroup").to_string());
+    }
+    assert!(regroups.iter().all(|r| *r == regroups[0]), "the ranks disagree on the regroup: {regroups:?}");
+    let (epoch, readers) = regroups[0].split_once(':').unwrap();
+    assert!(readers.starts_with("4x"), "{}", regroups[0]);
+    let trained = last_digests(&nodes, 4);
+    assert_eq!(trained, expected_digests(4, &regroups[0], epoch.parse().unwrap()), "not the rest of the epoch");
+    let accuracy = exported_accuracy(&nodes);
+    assert!(accuracy >= 0.93, "accuracy {accuracy} after the store came back");
 }
 
 #[test]

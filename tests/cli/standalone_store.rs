@@ -145,10 +145,15 @@ fn a_standalone_store_outlives_rank_0_names_it_lost_to_the_other_rank_and_serves
 /// A store process on a free loopback port, and its endpoint.
 pub(super) fn store(dir: &Path) -> (Proc, String) {
     let endpoint = format!("127.0.0.1:{}", common::free_port());
+    (store_at(dir, &endpoint, "store"), endpoint)
+}
+
+/// A standalone store listening on `endpoint` (a store started again where one ran), its output named `name`.
+pub(super) fn store_at(dir: &Path, endpoint: &str, name: &str) -> Proc {
     let env = [("HYTRAIN_JOB_TOKEN", TOKEN.to_string()), ("HOSTNAME", "rdzv".to_string())];
-    let mut store = Proc::spawn(common::command(&["rendezvous", "--listen", &endpoint], &env), dir, "store");
+    let mut store = Proc::spawn(common::command(&["rendezvous", "--listen", endpoint], &env), dir, name);
     store.wait_for("the store listening", |p| p.stderr().contains(&format!("listening on {endpoint}")));
-    (store, endpoint)
+    store
 }
 
 /// A process the platform starts directly on host `host` (no rank given), with `extra` flags.

@@ -625,11 +625,23 @@ pub fn run(
                      and they join it as a new node"
                 )));
             }
-            tracing::warn!(
-                "{lost}; carrying on without it (--nnodes {range}): step {} of epoch {} was in flight ({error})",
-                progress.step + 1,
-                progress.epoch + 1
-            );
+            if lost.store {
+                // Every rank is alive: they wait for the store to come back at its address (the Deployment
+                // restarting its pod), within the rendezvous timeout, and meet again there.
+                tracing::warn!(
+                    "{lost}; waiting for it to come back at the same address (a restarted `hytrain rendezvous`) for \
+                     up to the rendezvous timeout, then the ranks meet again and carry on (--nnodes {range}): step {} \
+                     of epoch {} was in flight ({error})",
+                    progress.step + 1,
+                    progress.epoch + 1
+                );
+            } else {
+                tracing::warn!(
+                    "{lost}; carrying on without it (--nnodes {range}): step {} of epoch {} was in flight ({error})",
+                    progress.step + 1,
+                    progress.epoch + 1
+                );
+            }
             carry_on::Why::Lost
         } else {
             return Err(error.into());
