@@ -468,11 +468,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Writes `text` and a newline to stdout. A reader that went away (`hytrain explain | head -1`) is no error: the
+/// Writes `text` and a newline to stdout, in one write: the workers of one `hytrain launch` share its stdout, and
+/// a text written in pieces (a multi-line JSON plan, then its last line) could interleave with another worker's (a
+/// pipe keeps writes of up to 4 KiB whole). A reader that went away (`hytrain explain | head -1`) is no error: the
 /// rest of the output is not wanted, as for any Unix tool (the process ignores SIGPIPE, so a write fails instead).
 fn say(text: impl std::fmt::Display) -> anyhow::Result<()> {
     use std::io::Write;
-    match writeln!(std::io::stdout().lock(), "{text}") {
+    match std::io::stdout().lock().write_all(format!("{text}\n").as_bytes()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         written => written.context("cannot write to standard output"),
     }
